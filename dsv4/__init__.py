@@ -1,0 +1,1 @@
+"""dsv4: a DeepSeek-V4 inference engine."""
