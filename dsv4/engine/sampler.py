@@ -1,0 +1,336 @@
+"""vLLM-compatible sampling: penalties, greedy / temperature / top-k / top-p / min-p, logprobs.
+
+Order of operations per row (vLLM semantics):
+  1. raw logprobs = log_softmax(original logits)  (what is reported as logprobs)
+  2. min_tokens: stop_token_ids and EOS (unless ignore_eos) are masked while
+     ``len(output) < min_tokens``
+  3. repetition penalty (tokens in prompt or output), frequency and presence penalties (output)
+  4. temperature < 1e-5 -> greedy argmax (ties -> lowest id); otherwise divide by
+     temperature, then top-k, top-p, min-p, and sample from the softmax.
+
+Random draws use the exponential race ``argmax(p / q), q ~ Exp(1)``: each row draws its
+``V`` exponentials from its own ``torch.Generator`` (one call per seeded row), so a
+seeded row's tokens do not depend on which other rows share the batch. Unseeded rows
+share the sampler's default generator (the global torch RNG unless one is given).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SamplingParams",
+    "SamplerOutput",
+    "TokenLogprob",
+    "Sampler",
+    "apply_penalties",
+    "compute_logprobs_topn",
+    "make_generator",
+]
+
+SAMPLING_EPS = 1e-5  # temperature below this is greedy (as vLLM)
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling parameters; names, defaults and validation follow vLLM.
+
+    ``top_k`` 0 or -1 disables top-k; ``max_tokens=None`` means up to the context limit;
+    ``stop`` is normalised to a list of strings, ``stop_token_ids`` to a list of ints.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        def bad(field: str, cond: str) -> ValueError:
+            return ValueError(f"{field} must be {cond}, got {getattr(self, field)!r}")
+
+        if self.n < 1:
+            raise bad("n", ">= 1")
+        if not self.temperature >= 0.0:
+            raise bad("temperature", ">= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "in (0, 1]")
+        if self.top_k < -1:
+            raise bad("top_k", "-1 or 0 (disabled) or >= 1")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", "in [0, 1]")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise bad("presence_penalty", "in [-2, 2]")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise bad("frequency_penalty", "in [-2, 2]")
+        if not self.repetition_penalty > 0.0:
+            raise bad("repetition_penalty", "> 0")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise bad("seed", "an int or None")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise bad("max_tokens", ">= 1 or None")
+        if self.min_tokens < 0:
+            raise bad("min_tokens", ">= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", f"<= max_tokens ({self.max_tokens})")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise bad("logprobs", ">= 0 or None")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise bad("prompt_logprobs", ">= 0 or None")
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise bad("stop", "a non-empty string or a list of non-empty strings")
+        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < SAMPLING_EPS
+
+    @property
+    def top_k_active(self) -> bool:
+        return self.top_k > 0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+@dataclass
+class TokenLogprob:
+    """Raw logprob and rank of one token, plus the top-N (token id, logprob) of its position."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 + number of tokens with strictly higher logprob
+    top: list[tuple[int, float]]  # descending; empty when N == 0
+
+
+@dataclass
+class SamplerOutput:
+    """Result of one sampling step for a batch of B rows.
+
+    Logprobs are log_softmax of the raw logits (before penalties/temperature/top-k/top-p).
+    """
+
+    token_ids: Tensor  # [B] int64
+    logprobs: Tensor  # [B] float32, raw logprob of the sampled token
+    ranks: Tensor  # [B] int64, rank of the sampled token
+    top_logprobs: list[list[tuple[int, float]] | None]  # per row; None where params.logprobs is None
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A generator seeded with ``seed`` on ``device`` (None when seed is None)."""
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def _row_col(rows: Iterable[int], lists: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor]:
+    r: list[int] = []
+    c: list[int] = []
+    for i in rows:
+        ids = lists[i]
+        r.extend([i] * len(ids))
+        c.extend(ids)
+    return (torch.tensor(r, dtype=torch.long).to(device), torch.tensor(c, dtype=torch.long).to(device))
+
+
+def apply_penalties(
+    logits: Tensor,
+    params: Sequence[SamplingParams],
+    output_token_ids: Sequence[Sequence[int]],
+    prompt_token_ids: Sequence[Sequence[int]],
+) -> Tensor:
+    """Apply vLLM repetition/frequency/presence penalties; returns a new [B, V] tensor.
+
+    Repetition (tokens in prompt or output): logit > 0 -> logit / p, else logit * p.
+    Then logit -= frequency * count_in_output and logit -= presence * (count_in_output > 0).
+    """
+    rows = [i for i, p in enumerate(params) if p.needs_penalties]
+    if not rows:
+        return logits
+    B, V = logits.shape
+    dev = logits.device
+    counts = torch.zeros(B, V, dtype=logits.dtype, device=dev)
+    r, c = _row_col(rows, output_token_ids, dev)
+    counts.index_put_((r, c), torch.ones_like(r, dtype=logits.dtype), accumulate=True)
+    out = logits.clone()
+
+    rep = [params[i].repetition_penalty for i in range(B)]
+    if any(x != 1.0 for x in rep):
+        seen = counts > 0
+        r, c = _row_col([i for i in rows if rep[i] != 1.0], prompt_token_ids, dev)
+        seen[r, c] = True
+        pen = torch.tensor(rep, dtype=logits.dtype).to(dev)[:, None]
+        out = torch.where(seen, torch.where(out > 0, out / pen, out * pen), out)
+    freq = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype).to(dev)[:, None]
+    pres = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype).to(dev)[:, None]
+    out = out - freq * counts - pres * (counts > 0).to(logits.dtype)
+    return out
+
+
+def _top_lists(logprobs: Tensor, ns: Sequence[int | None]) -> list[list[tuple[int, float]] | None]:
+    """Per-row top-N (id, logprob) lists from a [B, V] logprob tensor (None where N is None)."""
+    wanted = [n for n in ns if n]
+    if not wanted:
+        return [None if n is None else [] for n in ns]
+    k = min(max(wanted), logprobs.shape[-1])
+    vals, ids = logprobs.topk(k, dim=-1)  # sorted descending
+    vals, ids = vals.tolist(), ids.tolist()
+    return [None if n is None else list(zip(ids[i][:n], vals[i][:n])) for i, n in enumerate(ns)]
+
+
+def compute_logprobs_topn(logits: Tensor, token_ids: Tensor, n: int, chunk: int = 1024) -> list[TokenLogprob]:
+    """Raw logprob, rank and top-``n`` of ``token_ids[i]`` under ``log_softmax(logits[i])``.
+
+    ``logits`` is [B, V] (e.g. prompt positions for ``prompt_logprobs``), ``token_ids`` [B].
+    Processed in chunks of rows to bound the memory of the float32 log-softmax.
+    """
+    token_ids = token_ids.to(logits.device, torch.long)
+    result: list[TokenLogprob] = []
+    for s in range(0, logits.shape[0], chunk):
+        lp = torch.log_softmax(logits[s : s + chunk].float(), dim=-1)
+        tok = token_ids[s : s + chunk]
+        tok_lp = lp.gather(1, tok[:, None])
+        ranks = (lp > tok_lp).sum(-1) + 1
+        tops = _top_lists(lp, [n] * lp.shape[0])
+        for t, l, r, top in zip(tok.tolist(), tok_lp[:, 0].tolist(), ranks.tolist(), tops):
+            result.append(TokenLogprob(t, l, r, top or []))
+    return result
+
+
+class Sampler:
+    """Batched vLLM-compatible sampler working on [B, V] logits on any device.
+
+    ``eos_token_ids`` are masked (with each row's ``stop_token_ids``) while a row has
+    fewer than ``min_tokens`` outputs, unless ``ignore_eos``. ``generator`` is the shared
+    generator for rows without their own (None: the global torch RNG of the device).
+    """
+
+    def __init__(self, eos_token_ids: int | Iterable[int] | None = None, generator: torch.Generator | None = None):
+        if eos_token_ids is None:
+            eos_token_ids = []
+        elif isinstance(eos_token_ids, int):
+            eos_token_ids = [eos_token_ids]
+        self.eos_token_ids = list(eos_token_ids)
+        self.generator = generator
+
+    compute_logprobs_topn = staticmethod(compute_logprobs_topn)
+
+    def _apply_min_tokens(self, logits: Tensor, params, output_token_ids) -> Tensor:
+        r: list[int] = []
+        c: list[int] = []
+        for i, p in enumerate(params):
+            if len(output_token_ids[i]) < p.min_tokens:
+                ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
+                r.extend([i] * len(ids))
+                c.extend(ids)
+        if not r:
+            return logits
+        logits = logits.clone()
+        dev = logits.device
+        logits[torch.tensor(r).to(dev), torch.tensor(c).to(dev)] = float("-inf")
+        return logits
+
+    def _draw_exponentials(self, rows: list[int], V: int, generators, device) -> Tensor:
+        """[len(rows), V] Exp(1) draws; seeded rows draw only from their own generator."""
+        q = torch.empty(len(rows), V, dtype=torch.float32, device=device)
+        shared = [j for j, i in enumerate(rows) if generators[i] is None]
+        if shared:
+            gdev = self.generator.device if self.generator is not None else device
+            draw = torch.empty(len(shared), V, dtype=torch.float32, device=gdev)
+            draw.exponential_(generator=self.generator)
+            q[torch.tensor(shared, device=device)] = draw.to(device)
+        for j, i in enumerate(rows):
+            g = generators[i]
+            if g is not None:
+                q[j] = torch.empty(V, dtype=torch.float32, device=g.device).exponential_(generator=g).to(device)
+        return q.clamp_min_(torch.finfo(torch.float32).tiny)
+
+    @staticmethod
+    def _filter(x: Tensor, ps: list[SamplingParams]) -> Tensor:
+        """Temperature-scaled logits [R, V] -> logits with top-k/top-p/min-p exclusions at -inf."""
+        R, V = x.shape
+        dev = x.device
+        ninf = float("-inf")
+        if any(p.top_k_active and p.top_k < V or p.top_p < 1.0 for p in ps):
+            k = torch.tensor([p.top_k if p.top_k_active and p.top_k < V else V for p in ps]).to(dev)
+            top_p = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in ps]).to(dev)
+            sx, idx = x.sort(dim=-1, descending=True, stable=True)
+            drop = torch.arange(V, device=dev)[None, :] >= k[:, None]
+            sx = sx.masked_fill(drop, ninf)
+            sp = torch.softmax(sx, dim=-1)
+            before = sp.cumsum(dim=-1) - sp  # mass strictly before each position
+            drop |= before >= top_p[:, None]  # keeps the smallest prefix with mass >= top_p
+            x = x.masked_fill(torch.zeros_like(drop).scatter_(1, idx, drop), ninf)
+        if any(p.min_p > 0.0 for p in ps):
+            min_p = torch.tensor([p.min_p for p in ps], dtype=x.dtype).to(dev)[:, None]
+            probs = torch.softmax(x, dim=-1)
+            x = x.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), ninf)
+        return x
+
+    def __call__(
+        self,
+        logits: Tensor,
+        params: Sequence[SamplingParams],
+        output_token_ids: Sequence[Sequence[int]],
+        prompt_token_ids: Sequence[Sequence[int]],
+        generators: Sequence[torch.Generator | None],
+    ) -> SamplerOutput:
+        B, V = logits.shape
+        if not len(params) == len(output_token_ids) == len(prompt_token_ids) == len(generators) == B:
+            raise ValueError(
+                f"batch size mismatch: logits {B}, params {len(params)}, outputs {len(output_token_ids)}, "
+                f"prompts {len(prompt_token_ids)}, generators {len(generators)}"
+            )
+        dev = logits.device
+        logits = logits.float()
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+
+        x = self._apply_min_tokens(logits, params, output_token_ids)
+        x = apply_penalties(x, params, output_token_ids, prompt_token_ids)
+
+        token_ids = torch.empty(B, dtype=torch.long, device=dev)
+        greedy = [i for i, p in enumerate(params) if p.is_greedy]
+        rand = [i for i, p in enumerate(params) if not p.is_greedy]
+        if len(greedy) == B:
+            token_ids = x.argmax(dim=-1)
+        elif greedy:
+            g_idx = torch.tensor(greedy, device=dev)
+            token_ids[g_idx] = x[g_idx].argmax(dim=-1)
+        if rand:
+            r_idx = torch.tensor(rand, device=dev)
+            ps = [params[i] for i in rand]
+            temp = torch.tensor([p.temperature for p in ps], dtype=torch.float32).to(dev)[:, None]
+            xr = self._filter(x[r_idx] / temp, ps)
+            probs = torch.softmax(xr, dim=-1)
+            q = self._draw_exponentials(rand, V, generators, dev)
+            token_ids[r_idx] = (probs / q).argmax(dim=-1)
+
+        tok_lp = raw_logprobs.gather(1, token_ids[:, None])
+        ranks = (raw_logprobs > tok_lp).sum(dim=-1) + 1
+        top = _top_lists(raw_logprobs, [p.logprobs for p in params])
+        return SamplerOutput(token_ids=token_ids, logprobs=tok_lp[:, 0], ranks=ranks, top_logprobs=top)
