@@ -1,0 +1,18 @@
+"""GPU kernels and their torch references; the one place that chooses between them.
+
+Each op file holds a Triton kernel (defined only when CUDA and Triton are present), its
+launcher, and the pure-torch reference used on CPU and in tests. `use_triton(t)` is the single
+dispatch rule: a CUDA tensor with Triton available and DSV4_DISABLE_TRITON unset.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+HAS_TRITON = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    return HAS_TRITON and t.is_cuda and not os.environ.get("DSV4_DISABLE_TRITON")

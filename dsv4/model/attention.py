@@ -1,0 +1,88 @@
+"""DeepSeek-V4 attention: sliding window + compressed (CSA / HCA) sparse attention (SPEC.md 5)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.sparse_attention import sparse_attention
+from ..quant.linear import BF16Linear, make_linear
+from ..quant.sim import fp8_sim
+from .batch import ForwardBatch
+from .compressor import Compressor
+from .indexer import Indexer
+from .norm import RMSNorm
+from .rope import apply_rope, rope_frequencies
+
+
+class DeepseekV4Attention(nn.Module):
+    """One latent key/value head of width D shared by H query heads.
+
+    Every token attends to its last `w` raw rows; with ratio m=128 (HCA) also to every
+    compressed row, with m=4 (CSA) to the rows its lightning indexer picks. One softmax with a
+    per-head sink covers them all. The output is inverse-rotated and projected per group.
+    """
+
+    def __init__(self, cfg, layer: int, ratio: int, scheme, prefix: str, dtype: torch.dtype,
+                 qat: bool = True):
+        super().__init__()
+        self.ratio, self.qat = ratio, qat
+        self.n_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.rope_dim, self.eps = cfg.qk_rope_head_dim, cfg.rms_norm_eps
+        self.groups, self.o_lora = cfg.o_groups, cfg.o_lora_rank
+        H, D, d = self.n_heads, self.head_dim, cfg.hidden_size
+
+        def lin(name, i, o):
+            return make_linear(i, o, scheme.format_for(f"{prefix}.{name}"), dtype)
+
+        self.wq_a = lin("wq_a", d, cfg.q_lora_rank)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.wq_b = lin("wq_b", cfg.q_lora_rank, H * D)
+        self.wkv = lin("wkv", d, D)
+        self.kv_norm = RMSNorm(D, cfg.rms_norm_eps)
+        # wo_a is applied as a dequantised working-dtype weight whatever its storage (SPEC.md 2)
+        self.wo_a = BF16Linear(H * D // self.groups, self.groups * self.o_lora, dtype=dtype)
+        self.wo_b = lin("wo_b", self.groups * self.o_lora, d)
+        self.attn_sink = nn.Parameter(torch.zeros(H), requires_grad=False)
+        freqs = rope_frequencies(cfg, ratio)
+        self.register_buffer("freqs", freqs, persistent=False)
+        if ratio:
+            self.compressor = Compressor(cfg, ratio, D, freqs, kind="attn", qat=qat)
+        if ratio == 4:
+            self.indexer = Indexer(cfg, freqs, scheme.format_for(f"{prefix}.indexer.wq_b"), dtype,
+                                   qat)
+
+    def _rotate(self, x: torch.Tensor, pos: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        n = x.shape[-1] - self.rope_dim
+        return torch.cat([x[..., :n], apply_rope(x[..., n:], pos, self.freqs, inverse)], -1)
+
+    def forward(self, u: torch.Tensor, batch: ForwardBatch, cache) -> torch.Tensor:
+        T, H, D = u.shape[0], self.n_heads, self.head_dim
+        nope = D - self.rope_dim
+        qr = self.q_norm(self.wq_a(u))
+        q = self.wq_b(qr).view(T, H, D)
+        q = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + self.eps)
+        q = self._rotate(q, batch.positions)  # [T, H, D]
+        kv = self._rotate(self.kv_norm(self.wkv(u)), batch.positions)  # [T, D]
+        if self.qat:
+            kv = torch.cat([fp8_sim(kv[:, :nope], 64), kv[:, nope:]], -1)
+
+        # Compressed rows completed by this chunk are written first, so that later tokens of the
+        # same chunk see them; each token's index list only reaches entries already complete.
+        cmp_idx = cmp_rows = None
+        if self.ratio:
+            self.compressor(u, batch, cache.state, cache.cmp)
+            cmp_rows = cache.cmp.view(-1, D)
+            if self.ratio == 4:
+                cmp_idx = self.indexer(qr, u, batch, cache)
+            else:
+                cmp_idx, _ = batch.candidates(self.ratio)
+        o = sparse_attention(q, self.attn_sink, D ** -0.5, cache.win.view(-1, D), kv,
+                             batch.window_index, cmp_rows, cmp_idx)
+        tok, dst = batch.ring_writes(cache.window_rows)
+        cache.win.view(-1, D)[dst] = kv[tok].to(cache.win.dtype)
+
+        o = self._rotate(o, batch.positions, inverse=True)
+        o = o.reshape(T, self.groups, H * D // self.groups)
+        wo_a = self.wo_a.weight.to(o.dtype).view(self.groups, self.o_lora, -1)
+        z = torch.einsum("tgi,goi->tgo", o, wo_a)  # [T, G, o_lora]
+        return self.wo_b(z.flatten(1))

@@ -1,0 +1,65 @@
+"""Token compressor: softmax-pools every m tokens into one cache row (SPEC.md 6)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..cache.kv_cache import CompressorState, overlap_factor
+from ..kernels.compressor import compress_pool
+from ..quant.linear import BF16Linear
+from ..quant.sim import fp4_sim, fp8_sim, hadamard
+from .batch import ForwardBatch
+from .norm import RMSNorm
+from .rope import apply_rope
+
+
+class Compressor(nn.Module):
+    """Compresses windows of `ratio` tokens into rows of width `dim`.
+
+    `kind="attn"` rows go to the attention cache (FP8-simulated), `kind="index"` rows are the
+    indexer keys (Hadamard-rotated, FP4-simulated). For ratio 4 the windows overlap: entry i
+    pools window i-1 (channels [:dim]) and window i (channels [dim:]).
+    """
+
+    def __init__(self, cfg, ratio: int, dim: int, freqs: torch.Tensor, kind: str,
+                 qat: bool = True):
+        super().__init__()
+        self.ratio, self.dim, self.kind, self.qat = ratio, dim, kind, qat
+        self.k = overlap_factor(ratio)
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.wkv = BF16Linear(cfg.hidden_size, self.k * dim, dtype=torch.float32)
+        self.wgate = BF16Linear(cfg.hidden_size, self.k * dim, dtype=torch.float32)
+        self.ape = nn.Parameter(torch.zeros(ratio, self.k * dim), requires_grad=False)
+        self.norm = RMSNorm(dim, cfg.rms_norm_eps)
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def forward(self, u: torch.Tensor, batch: ForwardBatch, state: CompressorState,
+                out: torch.Tensor) -> None:
+        """Write the rows of the windows that complete in this step into `out` [blocks, rows, dim]
+        and keep the raw rows of the open windows in `state`."""
+        m, C = self.ratio, self.dim
+        uf = u.float()
+        a = self.wkv(uf)  # [T, k*C]
+        g = self.wgate(uf) + self.ape[batch.positions % m]
+        plan = batch.compress_plan(m, state.rows)
+        if plan.seq.numel():
+            kv_ring, sc_ring = state.kv.flatten(0, 1), state.score.flatten(0, 1)
+            new = plan.is_new[..., None]
+            kv = torch.where(new, a[plan.new_idx], kv_ring[plan.state_idx])  # [W, k*m, k*C]
+            sc = torch.where(new, g[plan.new_idx], sc_ring[plan.state_idx])
+            if self.k == 2:  # previous window's items use channels [:C], this window's [C:]
+                kv = torch.cat([kv[:, :m, :C], kv[:, m:, C:]], 1)
+                sc = torch.cat([sc[:, :m, :C], sc[:, m:, C:]], 1)
+            c = self.norm(compress_pool(kv, sc, plan.valid).to(u.dtype))  # [W, C]
+            r = self.rope_dim
+            c = torch.cat([c[:, :C - r], apply_rope(c[:, C - r:], plan.index * m, self.freqs)], -1)
+            if self.kind == "index":
+                c = hadamard(c.float()).to(u.dtype)
+            if self.qat and self.kind == "attn":
+                c = torch.cat([fp8_sim(c[:, :C - r], 64), c[:, C - r:]], -1)
+            elif self.qat:
+                c = fp4_sim(c, 32)
+            out.view(-1, C)[plan.dst] = c.to(out.dtype)
+        tok, dst = batch.ring_writes(state.rows)
+        state.kv.view(-1, self.k * C)[dst] = a[tok]
+        state.score.view(-1, self.k * C)[dst] = g[tok]

@@ -1,0 +1,37 @@
+"""Lightning indexer of CSA layers: picks the top-k compressed entries per token (SPEC.md 6)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.indexer import indexer_topk
+from ..quant.linear import BF16Linear, make_linear
+from ..quant.sim import fp4_sim, hadamard
+from .batch import ForwardBatch
+from .compressor import Compressor
+from .rope import apply_rope
+
+
+class Indexer(nn.Module):
+    def __init__(self, cfg, freqs: torch.Tensor, fmt: str, dtype: torch.dtype, qat: bool = True):
+        super().__init__()
+        self.qat = qat
+        self.n_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
+        self.rope_dim, self.topk = cfg.qk_rope_head_dim, cfg.index_topk
+        self.wq_b = make_linear(cfg.q_lora_rank, self.n_heads * self.head_dim, fmt, dtype)
+        self.weights_proj = BF16Linear(cfg.hidden_size, self.n_heads, dtype=dtype)
+        self.compressor = Compressor(cfg, 4, self.head_dim, freqs, kind="index", qat=qat)
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def forward(self, qr: torch.Tensor, u: torch.Tensor, batch: ForwardBatch, cache) -> torch.Tensor:
+        """Returns the selected compressed-cache rows [T, <=topk] (-1 = empty)."""
+        self.compressor(u, batch, cache.idx_state, cache.idx)
+        T, c, r = u.shape[0], self.head_dim, self.rope_dim
+        q = self.wq_b(qr).view(T, self.n_heads, c)
+        q = torch.cat([q[..., :c - r], apply_rope(q[..., c - r:], batch.positions, self.freqs)], -1)
+        q = hadamard(q.float()).to(u.dtype)
+        if self.qat:
+            q = fp4_sim(q, 32)
+        w = self.weights_proj(u) * (c ** -0.5 * self.n_heads ** -0.5)  # [T, nI]
+        cand, _ = batch.candidates(4)
+        return indexer_topk(q, w, cache.idx.view(-1, c), cand, self.topk)

@@ -1,0 +1,85 @@
+"""Mixture of experts: hash or sqrt-softplus routing, clamped SwiGLU experts, a shared expert
+(SPEC.md 7)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant.linear import make_linear
+
+
+class Gate(nn.Module):
+    """Routing in fp32. Hash layers look the experts up by token id (`tid2eid`); dense layers
+    take the top-k of score + bias. Weights are the scores of the chosen experts, normalised
+    (unless softmax) and multiplied by routed_scaling_factor."""
+
+    def __init__(self, cfg, hash_layer: bool, dtype: torch.dtype):
+        super().__init__()
+        self.topk, self.func = cfg.num_experts_per_tok, cfg.scoring_func
+        self.scaling, self.hash = cfg.routed_scaling_factor, hash_layer
+        self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.hidden_size, dtype=dtype),
+                                   requires_grad=False)
+        if hash_layer:
+            self.tid2eid = nn.Parameter(torch.zeros(cfg.vocab_size, self.topk, dtype=torch.int32),
+                                        requires_grad=False)
+        else:
+            self.bias = nn.Parameter(torch.zeros(cfg.n_routed_experts), requires_grad=False)
+
+    def forward(self, u: torch.Tensor, input_ids: torch.Tensor):
+        z = u.float() @ self.weight.float().t()  # [T, E]
+        if self.func == "sqrtsoftplus":
+            s = torch.sqrt(F.softplus(z))
+        elif self.func == "sigmoid":
+            s = torch.sigmoid(z)
+        else:
+            s = torch.softmax(z, -1)
+        if self.hash:
+            idx = self.tid2eid[input_ids].long()
+        else:
+            idx = (s + self.bias).topk(self.topk, dim=-1).indices
+        wgt = s.gather(1, idx)
+        if self.func != "softmax":
+            wgt = wgt / wgt.sum(-1, keepdim=True)
+        return idx, wgt * self.scaling
+
+
+class Expert(nn.Module):
+    """SwiGLU with clamping: silu(min(w1 x, L)) * clamp(w3 x, -L, L) * weight, then w2."""
+
+    def __init__(self, dim: int, inter: int, fmt: str, limit: float, dtype: torch.dtype):
+        super().__init__()
+        self.limit = limit
+        self.w1 = make_linear(dim, inter, fmt, dtype)
+        self.w2 = make_linear(inter, dim, fmt, dtype)
+        self.w3 = make_linear(dim, inter, fmt, dtype)
+
+    def forward(self, u: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        g, v = self.w1(u).float(), self.w3(u).float()
+        if self.limit > 0:
+            v = v.clamp(-self.limit, self.limit)
+            g = g.clamp(max=self.limit)
+        h = F.silu(g) * v
+        if weight is not None:  # routing weight applied before w2, as the model was trained
+            h = h * weight[:, None]
+        return self.w2(h.to(u.dtype))
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg, layer: int, scheme, prefix: str, dtype: torch.dtype):
+        super().__init__()
+        d, inter = cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate = Gate(cfg, layer < cfg.num_hash_layers, dtype)
+        self.experts = nn.ModuleList(
+            Expert(d, inter, scheme.format_for(f"{prefix}.experts.{e}", expert=True),
+                   cfg.swiglu_limit, dtype) for e in range(cfg.n_routed_experts))
+        self.shared_experts = Expert(d, inter, scheme.format_for(f"{prefix}.shared_experts"),
+                                     cfg.swiglu_limit, dtype)
+
+    def forward(self, u: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        idx, wgt = self.gate(u, input_ids)  # [T, k]
+        y = torch.zeros(u.shape[0], u.shape[1], dtype=torch.float32, device=u.device)
+        for e in idx.unique().tolist():
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            y.index_add_(0, tok, self.experts[e](u[tok], wgt[tok, slot]).float())
+        return (y + self.shared_experts(u).float()).to(u.dtype)

@@ -1,0 +1,142 @@
+"""Linear layers, one class per checkpoint storage format, behind one interface.
+
+Every class has `in_features`, `out_features`, `forward(x)` and `dequantize()` (fp32 [N, K]),
+and parameter names equal to the checkpoint's tensor names, so loading is a lookup. The format
+decides the arithmetic (SPEC.md 3): quantised weights get per-token FP8 activations, bf16 weights
+a plain matmul in the working dtype.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels import quant_linear
+from .formats import (FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK, dequant_fp8, dequant_mxfp4,
+                      dequant_nvfp4, quantize_fp8, quantize_mxfp4, quantize_nvfp4)
+
+FORMATS = ("bf16", "fp8", "fp4", "nvfp4")
+
+
+def _empty(shape, dtype) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """Base: y = x W^T for W [out_features, in_features]."""
+    fmt = "?"
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+
+    def dequantize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def set_float(self, w: torch.Tensor) -> None:
+        """Store the fp32 weight w [out, in] in this layer's format (random init, dummy load)."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.fmt}"
+
+
+class BF16Linear(Linear):
+    """Unquantised weight in the working dtype (bf16, or fp32 in float32 mode)."""
+    fmt = "bf16"
+
+    def __init__(self, in_features: int, out_features: int, dtype=torch.bfloat16):
+        super().__init__(in_features, out_features)
+        self.weight = _empty((out_features, in_features), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype))
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float()
+
+    @torch.no_grad()
+    def set_float(self, w: torch.Tensor) -> None:
+        self.weight.copy_(w)
+
+
+class FP8Linear(Linear):
+    """e4m3 weight with e8m0 128x128 block scales."""
+    fmt = "fp8"
+
+    def __init__(self, in_features: int, out_features: int, dtype=None):
+        super().__init__(in_features, out_features)
+        self.weight = _empty((out_features, in_features), torch.float8_e4m3fn)
+        self.scale = _empty((-(-out_features // FP8_BLOCK), -(-in_features // FP8_BLOCK)),
+                            torch.float8_e8m0fnu)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_linear.fp8_linear(x, self.weight, self.scale)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequant_fp8(self.weight, self.scale)
+
+    @torch.no_grad()
+    def set_float(self, w: torch.Tensor) -> None:
+        q, s = quantize_fp8(w.float())
+        self.weight.copy_(q), self.scale.copy_(s)
+
+
+class FP4Linear(Linear):
+    """Official MXFP4 experts: packed e2m1 (two codes a byte) with e8m0 scales per 32."""
+    fmt = "fp4"
+
+    def __init__(self, in_features: int, out_features: int, dtype=None):
+        super().__init__(in_features, out_features)
+        self.weight = _empty((out_features, in_features // 2), torch.int8)
+        self.scale = _empty((out_features, in_features // MXFP4_BLOCK), torch.float8_e8m0fnu)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_linear.mxfp4_linear(x, self.weight, self.scale)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequant_mxfp4(self.weight, self.scale)
+
+    @torch.no_grad()
+    def set_float(self, w: torch.Tensor) -> None:
+        q, s = quantize_mxfp4(w.float())
+        self.weight.copy_(q), self.scale.copy_(s)
+
+
+class NVFP4Linear(Linear):
+    """NVIDIA ModelOpt NVFP4: packed e2m1, e4m3 scales per 16, an fp32 global scale.
+
+    Hopper has no FP4 tensor cores, and the model was trained with FP8 activations (SPEC.md 3),
+    so activations take the same per-token FP8 path as the official formats; `input_scale`
+    (the checkpoint's per-tensor activation scale for FP4 activations) is loaded but unused.
+    """
+    fmt = "nvfp4"
+
+    def __init__(self, in_features: int, out_features: int, dtype=None):
+        super().__init__(in_features, out_features)
+        self.weight = _empty((out_features, in_features // 2), torch.uint8)
+        self.weight_scale = _empty((out_features, in_features // NVFP4_BLOCK), torch.float8_e4m3fn)
+        self.weight_scale_2 = _empty((), torch.float32)
+        self.input_scale = _empty((), torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_linear.nvfp4_linear(x, self.weight, self.weight_scale, self.weight_scale_2)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequant_nvfp4(self.weight, self.weight_scale, self.weight_scale_2)
+
+    @torch.no_grad()
+    def set_float(self, w: torch.Tensor) -> None:
+        q, s, g = quantize_nvfp4(w.float())
+        self.weight.copy_(q), self.weight_scale.copy_(s), self.weight_scale_2.copy_(g)
+        self.input_scale.fill_(1.0)
+
+
+_CLASSES = {"bf16": BF16Linear, "fp8": FP8Linear, "fp4": FP4Linear, "nvfp4": NVFP4Linear}
+
+
+def make_linear(in_features: int, out_features: int, fmt: str, dtype=torch.bfloat16) -> Linear:
+    """A linear layer in storage format `fmt` (bf16 | fp8 | fp4 | nvfp4)."""
+    if fmt not in _CLASSES:
+        raise ValueError(f"unknown weight format {fmt!r}; expected one of {FORMATS}")
+    return _CLASSES[fmt](in_features, out_features, dtype=dtype)
