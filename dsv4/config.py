@@ -63,7 +63,7 @@ class ModelConfig:
     quantization_config: dict | None = field(default_factory=lambda: {
         "quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
         "scale_fmt": "ue8m0", "activation_scheme": "dynamic"})
-    extra: dict = field(default_factory=dict, repr=False)
+    extra: dict = field(default_factory=dict, repr=False, compare=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -12,6 +12,8 @@ def gather_rows(idx: torch.Tensor, cache: torch.Tensor, new: torch.Tensor | None
     """Rows of cat(cache, new) at idx (any shape); -1 gives a zero row."""
     n = cache.shape[0]
     safe = idx.clamp(min=0)
+    if n == 0:
+        return new[(safe - n).clamp(0, new.shape[0] - 1)]
     if new is None:
         return cache[safe.clamp(max=n - 1)]
     from_new = (safe >= n)[..., None]
