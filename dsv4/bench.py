@@ -1,0 +1,164 @@
+"""`dsv4 bench latency|throughput`: engine speed in the style of `vllm bench`.
+
+Prints prefill tokens/s, time to first token, time per output token, output tokens/s, peak GPU
+memory, and how close decode comes to the H200 memory roofline: the bytes a decode step must
+read (weights it touches + the cache rows it attends to) divided by 4.8 TB/s, over the measured
+step time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+HBM_BYTES_PER_S = 4.8e12
+
+
+def decode_bytes_per_step(model, batch: int, context: int) -> float:
+    """Bytes one decode step of `batch` sequences at `context` tokens must read at least once."""
+    cfg = model.cfg
+    dense = experts = 0
+    for name, p in model.named_parameters():
+        size = p.numel() * p.element_size()
+        if ".experts." in name:
+            experts += size
+        elif name.startswith("mtp."):
+            continue
+        elif name != "embed.weight":
+            dense += size
+    # Expected distinct routed experts hit per layer by `batch` tokens choosing top-k of E.
+    E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    hit = E * (1 - (1 - k / E) ** batch)
+    mtp_experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                      if n.startswith("mtp.") and ".experts." in n)
+    expert_bytes = (experts - mtp_experts) * hit / E
+    row = cfg.head_dim * model.dtype.itemsize
+    cache = 0
+    for m in cfg.compress_ratios[:cfg.num_hidden_layers]:
+        rows = min(context, cfg.sliding_window)
+        if m == 128:
+            rows += context // 128
+        elif m == 4:
+            rows += min(cfg.index_topk, context // 4)
+            cache += (context // 4) * cfg.index_head_dim * model.dtype.itemsize  # indexer keys
+        cache += rows * row
+    return dense + expert_bytes + batch * cache
+
+
+def _engine(args):
+    from .cli import engine_kwargs
+    from .engine.llm_engine import LLMEngine
+    return LLMEngine.from_args(**engine_kwargs(args))
+
+
+def _prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    # Leave the special-token ids (the low ids of our tokenizers) out of random prompts.
+    lo = min(16, vocab - 1)
+    return torch.randint(lo, vocab, (n, length), generator=g).tolist()
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_bench(args) -> dict:
+    from .engine.sampler import SamplingParams
+    engine = _engine(args)
+    cfg = engine.model_config
+    n = args.batch_size if args.mode == "latency" else args.num_prompts
+    prompts = _prompts(cfg.vocab_size, n, args.input_len, args.seed)
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    # Warm-up: compile kernels, capture graphs, touch the allocator.
+    engine.add_request("warmup", prompts[0][: min(16, args.input_len)],
+                       SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    _sync()
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"bench-{i}", p, params)
+    first_token: dict[str, float] = {}
+    decode_steps: list[float] = []  # steps in which every request was already decoding
+    while engine.has_unfinished_requests():
+        ts = time.perf_counter()
+        outs = engine.step()
+        _sync()
+        te = time.perf_counter()
+        all_decoding = len(first_token) == n
+        for o in outs:
+            if o.request_id not in first_token and o.outputs and o.outputs[0].token_ids:
+                first_token[o.request_id] = te
+        if all_decoding and outs:
+            decode_steps.append(te - ts)
+    t_end = time.perf_counter()
+    ttft = sorted(v - t0 for v in first_token.values())
+    prefill_time = max(ttft) if ttft else float("nan")
+    tpot = sorted(decode_steps)[len(decode_steps) // 2] if decode_steps else float("nan")
+    out_tokens = n * args.output_len
+    ctx = args.input_len + args.output_len // 2
+    step_bytes = decode_bytes_per_step(engine.model, min(n, engine.max_num_seqs), ctx)
+    result = {
+        "mode": args.mode, "model": args.model, "requests": n, "input_len": args.input_len,
+        "output_len": args.output_len,
+        "prefill_tokens_per_s": n * args.input_len / prefill_time,
+        "ttft_ms_median": 1e3 * ttft[len(ttft) // 2] if ttft else None,
+        "tpot_ms_median": 1e3 * tpot,
+        "output_tokens_per_s": out_tokens / (t_end - t0),
+        "decode_tokens_per_s": min(n, engine.max_num_seqs) / tpot if decode_steps else None,
+        "peak_gpu_memory_gb": (torch.cuda.max_memory_allocated() / 1e9
+                               if torch.cuda.is_available() else None),
+        "decode_bytes_per_step_gb": step_bytes / 1e9,
+        "decode_roofline_fraction": (step_bytes / HBM_BYTES_PER_S) / tpot if decode_steps else None,
+    }
+    if hasattr(engine, "spec_stats"):
+        result["speculative"] = engine.spec_stats()
+    return result
+
+
+def print_result(r: dict) -> None:
+    def f(v, fmt):
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+    print(f"== dsv4 bench {r['mode']}: {r['model']}, {r['requests']} requests, "
+          f"{r['input_len']} in / {r['output_len']} out")
+    print(f"prefill throughput      {f(r['prefill_tokens_per_s'], '.1f')} tok/s")
+    print(f"time to first token     {f(r['ttft_ms_median'], '.2f')} ms (median)")
+    print(f"time per output token   {f(r['tpot_ms_median'], '.3f')} ms (median decode step)")
+    print(f"output throughput       {f(r['output_tokens_per_s'], '.1f')} tok/s (end to end)")
+    print(f"decode throughput       {f(r['decode_tokens_per_s'], '.1f')} tok/s")
+    print(f"peak GPU memory         {f(r['peak_gpu_memory_gb'], '.2f')} GB")
+    print(f"decode bytes per step   {f(r['decode_bytes_per_step_gb'], '.4f')} GB; "
+          f"roofline fraction {f(r['decode_roofline_fraction'], '.1%')} of 4.8 TB/s")
+    if r.get("speculative"):
+        print(f"speculative decoding    {json.dumps(r['speculative'])}")
+
+
+def add_bench_cli(subparsers) -> None:
+    from .cli import add_engine_args
+    p = subparsers.add_parser("bench", help="measure latency or throughput")
+    p.add_argument("mode", choices=["latency", "throughput"])
+    add_engine_args(p)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    for name in ("input_len", "output_len", "batch_size", "num_prompts"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    r = run_bench(args)
+    print_result(r)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(r, fh, indent=2)
+    return 0
