@@ -160,3 +160,87 @@ class ForwardBatch:
             rows = torch.where(i < avail[:, None], rows, -1)
             self._plans[key] = (rows.to(self.device), avail.to(self.device))
         return self._plans[key]
+
+
+class StaticBatch:
+    """Fixed-shape, persistent device copies of a ForwardBatch's indices (for CUDA graphs).
+
+    A graph captured on a StaticBatch replays any ForwardBatch with at most `num_seqs` sequences
+    of at most `tokens_per_seq` tokens each, after `load(batch)` copies its indices in. Padding
+    tokens see nothing, write into the reserved `pad_slot` and `pad_block`, and are never read.
+    """
+
+    def __init__(self, num_seqs: int, tokens_per_seq: int, ratios, state_rows: dict,
+                 window: int, window_rows: int, num_slots: int, max_model_len: int,
+                 pad_slot: int, pad_block: int, device):
+        d = torch.device(device)
+        self.device, self.window, self.window_rows, self.num_slots = d, window, window_rows, num_slots
+        self.num_seqs, self.tokens_per_seq = num_seqs, tokens_per_seq
+        self.pad_slot, self.pad_block = pad_slot, pad_block
+        T = num_seqs * tokens_per_seq
+        self.num_tokens = T
+        z = lambda *s, dt=torch.long: torch.zeros(*s, dtype=dt, device=d)  # noqa: E731
+        self.input_ids, self.positions, self.tok_seq = z(T), z(T), z(T)
+        self.logits_indices = z(T)
+        self.window_index = z(T, window)
+        self._ring = {r: (z(T), z(T)) for r in {window_rows, *state_rows.values()}}
+        self._plans, self._cand = {}, {}
+        for m in ratios:
+            W = num_seqs * -(-tokens_per_seq // m)
+            km = overlap_factor(m) * m
+            self._plans[(m, state_rows[m])] = CompressPlan(
+                seq=z(W), index=z(W), is_new=z(W, km, dt=torch.bool), new_idx=z(W, km),
+                state_idx=z(W, km), valid=z(W, km, dt=torch.bool), dst=z(W))
+            n = max(1, -(-max_model_len // m))
+            self._cand[m] = (z(T, n), z(T))
+
+    def ring_writes(self, rows: int):
+        return self._ring[rows]
+
+    def compress_plan(self, ratio: int, state_rows: int) -> CompressPlan:
+        return self._plans[(ratio, state_rows)]
+
+    def candidates(self, ratio: int):
+        return self._cand[ratio]
+
+    @staticmethod
+    def _put(dst: torch.Tensor, src: torch.Tensor, fill) -> None:
+        n = src.shape[0]
+        if n > dst.shape[0] or (src.dim() > 1 and src.shape[1] > dst.shape[1]):
+            raise ValueError(f"batch does not fit the captured shape {tuple(dst.shape)}")
+        if src.dim() > 1 and src.shape[1] < dst.shape[1]:
+            pad = torch.full((n, dst.shape[1] - src.shape[1]), fill, dtype=dst.dtype,
+                             device=src.device)
+            src = torch.cat([src.to(dst.dtype), pad], 1)
+        dst[:n].copy_(src, non_blocking=True)
+        if n < dst.shape[0]:
+            dst[n:].fill_(fill)
+
+    def load(self, b: ForwardBatch) -> None:
+        """Copy the indices of `b` in, padding the rest (no host synchronisation)."""
+        if b.num_seqs > self.num_seqs or max(b.lens) > self.tokens_per_seq:
+            raise ValueError("batch larger than the captured graph")
+        put = self._put
+        put(self.input_ids, b.input_ids, 0)
+        put(self.positions, b.positions, 0)
+        put(self.tok_seq, b.tok_seq, 0)
+        put(self.logits_indices, b.logits_indices, 0)
+        put(self.window_index, b.window_index, -1)
+        for rows, (tok, dst) in self._ring.items():
+            t, d = b.ring_writes(rows)
+            put(tok, t, self.num_tokens - 1)
+            put(dst, d, self.pad_slot * rows)
+        for (m, rows), plan in self._plans.items():
+            p = b.compress_plan(m, rows)
+            rpb = BLOCK_TOKENS // m
+            put(plan.seq, p.seq, 0)
+            put(plan.index, p.index, 0)
+            put(plan.is_new, p.is_new, False)
+            put(plan.new_idx, p.new_idx, 0)
+            put(plan.state_idx, p.state_idx, self.pad_slot * rows)
+            put(plan.valid, p.valid, True)
+            put(plan.dst, p.dst, self.pad_block * rpb)
+        for m, (cand, avail) in self._cand.items():
+            c, a = b.candidates(m)
+            put(cand, c, -1)
+            put(avail, a, 0)
