@@ -292,6 +292,37 @@ class Sampler:
             x = x.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), ninf)
         return x
 
+    def probs(
+        self,
+        logits: Tensor,
+        params: Sequence[SamplingParams],
+        output_token_ids: Sequence[Sequence[int]],
+        prompt_token_ids: Sequence[Sequence[int]],
+    ) -> Tensor:
+        """The distribution each row samples from [B, V] (fp32): penalties, temperature, top-k,
+        top-p and min-p applied; a greedy row is one-hot on its argmax. Speculative decoding
+        verifies drafts against these."""
+        x = self._apply_min_tokens(logits.float(), params, output_token_ids)
+        x = apply_penalties(x, params, output_token_ids, prompt_token_ids)
+        out = torch.empty_like(x)
+        greedy = [i for i, p in enumerate(params) if p.is_greedy]
+        rand = [i for i, p in enumerate(params) if not p.is_greedy]
+        dev = x.device
+        if greedy:
+            g_idx = torch.tensor(greedy, device=dev)
+            out[g_idx] = torch.nn.functional.one_hot(x[g_idx].argmax(-1), x.shape[1]).float()
+        if rand:
+            r_idx = torch.tensor(rand, device=dev)
+            ps = [params[i] for i in rand]
+            temp = torch.tensor([p.temperature for p in ps], dtype=torch.float32).to(dev)[:, None]
+            out[r_idx] = torch.softmax(self._filter(x[r_idx] / temp, ps), dim=-1)
+        return out
+
+    def draw(self, probs: Tensor, rows: Sequence[int], generators) -> Tensor:
+        """Sample one token per row of `probs` [R, V]; row j draws from generators[rows[j]]."""
+        q = self._draw_exponentials(list(rows), probs.shape[1], generators, probs.device)
+        return (probs / q).argmax(dim=-1)
+
     def __call__(
         self,
         logits: Tensor,
