@@ -33,24 +33,37 @@ def fp8_block_scale(xb: torch.Tensor) -> torch.Tensor:
     return pow2ceil(amax / FP8_MAX)
 
 
+def _padded_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """[..., K] -> [..., ceil(K/block), block]; a short last block is zero-padded (zeros change
+    no block maximum), so K need not be a multiple of the block (tiny test models)."""
+    k = x.shape[-1]
+    if k % block:
+        x = torch.nn.functional.pad(x.float(), (0, block - k % block))
+    return _blocks(x, block)
+
+
 def act_quant(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token FP8 activation quantisation (SPEC.md 3): e4m3 values and fp32 scales [..., K/block]."""
-    xb = _blocks(x, block)
+    """Per-token FP8 activation quantisation (SPEC.md 3): e4m3 values [..., K] and fp32 scales
+    [..., ceil(K/block)]."""
+    xb = _padded_blocks(x, block)
     s = fp8_block_scale(xb)
     q = (xb / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q.flatten(-2), s.squeeze(-1)
+    return q.flatten(-2)[..., :x.shape[-1]], s.squeeze(-1)
 
 
 def act_quant_sim(x: torch.Tensor, block: int = 128) -> torch.Tensor:
     """act_quant followed by dequantisation, in fp32: the values an FP8 linear multiplies."""
-    xb = _blocks(x, block)
+    xb = _padded_blocks(x, block)
     s = fp8_block_scale(xb)
-    return ((xb / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s).flatten(-2)
+    y = (xb / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s
+    return y.flatten(-2)[..., :x.shape[-1]]
 
 
 def fp8_sim(x: torch.Tensor, block: int = 64) -> torch.Tensor:
     """FP8 e4m3 round trip with a power-of-two scale per block; keeps x's dtype (SPEC.md 5.2)."""
-    return act_quant_sim(x, block).to(x.dtype)
+    xb = _blocks(x, block)
+    s = fp8_block_scale(xb)
+    return ((xb / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s).flatten(-2).to(x.dtype)
 
 
 def e2m1_round(x: torch.Tensor) -> torch.Tensor:
