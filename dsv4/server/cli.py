@@ -1,0 +1,54 @@
+"""``dsv4 serve`` (and ``python -m dsv4.server``): build the engine, then serve it over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    """The engine flags of ``dsv4 generate`` plus the server's own."""
+    from dsv4.cli import add_engine_args
+
+    add_engine_args(parser)
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: no key)")
+    g.add_argument("--served-model-name", default=None,
+                   help="the model name clients send and /v1/models lists (default: --model)")
+    g.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to let in-flight requests finish before aborting them")
+    g.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+
+
+def add_serve_cli(subparsers: Any) -> None:
+    """Register ``serve`` on the ``dsv4`` command's subparsers."""
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_serve_args(p)
+    p.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Load the model, serve until SIGTERM/SIGINT, shut down gracefully; exit code 0."""
+    from dsv4.cli import engine_kwargs
+    from dsv4.engine.llm_engine import LLMEngine
+    from dsv4.server.api_server import build_app, run_server
+
+    # The engine logs its capacity line through the "dsv4" logger (set up by dsv4/__init__).
+    engine = LLMEngine.from_args(**engine_kwargs(args))
+    app = build_app(engine, args.served_model_name or args.model, args.api_key)
+    run_server(app, args.host, args.port, args.graceful_shutdown_timeout, args.log_level)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dsv4.server", description=__doc__)
+    add_serve_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        return serve(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # ConfigError is a ValueError
+        parser.exit(1, f"error: {exc}\n")

@@ -1,0 +1,60 @@
+"""Engine logprobs in OpenAI's two shapes: chat's ``content`` list and the legacy completion one.
+
+The engine gives, per generated token, a dict ``token_id -> Logprob(logprob, rank,
+decoded_token)`` holding the sampled token and the top-N alternatives (vLLM's shape).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+Decode = Callable[[int], str]
+
+
+def _top(entry: dict[int, Any], n: int) -> list[tuple[int, Any]]:
+    """The ``n`` most likely alternatives of one position, most likely first."""
+    ranked = sorted(entry.items(), key=lambda kv: -kv[1].logprob)
+    return ranked[:n]
+
+
+def _token(token_id: int, lp: Any, decode: Decode) -> str:
+    decoded = getattr(lp, "decoded_token", None)
+    return decoded if decoded is not None else decode(token_id)
+
+
+def chat_logprobs(token_ids: Sequence[int], entries: Sequence[dict[int, Any]], n: int,
+                  decode: Decode) -> dict[str, Any]:
+    """``choices[i].logprobs`` of a chat completion: ``{"content": [...]}``."""
+    content = []
+    for token_id, entry in zip(token_ids, entries):
+        lp = entry.get(token_id)
+        token = _token(token_id, lp, decode) if lp is not None else decode(token_id)
+        content.append({
+            "token": token,
+            "logprob": max(lp.logprob, -9999.0) if lp is not None else -9999.0,
+            "bytes": list(token.encode("utf-8")),
+            "top_logprobs": [
+                {"token": (t := _token(tid, alt, decode)), "logprob": max(alt.logprob, -9999.0),
+                 "bytes": list(t.encode("utf-8"))}
+                for tid, alt in _top(entry, n)
+            ],
+        })
+    return {"content": content}
+
+
+def completion_logprobs(token_ids: Sequence[int], entries: Sequence[dict[int, Any]], n: int,
+                        decode: Decode, text_offset: int = 0) -> dict[str, Any]:
+    """``choices[i].logprobs`` of a legacy completion (tokens, token_logprobs, top_logprobs)."""
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    offset = text_offset
+    for token_id, entry in zip(token_ids, entries):
+        lp = entry.get(token_id)
+        token = _token(token_id, lp, decode) if lp is not None else decode(token_id)
+        tokens.append(token)
+        token_logprobs.append(lp.logprob if lp is not None else None)
+        tops.append({_token(tid, alt, decode): alt.logprob for tid, alt in _top(entry, n)})
+        offsets.append(offset)
+        offset += len(token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops,
+            "text_offset": offsets}

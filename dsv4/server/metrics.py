@@ -1,0 +1,93 @@
+"""Prometheus metrics of one server, in a registry of its own.
+
+A per-app ``CollectorRegistry`` (not the global one) lets several servers live in one process,
+as the tests do. Engine-wide numbers (running/waiting requests, KV-cache usage, token totals)
+are read from the engine's latest stats snapshot at scrape time; per-request latencies are
+measured by the serving code as outputs reach it. Names follow vLLM's ``vllm:`` metrics with a
+``dsv4:`` prefix, so existing dashboards need only the prefix changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
+                 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+class _EngineStatsCollector(Collector):
+    """Gauges and counters read from ``stats()`` (the engine's ``get_stats()`` snapshot)."""
+
+    def __init__(self, stats: Callable[[], Any]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        s = self._stats()
+        gauges = [
+            ("dsv4:num_requests_running", "Requests in the running batch.", s.num_running),
+            ("dsv4:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting),
+            ("dsv4:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).",
+             s.kv_cache_usage),
+            ("dsv4:kv_cache_free_blocks", "KV-cache blocks free.", s.num_free_blocks),
+            ("dsv4:kv_cache_blocks", "KV-cache blocks in total.", s.num_blocks),
+        ]
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(name, doc, value=float(value))
+        counters = [
+            ("dsv4:prompt_tokens", "Prompt tokens processed.", s.prompt_tokens_total),
+            ("dsv4:generation_tokens", "Tokens generated.", s.generation_tokens_total),
+            ("dsv4:num_preemptions", "Requests preempted for lack of KV-cache blocks.",
+             s.num_preemptions),
+        ]
+        for name, doc, value in counters:
+            yield CounterMetricFamily(name, doc, value=float(value))
+
+
+class ServerMetrics:
+    """The metrics of one server; ``render()`` is the body of ``GET /metrics``."""
+
+    def __init__(self, stats: Callable[[], Any]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.http_requests = Counter(
+            "dsv4:http_requests", "HTTP requests by endpoint and status code.",
+            ["endpoint", "status"], registry=r)
+        self.request_finished = Counter(
+            "dsv4:request_success", "Generation requests finished, by finish reason "
+            "(abort: the client went away or the server shut down).",
+            ["finished_reason"], registry=r)
+        self.time_to_first_token = Histogram(
+            "dsv4:time_to_first_token_seconds", "Time from arrival to the first generated token.",
+            buckets=_TTFT_BUCKETS, registry=r)
+        self.time_per_output_token = Histogram(
+            "dsv4:time_per_output_token_seconds", "Mean time between generated tokens, per request.",
+            buckets=_TPOT_BUCKETS, registry=r)
+        self.e2e_latency = Histogram(
+            "dsv4:e2e_request_latency_seconds", "Time from arrival to the last token.",
+            buckets=_E2E_BUCKETS, registry=r)
+        r.register(_EngineStatsCollector(stats))
+
+    def observe_request(self, arrival: float, first_token: float | None, finish: float,
+                        num_tokens: int, finished_reason: str) -> None:
+        """Record one finished (or aborted) request; times are ``time.monotonic()`` values."""
+        self.request_finished.labels(finished_reason).inc()
+        if first_token is None:
+            return
+        self.time_to_first_token.observe(first_token - arrival)
+        self.e2e_latency.observe(finish - arrival)
+        if num_tokens > 1:
+            self.time_per_output_token.observe((finish - first_token) / (num_tokens - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

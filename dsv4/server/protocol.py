@@ -1,0 +1,226 @@
+"""OpenAI wire format: request schemas, response objects and the JSON error shape.
+
+Requests are pydantic models that accept OpenAI's fields plus vLLM's sampling extensions
+(``top_k``, ``min_p``, ``repetition_penalty``, ...); unknown fields are allowed and ignored, as
+OpenAI's own API tolerates new client fields. Responses are plain dicts built by the serving
+classes: they are written once and never read back, so a schema for them would only repeat
+OpenAI's documentation.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dsv4.engine.sampler import SamplingParams
+
+# OpenAI caps top_logprobs at 20; vLLM keeps the same limit by default.
+MAX_LOGPROBS = 20
+
+
+class OpenAIError(Exception):
+    """An error to return as ``{"error": {"message", "type", "param", "code"}}`` with a status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, "invalid_request_error", param)
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class StreamOptions(BaseModel):
+    """``stream_options``: a final chunk with ``usage`` (and ``choices: []``) when asked."""
+
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """``tool_choice: {"type": "function", "function": {"name": ...}}``."""
+
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class _SamplingRequest(BaseModel):
+    """Sampling fields shared by both endpoints: OpenAI's names, then vLLM's extensions."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+
+    def _check_common(self) -> None:
+        if self.logit_bias:
+            raise bad_request("logit_bias is not supported", "logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+
+    def _sampling_params(self, max_tokens: int, logprobs: int | None,
+                         skip_special_tokens: bool, prompt_logprobs: int | None = None) -> SamplingParams:
+        """The engine's SamplingParams; its ValueError (naming the field) becomes a 400."""
+        given = {
+            "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+            "min_p": self.min_p, "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        try:
+            return SamplingParams(
+                n=self.n, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
+                ignore_eos=self.ignore_eos, max_tokens=max_tokens, min_tokens=self.min_tokens,
+                logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                skip_special_tokens=skip_special_tokens,
+                **{k: v for k, v in given.items() if v is not None},
+            )
+        except (ValueError, TypeError) as exc:
+            raise bad_request(str(exc)) from None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_SamplingRequest):
+    """``POST /v1/completions``; ``prompt`` is text, token ids, or a batch of either."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+    # vLLM extensions
+    skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None
+
+    def check(self) -> None:
+        self._check_common()
+        if self.echo:
+            raise bad_request("echo is not supported", "echo")
+        if self.suffix:
+            raise bad_request("suffix is not supported", "suffix")
+        if self.best_of not in (None, self.n):
+            raise bad_request("best_of is not supported (it must equal n)", "best_of")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise bad_request(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}",
+                              "logprobs")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise bad_request("prompt must not be empty", "prompt")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch of prompts: one text or one token-id list per engine request."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+        return self._sampling_params(max_tokens, self.logprobs, self.skip_special_tokens,
+                                     self.prompt_logprobs)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """``POST /v1/chat/completions``.
+
+    Thinking mode is on when ``chat_template_kwargs`` has ``thinking`` (or ``enable_thinking``)
+    true, or when ``reasoning_effort`` is set to anything but ``"none"``.
+    """
+
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        self._check_common()
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+            if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+                raise bad_request(f"top_logprobs must be in [0, {MAX_LOGPROBS}], "
+                                  f"got {self.top_logprobs}", "top_logprobs")
+        choice = self.tool_choice
+        if choice == "required" and not self.tools:
+            raise bad_request("tool_choice 'required' needs tools", "tool_choice")
+        if isinstance(choice, NamedToolChoice):
+            names = [t.function.name for t in self.tools or []]
+            if choice.function.name not in names:
+                raise bad_request(f"tool_choice names function {choice.function.name!r}, "
+                                  f"which is not among the tools {names}", "tool_choice")
+
+    @property
+    def thinking_mode(self) -> str:
+        kwargs = self.chat_template_kwargs or {}
+        on = bool(kwargs.get("thinking", kwargs.get("enable_thinking", False)))
+        if self.reasoning_effort is not None and self.reasoning_effort != "none":
+            on = True
+        return "thinking" if on else "chat"
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+        # The chat parsers need </think> and the DSML markers in the text, and those are
+        # special tokens: they must survive detokenisation.
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling_params(max_tokens, logprobs, skip_special_tokens=False)

@@ -1,0 +1,208 @@
+"""What the completion and chat endpoints share: model check, prompt length, the engine call.
+
+``OpenAIServing.generate`` is the one path from an HTTP request to the engine: it turns engine
+validation errors into 400s, records the request's latency metrics, and (through
+``AsyncLLMEngine.generate``) aborts the request when the consuming task is cancelled, which is
+how a client disconnect frees cache blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+
+from dsv4.server.async_engine import AsyncLLMEngine, EngineDeadError
+from dsv4.server.metrics import ServerMetrics
+from dsv4.server.protocol import OpenAIError, bad_request
+
+T = TypeVar("T")
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    """One server-sent event: ``data: <json>`` and a blank line."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {text}\n\n"
+
+
+SSE_DONE = sse("[DONE]")
+
+
+class TextDelta:
+    """Turns an output's cumulative text into deltas.
+
+    The engine only ever extends the text it shows (it holds back a tail that could still
+    become a stop string), so each delta is the text past what was already sent.
+    """
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def next(self, text: str) -> str:
+        delta = text[self.sent:]
+        self.sent = max(self.sent, len(text))
+        return delta
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class OpenAIServing:
+    """Base of the endpoint handlers: one served model name, one engine, one metrics set."""
+
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.metrics = metrics
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise OpenAIError(404, f"The model `{model}` does not exist.", "NotFoundError",
+                              "model", "model_not_found")
+
+    def tokenize(self, text: str) -> list[int]:
+        if self.engine.tokenizer is None:
+            raise bad_request("this server has no tokenizer (skip_tokenizer_init): "
+                              "send token ids instead of text", "prompt")
+        # As the engine does for text prompts: BOS unless the text starts with it (chat does).
+        return self.engine.tokenizer.encode(text, add_special_tokens=True)
+
+    def max_tokens_for(self, prompt_len: int, requested: int | None, what: str = "messages") -> int:
+        """``requested``, or all the context left; a 400 naming the numbers when it won't fit."""
+        limit = self.engine.max_model_len
+        if requested is not None and requested < 1:
+            raise bad_request(f"max_tokens must be at least 1, got {requested}", "max_tokens")
+        if prompt_len >= limit or (requested is not None and prompt_len + requested > limit):
+            want = prompt_len + (requested or 1)
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{want} tokens ({prompt_len} in the {what}, {requested or 1} in the completion). "
+                f"Please reduce the length of the {what} or completion.", "max_tokens")
+        return requested if requested is not None else limit - prompt_len
+
+    async def submit(self, request_id: str, prompt_ids: list[int], params: Any) -> AsyncIterator[Any]:
+        """Add one request to the engine; return its cumulative outputs, metrics recorded.
+
+        Engine validation errors become a 400 here, before any response starts.
+        """
+        arrival = time.monotonic()
+        try:
+            outputs = await self.engine.add_request(request_id, prompt_ids, params)
+        except ValueError as exc:
+            raise bad_request(str(exc)) from None
+        except EngineDeadError as exc:
+            raise OpenAIError(503, str(exc), "ServiceUnavailableError") from None
+        return self._observe(outputs, arrival)
+
+    async def _observe(self, outputs: AsyncIterator[Any], arrival: float) -> AsyncIterator[Any]:
+        first_token: float | None = None
+        last = None
+        try:
+            async for output in outputs:
+                if first_token is None and any(o.token_ids for o in output.outputs):
+                    first_token = time.monotonic()
+                last = output
+                yield output
+        except EngineDeadError as exc:
+            raise OpenAIError(503, str(exc), "ServiceUnavailableError") from None
+        finally:
+            finished = last is not None and last.finished
+            reason = (last.outputs[0].finish_reason or "stop") if finished else "abort"
+            tokens = max((len(o.token_ids) for o in last.outputs), default=0) if last else 0
+            self.metrics.observe_request(arrival, first_token, time.monotonic(), tokens, reason)
+
+    async def submit_all(self, request_ids: list[str], prompts: list[list[int]],
+                         params: Any) -> list[AsyncIterator[Any]]:
+        """``submit`` several prompts; if one is rejected, the ones already added are aborted."""
+        streams = []
+        try:
+            for request_id, prompt_ids in zip(request_ids, prompts):
+                streams.append(await self.submit(request_id, prompt_ids, params))
+        except BaseException:
+            self.abort(request_ids)
+            raise
+        return streams
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Free the requests' blocks if they are still running (finished ids are ignored)."""
+        for request_id in request_ids:
+            self.engine.abort(request_id)
+
+
+class EngineStreamingResponse(StreamingResponse):
+    """A ``StreamingResponse`` that aborts its engine requests however the response ends.
+
+    The body generator's own cleanup does not run if the client disconnects before the
+    body is first iterated; this ``finally`` always runs.
+    """
+
+    def __init__(self, content: AsyncIterator[str], serving: OpenAIServing, request_ids: list[str]) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self._serving, self._request_ids = serving, request_ids
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._serving.abort(self._request_ids)
+
+
+async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Interleave several async iterators as ``(index, item)``; cancelling closes them all."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    q: asyncio.Queue[tuple[int, Any, BaseException | None]] = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                await q.put((i, item, None))
+            await q.put((i, done, None))
+        except BaseException as exc:  # re-raised in the consumer
+            await q.put((i, done, exc))
+            raise
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item, exc = await q.get()
+            if exc is not None:
+                raise exc
+            if item is done:
+                remaining -= 1
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run ``work``; cancel it if the client hangs up first (the caller then aborts)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                task.cancel()
+                return
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await task
+    finally:
+        watcher.cancel()
+        task.cancel()
