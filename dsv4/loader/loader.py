@@ -1,0 +1,201 @@
+"""`load_model`: a downloaded DeepSeek-V4 directory (or a preset, with dummy weights) -> a ready
+model, its config, tokenizer and generation config. No conversion step.
+
+Order of work: read config.json (+ hf_quant_config.json), index the shard headers, build the
+model on the target device, compare the checkpoint with the model's layout and report every
+problem at once, then stream tensors in file order: each is read lazily from its memory-mapped
+shard (`safe_open`, never pickles), converted and copied to the device, so host memory stays
+near one tensor. Quantised weights stay quantised; only `attn.wo_a` is dequantised (SPEC.md 2).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from ..config import PRESETS, ModelConfig
+from ..model.model import DeepseekV4Model
+from ..quant.scheme import QuantScheme
+from ..tokenizer import Tokenizer
+from .checkpoint import CheckpointError, TensorInfo, index_checkpoint, read_config, read_json
+from .layout import (CheckpointLayout, LinearSpec, LoaderScheme, assign, check_tensor,
+                     checkpoint_layout, dequantize)
+from .random_weights import random_tensors
+
+LOAD_FORMATS = ("auto", "dummy")
+# NVIDIA ModelOpt exports may carry FP8 KV-cache scales; dsv4 computes its own (SPEC.md 5.2).
+IGNORED_NVFP4 = (".k_scale", ".v_scale")
+
+
+@dataclass
+class LoadedModel:
+    """What `load_model` returns: the model (on its device, eval mode) and what came with it."""
+    model: DeepseekV4Model
+    config: ModelConfig
+    tokenizer: Tokenizer | None
+    generation_config: dict = field(default_factory=dict)
+    path: Path | None = None
+
+
+def load_model(path: str | Path, dtype: str = "bfloat16", device: str | torch.device = "cpu",
+               skip_tokenizer_init: bool = False, qat: bool = True, load_format: str = "auto",
+               seed: int = 0) -> LoadedModel:
+    """Load a DeepSeek-V4 checkpoint directory (official FP8/FP4, NVIDIA NVFP4, or bf16).
+
+    `load_format="dummy"` builds the model from config.json alone (or from a preset name:
+    "tiny", "flash", "pro") with seeded random weights in the checkpoint's own formats, made
+    directly on `device`. Raises FileNotFoundError for a missing path, ConfigError for a bad
+    config, CheckpointError listing every mismatch between the files and the model."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format {load_format!r}: must be one of {LOAD_FORMATS}")
+    device = torch.device(device)
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        if load_format == "dummy" and str(path) in PRESETS:
+            return _dummy(ModelConfig.preset(str(path)), None, dtype, device, qat, seed,
+                          skip_tokenizer_init)
+        hint = (f"; with load_format='dummy' a preset name ({', '.join(sorted(PRESETS))}) also "
+                f"works" if load_format == "dummy" else "")
+        raise FileNotFoundError(f"model path {str(path)!r} is not a directory: point it at a "
+                                f"downloaded checkpoint (with config.json){hint}")
+    cfg = read_config(p)
+    if load_format == "dummy":
+        return _dummy(cfg, p, dtype, device, qat, seed, skip_tokenizer_init)
+
+    found, problems = index_checkpoint(p)
+    scheme = _scheme(cfg, found)
+    with torch.device(device):
+        model = DeepseekV4Model(cfg, dtype=dtype, scheme=scheme, qat=qat)
+    layout = checkpoint_layout(model, scheme)
+    problems += _compare(layout, found, cfg)
+    if problems:
+        raise CheckpointError(p, problems)
+    _stream_into(model, layout, found, p.name)
+    return LoadedModel(model.eval(), cfg, _tokenizer(p, cfg, skip_tokenizer_init),
+                       _generation_config(p), p)
+
+
+def _scheme(cfg: ModelConfig, found: dict[str, TensorInfo]) -> LoaderScheme:
+    """The config's scheme, plus FP8 for excluded modules that the checkpoint stores in FP8."""
+    base = QuantScheme.from_config(cfg)
+    scheme = LoaderScheme(base)
+    if base.exclude:
+        for name, info in found.items():
+            if name.endswith(".scale") and info.dtype == torch.float8_e8m0fnu:
+                prefix = name[: -len(".scale")]
+                weight = found.get(prefix + ".weight")
+                if weight is not None and weight.dtype == torch.float8_e4m3fn and \
+                        scheme.excludes(prefix):
+                    scheme.overrides[prefix] = "fp8"
+    return scheme
+
+
+def _compare(layout: CheckpointLayout, found: dict[str, TensorInfo], cfg: ModelConfig) -> list[str]:
+    expected = layout.tensors()
+    problems = []
+    for name, spec in expected.items():
+        info = found.get(name)
+        if info is None:
+            problems.append(f"tensor {name!r}: missing from the checkpoint (expected "
+                            f"{str(spec.dtype).removeprefix('torch.')}{list(spec.shape)})")
+        else:
+            problems += check_tensor(spec, info.dtype, info.shape)
+    for name, info in found.items():
+        if name in expected:
+            continue
+        if cfg.weight_format == "nvfp4" and name.endswith(IGNORED_NVFP4):
+            continue
+        problems.append(f"tensor {name!r} in {info.file.name}: not used by the model "
+                        f"({str(info.dtype).removeprefix('torch.')}{list(info.shape)}); is "
+                        f"config.json for this checkpoint?")
+    return problems
+
+
+@torch.no_grad()
+def _stream_into(model: DeepseekV4Model, layout: CheckpointLayout,
+                 found: dict[str, TensorInfo], label: str) -> None:
+    params = dict(model.named_parameters())
+    # Linears the model holds dequantised need all their tensors at once; they may sit in
+    # different shards, so their parts wait here (small: one wo_a per layer).
+    pending: dict[str, LinearSpec] = {}
+    for lin in layout.linears():
+        if lin.dequantize_at_load:
+            for t in lin.tensors:
+                pending[t.name] = lin
+    parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    by_file: dict[Path, list[TensorInfo]] = defaultdict(list)
+    for info in found.values():
+        if info.name in params or info.name in pending:
+            by_file[info.file].append(info)
+    total = sum(i.nbytes for infos in by_file.values() for i in infos)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"Loading {label}",
+              disable=None) as bar:
+        for file in sorted(by_file):
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for info in by_file[file]:
+                    t = f.get_tensor(info.name)
+                    if info.name in pending:
+                        lin = pending[info.name]
+                        parts[lin.prefix][info.name.rsplit(".", 1)[-1]] = t
+                        if len(parts[lin.prefix]) == len(lin.tensors):
+                            w = dequantize(lin.fmt, parts.pop(lin.prefix))
+                            assign(params[f"{lin.prefix}.weight"], w)
+                    else:
+                        _check_values(info.name, t, model.cfg)
+                        assign(params[info.name], t)
+                    bar.update(info.nbytes)
+            bar.set_postfix(file=file.name)
+
+
+def _check_values(name: str, t: torch.Tensor, cfg: ModelConfig) -> None:
+    if name.endswith("tid2eid") and t.numel():
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= cfg.n_routed_experts:
+            raise CheckpointError(name, [f"tensor {name!r}: expert ids must lie in "
+                                         f"[0, {cfg.n_routed_experts}), found [{lo}, {hi}]"])
+
+
+@torch.no_grad()
+def _dummy(cfg: ModelConfig, p: Path | None, dtype: str, device: torch.device, qat: bool,
+           seed: int, skip_tokenizer_init: bool) -> LoadedModel:
+    scheme = LoaderScheme(QuantScheme.from_config(cfg))
+    with torch.device(device):
+        model = DeepseekV4Model(cfg, dtype=dtype, scheme=scheme, qat=qat)
+    layout = checkpoint_layout(model, scheme)
+    params = dict(model.named_parameters())
+    pending = {lin.prefix: lin for lin in layout.linears() if lin.dequantize_at_load}
+    parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for name, t in random_tensors(layout, cfg, seed, device):
+        prefix, leaf = name.rsplit(".", 1)
+        if prefix in pending:
+            parts[prefix][leaf] = t
+            if len(parts[prefix]) == len(pending[prefix].tensors):
+                assign(params[f"{prefix}.weight"], dequantize(pending[prefix].fmt, parts.pop(prefix)))
+        else:
+            assign(params[name], t)
+    if p is not None:
+        tok = _tokenizer(p, cfg, skip_tokenizer_init)
+        gen = _generation_config(p)
+    else:  # a preset has no files: it gets the tiny tokenizer sized to its vocabulary
+        tok = None if skip_tokenizer_init else Tokenizer.tiny(cfg.vocab_size)
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    return LoadedModel(model.eval(), cfg, tok, gen, p)
+
+
+def _tokenizer(p: Path, cfg: ModelConfig, skip: bool) -> Tokenizer | None:
+    if skip or not (p / "tokenizer.json").is_file():
+        return None
+    tok = Tokenizer.from_dir(p)
+    if tok.vocab_size > cfg.vocab_size:
+        raise CheckpointError(p, [f"file tokenizer.json: {tok.vocab_size} tokens, more than the "
+                                  f"model's vocab_size {cfg.vocab_size}"])
+    return tok
+
+
+def _generation_config(p: Path) -> dict:
+    file = p / "generation_config.json"
+    return read_json(file) if file.is_file() else {}
