@@ -82,7 +82,7 @@ class AsyncLLMEngine:
     # ------------------------------------------------------------------ requests
 
     async def add_request(self, request_id: str, prompt: str | list[int], params: Any) -> AsyncIterator[Any]:
-        """Add a request; return an iterator over its cumulative ``RequestOutput``\ s.
+        """Add a request; return an iterator over its cumulative ``RequestOutput`` objects.
 
         The engine's validation ``ValueError`` is raised here, before anything is streamed.
         The iterator ends after the finished output; if its consumer stops early (a client

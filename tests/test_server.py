@@ -1,0 +1,502 @@
+"""The OpenAI-compatible server, over real HTTP on loopback, against the tiny model.
+
+Servers run in-process (uvicorn on a background thread, port chosen by the OS); the SIGTERM
+test starts ``python -m dsv4.cli serve`` as a subprocess. "Alone" references come from a
+second ``LLMEngine`` with the same seed (hence the same weights) running one request at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from dsv4.chat import (
+    EOS,
+    INVOKE_END,
+    INVOKE_START,
+    PARAMETER_END,
+    PARAMETER_START,
+    TOOL_CALLS_END,
+    TOOL_CALLS_START,
+    encode_messages,
+)
+from dsv4.engine.llm_engine import LLMEngine
+from dsv4.engine.sampler import SamplingParams
+from dsv4.server.api_server import build_app
+from dsv4.server.protocol import ChatCompletionRequest
+from dsv4.server.serving_chat import _ChoiceStream, finalize, forced_prefix
+
+API_KEY = "test-key"
+MODEL = "tiny"
+ENGINE_ARGS = dict(dtype="float32", max_num_seqs=16, cpu_cache_bytes=32 << 20)
+
+
+# --------------------------------------------------------------------------- harness
+
+
+@dataclasses.dataclass
+class Server:
+    base_url: str  # http://127.0.0.1:PORT
+    app: Any
+
+    def client(self, **kw: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url + "/v1", api_key=API_KEY, max_retries=0, **kw)
+
+    def async_client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.base_url + "/v1", api_key=API_KEY, max_retries=0)
+
+    def post(self, path: str, body: Any, key: str | None = API_KEY, timeout: float = 30) -> httpx.Response:
+        headers = {"Content-Type": "application/json"}
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key}"
+        content = body if isinstance(body, (str, bytes)) else json.dumps(body)
+        return httpx.post(self.base_url + path, content=content, headers=headers, timeout=timeout)
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        text = httpx.get(self.base_url + "/metrics", timeout=10).text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+    def wait_idle(self, timeout: float = 10.0) -> dict[tuple[str, tuple], float]:
+        """Metrics once nothing runs or waits and every KV block is free (aborts are async)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            idle = (m[("dsv4:num_requests_running", ())] == 0
+                    and m[("dsv4:num_requests_waiting", ())] == 0
+                    and m[("dsv4:kv_cache_free_blocks", ())] == m[("dsv4:kv_cache_blocks", ())])
+            if idle or time.monotonic() > deadline:
+                return m
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def serve(engine: Any, api_key: str | None = API_KEY) -> Iterator[Server]:
+    app = build_app(engine, MODEL, api_key)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield Server(f"http://127.0.0.1:{port}", app)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    with serve(LLMEngine.from_args(MODEL, **ENGINE_ARGS)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def reference() -> LLMEngine:
+    return LLMEngine.from_args(MODEL, **ENGINE_ARGS)
+
+
+def run_alone(engine: LLMEngine, prompt_ids: list[int], **params: Any) -> Any:
+    """The final RequestOutput of one greedy request with nothing else in the engine."""
+    engine.add_request("ref", prompt_ids, SamplingParams(temperature=0.0, **params))
+    final = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            final = out
+    return final
+
+
+def chat_prompt_ids(engine: LLMEngine, messages: list[dict], mode: str = "chat") -> list[int]:
+    return engine.tokenizer.encode(encode_messages(messages, mode), add_special_tokens=True)
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+# --------------------------------------------------------------------------- openai client
+
+
+def test_list_models_names_the_served_model(server: Server) -> None:
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+
+def test_completion_equals_the_engine_alone_with_its_usage(server: Server, reference: LLMEngine) -> None:
+    r = server.client().completions.create(model=MODEL, prompt="The weather in Beijing",
+                                           max_tokens=8, temperature=0)
+    prompt_ids = reference.tokenizer.encode("The weather in Beijing", add_special_tokens=True)
+    ref = run_alone(reference, prompt_ids, max_tokens=8)
+    assert r.choices[0].text == ref.outputs[0].text
+    assert r.choices[0].finish_reason == ref.outputs[0].finish_reason
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == \
+        (len(prompt_ids), len(ref.outputs[0].token_ids), len(prompt_ids) + len(ref.outputs[0].token_ids))
+
+
+def test_chat_completion_equals_the_engine_alone_with_its_usage(server: Server, reference: LLMEngine) -> None:
+    messages = [{"role": "system", "content": "You are a helpful assistant."}, *user("Hello!")]
+    r = server.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=10,
+                                                temperature=0)
+    prompt_ids = chat_prompt_ids(reference, messages)
+    ref = run_alone(reference, prompt_ids, max_tokens=10, skip_special_tokens=False)
+    expected = finalize(ref.outputs[0].text, "chat", parse_tools=False)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == expected["content"]
+    assert r.usage.prompt_tokens == len(prompt_ids)
+    assert r.usage.completion_tokens == len(ref.outputs[0].token_ids)
+
+
+@pytest.mark.parametrize("thinking", [False, True], ids=["chat", "thinking"])
+def test_streamed_chat_equals_non_streamed_chat(server: Server, thinking: bool) -> None:
+    client = server.client()
+    extra = {"chat_template_kwargs": {"thinking": True}} if thinking else {}
+    kw = dict(model=MODEL, messages=user("What is the capital of France?"), max_tokens=12,
+              temperature=0, extra_body=extra)
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True,
+                                                 stream_options={"include_usage": True}))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or ""
+                        for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert content == (full.choices[0].message.content or "")
+    assert reasoning == (full.choices[0].message.reasoning_content or "")
+    assert (full.choices[0].message.reasoning_content is not None) == thinking
+    assert finish == [full.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+
+
+def test_reasoning_effort_switches_on_thinking_mode(server: Server, reference: LLMEngine) -> None:
+    r = server.client().chat.completions.create(model=MODEL, messages=user("Hi"), max_tokens=6,
+                                                temperature=0, reasoning_effort="high")
+    ref = run_alone(reference, chat_prompt_ids(reference, user("Hi"), "thinking"), max_tokens=6,
+                    skip_special_tokens=False)
+    expected = finalize(ref.outputs[0].text, "thinking", parse_tools=False)
+    assert r.choices[0].message.reasoning_content == expected["reasoning_content"]
+    assert r.usage.prompt_tokens == len(chat_prompt_ids(reference, user("Hi"), "thinking"))
+
+
+def test_completion_batch_numbers_choices_prompt_major(server: Server) -> None:
+    r = server.client().completions.create(model=MODEL, prompt=[[5, 6, 7], [9, 10]], max_tokens=3,
+                                           n=2, temperature=0.8, seed=1)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.usage.prompt_tokens == 5 and r.usage.completion_tokens == 12
+
+
+# --------------------------------------------------------------------------- tool calls
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "days": {"type": "integer"}}}}}
+
+DSML_COMPLETION = (
+    "Let me check.\n\n" + TOOL_CALLS_START + "\n"
+    + INVOKE_START + ' name="get_weather">\n'
+    + PARAMETER_START + ' name="city" string="true">Beijing' + PARAMETER_END + "\n"
+    + PARAMETER_START + ' name="days" string="false">3' + PARAMETER_END + "\n"
+    + INVOKE_END + "\n" + TOOL_CALLS_END + EOS)
+
+
+class ScriptedText:
+    """The real engine, except that each completion's text is ``script``, revealed 9 characters
+    per generated token and in full when the engine finishes it (as a model emitting DSML would).
+
+    The tiny model does not write DSML; this drives the server's parser end to end instead.
+    """
+
+    def __init__(self, engine: LLMEngine, script: str) -> None:
+        self._engine, self._script = engine, script
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def step(self) -> list[Any]:
+        outs = []
+        for out in self._engine.step():
+            completions = [dataclasses.replace(
+                c, text=self._script if c.finish_reason else self._script[:9 * len(c.token_ids)],
+                finish_reason="stop" if c.finish_reason else None) for c in out.outputs]
+            outs.append(dataclasses.replace(out, outputs=completions))
+        return outs
+
+
+@pytest.fixture(scope="module")
+def tool_server() -> Iterator[Server]:
+    engine = ScriptedText(LLMEngine.from_args(MODEL, **ENGINE_ARGS), DSML_COMPLETION)
+    with serve(engine) as s:
+        yield s
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_dsml_completion_becomes_tool_calls(tool_server: Server, stream: bool) -> None:
+    kw = dict(model=MODEL, messages=user("Weather in Beijing?"), tools=[WEATHER_TOOL],
+              max_tokens=8, temperature=0)
+    client = tool_server.client()
+    if stream:
+        chunks = [c for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+        content = "".join(c.choices[0].delta.content or "" for c in chunks)
+        calls = [t for c in chunks for t in (c.choices[0].delta.tool_calls or [])]
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        message = client.chat.completions.create(**kw).choices[0]
+        content, calls, finish = message.message.content, message.message.tool_calls, message.finish_reason
+    assert content == "Let me check."
+    assert finish == "tool_calls"
+    assert len(calls) == 1 and calls[0].type == "function" and calls[0].id.startswith("call_")
+    assert calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments) == {"city": "Beijing", "days": 3}
+
+
+def test_tool_result_round_trip_is_encoded_into_the_next_prompt(tool_server: Server) -> None:
+    client = tool_server.client()
+    messages = user("Weather in Beijing?")
+    first = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL],
+                                           max_tokens=8, temperature=0).choices[0].message
+    call = first.tool_calls[0]
+    messages = [*messages,
+                {"role": "assistant", "content": first.content,
+                 "tool_calls": [call.model_dump()]},
+                {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 22}'}]
+    second = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL],
+                                            max_tokens=8, temperature=0)
+    prompt = encode_messages(messages, "chat", tools=[WEATHER_TOOL])
+    assert '<tool_result>{"temp": 22}</tool_result>' in prompt
+    assert TOOL_CALLS_START in prompt.split("Weather in Beijing?")[-1]
+    tok = tool_server.app.state.engine.tokenizer
+    assert second.usage.prompt_tokens == len(tok.encode(prompt, add_special_tokens=True))
+
+
+def test_tool_choice_none_keeps_dsml_as_content(tool_server: Server) -> None:
+    r = tool_server.client().chat.completions.create(
+        model=MODEL, messages=user("Weather?"), tools=[WEATHER_TOOL], tool_choice="none",
+        max_tokens=8, temperature=0)
+    assert r.choices[0].message.tool_calls in (None, [])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == DSML_COMPLETION.removesuffix(EOS)
+
+
+def test_stream_parser_emits_content_then_tool_calls_for_any_split() -> None:
+    for size in (1, 2, 5, 13):
+        state = _ChoiceStream("", "chat", parse_tools=True)
+        deltas: list[dict] = []
+        for end in range(size, len(DSML_COMPLETION) + size, size):
+            out, final = state.deltas(DSML_COMPLETION[:end], end >= len(DSML_COMPLETION))
+            deltas += out
+        assert "".join(d.get("content", "") for d in deltas) == "Let me check.", size
+        assert [d for d in deltas if "tool_calls" in d][0]["tool_calls"][0]["function"]["name"] == "get_weather"
+        assert final["tool_calls"], size
+
+
+def test_named_tool_choice_forces_the_opening_of_that_call() -> None:
+    req = ChatCompletionRequest(messages=user("x"), tools=[WEATHER_TOOL],
+                                tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    prefix = forced_prefix(req, "chat")
+    assert prefix == f'\n\n{TOOL_CALLS_START}\n{INVOKE_START} name="get_weather">\n'
+    rest = DSML_COMPLETION.split('name="get_weather">\n', 1)[1]
+    assert finalize(prefix + rest, "chat", True)["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+# --------------------------------------------------------------------------- errors
+
+GOOD_CHAT = {"model": MODEL, "messages": user("Hi"), "max_tokens": 2}
+
+
+def _error_cases(max_model_len: int) -> list[tuple[str, Any, str | None, int, str]]:
+    """(name, body, key, status, text the message must contain)."""
+    return [
+        ("malformed json", '{"model": "tiny", "messages": [', API_KEY, 400, "JSON"),
+        ("missing messages", {"model": MODEL}, API_KEY, 400, "messages"),
+        ("messages not a list", {"model": MODEL, "messages": "hi"}, API_KEY, 400, "messages"),
+        ("bad role", {**GOOD_CHAT, "messages": [{"role": "robot", "content": "x"}]}, API_KEY, 400, "role"),
+        ("bad top_p", {**GOOD_CHAT, "top_p": 1.5}, API_KEY, 400, "top_p"),
+        ("unknown model", {**GOOD_CHAT, "model": "gpt-5"}, API_KEY, 404, "gpt-5"),
+        ("over the context", {**GOOD_CHAT, "max_tokens": max_model_len}, API_KEY, 400,
+         str(max_model_len)),
+        ("missing api key", GOOD_CHAT, None, 401, "API key"),
+        ("wrong api key", GOOD_CHAT, "not-the-key", 401, "API key"),
+    ]
+
+
+def test_each_bad_request_gets_its_status_and_an_openai_error_body(server: Server) -> None:
+    max_model_len = server.app.state.engine.max_model_len
+    prompt_len = len(chat_prompt_ids(server.app.state.engine.engine, GOOD_CHAT["messages"]))
+    for name, body, key, status, needle in _error_cases(max_model_len):
+        r = server.post("/v1/chat/completions", body, key=key)
+        assert r.status_code == status, (name, r.status_code, r.text)
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}, (name, error)
+        assert needle in error["message"], (name, error["message"])
+        if name == "over the context":  # both numbers of the request
+            assert str(prompt_len) in error["message"] and str(prompt_len + max_model_len) in error["message"]
+    ok = server.post("/v1/chat/completions", GOOD_CHAT)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_openai_client_raises_the_matching_exceptions(server: Server) -> None:
+    with pytest.raises(openai.NotFoundError):
+        server.client().chat.completions.create(model="nope", messages=user("x"))
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.base_url + "/v1", api_key="bad", max_retries=0).models.list()
+    with pytest.raises(openai.BadRequestError):
+        server.client().completions.create(model=MODEL, prompt="x", max_tokens=10**6)
+
+
+def test_health_and_metrics_need_no_api_key(server: Server) -> None:
+    assert httpx.get(server.base_url + "/health").status_code == 200
+    server.client().completions.create(model=MODEL, prompt="Hi", max_tokens=3, temperature=0)
+    m = server.metrics()
+    for name in ("dsv4:time_to_first_token_seconds_count", "dsv4:time_per_output_token_seconds_count",
+                 "dsv4:e2e_request_latency_seconds_count"):
+        assert m[(name, ())] >= 1, name
+    assert m[("dsv4:prompt_tokens_total", ())] > 0 and m[("dsv4:generation_tokens_total", ())] >= 3
+    assert 0 <= m[("dsv4:kv_cache_usage_perc", ())] <= 1
+    ok = m[("dsv4:http_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))]
+    assert ok >= 1
+
+
+def test_metrics_count_requests_by_status(server: Server) -> None:
+    key = ("dsv4:http_requests_total", (("endpoint", "/v1/chat/completions"), ("status", "401")))
+    before = server.metrics().get(key, 0)
+    server.post("/v1/chat/completions", GOOD_CHAT, key=None)
+    assert server.metrics()[key] == before + 1
+
+
+# --------------------------------------------------------------------------- load and cancel
+
+
+def test_32_concurrent_streams_equal_each_prompt_alone_and_free_the_cache(
+        server: Server, reference: LLMEngine) -> None:
+    prompts = [f"Request {i}: " + "tell me about the fox " * (i % 5) for i in range(32)]
+
+    async def one(client: openai.AsyncOpenAI, prompt: str) -> tuple[str, int, str]:
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=user(prompt), max_tokens=10, temperature=0, stream=True,
+            stream_options={"include_usage": True})
+        text, usage, finish = "", None, None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+            else:
+                usage = chunk.usage
+        return text, usage.completion_tokens, finish
+
+    async def all_streams() -> list[tuple[str, int, str]]:
+        client = server.async_client()
+        try:
+            return await asyncio.gather(*(one(client, p) for p in prompts))
+        finally:
+            await client.close()
+
+    results = asyncio.run(all_streams())
+    for prompt, (text, n_tokens, finish) in zip(prompts, results):
+        ref = run_alone(reference, chat_prompt_ids(reference, user(prompt)), max_tokens=10,
+                        skip_special_tokens=False)
+        out = ref.outputs[0]
+        assert text == finalize(out.text, "chat", False)["content"], prompt
+        assert (n_tokens, finish) == (len(out.token_ids), out.finish_reason), prompt
+    m = server.wait_idle()
+    assert m[("dsv4:kv_cache_free_blocks", ())] == m[("dsv4:kv_cache_blocks", ())]
+    assert m[("dsv4:num_requests_running", ())] == 0 and m[("dsv4:num_requests_waiting", ())] == 0
+
+
+def _aborts(server: Server) -> float:
+    return server.metrics().get(("dsv4:request_success_total", (("finished_reason", "abort"),)), 0)
+
+
+def test_client_killed_mid_stream_frees_its_blocks(server: Server) -> None:
+    aborts, generated = _aborts(server), server.metrics()[("dsv4:generation_tokens_total", ())]
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 3000, "ignore_eos": True,
+            "stream": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(base_url=server.base_url, headers=headers, timeout=30) as client:
+        with client.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            for _ in range(3):
+                assert next(lines).startswith("data: ")
+                next(lines)  # blank separator
+            assert server.metrics()[("dsv4:num_requests_running", ())] == 1
+    # The connection is closed here, long before 3000 tokens.
+    m = server.wait_idle()
+    assert m[("dsv4:kv_cache_free_blocks", ())] == m[("dsv4:kv_cache_blocks", ())]
+    assert m[("dsv4:num_requests_running", ())] == 0
+    assert _aborts(server) == aborts + 1
+    assert m[("dsv4:generation_tokens_total", ())] - generated < 3000
+
+
+def test_client_gone_during_a_non_streamed_request_frees_its_blocks(server: Server) -> None:
+    aborts = _aborts(server)
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 3000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        server.post("/v1/completions", body, timeout=0.5)
+    m = server.wait_idle()
+    assert m[("dsv4:kv_cache_free_blocks", ())] == m[("dsv4:kv_cache_blocks", ())]
+    assert _aborts(server) == aborts + 1
+
+
+# --------------------------------------------------------------------------- shutdown
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0() -> None:
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dsv4.cli", "serve", "--model", MODEL, "--dtype", "float32",
+         "--port", str(port), "--max-num-seqs", "4", "--cpu-cache-bytes", str(16 << 20)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "server did not come up"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.1)
+        body = {"model": MODEL, "prompt": "Hello", "max_tokens": 200, "ignore_eos": True,
+                "stream": True}
+        chunks: list[str] = []
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            chunks.append(next(lines))
+            proc.send_signal(signal.SIGTERM)
+            chunks += [line for line in lines if line]
+        assert chunks[-1] == "data: [DONE]"
+        finish = json.loads(chunks[-2][len("data: "):])["choices"][0]["finish_reason"]
+        assert finish == "length"  # the in-flight request ran to its end
+        assert proc.wait(timeout=30) == 0, proc.stdout.read()
+        with pytest.raises(httpx.TransportError):
+            httpx.get(base + "/health", timeout=1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
