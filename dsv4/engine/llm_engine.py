@@ -1,0 +1,271 @@
+"""The serving engine: requests in, `RequestOutput`s out, one scheduler step at a time.
+
+Data flows one way: `add_request` -> `Request`/`Sequence` -> `Scheduler` (which tokens run, which
+blocks they use) -> `ModelRunner` (model + sampler) -> back here, where tokens are appended,
+text is detokenised, stop rules are applied and finished sequences free their cache. The offline
+`LLM`, the CLI and the OpenAI server all drive this class.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..cache.block_manager import BlockManager
+from ..cache.kv_cache import BLOCK_TOKENS, ModelCache, block_bytes, slot_bytes
+from ..config import ConfigError, EngineConfig, ModelConfig, PRESETS
+from ..model.init import init_random_
+from ..model.model import DeepseekV4Model
+from ..tokenizer import Tokenizer
+from .outputs import EngineStats, Logprob, PositionLogprobs, RequestOutput
+from .runner import ModelRunner
+from .sampler import Sampler, SamplingParams, make_generator
+from .scheduler import Scheduler
+from .sequence import Request
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | list[int] | dict
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(model: str, dtype: str, device: torch.device, seed: int, skip_tokenizer_init: bool,
+               load_format: str) -> tuple[DeepseekV4Model, ModelConfig, Tokenizer | None, Any]:
+    """A preset name builds a seeded random model in memory (no files, no network); anything
+    else must be a model directory, read by `dsv4.loader.load_model`."""
+    if model in PRESETS:
+        cfg = ModelConfig.preset(model)
+        with torch.device(device):
+            net = DeepseekV4Model(cfg, dtype)
+        init_random_(net, seed)
+        tokenizer = None if skip_tokenizer_init else Tokenizer.tiny(cfg.vocab_size)
+        return net.eval(), cfg, tokenizer, None
+    if not Path(model).exists():
+        raise FileNotFoundError(
+            f"model {model!r}: no such file or directory, and not a preset ({', '.join(PRESETS)})")
+    try:
+        from ..loader import load_model as load_checkpoint
+    except ImportError as e:
+        raise RuntimeError(f"cannot load {model!r}: the checkpoint loader (dsv4.loader) is not "
+                           f"available ({e}); use a preset such as 'tiny'") from e
+    loaded = load_checkpoint(model, dtype=dtype, device=device, seed=seed,
+                             skip_tokenizer_init=skip_tokenizer_init, load_format=load_format)
+    return loaded.model.eval(), loaded.config, loaded.tokenizer, loaded.generation_config
+
+
+def _eos_token_ids(cfg: ModelConfig, generation_config: Any) -> frozenset[int]:
+    ids = {cfg.eos_token_id}
+    gen = generation_config or {}
+    eos = gen.get("eos_token_id") if isinstance(gen, dict) else getattr(gen, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(int(t) for t in eos)
+    return frozenset(ids)
+
+
+class LLMEngine:
+    """Continuous-batching engine over a paged KV cache sized once, at start-up."""
+
+    def __init__(self, model: DeepseekV4Model, model_config: ModelConfig, tokenizer: Tokenizer | None,
+                 engine_config: EngineConfig, generation_config: Any = None):
+        engine_config.validate()
+        self.model, self.model_config, self.tokenizer = model, model_config, tokenizer
+        self.engine_config = ec = engine_config
+        self.max_num_seqs = ec.max_num_seqs
+        self.device = next(model.parameters()).device
+        cfg = model_config
+
+        # Memory: every running sequence holds one slot (window ring + compressor state); the
+        # rest of the budget is carved into 128-token blocks of compressed rows.
+        margin = max(8, ec.speculative_tokens + 1)
+        per_slot, per_block = slot_bytes(cfg, margin, model.dtype), block_bytes(cfg, model.dtype)
+        budget = self._cache_budget()
+        num_slots = ec.max_num_seqs
+        self.num_blocks = (budget - num_slots * per_slot) // max(per_block, 1)
+        if self.num_blocks < 1:
+            raise ConfigError(
+                f"the KV cache budget of {budget / 2**20:.1f} MiB holds no 128-token block "
+                f"({per_block} bytes) after {num_slots} sequence slots of {per_slot} bytes: raise "
+                f"{'gpu_memory_utilization' if self.device.type == 'cuda' else 'cpu_cache_bytes'}"
+                f" or lower max_num_seqs")
+        limit = min(cfg.max_position_embeddings, self.num_blocks * BLOCK_TOKENS)
+        if ec.max_model_len is not None and ec.max_model_len > limit:
+            raise ConfigError(
+                f"max_model_len {ec.max_model_len} exceeds what fits: max_position_embeddings "
+                f"{cfg.max_position_embeddings}, KV cache {self.num_blocks * BLOCK_TOKENS} tokens")
+        self.max_model_len = ec.max_model_len or limit
+
+        self.cache = ModelCache(cfg, num_slots, self.num_blocks, margin, model.dtype, self.device)
+        self.block_manager = BlockManager(self.num_blocks, num_slots, BLOCK_TOKENS)
+        self.scheduler = Scheduler(self.block_manager, ec.max_num_seqs, ec.max_num_batched_tokens)
+        self.eos_token_ids = _eos_token_ids(cfg, generation_config)
+        sampler = Sampler(sorted(self.eos_token_ids), make_generator(ec.seed, self.device))
+        self.runner = ModelRunner(model, self.cache, sampler, self.device)
+
+        self.requests: dict[str, Request] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self._token_text: dict[int, str] = {}
+
+        concurrent = min(ec.max_num_seqs, self.num_blocks // math.ceil(self.max_model_len / BLOCK_TOKENS))
+        self.capacity = (f"KV cache: {self.num_blocks} blocks, max {self.max_model_len} tokens per "
+                         f"sequence, {concurrent} concurrent sequences at {self.max_model_len} tokens")
+        logger.info("%s (%.1f MiB on %s)", self.capacity, budget / 2**20, self.device)
+
+    @classmethod
+    def from_args(cls, model: str, *, dtype: str = "bfloat16", device: str | None = None,
+                  max_model_len: int | None = None, max_num_seqs: int = 64,
+                  max_num_batched_tokens: int = 2048, gpu_memory_utilization: float = 0.9,
+                  cpu_cache_bytes: int = 256 << 20, skip_tokenizer_init: bool = False, seed: int = 0,
+                  speculative_tokens: int = 0, enforce_eager: bool = False,
+                  load_format: str = "auto") -> "LLMEngine":
+        ec = EngineConfig(dtype=dtype, device=device, max_model_len=max_model_len,
+                          max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                          gpu_memory_utilization=gpu_memory_utilization,
+                          cpu_cache_bytes=cpu_cache_bytes, speculative_tokens=speculative_tokens,
+                          enforce_eager=enforce_eager, seed=seed)
+        ec.validate()  # before the (possibly long) model load
+        dev = torch.device(device) if device else default_device()
+        net, cfg, tokenizer, gen = load_model(model, dtype, dev, seed, skip_tokenizer_init, load_format)
+        return cls(net, cfg, tokenizer, ec, gen)
+
+    def _cache_budget(self) -> int:
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            return int(self.engine_config.gpu_memory_utilization * total) - (total - free)
+        return self.engine_config.cpu_cache_bytes
+
+    # ------------------------------------------------------------------ requests
+    def _prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), self._prompt_ids(list(prompt["prompt_token_ids"]))[1]
+            if "prompt" in prompt:
+                return self._prompt_ids(prompt["prompt"])
+            raise ValueError("a dict prompt needs 'prompt_token_ids' or 'prompt'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompt given but the engine has no tokenizer "
+                                 "(skip_tokenizer_init, or no tokenizer files in the model "
+                                 "directory): pass token ids instead")
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(f"a prompt must be a string, a list of token ids or a dict, "
+                         f"got {type(prompt).__name__}")
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        """Queue a request. Everything is validated here, before the engine's state is touched:
+        a bad request raises ValueError and leaves the other requests running."""
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        text, ids = self._prompt_ids(prompt)
+        if not ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        V = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"prompt token ids out of the vocabulary [0, {V}): {bad[:8]}")
+        P, L = len(ids), self.max_model_len
+        if P >= L or (params.max_tokens is not None and P + params.max_tokens > L):
+            raise ValueError(f"prompt of {P} tokens with max_tokens={params.max_tokens} does not fit "
+                             f"max_model_len={L}: prompt + max_tokens must be at most {L} "
+                             f"(and the prompt shorter than {L})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; use stop_token_ids instead")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(params, name)
+            if n is not None and n > V:
+                raise ValueError(f"{name}={n} exceeds the vocabulary size {V}")
+        req = Request(request_id, text, ids, params, arrival_time, self.tokenizer, self.device)
+        self.requests[request_id] = req
+        for seq in req.seqs:
+            self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its cache; an unknown or finished id is ignored."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.finish("abort")
+                self.scheduler.finish(seq)
+        req.metrics.finished_time = time.time()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------ stepping
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; returns the outputs of requests that got a token or finished."""
+        sched = self.scheduler.schedule()
+        if not sched.chunks:
+            return []
+        start = time.time()
+        result = self.runner.run(sched.chunks)
+        now = time.time()
+        touched: dict[str, Request] = {}
+        for chunk, tok, plp in zip(sched.chunks, result.sampled, result.prompt_logprobs):
+            seq, req = chunk.seq, chunk.seq.request
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = start
+                self.prompt_tokens_total += len(req.prompt_token_ids)
+            seq.num_computed += chunk.num_tokens
+            if plp:
+                req.prompt_logprobs.extend(
+                    self._position_logprobs(t.token_id, t.logprob, t.rank, t.top) for t in plp)
+            if tok is None:
+                continue
+            top = (self._position_logprobs(tok.token_id, tok.logprob, tok.rank, tok.top)
+                   if seq.logprobs is not None else None)
+            seq.append_token(tok.token_id, tok.logprob, top, self.eos_token_ids, self.max_model_len)
+            self.generation_tokens_total += 1
+            req.metrics.first_token_time = req.metrics.first_token_time or now
+            req.metrics.last_token_time = now
+            touched[req.request_id] = req
+            if seq.is_finished:
+                self.scheduler.finish(seq)
+        outputs = []
+        for req in touched.values():
+            if req.finished:
+                req.metrics.finished_time = now
+                del self.requests[req.request_id]
+            outputs.append(req.output())
+        return outputs
+
+    def _decode_token(self, token_id: int) -> str | None:
+        if self.tokenizer is None:
+            return None
+        if token_id not in self._token_text:
+            self._token_text[token_id] = self.tokenizer.decode([token_id])
+        return self._token_text[token_id]
+
+    def _position_logprobs(self, token_id: int, logprob: float, rank: int,
+                           top: list[tuple[int, float]] | None) -> PositionLogprobs:
+        """vLLM's per-position dict: the chosen token first, then the top-N by rank."""
+        d = {token_id: Logprob(logprob, rank, self._decode_token(token_id))}
+        for r, (t, lp) in enumerate(top or [], 1):
+            if t not in d:
+                d[t] = Logprob(lp, r, self._decode_token(t))
+        return d
+
+    def get_stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=bm.usage, num_free_blocks=bm.num_free_blocks, num_blocks=bm.num_blocks,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            num_preemptions=self.scheduler.num_preemptions)

@@ -1,0 +1,119 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each.
+
+Each step, in admission order, every running sequence gets its next chunk: one token for a
+decode, as much of the remaining prompt as the token budget allows for a prefill. Then waiting
+sequences are admitted first-come-first-served while the budget, the sequence cap and the free
+blocks allow. Admission order makes the newest running sequence the only one that can be
+mid-prefill, so "decodes first, then prefill chunks" is simply the order of `running`.
+
+When a running sequence cannot get the blocks for its chunk, the newest running sequence is
+preempted: its blocks and slot are freed and it goes back to the front of the queue with all its
+tokens so far, to be recomputed later as a longer prompt. Preempting from the back of `running`
+never touches a sequence already scheduled in this step.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..cache.block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledChunk:
+    """One sequence's share of a step: `num_tokens` tokens from position `start`."""
+    seq: Sequence
+    start: int
+    num_tokens: int
+    slot: int
+    block_table: list[int]
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.seq.token_ids[self.start:self.start + self.num_tokens]
+
+    @property
+    def samples(self) -> bool:
+        """Whether the chunk reaches the end of the sequence, so its last row is sampled."""
+        return self.start + self.num_tokens == len(self.seq.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    """FCFS continuous batching under `max_num_batched_tokens` and `max_num_seqs`."""
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        bm = self.block_manager
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed, budget)
+            while not bm.can_allocate(seq.seq_id, seq.num_computed + n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                out.chunks.append(self._chunk(seq, n))
+                budget -= n
+                i += 1
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed, budget)
+            if not bm.can_allocate(seq.seq_id, n):
+                break  # wait for blocks to be freed; never preempt to admit
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.chunks.append(self._chunk(seq, n))
+            budget -= n
+        return out
+
+    def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
+        table = self.block_manager.allocate(seq.seq_id, seq.num_computed + n)
+        return ScheduledChunk(seq, seq.num_computed, n, self.block_manager.slot(seq.seq_id), table)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq.seq_id)
+        seq.num_computed = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence from the queues and free its cache."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.seq_id in self.block_manager:
+            self.block_manager.free(seq.seq_id)

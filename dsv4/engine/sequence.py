@@ -1,0 +1,176 @@
+"""Requests and their sequences: the engine's per-request state.
+
+A `Request` is one submitted prompt with its `SamplingParams`; it owns `n` `Sequence`s, one per
+completion. Each sequence has its own cache slot and blocks (no prefix sharing), so the
+scheduler treats sequences, not requests, as the unit of work.
+
+A sequence is `token_ids` (prompt + output so far) of which the first `num_computed` have their
+kv in the cache. One rule covers prefill, chunked prefill, decode and recompute after
+preemption: the next chunk is `token_ids[num_computed:]` (or a prefix of it), and a chunk that
+reaches the end of `token_ids` yields logits from which the next token is sampled.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+
+import torch
+
+from ..tokenizer import IncrementalDecoder, Tokenizer
+from .outputs import CompletionOutput, PositionLogprobs, RequestMetrics, RequestOutput
+from .sampler import SamplingParams, make_generator
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"    # holds no cache: not started, or preempted (recomputed later)
+    RUNNING = "running"    # holds a slot and blocks for its first num_computed tokens
+    FINISHED = "finished"  # done; its cache has been freed
+
+
+class Sequence:
+    """One completion: its tokens, how many are cached, and its detokenised text."""
+
+    _next_id = itertools.count()
+
+    def __init__(self, request: Request, index: int, generator: torch.Generator | None,
+                 decoder: IncrementalDecoder | None):
+        self.seq_id = next(Sequence._next_id)  # the BlockManager key
+        self.request = request
+        self.index = index
+        self.token_ids: list[int] = list(request.prompt_token_ids)
+        self.num_computed = 0
+        self.status = SequenceStatus.WAITING
+        self.generator = generator  # this sequence's own RNG when the request is seeded
+        self.decoder = decoder
+        self.text = ""
+        self.cumulative_logprob = 0.0
+        self.logprobs: list[PositionLogprobs] | None = (
+            [] if request.params.logprobs is not None else None)
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    # ------------------------------------------------------------------ generation
+    def append_token(self, token_id: int, logprob: float, position_logprobs: PositionLogprobs | None,
+                     eos_token_ids: frozenset[int], max_model_len: int) -> None:
+        """Add a sampled token, extend the text, and finish the sequence if a stop rule fires."""
+        self.token_ids.append(token_id)
+        self.cumulative_logprob += logprob
+        if self.logprobs is not None:
+            self.logprobs.append(position_logprobs or {})
+        old_len = len(self.text)
+        if self.decoder is not None:
+            self.text += self.decoder.add(token_id)
+
+        p = self.params
+        if not p.ignore_eos and token_id in eos_token_ids:
+            self.finish("stop")
+        elif token_id in p.stop_token_ids:
+            self.finish("stop", token_id)
+        elif (hit := self._find_stop_string(old_len)) is not None:
+            start, stop = hit
+            self.text = self.text[:start]
+            self.finish("stop", stop, flush=False)
+        elif (p.max_tokens is not None and self.num_output_tokens >= p.max_tokens) or \
+                len(self.token_ids) >= max_model_len:
+            self.finish("length")
+
+    def _find_stop_string(self, old_len: int) -> tuple[int, str] | None:
+        """(start, string) of the earliest stop string ending in the newly added text."""
+        p = self.params
+        if not p.stop or self.num_output_tokens <= p.min_tokens:  # vLLM: none before min_tokens
+            return None
+        best: tuple[int, str] | None = None
+        for s in p.stop:
+            # Earlier occurrences would have stopped an earlier step, so search only where one
+            # could end in the new text.
+            i = self.text.find(s, max(0, old_len - len(s) + 1))
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, s)
+        return best
+
+    def finish(self, reason: str, stop_reason: int | str | None = None, flush: bool = True) -> None:
+        self.finish_reason, self.stop_reason = reason, stop_reason
+        self.status = SequenceStatus.FINISHED
+        if flush and self.decoder is not None:
+            self.text += self.decoder.flush()
+
+    @property
+    def visible_text(self) -> str:
+        """Text that can be shown now: while running, a tail that could still become the start
+        of a stop string is held back, so shown text is only ever extended, never retracted."""
+        hold = self.request.max_stop_len - 1
+        if self.is_finished or hold <= 0:
+            return self.text
+        return self.text[:max(0, len(self.text) - hold)]
+
+    def output(self) -> CompletionOutput:
+        return CompletionOutput(
+            index=self.index, text=self.visible_text, token_ids=self.output_token_ids,
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=list(self.logprobs) if self.logprobs is not None else None,
+            finish_reason=self.finish_reason, stop_reason=self.stop_reason)
+
+
+class Request:
+    """A submitted prompt: parameters, its `n` sequences, prompt logprobs and timings."""
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                 params: SamplingParams, arrival_time: float | None = None,
+                 tokenizer: Tokenizer | None = None, device: torch.device | str = "cpu"):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.metrics = RequestMetrics(arrival_time if arrival_time is not None else time.time())
+        self.max_stop_len = max((len(s) for s in params.stop), default=0)
+        # Entry i scores prompt token i; nothing predicts token 0. Filled by sequence 0.
+        self.prompt_logprobs: list[PositionLogprobs | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
+        self.seqs = [
+            Sequence(self, i,
+                     make_generator(None if params.seed is None else params.seed + i, device),
+                     IncrementalDecoder(tokenizer, params.skip_special_tokens)
+                     if tokenizer is not None else None)
+            for i in range(params.n)]
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+    def wants_prompt_logprobs(self, seq: Sequence) -> bool:
+        """Whether `seq` still has prompt positions to score (only sequence 0 scores them)."""
+        return (seq.index == 0 and self.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < len(self.prompt_token_ids))
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id, prompt=self.prompt,
+            prompt_token_ids=list(self.prompt_token_ids),
+            prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
+            outputs=[s.output() for s in self.seqs], finished=self.finished,
+            metrics=RequestMetrics(**vars(self.metrics)))

@@ -1,0 +1,320 @@
+"""The serving engine: continuous batching, chunked prefill, preemption, sampling, errors.
+
+Everything runs the tiny preset in float32 on CPU. Equivalence tests compare token ids exactly:
+a request's greedy output must not depend on what else is batched with it, on how its prompt is
+chunked, or on whether it was preempted and recomputed.
+"""
+import math
+import random
+
+import pytest
+import torch
+
+from dsv4.cache.kv_cache import BLOCK_TOKENS, ModelCache, block_bytes, slot_bytes
+from dsv4.config import ConfigError, ModelConfig
+from dsv4.engine.llm_engine import LLMEngine
+from dsv4.engine.sampler import SamplingParams
+from dsv4.model.batch import ForwardBatch, SeqChunk
+
+CFG = ModelConfig.preset("tiny")
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+LENGTHS = (3, 9, 17, 25, 40, 12, 33, 5)
+
+
+def make_engine(**kw) -> LLMEngine:
+    args = dict(dtype="float32", device="cpu", max_num_seqs=8, cpu_cache_bytes=16 << 20)
+    args.update(kw)
+    return LLMEngine.from_args("tiny", **args)
+
+
+def prompts(lengths, seed=0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, CFG.vocab_size) for _ in range(n)] for n in lengths]
+
+
+def run(engine: LLMEngine, requests: list, arrive_at: list[int] | None = None) -> list:
+    """Submit (prompt, params) pairs, request i before step arrive_at[i]; final outputs in order."""
+    arrive_at = arrive_at or [0] * len(requests)
+    done, step = {}, 0
+    while len(done) < len(requests):
+        for i, (prompt, params) in enumerate(requests):
+            if arrive_at[i] == step:
+                engine.add_request(str(i), prompt, params)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        step += 1
+    return [done[str(i)] for i in range(len(requests))]
+
+
+def tokens(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def engine() -> LLMEngine:
+    return make_engine()
+
+
+@pytest.fixture(scope="module")
+def alone(engine) -> list[list[int]]:
+    """Greedy output of each LENGTHS prompt run by itself."""
+    return [tokens(run(engine, [(p, GREEDY)]))[0] for p in prompts(LENGTHS)]
+
+
+# ------------------------------------------------------------------ batching
+def test_batch_of_8_submitted_together_equals_each_alone(engine, alone):
+    got = tokens(run(engine, [(p, GREEDY) for p in prompts(LENGTHS)]))
+    for i, (g, a) in enumerate(zip(got, alone)):
+        assert g == a, f"request {i} (prompt {LENGTHS[i]} tokens): batched {g} != alone {a}"
+
+
+def test_batch_of_8_submitted_at_staggered_times_equals_each_alone(engine, alone):
+    got = tokens(run(engine, [(p, GREEDY) for p in prompts(LENGTHS)],
+                     arrive_at=[0, 1, 1, 3, 4, 7, 9, 15]))
+    for i, (g, a) in enumerate(zip(got, alone)):
+        assert g == a, f"request {i} (prompt {LENGTHS[i]} tokens): staggered {g} != alone {a}"
+
+
+@pytest.mark.parametrize("budget", [1, 7, 16, 50])
+def test_chunked_prefill_gives_the_same_outputs_as_no_chunking(alone, budget):
+    eng = make_engine(max_num_batched_tokens=budget)
+    got = tokens(run(eng, [(p, GREEDY) for p in prompts(LENGTHS)]))
+    for i, (g, a) in enumerate(zip(got, alone)):
+        assert g == a, f"budget {budget}, request {i}: chunked {g} != unchunked {a}"
+
+
+def test_preemption_keeps_every_output_and_frees_every_block():
+    # Three blocks for four prompts of 120 tokens: three start, and crossing position 128 each
+    # needs a second block, so the newest running sequences are preempted and recomputed.
+    num_blocks, seqs = 3, 4
+    budget = seqs * slot_bytes(CFG, 8, torch.float32) + num_blocks * block_bytes(CFG, torch.float32)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    reqs = [(p, params) for p in prompts([120, 118, 121, 119], seed=1)]
+    small = make_engine(max_num_seqs=seqs, cpu_cache_bytes=budget)
+    assert small.num_blocks == num_blocks
+
+    got = tokens(run(small, reqs))
+    expected = [tokens(run(make_engine(), [r]))[0] for r in reqs]
+
+    stats = small.get_stats()
+    assert stats.num_preemptions > 0, "the cache was meant to be too small to avoid preemption"
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert g == e, f"request {i}: with preemption {g} != alone {e}"
+    assert stats.num_free_blocks == stats.num_blocks == num_blocks
+    assert small.block_manager.num_free_slots == seqs and stats.num_running == 0
+
+
+def test_long_prompt_crossing_a_block_equals_full_prefill_in_chunks():
+    p = prompts([200], seed=2)[0]
+    whole = tokens(run(make_engine(), [(p, GREEDY)]))[0]
+    chunked = tokens(run(make_engine(max_num_batched_tokens=61), [(p, GREEDY)]))[0]
+    assert chunked == whole
+
+
+# ------------------------------------------------------------------ logprobs
+def test_prompt_logprobs_equal_log_softmax_of_full_prefill_logits():
+    eng = make_engine(max_num_batched_tokens=7)  # chunked, to check positions line up
+    prompt = prompts([30], seed=3)[0]
+    out = run(eng, [(prompt, SamplingParams(max_tokens=1, prompt_logprobs=3))])[0]
+
+    cache = ModelCache(CFG, num_slots=1, num_blocks=1, dtype=torch.float32)
+    batch = ForwardBatch([SeqChunk(prompt, 0, 0, [0])], CFG.sliding_window, cache.window_rows, 1,
+                         logits_indices=list(range(len(prompt))))
+    with torch.inference_mode():
+        ref = torch.log_softmax(eng.model.logits(eng.model(batch, cache)[batch.logits_indices]), -1)
+
+    plp = out.prompt_logprobs
+    assert len(plp) == len(prompt) and plp[0] is None
+    for i in range(1, len(prompt)):
+        row, tok = ref[i - 1], prompt[i]
+        got = plp[i][tok]
+        assert got.logprob == pytest.approx(row[tok].item(), abs=1e-4), f"position {i}"
+        assert got.rank == int((row > row[tok]).sum()) + 1, f"position {i}"
+        top = row.topk(3)
+        for r, (lp, t) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
+            assert t in plp[i], f"position {i}: top-{r} token {t} missing from {sorted(plp[i])}"
+            assert plp[i][t].logprob == pytest.approx(lp, abs=1e-4)
+
+
+def test_logprobs_report_the_sampled_token_and_the_top_n(engine):
+    out = run(engine, [(prompts([10])[0], SamplingParams(temperature=0.0, max_tokens=5,
+                                                        logprobs=4))])[0].outputs[0]
+    assert len(out.logprobs) == 5
+    for tok, pos in zip(out.token_ids, out.logprobs):
+        assert pos[tok].rank == 1  # greedy picks the most likely token
+        assert len(pos) == 4 and sorted(p.rank for p in pos.values()) == [1, 2, 3, 4]
+        assert all(isinstance(p.decoded_token, str) for p in pos.values())
+    assert out.cumulative_logprob == pytest.approx(sum(p[t].logprob for t, p in
+                                                       zip(out.token_ids, out.logprobs)))
+
+
+# ------------------------------------------------------------------ sampling
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(engine):
+    seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=12, ignore_eos=True)
+    p = prompts([14], seed=4)[0]
+    first = tokens(run(engine, [(p, seeded)]))[0]
+    again = tokens(run(engine, [(p, seeded)]))[0]
+    others = [(q, SamplingParams(temperature=1.0, max_tokens=9, ignore_eos=True))
+              for q in prompts([5, 30, 21], seed=5)]
+    batched = tokens(run(engine, others[:2] + [(p, seeded)] + others[2:], [0, 0, 2, 1]))[2]
+    assert first == again, "same seed, same prompt, different tokens"
+    assert batched == first, "a seeded request's tokens changed with the batch around it"
+
+
+def test_n_completions_use_distinct_seeds_and_are_reported_in_order(engine):
+    out = run(engine, [(prompts([8])[0], SamplingParams(n=3, temperature=1.0, seed=7,
+                                                        max_tokens=8, ignore_eos=True))])[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    ids = [tuple(c.token_ids) for c in out.outputs]
+    assert len(set(ids)) == 3, f"seeds seed+i should give different samples: {ids}"
+    single = run(engine, [(prompts([8])[0], SamplingParams(temperature=1.0, seed=8, max_tokens=8,
+                                                           ignore_eos=True))])[0]
+    assert list(ids[1]) == single.outputs[0].token_ids, "completion i is seeded with seed + i"
+
+
+def _sampled_positions(engine, params):
+    reqs = [(p, params) for p in prompts([6, 11, 19], seed=6)]
+    for out in run(engine, reqs):
+        for c in out.outputs:
+            yield from zip(c.token_ids, c.logprobs)
+
+
+def test_top_k_never_emits_a_token_outside_the_top_k(engine):
+    params = SamplingParams(n=4, temperature=1.5, top_k=3, seed=0, max_tokens=10, ignore_eos=True,
+                            logprobs=3)
+    for tok, pos in _sampled_positions(engine, params):
+        assert pos[tok].rank <= 3, f"token {tok} of rank {pos[tok].rank} sampled with top_k=3"
+
+
+def test_top_p_never_emits_a_token_outside_the_nucleus(engine):
+    params = SamplingParams(n=4, temperature=1.0, top_p=0.2, seed=0, max_tokens=10,
+                            ignore_eos=True, logprobs=CFG.vocab_size)
+    for tok, pos in _sampled_positions(engine, params):
+        before = sum(math.exp(p.logprob) for p in pos.values() if p.logprob > pos[tok].logprob)
+        assert before < 0.2 + 1e-6, f"token {tok} has {before:.4f} of mass before it (top_p=0.2)"
+
+
+def test_min_p_never_emits_a_token_below_min_p_times_the_top_probability(engine):
+    params = SamplingParams(n=4, temperature=1.0, min_p=0.3, seed=0, max_tokens=10,
+                            ignore_eos=True, logprobs=1)
+    for tok, pos in _sampled_positions(engine, params):
+        top = max(p.logprob for p in pos.values())
+        assert pos[tok].logprob >= math.log(0.3) + top - 1e-6, f"token {tok} below min_p"
+
+
+def test_stop_string_ends_generation_with_reason_stop_and_excludes_the_string(engine):
+    p = prompts([12], seed=7)[0]
+    full = run(engine, [(p, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))])[0]
+    text, ids = full.outputs[0].text, full.outputs[0].token_ids
+    start = next(i for i in range(4, len(text) - 2) if text[i:i + 2].isprintable())
+    stop = text[start:start + 2]
+    out = run(engine, [(p, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
+                                          stop=[stop]))])[0].outputs[0]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+    assert out.text == text[:text.find(stop)]
+    assert out.token_ids == ids[:len(out.token_ids)] and len(out.token_ids) < len(ids)
+
+
+def test_stop_token_id_ends_generation_on_that_token(engine):
+    p = prompts([12], seed=7)[0]
+    ids = tokens(run(engine, [(p, SamplingParams(temperature=0.0, max_tokens=10))]))[0]
+    out = run(engine, [(p, SamplingParams(temperature=0.0, max_tokens=10,
+                                          stop_token_ids=[ids[3]]))])[0].outputs[0]
+    k = ids.index(ids[3])
+    assert (out.finish_reason, out.stop_reason) == ("stop", ids[3])
+    assert out.token_ids == ids[:k + 1]
+
+
+def test_max_tokens_ends_generation_with_reason_length(engine):
+    out = run(engine, [(prompts([9])[0], SamplingParams(max_tokens=5, ignore_eos=True))])[0]
+    c = out.outputs[0]
+    assert out.finished and (c.finish_reason, c.stop_reason, len(c.token_ids)) == ("length", None, 5)
+
+
+# ------------------------------------------------------------------ requests and errors
+@pytest.mark.parametrize("bad,message", [
+    (lambda: ([5] * 4090, SamplingParams(max_tokens=16)), "max_model_len=4096"),
+    (lambda: ([5, 6, CFG.vocab_size], GREEDY), "out of the vocabulary"),
+    (lambda: ([], GREEDY), "empty"),
+    (lambda: ("0", GREEDY), "duplicate request id"),
+])
+def test_bad_requests_raise_clear_errors_and_other_requests_keep_running(engine, alone, bad,
+                                                                         message):
+    engine.add_request("0", prompts(LENGTHS)[4], GREEDY)
+    engine.step()
+    prompt, params = bad()
+    rid = "0" if message.startswith("duplicate") else "bad"
+    with pytest.raises(ValueError, match=message):
+        engine.add_request(rid, prompt, params)
+    result = None
+    while engine.has_unfinished_requests():
+        result = [o for o in engine.step() if o.finished] or result
+    assert result[0].outputs[0].token_ids == alone[4]
+
+
+def test_prompt_too_long_error_names_prompt_length_max_tokens_and_limit():
+    eng = make_engine(max_model_len=64)
+    with pytest.raises(ValueError, match=r"60 tokens with max_tokens=10 .*max_model_len=64"):
+        eng.add_request("x", list(range(3, 63)), SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="max_model_len=64"):
+        eng.add_request("y", list(range(3, 67)), SamplingParams(max_tokens=None))
+    assert not eng.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("field,value", [("max_tokens", -1), ("top_p", 0.0), ("top_p", 1.5)])
+def test_invalid_sampling_params_are_rejected(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_unknown_model_path_raises_file_not_found_naming_it():
+    with pytest.raises(FileNotFoundError, match="no/such/model"):
+        LLMEngine.from_args("/no/such/model", device="cpu")
+
+
+def test_text_prompt_without_tokenizer_is_a_clear_error():
+    eng = make_engine(skip_tokenizer_init=True)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        eng.add_request("t", "hello", GREEDY)
+    out = run(eng, [({"prompt_token_ids": [5, 6, 7]}, GREEDY)])[0]
+    assert len(out.outputs[0].token_ids) == 12 and out.outputs[0].text == ""
+
+
+def test_cache_budget_without_room_for_a_block_refuses_to_start():
+    with pytest.raises(ConfigError, match="holds no 128-token block"):
+        make_engine(cpu_cache_bytes=1 << 20, max_num_seqs=8)
+
+
+def test_abort_frees_the_requests_blocks_and_others_continue(engine, alone):
+    engine.add_request("keep", prompts(LENGTHS)[2], GREEDY)
+    engine.add_request("drop", list(range(3, 3 + 300)), SamplingParams(max_tokens=50))
+    engine.step()
+    used = engine.num_blocks - engine.get_stats().num_free_blocks
+    engine.abort_request("drop")
+    engine.abort_request("never-existed")
+    assert engine.num_blocks - engine.get_stats().num_free_blocks == used - math.ceil(300 / 128)
+    result = None
+    while engine.has_unfinished_requests():
+        result = [o for o in engine.step() if o.finished] or result
+    assert [o.request_id for o in result] == ["keep"]
+    assert result[0].outputs[0].token_ids == alone[2]
+    assert engine.get_stats().num_free_blocks == engine.num_blocks
+
+
+def test_capacity_and_stats_describe_the_cache(engine):
+    expected_blocks = ((16 << 20) - 8 * slot_bytes(CFG, 8, torch.float32)) \
+        // block_bytes(CFG, torch.float32)
+    assert engine.num_blocks == expected_blocks
+    assert engine.max_model_len == min(CFG.max_position_embeddings, expected_blocks * BLOCK_TOKENS)
+    concurrent = min(8, expected_blocks // (engine.max_model_len // BLOCK_TOKENS))
+    assert engine.capacity == (f"KV cache: {expected_blocks} blocks, max {engine.max_model_len} "
+                               f"tokens per sequence, {concurrent} concurrent sequences at "
+                               f"{engine.max_model_len} tokens")
+    engine.add_request("s", [5, 6, 7], SamplingParams(max_tokens=2, ignore_eos=True))
+    engine.step()
+    s = engine.get_stats()
+    assert (s.num_running, s.num_waiting, s.num_free_blocks) == (1, 0, s.num_blocks - 1)
+    assert s.kv_cache_usage == pytest.approx(1 / s.num_blocks)
+    engine.step()
+    assert not engine.has_unfinished_requests()
