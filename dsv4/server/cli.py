@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 
@@ -14,8 +15,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
     g.add_argument("--port", type=int, default=8000)
-    g.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: no key)")
+    g.add_argument("--api-key", default=os.environ.get("DSV4_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* "
+                        "(default: $DSV4_API_KEY, else no key)")
     g.add_argument("--served-model-name", default=None,
                    help="the model name clients send and /v1/models lists (default: --model)")
     g.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,

@@ -11,6 +11,13 @@ from typing import Any
 
 Decode = Callable[[int], str]
 
+# JSON has no -Infinity; OpenAI and vLLM report impossible tokens with this floor instead.
+_FLOOR = -9999.0
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, _FLOOR)
+
 
 def _top(entry: dict[int, Any], n: int) -> list[tuple[int, Any]]:
     """The ``n`` most likely alternatives of one position, most likely first."""
@@ -32,10 +39,10 @@ def chat_logprobs(token_ids: Sequence[int], entries: Sequence[dict[int, Any]], n
         token = _token(token_id, lp, decode) if lp is not None else decode(token_id)
         content.append({
             "token": token,
-            "logprob": max(lp.logprob, -9999.0) if lp is not None else -9999.0,
+            "logprob": _finite(lp.logprob) if lp is not None else _FLOOR,
             "bytes": list(token.encode("utf-8")),
             "top_logprobs": [
-                {"token": (t := _token(tid, alt, decode)), "logprob": max(alt.logprob, -9999.0),
+                {"token": (t := _token(tid, alt, decode)), "logprob": _finite(alt.logprob),
                  "bytes": list(t.encode("utf-8"))}
                 for tid, alt in _top(entry, n)
             ],
@@ -52,8 +59,8 @@ def completion_logprobs(token_ids: Sequence[int], entries: Sequence[dict[int, An
         lp = entry.get(token_id)
         token = _token(token_id, lp, decode) if lp is not None else decode(token_id)
         tokens.append(token)
-        token_logprobs.append(lp.logprob if lp is not None else None)
-        tops.append({_token(tid, alt, decode): alt.logprob for tid, alt in _top(entry, n)})
+        token_logprobs.append(_finite(lp.logprob) if lp is not None else None)
+        tops.append({_token(tid, alt, decode): _finite(alt.logprob) for tid, alt in _top(entry, n)})
         offsets.append(offset)
         offset += len(token)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops,

@@ -1,9 +1,10 @@
 """What the completion and chat endpoints share: model check, prompt length, the engine call.
 
-``OpenAIServing.generate`` is the one path from an HTTP request to the engine: it turns engine
-validation errors into 400s, records the request's latency metrics, and (through
-``AsyncLLMEngine.generate``) aborts the request when the consuming task is cancelled, which is
-how a client disconnect frees cache blocks.
+``OpenAIServing.submit`` is the one path from an HTTP request to the engine: it turns engine
+validation errors into 400s (before any response starts) and records the request's latency
+metrics. A request is aborted, freeing its cache blocks, when the task consuming its outputs
+is cancelled (client disconnect) and, as a backstop, whenever its HTTP response ends:
+``EngineStreamingResponse`` for streams, a ``finally`` in the handlers otherwise.
 """
 
 from __future__ import annotations
@@ -67,12 +68,13 @@ class OpenAIServing:
             raise OpenAIError(404, f"The model `{model}` does not exist.", "NotFoundError",
                               "model", "model_not_found")
 
-    def tokenize(self, text: str) -> list[int]:
+    async def tokenize(self, text: str) -> list[int]:
         if self.engine.tokenizer is None:
             raise bad_request("this server has no tokenizer (skip_tokenizer_init): "
                               "send token ids instead of text", "prompt")
-        # As the engine does for text prompts: BOS unless the text starts with it (chat does).
-        return self.engine.tokenizer.encode(text, add_special_tokens=True)
+        # Off the event loop: a long prompt takes long enough to stall every other stream.
+        # BOS is added unless the text starts with it (chat prompts do), as the engine does.
+        return await asyncio.to_thread(self.engine.tokenizer.encode, text, add_special_tokens=True)
 
     def max_tokens_for(self, prompt_len: int, requested: int | None, what: str = "messages") -> int:
         """``requested``, or all the context left; a 400 naming the numbers when it won't fit."""

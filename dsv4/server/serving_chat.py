@@ -119,7 +119,7 @@ class OpenAIServingChat(OpenAIServing):
         except ValueError as exc:
             raise bad_request(str(exc), "messages") from None
         prefix = forced_prefix(request, mode)
-        prompt_ids = self.tokenize(prompt + prefix)
+        prompt_ids = await self.tokenize(prompt + prefix)
         max_tokens = self.max_tokens_for(len(prompt_ids), request.requested_max_tokens)
         params = request.to_sampling_params(max_tokens)
         request_id = random_id("chatcmpl")

@@ -42,7 +42,7 @@ class OpenAIServingCompletion(OpenAIServing):
     async def create(self, request: CompletionRequest, raw_request: Request) -> Any:
         self.check_model(request.model)
         request.check()
-        prompts = [self.tokenize(p) if isinstance(p, str) else list(p) for p in request.prompts()]
+        prompts = [await self.tokenize(p) if isinstance(p, str) else list(p) for p in request.prompts()]
         if any(not p for p in prompts):
             raise OpenAIError(400, "prompt must not be empty", param="prompt")
         # One SamplingParams for the batch: max_tokens must fit the longest prompt.
