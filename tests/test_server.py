@@ -45,7 +45,7 @@ from dsv4.server.serving_chat import _ChoiceStream, finalize, forced_prefix
 
 API_KEY = "test-key"
 MODEL = "tiny"
-ENGINE_ARGS = dict(dtype="float32", max_num_seqs=16, cpu_cache_bytes=32 << 20)
+ENGINE_ARGS = dict(dtype="float32", device="cpu", max_num_seqs=16, cpu_cache_bytes=32 << 20)
 
 
 # --------------------------------------------------------------------------- harness
@@ -470,7 +470,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0() -> None:
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dsv4.cli", "serve", "--model", MODEL, "--dtype", "float32",
+        [sys.executable, "-m", "dsv4.cli", "serve", "--model", MODEL, "--dtype", "float32", "--device", "cpu",
          "--port", str(port), "--max-num-seqs", "4", "--cpu-cache-bytes", str(16 << 20)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"})

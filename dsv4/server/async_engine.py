@@ -167,6 +167,12 @@ class AsyncLLMEngine:
 
     def _run(self) -> None:
         try:
+            device = getattr(self.engine, "device", None)
+            if device is not None and device.type == "cuda" and device.index is not None:
+                import torch
+
+                # The current CUDA device is per thread; kernels must launch on the model's.
+                torch.cuda.set_device(device)
             while not self._stopping:
                 self._wake.clear()
                 self._run_commands()
