@@ -2,27 +2,122 @@
 
 score(p, i) = sum_h w[p, h] * relu(q[p, h] . K[i]) over the entries i visible to p;
 the `min(topk, visible)` best entries are returned (exact ties broken arbitrarily).
+
+The Triton kernel computes the scores: each CTA holds one token's `[nI, c]` query block and
+streams gathered keys through one tensor-core product per tile, so each key row is read once per
+token; the head reduction happens in registers. `torch.topk` then selects. The reference breaks
+exact ties toward older entries; the kernel path may break them either way (SPEC.md 6 allows it).
 """
 from __future__ import annotations
 
 import torch
+
+from . import HAS_TRITON, use_triton
+
+
+def indexer_scores_ref(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
+                       cand: torch.Tensor) -> torch.Tensor:
+    """fp32 scores [T, N]; -inf where cand < 0."""
+    k = keys[cand.clamp(min=0)].float()  # [T, N, c]
+    s = torch.relu(torch.einsum("thc,tnc->thn", q.float(), k))
+    score = torch.einsum("thn,th->tn", s, w.float())
+    return score.masked_fill(cand < 0, float("-inf"))
+
+
+def select_topk(score: torch.Tensor, cand: torch.Tensor, topk: int, stable: bool) -> torch.Tensor:
+    """Rows of the `min(topk, N)` best scores per token; -1 where fewer are visible."""
+    kk = min(topk, cand.shape[1])
+    if stable:
+        # A stable sort breaks exact ties (frequent: relu zeros) towards older entries, the same
+        # way whatever the batch looks like.
+        val, order = score.sort(dim=-1, descending=True, stable=True)
+        val, order = val[:, :kk], order[:, :kk]
+    else:
+        val, order = torch.topk(score, kk, dim=-1, sorted=False)
+    sel = cand.gather(1, order)
+    return torch.where(torch.isfinite(val), sel, -1)
 
 
 def indexer_topk_ref(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
                      cand: torch.Tensor, topk: int) -> torch.Tensor:
     """q [T, nI, c]; w [T, nI]; keys [Nk, c] (flat cache rows); cand [T, N] rows visible to each
     token (-1 = not visible). Returns [T, min(topk, N)] selected rows, -1 where fewer visible."""
-    k = keys[cand.clamp(min=0)].float()  # [T, N, c]
-    s = torch.relu(torch.einsum("thc,tnc->thn", q.float(), k))
-    score = torch.einsum("thn,th->tn", s, w.float())
-    score = score.masked_fill(cand < 0, float("-inf"))
-    kk = min(topk, cand.shape[1])
-    # A stable sort breaks exact ties (frequent: relu zeros) towards older entries, the same way
-    # whatever the batch looks like.
-    val, order = score.sort(dim=-1, descending=True, stable=True)
-    sel = cand.gather(1, order[:, :kk])
-    return torch.where(torch.isfinite(val[:, :kk]), sel, -1)
+    return select_topk(indexer_scores_ref(q, w, keys, cand), cand, topk, stable=True)
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _indexer_scores_kernel(q_ptr, w_ptr, keys_ptr, cand_ptr, out_ptr, N, NI, blocks_per_cta,
+                               stride_qt, stride_qh, stride_wt, stride_kn, stride_ct, stride_ot,
+                               C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                               IEEE: tl.constexpr):
+        t = tl.program_id(0)
+        h = tl.arange(0, BLOCK_H)
+        c = tl.arange(0, C)
+        hmask = h < NI
+        q = tl.load(q_ptr + t * stride_qt + h[:, None] * stride_qh + c[None, :],
+                    mask=hmask[:, None], other=0.0)  # [nI, c], loaded once for many keys
+        w = tl.load(w_ptr + t * stride_wt + h, mask=hmask, other=0.0).to(tl.float32)
+        first = tl.program_id(1) * blocks_per_cta
+        last = tl.minimum(first + blocks_per_cta, tl.cdiv(N, BLOCK_N))
+        for blk in range(first, last):
+            n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+            nmask = n < N
+            row = tl.load(cand_ptr + t * stride_ct + n, mask=nmask, other=-1).to(tl.int64)
+            vis = nmask & (row >= 0)
+            k = tl.load(keys_ptr + row[:, None] * stride_kn + c[None, :], mask=vis[:, None],
+                        other=0.0)  # [BN, c]
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))  # [nI, BN] fp32
+            score = tl.sum(tl.maximum(s, 0.0) * w[:, None], 0)
+            tl.store(out_ptr + t * stride_ot + n, tl.where(vis, score, float("-inf")), mask=nmask)
+
+    _NUM_SMS: dict = {}
+
+    def _num_sms(device) -> int:
+        device = torch.device(device)
+        if device.type != "cuda":  # Triton's interpreter (TRITON_INTERPRET=1) runs on CPU
+            return 132
+        if device.index not in _NUM_SMS:
+            _NUM_SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+        return _NUM_SMS[device.index]
+
+    def indexer_scores_triton(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
+                              cand: torch.Tensor, block_n: int = 64, num_warps: int = 4,
+                              num_stages: int = 3) -> torch.Tensor:
+        """Launcher: fp32 scores [T, N], -inf where cand < 0."""
+        T, NI, C = q.shape
+        N = cand.shape[1]
+        if keys.dtype != q.dtype or q.dtype not in (torch.bfloat16, torch.float32):
+            raise TypeError(f"q ({q.dtype}) and keys ({keys.dtype}) must share bf16 or fp32")
+        if keys.shape[1] != C or C & (C - 1) or w.shape != (T, NI) or cand.shape[0] != T:
+            raise ValueError(f"shapes q {tuple(q.shape)} w {tuple(w.shape)} keys "
+                             f"{tuple(keys.shape)} cand {tuple(cand.shape)} do not fit")
+        out = torch.empty(T, N, dtype=torch.float32, device=q.device)
+        if T == 0 or N == 0:
+            return out
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        keys = keys if keys.stride(-1) == 1 else keys.contiguous()
+        cand, w = cand.contiguous(), w.contiguous()
+        n_blocks = triton.cdiv(N, block_n)
+        sms = _num_sms(q.device)
+        # enough CTAs to fill the GPU, each long enough to amortise its query load
+        bpc = max(1, min(n_blocks, (T * n_blocks) // (4 * sms)))
+        bh = max(16, triton.next_power_of_2(NI))
+        _indexer_scores_kernel[(T, triton.cdiv(n_blocks, bpc))](
+            q, w, keys, cand, out, N, NI, bpc, q.stride(0), q.stride(1), w.stride(0),
+            keys.stride(0), cand.stride(0), out.stride(0),
+            C=C, BLOCK_H=bh, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
+            num_warps=num_warps, num_stages=num_stages)
+        return out
 
 
 def indexer_topk(q, w, keys, cand, topk):
+    if use_triton(q) and q.dtype in (torch.bfloat16, torch.float32) and keys.dtype == q.dtype:
+        return select_topk(indexer_scores_triton(q, w, keys, cand), cand, topk, stable=False)
     return indexer_topk_ref(q, w, keys, cand, topk)

@@ -1,7 +1,14 @@
-"""Manifold-constrained hyper-connections (mHC, SPEC.md 4): mixing, Sinkhorn, pre and post."""
+"""Manifold-constrained hyper-connections (mHC, SPEC.md 4): mixing, Sinkhorn, pre and post.
+
+Triton path: `hc_pre` is a skinny product (the `(2+n)n` mixing rows against `n*d` inputs) done on
+the tensor cores in fp32-exact form, then one kernel that finishes the mix, runs Sinkhorn and
+forms y; `hc_post` is one pass over X and f.
+"""
 from __future__ import annotations
 
 import torch
+
+from . import HAS_TRITON, use_triton
 
 
 def sinkhorn(c: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -34,9 +41,188 @@ def hc_post_ref(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torc
     return out.to(x.dtype)
 
 
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _hc_mix_kernel(x_ptr, fn_ptr, part_ptr, sq_ptr, T, K, NOUT, k_per_split,
+                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, NPAD: tl.constexpr,
+                       X_BF16: tl.constexpr):
+        """Partial mix = x @ fn^T and sum(x^2) over one K range of a block of tokens."""
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        sp = tl.program_id(1)
+        r = tl.arange(0, NPAD)
+        tmask = t < T
+        acc = tl.zeros([BLOCK_T, NPAD], tl.float32)
+        sq = tl.zeros([BLOCK_T], tl.float32)
+        k_lo = sp * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            kmask = k < k_hi
+            x = tl.load(x_ptr + t[:, None].to(tl.int64) * K + k[None, :],
+                        mask=tmask[:, None] & kmask[None, :], other=0.0)
+            f = tl.load(fn_ptr + r[:, None] * K + k[None, :],
+                        mask=(r < NOUT)[:, None] & kmask[None, :], other=0.0)  # [NPAD, BK] fp32
+            xf = x.to(tl.float32)
+            sq += tl.sum(xf * xf, 1)
+            if X_BF16:
+                # x is exact in bf16; fn = hi + mid + lo in bf16 keeps fn's 24 bits, so three
+                # tensor-core products with fp32 accumulation give the fp32 result.
+                hi = f.to(tl.bfloat16)
+                r1 = f - hi.to(tl.float32)
+                mid = r1.to(tl.bfloat16)
+                lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
+                acc = tl.dot(x, tl.trans(hi), acc)
+                acc = tl.dot(x, tl.trans(mid), acc)
+                acc = tl.dot(x, tl.trans(lo), acc)
+            else:
+                acc = tl.dot(xf, tl.trans(f), acc, input_precision="ieee")
+        base = sp * T + t
+        tl.store(part_ptr + base[:, None].to(tl.int64) * NPAD + r[None, :], acc,
+                 mask=tmask[:, None])
+        tl.store(sq_ptr + base, sq, mask=tmask)
+
+    @triton.jit
+    def _hc_pre_kernel(x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
+                       T, D, S, norm_eps, hc_eps, iters,
+                       N: tl.constexpr, NPAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+        """Finish the mix (sum of partials, RMS scale), y = sum_j pre_j X_j; the d-block-0 CTAs
+        also write post and the Sinkhorn-normalised comb."""
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        db = tl.program_id(1)
+        tmask = t < T
+        j = tl.arange(0, N)
+        sq = tl.zeros([BLOCK_T], tl.float32)
+        mix_pre = tl.zeros([BLOCK_T, N], tl.float32)
+        for s in range(S):
+            sq += tl.load(sq_ptr + s * T + t, mask=tmask, other=0.0)
+            mix_pre += tl.load(part_ptr + (s * T + t[:, None]).to(tl.int64) * NPAD + j[None, :],
+                               mask=tmask[:, None], other=0.0)
+        rs = tl.rsqrt(sq / (N * D) + norm_eps)
+        scale0 = tl.load(scale_ptr)
+        pre = tl.sigmoid(mix_pre * rs[:, None] * scale0 + tl.load(base_ptr + j)[None, :]) + hc_eps
+        dcol = db * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = dcol < D
+        x = tl.load(x_ptr + t[:, None, None].to(tl.int64) * (N * D) + j[None, :, None] * D
+                    + dcol[None, None, :], mask=tmask[:, None, None] & dmask[None, None, :],
+                    other=0.0)  # [BT, N, BD]
+        y = tl.sum(x.to(tl.float32) * pre[:, :, None], 1)
+        tl.store(y_ptr + t[:, None].to(tl.int64) * D + dcol[None, :],
+                 y.to(y_ptr.dtype.element_ty), mask=tmask[:, None] & dmask[None, :])
+        if db == 0:
+            jk = tl.arange(0, N * N)
+            mix_post = tl.zeros([BLOCK_T, N], tl.float32)
+            mix_comb = tl.zeros([BLOCK_T, N * N], tl.float32)
+            for s in range(S):
+                row = (s * T + t[:, None]).to(tl.int64) * NPAD
+                mix_post += tl.load(part_ptr + row + N + j[None, :], mask=tmask[:, None], other=0.0)
+                mix_comb += tl.load(part_ptr + row + 2 * N + jk[None, :], mask=tmask[:, None],
+                                    other=0.0)
+            scale1 = tl.load(scale_ptr + 1)
+            scale2 = tl.load(scale_ptr + 2)
+            post = 2 * tl.sigmoid(mix_post * rs[:, None] * scale1 + tl.load(base_ptr + N + j)[None, :])
+            tl.store(post_ptr + t[:, None] * N + j[None, :], post, mask=tmask[:, None])
+            c = mix_comb * rs[:, None] * scale2 + tl.load(base_ptr + 2 * N + jk)[None, :]
+            c = tl.reshape(c, (BLOCK_T, N, N))  # [t, j (row), k (column)]
+            c = tl.exp(c - tl.max(c, 2)[:, :, None])
+            c = c / tl.sum(c, 2)[:, :, None] + hc_eps
+            c = c / (tl.sum(c, 1)[:, None, :] + hc_eps)
+            for _ in range(iters - 1):
+                c = c / (tl.sum(c, 2)[:, :, None] + hc_eps)
+                c = c / (tl.sum(c, 1)[:, None, :] + hc_eps)
+            tl.store(comb_ptr + t[:, None] * (N * N) + jk[None, :],
+                     tl.reshape(c, (BLOCK_T, N * N)), mask=tmask[:, None])
+
+    @triton.jit
+    def _hc_post_kernel(x_ptr, f_ptr, post_ptr, comb_ptr, out_ptr, T, D,
+                        N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out[:, k] = post[k] * f + sum_j comb[j, k] * X[:, j]: one read of X and f."""
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        dcol = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        tmask = t < T
+        mask2 = tmask[:, None] & (dcol < D)[None, :]
+        kk = tl.arange(0, N)
+        t64 = t.to(tl.int64)
+        mix = tl.zeros([BLOCK_T, N, BLOCK_D], tl.float32)
+        for j in tl.static_range(N):
+            xj = tl.load(x_ptr + t64[:, None] * (N * D) + j * D + dcol[None, :], mask=mask2,
+                         other=0.0).to(tl.float32)
+            cj = tl.load(comb_ptr + t[:, None] * (N * N) + j * N + kk[None, :],
+                         mask=tmask[:, None], other=0.0)  # [BT, N]: comb[t, j, :]
+            mix += cj[:, :, None] * xj[:, None, :]
+        f = tl.load(f_ptr + t64[:, None] * D + dcol[None, :], mask=mask2, other=0.0).to(tl.float32)
+        post = tl.load(post_ptr + t[:, None] * N + kk[None, :], mask=tmask[:, None], other=0.0)
+        out = post[:, :, None] * f[:, None, :] + mix
+        tl.store(out_ptr + t64[:, None, None] * (N * D) + kk[None, :, None] * D
+                 + dcol[None, None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=tmask[:, None, None] & (dcol < D)[None, None, :])
+
+    def hc_pre_triton(x, fn, scale, base, norm_eps: float, hc_eps: float, iters: int,
+                      splits: int = 0):
+        """Launcher: x [T, n, d] -> (y [T, d], post [T, n], comb [T, n, n]).
+
+        Two kernels: the mix product (split along n*d when few tokens, so that the GPU fills),
+        then y, post and comb. fn [(2+n)n, n*d] is read once per 64 tokens."""
+        T, n, d = x.shape
+        K = n * d
+        if fn.shape != ((2 + n) * n, K) or n & (n - 1):
+            raise ValueError(f"fn {tuple(fn.shape)} does not fit x {tuple(x.shape)} "
+                             f"(n must be a power of two)")
+        x = x.contiguous()
+        fn = fn.float().contiguous()
+        y = torch.empty(T, d, dtype=x.dtype, device=x.device)
+        post = torch.empty(T, n, dtype=torch.float32, device=x.device)
+        comb = torch.empty(T, n, n, dtype=torch.float32, device=x.device)
+        if T == 0:
+            return y, post, comb
+        bt, bk = 64, 64
+        npad = max(16, triton.next_power_of_2((2 + n) * n))
+        t_blocks = triton.cdiv(T, bt)
+        if not splits:
+            splits = max(1, min(K // (16 * bk), 264 // t_blocks))
+        kps = triton.cdiv(triton.cdiv(K, splits), bk) * bk
+        splits = triton.cdiv(K, kps)
+        part = torch.empty(splits, T, npad, dtype=torch.float32, device=x.device)
+        sq = torch.empty(splits, T, dtype=torch.float32, device=x.device)
+        _hc_mix_kernel[(t_blocks, splits)](
+            x, fn, part, sq, T, K, (2 + n) * n, kps, BLOCK_T=bt, BLOCK_K=bk, NPAD=npad,
+            X_BF16=x.dtype == torch.bfloat16, num_warps=4, num_stages=3)
+        bt2, bd2 = 4, 512
+        _hc_pre_kernel[(triton.cdiv(T, bt2), triton.cdiv(d, bd2))](
+            x, part, sq, scale.float().contiguous(), base.float().contiguous(), y, post, comb,
+            T, d, splits, norm_eps, hc_eps, iters, N=n, NPAD=npad, BLOCK_T=bt2, BLOCK_D=bd2,
+            num_warps=4)
+        return y, post, comb
+
+    def hc_post_triton(x, f, post, comb):
+        """Launcher: X' [T, n, d] in x's dtype."""
+        T, n, d = x.shape
+        if f.shape != (T, d) or post.shape != (T, n) or comb.shape != (T, n, n) or n & (n - 1):
+            raise ValueError(f"x {tuple(x.shape)}, f {tuple(f.shape)}, post {tuple(post.shape)}, "
+                             f"comb {tuple(comb.shape)} do not fit")
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        if T:
+            bt, bd = 2, 512
+            _hc_post_kernel[(triton.cdiv(T, bt), triton.cdiv(d, bd))](
+                x.contiguous(), f.contiguous(), post.float().contiguous(),
+                comb.float().contiguous(), out, T, d, N=n, BLOCK_T=bt, BLOCK_D=bd, num_warps=4)
+        return out
+
+
 def hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters):
+    if use_triton(x) and x.dtype in (torch.bfloat16, torch.float32) and _pow2(x.shape[1]):
+        return hc_pre_triton(x, fn, scale, base, norm_eps, hc_eps, iters)
     return hc_pre_ref(x, fn, scale, base, norm_eps, hc_eps, iters)
 
 
 def hc_post(x, f, post, comb):
+    if use_triton(x) and _pow2(x.shape[1]):
+        return hc_post_triton(x, f, post, comb)
     return hc_post_ref(x, f, post, comb)
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0

@@ -2,18 +2,34 @@
 
 Each token attends to its own list of window rows and compressed rows; keys and values are the
 same `[D]` row, shared by all H heads; one softmax covers both lists plus the per-head sink.
+
+Caches may be float rows `[N, D]` (bf16 or fp32) or packed FP8 rows `uint8 [N, 584]`
+(`kv_fp8.py`); the dtype says which. `win_new` (this step's rows) is always float.
+
+The Triton kernel gives each CTA one token and a block of heads, so a gathered row is loaded
+once and used by every head of the block (MQA: all heads share it). Logits and the weighted sum
+use the tensor cores with fp32 accumulation; the online softmax starts from the sink, which also
+makes an empty list well defined (o = 0). When there are too few tokens to fill the GPU, the row
+list is split across CTAs and a second kernel merges the partial softmaxes with the sink.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from . import HAS_TRITON, use_triton
+from .kv_fp8 import unpack_kv_fp8
 
 
 def gather_rows(idx: torch.Tensor, cache: torch.Tensor, new: torch.Tensor | None = None) -> torch.Tensor:
     """Rows of cat(cache, new) at idx (any shape); -1 gives a zero row."""
     n = cache.shape[0]
     safe = idx.clamp(min=0)
-    if n == 0:
-        return new[(safe - n).clamp(0, new.shape[0] - 1)]
+    if n == 0:  # everything comes from `new` (or is empty)
+        cache = torch.zeros(1, *cache.shape[1:], dtype=cache.dtype, device=cache.device)
+        n_idx = (safe - n).clamp(0, max(new.shape[0] - 1, 0)) if new is not None else safe * 0
+        return new[n_idx] if new is not None else cache[n_idx]
     if new is None:
         return cache[safe.clamp(max=n - 1)]
     from_new = (safe >= n)[..., None]
@@ -21,16 +37,27 @@ def gather_rows(idx: torch.Tensor, cache: torch.Tensor, new: torch.Tensor | None
                        cache[safe.clamp(max=n - 1)])
 
 
+def _as_rows(cache: torch.Tensor, head_dim: int, rope_dim: int) -> torch.Tensor:
+    """Float rows of a cache that may be packed FP8 (uint8)."""
+    if cache.dtype == torch.uint8:
+        return unpack_kv_fp8(cache, head_dim, rope_dim, torch.float32)
+    return cache
+
+
 def sparse_attention_ref(q: torch.Tensor, sink: torch.Tensor, scale: float,
                          win_cache: torch.Tensor, win_new: torch.Tensor, win_idx: torch.Tensor,
                          cmp_cache: torch.Tensor | None = None,
-                         cmp_idx: torch.Tensor | None = None) -> torch.Tensor:
+                         cmp_idx: torch.Tensor | None = None, rope_dim: int = 64) -> torch.Tensor:
     """q [T, H, D]; sink [H] fp32 raw logits; win_idx [T, Kw] into cat(win_cache [Nw, D],
     win_new [T, D]); cmp_idx [T, Kc] into cmp_cache [Nc, D]; -1 marks an empty slot.
+    Caches may be packed FP8 rows (uint8, `kv_fp8.py`, `rope_dim` rope dims).
     Returns o [T, H, D] in q's dtype. Scores, softmax and the weighted sum run in fp32."""
-    rows = gather_rows(win_idx, win_cache, win_new)  # [T, Kw, D]
+    D = q.shape[-1]
+    win_cache = _as_rows(win_cache, D, rope_dim).float()
+    rows = gather_rows(win_idx, win_cache, win_new.float())  # [T, Kw, D]
     valid = win_idx >= 0
     if cmp_idx is not None and cmp_idx.shape[1]:
+        cmp_cache = _as_rows(cmp_cache, D, rope_dim).float()
         rows = torch.cat([rows, gather_rows(cmp_idx, cmp_cache)], 1)
         valid = torch.cat([valid, cmp_idx >= 0], 1)
     rows = rows.float()
@@ -41,5 +68,231 @@ def sparse_attention_ref(q: torch.Tensor, sink: torch.Tensor, scale: float,
     return torch.einsum("thk,tkd->thd", probs, rows).to(q.dtype)
 
 
-def sparse_attention(q, sink, scale, win_cache, win_new, win_idx, cmp_cache=None, cmp_idx=None):
-    return sparse_attention_ref(q, sink, scale, win_cache, win_new, win_idx, cmp_cache, cmp_idx)
+@dataclass(frozen=True)
+class AttnConfig:
+    """Tile shape of the Triton kernel: heads per CTA, rows per step, warps, pipeline depth;
+    `splits` = 0 lets the launcher choose how many CTAs share one token's row list."""
+    block_h: int = 64
+    block_k: int = 32
+    num_warps: int = 8
+    num_stages: int = 2
+    splits: int = 0
+
+
+def default_config(q: torch.Tensor) -> AttnConfig:
+    if q.dtype == torch.float32:  # exact-comparison mode: plain fp32 FMA, small tiles
+        return AttnConfig(block_h=16, block_k=16, num_warps=4, num_stages=1)
+    return AttnConfig()
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    _LOG2E = 1.4426950408889634
+
+    @triton.jit
+    def _fp8_rows(row_ptr, mask, d, D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr,
+                  BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Dequantise packed rows (uint8 row pointers [BK]) to fp32 [BK, BLOCK_D]; exact."""
+        G: tl.constexpr = BLOCK_D // 64
+        is_nope = d < NOPE
+        code = tl.load(row_ptr[:, None] + d[None, :], mask=mask[:, None] & is_nope[None, :], other=0)
+        val = code.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        g = tl.arange(0, G)
+        sbyte = tl.load(row_ptr[:, None] + (NOPE + 2 * ROPE) + g[None, :],
+                        mask=mask[:, None] & (g < NOPE // 64)[None, :], other=127)
+        scale = tl.exp2(sbyte.to(tl.float32) - 127.0)  # [BK, G], a power of two
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_K, G, 64)), (BLOCK_K, BLOCK_D))
+        rope_ptr = (row_ptr + NOPE).to(tl.pointer_type(tl.bfloat16), bitcast=True)
+        rope = tl.load(rope_ptr[:, None] + (d - NOPE)[None, :],
+                       mask=mask[:, None] & ((d >= NOPE) & (d < D))[None, :], other=0.0)
+        return tl.where(is_nope[None, :], val * scale, rope.to(tl.float32))
+
+    @triton.jit
+    def _sparse_attn_kernel(q_ptr, sink_ptr, o_ptr, part_o_ptr, part_ml_ptr,
+                            win_cache_ptr, win_new_ptr, win_idx_ptr, cmp_cache_ptr, cmp_idx_ptr,
+                            T, H, Nw, Kw, Kc, n_win_tiles, n_tiles, tiles_per_split,
+                            stride_qt, stride_qh, stride_ot, stride_oh, stride_wi, stride_ci,
+                            row_stride, qk_scale,
+                            D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+                            BLOCK_K: tl.constexpr, FP8: tl.constexpr, NOPE: tl.constexpr,
+                            ROPE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
+        pid = tl.program_id(0)
+        sid = tl.program_id(1)
+        n_hb = tl.cdiv(H, BLOCK_H)
+        t = pid // n_hb  # head blocks of one token are adjacent: they share rows through L2
+        hb = pid % n_hb
+        h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+        hmask = h < H
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        q = tl.load(q_ptr + t * stride_qt + h[:, None] * stride_qh + d[None, :],
+                    mask=hmask[:, None] & dmask[None, :], other=0.0)
+        if SPLIT:  # the sink is merged by the combine kernel
+            m_i = tl.full([BLOCK_H], -1.0e30, tl.float32)
+            l_i = tl.zeros([BLOCK_H], tl.float32)
+        else:  # start the online softmax at the sink: exp(sink - m) = 1
+            m_i = tl.load(sink_ptr + h, mask=hmask, other=0.0).to(tl.float32) * 1.4426950408889634
+            l_i = tl.full([BLOCK_H], 1.0, tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+        lo = sid * tiles_per_split
+        hi = tl.minimum(lo + tiles_per_split, n_tiles)
+        win_idx_row = win_idx_ptr + t * stride_wi
+        cmp_idx_row = cmp_idx_ptr + t * stride_ci
+        for tile in range(lo, hi):
+            is_win = tile < n_win_tiles
+            kpos = tl.where(is_win, tile, tile - n_win_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
+            kmask = kpos < tl.where(is_win, Kw, Kc)
+            idx = tl.load(tl.where(is_win, win_idx_row, cmp_idx_row) + kpos, mask=kmask,
+                          other=-1).to(tl.int64)
+            valid = kmask & (idx >= 0)
+            is_new = is_win & (idx >= Nw)
+            cache_row = tl.where(is_win, win_cache_ptr, cmp_cache_ptr) + idx * row_stride
+            new_row = win_new_ptr + (idx - Nw) * D
+            if FP8:
+                kc = _fp8_rows(cache_row, valid & ~is_new, d, D, NOPE, ROPE, BLOCK_K, BLOCK_D)
+                kn = tl.load(new_row[:, None] + d[None, :],
+                             mask=(valid & is_new)[:, None] & dmask[None, :], other=0.0)
+                k = tl.where(is_new[:, None], kn.to(tl.float32), kc).to(q.dtype)
+            else:
+                ptr = tl.where(is_new[:, None], new_row[:, None], cache_row[:, None]) + d[None, :]
+                k = tl.load(ptr, mask=valid[:, None] & dmask[None, :], other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(valid[None, :], s * qk_scale, float("-inf"))  # [BH, BK], log2 units
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = tl.dot(p.to(k.dtype), k, acc * alpha[:, None], input_precision="ieee")
+            else:
+                acc = tl.dot(p.to(k.dtype), k, acc * alpha[:, None])
+            m_i = m_new
+        if SPLIT:
+            base = (sid * T + t) * H + h
+            tl.store(part_o_ptr + base[:, None] * D + d[None, :], acc,
+                     mask=hmask[:, None] & dmask[None, :])
+            tl.store(part_ml_ptr + base * 2, m_i, mask=hmask)
+            tl.store(part_ml_ptr + base * 2 + 1, l_i, mask=hmask)
+        else:
+            o = acc / l_i[:, None]
+            tl.store(o_ptr + t * stride_ot + h[:, None] * stride_oh + d[None, :],
+                     o.to(o_ptr.dtype.element_ty), mask=hmask[:, None] & dmask[None, :])
+
+    @triton.jit
+    def _combine_kernel(sink_ptr, part_o_ptr, part_ml_ptr, o_ptr, T, H, S,
+                        stride_ot, stride_oh, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_H: tl.constexpr):
+        """Merge S partial softmaxes (unnormalised acc, max m, sum l, log2 units) and the sink."""
+        t = tl.program_id(0)
+        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        hmask = h < H
+        d = tl.arange(0, BLOCK_D)
+        mask2 = hmask[:, None] & (d < D)[None, :]
+        m = tl.load(sink_ptr + h, mask=hmask, other=0.0).to(tl.float32) * 1.4426950408889634
+        l_i = tl.full([BLOCK_H], 1.0, tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+        for s in range(S):
+            base = (s * T + t) * H + h
+            ms = tl.load(part_ml_ptr + base * 2, mask=hmask, other=-1.0e30)
+            ls = tl.load(part_ml_ptr + base * 2 + 1, mask=hmask, other=0.0)
+            a = tl.load(part_o_ptr + base[:, None] * D + d[None, :], mask=mask2, other=0.0)
+            m_new = tl.maximum(m, ms)
+            alpha = tl.exp2(m - m_new)
+            beta = tl.exp2(ms - m_new)
+            l_i = l_i * alpha + ls * beta
+            acc = acc * alpha[:, None] + a * beta[:, None]
+            m = m_new
+        o = acc / l_i[:, None]
+        tl.store(o_ptr + t * stride_ot + h[:, None] * stride_oh + d[None, :],
+                 o.to(o_ptr.dtype.element_ty), mask=mask2)
+
+    _NUM_SMS: dict = {}
+
+    def _num_sms(device) -> int:
+        device = torch.device(device)
+        if device.type != "cuda":  # Triton's interpreter (TRITON_INTERPRET=1) runs on CPU
+            return 132
+        if device.index not in _NUM_SMS:
+            _NUM_SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+        return _NUM_SMS[device.index]
+
+    def sparse_attention_triton(q, sink, scale, win_cache, win_new, win_idx, cmp_cache=None,
+                                cmp_idx=None, rope_dim: int = 64,
+                                config: AttnConfig | None = None) -> torch.Tensor:
+        """Launcher: checks shapes and dtypes once, chooses the split, runs 1 or 2 kernels."""
+        T, H, D = q.shape
+        cfg = config or default_config(q)
+        fp8 = win_cache.dtype == torch.uint8
+        if q.dtype not in (torch.bfloat16, torch.float32):
+            raise TypeError(f"q must be bf16 or fp32, got {q.dtype}")
+        if fp8:
+            if D % 64 or (D - rope_dim) % 64:
+                raise ValueError(f"FP8 rows need D and D-r multiples of 64, got D={D}, r={rope_dim}")
+        elif win_cache.dtype != q.dtype:
+            raise TypeError(f"float caches must have q's dtype {q.dtype}, got {win_cache.dtype}")
+        if cmp_cache is not None and cmp_cache.dtype != win_cache.dtype:
+            raise TypeError(f"cmp_cache dtype {cmp_cache.dtype} != win_cache dtype {win_cache.dtype}")
+        if win_idx.shape[0] != T or win_new.shape != (T, D):
+            raise ValueError(f"win_idx {tuple(win_idx.shape)} / win_new {tuple(win_new.shape)} "
+                             f"do not match q {tuple(q.shape)}")
+        o = torch.empty_like(q)
+        if T == 0:
+            return o
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        win_cache = win_cache.contiguous()
+        win_new = win_new.to(q.dtype).contiguous()
+        win_idx = win_idx.contiguous()
+        Kw = win_idx.shape[1]
+        if cmp_idx is None or cmp_idx.shape[1] == 0 or cmp_cache is None:
+            cmp_cache, cmp_idx, Kc = win_cache, win_idx, 0
+        else:
+            cmp_cache = cmp_cache.contiguous()
+            cmp_idx = cmp_idx.to(win_idx.dtype).contiguous()
+            Kc = cmp_idx.shape[1]
+        if cmp_cache.stride(0) != win_cache.stride(0):
+            raise ValueError(f"window and compressed rows differ in width: {win_cache.stride(0)} "
+                             f"vs {cmp_cache.stride(0)}")
+        if cmp_idx.shape[0] != T:
+            raise ValueError(f"cmp_idx has {cmp_idx.shape[0]} rows for {T} tokens")
+        BK, BH = cfg.block_k, min(cfg.block_h, max(16, triton.next_power_of_2(H)))
+        BD = max(64, triton.next_power_of_2(D))
+        n_win_tiles = triton.cdiv(Kw, BK)
+        n_tiles = n_win_tiles + triton.cdiv(Kc, BK)
+        n_hb = triton.cdiv(H, BH)
+        splits = cfg.splits or max(1, min(triton.cdiv(_num_sms(q.device), T * n_hb), n_tiles // 2))
+        splits = max(1, min(splits, n_tiles))
+        tps = triton.cdiv(max(n_tiles, 1), splits)
+        splits = triton.cdiv(max(n_tiles, 1), tps)
+        sink = sink.float().contiguous()
+        if splits > 1:
+            part_o = torch.empty(splits, T, H, D, dtype=torch.float32, device=q.device)
+            part_ml = torch.empty(splits, T, H, 2, dtype=torch.float32, device=q.device)
+        else:
+            part_o = part_ml = o
+        _sparse_attn_kernel[(T * n_hb, splits)](
+            q, sink, o, part_o, part_ml, win_cache, win_new, win_idx, cmp_cache, cmp_idx,
+            T, H, win_cache.shape[0], Kw, Kc, n_win_tiles, n_tiles, tps,
+            q.stride(0), q.stride(1), o.stride(0), o.stride(1), win_idx.stride(0),
+            cmp_idx.stride(0), win_cache.stride(0), scale * _LOG2E,
+            D=D, BLOCK_D=BD, BLOCK_H=BH, BLOCK_K=BK, FP8=fp8, NOPE=D - rope_dim, ROPE=rope_dim,
+            SPLIT=splits > 1, IEEE=q.dtype == torch.float32,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if splits > 1:
+            _combine_kernel[(T, triton.cdiv(H, 16))](
+                sink, part_o, part_ml, o, T, H, splits, o.stride(0), o.stride(1),
+                D=D, BLOCK_D=BD, BLOCK_H=16, num_warps=4)
+        return o
+
+
+def sparse_attention(q, sink, scale, win_cache, win_new, win_idx, cmp_cache=None, cmp_idx=None,
+                     rope_dim: int = 64):
+    if use_triton(q) and q.dtype in (torch.bfloat16, torch.float32):
+        return sparse_attention_triton(q, sink, scale, win_cache, win_new, win_idx, cmp_cache,
+                                       cmp_idx, rope_dim)
+    return sparse_attention_ref(q, sink, scale, win_cache, win_new, win_idx, cmp_cache, cmp_idx,
+                                rope_dim)

@@ -1,0 +1,219 @@
+"""Benchmark of the attention-path kernels against their torch references on one GPU.
+
+    PYTHONPATH=. python3 benchmarks/bench_attention.py [--quick] [--configs]
+
+Prints, per case, the median time of the Triton kernel and of the torch reference (same inputs,
+same run, `triton.testing.do_bench`), the bytes the kernel must move (each input row read once,
+each output written once) over its time, its FLOP rate, and both as fractions of the H200's
+limits (4.8 TB/s HBM, 989 TFLOP/s dense bf16). Inputs rotate over sets larger than L2 where one
+call would otherwise fit in cache.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from dsv4.kernels.compressor import compress_pool_ref, compress_pool_triton
+from dsv4.kernels.indexer import indexer_scores_triton, indexer_topk_ref, select_topk
+from dsv4.kernels.kv_fp8 import kv_fp8_row_bytes, pack_kv_fp8
+from dsv4.kernels.mhc import hc_post_ref, hc_post_triton, hc_pre_ref, hc_pre_triton
+from dsv4.kernels.rmsnorm import rmsnorm_ref, rmsnorm_triton
+from dsv4.kernels.sparse_attention import AttnConfig, sparse_attention_ref, sparse_attention_triton
+from dsv4.quant.sim import fp4_sim, fp8_sim
+
+HBM_BPS, BF16_FLOPS = 4.8e12, 989e12
+ROTATE_BYTES = 256 << 20  # several times the 60 MB L2
+DEV = "cuda"
+ROWS: list[str] = []
+
+
+def bench(fns: list, rep: int = 60) -> float:
+    """Median ms of calling fns[i % len(fns)] (rotating input sets)."""
+    it = iter(range(1 << 62))
+    return do_bench(lambda: fns[next(it) % len(fns)](), warmup=10, rep=rep, return_mode="median")
+
+
+def report(name: str, ms: float, ref_ms: float | None, nbytes: float, flops: float) -> None:
+    gbs, tfl = nbytes / ms / 1e6, flops / ms / 1e9
+    ref = f"{ref_ms * 1e3:9.1f}" if ref_ms is not None else "        -"
+    speed = f"{ref_ms / ms:6.1f}x" if ref_ms is not None else "      -"
+    line = (f"{name:<44} {ms * 1e3:9.1f} {ref}  {speed} {gbs:8.0f} {100 * gbs * 1e9 / HBM_BPS:5.1f}% "
+            f"{tfl:7.1f} {100 * tfl * 1e12 / BF16_FLOPS:5.1f}%")
+    ROWS.append(line)
+    print(line, flush=True)
+
+
+def header() -> str:
+    return (f"{'case':<44} {'us':>9} {'ref us':>9}  {'speedup':>7} {'GB/s':>8} {'%HBM':>6} "
+            f"{'TFLOP/s':>7} {'%peak':>6}")
+
+
+def kv_rows(n: int, gen) -> torch.Tensor:
+    x = torch.randn(n, 512, generator=gen, device=DEV)
+    return torch.cat([fp8_sim(x[:, :448], 64), x[:, 448:]], 1).bfloat16()
+
+
+# ------------------------------------------------------------------------------ attention
+def bench_attention(H: int, topk: int, B: int, fp8: bool, configs: list[AttnConfig] | None,
+                    with_ref: bool) -> None:
+    """Decode: B tokens, each with a 128-row window (127 cached + its own new row) and `topk`
+    compressed rows, all distinct rows of large caches."""
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    D, Kw = 512, 128
+    row_bytes = kv_fp8_row_bytes(D, 64) if fp8 else 2 * D
+    per_call = B * (Kw + topk) * row_bytes
+    sets = max(1, min(256, math.ceil(ROTATE_BYTES / per_call)))
+    nw, nc = sets * B * (Kw - 1), sets * B * topk
+    win_cache, cmp_cache = kv_rows(nw, gen), kv_rows(nc, gen)
+    if fp8:
+        win_p, cmp_p = pack_kv_fp8(win_cache), pack_kv_fp8(cmp_cache)
+    inputs = []
+    wperm = torch.randperm(nw, device=DEV, generator=gen)
+    cperm = torch.randperm(nc, device=DEV, generator=gen)
+    for s in range(sets):
+        q = torch.randn(B, H, D, generator=gen, device=DEV)
+        q = (q * torch.rsqrt(q.square().mean(-1, keepdim=True))).bfloat16()
+        wi = wperm[s * B * (Kw - 1):(s + 1) * B * (Kw - 1)].view(B, Kw - 1)
+        wi = torch.cat([wi, nw + torch.arange(B, device=DEV)[:, None]], 1)
+        ci = cperm[s * B * topk:(s + 1) * B * topk].view(B, topk)
+        inputs.append((q, kv_rows(B, gen), wi, ci))
+    sink = torch.randn(H, generator=gen, device=DEV)
+    wc, cc = (win_p, cmp_p) if fp8 else (win_cache, cmp_cache)
+    nbytes = per_call + 2 * 2 * B * H * D
+    flops = 4.0 * B * H * (Kw + topk) * D
+    ref_ms = None
+    if with_ref:
+        try:
+            ref_fns = [lambda a=a: sparse_attention_ref(a[0], sink, D ** -0.5, wc, a[1], a[2], cc, a[3])
+                       for a in inputs[:2]]
+            ref_ms = bench(ref_fns, rep=30)
+        except torch.OutOfMemoryError:
+            ref_ms = None
+        torch.cuda.empty_cache()
+    for cfg in configs or [None]:
+        fns = [lambda a=a: sparse_attention_triton(a[0], sink, D ** -0.5, wc, a[1], a[2], cc, a[3],
+                                                   config=cfg) for a in inputs]
+        tag = "" if cfg is None else f" h{cfg.block_h}k{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}"
+        try:
+            ms = bench(fns)
+        except Exception as e:  # a config that does not compile on this GPU
+            print(f"attn H={H} B={B}{tag}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        fmt = "fp8" if fp8 else "bf16"
+        report(f"attn H={H} k={topk}+{Kw} B={B} {fmt}{tag}", ms, ref_ms, nbytes, flops)
+
+
+# ------------------------------------------------------------------------------ indexer
+def bench_indexer(ctx: int, B: int, topk: int, with_ref: bool) -> None:
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    nI, c, N = 64, 128, ctx // 4
+    per_call = B * N * c * 2
+    sets = max(1, min(16, math.ceil(ROTATE_BYTES / per_call)))
+    keys = fp4_sim(torch.randn(sets * B * N, c, generator=gen, device=DEV), 32).bfloat16()
+    inputs = []
+    for s in range(sets):
+        q = fp4_sim(torch.randn(B, nI, c, generator=gen, device=DEV), 32).bfloat16()
+        w = (torch.randn(B, nI, generator=gen, device=DEV) * (c * nI) ** -0.5).bfloat16()
+        cand = (s * B * N + torch.arange(B * N, device=DEV)).view(B, N)
+        inputs.append((q, w, cand))
+    nbytes = per_call + B * N * 8 + B * N * 4
+    flops = 2.0 * B * N * nI * c
+    ref_ms = None
+    if with_ref:
+        ref_ms = bench([lambda a=a: indexer_topk_ref(a[0], a[1], keys, a[2], topk) for a in inputs[:2]],
+                       rep=30)
+    ms = bench([lambda a=a: indexer_scores_triton(a[0], a[1], keys, a[2]) for a in inputs])
+    report(f"indexer scores ctx={ctx // 1024}K B={B}", ms, None, nbytes, flops)
+    ms = bench([lambda a=a: select_topk(indexer_scores_triton(a[0], a[1], keys, a[2]), a[2], topk,
+                                        stable=False) for a in inputs])
+    report(f"indexer scores+topk{topk} ctx={ctx // 1024}K B={B}", ms, ref_ms, nbytes, flops)
+
+
+# ------------------------------------------------------------------------------ compressor
+def bench_compressor(tokens: int, m: int, C: int) -> None:
+    gen = torch.Generator(device=DEV).manual_seed(2)
+    k = 2 if m == 4 else 1
+    W, items = tokens // m, k * m
+    kv = torch.randn(W, items, C, generator=gen, device=DEV)
+    score = torch.randn(W, items, C, generator=gen, device=DEV)
+    valid = torch.ones(W, items, dtype=torch.bool, device=DEV)
+    nbytes = 2 * kv.numel() * 4 + W * C * 4
+    ref_ms = bench([lambda: compress_pool_ref(kv, score, valid)])
+    ms = bench([lambda: compress_pool_triton(kv, score, valid)])
+    report(f"compress_pool {tokens} tok m={m} C={C}", ms, ref_ms, nbytes, 0.0)
+
+
+# ------------------------------------------------------------------------------ mHC, RMSNorm
+def bench_mhc(T: int, d: int) -> None:
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    n = 4
+    sets = max(1, math.ceil(ROTATE_BYTES / (T * n * d * 2)))
+    xs = [torch.randn(T, n, d, generator=gen, device=DEV).bfloat16() for _ in range(sets)]
+    fn = torch.randn((2 + n) * n, n * d, generator=gen, device=DEV) * (n * d) ** -0.5
+    scale, base = torch.rand(3, device=DEV), torch.randn((2 + n) * n, device=DEV)
+    pre_bytes = T * n * d * 2 + T * d * 2 + fn.numel() * 4
+    ref_ms = bench([lambda x=x: hc_pre_ref(x, fn, scale, base, 1e-6, 1e-6, 20) for x in xs[:2]], rep=30)
+    ms = bench([lambda x=x: hc_pre_triton(x, fn, scale, base, 1e-6, 1e-6, 20) for x in xs])
+    report(f"hc_pre {T} tok d={d}", ms, ref_ms, pre_bytes, 2.0 * T * n * d * (2 + n) * n)
+    f = torch.randn(T, d, generator=gen, device=DEV).bfloat16()
+    post, comb = torch.rand(T, n, device=DEV), torch.rand(T, n, n, device=DEV)
+    post_bytes = 2 * T * n * d * 2 + T * d * 2
+    ref_ms = bench([lambda x=x: hc_post_ref(x, f, post, comb) for x in xs[:2]], rep=30)
+    ms = bench([lambda x=x: hc_post_triton(x, f, post, comb) for x in xs])
+    report(f"hc_post {T} tok d={d}", ms, ref_ms, post_bytes, 0.0)
+    w = torch.randn(d, device=DEV)
+    ys = [x[:, 0] .contiguous() for x in xs]
+    ref_ms = bench([lambda y=y: rmsnorm_ref(y, w, 1e-6) for y in ys[:2]], rep=30)
+    ms = bench([lambda y=y: rmsnorm_triton(y, w, 1e-6) for y in ys])
+    report(f"rmsnorm {T} tok d={d}", ms, ref_ms, 2 * T * d * 2, 0.0)
+
+
+def copy_ceiling() -> None:
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
+    y = torch.empty_like(x)
+    ms = bench([lambda: y.copy_(x)])
+    print(f"# device-to-device copy: {2 * x.numel() / ms / 1e6:.0f} GB/s (read + write)", flush=True)
+    del x, y
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="skip the torch references")
+    ap.add_argument("--configs", action="store_true", help="also try other attention tile shapes")
+    ap.add_argument("--only", default="", help="comma list of: attn,indexer,compressor,mhc")
+    args = ap.parse_args()
+    parts = set(args.only.split(",")) if args.only else {"attn", "indexer", "compressor", "mhc"}
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    copy_ceiling()
+    print(header(), flush=True)
+    if "attn" in parts:
+        for H, topk in ((64, 512), (128, 1024)):
+            for fp8 in (False, True):
+                for B in (1, 32, 128):
+                    bench_attention(H, topk, B, fp8, None, not args.quick)
+        if args.configs:
+            alts = [AttnConfig(64, 64, 8, 2), AttnConfig(64, 32, 8, 3), AttnConfig(64, 16, 4, 2),
+                    AttnConfig(32, 32, 4, 2)]
+            for H, topk in ((64, 512), (128, 1024)):
+                bench_attention(H, topk, 128, False, alts, False)
+    if "indexer" in parts:
+        for ctx in (8192, 32768, 131072):
+            bench_indexer(ctx, 32, 1024, not args.quick)
+    if "compressor" in parts:
+        for m, C in ((4, 512), (128, 512), (4, 128)):
+            bench_compressor(8192, m, C)
+    if "mhc" in parts:
+        for d in (4096, 7168):
+            bench_mhc(8192, d)
+    print("\n" + header())
+    print("\n".join(ROWS))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Triton kernels of the attention path against their torch references, on realistic shapes.
+
+Index lists come from a real `ForwardBatch` (ragged prefill chunks and decode tokens at the edge
+positions of the window and of the compressor), so the kernels see the -1 patterns the model
+produces. Run on a GPU: `PYTHONPATH=. python3 -m pytest -m gpu tests/gpu/test_attention_kernels.py`.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv4.cache.kv_cache import BLOCK_TOKENS
+from dsv4.kernels import HAS_TRITON
+from dsv4.model.batch import ForwardBatch, SeqChunk
+from dsv4.quant.sim import fp4_sim, fp8_sim
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not HAS_TRITON, reason="needs CUDA and Triton")]
+
+D, R, W, MARGIN = 512, 64, 128, 8
+DEV = "cuda"
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def kv_rows(n: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Rows as the model makes them: FP8-simulated no-rope dims, plain rope dims."""
+    x = torch.randn(n, D, generator=gen, device=DEV)
+    return torch.cat([fp8_sim(x[:, :D - R], 64), x[:, D - R:]], 1).to(dtype)
+
+
+def make_batch(chunks: list[tuple[int, int]]) -> ForwardBatch:
+    """One sequence per (start_pos, new tokens); each gets its own slot and blocks."""
+    seqs, next_block = [], 0
+    for slot, (start, n) in enumerate(chunks):
+        nb = -(-(start + n) // BLOCK_TOKENS)
+        seqs.append(SeqChunk([1] * n, start, slot, list(range(next_block, next_block + nb))))
+        next_block += nb
+    return ForwardBatch(seqs, W, W + MARGIN, len(chunks), device=DEV)
+
+
+def attention_inputs(batch: ForwardBatch, H: int, ratio: int, topk: int, dtype, seed: int):
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    T = batch.num_tokens
+    q = torch.randn(T, H, D, generator=gen, device=DEV)
+    q = (q * torch.rsqrt(q.square().mean(-1, keepdim=True))).to(dtype)
+    sink = torch.randn(H, generator=gen, device=DEV)
+    win_cache = kv_rows(batch.num_slots * batch.window_rows, dtype, gen)
+    win_new = kv_rows(T, dtype, gen)
+    cmp_cache = cmp_idx = None
+    if ratio:
+        nblocks = int(batch.block_tables_cpu.max()) + 1
+        cmp_cache = kv_rows(nblocks * (BLOCK_TOKENS // ratio), dtype, gen)
+        cand, _ = batch.candidates(ratio)
+        if ratio == 4:  # an indexer's choice: the top-k of random scores among visible entries
+            score = torch.rand(cand.shape, generator=gen, device=DEV).masked_fill(cand < 0, -1)
+            kk = min(topk, cand.shape[1])
+            val, order = score.topk(kk, dim=1)
+            cmp_idx = torch.where(val >= 0, cand.gather(1, order), -1)
+        else:
+            cmp_idx = cand
+    return q, sink, win_cache, win_new, batch.window_index, cmp_cache, cmp_idx
+
+
+# decode tokens at the edges: first token, w-1, w, w+1 tokens of history, m-1/m/m+1 for CSA,
+# one long sequence whose visible entries exceed top-k
+DECODE_EDGES = [(0, 1), (W - 2, 1), (W - 1, 1), (W, 1), (2, 1), (3, 1), (4, 1), (5000, 1)]
+PREFILL = [(0, 200), (300, 57), (127, 3)]
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16_rows", "fp8_rows"])
+@pytest.mark.parametrize("H,ratio,topk,chunks", [
+    (64, 4, 512, DECODE_EDGES), (128, 4, 1024, DECODE_EDGES), (64, 128, 0, DECODE_EDGES),
+    (128, 4, 1024, PREFILL), (64, 0, 0, PREFILL)], ids=["flash-csa-decode", "pro-csa-decode",
+                                                        "flash-hca-decode", "pro-csa-prefill",
+                                                        "flash-swa-prefill"])
+def test_sparse_attention_matches_reference(H, ratio, topk, chunks, fp8):
+    from dsv4.kernels.kv_fp8 import pack_kv_fp8
+    from dsv4.kernels.sparse_attention import sparse_attention, sparse_attention_ref
+    batch = make_batch(chunks)
+    q, sink, wc, wn, wi, cc, ci = attention_inputs(batch, H, ratio, topk, torch.bfloat16, seed=H)
+    ref = sparse_attention_ref(q, sink, D ** -0.5, wc, wn, wi, cc, ci)
+    if fp8:  # packing model-made rows is lossless, so the reference is the same
+        wc, cc = pack_kv_fp8(wc), (pack_kv_fp8(cc) if cc is not None else None)
+    out = sparse_attention(q, sink, D ** -0.5, wc, wn, wi, cc, ci)
+    assert not out.isnan().any(), "NaN in the output"
+    err = rel_err(out, ref)
+    max_err = (out.float() - ref.float()).abs().max().item()
+    assert err < 1e-2 and max_err < 3e-2 * ref.float().abs().max().item(), \
+        f"rel err {err:.2e}, max abs err {max_err:.2e} (ref max {ref.abs().max().item():.3f})"
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_sparse_attention_fp32_is_exact_to_fp32_noise(splits):
+    from dsv4.kernels.sparse_attention import AttnConfig, sparse_attention_ref, sparse_attention_triton
+    batch = make_batch(DECODE_EDGES[:6] + [(700, 5)])
+    q, sink, wc, wn, wi, cc, ci = attention_inputs(batch, 64, 4, 512, torch.float32, seed=1)
+    ref = sparse_attention_ref(q, sink, D ** -0.5, wc, wn, wi, cc, ci)
+    cfg = AttnConfig(block_h=16, block_k=16, num_warps=4, num_stages=1, splits=splits)
+    out = sparse_attention_triton(q, sink, D ** -0.5, wc, wn, wi, cc, ci, config=cfg)
+    assert rel_err(out, ref) < 1e-5, f"rel err {rel_err(out, ref):.2e}"
+
+
+def test_sparse_attention_split_matches_unsplit():
+    from dsv4.kernels.sparse_attention import AttnConfig, sparse_attention_triton
+    batch = make_batch([(5000, 1), (3, 1)])
+    q, sink, wc, wn, wi, cc, ci = attention_inputs(batch, 128, 4, 1024, torch.bfloat16, seed=2)
+    one = sparse_attention_triton(q, sink, D ** -0.5, wc, wn, wi, cc, ci, config=AttnConfig(splits=1))
+    many = sparse_attention_triton(q, sink, D ** -0.5, wc, wn, wi, cc, ci, config=AttnConfig(splits=7))
+    assert rel_err(many, one) < 1e-2, f"rel err {rel_err(many, one):.2e}"
+
+
+def test_kv_fp8_round_trip_is_exact_on_model_rows():
+    from dsv4.kernels.kv_fp8 import pack_kv_fp8, unpack_kv_fp8
+    rows = kv_rows(4096, torch.bfloat16, torch.Generator(device=DEV).manual_seed(3))
+    packed = pack_kv_fp8(rows)
+    assert packed.shape == (4096, 584)
+    assert torch.equal(unpack_kv_fp8(packed, D), rows)
+
+
+# ------------------------------------------------------------------------------------ indexer
+def indexer_inputs(chunks, dtype, seed, nI=64, c=128):
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    batch = make_batch(chunks)
+    T = batch.num_tokens
+    cand, _ = batch.candidates(4)
+    nblocks = int(batch.block_tables_cpu.max()) + 1
+    q = fp4_sim(torch.randn(T, nI, c, generator=gen, device=DEV), 32).to(dtype)
+    keys = fp4_sim(torch.randn(nblocks * 32, c, generator=gen, device=DEV), 32).to(dtype)
+    w = (torch.randn(T, nI, generator=gen, device=DEV) * (c * nI) ** -0.5).to(dtype)
+    return q, w, keys, cand
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_indexer_scores_match_reference(dtype):
+    from dsv4.kernels.indexer import indexer_scores_ref, indexer_scores_triton
+    q, w, keys, cand = indexer_inputs(DECODE_EDGES + [(9000, 3)], dtype, seed=4)
+    ref = indexer_scores_ref(q, w, keys, cand)
+    out = indexer_scores_triton(q, w, keys, cand)
+    fin = torch.isfinite(ref)
+    assert torch.equal(fin, torch.isfinite(out)), "visibility pattern differs"
+    assert rel_err(out[fin], ref[fin]) < 1e-5, f"rel err {rel_err(out[fin], ref[fin]):.2e}"
+
+
+@pytest.mark.parametrize("topk", [512, 1024])
+def test_indexer_topk_selects_the_reference_top_scores(topk):
+    """Same selected set modulo ties: every pick is visible and unique, and the picked scores
+    equal the reference's best scores as multisets."""
+    from dsv4.kernels.indexer import indexer_scores_ref, indexer_topk, indexer_topk_ref
+    q, w, keys, cand = indexer_inputs(DECODE_EDGES + [(9000, 3)], torch.bfloat16, seed=topk)
+    sel, ref_sel = indexer_topk(q, w, keys, cand, topk), indexer_topk_ref(q, w, keys, cand, topk)
+    assert sel.shape == ref_sel.shape
+    score = indexer_scores_ref(q, w, keys, cand)
+    by_row = torch.full((keys.shape[0] + 1,), float("nan"), device=DEV)
+    for t in range(cand.shape[0]):
+        by_row.fill_(float("nan"))
+        vis = cand[t] >= 0
+        by_row[cand[t][vis]] = score[t][vis]
+        picked = sel[t][sel[t] >= 0]
+        assert (sel[t] >= 0).sum() == (ref_sel[t] >= 0).sum(), f"token {t}: count differs"
+        assert picked.unique().numel() == picked.numel(), f"token {t}: duplicate picks"
+        got = by_row[picked]
+        assert not got.isnan().any(), f"token {t}: picked a row that is not visible"
+        want = by_row[ref_sel[t][ref_sel[t] >= 0]]
+        torch.testing.assert_close(got.sort().values, want.sort().values, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ compressor
+@pytest.mark.parametrize("windows,items,C", [(64, 128, 512), (2048, 8, 512), (2048, 8, 128), (3, 8, 96)])
+def test_compress_pool_matches_reference(windows, items, C):
+    from dsv4.kernels.compressor import compress_pool, compress_pool_ref
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    kv = torch.randn(windows, items, C, generator=gen, device=DEV)
+    score = torch.randn(windows, items, C, generator=gen, device=DEV) * 3
+    valid = torch.ones(windows, items, dtype=torch.bool, device=DEV)
+    valid[0, :items // 2] = False  # window 0 of an overlapping compressor has no predecessor
+    out, ref = compress_pool(kv, score, valid), compress_pool_ref(kv, score, valid)
+    assert rel_err(out, ref) < 1e-6, f"rel err {rel_err(out, ref):.2e}"
+
+
+# ------------------------------------------------------------------------------------ mHC
+def assert_within_one_bf16_ulp(out, ref):
+    tol = ref.float().abs() * 2.0 ** -7 + 1e-6
+    bad = ((out.float() - ref.float()).abs() > tol).sum().item()
+    assert bad == 0, f"{bad} elements differ by more than one bf16 ulp"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T,d", [(1, 4096), (37, 4096), (300, 7168)])
+def test_hc_pre_matches_reference(T, d, dtype):
+    from dsv4.kernels.mhc import hc_pre, hc_pre_ref
+    gen = torch.Generator(device=DEV).manual_seed(T)
+    n = 4
+    x = torch.randn(T, n, d, generator=gen, device=DEV).to(dtype)
+    fn = torch.randn((2 + n) * n, n * d, generator=gen, device=DEV) * (n * d) ** -0.5
+    scale = torch.rand(3, generator=gen, device=DEV) + 0.5
+    base = torch.randn((2 + n) * n, generator=gen, device=DEV)
+    y, post, comb = hc_pre(x, fn, scale, base, 1e-6, 1e-6, 20)
+    yr, postr, combr = hc_pre_ref(x, fn, scale, base, 1e-6, 1e-6, 20)
+    torch.testing.assert_close(post, postr, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(comb, combr, atol=2e-6, rtol=2e-6)
+    if dtype == torch.bfloat16:
+        assert_within_one_bf16_ulp(y, yr)
+    else:
+        torch.testing.assert_close(y, yr, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T,d", [(1, 4096), (300, 7168)])
+def test_hc_post_matches_reference(T, d):
+    from dsv4.kernels.mhc import hc_post, hc_post_ref
+    gen = torch.Generator(device=DEV).manual_seed(T + 1)
+    n = 4
+    x = torch.randn(T, n, d, generator=gen, device=DEV).bfloat16()
+    f = torch.randn(T, d, generator=gen, device=DEV).bfloat16()
+    post = torch.rand(T, n, generator=gen, device=DEV) * 2
+    comb = torch.rand(T, n, n, generator=gen, device=DEV)
+    assert_within_one_bf16_ulp(hc_post(x, f, post, comb), hc_post_ref(x, f, post, comb))
+
+
+# ------------------------------------------------------------------------------------ RMSNorm
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(3, 4096), (5, 7168), (1, 512), (2, 3, 1536), (4, 128)])
+def test_rmsnorm_matches_reference(shape, dtype):
+    from dsv4.kernels.rmsnorm import rmsnorm, rmsnorm_ref
+    gen = torch.Generator(device=DEV).manual_seed(6)
+    x = torch.randn(shape, generator=gen, device=DEV).to(dtype)
+    w = torch.randn(shape[-1], generator=gen, device=DEV)
+    out, ref = rmsnorm(x, w, 1e-6), rmsnorm_ref(x, w, 1e-6)
+    if dtype == torch.bfloat16:
+        assert_within_one_bf16_ulp(out, ref)
+    else:
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
