@@ -1,0 +1,75 @@
+"""CPU specifications of the torch references added with the attention-path kernels."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv4.kernels.kv_fp8 import kv_fp8_row_bytes, pack_kv_fp8, unpack_kv_fp8
+from dsv4.kernels.sparse_attention import sparse_attention_ref
+from dsv4.quant.sim import fp8_sim
+
+D, R = 512, 64
+
+
+def model_rows(n: int, dtype=torch.bfloat16, seed: int = 0) -> torch.Tensor:
+    """Rows as the model writes them: FP8-simulated no-rope dims, plain rope dims, with row
+    magnitudes over many binades (the per-64 scales differ)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D, generator=g) * torch.logspace(-5, 3, n)[:, None]
+    return torch.cat([fp8_sim(x[:, :D - R], 64), x[:, D - R:]], 1).to(dtype)
+
+
+def test_published_row_is_584_bytes():
+    assert kv_fp8_row_bytes(512, 64) == 584
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_packing_model_rows_is_lossless(dtype):
+    rows = model_rows(257, dtype)
+    rows[3] = 0  # an all-zero row takes the minimum scale
+    packed = pack_kv_fp8(rows)
+    assert packed.dtype == torch.uint8 and packed.shape == (257, 584)
+    back = unpack_kv_fp8(packed, D, R, dtype)
+    if dtype == torch.float32:  # the layout keeps rope dims in bf16
+        rows = torch.cat([rows[:, :D - R], rows[:, D - R:].bfloat16().float()], 1)
+    assert torch.equal(back, rows), f"max diff {(back - rows).abs().max().item()}"
+
+
+def test_layout_places_codes_rope_and_scales():
+    row = torch.zeros(1, D)
+    row[0, 0] = 3.0          # amax 3 -> scale pow2ceil(3/448) = 2^-7, code 384
+    row[0, D - R] = -1.5     # first rope dim, stored as bf16
+    p = pack_kv_fp8(row)[0]
+    assert p[0].item() == torch.tensor([384.0]).to(torch.float8_e4m3fn).view(torch.uint8).item()
+    assert p[448:450].view(torch.bfloat16).item() == -1.5
+    assert p[576].item() == 127 - 7
+    assert p[583].item() == 0  # padding
+
+
+def test_unpack_rejects_a_wrong_row_width():
+    with pytest.raises(ValueError, match="584"):
+        unpack_kv_fp8(torch.zeros(2, 576, dtype=torch.uint8), D, R)
+
+
+def test_reference_attention_reads_packed_caches_like_float_ones():
+    g = torch.Generator().manual_seed(1)
+    T, H = 3, 4
+    q = torch.randn(T, H, D, generator=g).bfloat16()
+    sink = torch.randn(H, generator=g)
+    win, new, cmp = model_rows(10, seed=2), model_rows(T, seed=3), model_rows(6, seed=4)
+    wi = torch.tensor([[0, 5, 10, -1], [11, 2, -1, -1], [12, 11, 10, 9]])
+    ci = torch.tensor([[0, 5], [-1, -1], [3, -1]])
+    want = sparse_attention_ref(q, sink, D ** -0.5, win, new, wi, cmp, ci)
+    got = sparse_attention_ref(q, sink, D ** -0.5, pack_kv_fp8(win), new, wi, pack_kv_fp8(cmp), ci)
+    assert torch.equal(got, want)
+
+
+def test_reference_attention_with_only_new_rows():
+    """An empty window cache (first chunk) reads every row from this step's rows."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 64, generator=g)
+    new = torch.randn(2, 64, generator=g)
+    out = sparse_attention_ref(q, torch.zeros(4), 0.125, torch.zeros(0, 64), new,
+                               torch.tensor([[0, -1], [1, 0]]))
+    p0 = torch.softmax(torch.stack([(q[0] @ new[0]) * 0.125, torch.zeros(4)], -1), -1)[:, 0]
+    torch.testing.assert_close(out[0], p0[:, None] * new[0])
