@@ -318,3 +318,17 @@ def test_capacity_and_stats_describe_the_cache(engine):
     assert s.kv_cache_usage == pytest.approx(1 / s.num_blocks)
     engine.step()
     assert not engine.has_unfinished_requests()
+
+
+def test_streamed_text_only_grows_even_while_a_stop_string_could_still_match(engine):
+    engine.add_request("s", prompts([12], seed=7)[0],
+                       SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
+                                      stop=["never printed \u2603"]))
+    seen = []
+    while engine.has_unfinished_requests():
+        seen += [o.outputs[0].text for o in engine.step()]
+    for a, b in zip(seen, seen[1:]):
+        assert b.startswith(a), f"text went from {a!r} to {b!r}"
+    plain = run(engine, [(prompts([12], seed=7)[0], SamplingParams(
+        temperature=0.0, max_tokens=24, ignore_eos=True))])[0].outputs[0].text
+    assert seen[-1] == plain, "the held-back tail must arrive when the request finishes"

@@ -212,6 +212,8 @@ class LLMEngine:
         """Run one scheduler step; returns the outputs of requests that got a token or finished."""
         sched = self.scheduler.schedule()
         if not sched.chunks:
+            if self.scheduler.has_unfinished():  # cannot happen: an empty cache fits any request
+                raise RuntimeError("the scheduler could not schedule any of the queued requests")
             return []
         start = time.time()
         result = self.runner.run(sched.chunks)

@@ -1,0 +1,164 @@
+"""The `dsv4` command: `generate` here; `make-tiny`, `serve` and `bench` from their modules.
+
+Engine options shared by every subcommand that builds an engine live in `add_engine_args` and
+`engine_kwargs`, so `dsv4 serve` and `dsv4 bench` take exactly the flags `dsv4 generate` takes.
+A subcommand module registers itself with `add_<name>_cli(subparsers)`, which adds a parser and
+sets `func` (called with the parsed args; returns an exit code or None).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default="tiny",
+                   help="model directory, or a preset with random weights: tiny, flash, pro")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="working dtype (auto = bfloat16)")
+    g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="context limit (default: what the config and the KV cache allow)")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one step")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory the engine may use (model + KV cache)")
+    g.add_argument("--cpu-cache-bytes", type=int, default=256 << 20,
+                   help="KV cache budget in bytes when running on CPU")
+    g.add_argument("--seed", type=int, default=0, help="seed of presets' weights and of sampling")
+    g.add_argument("--speculative-tokens", type=int, default=0, help="MTP draft tokens per step")
+    g.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
+    g.add_argument("--load-format", default="auto", help="checkpoint loading format")
+    g.add_argument("--skip-tokenizer-init", action="store_true",
+                   help="do not load a tokenizer (token-id prompts only)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """`LLMEngine.from_args(**engine_kwargs(args))` for args parsed with `add_engine_args`."""
+    return dict(model=args.model, dtype="bfloat16" if args.dtype == "auto" else args.dtype,
+                device=args.device, max_model_len=args.max_model_len,
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                gpu_memory_utilization=args.gpu_memory_utilization,
+                cpu_cache_bytes=args.cpu_cache_bytes, skip_tokenizer_init=args.skip_tokenizer_init,
+                seed=args.seed, speculative_tokens=args.speculative_tokens,
+                enforce_eager=args.enforce_eager, load_format=args.load_format)
+
+
+# ---------------------------------------------------------------------------- generate
+def _add_generate_cli(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text and stream it to stdout")
+    add_engine_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt text")
+    src.add_argument("--input-file", type=Path, help="one prompt per line ('-' for stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user chat message")
+    p.add_argument("--thinking", action="store_true", help="chat in thinking mode")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.set_defaults(func=run_generate)
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt is not None:
+        return [args.prompt]
+    text = sys.stdin.read() if str(args.input_file) == "-" else args.input_file.read_text()
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{args.input_file}: no prompts (one per line)")
+    return prompts
+
+
+def run_generate(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Generate for `dsv4 generate` args, streaming completions to `out` (stdout)."""
+    from .engine.llm_engine import LLMEngine
+    from .engine.sampler import SamplingParams
+
+    out = out or sys.stdout
+    prompts = _read_prompts(args)
+    engine = LLMEngine.from_args(**engine_kwargs(args))
+    if args.chat:
+        from .chat import encode_messages
+
+        if engine.tokenizer is None:
+            raise ValueError("--chat needs a tokenizer")
+        mode = "thinking" if args.thinking else "chat"
+        prompts = [{"prompt": p, "prompt_token_ids": engine.tokenizer.encode(
+            encode_messages([{"role": "user", "content": p}], mode))} for p in prompts]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+
+    # Completions are printed in input order, each streamed as soon as the ones before it are
+    # done; later ones keep generating (batched) meanwhile.
+    texts, done, shown, current = [""] * len(prompts), [False] * len(prompts), 0, 0
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            i = int(o.request_id)
+            texts[i], done[i] = o.outputs[0].text, o.finished
+        while current < len(prompts):
+            out.write(texts[current][shown:])
+            shown = len(texts[current])
+            if not done[current]:
+                break
+            out.write("\n")
+            current, shown = current + 1, 0
+        out.flush()
+    return 0
+
+
+# ---------------------------------------------------------------------------- main
+def _add_optional_cli(subparsers, name: str, module: str, help: str) -> None:
+    """Register `name` from `module.add_<name>_cli`; while the module is missing (or cannot be
+    imported), the subcommand exists and says why it is unavailable."""
+    func_name = f"add_{name.replace('-', '_')}_cli"
+    try:
+        add = getattr(importlib.import_module(module), func_name)
+    except (ImportError, AttributeError) as e:
+        # No option prefix: whatever flags follow are swallowed, so the message below is shown.
+        p = subparsers.add_parser(name, help=f"{help} (unavailable)", add_help=False,
+                                  prefix_chars="\0")
+        p.add_argument("rest", nargs="*")
+        reason = f"{type(e).__name__}: {e}"
+        p.set_defaults(func=lambda args: _unavailable(name, module, reason))
+        return
+    add(subparsers)
+
+
+def _unavailable(name: str, module: str, reason: str) -> int:
+    print(f"dsv4 {name} is unavailable: {module}.add_{name.replace('-', '_')}_cli could not be "
+          f"imported ({reason})", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 inference engine")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_generate_cli(sub)
+    _add_optional_cli(sub, "make-tiny", "dsv4.loader", "write a tiny model directory")
+    _add_optional_cli(sub, "serve", "dsv4.server", "OpenAI-compatible HTTP server")
+    _add_optional_cli(sub, "bench", "dsv4.bench", "throughput and latency benchmarks")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # ConfigError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The `dsv4` command line: `generate` streams text; shared engine flags; optional subcommands."""
+import inspect
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from dsv4 import LLM, SamplingParams
+from dsv4.cli import _add_optional_cli, build_parser, engine_kwargs, main, run_generate
+from dsv4.engine.llm_engine import LLMEngine
+
+ENGINE = ["--model", "tiny", "--dtype", "float32", "--device", "cpu",
+          "--cpu-cache-bytes", str(16 << 20), "--max-num-seqs", "4"]
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM("tiny", dtype="float32", device="cpu", cpu_cache_bytes=16 << 20, max_num_seqs=4)
+
+
+def expected_text(llm, prompt, chat=False, max_tokens=8) -> str:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    if chat:
+        return llm.chat([{"role": "user", "content": prompt}], params, use_tqdm=False)[0].outputs[0].text
+    return llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].text
+
+
+class Recorder:
+    def __init__(self):
+        self.writes: list[str] = []
+
+    def write(self, s: str) -> None:
+        self.writes.append(s)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_generate_prints_the_greedy_completion_of_the_offline_api(llm, capsys):
+    assert main(["generate", *ENGINE, "--prompt", "Hello", "--max-tokens", "8"]) == 0
+    assert capsys.readouterr().out == expected_text(llm, "Hello") + "\n"
+
+
+def test_generate_streams_text_as_tokens_arrive(llm):
+    args = build_parser().parse_args(["generate", *ENGINE, "--prompt", "Hello", "--max-tokens", "24"])
+    rec = Recorder()
+    run_generate(args, rec)
+    assert "".join(rec.writes) == expected_text(llm, "Hello", max_tokens=24) + "\n"
+    assert len([w for w in rec.writes if w]) > 3, f"not streamed: {rec.writes}"
+
+
+def test_input_file_prints_each_completion_on_its_own_line_in_input_order(llm, tmp_path, capsys):
+    f = tmp_path / "prompts.txt"
+    f.write_text("first prompt\n\nsecond, a longer prompt than the first\nthird\n")
+    assert main(["generate", *ENGINE, "--input-file", str(f), "--max-tokens", "8"]) == 0
+    want = [expected_text(llm, p) for p in
+            ("first prompt", "second, a longer prompt than the first", "third")]
+    assert capsys.readouterr().out == "".join(t + "\n" for t in want)
+
+
+def test_chat_flag_applies_the_chat_encoding(llm, capsys):
+    assert main(["generate", *ENGINE, "--prompt", "Hi!", "--chat", "--max-tokens", "8"]) == 0
+    assert capsys.readouterr().out == expected_text(llm, "Hi!", chat=True) + "\n"
+
+
+def test_unknown_model_exits_with_a_clear_error(capsys):
+    assert main(["generate", "--model", "/no/such/dir", "--device", "cpu", "--prompt", "x"]) == 1
+    assert "/no/such/dir" in capsys.readouterr().err
+
+
+def test_engine_kwargs_are_exactly_from_args_parameters():
+    import argparse
+
+    from dsv4.cli import add_engine_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    kw = engine_kwargs(parser.parse_args(["--model", "m", "--dtype", "float32",
+                                          "--max-num-seqs", "3", "--skip-tokenizer-init"]))
+    params = set(inspect.signature(LLMEngine.from_args).parameters) - {"cls"}
+    assert set(kw) == params
+    assert (kw["model"], kw["dtype"], kw["max_num_seqs"], kw["skip_tokenizer_init"]) == \
+        ("m", "float32", 3, True)
+    assert engine_kwargs(parser.parse_args([]))["dtype"] == "bfloat16"  # auto
+
+
+def test_a_subcommand_whose_module_is_missing_says_it_is_unavailable(capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="dsv4")
+    _add_optional_cli(parser.add_subparsers(), "nope", "dsv4.no_such_module", "help")
+    args = parser.parse_args(["nope", "--model", "x"])
+    assert args.func(args) == 2
+    assert "dsv4 nope is unavailable" in capsys.readouterr().err
+
+
+def test_readme_first_command_runs_with_no_files_and_no_network():
+    exe = shutil.which("dsv4")
+    cmd = [exe] if exe else [sys.executable, "-m", "dsv4.cli"]
+    r = subprocess.run(cmd + ["generate", "--model", "tiny", "--prompt", "Hello", "--max-tokens",
+                              "4", "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.endswith("\n") and len(r.stdout) > 1
+    assert "KV cache:" in r.stderr and "blocks" in r.stderr

@@ -1,0 +1,76 @@
+"""The offline API: `from dsv4 import LLM, SamplingParams`, vLLM-shaped results."""
+import pytest
+
+from dsv4 import LLM, CompletionOutput, RequestOutput, SamplingParams
+from dsv4.chat import encode_messages
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM("tiny", dtype="float32", device="cpu", cpu_cache_bytes=16 << 20, max_num_seqs=8)
+
+
+def test_generate_accepts_text_token_ids_and_dict_prompts_and_keeps_input_order(llm):
+    tok = llm.get_tokenizer()
+    ids = tok.encode("Hello there", add_special_tokens=True)
+    outs = llm.generate(["Hello there", ids, {"prompt_token_ids": ids}, [7, 8, 9]], GREEDY,
+                        use_tqdm=False)
+    assert all(isinstance(o, RequestOutput) and o.finished for o in outs)
+    assert [o.prompt_token_ids for o in outs] == [ids, ids, ids, [7, 8, 9]]
+    assert outs[0].prompt == "Hello there" and outs[1].prompt is None
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids == outs[2].outputs[0].token_ids
+    c = outs[0].outputs[0]
+    assert isinstance(c, CompletionOutput) and len(c.token_ids) == 6 and c.finish_reason == "length"
+    assert c.text == tok.decode(c.token_ids, skip_special_tokens=True)
+
+
+def test_a_single_prompt_gives_a_list_of_one_output(llm):
+    (one,) = llm.generate([5, 6, 7], GREEDY, use_tqdm=False)
+    assert one.prompt_token_ids == [5, 6, 7]
+
+
+def test_one_sampling_params_per_prompt(llm):
+    outs = llm.generate([[5, 6], [7, 8]], [SamplingParams(max_tokens=2, ignore_eos=True),
+                                            SamplingParams(max_tokens=4, ignore_eos=True)],
+                        use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [2, 4]
+    with pytest.raises(ValueError, match="2 sampling params for 3 prompts"):
+        llm.generate([[5], [6], [7]], [GREEDY, GREEDY], use_tqdm=False)
+
+
+def test_a_bad_prompt_rejects_the_batch_and_leaves_the_engine_empty(llm):
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[5, 6], []], GREEDY, use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert llm.llm_engine.get_stats().num_free_blocks == llm.llm_engine.num_blocks
+
+
+def test_chat_applies_the_deepseek_v4_chat_encoding(llm):
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    (out,) = llm.chat(messages, GREEDY, use_tqdm=False)
+    text = encode_messages(messages, "chat")
+    assert out.prompt == text
+    assert out.prompt_token_ids == llm.get_tokenizer().encode(text)
+    assert out.prompt_token_ids[0] == llm.get_tokenizer().bos_token_id  # exactly one BOS
+    assert out.prompt_token_ids[1] != out.prompt_token_ids[0]
+    two = llm.chat([messages, messages + [{"role": "assistant", "content": "4"},
+                                          {"role": "user", "content": "And 3+3?"}]],
+                   GREEDY, thinking=True, use_tqdm=False)
+    assert len(two) == 2 and two[0].prompt.endswith("<think>")
+
+
+def test_without_tokenizer_token_ids_are_served_and_text_is_refused():
+    llm = LLM("tiny", dtype="float32", device="cpu", cpu_cache_bytes=16 << 20, max_num_seqs=4,
+              skip_tokenizer_init=True)
+    assert llm.get_tokenizer() is None
+    (out,) = llm.generate({"prompt_token_ids": [5, 6, 7]}, GREEDY, use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 6
+    with pytest.raises(ValueError, match="no tokenizer"):
+        llm.generate("hello", GREEDY, use_tqdm=False)
+
+
+def test_unknown_model_raises_file_not_found():
+    with pytest.raises(FileNotFoundError, match="not-a-model"):
+        LLM("./not-a-model", device="cpu")
