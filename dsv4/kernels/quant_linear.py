@@ -2,31 +2,302 @@
 
 Reference (SPEC.md 3): quantise x per token in blocks of 128 to e4m3 with power-of-two scales,
 multiply by the dequantised weight with fp32 accumulation, return the working dtype.
+
+GPU (Hopper):
+- `act_quant_fp8`: the exact activation quantisation as a kernel (e4m3 values + fp32 scales).
+- `_qlinear_kernel`: one tile of y^T = W x^T ("swap AB": weight rows fill the 64/128-row side of
+  the tensor-core MMA, tokens the narrow side, so a decode step with one token wastes no rows).
+  FP8 weights run on FP8 tensor cores, one 128-deep MMA per K-block whose fp32 result is scaled
+  by (weight block scale x token scale) and added to an fp32 accumulator. FP4 weights (MXFP4,
+  NVFP4) are decoded in the kernel to bf16 with their per-32 / per-16 scales folded in: code x
+  scale is exact in bf16, and so is (e4m3 activation x power-of-two scale), so a bf16 MMA with
+  fp32 accumulation computes exactly the reference's products; only the summation order differs.
+  Packed FP4 stays packed in memory. Small M quantises x inside the kernel and splits K across
+  CTAs to fill the GPU; large M quantises once and, for FP8, uses cuBLAS block-scaled
+  `torch._scaled_mm` (faster than this kernel at large M on the H200, see benchmarks/).
+The tile helpers (`_act_block`, `_mma_block`) are shared with the grouped MoE kernel (moe.py).
 """
 from __future__ import annotations
 
 import torch
 
+from . import HAS_TRITON, use_triton
 from ..quant.formats import dequant_fp8, dequant_mxfp4, dequant_nvfp4
-from ..quant.sim import act_quant_sim
+from ..quant.sim import act_quant, act_quant_sim
+
+# Weight formats as the kernels know them (constexpr W_FMT).
+FMT_FP8, FMT_MXFP4, FMT_NVFP4 = 0, 1, 2
+# Up to this many tokens a linear quantises its input inside the GEMM (one launch, memory-bound
+# regime); above it, one act_quant launch feeds a compute-bound GEMM.
+FUSED_QUANT_MAX_M = 128
+# From this many tokens on, FP8 linears use cuBLAS block-scaled _scaled_mm when it is available.
+SCALED_MM_MIN_M = 256
 
 
+# ------------------------------------------------------------------------------- references
 def _ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     y = act_quant_sim(x) @ w.t()
     return y.to(x.dtype)
 
 
+def fp8_linear_ref(x, weight, scale):
+    return _ref(x, dequant_fp8(weight, scale))
+
+
+def mxfp4_linear_ref(x, weight, scale):
+    return _ref(x, dequant_mxfp4(weight, scale))
+
+
+def nvfp4_linear_ref(x, weight, weight_scale, weight_scale_2):
+    return _ref(x, dequant_nvfp4(weight, weight_scale, weight_scale_2))
+
+
+# ------------------------------------------------------------------------------- public ops
+def act_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], fp32 scales [M, K/128]) exactly as SPEC.md 3."""
+    if use_triton(x):
+        return _act_quant_cuda(x)
+    return act_quant(x)
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., K] (working dtype), weight e4m3 [N, K], scale e8m0 [N/128, K/128] -> [..., N]."""
-    return _ref(x, dequant_fp8(weight, scale))
+    if use_triton(x) and _kernel_shape_ok(x, weight.shape[1]):
+        return _qlinear_cuda(x, FMT_FP8, weight, scale.view(torch.uint8), None)
+    return fp8_linear_ref(x, weight, scale)
 
 
 def mxfp4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., K], weight packed e2m1 [N, K/2], scale e8m0 [N, K/32] -> [..., N]."""
-    return _ref(x, dequant_mxfp4(weight, scale))
+    if use_triton(x) and _kernel_shape_ok(x, weight.shape[1] * 2):
+        return _qlinear_cuda(x, FMT_MXFP4, weight.view(torch.uint8), scale.view(torch.int32), None)
+    return mxfp4_linear_ref(x, weight, scale)
 
 
 def nvfp4_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                  weight_scale_2: torch.Tensor) -> torch.Tensor:
     """x [..., K], weight packed e2m1 [N, K/2], e4m3 scale [N, K/16], fp32 global -> [..., N]."""
-    return _ref(x, dequant_nvfp4(weight, weight_scale, weight_scale_2))
+    if use_triton(x) and _kernel_shape_ok(x, weight.shape[1] * 2):
+        return _qlinear_cuda(x, FMT_NVFP4, weight.view(torch.uint8),
+                             weight_scale.view(torch.int32), weight_scale_2.float().reshape(1))
+    return nvfp4_linear_ref(x, weight, weight_scale, weight_scale_2)
+
+
+def _kernel_shape_ok(x: torch.Tensor, k: int) -> bool:
+    return (x.shape[-1] == k and k % 128 == 0
+            and x.dtype in (torch.bfloat16, torch.float32, torch.float16))
+
+
+# ------------------------------------------------------------------------------- launchers
+_SCALED_MM_OK: dict = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _act_quant_cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.contiguous()
+    m, k = x.shape
+    if k % 128:
+        raise ValueError(f"act_quant needs K % 128 == 0, got {k}")
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(m, k // 128, dtype=torch.float32, device=x.device)
+    if m:
+        _act_quant_kernel[(triton.cdiv(m, 32), k // 128)](x, q, s, m, k, BR=32, num_warps=4)
+    return q, s
+
+
+def _small_m_config(m: int) -> tuple[int, int, int]:
+    """(BW, BT, num_warps) for the fused-quant, memory-bound regime."""
+    bt = 16 if m <= 16 else 32 if m <= 32 else 64
+    return 64, bt, 4
+
+
+def _qlinear_cuda(x, fmt: int, weight, scale, gscale, path: str = "auto") -> torch.Tensor:
+    """Launcher for every quantised linear. `path` (auto | fused | triton | scaled_mm) exists
+    for the tests and benchmarks that compare the paths; the model always uses auto."""
+    k = x.shape[-1]
+    n = weight.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty(*lead, n)
+    if path == "auto":
+        if m <= FUSED_QUANT_MAX_M:
+            path = "fused"
+        elif fmt == FMT_FP8 and m >= SCALED_MM_MIN_M and _SCALED_MM_OK.get(x.device, True):
+            path = "scaled_mm"
+        else:
+            path = "triton"
+    if path == "scaled_mm":
+        q, s = _act_quant_cuda(x2)
+        try:
+            y = _scaled_mm_blockwise(q, s, weight, scale, x.dtype)
+            _SCALED_MM_OK[x.device] = True
+            return y.reshape(*lead, n)
+        except (RuntimeError, NotImplementedError):  # cuBLAS < 12.9 or unsupported layout
+            _SCALED_MM_OK[x.device] = False
+            path = "triton"
+    g = gscale if gscale is not None else torch.ones(1, device=x.device)
+    nkb = k // 128
+    if path == "fused":
+        bw, bt, warps = _small_m_config(m)
+        a, sa, quant = x2, x2, True
+    else:
+        bw, bt, warps = 128, 128, 8
+        a, sa = _act_quant_cuda(x2)
+        quant = False
+    tiles = triton.cdiv(n, bw) * triton.cdiv(m, bt)
+    # Split K until the grid covers the GPU about twice, keeping >= 2 K-blocks per split.
+    split = max(1, min(nkb // 2, (2 * _num_sms(x.device)) // tiles)) if path == "fused" else 1
+    per = triton.cdiv(nkb, split)
+    split = triton.cdiv(nkb, per)
+    out = torch.empty(split, m, n, dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
+    grid = (triton.cdiv(n, bw), triton.cdiv(m, bt), split)
+    _qlinear_kernel[grid](a, sa, weight, scale, g, out, m, n, k, per,
+                          W_FMT=fmt, QUANT_X=quant, BW=bw, BT=bt, num_warps=warps, num_stages=3)
+    y = out[0] if split == 1 else out.sum(0).to(x.dtype)
+    return y.reshape(*lead, n)
+
+
+def _scaled_mm_blockwise(q, s, weight, scale_e8m0_u8, out_dtype) -> torch.Tensor:
+    """cuBLAS block-scaled FP8 GEMM: scales 1x128 (activations, outer-dim-major) x 128x128."""
+    sw = scale_e8m0_u8.view(torch.float8_e8m0fnu).float()  # [N/128, K/128]
+    return torch._scaled_mm(q, weight.t(), scale_a=s.t().contiguous().t(), scale_b=sw.t(),
+                            out_dtype=out_dtype)
+
+
+# ------------------------------------------------------------------------------- kernels
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _pow2ceil(v):
+        """(2^ceil(log2 v), its reciprocal) for positive normal fp32 v, from the exponent bits."""
+        bits = v.to(tl.int32, bitcast=True)
+        e = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+        return (e << 23).to(tl.float32, bitcast=True), ((254 - e) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _quant_block(x):
+        """fp32 [R, 128] -> (e4m3 [R, 128], scale [R]): SPEC.md 3, bit-exact (IEEE divide)."""
+        amax = tl.max(tl.abs(x), axis=1)
+        s, inv = _pow2ceil(tl.math.div_rn(tl.maximum(amax, 1e-4), 448.0))
+        # x * inv == x / s exactly: inv is a power of two.
+        q = tl.minimum(tl.maximum(x * inv[:, None], -448.0), 448.0).to(tl.float8e4nv)
+        return q, s
+
+    @triton.jit
+    def _act_block(x_ptr, sx_ptr, rows, ok, kb, K, QUANT: tl.constexpr):
+        """Activation rows `rows` [R], K-block kb: (e4m3 [R, 128], scale [R]); quantised here
+        from the working dtype when QUANT, else loaded pre-quantised."""
+        k = kb * 128 + tl.arange(0, 128)
+        ptrs = x_ptr + rows[:, None].to(tl.int64) * K + k[None, :]
+        if QUANT:
+            x = tl.load(ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
+            q, s = _quant_block(x)
+        else:
+            q = tl.load(ptrs, mask=ok[:, None], other=0.0)
+            s = tl.load(sx_ptr + rows.to(tl.int64) * (K // 128) + kb, mask=ok, other=0.0)
+        return q, s
+
+    @triton.jit
+    def _e8m0_f32(b):
+        """e8m0 byte (int32 0..254) -> 2^(b-127) as fp32."""
+        return tl.where(b == 0, 5.877471754111438e-39, (b << 23).to(tl.float32, bitcast=True))
+
+    @triton.jit
+    def _e4m3_f32(b):
+        """e4m3 byte (int32 0..255) -> fp32."""
+        return b.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _fp4_tile(w_ptr, s_ptr, rows, row_ok, kb, K, NV: tl.constexpr):
+        """Packed e2m1 rows [BW] x K-block kb -> exact bf16 [BW, 128] with the block scales
+        folded in. MXFP4: s_ptr is the e8m0 [N, K/32] scale viewed as int32 (4 scales per
+        K-block); NVFP4: the e4m3 [N, K/16] scale viewed as int32 (8 scales, two words)."""
+        j = tl.arange(0, 64)
+        p = tl.load(w_ptr + rows[:, None].to(tl.int64) * (K // 2) + kb * 64 + j[None, :],
+                    mask=row_ok[:, None], other=0).to(tl.int32)
+        # e2m1 code c (sign bit 3) -> fp32 bits with the 3 magnitude bits in exponent/mantissa:
+        # that float is value(c) * 2^-126 for every code, subnormal 0.5 included.
+        lo = (((p & 7) << 22) | ((p & 8) << 28)).to(tl.float32, bitcast=True) * 8.507059173023462e37
+        hi = (((p & 0x70) << 18) | ((p & 0x80) << 24)).to(tl.float32, bitcast=True) * 8.507059173023462e37
+        if NV:
+            srow = s_ptr + rows.to(tl.int64) * (K // 64) + kb * 2
+            w0 = tl.load(srow, mask=row_ok, other=0)
+            w1 = tl.load(srow + 1, mask=row_ok, other=0)
+            grp = (j // 8)[None, :]
+            f = tl.where(grp < 4,
+                         tl.where(grp < 2,
+                                  tl.where(grp == 0, _e4m3_f32(w0 & 255)[:, None],
+                                           _e4m3_f32((w0 >> 8) & 255)[:, None]),
+                                  tl.where(grp == 2, _e4m3_f32((w0 >> 16) & 255)[:, None],
+                                           _e4m3_f32((w0 >> 24) & 255)[:, None])),
+                         tl.where(grp < 6,
+                                  tl.where(grp == 4, _e4m3_f32(w1 & 255)[:, None],
+                                           _e4m3_f32((w1 >> 8) & 255)[:, None]),
+                                  tl.where(grp == 6, _e4m3_f32((w1 >> 16) & 255)[:, None],
+                                           _e4m3_f32((w1 >> 24) & 255)[:, None])))
+        else:
+            sw = tl.load(s_ptr + rows.to(tl.int64) * (K // 128) + kb, mask=row_ok, other=0)
+            grp = (j // 16)[None, :]
+            f = tl.where(grp < 2,
+                         tl.where(grp == 0, _e8m0_f32(sw & 255)[:, None],
+                                  _e8m0_f32((sw >> 8) & 255)[:, None]),
+                         tl.where(grp == 2, _e8m0_f32((sw >> 16) & 255)[:, None],
+                                  _e8m0_f32((sw >> 24) & 255)[:, None]))
+        lo = (lo * f).to(tl.bfloat16)
+        hi = (hi * f).to(tl.bfloat16)
+        # element 2j is the low nibble of byte j
+        return tl.reshape(tl.join(lo, hi), (lo.shape[0], 128))
+
+    @triton.jit
+    def _mma_block(acc, q, s, w_ptr, ws_ptr, rows, row_ok, kb, K, W_FMT: tl.constexpr):
+        """acc [BW, BT] += W[rows, K-block kb] @ (q * s)^T for activations q [BT, 128] e4m3."""
+        if W_FMT == 0:
+            k = kb * 128 + tl.arange(0, 128)
+            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + k[None, :],
+                        mask=row_ok[:, None], other=0.0)
+            sb = tl.load(ws_ptr + (rows // 128) * (K // 128) + kb, mask=row_ok, other=0)
+            ws = _e8m0_f32(sb.to(tl.int32))
+            acc += tl.dot(w, tl.trans(q)) * (ws[:, None] * s[None, :])
+        else:
+            w = _fp4_tile(w_ptr, ws_ptr, rows, row_ok, kb, K, W_FMT == 2)
+            a = (q.to(tl.float32) * s[:, None]).to(tl.bfloat16)
+            acc = tl.dot(w, tl.trans(a), acc)
+        return acc
+
+    @triton.jit
+    def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, BR: tl.constexpr):
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)
+        kb = tl.program_id(1)
+        ok = rows < M
+        q, s = _act_block(x_ptr, x_ptr, rows, ok, kb, K, True)
+        k = kb * 128 + tl.arange(0, 128)
+        tl.store(q_ptr + rows[:, None].to(tl.int64) * K + k[None, :], q, mask=ok[:, None])
+        tl.store(s_ptr + rows.to(tl.int64) * (K // 128) + kb, s, mask=ok)
+
+    @triton.jit
+    def _qlinear_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, g_ptr, y_ptr, M, N, K, kb_per_split,
+                        W_FMT: tl.constexpr, QUANT_X: tl.constexpr,
+                        BW: tl.constexpr, BT: tl.constexpr):
+        """y[split, tok, row] = sum over this split's K-blocks; grid (N/BW, M/BT, splits)."""
+        rows = tl.program_id(0) * BW + tl.arange(0, BW)
+        toks = tl.program_id(1) * BT + tl.arange(0, BT)
+        split = tl.program_id(2)
+        row_ok = rows < N
+        tok_ok = toks < M
+        kb0 = split * kb_per_split
+        kb1 = tl.minimum(kb0 + kb_per_split, K // 128)
+        acc = tl.zeros((BW, BT), dtype=tl.float32)
+        for kb in range(kb0, kb1):
+            q, s = _act_block(x_ptr, sx_ptr, toks, tok_ok, kb, K, QUANT_X)
+            acc = _mma_block(acc, q, s, w_ptr, ws_ptr, rows, row_ok, kb, K, W_FMT)
+        if W_FMT == 2:
+            acc = acc * tl.load(g_ptr)
+        y = y_ptr + split.to(tl.int64) * M * N + toks[None, :].to(tl.int64) * N + rows[:, None]
+        tl.store(y, acc, mask=row_ok[:, None] & tok_ok[None, :])

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.moe import moe_forward
 from ..quant.linear import make_linear
 
 
@@ -78,8 +79,4 @@ class MoE(nn.Module):
 
     def forward(self, u: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         idx, wgt = self.gate(u, input_ids)  # [T, k]
-        y = torch.zeros(u.shape[0], u.shape[1], dtype=torch.float32, device=u.device)
-        for e in idx.unique().tolist():
-            tok, slot = (idx == e).nonzero(as_tuple=True)
-            y.index_add_(0, tok, self.experts[e](u[tok], wgt[tok, slot]).float())
-        return (y + self.shared_experts(u).float()).to(u.dtype)
+        return moe_forward(u, idx, wgt, self.experts, self.shared_experts)

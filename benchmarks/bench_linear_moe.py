@@ -1,0 +1,189 @@
+"""Benchmark: FP8 linear and FP4 MoE kernels against torch's own paths, on one GPU, one run.
+
+    PYTHONPATH=. python3 benchmarks/bench_linear_moe.py [--quick]
+
+Times are medians of triton.testing.do_bench (which flushes L2 before every run, so weights
+come from HBM). Limits used for the fractions: 4.8 TB/s HBM, 1979 TFLOP/s dense FP8, 989 bf16.
+Linear bytes = weight + scales + x + y; MoE "expert bytes" = the weights and scales of the
+experts that received tokens plus the shared expert (what must be read at least once).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from dsv4.kernels import quant_linear as ql
+from dsv4.kernels.moe import _moe_cuda, moe_forward, moe_forward_ref
+from dsv4.model.moe import Expert
+from dsv4.quant.formats import dequant_fp8, quantize_fp8
+
+HBM, FP8_PEAK, BF16_PEAK = 4.8e12, 1979e12, 989e12
+DEV = "cuda"
+
+
+def t_us(fn) -> float:
+    return do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
+
+
+def linear_table(quick: bool) -> None:
+    shapes = [(4096, 1024, "Flash wq_a"), (1024, 32768, "Flash wq_b"), (8192, 4096, "Flash wo_b"),
+              (7168, 1536, "Pro wq_a")]
+    ms = [1, 16, 128, 4096, 16384]
+    print("\n## FP8 linear (bf16 in/out, 128x128 e4m3 weights, per-token FP8 activations)\n")
+    print("| K x N | M | dsv4 us | TFLOP/s | GB/s | %HBM | %FP8 peak | path | triton us | "
+          "act_quant+_scaled_mm us | deq+bf16 mm us | bf16 mm (pre-dequantised) us |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for k, n, name in shapes:
+        w, s = quantize_fp8(torch.randn(n, k, device=DEV) / k ** 0.5)
+        su8 = s.view(torch.uint8)
+        wb = dequant_fp8(w, s).bfloat16()
+        for m in ms:
+            x = torch.randn(m, k, device=DEV).bfloat16()
+            flops = 2 * m * n * k
+            nbytes = n * k + s.numel() + m * k * 2 + m * n * 2
+            path = ("fused" if m <= ql.FUSED_QUANT_MAX_M else
+                    "scaled_mm" if m >= ql.SCALED_MM_MIN_M and ql._SCALED_MM_OK.get(x.device, True)
+                    else "triton")
+            auto = t_us(lambda: ql.fp8_linear(x, w, s))
+            if path == "scaled_mm" and not ql._SCALED_MM_OK.get(x.device, True):
+                path = "triton"
+            tri = t_us(lambda: ql._qlinear_cuda(x, ql.FMT_FP8, w, su8, None,
+                                                path="fused" if m <= 128 else "triton"))
+            try:
+                sc = t_us(lambda: ql._scaled_mm_blockwise(*ql.act_quant_fp8(x), w, su8, torch.bfloat16))
+                sc = f"{sc:.1f}"
+            except Exception as exc:  # noqa: BLE001 - report, keep benchmarking
+                sc = f"n/a ({type(exc).__name__})"
+            deq = t_us(lambda: F.linear(x, dequant_fp8(w, s).bfloat16())) if not quick else float("nan")
+            bf = t_us(lambda: F.linear(x, wb))
+            print(f"| {k}x{n} ({name}) | {m} | {auto:.1f} | {flops / auto / 1e6:.1f} | "
+                  f"{nbytes / auto / 1e3:.0f} | {100 * nbytes / auto / 1e-6 / HBM:.0f}% | "
+                  f"{100 * flops / auto / 1e-6 / FP8_PEAK:.0f}% | {path} | {tri:.1f} | {sc} | "
+                  f"{deq:.1f} | {bf:.1f} |", flush=True)
+        del w, s, wb
+        torch.cuda.empty_cache()
+
+
+def random_experts(n_exp: int, d: int, inter: int):
+    """Official layout: MXFP4 routed experts, FP8 shared expert, random codes and scales."""
+    with torch.device(DEV):
+        experts = torch.nn.ModuleList(Expert(d, inter, "fp4", 10.0, torch.bfloat16)
+                                      for _ in range(n_exp))
+        shared = Expert(d, inter, "fp8", 10.0, torch.bfloat16)
+    for m in experts:
+        for lin in (m.w1, m.w2, m.w3):
+            e = 127 - 2 - (lin.in_features.bit_length() - 1) // 2
+            lin.weight.view(torch.uint8).random_(0, 256)
+            lin.scale.view(torch.uint8).random_(e - 1, e + 2)
+    for lin in (shared.w1, shared.w2, shared.w3):
+        w, s = quantize_fp8(torch.randn(lin.out_features, lin.in_features, device=DEV)
+                            / lin.in_features ** 0.5)
+        lin.weight.copy_(w), lin.scale.copy_(s)
+    return experts, shared
+
+
+def expert_bytes(lin) -> int:
+    return sum(p.numel() * p.element_size() for p in lin.parameters())
+
+
+def moe_table(quick: bool) -> None:
+    cfgs = [("Flash", 256, 4096, 2048), ("Pro", 384, 7168, 3072)]
+    tokens = [1, 8, 64, 512, 4096, 32768]
+    k = 6
+    print("\n## MoE layer (top-6 MXFP4 experts + FP8 shared expert, bf16, routing given)\n")
+    print("| model | tokens | dsv4 us | TFLOP/s | %bf16 peak | expert GB/s | %HBM | experts read | "
+          "torch reference us |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, n_exp, d, inter in cfgs:
+        experts, shared = random_experts(n_exp, d, inter)
+        per_expert = sum(expert_bytes(getattr(experts[0], w)) for w in ("w1", "w2", "w3"))
+        shared_bytes = sum(expert_bytes(getattr(shared, w)) for w in ("w1", "w2", "w3"))
+        for t in tokens:
+            if quick and t > 4096:
+                continue
+            u = torch.randn(t, d, device=DEV).bfloat16()
+            idx = torch.rand(t, n_exp, device=DEV).topk(k, dim=-1).indices
+            wgt = torch.rand(t, k, device=DEV) + 0.05
+            wgt = wgt * (1.5 / wgt.sum(-1, keepdim=True))
+            used = idx.unique().numel()
+            nbytes = used * per_expert + shared_bytes
+            flops = 2 * t * (k + 1) * 3 * d * inter
+            us = t_us(lambda: moe_forward(u, idx, wgt, experts, shared))
+            ref = "-"
+            if t <= 64:
+                os.environ["DSV4_DISABLE_TRITON"] = "1"
+                ref = f"{t_us(lambda: moe_forward_ref(u, idx, wgt, experts, shared)):.0f}"
+                del os.environ["DSV4_DISABLE_TRITON"]
+            print(f"| {name} | {t} | {us:.1f} | {flops / us / 1e6:.1f} | "
+                  f"{100 * flops / us / 1e-6 / BF16_PEAK:.0f}% | {nbytes / us / 1e3:.0f} | "
+                  f"{100 * nbytes / us / 1e-6 / HBM:.0f}% | {used}+1 | {ref} |", flush=True)
+            if t >= 4096:
+                for bt in (64, 128):
+                    alt = t_us(lambda: _moe_cuda(u, idx, wgt, experts, shared, bt=bt))
+                    print(f"|   (rows per block {bt}) | {t} | {alt:.1f} | "
+                          f"{flops / alt / 1e6:.1f} | | | | | |", flush=True)
+            if t in (1, 4096):
+                profile(lambda: moe_forward(u, idx, wgt, experts, shared), f"{name} T={t}")
+        del experts, shared
+        torch.cuda.empty_cache()
+
+
+_PROFILES: list[str] = []
+
+
+def profile(fn, label: str) -> None:
+    """Per-kernel GPU time of one call, printed at the end."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total) for e in prof.key_averages() if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    _PROFILES.append(f"{label}: " + ", ".join(f"{key[:40]} {us:.0f}us" for key, us in rows[:10]))
+
+
+def kernel_resources() -> None:
+    """Registers and spills of every compiled variant (Triton's compiled-kernel metadata)."""
+    from dsv4.kernels import moe as km
+    for name, fn in [("qlinear", ql._qlinear_kernel), ("moe_gemm", km._moe_gemm_kernel)]:
+        try:
+            for cache in fn.device_caches.values():
+                for key, kern in cache[0].items():
+                    c = kern.constants if hasattr(kern, "constants") else {}
+                    print(f"{name}: regs {kern.n_regs} spills {kern.n_spills} "
+                          f"shared {kern.metadata.shared} {str(key)[-160:]}")
+        except Exception as exc:  # noqa: BLE001
+            print(f"{name}: no resource info ({exc})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", choices=["linear", "moe"], default=None)
+    args = ap.parse_args()
+    p = torch.cuda.get_device_properties(0)
+    print(f"# {p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}, "
+          f"triton {triton.__version__}")
+    for name, fn in [("linear", linear_table), ("moe", moe_table)]:
+        if args.only in (None, name):
+            try:
+                fn(args.quick)
+            except Exception:  # noqa: BLE001 - keep the other table
+                traceback.print_exc(file=sys.stdout)
+    print("\n## Per-kernel GPU time of one MoE call")
+    for line in _PROFILES:
+        print(line)
+    print("\n## Kernel resources")
+    kernel_resources()
+
+
+if __name__ == "__main__":
+    main()

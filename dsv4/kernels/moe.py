@@ -1,0 +1,321 @@
+"""Mixture-of-experts op: routed experts plus the shared expert on one batch (SPEC.md 7).
+
+`moe_forward(u, idx, wgt, experts, shared)` -> [T, d]: expert e is `experts[e]`, a module with
+linears `w1`, `w2`, `w3` and a SwiGLU clamp `limit`; token t goes to experts idx[t, :] with
+routing weights wgt[t, :] (from the model's fp32 Gate) and always to `shared` with weight 1.
+
+Reference (CPU and tests): loop over the experts that received tokens, as the model always did.
+
+GPU (no host synchronisation, a fixed number of launches whatever the routing):
+1. `act_quant_fp8(u)`: every expert's w1/w3 sees the same per-token FP8 input.
+2. Routing plan. Each token has k+1 slots, `slot = t*(k+1) + j`: j = 0 is the shared expert
+   (plan expert 0), j >= 1 routed expert idx[t, j-1] (plan expert idx+1). Slots are grouped by
+   plan expert into blocks of BT rows (each expert's rows padded to a multiple of BT), so every
+   block belongs to one expert. `_route_count_kernel` counts slots per expert with atomics (the
+   order of rows inside an expert does not change any result), `_route_scatter_kernel` writes
+   each slot's padded position. The grids of the GEMMs are upper bounds; blocks past the end
+   exit at once.
+3. `_moe_gemm_kernel` GATE_UP: per block, g = w1 x and v = w3 x for BW=128 intermediate
+   channels (FP4 decoded in the kernel, or FP8), then in the epilogue the clamped SwiGLU, the
+   routing weight, and the FP8 quantisation of h that w2's input needs (per token, per 128).
+4. `_moe_gemm_kernel` DOWN: y_slot = w2 h, written to the slot's own row (the un-permute).
+5. `_combine_kernel`: out[t] = sum over the token's k+1 slot rows in fp32, cast once.
+The shared expert is plan expert 0 and rides in the same launches when its weight format equals
+the routed experts' (FP8 or NVFP4 checkpoints); official FP4 checkpoints keep the shared expert
+in FP8, so each GEMM is then launched twice, once per format, over disjoint blocks.
+Rounding follows the reference: each linear's output is rounded to the working dtype before
+the fp32 SwiGLU / sum, h is rounded before its quantisation.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Protocol, Sequence
+
+import torch
+
+from . import HAS_TRITON, use_triton
+from .quant_linear import FMT_FP8, FMT_MXFP4, FMT_NVFP4, act_quant_fp8
+
+_FMT_CODES = {"fp8": FMT_FP8, "fp4": FMT_MXFP4, "nvfp4": FMT_NVFP4}
+
+
+class ExpertLike(Protocol):
+    """A SwiGLU expert: linears w1, w2, w3 (dsv4.quant.linear) and the clamp `limit`."""
+    limit: float
+
+    def __call__(self, u: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+# ------------------------------------------------------------------------------- reference
+def moe_forward_ref(u: torch.Tensor, idx: torch.Tensor, wgt: torch.Tensor,
+                    experts: Sequence[ExpertLike], shared: ExpertLike) -> torch.Tensor:
+    """u [T, d], idx [T, k] int, wgt [T, k] fp32 -> [T, d] in u's dtype."""
+    y = torch.zeros(u.shape[0], u.shape[1], dtype=torch.float32, device=u.device)
+    for e in idx.unique().tolist():
+        tok, slot = (idx == e).nonzero(as_tuple=True)
+        y.index_add_(0, tok, experts[e](u[tok], wgt[tok, slot]).float())
+    return (y + shared(u).float()).to(u.dtype)
+
+
+def moe_forward(u: torch.Tensor, idx: torch.Tensor, wgt: torch.Tensor,
+                experts: Sequence[ExpertLike], shared: ExpertLike) -> torch.Tensor:
+    """The MoE layer's expert part; see the module docstring."""
+    if use_triton(u) and _kernel_supported(u, experts, shared):
+        return _moe_cuda(u, idx, wgt, experts, shared)
+    return moe_forward_ref(u, idx, wgt, experts, shared)
+
+
+# ------------------------------------------------------------------------------- weights
+def _kernel_supported(u, experts, shared) -> bool:
+    e0 = experts[0]
+    return (u.dtype in (torch.bfloat16, torch.float32) and u.shape[-1] == e0.w1.in_features
+            and _tables(experts, shared, u.device) is not None)
+
+
+def _tensors(lin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weight, block scale, global scale) of one linear; FP8/MXFP4 have no global scale, the
+    weight stands in (never read)."""
+    if lin.fmt == "nvfp4":
+        return lin.weight, lin.weight_scale, lin.weight_scale_2
+    return lin.weight, lin.scale, lin.weight
+
+
+class _Tables:
+    """Device pointer tables of one group of same-format experts: for each of w1, w3, w2 an
+    int64 [E] tensor of weight, scale and global-scale addresses. The kernels read the weights
+    where the model keeps them (packed FP4 stays packed, nothing is copied); parameters must
+    therefore stay where they are after the first forward (in-place loads are fine)."""
+
+    def __init__(self, mods: Sequence, device: torch.device):
+        self.fmt = _FMT_CODES[mods[0].w1.fmt]
+        self.ptrs = {}
+        for name in ("w1", "w3", "w2"):
+            ts = [_tensors(getattr(m, name)) for m in mods]
+            for i, part in enumerate(("w", "s", "g")):
+                self.ptrs[name + part] = torch.tensor([t[i].data_ptr() for t in ts],
+                                                      dtype=torch.int64, device=device)
+
+
+_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _tables(experts, shared, device) -> tuple[_Tables, _Tables | None] | None:
+    """Pointer tables for the kernels, cached per expert list: (plan experts [shared,
+    routed...], None) when all share one format, else (routed, shared); None when the kernels
+    do not cover these experts (bf16 weights, sizes not multiples of 128, mixed routed formats)."""
+    key = (str(device), len(experts), experts[0].w1.weight.data_ptr(),
+           experts[-1].w2.weight.data_ptr(), shared.w1.weight.data_ptr())
+    hit = _TABLES.get(experts)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    d, inter = experts[0].w1.in_features, experts[0].w1.out_features
+    fmts = {lin.fmt for m in experts for lin in (m.w1, m.w2, m.w3)}
+    shared_fmts = {lin.fmt for lin in (shared.w1, shared.w2, shared.w3)}
+    if (len(fmts) != 1 or len(shared_fmts) != 1 or not (fmts | shared_fmts) <= set(_FMT_CODES)
+            or d % 128 or inter % 128 or shared.w1.out_features != inter):
+        val = None
+    elif fmts == shared_fmts:
+        val = (_Tables([shared, *experts], device), None)
+    else:
+        val = (_Tables(list(experts), device), _Tables([shared], device))
+    _TABLES[experts] = (key, val)
+    return val
+
+
+# ------------------------------------------------------------------------------- launcher
+def _block_tokens(t: int, k: int, n_exp: int) -> int:
+    """Rows per block: the expected tokens per routed expert, rounded up to an MMA width."""
+    per_expert = t * k / n_exp
+    return 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64 if per_expert <= 96 else 128
+
+
+def _moe_cuda(u, idx, wgt, experts, shared, bt: int | None = None) -> torch.Tensor:
+    t, d = u.shape
+    k = idx.shape[1]
+    n_routed = len(experts)
+    inter = experts[0].w1.out_features
+    dev = u.device
+    if t == 0:
+        return u.clone()
+    u = u.contiguous()
+    idx = idx.to(torch.int32).contiguous()
+    wgt = wgt.float().contiguous()
+    n_exp, k1 = n_routed + 1, k + 1
+    n_slots = t * k1
+    bt = bt or _block_tokens(t, k, n_routed)
+    shared_blocks = triton.cdiv(t, bt)
+    routed_blocks = min(t * k, triton.cdiv(t * k, bt) + n_routed)
+    n_blocks = shared_blocks + routed_blocks
+    ep2 = triton.next_power_of_2(n_exp)
+
+    # 2. routing plan
+    counts = torch.zeros(n_exp, dtype=torch.int32, device=dev)
+    expert = torch.empty(n_slots, dtype=torch.int32, device=dev)
+    rank = torch.empty(n_slots, dtype=torch.int32, device=dev)
+    blk_end = torch.empty(n_exp, dtype=torch.int32, device=dev)
+    slots = torch.empty(n_blocks * bt, dtype=torch.int32, device=dev)
+    grid = (triton.cdiv(n_slots, 1024),)
+    _route_count_kernel[grid](idx, counts, expert, rank, t, k, BLOCK=1024, num_warps=4)
+    _route_scatter_kernel[grid](expert, rank, counts, blk_end, slots, n_slots, n_exp,
+                                BT=bt, BLOCK=1024, EP2=ep2, num_warps=4)
+
+    # 1. and 3. gate/up with the SwiGLU epilogue: h in FP8, rows = padded positions
+    q, s = act_quant_fp8(u)
+    hq = torch.empty(n_blocks * bt, inter, dtype=torch.float8_e4m3fn, device=dev)
+    hs = torch.empty(n_blocks * bt, inter // 128, dtype=torch.float32, device=dev)
+    ys = torch.empty(n_slots, d, dtype=u.dtype, device=dev)
+    limit = float(experts[0].limit)
+    main, extra = _tables(experts, shared, dev)
+    # launches: (tables, first plan expert, block range)
+    if extra is None:
+        groups = [(main, 0, n_exp, 0, n_blocks)]
+    else:
+        groups = [(extra, 0, 1, 0, shared_blocks), (main, 1, n_exp, shared_blocks, routed_blocks)]
+    common = dict(ROUND=u.dtype == torch.bfloat16, HAS_LIMIT=limit > 0, BT=bt, EP2=ep2)
+    warps = 4 if bt <= 32 else 8
+    for tab, e_lo, e_hi, b_lo, nb in groups:
+        p = tab.ptrs
+        _moe_gemm_kernel[(inter // 128, nb)](
+            q, s, slots, counts, blk_end, p["w1w"], p["w1s"], p["w1g"], p["w3w"], p["w3s"],
+            p["w3g"], wgt, hq, hs, inter, d, n_exp, e_lo, e_hi, b_lo, k1, limit,
+            W_FMT=tab.fmt, GATE_UP=True, BW=128, num_warps=warps, num_stages=3, **common)
+    # 4. down: y rows = slots
+    bw2 = 64 if t * k1 <= 1024 else 128
+    for tab, e_lo, e_hi, b_lo, nb in groups:
+        p = tab.ptrs
+        _moe_gemm_kernel[(triton.cdiv(d, bw2), nb)](
+            hq, hs, slots, counts, blk_end, p["w2w"], p["w2s"], p["w2g"], p["w2w"], p["w2s"],
+            p["w2g"], wgt, ys, hs, d, inter, n_exp, e_lo, e_hi, b_lo, k1, limit,
+            W_FMT=tab.fmt, GATE_UP=False, BW=bw2, num_warps=warps, num_stages=3, **common)
+    # 5. sum the slots of each token
+    out = torch.empty_like(u)
+    _combine_kernel[(t, triton.cdiv(d, 1024))](ys, out, d, K1=k1, BD=1024, num_warps=4)
+    return out
+
+
+# ------------------------------------------------------------------------------- kernels
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .quant_linear import _act_block, _mma_block, _quant_block
+
+    @triton.jit
+    def _route_count_kernel(idx_ptr, counts_ptr, expert_ptr, rank_ptr, T, k,
+                            BLOCK: tl.constexpr):
+        """Slot -> plan expert, and the slot's rank among its expert's slots."""
+        sl = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        k1 = k + 1
+        ok = sl < T * k1
+        tok = sl // k1
+        j = sl % k1
+        routed = ok & (j > 0)
+        e = tl.load(idx_ptr + tok * k + j - 1, mask=routed, other=-1) + 1
+        # the shared expert's rank is the token index: no atomics on one hot counter
+        r = tl.atomic_add(counts_ptr + e, 1, mask=routed)
+        r = tl.where(j == 0, tok, r)
+        tl.store(expert_ptr + sl, e, mask=ok)
+        tl.store(rank_ptr + sl, r, mask=ok)
+        if tl.program_id(0) == 0:
+            tl.store(counts_ptr, T)
+
+    @triton.jit
+    def _route_scatter_kernel(expert_ptr, rank_ptr, counts_ptr, blk_end_ptr, slots_ptr,
+                              n_slots, n_exp, BT: tl.constexpr, BLOCK: tl.constexpr,
+                              EP2: tl.constexpr):
+        """Padded position of each slot = first row of its expert + rank; also blk_end."""
+        ee = tl.arange(0, EP2)
+        c = tl.load(counts_ptr + ee, mask=ee < n_exp, other=0)
+        nb = (c + BT - 1) // BT
+        end = tl.cumsum(nb, 0)
+        if tl.program_id(0) == 0:
+            tl.store(blk_end_ptr + ee, end, mask=ee < n_exp)
+        sl = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = sl < n_slots
+        e = tl.load(expert_ptr + sl, mask=ok, other=0)
+        r = tl.load(rank_ptr + sl, mask=ok, other=0)
+        start = tl.gather(end - nb, e, 0)
+        tl.store(slots_ptr + start * BT + r, sl, mask=ok)
+
+    @triton.jit
+    def _moe_gemm_kernel(a_ptr, sa_ptr, slots_ptr, counts_ptr, blk_end_ptr,
+                         w_tab, s_tab, g_tab, w3_tab, s3_tab, g3_tab, wgt_ptr,
+                         out_ptr, out_s_ptr, N, K, n_exp, e_lo, e_hi, blk_lo, k1, limit,
+                         W_FMT: tl.constexpr, GATE_UP: tl.constexpr, ROUND: tl.constexpr,
+                         HAS_LIMIT: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr,
+                         EP2: tl.constexpr):
+        """One (weight tile, block) of a grouped GEMM; grid (N/BW, blocks of this launch)."""
+        b = blk_lo + tl.program_id(1)
+        ee = tl.arange(0, EP2)
+        ends = tl.load(blk_end_ptr + ee, mask=ee < n_exp, other=2147483647)
+        e = tl.sum((ends <= b).to(tl.int32), 0)  # the block's plan expert (n_exp: past the end)
+        if (e < e_lo) | (e >= e_hi):
+            return
+        cnt = tl.load(counts_ptr + e)
+        first = tl.load(blk_end_ptr + e) - (cnt + BT - 1) // BT
+        offs = tl.arange(0, BT)
+        ok = (b - first) * BT + offs < cnt
+        pos = b * BT + offs
+        slot = tl.load(slots_ptr + pos, mask=ok, other=0)
+        rows = tl.program_id(0) * BW + tl.arange(0, BW)
+        row_ok = rows < N
+        wi = e - e_lo
+        if W_FMT == 0:
+            w = tl.load(w_tab + wi).to(tl.pointer_type(tl.float8e4nv))
+            ws = tl.load(s_tab + wi).to(tl.pointer_type(tl.uint8))
+        else:
+            w = tl.load(w_tab + wi).to(tl.pointer_type(tl.uint8))
+            ws = tl.load(s_tab + wi).to(tl.pointer_type(tl.int32))
+        if GATE_UP:
+            arow = slot // k1
+            if W_FMT == 0:
+                w3 = tl.load(w3_tab + wi).to(tl.pointer_type(tl.float8e4nv))
+                ws3 = tl.load(s3_tab + wi).to(tl.pointer_type(tl.uint8))
+            else:
+                w3 = tl.load(w3_tab + wi).to(tl.pointer_type(tl.uint8))
+                ws3 = tl.load(s3_tab + wi).to(tl.pointer_type(tl.int32))
+        else:
+            arow = pos
+        acc = tl.zeros((BW, BT), dtype=tl.float32)
+        acc3 = tl.zeros((BW, BT), dtype=tl.float32)
+        for kb in range(0, K // 128):
+            q, s = _act_block(a_ptr, sa_ptr, arow, ok, kb, K, False)
+            acc = _mma_block(acc, q, s, w, ws, rows, row_ok, kb, K, W_FMT)
+            if GATE_UP:
+                acc3 = _mma_block(acc3, q, s, w3, ws3, rows, row_ok, kb, K, W_FMT)
+        if W_FMT == 2:
+            acc = acc * tl.load(tl.load(g_tab + wi).to(tl.pointer_type(tl.float32)))
+            if GATE_UP:
+                acc3 = acc3 * tl.load(tl.load(g3_tab + wi).to(tl.pointer_type(tl.float32)))
+        if GATE_UP:
+            g = acc
+            v = acc3
+            if ROUND:  # the linears return the working dtype
+                g = g.to(tl.bfloat16).to(tl.float32)
+                v = v.to(tl.bfloat16).to(tl.float32)
+            if HAS_LIMIT:
+                v = tl.minimum(tl.maximum(v, -limit), limit)
+                g = tl.minimum(g, limit)
+            h = g / (1.0 + tl.exp(-g)) * v
+            j = slot % k1
+            rw = tl.load(wgt_ptr + arow * (k1 - 1) + j - 1, mask=ok & (j > 0), other=1.0)
+            h = h * rw[None, :]
+            if ROUND:
+                h = h.to(tl.bfloat16).to(tl.float32)
+            hq, hs = _quant_block(tl.trans(h))  # [BT, 128]: w2's per-token FP8 input
+            tl.store(out_ptr + pos[:, None].to(tl.int64) * N + rows[None, :], hq,
+                     mask=ok[:, None])
+            tl.store(out_s_ptr + pos.to(tl.int64) * (N // 128) + tl.program_id(0), hs, mask=ok)
+        else:
+            tl.store(out_ptr + slot[None, :].to(tl.int64) * N + rows[:, None], acc,
+                     mask=row_ok[:, None] & ok[None, :])
+
+    @triton.jit
+    def _combine_kernel(ys_ptr, out_ptr, D, K1: tl.constexpr, BD: tl.constexpr):
+        t = tl.program_id(0)
+        c = tl.program_id(1) * BD + tl.arange(0, BD)
+        ok = c < D
+        acc = tl.zeros((BD,), dtype=tl.float32)
+        for j in tl.static_range(K1):
+            acc += tl.load(ys_ptr + (t * K1 + j).to(tl.int64) * D + c, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + t.to(tl.int64) * D + c, acc, mask=ok)

@@ -1,0 +1,226 @@
+"""Hopper kernels for the quantised linears and the MoE against their torch references.
+
+The activation quantisation must match bit for bit; a GEMM may differ from the reference only
+by fp32 summation order, so bf16 outputs agree to bf16 rounding (relative Frobenius error
+~1e-3 at most) and fp32 outputs far closer. Run on the device: pytest -m gpu tests/gpu.
+"""
+import pytest
+import torch
+
+from dsv4.config import ModelConfig
+from dsv4.kernels import quant_linear as ql
+from dsv4.kernels.moe import moe_forward, moe_forward_ref
+from dsv4.model.moe import Expert, MoE
+from dsv4.quant.formats import quantize_fp8, quantize_mxfp4, quantize_nvfp4
+from dsv4.quant.scheme import QuantScheme
+from dsv4.quant.sim import act_quant
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+DEV = "cuda"
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    assert torch.isfinite(got).all(), "non-finite output"
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+# ------------------------------------------------------------------------------- act quant
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_act_quant_is_bit_exact(dtype):
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x = torch.randn(333, 1024, device=DEV, generator=g) * torch.logspace(-6, 3, 333, device=DEV)[:, None]
+    x[0] = 0.0                                  # amax 0 -> clamped to 1e-4
+    x[1, :128] = 448.0 * 2.0 ** -3              # amax exactly a power of two times 448
+    x[2, :128] = torch.arange(128, device=DEV) * 0.5 + 0.25  # e4m3 rounding ties after scaling
+    x = x.to(dtype)
+    q, s = ql.act_quant_fp8(x)
+    q_ref, s_ref = act_quant(x)
+    assert torch.equal(s, s_ref), f"scales differ in {(s != s_ref).sum()} blocks"
+    bad = (q.view(torch.uint8) != q_ref.view(torch.uint8)).sum().item()
+    assert bad == 0, f"{bad} e4m3 values differ"
+
+
+# ------------------------------------------------------------------------------- linears
+LINEAR_SHAPES = [(4096, 1024), (1024, 32768), (8192, 4096), (7168, 1536)]  # (K, N)
+EXPERT_SHAPES = [(4096, 2048), (2048, 4096), (7168, 3072), (3072, 7168)]
+
+
+def _weights(fmt: str, n: int, k: int):
+    w = torch.randn(n, k, device=DEV) / k ** 0.5
+    if fmt == "fp8":
+        q, s = quantize_fp8(w)
+        return (q, s), ql.fp8_linear_ref, ql.FMT_FP8, (q, s.view(torch.uint8), None)
+    if fmt == "fp4":
+        q, s = quantize_mxfp4(w)
+        return (q, s), ql.mxfp4_linear_ref, ql.FMT_MXFP4, (q.view(torch.uint8), s.view(torch.int32), None)
+    q, s, g2 = quantize_nvfp4(w)
+    return ((q, s, g2), ql.nvfp4_linear_ref, ql.FMT_NVFP4,
+            (q, s.view(torch.int32), g2.float().reshape(1)))
+
+
+def _check_linear(fmt, k, n, ms, dtype=torch.bfloat16, paths=("fused", "triton")):
+    args, ref_fn, code, kargs = _weights(fmt, n, k)
+    tol = 3e-3 if dtype == torch.bfloat16 else (1e-3 if fmt == "fp8" else 1e-5)
+    for m in ms:
+        x = torch.randn(m, k, device=DEV).to(dtype)
+        want = ref_fn(x, *args)
+        for path in paths:
+            if path == "fused" and m > 512:
+                continue
+            got = ql._qlinear_cuda(x, code, *kargs, path=path)
+            err = rel_err(got, want)
+            print(f"{fmt} K={k} N={n} M={m} {path} {dtype}: rel err {err:.2e}")
+            assert got.shape == want.shape and got.dtype == want.dtype
+            assert err < tol, f"{fmt} K={k} N={n} M={m} path {path}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("k,n", LINEAR_SHAPES)
+def test_fp8_linear_kernel_matches_reference(k, n):
+    _check_linear("fp8", k, n, [1, 16, 127, 128, 129, 4096])
+
+
+def test_fp8_linear_large_m_and_public_dispatch():
+    (q, s), _, _, _ = _weights("fp8", 1024, 4096)
+    for m in (1, 200, 16384):
+        x = torch.randn(m, 4096, device=DEV).bfloat16()
+        err = rel_err(ql.fp8_linear(x, q, s), ql.fp8_linear_ref(x, q, s))
+        print(f"fp8_linear dispatch M={m}: rel err {err:.2e}")
+        assert err < 3e-3
+
+
+@pytest.mark.parametrize("k,n", LINEAR_SHAPES[:2])
+def test_fp8_scaled_mm_blockwise_matches_reference(k, n):
+    (w, s), _, _, _ = _weights("fp8", n, k)
+    x = torch.randn(4096, k, device=DEV).bfloat16()
+    xq, xs = ql.act_quant_fp8(x)
+    try:
+        got = ql._scaled_mm_blockwise(xq, xs, w, s.view(torch.uint8), torch.bfloat16)
+    except (RuntimeError, NotImplementedError) as exc:
+        pytest.skip(f"_scaled_mm blockwise unavailable: {exc}")
+    err = rel_err(got, ql.fp8_linear_ref(x, w, s))
+    print(f"_scaled_mm K={k} N={n}: rel err {err:.2e}")
+    assert err < 3e-3
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "nvfp4"])
+@pytest.mark.parametrize("k,n", EXPERT_SHAPES)
+def test_fp4_linear_kernels_match_reference(fmt, k, n):
+    _check_linear(fmt, k, n, [1, 16, 128, 129, 1000])
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp4", "nvfp4"])
+def test_linears_in_float32_mode(fmt):
+    _check_linear(fmt, 2048, 1024, [1, 33, 300], dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------- MoE
+def _random_moe(n_exp, d, inter, fmt, shared_fmt, dtype, seed=0):
+    """Experts with random packed codes and realistic scales, built directly in their formats."""
+    torch.manual_seed(seed)
+    with torch.device(DEV):
+        experts = torch.nn.ModuleList(Expert(d, inter, fmt, 10.0, dtype) for _ in range(n_exp))
+        shared = Expert(d, inter, shared_fmt, 10.0, dtype)
+    for m in [*experts, shared]:
+        for lin in (m.w1, m.w2, m.w3):
+            kk = lin.in_features
+            if lin.fmt == "fp8":
+                lin.weight.copy_((torch.randn_like(lin.weight, dtype=torch.float32) * 64).clamp(-448, 448))
+                e = 127 - 6 - (kk.bit_length() - 1) // 2   # ~ kk^-0.5 / 64
+                lin.scale.view(torch.uint8).copy_(torch.randint_like(lin.scale, e - 1, e + 2, dtype=torch.uint8))
+            elif lin.fmt == "fp4":
+                lin.weight.view(torch.uint8).copy_(torch.randint_like(lin.weight, 0, 256, dtype=torch.uint8))
+                e = 127 - 2 - (kk.bit_length() - 1) // 2
+                lin.scale.view(torch.uint8).copy_(torch.randint_like(lin.scale, e - 1, e + 2, dtype=torch.uint8))
+            else:
+                lin.weight.copy_(torch.randint_like(lin.weight, 0, 256))
+                lin.weight_scale.copy_(torch.rand_like(lin.weight_scale, dtype=torch.float32) * 3.5 + 0.5)
+                lin.weight_scale_2.fill_(0.25 / kk ** 0.5)
+    return experts, shared
+
+
+def _routing(t, n_exp, k, kind, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    if kind == "uniform":
+        idx = torch.rand(t, n_exp, device=DEV, generator=g).topk(k, dim=-1).indices
+    elif kind == "skewed":  # every token on the same k experts, all others empty
+        idx = torch.arange(k, device=DEV).expand(t, k).contiguous()
+    else:  # "hash": lookups that can repeat an expert within a token
+        idx = torch.randint(0, n_exp, (t, k), device=DEV, generator=g)
+    wgt = torch.rand(t, k, device=DEV, generator=g) + 0.05
+    return idx, wgt * (1.5 / wgt.sum(-1, keepdim=True))
+
+
+def _check_moe(experts, shared, tokens, kinds, monkeypatch, dtype=torch.bfloat16, tol=5e-3):
+    d, k = experts[0].w1.in_features, 6
+    for t in tokens:
+        for kind in kinds:
+            u = torch.randn(t, d, device=DEV).to(dtype)
+            idx, wgt = _routing(t, len(experts), k, kind, seed=t)
+            got = moe_forward(u, idx, wgt, experts, shared)
+            with monkeypatch.context() as mp:
+                mp.setenv("DSV4_DISABLE_TRITON", "1")
+                want = moe_forward_ref(u, idx, wgt, experts, shared)
+            err = rel_err(got, want)
+            print(f"MoE E={len(experts)} d={d} {experts[0].w1.fmt}+{shared.w1.fmt} T={t} {kind} "
+                  f"{dtype}: rel err {err:.2e}")
+            assert err < tol, f"T={t} {kind}: rel err {err:.2e}"
+
+
+@pytest.fixture(scope="module")
+def flash_fp4():
+    return _random_moe(256, 4096, 2048, "fp4", "fp8", torch.bfloat16)
+
+
+def test_moe_flash_fp4(flash_fp4, monkeypatch):
+    _check_moe(*flash_fp4, [1, 7, 64, 1000], ["uniform", "skewed", "hash"], monkeypatch)
+
+
+def test_moe_pro_fp4(monkeypatch):
+    experts, shared = _random_moe(384, 7168, 3072, "fp4", "fp8", torch.bfloat16, seed=1)
+    _check_moe(experts, shared, [1, 300], ["uniform", "skewed"], monkeypatch)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_moe_same_format_shared_expert_rides_along(fmt, monkeypatch):
+    experts, shared = _random_moe(32, 4096, 2048, fmt, fmt, torch.bfloat16, seed=2)
+    _check_moe(experts, shared, [1, 200], ["uniform", "hash"], monkeypatch)
+
+
+def test_moe_float32_mode(monkeypatch):
+    experts, shared = _random_moe(16, 1024, 512, "fp4", "fp8", torch.float32, seed=3)
+    _check_moe(experts, shared, [5, 100], ["uniform"], monkeypatch, dtype=torch.float32, tol=1e-3)
+
+
+def test_moe_runs_without_host_synchronisation(flash_fp4):
+    experts, shared = flash_fp4
+    u = torch.randn(64, 4096, device=DEV).bfloat16()
+    idx, wgt = _routing(64, 256, 6, "uniform")
+    moe_forward(u, idx, wgt, experts, shared)  # compile and build the pointer tables first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        moe_forward(u, idx, wgt, experts, shared)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("layer", [0, 5], ids=["hash", "dense"])
+def test_moe_module_kernels_equal_torch_path(layer, monkeypatch):
+    cfg = ModelConfig.preset("flash").replace(n_routed_experts=32)
+    with torch.device(DEV):
+        moe = MoE(cfg, layer, QuantScheme(linear="fp8", experts="fp4"), f"layers.{layer}.ffn",
+                  torch.bfloat16)
+    fresh, shared = _random_moe(32, 4096, 2048, "fp4", "fp8", torch.bfloat16, seed=4)
+    moe.experts.load_state_dict(fresh.state_dict())
+    moe.shared_experts.load_state_dict(shared.state_dict())
+    moe.gate.weight.copy_(torch.randn_like(moe.gate.weight) / 64)
+    if moe.gate.hash:
+        moe.gate.tid2eid.copy_(torch.randint_like(moe.gate.tid2eid, 0, 32))
+    u = torch.randn(50, 4096, device=DEV).bfloat16()
+    ids = torch.randint(0, cfg.vocab_size, (50,), device=DEV)
+    got = moe(u, ids)
+    monkeypatch.setenv("DSV4_DISABLE_TRITON", "1")
+    err = rel_err(got, moe(u, ids))
+    print(f"MoE module layer {layer}: rel err {err:.2e}")
+    assert err < 5e-3

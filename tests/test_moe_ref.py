@@ -1,0 +1,88 @@
+"""The MoE op's reference (`dsv4.kernels.moe.moe_forward` on CPU) is SPEC.md 7: every token's
+output is the fp32 sum of its routed experts' outputs (routing weight applied before w2) and
+the shared expert's, cast once to the working dtype."""
+import pytest
+import torch
+
+from dsv4.config import ModelConfig
+from dsv4.kernels.moe import moe_forward, moe_forward_ref
+from dsv4.model.moe import MoE, Expert
+from dsv4.quant.scheme import QuantScheme
+
+D, INTER, E, K = 128, 128, 6, 2  # multiples of 128: the quantised formats need whole blocks
+
+
+def _experts(fmt: str, shared_fmt: str, dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    experts = torch.nn.ModuleList(Expert(D, INTER, fmt, 10.0, dtype) for _ in range(E))
+    shared = Expert(D, INTER, shared_fmt, 10.0, dtype)
+    for m in [*experts, shared]:
+        for lin in (m.w1, m.w2, m.w3):
+            w = torch.randn(lin.out_features, lin.in_features, generator=g) * 3 / lin.in_features ** 0.5
+            lin.set_float(w.to(dtype).float() if fmt == "bf16" else w)
+    return experts, shared
+
+
+def _per_token(u, idx, wgt, experts, shared):
+    """SPEC.md 7 written token by token."""
+    rows = []
+    for t in range(u.shape[0]):
+        y = shared(u[t:t + 1]).float()
+        for j in range(idx.shape[1]):
+            y = y + experts[int(idx[t, j])](u[t:t + 1], wgt[t, j:j + 1]).float()
+        rows.append(y)
+    return torch.cat(rows).to(u.dtype)
+
+
+@pytest.mark.parametrize("fmt,shared_fmt", [("fp4", "fp8"), ("fp8", "fp8"), ("nvfp4", "nvfp4"),
+                                            ("bf16", "bf16")])
+def test_reference_is_the_per_token_sum(fmt, shared_fmt):
+    experts, shared = _experts(fmt, shared_fmt, torch.float32)
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn(5, D, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(5)])
+    wgt = torch.rand(5, K, generator=g) + 0.1
+    got, want = moe_forward_ref(u, idx, wgt, experts, shared), _per_token(u, idx, wgt, experts, shared)
+    err = ((got - want).norm() / want.norm()).item()
+    assert err < 1e-6, f"{fmt}: relative error {err:.2e} between per-expert and per-token sums"
+
+
+def test_duplicate_experts_of_a_token_count_twice():
+    """A hash table may send a token to one expert twice; both slots contribute."""
+    experts, shared = _experts("fp8", "fp8", torch.float32)
+    u = torch.randn(3, D)
+    idx = torch.tensor([[2, 2], [0, 2], [5, 5]])
+    wgt = torch.tensor([[0.5, 0.25], [1.0, 2.0], [0.3, 0.3]])
+    got, want = moe_forward_ref(u, idx, wgt, experts, shared), _per_token(u, idx, wgt, experts, shared)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6), (got - want).abs().max()
+
+
+def test_empty_and_skewed_loads():
+    """Every token on one expert, the other experts empty; a single token."""
+    experts, shared = _experts("fp4", "fp8", torch.bfloat16)
+    u = torch.randn(9, D).bfloat16()
+    idx = torch.tensor([[3, 1]] * 9)
+    wgt = torch.rand(9, K) + 0.1
+    got, want = moe_forward_ref(u, idx, wgt, experts, shared), _per_token(u, idx, wgt, experts, shared)
+    assert ((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
+    one = moe_forward_ref(u[:1], idx[:1], wgt[:1], experts, shared)
+    assert torch.equal(one, moe_forward(u[:1], idx[:1], wgt[:1], experts, shared))
+
+
+@pytest.mark.parametrize("layer", [0, 1], ids=["hash", "dense"])
+def test_moe_module_routes_through_the_op(layer):
+    cfg = ModelConfig.preset("tiny").replace(hidden_size=D, moe_intermediate_size=INTER,
+                                             n_routed_experts=E, num_experts_per_tok=K)
+    scheme = QuantScheme(linear="fp8", experts="fp4")
+    moe = MoE(cfg, layer, scheme, f"layers.{layer}.ffn", torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    for m in [*moe.experts, moe.shared_experts]:
+        for lin in (m.w1, m.w2, m.w3):
+            lin.set_float(torch.randn(lin.out_features, lin.in_features, generator=g) / 8)
+    moe.gate.weight.copy_(torch.randn(E, D, generator=g) / 8)
+    if moe.gate.hash:
+        moe.gate.tid2eid.copy_(torch.randint(0, E, (cfg.vocab_size, K), generator=g))
+    u = torch.randn(7, D, generator=g).bfloat16()
+    ids = torch.randint(0, cfg.vocab_size, (7,), generator=g)
+    idx, wgt = moe.gate(u, ids)
+    assert torch.equal(moe(u, ids), moe_forward_ref(u, idx, wgt, moe.experts, moe.shared_experts))
