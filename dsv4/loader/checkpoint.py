@@ -54,6 +54,7 @@ class TensorInfo:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int  # of its data within the file's data section
     nbytes: int
 
 
@@ -98,7 +99,7 @@ def read_header(file: Path) -> tuple[dict[str, TensorInfo], list[str]]:
             problems.append(f"tensor {name!r} in {file.name}: corrupt header: {end - begin} bytes "
                             f"for {dtype_name}{list(entry['shape'])}, expected {expected}")
         data_end = max(data_end, end)
-        tensors[name] = TensorInfo(name, file, dtype, tuple(shape), end - begin)
+        tensors[name] = TensorInfo(name, file, dtype, tuple(shape), begin, end - begin)
     if 8 + n + data_end > size:
         problems.append(f"file {file.name}: truncated: its header needs {8 + n + data_end} bytes, "
                         f"the file has {size}")

@@ -132,11 +132,12 @@ def _stream_into(model: DeepseekV4Model, layout: CheckpointLayout,
         if info.name in params or info.name in pending:
             by_file[info.file].append(info)
     total = sum(i.nbytes for infos in by_file.values() for i in infos)
+    count, done = sum(map(len, by_file.values())), 0
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"Loading {label}",
               disable=None) as bar:
         for file in sorted(by_file):
             with safe_open(file, framework="pt", device="cpu") as f:
-                for info in by_file[file]:
+                for info in sorted(by_file[file], key=lambda i: i.offset):  # sequential reads
                     t = f.get_tensor(info.name)
                     if info.name in pending:
                         lin = pending[info.name]
@@ -148,7 +149,8 @@ def _stream_into(model: DeepseekV4Model, layout: CheckpointLayout,
                         _check_values(info.name, t, model.cfg)
                         assign(params[info.name], t)
                     bar.update(info.nbytes)
-            bar.set_postfix(file=file.name)
+            done += len(by_file[file])
+            bar.set_postfix(tensors=f"{done}/{count}", file=file.name)
 
 
 def _check_values(name: str, t: torch.Tensor, cfg: ModelConfig) -> None:
@@ -170,7 +172,7 @@ def _dummy(cfg: ModelConfig, p: Path | None, dtype: str, device: torch.device, q
     pending = {lin.prefix: lin for lin in layout.linears() if lin.dequantize_at_load}
     parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for name, t in random_tensors(layout, cfg, seed, device):
-        prefix, leaf = name.rsplit(".", 1)
+        prefix, _, leaf = name.rpartition(".")
         if prefix in pending:
             parts[prefix][leaf] = t
             if len(parts[prefix]) == len(pending[prefix].tensors):
