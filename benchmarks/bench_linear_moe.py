@@ -37,9 +37,9 @@ def linear_table(quick: bool) -> None:
               (7168, 1536, "Pro wq_a")]
     ms = [1, 16, 128, 4096, 16384]
     print("\n## FP8 linear (bf16 in/out, 128x128 e4m3 weights, per-token FP8 activations)\n")
-    print("| K x N | M | dsv4 us | TFLOP/s | GB/s | %HBM | %FP8 peak | path | triton us | "
+    print("| K x N | M | dsv4 us | TFLOP/s | GB/s | %HBM | %FP8 peak | path | triton fused-quant us | triton us | "
           "act_quant+_scaled_mm us | deq+bf16 mm us | bf16 mm (pre-dequantised) us |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for k, n, name in shapes:
         w, s = quantize_fp8(torch.randn(n, k, device=DEV) / k ** 0.5)
         su8 = s.view(torch.uint8)
@@ -49,13 +49,14 @@ def linear_table(quick: bool) -> None:
             flops = 2 * m * n * k
             nbytes = n * k + s.numel() + m * k * 2 + m * n * 2
             path = ("fused" if m <= ql.FUSED_QUANT_MAX_M else
-                    "scaled_mm" if m >= ql.SCALED_MM_MIN_M and ql._SCALED_MM_OK.get(x.device, True)
+                    "scaled_mm" if m >= ql.SCALED_MM_MIN_M and ql._SCALED_MM_OK.get((x.device, n, k), True)
                     else "triton")
             auto = t_us(lambda: ql.fp8_linear(x, w, s))
-            if path == "scaled_mm" and not ql._SCALED_MM_OK.get(x.device, True):
+            if path == "scaled_mm" and not ql._SCALED_MM_OK.get((x.device, n, k), True):
                 path = "triton"
-            tri = t_us(lambda: ql._qlinear_cuda(x, ql.FMT_FP8, w, su8, None,
-                                                path="fused" if m <= 128 else "triton"))
+            tri = t_us(lambda: ql._qlinear_cuda(x, ql.FMT_FP8, w, su8, None, path="triton"))
+            fused = (f"{t_us(lambda: ql._qlinear_cuda(x, ql.FMT_FP8, w, su8, None, path='fused')):.1f}"
+                     if m <= 128 else "-")
             try:
                 sc = t_us(lambda: ql._scaled_mm_blockwise(*ql.act_quant_fp8(x), w, su8, torch.bfloat16))
                 sc = f"{sc:.1f}"
@@ -65,7 +66,7 @@ def linear_table(quick: bool) -> None:
             bf = t_us(lambda: F.linear(x, wb))
             print(f"| {k}x{n} ({name}) | {m} | {auto:.1f} | {flops / auto / 1e6:.1f} | "
                   f"{nbytes / auto / 1e3:.0f} | {100 * nbytes / auto / 1e-6 / HBM:.0f}% | "
-                  f"{100 * flops / auto / 1e-6 / FP8_PEAK:.0f}% | {path} | {tri:.1f} | {sc} | "
+                  f"{100 * flops / auto / 1e-6 / FP8_PEAK:.0f}% | {path} | {fused} | {tri:.1f} | {sc} | "
                   f"{deq:.1f} | {bf:.1f} |", flush=True)
         del w, s, wb
         torch.cuda.empty_cache()

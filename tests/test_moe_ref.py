@@ -50,17 +50,18 @@ def test_reference_is_the_per_token_sum(fmt, shared_fmt):
 def test_duplicate_experts_of_a_token_count_twice():
     """A hash table may send a token to one expert twice; both slots contribute."""
     experts, shared = _experts("fp8", "fp8", torch.float32)
-    u = torch.randn(3, D)
+    u = torch.randn(3, D, generator=torch.Generator().manual_seed(3))
     idx = torch.tensor([[2, 2], [0, 2], [5, 5]])
     wgt = torch.tensor([[0.5, 0.25], [1.0, 2.0], [0.3, 0.3]])
     got, want = moe_forward_ref(u, idx, wgt, experts, shared), _per_token(u, idx, wgt, experts, shared)
-    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6), (got - want).abs().max()
+    err = ((got - want).norm() / want.norm()).item()
+    assert err < 1e-6, f"relative error {err:.2e}"
 
 
 def test_empty_and_skewed_loads():
     """Every token on one expert, the other experts empty; a single token."""
     experts, shared = _experts("fp4", "fp8", torch.bfloat16)
-    u = torch.randn(9, D).bfloat16()
+    u = torch.randn(9, D, generator=torch.Generator().manual_seed(4)).bfloat16()
     idx = torch.tensor([[3, 1]] * 9)
     wgt = torch.rand(9, K) + 0.1
     got, want = moe_forward_ref(u, idx, wgt, experts, shared), _per_token(u, idx, wgt, experts, shared)

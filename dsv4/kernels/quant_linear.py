@@ -127,7 +127,7 @@ def _qlinear_cuda(x, fmt: int, weight, scale, gscale, path: str = "auto") -> tor
     if path == "auto":
         if m <= FUSED_QUANT_MAX_M:
             path = "fused"
-        elif fmt == FMT_FP8 and m >= SCALED_MM_MIN_M and _SCALED_MM_OK.get(x.device, True):
+        elif fmt == FMT_FP8 and m >= SCALED_MM_MIN_M and _SCALED_MM_OK.get((x.device, n, k), True):
             path = "scaled_mm"
         else:
             path = "triton"
@@ -135,29 +135,29 @@ def _qlinear_cuda(x, fmt: int, weight, scale, gscale, path: str = "auto") -> tor
         q, s = _act_quant_cuda(x2)
         try:
             y = _scaled_mm_blockwise(q, s, weight, scale, x.dtype)
-            _SCALED_MM_OK[x.device] = True
             return y.reshape(*lead, n)
         except (RuntimeError, NotImplementedError):  # cuBLAS < 12.9 or unsupported layout
-            _SCALED_MM_OK[x.device] = False
+            _SCALED_MM_OK[(x.device, n, k)] = False
             path = "triton"
-    g = gscale if gscale is not None else torch.ones(1, device=x.device)
+    g = gscale if gscale is not None else x2  # the global scale is read for NVFP4 only
     nkb = k // 128
     if path == "fused":
-        bw, bt, warps = _small_m_config(m)
-        a, sa, quant = x2, x2, True
+        a, sa = x2, x2
     else:
-        bw, bt, warps = 128, 128, 8
         a, sa = _act_quant_cuda(x2)
-        quant = False
-    tiles = triton.cdiv(n, bw) * triton.cdiv(m, bt)
-    # Split K until the grid covers the GPU about twice, keeping >= 2 K-blocks per split.
-    split = max(1, min(nkb // 2, (2 * _num_sms(x.device)) // tiles)) if path == "fused" else 1
+    if m <= FUSED_QUANT_MAX_M:  # memory-bound: narrow token tiles, split K to fill the GPU
+        bw, bt, warps = _small_m_config(m)
+        tiles = triton.cdiv(n, bw) * triton.cdiv(m, bt)
+        split = max(1, min(nkb // 2, (2 * _num_sms(x.device)) // tiles))
+    else:
+        bw, bt, warps, split = 128, 128, 8, 1
     per = triton.cdiv(nkb, split)
     split = triton.cdiv(nkb, per)
     out = torch.empty(split, m, n, dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
     grid = (triton.cdiv(n, bw), triton.cdiv(m, bt), split)
     _qlinear_kernel[grid](a, sa, weight, scale, g, out, m, n, k, per,
-                          W_FMT=fmt, QUANT_X=quant, BW=bw, BT=bt, num_warps=warps, num_stages=3)
+                          W_FMT=fmt, QUANT_X=path == "fused", BW=bw, BT=bt, num_warps=warps,
+                          num_stages=3)
     y = out[0] if split == 1 else out.sum(0).to(x.dtype)
     return y.reshape(*lead, n)
 
