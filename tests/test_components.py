@@ -99,7 +99,7 @@ def test_compressor_equals_naive_window_loop(ratio):
     cut = L // 2  # two chunks, so windows straddle the state
     for lo, hi in ((0, cut), (cut, L)):
         b = ForwardBatch([SeqChunk([0] * (hi - lo), lo, 0, [0, 1, 2, 3])], 8, 16, 1)
-        comp(u[lo:hi], b, state, out)
+        comp(u[lo:hi], b, state, lambda dst, rows: out.view(-1, C).index_copy_(0, dst, rows))
     a, sc = comp.wkv(u), comp.wgate(u) + comp.ape[torch.arange(L) % ratio]
     for i in range(L // ratio):
         cur = range(i * ratio, i * ratio + ratio)

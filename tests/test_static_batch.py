@@ -31,3 +31,19 @@ def test_padded_static_batch_gives_the_same_logits_and_cache(tiny):
         assert torch.allclose(a.win[:3], b.win[:3], atol=1e-5)
         if a.cmp is not None:
             assert torch.allclose(a.cmp[:3], b.cmp[:3], atol=1e-5)
+
+
+def test_fp8_kv_cache_gives_the_same_logits_as_bf16_rows():
+    """The packed FP8 row layout stores exactly the values the model computes (bf16 model)."""
+    from conftest import make_model
+    from dsv4.cache.kv_cache import ModelCache
+    model = make_model(dtype="bfloat16")
+    ids = torch.randint(0, 512, (30,), generator=torch.Generator().manual_seed(9)).tolist()
+    outs = []
+    for fp8 in (False, True):
+        cache = ModelCache(model.cfg, num_slots=2, num_blocks=4, margin=8, dtype=model.dtype,
+                           kv_fp8=fp8)
+        outs.append(run_chunks(model, cache, ids, [20, 1, 1, 8]))
+        if fp8:
+            assert cache.layers[1].win.dtype == torch.uint8
+    assert torch.equal(outs[0], outs[1])

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.kv_fp8 import kv_fp8_row_bytes, pack_kv_fp8
+
 BLOCK_TOKENS = 128  # lcm(4, 128): a block holds 32 CSA rows or 1 HCA row
 
 
@@ -40,17 +42,24 @@ class CompressorState:
 
 
 class LayerCache:
-    """All cache tensors of one attention layer (main model or MTP)."""
+    """All cache tensors of one attention layer (main model or MTP).
+
+    With `kv_fp8` the window and compressed rows are stored in the packed FP8 layout of
+    `kernels/kv_fp8.py` (584 bytes instead of 1024 for D=512): lossless, because the model
+    itself rounds those values to e4m3 with power-of-two scales per 64 (SPEC.md 5.2)."""
 
     def __init__(self, ratio: int, head_dim: int, index_dim: int, window: int, num_slots: int,
-                 num_blocks: int, margin: int, dtype: torch.dtype, device):
-        self.ratio = ratio
+                 num_blocks: int, margin: int, dtype: torch.dtype, device, kv_fp8: bool = False,
+                 rope_dim: int = 64):
+        self.ratio, self.kv_fp8, self.rope_dim = ratio, kv_fp8, rope_dim
         self.window_rows = window + margin
-        self.win = torch.zeros(num_slots, self.window_rows, head_dim, dtype=dtype, device=device)
+        width = kv_fp8_row_bytes(head_dim, rope_dim) if kv_fp8 else head_dim
+        rdtype = torch.uint8 if kv_fp8 else dtype
+        self.win = torch.zeros(num_slots, self.window_rows, width, dtype=rdtype, device=device)
         self.cmp = self.idx = self.state = self.idx_state = None
         if ratio:
             k = overlap_factor(ratio)
-            self.cmp = torch.zeros(num_blocks, BLOCK_TOKENS // ratio, head_dim, dtype=dtype,
+            self.cmp = torch.zeros(num_blocks, BLOCK_TOKENS // ratio, width, dtype=rdtype,
                                    device=device)
             self.state = _state(num_slots, k * ratio + margin, k * head_dim, device)
         if ratio == 4:
@@ -60,6 +69,24 @@ class LayerCache:
 
     def state_rows(self) -> int:
         return self.state.rows if self.state is not None else 0
+
+    @staticmethod
+    def flat(buf: torch.Tensor) -> torch.Tensor:
+        return buf.view(-1, buf.shape[-1])
+
+    def _store_rows(self, buf: torch.Tensor, dst: torch.Tensor, rows: torch.Tensor) -> None:
+        if self.kv_fp8:
+            rows = pack_kv_fp8(rows, self.rope_dim)
+        self.flat(buf)[dst] = rows.to(buf.dtype)
+
+    def store_win(self, dst: torch.Tensor, rows: torch.Tensor) -> None:
+        self._store_rows(self.win, dst, rows)
+
+    def store_cmp(self, dst: torch.Tensor, rows: torch.Tensor) -> None:
+        self._store_rows(self.cmp, dst, rows)
+
+    def store_idx(self, dst: torch.Tensor, rows: torch.Tensor) -> None:
+        self.flat(self.idx)[dst] = rows.to(self.idx.dtype)
 
 
 def _state(slots: int, rows: int, width: int, device) -> CompressorState:
@@ -71,12 +98,18 @@ def _elem(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def slot_bytes(cfg, margin: int, dtype: torch.dtype) -> int:
+def _row_bytes(cfg, dtype: torch.dtype, kv_fp8: bool) -> int:
+    if kv_fp8:
+        return kv_fp8_row_bytes(cfg.head_dim, cfg.qk_rope_head_dim)
+    return cfg.head_dim * _elem(dtype)
+
+
+def slot_bytes(cfg, margin: int, dtype: torch.dtype, kv_fp8: bool = False) -> int:
     """Bytes of per-sequence (slot) memory over all layers, MTP included."""
     D, cI = cfg.head_dim, cfg.index_head_dim
     total = 0
     for m in cfg.compress_ratios:
-        total += (cfg.sliding_window + margin) * D * _elem(dtype)
+        total += (cfg.sliding_window + margin) * _row_bytes(cfg, dtype, kv_fp8)
         if m:
             k = overlap_factor(m)
             total += 2 * (k * m + margin) * k * D * 4
@@ -85,13 +118,13 @@ def slot_bytes(cfg, margin: int, dtype: torch.dtype) -> int:
     return total
 
 
-def block_bytes(cfg, dtype: torch.dtype) -> int:
+def block_bytes(cfg, dtype: torch.dtype, kv_fp8: bool = False) -> int:
     """Bytes of one 128-token block over all layers, MTP included."""
-    D, cI = cfg.head_dim, cfg.index_head_dim
+    cI = cfg.index_head_dim
     total = 0
     for m in cfg.compress_ratios:
         if m:
-            total += (BLOCK_TOKENS // m) * D * _elem(dtype)
+            total += (BLOCK_TOKENS // m) * _row_bytes(cfg, dtype, kv_fp8)
         if m == 4:
             total += (BLOCK_TOKENS // m) * cI * _elem(dtype)
     return total
@@ -101,11 +134,12 @@ class ModelCache:
     """Caches of every layer: `layers[i]` for main layer i, then the MTP layers."""
 
     def __init__(self, cfg, num_slots: int, num_blocks: int, margin: int = 8,
-                 dtype: torch.dtype = torch.bfloat16, device="cpu"):
+                 dtype: torch.dtype = torch.bfloat16, device="cpu", kv_fp8: bool = False):
         self.num_slots, self.num_blocks, self.margin = num_slots, num_blocks, margin
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype, self.device, self.kv_fp8 = dtype, torch.device(device), kv_fp8
         self.layers = [LayerCache(m, cfg.head_dim, cfg.index_head_dim, cfg.sliding_window,
-                                  num_slots, num_blocks, margin, dtype, device)
+                                  num_slots, num_blocks, margin, dtype, device, kv_fp8,
+                                  cfg.qk_rope_head_dim)
                        for m in cfg.compress_ratios]
         self.window_rows = cfg.sliding_window + margin
 

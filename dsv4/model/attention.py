@@ -70,16 +70,16 @@ class DeepseekV4Attention(nn.Module):
         # same chunk see them; each token's index list only reaches entries already complete.
         cmp_idx = cmp_rows = None
         if self.ratio:
-            self.compressor(u, batch, cache.state, cache.cmp)
-            cmp_rows = cache.cmp.view(-1, D)
+            self.compressor(u, batch, cache.state, cache.store_cmp)
+            cmp_rows = cache.flat(cache.cmp)
             if self.ratio == 4:
                 cmp_idx = self.indexer(qr, u, batch, cache)
             else:
                 cmp_idx, _ = batch.candidates(self.ratio)
-        o = sparse_attention(q, self.attn_sink, D ** -0.5, cache.win.view(-1, D), kv,
-                             batch.window_index, cmp_rows, cmp_idx)
+        o = sparse_attention(q, self.attn_sink, D ** -0.5, cache.flat(cache.win), kv,
+                             batch.window_index, cmp_rows, cmp_idx, self.rope_dim)
         tok, dst = batch.ring_writes(cache.window_rows)
-        cache.win.view(-1, D)[dst] = kv[tok].to(cache.win.dtype)
+        cache.store_win(dst, kv[tok])
 
         o = self._rotate(o, batch.positions, inverse=True)
         o = o.reshape(T, self.groups, H * D // self.groups)

@@ -34,9 +34,9 @@ class Compressor(nn.Module):
         self.register_buffer("freqs", freqs, persistent=False)
 
     def forward(self, u: torch.Tensor, batch: ForwardBatch, state: CompressorState,
-                out: torch.Tensor) -> None:
-        """Write the rows of the windows that complete in this step into `out` [blocks, rows, dim]
-        and keep the raw rows of the open windows in `state`."""
+                store) -> None:
+        """Write the rows of the windows that complete in this step with `store(rows_idx, rows)`
+        (flat rows of the compressed cache) and keep the raw rows of the open windows in `state`."""
         m, C = self.ratio, self.dim
         uf = u.float()
         a = self.wkv(uf)  # [T, k*C]
@@ -59,7 +59,7 @@ class Compressor(nn.Module):
                 c = torch.cat([fp8_sim(c[:, :C - r], 64), c[:, C - r:]], -1)
             elif self.qat:
                 c = fp4_sim(c, 32)
-            out.view(-1, C)[plan.dst] = c.to(out.dtype)
+            store(plan.dst, c)
         tok, dst = batch.ring_writes(state.rows)
         state.kv.view(-1, self.k * C)[dst] = a[tok]
         state.score.view(-1, self.k * C)[dst] = g[tok]

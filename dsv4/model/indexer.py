@@ -25,7 +25,7 @@ class Indexer(nn.Module):
 
     def forward(self, qr: torch.Tensor, u: torch.Tensor, batch: ForwardBatch, cache) -> torch.Tensor:
         """Returns the selected compressed-cache rows [T, <=topk] (-1 = empty)."""
-        self.compressor(u, batch, cache.idx_state, cache.idx)
+        self.compressor(u, batch, cache.idx_state, cache.store_idx)
         T, c, r = u.shape[0], self.head_dim, self.rope_dim
         q = self.wq_b(qr).view(T, self.n_heads, c)
         q = torch.cat([q[..., :c - r], apply_rope(q[..., c - r:], batch.positions, self.freqs)], -1)
