@@ -344,9 +344,10 @@ def test_wrong_dtype_is_named(broken):
 def test_missing_shard_is_named(broken):
     gone = shard(broken, 1)
     gone.unlink()
-    problems = problems_of(broken)
-    assert problems[0].startswith(f"file {gone.name}: missing shard")
-    assert all("missing from the checkpoint" in p for p in problems[1:]) and len(problems) > 1
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    count = sum(1 for f in index["weight_map"].values() if f == gone.name)
+    assert problems_of(broken) == [f"file {gone.name}: missing shard (the index maps {count} "
+                                   f"tensor(s) to it)"]
 
 
 def test_truncated_file_is_named(broken):
@@ -357,6 +358,15 @@ def test_truncated_file_is_named(broken):
     assert p.startswith(f"file {cut.name}: truncated")
     cut.write_bytes(data[:5])
     assert problems_of(broken)[0].startswith(f"file {cut.name}: truncated")
+
+
+def test_corrupt_header_is_named(broken):
+    bad = shard(broken, 0)
+    data = bytearray(bad.read_bytes())
+    data[8:12] = b"\xff\xfe{["  # the JSON header no longer parses
+    bad.write_bytes(bytes(data))
+    (p,) = problems_of(broken)  # its tensors are not listed again one by one
+    assert p.startswith(f"file {bad.name}: corrupt safetensors header")
 
 
 def test_every_problem_is_reported_at_once(broken):

@@ -129,25 +129,31 @@ def shard_files(path: Path) -> tuple[list[Path], dict[str, str] | None, list[str
     return files, None, []
 
 
-def index_checkpoint(path: Path) -> tuple[dict[str, TensorInfo], list[str]]:
-    """Every tensor of the checkpoint by name, and all file-level problems found."""
+def index_checkpoint(path: Path) -> tuple[dict[str, TensorInfo], list[str], set[str]]:
+    """Every readable tensor of the checkpoint by name, all file-level problems, and the names
+    the index places in missing or unreadable files (already covered by those files' problems)."""
     files, weight_map, problems = shard_files(path)
     tensors: dict[str, TensorInfo] = {}
+    bad_files = {n for n in (weight_map or {}).values() if not (path / n).is_file()}
     for file in files:
         found, file_problems = read_header(file)
         problems += file_problems
+        if file_problems and not found:
+            bad_files.add(file.name)
         for name, info in found.items():
             if name in tensors:
                 problems.append(f"tensor {name!r}: stored twice ({tensors[name].file.name} and "
                                 f"{file.name})")
             tensors[name] = info
-    if weight_map is not None:
-        for name, shard in weight_map.items():
-            info = tensors.get(name)
-            if (path / shard).is_file() and (info is None or info.file.name != shard):
-                where = f"found in {info.file.name}" if info else "not found in it"
-                problems.append(f"tensor {name!r}: the index places it in {shard}, {where}")
-    return tensors, problems
+    lost = set()
+    for name, shard in (weight_map or {}).items():
+        info = tensors.get(name)
+        if shard in bad_files:
+            lost.add(name)
+        elif info is None or info.file.name != shard:
+            where = f"found in {info.file.name}" if info else "not found in it"
+            problems.append(f"tensor {name!r}: the index places it in {shard}, {where}")
+    return tensors, problems, lost
 
 
 def read_json(file: Path) -> dict:

@@ -66,12 +66,12 @@ def load_model(path: str | Path, dtype: str = "bfloat16", device: str | torch.de
     if load_format == "dummy":
         return _dummy(cfg, p, dtype, device, qat, seed, skip_tokenizer_init)
 
-    found, problems = index_checkpoint(p)
+    found, problems, lost = index_checkpoint(p)
     scheme = _scheme(cfg, found)
     with torch.device(device):
         model = DeepseekV4Model(cfg, dtype=dtype, scheme=scheme, qat=qat)
     layout = checkpoint_layout(model, scheme)
-    problems += _compare(layout, found, cfg)
+    problems += _compare(layout, found, lost, cfg)
     if problems:
         raise CheckpointError(p, problems)
     _stream_into(model, layout, found, p.name)
@@ -94,15 +94,16 @@ def _scheme(cfg: ModelConfig, found: dict[str, TensorInfo]) -> LoaderScheme:
     return scheme
 
 
-def _compare(layout: CheckpointLayout, found: dict[str, TensorInfo], cfg: ModelConfig) -> list[str]:
+def _compare(layout: CheckpointLayout, found: dict[str, TensorInfo], lost: set[str],
+             cfg: ModelConfig) -> list[str]:
     expected = layout.tensors()
     problems = []
     for name, spec in expected.items():
         info = found.get(name)
-        if info is None:
+        if info is None and name not in lost:
             problems.append(f"tensor {name!r}: missing from the checkpoint (expected "
                             f"{str(spec.dtype).removeprefix('torch.')}{list(spec.shape)})")
-        else:
+        elif info is not None:
             problems += check_tensor(spec, info.dtype, info.shape)
     for name, info in found.items():
         if name in expected:
