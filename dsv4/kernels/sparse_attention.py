@@ -79,10 +79,15 @@ class AttnConfig:
     splits: int = 0
 
 
-def default_config(q: torch.Tensor) -> AttnConfig:
+def default_config(q: torch.Tensor, fp8: bool = False) -> AttnConfig:
+    """Tile shapes measured on an H200 (benchmarks/bench_attention.py --configs)."""
     if q.dtype == torch.float32:  # exact-comparison mode: plain fp32 FMA, small tiles
         return AttnConfig(block_h=16, block_k=16, num_warps=4, num_stages=1)
-    return AttnConfig()
+    if fp8:  # dequantising in registers leaves room for 16-row tiles only
+        return AttnConfig(block_k=16, num_stages=3)
+    if q.shape[1] >= 128:
+        return AttnConfig(block_k=64, num_stages=2)
+    return AttnConfig(block_k=32, num_stages=3)
 
 
 if HAS_TRITON:
@@ -226,8 +231,8 @@ if HAS_TRITON:
                                 config: AttnConfig | None = None) -> torch.Tensor:
         """Launcher: checks shapes and dtypes once, chooses the split, runs 1 or 2 kernels."""
         T, H, D = q.shape
-        cfg = config or default_config(q)
         fp8 = win_cache.dtype == torch.uint8
+        cfg = config or default_config(q, fp8)
         if q.dtype not in (torch.bfloat16, torch.float32):
             raise TypeError(f"q must be bf16 or fp32, got {q.dtype}")
         if fp8:
@@ -264,7 +269,9 @@ if HAS_TRITON:
         n_win_tiles = triton.cdiv(Kw, BK)
         n_tiles = n_win_tiles + triton.cdiv(Kc, BK)
         n_hb = triton.cdiv(H, BH)
-        splits = cfg.splits or max(1, min(triton.cdiv(_num_sms(q.device), T * n_hb), n_tiles // 2))
+        # split the row list only when the tokens alone leave most SMs idle: partial results
+        # cost H*D*4 bytes each way per split, as much as ~H*2 rows
+        splits = cfg.splits or max(1, min(_num_sms(q.device) // (T * n_hb), n_tiles // 2))
         splits = max(1, min(splits, n_tiles))
         tps = triton.cdiv(max(n_tiles, 1), splits)
         splits = triton.cdiv(max(n_tiles, 1), tps)
