@@ -68,12 +68,15 @@ def load_model(path: str | Path, dtype: str = "bfloat16", device: str | torch.de
 
     found, problems, lost = index_checkpoint(p)
     scheme = _scheme(cfg, found)
-    with torch.device(device):
-        model = DeepseekV4Model(cfg, dtype=dtype, scheme=scheme, qat=qat)
-    layout = checkpoint_layout(model, scheme)
+    # Check against a meta-device model first: a broken checkpoint is reported before a
+    # full-size model is allocated on the device.
+    with torch.device("meta"):
+        layout = checkpoint_layout(DeepseekV4Model(cfg, dtype=dtype, scheme=scheme), scheme)
     problems += _compare(layout, found, lost, cfg)
     if problems:
         raise CheckpointError(p, problems)
+    with torch.device(device):
+        model = DeepseekV4Model(cfg, dtype=dtype, scheme=scheme, qat=qat)
     _stream_into(model, layout, found, p.name)
     return LoadedModel(model.eval(), cfg, _tokenizer(p, cfg, skip_tokenizer_init),
                        _generation_config(p), p)
