@@ -3,7 +3,9 @@
     PYTHONPATH=. python3 benchmarks/bench_linear_moe.py [--quick]
 
 Times are medians of triton.testing.do_bench (which flushes L2 before every run, so weights
-come from HBM). Limits used for the fractions: 4.8 TB/s HBM, 1979 TFLOP/s dense FP8, 989 bf16.
+come from HBM). Small batches (M <= 128 linears, <= 64-token MoE) are timed as CUDA-graph
+replays over rotating weight copies / routings (> 200 MB), as the engine runs decode; larger
+ones eagerly. Limits used for the fractions: 4.8 TB/s HBM, 1979 TFLOP/s dense FP8, 989 bf16.
 Linear bytes = weight + scales + x + y; MoE "expert bytes" = the weights and scales of the
 experts that received tokens plus the shared expert (what must be read at least once).
 """
@@ -20,7 +22,7 @@ import triton
 from triton.testing import do_bench
 
 from dsv4.kernels import quant_linear as ql
-from dsv4.kernels.moe import _moe_cuda, moe_forward, moe_forward_ref
+from dsv4.kernels.moe import moe_forward, moe_forward_ref
 from dsv4.model.moe import Expert
 from dsv4.quant.formats import dequant_fp8, quantize_fp8
 
@@ -32,6 +34,30 @@ def t_us(fn) -> float:
     return do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
 
 
+def t_graph_us(fns) -> float:
+    """GPU time per call, launch overhead excluded (the engine replays CUDA graphs for small
+    batches): one graph runs every fn once; the fns use different weights or routings, so
+    their bytes come from HBM, not L2."""
+    for f in fns:
+        f()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    return do_bench(g.replay, warmup=5, rep=30, return_mode="median") * 1e3 / len(fns)
+
+
+def copies_for(nbytes: int) -> int:
+    """How many weight copies make a rotation well past the 60 MB L2."""
+    return max(1, min(64, -(-200_000_000 // nbytes)))
+
+
 def linear_table(quick: bool) -> None:
     shapes = [(4096, 1024, "Flash wq_a"), (1024, 32768, "Flash wq_b"), (8192, 4096, "Flash wo_b"),
               (7168, 1536, "Pro wq_a")]
@@ -41,34 +67,44 @@ def linear_table(quick: bool) -> None:
           "act_quant+_scaled_mm us | deq+bf16 mm us | bf16 mm (pre-dequantised) us |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for k, n, name in shapes:
-        w, s = quantize_fp8(torch.randn(n, k, device=DEV) / k ** 0.5)
-        su8 = s.view(torch.uint8)
-        wb = dequant_fp8(w, s).bfloat16()
+        wts = [quantize_fp8(torch.randn(n, k, device=DEV) / k ** 0.5)
+               for _ in range(copies_for(n * k))]
+        wbs = [dequant_fp8(w, s).bfloat16() for w, s in wts[:copies_for(2 * n * k)]]
         for m in ms:
             x = torch.randn(m, k, device=DEV).bfloat16()
             flops = 2 * m * n * k
-            nbytes = n * k + s.numel() + m * k * 2 + m * n * 2
-            path = ("fused" if m <= ql.FUSED_QUANT_MAX_M else
+            nbytes = n * k + wts[0][1].numel() + m * k * 2 + m * n * 2
+            small = m <= ql.FUSED_QUANT_MAX_M
+
+            def timed(call, ws=wts):
+                if small:  # graphs over rotating weight copies
+                    return t_graph_us([lambda w=w: call(w) for w in ws])
+                return t_us(lambda: call(ws[0]))
+
+            path = ("fused" if small else
                     "scaled_mm" if m >= ql.SCALED_MM_MIN_M and ql._SCALED_MM_OK.get((x.device, n, k), True)
                     else "triton")
-            auto = t_us(lambda: ql.fp8_linear(x, w, s))
+            auto = timed(lambda w: ql.fp8_linear(x, *w))
             if path == "scaled_mm" and not ql._SCALED_MM_OK.get((x.device, n, k), True):
                 path = "triton"
-            tri = t_us(lambda: ql._qlinear_cuda(x, ql.FMT_FP8, w, su8, None, path="triton"))
-            fused = (f"{t_us(lambda: ql._qlinear_cuda(x, ql.FMT_FP8, w, su8, None, path='fused')):.1f}"
-                     if m <= 128 else "-")
+            tri = timed(lambda w: ql._qlinear_cuda(x, ql.FMT_FP8, w[0], w[1].view(torch.uint8),
+                                                   None, path="triton"))
+            fused = (f"{timed(lambda w: ql._qlinear_cuda(x, ql.FMT_FP8, w[0], w[1].view(torch.uint8), None, path='fused')):.1f}"
+                     if small else "-")
             try:
-                sc = t_us(lambda: ql._scaled_mm_blockwise(*ql.act_quant_fp8(x), w, su8, torch.bfloat16))
+                sc = timed(lambda w: ql._scaled_mm_blockwise(*ql.act_quant_fp8(x), w[0],
+                                                             w[1].view(torch.uint8), torch.bfloat16))
                 sc = f"{sc:.1f}"
             except Exception as exc:  # noqa: BLE001 - report, keep benchmarking
                 sc = f"n/a ({type(exc).__name__})"
-            deq = t_us(lambda: F.linear(x, dequant_fp8(w, s).bfloat16())) if not quick else float("nan")
-            bf = t_us(lambda: F.linear(x, wb))
+            deq = (timed(lambda w: F.linear(x, dequant_fp8(*w).bfloat16()), wts[:1])
+                   if not quick else float("nan"))
+            bf = timed(lambda wb: F.linear(x, wb), wbs)
             print(f"| {k}x{n} ({name}) | {m} | {auto:.1f} | {flops / auto / 1e6:.1f} | "
                   f"{nbytes / auto / 1e3:.0f} | {100 * nbytes / auto / 1e-6 / HBM:.0f}% | "
                   f"{100 * flops / auto / 1e-6 / FP8_PEAK:.0f}% | {path} | {fused} | {tri:.1f} | {sc} | "
                   f"{deq:.1f} | {bf:.1f} |", flush=True)
-        del w, s, wb
+        del wts, wbs
         torch.cuda.empty_cache()
 
 
@@ -110,13 +146,19 @@ def moe_table(quick: bool) -> None:
             if quick and t > 4096:
                 continue
             u = torch.randn(t, d, device=DEV).bfloat16()
-            idx = torch.rand(t, n_exp, device=DEV).topk(k, dim=-1).indices
-            wgt = torch.rand(t, k, device=DEV) + 0.05
-            wgt = wgt * (1.5 / wgt.sum(-1, keepdim=True))
-            used = idx.unique().numel()
+            routes = []
+            for _ in range(4 if t <= 64 else 1):  # small batches: rotate routings (new experts)
+                idx = torch.rand(t, n_exp, device=DEV).topk(k, dim=-1).indices
+                wgt = torch.rand(t, k, device=DEV) + 0.05
+                routes.append((idx, wgt * (1.5 / wgt.sum(-1, keepdim=True))))
+            idx, wgt = routes[0]
+            used = sum(r[0].unique().numel() for r in routes) / len(routes)
             nbytes = used * per_expert + shared_bytes
             flops = 2 * t * (k + 1) * 3 * d * inter
-            us = t_us(lambda: moe_forward(u, idx, wgt, experts, shared))
+            if t <= 64:
+                us = t_graph_us([lambda r=r: moe_forward(u, *r, experts, shared) for r in routes])
+            else:
+                us = t_us(lambda: moe_forward(u, idx, wgt, experts, shared))
             ref = "-"
             if t <= 64:
                 os.environ["DSV4_DISABLE_TRITON"] = "1"
@@ -124,12 +166,7 @@ def moe_table(quick: bool) -> None:
                 del os.environ["DSV4_DISABLE_TRITON"]
             print(f"| {name} | {t} | {us:.1f} | {flops / us / 1e6:.1f} | "
                   f"{100 * flops / us / 1e-6 / BF16_PEAK:.0f}% | {nbytes / us / 1e3:.0f} | "
-                  f"{100 * nbytes / us / 1e-6 / HBM:.0f}% | {used}+1 | {ref} |", flush=True)
-            if t >= 4096:
-                for bt in (64, 128):
-                    alt = t_us(lambda: _moe_cuda(u, idx, wgt, experts, shared, bt=bt))
-                    print(f"|   (rows per block {bt}) | {t} | {alt:.1f} | "
-                          f"{flops / alt / 1e6:.1f} | | | | | |", flush=True)
+                  f"{100 * nbytes / us / 1e-6 / HBM:.0f}% | {used:.0f}+1 | {ref} |", flush=True)
             if t in (1, 4096):
                 profile(lambda: moe_forward(u, idx, wgt, experts, shared), f"{name} T={t}")
         del experts, shared
@@ -158,9 +195,9 @@ def kernel_resources() -> None:
         try:
             for cache in fn.device_caches.values():
                 for key, kern in cache[0].items():
-                    c = kern.constants if hasattr(kern, "constants") else {}
-                    print(f"{name}: regs {kern.n_regs} spills {kern.n_spills} "
-                          f"shared {kern.metadata.shared} {str(key)[-160:]}")
+                    consts = [v for t, v in key[1] if t == "constexpr"] if isinstance(key, tuple) \
+                        and len(key) > 1 and isinstance(key[1], (list, tuple)) else str(key)[-60:]
+                    print(f"{name} {consts}: regs {kern.n_regs} spills {kern.n_spills}")
         except Exception as exc:  # noqa: BLE001
             print(f"{name}: no resource info ({exc})")
 

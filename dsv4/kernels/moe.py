@@ -172,7 +172,7 @@ def _moe_cuda(u, idx, wgt, experts, shared, bt: int | None = None) -> torch.Tens
     else:
         groups = [(extra, 0, 1, 0, shared_blocks), (main, 1, n_exp, shared_blocks, routed_blocks)]
     common = dict(ROUND=u.dtype == torch.bfloat16, HAS_LIMIT=limit > 0, BT=bt, EP2=ep2)
-    warps = 4 if bt <= 32 else 8
+    warps = 4 if bt <= 16 else 8
     for tab, e_lo, e_hi, b_lo, nb in groups:
         p = tab.ptrs
         _moe_gemm_kernel[(inter // 128, nb)](
@@ -198,7 +198,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .quant_linear import _act_block, _mma_block, _quant_block
+    from .quant_linear import (_act_block, _act_chunk, _act_scale, _fp4_chunk, _mma_fp8,
+                               _quant_block)
 
     @triton.jit
     def _route_count_kernel(idx_ptr, counts_ptr, expert_ptr, rank_ptr, T, k,
@@ -260,29 +261,34 @@ if HAS_TRITON:
         rows = tl.program_id(0) * BW + tl.arange(0, BW)
         row_ok = rows < N
         wi = e - e_lo
+        ws = tl.load(s_tab + wi).to(tl.pointer_type(tl.uint8))
+        ws3 = tl.load(s3_tab + wi).to(tl.pointer_type(tl.uint8))
         if W_FMT == 0:
             w = tl.load(w_tab + wi).to(tl.pointer_type(tl.float8e4nv))
-            ws = tl.load(s_tab + wi).to(tl.pointer_type(tl.uint8))
+            w3 = tl.load(w3_tab + wi).to(tl.pointer_type(tl.float8e4nv))
         else:
             w = tl.load(w_tab + wi).to(tl.pointer_type(tl.uint8))
-            ws = tl.load(s_tab + wi).to(tl.pointer_type(tl.int32))
+            w3 = tl.load(w3_tab + wi).to(tl.pointer_type(tl.uint8))
         if GATE_UP:
             arow = slot // k1
-            if W_FMT == 0:
-                w3 = tl.load(w3_tab + wi).to(tl.pointer_type(tl.float8e4nv))
-                ws3 = tl.load(s3_tab + wi).to(tl.pointer_type(tl.uint8))
-            else:
-                w3 = tl.load(w3_tab + wi).to(tl.pointer_type(tl.uint8))
-                ws3 = tl.load(s3_tab + wi).to(tl.pointer_type(tl.int32))
         else:
             arow = pos
         acc = tl.zeros((BW, BT), dtype=tl.float32)
         acc3 = tl.zeros((BW, BT), dtype=tl.float32)
         for kb in range(0, K // 128):
-            q, s = _act_block(a_ptr, sa_ptr, arow, ok, kb, K, False)
-            acc = _mma_block(acc, q, s, w, ws, rows, row_ok, kb, K, W_FMT)
-            if GATE_UP:
-                acc3 = _mma_block(acc3, q, s, w3, ws3, rows, row_ok, kb, K, W_FMT)
+            if W_FMT == 0:
+                q, s = _act_block(a_ptr, sa_ptr, arow, ok, kb, K, False)
+                acc = _mma_fp8(acc, q, s, w, ws, rows, row_ok, kb, K)
+                if GATE_UP:
+                    acc3 = _mma_fp8(acc3, q, s, w3, ws3, rows, row_ok, kb, K)
+            else:
+                s, inv = _act_scale(a_ptr, sa_ptr, arow, ok, kb, K, False)
+                for c in tl.static_range(4):
+                    a = tl.trans(_act_chunk(a_ptr, arow, ok, kb, c, K, s, inv, False))
+                    acc = tl.dot(_fp4_chunk(w, ws, rows, row_ok, kb, c, K, W_FMT == 2), a, acc)
+                    if GATE_UP:
+                        acc3 = tl.dot(_fp4_chunk(w3, ws3, rows, row_ok, kb, c, K, W_FMT == 2), a,
+                                      acc3)
         if W_FMT == 2:
             acc = acc * tl.load(tl.load(g_tab + wi).to(tl.pointer_type(tl.float32)))
             if GATE_UP:

@@ -15,7 +15,8 @@ GPU (Hopper):
   Packed FP4 stays packed in memory. Small M quantises x inside the kernel and splits K across
   CTAs to fill the GPU; large M quantises once and, for FP8, uses cuBLAS block-scaled
   `torch._scaled_mm` (faster than this kernel at large M on the H200, see benchmarks/).
-The tile helpers (`_act_block`, `_mma_block`) are shared with the grouped MoE kernel (moe.py).
+The tile helpers (`_act_block`, `_act_scale`, `_act_chunk`, `_fp4_chunk`, `_mma_fp8`) are shared
+with the grouped MoE kernel (moe.py).
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
 def mxfp4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., K], weight packed e2m1 [N, K/2], scale e8m0 [N, K/32] -> [..., N]."""
     if use_triton(x) and _kernel_shape_ok(x, weight.shape[1] * 2):
-        return _qlinear_cuda(x, FMT_MXFP4, weight.view(torch.uint8), scale.view(torch.int32), None)
+        return _qlinear_cuda(x, FMT_MXFP4, weight.view(torch.uint8), scale.view(torch.uint8), None)
     return mxfp4_linear_ref(x, weight, scale)
 
 
@@ -79,7 +80,7 @@ def nvfp4_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     """x [..., K], weight packed e2m1 [N, K/2], e4m3 scale [N, K/16], fp32 global -> [..., N]."""
     if use_triton(x) and _kernel_shape_ok(x, weight.shape[1] * 2):
         return _qlinear_cuda(x, FMT_NVFP4, weight.view(torch.uint8),
-                             weight_scale.view(torch.int32), weight_scale_2.float().reshape(1))
+                             weight_scale.view(torch.uint8), weight_scale_2.float().reshape(1))
     return nvfp4_linear_ref(x, weight, weight_scale, weight_scale_2)
 
 
@@ -211,65 +212,69 @@ if HAS_TRITON:
 
     @triton.jit
     def _e4m3_f32(b):
-        """e4m3 byte (int32 0..255) -> fp32."""
+        """e4m3 byte (uint8) -> fp32."""
         return b.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
 
     @triton.jit
-    def _fp4_tile(w_ptr, s_ptr, rows, row_ok, kb, K, NV: tl.constexpr):
-        """Packed e2m1 rows [BW] x K-block kb -> exact bf16 [BW, 128] with the block scales
-        folded in. MXFP4: s_ptr is the e8m0 [N, K/32] scale viewed as int32 (4 scales per
-        K-block); NVFP4: the e4m3 [N, K/16] scale viewed as int32 (8 scales, two words)."""
-        j = tl.arange(0, 64)
-        p = tl.load(w_ptr + rows[:, None].to(tl.int64) * (K // 2) + kb * 64 + j[None, :],
+    def _fp4_chunk(w_ptr, s_ptr, rows, row_ok, kb, c, K, NV: tl.constexpr):
+        """Packed e2m1 rows [BW], K-chunk c (32 wide) of K-block kb -> exact bf16 [BW, 32] with
+        the block scales folded in (s_ptr: e8m0 [N, K/32] for MXFP4, e4m3 [N, K/16] for NVFP4,
+        as bytes). 32-wide chunks keep the decode's registers small."""
+        j = tl.arange(0, 16)
+        p = tl.load(w_ptr + rows[:, None].to(tl.int64) * (K // 2) + kb * 64 + c * 16 + j[None, :],
                     mask=row_ok[:, None], other=0).to(tl.int32)
-        # e2m1 code c (sign bit 3) -> fp32 bits with the 3 magnitude bits in exponent/mantissa:
-        # that float is value(c) * 2^-126 for every code, subnormal 0.5 included.
+        # e2m1 code (sign bit 3) -> fp32 bits with the 3 magnitude bits in exponent/mantissa:
+        # that float is value(code) * 2^-126 for every code, the subnormal 0.5 included.
         lo = (((p & 7) << 22) | ((p & 8) << 28)).to(tl.float32, bitcast=True) * 8.507059173023462e37
         hi = (((p & 0x70) << 18) | ((p & 0x80) << 24)).to(tl.float32, bitcast=True) * 8.507059173023462e37
         if NV:
-            srow = s_ptr + rows.to(tl.int64) * (K // 64) + kb * 2
-            w0 = tl.load(srow, mask=row_ok, other=0)
-            w1 = tl.load(srow + 1, mask=row_ok, other=0)
-            grp = (j // 8)[None, :]
-            f = tl.where(grp < 4,
-                         tl.where(grp < 2,
-                                  tl.where(grp == 0, _e4m3_f32(w0 & 255)[:, None],
-                                           _e4m3_f32((w0 >> 8) & 255)[:, None]),
-                                  tl.where(grp == 2, _e4m3_f32((w0 >> 16) & 255)[:, None],
-                                           _e4m3_f32((w0 >> 24) & 255)[:, None])),
-                         tl.where(grp < 6,
-                                  tl.where(grp == 4, _e4m3_f32(w1 & 255)[:, None],
-                                           _e4m3_f32((w1 >> 8) & 255)[:, None]),
-                                  tl.where(grp == 6, _e4m3_f32((w1 >> 16) & 255)[:, None],
-                                           _e4m3_f32((w1 >> 24) & 255)[:, None])))
+            sb = s_ptr + rows.to(tl.int64) * (K // 16) + kb * 8 + c * 2
+            f0 = _e4m3_f32(tl.load(sb, mask=row_ok, other=0))
+            f1 = _e4m3_f32(tl.load(sb + 1, mask=row_ok, other=0))
+            f = tl.where(j[None, :] < 8, f0[:, None], f1[:, None])
         else:
-            sw = tl.load(s_ptr + rows.to(tl.int64) * (K // 128) + kb, mask=row_ok, other=0)
-            grp = (j // 16)[None, :]
-            f = tl.where(grp < 2,
-                         tl.where(grp == 0, _e8m0_f32(sw & 255)[:, None],
-                                  _e8m0_f32((sw >> 8) & 255)[:, None]),
-                         tl.where(grp == 2, _e8m0_f32((sw >> 16) & 255)[:, None],
-                                  _e8m0_f32((sw >> 24) & 255)[:, None]))
+            sb = tl.load(s_ptr + rows.to(tl.int64) * (K // 32) + kb * 4 + c, mask=row_ok, other=0)
+            f = _e8m0_f32(sb.to(tl.int32))[:, None]
         lo = (lo * f).to(tl.bfloat16)
         hi = (hi * f).to(tl.bfloat16)
         # element 2j is the low nibble of byte j
-        return tl.reshape(tl.join(lo, hi), (lo.shape[0], 128))
+        return tl.reshape(tl.join(lo, hi), (lo.shape[0], 32))
 
     @triton.jit
-    def _mma_block(acc, q, s, w_ptr, ws_ptr, rows, row_ok, kb, K, W_FMT: tl.constexpr):
-        """acc [BW, BT] += W[rows, K-block kb] @ (q * s)^T for activations q [BT, 128] e4m3."""
-        if W_FMT == 0:
+    def _act_chunk(x_ptr, rows, ok, kb, c, K, s, inv, QUANT: tl.constexpr):
+        """Activation rows [R], K-chunk c of K-block kb, as the exact bf16 values (e4m3 * s)
+        the reference multiplies; quantised here (scale s, 1/s = inv) when QUANT."""
+        k = kb * 128 + c * 32 + tl.arange(0, 32)
+        v = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + k[None, :], mask=ok[:, None], other=0.0)
+        if QUANT:
+            v = tl.minimum(tl.maximum(v.to(tl.float32) * inv[:, None], -448.0), 448.0)
+            v = v.to(tl.float8e4nv)
+        return (v.to(tl.float32) * s[:, None]).to(tl.bfloat16)
+
+    @triton.jit
+    def _act_scale(x_ptr, sx_ptr, rows, ok, kb, K, QUANT: tl.constexpr):
+        """(scale, 1/scale) [R] of activation rows for K-block kb: computed from the block's
+        amax when QUANT, else loaded (the reciprocal is then unused)."""
+        if QUANT:
             k = kb * 128 + tl.arange(0, 128)
-            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + k[None, :],
-                        mask=row_ok[:, None], other=0.0)
-            sb = tl.load(ws_ptr + (rows // 128) * (K // 128) + kb, mask=row_ok, other=0)
-            ws = _e8m0_f32(sb.to(tl.int32))
-            acc += tl.dot(w, tl.trans(q)) * (ws[:, None] * s[None, :])
+            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + k[None, :], mask=ok[:, None],
+                        other=0.0).to(tl.float32)
+            s, inv = _pow2ceil(tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4), 448.0))
         else:
-            w = _fp4_tile(w_ptr, ws_ptr, rows, row_ok, kb, K, W_FMT == 2)
-            a = (q.to(tl.float32) * s[:, None]).to(tl.bfloat16)
-            acc = tl.dot(w, tl.trans(a), acc)
-        return acc
+            s = tl.load(sx_ptr + rows.to(tl.int64) * (K // 128) + kb, mask=ok, other=0.0)
+            inv = s
+        return s, inv
+
+    @triton.jit
+    def _mma_fp8(acc, q, s, w_ptr, ws_ptr, rows, row_ok, kb, K):
+        """acc [BW, BT] += (W block kb) @ (q * s)^T on FP8 tensor cores, promoted to fp32 per
+        128-deep block with the weight block scale x token scale."""
+        k = kb * 128 + tl.arange(0, 128)
+        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + k[None, :], mask=row_ok[:, None],
+                    other=0.0)
+        sb = tl.load(ws_ptr + (rows // 128) * (K // 128) + kb, mask=row_ok, other=0)
+        ws = _e8m0_f32(sb.to(tl.int32))
+        return acc + tl.dot(w, tl.trans(q)) * (ws[:, None] * s[None, :])
 
     @triton.jit
     def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, BR: tl.constexpr):
@@ -295,8 +300,15 @@ if HAS_TRITON:
         kb1 = tl.minimum(kb0 + kb_per_split, K // 128)
         acc = tl.zeros((BW, BT), dtype=tl.float32)
         for kb in range(kb0, kb1):
-            q, s = _act_block(x_ptr, sx_ptr, toks, tok_ok, kb, K, QUANT_X)
-            acc = _mma_block(acc, q, s, w_ptr, ws_ptr, rows, row_ok, kb, K, W_FMT)
+            if W_FMT == 0:
+                q, s = _act_block(x_ptr, sx_ptr, toks, tok_ok, kb, K, QUANT_X)
+                acc = _mma_fp8(acc, q, s, w_ptr, ws_ptr, rows, row_ok, kb, K)
+            else:
+                s, inv = _act_scale(x_ptr, sx_ptr, toks, tok_ok, kb, K, QUANT_X)
+                for c in tl.static_range(4):
+                    a = _act_chunk(x_ptr, toks, tok_ok, kb, c, K, s, inv, QUANT_X)
+                    w = _fp4_chunk(w_ptr, ws_ptr, rows, row_ok, kb, c, K, W_FMT == 2)
+                    acc = tl.dot(w, tl.trans(a), acc)
         if W_FMT == 2:
             acc = acc * tl.load(g_ptr)
         y = y_ptr + split.to(tl.int64) * M * N + toks[None, :].to(tl.int64) * N + rows[:, None]
