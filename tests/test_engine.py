@@ -282,6 +282,11 @@ def test_text_prompt_without_tokenizer_is_a_clear_error():
     assert len(out.outputs[0].token_ids) == 12 and out.outputs[0].text == ""
 
 
+def test_cache_never_takes_more_blocks_than_max_num_seqs_sequences_can_use():
+    eng = make_engine(max_num_seqs=2, max_model_len=300, cpu_cache_bytes=64 << 20)
+    assert eng.num_blocks == 2 * 3 and eng.max_model_len == 300
+
+
 def test_cache_budget_without_room_for_a_block_refuses_to_start():
     with pytest.raises(ConfigError, match="holds no 128-token block"):
         make_engine(cpu_cache_bytes=1 << 20, max_num_seqs=8)
@@ -304,8 +309,8 @@ def test_abort_frees_the_requests_blocks_and_others_continue(engine, alone):
 
 
 def test_capacity_and_stats_describe_the_cache(engine):
-    expected_blocks = ((16 << 20) - 8 * slot_bytes(CFG, 8, torch.float32)) \
-        // block_bytes(CFG, torch.float32)
+    fit = ((16 << 20) - 8 * slot_bytes(CFG, 8, torch.float32)) // block_bytes(CFG, torch.float32)
+    expected_blocks = min(fit, 8 * CFG.max_position_embeddings // BLOCK_TOKENS)  # 8 = max_num_seqs
     assert engine.num_blocks == expected_blocks
     assert engine.max_model_len == min(CFG.max_position_embeddings, expected_blocks * BLOCK_TOKENS)
     concurrent = min(8, expected_blocks // (engine.max_model_len // BLOCK_TOKENS))

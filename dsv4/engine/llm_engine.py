@@ -89,7 +89,11 @@ class LLMEngine:
         per_slot, per_block = slot_bytes(cfg, margin, model.dtype), block_bytes(cfg, model.dtype)
         budget = self._cache_budget()
         num_slots = ec.max_num_seqs
-        self.num_blocks = (budget - num_slots * per_slot) // max(per_block, 1)
+        fit = (budget - num_slots * per_slot) // max(per_block, 1)
+        # More blocks than max_num_seqs sequences of the longest length can never be in use at
+        # once: do not take that memory (a tiny model on a big GPU would take it all).
+        longest = min(ec.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.num_blocks = min(fit, num_slots * math.ceil(longest / BLOCK_TOKENS))
         if self.num_blocks < 1:
             raise ConfigError(
                 f"the KV cache budget of {budget / 2**20:.1f} MiB holds no 128-token block "
@@ -118,7 +122,9 @@ class LLMEngine:
         concurrent = min(ec.max_num_seqs, self.num_blocks // math.ceil(self.max_model_len / BLOCK_TOKENS))
         self.capacity = (f"KV cache: {self.num_blocks} blocks, max {self.max_model_len} tokens per "
                          f"sequence, {concurrent} concurrent sequences at {self.max_model_len} tokens")
-        logger.info("%s (%.1f MiB on %s)", self.capacity, budget / 2**20, self.device)
+        used = num_slots * per_slot + self.num_blocks * per_block
+        logger.info("%s (%.1f MiB of a %.1f MiB budget on %s)", self.capacity, used / 2**20,
+                    budget / 2**20, self.device)
 
     @classmethod
     def from_args(cls, model: str, *, dtype: str = "bfloat16", device: str | None = None,
