@@ -74,14 +74,14 @@ def linear_table(quick: bool) -> None:
             x = torch.randn(m, k, device=DEV).bfloat16()
             flops = 2 * m * n * k
             nbytes = n * k + wts[0][1].numel() + m * k * 2 + m * n * 2
-            small = m <= ql.FUSED_QUANT_MAX_M
+            small = m <= ql.SMALL_M
 
             def timed(call, ws=wts):
                 if small:  # graphs over rotating weight copies
                     return t_graph_us([lambda w=w: call(w) for w in ws])
                 return t_us(lambda: call(ws[0]))
 
-            path = ("fused" if small else
+            path = ("fused" if m <= ql.FUSED_QUANT_MAX_M else "triton" if small else
                     "scaled_mm" if m >= ql.SCALED_MM_MIN_M and ql._SCALED_MM_OK.get((x.device, n, k), True)
                     else "triton")
             auto = timed(lambda w: ql.fp8_linear(x, *w))

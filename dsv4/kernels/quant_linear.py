@@ -12,9 +12,10 @@ GPU (Hopper):
   NVFP4) are decoded in the kernel to bf16 with their per-32 / per-16 scales folded in: code x
   scale is exact in bf16, and so is (e4m3 activation x power-of-two scale), so a bf16 MMA with
   fp32 accumulation computes exactly the reference's products; only the summation order differs.
-  Packed FP4 stays packed in memory. Small M quantises x inside the kernel and splits K across
-  CTAs to fill the GPU; large M quantises once and, for FP8, uses cuBLAS block-scaled
-  `torch._scaled_mm` (faster than this kernel at large M on the H200, see benchmarks/).
+  Packed FP4 stays packed in memory. Small M splits K across CTAs to fill the GPU (and up to 16
+  tokens quantises x inside the kernel, saving a launch); large M quantises once and, for FP8,
+  uses cuBLAS block-scaled `torch._scaled_mm` (3-4x faster than this kernel at M >= 4096 on
+  the H200, see benchmarks/bench_linear_moe.py).
 The tile helpers (`_act_block`, `_act_scale`, `_act_chunk`, `_fp4_chunk`, `_mma_fp8`) are shared
 with the grouped MoE kernel (moe.py).
 """
@@ -28,10 +29,13 @@ from ..quant.sim import act_quant, act_quant_sim
 
 # Weight formats as the kernels know them (constexpr W_FMT).
 FMT_FP8, FMT_MXFP4, FMT_NVFP4 = 0, 1, 2
-# Up to this many tokens a linear quantises its input inside the GEMM (one launch, memory-bound
-# regime); above it, one act_quant launch feeds a compute-bound GEMM.
-FUSED_QUANT_MAX_M = 128
-# From this many tokens on, FP8 linears use cuBLAS block-scaled _scaled_mm when it is available.
+# Up to SMALL_M tokens the GEMM is memory-bound: narrow token tiles and split K. Up to
+# FUSED_QUANT_MAX_M tokens it also quantises x itself (one launch fewer); by M = 128 the
+# redundant per-tile quantisation costs more than the act_quant launch (H200: 15.2 vs 13.3 us,
+# 61 vs 35 us; benchmarks/bench_linear_moe.py). From SCALED_MM_MIN_M on, FP8 linears use cuBLAS
+# block-scaled _scaled_mm (H200, M = 4096: 60-270 us against this kernel's 129-938 us).
+SMALL_M = 128
+FUSED_QUANT_MAX_M = 16
 SCALED_MM_MIN_M = 256
 
 
@@ -142,11 +146,13 @@ def _qlinear_cuda(x, fmt: int, weight, scale, gscale, path: str = "auto") -> tor
             path = "triton"
     g = gscale if gscale is not None else x2  # the global scale is read for NVFP4 only
     nkb = k // 128
+    if path == "fused" and m > SMALL_M:  # fusion is a small-M tool only
+        path = "triton"
     if path == "fused":
         a, sa = x2, x2
     else:
         a, sa = _act_quant_cuda(x2)
-    if m <= FUSED_QUANT_MAX_M:  # memory-bound: narrow token tiles, split K to fill the GPU
+    if m <= SMALL_M:  # memory-bound: narrow token tiles, split K to fill the GPU
         bw, bt, warps = _small_m_config(m)
         tiles = triton.cdiv(n, bw) * triton.cdiv(m, bt)
         split = max(1, min(nkb // 2, (2 * _num_sms(x.device)) // tiles))

@@ -6,7 +6,8 @@ by fp32 summation order, so bf16 outputs agree to bf16 rounding (relative Froben
 kernels ~1e-4: Hopper's FP8 MMA accumulates each 128-deep block with reduced precision, as
 cuBLAS _scaled_mm does). The MoE compares less tightly, by design of the model, not the kernel:
 h is re-quantised to e4m3 (3 mantissa bits) before w2, so a last-bit difference upstream flips
-an e4m3 rounding now and then (SPEC.md 10); measured on an H200: median 2e-3, max 6e-3 (bf16).
+an e4m3 rounding now and then (SPEC.md 10); measured on an H200 (bf16): median 2e-3, max
+1e-2 (one token: few elements, so one flip weighs more). A wrong weight or expert gives O(1).
 Run on the device: pytest -m gpu tests/gpu.
 """
 import pytest
@@ -71,7 +72,7 @@ def _check_linear(fmt, k, n, ms, dtype=torch.bfloat16, paths=("fused", "triton")
         x = torch.randn(m, k, device=DEV).to(dtype)
         want = ref_fn(x, *args)
         for path in paths:
-            if path == "fused" and m > 512:
+            if path == "fused" and m > ql.SMALL_M:  # fusion exists for small M only
                 continue
             got = ql._qlinear_cuda(x, code, *kargs, path=path)
             err = rel_err(got, want)
@@ -156,7 +157,7 @@ def _routing(t, n_exp, k, kind, seed=0):
     return idx, wgt * (1.5 / wgt.sum(-1, keepdim=True))
 
 
-def _check_moe(experts, shared, tokens, kinds, monkeypatch, dtype=torch.bfloat16, tol=1e-2):
+def _check_moe(experts, shared, tokens, kinds, monkeypatch, dtype=torch.bfloat16, tol=2e-2):
     d, k = experts[0].w1.in_features, 6
     for t in tokens:
         for kind in kinds:
