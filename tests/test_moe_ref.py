@@ -77,7 +77,9 @@ def test_moe_module_routes_through_the_op(layer):
     scheme = QuantScheme(linear="fp8", experts="fp4")
     moe = MoE(cfg, layer, scheme, f"layers.{layer}.ffn", torch.bfloat16)
     g = torch.Generator().manual_seed(2)
-    for m in [*moe.experts, moe.shared_experts]:
+    experts = list(moe.experts.values()) if isinstance(moe.experts, torch.nn.ModuleDict) \
+        else list(moe.experts)
+    for m in [*experts, moe.shared_experts]:
         for lin in (m.w1, m.w2, m.w3):
             lin.set_float(torch.randn(lin.out_features, lin.in_features, generator=g) / 8)
     moe.gate.weight.copy_(torch.randn(E, D, generator=g) / 8)
@@ -86,4 +88,4 @@ def test_moe_module_routes_through_the_op(layer):
     u = torch.randn(7, D, generator=g).bfloat16()
     ids = torch.randint(0, cfg.vocab_size, (7,), generator=g)
     idx, wgt = moe.gate(u, ids)
-    assert torch.equal(moe(u, ids), moe_forward_ref(u, idx, wgt, moe.experts, moe.shared_experts))
+    assert torch.equal(moe(u, ids), moe_forward_ref(u, idx, wgt, experts, moe.shared_experts))

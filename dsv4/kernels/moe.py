@@ -103,9 +103,11 @@ def _tables(experts, shared, device) -> tuple[_Tables, _Tables | None] | None:
     """Pointer tables for the kernels, cached per expert list: (plan experts [shared,
     routed...], None) when all share one format, else (routed, shared); None when the kernels
     do not cover these experts (bf16 weights, sizes not multiples of 128, mixed routed formats)."""
+    # Keyed by the shared expert: one per MoE layer, and a module (the routed experts may come
+    # as a plain list).
     key = (str(device), len(experts), experts[0].w1.weight.data_ptr(),
            experts[-1].w2.weight.data_ptr(), shared.w1.weight.data_ptr())
-    hit = _TABLES.get(experts)
+    hit = _TABLES.get(shared)
     if hit is not None and hit[0] == key:
         return hit[1]
     d, inter = experts[0].w1.in_features, experts[0].w1.out_features
@@ -118,7 +120,7 @@ def _tables(experts, shared, device) -> tuple[_Tables, _Tables | None] | None:
         val = (_Tables([shared, *experts], device), None)
     else:
         val = (_Tables(list(experts), device), _Tables([shared], device))
-    _TABLES[experts] = (key, val)
+    _TABLES[shared] = (key, val)
     return val
 
 
