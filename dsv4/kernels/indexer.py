@@ -117,7 +117,16 @@ if HAS_TRITON:
         return out
 
 
-def indexer_topk(q, w, keys, cand, topk):
+def indexer_scores(q, w, keys, cand):
     if use_triton(q) and q.dtype in (torch.bfloat16, torch.float32) and keys.dtype == q.dtype:
-        return select_topk(indexer_scores_triton(q, w, keys, cand), cand, topk, stable=False)
-    return indexer_topk_ref(q, w, keys, cand, topk)
+        return indexer_scores_triton(q, w, keys, cand)
+    return indexer_scores_ref(q, w, keys, cand)
+
+
+def indexer_topk(q, w, keys, cand, topk, reduce=None):
+    """`reduce` (tensor parallelism) sums the partial scores of each rank's heads before the
+    selection."""
+    score = indexer_scores(q, w, keys, cand)
+    if reduce is not None:
+        score = reduce(score)
+    return select_topk(score, cand, topk, stable=not score.is_cuda)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..distributed import SINGLE, ParallelGroup
 from ..kernels.sparse_attention import sparse_attention
 from ..quant.linear import BF16Linear, make_linear
 from ..quant.sim import fp8_sim
@@ -23,12 +24,16 @@ class DeepseekV4Attention(nn.Module):
     """
 
     def __init__(self, cfg, layer: int, ratio: int, scheme, prefix: str, dtype: torch.dtype,
-                 qat: bool = True):
+                 qat: bool = True, tp: ParallelGroup = SINGLE):
         super().__init__()
-        self.ratio, self.qat = ratio, qat
-        self.n_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.ratio, self.qat, self.tp = ratio, qat, tp
+        # Tensor parallelism splits the heads (and with them the output groups); the latent kv,
+        # the compressors and the caches are computed in full on every rank.
+        _, self.n_heads = tp.split(cfg.num_attention_heads, "num_attention_heads")
+        _, self.groups = tp.split(cfg.o_groups, "o_groups")
+        self.head_dim = cfg.head_dim
         self.rope_dim, self.eps = cfg.qk_rope_head_dim, cfg.rms_norm_eps
-        self.groups, self.o_lora = cfg.o_groups, cfg.o_lora_rank
+        self.o_lora = cfg.o_lora_rank
         H, D, d = self.n_heads, self.head_dim, cfg.hidden_size
 
         def lin(name, i, o):
@@ -49,7 +54,7 @@ class DeepseekV4Attention(nn.Module):
             self.compressor = Compressor(cfg, ratio, D, freqs, kind="attn", qat=qat)
         if ratio == 4:
             self.indexer = Indexer(cfg, freqs, scheme.format_for(f"{prefix}.indexer.wq_b"), dtype,
-                                   qat)
+                                   qat, tp)
 
     def _rotate(self, x: torch.Tensor, pos: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         n = x.shape[-1] - self.rope_dim
@@ -85,4 +90,4 @@ class DeepseekV4Attention(nn.Module):
         o = o.reshape(T, self.groups, H * D // self.groups)
         wo_a = self.wo_a.weight.to(o.dtype).view(self.groups, self.o_lora, -1)
         z = torch.einsum("tgi,goi->tgo", o, wo_a)  # [T, G, o_lora]
-        return self.wo_b(z.flatten(1))
+        return self.tp.all_reduce(self.wo_b(z.flatten(1)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..distributed import SINGLE
 from .attention import DeepseekV4Attention
 from .batch import ForwardBatch
 from .mhc import HyperConnection, hc_params
@@ -12,7 +13,8 @@ from .norm import RMSNorm
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, layer: int, scheme, prefix: str, dtype: torch.dtype, qat: bool = True):
+    def __init__(self, cfg, layer: int, scheme, prefix: str, dtype: torch.dtype, qat: bool = True,
+                 tp=None):
         super().__init__()
         n, d = cfg.hc_mult, cfg.hidden_size
         self.layer, self.ratio = layer, cfg.compress_ratios[layer]
@@ -20,9 +22,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(d, cfg.rms_norm_eps)
         hc_params(self, "hc_attn", n, d, (2 + n) * n)
         hc_params(self, "hc_ffn", n, d, (2 + n) * n)
+        tp = tp or SINGLE
         self.attn = DeepseekV4Attention(cfg, layer, self.ratio, scheme, f"{prefix}.attn", dtype,
-                                        qat)
-        self.ffn = MoE(cfg, layer, scheme, f"{prefix}.ffn", dtype)
+                                        qat, tp)
+        self.ffn = MoE(cfg, layer, scheme, f"{prefix}.ffn", dtype, tp)
         self._hc_attn = HyperConnection(self, "hc_attn", cfg)
         self._hc_ffn = HyperConnection(self, "hc_ffn", cfg)
 

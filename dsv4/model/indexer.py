@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..distributed import SINGLE, ParallelGroup
 from ..kernels.indexer import indexer_topk
 from ..quant.linear import BF16Linear, make_linear
 from ..quant.sim import fp4_sim, hadamard
@@ -13,10 +14,12 @@ from .rope import apply_rope
 
 
 class Indexer(nn.Module):
-    def __init__(self, cfg, freqs: torch.Tensor, fmt: str, dtype: torch.dtype, qat: bool = True):
+    def __init__(self, cfg, freqs: torch.Tensor, fmt: str, dtype: torch.dtype, qat: bool = True,
+                 tp: ParallelGroup = SINGLE):
         super().__init__()
-        self.qat = qat
-        self.n_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
+        self.qat, self.tp = qat, tp
+        self.total_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
+        _, self.n_heads = tp.split(cfg.index_n_heads, "index_n_heads")
         self.rope_dim, self.topk = cfg.qk_rope_head_dim, cfg.index_topk
         self.wq_b = make_linear(cfg.q_lora_rank, self.n_heads * self.head_dim, fmt, dtype)
         self.weights_proj = BF16Linear(cfg.hidden_size, self.n_heads, dtype=dtype)
@@ -32,6 +35,7 @@ class Indexer(nn.Module):
         q = hadamard(q.float()).to(u.dtype)
         if self.qat:
             q = fp4_sim(q, 32)
-        w = self.weights_proj(u) * (c ** -0.5 * self.n_heads ** -0.5)  # [T, nI]
+        w = self.weights_proj(u) * (c ** -0.5 * self.total_heads ** -0.5)  # [T, nI]
         cand, _ = batch.candidates(4)
-        return indexer_topk(q, w, cache.idx.view(-1, c), cand, self.topk)
+        reduce = self.tp.all_reduce if self.tp.size > 1 else None  # heads' partial scores
+        return indexer_topk(q, w, cache.idx.view(-1, c), cand, self.topk, reduce)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..cache.kv_cache import ModelCache
+from ..distributed import SINGLE, ParallelGroup
 from ..quant.linear import BF16Linear, make_linear
 from ..quant.scheme import QuantScheme
 from .batch import ForwardBatch
@@ -19,9 +20,10 @@ class MTPLayer(Block):
     """Multi-token prediction: from the main model's final state at p and token p+1, a block
     with its own caches predicts token p+2 (SPEC.md 8)."""
 
-    def __init__(self, cfg, j: int, scheme, dtype: torch.dtype, qat: bool = True):
+    def __init__(self, cfg, j: int, scheme, dtype: torch.dtype, qat: bool = True,
+                 tp: ParallelGroup = SINGLE):
         prefix = f"mtp.{j}"
-        super().__init__(cfg, cfg.num_hidden_layers + j, scheme, prefix, dtype, qat)
+        super().__init__(cfg, cfg.num_hidden_layers + j, scheme, prefix, dtype, qat, tp)
         d, n = cfg.hidden_size, cfg.hc_mult
         self.e_proj = make_linear(d, d, scheme.format_for(f"{prefix}.e_proj"), dtype)
         self.h_proj = make_linear(d, d, scheme.format_for(f"{prefix}.h_proj"), dtype)
@@ -44,21 +46,23 @@ class DeepseekV4Model(nn.Module):
     for comparisons with implementations that lack them; the real model needs them)."""
 
     def __init__(self, cfg, dtype: str | torch.dtype = "bfloat16", scheme: QuantScheme | None = None,
-                 qat: bool = True):
+                 qat: bool = True, tp: ParallelGroup = SINGLE):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.tp = cfg, tp
         self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         scheme = scheme or QuantScheme.from_config(cfg)
         self.scheme = scheme
         d, n, V = cfg.hidden_size, cfg.hc_mult, cfg.vocab_size
-        self.embed = nn.Embedding(V, d, dtype=self.dtype)
+        # Vocabulary-parallel embedding and head: each rank holds a contiguous range of rows.
+        self.vocab_start, v_local = tp.split(V, "vocab_size")
+        self.embed = nn.Embedding(v_local, d, dtype=self.dtype)
         self.embed.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(Block(cfg, i, scheme, f"layers.{i}", self.dtype, qat)
+        self.layers = nn.ModuleList(Block(cfg, i, scheme, f"layers.{i}", self.dtype, qat, tp)
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.head = BF16Linear(d, V, dtype=self.dtype)
+        self.head = BF16Linear(d, v_local, dtype=self.dtype)
         hc_params(self, "hc_head", n, d, n)
-        self.mtp = nn.ModuleList(MTPLayer(cfg, j, scheme, self.dtype, qat)
+        self.mtp = nn.ModuleList(MTPLayer(cfg, j, scheme, self.dtype, qat, tp)
                                  for j in range(cfg.num_nextn_predict_layers))
 
     # ------------------------------------------------------------------ forward
@@ -71,17 +75,25 @@ class DeepseekV4Model(nn.Module):
         X [T, n, d]; `logits(X[batch.logits_indices])` gives next-token logits."""
         self._check(batch, cache)
         ids = batch.input_ids
-        x = self.embed(ids)[:, None, :].expand(-1, self.cfg.hc_mult, -1).contiguous()
+        x = self.embed_tokens(ids)[:, None, :].expand(-1, self.cfg.hc_mult, -1).contiguous()
         for i, layer in enumerate(self.layers):
             x = layer(x, batch, cache.layers[i], ids)
         return x
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return self.embed(ids)
+        local = ids - self.vocab_start
+        mine = (local >= 0) & (local < self.embed.num_embeddings)
+        e = self.embed(torch.where(mine, local, 0)) * mine[:, None].to(self.dtype)
+        return self.tp.all_reduce(e)
 
     def logits(self, x: torch.Tensor, head_owner: nn.Module | None = None) -> torch.Tensor:
         """x [N, n, d] -> fp32 logits [N, V] through hc_head, norm and the shared head."""
         o = head_owner if head_owner is not None else self
         y = hc_head(x, o.hc_head_fn, o.hc_head_scale, o.hc_head_base, self.cfg.rms_norm_eps,
                     self.cfg.hc_eps)
-        return o.norm(y).float() @ self.head.weight.float().t()
+        return self.tp.all_gather_last(o.norm(y).float() @ self.head.weight.float().t())
 
     def mtp_forward(self, h: torch.Tensor, next_ids: torch.Tensor, batch: ForwardBatch,
                     cache: ModelCache, j: int = 0) -> torch.Tensor:
@@ -89,7 +101,7 @@ class DeepseekV4Model(nn.Module):
         there and `next_ids` [T] the tokens one position later. Returns its state [T, n, d]."""
         self._check(batch, cache)
         layer = self.mtp[j]
-        return layer(h, self.embed(next_ids), batch,
+        return layer(h, self.embed_tokens(next_ids), batch,
                      cache.layers[self.cfg.num_hidden_layers + j], next_ids)
 
     def mtp_logits(self, x: torch.Tensor, j: int = 0) -> torch.Tensor:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import SINGLE, ParallelGroup
 from ..kernels.moe import moe_forward
 from ..quant.linear import make_linear
 
@@ -67,16 +68,32 @@ class Expert(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg, layer: int, scheme, prefix: str, dtype: torch.dtype):
+    """Routed experts + shared expert. With expert parallelism each rank holds a contiguous
+    range of the routed experts (keyed by their global id, as in the checkpoint) and a slice of
+    the shared expert's intermediate channels; every rank sees every token (attention output is
+    replicated), computes its part, and one all-reduce sums the parts."""
+
+    def __init__(self, cfg, layer: int, scheme, prefix: str, dtype: torch.dtype,
+                 tp: ParallelGroup = SINGLE):
         super().__init__()
-        d, inter = cfg.hidden_size, cfg.moe_intermediate_size
+        d = cfg.hidden_size
+        self.tp = tp
         self.gate = Gate(cfg, layer < cfg.num_hash_layers, dtype)
-        self.experts = nn.ModuleList(
-            Expert(d, inter, scheme.format_for(f"{prefix}.experts.{e}", expert=True),
-                   cfg.swiglu_limit, dtype) for e in range(cfg.n_routed_experts))
+        self.first, n_local = tp.split(cfg.n_routed_experts, "n_routed_experts")
+        self.experts = nn.ModuleDict({
+            str(e): Expert(d, cfg.moe_intermediate_size,
+                           scheme.format_for(f"{prefix}.experts.{e}", expert=True),
+                           cfg.swiglu_limit, dtype)
+            for e in range(self.first, self.first + n_local)})
+        _, inter = tp.split(cfg.moe_intermediate_size, "moe_intermediate_size")
         self.shared_experts = Expert(d, inter, scheme.format_for(f"{prefix}.shared_experts"),
                                      cfg.swiglu_limit, dtype)
+        self._local = list(self.experts.values())
 
     def forward(self, u: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         idx, wgt = self.gate(u, input_ids)  # [T, k]
-        return moe_forward(u, idx, wgt, self.experts, self.shared_experts)
+        if self.tp.size > 1:  # other ranks' experts: weight 0 on a local expert adds exactly 0
+            local = (idx >= self.first) & (idx < self.first + len(self._local))
+            idx = torch.where(local, idx - self.first, 0)
+            wgt = torch.where(local, wgt, 0.0)
+        return self.tp.all_reduce(moe_forward(u, idx, wgt, self._local, self.shared_experts))

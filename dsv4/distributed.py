@@ -1,0 +1,74 @@
+"""Tensor and expert parallelism over torch.distributed (NCCL on GPUs, gloo on CPU).
+
+A `ParallelGroup` is what the model needs to know: its rank, the group size, and the two
+collectives it uses (sum of partial results, gather of vocabulary shards). With size 1 every
+call is a no-op, so the single-process path is unchanged.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelGroup:
+    rank: int = 0
+    size: int = 1
+    group: Any = None
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's x along the last dim (vocabulary-parallel logits)."""
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, -1)
+
+    def split(self, total: int, what: str, multiple: int = 1) -> tuple[int, int]:
+        """(start, length) of this rank's share of `total`; refuses sizes that do not divide."""
+        if total % self.size or (total // self.size) % multiple:
+            raise ValueError(
+                f"{what} = {total} cannot be split over {self.size} ranks"
+                + (f" in multiples of {multiple}" if multiple > 1 else "")
+                + f"; use a tensor-parallel size that divides it (e.g. "
+                f"{', '.join(str(s) for s in range(1, 17) if total % s == 0 and (total // s) % multiple == 0 and s > 1)})")
+        n = total // self.size
+        return self.rank * n, n
+
+
+SINGLE = ParallelGroup()
+
+
+def check_parallel_config(cfg, size: int) -> None:
+    """Every split the model makes, checked once at start-up with a message saying what to use."""
+    g = ParallelGroup(0, size)
+    g.split(cfg.num_attention_heads, "num_attention_heads")
+    g.split(cfg.o_groups, "o_groups")
+    g.split(cfg.vocab_size, "vocab_size")
+    g.split(cfg.n_routed_experts, "n_routed_experts")
+    if any(m == 4 for m in cfg.compress_ratios):
+        g.split(cfg.index_n_heads, "index_n_heads")
+    block = 128 if cfg.weight_format != "bf16" else 1
+    g.split(cfg.moe_intermediate_size, "moe_intermediate_size (shared expert)", block)
+
+
+def init_from_env(backend: str | None = None) -> ParallelGroup:
+    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, ...)."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return SINGLE
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast
+        dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    return ParallelGroup(dist.get_rank(), dist.get_world_size(), None)

@@ -1,0 +1,89 @@
+"""Tensor-parallel attention and expert-parallel MoE over 2 gloo processes give the logits and
+greedy tokens of one process (tiny model, float32, hash and dense layers, MTP included)."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dsv4.cache.kv_cache import ModelCache
+from dsv4.config import ModelConfig
+from dsv4.distributed import ParallelGroup, check_parallel_config
+from dsv4.model.batch import ForwardBatch, SeqChunk
+from dsv4.model.init import init_random_
+from dsv4.model.model import DeepseekV4Model
+from dsv4.model.parallel import shard_state_dict
+
+STEPS = 6
+
+
+def _cfg():
+    return ModelConfig.preset("tiny")  # 4 heads, 2 groups, 2 indexer heads, 8 experts: all split
+
+
+def _run(model, prompt):
+    """Prefill then greedy decode; logits [1 + STEPS, V] and the generated tokens."""
+    cfg = model.cfg
+    cache = ModelCache(cfg, num_slots=1, num_blocks=4, margin=8, dtype=model.dtype)
+    chunk, pos, logits, toks = list(prompt), 0, [], []
+    with torch.inference_mode():
+        for _ in range(STEPS + 1):
+            b = ForwardBatch([SeqChunk(chunk, pos, 0, [0, 1])], cfg.sliding_window,
+                             cache.window_rows, cache.num_slots)
+            x = model(b, cache)
+            lg = model.logits(x[b.logits_indices])[0]
+            mtp = model.mtp_logits(model.mtp_forward(x, torch.tensor(chunk[1:] + [int(lg.argmax())]),
+                                                     b, cache))
+            logits.append(torch.cat([lg, mtp[-1]]))
+            pos += len(chunk)
+            chunk = [int(lg.argmax())]
+            toks.append(chunk[0])
+    return torch.stack(logits), toks
+
+
+def _worker(rank, port, prompt, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    cfg = _cfg()
+    full = init_random_(DeepseekV4Model(cfg, dtype="float32"), seed=4).state_dict()
+    tp = ParallelGroup(rank, 2)
+    model = DeepseekV4Model(cfg, dtype="float32", tp=tp).eval()
+    model.load_state_dict(shard_state_dict(full, cfg, tp))
+    logits, toks = _run(model, prompt)
+    if rank == 0:
+        q.put((logits, toks))
+    dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_match_one_process():
+    cfg = _cfg()
+    prompt = torch.randint(16, 512, (21,), generator=torch.Generator().manual_seed(2)).tolist()
+    ref_model = init_random_(DeepseekV4Model(cfg, dtype="float32"), seed=4).eval()
+    ref_logits, ref_toks = _run(ref_model, prompt)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, prompt, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    logits, toks = q.get(timeout=120)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert toks == ref_toks
+    diff = (logits - ref_logits).abs().max()
+    assert diff < 1e-3, f"TP=2 logits differ from one process by {diff:.2e}"
+
+
+def test_sizes_that_do_not_divide_are_refused_with_the_split_to_use():
+    with pytest.raises(ValueError, match="num_attention_heads = 4 cannot be split over 3"):
+        check_parallel_config(_cfg(), 3)
