@@ -17,11 +17,13 @@ from safetensors.torch import load_file, save_file
 
 from dsv4.cache.kv_cache import ModelCache
 from dsv4.config import ConfigError
+from dsv4.distributed import ParallelGroup
 from dsv4.loader import (CheckpointError, add_make_tiny_cli, load_model, tiny_config,
                          write_tiny_checkpoint)
 from dsv4.loader.cli import main as make_tiny_main
 from dsv4.model.batch import ForwardBatch, SeqChunk
 from dsv4.model.model import DeepseekV4Model
+from dsv4.model.parallel import shard_state_dict
 from dsv4.quant.formats import dequant_mxfp4, mxfp4_to_fp8, quantize_fp8
 from dsv4.quant.linear import FP4Linear, Linear
 from dsv4.quant.scheme import QuantScheme
@@ -264,7 +266,8 @@ def test_nvfp4_exclude_list_is_also_read_from_hf_quant_config(checkpoints, tmp_p
     del cfg["quantization_config"]  # older ModelOpt exports keep it in hf_quant_config.json only
     (path / "config.json").write_text(json.dumps(cfg))
     model = load_model(path, dtype="float32").model
-    assert model.layers[1].attn.wq_a.fmt == "bf16" and model.layers[1].ffn.experts[0].w1.fmt == "nvfp4"
+    assert model.get_submodule("layers.1.attn.wq_a").fmt == "bf16"
+    assert model.get_submodule("layers.1.ffn.experts.0.w1").fmt == "nvfp4"
 
 
 def test_nvfp4_excluded_modules_may_keep_the_official_fp8(checkpoints, tmp_path):
@@ -278,8 +281,8 @@ def test_nvfp4_excluded_modules_may_keep_the_official_fp8(checkpoints, tmp_path)
             tensors[name], tensors[name[:-len("weight")] + "scale"] = q, s
     edit_tensors(path, to_fp8)
     loaded = load_model(path, dtype="float32")
-    assert loaded.model.layers[1].attn.wq_b.fmt == "fp8"
-    assert loaded.model.layers[1].attn.indexer.wq_b.fmt == "fp8"
+    assert loaded.model.get_submodule("layers.1.attn.wq_b").fmt == "fp8"
+    assert loaded.model.get_submodule("layers.1.attn.indexer.wq_b").fmt == "fp8"
     want = logits(spec_reference(path, loaded.config))
     assert (logits(loaded.model) - want).abs().max() < 1e-4
 
@@ -305,6 +308,20 @@ def test_unknown_model_path_raises_file_not_found(tmp_path):
         load_model(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="preset"):
         load_model("flashy", load_format="dummy")
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+@pytest.mark.parametrize("load_format", ["auto", "dummy"])
+def test_tensor_parallel_ranks_load_their_slices_of_the_checkpoint(checkpoints, fmt, load_format):
+    full = load_model(checkpoints[fmt], dtype="float32", load_format=load_format)
+    for rank in (0, 1):
+        tp = ParallelGroup(rank, 2)
+        part = load_model(checkpoints[fmt], dtype="float32", load_format=load_format, tp=tp)
+        want = shard_state_dict(full.model.state_dict(), full.config, tp)
+        got = part.model.state_dict()
+        assert got.keys() == want.keys()
+        for name, t in want.items():
+            assert same_bits(got[name], t), f"rank {rank}: {name}"
 
 
 # ------------------------------------------------------------------ broken checkpoints

@@ -1,4 +1,4 @@
-"""Which tensors a checkpoint must hold for a given model, and how each one becomes a parameter.
+"""Which tensors a checkpoint must hold for a given model.
 
 Parameter names are the checkpoint's names (SPEC.md section 2), so the layout is read off the
 model itself: every linear contributes the tensors of its storage format (`weight`, `scale`,
@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..quant.formats import dequant_fp8, dequant_mxfp4, dequant_nvfp4
 from ..quant.linear import Linear, make_linear
 from ..quant.scheme import QuantScheme
 
@@ -49,17 +48,17 @@ class ParamSpec:
     """A parameter that is not part of a linear (norms, hc_*, embed, gate, sink, ape)."""
     tensor: TensorSpec
 
+    @property
+    def tensors(self) -> tuple[TensorSpec, ...]:
+        return (self.tensor,)
+
 
 @dataclass
 class CheckpointLayout:
     entries: list[LinearSpec | ParamSpec] = field(default_factory=list)
 
     def tensors(self) -> dict[str, TensorSpec]:
-        out: dict[str, TensorSpec] = {}
-        for e in self.entries:
-            for t in (e.tensors if isinstance(e, LinearSpec) else (e.tensor,)):
-                out[t.name] = t
-        return out
+        return {t.name: t for e in self.entries for t in e.tensors}
 
     def linears(self) -> list[LinearSpec]:
         return [e for e in self.entries if isinstance(e, LinearSpec)]
@@ -140,27 +139,3 @@ def check_tensor(spec: TensorSpec, dtype: torch.dtype, shape: tuple[int, ...]) -
         problems.append(f"tensor {spec.name!r}: wrong shape: expected {list(spec.shape)}, "
                         f"found {list(shape)}")
     return problems
-
-
-@torch.no_grad()
-def assign(param: torch.Tensor, t: torch.Tensor) -> None:
-    """Copy checkpoint tensor `t` into `param` on its device: packed FP4 bytes are reinterpreted
-    (int8 / uint8 / float4_e2m1fn_x2 are the same bytes), everything else converted."""
-    if param.dtype in (torch.int8, torch.uint8) and t.dtype in PACKED_FP4:
-        t = t.view(param.dtype)
-    param.copy_(t.reshape(param.shape).to(param.device))
-
-
-def dequantize(fmt: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    """fp32 weight of a linear from its checkpoint tensors (by leaf name)."""
-    w = parts["weight"]
-    if fmt == "bf16":
-        return w.float()
-    if fmt == "fp8":
-        return dequant_fp8(w, parts["scale"])
-    if fmt == "fp4":
-        return dequant_mxfp4(w.view(torch.int8), parts["scale"])
-    if fmt == "nvfp4":
-        return dequant_nvfp4(w.view(torch.uint8), parts["weight_scale"],
-                             parts["weight_scale_2"].reshape(()))
-    raise ValueError(f"unknown weight format {fmt!r}")

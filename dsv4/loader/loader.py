@@ -18,12 +18,13 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..config import PRESETS, ModelConfig
+from ..distributed import SINGLE, ParallelGroup
 from ..model.model import DeepseekV4Model
 from ..quant.scheme import QuantScheme
 from ..tokenizer import Tokenizer
 from .checkpoint import CheckpointError, TensorInfo, index_checkpoint, read_config, read_json
-from .layout import (CheckpointLayout, LinearSpec, LoaderScheme, assign, check_tensor,
-                     checkpoint_layout, dequantize)
+from .fill import ParamFiller
+from .layout import CheckpointLayout, LoaderScheme, check_tensor, checkpoint_layout
 from .random_weights import random_tensors
 
 LOAD_FORMATS = ("auto", "dummy")
@@ -43,12 +44,13 @@ class LoadedModel:
 
 def load_model(path: str | Path, dtype: str = "bfloat16", device: str | torch.device = "cpu",
                skip_tokenizer_init: bool = False, qat: bool = True, load_format: str = "auto",
-               seed: int = 0) -> LoadedModel:
+               seed: int = 0, tp: ParallelGroup = SINGLE) -> LoadedModel:
     """Load a DeepSeek-V4 checkpoint directory (official FP8/FP4, NVIDIA NVFP4, or bf16).
 
     `load_format="dummy"` builds the model from config.json alone (or from a preset name:
     "tiny", "flash", "pro") with seeded random weights in the checkpoint's own formats, made
-    directly on `device`. Raises FileNotFoundError for a missing path, ConfigError for a bad
+    directly on `device`. With a tensor-parallel group `tp`, each rank reads only its slices.
+    Raises FileNotFoundError for a missing path, ConfigError for a bad
     config, CheckpointError listing every mismatch between the files and the model."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r}: must be one of {LOAD_FORMATS}")
@@ -57,14 +59,14 @@ def load_model(path: str | Path, dtype: str = "bfloat16", device: str | torch.de
     if not p.is_dir():
         if load_format == "dummy" and str(path) in PRESETS:
             return _dummy(ModelConfig.preset(str(path)), None, dtype, device, qat, seed,
-                          skip_tokenizer_init)
+                          skip_tokenizer_init, tp)
         hint = (f"; with load_format='dummy' a preset name ({', '.join(sorted(PRESETS))}) also "
                 f"works" if load_format == "dummy" else "")
         raise FileNotFoundError(f"model path {str(path)!r} is not a directory: point it at a "
                                 f"downloaded checkpoint (with config.json){hint}")
     cfg = read_config(p)
     if load_format == "dummy":
-        return _dummy(cfg, p, dtype, device, qat, seed, skip_tokenizer_init)
+        return _dummy(cfg, p, dtype, device, qat, seed, skip_tokenizer_init, tp)
 
     found, problems, lost = index_checkpoint(p)
     scheme = _scheme(cfg, found)
@@ -76,8 +78,8 @@ def load_model(path: str | Path, dtype: str = "bfloat16", device: str | torch.de
     if problems:
         raise CheckpointError(p, problems)
     with torch.device(device):
-        model = DeepseekV4Model(cfg, dtype=dtype, scheme=scheme, qat=qat)
-    _stream_into(model, layout, found, p.name)
+        model = DeepseekV4Model(cfg, dtype=dtype, scheme=scheme, qat=qat, tp=tp)
+    _stream_into(ParamFiller(model, layout, tp), found, p.name)
     return LoadedModel(model.eval(), cfg, _tokenizer(p, cfg, skip_tokenizer_init),
                        _generation_config(p), p)
 
@@ -120,20 +122,10 @@ def _compare(layout: CheckpointLayout, found: dict[str, TensorInfo], lost: set[s
 
 
 @torch.no_grad()
-def _stream_into(model: DeepseekV4Model, layout: CheckpointLayout,
-                 found: dict[str, TensorInfo], label: str) -> None:
-    params = dict(model.named_parameters())
-    # Linears the model holds dequantised need all their tensors at once; they may sit in
-    # different shards, so their parts wait here (small: one wo_a per layer).
-    pending: dict[str, LinearSpec] = {}
-    for lin in layout.linears():
-        if lin.dequantize_at_load:
-            for t in lin.tensors:
-                pending[t.name] = lin
-    parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+def _stream_into(filler: ParamFiller, found: dict[str, TensorInfo], label: str) -> None:
     by_file: dict[Path, list[TensorInfo]] = defaultdict(list)
     for info in found.values():
-        if info.name in params or info.name in pending:
+        if info.name in filler.params or info.name in filler.pending:
             by_file[info.file].append(info)
     total = sum(i.nbytes for infos in by_file.values() for i in infos)
     count, done = sum(map(len, by_file.values())), 0
@@ -142,47 +134,30 @@ def _stream_into(model: DeepseekV4Model, layout: CheckpointLayout,
         for file in sorted(by_file):
             with safe_open(file, framework="pt", device="cpu") as f:
                 for info in sorted(by_file[file], key=lambda i: i.offset):  # sequential reads
-                    t = f.get_tensor(info.name)
-                    if info.name in pending:
-                        lin = pending[info.name]
-                        parts[lin.prefix][info.name.rsplit(".", 1)[-1]] = t
-                        if len(parts[lin.prefix]) == len(lin.tensors):
-                            w = dequantize(lin.fmt, parts.pop(lin.prefix))
-                            assign(params[f"{lin.prefix}.weight"], w)
-                    else:
-                        _check_values(info.name, t, model.cfg)
-                        assign(params[info.name], t)
+                    idx = filler.index(info.name, info.shape)
+                    if idx is not None:  # read only this rank's slice
+                        filler.put(info.name, f.get_slice(info.name)[idx] if idx
+                                   else f.get_tensor(info.name))
                     bar.update(info.nbytes)
             done += len(by_file[file])
             bar.set_postfix(tensors=f"{done}/{count}", file=file.name)
 
 
-def _check_values(name: str, t: torch.Tensor, cfg: ModelConfig) -> None:
-    if name.endswith("tid2eid") and t.numel():
-        lo, hi = int(t.min()), int(t.max())
-        if lo < 0 or hi >= cfg.n_routed_experts:
-            raise CheckpointError(name, [f"tensor {name!r}: expert ids must lie in "
-                                         f"[0, {cfg.n_routed_experts}), found [{lo}, {hi}]"])
-
-
 @torch.no_grad()
 def _dummy(cfg: ModelConfig, p: Path | None, dtype: str, device: torch.device, qat: bool,
-           seed: int, skip_tokenizer_init: bool) -> LoadedModel:
+           seed: int, skip_tokenizer_init: bool, tp: ParallelGroup) -> LoadedModel:
     scheme = LoaderScheme(QuantScheme.from_config(cfg))
+    with torch.device("meta"):
+        layout = checkpoint_layout(DeepseekV4Model(cfg, dtype=dtype, scheme=scheme), scheme)
     with torch.device(device):
-        model = DeepseekV4Model(cfg, dtype=dtype, scheme=scheme, qat=qat)
-    layout = checkpoint_layout(model, scheme)
-    params = dict(model.named_parameters())
-    pending = {lin.prefix: lin for lin in layout.linears() if lin.dequantize_at_load}
-    parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for name, t in random_tensors(layout, cfg, seed, device):
-        prefix, _, leaf = name.rpartition(".")
-        if prefix in pending:
-            parts[prefix][leaf] = t
-            if len(parts[prefix]) == len(pending[prefix].tensors):
-                assign(params[f"{prefix}.weight"], dequantize(pending[prefix].fmt, parts.pop(prefix)))
-        else:
-            assign(params[name], t)
+        model = DeepseekV4Model(cfg, dtype=dtype, scheme=scheme, qat=qat, tp=tp)
+    filler = ParamFiller(model, layout, tp)
+    # Skip generating what this rank does not hold (other ranks' experts).
+    mine = CheckpointLayout([e for e in layout.entries
+                             if filler.index(e.tensors[0].name, e.tensors[0].shape) is not None])
+    for name, t in random_tensors(mine, cfg, seed, device):
+        idx = filler.index(name, tuple(t.shape))
+        filler.put(name, t[idx] if idx else t)
     if p is not None:
         tok = _tokenizer(p, cfg, skip_tokenizer_init)
         gen = _generation_config(p)
