@@ -109,10 +109,15 @@ class LLMEngine:
 
         self.cache = ModelCache(cfg, num_slots, self.num_blocks, margin, model.dtype, self.device)
         self.block_manager = BlockManager(self.num_blocks, num_slots, BLOCK_TOKENS)
-        self.scheduler = Scheduler(self.block_manager, ec.max_num_seqs, ec.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, ec.max_num_seqs, ec.max_num_batched_tokens,
+                                   lookahead=ec.speculative_tokens)
         self.eos_token_ids = _eos_token_ids(cfg, generation_config)
         sampler = Sampler(sorted(self.eos_token_ids), make_generator(ec.seed, self.device))
-        self.runner = ModelRunner(model, self.cache, sampler, self.device)
+        if ec.speculative_tokens and not model.mtp:
+            raise ConfigError("speculative_tokens needs the model's MTP layer "
+                              "(num_nextn_predict_layers = 0 in this config)")
+        self.runner = ModelRunner(model, self.cache, sampler, self.device,
+                                  ec.speculative_tokens, self.max_model_len)
 
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
@@ -225,21 +230,28 @@ class LLMEngine:
         result = self.runner.run(sched.chunks)
         now = time.time()
         touched: dict[str, Request] = {}
-        for chunk, tok, plp in zip(sched.chunks, result.sampled, result.prompt_logprobs):
+        for chunk, toks, plp in zip(sched.chunks, result.sampled, result.prompt_logprobs):
             seq, req = chunk.seq, chunk.seq.request
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = start
                 self.prompt_tokens_total += len(req.prompt_token_ids)
-            seq.num_computed += chunk.num_tokens
+            # A verified chunk keeps the positions of its accepted drafts; the rest of its cache
+            # rows are rolled back by not counting them (kv_cache.py).
+            seq.num_computed += chunk.num_tokens - chunk.num_drafts + (
+                len(toks) - 1 if chunk.num_drafts else 0)
             if plp:
                 req.prompt_logprobs.extend(
                     self._position_logprobs(t.token_id, t.logprob, t.rank, t.top) for t in plp)
-            if tok is None:
+            if not toks:
                 continue
-            top = (self._position_logprobs(tok.token_id, tok.logprob, tok.rank, tok.top)
-                   if seq.logprobs is not None else None)
-            seq.append_token(tok.token_id, tok.logprob, top, self.eos_token_ids, self.max_model_len)
-            self.generation_tokens_total += 1
+            for tok in toks:
+                top = (self._position_logprobs(tok.token_id, tok.logprob, tok.rank, tok.top)
+                       if seq.logprobs is not None else None)
+                seq.append_token(tok.token_id, tok.logprob, top, self.eos_token_ids,
+                                 self.max_model_len)
+                self.generation_tokens_total += 1
+                if seq.is_finished:
+                    break
             req.metrics.first_token_time = req.metrics.first_token_time or now
             req.metrics.last_token_time = now
             touched[req.request_id] = req
@@ -268,6 +280,12 @@ class LLMEngine:
             if t not in d:
                 d[t] = Logprob(lp, r, self._decode_token(t))
         return d
+
+    def spec_stats(self) -> dict | None:
+        """Speculative decoding: acceptance rate per draft position and mean accepted length
+        (tokens emitted per verification, bonus included); None when disabled."""
+        p = self.runner.proposer
+        return p.stats() if p is not None else None
 
     def get_stats(self) -> EngineStats:
         bm = self.block_manager

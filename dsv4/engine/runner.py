@@ -2,8 +2,9 @@
 
 The whole step is one ragged `ForwardBatch`. Logits are computed only for the rows that need
 them (`logits_indices`): the last row of every chunk that reaches the end of its sequence (to
-sample the next token) and, for a request that asked for `prompt_logprobs`, every prompt row
-whose next token is a prompt token.
+sample the next token), the K+1 rows of a chunk that verifies K speculative drafts, and, for a
+request that asked for `prompt_logprobs`, every prompt row whose next token is a prompt token.
+With speculative decoding the MTP proposer then drafts the next step's tokens (spec_decode.py).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ..model.batch import ForwardBatch, SeqChunk
 from ..model.model import DeepseekV4Model
 from .sampler import Sampler, TokenLogprob, compute_logprobs_topn
 from .scheduler import ScheduledChunk
+from .spec_decode import MTPProposer, accept_drafts
 
 LOGITS_ROWS = 512  # prompt-logprob rows per head matmul: bounds the fp32 [rows, vocab] buffer
 
@@ -30,7 +32,7 @@ class SampledToken:
 
 @dataclass
 class RunnerOutput:
-    sampled: list[SampledToken | None]          # per chunk; None when the chunk is not sampled
+    sampled: list[list[SampledToken]]           # per chunk: the emitted tokens (often one)
     prompt_logprobs: list[list[TokenLogprob]]   # per chunk; positions start.. of the chunk
     hidden: torch.Tensor  # [S, n, d] final state X of the sampled rows, in chunk order (for MTP)
 
@@ -39,9 +41,11 @@ class ModelRunner:
     """Owns the model, its cache and the sampler; nothing here knows about requests' lifetimes."""
 
     def __init__(self, model: DeepseekV4Model, cache: ModelCache, sampler: Sampler,
-                 device: torch.device):
+                 device: torch.device, speculative_tokens: int = 0, max_model_len: int = 0):
         self.model, self.cache, self.sampler, self.device = model, cache, sampler, device
         self.window = model.cfg.sliding_window
+        self.proposer = (MTPProposer(self, speculative_tokens, max_model_len)
+                         if speculative_tokens else None)
 
     def _rows(self, chunks: list[ScheduledChunk]) -> tuple[list[int], list[range], list[int]]:
         """Row indices into the step's tokens: prompt-logprob rows (per chunk) and sample rows."""
@@ -60,7 +64,7 @@ class ModelRunner:
                 plp_rows.extend(cu + p - c.start for p in span)
             plp_spans.append(span)
             if c.samples:
-                sample_rows.append(cu + c.num_tokens - 1)
+                sample_rows.extend(range(cu + c.num_tokens - 1 - c.num_drafts, cu + c.num_tokens))
             cu += c.num_tokens
         return plp_rows, plp_spans, sample_rows
 
@@ -71,27 +75,55 @@ class ModelRunner:
             [SeqChunk(c.tokens, c.start, c.slot, c.block_table) for c in chunks],
             self.window, self.cache.window_rows, self.cache.num_slots, self.device,
             logits_indices=sample_rows + plp_rows)
-        x = self.model(batch, self.cache)[batch.logits_indices]  # [S + P, n, d]
+        x_all = self.model(batch, self.cache)  # [T, n, d]
+        x = x_all[batch.logits_indices]
         hidden, x_plp = x[:len(sample_rows)], x[len(sample_rows):]
 
-        sampled: list[SampledToken | None] = [None] * len(chunks)
-        sampled_chunks = [i for i, c in enumerate(chunks) if c.samples]
-        if sampled_chunks:
-            seqs = [chunks[i].seq for i in sampled_chunks]
-            out = self.sampler(self.model.logits(hidden), [s.params for s in seqs],
+        sampled: list[list[SampledToken]] = [[] for _ in chunks]
+        plain = [i for i, c in enumerate(chunks) if c.samples and not c.num_drafts]
+        row_of, at = {}, 0
+        for i, c in enumerate(chunks):
+            if c.samples:
+                row_of[i] = at
+                at += 1 + c.num_drafts
+        if plain:
+            seqs = [chunks[i].seq for i in plain]
+            rows = torch.tensor([row_of[i] for i in plain], device=hidden.device)
+            out = self.sampler(self.model.logits(hidden[rows]), [s.params for s in seqs],
                                [s.output_token_ids for s in seqs],
                                [s.request.prompt_token_ids for s in seqs],
                                [s.generator for s in seqs])
             ids, lps, ranks = out.token_ids.tolist(), out.logprobs.tolist(), out.ranks.tolist()
-            for j, i in enumerate(sampled_chunks):
-                sampled[i] = SampledToken(ids[j], lps[j], ranks[j], out.top_logprobs[j])
+            for j, i in enumerate(plain):
+                sampled[i] = [SampledToken(ids[j], lps[j], ranks[j], out.top_logprobs[j])]
+        for i, c in enumerate(chunks):
+            if c.samples and c.num_drafts:
+                sampled[i] = self._verify(c, hidden[row_of[i]:row_of[i] + 1 + c.num_drafts])
 
         prompt_logprobs: list[list[TokenLogprob]] = []
         at = 0
         for c, span in zip(chunks, plp_spans):
             prompt_logprobs.append(self._prompt_logprobs(c, span, x_plp[at:at + len(span)]))
             at += len(span)
+        if self.proposer is not None:
+            self.proposer.propose(chunks, x_all, [[t.token_id for t in s] for s in sampled])
         return RunnerOutput(sampled, prompt_logprobs, hidden)
+
+    def _verify(self, c: ScheduledChunk, x: torch.Tensor) -> list[SampledToken]:
+        """Exact acceptance of the chunk's drafts against the model's distributions at its
+        last K+1 rows; returns the accepted drafts and the corrected (or bonus) token."""
+        seq, drafts = c.seq, c.seq.drafts[:c.num_drafts]
+        logits = self.model.logits(x)  # [K+1, V]
+        out_ids = seq.output_token_ids
+        target = self.sampler.probs(logits, [seq.params] * len(logits),
+                                    [out_ids + drafts[:j] for j in range(len(logits))],
+                                    [seq.request.prompt_token_ids] * len(logits))
+        emitted = accept_drafts(target, seq.draft_probs[:len(drafts)], drafts,
+                                seq.generator or self.sampler.generator)
+        info = compute_logprobs_topn(logits[:len(emitted)], torch.tensor(emitted),
+                                     seq.params.logprobs or 0)
+        return [SampledToken(t.token_id, t.logprob, t.rank, t.top if seq.params.logprobs else None)
+                for t in info]
 
     def _prompt_logprobs(self, c: ScheduledChunk, span: range, x: torch.Tensor) -> list[TokenLogprob]:
         if not len(span):

@@ -22,21 +22,24 @@ from .sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledChunk:
-    """One sequence's share of a step: `num_tokens` tokens from position `start`."""
+    """One sequence's share of a step: `num_tokens` tokens from position `start`, the last
+    `num_drafts` of them speculative drafts to verify."""
     seq: Sequence
     start: int
     num_tokens: int
     slot: int
     block_table: list[int]
+    num_drafts: int = 0
 
     @property
     def tokens(self) -> list[int]:
-        return self.seq.token_ids[self.start:self.start + self.num_tokens]
+        real = self.seq.token_ids[self.start:self.start + self.num_tokens - self.num_drafts]
+        return real + self.seq.drafts[:self.num_drafts]
 
     @property
     def samples(self) -> bool:
         """Whether the chunk reaches the end of the sequence, so its last row is sampled."""
-        return self.start + self.num_tokens == len(self.seq.token_ids)
+        return self.start + self.num_tokens - self.num_drafts == len(self.seq.token_ids)
 
 
 @dataclass
@@ -52,8 +55,12 @@ class SchedulerOutput:
 class Scheduler:
     """FCFS continuous batching under `max_num_batched_tokens` and `max_num_seqs`."""
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 lookahead: int = 0):
+        """`lookahead`: extra positions each sequence's blocks must cover beyond its chunk (the
+        MTP layer writes its K-1 chained drafts there)."""
         self.block_manager = block_manager
+        self.lookahead = lookahead
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -75,21 +82,25 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed, budget)
-            while not bm.can_allocate(seq.seq_id, seq.num_computed + n):
+            drafts = len(seq.drafts) if n == seq.num_uncomputed else 0
+            if n + drafts > budget:
+                drafts = 0
+            n += drafts
+            while not bm.can_allocate(seq.seq_id, seq.num_computed + n + self.lookahead):
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
                     break
             else:
-                out.chunks.append(self._chunk(seq, n))
+                out.chunks.append(self._chunk(seq, n, drafts))
                 budget -= n
                 i += 1
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_uncomputed, budget)
-            if not bm.can_allocate(seq.seq_id, n):
+            if not bm.can_allocate(seq.seq_id, n + self.lookahead):
                 break  # wait for blocks to be freed; never preempt to admit
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -98,13 +109,17 @@ class Scheduler:
             budget -= n
         return out
 
-    def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
-        table = self.block_manager.allocate(seq.seq_id, seq.num_computed + n)
-        return ScheduledChunk(seq, seq.num_computed, n, self.block_manager.slot(seq.seq_id), table)
+    def _chunk(self, seq: Sequence, n: int, drafts: int = 0) -> ScheduledChunk:
+        if not drafts:
+            seq.drafts, seq.draft_probs = [], None
+        table = self.block_manager.allocate(seq.seq_id, seq.num_computed + n + self.lookahead)
+        return ScheduledChunk(seq, seq.num_computed, n, self.block_manager.slot(seq.seq_id), table,
+                              drafts)
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq.seq_id)
         seq.num_computed = 0
+        seq.drafts, seq.draft_probs = [], None
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

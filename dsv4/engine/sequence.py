@@ -49,6 +49,10 @@ class Sequence:
             [] if request.params.logprobs is not None else None)
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        # Speculative decoding: tokens the MTP layer proposed after token_ids (not yet part of
+        # the sequence) and the distributions they were drawn from [K, V].
+        self.drafts: list[int] = []
+        self.draft_probs: torch.Tensor | None = None
 
     @property
     def params(self) -> SamplingParams:

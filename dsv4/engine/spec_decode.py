@@ -41,3 +41,92 @@ def accept_drafts(target: torch.Tensor, draft: torch.Tensor, drafts: list[int],
         return out
     out.append(_sample(target[len(drafts)], generator))
     return out
+
+
+class MTPProposer:
+    """Drafts K tokens per sequence with the model's MTP layer (SPEC.md 8), after each step.
+
+    The MTP layer at position p reads the main model's final state h_p and token p+1. After a
+    step, for every position whose token is now final (a prefill chunk's positions, or a
+    verified chunk's accepted positions) it runs once over (h_p, token p+1): this writes the MTP
+    caches for those positions, and its output at the last position p0 gives the first draft
+    (token p0+2). Draft j >= 2 applies the MTP layer again at position p0+j-1 on its own output
+    state and draft j-1. Those chained positions are rewritten by the next step's catch-up, which
+    starts at the first position they occupy: the caches roll back by truncation (kv_cache.py).
+    """
+
+    def __init__(self, runner, k: int, max_model_len: int):
+        self.runner, self.k, self.max_model_len = runner, k, max_model_len
+        # Tests and benchmarks may replace the MTP's draft tokens (seq, tokens so far) -> drafts,
+        # to exercise long acceptances with random weights; the MTP layer still runs.
+        self.override = None
+        self.proposed = [0] * k  # per draft position: drafts verified
+        self.accepted = [0] * k  # per draft position: drafts accepted
+        self.verify_steps = 0
+
+    def record(self, num_drafts: int, num_accepted: int) -> None:
+        self.verify_steps += 1
+        for j in range(num_drafts):
+            self.proposed[j] += 1
+            self.accepted[j] += j < num_accepted
+
+    def stats(self) -> dict:
+        rates = [a / p if p else None for a, p in zip(self.accepted, self.proposed)]
+        mean = (sum(self.accepted) / self.verify_steps + 1) if self.verify_steps else None
+        return {"k": self.k, "acceptance_rate_per_position": rates,
+                "mean_accepted_length": mean, "verify_steps": self.verify_steps}
+
+    def propose(self, chunks, x_all: torch.Tensor, emitted: list[list[int]]) -> None:
+        from ..model.batch import ForwardBatch, SeqChunk
+        r = self.runner
+        model, cache = r.model, r.cache
+        mtp_chunks, rows, last_rows, drafting = [], [], [], []
+        cu = 0
+        for c, em in zip(chunks, emitted):
+            seq = c.seq
+            if c.num_drafts:
+                self.record(c.num_drafts, len(em) - 1)
+            valid = c.num_tokens - c.num_drafts + (len(em) - 1 if c.num_drafts else 0)
+            post = seq.token_ids[:c.start + c.num_tokens - c.num_drafts] + em
+            nxt = post[c.start + 1:c.start + 1 + valid]
+            if len(nxt) < valid:  # the prompt continues past this chunk
+                nxt = seq.token_ids[c.start + 1:c.start + 1 + valid]
+            mtp_chunks.append(SeqChunk(nxt, c.start, c.slot, c.block_table))
+            rows.extend(range(cu, cu + valid))
+            cu_mtp = sum(len(m.tokens) for m in mtp_chunks)
+            if em:
+                last_rows.append(cu_mtp - 1)
+                drafting.append((c, post, c.start + valid))  # first chained position
+            cu += c.num_tokens
+        batch = ForwardBatch(mtp_chunks, r.window, cache.window_rows, cache.num_slots, r.device,
+                             logits_indices=last_rows)
+        h = x_all[torch.tensor(rows, device=x_all.device)]
+        x = model.mtp_forward(h, batch.input_ids, batch, cache)[batch.logits_indices]
+        if not drafting:
+            return
+        seqs = [c.seq for c, _, _ in drafting]
+        limit = [max(0, min(self.k, self.max_model_len - len(post) - 1)) for _, post, _ in drafting]
+        drafts: list[list[int]] = [[] for _ in drafting]
+        probs: list[list[torch.Tensor]] = [[] for _ in drafting]
+        for j in range(self.k):
+            hist = [post[s.num_prompt_tokens:] + d for (_, post, _), s, d in zip(drafting, seqs, drafts)]
+            q = r.sampler.probs(model.mtp_logits(x), [s.params for s in seqs], hist,
+                                [s.request.prompt_token_ids for s in seqs])
+            tok = r.sampler.draw(q, range(len(seqs)), [s.generator for s in seqs]).tolist()
+            for i in range(len(seqs)):
+                if j < limit[i]:
+                    drafts[i].append(tok[i])
+                    probs[i].append(q[i])
+            if j + 1 == self.k:
+                break
+            step = [SeqChunk([tok[i]], pos + j, c.slot, c.block_table)
+                    for i, (c, _, pos) in enumerate(drafting)]
+            b = ForwardBatch(step, r.window, cache.window_rows, cache.num_slots, r.device)
+            x = model.mtp_forward(x, b.input_ids, b, cache)
+        for (_, post, _), s, d, p in zip(drafting, seqs, drafts, probs):
+            s.drafts, s.draft_probs = d, (torch.stack(p) if p else None)
+            if self.override is not None and d:
+                forced = list(self.override(s, post))[:len(d)]
+                s.drafts = forced
+                s.draft_probs = torch.nn.functional.one_hot(
+                    torch.tensor(forced, device=x.device), model.cfg.vocab_size).float()

@@ -1,0 +1,106 @@
+"""MTP speculative decoding is exact: greedy output equals non-speculative greedy output, and
+sampled output follows the same distribution (SPEC.md 8; rollback design in kv_cache.py)."""
+import random
+
+import pytest
+import torch
+from scipy.stats import chi2_contingency
+
+from dsv4 import LLM, SamplingParams
+
+PROMPT_LENGTHS = [3, 4, 5, 7, 8, 9, 17, 127, 128, 129]  # m-1, m, m+1 for m=4 and 128; w=8
+
+
+def _llm(k, **kw):
+    kw.setdefault("max_num_seqs", 16)
+    return LLM(model="tiny", dtype="float32", device="cpu", speculative_tokens=k, **kw)
+
+
+def _prompts(lengths, seed=0):
+    g = random.Random(seed)
+    return [[g.randrange(16, 512) for _ in range(n)] for n in lengths]
+
+
+def _greedy(llm, prompts, max_tokens=14):
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens),
+                        use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    prompts = _prompts(PROMPT_LENGTHS)
+    return prompts, _greedy(_llm(0), prompts)
+
+
+def _oracle(reference, error_rate, seed=0):
+    """Drafts that follow the reference continuation, with some tokens wrong: long acceptances
+    and rejections at every offset (the random MTP layer alone is almost never right)."""
+    prompts, outs = reference
+    by_prompt = {tuple(p): o for p, o in zip(prompts, outs)}
+    rng = random.Random(seed)
+
+    def override(seq, post):
+        ref = by_prompt[tuple(seq.request.prompt_token_ids)]
+        done = len(post) - seq.num_prompt_tokens
+        rate = error_rate(seq) if callable(error_rate) else error_rate
+        return [t if rng.random() >= rate else (t + 1) % 512 for t in ref[done:done + 8]] or [0]
+    return override
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_greedy_with_real_mtp_drafts_equals_no_speculation(reference, k):
+    prompts, ref = reference
+    llm = _llm(k)
+    assert _greedy(llm, prompts) == ref
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_greedy_with_mostly_accepted_drafts_equals_no_speculation(reference, k):
+    """Rollback lands on and around every compression boundary and across the window."""
+    prompts, ref = reference
+    llm = _llm(k)
+    llm.llm_engine.runner.proposer.override = _oracle(reference, 0.25, seed=k)
+    assert _greedy(llm, prompts) == ref
+    stats = llm.llm_engine.spec_stats()
+    assert stats["mean_accepted_length"] > 1.5, stats
+
+
+def test_batch_mixing_acceptance_lengths_equals_each_alone(reference):
+    prompts, ref = reference
+    llm = _llm(2)
+    rates = {tuple(p): r for p, r in zip(prompts, [0.0, 1.0, 0.5, 0.1, 0.9] * 2)}
+    llm.llm_engine.runner.proposer.override = _oracle(
+        reference, lambda seq: rates[tuple(seq.request.prompt_token_ids)])
+    assert _greedy(llm, prompts) == ref
+
+
+def test_chunked_prefill_and_preemption_with_speculation():
+    """Prompts just under a block boundary: decoding crosses it, the 3-block cache runs out, and
+    the newest sequences are preempted and recomputed, drafts and all."""
+    prompts = _prompts([120, 121, 122, 123], seed=3)
+    ref = _greedy(_llm(0), prompts)
+    # 4 slots of 376832 bytes and 3 blocks of 98816 bytes (float32 tiny).
+    llm = _llm(2, max_num_batched_tokens=48, max_num_seqs=4,
+               cpu_cache_bytes=4 * 376832 + 3 * 98816)
+    llm.llm_engine.runner.proposer.override = _oracle((prompts, ref), 0.3)
+    assert _greedy(llm, prompts) == ref
+    assert llm.llm_engine.get_stats().num_preemptions > 0
+    assert llm.llm_engine.block_manager.num_free_blocks == llm.llm_engine.num_blocks
+
+
+def test_sampled_tokens_follow_the_same_distribution_at_1e3_significance():
+    """(first, second) generated tokens over 1500 seeded samples with and without speculation:
+    a chi-square test of homogeneity must not reject at significance 0.001. The second token is
+    the first one that went through draft acceptance."""
+    params = SamplingParams(n=1500, temperature=1.0, top_k=4, max_tokens=2, seed=7)
+    prompt = [[40, 41, 42, 43, 44]]
+    pairs = []
+    for k in (0, 2):
+        llm = _llm(k, max_num_seqs=1500, max_num_batched_tokens=8192, cpu_cache_bytes=600 << 20)
+        out = llm.generate(prompt, params, use_tqdm=False)[0]
+        pairs.append([tuple(c.token_ids) for c in out.outputs])
+    keys = sorted(set(pairs[0]) | set(pairs[1]))
+    table = [[p.count(key) + 0.5 for key in keys] for p in pairs]
+    _, pval, _, _ = chi2_contingency(table)
+    assert pval > 1e-3, f"speculative sampling changed the distribution: p = {pval:.2g}"
