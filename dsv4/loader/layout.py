@@ -55,6 +55,8 @@ class ParamSpec:
 
 @dataclass
 class CheckpointLayout:
+    """Every tensor a checkpoint holds for one model, grouped by linear / parameter, in the
+    model's module order (also the order make-tiny writes them)."""
     entries: list[LinearSpec | ParamSpec] = field(default_factory=list)
 
     def tensors(self) -> dict[str, TensorSpec]:
