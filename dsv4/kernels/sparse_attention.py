@@ -37,6 +37,13 @@ def gather_rows(idx: torch.Tensor, cache: torch.Tensor, new: torch.Tensor | None
                        cache[safe.clamp(max=n - 1)])
 
 
+def _gathered(cache: torch.Tensor, idx: torch.Tensor, head_dim: int, rope_dim: int) -> torch.Tensor:
+    """fp32 rows cache[idx] ([..., D]) of a plain or packed-FP8 cache."""
+    raw = cache[idx]
+    return _as_rows(raw.reshape(-1, raw.shape[-1]), head_dim, rope_dim).float().reshape(
+        *idx.shape, head_dim)
+
+
 def _as_rows(cache: torch.Tensor, head_dim: int, rope_dim: int) -> torch.Tensor:
     """Float rows of a cache that may be packed FP8 (uint8)."""
     if cache.dtype == torch.uint8:
@@ -53,12 +60,16 @@ def sparse_attention_ref(q: torch.Tensor, sink: torch.Tensor, scale: float,
     Caches may be packed FP8 rows (uint8, `kv_fp8.py`, `rope_dim` rope dims).
     Returns o [T, H, D] in q's dtype. Scores, softmax and the weighted sum run in fp32."""
     D = q.shape[-1]
-    win_cache = _as_rows(win_cache, D, rope_dim).float()
-    rows = gather_rows(win_idx, win_cache, win_new.float())  # [T, Kw, D]
+    # Gather first, convert after: only the selected rows are unpacked / upcast.
+    n = win_cache.shape[0]
+    safe = win_idx.clamp(min=0)
+    from_cache = _gathered(win_cache, safe.clamp(max=max(n - 1, 0)), D, rope_dim) if n else None
+    from_new = win_new.float()[(safe - n).clamp(0, win_new.shape[0] - 1)]
+    rows = from_new if from_cache is None else torch.where((safe < n)[..., None], from_cache, from_new)
     valid = win_idx >= 0
     if cmp_idx is not None and cmp_idx.shape[1]:
-        cmp_cache = _as_rows(cmp_cache, D, rope_dim).float()
-        rows = torch.cat([rows, gather_rows(cmp_idx, cmp_cache)], 1)
+        cmp_rows = _gathered(cmp_cache, cmp_idx.clamp(0, cmp_cache.shape[0] - 1), D, rope_dim)
+        rows = torch.cat([rows, cmp_rows], 1)
         valid = torch.cat([valid, cmp_idx >= 0], 1)
     rows = rows.float()
     logits = torch.einsum("thd,tkd->thk", q.float(), rows) * scale  # [T, H, K]
