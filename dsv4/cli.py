@@ -32,6 +32,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of presets' weights and of sampling")
     g.add_argument("--speculative-tokens", type=int, default=0, help="MTP draft tokens per step")
     g.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "fp8"],
+                   help="attention cache rows: the working dtype (auto) or packed FP8 "
+                        "(584 bytes a row instead of 1024; lossless)")
+    g.add_argument("--cuda-graph-max-len", type=int, default=16384,
+                   help="decode steps up to this context length replay CUDA graphs")
     g.add_argument("--load-format", default="auto", help="checkpoint loading format")
     g.add_argument("--skip-tokenizer-init", action="store_true",
                    help="do not load a tokenizer (token-id prompts only)")
@@ -45,7 +50,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 gpu_memory_utilization=args.gpu_memory_utilization,
                 cpu_cache_bytes=args.cpu_cache_bytes, skip_tokenizer_init=args.skip_tokenizer_init,
                 seed=args.seed, speculative_tokens=args.speculative_tokens,
-                enforce_eager=args.enforce_eager, load_format=args.load_format)
+                enforce_eager=args.enforce_eager, load_format=args.load_format,
+                kv_cache_dtype=args.kv_cache_dtype, cuda_graph_max_len=args.cuda_graph_max_len)
 
 
 # ---------------------------------------------------------------------------- generate

@@ -267,7 +267,8 @@ class EngineConfig:
     block_size: int = 128
     speculative_tokens: int = 0
     enforce_eager: bool = False
-    kv_cache_dtype: str = "auto"
+    kv_cache_dtype: str = "auto"  # auto = the working dtype; fp8 = packed 584-byte rows
+    cuda_graph_max_len: int = 16384  # decode steps up to this context replay CUDA graphs
     seed: int = 0
 
     def validate(self) -> None:

@@ -86,7 +86,9 @@ class LLMEngine:
         # Memory: every running sequence holds one slot (window ring + compressor state); the
         # rest of the budget is carved into 128-token blocks of compressed rows.
         margin = max(8, ec.speculative_tokens + 1)
-        per_slot, per_block = slot_bytes(cfg, margin, model.dtype), block_bytes(cfg, model.dtype)
+        kv_fp8 = ec.kv_cache_dtype == "fp8"
+        per_slot = slot_bytes(cfg, margin, model.dtype, kv_fp8)
+        per_block = block_bytes(cfg, model.dtype, kv_fp8)
         budget = self._cache_budget()
         num_slots = ec.max_num_seqs
         fit = (budget - num_slots * per_slot) // max(per_block, 1)
@@ -107,7 +109,12 @@ class LLMEngine:
                 f"{cfg.max_position_embeddings}, KV cache {self.num_blocks * BLOCK_TOKENS} tokens")
         self.max_model_len = ec.max_model_len or limit
 
-        self.cache = ModelCache(cfg, num_slots, self.num_blocks, margin, model.dtype, self.device)
+        # One slot and one block beyond what the block manager hands out: CUDA-graph padding rows
+        # write there and nothing reads them.
+        if kv_fp8 and model.dtype != torch.bfloat16:
+            raise ConfigError("kv_cache_dtype fp8 needs dtype bfloat16 (its rope dims are bf16)")
+        self.cache = ModelCache(cfg, num_slots + 1, self.num_blocks + 1, margin, model.dtype,
+                                self.device, kv_fp8=kv_fp8)
         self.block_manager = BlockManager(self.num_blocks, num_slots, BLOCK_TOKENS)
         self.scheduler = Scheduler(self.block_manager, ec.max_num_seqs, ec.max_num_batched_tokens,
                                    lookahead=ec.speculative_tokens)
@@ -116,8 +123,14 @@ class LLMEngine:
         if ec.speculative_tokens and not model.mtp:
             raise ConfigError("speculative_tokens needs the model's MTP layer "
                               "(num_nextn_predict_layers = 0 in this config)")
+        graphs = None
+        if self.device.type == "cuda" and not ec.enforce_eager:
+            from .cuda_graph import CUDAGraphRunner
+            graphs = CUDAGraphRunner(model, self.cache, ec.max_num_seqs, 1 + ec.speculative_tokens,
+                                     min(self.max_model_len, ec.cuda_graph_max_len),
+                                     pad_slot=num_slots, pad_block=self.num_blocks)
         self.runner = ModelRunner(model, self.cache, sampler, self.device,
-                                  ec.speculative_tokens, self.max_model_len)
+                                  ec.speculative_tokens, self.max_model_len, graphs)
 
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
@@ -137,12 +150,14 @@ class LLMEngine:
                   max_num_batched_tokens: int = 2048, gpu_memory_utilization: float = 0.9,
                   cpu_cache_bytes: int = 256 << 20, skip_tokenizer_init: bool = False, seed: int = 0,
                   speculative_tokens: int = 0, enforce_eager: bool = False,
-                  load_format: str = "auto") -> "LLMEngine":
+                  load_format: str = "auto", kv_cache_dtype: str = "auto",
+                  cuda_graph_max_len: int = 16384) -> "LLMEngine":
         ec = EngineConfig(dtype=dtype, device=device, max_model_len=max_model_len,
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           gpu_memory_utilization=gpu_memory_utilization,
                           cpu_cache_bytes=cpu_cache_bytes, speculative_tokens=speculative_tokens,
-                          enforce_eager=enforce_eager, seed=seed)
+                          enforce_eager=enforce_eager, seed=seed, kv_cache_dtype=kv_cache_dtype,
+                          cuda_graph_max_len=cuda_graph_max_len)
         ec.validate()  # before the (possibly long) model load
         dev = torch.device(device) if device else default_device()
         net, cfg, tokenizer, gen = load_model(model, dtype, dev, seed, skip_tokenizer_init, load_format)

@@ -41,9 +41,11 @@ class ModelRunner:
     """Owns the model, its cache and the sampler; nothing here knows about requests' lifetimes."""
 
     def __init__(self, model: DeepseekV4Model, cache: ModelCache, sampler: Sampler,
-                 device: torch.device, speculative_tokens: int = 0, max_model_len: int = 0):
+                 device: torch.device, speculative_tokens: int = 0, max_model_len: int = 0,
+                 graphs=None):
         self.model, self.cache, self.sampler, self.device = model, cache, sampler, device
         self.window = model.cfg.sliding_window
+        self.graphs = graphs  # CUDAGraphRunner for decode steps, or None (eager)
         self.proposer = (MTPProposer(self, speculative_tokens, max_model_len)
                          if speculative_tokens else None)
 
@@ -75,9 +77,17 @@ class ModelRunner:
             [SeqChunk(c.tokens, c.start, c.slot, c.block_table) for c in chunks],
             self.window, self.cache.window_rows, self.cache.num_slots, self.device,
             logits_indices=sample_rows + plp_rows)
-        x_all = self.model(batch, self.cache)  # [T, n, d]
+        if self.graphs is not None and not plp_rows and self.graphs.fits(batch):
+            x_all, logits_all = self.graphs.run(batch)  # [T, n, d], [T, V]
+            sample_logits = logits_all[batch.logits_indices]
+        else:
+            x_all, sample_logits = self.model(batch, self.cache), None  # [T, n, d]
         x = x_all[batch.logits_indices]
         hidden, x_plp = x[:len(sample_rows)], x[len(sample_rows):]
+
+        def head(rows) -> torch.Tensor:
+            """fp32 logits of the given sample rows (from the graph, or computed now)."""
+            return sample_logits[rows] if sample_logits is not None else self.model.logits(hidden[rows])
 
         sampled: list[list[SampledToken]] = [[] for _ in chunks]
         plain = [i for i, c in enumerate(chunks) if c.samples and not c.num_drafts]
@@ -89,7 +99,8 @@ class ModelRunner:
         if plain:
             seqs = [chunks[i].seq for i in plain]
             rows = torch.tensor([row_of[i] for i in plain], device=hidden.device)
-            out = self.sampler(self.model.logits(hidden[rows]), [s.params for s in seqs],
+            logits = head(rows)
+            out = self.sampler(logits, [s.params for s in seqs],
                                [s.output_token_ids for s in seqs],
                                [s.request.prompt_token_ids for s in seqs],
                                [s.generator for s in seqs])
@@ -98,7 +109,7 @@ class ModelRunner:
                 sampled[i] = [SampledToken(ids[j], lps[j], ranks[j], out.top_logprobs[j])]
         for i, c in enumerate(chunks):
             if c.samples and c.num_drafts:
-                sampled[i] = self._verify(c, hidden[row_of[i]:row_of[i] + 1 + c.num_drafts])
+                sampled[i] = self._verify(c, head(slice(row_of[i], row_of[i] + 1 + c.num_drafts)))
 
         prompt_logprobs: list[list[TokenLogprob]] = []
         at = 0
@@ -109,11 +120,11 @@ class ModelRunner:
             self.proposer.propose(chunks, x_all, [[t.token_id for t in s] for s in sampled])
         return RunnerOutput(sampled, prompt_logprobs, hidden)
 
-    def _verify(self, c: ScheduledChunk, x: torch.Tensor) -> list[SampledToken]:
+    def _verify(self, c: ScheduledChunk, logits: torch.Tensor) -> list[SampledToken]:
         """Exact acceptance of the chunk's drafts against the model's distributions at its
-        last K+1 rows; returns the accepted drafts and the corrected (or bonus) token."""
+        last K+1 rows (`logits` [K+1, V]); returns the accepted drafts and the corrected (or
+        bonus) token."""
         seq, drafts = c.seq, c.seq.drafts[:c.num_drafts]
-        logits = self.model.logits(x)  # [K+1, V]
         out_ids = seq.output_token_ids
         target = self.sampler.probs(logits, [seq.params] * len(logits),
                                     [out_ids + drafts[:j] for j in range(len(logits))],

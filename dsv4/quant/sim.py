@@ -71,8 +71,18 @@ def e2m1_round(x: torch.Tensor) -> torch.Tensor:
     a = x.abs()
     code = ((a > 0.25).int() + (a >= 0.75).int() + (a > 1.25).int() + (a >= 1.75).int()
             + (a > 2.5).int() + (a >= 3.5).int() + (a > 5.0).int())
-    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=x.device)
-    return lut[code] * torch.sign(x)
+    return _e2m1_lut(x.device)[code] * torch.sign(x)
+
+
+_LUTS: dict = {}
+
+
+def _e2m1_lut(device) -> torch.Tensor:
+    # Cached per device: no host-to-device copy inside a step (CUDA graph capture forbids it).
+    key = str(device)
+    if key not in _LUTS:
+        _LUTS[key] = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
+    return _LUTS[key]
 
 
 def e2m1_codes(x: torch.Tensor) -> torch.Tensor:

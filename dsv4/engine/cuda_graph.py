@@ -1,0 +1,78 @@
+"""Decode steps replayed from CUDA graphs, one graph per batch size (padded up to the next).
+
+A graph captures the main model's forward and head over a `StaticBatch`: fixed-shape index
+buffers that each step overwrites with its own (`StaticBatch.load`). Padding rows write only
+into a slot and a block reserved for them, and attend to nothing. Captured: steps in which every
+sequence feeds at most `1 + speculative_tokens` tokens (decode and draft verification).
+Prefill chunks and prompt-logprob requests run eagerly.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..model.batch import ForwardBatch, SeqChunk, StaticBatch
+
+logger = logging.getLogger(__name__)
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+class CUDAGraphRunner:
+    def __init__(self, model, cache, max_num_seqs: int, tokens_per_seq: int, max_model_len: int,
+                 pad_slot: int, pad_block: int):
+        """`max_model_len` bounds the context a graph serves: CSA candidate lists are sized for
+        it, so longer contexts than the graphs were built for run eagerly."""
+        self.model, self.cache, self.tokens_per_seq = model, cache, tokens_per_seq
+        self.max_len = max_model_len
+        cfg = model.cfg
+        self.sizes = sorted({b for b in BATCH_SIZES if b < max_num_seqs} | {max_num_seqs})
+        ratios = {m for m in cfg.compress_ratios if m}
+        self._static = dict(ratios=ratios, state_rows={m: cache.state_rows(m) for m in ratios},
+                            window=cfg.sliding_window, window_rows=cache.window_rows,
+                            num_slots=cache.num_slots, max_model_len=max_model_len,
+                            pad_slot=pad_slot, pad_block=pad_block, device=cache.device)
+        self.pad_slot, self.pad_block = pad_slot, pad_block
+        self.graphs: dict[int, tuple] = {}
+        self.pool = None
+        for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its memory pool
+            self._capture(bs)
+        logger.info("captured CUDA graphs for batch sizes %s (%d tokens per sequence)",
+                    self.sizes, tokens_per_seq)
+
+    def _dummy(self, bs: int) -> ForwardBatch:
+        chunks = [SeqChunk([0] * self.tokens_per_seq, 0, self.pad_slot, [self.pad_block])] * bs
+        return ForwardBatch(chunks, self.model.cfg.sliding_window, self.cache.window_rows,
+                            self.cache.num_slots, self.cache.device,
+                            logits_indices=list(range(bs * self.tokens_per_seq)))
+
+    @torch.inference_mode()
+    def _capture(self, bs: int) -> None:
+        sb = StaticBatch(bs, self.tokens_per_seq, **self._static)
+        sb.load(self._dummy(bs))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: compile kernels, build weight tables
+                x = self.model(sb, self.cache)
+                self.model.logits(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            x = self.model(sb, self.cache)
+            logits = self.model.logits(x)
+        self.pool = g.pool()
+        self.graphs[bs] = (g, sb, x, logits)
+
+    def fits(self, batch: ForwardBatch) -> bool:
+        return (batch.num_seqs <= self.sizes[-1] and max(batch.lens) <= self.tokens_per_seq
+                and max(s + n for s, n in zip(batch.starts, batch.lens)) <= self.max_len)
+
+    def run(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay the smallest graph that holds `batch`: (X [T, n, d], logits [T, V]) of its rows."""
+        bs = next(b for b in self.sizes if b >= batch.num_seqs)
+        g, sb, x, logits = self.graphs[bs]
+        sb.load(batch)
+        g.replay()
+        return x[:batch.num_tokens], logits[:batch.num_tokens]
