@@ -67,14 +67,20 @@ def _sync():
 
 
 def run_bench(args) -> dict:
-    from .engine.sampler import SamplingParams
     engine = _engine(args)
-    cfg = engine.model_config
     n = args.batch_size if args.mode == "latency" else args.num_prompts
-    prompts = _prompts(cfg.vocab_size, n, args.input_len, args.seed)
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    # Warm-up: compile kernels, capture graphs, touch the allocator.
-    engine.add_request("warmup", prompts[0][: min(16, args.input_len)],
+    return measure(engine, args.mode, n, args.input_len, args.output_len, args.seed, args.model)
+
+
+def measure(engine, mode: str, n: int, input_len: int, output_len: int, seed: int = 0,
+            label: str = "") -> dict:
+    """Submit n random prompts of input_len tokens at once, generate output_len tokens each."""
+    from .engine.sampler import SamplingParams
+    cfg = engine.model_config
+    prompts = _prompts(cfg.vocab_size, n, input_len, seed)
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    # Warm-up: compile kernels, touch the allocator.
+    engine.add_request("warmup", prompts[0][: min(16, input_len)],
                        SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     while engine.has_unfinished_requests():
         engine.step()
@@ -83,7 +89,7 @@ def run_bench(args) -> dict:
     _sync()
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
-        engine.add_request(f"bench-{i}", p, params)
+        engine.add_request(f"bench-{i}-{time.monotonic_ns()}", p, params)
     first_token: dict[str, float] = {}
     decode_steps: list[float] = []  # steps in which every request was already decoding
     while engine.has_unfinished_requests():
@@ -100,25 +106,29 @@ def run_bench(args) -> dict:
     t_end = time.perf_counter()
     ttft = sorted(v - t0 for v in first_token.values())
     prefill_time = max(ttft) if ttft else float("nan")
-    tpot = sorted(decode_steps)[len(decode_steps) // 2] if decode_steps else float("nan")
-    out_tokens = n * args.output_len
-    ctx = args.input_len + args.output_len // 2
-    step_bytes = decode_bytes_per_step(engine.model, min(n, engine.max_num_seqs), ctx)
+    step = sorted(decode_steps)[len(decode_steps) // 2] if decode_steps else float("nan")
+    spec = engine.spec_stats() if hasattr(engine, "spec_stats") else None
+    per_step = spec["mean_accepted_length"] if spec and spec["mean_accepted_length"] else 1.0
+    tpot = step / per_step
+    batch = min(n, engine.max_num_seqs)
+    ctx = input_len + output_len // 2
+    step_bytes = decode_bytes_per_step(engine.model, batch, ctx)
     result = {
-        "mode": args.mode, "model": args.model, "requests": n, "input_len": args.input_len,
-        "output_len": args.output_len,
-        "prefill_tokens_per_s": n * args.input_len / prefill_time,
+        "mode": mode, "model": label, "requests": n, "input_len": input_len,
+        "output_len": output_len,
+        "prefill_tokens_per_s": n * input_len / prefill_time,
         "ttft_ms_median": 1e3 * ttft[len(ttft) // 2] if ttft else None,
         "tpot_ms_median": 1e3 * tpot,
-        "output_tokens_per_s": out_tokens / (t_end - t0),
-        "decode_tokens_per_s": min(n, engine.max_num_seqs) / tpot if decode_steps else None,
+        "decode_step_ms_median": 1e3 * step,
+        "output_tokens_per_s": n * output_len / (t_end - t0),
+        "decode_tokens_per_s": batch * per_step / step if decode_steps else None,
         "peak_gpu_memory_gb": (torch.cuda.max_memory_allocated() / 1e9
                                if torch.cuda.is_available() else None),
         "decode_bytes_per_step_gb": step_bytes / 1e9,
-        "decode_roofline_fraction": (step_bytes / HBM_BYTES_PER_S) / tpot if decode_steps else None,
+        "decode_roofline_fraction": (step_bytes / HBM_BYTES_PER_S) / step if decode_steps else None,
     }
-    if hasattr(engine, "spec_stats"):
-        result["speculative"] = engine.spec_stats()
+    if spec:
+        result["speculative"] = spec
     return result
 
 

@@ -126,9 +126,13 @@ class LLMEngine:
         graphs = None
         if self.device.type == "cuda" and not ec.enforce_eager:
             from .cuda_graph import CUDAGraphRunner
-            graphs = CUDAGraphRunner(model, self.cache, ec.max_num_seqs, 1 + ec.speculative_tokens,
-                                     min(self.max_model_len, ec.cuda_graph_max_len),
-                                     pad_slot=num_slots, pad_block=self.num_blocks)
+            try:
+                graphs = CUDAGraphRunner(model, self.cache, ec.max_num_seqs,
+                                         1 + ec.speculative_tokens,
+                                         min(self.max_model_len, ec.cuda_graph_max_len),
+                                         pad_slot=num_slots, pad_block=self.num_blocks)
+            except Exception:  # keep serving, loudly: eager mode gives the same tokens
+                logger.exception("CUDA graph capture failed; running eagerly")
         self.runner = ModelRunner(model, self.cache, sampler, self.device,
                                   ec.speculative_tokens, self.max_model_len, graphs)
 

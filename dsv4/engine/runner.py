@@ -129,8 +129,11 @@ class ModelRunner:
         target = self.sampler.probs(logits, [seq.params] * len(logits),
                                     [out_ids + drafts[:j] for j in range(len(logits))],
                                     [seq.request.prompt_token_ids] * len(logits))
-        emitted = accept_drafts(target, seq.draft_probs[:len(drafts)], drafts,
-                                seq.generator or self.sampler.generator)
+        if self.proposer.force_accept:
+            emitted = drafts + [int(target[len(drafts)].argmax())]
+        else:
+            emitted = accept_drafts(target, seq.draft_probs[:len(drafts)], drafts,
+                                    seq.generator or self.sampler.generator)
         info = compute_logprobs_topn(logits[:len(emitted)], torch.tensor(emitted),
                                      seq.params.logprobs or 0)
         return [SampledToken(t.token_id, t.logprob, t.rank, t.top if seq.params.logprobs else None)

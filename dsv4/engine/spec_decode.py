@@ -60,9 +60,15 @@ class MTPProposer:
         # Tests and benchmarks may replace the MTP's draft tokens (seq, tokens so far) -> drafts,
         # to exercise long acceptances with random weights; the MTP layer still runs.
         self.override = None
+        # Benchmarks only: accept every draft (wrong tokens, real cost of the whole path), to
+        # measure speed as a function of acceptance with random weights.
+        self.force_accept = False
         self.proposed = [0] * k  # per draft position: drafts verified
         self.accepted = [0] * k  # per draft position: drafts accepted
         self.verify_steps = 0
+
+    def reset_stats(self) -> None:
+        self.proposed, self.accepted, self.verify_steps = [0] * self.k, [0] * self.k, 0
 
     def record(self, num_drafts: int, num_accepted: int) -> None:
         self.verify_steps += 1

@@ -1,0 +1,101 @@
+"""End-to-end engine numbers on one GPU for a Flash- (or Pro-) shaped model cut to a few layers.
+
+    python benchmarks/engine_gpu.py --preset flash --layers 4 --format fp4 --json out.json
+
+Builds the model from its config with seeded random weights directly on the GPU
+(`load_format="dummy"`, same formats as the official checkpoint), then, on one model:
+decode latency at batch 1, decode throughput at batch 64 and 256, prefill tokens/s for 8K and
+32K prompts, and MTP speculative decoding (K = 1..3) with the real (random) MTP drafts and with
+drafts forced to be accepted. Prints one table; every number comes from `dsv4.bench.measure`.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from dsv4.bench import measure
+from dsv4.config import EngineConfig
+from dsv4.engine.llm_engine import LLMEngine
+from dsv4.loader import load_model, tiny_config
+
+
+def engine_for(loaded, **kw) -> LLMEngine:
+    ec = EngineConfig(dtype="bfloat16", cpu_cache_bytes=1 << 30, **kw)
+    return LLMEngine(loaded.model, loaded.config, loaded.tokenizer, ec, loaded.generation_config)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="flash")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--format", default="fp4")
+    ap.add_argument("--json")
+    ap.add_argument("--quick", action="store_true", help="fewer, shorter runs")
+    ap.add_argument("--device", default="cuda")
+    a = ap.parse_args()
+    cfg = tiny_config(a.format, a.preset, a.layers)
+    d = Path(tempfile.mkdtemp())
+    (d / "config.json").write_text(json.dumps(cfg.to_dict()))
+    t = time.perf_counter()
+    loaded = load_model(d, dtype="bfloat16", device=a.device, load_format="dummy")
+    if a.device == "cuda":
+        torch.cuda.synchronize()
+    load_s = time.perf_counter() - t
+    weights_gb = sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / 1e9
+    print(f"loaded {a.preset}-{a.layers}L {a.format}: {weights_gb:.1f} GB of weights in {load_s:.1f} s",
+          flush=True)
+    rows = []
+
+    def run(label, engine, mode, n, inp, out):
+        r = measure(engine, mode, n, inp, out, label=label)
+        r["label"] = label
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+
+    e = engine_for(loaded, max_num_seqs=256, max_num_batched_tokens=8192,
+                   max_model_len=min(40960, cfg.max_position_embeddings),
+                   gpu_memory_utilization=0.85, cuda_graph_max_len=4096)
+    print(e.capacity, flush=True)
+    run("decode b=1", e, "latency", 1, 1024 if not a.quick else 64, 64 if not a.quick else 8)
+    run("decode b=64", e, "throughput", 64, 1024, 64)
+    if not a.quick:
+        run("decode b=256", e, "throughput", 256, 512, 32)
+    run("prefill 8K", e, "latency", 1, 8192 if not a.quick else 512, 2)
+    if not a.quick:
+        run("prefill 32K", e, "latency", 1, 32768, 2)
+    del e
+    gc.collect()
+    torch.cuda.empty_cache()
+    for k in (1, 2, 3):
+        e = engine_for(loaded, max_num_seqs=8, max_num_batched_tokens=8192,
+                       max_model_len=min(8192, cfg.max_position_embeddings),
+                       gpu_memory_utilization=0.85, speculative_tokens=k, cuda_graph_max_len=4096)
+        for force in (False, True):
+            e.runner.proposer.force_accept = force
+            e.runner.proposer.reset_stats()
+            for b in ((1, 8) if not a.quick else (1,)):
+                run(f"mtp K={k} {'forced' if force else 'real'} b={b}", e, "latency", b, 256, 32)
+        del e
+        gc.collect()
+        torch.cuda.empty_cache()
+    print("\n| run | step ms | TPOT ms | out tok/s (decode) | prefill tok/s | TTFT ms | roofline | peak GB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        f = lambda v, s: "n/a" if v is None else format(v, s)  # noqa: E731
+        print(f"| {r['label']} | {f(r['decode_step_ms_median'], '.2f')} | "
+              f"{f(r['tpot_ms_median'], '.2f')} | {f(r['decode_tokens_per_s'], '.0f')} | "
+              f"{f(r['prefill_tokens_per_s'], '.0f')} | {f(r['ttft_ms_median'], '.0f')} | "
+              f"{f(r['decode_roofline_fraction'], '.1%')} | {f(r['peak_gpu_memory_gb'], '.1f')} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"load_s": load_s, "weights_gb": weights_gb,
+                                            "runs": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""The engine on an H200: CUDA-graph decoding gives exactly the eager tokens, and speculative
+decoding with graphs gives exactly the non-speculative greedy tokens."""
+import pytest
+import torch
+
+from dsv4 import LLM, SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+PROMPTS = [[16 + (i * 37 + j * 11) % 490 for j in range(n)] for i, n in
+           enumerate([1, 3, 4, 5, 8, 9, 127, 130])]
+
+
+def _greedy(**kw):
+    llm = LLM(model="tiny", dtype="float32", device="cuda", max_num_seqs=8,
+              gpu_memory_utilization=0.2, **kw)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs], llm
+
+
+def test_graph_decoding_equals_eager():
+    eager, _ = _greedy(enforce_eager=True)
+    graph, llm = _greedy()
+    assert llm.llm_engine.runner.graphs is not None
+    assert graph == eager
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_speculative_greedy_with_graphs_equals_plain_greedy(k):
+    plain, _ = _greedy()
+    spec, llm = _greedy(speculative_tokens=k)
+    assert spec == plain
+    assert llm.llm_engine.spec_stats()["verify_steps"] > 0
+    torch.cuda.empty_cache()
