@@ -61,7 +61,7 @@ def main() -> None:
     e = engine_for(loaded, max_num_seqs=256, max_num_batched_tokens=8192,
                    max_model_len=min(40960, cfg.max_position_embeddings),
                    gpu_memory_utilization=0.85, cuda_graph_max_len=4096)
-    print(e.capacity, flush=True)
+    print(e.capacity, "| CUDA graphs:", e.runner.graphs.sizes if e.runner.graphs else "off", flush=True)
     run("decode b=1", e, "latency", 1, 1024 if not a.quick else 64, 64 if not a.quick else 8)
     run("decode b=64", e, "throughput", 64, 1024, 64)
     if not a.quick:

@@ -4,7 +4,7 @@ differences left are fp32 summation order, so agreement must be tight at every p
 import pytest
 import torch
 
-from conftest import make_cache, make_model, run_chunks
+from model_helpers import make_cache, make_model, run_chunks
 from dsv4.model.batch import ForwardBatch, SeqChunk
 
 ATOL = 1e-4

@@ -1,7 +1,7 @@
 """A StaticBatch (the fixed shapes CUDA graphs replay) computes what a ForwardBatch computes."""
 import torch
 
-from conftest import make_cache, run_chunks
+from model_helpers import make_cache, run_chunks
 from dsv4.model.batch import ForwardBatch, SeqChunk, StaticBatch
 
 
@@ -35,7 +35,7 @@ def test_padded_static_batch_gives_the_same_logits_and_cache(tiny):
 
 def test_fp8_kv_cache_gives_the_same_logits_as_bf16_rows():
     """The packed FP8 row layout stores exactly the values the model computes (bf16 model)."""
-    from conftest import make_model
+    from model_helpers import make_model
     from dsv4.cache.kv_cache import ModelCache
     model = make_model(dtype="bfloat16")
     ids = torch.randint(0, 512, (30,), generator=torch.Generator().manual_seed(9)).tolist()

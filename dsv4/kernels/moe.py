@@ -51,6 +51,13 @@ def moe_forward_ref(u: torch.Tensor, idx: torch.Tensor, wgt: torch.Tensor,
                     experts: Sequence[ExpertLike], shared: ExpertLike) -> torch.Tensor:
     """u [T, d], idx [T, k] int, wgt [T, k] fp32 -> [T, d] in u's dtype."""
     y = torch.zeros(u.shape[0], u.shape[1], dtype=torch.float32, device=u.device)
+    if u.is_cuda and torch.cuda.is_current_stream_capturing():
+        # No host synchronisation under CUDA-graph capture: every expert sees every token, with
+        # weight 0 where it was not chosen (which adds exactly 0).
+        for e, expert in enumerate(experts):
+            w = torch.where(idx == e, wgt, 0.0).sum(-1)
+            y += expert(u, w).float()
+        return (y + shared(u).float()).to(u.dtype)
     for e in idx.unique().tolist():
         tok, slot = (idx == e).nonzero(as_tuple=True)
         y.index_add_(0, tok, experts[e](u[tok], wgt[tok, slot]).float())

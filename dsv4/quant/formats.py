@@ -56,10 +56,15 @@ def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([p & 0xF, p >> 4], dim=-1).flatten(-2)
 
 
+_LUTS: dict = {}
+
+
 def fp4_values(codes: torch.Tensor) -> torch.Tensor:
-    lut = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32,
-                       device=codes.device)
-    return lut[codes.long()]
+    key = str(codes.device)  # cached: no host-to-device copy inside a step (CUDA graphs)
+    if key not in _LUTS:
+        _LUTS[key] = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES),
+                                  dtype=torch.float32, device=codes.device)
+    return _LUTS[key][codes.long()]
 
 
 # ---------------------------------------------------------------------------------- MXFP4

@@ -56,5 +56,8 @@ def test_cuda_model_agrees_with_cpu_reference(fmt, record_property):
     print(f"{fmt}: greedy tokens agree on the first {agree}/{len(a)} positions; "
           f"max |dlogit| before divergence {diff[:max(agree, 1)].max():.2e}")
     record_property("agreement", agree)
-    assert diff[0] < 1e-2, "the prefill logits already differ"
+    # FP8/FP4 kernels differ from the reference by summation order only, but FP8 re-rounding
+    # inside the MoE turns that into logit differences of up to ~0.1 (SPEC.md 10); a real
+    # error gives differences of order 1 and different tokens at once.
+    assert diff[0] < 0.25, "the prefill logits already differ"
     assert agree >= 8, f"{fmt}: only {agree} leading tokens agree"
