@@ -501,3 +501,19 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_speculative_decoding_metrics_are_exported() -> None:
+    """With --speculative-tokens, /metrics carries the acceptance rate per draft position and
+    the mean accepted length, and the output is the non-speculative greedy output."""
+    plain = LLMEngine.from_args(MODEL, **ENGINE_ARGS)
+    with serve(LLMEngine.from_args(MODEL, speculative_tokens=2, **ENGINE_ARGS)) as s:
+        out = s.client().completions.create(model=MODEL, prompt="Hello there", max_tokens=8,
+                                            temperature=0)
+        m = s.metrics()
+    ids = plain.tokenizer.encode("Hello there", add_special_tokens=True)
+    assert out.choices[0].text == run_alone(plain, ids, max_tokens=8).outputs[0].text
+    for j in ("0", "1"):
+        assert 0 <= m[("dsv4:spec_decode_acceptance_rate", (("position", j),))] <= 1
+    assert m[("dsv4:spec_decode_mean_accepted_length", ())] >= 1
+    assert m[("dsv4:spec_decode_num_drafts_total", ())] > 0

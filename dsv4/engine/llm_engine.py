@@ -313,4 +313,12 @@ class LLMEngine:
             kv_cache_usage=bm.usage, num_free_blocks=bm.num_free_blocks, num_blocks=bm.num_blocks,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
-            num_preemptions=self.scheduler.num_preemptions)
+            num_preemptions=self.scheduler.num_preemptions,
+            **self._spec_counts())
+
+    def _spec_counts(self) -> dict:
+        p = self.runner.proposer
+        if p is None:
+            return {}
+        return dict(spec_proposed=tuple(p.proposed), spec_accepted=tuple(p.accepted),
+                    spec_verify_steps=p.verify_steps)

@@ -77,3 +77,7 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     num_preemptions: int
+    # Speculative decoding (empty when off): per draft position, drafts verified and accepted.
+    spec_proposed: tuple[int, ...] = ()
+    spec_accepted: tuple[int, ...] = ()
+    spec_verify_steps: int = 0

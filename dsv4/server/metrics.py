@@ -52,6 +52,22 @@ class _EngineStatsCollector(Collector):
         ]
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=float(value))
+        if s.spec_proposed:  # speculative decoding: acceptance per draft position
+            rate = GaugeMetricFamily("dsv4:spec_decode_acceptance_rate",
+                                     "Fraction of drafts accepted, per draft position.",
+                                     labels=["position"])
+            for j, (p, a) in enumerate(zip(s.spec_proposed, s.spec_accepted)):
+                rate.add_metric([str(j)], a / p if p else 0.0)
+            yield rate
+            steps = s.spec_verify_steps
+            yield GaugeMetricFamily(
+                "dsv4:spec_decode_mean_accepted_length",
+                "Tokens emitted per verification step (accepted drafts + 1).",
+                value=(sum(s.spec_accepted) / steps + 1) if steps else 0.0)
+            yield CounterMetricFamily("dsv4:spec_decode_num_drafts", "Draft tokens verified.",
+                                      value=float(sum(s.spec_proposed)))
+            yield CounterMetricFamily("dsv4:spec_decode_num_accepted_tokens",
+                                      "Draft tokens accepted.", value=float(sum(s.spec_accepted)))
 
 
 class ServerMetrics:
