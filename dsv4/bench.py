@@ -69,7 +69,10 @@ def _sync():
 def run_bench(args) -> dict:
     engine = _engine(args)
     n = args.batch_size if args.mode == "latency" else args.num_prompts
-    return measure(engine, args.mode, n, args.input_len, args.output_len, args.seed, args.model)
+    try:
+        return measure(engine, args.mode, n, args.input_len, args.output_len, args.seed, args.model)
+    finally:
+        engine.close()
 
 
 def measure(engine, mode: str, n: int, input_len: int, output_len: int, seed: int = 0,

@@ -31,6 +31,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="KV cache budget in bytes when running on CPU")
     g.add_argument("--seed", type=int, default=0, help="seed of presets' weights and of sampling")
     g.add_argument("--speculative-tokens", type=int, default=0, help="MTP draft tokens per step")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="ranks for tensor-parallel attention and expert-parallel MoE "
+                        "(started by this command; under torchrun, the launcher's world size)")
     g.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "fp8"],
                    help="attention cache rows: the working dtype (auto) or packed FP8 "
@@ -51,7 +54,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 cpu_cache_bytes=args.cpu_cache_bytes, skip_tokenizer_init=args.skip_tokenizer_init,
                 seed=args.seed, speculative_tokens=args.speculative_tokens,
                 enforce_eager=args.enforce_eager, load_format=args.load_format,
-                kv_cache_dtype=args.kv_cache_dtype, cuda_graph_max_len=args.cuda_graph_max_len)
+                kv_cache_dtype=args.kv_cache_dtype, cuda_graph_max_len=args.cuda_graph_max_len,
+                tensor_parallel_size=args.tensor_parallel_size)
 
 
 # ---------------------------------------------------------------------------- generate

@@ -25,14 +25,6 @@ class ParallelGroup:
             dist.all_reduce(x, group=self.group)
         return x
 
-    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
-        """Concatenate every rank's x along the last dim (vocabulary-parallel logits)."""
-        if self.size == 1:
-            return x
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, -1)
-
     def split(self, total: int, what: str, multiple: int = 1) -> tuple[int, int]:
         """(start, length) of this rank's share of `total`; refuses sizes that do not divide."""
         if total % self.size or (total // self.size) % multiple:

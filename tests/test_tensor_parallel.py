@@ -87,3 +87,20 @@ def test_two_gloo_ranks_match_one_process():
 def test_sizes_that_do_not_divide_are_refused_with_the_split_to_use():
     with pytest.raises(ValueError, match="num_attention_heads = 4 cannot be split over 3"):
         check_parallel_config(_cfg(), 3)
+
+
+def test_engine_with_two_ranks_generates_what_one_process_generates():
+    """`LLM(..., tensor_parallel_size=2)` spawns its worker rank itself; scheduler, sampler and
+    MTP speculative decoding run unchanged on top."""
+    from dsv4 import LLM, SamplingParams
+    prompts = [[20 + i for i in range(n)] for n in (3, 9, 17)]
+    params = SamplingParams(temperature=0, max_tokens=8)
+    ref = LLM(model="tiny", dtype="float32", device="cpu")
+    want = [o.outputs[0].token_ids for o in ref.generate(prompts, params, use_tqdm=False)]
+    tp = LLM(model="tiny", dtype="float32", device="cpu", tensor_parallel_size=2,
+             speculative_tokens=2)
+    try:
+        got = [o.outputs[0].token_ids for o in tp.generate(prompts, params, use_tqdm=False)]
+    finally:
+        tp.llm_engine.close()
+    assert got == want

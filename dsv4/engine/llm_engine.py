@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ import torch
 from ..cache.block_manager import BlockManager
 from ..cache.kv_cache import BLOCK_TOKENS, ModelCache, block_bytes, slot_bytes
 from ..config import ConfigError, EngineConfig, ModelConfig, PRESETS
+from ..distributed import SINGLE, ParallelGroup, check_parallel_config
 from ..model.init import init_random_
+from ..model.parallel import shard_state_dict
 from ..model.model import DeepseekV4Model
 from ..tokenizer import Tokenizer
 from .outputs import EngineStats, Logprob, PositionLogprobs, RequestOutput
@@ -37,17 +40,25 @@ def default_device() -> torch.device:
 
 
 def load_model(model: str, dtype: str, device: torch.device, seed: int, skip_tokenizer_init: bool,
-               load_format: str) -> tuple[DeepseekV4Model, ModelConfig, Tokenizer | None, Any]:
+               load_format: str, tp: ParallelGroup = SINGLE
+               ) -> tuple[DeepseekV4Model, ModelConfig, Tokenizer | None, Any]:
     """A preset name builds a seeded random model in memory (no files, no network); anything
-    else must be a model directory, read by `dsv4.loader.load_model`."""
-    if model in PRESETS:
+    else must be a model directory, read by `dsv4.loader.load_model`. With tensor parallelism
+    each rank gets its slice (`model/parallel.py`)."""
+    if model in PRESETS and load_format != "dummy":
         cfg = ModelConfig.preset(model)
-        with torch.device(device):
-            net = DeepseekV4Model(cfg, dtype)
-        init_random_(net, seed)
+        if tp.size == 1:
+            with torch.device(device):
+                net = DeepseekV4Model(cfg, dtype)
+            init_random_(net, seed)
+        else:  # the same weights as one process, sliced
+            full = init_random_(DeepseekV4Model(cfg, dtype), seed).state_dict()
+            with torch.device(device):
+                net = DeepseekV4Model(cfg, dtype, tp=tp)
+            net.load_state_dict(shard_state_dict(full, cfg, tp))
         tokenizer = None if skip_tokenizer_init else Tokenizer.tiny(cfg.vocab_size)
         return net.eval(), cfg, tokenizer, None
-    if not Path(model).exists():
+    if model not in PRESETS and not Path(model).exists():
         raise FileNotFoundError(
             f"model {model!r}: no such file or directory, and not a preset ({', '.join(PRESETS)})")
     try:
@@ -56,7 +67,8 @@ def load_model(model: str, dtype: str, device: torch.device, seed: int, skip_tok
         raise RuntimeError(f"cannot load {model!r}: the checkpoint loader (dsv4.loader) is not "
                            f"available ({e}); use a preset such as 'tiny'") from e
     loaded = load_checkpoint(model, dtype=dtype, device=device, seed=seed,
-                             skip_tokenizer_init=skip_tokenizer_init, load_format=load_format)
+                             skip_tokenizer_init=skip_tokenizer_init, load_format=load_format,
+                             tp=tp)
     return loaded.model.eval(), loaded.config, loaded.tokenizer, loaded.generation_config
 
 
@@ -115,6 +127,9 @@ class LLMEngine:
             raise ConfigError("kv_cache_dtype fp8 needs dtype bfloat16 (its rope dims are bf16)")
         self.cache = ModelCache(cfg, num_slots + 1, self.num_blocks + 1, margin, model.dtype,
                                 self.device, kv_fp8=kv_fp8)
+        if hasattr(model, "stop"):  # tensor parallel: the workers allocate the same cache
+            from .parallel_workers import share_cache_geometry
+            share_cache_geometry(num_slots + 1, self.num_blocks + 1, margin, kv_fp8)
         self.block_manager = BlockManager(self.num_blocks, num_slots, BLOCK_TOKENS)
         self.scheduler = Scheduler(self.block_manager, ec.max_num_seqs, ec.max_num_batched_tokens,
                                    lookahead=ec.speculative_tokens)
@@ -155,7 +170,7 @@ class LLMEngine:
                   cpu_cache_bytes: int = 256 << 20, skip_tokenizer_init: bool = False, seed: int = 0,
                   speculative_tokens: int = 0, enforce_eager: bool = False,
                   load_format: str = "auto", kv_cache_dtype: str = "auto",
-                  cuda_graph_max_len: int = 16384) -> "LLMEngine":
+                  cuda_graph_max_len: int = 16384, tensor_parallel_size: int = 1) -> "LLMEngine":
         ec = EngineConfig(dtype=dtype, device=device, max_model_len=max_model_len,
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           gpu_memory_utilization=gpu_memory_utilization,
@@ -164,8 +179,55 @@ class LLMEngine:
                           cuda_graph_max_len=cuda_graph_max_len)
         ec.validate()  # before the (possibly long) model load
         dev = torch.device(device) if device else default_device()
+        if tensor_parallel_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return cls._from_args_parallel(model, ec, dev, skip_tokenizer_init, load_format,
+                                           tensor_parallel_size)
         net, cfg, tokenizer, gen = load_model(model, dtype, dev, seed, skip_tokenizer_init, load_format)
         return cls(net, cfg, tokenizer, ec, gen)
+
+    @classmethod
+    def _from_args_parallel(cls, model: str, ec: EngineConfig, dev: torch.device,
+                            skip_tokenizer_init: bool, load_format: str, size: int) -> "LLMEngine":
+        """Tensor-parallel attention + expert-parallel MoE over `size` ranks; this process is
+        rank 0 (parallel_workers.py). Under torchrun, ranks > 0 serve as workers and never
+        return."""
+        from . import parallel_workers as pw
+        cfg = ModelConfig.preset(model) if model in PRESETS else ModelConfig.from_json(model)
+        kwargs = dict(dtype=ec.dtype, seed=ec.seed, load_format=load_format, device=dev.type)
+        if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:  # torchrun
+            from ..distributed import init_from_env
+            tp = init_from_env()
+            check_parallel_config(cfg, tp.size)
+            if dev.type == "cuda":
+                dev = torch.device("cuda", torch.cuda.current_device())
+            if tp.rank != 0:
+                pw.run_worker(model, kwargs, dev, tp, load_model)
+                raise SystemExit(0)
+            procs = []
+        else:
+            check_parallel_config(cfg, size)
+            procs, port = pw.spawn_workers(size, model, kwargs)
+            if dev.type == "cuda":
+                dev = torch.device("cuda", 0)
+            tp = pw.init_group(0, size, port, dev.type)
+        ec.enforce_eager = True  # graphs would capture the broadcasts; workers replay eagerly
+        net, cfg, tokenizer, gen = load_model(model, ec.dtype, dev, ec.seed, skip_tokenizer_init,
+                                              load_format, tp)
+        engine = cls(pw.LockstepModel(net.eval()), cfg, tokenizer, ec, gen)
+        engine._workers = procs
+        return engine
+
+    def close(self) -> None:
+        """Stop the worker ranks of a tensor-parallel engine (no-op otherwise)."""
+        stop = getattr(self.model, "stop", None)
+        if stop is not None and not getattr(self, "_closed", False):
+            self._closed = True
+            stop()
+            for p in getattr(self, "_workers", []):
+                p.join(timeout=30)
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
     def _cache_budget(self) -> int:
         if self.device.type == "cuda":

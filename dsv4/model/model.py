@@ -53,14 +53,15 @@ class DeepseekV4Model(nn.Module):
         scheme = scheme or QuantScheme.from_config(cfg)
         self.scheme = scheme
         d, n, V = cfg.hidden_size, cfg.hc_mult, cfg.vocab_size
-        # Vocabulary-parallel embedding and head: each rank holds a contiguous range of rows.
+        # Vocabulary-parallel embedding: each rank holds a contiguous range of rows. The head is
+        # replicated, so logits need no collective and rank 0 alone can sample.
         self.vocab_start, v_local = tp.split(V, "vocab_size")
         self.embed = nn.Embedding(v_local, d, dtype=self.dtype)
         self.embed.weight.requires_grad_(False)
         self.layers = nn.ModuleList(Block(cfg, i, scheme, f"layers.{i}", self.dtype, qat, tp)
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.head = BF16Linear(d, v_local, dtype=self.dtype)
+        self.head = BF16Linear(d, V, dtype=self.dtype)
         hc_params(self, "hc_head", n, d, n)
         self.mtp = nn.ModuleList(MTPLayer(cfg, j, scheme, self.dtype, qat, tp)
                                  for j in range(cfg.num_nextn_predict_layers))
@@ -93,7 +94,7 @@ class DeepseekV4Model(nn.Module):
         o = head_owner if head_owner is not None else self
         y = hc_head(x, o.hc_head_fn, o.hc_head_scale, o.hc_head_base, self.cfg.rms_norm_eps,
                     self.cfg.hc_eps)
-        return self.tp.all_gather_last(o.norm(y).float() @ self.head.weight.float().t())
+        return o.norm(y).float() @ self.head.weight.float().t()
 
     def mtp_forward(self, h: torch.Tensor, next_ids: torch.Tensor, batch: ForwardBatch,
                     cache: ModelCache, j: int = 0) -> torch.Tensor:

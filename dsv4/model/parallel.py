@@ -2,7 +2,7 @@
 
 One rule per tensor name (official checkpoint names), used both to read a checkpoint shard by
 shard straight into each rank's slice and to shard an in-memory model for tests:
-- vocabulary rows of `embed` and `head`;
+- vocabulary rows of `embed` (the head is replicated: rank 0 samples without a collective);
 - attention heads: rows of `wq_b` (H*D) and `attn_sink` (H), rows of `wo_a` (G*o_lora), columns
   of `wo_b`; indexer heads: rows of `indexer.wq_b` and `indexer.weights_proj`;
 - routed experts: the whole tensor on the rank that owns the expert, nothing elsewhere;
@@ -19,7 +19,7 @@ import torch
 from ..distributed import ParallelGroup
 
 _ROWS = [  # (pattern, how many rows one unit of the split covers: a function of cfg)
-    (r"(^|\.)embed\.weight$", "vocab"), (r"^head\.weight$", "vocab"),
+    (r"(^|\.)embed\.weight$", "vocab"),
     (r"\.attn\.wq_b\.(weight|scale)$", "heads"), (r"\.attn\.attn_sink$", "heads"),
     (r"\.attn\.wo_a\.(weight|scale)$", "groups"),
     (r"\.indexer\.wq_b\.(weight|scale)$", "iheads"), (r"\.indexer\.weights_proj\.weight$", "iheads"),

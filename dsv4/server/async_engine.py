@@ -75,6 +75,9 @@ class AsyncLLMEngine:
         except EngineDeadError:
             pass
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        close = getattr(self.engine, "close", None)
+        if close is not None:  # tensor parallel: stop the worker ranks
+            close()
         for stream in self._streams.values():
             stream.error = stream.error or EngineDeadError("the server is shutting down")
             stream.event.set()

@@ -1,0 +1,139 @@
+"""Several GPUs (or gloo processes on CPU) behind one engine.
+
+Rank 0 runs everything a single process runs: scheduler, sampler, server. Every rank holds its
+slice of the weights (`model/parallel.py`) and a full copy of the caches (the latent kv and the
+compressors are computed in full on every rank). The ranks must make the same collective calls
+in the same order, so rank 0 drives them: before each model call it broadcasts a small command
+(the step's chunks; for the MTP layer also its input state), and the workers replay it on their
+slices. Sampling needs nothing from them: the head is replicated.
+
+Launch: `LLMEngine.from_args(..., tensor_parallel_size=N)` (and `dsv4 serve
+--tensor-parallel-size N`) spawns ranks 1..N-1 itself; under `torchrun` (several nodes) every
+rank runs the same command and ranks other than 0 become workers (`dsv4.cli`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from ..cache.kv_cache import ModelCache
+from ..distributed import ParallelGroup
+from ..model.batch import ForwardBatch, SeqChunk
+
+logger = logging.getLogger(__name__)
+
+
+def _describe(batch: ForwardBatch) -> tuple:
+    return ([(c.tokens, c.start_pos, c.slot, c.block_table) for c in batch.chunks],
+            batch.logits_indices.tolist())
+
+
+def _rebuild(desc: tuple, model, cache: ModelCache) -> ForwardBatch:
+    chunks, logits = desc
+    return ForwardBatch([SeqChunk(*c) for c in chunks], model.cfg.sliding_window,
+                        cache.window_rows, cache.num_slots, cache.device, logits_indices=logits)
+
+
+def _bcast(obj):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class LockstepModel:
+    """Rank 0's view of the sharded model: the same calls as DeepseekV4Model, each announced
+    to the workers first."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, batch: ForwardBatch, cache: ModelCache) -> torch.Tensor:
+        _bcast(("forward", _describe(batch)))
+        return self._model(batch, cache)
+
+    def mtp_forward(self, h: torch.Tensor, next_ids, batch: ForwardBatch, cache: ModelCache,
+                    j: int = 0) -> torch.Tensor:
+        _bcast(("mtp", _describe(batch), tuple(h.shape), j))
+        dist.broadcast(h.contiguous(), src=0)
+        return self._model.mtp_forward(h, next_ids, batch, cache, j)
+
+    def stop(self) -> None:
+        _bcast(("stop",))
+
+
+def worker_loop(model, cache: ModelCache) -> None:
+    """Replay rank 0's model calls until it says stop."""
+    with torch.inference_mode():
+        while True:
+            cmd = _bcast(None)
+            if cmd[0] == "stop":
+                return
+            batch = _rebuild(cmd[1], model, cache)
+            if cmd[0] == "forward":
+                model(batch, cache)
+            else:
+                h = torch.empty(cmd[2], dtype=model.dtype, device=cache.device)
+                dist.broadcast(h, src=0)
+                model.mtp_forward(h, batch.input_ids, batch, cache, cmd[3])
+
+
+def share_cache_geometry(num_slots: int = 0, num_blocks: int = 0, margin: int = 0,
+                         kv_fp8: bool = False) -> tuple[int, int, int, bool]:
+    """Rank 0 sizes the cache; every rank allocates the same."""
+    return _bcast((num_slots, num_blocks, margin, kv_fp8))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_group(rank: int, world: int, port: int, device_type: str) -> ParallelGroup:
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    os.environ["NCCL_NVLS_ENABLE"] = "0"  # never NVLink multicast
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    return ParallelGroup(rank, world)
+
+
+def spawned_worker(rank: int, world: int, port: int, model_name: str, kwargs: dict) -> None:
+    """Entry point of ranks 1..N-1 started by `spawn_workers`."""
+    from .llm_engine import load_model as load_engine_model
+    device = torch.device(kwargs["device"])
+    if device.type == "cuda":
+        device = torch.device("cuda", rank)
+    tp = init_group(rank, world, port, device.type)
+    run_worker(model_name, kwargs, device, tp, load_engine_model)
+
+
+def run_worker(model_name: str, kwargs: dict, device, tp: ParallelGroup, load) -> None:
+    torch.set_num_threads(max(1, torch.get_num_threads() // tp.size))
+    model, cfg, _, _ = load(model_name, kwargs["dtype"], device, kwargs["seed"], True,
+                            kwargs["load_format"], tp)
+    num_slots, num_blocks, margin, kv_fp8 = share_cache_geometry()
+    cache = ModelCache(cfg, num_slots, num_blocks, margin, model.dtype, device, kv_fp8=kv_fp8)
+    worker_loop(model, cache)
+    dist.destroy_process_group()
+
+
+def spawn_workers(world: int, model_name: str, kwargs: dict) -> tuple[list, int]:
+    """Start ranks 1..world-1 as processes; returns them and the rendezvous port."""
+    import torch.multiprocessing as mp
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=spawned_worker, args=(r, world, port, model_name, kwargs),
+                         daemon=True) for r in range(1, world)]
+    for p in procs:
+        p.start()
+    return procs, port

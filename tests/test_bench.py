@@ -1,0 +1,27 @@
+"""`dsv4 bench` measures the real engine and reports speculative-decoding acceptance."""
+import json
+import subprocess
+import sys
+
+
+def test_bench_latency_with_speculation_reports_every_number(tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsv4.cli", "bench", "latency", "--model", "tiny", "--device", "cpu",
+         "--input-len", "16", "--output-len", "6", "--speculative-tokens", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for line in ("prefill throughput", "time to first token", "time per output token",
+                 "output throughput", "peak GPU memory", "roofline fraction", "speculative decoding"):
+        assert line in proc.stdout, line
+    r = json.loads(out.read_text())
+    assert r["tpot_ms_median"] > 0 and r["prefill_tokens_per_s"] > 0
+    assert r["speculative"]["k"] == 2 and len(r["speculative"]["acceptance_rate_per_position"]) == 2
+    assert r["speculative"]["mean_accepted_length"] >= 1
+
+
+def test_bench_rejects_bad_lengths():
+    proc = subprocess.run([sys.executable, "-m", "dsv4.cli", "bench", "latency", "--model", "tiny",
+                           "--device", "cpu", "--input-len", "0"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "--input-len must be >= 1" in proc.stderr
