@@ -36,3 +36,10 @@ def run_chunks(model, cache, ids, sizes, slot=0, blocks=None, all_logits=True):
             out.append(model.logits(model(b, cache)[b.logits_indices]))
         p += n
     return torch.cat(out)
+
+
+def prefill_logits(model, ids):
+    """Logits at every position of one prefill of `ids` in a fresh cache."""
+    blocks = list(range(-(-len(ids) // 128) + 1))
+    cache = make_cache(model, num_slots=1, num_blocks=len(blocks))
+    return run_chunks(model, cache, ids, [len(ids)], blocks=blocks)

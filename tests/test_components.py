@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model_helpers import make_cache, make_model, run_chunks
+from model_helpers import make_cache, make_model
 from dsv4.cache.kv_cache import CompressorState
 from dsv4.kernels.mhc import sinkhorn
 from dsv4.kernels.sparse_attention import sparse_attention_ref

@@ -41,10 +41,9 @@ transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "DeepseekV4ForCausalLM"):
     pytest.skip("transformers >= 5.8 ships DeepseekV4ForCausalLM", allow_module_level=True)
 
-from dsv4.cache.kv_cache import ModelCache  # noqa: E402
 from dsv4.loader import load_model, write_tiny_checkpoint  # noqa: E402
-from dsv4.model.batch import ForwardBatch, SeqChunk  # noqa: E402
 from dsv4.model.rope import rope_frequencies  # noqa: E402
+from model_helpers import prefill_logits  # noqa: E402
 
 # 256 tokens: two complete HCA windows (m=128) and 64 CSA entries at the last position.
 PROMPT = torch.randint(3, 512, (256,), generator=torch.Generator().manual_seed(11)).tolist()
@@ -77,12 +76,7 @@ def dsv4_model(path):
 
 
 def dsv4_logits(model, ids=PROMPT):
-    cfg = model.cfg
-    cache = ModelCache(cfg, num_slots=1, num_blocks=2, margin=8, dtype=model.dtype)
-    b = ForwardBatch([SeqChunk(ids, 0, 0, [0, 1])], cfg.sliding_window, cache.window_rows,
-                     cache.num_slots, logits_indices=list(range(len(ids))))
-    with torch.inference_mode():
-        return model.logits(model(b, cache)[b.logits_indices])
+    return prefill_logits(model, ids)
 
 
 def hf_logits(model, ids=PROMPT):

@@ -15,18 +15,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsv4.cache.kv_cache import ModelCache
 from dsv4.config import ConfigError
 from dsv4.distributed import ParallelGroup
 from dsv4.loader import (CheckpointError, add_make_tiny_cli, load_model, tiny_config,
                          write_tiny_checkpoint)
 from dsv4.loader.cli import main as make_tiny_main
-from dsv4.model.batch import ForwardBatch, SeqChunk
 from dsv4.model.model import DeepseekV4Model
 from dsv4.model.parallel import shard_state_dict
 from dsv4.quant.formats import dequant_mxfp4, mxfp4_to_fp8, quantize_fp8
 from dsv4.quant.linear import FP4Linear, Linear
 from dsv4.quant.scheme import QuantScheme
+from model_helpers import prefill_logits  # noqa: E402
 
 FORMATS = ("bf16", "fp8", "fp4", "nvfp4")
 PROMPT = torch.randint(3, 512, (48,), generator=torch.Generator().manual_seed(7)).tolist()
@@ -93,13 +92,8 @@ def spec_reference(path: Path, cfg) -> DeepseekV4Model:
     return model
 
 
-def logits(model, ids=PROMPT) -> torch.Tensor:
-    cfg = model.cfg
-    cache = ModelCache(cfg, num_slots=1, num_blocks=2, margin=8, dtype=model.dtype)
-    b = ForwardBatch([SeqChunk(ids, 0, 0, [0, 1])], cfg.sliding_window, cache.window_rows,
-                     cache.num_slots, logits_indices=list(range(len(ids))))
-    with torch.inference_mode():
-        return model.logits(model(b, cache)[b.logits_indices])
+def logits(model, ids=PROMPT):
+    return prefill_logits(model, ids)
 
 
 # ------------------------------------------------------------------ fixtures and helpers

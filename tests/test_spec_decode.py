@@ -3,7 +3,6 @@ sampled output follows the same distribution (SPEC.md 8; rollback design in kv_c
 import random
 
 import pytest
-import torch
 from scipy.stats import chi2_contingency
 
 from dsv4 import LLM, SamplingParams

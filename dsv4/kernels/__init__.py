@@ -16,3 +16,16 @@ HAS_TRITON = torch.cuda.is_available() and importlib.util.find_spec("triton") is
 
 def use_triton(t: torch.Tensor) -> bool:
     return HAS_TRITON and t.is_cuda and not os.environ.get("DSV4_DISABLE_TRITON")
+
+
+_NUM_SMS: dict = {}
+
+
+def num_sms(device) -> int:
+    """Multiprocessors of a CUDA device (132 under Triton's CPU interpreter), cached."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 132
+    if device.index not in _NUM_SMS:
+        _NUM_SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _NUM_SMS[device.index]

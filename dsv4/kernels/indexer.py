@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import HAS_TRITON, use_triton
+from . import HAS_TRITON, num_sms, use_triton
 
 
 def indexer_scores_ref(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
@@ -77,16 +77,6 @@ if HAS_TRITON:
             score = tl.sum(tl.maximum(s, 0.0) * w[:, None], 0)
             tl.store(out_ptr + t * stride_ot + n, tl.where(vis, score, float("-inf")), mask=nmask)
 
-    _NUM_SMS: dict = {}
-
-    def _num_sms(device) -> int:
-        device = torch.device(device)
-        if device.type != "cuda":  # Triton's interpreter (TRITON_INTERPRET=1) runs on CPU
-            return 132
-        if device.index not in _NUM_SMS:
-            _NUM_SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-        return _NUM_SMS[device.index]
-
     def indexer_scores_triton(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
                               cand: torch.Tensor, block_n: int = 64, num_warps: int = 4,
                               num_stages: int = 3) -> torch.Tensor:
@@ -105,7 +95,7 @@ if HAS_TRITON:
         keys = keys if keys.stride(-1) == 1 else keys.contiguous()
         cand, w = cand.contiguous(), w.contiguous()
         n_blocks = triton.cdiv(N, block_n)
-        sms = _num_sms(q.device)
+        sms = num_sms(q.device)
         # enough CTAs to fill the GPU, each long enough to amortise its query load
         bpc = max(1, min(n_blocks, (T * n_blocks) // (4 * sms)))
         bh = max(16, triton.next_power_of_2(NI))

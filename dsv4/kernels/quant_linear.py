@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from . import HAS_TRITON, use_triton
+from . import HAS_TRITON, num_sms, use_triton
 from ..quant.formats import dequant_fp8, dequant_mxfp4, dequant_nvfp4
 from ..quant.sim import act_quant, act_quant_sim
 
@@ -97,10 +97,6 @@ def _kernel_shape_ok(x: torch.Tensor, k: int) -> bool:
 _SCALED_MM_OK: dict = {}
 
 
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _act_quant_cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.contiguous()
     m, k = x.shape
@@ -155,7 +151,7 @@ def _qlinear_cuda(x, fmt: int, weight, scale, gscale, path: str = "auto") -> tor
     if m <= SMALL_M:  # memory-bound: narrow token tiles, split K to fill the GPU
         bw, bt, warps = _small_m_config(m)
         tiles = triton.cdiv(n, bw) * triton.cdiv(m, bt)
-        split = max(1, min(nkb // 2, (2 * _num_sms(x.device)) // tiles))
+        split = max(1, min(nkb // 2, (2 * num_sms(x.device)) // tiles))
     else:
         bw, bt, warps, split = 128, 128, 8, 1
     per = triton.cdiv(nkb, split)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import HAS_TRITON, use_triton
+from . import HAS_TRITON, num_sms, use_triton
 from .kv_fp8 import unpack_kv_fp8
 
 
@@ -227,16 +227,6 @@ if HAS_TRITON:
         tl.store(o_ptr + t * stride_ot + h[:, None] * stride_oh + d[None, :],
                  o.to(o_ptr.dtype.element_ty), mask=mask2)
 
-    _NUM_SMS: dict = {}
-
-    def _num_sms(device) -> int:
-        device = torch.device(device)
-        if device.type != "cuda":  # Triton's interpreter (TRITON_INTERPRET=1) runs on CPU
-            return 132
-        if device.index not in _NUM_SMS:
-            _NUM_SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-        return _NUM_SMS[device.index]
-
     def sparse_attention_triton(q, sink, scale, win_cache, win_new, win_idx, cmp_cache=None,
                                 cmp_idx=None, rope_dim: int = 64,
                                 config: AttnConfig | None = None) -> torch.Tensor:
@@ -282,7 +272,7 @@ if HAS_TRITON:
         n_hb = triton.cdiv(H, BH)
         # split the row list only when the tokens alone leave most SMs idle: partial results
         # cost H*D*4 bytes each way per split, as much as ~H*2 rows
-        splits = cfg.splits or max(1, min(_num_sms(q.device) // (T * n_hb), n_tiles // 2))
+        splits = cfg.splits or max(1, min(num_sms(q.device) // (T * n_hb), n_tiles // 2))
         splits = max(1, min(splits, n_tiles))
         tps = triton.cdiv(max(n_tiles, 1), splits)
         splits = triton.cdiv(max(n_tiles, 1), tps)
