@@ -1,4 +1,5 @@
 """A StaticBatch (the fixed shapes CUDA graphs replay) computes what a ForwardBatch computes."""
+import pytest
 import torch
 
 from model_helpers import make_cache, run_chunks
@@ -47,3 +48,10 @@ def test_fp8_kv_cache_gives_the_same_logits_as_bf16_rows():
         if fp8:
             assert cache.layers[1].win.dtype == torch.uint8
     assert torch.equal(outs[0], outs[1])
+
+
+def test_a_block_table_too_short_for_a_write_is_refused(tiny):
+    from dsv4.model.batch import ForwardBatch, SeqChunk
+    b = ForwardBatch([SeqChunk(list(range(20)), 120, 0, [3])], 8, 16, 2)  # reaches 140 > 128
+    with pytest.raises(ValueError, match="block table has only 1 blocks"):
+        b.compress_plan(4, 16)

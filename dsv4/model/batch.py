@@ -141,6 +141,13 @@ class ForwardBatch:
         is_new = pos >= p0
         new_idx = (cu + pos - p0).clamp(min=0)
         state_idx = self.slots_cpu[seq][:, None] * rows + pos.remainder(rows)
+        have = torch.tensor([len(c.block_table) for c in self.chunks])[seq]
+        short = (index // (BLOCK_TOKENS // m) >= have).nonzero()
+        if len(short):  # a write past the block table would land in another sequence's block
+            b = int(seq[short[0, 0]])
+            raise ValueError(f"sequence {b} completes compressed entry {int(index[short[0, 0]])} "
+                             f"(ratio {m}) but its block table has only {int(have[short[0, 0]])} "
+                             f"blocks of {BLOCK_TOKENS} tokens")
         d = self.device
         return CompressPlan(seq=seq.to(d), index=index.to(d), is_new=is_new.to(d),
                             new_idx=new_idx.to(d), state_idx=state_idx.to(d),
