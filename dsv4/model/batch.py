@@ -160,12 +160,15 @@ class ForwardBatch:
         """
         key = ("cand", ratio)
         if key not in self._plans:
-            avail = (self.positions_cpu + 1) // ratio  # [T]
-            n = max(1, int(avail.max()))
-            i = torch.arange(n)[None, :].expand(self.num_tokens, n)
-            rows = self.entry_rows(self.tok_seq_cpu[:, None].expand_as(i), i, ratio)
+            # Built where the model runs: [T, N] grows with the context (N = ctx / m).
+            n = max(1, int((max(s + k for s, k in zip(self.starts, self.lens))) // ratio))
+            avail = (self.positions + 1) // ratio  # [T]
+            rpb = BLOCK_TOKENS // ratio
+            i = torch.arange(n, device=self.device)[None, :]
+            blk = (i // rpb).clamp(max=self.block_tables.shape[1] - 1)
+            rows = self.block_tables[self.tok_seq[:, None], blk] * rpb + i % rpb
             rows = torch.where(i < avail[:, None], rows, -1)
-            self._plans[key] = (rows.to(self.device), avail.to(self.device))
+            self._plans[key] = (rows, avail)
         return self._plans[key]
 
 
