@@ -337,29 +337,14 @@ class Sampler:
                 f"batch size mismatch: logits {B}, params {len(params)}, outputs {len(output_token_ids)}, "
                 f"prompts {len(prompt_token_ids)}, generators {len(generators)}"
             )
-        dev = logits.device
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1)
-
-        x = self._apply_min_tokens(logits, params, output_token_ids)
-        x = apply_penalties(x, params, output_token_ids, prompt_token_ids)
-
-        token_ids = torch.empty(B, dtype=torch.long, device=dev)
-        greedy = [i for i, p in enumerate(params) if p.is_greedy]
+        probs = self.probs(logits, params, output_token_ids, prompt_token_ids)
+        token_ids = probs.argmax(dim=-1)  # greedy rows are one-hot on their argmax
         rand = [i for i, p in enumerate(params) if not p.is_greedy]
-        if len(greedy) == B:
-            token_ids = x.argmax(dim=-1)
-        elif greedy:
-            g_idx = torch.tensor(greedy, device=dev)
-            token_ids[g_idx] = x[g_idx].argmax(dim=-1)
         if rand:
-            r_idx = torch.tensor(rand, device=dev)
-            ps = [params[i] for i in rand]
-            temp = torch.tensor([p.temperature for p in ps], dtype=torch.float32).to(dev)[:, None]
-            xr = self._filter(x[r_idx] / temp, ps)
-            probs = torch.softmax(xr, dim=-1)
-            q = self._draw_exponentials(rand, V, generators, dev)
-            token_ids[r_idx] = (probs / q).argmax(dim=-1)
+            r_idx = torch.tensor(rand, device=logits.device)
+            token_ids[r_idx] = self.draw(probs[r_idx], rand, generators)
 
         tok_lp = raw_logprobs.gather(1, token_ids[:, None])
         ranks = (raw_logprobs > tok_lp).sum(dim=-1) + 1
