@@ -146,8 +146,10 @@ class LLMEngine:
                                          1 + ec.speculative_tokens,
                                          min(self.max_model_len, ec.cuda_graph_max_len),
                                          pad_slot=num_slots, pad_block=self.num_blocks)
-            except Exception:  # keep serving, loudly: eager mode gives the same tokens
-                logger.exception("CUDA graph capture failed; running eagerly")
+            except Exception as e:
+                # A failed capture leaves the CUDA generator unusable, so no silent fallback.
+                raise RuntimeError(f"CUDA graph capture failed ({e}); run with --enforce-eager "
+                                   "(enforce_eager=True) to serve without graphs") from e
         self.runner = ModelRunner(model, self.cache, sampler, self.device,
                                   ec.speculative_tokens, self.max_model_len, graphs)
 

@@ -87,7 +87,7 @@ class MTPProposer:
         r = self.runner
         model, cache = r.model, r.cache
         mtp_chunks, rows, last_rows, drafting = [], [], [], []
-        cu = 0
+        cu = cu_mtp = 0
         for c, em in zip(chunks, emitted):
             seq = c.seq
             if c.num_drafts:
@@ -99,7 +99,7 @@ class MTPProposer:
                 nxt = seq.token_ids[c.start + 1:c.start + 1 + valid]
             mtp_chunks.append(SeqChunk(nxt, c.start, c.slot, c.block_table))
             rows.extend(range(cu, cu + valid))
-            cu_mtp = sum(len(m.tokens) for m in mtp_chunks)
+            cu_mtp += valid
             if em:
                 last_rows.append(cu_mtp - 1)
                 drafting.append((c, post, c.start + valid))  # first chained position
