@@ -130,6 +130,83 @@ def expert_bytes(lin) -> int:
     return sum(p.numel() * p.element_size() for p in lin.parameters())
 
 
+def coordinate_search(base: dict, choices: dict, timed, label: str) -> dict:
+    """Greedy coordinate search over launch parameters from `base`; prints base and best."""
+    best = dict(base)
+    print(f"{label} default {base}: {timed(best):.1f} us", flush=True)
+    for _ in range(2):
+        for name, vals in choices.items():
+            for v in vals:
+                cand = dict(best, **{name: v})
+                if timed(cand) < timed(best):
+                    best = cand
+    print(f"{label} best {best}: {timed(best):.1f} us", flush=True)
+    return best
+
+
+def memo_timer(fn, label: str):
+    seen: dict = {}
+
+    def timed(cfg):
+        key = tuple(sorted(cfg.items()))
+        if key not in seen:
+            try:
+                seen[key] = fn(cfg)
+            except Exception as exc:  # noqa: BLE001 - a config that does not compile
+                print(f"  {label} {cfg}: {type(exc).__name__} {str(exc)[:100]}")
+                seen[key] = float("inf")
+        return seen[key]
+    return timed
+
+
+def linear_sweep(quick: bool) -> None:
+    """Launch-parameter sweep of the Triton FP8 linear at decode sizes."""
+    print("\n## FP8 linear launch sweep (fused-quant path up to M=16)\n")
+    for k, n in [(4096, 1024), (1024, 32768), (8192, 4096), (7168, 1536)]:
+        wts = [quantize_fp8(torch.randn(n, k, device=DEV) / k ** 0.5)
+               for _ in range(copies_for(n * k))]
+        nbytes = n * k + wts[0][1].numel()
+        for m in (1, 16, 128):
+            x = torch.randn(m, k, device=DEV).bfloat16()
+            path = "fused" if m <= ql.FUSED_QUANT_MAX_M else "triton"
+            timed = memo_timer(lambda cfg: t_graph_us(
+                [lambda w=w: ql._qlinear_cuda(x, ql.FMT_FP8, w[0], w[1].view(torch.uint8), None,
+                                              path=path, cfg=cfg) for w in wts]), f"{k}x{n} M={m}")
+            bw, bt, warps = ql._small_m_config(m)
+            best = coordinate_search(
+                dict(bw=bw, bt=bt, warps=warps, split=None, stages=3),
+                dict(bw=[32, 64, 128, 256], warps=[2, 4, 8], stages=[2, 3, 4, 5, 6],
+                     split=[None, 1, 2, 4, 8, 16]), timed, f"{k}x{n} M={m}")
+            print(f"   -> {100 * nbytes / timed(best) / 1e-6 / HBM:.0f}% HBM on weight bytes")
+        del wts
+        torch.cuda.empty_cache()
+
+
+def moe_sweep(quick: bool) -> None:
+    """Launch-parameter sweep of the MoE kernels at decode batch sizes (Flash shapes): a
+    coordinate search from moe_config's choice, CUDA-graph timed as in the table."""
+    from dsv4.kernels import moe as km
+    from dsv4.kernels import num_sms
+    n_exp, d, inter, k = 256, 4096, 2048, 6
+    experts, shared = random_experts(n_exp, d, inter)
+    print("\n## MoE launch sweep (Flash, MXFP4 + FP8 shared)\n")
+    for t in (1, 8, 64):
+        u = torch.randn(t, d, device=DEV).bfloat16()
+        routes = []
+        for _ in range(4):
+            idx = torch.rand(t, n_exp, device=DEV).topk(k, dim=-1).indices
+            routes.append((idx, torch.rand(t, k, device=DEV) + 0.05))
+        base = km.moe_config(t, k, n_exp, d, inter, num_sms(DEV))
+        timed = memo_timer(lambda cfg: t_graph_us(
+            [lambda r=r: km._moe_cuda(u, *r, experts, shared, cfg) for r in routes]), f"T={t}")
+        coordinate_search(base, dict(kc=[32, 64, 128], bw1=[64, 128], bw2=[32, 64, 128],
+                                     stages=[2, 3, 4], warps=[2, 4, 8],
+                                     split1=[1, 2, 4, 8, 16], split2=[1, 2, 4, 8]),
+                          timed, f"MoE T={t}")
+    del experts, shared
+    torch.cuda.empty_cache()
+
+
 def moe_table(quick: bool) -> None:
     cfgs = [("Flash", 256, 4096, 2048), ("Pro", 384, 7168, 3072)]
     tokens = [1, 8, 64, 512, 4096, 32768]
@@ -205,13 +282,14 @@ def kernel_resources() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=["linear", "moe"], default=None)
+    ap.add_argument("--only", choices=["linear", "moe", "sweep", "linear-sweep"], default=None)
     args = ap.parse_args()
     p = torch.cuda.get_device_properties(0)
     print(f"# {p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}, "
           f"triton {triton.__version__}")
-    for name, fn in [("linear", linear_table), ("moe", moe_table)]:
-        if args.only in (None, name):
+    for name, fn in [("linear", linear_table), ("moe", moe_table), ("sweep", moe_sweep),
+                     ("linear-sweep", linear_sweep)]:
+        if args.only == name or (args.only is None and "sweep" not in name):
             try:
                 fn(args.quick)
             except Exception:  # noqa: BLE001 - keep the other table

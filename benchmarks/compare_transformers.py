@@ -20,7 +20,20 @@ import torch
 
 
 def hf_decode(model, prompts: torch.Tensor, steps: int) -> tuple[list[list[int]], float]:
-    """Greedy decode with transformers' own cache; returns tokens and decode tokens/s."""
+    """Greedy decode with transformers' own cache; returns tokens and decode tokens/s. Some
+    transformers releases mix fp32 and bf16 inside DeepseekV4 in bf16 mode (a dtype error in a
+    linear); then bf16 runs under autocast, as a user of that release would have to."""
+    try:
+        return _hf_decode(model, prompts, steps)
+    except RuntimeError as exc:
+        if "dtype" not in str(exc) or model.dtype != torch.bfloat16:
+            raise
+        print(f"transformers bf16 failed ({exc}); retrying under torch.autocast(bfloat16)")
+        with torch.autocast(prompts.device.type, dtype=torch.bfloat16):
+            return _hf_decode(model, prompts, steps)
+
+
+def _hf_decode(model, prompts: torch.Tensor, steps: int) -> tuple[list[list[int]], float]:
     with torch.inference_mode():
         out = model(input_ids=prompts, use_cache=True)
         past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
@@ -53,6 +66,13 @@ def dsv4_decode(engine, prompts: torch.Tensor, steps: int) -> tuple[list[list[in
     return [outs[r].outputs[0].token_ids for r in ids], len(prompts) * (steps - 1) / dt
 
 
+def free(device: str) -> None:
+    import gc
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -75,36 +95,41 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,8,64")
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--experts", type=int, help="routed experts per layer (fewer fit in memory)")
     a = ap.parse_args()
     layers = a.layers if a.preset != "tiny" else None
     path = write_tiny_checkpoint(tempfile.mkdtemp() + "/ckpt", fmt="bf16", preset=a.preset,
-                                 layers=layers, device=a.device)
+                                 layers=layers, device=a.device, experts=a.experts)
     sizes = [int(b) for b in a.batch_sizes.split(",")]
     prompts = {b: torch.randint(16, 512 if a.preset == "tiny" else 129280, (b, a.input_len),
                                 generator=torch.Generator().manual_seed(b)).to(a.device)
                for b in sizes}
     speed, agree = {}, {}
     for phase, dtype, qat in (("speed", "bfloat16", True), ("tokens", "float32", False)):
-        hf = transformers.DeepseekV4ForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, dtype)).to(a.device).eval()
+        # one model on the device at a time: both in float32 would not fit beside each other
         loaded = load_model(path, dtype=dtype, device=a.device, qat=qat)
         ec = EngineConfig(dtype=dtype, max_num_seqs=max(sizes), max_num_batched_tokens=8192,
                           gpu_memory_utilization=0.5, max_model_len=a.input_len + a.steps + 8,
                           cpu_cache_bytes=1 << 30)
         engine = LLMEngine(loaded.model, loaded.config, loaded.tokenizer, ec,
                            loaded.generation_config)
+        ours = {b: dsv4_decode(engine, prompts[b], a.steps) for b in sizes}
+        engine.close()
+        del engine, loaded
+        free(a.device)
+        hf = transformers.DeepseekV4ForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype)).to(a.device).eval()
+        theirs = {b: hf_decode(hf, prompts[b], a.steps) for b in sizes}
+        del hf
+        free(a.device)
         for b in sizes:
-            ours, ours_tps = dsv4_decode(engine, prompts[b], a.steps)
-            theirs, theirs_tps = hf_decode(hf, prompts[b], a.steps)
             if phase == "speed":
-                speed[b] = (ours_tps, theirs_tps)
+                speed[b] = (ours[b][1], theirs[b][1])
             else:
-                agree[b] = [agreement(x, y) for x, y in zip(ours, theirs)]
-        del engine, loaded, hf
-        if a.device == "cuda":
-            torch.cuda.empty_cache()
+                agree[b] = [agreement(x, y) for x, y in zip(ours[b][0], theirs[b][0])]
     rows = [(b, *speed[b], agree[b]) for b in sizes]
-    print(f"\n{a.preset} x {a.layers if layers else 'all'} layers, bf16 checkpoint, {a.device}, "
+    print(f"\n{a.preset} x {a.layers if layers else 'all'} layers"
+          f"{f' x {a.experts} routed experts' if a.experts else ''}, bf16 checkpoint, {a.device}, "
           f"{a.input_len}-token prompts, {a.steps} greedy steps")
     print("| batch | dsv4 decode tok/s | transformers decode tok/s | speed-up | greedy tokens agreeing (per sequence, dsv4 qat=False) |")
     print("|---|---|---|---|---|")

@@ -11,7 +11,9 @@ import os
 
 import torch
 
-HAS_TRITON = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+# TRITON_INTERPRET=1 (Triton's CPU interpreter) defines the kernels without a GPU, for debugging.
+HAS_TRITON = ((torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+              and importlib.util.find_spec("triton") is not None)
 
 
 def use_triton(t: torch.Tensor) -> bool:

@@ -33,7 +33,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from . import HAS_TRITON, use_triton
+from . import HAS_TRITON, num_sms, use_triton
 from .quant_linear import FMT_FP8, FMT_MXFP4, FMT_NVFP4, act_quant_fp8
 
 _FMT_CODES = {"fp8": FMT_FP8, "fp4": FMT_MXFP4, "nvfp4": FMT_NVFP4}
@@ -138,7 +138,28 @@ def _block_tokens(t: int, k: int, n_exp: int) -> int:
     return 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64 if per_expert <= 96 else 128
 
 
-def _moe_cuda(u, idx, wgt, experts, shared, bt: int | None = None) -> torch.Tensor:
+def _split(tiles: int, n_kb: int, target: int) -> int:
+    """K-splits that bring `tiles` CTAs up to about `target`, each split at least 2 K-blocks."""
+    return max(1, min(n_kb // 2, target // max(tiles, 1)))
+
+
+def moe_config(t: int, k: int, n_routed: int, d: int, inter: int, sms: int) -> dict:
+    """Launch parameters per batch size. Small batches are memory-bound and leave most of the
+    GPU idle with one CTA per (weight tile, expert): they split K across CTAs (fp32 partial
+    sums, reduced by the SwiGLU and combine kernels, so results stay deterministic)."""
+    bt = _block_tokens(t, k, n_routed)
+    blocks = min(t * k, n_routed) + -(-t // bt)  # expected non-empty blocks
+    small = t * k <= 4 * n_routed
+    bw1 = 64 if small else 128
+    bw2 = 64 if t * (k + 1) <= 1024 else 128
+    target = 4 * sms
+    return dict(bt=bt, bw1=bw1, bw2=bw2, kc=64 if small else 32,
+                split1=_split(inter // bw1 * blocks, d // 128, target) if small else 1,
+                split2=_split(d // bw2 * blocks, inter // 128, target) if small else 1,
+                warps=4 if bt <= 16 else 8, stages=3)
+
+
+def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Tensor:
     t, d = u.shape
     k = idx.shape[1]
     n_routed = len(experts)
@@ -146,15 +167,18 @@ def _moe_cuda(u, idx, wgt, experts, shared, bt: int | None = None) -> torch.Tens
     dev = u.device
     if t == 0:
         return u.clone()
+    c = moe_config(t, k, n_routed, d, inter, num_sms(dev))
+    c.update(cfg or {})
     u = u.contiguous()
     idx = idx.to(torch.int32).contiguous()
     wgt = wgt.float().contiguous()
     n_exp, k1 = n_routed + 1, k + 1
     n_slots = t * k1
-    bt = bt or _block_tokens(t, k, n_routed)
+    bt = c["bt"]
     shared_blocks = triton.cdiv(t, bt)
     routed_blocks = min(t * k, triton.cdiv(t * k, bt) + n_routed)
     n_blocks = shared_blocks + routed_blocks
+    n_pos = n_blocks * bt
     ep2 = triton.next_power_of_2(n_exp)
 
     # 2. routing plan
@@ -162,43 +186,60 @@ def _moe_cuda(u, idx, wgt, experts, shared, bt: int | None = None) -> torch.Tens
     expert = torch.empty(n_slots, dtype=torch.int32, device=dev)
     rank = torch.empty(n_slots, dtype=torch.int32, device=dev)
     blk_end = torch.empty(n_exp, dtype=torch.int32, device=dev)
-    slots = torch.empty(n_blocks * bt, dtype=torch.int32, device=dev)
+    slots = torch.empty(n_pos, dtype=torch.int32, device=dev)
     grid = (triton.cdiv(n_slots, 1024),)
     _route_count_kernel[grid](idx, counts, expert, rank, t, k, BLOCK=1024, num_warps=4)
     _route_scatter_kernel[grid](expert, rank, counts, blk_end, slots, n_slots, n_exp,
                                 BT=bt, BLOCK=1024, EP2=ep2, num_warps=4)
+    plan = (slots, counts, blk_end)
 
     # 1. and 3. gate/up with the SwiGLU epilogue: h in FP8, rows = padded positions
     q, s = act_quant_fp8(u)
-    hq = torch.empty(n_blocks * bt, inter, dtype=torch.float8_e4m3fn, device=dev)
-    hs = torch.empty(n_blocks * bt, inter // 128, dtype=torch.float32, device=dev)
-    ys = torch.empty(n_slots, d, dtype=u.dtype, device=dev)
+    hq = torch.empty(n_pos, inter, dtype=torch.float8_e4m3fn, device=dev)
+    hs = torch.empty(n_pos, inter // 128, dtype=torch.float32, device=dev)
     limit = float(experts[0].limit)
     main, extra = _tables(experts, shared, dev)
-    # launches: (tables, first plan expert, block range)
+    # launches: (tables, first plan expert, end plan expert, first block, blocks)
     if extra is None:
         groups = [(main, 0, n_exp, 0, n_blocks)]
     else:
         groups = [(extra, 0, 1, 0, shared_blocks), (main, 1, n_exp, shared_blocks, routed_blocks)]
-    common = dict(ROUND=u.dtype == torch.bfloat16, HAS_LIMIT=limit > 0, BT=bt, EP2=ep2)
-    warps = 4 if bt <= 16 else 8
+    common = dict(ROUND=u.dtype == torch.bfloat16, HAS_LIMIT=limit > 0, BT=bt, EP2=ep2,
+                  KC=c["kc"], num_warps=c["warps"], num_stages=c["stages"])
+    split1, split2 = c["split1"], c["split2"]
+    per1 = triton.cdiv(d // 128, split1)
+    split1 = triton.cdiv(d // 128, per1)
+    # the fused SwiGLU epilogue quantises h per 128 channels: it needs whole 128-wide tiles
+    partial1 = split1 > 1 or c["bw1"] != 128
+    part1 = (torch.empty(split1, n_pos, 2 * inter, dtype=torch.float32, device=dev)
+             if partial1 else hq)
     for tab, e_lo, e_hi, b_lo, nb in groups:
         p = tab.ptrs
-        _moe_gemm_kernel[(inter // 128, nb)](
-            q, s, slots, counts, blk_end, p["w1w"], p["w1s"], p["w1g"], p["w3w"], p["w3s"],
-            p["w3g"], wgt, hq, hs, inter, d, n_exp, e_lo, e_hi, b_lo, k1, limit,
-            W_FMT=tab.fmt, GATE_UP=True, BW=128, num_warps=warps, num_stages=3, **common)
-    # 4. down: y rows = slots
-    bw2 = 64 if t * k1 <= 1024 else 128
+        _moe_gemm_kernel[(inter // c["bw1"], nb, split1)](
+            q, s, *plan, p["w1w"], p["w1s"], p["w1g"], p["w3w"], p["w3s"], p["w3g"], wgt,
+            part1, hs, inter, d, n_exp, e_lo, e_hi, b_lo, k1, limit, per1,
+            n_pos * 2 * inter, W_FMT=tab.fmt, GATE_UP=True, SPLIT=partial1, BW=c["bw1"],
+            **common)
+    if partial1:
+        _swiglu_kernel[(inter // 128, n_blocks)](
+            part1, *plan, wgt, hq, hs, inter, n_exp, k1, limit, split1, n_pos * 2 * inter,
+            ROUND=common["ROUND"], HAS_LIMIT=limit > 0, BT=bt, EP2=ep2, num_warps=4)
+    # 4. down: y rows = slots (split K: fp32 partial sums per split)
+    per2 = triton.cdiv(inter // 128, split2)
+    split2 = triton.cdiv(inter // 128, per2)
+    ys = torch.empty(split2, n_slots, d, dtype=u.dtype if split2 == 1 else torch.float32,
+                     device=dev)
     for tab, e_lo, e_hi, b_lo, nb in groups:
         p = tab.ptrs
-        _moe_gemm_kernel[(triton.cdiv(d, bw2), nb)](
-            hq, hs, slots, counts, blk_end, p["w2w"], p["w2s"], p["w2g"], p["w2w"], p["w2s"],
-            p["w2g"], wgt, ys, hs, d, inter, n_exp, e_lo, e_hi, b_lo, k1, limit,
-            W_FMT=tab.fmt, GATE_UP=False, BW=bw2, num_warps=warps, num_stages=3, **common)
-    # 5. sum the slots of each token
+        _moe_gemm_kernel[(triton.cdiv(d, c["bw2"]), nb, split2)](
+            hq, hs, *plan, p["w2w"], p["w2s"], p["w2g"], p["w2w"], p["w2s"], p["w2g"], wgt,
+            ys, hs, d, inter, n_exp, e_lo, e_hi, b_lo, k1, limit, per2, n_slots * d,
+            W_FMT=tab.fmt, GATE_UP=False, SPLIT=split2 > 1, BW=c["bw2"], **common)
+    # 5. sum the slots of each token (and the K-splits of each slot)
     out = torch.empty_like(u)
-    _combine_kernel[(t, triton.cdiv(d, 1024))](ys, out, d, K1=k1, BD=1024, num_warps=4)
+    _combine_kernel[(t, triton.cdiv(d, 1024))](ys, out, d, split2, n_slots * d, K1=k1,
+                                               ROUND=common["ROUND"] and split2 > 1, BD=1024,
+                                               num_warps=4)
     return out
 
 
@@ -248,25 +289,59 @@ if HAS_TRITON:
         tl.store(slots_ptr + start * BT + r, sl, mask=ok)
 
     @triton.jit
+    def _block_rows(b, slots_ptr, counts_ptr, blk_end_ptr, n_exp, BT: tl.constexpr,
+                    EP2: tl.constexpr):
+        """Block b of the plan: (plan expert, or n_exp past the end; row valid [BT]; padded
+        positions [BT]; slots [BT])."""
+        ee = tl.arange(0, EP2)
+        ends = tl.load(blk_end_ptr + ee, mask=ee < n_exp, other=2147483647)
+        e = tl.sum((ends <= b).to(tl.int32), 0)
+        live = e < n_exp
+        cnt = tl.load(counts_ptr + e, mask=live, other=0)
+        first = tl.load(blk_end_ptr + e, mask=live, other=0) - (cnt + BT - 1) // BT
+        offs = tl.arange(0, BT)
+        ok = ((b - first) * BT + offs < cnt) & live
+        pos = b * BT + offs
+        slot = tl.load(slots_ptr + pos, mask=ok, other=0)
+        return e, ok, pos, slot
+
+    @triton.jit
+    def _swiglu_quant(g, v, rw, limit, ROUND: tl.constexpr, HAS_LIMIT: tl.constexpr):
+        """g = w1 x, v = w3 x [R, 128] fp32, routing weights rw [R] -> w2's FP8 input
+        (e4m3 [R, 128], scale [R]): the clamped SwiGLU of SPEC.md 7, rounded as the reference
+        rounds (the linears return the working dtype, h is rounded before its quantisation)."""
+        if ROUND:
+            g = g.to(tl.bfloat16).to(tl.float32)
+            v = v.to(tl.bfloat16).to(tl.float32)
+        if HAS_LIMIT:
+            v = tl.minimum(tl.maximum(v, -limit), limit)
+            g = tl.minimum(g, limit)
+        h = g / (1.0 + tl.exp(-g)) * v * rw[:, None]
+        if ROUND:
+            h = h.to(tl.bfloat16).to(tl.float32)
+        return _quant_block(h)
+
+    @triton.jit
+    def _routing_weight(wgt_ptr, slot, ok, k1):
+        """Routing weight of each slot; 1 for the shared expert's slots (j = 0)."""
+        j = slot % k1
+        return tl.load(wgt_ptr + (slot // k1) * (k1 - 1) + j - 1, mask=ok & (j > 0), other=1.0)
+
+    @triton.jit
     def _moe_gemm_kernel(a_ptr, sa_ptr, slots_ptr, counts_ptr, blk_end_ptr,
                          w_tab, s_tab, g_tab, w3_tab, s3_tab, g3_tab, wgt_ptr,
                          out_ptr, out_s_ptr, N, K, n_exp, e_lo, e_hi, blk_lo, k1, limit,
-                         W_FMT: tl.constexpr, GATE_UP: tl.constexpr, ROUND: tl.constexpr,
-                         HAS_LIMIT: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr,
-                         EP2: tl.constexpr):
-        """One (weight tile, block) of a grouped GEMM; grid (N/BW, blocks of this launch)."""
+                         kb_per, part_stride,
+                         W_FMT: tl.constexpr, GATE_UP: tl.constexpr, SPLIT: tl.constexpr,
+                         ROUND: tl.constexpr, HAS_LIMIT: tl.constexpr, BW: tl.constexpr,
+                         BT: tl.constexpr, EP2: tl.constexpr, KC: tl.constexpr):
+        """One (weight tile, block, K-split) of a grouped GEMM; grid (N/BW, blocks of this
+        launch, splits). Without SPLIT the tile is finished here (GATE_UP: SwiGLU + FP8 h;
+        else y in the working dtype); with SPLIT it writes fp32 partial sums."""
         b = blk_lo + tl.program_id(1)
-        ee = tl.arange(0, EP2)
-        ends = tl.load(blk_end_ptr + ee, mask=ee < n_exp, other=2147483647)
-        e = tl.sum((ends <= b).to(tl.int32), 0)  # the block's plan expert (n_exp: past the end)
+        e, ok, pos, slot = _block_rows(b, slots_ptr, counts_ptr, blk_end_ptr, n_exp, BT, EP2)
         if (e < e_lo) | (e >= e_hi):
             return
-        cnt = tl.load(counts_ptr + e)
-        first = tl.load(blk_end_ptr + e) - (cnt + BT - 1) // BT
-        offs = tl.arange(0, BT)
-        ok = (b - first) * BT + offs < cnt
-        pos = b * BT + offs
-        slot = tl.load(slots_ptr + pos, mask=ok, other=0)
         rows = tl.program_id(0) * BW + tl.arange(0, BW)
         row_ok = rows < N
         wi = e - e_lo
@@ -282,9 +357,11 @@ if HAS_TRITON:
             arow = slot // k1
         else:
             arow = pos
+        kb0 = tl.program_id(2) * kb_per
+        kb1 = tl.minimum(kb0 + kb_per, K // 128)
         acc = tl.zeros((BW, BT), dtype=tl.float32)
         acc3 = tl.zeros((BW, BT), dtype=tl.float32)
-        for kb in range(0, K // 128):
+        for kb in range(kb0, kb1):
             if W_FMT == 0:
                 q, s = _act_block(a_ptr, sa_ptr, arow, ok, kb, K, False)
                 acc = _mma_fp8(acc, q, s, w, ws, rows, row_ok, kb, K)
@@ -292,45 +369,72 @@ if HAS_TRITON:
                     acc3 = _mma_fp8(acc3, q, s, w3, ws3, rows, row_ok, kb, K)
             else:
                 s, inv = _act_scale(a_ptr, sa_ptr, arow, ok, kb, K, False)
-                for c in tl.static_range(4):
-                    a = tl.trans(_act_chunk(a_ptr, arow, ok, kb, c, K, s, inv, False))
-                    acc = tl.dot(_fp4_chunk(w, ws, rows, row_ok, kb, c, K, W_FMT == 2), a, acc)
+                for c in tl.static_range(128 // KC):
+                    a = tl.trans(_act_chunk(a_ptr, arow, ok, kb, c, K, s, inv, False, KC))
+                    acc = tl.dot(_fp4_chunk(w, ws, rows, row_ok, kb, c, K, W_FMT == 2, KC), a,
+                                 acc)
                     if GATE_UP:
-                        acc3 = tl.dot(_fp4_chunk(w3, ws3, rows, row_ok, kb, c, K, W_FMT == 2), a,
-                                      acc3)
+                        acc3 = tl.dot(_fp4_chunk(w3, ws3, rows, row_ok, kb, c, K, W_FMT == 2, KC),
+                                      a, acc3)
         if W_FMT == 2:
             acc = acc * tl.load(tl.load(g_tab + wi).to(tl.pointer_type(tl.float32)))
             if GATE_UP:
                 acc3 = acc3 * tl.load(tl.load(g3_tab + wi).to(tl.pointer_type(tl.float32)))
-        if GATE_UP:
-            g = acc
-            v = acc3
-            if ROUND:  # the linears return the working dtype
-                g = g.to(tl.bfloat16).to(tl.float32)
-                v = v.to(tl.bfloat16).to(tl.float32)
-            if HAS_LIMIT:
-                v = tl.minimum(tl.maximum(v, -limit), limit)
-                g = tl.minimum(g, limit)
-            h = g / (1.0 + tl.exp(-g)) * v
-            j = slot % k1
-            rw = tl.load(wgt_ptr + arow * (k1 - 1) + j - 1, mask=ok & (j > 0), other=1.0)
-            h = h * rw[None, :]
-            if ROUND:
-                h = h.to(tl.bfloat16).to(tl.float32)
-            hq, hs = _quant_block(tl.trans(h))  # [BT, 128]: w2's per-token FP8 input
+        mask = row_ok[:, None] & ok[None, :]
+        if SPLIT:
+            part = out_ptr + tl.program_id(2).to(tl.int64) * part_stride
+            if GATE_UP:  # rows [pos, 2N]: g then v
+                p = part + pos[None, :].to(tl.int64) * (2 * N) + rows[:, None]
+                tl.store(p, acc, mask=mask)
+                tl.store(p + N, acc3, mask=mask)
+            else:
+                tl.store(part + slot[None, :].to(tl.int64) * N + rows[:, None], acc, mask=mask)
+        elif GATE_UP:
+            rw = _routing_weight(wgt_ptr, slot, ok, k1)
+            hq, hs = _swiglu_quant(tl.trans(acc), tl.trans(acc3), rw, limit, ROUND, HAS_LIMIT)
             tl.store(out_ptr + pos[:, None].to(tl.int64) * N + rows[None, :], hq,
                      mask=ok[:, None])
             tl.store(out_s_ptr + pos.to(tl.int64) * (N // 128) + tl.program_id(0), hs, mask=ok)
         else:
-            tl.store(out_ptr + slot[None, :].to(tl.int64) * N + rows[:, None], acc,
-                     mask=row_ok[:, None] & ok[None, :])
+            tl.store(out_ptr + slot[None, :].to(tl.int64) * N + rows[:, None], acc, mask=mask)
 
     @triton.jit
-    def _combine_kernel(ys_ptr, out_ptr, D, K1: tl.constexpr, BD: tl.constexpr):
+    def _swiglu_kernel(part_ptr, slots_ptr, counts_ptr, blk_end_ptr, wgt_ptr, hq_ptr, hs_ptr,
+                       N, n_exp, k1, limit, n_split, part_stride, ROUND: tl.constexpr,
+                       HAS_LIMIT: tl.constexpr, BT: tl.constexpr, EP2: tl.constexpr):
+        """Split-K gate/up: sum the partial g, v of one (128 channels, block), then SwiGLU and
+        FP8 h as the unsplit kernel's epilogue; grid (N/128, blocks)."""
+        b = tl.program_id(1)
+        e, ok, pos, slot = _block_rows(b, slots_ptr, counts_ptr, blk_end_ptr, n_exp, BT, EP2)
+        if e >= n_exp:
+            return
+        cols = tl.program_id(0) * 128 + tl.arange(0, 128)
+        p = part_ptr + pos[:, None].to(tl.int64) * (2 * N) + cols[None, :]
+        g = tl.zeros((BT, 128), dtype=tl.float32)
+        v = tl.zeros((BT, 128), dtype=tl.float32)
+        for sp in range(n_split):
+            g += tl.load(p + sp * part_stride, mask=ok[:, None], other=0.0)
+            v += tl.load(p + sp * part_stride + N, mask=ok[:, None], other=0.0)
+        hq, hs = _swiglu_quant(g, v, _routing_weight(wgt_ptr, slot, ok, k1), limit, ROUND,
+                               HAS_LIMIT)
+        tl.store(hq_ptr + pos[:, None].to(tl.int64) * N + cols[None, :], hq, mask=ok[:, None])
+        tl.store(hs_ptr + pos.to(tl.int64) * (N // 128) + tl.program_id(0), hs, mask=ok)
+
+    @triton.jit
+    def _combine_kernel(ys_ptr, out_ptr, D, n_split, part_stride, K1: tl.constexpr,
+                        ROUND: tl.constexpr, BD: tl.constexpr):
+        """out[t] = sum over the token's K1 slots of y_slot (= the sum of its K-split partials,
+        rounded to the working dtype as the expert's output is when ROUND)."""
         t = tl.program_id(0)
         c = tl.program_id(1) * BD + tl.arange(0, BD)
         ok = c < D
         acc = tl.zeros((BD,), dtype=tl.float32)
         for j in tl.static_range(K1):
-            acc += tl.load(ys_ptr + (t * K1 + j).to(tl.int64) * D + c, mask=ok, other=0.0).to(tl.float32)
+            y = tl.zeros((BD,), dtype=tl.float32)
+            for sp in range(n_split):
+                y += tl.load(ys_ptr + sp * part_stride + (t * K1 + j).to(tl.int64) * D + c,
+                             mask=ok, other=0.0).to(tl.float32)
+            if ROUND:
+                y = y.to(tl.bfloat16).to(tl.float32)
+            acc += y
         tl.store(out_ptr + t.to(tl.int64) * D + c, acc, mask=ok)

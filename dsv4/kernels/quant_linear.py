@@ -115,9 +115,11 @@ def _small_m_config(m: int) -> tuple[int, int, int]:
     return 64, bt, 4
 
 
-def _qlinear_cuda(x, fmt: int, weight, scale, gscale, path: str = "auto") -> torch.Tensor:
-    """Launcher for every quantised linear. `path` (auto | fused | triton | scaled_mm) exists
-    for the tests and benchmarks that compare the paths; the model always uses auto."""
+def _qlinear_cuda(x, fmt: int, weight, scale, gscale, path: str = "auto",
+                  cfg: dict | None = None) -> torch.Tensor:
+    """Launcher for every quantised linear. `path` (auto | fused | triton | scaled_mm) and
+    `cfg` (launch overrides: bw, bt, warps, split, stages, kc) exist for the tests and
+    benchmarks that compare paths and launch shapes; the model always uses the defaults."""
     k = x.shape[-1]
     n = weight.shape[0]
     lead = x.shape[:-1]
@@ -150,17 +152,23 @@ def _qlinear_cuda(x, fmt: int, weight, scale, gscale, path: str = "auto") -> tor
         a, sa = _act_quant_cuda(x2)
     if m <= SMALL_M:  # memory-bound: narrow token tiles, split K to fill the GPU
         bw, bt, warps = _small_m_config(m)
-        tiles = triton.cdiv(n, bw) * triton.cdiv(m, bt)
-        split = max(1, min(nkb // 2, (2 * num_sms(x.device)) // tiles))
+        split = None
     else:
         bw, bt, warps, split = 128, 128, 8, 1
+    c = dict(bw=bw, bt=bt, warps=warps, split=split, stages=3, kc=32)
+    c.update(cfg or {})
+    bw, bt, warps = c["bw"], c["bt"], c["warps"]
+    split = c["split"]
+    if split is None:
+        tiles = triton.cdiv(n, bw) * triton.cdiv(m, bt)
+        split = max(1, min(nkb // 2, (2 * num_sms(x.device)) // tiles))
     per = triton.cdiv(nkb, split)
     split = triton.cdiv(nkb, per)
     out = torch.empty(split, m, n, dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
     grid = (triton.cdiv(n, bw), triton.cdiv(m, bt), split)
     _qlinear_kernel[grid](a, sa, weight, scale, g, out, m, n, k, per,
-                          W_FMT=fmt, QUANT_X=path == "fused", BW=bw, BT=bt, num_warps=warps,
-                          num_stages=3)
+                          W_FMT=fmt, QUANT_X=path == "fused", BW=bw, BT=bt, KC=c["kc"],
+                          num_warps=warps, num_stages=c["stages"])
     y = out[0] if split == 1 else out.sum(0).to(x.dtype)
     return y.reshape(*lead, n)
 
@@ -218,35 +226,40 @@ if HAS_TRITON:
         return b.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
 
     @triton.jit
-    def _fp4_chunk(w_ptr, s_ptr, rows, row_ok, kb, c, K, NV: tl.constexpr):
-        """Packed e2m1 rows [BW], K-chunk c (32 wide) of K-block kb -> exact bf16 [BW, 32] with
+    def _fp4_chunk(w_ptr, s_ptr, rows, row_ok, kb, c, K, NV: tl.constexpr, KC: tl.constexpr):
+        """Packed e2m1 rows [BW], K-chunk c (KC wide) of K-block kb -> exact bf16 [BW, KC] with
         the block scales folded in (s_ptr: e8m0 [N, K/32] for MXFP4, e4m3 [N, K/16] for NVFP4,
-        as bytes). 32-wide chunks keep the decode's registers small."""
-        j = tl.arange(0, 16)
-        p = tl.load(w_ptr + rows[:, None].to(tl.int64) * (K // 2) + kb * 64 + c * 16 + j[None, :],
-                    mask=row_ok[:, None], other=0).to(tl.int32)
+        as bytes). Narrow chunks keep the decode's registers small, wide ones load more bytes
+        per instruction."""
+        j = tl.arange(0, KC // 2)
+        p = tl.load(w_ptr + rows[:, None].to(tl.int64) * (K // 2) + kb * 64 + c * (KC // 2)
+                    + j[None, :], mask=row_ok[:, None], other=0).to(tl.int32)
         # e2m1 code (sign bit 3) -> fp32 bits with the 3 magnitude bits in exponent/mantissa:
         # that float is value(code) * 2^-126 for every code, the subnormal 0.5 included.
         lo = (((p & 7) << 22) | ((p & 8) << 28)).to(tl.float32, bitcast=True) * 8.507059173023462e37
         hi = (((p & 0x70) << 18) | ((p & 0x80) << 24)).to(tl.float32, bitcast=True) * 8.507059173023462e37
+        # one scale per G elements = G/2 bytes: load the chunk's NS scales, widen to the bytes
+        G: tl.constexpr = 16 if NV else 32
+        NS: tl.constexpr = KC // G
+        si = tl.arange(0, NS)
+        sb = tl.load(s_ptr + rows[:, None].to(tl.int64) * (K // G) + kb * (128 // G) + c * NS
+                     + si[None, :], mask=row_ok[:, None], other=0)
         if NV:
-            sb = s_ptr + rows.to(tl.int64) * (K // 16) + kb * 8 + c * 2
-            f0 = _e4m3_f32(tl.load(sb, mask=row_ok, other=0))
-            f1 = _e4m3_f32(tl.load(sb + 1, mask=row_ok, other=0))
-            f = tl.where(j[None, :] < 8, f0[:, None], f1[:, None])
+            f = _e4m3_f32(sb)
         else:
-            sb = tl.load(s_ptr + rows.to(tl.int64) * (K // 32) + kb * 4 + c, mask=row_ok, other=0)
-            f = _e8m0_f32(sb.to(tl.int32))[:, None]
+            f = _e8m0_f32(sb.to(tl.int32))
+        f = tl.reshape(tl.broadcast_to(f[:, :, None], (f.shape[0], NS, G // 2)),
+                       (f.shape[0], KC // 2))
         lo = (lo * f).to(tl.bfloat16)
         hi = (hi * f).to(tl.bfloat16)
         # element 2j is the low nibble of byte j
-        return tl.reshape(tl.join(lo, hi), (lo.shape[0], 32))
+        return tl.reshape(tl.join(lo, hi), (lo.shape[0], KC))
 
     @triton.jit
-    def _act_chunk(x_ptr, rows, ok, kb, c, K, s, inv, QUANT: tl.constexpr):
-        """Activation rows [R], K-chunk c of K-block kb, as the exact bf16 values (e4m3 * s)
-        the reference multiplies; quantised here (scale s, 1/s = inv) when QUANT."""
-        k = kb * 128 + c * 32 + tl.arange(0, 32)
+    def _act_chunk(x_ptr, rows, ok, kb, c, K, s, inv, QUANT: tl.constexpr, KC: tl.constexpr):
+        """Activation rows [R], K-chunk c (KC wide) of K-block kb, as the exact bf16 values
+        (e4m3 * s) the reference multiplies; quantised here (scale s, 1/s = inv) when QUANT."""
+        k = kb * 128 + c * KC + tl.arange(0, KC)
         v = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + k[None, :], mask=ok[:, None], other=0.0)
         if QUANT:
             v = tl.minimum(tl.maximum(v.to(tl.float32) * inv[:, None], -448.0), 448.0)
@@ -291,7 +304,7 @@ if HAS_TRITON:
     @triton.jit
     def _qlinear_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, g_ptr, y_ptr, M, N, K, kb_per_split,
                         W_FMT: tl.constexpr, QUANT_X: tl.constexpr,
-                        BW: tl.constexpr, BT: tl.constexpr):
+                        BW: tl.constexpr, BT: tl.constexpr, KC: tl.constexpr = 32):
         """y[split, tok, row] = sum over this split's K-blocks; grid (N/BW, M/BT, splits)."""
         rows = tl.program_id(0) * BW + tl.arange(0, BW)
         toks = tl.program_id(1) * BT + tl.arange(0, BT)
@@ -307,9 +320,9 @@ if HAS_TRITON:
                 acc = _mma_fp8(acc, q, s, w_ptr, ws_ptr, rows, row_ok, kb, K)
             else:
                 s, inv = _act_scale(x_ptr, sx_ptr, toks, tok_ok, kb, K, QUANT_X)
-                for c in tl.static_range(4):
-                    a = _act_chunk(x_ptr, toks, tok_ok, kb, c, K, s, inv, QUANT_X)
-                    w = _fp4_chunk(w_ptr, ws_ptr, rows, row_ok, kb, c, K, W_FMT == 2)
+                for c in tl.static_range(128 // KC):
+                    a = _act_chunk(x_ptr, toks, tok_ok, kb, c, K, s, inv, QUANT_X, KC)
+                    w = _fp4_chunk(w_ptr, ws_ptr, rows, row_ok, kb, c, K, W_FMT == 2, KC)
                     acc = tl.dot(w, tl.trans(a), acc)
         if W_FMT == 2:
             acc = acc * tl.load(g_ptr)

@@ -36,9 +36,11 @@ NVFP4_QUANT = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 
                "kv_cache_quant_algo": None, "exclude_modules": NVFP4_EXCLUDE}
 
 
-def tiny_config(fmt: str = "bf16", preset: str = "tiny", layers: int | None = None) -> ModelConfig:
+def tiny_config(fmt: str = "bf16", preset: str = "tiny", layers: int | None = None,
+                experts: int | None = None) -> ModelConfig:
     """The config make-tiny writes: `preset` in storage format `fmt`, optionally cut to
-    `layers` main layers (compress_ratios keeps the first `layers` entries and the MTP ones)."""
+    `layers` main layers (compress_ratios keeps the first `layers` entries and the MTP ones)
+    and to `experts` routed experts per layer."""
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r}: must be one of {FORMATS}")
     base = ModelConfig.preset(preset)
@@ -50,6 +52,8 @@ def tiny_config(fmt: str = "bf16", preset: str = "tiny", layers: int | None = No
         mtp = base.compress_ratios[base.num_hidden_layers:]
         changes.update(num_hidden_layers=layers, num_hash_layers=min(base.num_hash_layers, layers),
                        compress_ratios=base.compress_ratios[:layers] + mtp)
+    if experts is not None:
+        changes["n_routed_experts"] = experts
     changes["quantization_config"] = {"bf16": None, "fp8": dict(FP8_QUANT), "fp4": dict(FP8_QUANT),
                                       "nvfp4": json.loads(json.dumps(NVFP4_QUANT))}[fmt]
     changes["expert_dtype"] = "fp4" if fmt == "fp4" else None
@@ -98,10 +102,11 @@ class ShardWriter:
 
 def write_tiny_checkpoint(out_dir: str | Path, fmt: str = "bf16", preset: str = "tiny",
                           layers: int | None = None, seed: int = 0,
-                          shard_bytes: int = DEFAULT_SHARD_BYTES, device="cpu") -> Path:
+                          shard_bytes: int = DEFAULT_SHARD_BYTES, device="cpu",
+                          experts: int | None = None) -> Path:
     """Write a random checkpoint directory; returns its path. `device` is where tensors are
     generated and quantised (a GPU makes full-width Flash layers much faster)."""
-    cfg = tiny_config(fmt, preset, layers)
+    cfg = tiny_config(fmt, preset, layers, experts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for old in list(out.glob("*.safetensors")) + list(out.glob(".shard-*.tmp")):

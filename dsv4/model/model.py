@@ -6,6 +6,7 @@ from torch import nn
 
 from ..cache.kv_cache import ModelCache
 from ..distributed import SINGLE, ParallelGroup
+from ..kernels.f32_linear import linear_f32
 from ..quant.linear import BF16Linear, make_linear
 from ..quant.scheme import QuantScheme
 from .batch import ForwardBatch
@@ -94,7 +95,7 @@ class DeepseekV4Model(nn.Module):
         o = head_owner if head_owner is not None else self
         y = hc_head(x, o.hc_head_fn, o.hc_head_scale, o.hc_head_base, self.cfg.rms_norm_eps,
                     self.cfg.hc_eps)
-        return o.norm(y).float() @ self.head.weight.float().t()
+        return linear_f32(o.norm(y).float(), self.head.weight)
 
     def mtp_forward(self, h: torch.Tensor, next_ids: torch.Tensor, batch: ForwardBatch,
                     cache: ModelCache, j: int = 0) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import SINGLE, ParallelGroup
+from ..kernels.f32_linear import linear_f32
 from ..kernels.moe import moe_forward
 from ..quant.linear import make_linear
 
@@ -29,7 +30,7 @@ class Gate(nn.Module):
             self.bias = nn.Parameter(torch.zeros(cfg.n_routed_experts), requires_grad=False)
 
     def forward(self, u: torch.Tensor, input_ids: torch.Tensor):
-        z = u.float() @ self.weight.float().t()  # [T, E]
+        z = linear_f32(u, self.weight)  # [T, E], fp32
         if self.func == "sqrtsoftplus":
             s = torch.sqrt(F.softplus(z))
         elif self.func == "sigmoid":

@@ -15,6 +15,7 @@ import torch
 
 from dsv4.config import ModelConfig
 from dsv4.kernels import quant_linear as ql
+from dsv4.kernels import moe as moe_kernels
 from dsv4.kernels.moe import moe_forward, moe_forward_ref
 from dsv4.model.moe import Expert, MoE
 from dsv4.quant.formats import quantize_fp8, quantize_mxfp4, quantize_nvfp4
@@ -157,13 +158,15 @@ def _routing(t, n_exp, k, kind, seed=0):
     return idx, wgt * (1.5 / wgt.sum(-1, keepdim=True))
 
 
-def _check_moe(experts, shared, tokens, kinds, monkeypatch, dtype=torch.bfloat16, tol=2e-2):
+def _check_moe(experts, shared, tokens, kinds, monkeypatch, dtype=torch.bfloat16, tol=2e-2,
+               cfg=None):
     d, k = experts[0].w1.in_features, 6
     for t in tokens:
         for kind in kinds:
             u = torch.randn(t, d, device=DEV).to(dtype)
             idx, wgt = _routing(t, len(experts), k, kind, seed=t)
-            got = moe_forward(u, idx, wgt, experts, shared)
+            got = (moe_forward(u, idx, wgt, experts, shared) if cfg is None
+                   else moe_kernels._moe_cuda(u, idx, wgt, experts, shared, cfg))
             with monkeypatch.context() as mp:
                 mp.setenv("DSV4_DISABLE_TRITON", "1")
                 want = moe_forward_ref(u, idx, wgt, experts, shared)
@@ -185,6 +188,19 @@ def test_moe_flash_fp4(flash_fp4, monkeypatch):
 def test_moe_pro_fp4(monkeypatch):
     experts, shared = _random_moe(384, 7168, 3072, "fp4", "fp8", torch.bfloat16, seed=1)
     _check_moe(experts, shared, [1, 300], ["uniform", "skewed"], monkeypatch)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(bw1=64, bw2=64, kc=64, split1=4, split2=2),       # split K, partial sums
+    dict(bw1=128, bw2=32, kc=128, split1=1, split2=8),      # fused SwiGLU epilogue, split down
+    dict(bw1=64, bw2=128, kc=32, split1=1, split2=1, bt=32, warps=8, stages=2),
+], ids=["split", "fused-gate", "unsplit"])
+@pytest.mark.parametrize("fmt", ["fp4", "nvfp4", "fp8"])
+def test_moe_launch_configs(fmt, cfg, monkeypatch):
+    """Every launch shape the config chooser (or the benchmark sweep) may pick is exact."""
+    experts, shared = _random_moe(32, 4096, 2048, fmt, "fp8" if fmt == "fp4" else fmt,
+                                  torch.bfloat16, seed=5)
+    _check_moe(experts, shared, [1, 5, 40], ["uniform", "skewed"], monkeypatch, cfg=cfg)
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
@@ -230,3 +246,21 @@ def test_moe_module_kernels_equal_torch_path(layer, monkeypatch):
     err = rel_err(got, moe(u, ids))
     print(f"MoE module layer {layer}: rel err {err:.2e}")
     assert err < 1e-2
+
+
+# ------------------------------------------------------------------------------- fp32 head
+@pytest.mark.parametrize("t", [1, 7, 64, 300])
+def test_linear_f32_split_equals_fp32_reference(t):
+    """The head's bf16x3 GEMM equals x.float() @ w.float()^T up to fp32 summation order."""
+    from dsv4.kernels import f32_linear
+    w = (torch.randn(129280, 4096, device=DEV) / 64).bfloat16()
+    x = torch.randn(t, 4096, device=DEV) * 3
+    got = f32_linear.linear_f32(x, w)
+    assert f32_linear._MM_DTYPE_OK.get(x.device, True), "torch.mm(out_dtype=) unavailable"
+    want = x.double() @ w.double().t()
+    ref = f32_linear.linear_f32_ref(x, w)
+    err, ref_err = (got - want).abs().max().item(), (ref - want).abs().max().item()
+    print(f"T={t}: max |err| split {err:.2e}, fp32 reference {ref_err:.2e}")
+    assert got.dtype == torch.float32 and err <= 4 * ref_err + 1e-6
+    xb = x.bfloat16()  # a bf16 x takes one part
+    assert (f32_linear.linear_f32(xb, w) - f32_linear.linear_f32_ref(xb, w)).abs().max() < 1e-4

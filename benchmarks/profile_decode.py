@@ -1,0 +1,100 @@
+"""Where a decode step's time goes: GPU kernel time per op for one batch of decode steps.
+
+    python benchmarks/profile_decode.py --preset flash --layers 4 --format fp4 --batch 1
+
+Builds the dummy-weight model on the GPU (as engine_gpu.py), prefills `--batch` prompts, then
+runs `--steps` decode steps under torch.profiler, eagerly and then with CUDA graphs, and prints
+the kernels sorted by total GPU time per step plus the wall time per step of both modes.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from dsv4.config import EngineConfig
+from dsv4.engine.llm_engine import LLMEngine
+from dsv4.engine.sampler import SamplingParams
+from dsv4.loader import load_model, tiny_config
+
+
+def decode_steps(engine: LLMEngine, batch: int, input_len: int, steps: int, prof: bool):
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+    for i in range(batch):
+        ids = torch.randint(0, engine.model_config.vocab_size, (input_len,), generator=g).tolist()
+        engine.add_request(f"p{i}-{time.monotonic_ns()}", {"prompt_token_ids": ids}, params)
+    # until every prompt is prefilled (a sequence decodes once only its last token is new)
+    while (engine.scheduler.waiting
+           or any(s.num_uncomputed > 1 for s in engine.scheduler.running)):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    torch.cuda.synchronize()
+    p = profile(activities=[ProfilerActivity.CUDA]) if prof else None
+    if p:
+        p.__enter__()
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / steps
+    if p:
+        p.__exit__(None, None, None)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return dt, p
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="flash")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--format", default="fp4")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--input-len", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--cprofile", action="store_true", help="also cProfile the graph steps")
+    a = ap.parse_args()
+    cfg = tiny_config(a.format, a.preset, a.layers)
+    d = Path(tempfile.mkdtemp())
+    (d / "config.json").write_text(json.dumps(cfg.to_dict()))
+    loaded = load_model(d, dtype="bfloat16", device="cuda", load_format="dummy")
+    for eager in (True, False):
+        ec = EngineConfig(dtype="bfloat16", max_num_seqs=max(8, a.batch), max_num_batched_tokens=8192,
+                          max_model_len=4096, gpu_memory_utilization=0.8, enforce_eager=eager,
+                          cuda_graph_max_len=4096)
+        e = LLMEngine(loaded.model, loaded.config, loaded.tokenizer, ec, loaded.generation_config)
+        dt, p = decode_steps(e, a.batch, a.input_len, a.steps, prof=True)
+        print(f"\n== {'eager' if eager else 'CUDA graphs'}: batch {a.batch}, "
+              f"{dt * 1e3:.2f} ms per decode step (wall, under the profiler)")
+        rows = [(ev.key, ev.device_time_total / a.steps, ev.count / a.steps)
+                for ev in p.key_averages() if ev.device_time_total > 0]
+        rows.sort(key=lambda r: -r[1])
+        total = sum(r[1] for r in rows)
+        print(f"GPU kernel time per step: {total / 1e3:.3f} ms")
+        for name, us, n in rows[: a.top]:
+            print(f"{us:9.1f} us {n:6.1f}x  {name[:110]}")
+        dt2, _ = decode_steps(e, a.batch, a.input_len, a.steps, prof=False)
+        print(f"without the profiler: {dt2 * 1e3:.2f} ms per decode step")
+        if a.cprofile and not eager:  # host time of the graph path, per Python function
+            pr = cProfile.Profile()
+            pr.enable()
+            decode_steps(e, a.batch, a.input_len, a.steps, prof=False)
+            pr.disable()
+            pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+        e.close()
+        del e
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
