@@ -172,9 +172,9 @@ def linear_sweep(quick: bool) -> None:
             timed = memo_timer(lambda cfg: t_graph_us(
                 [lambda w=w: ql._qlinear_cuda(x, ql.FMT_FP8, w[0], w[1].view(torch.uint8), None,
                                               path=path, cfg=cfg) for w in wts]), f"{k}x{n} M={m}")
-            bw, bt, warps = ql._small_m_config(m)
+            bw, bt, warps, stages = ql._small_m_config(m, n)
             best = coordinate_search(
-                dict(bw=bw, bt=bt, warps=warps, split=None, stages=3),
+                dict(bw=bw, bt=bt, warps=warps, split=None, stages=stages),
                 dict(bw=[32, 64, 128, 256], warps=[2, 4, 8], stages=[2, 3, 4, 5, 6],
                      split=[None, 1, 2, 4, 8, 16]), timed, f"{k}x{n} M={m}")
             print(f"   -> {100 * nbytes / timed(best) / 1e-6 / HBM:.0f}% HBM on weight bytes")

@@ -85,22 +85,32 @@ if HAS_TRITON:
         tl.store(sq_ptr + base, sq, mask=tmask)
 
     @triton.jit
+    def _sum_splits(ptr, T, t, tmask, col0, S, W: tl.constexpr, NPAD: tl.constexpr,
+                    SP: tl.constexpr):
+        """Sum over the S (<= SP) split partials of columns col0 .. col0+W of tokens t, loaded
+        at once (a loop over splits would wait on each load in turn)."""
+        s = tl.arange(0, SP)
+        w = tl.arange(0, W)
+        v = tl.load(ptr + (s[:, None, None] * T + t[None, :, None]).to(tl.int64) * NPAD + col0
+                    + w[None, None, :], mask=(s < S)[:, None, None] & tmask[None, :, None],
+                    other=0.0)
+        return tl.sum(v, 0)
+
+    @triton.jit
     def _hc_pre_kernel(x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
                        T, D, S, norm_eps, hc_eps, iters,
                        N: tl.constexpr, NPAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
+                       BLOCK_D: tl.constexpr, SP: tl.constexpr):
         """Finish the mix (sum of partials, RMS scale), y = sum_j pre_j X_j; the d-block-0 CTAs
         also write post and the Sinkhorn-normalised comb."""
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         db = tl.program_id(1)
         tmask = t < T
         j = tl.arange(0, N)
-        sq = tl.zeros([BLOCK_T], tl.float32)
-        mix_pre = tl.zeros([BLOCK_T, N], tl.float32)
-        for s in range(S):
-            sq += tl.load(sq_ptr + s * T + t, mask=tmask, other=0.0)
-            mix_pre += tl.load(part_ptr + (s * T + t[:, None]).to(tl.int64) * NPAD + j[None, :],
-                               mask=tmask[:, None], other=0.0)
+        sp = tl.arange(0, SP)
+        sq = tl.sum(tl.load(sq_ptr + sp[:, None] * T + t[None, :],
+                            mask=(sp < S)[:, None] & tmask[None, :], other=0.0), 0)
+        mix_pre = _sum_splits(part_ptr, T, t, tmask, 0, S, N, NPAD, SP)
         rs = tl.rsqrt(sq / (N * D) + norm_eps)
         scale0 = tl.load(scale_ptr)
         pre = tl.sigmoid(mix_pre * rs[:, None] * scale0 + tl.load(base_ptr + j)[None, :]) + hc_eps
@@ -114,13 +124,8 @@ if HAS_TRITON:
                  y.to(y_ptr.dtype.element_ty), mask=tmask[:, None] & dmask[None, :])
         if db == 0:
             jk = tl.arange(0, N * N)
-            mix_post = tl.zeros([BLOCK_T, N], tl.float32)
-            mix_comb = tl.zeros([BLOCK_T, N * N], tl.float32)
-            for s in range(S):
-                row = (s * T + t[:, None]).to(tl.int64) * NPAD
-                mix_post += tl.load(part_ptr + row + N + j[None, :], mask=tmask[:, None], other=0.0)
-                mix_comb += tl.load(part_ptr + row + 2 * N + jk[None, :], mask=tmask[:, None],
-                                    other=0.0)
+            mix_post = _sum_splits(part_ptr, T, t, tmask, N, S, N, NPAD, SP)
+            mix_comb = _sum_splits(part_ptr, T, t, tmask, 2 * N, S, N * N, NPAD, SP)
             scale1 = tl.load(scale_ptr + 1)
             scale2 = tl.load(scale_ptr + 2)
             post = 2 * tl.sigmoid(mix_post * rs[:, None] * scale1 + tl.load(base_ptr + N + j)[None, :])
@@ -182,7 +187,7 @@ if HAS_TRITON:
         npad = max(16, triton.next_power_of_2((2 + n) * n))
         t_blocks = triton.cdiv(T, bt)
         if not splits:
-            splits = max(1, min(K // (16 * bk), 264 // t_blocks))
+            splits = max(1, min(K // (4 * bk), 64, 256 // t_blocks))
         kps = triton.cdiv(triton.cdiv(K, splits), bk) * bk
         splits = triton.cdiv(K, kps)
         part = torch.empty(splits, T, npad, dtype=torch.float32, device=x.device)
@@ -194,7 +199,7 @@ if HAS_TRITON:
         _hc_pre_kernel[(triton.cdiv(T, bt2), triton.cdiv(d, bd2))](
             x, part, sq, scale.float().contiguous(), base.float().contiguous(), y, post, comb,
             T, d, splits, norm_eps, hc_eps, iters, N=n, NPAD=npad, BLOCK_T=bt2, BLOCK_D=bd2,
-            num_warps=4)
+            SP=triton.next_power_of_2(splits), num_warps=4)
         return y, post, comb
 
     def hc_post_triton(x, f, post, comb):

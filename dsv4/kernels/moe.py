@@ -138,24 +138,22 @@ def _block_tokens(t: int, k: int, n_exp: int) -> int:
     return 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64 if per_expert <= 96 else 128
 
 
-def _split(tiles: int, n_kb: int, target: int) -> int:
-    """K-splits that bring `tiles` CTAs up to about `target`, each split at least 2 K-blocks."""
-    return max(1, min(n_kb // 2, target // max(tiles, 1)))
-
-
 def moe_config(t: int, k: int, n_routed: int, d: int, inter: int, sms: int) -> dict:
     """Launch parameters per batch size. Small batches are memory-bound and leave most of the
     GPU idle with one CTA per (weight tile, expert): they split K across CTAs (fp32 partial
-    sums, reduced by the SwiGLU and combine kernels, so results stay deterministic)."""
+    sums, reduced by the SwiGLU and combine kernels, so results stay deterministic). The
+    splits are the best of a sweep on an H200 (`bench_linear_moe.py --only sweep`, Flash
+    shapes: T = 1 -> 8/4, 8 -> 4/2, 64 -> 2/1), scaled by the SM count."""
     bt = _block_tokens(t, k, n_routed)
-    blocks = min(t * k, n_routed) + -(-t // bt)  # expected non-empty blocks
     small = t * k <= 4 * n_routed
-    bw1 = 64 if small else 128
-    bw2 = 64 if t * (k + 1) <= 1024 else 128
-    target = 4 * sms
-    return dict(bt=bt, bw1=bw1, bw2=bw2, kc=64 if small else 32,
-                split1=_split(inter // bw1 * blocks, d // 128, target) if small else 1,
-                split2=_split(d // bw2 * blocks, inter // 128, target) if small else 1,
+    if not small:
+        return dict(bt=bt, bw1=128, bw2=64 if t * (k + 1) <= 1024 else 128, kc=32, split1=1,
+                    split2=1, warps=4 if bt <= 16 else 8, stages=3)
+    scale = sms / 132
+    split1, split2 = (8, 4) if t <= 2 else (4, 2) if t <= 16 else (2, 1)
+    return dict(bt=bt, bw1=64, bw2=64, kc=128,
+                split1=max(1, min(d // 256, round(split1 * scale))),
+                split2=max(1, min(inter // 256, round(split2 * scale))),
                 warps=4 if bt <= 16 else 8, stages=3)
 
 
@@ -215,10 +213,11 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
              if partial1 else hq)
     for tab, e_lo, e_hi, b_lo, nb in groups:
         p = tab.ptrs
-        _moe_gemm_kernel[(inter // c["bw1"], nb, split1)](
+        _moe_gemm_kernel[((2 if partial1 else 1) * inter // c["bw1"], nb, split1)](
             q, s, *plan, p["w1w"], p["w1s"], p["w1g"], p["w3w"], p["w3s"], p["w3g"], wgt,
             part1, hs, inter, d, n_exp, e_lo, e_hi, b_lo, k1, limit, per1,
-            n_pos * 2 * inter, W_FMT=tab.fmt, GATE_UP=True, SPLIT=partial1, BW=c["bw1"],
+            n_pos * 2 * inter, W_FMT=tab.fmt, GATE_UP=True, SPLIT=partial1, TWO=not partial1,
+            BW=c["bw1"],
             **common)
     if partial1:
         _swiglu_kernel[(inter // 128, n_blocks)](
@@ -234,7 +233,7 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
         _moe_gemm_kernel[(triton.cdiv(d, c["bw2"]), nb, split2)](
             hq, hs, *plan, p["w2w"], p["w2s"], p["w2g"], p["w2w"], p["w2s"], p["w2g"], wgt,
             ys, hs, d, inter, n_exp, e_lo, e_hi, b_lo, k1, limit, per2, n_slots * d,
-            W_FMT=tab.fmt, GATE_UP=False, SPLIT=split2 > 1, BW=c["bw2"], **common)
+            W_FMT=tab.fmt, GATE_UP=False, SPLIT=split2 > 1, TWO=False, BW=c["bw2"], **common)
     # 5. sum the slots of each token (and the K-splits of each slot)
     out = torch.empty_like(u)
     _combine_kernel[(t, triton.cdiv(d, 1024))](ys, out, d, split2, n_slots * d, K1=k1,
@@ -334,7 +333,8 @@ if HAS_TRITON:
                          kb_per, part_stride,
                          W_FMT: tl.constexpr, GATE_UP: tl.constexpr, SPLIT: tl.constexpr,
                          ROUND: tl.constexpr, HAS_LIMIT: tl.constexpr, BW: tl.constexpr,
-                         BT: tl.constexpr, EP2: tl.constexpr, KC: tl.constexpr):
+                         BT: tl.constexpr, EP2: tl.constexpr, KC: tl.constexpr,
+                         TWO: tl.constexpr):
         """One (weight tile, block, K-split) of a grouped GEMM; grid (N/BW, blocks of this
         launch, splits). Without SPLIT the tile is finished here (GATE_UP: SwiGLU + FP8 h;
         else y in the working dtype); with SPLIT it writes fp32 partial sums."""
@@ -342,16 +342,30 @@ if HAS_TRITON:
         e, ok, pos, slot = _block_rows(b, slots_ptr, counts_ptr, blk_end_ptr, n_exp, BT, EP2)
         if (e < e_lo) | (e >= e_hi):
             return
-        rows = tl.program_id(0) * BW + tl.arange(0, BW)
-        row_ok = rows < N
+        # TWO (GATE_UP, not SPLIT): two products per CTA, g and v, for the fused epilogue.
+        # GATE_UP and SPLIT: one; tiles past N/BW compute v = w3 x (half the registers, twice
+        # the CTAs for small batches).
+        tile = tl.program_id(0)
         wi = e - e_lo
-        ws = tl.load(s_tab + wi).to(tl.pointer_type(tl.uint8))
+        w_addr = tl.load(w_tab + wi)
+        s_addr = tl.load(s_tab + wi)
+        g_addr = tl.load(g_tab + wi)
+        up = False
+        if GATE_UP and SPLIT:
+            up = tile >= N // BW
+            tile = tile - up.to(tl.int32) * (N // BW)
+            w_addr = tl.where(up, tl.load(w3_tab + wi), w_addr)
+            s_addr = tl.where(up, tl.load(s3_tab + wi), s_addr)
+            g_addr = tl.where(up, tl.load(g3_tab + wi), g_addr)
+        rows = tile * BW + tl.arange(0, BW)
+        row_ok = rows < N
+        ws = s_addr.to(tl.pointer_type(tl.uint8))
         ws3 = tl.load(s3_tab + wi).to(tl.pointer_type(tl.uint8))
         if W_FMT == 0:
-            w = tl.load(w_tab + wi).to(tl.pointer_type(tl.float8e4nv))
+            w = w_addr.to(tl.pointer_type(tl.float8e4nv))
             w3 = tl.load(w3_tab + wi).to(tl.pointer_type(tl.float8e4nv))
         else:
-            w = tl.load(w_tab + wi).to(tl.pointer_type(tl.uint8))
+            w = w_addr.to(tl.pointer_type(tl.uint8))
             w3 = tl.load(w3_tab + wi).to(tl.pointer_type(tl.uint8))
         if GATE_UP:
             arow = slot // k1
@@ -365,7 +379,7 @@ if HAS_TRITON:
             if W_FMT == 0:
                 q, s = _act_block(a_ptr, sa_ptr, arow, ok, kb, K, False)
                 acc = _mma_fp8(acc, q, s, w, ws, rows, row_ok, kb, K)
-                if GATE_UP:
+                if TWO:
                     acc3 = _mma_fp8(acc3, q, s, w3, ws3, rows, row_ok, kb, K)
             else:
                 s, inv = _act_scale(a_ptr, sa_ptr, arow, ok, kb, K, False)
@@ -373,20 +387,19 @@ if HAS_TRITON:
                     a = tl.trans(_act_chunk(a_ptr, arow, ok, kb, c, K, s, inv, False, KC))
                     acc = tl.dot(_fp4_chunk(w, ws, rows, row_ok, kb, c, K, W_FMT == 2, KC), a,
                                  acc)
-                    if GATE_UP:
+                    if TWO:
                         acc3 = tl.dot(_fp4_chunk(w3, ws3, rows, row_ok, kb, c, K, W_FMT == 2, KC),
                                       a, acc3)
         if W_FMT == 2:
-            acc = acc * tl.load(tl.load(g_tab + wi).to(tl.pointer_type(tl.float32)))
-            if GATE_UP:
+            acc = acc * tl.load(g_addr.to(tl.pointer_type(tl.float32)))
+            if TWO:
                 acc3 = acc3 * tl.load(tl.load(g3_tab + wi).to(tl.pointer_type(tl.float32)))
         mask = row_ok[:, None] & ok[None, :]
         if SPLIT:
             part = out_ptr + tl.program_id(2).to(tl.int64) * part_stride
             if GATE_UP:  # rows [pos, 2N]: g then v
-                p = part + pos[None, :].to(tl.int64) * (2 * N) + rows[:, None]
-                tl.store(p, acc, mask=mask)
-                tl.store(p + N, acc3, mask=mask)
+                col = rows + up.to(tl.int32) * N
+                tl.store(part + pos[None, :].to(tl.int64) * (2 * N) + col[:, None], acc, mask=mask)
             else:
                 tl.store(part + slot[None, :].to(tl.int64) * N + rows[:, None], acc, mask=mask)
         elif GATE_UP:
