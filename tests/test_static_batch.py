@@ -7,31 +7,39 @@ from dsv4.model.batch import ForwardBatch, SeqChunk, StaticBatch
 
 
 def test_padded_static_batch_gives_the_same_logits_and_cache(tiny):
+    """Two different steps replayed on one StaticBatch (a larger one, then a smaller one that
+    must not see the first one's indices) equal their ForwardBatch forwards."""
     cfg = tiny.cfg
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (11, 6, 14)]
     caches = [make_cache(tiny, num_slots=5, num_blocks=8) for _ in range(2)]
     for cache in caches:  # prefill each sequence in its own slot
         for s, ids in enumerate(prompts):
-            run_chunks(tiny, cache, ids[:-2], [len(ids) - 2], slot=s, blocks=[s])
-    chunks = [SeqChunk(ids[-2:], len(ids) - 2, s, [s]) for s, ids in enumerate(prompts)]
-    fb = ForwardBatch(chunks, cfg.sliding_window, caches[0].window_rows, 5,
-                      logits_indices=list(range(6)))
+            run_chunks(tiny, cache, ids[:-3], [len(ids) - 3], slot=s, blocks=[s])
     ratios = {m for m in cfg.compress_ratios if m}
     sb = StaticBatch(num_seqs=4, tokens_per_seq=2, ratios=ratios,
                      state_rows={m: caches[1].state_rows(m) for m in ratios},
                      window=cfg.sliding_window, window_rows=caches[1].window_rows, num_slots=5,
                      max_model_len=512, pad_slot=4, pad_block=7, device="cpu")
-    sb.load(ForwardBatch(chunks, cfg.sliding_window, caches[1].window_rows, 5,
-                         logits_indices=list(range(6))))
-    with torch.inference_mode():
-        ref = tiny.logits(tiny(fb, caches[0])[fb.logits_indices])
-        got = tiny.logits(tiny(sb, caches[1])[sb.logits_indices])[:6]
-    assert (ref - got).abs().max() < 1e-4
-    for a, b in zip(caches[0].layers, caches[1].layers):
-        assert torch.allclose(a.win[:3], b.win[:3], atol=1e-5)
-        if a.cmp is not None:
-            assert torch.allclose(a.cmp[:3], b.cmp[:3], atol=1e-5)
+    steps = [[SeqChunk(ids[-3:-1], len(ids) - 3, s, [s]) for s, ids in enumerate(prompts)],
+             [SeqChunk(ids[-1:], len(ids) - 1, s, [s]) for s, ids in enumerate(prompts[:2])]]
+    for chunks in steps:
+        n = sum(len(c.tokens) for c in chunks)
+        fb = ForwardBatch(chunks, cfg.sliding_window, caches[0].window_rows, 5,
+                          logits_indices=list(range(n)))
+        assert sb.fits(chunks)
+        sb.load(ForwardBatch(chunks, cfg.sliding_window, caches[1].window_rows, 5,
+                             logits_indices=list(range(n))))
+        sb.prepare()
+        with torch.inference_mode():
+            ref = tiny.logits(tiny(fb, caches[0])[fb.logits_indices])
+            got = tiny.logits(tiny(sb, caches[1])[sb.logits_indices])[:n]
+        assert (ref - got).abs().max() < 1e-4
+        for a, b in zip(caches[0].layers, caches[1].layers):
+            assert torch.allclose(a.win[:3], b.win[:3], atol=1e-5)
+            if a.cmp is not None:
+                assert torch.allclose(a.cmp[:3], b.cmp[:3], atol=1e-5)
+    assert not sb.fits([SeqChunk([1, 2, 3], 0, 0, [0])])  # more tokens than captured
 
 
 def test_fp8_kv_cache_gives_the_same_logits_as_bf16_rows():

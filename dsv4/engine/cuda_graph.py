@@ -44,7 +44,7 @@ class CUDAGraphRunner:
     def _dummy(self, bs: int) -> ForwardBatch:
         chunks = [SeqChunk([0] * self.tokens_per_seq, 0, self.pad_slot, [self.pad_block])] * bs
         return ForwardBatch(chunks, self.model.cfg.sliding_window, self.cache.window_rows,
-                            self.cache.num_slots, self.cache.device,
+                            self.cache.num_slots, "cpu",
                             logits_indices=list(range(bs * self.tokens_per_seq)))
 
     @torch.inference_mode()
@@ -55,19 +55,23 @@ class CUDAGraphRunner:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up: compile kernels, build weight tables
+                sb.prepare()
                 x = self.model(sb, self.cache)
                 self.model.logits(x)
         torch.cuda.current_stream().wait_stream(stream)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self.pool):
+            sb.prepare()
             x = self.model(sb, self.cache)
             logits = self.model.logits(x)
         self.pool = g.pool()
         self.graphs[bs] = (g, sb, x, logits)
 
-    def fits(self, batch: ForwardBatch) -> bool:
-        return (batch.num_seqs <= self.sizes[-1] and max(batch.lens) <= self.tokens_per_seq
-                and max(s + n for s, n in zip(batch.starts, batch.lens)) <= self.max_len)
+    def fits(self, chunks: list[SeqChunk]) -> bool:
+        """Whether a step of these chunks can replay a graph (checked before its batch is built:
+        a graph step builds its indices on the host)."""
+        return (max(c.start_pos + len(c.tokens) for c in chunks) <= self.max_len
+                and self.graphs[self.sizes[-1]][1].fits(chunks))
 
     def run(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Replay the smallest graph that holds `batch`: (X [T, n, d], logits [T, V]) of its rows."""

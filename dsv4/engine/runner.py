@@ -73,16 +73,18 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> RunnerOutput:
         plp_rows, plp_spans, sample_rows = self._rows(chunks)
-        batch = ForwardBatch(
-            [SeqChunk(c.tokens, c.start, c.slot, c.block_table) for c in chunks],
-            self.window, self.cache.window_rows, self.cache.num_slots, self.device,
-            logits_indices=sample_rows + plp_rows)
-        if self.graphs is not None and not plp_rows and self.graphs.fits(batch):
+        seq_chunks = [SeqChunk(c.tokens, c.start, c.slot, c.block_table) for c in chunks]
+        graph = self.graphs is not None and not plp_rows and self.graphs.fits(seq_chunks)
+        # A graph step builds its indices on the host (one upload); an eager step where it runs.
+        batch = ForwardBatch(seq_chunks, self.window, self.cache.window_rows, self.cache.num_slots,
+                             "cpu" if graph else self.device,
+                             logits_indices=sample_rows + plp_rows)
+        if graph:
             x_all, logits_all = self.graphs.run(batch)  # [T, n, d], [T, V]
-            sample_logits = logits_all[batch.logits_indices]
+            sample_logits = _take(logits_all, sample_rows)
         else:
             x_all, sample_logits = self.model(batch, self.cache), None  # [T, n, d]
-        x = x_all[batch.logits_indices]
+        x = _take(x_all, sample_rows + plp_rows)
         hidden, x_plp = x[:len(sample_rows)], x[len(sample_rows):]
 
         def head(rows) -> torch.Tensor:
@@ -98,8 +100,9 @@ class ModelRunner:
                 at += 1 + c.num_drafts
         if plain:
             seqs = [chunks[i].seq for i in plain]
-            rows = torch.tensor([row_of[i] for i in plain], device=hidden.device)
-            logits = head(rows)
+            rows = [row_of[i] for i in plain]
+            logits = (head(slice(0, len(rows))) if rows == list(range(len(rows)))
+                      else head(torch.tensor(rows, device=hidden.device)))
             out = self.sampler(logits, [s.params for s in seqs],
                                [s.output_token_ids for s in seqs],
                                [s.request.prompt_token_ids for s in seqs],
@@ -150,3 +153,10 @@ class ModelRunner:
             result += compute_logprobs_topn(logits, targets[s:s + LOGITS_ROWS],
                                             req.params.prompt_logprobs)
         return result
+
+
+def _take(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """t[rows]: a slice when the rows are 0..n-1 (every decode step), so no index upload."""
+    if rows == list(range(len(rows))):
+        return t[:len(rows)]
+    return t[torch.tensor(rows, device=t.device)]

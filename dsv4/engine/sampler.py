@@ -304,10 +304,12 @@ class Sampler:
         verifies drafts against these."""
         x = self._apply_min_tokens(logits.float(), params, output_token_ids)
         x = apply_penalties(x, params, output_token_ids, prompt_token_ids)
-        out = torch.empty_like(x)
         greedy = [i for i, p in enumerate(params) if p.is_greedy]
         rand = [i for i, p in enumerate(params) if not p.is_greedy]
         dev = x.device
+        if not rand:  # all greedy (no index upload)
+            return torch.nn.functional.one_hot(x.argmax(-1), x.shape[1]).float()
+        out = torch.empty_like(x)
         if greedy:
             g_idx = torch.tensor(greedy, device=dev)
             out[g_idx] = torch.nn.functional.one_hot(x[g_idx].argmax(-1), x.shape[1]).float()

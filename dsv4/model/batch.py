@@ -8,6 +8,7 @@ per step, vectorised over tokens, and shared by all layers with the same ratio.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -172,12 +173,44 @@ class ForwardBatch:
         return self._plans[key]
 
 
+class _Arena:
+    """Fixed-shape device buffers of one dtype carved from one allocation, with a pinned host
+    twin: a step writes its indices on the host and they travel in one asynchronous copy."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
+        self.shapes: list[tuple[int, ...]] = []
+
+    def add(self, *shape: int) -> int:
+        self.shapes.append(shape)
+        return len(self.shapes) - 1
+
+    def build(self) -> None:
+        sizes = [math.prod(s) for s in self.shapes]
+        pin = self.device.type == "cuda"
+        self.host = torch.zeros(sum(sizes), dtype=self.dtype, pin_memory=pin)
+        self.dev = torch.zeros(sum(sizes), dtype=self.dtype, device=self.device)
+        self.h, self.d, at = [], [], 0
+        for shape, n in zip(self.shapes, sizes):
+            self.h.append(self.host[at:at + n].view(shape))
+            self.d.append(self.dev[at:at + n].view(shape))
+            at += n
+
+    def upload(self) -> None:
+        # The host twin is rewritten only after the previous step's results were read back
+        # (the sampled ids), so the copy it fed has finished.
+        self.dev.copy_(self.host, non_blocking=True)
+
+
 class StaticBatch:
     """Fixed-shape, persistent device copies of a ForwardBatch's indices (for CUDA graphs).
 
     A graph captured on a StaticBatch replays any ForwardBatch with at most `num_seqs` sequences
     of at most `tokens_per_seq` tokens each, after `load(batch)` copies its indices in. Padding
     tokens see nothing, write into the reserved `pad_slot` and `pad_block`, and are never read.
+    `load` takes a batch built on the host (device "cpu"): its indices are written into pinned
+    buffers and uploaded in two asynchronous copies (int64, bool). The CSA candidate lists, which
+    grow with the context, are derived on the device inside the graph (`prepare`).
     """
 
     def __init__(self, num_seqs: int, tokens_per_seq: int, ratios, state_rows: dict,
@@ -189,20 +222,61 @@ class StaticBatch:
         self.pad_slot, self.pad_block = pad_slot, pad_block
         T = num_seqs * tokens_per_seq
         self.num_tokens = T
-        z = lambda *s, dt=torch.long: torch.zeros(*s, dtype=dt, device=d)  # noqa: E731
-        self.input_ids, self.positions, self.tok_seq = z(T), z(T), z(T)
-        self.logits_indices = z(T)
-        self.window_index = z(T, window)
-        self._ring = {r: (z(T), z(T)) for r in {window_rows, *state_rows.values()}}
-        self._plans, self._cand = {}, {}
-        for m in ratios:
+        self.max_blocks = max(1, -(-(max_model_len + tokens_per_seq) // BLOCK_TOKENS))
+        ints, bools = _Arena(torch.long, d), _Arena(torch.bool, d)
+        self._arenas = (ints, bools)
+        # (arena, field, fill) per index tensor, in load order
+        self._fields: dict = {}
+
+        def field(name, arena, fill, *shape):
+            self._fields[name] = (arena, arena.add(*shape), fill)
+
+        field("input_ids", ints, 0, T)
+        field("positions", ints, 0, T)
+        field("tok_seq", ints, 0, T)
+        field("logits_indices", ints, 0, T)
+        field("window_index", ints, -1, T, window)
+        field("block_tables", ints, pad_block, num_seqs, self.max_blocks)
+        self._rows = sorted({window_rows, *state_rows.values()})
+        for r in self._rows:
+            field(("ring_tok", r), ints, T - 1, T)
+            field(("ring_dst", r), ints, pad_slot * r, T)
+        self._plan_keys = [(m, state_rows[m]) for m in sorted(ratios)]
+        for m, rows in self._plan_keys:
             W = num_seqs * -(-tokens_per_seq // m)
             km = overlap_factor(m) * m
-            self._plans[(m, state_rows[m])] = CompressPlan(
-                seq=z(W), index=z(W), is_new=z(W, km, dt=torch.bool), new_idx=z(W, km),
-                state_idx=z(W, km), valid=z(W, km, dt=torch.bool), dst=z(W))
+            rpb = BLOCK_TOKENS // m
+            for name, arena, fill, shape in (
+                    ("seq", ints, 0, (W,)), ("index", ints, 0, (W,)),
+                    ("is_new", bools, False, (W, km)), ("new_idx", ints, 0, (W, km)),
+                    ("state_idx", ints, pad_slot * rows, (W, km)), ("valid", bools, True, (W, km)),
+                    ("dst", ints, pad_block * rpb, (W,))):
+                field(("plan", m, rows, name), arena, fill, *shape)
+        ints.build()
+        bools.build()
+        view = lambda name: self._fields[name][0].d[self._fields[name][1]]  # noqa: E731
+        self.input_ids, self.positions = view("input_ids"), view("positions")
+        self.tok_seq, self.logits_indices = view("tok_seq"), view("logits_indices")
+        self.window_index, self.block_tables = view("window_index"), view("block_tables")
+        self._ring = {r: (view(("ring_tok", r)), view(("ring_dst", r))) for r in self._rows}
+        self._plans = {
+            (m, rows): CompressPlan(**{n: view(("plan", m, rows, n)) for n in (
+                "seq", "index", "is_new", "new_idx", "state_idx", "valid", "dst")})
+            for m, rows in self._plan_keys}
+        # candidate columns: entry i of a sequence lives in block i // rpb at row i % rpb
+        self._cand_cols = {}
+        for m in sorted(ratios):
             n = max(1, -(-max_model_len // m))
-            self._cand[m] = (z(T, n), z(T))
+            i = torch.arange(n, device=d)
+            rpb = BLOCK_TOKENS // m
+            self._cand_cols[m] = (i[None, :], (i // rpb).clamp(max=self.max_blocks - 1)[None, :],
+                                  (i % rpb)[None, :])
+        self._cand: dict = {}
+
+    def fits(self, chunks: list[SeqChunk]) -> bool:
+        return (len(chunks) <= self.num_seqs
+                and all(len(c.tokens) <= self.tokens_per_seq
+                        and len(c.block_table) <= self.max_blocks for c in chunks))
 
     def ring_writes(self, rows: int):
         return self._ring[rows]
@@ -213,44 +287,48 @@ class StaticBatch:
     def candidates(self, ratio: int):
         return self._cand[ratio]
 
-    @staticmethod
-    def _put(dst: torch.Tensor, src: torch.Tensor, fill) -> None:
+    def prepare(self) -> None:
+        """Derive the CSA candidate lists from the loaded positions and block tables, on the
+        device; called before every forward over this batch (and so captured in its graph)."""
+        for m, (i, blk, off) in self._cand_cols.items():
+            rpb = BLOCK_TOKENS // m
+            avail = (self.positions + 1) // m
+            rows = self.block_tables[self.tok_seq[:, None], blk] * rpb + off
+            self._cand[m] = (torch.where(i < avail[:, None], rows, -1), avail)
+
+    def _put(self, name, src: torch.Tensor) -> None:
+        arena, i, fill = self._fields[name]
+        dst = arena.h[i]
+        src = src.cpu()
         n = src.shape[0]
         if n > dst.shape[0] or (src.dim() > 1 and src.shape[1] > dst.shape[1]):
             raise ValueError(f"batch does not fit the captured shape {tuple(dst.shape)}")
-        if src.dim() > 1 and src.shape[1] < dst.shape[1]:
-            pad = torch.full((n, dst.shape[1] - src.shape[1]), fill, dtype=dst.dtype,
-                             device=src.device)
-            src = torch.cat([src.to(dst.dtype), pad], 1)
-        dst[:n].copy_(src, non_blocking=True)
-        if n < dst.shape[0]:
-            dst[n:].fill_(fill)
+        if src.dim() > 1:
+            dst[:n, :src.shape[1]] = src
+            dst[:n, src.shape[1]:] = fill
+        else:
+            dst[:n] = src
+        dst[n:] = fill
 
     def load(self, b: ForwardBatch) -> None:
-        """Copy the indices of `b` in, padding the rest (no host synchronisation)."""
+        """Copy the indices of `b` (best built on the host) in, padding the rest; no host
+        synchronisation."""
         if b.num_seqs > self.num_seqs or max(b.lens) > self.tokens_per_seq:
             raise ValueError("batch larger than the captured graph")
         put = self._put
-        put(self.input_ids, b.input_ids, 0)
-        put(self.positions, b.positions, 0)
-        put(self.tok_seq, b.tok_seq, 0)
-        put(self.logits_indices, b.logits_indices, 0)
-        put(self.window_index, b.window_index, -1)
-        for rows, (tok, dst) in self._ring.items():
-            t, d = b.ring_writes(rows)
-            put(tok, t, self.num_tokens - 1)
-            put(dst, d, self.pad_slot * rows)
-        for (m, rows), plan in self._plans.items():
+        put("input_ids", b.input_ids)
+        put("positions", b.positions_cpu)
+        put("tok_seq", b.tok_seq_cpu)
+        put("logits_indices", b.logits_indices)
+        put("window_index", b.window_index)
+        put("block_tables", b.block_tables_cpu)
+        for r in self._rows:
+            tok, dst = b.ring_writes(r)
+            put(("ring_tok", r), tok)
+            put(("ring_dst", r), dst)
+        for m, rows in self._plan_keys:
             p = b.compress_plan(m, rows)
-            rpb = BLOCK_TOKENS // m
-            put(plan.seq, p.seq, 0)
-            put(plan.index, p.index, 0)
-            put(plan.is_new, p.is_new, False)
-            put(plan.new_idx, p.new_idx, 0)
-            put(plan.state_idx, p.state_idx, self.pad_slot * rows)
-            put(plan.valid, p.valid, True)
-            put(plan.dst, p.dst, self.pad_block * rpb)
-        for m, (cand, avail) in self._cand.items():
-            c, a = b.candidates(m)
-            put(cand, c, -1)
-            put(avail, a, 0)
+            for n in ("seq", "index", "is_new", "new_idx", "state_idx", "valid", "dst"):
+                put(("plan", m, rows, n), getattr(p, n))
+        for arena in self._arenas:
+            arena.upload()
