@@ -63,12 +63,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--cprofile", action="store_true", help="also cProfile the graph steps")
+    ap.add_argument("--graphs-only", action="store_true", help="skip the eager run")
     a = ap.parse_args()
     cfg = tiny_config(a.format, a.preset, a.layers)
     d = Path(tempfile.mkdtemp())
     (d / "config.json").write_text(json.dumps(cfg.to_dict()))
     loaded = load_model(d, dtype="bfloat16", device="cuda", load_format="dummy")
-    for eager in (True, False):
+    for eager in ((False,) if a.graphs_only else (True, False)):
         ec = EngineConfig(dtype="bfloat16", max_num_seqs=max(8, a.batch), max_num_batched_tokens=8192,
                           max_model_len=4096, gpu_memory_utilization=0.8, enforce_eager=eager,
                           cuda_graph_max_len=4096)
