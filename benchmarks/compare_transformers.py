@@ -122,11 +122,14 @@ def main() -> None:
         theirs = {b: hf_decode(hf, prompts[b], a.steps) for b in sizes}
         del hf
         free(a.device)
-        for b in sizes:
+        for b in sizes:  # printed as soon as known: a long run may be cut short
             if phase == "speed":
                 speed[b] = (ours[b][1], theirs[b][1])
+                print(f"speed b={b}: dsv4 {speed[b][0]:.1f} tok/s, transformers "
+                      f"{speed[b][1]:.1f} tok/s", flush=True)
             else:
                 agree[b] = [agreement(x, y) for x, y in zip(ours[b][0], theirs[b][0])]
+                print(f"tokens b={b}: agreement per sequence {agree[b]}", flush=True)
     rows = [(b, *speed[b], agree[b]) for b in sizes]
     print(f"\n{a.preset} x {a.layers if layers else 'all'} layers"
           f"{f' x {a.experts} routed experts' if a.experts else ''}, bf16 checkpoint, {a.device}, "
