@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--experts", type=int, help="routed experts per layer (fewer fit in memory)")
+    ap.add_argument("--phases", default="speed,tokens", help="speed (bf16), tokens (float32)")
     a = ap.parse_args()
     layers = a.layers if a.preset != "tiny" else None
     path = write_tiny_checkpoint(tempfile.mkdtemp() + "/ckpt", fmt="bf16", preset=a.preset,
@@ -105,7 +106,9 @@ def main() -> None:
                                 generator=torch.Generator().manual_seed(b)).to(a.device)
                for b in sizes}
     speed, agree = {}, {}
-    for phase, dtype, qat in (("speed", "bfloat16", True), ("tokens", "float32", False)):
+    phases = [ph for ph in (("speed", "bfloat16", True), ("tokens", "float32", False))
+              if ph[0] in a.phases.split(",")]
+    for phase, dtype, qat in phases:
         # one model on the device at a time: both in float32 would not fit beside each other
         loaded = load_model(path, dtype=dtype, device=a.device, qat=qat)
         ec = EngineConfig(dtype=dtype, max_num_seqs=max(sizes), max_num_batched_tokens=8192,
@@ -130,6 +133,8 @@ def main() -> None:
             else:
                 agree[b] = [agreement(x, y) for x, y in zip(ours[b][0], theirs[b][0])]
                 print(f"tokens b={b}: agreement per sequence {agree[b]}", flush=True)
+    if not (speed and agree):
+        return
     rows = [(b, *speed[b], agree[b]) for b in sizes]
     print(f"\n{a.preset} x {a.layers if layers else 'all'} layers"
           f"{f' x {a.experts} routed experts' if a.experts else ''}, bf16 checkpoint, {a.device}, "
