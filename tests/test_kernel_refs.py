@@ -73,3 +73,21 @@ def test_reference_attention_with_only_new_rows():
                                torch.tensor([[0, -1], [1, 0]]))
     p0 = torch.softmax(torch.stack([(q[0] @ new[0]) * 0.125, torch.zeros(4)], -1), -1)[:, 0]
     torch.testing.assert_close(out[0], p0[:, None] * new[0])
+
+
+def test_fp32_split_into_three_bf16_parts_is_exact():
+    """linear_f32's GPU path rests on x == hi + mid + lo (bf16 parts) for every fp32 x, so
+    that each part times a bf16 weight is an exact fp32 product."""
+    from dsv4.kernels.f32_linear import linear_f32, linear_f32_ref, split_bf16
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 300, generator=g) * torch.logspace(-30, 30, 300)
+    x[0, :4] = torch.tensor([0.0, -0.0, 1.0 + 2 ** -23, -(2 - 2 ** -22)])
+    parts = split_bf16(x)
+    assert parts.dtype == torch.bfloat16 and parts.shape == (3, 7, 300)
+    assert torch.equal((parts[0].float() + parts[1].float()) + parts[2].float(), x)
+    w = torch.randn(5, 300, generator=g).bfloat16().double()
+    # every product part x weight is exact, and so is their sum: the element products of x
+    prods = [p.double()[:, None, :] * w[None] for p in parts]
+    assert torch.equal((prods[0] + prods[1]) + prods[2], x.double()[:, None, :] * w[None])
+    w = w.bfloat16()
+    assert torch.equal(linear_f32(x, w), linear_f32_ref(x, w))  # CPU: the reference itself
