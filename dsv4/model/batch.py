@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 
 from ..cache.kv_cache import BLOCK_TOKENS, overlap_factor
@@ -44,7 +45,10 @@ class CompressPlan:
 
 
 class ForwardBatch:
-    """Flattened tokens of a step and the per-step indices derived from them."""
+    """Flattened tokens of a step and the per-step indices derived from them.
+
+    The indices are computed on the host with numpy (a decode step's arrays are tiny, and a
+    torch op on them costs several times more) and moved to `device` once each."""
 
     def __init__(self, chunks: list[SeqChunk], window: int, window_rows: int, num_slots: int,
                  device="cpu", logits_indices: list[int] | None = None):
@@ -58,42 +62,43 @@ class ForwardBatch:
             raise ValueError("every sequence in a batch needs at least one new token")
         self.starts = [c.start_pos for c in chunks]
         self.num_seqs, self.num_tokens = len(chunks), sum(self.lens)
-        cu = [0]
-        for n in self.lens:
-            cu.append(cu[-1] + n)
-        self.cu = cu
-        ids = [t for c in chunks for t in c.tokens]
+        lens = np.array(self.lens, dtype=np.int64)
+        cu = np.zeros(self.num_seqs + 1, dtype=np.int64)
+        np.cumsum(lens, out=cu[1:])
+        self.cu = cu.tolist()
+        self._starts = np.array(self.starts, dtype=np.int64)
+        self._ends = self._starts + lens
+        self._cu0 = cu[:-1]
+        self._slots = np.array([c.slot for c in chunks], dtype=np.int64)
+        self._tok_seq = np.repeat(np.arange(self.num_seqs), lens)
+        self._pos = (self._starts - self._cu0)[self._tok_seq] + np.arange(self.num_tokens)
+        nb = max(1, max(len(c.block_table) for c in chunks))
+        self._bt = np.zeros((self.num_seqs, nb), dtype=np.int64)
+        for b, c in enumerate(chunks):
+            self._bt[b, :len(c.block_table)] = c.block_table
         dev = self.device
-        self.input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        lens = torch.tensor(self.lens)
-        self.tok_seq_cpu = torch.repeat_interleave(torch.arange(self.num_seqs), lens)
-        start = torch.tensor(self.starts)
-        cu_t = torch.tensor(cu[:-1])
-        self.positions_cpu = start[self.tok_seq_cpu] + torch.arange(self.num_tokens) - cu_t[self.tok_seq_cpu]
+        self.input_ids = torch.tensor([t for c in chunks for t in c.tokens], dtype=torch.long,
+                                      device=dev)
+        self.positions_cpu = torch.from_numpy(self._pos)
+        self.tok_seq_cpu = torch.from_numpy(self._tok_seq)
+        self.slots_cpu = torch.from_numpy(self._slots)
+        self.block_tables_cpu = torch.from_numpy(self._bt)
         self.positions = self.positions_cpu.to(dev)
         self.tok_seq = self.tok_seq_cpu.to(dev)
-        self.slots_cpu = torch.tensor([c.slot for c in chunks], dtype=torch.long)
-        nb = max(1, max(len(c.block_table) for c in chunks))
-        bt = torch.zeros(self.num_seqs, nb, dtype=torch.long)
-        for b, c in enumerate(chunks):
-            bt[b, :len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.long)
-        self.block_tables_cpu = bt
-        self.block_tables = bt.to(dev)
+        self.block_tables = self.block_tables_cpu.to(dev)
         if logits_indices is None:  # last token of every sequence
-            logits_indices = [e - 1 for e in cu[1:]]
+            logits_indices = [e - 1 for e in self.cu[1:]]
         self.logits_indices = torch.tensor(logits_indices, dtype=torch.long, device=dev)
         self._plans: dict = {}
 
-    # ------------------------------------------------------------------ helpers
-    def _tok(self, per_seq: list[int] | torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(per_seq, dtype=torch.long)[self.tok_seq_cpu]
+    def _to_dev(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
 
-    def entry_rows(self, seq: torch.Tensor, i: torch.Tensor, ratio: int) -> torch.Tensor:
-        """Flat compressed-cache row of entry i of sequence `seq` (CPU tensors)."""
+    def entry_rows(self, seq: np.ndarray, i: np.ndarray, ratio: int) -> np.ndarray:
+        """Flat compressed-cache row of entry i of sequence `seq` (host arrays)."""
         rpb = BLOCK_TOKENS // ratio
-        blk = i // rpb
-        blk = blk.clamp(max=self.block_tables_cpu.shape[1] - 1)
-        return self.block_tables_cpu[seq, blk] * rpb + i % rpb
+        blk = np.minimum(i // rpb, self._bt.shape[1] - 1)
+        return self._bt[seq, blk] * rpb + i % rpb
 
     # ------------------------------------------------------------------ window attention
     @cached_property
@@ -102,23 +107,22 @@ class ForwardBatch:
 
         Positions before the chunk come from the ring (row slot*R + p mod R), the chunk's own
         positions from this step's rows."""
-        p = self.positions_cpu[:, None] - torch.arange(self.window)[None, :]  # [T, w]
-        p0 = self._tok(self.starts)[:, None]
+        s = self._tok_seq
+        p = self._pos[:, None] - np.arange(self.window)[None, :]  # [T, w]
+        p0 = self._starts[s][:, None]
         R = self.window_rows
-        new = self.num_slots * R + self._tok(self.cu[:-1])[:, None] + (p - p0)
-        ring = self.slots_cpu[self.tok_seq_cpu][:, None] * R + p.remainder(R)
-        idx = torch.where(p >= p0, new, ring)
-        return torch.where(p >= 0, idx, -1).to(self.device)
+        new = self.num_slots * R + self._cu0[s][:, None] + (p - p0)
+        ring = self._slots[s][:, None] * R + np.mod(p, R)
+        idx = np.where(p >= p0, new, ring)
+        return self._to_dev(np.where(p >= 0, idx, -1))
 
     def ring_writes(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(token indices, flat ring rows) for the last `rows` tokens of every sequence."""
         key = ("ring", rows)
         if key not in self._plans:
-            end = self._tok([s + n for s, n in zip(self.starts, self.lens)])
-            keep = self.positions_cpu >= end - rows
-            tok = keep.nonzero().squeeze(1)
-            dst = self.slots_cpu[self.tok_seq_cpu[tok]] * rows + self.positions_cpu[tok] % rows
-            self._plans[key] = (tok.to(self.device), dst.to(self.device))
+            tok = np.nonzero(self._pos >= self._ends[self._tok_seq] - rows)[0]
+            dst = self._slots[self._tok_seq[tok]] * rows + self._pos[tok] % rows
+            self._plans[key] = (self._to_dev(tok), self._to_dev(dst))
         return self._plans[key]
 
     # ------------------------------------------------------------------ compressed entries
@@ -130,29 +134,27 @@ class ForwardBatch:
 
     def _build_plan(self, m: int, rows: int) -> CompressPlan:
         k = overlap_factor(m)
-        first = torch.tensor([s // m for s in self.starts])
-        last = torch.tensor([(s + n) // m for s, n in zip(self.starts, self.lens)])
-        count = last - first
-        seq = torch.repeat_interleave(torch.arange(self.num_seqs), count)
-        offs = torch.arange(len(seq)) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+        first = self._starts // m
+        count = self._ends // m - first
+        seq = np.repeat(np.arange(self.num_seqs), count)
+        offs = np.arange(len(seq)) - np.repeat(np.cumsum(count) - count, count)
         index = first[seq] + offs
-        pos = (index[:, None] - (k - 1)) * m + torch.arange(k * m)[None, :]  # [W, k*m]
-        p0 = torch.tensor(self.starts)[seq][:, None]
-        cu = torch.tensor(self.cu[:-1])[seq][:, None]
+        pos = (index[:, None] - (k - 1)) * m + np.arange(k * m)[None, :]  # [W, k*m]
+        p0 = self._starts[seq][:, None]
         is_new = pos >= p0
-        new_idx = (cu + pos - p0).clamp(min=0)
-        state_idx = self.slots_cpu[seq][:, None] * rows + pos.remainder(rows)
-        have = torch.tensor([len(c.block_table) for c in self.chunks])[seq]
-        short = (index // (BLOCK_TOKENS // m) >= have).nonzero()
+        new_idx = np.maximum(self._cu0[seq][:, None] + pos - p0, 0)
+        state_idx = self._slots[seq][:, None] * rows + np.mod(pos, rows)
+        have = np.array([len(c.block_table) for c in self.chunks], dtype=np.int64)[seq]
+        short = np.nonzero(index // (BLOCK_TOKENS // m) >= have)[0]
         if len(short):  # a write past the block table would land in another sequence's block
-            b = int(seq[short[0, 0]])
-            raise ValueError(f"sequence {b} completes compressed entry {int(index[short[0, 0]])} "
-                             f"(ratio {m}) but its block table has only {int(have[short[0, 0]])} "
+            w = short[0]
+            raise ValueError(f"sequence {int(seq[w])} completes compressed entry {int(index[w])} "
+                             f"(ratio {m}) but its block table has only {int(have[w])} "
                              f"blocks of {BLOCK_TOKENS} tokens")
-        d = self.device
-        return CompressPlan(seq=seq.to(d), index=index.to(d), is_new=is_new.to(d),
-                            new_idx=new_idx.to(d), state_idx=state_idx.to(d),
-                            valid=(pos >= 0).to(d), dst=self.entry_rows(seq, index, m).to(d))
+        t = self._to_dev
+        return CompressPlan(seq=t(seq), index=t(index), is_new=t(is_new), new_idx=t(new_idx),
+                            state_idx=t(state_idx), valid=t(pos >= 0),
+                            dst=t(self.entry_rows(seq, index, m)))
 
     def candidates(self, ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Compressed entries visible to each token: (rows [T, N] with -1 beyond, count [T]).
@@ -190,9 +192,10 @@ class _Arena:
         pin = self.device.type == "cuda"
         self.host = torch.zeros(sum(sizes), dtype=self.dtype, pin_memory=pin)
         self.dev = torch.zeros(sum(sizes), dtype=self.dtype, device=self.device)
-        self.h, self.d, at = [], [], 0
+        self.h, self.d, at = [], [], 0  # host views are numpy arrays (cheap to fill)
+        host = self.host.numpy()
         for shape, n in zip(self.shapes, sizes):
-            self.h.append(self.host[at:at + n].view(shape))
+            self.h.append(host[at:at + n].reshape(shape))
             self.d.append(self.dev[at:at + n].view(shape))
             at += n
 
@@ -299,11 +302,11 @@ class StaticBatch:
     def _put(self, name, src: torch.Tensor) -> None:
         arena, i, fill = self._fields[name]
         dst = arena.h[i]
-        src = src.cpu()
+        src = src.cpu().numpy()
         n = src.shape[0]
-        if n > dst.shape[0] or (src.dim() > 1 and src.shape[1] > dst.shape[1]):
+        if n > dst.shape[0] or (src.ndim > 1 and src.shape[1] > dst.shape[1]):
             raise ValueError(f"batch does not fit the captured shape {tuple(dst.shape)}")
-        if src.dim() > 1:
+        if src.ndim > 1:
             dst[:n, :src.shape[1]] = src
             dst[:n, src.shape[1]:] = fill
         else:
