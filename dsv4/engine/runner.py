@@ -107,7 +107,11 @@ class ModelRunner:
                                [s.output_token_ids for s in seqs],
                                [s.request.prompt_token_ids for s in seqs],
                                [s.generator for s in seqs])
-            ids, lps, ranks = out.token_ids.tolist(), out.logprobs.tolist(), out.ranks.tolist()
+            # one device-to-host copy for the three (ids and ranks are exact in float64)
+            packed = torch.stack([out.token_ids.double(), out.logprobs.double(),
+                                  out.ranks.double()]).tolist()
+            ids, lps, ranks = ([int(v) for v in packed[0]], packed[1],
+                               [int(v) for v in packed[2]])
             for j, i in enumerate(plain):
                 sampled[i] = [SampledToken(ids[j], lps[j], ranks[j], out.top_logprobs[j])]
         for i, c in enumerate(chunks):

@@ -302,8 +302,7 @@ class Sampler:
         """The distribution each row samples from [B, V] (fp32): penalties, temperature, top-k,
         top-p and min-p applied; a greedy row is one-hot on its argmax. Speculative decoding
         verifies drafts against these."""
-        x = self._apply_min_tokens(logits.float(), params, output_token_ids)
-        x = apply_penalties(x, params, output_token_ids, prompt_token_ids)
+        x = self._processed(logits, params, output_token_ids, prompt_token_ids)
         greedy = [i for i, p in enumerate(params) if p.is_greedy]
         rand = [i for i, p in enumerate(params) if not p.is_greedy]
         dev = x.device
@@ -319,6 +318,11 @@ class Sampler:
             temp = torch.tensor([p.temperature for p in ps], dtype=torch.float32).to(dev)[:, None]
             out[r_idx] = torch.softmax(self._filter(x[r_idx] / temp, ps), dim=-1)
         return out
+
+    def _processed(self, logits: Tensor, params, output_token_ids, prompt_token_ids) -> Tensor:
+        """fp32 logits after min_tokens masking and the penalties (what greedy maximises)."""
+        x = self._apply_min_tokens(logits.float(), params, output_token_ids)
+        return apply_penalties(x, params, output_token_ids, prompt_token_ids)
 
     def draw(self, probs: Tensor, rows: Sequence[int], generators) -> Tensor:
         """Sample one token per row of `probs` [R, V]; row j draws from generators[rows[j]]."""
@@ -341,10 +345,16 @@ class Sampler:
             )
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1)
-        probs = self.probs(logits, params, output_token_ids, prompt_token_ids)
-        token_ids = probs.argmax(dim=-1)  # greedy rows are one-hot on their argmax
         rand = [i for i, p in enumerate(params) if not p.is_greedy]
-        if rand:
+        if not rand:  # all greedy: the argmax, without building the one-hot distributions
+            token_ids = self._processed(logits, params, output_token_ids,
+                                        prompt_token_ids).argmax(dim=-1)
+        else:
+            probs = self.probs(logits, params, output_token_ids, prompt_token_ids)
+            token_ids = probs.argmax(dim=-1)  # greedy rows are one-hot on their argmax
+        if len(rand) == B:
+            token_ids = self.draw(probs, rand, generators)
+        elif rand:
             r_idx = torch.tensor(rand, device=logits.device)
             token_ids[r_idx] = self.draw(probs[r_idx], rand, generators)
 
