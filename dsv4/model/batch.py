@@ -70,7 +70,7 @@ class ForwardBatch:
         self._ends = self._starts + lens
         self._cu0 = cu[:-1]
         self._slots = np.array([c.slot for c in chunks], dtype=np.int64)
-        self._tok_seq = np.repeat(np.arange(self.num_seqs), lens)
+        self._tok_seq = np.repeat(np.arange(self.num_seqs, dtype=np.int64), lens)
         self._pos = (self._starts - self._cu0)[self._tok_seq] + np.arange(self.num_tokens)
         nb = max(1, max(len(c.block_table) for c in chunks))
         self._bt = np.zeros((self.num_seqs, nb), dtype=np.int64)
@@ -120,7 +120,7 @@ class ForwardBatch:
         """(token indices, flat ring rows) for the last `rows` tokens of every sequence."""
         key = ("ring", rows)
         if key not in self._plans:
-            tok = np.nonzero(self._pos >= self._ends[self._tok_seq] - rows)[0]
+            tok = np.nonzero(self._pos >= self._ends[self._tok_seq] - rows)[0].astype(np.int64)
             dst = self._slots[self._tok_seq[tok]] * rows + self._pos[tok] % rows
             self._plans[key] = (self._to_dev(tok), self._to_dev(dst))
         return self._plans[key]
@@ -136,7 +136,7 @@ class ForwardBatch:
         k = overlap_factor(m)
         first = self._starts // m
         count = self._ends // m - first
-        seq = np.repeat(np.arange(self.num_seqs), count)
+        seq = np.repeat(np.arange(self.num_seqs, dtype=np.int64), count)
         offs = np.arange(len(seq)) - np.repeat(np.cumsum(count) - count, count)
         index = first[seq] + offs
         pos = (index[:, None] - (k - 1)) * m + np.arange(k * m)[None, :]  # [W, k*m]
