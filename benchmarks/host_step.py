@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+from dsv4.cache.kv_cache import overlap_factor
 from dsv4.config import ModelConfig
 from dsv4.model.batch import ForwardBatch, SeqChunk, StaticBatch
 
@@ -19,12 +20,14 @@ def main() -> None:
     cfg = ModelConfig.preset("flash")
     w = cfg.sliding_window
     ratios = {m for m in cfg.compress_ratios if m}
-    state_rows = {4: 16, 128: 272}  # what the cache allocates for Flash (2 windows + margin)
+    margin = 8  # the engine's ring margin without speculative decoding
+    state_rows = {m: overlap_factor(m) * m + margin for m in ratios}  # as ModelCache.state_rows
+    rows = w + margin
     print("| batch | ForwardBatch + StaticBatch.load (us) | ForwardBatch alone (us) |")
     print("|---|---|---|")
     for b in (1, 64, 256):
         slots = b + 1
-        sb = StaticBatch(b, 1, ratios, state_rows, w, w + 16, slots, 4096, b, 10_000, "cpu")
+        sb = StaticBatch(b, 1, ratios, state_rows, w, rows, slots, 4096, b, 10_000, "cpu")
         chunks = []
         for i in range(b):
             pos = 1030 + 7 * i
@@ -32,7 +35,7 @@ def main() -> None:
             chunks.append(SeqChunk([5], pos, i, list(range(32 * i, 32 * i + nblk))))
 
         def build():
-            return ForwardBatch(chunks, w, w + 16, slots, "cpu", logits_indices=list(range(b)))
+            return ForwardBatch(chunks, w, rows, slots, "cpu", logits_indices=list(range(b)))
 
         def timed(fn, n=200):
             for _ in range(5):
