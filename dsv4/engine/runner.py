@@ -87,9 +87,11 @@ class ModelRunner:
         x = _take(x_all, sample_rows + plp_rows)
         hidden, x_plp = x[:len(sample_rows)], x[len(sample_rows):]
 
-        def head(rows) -> torch.Tensor:
+        def head(rows: list[int]) -> torch.Tensor:
             """fp32 logits of the given sample rows (from the graph, or computed now)."""
-            return sample_logits[rows] if sample_logits is not None else self.model.logits(hidden[rows])
+            if sample_logits is not None:
+                return _take(sample_logits, rows)
+            return self.model.logits(_take(hidden, rows))
 
         sampled: list[list[SampledToken]] = [[] for _ in chunks]
         plain = [i for i, c in enumerate(chunks) if c.samples and not c.num_drafts]
@@ -100,9 +102,7 @@ class ModelRunner:
                 at += 1 + c.num_drafts
         if plain:
             seqs = [chunks[i].seq for i in plain]
-            rows = [row_of[i] for i in plain]
-            logits = (head(slice(0, len(rows))) if rows == list(range(len(rows)))
-                      else head(torch.tensor(rows, device=hidden.device)))
+            logits = head([row_of[i] for i in plain])
             out = self.sampler(logits, [s.params for s in seqs],
                                [s.output_token_ids for s in seqs],
                                [s.request.prompt_token_ids for s in seqs],
@@ -116,7 +116,7 @@ class ModelRunner:
                 sampled[i] = [SampledToken(ids[j], lps[j], ranks[j], out.top_logprobs[j])]
         for i, c in enumerate(chunks):
             if c.samples and c.num_drafts:
-                sampled[i] = self._verify(c, head(slice(row_of[i], row_of[i] + 1 + c.num_drafts)))
+                sampled[i] = self._verify(c, head(list(range(row_of[i], row_of[i] + 1 + c.num_drafts))))
 
         prompt_logprobs: list[list[TokenLogprob]] = []
         at = 0
@@ -160,7 +160,8 @@ class ModelRunner:
 
 
 def _take(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """t[rows]: a slice when the rows are 0..n-1 (every decode step), so no index upload."""
-    if rows == list(range(len(rows))):
-        return t[:len(rows)]
-    return t[torch.tensor(rows, device=t.device)]
+    """t[rows]: a slice when the rows are consecutive (every decode and verify step), so no
+    index upload."""
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return t[rows[0]:rows[0] + len(rows)]
+    return t[torch.tensor(rows, dtype=torch.long, device=t.device)]

@@ -15,11 +15,17 @@ GPU (no host synchronisation, a fixed number of launches whatever the routing):
    order of rows inside an expert does not change any result), `_route_scatter_kernel` writes
    each slot's padded position. The grids of the GEMMs are upper bounds; blocks past the end
    exit at once.
-3. `_moe_gemm_kernel` GATE_UP: per block, g = w1 x and v = w3 x for BW=128 intermediate
-   channels (FP4 decoded in the kernel, or FP8), then in the epilogue the clamped SwiGLU, the
-   routing weight, and the FP8 quantisation of h that w2's input needs (per token, per 128).
-4. `_moe_gemm_kernel` DOWN: y_slot = w2 h, written to the slot's own row (the un-permute).
-5. `_combine_kernel`: out[t] = sum over the token's k+1 slot rows in fp32, cast once.
+3. `_moe_gemm_kernel` GATE_UP: per block, g = w1 x and v = w3 x for BW intermediate channels
+   (FP4 decoded in the kernel, or FP8). Large batches (`moe_config`): BW=128 and both products
+   in one CTA, with the clamped SwiGLU, the routing weight and the FP8 quantisation of h that
+   w2's input needs (per token, per 128) in the epilogue. Small batches are memory-bound and
+   would leave most SMs idle: K is split across CTAs, g and v go to separate CTAs, each writes
+   fp32 partial sums, and `_swiglu_kernel` sums them and applies the same epilogue.
+4. `_moe_gemm_kernel` DOWN: y_slot = w2 h, written to the slot's own row (the un-permute);
+   small batches split K here too (fp32 partials).
+5. `_combine_kernel`: out[t] = sum over the token's k+1 slot rows (each the sum of its K-split
+   partials, rounded to the working dtype) in fp32, cast once.
+Partial sums are reduced in a fixed order, so results do not depend on scheduling.
 The shared expert is plan expert 0 and rides in the same launches when its weight format equals
 the routed experts' (FP8 or NVFP4 checkpoints); official FP4 checkpoints keep the shared expert
 in FP8, so each GEMM is then launched twice, once per format, over disjoint blocks.
