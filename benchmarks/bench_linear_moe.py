@@ -27,6 +27,7 @@ from dsv4.model.moe import Expert
 from dsv4.quant.formats import dequant_fp8, quantize_fp8
 
 HBM, FP8_PEAK, BF16_PEAK = 4.8e12, 1979e12, 989e12
+SWEEP_TOKENS: list[int] = []  # --tokens
 DEV = "cuda"
 
 
@@ -190,17 +191,23 @@ def moe_sweep(quick: bool) -> None:
     n_exp, d, inter, k = 256, 4096, 2048, 6
     experts, shared = random_experts(n_exp, d, inter)
     print("\n## MoE launch sweep (Flash, MXFP4 + FP8 shared)\n")
-    for t in (1, 8, 64):
+    for t in SWEEP_TOKENS or ((1, 8, 64) if quick else (1, 8, 64, 4096)):
         u = torch.randn(t, d, device=DEV).bfloat16()
         routes = []
         for _ in range(4):
             idx = torch.rand(t, n_exp, device=DEV).topk(k, dim=-1).indices
             routes.append((idx, torch.rand(t, k, device=DEV) + 0.05))
         base = km.moe_config(t, k, n_exp, d, inter, num_sms(DEV))
-        timed = memo_timer(lambda cfg: t_graph_us(
-            [lambda r=r: km._moe_cuda(u, *r, experts, shared, cfg) for r in routes]), f"T={t}")
-        coordinate_search(base, dict(kc=[32, 64, 128], bw1=[64, 128], bw2=[32, 64, 128],
-                                     stages=[2, 3, 4], warps=[2, 4, 8],
+        if t <= 64:
+            timed = memo_timer(lambda cfg: t_graph_us(
+                [lambda r=r: km._moe_cuda(u, *r, experts, shared, cfg) for r in routes]),
+                f"T={t}")
+        else:
+            timed = memo_timer(lambda cfg: t_us(
+                lambda: km._moe_cuda(u, *routes[0], experts, shared, cfg)), f"T={t}")
+        # the decode first: it changes which tile shapes pay
+        coordinate_search(base, dict(dec=[0, 1, 2, 3], kc=[32, 64, 128], bw1=[64, 128],
+                                     bw2=[32, 64, 128], stages=[2, 3, 4, 5], warps=[2, 4, 8],
                                      split1=[1, 2, 4, 8, 16], split2=[1, 2, 4, 8]),
                           timed, f"MoE T={t}")
     del experts, shared
@@ -283,7 +290,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", choices=["linear", "moe", "sweep", "linear-sweep"], default=None)
+    ap.add_argument("--tokens", type=int, nargs="*", default=[], help="MoE sweep batch sizes")
     args = ap.parse_args()
+    SWEEP_TOKENS.extend(args.tokens)
     p = torch.cuda.get_device_properties(0)
     print(f"# {p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}, "
           f"triton {triton.__version__}")
