@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..kernels.greedy import greedy_logprob
+
 __all__ = [
     "SamplingParams",
     "SamplerOutput",
@@ -343,9 +345,17 @@ class Sampler:
                 f"batch size mismatch: logits {B}, params {len(params)}, outputs {len(output_token_ids)}, "
                 f"prompts {len(prompt_token_ids)}, generators {len(generators)}"
             )
+        rand = [i for i, p in enumerate(params) if not p.is_greedy]
+        if not rand and not any(p.logprobs or p.needs_penalties
+                                or len(out) < p.min_tokens
+                                for p, out in zip(params, output_token_ids)):
+            # plain greedy: the raw argmax is the token, rank 1, one fused pass on the GPU
+            token_ids, tok_lp = greedy_logprob(logits)
+            return SamplerOutput(token_ids=token_ids, logprobs=tok_lp,
+                                 ranks=torch.ones_like(token_ids),
+                                 top_logprobs=[None if p.logprobs is None else [] for p in params])
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1)
-        rand = [i for i, p in enumerate(params) if not p.is_greedy]
         if not rand:  # all greedy: the argmax, without building the one-hot distributions
             token_ids = self._processed(logits, params, output_token_ids,
                                         prompt_token_ids).argmax(dim=-1)

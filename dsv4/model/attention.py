@@ -12,7 +12,7 @@ from .batch import ForwardBatch
 from .compressor import Compressor
 from .indexer import Indexer
 from .norm import RMSNorm
-from .rope import apply_rope, rope_frequencies
+from .rope import rope_, rope_frequencies
 
 
 class DeepseekV4Attention(nn.Module):
@@ -56,18 +56,14 @@ class DeepseekV4Attention(nn.Module):
             self.indexer = Indexer(cfg, freqs, scheme.format_for(f"{prefix}.indexer.wq_b"), dtype,
                                    qat, tp)
 
-    def _rotate(self, x: torch.Tensor, pos: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-        n = x.shape[-1] - self.rope_dim
-        return torch.cat([x[..., :n], apply_rope(x[..., n:], pos, self.freqs, inverse)], -1)
-
     def forward(self, u: torch.Tensor, batch: ForwardBatch, cache) -> torch.Tensor:
         T, H, D = u.shape[0], self.n_heads, self.head_dim
         nope = D - self.rope_dim
         qr = self.q_norm(self.wq_a(u))
-        q = self.wq_b(qr).view(T, H, D)
-        q = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + self.eps)
-        q = self._rotate(q, batch.positions)  # [T, H, D]
-        kv = self._rotate(self.kv_norm(self.wkv(u)), batch.positions)  # [T, D]
+        pos, rd = batch.positions, self.rope_dim
+        # per-head q normalisation and RoPE, in place on fresh tensors
+        q = rope_(self.wq_b(qr).view(T, H, D), pos, self.freqs, rd, norm_eps=self.eps)
+        kv = rope_(self.kv_norm(self.wkv(u)), pos, self.freqs, rd)  # [T, D]
         if self.qat:
             kv = torch.cat([fp8_sim(kv[:, :nope], 64), kv[:, nope:]], -1)
 
@@ -86,7 +82,7 @@ class DeepseekV4Attention(nn.Module):
         tok, dst = batch.ring_writes(cache.window_rows)
         cache.store_win(dst, kv[tok])
 
-        o = self._rotate(o, batch.positions, inverse=True)
+        o = rope_(o.contiguous(), pos, self.freqs, rd, inverse=True)
         o = o.reshape(T, self.groups, H * D // self.groups)
         wo_a = self.wo_a.weight.to(o.dtype).view(self.groups, self.o_lora, -1)
         z = torch.einsum("tgi,goi->tgo", o, wo_a)  # [T, G, o_lora]

@@ -10,7 +10,7 @@ from ..quant.linear import BF16Linear
 from ..quant.sim import fp4_sim, fp8_sim, hadamard
 from .batch import ForwardBatch
 from .norm import RMSNorm
-from .rope import apply_rope
+from .rope import rope_
 
 
 class Compressor(nn.Module):
@@ -52,7 +52,7 @@ class Compressor(nn.Module):
                 sc = torch.cat([sc[:, :m, :C], sc[:, m:, C:]], 1)
             c = self.norm(compress_pool(kv, sc, plan.valid).to(u.dtype))  # [W, C]
             r = self.rope_dim
-            c = torch.cat([c[:, :C - r], apply_rope(c[:, C - r:], plan.index * m, self.freqs)], -1)
+            c = rope_(c, plan.index * m, self.freqs, r)
             if self.kind == "index":
                 c = hadamard(c.float()).to(u.dtype)
             if self.qat and self.kind == "attn":

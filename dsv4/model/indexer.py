@@ -10,7 +10,7 @@ from ..quant.linear import BF16Linear, make_linear
 from ..quant.sim import fp4_sim, hadamard
 from .batch import ForwardBatch
 from .compressor import Compressor
-from .rope import apply_rope
+from .rope import rope_
 
 
 class Indexer(nn.Module):
@@ -30,8 +30,7 @@ class Indexer(nn.Module):
         """Returns the selected compressed-cache rows [T, <=topk] (-1 = empty)."""
         self.compressor(u, batch, cache.idx_state, cache.store_idx)
         T, c, r = u.shape[0], self.head_dim, self.rope_dim
-        q = self.wq_b(qr).view(T, self.n_heads, c)
-        q = torch.cat([q[..., :c - r], apply_rope(q[..., c - r:], batch.positions, self.freqs)], -1)
+        q = rope_(self.wq_b(qr).view(T, self.n_heads, c), batch.positions, self.freqs, r)
         q = hadamard(q.float()).to(u.dtype)
         if self.qat:
             q = fp4_sim(q, 32)

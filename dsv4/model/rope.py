@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from ..kernels.rope import apply_rope, rope_  # noqa: F401  (the model's RoPE ops)
+
 
 def rope_frequencies(cfg, ratio: int) -> torch.Tensor:
     """f_i for i < r/2 (fp32). m=0: rope_theta, no YaRN; m>0: compress_rope_theta with YaRN."""
@@ -25,17 +27,3 @@ def rope_frequencies(cfg, ratio: int) -> torch.Tensor:
         ramp = ((torch.arange(r // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
         f = f / factor * ramp + f * (1 - ramp)
     return f.float()
-
-
-def apply_rope(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor,
-               inverse: bool = False) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of x [T, ..., r] by angle pos*f_i (by -pos*f_i if inverse)."""
-    ang = pos.float()[:, None] * freqs.to(x.device)[None, :]  # [T, r/2]
-    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (ang.shape[-1],)
-    cos, sin = ang.cos().view(shape), ang.sin().view(shape)
-    if inverse:
-        sin = -sin
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2)
-    return out.to(x.dtype)

@@ -1,0 +1,78 @@
+"""Greedy sampling with the sampled token's log-probability, in one pass over the logits.
+
+`greedy_logprob(logits [B, V])` -> (ids int64 [B], logprob fp32 [B]): the argmax of each row
+(the lowest id among equal maxima, as torch.argmax) and its raw log-softmax value,
+max - logsumexp. Reference: torch's log_softmax and argmax (two full passes, each one CTA per
+row: about 30 us for one 129K-vocabulary row on an H200). GPU: the row is split across CTAs,
+each writes (max, first argmax, sum of exp(x - max)) of its slice, and a second launch merges
+the slices of each row.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import HAS_TRITON, use_triton
+
+CHUNK = 4096  # vocabulary entries per CTA
+
+
+def greedy_logprob_ref(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = logits.float()
+    ids = x.argmax(-1)
+    return ids, torch.log_softmax(x, -1).gather(1, ids[:, None])[:, 0]
+
+
+def greedy_logprob(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if logits.dim() != 2 or logits.shape[1] == 0:
+        raise ValueError(f"greedy_logprob needs [B, V] logits with V > 0, got {tuple(logits.shape)}")
+    if use_triton(logits) and logits.shape[0]:
+        return _greedy_cuda(logits)
+    return greedy_logprob_ref(logits)
+
+
+def _greedy_cuda(logits):
+    x = logits.contiguous()
+    b, v = x.shape
+    ns = triton.cdiv(v, CHUNK)
+    part_m = torch.empty(b, ns, dtype=torch.float32, device=x.device)
+    part_s = torch.empty_like(part_m)
+    part_i = torch.empty(b, ns, dtype=torch.int32, device=x.device)
+    _slice_kernel[(b, ns)](x, part_m, part_s, part_i, v, ns, CH=CHUNK, num_warps=8)
+    ids = torch.empty(b, dtype=torch.int64, device=x.device)
+    lp = torch.empty(b, dtype=torch.float32, device=x.device)
+    _merge_kernel[(b,)](part_m, part_s, part_i, ids, lp, ns, NS=triton.next_power_of_2(ns),
+                        num_warps=1)
+    return ids, lp
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _slice_kernel(x_ptr, m_ptr, s_ptr, i_ptr, V, ns, CH: tl.constexpr):
+        row = tl.program_id(0)
+        sl = tl.program_id(1)
+        c = sl * CH + tl.arange(0, CH)
+        x = tl.load(x_ptr + row.to(tl.int64) * V + c, mask=c < V, other=float("-inf"))
+        x = x.to(tl.float32)
+        m = tl.max(x, 0)
+        first = tl.min(tl.where(x == m, c, 2147483647), 0)
+        s = tl.sum(tl.where(x == float("-inf"), 0.0, tl.exp(x - m)), 0)
+        tl.store(m_ptr + row * ns + sl, m)
+        tl.store(s_ptr + row * ns + sl, s)
+        tl.store(i_ptr + row * ns + sl, first)
+
+    @triton.jit
+    def _merge_kernel(m_ptr, s_ptr, i_ptr, ids_ptr, lp_ptr, ns, NS: tl.constexpr):
+        row = tl.program_id(0)
+        j = tl.arange(0, NS)
+        ok = j < ns
+        m = tl.load(m_ptr + row * ns + j, mask=ok, other=float("-inf"))
+        s = tl.load(s_ptr + row * ns + j, mask=ok, other=0.0)
+        i = tl.load(i_ptr + row * ns + j, mask=ok, other=2147483647)
+        big = tl.max(m, 0)
+        first = tl.min(tl.where(m == big, i, 2147483647), 0)
+        total = tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - big)), 0)
+        tl.store(ids_ptr + row, first.to(tl.int64))
+        tl.store(lp_ptr + row, -tl.log(total))

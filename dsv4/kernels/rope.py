@@ -1,0 +1,107 @@
+"""RoPE on the last `rope_dim` channels of each row, in place, optionally after the per-head
+q normalisation (SPEC.md 5.1 and 5.3).
+
+`rope_(x, pos, freqs, rope_dim, inverse=False, norm_eps=None)`: x [T, ..., D]; token t's rows
+x[t, ...] are rotated by pos[t]. Pairs (x[2i], x[2i+1]) of the rope channels turn by pos * f_i
+(by -pos * f_i when inverse), computed in fp32 and rounded once to x's dtype. With `norm_eps`
+each row is first scaled by rsqrt(mean(x^2) + eps) with the reference's working-dtype
+rounding after every op (square, mean, + eps, rsqrt, product: bf16 ops in the reference).
+
+Reference: the torch composition (`rope_ref_`), a dozen small ops per call. GPU: one Triton
+kernel per call; without the normalisation it reads and writes only the rope channels.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import HAS_TRITON, use_triton
+
+
+def apply_rope(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor,
+               inverse: bool = False) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of x [T, ..., r] by angle pos*f_i (by -pos*f_i if inverse)."""
+    ang = pos.float()[:, None] * freqs.to(x.device)[None, :]  # [T, r/2]
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (ang.shape[-1],)
+    cos, sin = ang.cos().view(shape), ang.sin().view(shape)
+    if inverse:
+        sin = -sin
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2)
+    return out.to(x.dtype)
+
+
+def rope_ref_(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor, rope_dim: int,
+              inverse: bool = False, norm_eps: float | None = None) -> torch.Tensor:
+    if norm_eps is not None:
+        x.copy_(x * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm_eps))
+    n = x.shape[-1] - rope_dim
+    x[..., n:] = apply_rope(x[..., n:], pos, freqs, inverse)
+    return x
+
+
+def rope_(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor, rope_dim: int,
+          inverse: bool = False, norm_eps: float | None = None) -> torch.Tensor:
+    """In place; returns x. See the module docstring."""
+    if pos.shape[0] != x.shape[0]:
+        raise ValueError(f"rope: {pos.shape[0]} positions for {x.shape[0]} tokens")
+    if not 0 < rope_dim <= x.shape[-1] or rope_dim % 2 or freqs.numel() != rope_dim // 2:
+        raise ValueError(f"rope: rope_dim {rope_dim} with {freqs.numel()} frequencies does not fit "
+                         f"rows of {x.shape[-1]}")
+    if use_triton(x) and x.is_contiguous() and x.numel() and (x.shape[-1] - rope_dim) % 2 == 0:
+        return _rope_cuda(x, pos, freqs, rope_dim, inverse, norm_eps)
+    return rope_ref_(x, pos, freqs, rope_dim, inverse, norm_eps)
+
+
+def _rope_cuda(x, pos, freqs, rope_dim, inverse, norm_eps):
+    d = x.shape[-1]
+    rows = x.numel() // d
+    heads = rows // x.shape[0]
+    norm = norm_eps is not None
+    bp = triton.next_power_of_2(d // 2 if norm else rope_dim // 2)
+    br = max(1, min(64, 4096 // bp))
+    _rope_kernel[(triton.cdiv(rows, br),)](
+        x, pos, freqs.to(device=x.device, dtype=torch.float32), rows, heads,
+        float(norm_eps or 0.0), D=d, NOPE=d - rope_dim, NORM=norm, INV=inverse, BR=br, BP=bp,
+        num_warps=4)
+    return x
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rope_kernel(x_ptr, pos_ptr, f_ptr, R, heads, eps, D: tl.constexpr, NOPE: tl.constexpr,
+                     NORM: tl.constexpr, INV: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr):
+        """BR rows; pairs j of each row (all D/2 with NORM, else the rope pairs only)."""
+        dt = x_ptr.dtype.element_ty
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)
+        ok = rows < R
+        p = tl.load(pos_ptr + rows // heads, mask=ok, other=0).to(tl.float32)
+        if NORM:
+            j = tl.arange(0, BP)
+        else:
+            j = NOPE // 2 + tl.arange(0, BP)
+        m = ok[:, None] & (j < D // 2)[None, :]
+        ptr = (x_ptr + rows[:, None, None].to(tl.int64) * D + 2 * j[None, :, None]
+               + tl.arange(0, 2)[None, None, :])
+        m3 = m[:, :, None] & (tl.arange(0, 2) < 2)[None, None, :]
+        e, o = tl.split(tl.load(ptr, mask=m3, other=0.0).to(tl.float32))
+        if NORM:  # the reference's working-dtype ops: square, mean, + eps, rsqrt, product
+            ss = tl.sum((e * e).to(dt).to(tl.float32) + (o * o).to(dt).to(tl.float32), 1)
+            ms = (ss / D).to(dt).to(tl.float32)
+            r = tl.math.div_rn(1.0, tl.math.sqrt_rn((ms + eps).to(dt).to(tl.float32)))
+            r = r.to(dt).to(tl.float32)
+            e = (e * r[:, None]).to(dt).to(tl.float32)
+            o = (o * r[:, None]).to(dt).to(tl.float32)
+        fi = j - NOPE // 2
+        rot = (fi >= 0) & (j < D // 2)
+        f = tl.load(f_ptr + fi, mask=rot, other=0.0)
+        ang = p[:, None] * f[None, :]
+        c = tl.where(rot[None, :], tl.cos(ang), 1.0)
+        s = tl.where(rot[None, :], tl.sin(ang), 0.0)
+        if INV:
+            s = -s
+        y = tl.join(e * c - o * s, e * s + o * c)
+        tl.store(ptr, y.to(dt), mask=m3)
