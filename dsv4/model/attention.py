@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from ..distributed import SINGLE, ParallelGroup
+from ..kernels.qat import fp8_round_
 from ..kernels.sparse_attention import sparse_attention
 from ..quant.linear import BF16Linear, make_linear
-from ..quant.sim import fp8_sim
 from .batch import ForwardBatch
 from .compressor import Compressor
 from .indexer import Indexer
@@ -65,7 +65,7 @@ class DeepseekV4Attention(nn.Module):
         q = rope_(self.wq_b(qr).view(T, H, D), pos, self.freqs, rd, norm_eps=self.eps)
         kv = rope_(self.kv_norm(self.wkv(u)), pos, self.freqs, rd)  # [T, D]
         if self.qat:
-            kv = torch.cat([fp8_sim(kv[:, :nope], 64), kv[:, nope:]], -1)
+            kv = fp8_round_(kv, nope)
 
         # Compressed rows completed by this chunk are written first, so that later tokens of the
         # same chunk see them; each token's index list only reaches entries already complete.

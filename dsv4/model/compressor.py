@@ -6,8 +6,8 @@ from torch import nn
 
 from ..cache.kv_cache import CompressorState, overlap_factor
 from ..kernels.compressor import compress_pool
+from ..kernels.qat import fp8_round_, hadamard_fp4
 from ..quant.linear import BF16Linear
-from ..quant.sim import fp4_sim, fp8_sim, hadamard
 from .batch import ForwardBatch
 from .norm import RMSNorm
 from .rope import rope_
@@ -54,11 +54,9 @@ class Compressor(nn.Module):
             r = self.rope_dim
             c = rope_(c, plan.index * m, self.freqs, r)
             if self.kind == "index":
-                c = hadamard(c.float()).to(u.dtype)
-            if self.qat and self.kind == "attn":
-                c = torch.cat([fp8_sim(c[:, :C - r], 64), c[:, C - r:]], -1)
+                c = hadamard_fp4(c, self.qat)
             elif self.qat:
-                c = fp4_sim(c, 32)
+                c = fp8_round_(c, C - r)
             store(plan.dst, c)
         tok, dst = batch.ring_writes(state.rows)
         state.kv.view(-1, self.k * C)[dst] = a[tok]

@@ -6,8 +6,8 @@ from torch import nn
 
 from ..distributed import SINGLE, ParallelGroup
 from ..kernels.indexer import indexer_topk
+from ..kernels.qat import hadamard_fp4
 from ..quant.linear import BF16Linear, make_linear
-from ..quant.sim import fp4_sim, hadamard
 from .batch import ForwardBatch
 from .compressor import Compressor
 from .rope import rope_
@@ -31,9 +31,7 @@ class Indexer(nn.Module):
         self.compressor(u, batch, cache.idx_state, cache.store_idx)
         T, c, r = u.shape[0], self.head_dim, self.rope_dim
         q = rope_(self.wq_b(qr).view(T, self.n_heads, c), batch.positions, self.freqs, r)
-        q = hadamard(q.float()).to(u.dtype)
-        if self.qat:
-            q = fp4_sim(q, 32)
+        q = hadamard_fp4(q, self.qat)
         w = self.weights_proj(u) * (c ** -0.5 * self.total_heads ** -0.5)  # [T, nI]
         cand, _ = batch.candidates(4)
         reduce = self.tp.all_reduce if self.tp.size > 1 else None  # heads' partial scores

@@ -281,3 +281,30 @@ def test_rope_matches_reference(shape, norm, inverse, dtype):
     assert (diff > 0).float().mean().item() < 0.05
     if not norm:  # channels before the rope dims are untouched
         assert torch.equal(got[..., :shape[-1] - 64], x[..., :shape[-1] - 64])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape,width", [((1, 512), 448), ((300, 512), 448), ((5, 3, 128), 64)])
+def test_fp8_round_is_bit_exact(shape, width, dtype):
+    from dsv4.kernels.qat import fp8_round_, fp8_round_ref_
+    gen = torch.Generator(device=DEV).manual_seed(shape[0])
+    x = (torch.randn(*shape, generator=gen, device=DEV) * 5).to(dtype)
+    x[0, ..., :64] = 0                    # an all-zero block (scale from the 1e-4 floor)
+    x.view(-1, shape[-1])[-1, 64:128] *= 1e-6
+    assert torch.equal(fp8_round_(x.clone(), width), fp8_round_ref_(x.clone(), width))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("qat", [True, False])
+@pytest.mark.parametrize("shape", [(1, 64, 128), (37, 64, 128), (300, 128)])
+def test_hadamard_fp4_matches_reference(shape, qat, dtype):
+    """Same formulas; the fp32 Hadamard sums in another order, which can move a value across a
+    rounding boundary: rare, and then by one rounding step."""
+    from dsv4.kernels.qat import hadamard_fp4, hadamard_fp4_ref
+    gen = torch.Generator(device=DEV).manual_seed(shape[0])
+    x = (torch.randn(*shape, generator=gen, device=DEV) * 3).to(dtype)
+    got, want = hadamard_fp4(x, qat), hadamard_fp4_ref(x, qat)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert rel_err(got, want) < (2e-2 if qat else 1e-5 if dtype == torch.float32 else 5e-3)
+    if qat or dtype == torch.bfloat16:
+        assert (got != want).float().mean().item() < 0.01
