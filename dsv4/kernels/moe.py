@@ -501,8 +501,9 @@ if HAS_TRITON:
         g = tl.zeros((BT, 128), dtype=tl.float32)
         v = tl.zeros((BT, 128), dtype=tl.float32)
         for sp in range(n_split):
-            g += tl.load(p + sp * part_stride, mask=ok[:, None], other=0.0)
-            v += tl.load(p + sp * part_stride + N, mask=ok[:, None], other=0.0)
+            off = sp.to(tl.int64) * part_stride
+            g += tl.load(p + off, mask=ok[:, None], other=0.0)
+            v += tl.load(p + off + N, mask=ok[:, None], other=0.0)
         hq, hs = _swiglu_quant(g, v, _routing_weight(wgt_ptr, slot, ok, k1), limit, ROUND,
                                HAS_LIMIT)
         tl.store(hq_ptr + pos[:, None].to(tl.int64) * N + cols[None, :], hq, mask=ok[:, None])
@@ -520,7 +521,8 @@ if HAS_TRITON:
         for j in tl.static_range(K1):
             y = tl.zeros((BD,), dtype=tl.float32)
             for sp in range(n_split):
-                y += tl.load(ys_ptr + sp * part_stride + (t * K1 + j).to(tl.int64) * D + c,
+                row = sp.to(tl.int64) * part_stride + (t * K1 + j).to(tl.int64) * D
+                y += tl.load(ys_ptr + row + c,
                              mask=ok, other=0.0).to(tl.float32)
             if ROUND:
                 y = y.to(tl.bfloat16).to(tl.float32)

@@ -278,7 +278,8 @@ def test_rope_matches_reference(shape, norm, inverse, dtype):
     ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -22
     # one rounding step of the result, or fp32 noise of the rotation where it cancels
     assert (diff <= ulp * want.float().abs() * 1.01 + 2e-5).all(), diff.max()
-    assert (diff > 0).float().mean().item() < 0.05
+    if dtype == torch.bfloat16:  # a rounding step apart only where fp32 noise crosses a tie
+        assert (diff > 0).float().mean().item() < 0.05
     if not norm:  # channels before the rope dims are untouched
         assert torch.equal(got[..., :shape[-1] - 64], x[..., :shape[-1] - 64])
 
