@@ -9,6 +9,7 @@ from torch import nn
 from ..distributed import SINGLE, ParallelGroup
 from ..kernels.f32_linear import linear_f32
 from ..kernels.moe import moe_forward
+from ..kernels.routing import route
 from ..quant.linear import make_linear
 
 
@@ -31,20 +32,9 @@ class Gate(nn.Module):
 
     def forward(self, u: torch.Tensor, input_ids: torch.Tensor):
         z = linear_f32(u, self.weight)  # [T, E], fp32
-        if self.func == "sqrtsoftplus":
-            s = torch.sqrt(F.softplus(z))
-        elif self.func == "sigmoid":
-            s = torch.sigmoid(z)
-        else:
-            s = torch.softmax(z, -1)
         if self.hash:
-            idx = self.tid2eid[input_ids].long()
-        else:
-            idx = (s + self.bias).topk(self.topk, dim=-1).indices
-        wgt = s.gather(1, idx)
-        if self.func != "softmax":
-            wgt = wgt / wgt.sum(-1, keepdim=True)
-        return idx, wgt * self.scaling
+            return route(z, self.func, self.topk, self.scaling, table=self.tid2eid, ids=input_ids)
+        return route(z, self.func, self.topk, self.scaling, bias=self.bias)
 
 
 class Expert(nn.Module):
