@@ -4,6 +4,10 @@ For each completing window, each channel is a softmax-weighted sum over the wind
 `c = sum_t softmax_t(g_t) * a_t`; absent items (before window 0) get weight 0.
 The Triton kernel reads each input element once: one CTA holds all items of a window for a
 block of channels, so the softmax and the sum stay in registers.
+
+`compress_windows` also gathers the items: each comes from this step's projected rows or from
+the slot's state ring, and with overlapping windows (k = 2) the previous window's items use
+channels [:C] and this window's [C:]. The kernel reads them where they are (no gathered copy).
 """
 from __future__ import annotations
 
@@ -37,6 +41,36 @@ if HAS_TRITON:
         out = tl.sum(p * a, 0) / tl.sum(p, 0)
         tl.store(out_ptr + w.to(tl.int64) * C + c, out, mask=c < C)
 
+    @triton.jit
+    def _compress_windows_kernel(a_ptr, g_ptr, kv_ptr, sc_ptr, new_ptr, nidx_ptr, sidx_ptr,
+                                 valid_ptr, out_ptr, ITEMS, C, m, K: tl.constexpr,
+                                 BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
+        w = tl.program_id(0)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        i = tl.arange(0, BLOCK_I)
+        live = i < ITEMS
+        at = w * ITEMS + i
+        v = tl.load(valid_ptr + at, mask=live, other=0) != 0
+        new = tl.load(new_ptr + at, mask=live, other=0) != 0
+        row_new = tl.load(nidx_ptr + at, mask=live & new, other=0).to(tl.int64)
+        row_old = tl.load(sidx_ptr + at, mask=live & ~new, other=0).to(tl.int64)
+        col = c[None, :]
+        if K == 2:  # items of the previous window read channels [:C], this window's [C:]
+            col = col + (i >= m).to(tl.int32)[:, None] * C
+        ok = v[:, None] & (c < C)[None, :]
+        on = ok & new[:, None]
+        oo = ok & ~new[:, None]
+        rn = row_new[:, None] * (K * C) + col
+        ro = row_old[:, None] * (K * C) + col
+        s = tl.where(on, tl.load(g_ptr + rn, mask=on, other=0.0),
+                     tl.load(sc_ptr + ro, mask=oo, other=0.0))
+        s = tl.where(ok, s, float("-inf"))
+        x = tl.where(on, tl.load(a_ptr + rn, mask=on, other=0.0),
+                     tl.load(kv_ptr + ro, mask=oo, other=0.0))
+        p = tl.exp(s - tl.max(s, 0)[None, :])
+        out = tl.sum(p * x, 0) / tl.sum(p, 0)
+        tl.store(out_ptr + w.to(tl.int64) * C + c, out, mask=c < C)
+
     def compress_pool_triton(kv: torch.Tensor, score: torch.Tensor,
                              valid: torch.Tensor) -> torch.Tensor:
         """Launcher: kv, score fp32 [W, items, C], valid bool [W, items] -> fp32 [W, C]."""
@@ -55,6 +89,38 @@ if HAS_TRITON:
             kv.contiguous(), score.contiguous(), valid.contiguous().view(torch.uint8), out,
             items, C, BLOCK_I=bi, BLOCK_C=bc, num_warps=4)
         return out
+
+
+def compress_windows_ref(a, g, kv_ring, sc_ring, is_new, new_idx, state_idx, valid, m):
+    """a, g [T, k*C] this step's rows; kv_ring, sc_ring [rows, k*C] the state rings (fp32);
+    is_new, new_idx, state_idx, valid [W, k*m] -> pooled [W, C] fp32."""
+    new = is_new[..., None]
+    kv = torch.where(new, a[new_idx], kv_ring[state_idx])  # [W, k*m, k*C]
+    sc = torch.where(new, g[new_idx], sc_ring[state_idx])
+    if is_new.shape[1] == 2 * m:  # previous window's items use channels [:C], this one's [C:]
+        c = a.shape[1] // 2
+        kv = torch.cat([kv[:, :m, :c], kv[:, m:, c:]], 1)
+        sc = torch.cat([sc[:, :m, :c], sc[:, m:, c:]], 1)
+    return compress_pool(kv, sc, valid)
+
+
+def compress_windows(a, g, kv_ring, sc_ring, is_new, new_idx, state_idx, valid, m):
+    w, items = is_new.shape
+    k = items // m
+    if (use_triton(a) and items <= 1024 and a.dtype == g.dtype == kv_ring.dtype
+            == sc_ring.dtype == torch.float32 and a.is_contiguous() and g.is_contiguous()
+            and kv_ring.is_contiguous() and sc_ring.is_contiguous()):
+        c = a.shape[1] // k
+        out = torch.empty(w, c, dtype=torch.float32, device=a.device)
+        if w == 0:
+            return out
+        bi = triton.next_power_of_2(items)
+        bc = max(16, min(triton.next_power_of_2(c), 8192 // bi))
+        _compress_windows_kernel[(w, triton.cdiv(c, bc))](
+            a, g, kv_ring, sc_ring, is_new.view(torch.uint8), new_idx, state_idx,
+            valid.view(torch.uint8), out, items, c, m, K=k, BLOCK_I=bi, BLOCK_C=bc, num_warps=4)
+        return out
+    return compress_windows_ref(a, g, kv_ring, sc_ring, is_new, new_idx, state_idx, valid, m)
 
 
 def compress_pool(kv, score, valid):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..cache.kv_cache import CompressorState, overlap_factor
-from ..kernels.compressor import compress_pool
+from ..kernels.compressor import compress_windows
 from ..kernels.qat import fp8_round_, hadamard_fp4
 from ..quant.linear import BF16Linear
 from .batch import ForwardBatch
@@ -43,14 +43,9 @@ class Compressor(nn.Module):
         g = self.wgate(uf) + self.ape[batch.positions % m]
         plan = batch.compress_plan(m, state.rows)
         if plan.seq.numel():
-            kv_ring, sc_ring = state.kv.flatten(0, 1), state.score.flatten(0, 1)
-            new = plan.is_new[..., None]
-            kv = torch.where(new, a[plan.new_idx], kv_ring[plan.state_idx])  # [W, k*m, k*C]
-            sc = torch.where(new, g[plan.new_idx], sc_ring[plan.state_idx])
-            if self.k == 2:  # previous window's items use channels [:C], this window's [C:]
-                kv = torch.cat([kv[:, :m, :C], kv[:, m:, C:]], 1)
-                sc = torch.cat([sc[:, :m, :C], sc[:, m:, C:]], 1)
-            c = self.norm(compress_pool(kv, sc, plan.valid).to(u.dtype))  # [W, C]
+            pooled = compress_windows(a, g, state.kv.flatten(0, 1), state.score.flatten(0, 1),
+                                      plan.is_new, plan.new_idx, plan.state_idx, plan.valid, m)
+            c = self.norm(pooled.to(u.dtype))  # [W, C]
             r = self.rope_dim
             c = rope_(c, plan.index * m, self.freqs, r)
             if self.kind == "index":

@@ -195,6 +195,27 @@ def test_compress_pool_matches_reference(windows, items, C):
     assert rel_err(out, ref) < 1e-6, f"rel err {rel_err(out, ref):.2e}"
 
 
+
+@pytest.mark.parametrize("m,k,C,windows", [(4, 2, 512, 1), (4, 2, 512, 300), (128, 1, 512, 3),
+                                           (4, 2, 128, 64)])
+def test_compress_windows_gathers_as_reference(m, k, C, windows):
+    """Items gathered from this step's rows or the state ring (and, for overlapping windows,
+    the two channel halves) inside the pooling kernel, against the gathered copy + pooling."""
+    from dsv4.kernels.compressor import compress_windows, compress_windows_ref
+    gen = torch.Generator(device=DEV).manual_seed(windows)
+    T, rows = 40, 1000
+    a, g = (torch.randn(T, k * C, generator=gen, device=DEV) for _ in range(2))
+    kr, sr = (torch.randn(rows, k * C, generator=gen, device=DEV) * 3 for _ in range(2))
+    is_new = torch.rand(windows, k * m, generator=gen, device=DEV) < 0.4
+    new_idx = torch.randint(0, T, (windows, k * m), generator=gen, device=DEV)
+    state_idx = torch.randint(0, rows, (windows, k * m), generator=gen, device=DEV)
+    valid = torch.ones(windows, k * m, dtype=torch.bool, device=DEV)
+    valid[0, :m] = False
+    args = (a, g, kr, sr, is_new, new_idx, state_idx, valid, m)
+    out, ref = compress_windows(*args), compress_windows_ref(*args)
+    assert rel_err(out, ref) < 1e-6, f"rel err {rel_err(out, ref):.2e}"
+
+
 # ------------------------------------------------------------------------------------ mHC
 def assert_within_one_bf16_ulp(out, ref):
     tol = ref.float().abs() * 2.0 ** -7 + 1e-6
