@@ -55,7 +55,7 @@ def hadamard_fp4(x: torch.Tensor, qat: bool) -> torch.Tensor:
         rows = x2.numel() // c
         out = torch.empty_like(x2)
         h = hadamard_matrix(c, torch.float32, x.device)
-        br = 32 if c <= 128 else 16
+        br = 16
         _hadamard_fp4_kernel[(triton.cdiv(rows, br),)](x2, h, out, rows, C=c, QAT=qat, BR=br,
                                                         num_warps=4)
         return out
@@ -89,10 +89,14 @@ if HAS_TRITON:
         rows = tl.program_id(0) * BR + tl.arange(0, BR)
         ok = rows < R
         c = tl.arange(0, C)
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * C + c[None, :], mask=ok[:, None],
-                    other=0.0).to(tl.float32)
-        h = tl.load(h_ptr + c[:, None] * C + c[None, :])
-        y = tl.dot(x, h, input_precision="ieee").to(dt).to(tl.float32)
+        kc = tl.arange(0, 32)
+        y = tl.zeros((BR, C), dtype=tl.float32)
+        for k0 in tl.static_range(0, C, 32):  # 32-deep slices keep H's registers small
+            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * C + k0 + kc[None, :],
+                        mask=ok[:, None], other=0.0).to(tl.float32)
+            h = tl.load(h_ptr + (k0 + kc[:, None]) * C + c[None, :])
+            y = tl.dot(x, h, y, input_precision="ieee")
+        y = y.to(dt).to(tl.float32)
         if QAT:
             yb = tl.reshape(y, (BR, C // 32, 32))
             amax = tl.maximum(tl.max(tl.abs(yb), 2), 6.0 * 1.1754943508222875e-38)

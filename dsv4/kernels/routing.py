@@ -9,9 +9,12 @@ weights fp32 [T, k]):
   `scaling`.
 
 Reference: the torch ops (about eight launches per layer). GPU: one Triton program per token
-row (the expert count fits in registers); the top-k is k rounds of max and lowest index.
+row (the expert count fits in registers); the top-k is k rounds of max and lowest index;
+the scores use the same libdevice functions as torch's CUDA ops.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,10 @@ import torch.nn.functional as F
 from . import HAS_TRITON, use_triton
 
 _FUNCS = {"sqrtsoftplus": 0, "sigmoid": 1, "softmax": 2}
+# Scores use CUDA's expf / log1pf and correctly rounded sqrt and division, as torch's CUDA ops
+# do: a routing near-tie then resolves as it did with them. Triton's CPU interpreter has no
+# libdevice, so it gets portable formulas.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def route_ref(z, func, topk, scaling, bias=None, table=None, ids=None):
@@ -58,7 +65,7 @@ def _route_cuda(z, func, topk, scaling, bias, table, ids):
     _route_kernel[(t,)](z, bias if not hashed else z, table if hashed else idx,
                         ids if hashed else idx, idx, wgt, e, scaling, FUNC=func, K=topk,
                         KP2=triton.next_power_of_2(topk), EP2=triton.next_power_of_2(e),
-                        HASH=hashed, num_warps=4)
+                        HASH=hashed, PRECISE=not INTERPRET, num_warps=4)
     return idx, wgt
 
 
@@ -66,26 +73,37 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    if not INTERPRET:
+        from triton.language.extra import libdevice
+
+    @triton.jit
+    def _exp(x, PRECISE: tl.constexpr):
+        if PRECISE:
+            return libdevice.exp(x)
+        return tl.exp(x)
+
     @triton.jit
     def _route_kernel(z_ptr, bias_ptr, table_ptr, ids_ptr, idx_ptr, wgt_ptr, E, scaling,
                       FUNC: tl.constexpr, K: tl.constexpr, KP2: tl.constexpr,
-                      EP2: tl.constexpr, HASH: tl.constexpr):
+                      EP2: tl.constexpr, HASH: tl.constexpr, PRECISE: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         e = tl.arange(0, EP2)
         ok = e < E
         z = tl.load(z_ptr + row * E + e, mask=ok, other=0.0)
-        if FUNC == 0:  # torch's softplus: x above its threshold 20, else log1p(exp(x)),
-            # as max(x, 0) + log1p(exp(-|x|)) with Kahan's accurate log1p
-            a = tl.exp(-tl.abs(z))
-            u = 1.0 + a
-            lp = tl.where(u == 1.0, a, tl.log(u) * (a / (u - 1.0)))
-            s = tl.sqrt(tl.where(z > 20.0, z, tl.maximum(z, 0.0) + lp))
+        if FUNC == 0:  # torch's softplus: x above its threshold 20, else log1p(exp(x))
+            if PRECISE:
+                sp = libdevice.log1p(libdevice.exp(z))
+            else:  # interpreter: max(x, 0) + log1p(exp(-|x|)) with Kahan's log1p
+                a = tl.exp(-tl.abs(z))
+                u = 1.0 + a
+                sp = tl.maximum(z, 0.0) + tl.where(u == 1.0, a, tl.log(u) * (a / (u - 1.0)))
+            s = tl.math.sqrt_rn(tl.where(z > 20.0, z, sp))
         elif FUNC == 1:
-            s = 1.0 / (1.0 + tl.exp(-z))
+            s = tl.math.div_rn(1.0, 1.0 + _exp(-z, PRECISE))
         else:
             zm = tl.where(ok, z, float("-inf"))
-            p = tl.exp(zm - tl.max(zm, 0))
-            s = p / tl.sum(p, 0)
+            p = _exp(zm - tl.max(zm, 0), PRECISE)
+            s = tl.math.div_rn(p, tl.sum(p, 0))
         j = tl.arange(0, KP2)
         chosen = tl.zeros((KP2,), dtype=tl.int32)
         w = tl.zeros((KP2,), dtype=tl.float32)
@@ -104,6 +122,6 @@ if HAS_TRITON:
                 w = tl.where(j == r, tl.sum(tl.where(e == c, s, 0.0), 0), w)
                 v = tl.where(e == c, float("-inf"), v)
         if FUNC != 2:
-            w = w / tl.sum(w, 0)
+            w = tl.math.div_rn(w, tl.sum(w, 0))
         tl.store(idx_ptr + row * K + j, chosen.to(tl.int64), mask=j < K)
         tl.store(wgt_ptr + row * K + j, w * scaling, mask=j < K)
