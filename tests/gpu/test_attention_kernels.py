@@ -210,7 +210,8 @@ def test_compress_windows_gathers_as_reference(m, k, C, windows):
     new_idx = torch.randint(0, T, (windows, k * m), generator=gen, device=DEV)
     state_idx = torch.randint(0, rows, (windows, k * m), generator=gen, device=DEV)
     valid = torch.ones(windows, k * m, dtype=torch.bool, device=DEV)
-    valid[0, :m] = False
+    if k == 2:  # the overlapping window 0 has no predecessor (a whole window is never absent)
+        valid[0, :m] = False
     args = (a, g, kr, sr, is_new, new_idx, state_idx, valid, m)
     out, ref = compress_windows(*args), compress_windows_ref(*args)
     assert rel_err(out, ref) < 1e-6, f"rel err {rel_err(out, ref):.2e}"
