@@ -16,11 +16,15 @@ GPU (no host synchronisation, a fixed number of launches whatever the routing):
    each slot's padded position. The grids of the GEMMs are upper bounds; blocks past the end
    exit at once.
 3. `_moe_gemm_kernel` GATE_UP: per block, g = w1 x and v = w3 x for BW intermediate channels
-   (FP4 decoded in the kernel, or FP8). Large batches (`moe_config`): BW=128 and both products
-   in one CTA, with the clamped SwiGLU, the routing weight and the FP8 quantisation of h that
-   w2's input needs (per token, per 128) in the epilogue. Small batches are memory-bound and
-   would leave most SMs idle: K is split across CTAs, g and v go to separate CTAs, each writes
-   fp32 partial sums, and `_swiglu_kernel` sums them and applies the same epilogue.
+   (FP4 decoded in the kernel, or FP8). MXFP4 decodes either to bf16 with the scale folded in
+   (one bf16 MMA per chunk) or, by default for up to 16 tokens per expert, to e4m3 for FP8
+   tensor cores (`_mxfp4_mma8`: one 32-deep MMA per scale block, promoted to fp32 with the
+   scale). With the fused epilogue (`moe_config`: BW=128, unsplit) both products share a CTA,
+   with the clamped SwiGLU, the routing weight and the FP8 quantisation of h that w2's input
+   needs (per token, per 128). Otherwise (small batches, which are memory-bound and would
+   leave most SMs idle, and the largest, where it measured faster) g and v go to separate
+   CTAs, K may be split across CTAs, each writes fp32 partial sums, and `_swiglu_kernel` sums
+   them and applies the same epilogue.
 4. `_moe_gemm_kernel` DOWN: y_slot = w2 h, written to the slot's own row (the un-permute);
    small batches split K here too (fp32 partials).
 5. `_combine_kernel`: out[t] = sum over the token's k+1 slot rows (each the sum of its K-split
