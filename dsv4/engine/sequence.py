@@ -174,7 +174,7 @@ class Request:
     def output(self) -> RequestOutput:
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt,
-            prompt_token_ids=list(self.prompt_token_ids),
+            prompt_token_ids=self.prompt_token_ids,  # shared, not copied: every step's output
             prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
             outputs=[s.output() for s in self.seqs], finished=self.finished,
             metrics=RequestMetrics(**vars(self.metrics)))
