@@ -91,3 +91,88 @@ def test_fp32_split_into_three_bf16_parts_is_exact():
     assert torch.equal((prods[0] + prods[1]) + prods[2], x.double()[:, None, :] * w[None])
     w = w.bfloat16()
     assert torch.equal(linear_f32(x, w), linear_f32_ref(x, w))  # CPU: the reference itself
+
+
+# ------------------------------------------------------------------ references of the fused ops
+def test_rope_in_place_matches_the_composition_and_rejects_mismatches():
+    from dsv4.kernels.rope import apply_rope, rope_
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 128, generator=g)
+    pos = torch.tensor([0, 7, 70000])
+    f = 10000.0 ** (-torch.arange(0, 64, 2) / 64)
+    want = torch.cat([x[..., :64], apply_rope(x[..., 64:], pos, f)], -1)
+    assert torch.equal(rope_(x.clone(), pos, f, 64), want)
+    normed = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6)
+    want = torch.cat([normed[..., :64], apply_rope(normed[..., 64:], pos, f)], -1)
+    assert torch.equal(rope_(x.clone(), pos, f, 64, norm_eps=1e-6), want)
+    back = rope_(rope_(x.clone(), pos, f, 64), pos, f, 64, inverse=True)
+    assert torch.allclose(back, x, atol=1e-4)
+    with pytest.raises(ValueError, match="positions"):
+        rope_(x, pos[:2], f, 64)
+    with pytest.raises(ValueError, match="rope_dim"):
+        rope_(x, pos, f, 48)
+
+
+def test_qat_roundings_match_the_simulations():
+    from dsv4.kernels.qat import fp8_round_, hadamard_fp4
+    from dsv4.quant.sim import fp4_sim, hadamard
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 512, generator=g) * 4
+    want = torch.cat([fp8_sim(x[:, :448], 64), x[:, 448:]], 1)
+    assert torch.equal(fp8_round_(x.clone(), 448), want)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        fp8_round_(x.clone(), 100)
+    q = torch.randn(2, 8, 128, generator=g).bfloat16()
+    assert torch.equal(hadamard_fp4(q, True), fp4_sim(hadamard(q.float()).bfloat16(), 32))
+    assert torch.equal(hadamard_fp4(q, False), hadamard(q.float()).bfloat16())
+
+
+@pytest.mark.parametrize("func", ["sqrtsoftplus", "sigmoid", "softmax"])
+def test_routing_reference_and_its_errors(func):
+    from dsv4.kernels.routing import route
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(4, 16, generator=g)
+    bias = torch.randn(16, generator=g)
+    idx, wgt = route(z, func, 3, 2.0, bias=bias)
+    s = {"sqrtsoftplus": torch.nn.functional.softplus(z).sqrt(), "sigmoid": z.sigmoid(),
+         "softmax": z.softmax(-1)}[func]
+    assert torch.equal(idx, (s + bias).topk(3, -1).indices)
+    w = s.gather(1, idx)
+    if func != "softmax":
+        w = w / w.sum(-1, keepdim=True)
+    assert torch.allclose(wgt, 2.0 * w)
+    table = torch.randint(0, 16, (10, 3), generator=g, dtype=torch.int32)
+    ids = torch.tensor([1, 9, 9, 0])
+    assert torch.equal(route(z, func, 3, 2.0, table=table, ids=ids)[0], table[ids].long())
+    with pytest.raises(ValueError, match="scoring function"):
+        route(z, "relu", 3, 1.0, bias=bias)
+    with pytest.raises(ValueError, match="either a hash table"):
+        route(z, func, 3, 1.0)
+
+
+def test_greedy_logprob_reference_and_its_errors():
+    from dsv4.kernels.greedy import greedy_logprob
+    x = torch.tensor([[0.0, 2.0, 2.0, -1.0], [float("-inf"), 1.0, 0.0, 0.0]])
+    ids, lp = greedy_logprob(x)
+    assert ids.tolist() == [1, 1]  # the lowest id among equal maxima
+    assert torch.allclose(lp, torch.log_softmax(x, -1)[[0, 1], [1, 1]])
+    with pytest.raises(ValueError, match=r"\[B, V\]"):
+        greedy_logprob(torch.zeros(3))
+
+
+def test_compress_windows_reference_gathers_new_rows_and_ring_rows():
+    from dsv4.kernels.compressor import compress_pool_ref, compress_windows
+    g = torch.Generator().manual_seed(3)
+    m, C = 4, 8
+    a, s = torch.randn(3, 2 * C, generator=g), torch.randn(3, 2 * C, generator=g)
+    ring_a, ring_s = torch.randn(20, 2 * C, generator=g), torch.randn(20, 2 * C, generator=g)
+    is_new = torch.tensor([[False] * 5 + [True] * 3])
+    new_idx = torch.tensor([[0] * 5 + [0, 1, 2]])
+    state_idx = torch.arange(8)[None] + 4
+    valid = torch.ones(1, 8, dtype=torch.bool)
+    out = compress_windows(a, s, ring_a, ring_s, is_new, new_idx, state_idx, valid, m)
+    items_a = torch.where(is_new[0, :, None], a[new_idx[0]], ring_a[state_idx[0]])
+    items_s = torch.where(is_new[0, :, None], s[new_idx[0]], ring_s[state_idx[0]])
+    kv = torch.cat([items_a[:m, :C], items_a[m:, C:]])[None]
+    sc = torch.cat([items_s[:m, :C], items_s[m:, C:]])[None]
+    assert torch.equal(out, compress_pool_ref(kv, sc, valid))
