@@ -40,6 +40,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "(584 bytes a row instead of 1024; lossless)")
     g.add_argument("--cuda-graph-max-len", type=int, default=16384,
                    help="decode steps up to this context length replay CUDA graphs")
+    g.add_argument("--async-scheduling", action="store_true",
+                   help="launch each decode step before the previous step's tokens reach the "
+                        "host, overlapping host work with the GPU (experimental)")
     g.add_argument("--load-format", default="auto", help="checkpoint loading format")
     g.add_argument("--skip-tokenizer-init", action="store_true",
                    help="do not load a tokenizer (token-id prompts only)")
@@ -55,7 +58,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 seed=args.seed, speculative_tokens=args.speculative_tokens,
                 enforce_eager=args.enforce_eager, load_format=args.load_format,
                 kv_cache_dtype=args.kv_cache_dtype, cuda_graph_max_len=args.cuda_graph_max_len,
-                tensor_parallel_size=args.tensor_parallel_size)
+                tensor_parallel_size=args.tensor_parallel_size,
+                async_scheduling=args.async_scheduling)
 
 
 # ---------------------------------------------------------------------------- generate

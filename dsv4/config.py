@@ -269,6 +269,9 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # auto = the working dtype; fp8 = packed 584-byte rows
     cuda_graph_max_len: int = 16384  # decode steps up to this context replay CUDA graphs
     seed: int = 0
+    # Launch each decode step before the previous step's tokens reach the host, so that the
+    # host's work (outputs, stop checks, scheduling) overlaps the GPU's (llm_engine.py).
+    async_scheduling: bool = False
 
     def validate(self) -> None:
         if self.dtype not in ("bfloat16", "float32"):

@@ -73,10 +73,14 @@ class CUDAGraphRunner:
         return (max(c.start_pos + len(c.tokens) for c in chunks) <= self.max_len
                 and self.graphs[self.sizes[-1]][1].fits(chunks))
 
-    def run(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replay the smallest graph that holds `batch`: (X [T, n, d], logits [T, V]) of its rows."""
+    def run(self, batch: ForwardBatch, fill=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay the smallest graph that holds `batch`: (X [T, n, d], logits [T, V]) of its rows.
+        `fill(input_ids)` may then rewrite the uploaded token ids on the device (a step
+        launched before its tokens reached the host)."""
         bs = next(b for b in self.sizes if b >= batch.num_seqs)
         g, sb, x, logits = self.graphs[bs]
         sb.load(batch)
+        if fill is not None:
+            fill(sb.input_ids)
         g.replay()
         return x[:batch.num_tokens], logits[:batch.num_tokens]

@@ -28,7 +28,7 @@ from .outputs import EngineStats, Logprob, PositionLogprobs, RequestOutput
 from .runner import ModelRunner
 from .sampler import Sampler, SamplingParams, make_generator
 from .scheduler import Scheduler
-from .sequence import Request
+from .sequence import PENDING_TOKEN, Request
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,10 @@ class LLMEngine:
                                   ec.speculative_tokens, self.max_model_len, graphs)
 
         self.requests: dict[str, Request] = {}
+        # Async scheduling (not with tensor parallelism: its workers replay eagerly in lockstep).
+        # May be switched between steps (benchmarks compare both on one engine).
+        self.async_scheduling = ec.async_scheduling and not hasattr(model, "stop")
+        self._pending = None  # the decode step launched ahead of the host (StepHandle)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._token_text: dict[int, str] = {}
@@ -172,13 +176,15 @@ class LLMEngine:
                   cpu_cache_bytes: int = 256 << 20, skip_tokenizer_init: bool = False, seed: int = 0,
                   speculative_tokens: int = 0, enforce_eager: bool = False,
                   load_format: str = "auto", kv_cache_dtype: str = "auto",
-                  cuda_graph_max_len: int = 16384, tensor_parallel_size: int = 1) -> "LLMEngine":
+                  cuda_graph_max_len: int = 16384, tensor_parallel_size: int = 1,
+                  async_scheduling: bool = False) -> "LLMEngine":
         ec = EngineConfig(dtype=dtype, device=device, max_model_len=max_model_len,
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           gpu_memory_utilization=gpu_memory_utilization,
                           cpu_cache_bytes=cpu_cache_bytes, speculative_tokens=speculative_tokens,
                           enforce_eager=enforce_eager, seed=seed, kv_cache_dtype=kv_cache_dtype,
-                          cuda_graph_max_len=cuda_graph_max_len)
+                          cuda_graph_max_len=cuda_graph_max_len,
+                          async_scheduling=async_scheduling)
         ec.validate()  # before the (possibly long) model load
         dev = torch.device(device) if device else default_device()
         if tensor_parallel_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -303,25 +309,95 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; returns the outputs of requests that got a token or finished."""
-        sched = self.scheduler.schedule()
+        """Run one scheduler step; returns the outputs of requests that got a token or finished.
+        With async scheduling a decode step is launched before the previous one's tokens are
+        read, and a call returns the previous step's outputs (the first call of a run of decode
+        steps returns none)."""
+        if self.async_scheduling or self._pending is not None:
+            return self._step_async()
+        sched = self._schedule()
         if not sched.chunks:
-            if self.scheduler.has_unfinished():  # cannot happen: an empty cache fits any request
-                raise RuntimeError("the scheduler could not schedule any of the queued requests")
             return []
         start = time.time()
-        result = self.runner.run(sched.chunks)
+        return self._process(sched.chunks, self.runner.run(sched.chunks), start)
+
+    def _schedule(self):
+        sched = self.scheduler.schedule()
+        if not sched.chunks and self.scheduler.has_unfinished():
+            # cannot happen: an empty cache fits any request
+            raise RuntimeError("the scheduler could not schedule any of the queued requests")
+        return sched
+
+    def _step_async(self) -> list[RequestOutput]:
+        """Async scheduling. While a launched decode step runs, the next one is scheduled and
+        launched (its input tokens come from the running step's sampled ids, on the device),
+        and only then are the running step's tokens read and processed. A sequence that
+        finishes on a token it was already scheduled past wastes that one step's row. Steps
+        that need the host's view of the tokens (prefill, penalties, logprobs, min_tokens,
+        MTP) and new requests wait for the tokens and run synchronously."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            sched = self._schedule()
+            if not sched.chunks:
+                return []
+            start = time.time()
+            if self.scheduler.waiting or not self.runner.overlappable(sched.chunks):
+                return self._process(sched.chunks, self.runner.run(sched.chunks), start)
+            self._launch(sched.chunks, None, start)
+            return []
+        nxt = self._schedule_ahead(pending)
+        if nxt is not None:
+            self._launch(nxt, pending, time.time())
+        return self._process(pending.chunks, pending.result(), pending.start, accounted=True)
+
+    def _launch(self, chunks, feed, start: float) -> None:
+        handle = self.runner.launch(chunks, feed)
+        for c in chunks:  # counted now: the next step is scheduled before these are read
+            c.seq.num_computed += c.num_tokens
+        handle.start = start
+        self._pending = handle
+
+    def _schedule_ahead(self, pending):
+        """Decode chunks for the running sequences, each one token past `pending`'s, or None
+        when the step must wait for `pending`'s tokens."""
+        live = [c.seq for c in pending.chunks if not c.seq.is_finished]
+        if (not self.async_scheduling or self.scheduler.waiting or len(live) != len(self.scheduler.running)
+                or set(map(id, live)) != set(map(id, self.scheduler.running))):
+            return None
+        # A sequence that its pending token ends by length is not scheduled past it.
+        ahead = [s for s in live
+                 if not (s.params.max_tokens is not None
+                         and s.num_output_tokens + 1 >= s.params.max_tokens)
+                 and len(s.token_ids) + 1 < self.max_model_len]
+        if not ahead:
+            return None
+        for s in ahead:
+            s.token_ids.append(PENDING_TOKEN)
+        chunks = self.scheduler.schedule_decode(ahead)
+        if chunks is None or not self.runner.overlappable(chunks):
+            for s in ahead:
+                s.token_ids.pop()
+            return None
+        return chunks
+
+    def _process(self, chunks, result, start: float, accounted: bool = False
+                 ) -> list[RequestOutput]:
+        """Apply a step's sampled tokens; `accounted`: the chunks' positions were counted as
+        computed when the step was launched."""
         now = time.time()
         touched: dict[str, Request] = {}
-        for chunk, toks, plp in zip(sched.chunks, result.sampled, result.prompt_logprobs):
+        for chunk, toks, plp in zip(chunks, result.sampled, result.prompt_logprobs):
             seq, req = chunk.seq, chunk.seq.request
+            if seq.is_finished:  # finished or aborted while this step ran ahead
+                continue
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = start
                 self.prompt_tokens_total += len(req.prompt_token_ids)
             # A verified chunk keeps the positions of its accepted drafts; the rest of its cache
             # rows are rolled back by not counting them (kv_cache.py).
-            seq.num_computed += chunk.num_tokens - chunk.num_drafts + (
-                len(toks) - 1 if chunk.num_drafts else 0)
+            if not accounted:
+                seq.num_computed += chunk.num_tokens - chunk.num_drafts + (
+                    len(toks) - 1 if chunk.num_drafts else 0)
             if plp:
                 req.prompt_logprobs.extend(
                     self._position_logprobs(t.token_id, t.logprob, t.rank, t.top) for t in plp)

@@ -34,7 +34,26 @@ class SampledToken:
 class RunnerOutput:
     sampled: list[list[SampledToken]]           # per chunk: the emitted tokens (often one)
     prompt_logprobs: list[list[TokenLogprob]]   # per chunk; positions start.. of the chunk
-    hidden: torch.Tensor  # [S, n, d] final state X of the sampled rows, in chunk order (for MTP)
+    hidden: torch.Tensor | None  # [S, n, d] final X of the sampled rows, chunk order (for MTP)
+
+
+class StepHandle:
+    """A decode step launched ahead of the host (`ModelRunner.launch`): its sampled ids stay on
+    the device for the next step's inputs while a pinned copy travels to the host."""
+
+    def __init__(self, chunks: list[ScheduledChunk], ids: torch.Tensor, host: torch.Tensor,
+                 event):
+        self.chunks, self.ids, self._host, self._event = chunks, ids, host, event
+        self.start = 0.0  # when the step was scheduled (request metrics)
+
+    def result(self) -> RunnerOutput:
+        """Waits for this step's sampled tokens (one per chunk)."""
+        if self._event is not None:
+            self._event.synchronize()
+        ids, lps, ranks = self._host.tolist()
+        return RunnerOutput([[SampledToken(int(i), lp, int(r), None)]
+                             for i, lp, r in zip(ids, lps, ranks)],
+                            [[] for _ in self.chunks], None)
 
 
 class ModelRunner:
@@ -127,6 +146,45 @@ class ModelRunner:
             self.proposer.propose(chunks, x_all, [[t.token_id for t in s] for s in sampled])
         return RunnerOutput(sampled, prompt_logprobs, hidden)
 
+    # ------------------------------------------------------------------ running ahead
+    def overlappable(self, chunks: list[ScheduledChunk]) -> bool:
+        """Whether a step may be launched before the previous step's tokens reach the host:
+        one sampled token per chunk, no drafts, and sampling that reads no host-side history
+        (penalties, min_tokens, logprobs) or runs MTP drafting."""
+        return self.proposer is None and all(
+            c.num_tokens == 1 and c.samples and not c.num_drafts and _plain(c.seq)
+            for c in chunks)
+
+    @torch.inference_mode()
+    def launch(self, chunks: list[ScheduledChunk], feed: StepHandle | None = None) -> StepHandle:
+        """Run an `overlappable` step without waiting for it. With `feed`, chunks whose token
+        is not yet known on the host take it from `feed`'s sampled ids on the device."""
+        seq_chunks = [SeqChunk(c.tokens, c.start, c.slot, c.block_table) for c in chunks]
+        fill = _feeder(chunks, feed) if feed is not None else None
+        graph = self.graphs is not None and self.graphs.fits(seq_chunks)
+        rows = list(range(len(chunks)))
+        batch = ForwardBatch(seq_chunks, self.window, self.cache.window_rows, self.cache.num_slots,
+                             "cpu" if graph else self.device, logits_indices=rows)
+        if graph:
+            _, logits = self.graphs.run(batch, fill)
+        else:
+            if fill is not None:
+                fill(batch.input_ids)
+            logits = self.model.logits(self.model(batch, self.cache))
+        seqs = [c.seq for c in chunks]
+        out = self.sampler(logits, [s.params for s in seqs], [s.output_token_ids for s in seqs],
+                           [s.request.prompt_token_ids for s in seqs],
+                           [s.generator for s in seqs])
+        packed = torch.stack([out.token_ids.double(), out.logprobs.double(), out.ranks.double()])
+        cuda = packed.is_cuda
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=cuda)
+        host.copy_(packed, non_blocking=cuda)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return StepHandle(chunks, out.token_ids, host, event)
+
     def _verify(self, c: ScheduledChunk, logits: torch.Tensor) -> list[SampledToken]:
         """Exact acceptance of the chunk's drafts against the model's distributions at its
         last K+1 rows (`logits` [K+1, V]); returns the accepted drafts and the corrected (or
@@ -157,6 +215,25 @@ class ModelRunner:
             result += compute_logprobs_topn(logits, targets[s:s + LOGITS_ROWS],
                                             req.params.prompt_logprobs)
         return result
+
+
+def _plain(seq) -> bool:
+    p = seq.params
+    return (p.logprobs is None and not p.needs_penalties
+            and seq.num_output_tokens >= p.min_tokens)
+
+
+def _feeder(chunks: list[ScheduledChunk], prev: StepHandle):
+    """In-place writer of a step's input ids from the previous step's sampled ids (device):
+    chunk i is sequence s, whose token was sampled in row j of `prev`."""
+    row = {id(c.seq): j for j, c in enumerate(prev.chunks)}
+    src = [row[id(c.seq)] for c in chunks]
+    n, ids = len(src), prev.ids
+    if src == list(range(n)):
+        return lambda buf: buf[:n].copy_(ids[:n])
+    idx = torch.tensor(src, dtype=torch.long, pin_memory=ids.is_cuda).to(ids.device,
+                                                                          non_blocking=True)
+    return lambda buf: buf[:n].copy_(ids[idx])
 
 
 def _take(t: torch.Tensor, rows: list[int]) -> torch.Tensor:

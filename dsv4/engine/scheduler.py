@@ -109,6 +109,15 @@ class Scheduler:
             budget -= n
         return out
 
+    def schedule_decode(self, seqs: list[Sequence]) -> list[ScheduledChunk] | None:
+        """One-token chunks for running `seqs` (async scheduling: each next token is still being
+        sampled), or None when one of them would need blocks that are not free (the caller
+        then waits for the tokens and schedules normally, which may preempt)."""
+        bm = self.block_manager
+        if not all(bm.can_allocate(s.seq_id, s.num_computed + 1 + self.lookahead) for s in seqs):
+            return None
+        return [self._chunk(s, 1) for s in seqs]
+
     def _chunk(self, seq: Sequence, n: int, drafts: int = 0) -> ScheduledChunk:
         if not drafts:
             seq.drafts, seq.draft_probs = [], None

@@ -22,6 +22,12 @@ from .outputs import CompletionOutput, PositionLogprobs, RequestMetrics, Request
 from .sampler import SamplingParams, make_generator
 
 
+# Stands in `token_ids` for a token that a step launched ahead of the host is still sampling
+# (async scheduling); `append_token` fills it in. Never a model input: the step that computes
+# that position takes the token from the device.
+PENDING_TOKEN = -1
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"    # holds no cache: not started, or preempted (recomputed later)
     RUNNING = "running"    # holds a slot and blocks for its first num_computed tokens
@@ -81,8 +87,12 @@ class Sequence:
     # ------------------------------------------------------------------ generation
     def append_token(self, token_id: int, logprob: float, position_logprobs: PositionLogprobs | None,
                      eos_token_ids: frozenset[int], max_model_len: int) -> None:
-        """Add a sampled token, extend the text, and finish the sequence if a stop rule fires."""
-        self.token_ids.append(token_id)
+        """Add a sampled token (into the PENDING_TOKEN slot if a step was launched ahead of
+        it), extend the text, and finish the sequence if a stop rule fires."""
+        if self.token_ids and self.token_ids[-1] == PENDING_TOKEN:
+            self.token_ids[-1] = token_id
+        else:
+            self.token_ids.append(token_id)
         self.cumulative_logprob += logprob
         if self.logprobs is not None:
             self.logprobs.append(position_logprobs or {})
@@ -118,6 +128,8 @@ class Sequence:
         return best
 
     def finish(self, reason: str, stop_reason: int | str | None = None, flush: bool = True) -> None:
+        if self.token_ids and self.token_ids[-1] == PENDING_TOKEN:  # aborted while in flight
+            self.token_ids.pop()
         self.finish_reason, self.stop_reason = reason, stop_reason
         self.status = SequenceStatus.FINISHED
         if flush and self.decoder is not None:

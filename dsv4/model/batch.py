@@ -182,6 +182,7 @@ class _Arena:
     def __init__(self, dtype: torch.dtype, device: torch.device):
         self.dtype, self.device = dtype, device
         self.shapes: list[tuple[int, ...]] = []
+        self.uploaded = None  # CUDA event after the last upload
 
     def add(self, *shape: int) -> int:
         self.shapes.append(shape)
@@ -200,9 +201,17 @@ class _Arena:
             at += n
 
     def upload(self) -> None:
-        # The host twin is rewritten only after the previous step's results were read back
-        # (the sampled ids), so the copy it fed has finished.
         self.dev.copy_(self.host, non_blocking=True)
+        if self.device.type == "cuda":
+            if self.uploaded is None:
+                self.uploaded = torch.cuda.Event()
+            self.uploaded.record()
+
+    def wait_upload(self) -> None:
+        """Before the host twin is rewritten: the previous upload must have read it (a step
+        launched ahead of the host may still have its upload queued)."""
+        if self.uploaded is not None:
+            self.uploaded.synchronize()
 
 
 class StaticBatch:
@@ -318,6 +327,8 @@ class StaticBatch:
         synchronisation."""
         if b.num_seqs > self.num_seqs or max(b.lens) > self.tokens_per_seq:
             raise ValueError("batch larger than the captured graph")
+        for arena in self._arenas:
+            arena.wait_upload()
         put = self._put
         put("input_ids", b.input_ids)
         put("positions", b.positions_cpu)
