@@ -361,8 +361,9 @@ class LLMEngine:
         """Decode chunks for the running sequences, each one token past `pending`'s, or None
         when the step must wait for `pending`'s tokens."""
         live = [c.seq for c in pending.chunks if not c.seq.is_finished]
-        if (not self.async_scheduling or self.scheduler.waiting or len(live) != len(self.scheduler.running)
-                or set(map(id, live)) != set(map(id, self.scheduler.running))):
+        running = self.scheduler.running
+        if (not self.async_scheduling or self.scheduler.waiting or len(live) != len(running)
+                or set(map(id, live)) != set(map(id, running))):
             return None
         # A sequence that its pending token ends by length is not scheduled past it.
         ahead = [s for s in live
