@@ -341,7 +341,8 @@ class LLMEngine:
             if not sched.chunks:
                 return []
             start = time.time()
-            if self.scheduler.waiting or not self.runner.overlappable(sched.chunks):
+            if (self.scheduler.waiting or not self.runner.overlappable(sched.chunks)
+                    or all(self._ends_by_length(c.seq) for c in sched.chunks)):
                 return self._process(sched.chunks, self.runner.run(sched.chunks), start)
             self._launch(sched.chunks, None, start)
             return []
@@ -365,11 +366,7 @@ class LLMEngine:
         if (not self.async_scheduling or self.scheduler.waiting or len(live) != len(running)
                 or set(map(id, live)) != set(map(id, running))):
             return None
-        # A sequence that its pending token ends by length is not scheduled past it.
-        ahead = [s for s in live
-                 if not (s.params.max_tokens is not None
-                         and s.num_output_tokens + 1 >= s.params.max_tokens)
-                 and len(s.token_ids) + 1 < self.max_model_len]
+        ahead = [s for s in live if not self._ends_by_length(s)]
         if not ahead:
             return None
         for s in ahead:
@@ -380,6 +377,13 @@ class LLMEngine:
                 s.token_ids.pop()
             return None
         return chunks
+
+    def _ends_by_length(self, seq) -> bool:
+        """Whether the token being sampled for `seq` ends it by max_tokens or the context
+        limit (nothing to schedule past it)."""
+        p = seq.params
+        return ((p.max_tokens is not None and seq.num_output_tokens + 1 >= p.max_tokens)
+                or len(seq.token_ids) + 1 >= self.max_model_len)
 
     def _process(self, chunks, result, start: float, accounted: bool = False
                  ) -> list[RequestOutput]:
