@@ -123,3 +123,17 @@ def test_switching_async_scheduling_off_drains_the_step_in_flight(sync):
         got = [o for o in eng.step() if o.finished] or got
         assert eng._pending is None
     assert got[0].outputs[0].token_ids == tokens(run(sync, [(p, GREEDY)]))[0]
+
+
+def test_the_engine_suite_passes_with_async_scheduling_on():
+    """Every batching, chunking, preemption, sampling, stop and error test of test_engine.py,
+    with each engine scheduling ahead where it can."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = dict(os.environ, DSV4_TEST_ASYNC_SCHEDULING="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        str(Path(__file__).with_name("test_engine.py"))],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]

@@ -5,6 +5,7 @@ a request's greedy output must not depend on what else is batched with it, on ho
 chunked, or on whether it was preempted and recomputed.
 """
 import math
+import os
 import random
 
 import pytest
@@ -22,7 +23,9 @@ LENGTHS = (3, 9, 17, 25, 40, 12, 33, 5)
 
 
 def make_engine(**kw) -> LLMEngine:
-    args = dict(dtype="float32", device="cpu", max_num_seqs=8, cpu_cache_bytes=16 << 20)
+    # test_async_scheduling.py runs this whole file again with async scheduling on
+    args = dict(dtype="float32", device="cpu", max_num_seqs=8, cpu_cache_bytes=16 << 20,
+                async_scheduling=os.environ.get("DSV4_TEST_ASYNC_SCHEDULING") == "1")
     args.update(kw)
     return LLMEngine.from_args("tiny", **args)
 
