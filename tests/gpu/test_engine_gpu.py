@@ -32,3 +32,20 @@ def test_speculative_greedy_with_graphs_equals_plain_greedy(k):
     assert spec == plain
     assert llm.llm_engine.spec_stats()["verify_steps"] > 0
     torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
+def test_async_scheduling_gives_the_synchronous_tokens(eager):
+    """Decode steps launched before the previous step's tokens reach the host (input ids fed on
+    the device, pinned uploads guarded by events) give exactly the synchronous tokens, greedy
+    and seeded."""
+    plain, _ = _greedy(enforce_eager=eager)
+    ahead, llm = _greedy(enforce_eager=eager, async_scheduling=True)
+    assert ahead == plain
+    seeded = SamplingParams(temperature=0.9, top_k=50, seed=3, max_tokens=24, ignore_eos=True)
+    sync_llm = LLM(model="tiny", dtype="float32", device="cuda", max_num_seqs=8,
+                   gpu_memory_utilization=0.2, enforce_eager=eager)
+    want = [o.outputs[0].token_ids for o in sync_llm.generate(PROMPTS, seeded, use_tqdm=False)]
+    got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, seeded, use_tqdm=False)]
+    assert got == want
+    torch.cuda.empty_cache()
