@@ -76,20 +76,50 @@ class ForwardBatch:
         self._bt = np.zeros((self.num_seqs, nb), dtype=np.int64)
         for b, c in enumerate(chunks):
             self._bt[b, :len(c.block_table)] = c.block_table
-        dev = self.device
-        self.input_ids = torch.tensor([t for c in chunks for t in c.tokens], dtype=torch.long,
-                                      device=dev)
-        self.positions_cpu = torch.from_numpy(self._pos)
-        self.tok_seq_cpu = torch.from_numpy(self._tok_seq)
-        self.slots_cpu = torch.from_numpy(self._slots)
-        self.block_tables_cpu = torch.from_numpy(self._bt)
-        self.positions = self.positions_cpu.to(dev)
-        self.tok_seq = self.tok_seq_cpu.to(dev)
-        self.block_tables = self.block_tables_cpu.to(dev)
+        self._ids = np.array([t for c in chunks for t in c.tokens], dtype=np.int64)
         if logits_indices is None:  # last token of every sequence
             logits_indices = [e - 1 for e in self.cu[1:]]
-        self.logits_indices = torch.tensor(logits_indices, dtype=torch.long, device=dev)
+        self._logits = np.array(logits_indices, dtype=np.int64)
         self._plans: dict = {}
+        self._host: dict = {}
+
+    # Device tensors are built on first use: a CUDA-graph step (built on the host and copied
+    # into a StaticBatch) reads the numpy arrays only.
+    @cached_property
+    def input_ids(self) -> torch.Tensor:
+        return self._to_dev(self._ids)
+
+    @cached_property
+    def positions(self) -> torch.Tensor:
+        return self._to_dev(self._pos)
+
+    @cached_property
+    def tok_seq(self) -> torch.Tensor:
+        return self._to_dev(self._tok_seq)
+
+    @cached_property
+    def block_tables(self) -> torch.Tensor:
+        return self._to_dev(self._bt)
+
+    @cached_property
+    def logits_indices(self) -> torch.Tensor:
+        return self._to_dev(self._logits)
+
+    @property
+    def positions_cpu(self) -> torch.Tensor:
+        return torch.from_numpy(self._pos)
+
+    @property
+    def tok_seq_cpu(self) -> torch.Tensor:
+        return torch.from_numpy(self._tok_seq)
+
+    @property
+    def slots_cpu(self) -> torch.Tensor:
+        return torch.from_numpy(self._slots)
+
+    @property
+    def block_tables_cpu(self) -> torch.Tensor:
+        return torch.from_numpy(self._bt)
 
     def _to_dev(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
@@ -102,7 +132,7 @@ class ForwardBatch:
 
     # ------------------------------------------------------------------ window attention
     @cached_property
-    def window_index(self) -> torch.Tensor:
+    def window_index_host(self) -> np.ndarray:
         """[T, w] indices into cat(window ring rows [slots*R], this step's kv rows [T]); -1 = none.
 
         Positions before the chunk come from the ring (row slot*R + p mod R), the chunk's own
@@ -114,25 +144,43 @@ class ForwardBatch:
         new = self.num_slots * R + self._cu0[s][:, None] + (p - p0)
         ring = self._slots[s][:, None] * R + np.mod(p, R)
         idx = np.where(p >= p0, new, ring)
-        return self._to_dev(np.where(p >= 0, idx, -1))
+        return np.where(p >= 0, idx, -1)
 
-    def ring_writes(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    @cached_property
+    def window_index(self) -> torch.Tensor:
+        return self._to_dev(self.window_index_host)
+
+    def ring_writes_host(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """(token indices, flat ring rows) for the last `rows` tokens of every sequence."""
         key = ("ring", rows)
-        if key not in self._plans:
+        if key not in self._host:
             tok = np.nonzero(self._pos >= self._ends[self._tok_seq] - rows)[0].astype(np.int64)
             dst = self._slots[self._tok_seq[tok]] * rows + self._pos[tok] % rows
-            self._plans[key] = (self._to_dev(tok), self._to_dev(dst))
+            self._host[key] = (tok, dst)
+        return self._host[key]
+
+    def ring_writes(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("ring", rows)
+        if key not in self._plans:
+            self._plans[key] = tuple(map(self._to_dev, self.ring_writes_host(rows)))
         return self._plans[key]
 
     # ------------------------------------------------------------------ compressed entries
+    def compress_plan_host(self, ratio: int, state_rows: int) -> dict[str, np.ndarray]:
+        """The CompressPlan's fields as host arrays."""
+        key = ("plan", ratio, state_rows)
+        if key not in self._host:
+            self._host[key] = self._build_plan(ratio, state_rows)
+        return self._host[key]
+
     def compress_plan(self, ratio: int, state_rows: int) -> CompressPlan:
         key = ("plan", ratio, state_rows)
         if key not in self._plans:
-            self._plans[key] = self._build_plan(ratio, state_rows)
+            host = self.compress_plan_host(ratio, state_rows)
+            self._plans[key] = CompressPlan(**{n: self._to_dev(a) for n, a in host.items()})
         return self._plans[key]
 
-    def _build_plan(self, m: int, rows: int) -> CompressPlan:
+    def _build_plan(self, m: int, rows: int) -> dict[str, np.ndarray]:
         k = overlap_factor(m)
         first = self._starts // m
         count = self._ends // m - first
@@ -151,10 +199,8 @@ class ForwardBatch:
             raise ValueError(f"sequence {int(seq[w])} completes compressed entry {int(index[w])} "
                              f"(ratio {m}) but its block table has only {int(have[w])} "
                              f"blocks of {BLOCK_TOKENS} tokens")
-        t = self._to_dev
-        return CompressPlan(seq=t(seq), index=t(index), is_new=t(is_new), new_idx=t(new_idx),
-                            state_idx=t(state_idx), valid=t(pos >= 0),
-                            dst=t(self.entry_rows(seq, index, m)))
+        return dict(seq=seq, index=index, is_new=is_new, new_idx=new_idx, state_idx=state_idx,
+                    valid=pos >= 0, dst=self.entry_rows(seq, index, m))
 
     def candidates(self, ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Compressed entries visible to each token: (rows [T, N] with -1 beyond, count [T]).
@@ -308,10 +354,9 @@ class StaticBatch:
             rows = self.block_tables[self.tok_seq[:, None], blk] * rpb + off
             self._cand[m] = (torch.where(i < avail[:, None], rows, -1), avail)
 
-    def _put(self, name, src: torch.Tensor) -> None:
+    def _put(self, name, src: np.ndarray) -> None:
         arena, i, fill = self._fields[name]
         dst = arena.h[i]
-        src = src.cpu().numpy()
         n = src.shape[0]
         if n > dst.shape[0] or (src.ndim > 1 and src.shape[1] > dst.shape[1]):
             raise ValueError(f"batch does not fit the captured shape {tuple(dst.shape)}")
@@ -330,19 +375,18 @@ class StaticBatch:
         for arena in self._arenas:
             arena.wait_upload()
         put = self._put
-        put("input_ids", b.input_ids)
-        put("positions", b.positions_cpu)
-        put("tok_seq", b.tok_seq_cpu)
-        put("logits_indices", b.logits_indices)
-        put("window_index", b.window_index)
-        put("block_tables", b.block_tables_cpu)
+        put("input_ids", b._ids)
+        put("positions", b._pos)
+        put("tok_seq", b._tok_seq)
+        put("logits_indices", b._logits)
+        put("window_index", b.window_index_host)
+        put("block_tables", b._bt)
         for r in self._rows:
-            tok, dst = b.ring_writes(r)
+            tok, dst = b.ring_writes_host(r)
             put(("ring_tok", r), tok)
             put(("ring_dst", r), dst)
         for m, rows in self._plan_keys:
-            p = b.compress_plan(m, rows)
-            for n in ("seq", "index", "is_new", "new_idx", "state_idx", "valid", "dst"):
-                put(("plan", m, rows, n), getattr(p, n))
+            for n, a in b.compress_plan_host(m, rows).items():
+                put(("plan", m, rows, n), a)
         for arena in self._arenas:
             arena.upload()
