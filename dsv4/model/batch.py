@@ -184,6 +184,8 @@ class ForwardBatch:
         k = overlap_factor(m)
         first = self._starts // m
         count = self._ends // m - first
+        if not count.any():  # most decode steps complete no window
+            return _empty_plan(k * m)
         seq = np.repeat(np.arange(self.num_seqs, dtype=np.int64), count)
         offs = np.arange(len(seq)) - np.repeat(np.cumsum(count) - count, count)
         index = first[seq] + offs
@@ -219,6 +221,14 @@ class ForwardBatch:
             rows = torch.where(i < avail[:, None], rows, -1)
             self._plans[key] = (rows, avail)
         return self._plans[key]
+
+
+def _empty_plan(items: int) -> dict[str, np.ndarray]:
+    ints = np.zeros(0, dtype=np.int64)
+    return dict(seq=ints, index=ints, is_new=np.zeros((0, items), dtype=bool),
+                new_idx=np.zeros((0, items), dtype=np.int64),
+                state_idx=np.zeros((0, items), dtype=np.int64),
+                valid=np.zeros((0, items), dtype=bool), dst=ints)
 
 
 class _Arena:
