@@ -85,41 +85,12 @@ class ForwardBatch:
 
     # Device tensors are built on first use: a CUDA-graph step (built on the host and copied
     # into a StaticBatch) reads the numpy arrays only.
-    @cached_property
-    def input_ids(self) -> torch.Tensor:
-        return self._to_dev(self._ids)
-
-    @cached_property
-    def positions(self) -> torch.Tensor:
-        return self._to_dev(self._pos)
-
-    @cached_property
-    def tok_seq(self) -> torch.Tensor:
-        return self._to_dev(self._tok_seq)
-
-    @cached_property
-    def block_tables(self) -> torch.Tensor:
-        return self._to_dev(self._bt)
-
-    @cached_property
-    def logits_indices(self) -> torch.Tensor:
-        return self._to_dev(self._logits)
-
-    @property
-    def positions_cpu(self) -> torch.Tensor:
-        return torch.from_numpy(self._pos)
-
-    @property
-    def tok_seq_cpu(self) -> torch.Tensor:
-        return torch.from_numpy(self._tok_seq)
-
-    @property
-    def slots_cpu(self) -> torch.Tensor:
-        return torch.from_numpy(self._slots)
-
-    @property
-    def block_tables_cpu(self) -> torch.Tensor:
-        return torch.from_numpy(self._bt)
+    input_ids = cached_property(lambda self: self._to_dev(self._ids))
+    positions = cached_property(lambda self: self._to_dev(self._pos))
+    tok_seq = cached_property(lambda self: self._to_dev(self._tok_seq))
+    block_tables = cached_property(lambda self: self._to_dev(self._bt))
+    logits_indices = cached_property(lambda self: self._to_dev(self._logits))
+    block_tables_cpu = property(lambda self: torch.from_numpy(self._bt))
 
     def _to_dev(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
