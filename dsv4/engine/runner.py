@@ -18,6 +18,7 @@ from ..model.model import DeepseekV4Model
 from .sampler import Sampler, TokenLogprob, compute_logprobs_topn
 from .scheduler import ScheduledChunk
 from .spec_decode import MTPProposer, accept_drafts
+from .upload import upload
 
 LOGITS_ROWS = 512  # prompt-logprob rows per head matmul: bounds the fp32 [rows, vocab] buffer
 
@@ -231,8 +232,7 @@ def _feeder(chunks: list[ScheduledChunk], prev: StepHandle):
     n, ids = len(src), prev.ids
     if src == list(range(n)):
         return lambda buf: buf[:n].copy_(ids[:n])
-    idx = torch.tensor(src, dtype=torch.long, pin_memory=ids.is_cuda).to(ids.device,
-                                                                          non_blocking=True)
+    idx = upload(src, ids.device)
     return lambda buf: buf[:n].copy_(ids[idx])
 
 
@@ -241,4 +241,4 @@ def _take(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
     index upload."""
     if rows and rows == list(range(rows[0], rows[0] + len(rows))):
         return t[rows[0]:rows[0] + len(rows)]
-    return t[torch.tensor(rows, dtype=torch.long, device=t.device)]
+    return t[upload(rows, t.device)]

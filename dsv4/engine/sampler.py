@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.greedy import greedy_logprob
+from .upload import upload
 
 __all__ = [
     "SamplingParams",
@@ -157,7 +158,7 @@ def _row_col(rows: Iterable[int], lists: Sequence[Sequence[int]], device: torch.
         ids = lists[i]
         r.extend([i] * len(ids))
         c.extend(ids)
-    return (torch.tensor(r, dtype=torch.long).to(device), torch.tensor(c, dtype=torch.long).to(device))
+    return upload(r, device), upload(c, device)
 
 
 def apply_penalties(
@@ -186,10 +187,10 @@ def apply_penalties(
         seen = counts > 0
         r, c = _row_col([i for i in rows if rep[i] != 1.0], prompt_token_ids, dev)
         seen[r, c] = True
-        pen = torch.tensor(rep, dtype=logits.dtype).to(dev)[:, None]
+        pen = upload(rep, dev, logits.dtype)[:, None]
         out = torch.where(seen, torch.where(out > 0, out / pen, out * pen), out)
-    freq = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype).to(dev)[:, None]
-    pres = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype).to(dev)[:, None]
+    freq = upload([p.frequency_penalty for p in params], dev, logits.dtype)[:, None]
+    pres = upload([p.presence_penalty for p in params], dev, logits.dtype)[:, None]
     out = out - freq * counts - pres * (counts > 0).to(logits.dtype)
     return out
 
@@ -254,7 +255,7 @@ class Sampler:
             return logits
         logits = logits.clone()
         dev = logits.device
-        logits[torch.tensor(r).to(dev), torch.tensor(c).to(dev)] = float("-inf")
+        logits[upload(r, dev), upload(c, dev)] = float("-inf")
         return logits
 
     def _draw_exponentials(self, rows: list[int], V: int, generators, device) -> Tensor:
@@ -265,7 +266,7 @@ class Sampler:
             gdev = self.generator.device if self.generator is not None else device
             draw = torch.empty(len(shared), V, dtype=torch.float32, device=gdev)
             draw.exponential_(generator=self.generator)
-            q[torch.tensor(shared, device=device)] = draw.to(device)
+            q[upload(shared, device)] = draw.to(device)
         for j, i in enumerate(rows):
             g = generators[i]
             if g is not None:
@@ -279,8 +280,9 @@ class Sampler:
         dev = x.device
         ninf = float("-inf")
         if any(p.top_k_active and p.top_k < V or p.top_p < 1.0 for p in ps):
-            k = torch.tensor([p.top_k if p.top_k_active and p.top_k < V else V for p in ps]).to(dev)
-            top_p = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in ps]).to(dev)
+            k = upload([p.top_k if p.top_k_active and p.top_k < V else V for p in ps], dev)
+            top_p = upload([p.top_p if p.top_p < 1.0 else float("inf") for p in ps], dev,
+                           torch.float32)
             sx, idx = x.sort(dim=-1, descending=True, stable=True)
             drop = torch.arange(V, device=dev)[None, :] >= k[:, None]
             sx = sx.masked_fill(drop, ninf)
@@ -289,7 +291,7 @@ class Sampler:
             drop |= before >= top_p[:, None]  # keeps the smallest prefix with mass >= top_p
             x = x.masked_fill(torch.zeros_like(drop).scatter_(1, idx, drop), ninf)
         if any(p.min_p > 0.0 for p in ps):
-            min_p = torch.tensor([p.min_p for p in ps], dtype=x.dtype).to(dev)[:, None]
+            min_p = upload([p.min_p for p in ps], dev, x.dtype)[:, None]
             probs = torch.softmax(x, dim=-1)
             x = x.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), ninf)
         return x
@@ -312,12 +314,12 @@ class Sampler:
             return torch.nn.functional.one_hot(x.argmax(-1), x.shape[1]).float()
         out = torch.empty_like(x)
         if greedy:
-            g_idx = torch.tensor(greedy, device=dev)
+            g_idx = upload(greedy, dev)
             out[g_idx] = torch.nn.functional.one_hot(x[g_idx].argmax(-1), x.shape[1]).float()
         if rand:
-            r_idx = torch.tensor(rand, device=dev)
+            r_idx = upload(rand, dev)
             ps = [params[i] for i in rand]
-            temp = torch.tensor([p.temperature for p in ps], dtype=torch.float32).to(dev)[:, None]
+            temp = upload([p.temperature for p in ps], dev, torch.float32)[:, None]
             out[r_idx] = torch.softmax(self._filter(x[r_idx] / temp, ps), dim=-1)
         return out
 
@@ -365,7 +367,7 @@ class Sampler:
         if len(rand) == B:
             token_ids = self.draw(probs, rand, generators)
         elif rand:
-            r_idx = torch.tensor(rand, device=logits.device)
+            r_idx = upload(rand, logits.device)
             token_ids[r_idx] = self.draw(probs[r_idx], rand, generators)
 
         tok_lp = raw_logprobs.gather(1, token_ids[:, None])

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .upload import upload
+
 
 def _uniform(generator: torch.Generator | None, device) -> float:
     dev = generator.device if generator is not None else device
@@ -106,7 +108,7 @@ class MTPProposer:
             cu += c.num_tokens
         batch = ForwardBatch(mtp_chunks, r.window, cache.window_rows, cache.num_slots, r.device,
                              logits_indices=last_rows)
-        h = x_all[torch.tensor(rows, device=x_all.device)]
+        h = x_all[upload(rows, x_all.device)]
         x = model.mtp_forward(h, batch.input_ids, batch, cache)[batch.logits_indices]
         if not drafting:
             return
@@ -135,4 +137,4 @@ class MTPProposer:
                 forced = list(self.override(s, post))[:len(d)]
                 s.drafts = forced
                 s.draft_probs = torch.nn.functional.one_hot(
-                    torch.tensor(forced, device=x.device), model.cfg.vocab_size).float()
+                    upload(forced, x.device), model.cfg.vocab_size).float()
