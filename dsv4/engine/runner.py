@@ -121,15 +121,10 @@ class ModelRunner:
                 row_of[i] = at
                 at += 1 + c.num_drafts
         if plain:
-            seqs = [chunks[i].seq for i in plain]
-            logits = head([row_of[i] for i in plain])
-            out = self.sampler(logits, [s.params for s in seqs],
-                               [s.output_token_ids for s in seqs],
-                               [s.request.prompt_token_ids for s in seqs],
-                               [s.generator for s in seqs])
-            # one device-to-host copy for the three (ids and ranks are exact in float64)
-            packed = torch.stack([out.token_ids.double(), out.logprobs.double(),
-                                  out.ranks.double()]).tolist()
+            out = self._sample([chunks[i].seq for i in plain],
+                               head([row_of[i] for i in plain]))
+            # one device-to-host copy for the three
+            packed = _packed(out).tolist()
             ids, lps, ranks = ([int(v) for v in packed[0]], packed[1],
                                [int(v) for v in packed[2]])
             for j, i in enumerate(plain):
@@ -172,11 +167,8 @@ class ModelRunner:
             if fill is not None:
                 fill(batch.input_ids)
             logits = self.model.logits(self.model(batch, self.cache))
-        seqs = [c.seq for c in chunks]
-        out = self.sampler(logits, [s.params for s in seqs], [s.output_token_ids for s in seqs],
-                           [s.request.prompt_token_ids for s in seqs],
-                           [s.generator for s in seqs])
-        packed = torch.stack([out.token_ids.double(), out.logprobs.double(), out.ranks.double()])
+        out = self._sample([c.seq for c in chunks], logits)
+        packed = _packed(out)
         cuda = packed.is_cuda
         host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=cuda)
         host.copy_(packed, non_blocking=cuda)
@@ -185,6 +177,11 @@ class ModelRunner:
             event = torch.cuda.Event()
             event.record()
         return StepHandle(chunks, out.token_ids, host, event)
+
+    def _sample(self, seqs, logits: torch.Tensor):
+        return self.sampler(logits, [s.params for s in seqs], [s.output_token_ids for s in seqs],
+                            [s.request.prompt_token_ids for s in seqs],
+                            [s.generator for s in seqs])
 
     def _verify(self, c: ScheduledChunk, logits: torch.Tensor) -> list[SampledToken]:
         """Exact acceptance of the chunk's drafts against the model's distributions at its
@@ -216,6 +213,12 @@ class ModelRunner:
             result += compute_logprobs_topn(logits, targets[s:s + LOGITS_ROWS],
                                             req.params.prompt_logprobs)
         return result
+
+
+def _packed(out) -> torch.Tensor:
+    """[3, B] float64 ids, logprobs and ranks (ids and ranks are exact in float64): one copy
+    to the host for the three."""
+    return torch.stack([out.token_ids.double(), out.logprobs.double(), out.ranks.double()])
 
 
 def _plain(seq) -> bool:
