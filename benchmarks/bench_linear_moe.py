@@ -153,9 +153,12 @@ def memo_timer(fn, label: str):
         if key not in seen:
             try:
                 seen[key] = fn(cfg)
+                print(f"  {label} {cfg}: {seen[key]:.1f} us", flush=True)
             except Exception as exc:  # noqa: BLE001 - a config that does not compile
-                print(f"  {label} {cfg}: {type(exc).__name__} {str(exc)[:100]}")
+                print(f"  {label} {cfg}: {type(exc).__name__} {str(exc)[:100]}", flush=True)
                 seen[key] = float("inf")
+                if "illegal memory access" in str(exc):  # the CUDA context is lost: stop here
+                    raise
         return seen[key]
     return timed
 
