@@ -89,3 +89,29 @@ def test_moe_module_routes_through_the_op(layer):
     ids = torch.randint(0, cfg.vocab_size, (7,), generator=g)
     idx, wgt = moe.gate(u, ids)
     assert torch.equal(moe(u, ids), moe_forward_ref(u, idx, wgt, experts, moe.shared_experts))
+
+
+def test_kernel_code_order_round_trips_and_keeps_the_linear_exact():
+    """The MoE kernels' MXFP4 code order (`fp4_to_halves`: byte b of each 16 = codes b, b+16 of
+    the 32-block) holds the same codes; a linear switched to it in place computes the same
+    outputs, saves the checkpoint order, and converts what a state-dict load brings."""
+    from dsv4.quant.formats import fp4_to_halves, pack_fp4, unpack_fp4
+    from dsv4.quant.linear import make_linear
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (3, 96), generator=g, dtype=torch.uint8)
+    halves = fp4_to_halves(pack_fp4(codes))
+    assert halves.dtype == torch.int8 and halves.shape == (3, 48)
+    assert torch.equal(unpack_fp4(halves, halves=True), codes)
+    assert halves.view(torch.uint8)[0, 0].item() == codes[0, 0].item() | codes[0, 16].item() << 4
+    lin = make_linear(96, 8, "fp4")
+    lin.set_float(torch.randn(8, 96, generator=g))
+    x = torch.randn(5, 96, generator=g, dtype=torch.bfloat16)
+    want, w_want, sd = lin(x), lin.dequantize(), {k: v.clone() for k, v in lin.state_dict().items()}
+    lin.to_halves()
+    assert lin.halves and not torch.equal(lin.weight, sd["weight"])
+    assert torch.equal(lin.dequantize(), w_want) and torch.equal(lin(x), want)
+    assert torch.equal(lin.state_dict()["weight"], sd["weight"])
+    lin.load_state_dict(sd)
+    assert lin.halves and torch.equal(lin.dequantize(), w_want)
+    lin.to_halves()  # idempotent
+    assert torch.equal(lin.dequantize(), w_want)

@@ -19,7 +19,9 @@ GPU (no host synchronisation, a fixed number of launches whatever the routing):
    (FP4 decoded in the kernel, or FP8). MXFP4 decodes either to bf16 with the scale folded in
    (one bf16 MMA per chunk) or, by default for up to 16 tokens per expert, to e4m3 for FP8
    tensor cores (`_mxfp4_mma8`: one 32-deep MMA per scale block, promoted to fp32 with the
-   scale). With the fused epilogue (`moe_config`: BW=128, unsplit) both products share a CTA,
+   scale). MXFP4 experts are re-ordered in place on first use (`FP4Linear.to_halves`: byte b
+   of each 16 holds codes b and b + 16), so a thread's loaded bytes decode straight into its
+   MMA fragment registers. With the fused epilogue (`moe_config`: BW=128, unsplit) both products share a CTA,
    with the clamped SwiGLU, the routing weight and the FP8 quantisation of h that w2's input
    needs (per token, per 128). Otherwise (small batches, which are memory-bound and would
    leave most SMs idle, and the largest, where it measured faster) g and v go to separate
@@ -109,6 +111,9 @@ class _Tables:
         self.fmt = _FMT_CODES[mods[0].w1.fmt]
         self.ptrs = {}
         for name in ("w1", "w3", "w2"):
+            if self.fmt == FMT_MXFP4:  # the kernels' code order, in place (fp4_to_halves)
+                for m in mods:
+                    getattr(m, name).to_halves()
             ts = [_tensors(getattr(m, name)) for m in mods]
             for i, part in enumerate(("w", "s", "g")):
                 self.ptrs[name + part] = torch.tensor([t[i].data_ptr() for t in ts],
@@ -121,7 +126,8 @@ _TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def _tables(experts, shared, device) -> tuple[_Tables, _Tables | None] | None:
     """Pointer tables for the kernels, cached per expert list: (plan experts [shared,
     routed...], None) when all share one format, else (routed, shared); None when the kernels
-    do not cover these experts (bf16 weights, sizes not multiples of 128, mixed routed formats)."""
+    do not cover these experts (bf16 weights, sizes not multiples of 128, mixed routed formats,
+    weights not 16-byte aligned)."""
     # Keyed by the shared expert: one per MoE layer, and a module (the routed experts may come
     # as a plain list).
     key = (str(device), len(experts), experts[0].w1.weight.data_ptr(),
@@ -133,7 +139,9 @@ def _tables(experts, shared, device) -> tuple[_Tables, _Tables | None] | None:
     fmts = {lin.fmt for m in experts for lin in (m.w1, m.w2, m.w3)}
     shared_fmts = {lin.fmt for lin in (shared.w1, shared.w2, shared.w3)}
     if (len(fmts) != 1 or len(shared_fmts) != 1 or not (fmts | shared_fmts) <= set(_FMT_CODES)
-            or d % 128 or inter % 128 or shared.w1.out_features != inter):
+            or d % 128 or inter % 128 or shared.w1.out_features != inter
+            or any(t.data_ptr() % 16 for m in (shared, *experts) for n in ("w1", "w3", "w2")
+                   for t in _tensors(getattr(m, n))[:2])):  # the kernel assumes 16-byte rows
         val = None
     elif fmts == shared_fmts:
         val = (_Tables([shared, *experts], device), None)
@@ -157,7 +165,7 @@ def moe_config(t: int, k: int, n_routed: int, d: int, inter: int, sms: int) -> d
     splits are the best of a sweep on an H200 (`bench_linear_moe.py --only sweep`, Flash
     shapes: T = 1 -> 4/4, 8 -> 2/2, 64 -> 1/1 with the e4m3 decode), scaled by the SM count.
     `dec` picks the MXFP4 decode (`_mxfp4_mma8`): 0 bf16 MMA, 1-2 e4m3 MMA per 32-block (2 =
-    4 bytes per instruction: 18-20% faster than 0 at T = 1-64 on the H200), 3 dot_scaled."""
+    4 bytes per instruction: 18-20% faster than 0 at T = 1-64 on the H200)."""
     bt = _block_tokens(t, k, n_routed)
     small = t * k <= 4 * n_routed
     if not small and bt <= 16:  # T = 512 Flash: 4.3 ms, against 7.4 with the fused epilogue
@@ -377,14 +385,13 @@ if HAS_TRITON:
             g_addr = tl.where(up, tl.load(g3_tab + wi), g_addr)
         rows = tile * BW + tl.arange(0, BW)
         row_ok = rows < N
-        ws = s_addr.to(tl.pointer_type(tl.uint8))
-        ws3 = tl.load(s3_tab + wi).to(tl.pointer_type(tl.uint8))
-        if W_FMT == 0:
-            w = w_addr.to(tl.pointer_type(tl.float8e4nv))
-            w3 = tl.load(w3_tab + wi).to(tl.pointer_type(tl.float8e4nv))
-        else:
-            w = w_addr.to(tl.pointer_type(tl.uint8))
-            w3 = tl.load(w3_tab + wi).to(tl.pointer_type(tl.uint8))
+        # addresses read from a table carry no alignment: without the hint every weight byte
+        # is its own load instruction (the tables hold torch allocations, 256-byte aligned)
+        ws = tl.multiple_of(s_addr.to(tl.pointer_type(tl.uint8)), 16)
+        ws3 = tl.multiple_of(tl.load(s3_tab + wi).to(tl.pointer_type(tl.uint8)), 16)
+        ty = tl.float8e4nv if W_FMT == 0 else tl.uint8
+        w = tl.multiple_of(w_addr.to(tl.pointer_type(ty)), 16)
+        w3 = tl.multiple_of(tl.load(w3_tab + wi).to(tl.pointer_type(ty)), 16)
         if GATE_UP:
             arow = slot // k1
         else:
@@ -393,6 +400,14 @@ if HAS_TRITON:
         kb1 = tl.minimum(kb0 + kb_per, K // 128)
         acc = tl.zeros((BW, BT), dtype=tl.float32)
         acc3 = tl.zeros((BW, BT), dtype=tl.float32)
+        if W_FMT == 1 and DEC > 0:  # row pointers hoisted: the loop only adds kb offsets
+            j = tl.arange(0, 16)
+            w_row = w + rows[:, None].to(tl.int64) * (K // 2) + j[None, :]
+            w3_row = w3 + rows[:, None].to(tl.int64) * (K // 2) + j[None, :]
+            s_row = ws + rows.to(tl.int64) * (K // 32)
+            s3_row = ws3 + rows.to(tl.int64) * (K // 32)
+            a_row = a_ptr + arow[:, None].to(tl.int64) * K + tl.arange(0, 32)[None, :]
+            sa_row = sa_ptr + arow.to(tl.int64) * (K // 128)
         for kb in range(kb0, kb1):
             if W_FMT == 0:
                 q, s = _act_block(a_ptr, sa_ptr, arow, ok, kb, K, False)
@@ -400,20 +415,23 @@ if HAS_TRITON:
                 if TWO:
                     acc3 = _mma_fp8(acc3, q, s, w3, ws3, rows, row_ok, kb, K)
             elif W_FMT == 1 and DEC > 0:
-                s = tl.load(sa_ptr + arow.to(tl.int64) * (K // 128) + kb, mask=ok, other=0.0)
-                acc = _mxfp4_mma8(acc, a_ptr, arow, ok, s, w, ws, rows, row_ok, kb, K, DEC)
+                s = tl.load(sa_row + kb, mask=ok, other=0.0)
+                acc = _mxfp4_mma8(acc, a_row + kb * 128, ok, s, w_row + kb * 64, s_row + kb * 4,
+                                  row_ok, DEC == 2)
                 if TWO:
-                    acc3 = _mxfp4_mma8(acc3, a_ptr, arow, ok, s, w3, ws3, rows, row_ok, kb, K,
-                                       DEC)
+                    acc3 = _mxfp4_mma8(acc3, a_row + kb * 128, ok, s, w3_row + kb * 64,
+                                       s3_row + kb * 4, row_ok, DEC == 2)
             else:
                 s, inv = _act_scale(a_ptr, sa_ptr, arow, ok, kb, K, False)
                 for c in tl.static_range(128 // KC):
                     a = tl.trans(_act_chunk(a_ptr, arow, ok, kb, c, K, s, inv, False, KC))
-                    acc = tl.dot(_fp4_chunk(w, ws, rows, row_ok, kb, c, K, W_FMT == 2, KC), a,
-                                 acc)
+                    # MXFP4 experts hold the kernels' code order (HALVES)
+                    wc = _fp4_chunk(w, ws, rows, row_ok, kb, c, K, W_FMT == 2, KC, W_FMT == 1)
+                    acc = tl.dot(wc, a, acc)
                     if TWO:
-                        acc3 = tl.dot(_fp4_chunk(w3, ws3, rows, row_ok, kb, c, K, W_FMT == 2, KC),
-                                      a, acc3)
+                        wc = _fp4_chunk(w3, ws3, rows, row_ok, kb, c, K, W_FMT == 2, KC,
+                                        W_FMT == 1)
+                        acc3 = tl.dot(wc, a, acc3)
         if W_FMT == 2:
             acc = acc * tl.load(g_addr.to(tl.pointer_type(tl.float32)))
             if TWO:
@@ -437,64 +455,53 @@ if HAS_TRITON:
 
     @triton.jit
     def _e2m1_e4m3(p, ASM: tl.constexpr):
-        """Packed e2m1 bytes [R, C] -> (low-nibble, high-nibble) e4m3 bytes [R, C], each the
+        """One 32-code block of packed e2m1 bytes [R, 16] in the kernels' order (byte b holds
+        codes b and b + 16, `fp4_to_halves`) -> e4m3 bytes [R, 32] in code order, each the
         code's value times 2^-6: the 3 magnitude bits go straight into e4m3's exponent and
-        mantissa (the subnormal 0.5 lands on e4m3's subnormal), the sign into bit 7. ASM does
-        4 bytes per 32-bit instruction (PTX; GPU only)."""
+        mantissa (the subnormal 0.5 lands on e4m3's subnormal), the sign into bit 7. A thread's
+        4 packed bytes become exactly the two 32-bit registers of codes its FP8 MMA fragment
+        holds (codes 4t..4t+3 and 16+4t..16+4t+3), so the decoded weights reach the tensor
+        cores without a shared-memory pass or byte shuffles. ASM (PTX, GPU only) decodes 4
+        bytes per 32-bit instruction."""
+        R: tl.constexpr = p.shape[0]
+        C: tl.constexpr = p.shape[1]
         if ASM:
             lo, hi = tl.inline_asm_elementwise(
                 asm="""{
-                .reg .b32 t, u;
-                shl.b32 t, $2, 2;
-                and.b32 t, t, 0x1C1C1C1C;
-                shl.b32 u, $2, 4;
-                and.b32 u, u, 0x80808080;
-                or.b32 $0, t, u;
-                shr.b32 t, $2, 2;
-                and.b32 t, t, 0x1C1C1C1C;
-                and.b32 u, $2, 0x80808080;
-                or.b32 $1, t, u;
+                .reg .b32 t;
+                shl.b32 $0, $2, 2;
+                and.b32 $0, $0, 0x1C1C1C1C;
+                shl.b32 t, $2, 4;
+                and.b32 t, t, 0x80808080;
+                or.b32 $0, $0, t;
+                shr.b32 $1, $2, 2;
+                and.b32 $1, $1, 0x1C1C1C1C;
+                and.b32 t, $2, 0x80808080;
+                or.b32 $1, $1, t;
                 }""",
                 constraints="=r,=r,r", args=[p], dtype=(tl.uint8, tl.uint8), is_pure=True,
                 pack=4)
         else:
             lo = ((p << 2) & 0x1C) | ((p << 4) & 0x80)
             hi = ((p >> 2) & 0x1C) | (p & 0x80)
-        return lo, hi
+        w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (R, 2 * C))
+        return w.to(tl.float8e4nv, bitcast=True)
 
     @triton.jit
-    def _mxfp4_mma8(acc, a_ptr, arow, ok, s, w_ptr, ws_ptr, rows, row_ok, kb, K,
-                    DEC: tl.constexpr):
-        """acc [BW, BT] += MXFP4 W (K-block kb) @ (e4m3 activations * s)^T on FP8 tensor cores:
-        DEC 1 / 2 decode e2m1 to e4m3 (exact, `_e2m1_e4m3`) and run one 32-deep MMA per scale
-        block, promoted to fp32 with (2^6 x block scale x token scale); DEC 3 is Triton's
-        `dot_scaled` (its own e2m1 upcast) over the whole 128-deep block."""
-        if DEC == 3:
-            j = tl.arange(0, 64)
-            p = tl.load(w_ptr + rows[:, None].to(tl.int64) * (K // 2) + kb * 64 + j[None, :],
-                        mask=row_ok[:, None], other=0)
-            si = tl.arange(0, 4)
-            sb = tl.load(ws_ptr + rows[:, None].to(tl.int64) * (K // 32) + kb * 4 + si[None, :],
-                         mask=row_ok[:, None], other=0)
-            k = kb * 128 + tl.arange(0, 128)
-            q = tl.load(a_ptr + arow[:, None].to(tl.int64) * K + k[None, :], mask=ok[:, None],
-                        other=0.0)
-            d = tl.dot_scaled(p, sb, "e2m1", tl.trans(q), None, "e4m3", fast_math=True)
-            return acc + d * s[None, :]
+    def _mxfp4_mma8(acc, a_ptr, ok, s, w_ptr, s_ptr, row_ok, ASM: tl.constexpr):
+        """acc [BW, BT] += MXFP4 W (one 128-deep K-block) @ (e4m3 activations * s)^T on FP8
+        tensor cores: the e2m1 codes decode exactly to e4m3 (`_e2m1_e4m3`), one 32-deep MMA per
+        scale block is promoted to fp32 with 2^6 x its block scale, the token scale s once per
+        K-block. Pointers: w_ptr [BW, 16] bytes of the block's first 32 codes per row, s_ptr
+        [BW] its first scale, a_ptr [BT, 32] its first 32 activations."""
+        blk = tl.zeros(acc.shape, dtype=tl.float32)
         for c in tl.static_range(4):
-            j = tl.arange(0, 16)
-            p = tl.load(w_ptr + rows[:, None].to(tl.int64) * (K // 2) + kb * 64 + c * 16
-                        + j[None, :], mask=row_ok[:, None], other=0)
-            lo, hi = _e2m1_e4m3(p, DEC == 2)
-            w8 = tl.reshape(tl.join(lo, hi), (lo.shape[0], 32)).to(tl.float8e4nv, bitcast=True)
-            k = kb * 128 + c * 32 + tl.arange(0, 32)
-            q = tl.load(a_ptr + arow[:, None].to(tl.int64) * K + k[None, :], mask=ok[:, None],
-                        other=0.0)
-            sb = tl.load(ws_ptr + rows.to(tl.int64) * (K // 32) + kb * 4 + c, mask=row_ok,
-                         other=0)
-            f = _e8m0_f32(sb.to(tl.int32)) * 64.0
-            acc += tl.dot(w8, tl.trans(q)) * (f[:, None] * s[None, :])
-        return acc
+            p = tl.load(w_ptr + c * 16, mask=row_ok[:, None], other=0)
+            w8 = _e2m1_e4m3(p, ASM)
+            q = tl.load(a_ptr + c * 32, mask=ok[:, None], other=0.0)
+            f = _e8m0_f32(tl.load(s_ptr + c, mask=row_ok, other=0).to(tl.int32)) * 64.0
+            blk += tl.dot(w8, tl.trans(q)) * f[:, None]
+        return acc + blk * s[None, :]
 
     @triton.jit
     def _swiglu_kernel(part_ptr, slots_ptr, counts_ptr, blk_end_ptr, wgt_ptr, hq_ptr, hs_ptr,

@@ -40,21 +40,23 @@ SCALED_MM_MIN_M = 256
 
 
 # ------------------------------------------------------------------------------- references
-def _ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def linear_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """SPEC.md 3 with the dequantised weight w [N, K] (fp32)."""
     y = act_quant_sim(x) @ w.t()
     return y.to(x.dtype)
 
 
+
 def fp8_linear_ref(x, weight, scale):
-    return _ref(x, dequant_fp8(weight, scale))
+    return linear_ref(x, dequant_fp8(weight, scale))
 
 
 def mxfp4_linear_ref(x, weight, scale):
-    return _ref(x, dequant_mxfp4(weight, scale))
+    return linear_ref(x, dequant_mxfp4(weight, scale))
 
 
 def nvfp4_linear_ref(x, weight, weight_scale, weight_scale_2):
-    return _ref(x, dequant_nvfp4(weight, weight_scale, weight_scale_2))
+    return linear_ref(x, dequant_nvfp4(weight, weight_scale, weight_scale_2))
 
 
 # ------------------------------------------------------------------------------- public ops
@@ -230,7 +232,8 @@ if HAS_TRITON:
         return b.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
 
     @triton.jit
-    def _fp4_chunk(w_ptr, s_ptr, rows, row_ok, kb, c, K, NV: tl.constexpr, KC: tl.constexpr):
+    def _fp4_chunk(w_ptr, s_ptr, rows, row_ok, kb, c, K, NV: tl.constexpr, KC: tl.constexpr,
+                   HALVES: tl.constexpr = False):
         """Packed e2m1 rows [BW], K-chunk c (KC wide) of K-block kb -> exact bf16 [BW, KC] with
         the block scales folded in (s_ptr: e8m0 [N, K/32] for MXFP4, e4m3 [N, K/16] for NVFP4,
         as bytes). Narrow chunks keep the decode's registers small, wide ones load more bytes
@@ -256,8 +259,12 @@ if HAS_TRITON:
                        (f.shape[0], KC // 2))
         lo = (lo * f).to(tl.bfloat16)
         hi = (hi * f).to(tl.bfloat16)
+        R: tl.constexpr = lo.shape[0]
+        if HALVES:  # byte b of each 16: codes b and b + 16 of the 32-block (fp4_to_halves)
+            w = tl.reshape(tl.join(lo, hi), (R, KC // 32, 16, 2))
+            return tl.reshape(tl.permute(w, (0, 1, 3, 2)), (R, KC))
         # element 2j is the low nibble of byte j
-        return tl.reshape(tl.join(lo, hi), (lo.shape[0], KC))
+        return tl.reshape(tl.join(lo, hi), (R, KC))
 
     @triton.jit
     def _act_chunk(x_ptr, rows, ok, kb, c, K, s, inv, QUANT: tl.constexpr, KC: tl.constexpr):

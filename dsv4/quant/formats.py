@@ -50,10 +50,23 @@ def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
     return (c[..., 0::2] | (c[..., 1::2] << 4)).view(torch.int8)
 
 
-def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
-    """int8/uint8 [N, K/2] -> uint8 codes [N, K]."""
+def unpack_fp4(packed: torch.Tensor, halves: bool = False) -> torch.Tensor:
+    """int8/uint8 [N, K/2] -> uint8 codes [N, K]. `halves`: the GPU kernels' order (see
+    `fp4_to_halves`) instead of the checkpoint's."""
     p = packed.view(torch.uint8)
+    if halves:
+        g = p.view(*p.shape[:-1], -1, MXFP4_BLOCK // 2)
+        return torch.cat([g & 0xF, g >> 4], dim=-1).flatten(-2)
     return torch.stack([p & 0xF, p >> 4], dim=-1).flatten(-2)
+
+
+def fp4_to_halves(packed: torch.Tensor) -> torch.Tensor:
+    """Checkpoint order (byte j = codes 2j, 2j+1) -> the MoE kernel's order: byte b of each
+    16-byte group = codes b and b + 16 of its 32-code block. A thread's 4 packed bytes then
+    decode to exactly the 2 registers of codes a Hopper FP8 MMA fragment needs, with no byte
+    shuffles (kernels/moe.py). Same bytes, same scales; K must be a multiple of 32."""
+    c = unpack_fp4(packed).view(*packed.shape[:-1], -1, 2, MXFP4_BLOCK // 2)
+    return (c[..., 0, :] | (c[..., 1, :] << 4)).flatten(-2).view(packed.dtype)
 
 
 _LUTS: dict = {}
@@ -68,8 +81,8 @@ def fp4_values(codes: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------- MXFP4
-def dequant_mxfp4(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    vals = fp4_values(unpack_fp4(weight))
+def dequant_mxfp4(weight: torch.Tensor, scale: torch.Tensor, halves: bool = False) -> torch.Tensor:
+    vals = fp4_values(unpack_fp4(weight, halves))
     return vals * scale.float().repeat_interleave(MXFP4_BLOCK, -1)
 
 

@@ -203,14 +203,14 @@ def test_moe_launch_configs(fmt, cfg, monkeypatch):
     _check_moe(experts, shared, [1, 5, 40], ["uniform", "skewed"], monkeypatch, cfg=cfg)
 
 
-@pytest.mark.parametrize("dec", [1, 2, 3], ids=["e4m3-ops", "e4m3-asm", "dot_scaled"])
+@pytest.mark.parametrize("dec", [0, 1, 2], ids=["bf16", "e4m3-ops", "e4m3-asm"])
 @pytest.mark.parametrize("base", [
     dict(bw1=64, bw2=64, kc=128, split1=8, split2=4),
     dict(bw1=128, bw2=128, kc=32, split1=1, split2=1, bt=64, warps=8),
 ], ids=["split", "large"])
 def test_moe_mxfp4_fp8_tensor_core_decodes(dec, base, monkeypatch):
-    """The MXFP4 decodes for FP8 tensor cores (e2m1 -> e4m3 per 32-block, or dot_scaled) give
-    the reference's products: same tolerance as the bf16 decode, T from 1 to past the
+    """The MXFP4 decodes (to bf16 with the scale folded in, or e2m1 -> e4m3 per 32-block for
+    FP8 tensor cores), all reading the kernels' code order, give the reference's products: same tolerance as the bf16 decode, T from 1 to past the
     large-batch switch."""
     experts, shared = _random_moe(32, 4096, 2048, "fp4", "fp8", torch.bfloat16, seed=6)
     _check_moe(experts, shared, [1, 5, 40, 300], ["uniform", "skewed"], monkeypatch,
