@@ -21,8 +21,8 @@ GPU (no host synchronisation, a fixed number of launches whatever the routing):
    tensor cores (`_mxfp4_mma8`: one 32-deep MMA per scale block, promoted to fp32 with the
    scale). MXFP4 experts are re-ordered in place on first use (`FP4Linear.to_halves`: byte b
    of each 16 holds codes b and b + 16), so a thread's loaded bytes decode straight into its
-   MMA fragment registers. With the fused epilogue (`moe_config`: BW=128, unsplit) both products share a CTA,
-   with the clamped SwiGLU, the routing weight and the FP8 quantisation of h that w2's input
+   MMA fragment registers. With the fused epilogue (`moe_config`: BW=128, unsplit) both
+   products share a CTA, with the clamped SwiGLU, the routing weight and the FP8 quantisation of h that w2's input
    needs (per token, per 128). Otherwise (small batches, which are memory-bound and would
    leave most SMs idle, and the largest, where it measured faster) g and v go to separate
    CTAs, K may be split across CTAs, each writes fp32 partial sums, and `_swiglu_kernel` sums

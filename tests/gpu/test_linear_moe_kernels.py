@@ -210,8 +210,8 @@ def test_moe_launch_configs(fmt, cfg, monkeypatch):
 ], ids=["split", "large"])
 def test_moe_mxfp4_fp8_tensor_core_decodes(dec, base, monkeypatch):
     """The MXFP4 decodes (to bf16 with the scale folded in, or e2m1 -> e4m3 per 32-block for
-    FP8 tensor cores), all reading the kernels' code order, give the reference's products: same tolerance as the bf16 decode, T from 1 to past the
-    large-batch switch."""
+    FP8 tensor cores), all reading the kernels' code order, give the reference's products:
+    same tolerance as the bf16 decode, T from 1 to past the large-batch switch."""
     experts, shared = _random_moe(32, 4096, 2048, "fp4", "fp8", torch.bfloat16, seed=6)
     _check_moe(experts, shared, [1, 5, 40, 300], ["uniform", "skewed"], monkeypatch,
                cfg=dict(base, dec=dec))
