@@ -40,9 +40,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "(584 bytes a row instead of 1024; lossless)")
     g.add_argument("--cuda-graph-max-len", type=int, default=16384,
                    help="decode steps up to this context length replay CUDA graphs")
-    g.add_argument("--async-scheduling", action="store_true",
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="launch each decode step before the previous step's tokens reach the "
-                        "host, overlapping host work with the GPU (experimental)")
+                        "host, overlapping host work with the GPU (on by default)")
     g.add_argument("--load-format", default="auto", help="checkpoint loading format")
     g.add_argument("--skip-tokenizer-init", action="store_true",
                    help="do not load a tokenizer (token-id prompts only)")

@@ -271,7 +271,7 @@ class EngineConfig:
     seed: int = 0
     # Launch each decode step before the previous step's tokens reach the host, so that the
     # host's work (outputs, stop checks, scheduling) overlaps the GPU's (llm_engine.py).
-    async_scheduling: bool = False
+    async_scheduling: bool = True
 
     def validate(self) -> None:
         if self.dtype not in ("bfloat16", "float32"):

@@ -23,9 +23,10 @@ LENGTHS = (3, 9, 17, 25, 40, 12, 33, 5)
 
 
 def make_engine(**kw) -> LLMEngine:
-    # test_async_scheduling.py runs this whole file again with async scheduling on
+    # async scheduling is the default; test_async_scheduling.py runs this whole file again
+    # with it off
     args = dict(dtype="float32", device="cpu", max_num_seqs=8, cpu_cache_bytes=16 << 20,
-                async_scheduling=os.environ.get("DSV4_TEST_ASYNC_SCHEDULING") == "1")
+                async_scheduling=os.environ.get("DSV4_TEST_ASYNC_SCHEDULING", "1") == "1")
     args.update(kw)
     return LLMEngine.from_args("tiny", **args)
 

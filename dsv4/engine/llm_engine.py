@@ -177,7 +177,7 @@ class LLMEngine:
                   speculative_tokens: int = 0, enforce_eager: bool = False,
                   load_format: str = "auto", kv_cache_dtype: str = "auto",
                   cuda_graph_max_len: int = 16384, tensor_parallel_size: int = 1,
-                  async_scheduling: bool = False) -> "LLMEngine":
+                  async_scheduling: bool = True) -> "LLMEngine":
         ec = EngineConfig(dtype=dtype, device=device, max_model_len=max_model_len,
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           gpu_memory_utilization=gpu_memory_utilization,
