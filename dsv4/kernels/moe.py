@@ -22,20 +22,19 @@ GPU (no host synchronisation, a fixed number of launches whatever the routing):
    scale). MXFP4 experts are re-ordered in place on first use (`FP4Linear.to_halves`: byte b
    of each 16 holds codes b and b + 16), so a thread's loaded bytes decode straight into its
    MMA fragment registers. With the fused epilogue (`moe_config`: BW=128, unsplit) both
-   products share a CTA, with the clamped SwiGLU, the routing weight and the FP8
-   quantisation of h that w2's input needs (per token, per 128). Otherwise (small batches,
-   which are memory-bound and would leave most SMs idle, and the largest, where it measured
-   faster) g and v go to separate CTAs, K may be split across CTAs, each writes fp32 partial
-   sums, and `_swiglu_kernel` sums them and applies the same epilogue.
+   products share a CTA, with the clamped SwiGLU, the routing weight and the FP8 quantisation of h that w2's input
+   needs (per token, per 128). Otherwise (small batches, which are memory-bound and would
+   leave most SMs idle, and the largest, where it measured faster) g and v go to separate
+   CTAs, K may be split across CTAs, each writes fp32 partial sums, and `_swiglu_kernel` sums
+   them and applies the same epilogue.
 4. `_moe_gemm_kernel` DOWN: y_slot = w2 h, written to the slot's own row (the un-permute);
    small batches split K here too (fp32 partials).
 5. `_combine_kernel`: out[t] = sum over the token's k+1 slot rows (each the sum of its K-split
    partials, rounded to the working dtype) in fp32, cast once.
 Partial sums are reduced in a fixed order, so results do not depend on scheduling.
-The shared expert is plan expert 0 and rides in the same launches: with the routed experts'
-tables when its weight format is theirs (FP8 or NVFP4 checkpoints), else (official FP4
-checkpoints keep it in FP8) with its own tables, each CTA branching on its block's format
-(HAS_SH), so its tiles run alongside the routed ones rather than in a launch of their own.
+The shared expert is plan expert 0 and rides in the same launches when its weight format equals
+the routed experts' (FP8 or NVFP4 checkpoints); official FP4 checkpoints keep the shared expert
+in FP8, so each GEMM is then launched twice, once per format, over disjoint blocks.
 Rounding follows the reference: each linear's output is rounded to the working dtype before
 the fp32 SwiGLU / sum, h is rounded before its quantisation.
 """
@@ -224,8 +223,11 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
     hs = torch.empty(n_pos, inter // 128, dtype=torch.float32, device=dev)
     limit = float(experts[0].limit)
     main, extra = _tables(experts, shared, dev)
-    sh = extra or main  # a separate shared-expert format rides in the same launches
-    formats = dict(W_FMT=main.fmt, HAS_SH=extra is not None, SH_FMT=sh.fmt)
+    # launches: (tables, first plan expert, end plan expert, first block, blocks)
+    if extra is None:
+        groups = [(main, 0, n_exp, 0, n_blocks)]
+    else:
+        groups = [(extra, 0, 1, 0, shared_blocks), (main, 1, n_exp, shared_blocks, routed_blocks)]
     common = dict(ROUND=u.dtype == torch.bfloat16, HAS_LIMIT=limit > 0, BT=bt, EP2=ep2,
                   KC=c["kc"], DEC=c["dec"], num_warps=c["warps"], num_stages=c["stages"])
     split1, split2 = c["split1"], c["split2"]
@@ -235,12 +237,14 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
     partial1 = split1 > 1 or c["bw1"] != 128
     part1 = (torch.empty(split1, n_pos, 2 * inter, dtype=torch.float32, device=dev)
              if partial1 else hq)
-    p, ps = main.ptrs, sh.ptrs
-    up_tabs = [t[w + x] for t in (p, ps) for w in ("w1", "w3") for x in "wsg"]
-    _moe_gemm_kernel[((2 if partial1 else 1) * inter // c["bw1"], n_blocks, split1)](
-        q, s, *plan, *up_tabs, wgt, part1, hs, inter, d, n_exp, k1, limit,
-        per1, n_pos * 2 * inter, GATE_UP=True, SPLIT=partial1, TWO=not partial1, BW=c["bw1"],
-        **formats, **common)
+    for tab, e_lo, e_hi, b_lo, nb in groups:
+        p = tab.ptrs
+        _moe_gemm_kernel[((2 if partial1 else 1) * inter // c["bw1"], nb, split1)](
+            q, s, *plan, p["w1w"], p["w1s"], p["w1g"], p["w3w"], p["w3s"], p["w3g"], wgt,
+            part1, hs, inter, d, n_exp, e_lo, e_hi, b_lo, k1, limit, per1,
+            n_pos * 2 * inter, W_FMT=tab.fmt, GATE_UP=True, SPLIT=partial1, TWO=not partial1,
+            BW=c["bw1"],
+            **common)
     if partial1:
         _swiglu_kernel[(inter // 128, n_blocks)](
             part1, *plan, wgt, hq, hs, inter, n_exp, k1, limit, split1, n_pos * 2 * inter,
@@ -250,11 +254,12 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
     split2 = triton.cdiv(inter // 128, per2)
     ys = torch.empty(split2, n_slots, d, dtype=u.dtype if split2 == 1 else torch.float32,
                      device=dev)
-    down_tabs = [t["w2" + x] for t in (p, ps) for x in "wsg"]
-    _moe_gemm_kernel[(triton.cdiv(d, c["bw2"]), n_blocks, split2)](
-        hq, hs, *plan, *down_tabs[:3], *down_tabs[:3], *down_tabs[3:], *down_tabs[3:], wgt, ys,
-        hs, d, inter, n_exp, k1, limit, per2, n_slots * d, GATE_UP=False, SPLIT=split2 > 1,
-        TWO=False, BW=c["bw2"], **formats, **common)
+    for tab, e_lo, e_hi, b_lo, nb in groups:
+        p = tab.ptrs
+        _moe_gemm_kernel[(triton.cdiv(d, c["bw2"]), nb, split2)](
+            hq, hs, *plan, p["w2w"], p["w2s"], p["w2g"], p["w2w"], p["w2s"], p["w2g"], wgt,
+            ys, hs, d, inter, n_exp, e_lo, e_hi, b_lo, k1, limit, per2, n_slots * d,
+            W_FMT=tab.fmt, GATE_UP=False, SPLIT=split2 > 1, TWO=False, BW=c["bw2"], **common)
     # 5. sum the slots of each token (and the K-splits of each slot)
     out = torch.empty_like(u)
     _combine_kernel[(t, triton.cdiv(d, 1024))](ys, out, d, split2, n_slots * d, K1=k1,
@@ -349,80 +354,37 @@ if HAS_TRITON:
 
     @triton.jit
     def _moe_gemm_kernel(a_ptr, sa_ptr, slots_ptr, counts_ptr, blk_end_ptr,
-                         w_tab, s_tab, g_tab, w3_tab, s3_tab, g3_tab,
-                         shw_tab, shs_tab, shg_tab, shw3_tab, shs3_tab, shg3_tab, wgt_ptr,
-                         out_ptr, out_s_ptr, N, K, n_exp, k1, limit, kb_per, part_stride,
-                         W_FMT: tl.constexpr, HAS_SH: tl.constexpr, SH_FMT: tl.constexpr,
-                         GATE_UP: tl.constexpr,
-                         SPLIT: tl.constexpr, ROUND: tl.constexpr, HAS_LIMIT: tl.constexpr,
-                         BW: tl.constexpr, BT: tl.constexpr, EP2: tl.constexpr, KC: tl.constexpr,
+                         w_tab, s_tab, g_tab, w3_tab, s3_tab, g3_tab, wgt_ptr,
+                         out_ptr, out_s_ptr, N, K, n_exp, e_lo, e_hi, blk_lo, k1, limit,
+                         kb_per, part_stride,
+                         W_FMT: tl.constexpr, GATE_UP: tl.constexpr, SPLIT: tl.constexpr,
+                         ROUND: tl.constexpr, HAS_LIMIT: tl.constexpr, BW: tl.constexpr,
+                         BT: tl.constexpr, EP2: tl.constexpr, KC: tl.constexpr,
                          TWO: tl.constexpr, DEC: tl.constexpr = 0):
-        """One (weight tile, block, K-split) of a grouped GEMM; grid (N/BW, blocks, splits).
-        Without SPLIT the tile is finished here (GATE_UP: SwiGLU + FP8 h; else y in the working
-        dtype); with SPLIT it writes fp32 partial sums. HAS_SH: the shared expert (plan expert 0)
-        has its own format SH_FMT and tables (sh*_tab), in the same launch; the routed tables
-        then start at plan expert 1."""
-        b = tl.program_id(1)
+        """One (weight tile, block, K-split) of a grouped GEMM; grid (N/BW, blocks of this
+        launch, splits). Without SPLIT the tile is finished here (GATE_UP: SwiGLU + FP8 h;
+        else y in the working dtype); with SPLIT it writes fp32 partial sums."""
+        b = blk_lo + tl.program_id(1)
         e, ok, pos, slot = _block_rows(b, slots_ptr, counts_ptr, blk_end_ptr, n_exp, BT, EP2)
-        if e >= n_exp:
+        if (e < e_lo) | (e >= e_hi):
             return
         # TWO (GATE_UP, not SPLIT): two products per CTA, g and v, for the fused epilogue.
         # GATE_UP and SPLIT: one; tiles past N/BW compute v = w3 x (half the registers, twice
         # the CTAs for small batches).
         tile = tl.program_id(0)
+        wi = e - e_lo
+        w_addr = tl.load(w_tab + wi)
+        s_addr = tl.load(s_tab + wi)
+        g_addr = tl.load(g_tab + wi)
         up = False
         if GATE_UP and SPLIT:
             up = tile >= N // BW
             tile = tile - up.to(tl.int32) * (N // BW)
+            w_addr = tl.where(up, tl.load(w3_tab + wi), w_addr)
+            s_addr = tl.where(up, tl.load(s3_tab + wi), s_addr)
+            g_addr = tl.where(up, tl.load(g3_tab + wi), g_addr)
         rows = tile * BW + tl.arange(0, BW)
-        if GATE_UP:
-            arow = slot // k1
-        else:
-            arow = pos
-        kb0 = tl.program_id(2) * kb_per
-        kb1 = tl.minimum(kb0 + kb_per, K // 128)
-        if HAS_SH:
-            if e == 0:
-                acc, acc3 = _tile_products(a_ptr, sa_ptr, arow, ok, shw_tab, shs_tab, shg_tab,
-                                           shw3_tab, shs3_tab, shg3_tab, 0, up, rows, N, K, kb0,
-                                           kb1, SH_FMT, BW, BT, KC, TWO, DEC)
-            else:
-                acc, acc3 = _tile_products(a_ptr, sa_ptr, arow, ok, w_tab, s_tab, g_tab, w3_tab,
-                                           s3_tab, g3_tab, e - 1, up, rows, N, K, kb0, kb1,
-                                           W_FMT, BW, BT, KC, TWO, DEC)
-        else:
-            acc, acc3 = _tile_products(a_ptr, sa_ptr, arow, ok, w_tab, s_tab, g_tab, w3_tab,
-                                       s3_tab, g3_tab, e, up, rows, N, K, kb0, kb1, W_FMT, BW,
-                                       BT, KC, TWO, DEC)
         row_ok = rows < N
-        mask = row_ok[:, None] & ok[None, :]
-        if SPLIT:
-            part = out_ptr + tl.program_id(2).to(tl.int64) * part_stride
-            if GATE_UP:  # rows [pos, 2N]: g then v
-                col = rows + up.to(tl.int32) * N
-                tl.store(part + pos[None, :].to(tl.int64) * (2 * N) + col[:, None], acc, mask=mask)
-            else:
-                tl.store(part + slot[None, :].to(tl.int64) * N + rows[:, None], acc, mask=mask)
-        elif GATE_UP:
-            rw = _routing_weight(wgt_ptr, slot, ok, k1)
-            hq, hs = _swiglu_quant(tl.trans(acc), tl.trans(acc3), rw, limit, ROUND, HAS_LIMIT)
-            tl.store(out_ptr + pos[:, None].to(tl.int64) * N + rows[None, :], hq,
-                     mask=ok[:, None])
-            tl.store(out_s_ptr + pos.to(tl.int64) * (N // 128) + tl.program_id(0), hs, mask=ok)
-        else:
-            tl.store(out_ptr + slot[None, :].to(tl.int64) * N + rows[:, None], acc, mask=mask)
-
-    @triton.jit
-    def _tile_products(a_ptr, sa_ptr, arow, ok, w_tab, s_tab, g_tab, w3_tab, s3_tab, g3_tab, wi,
-                       up, rows, N, K, kb0, kb1, W_FMT: tl.constexpr, BW: tl.constexpr,
-                       BT: tl.constexpr, KC: tl.constexpr, TWO: tl.constexpr,
-                       DEC: tl.constexpr):
-        """(acc, acc3) [BW, BT] fp32: weight rows `rows` of table entry wi (w3 instead of w1
-        where `up`; acc3 = the w3 product when TWO) times the block's activation rows `arow`,
-        over K-blocks kb0..kb1."""
-        row_ok = rows < N
-        w_addr = tl.where(up, tl.load(w3_tab + wi), tl.load(w_tab + wi))
-        s_addr = tl.where(up, tl.load(s3_tab + wi), tl.load(s_tab + wi))
         # addresses read from a table carry no alignment: without the hint every weight byte
         # is its own load instruction (the tables hold torch allocations, 256-byte aligned)
         ws = tl.multiple_of(s_addr.to(tl.pointer_type(tl.uint8)), 16)
@@ -430,6 +392,12 @@ if HAS_TRITON:
         ty = tl.float8e4nv if W_FMT == 0 else tl.uint8
         w = tl.multiple_of(w_addr.to(tl.pointer_type(ty)), 16)
         w3 = tl.multiple_of(tl.load(w3_tab + wi).to(tl.pointer_type(ty)), 16)
+        if GATE_UP:
+            arow = slot // k1
+        else:
+            arow = pos
+        kb0 = tl.program_id(2) * kb_per
+        kb1 = tl.minimum(kb0 + kb_per, K // 128)
         acc = tl.zeros((BW, BT), dtype=tl.float32)
         acc3 = tl.zeros((BW, BT), dtype=tl.float32)
         if W_FMT == 1 and DEC > 0:  # row pointers hoisted: the loop only adds kb offsets
@@ -465,11 +433,25 @@ if HAS_TRITON:
                                         W_FMT == 1)
                         acc3 = tl.dot(wc, a, acc3)
         if W_FMT == 2:
-            g_addr = tl.where(up, tl.load(g3_tab + wi), tl.load(g_tab + wi))
             acc = acc * tl.load(g_addr.to(tl.pointer_type(tl.float32)))
             if TWO:
                 acc3 = acc3 * tl.load(tl.load(g3_tab + wi).to(tl.pointer_type(tl.float32)))
-        return acc, acc3
+        mask = row_ok[:, None] & ok[None, :]
+        if SPLIT:
+            part = out_ptr + tl.program_id(2).to(tl.int64) * part_stride
+            if GATE_UP:  # rows [pos, 2N]: g then v
+                col = rows + up.to(tl.int32) * N
+                tl.store(part + pos[None, :].to(tl.int64) * (2 * N) + col[:, None], acc, mask=mask)
+            else:
+                tl.store(part + slot[None, :].to(tl.int64) * N + rows[:, None], acc, mask=mask)
+        elif GATE_UP:
+            rw = _routing_weight(wgt_ptr, slot, ok, k1)
+            hq, hs = _swiglu_quant(tl.trans(acc), tl.trans(acc3), rw, limit, ROUND, HAS_LIMIT)
+            tl.store(out_ptr + pos[:, None].to(tl.int64) * N + rows[None, :], hq,
+                     mask=ok[:, None])
+            tl.store(out_s_ptr + pos.to(tl.int64) * (N // 128) + tl.program_id(0), hs, mask=ok)
+        else:
+            tl.store(out_ptr + slot[None, :].to(tl.int64) * N + rows[:, None], acc, mask=mask)
 
     @triton.jit
     def _e2m1_e4m3(p, ASM: tl.constexpr):
