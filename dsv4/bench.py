@@ -82,11 +82,12 @@ def measure(engine, mode: str, n: int, input_len: int, output_len: int, seed: in
     cfg = engine.model_config
     prompts = _prompts(cfg.vocab_size, n, input_len, seed)
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    # Warm-up with the measured shapes (other prompts, a few tokens each): Triton compiles a
-    # kernel per shape class on first use (prefill chunks, MoE batch sizes), which a short
-    # warm-up prompt would leave inside the measured prefill.
+    # Warm-up with the measured shapes (other prompts, a few tokens each; at most one full
+    # batch): Triton compiles a kernel per shape class on first use (prefill chunks, MoE batch
+    # sizes), which a short warm-up prompt would leave inside the measured prefill.
     warm = SamplingParams(temperature=0.0, max_tokens=min(output_len, 4), ignore_eos=True)
-    for i, p in enumerate(_prompts(cfg.vocab_size, n, input_len, seed + 1)):
+    n_warm = min(n, getattr(engine, "max_num_seqs", n))
+    for i, p in enumerate(_prompts(cfg.vocab_size, n_warm, input_len, seed + 1)):
         engine.add_request(f"warmup-{i}-{time.monotonic_ns()}", p, warm)
     while engine.has_unfinished_requests():
         engine.step()
