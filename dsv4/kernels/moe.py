@@ -135,6 +135,10 @@ def _tables(experts, shared, device) -> tuple[_Tables, _Tables | None] | None:
     hit = _TABLES.get(shared)
     if hit is not None and hit[0] == key:
         return hit[1]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # building the tables re-orders MXFP4 weights in place: a graph would replay that
+        raise RuntimeError("MoE experts first used inside CUDA graph capture: run one eager "
+                           "forward before capturing")
     d, inter = experts[0].w1.in_features, experts[0].w1.out_features
     fmts = {lin.fmt for m in experts for lin in (m.w1, m.w2, m.w3)}
     shared_fmts = {lin.fmt for lin in (shared.w1, shared.w2, shared.w3)}
