@@ -13,8 +13,9 @@ GPU (no host synchronisation, a fixed number of launches whatever the routing):
    plan expert into blocks of BT rows (each expert's rows padded to a multiple of BT), so every
    block belongs to one expert. `_route_count_kernel` counts slots per expert with atomics (the
    order of rows inside an expert does not change any result), `_route_scatter_kernel` writes
-   each slot's padded position. The grids of the GEMMs are upper bounds; blocks past the end
-   exit at once.
+   each slot's padded position and, per block, its expert and number of valid rows: a GEMM CTA
+   learns its expert from one load, so its weight loads start two memory round trips in. The
+   grids of the GEMMs are upper bounds; blocks past the end exit at once.
 3. `_moe_gemm_kernel` GATE_UP: per block, g = w1 x and v = w3 x for BW intermediate channels
    (FP4 decoded in the kernel, or FP8). MXFP4 decodes either to bf16 with the scale folded in
    (one bf16 MMA per chunk) or, by default for up to 16 tokens per expert, to e4m3 for FP8
@@ -22,11 +23,11 @@ GPU (no host synchronisation, a fixed number of launches whatever the routing):
    scale). MXFP4 experts are re-ordered in place on first use (`FP4Linear.to_halves`: byte b
    of each 16 holds codes b and b + 16), so a thread's loaded bytes decode straight into its
    MMA fragment registers. With the fused epilogue (`moe_config`: BW=128, unsplit) both
-   products share a CTA, with the clamped SwiGLU, the routing weight and the FP8 quantisation of h that w2's input
-   needs (per token, per 128). Otherwise (small batches, which are memory-bound and would
-   leave most SMs idle, and the largest, where it measured faster) g and v go to separate
-   CTAs, K may be split across CTAs, each writes fp32 partial sums, and `_swiglu_kernel` sums
-   them and applies the same epilogue.
+   products share a CTA, with the clamped SwiGLU, the routing weight and the FP8 quantisation
+   of h that w2's input needs (per token, per 128). Otherwise (small batches, which are
+   memory-bound and would leave most SMs idle, and the largest, where it measured faster) g and
+   v go to separate CTAs, K may be split across CTAs, each writes fp32 partial sums, and
+   `_swiglu_kernel` sums them and applies the same epilogue.
 4. `_moe_gemm_kernel` DOWN: y_slot = w2 h, written to the slot's own row (the un-permute);
    small batches split K here too (fp32 partials).
 5. `_combine_kernel`: out[t] = sum over the token's k+1 slot rows (each the sum of its K-split
@@ -213,13 +214,14 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
     counts = torch.zeros(n_exp, dtype=torch.int32, device=dev)
     expert = torch.empty(n_slots, dtype=torch.int32, device=dev)
     rank = torch.empty(n_slots, dtype=torch.int32, device=dev)
-    blk_end = torch.empty(n_exp, dtype=torch.int32, device=dev)
+    blk_exp = torch.empty(n_blocks, dtype=torch.int32, device=dev)
+    blk_rows = torch.empty(n_blocks, dtype=torch.int32, device=dev)
     slots = torch.empty(n_pos, dtype=torch.int32, device=dev)
     grid = (triton.cdiv(n_slots, 1024),)
     _route_count_kernel[grid](idx, counts, expert, rank, t, k, BLOCK=1024, num_warps=4)
-    _route_scatter_kernel[grid](expert, rank, counts, blk_end, slots, n_slots, n_exp,
-                                BT=bt, BLOCK=1024, EP2=ep2, num_warps=4)
-    plan = (slots, counts, blk_end)
+    _route_scatter_kernel[grid](expert, rank, counts, blk_exp, blk_rows, slots, n_slots, n_exp,
+                                n_blocks, BT=bt, BLOCK=1024, EP2=ep2, num_warps=4)
+    plan = (slots, blk_exp, blk_rows)
 
     # 1. and 3. gate/up with the SwiGLU epilogue: h in FP8, rows = padded positions
     q, s = act_quant_fp8(u)
@@ -232,7 +234,7 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
         groups = [(main, 0, n_exp, 0, n_blocks)]
     else:
         groups = [(extra, 0, 1, 0, shared_blocks), (main, 1, n_exp, shared_blocks, routed_blocks)]
-    common = dict(ROUND=u.dtype == torch.bfloat16, HAS_LIMIT=limit > 0, BT=bt, EP2=ep2,
+    common = dict(ROUND=u.dtype == torch.bfloat16, HAS_LIMIT=limit > 0, BT=bt,
                   KC=c["kc"], DEC=c["dec"], num_warps=c["warps"], num_stages=c["stages"])
     split1, split2 = c["split1"], c["split2"]
     per1 = triton.cdiv(d // 128, split1)
@@ -252,7 +254,7 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
     if partial1:
         _swiglu_kernel[(inter // 128, n_blocks)](
             part1, *plan, wgt, hq, hs, inter, n_exp, k1, limit, split1, n_pos * 2 * inter,
-            ROUND=common["ROUND"], HAS_LIMIT=limit > 0, BT=bt, EP2=ep2, num_warps=4)
+            ROUND=common["ROUND"], HAS_LIMIT=limit > 0, BT=bt, num_warps=4)
     # 4. down: y rows = slots (split K: fp32 partial sums per split)
     per2 = triton.cdiv(inter // 128, split2)
     split2 = triton.cdiv(inter // 128, per2)
@@ -300,16 +302,26 @@ if HAS_TRITON:
             tl.store(counts_ptr, T)
 
     @triton.jit
-    def _route_scatter_kernel(expert_ptr, rank_ptr, counts_ptr, blk_end_ptr, slots_ptr,
-                              n_slots, n_exp, BT: tl.constexpr, BLOCK: tl.constexpr,
-                              EP2: tl.constexpr):
-        """Padded position of each slot = first row of its expert + rank; also blk_end."""
+    def _route_scatter_kernel(expert_ptr, rank_ptr, counts_ptr, blk_exp_ptr, blk_rows_ptr,
+                              slots_ptr, n_slots, n_exp, n_blocks, BT: tl.constexpr,
+                              BLOCK: tl.constexpr, EP2: tl.constexpr):
+        """Padded position of each slot = first row of its expert + rank. Program 0 also writes
+        the per-block plan the GEMMs read with one load each: the block's plan expert (n_exp
+        past the end) and its number of valid rows."""
         ee = tl.arange(0, EP2)
         c = tl.load(counts_ptr + ee, mask=ee < n_exp, other=0)
         nb = (c + BT - 1) // BT
         end = tl.cumsum(nb, 0)
         if tl.program_id(0) == 0:
-            tl.store(blk_end_ptr + ee, end, mask=ee < n_exp)
+            live = ee < n_exp
+            for j in range(tl.max(nb, 0)):
+                m = live & (j < nb)
+                tl.store(blk_exp_ptr + end - nb + j, ee, mask=m)
+                tl.store(blk_rows_ptr + end - nb + j, tl.minimum(c - j * BT, BT), mask=m)
+            for b0 in range(tl.max(end, 0), n_blocks, BLOCK):
+                bb = b0 + tl.arange(0, BLOCK)
+                tl.store(blk_exp_ptr + bb, n_exp, mask=bb < n_blocks)
+                tl.store(blk_rows_ptr + bb, 0, mask=bb < n_blocks)
         sl = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = sl < n_slots
         e = tl.load(expert_ptr + sl, mask=ok, other=0)
@@ -318,18 +330,12 @@ if HAS_TRITON:
         tl.store(slots_ptr + start * BT + r, sl, mask=ok)
 
     @triton.jit
-    def _block_rows(b, slots_ptr, counts_ptr, blk_end_ptr, n_exp, BT: tl.constexpr,
-                    EP2: tl.constexpr):
+    def _block_rows(b, slots_ptr, blk_exp_ptr, blk_rows_ptr, BT: tl.constexpr):
         """Block b of the plan: (plan expert, or n_exp past the end; row valid [BT]; padded
         positions [BT]; slots [BT])."""
-        ee = tl.arange(0, EP2)
-        ends = tl.load(blk_end_ptr + ee, mask=ee < n_exp, other=2147483647)
-        e = tl.sum((ends <= b).to(tl.int32), 0)
-        live = e < n_exp
-        cnt = tl.load(counts_ptr + e, mask=live, other=0)
-        first = tl.load(blk_end_ptr + e, mask=live, other=0) - (cnt + BT - 1) // BT
+        e = tl.load(blk_exp_ptr + b)
         offs = tl.arange(0, BT)
-        ok = ((b - first) * BT + offs < cnt) & live
+        ok = offs < tl.load(blk_rows_ptr + b)
         pos = b * BT + offs
         slot = tl.load(slots_ptr + pos, mask=ok, other=0)
         return e, ok, pos, slot
@@ -357,19 +363,19 @@ if HAS_TRITON:
         return tl.load(wgt_ptr + (slot // k1) * (k1 - 1) + j - 1, mask=ok & (j > 0), other=1.0)
 
     @triton.jit
-    def _moe_gemm_kernel(a_ptr, sa_ptr, slots_ptr, counts_ptr, blk_end_ptr,
+    def _moe_gemm_kernel(a_ptr, sa_ptr, slots_ptr, blk_exp_ptr, blk_rows_ptr,
                          w_tab, s_tab, g_tab, w3_tab, s3_tab, g3_tab, wgt_ptr,
                          out_ptr, out_s_ptr, N, K, n_exp, e_lo, e_hi, blk_lo, k1, limit,
                          kb_per, part_stride,
                          W_FMT: tl.constexpr, GATE_UP: tl.constexpr, SPLIT: tl.constexpr,
                          ROUND: tl.constexpr, HAS_LIMIT: tl.constexpr, BW: tl.constexpr,
-                         BT: tl.constexpr, EP2: tl.constexpr, KC: tl.constexpr,
+                         BT: tl.constexpr, KC: tl.constexpr,
                          TWO: tl.constexpr, DEC: tl.constexpr = 0):
         """One (weight tile, block, K-split) of a grouped GEMM; grid (N/BW, blocks of this
         launch, splits). Without SPLIT the tile is finished here (GATE_UP: SwiGLU + FP8 h;
         else y in the working dtype); with SPLIT it writes fp32 partial sums."""
         b = blk_lo + tl.program_id(1)
-        e, ok, pos, slot = _block_rows(b, slots_ptr, counts_ptr, blk_end_ptr, n_exp, BT, EP2)
+        e, ok, pos, slot = _block_rows(b, slots_ptr, blk_exp_ptr, blk_rows_ptr, BT)
         if (e < e_lo) | (e >= e_hi):
             return
         # TWO (GATE_UP, not SPLIT): two products per CTA, g and v, for the fused epilogue.
@@ -508,13 +514,13 @@ if HAS_TRITON:
         return acc + blk * s[None, :]
 
     @triton.jit
-    def _swiglu_kernel(part_ptr, slots_ptr, counts_ptr, blk_end_ptr, wgt_ptr, hq_ptr, hs_ptr,
+    def _swiglu_kernel(part_ptr, slots_ptr, blk_exp_ptr, blk_rows_ptr, wgt_ptr, hq_ptr, hs_ptr,
                        N, n_exp, k1, limit, n_split, part_stride, ROUND: tl.constexpr,
-                       HAS_LIMIT: tl.constexpr, BT: tl.constexpr, EP2: tl.constexpr):
+                       HAS_LIMIT: tl.constexpr, BT: tl.constexpr):
         """Split-K gate/up: sum the partial g, v of one (128 channels, block), then SwiGLU and
         FP8 h as the unsplit kernel's epilogue; grid (N/128, blocks)."""
         b = tl.program_id(1)
-        e, ok, pos, slot = _block_rows(b, slots_ptr, counts_ptr, blk_end_ptr, n_exp, BT, EP2)
+        e, ok, pos, slot = _block_rows(b, slots_ptr, blk_exp_ptr, blk_rows_ptr, BT)
         if e >= n_exp:
             return
         cols = tl.program_id(0) * 128 + tl.arange(0, 128)
