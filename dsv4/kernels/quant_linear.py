@@ -46,7 +46,6 @@ def linear_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype)
 
 
-
 def fp8_linear_ref(x, weight, scale):
     return linear_ref(x, dequant_fp8(weight, scale))
 
