@@ -161,18 +161,38 @@ def test_greedy_logprob_reference_and_its_errors():
 
 
 def test_compress_windows_reference_gathers_new_rows_and_ring_rows():
+    """Items come from this step's rows (gate rows plus the positional bias of their place in
+    the window) or from the ring (bias already in); overlapping windows split the channels."""
     from dsv4.kernels.compressor import compress_pool_ref, compress_windows
     g = torch.Generator().manual_seed(3)
     m, C = 4, 8
     a, s = torch.randn(3, 2 * C, generator=g), torch.randn(3, 2 * C, generator=g)
+    ape = torch.randn(m, 2 * C, generator=g)
     ring_a, ring_s = torch.randn(20, 2 * C, generator=g), torch.randn(20, 2 * C, generator=g)
     is_new = torch.tensor([[False] * 5 + [True] * 3])
     new_idx = torch.tensor([[0] * 5 + [0, 1, 2]])
     state_idx = torch.arange(8)[None] + 4
     valid = torch.ones(1, 8, dtype=torch.bool)
-    out = compress_windows(a, s, ring_a, ring_s, is_new, new_idx, state_idx, valid, m)
+    out = compress_windows(a, s, ring_a, ring_s, is_new, new_idx, state_idx, valid, m, ape)
     items_a = torch.where(is_new[0, :, None], a[new_idx[0]], ring_a[state_idx[0]])
-    items_s = torch.where(is_new[0, :, None], s[new_idx[0]], ring_s[state_idx[0]])
+    items_s = torch.where(is_new[0, :, None], s[new_idx[0]] + ape[torch.arange(8) % m],
+                          ring_s[state_idx[0]])
     kv = torch.cat([items_a[:m, :C], items_a[m:, C:]])[None]
     sc = torch.cat([items_s[:m, :C], items_s[m:, C:]])[None]
     assert torch.equal(out, compress_pool_ref(kv, sc, valid))
+
+
+def test_ring_write_keeps_raw_rows_with_the_positional_bias():
+    from dsv4.kernels.compressor import ring_write_
+    g = torch.Generator().manual_seed(4)
+    m, W = 4, 6
+    a, s = torch.randn(5, W, generator=g), torch.randn(5, W, generator=g)
+    ape = torch.randn(m, W, generator=g)
+    pos = torch.tensor([7, 8, 9, 30, 31])
+    tok, dst = torch.tensor([1, 2, 4]), torch.tensor([9, 2, 17])
+    kv, sc = torch.zeros(20, W), torch.zeros(20, W)
+    ring_write_(kv, sc, a, s, ape, pos, tok, dst)
+    assert torch.equal(kv[dst], a[tok]) and torch.equal(sc[dst], s[tok] + ape[pos[tok] % m])
+    untouched = torch.ones(20, dtype=torch.bool)
+    untouched[dst] = False
+    assert not kv[untouched].any() and not sc[untouched].any()

@@ -7,7 +7,13 @@ block of channels, so the softmax and the sum stay in registers.
 
 `compress_windows` also gathers the items: each comes from this step's projected rows or from
 the slot's state ring, and with overlapping windows (k = 2) the previous window's items use
-channels [:C] and this window's [C:]. The kernel reads them where they are (no gathered copy).
+channels [:C] and this window's [C:]. The kernel reads them where they are (no gathered copy),
+and adds the positional bias `ape[pos % m]` to this step's gate rows as it reads them (item j of
+a window sits at position j mod m).
+
+`ring_write` keeps the raw rows of the last positions of every sequence in the state rings
+(the gate rows with their positional bias): one kernel instead of two gathers, two scatters
+and the bias's three ops.
 """
 from __future__ import annotations
 
@@ -42,8 +48,8 @@ if HAS_TRITON:
         tl.store(out_ptr + w.to(tl.int64) * C + c, out, mask=c < C)
 
     @triton.jit
-    def _compress_windows_kernel(a_ptr, g_ptr, kv_ptr, sc_ptr, new_ptr, nidx_ptr, sidx_ptr,
-                                 valid_ptr, out_ptr, ITEMS, C, m, K: tl.constexpr,
+    def _compress_windows_kernel(a_ptr, g_ptr, ape_ptr, kv_ptr, sc_ptr, new_ptr, nidx_ptr,
+                                 sidx_ptr, valid_ptr, out_ptr, ITEMS, C, m, K: tl.constexpr,
                                  BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
         w = tl.program_id(0)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -62,7 +68,8 @@ if HAS_TRITON:
         oo = ok & ~new[:, None]
         rn = row_new[:, None] * (K * C) + col
         ro = row_old[:, None] * (K * C) + col
-        s = tl.where(on, tl.load(g_ptr + rn, mask=on, other=0.0),
+        bias = tl.load(ape_ptr + (i % m)[:, None] * (K * C) + col, mask=on, other=0.0)
+        s = tl.where(on, tl.load(g_ptr + rn, mask=on, other=0.0) + bias,
                      tl.load(sc_ptr + ro, mask=oo, other=0.0))
         s = tl.where(ok, s, float("-inf"))
         x = tl.where(on, tl.load(a_ptr + rn, mask=on, other=0.0),
@@ -70,6 +77,23 @@ if HAS_TRITON:
         p = tl.exp(s - tl.max(s, 0)[None, :])
         out = tl.sum(p * x, 0) / tl.sum(p, 0)
         tl.store(out_ptr + w.to(tl.int64) * C + c, out, mask=c < C)
+
+    @triton.jit
+    def _ring_write_kernel(a_ptr, g_ptr, ape_ptr, pos_ptr, tok_ptr, dst_ptr, kv_ptr, sc_ptr, N,
+                           W, m, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        rok = r < N
+        ok = rok[:, None] & (c < W)[None, :]
+        t = tl.load(tok_ptr + r, mask=rok, other=0).to(tl.int64)
+        d = tl.load(dst_ptr + r, mask=rok, other=0).to(tl.int64)
+        j = tl.load(pos_ptr + t, mask=rok, other=0) % m
+        src = t[:, None] * W + c[None, :]
+        dst = d[:, None] * W + c[None, :]
+        tl.store(kv_ptr + dst, tl.load(a_ptr + src, mask=ok, other=0.0), mask=ok)
+        g = tl.load(g_ptr + src, mask=ok, other=0.0)
+        tl.store(sc_ptr + dst, g + tl.load(ape_ptr + j[:, None] * W + c[None, :], mask=ok,
+                                           other=0.0), mask=ok)
 
     def compress_pool_triton(kv: torch.Tensor, score: torch.Tensor,
                              valid: torch.Tensor) -> torch.Tensor:
@@ -91,12 +115,14 @@ if HAS_TRITON:
         return out
 
 
-def compress_windows_ref(a, g, kv_ring, sc_ring, is_new, new_idx, state_idx, valid, m):
-    """a, g [T, k*C] this step's rows; kv_ring, sc_ring [rows, k*C] the state rings (fp32);
-    is_new, new_idx, state_idx, valid [W, k*m] -> pooled [W, C] fp32."""
+def compress_windows_ref(a, g, kv_ring, sc_ring, is_new, new_idx, state_idx, valid, m, ape):
+    """a, g [T, k*C] this step's rows (g without its positional bias); ape [m, k*C]; kv_ring,
+    sc_ring [rows, k*C] the state rings (fp32, bias included); is_new, new_idx, state_idx,
+    valid [W, k*m] -> pooled [W, C] fp32."""
     new = is_new[..., None]
+    bias = ape[torch.arange(is_new.shape[1], device=ape.device) % m]  # item j: position j mod m
     kv = torch.where(new, a[new_idx], kv_ring[state_idx])  # [W, k*m, k*C]
-    sc = torch.where(new, g[new_idx], sc_ring[state_idx])
+    sc = torch.where(new, g[new_idx] + bias, sc_ring[state_idx])
     if is_new.shape[1] == 2 * m:  # previous window's items use channels [:C], this one's [C:]
         c = a.shape[1] // 2
         kv = torch.cat([kv[:, :m, :c], kv[:, m:, c:]], 1)
@@ -104,12 +130,13 @@ def compress_windows_ref(a, g, kv_ring, sc_ring, is_new, new_idx, state_idx, val
     return compress_pool(kv, sc, valid)
 
 
-def compress_windows(a, g, kv_ring, sc_ring, is_new, new_idx, state_idx, valid, m):
+def compress_windows(a, g, kv_ring, sc_ring, is_new, new_idx, state_idx, valid, m, ape):
     w, items = is_new.shape
     k = items // m
     if (use_triton(a) and items <= 1024 and a.dtype == g.dtype == kv_ring.dtype
-            == sc_ring.dtype == torch.float32 and a.is_contiguous() and g.is_contiguous()
-            and kv_ring.is_contiguous() and sc_ring.is_contiguous()):
+            == sc_ring.dtype == ape.dtype == torch.float32 and a.is_contiguous()
+            and g.is_contiguous() and kv_ring.is_contiguous() and sc_ring.is_contiguous()
+            and ape.is_contiguous()):
         c = a.shape[1] // k
         out = torch.empty(w, c, dtype=torch.float32, device=a.device)
         if w == 0:
@@ -117,10 +144,30 @@ def compress_windows(a, g, kv_ring, sc_ring, is_new, new_idx, state_idx, valid, 
         bi = triton.next_power_of_2(items)
         bc = max(16, min(triton.next_power_of_2(c), 8192 // bi))
         _compress_windows_kernel[(w, triton.cdiv(c, bc))](
-            a, g, kv_ring, sc_ring, is_new.view(torch.uint8), new_idx, state_idx,
+            a, g, ape, kv_ring, sc_ring, is_new.view(torch.uint8), new_idx, state_idx,
             valid.view(torch.uint8), out, items, c, m, K=k, BLOCK_I=bi, BLOCK_C=bc, num_warps=4)
         return out
-    return compress_windows_ref(a, g, kv_ring, sc_ring, is_new, new_idx, state_idx, valid, m)
+    return compress_windows_ref(a, g, kv_ring, sc_ring, is_new, new_idx, state_idx, valid, m, ape)
+
+
+def ring_write_ref_(kv_ring, sc_ring, a, g, ape, pos, tok, dst):
+    """kv_ring[dst] = a[tok]; sc_ring[dst] = g[tok] + ape[pos[tok] % m] (rings [rows, W])."""
+    kv_ring[dst] = a[tok]
+    sc_ring[dst] = g[tok] + ape[pos[tok] % ape.shape[0]]
+
+
+def ring_write_(kv_ring, sc_ring, a, g, ape, pos, tok, dst):
+    """In place: this step's raw rows a, g [T, W] (tokens `tok`) into ring rows `dst`."""
+    n, width = tok.shape[0], a.shape[1]
+    if (use_triton(a) and a.dtype == g.dtype == kv_ring.dtype == sc_ring.dtype == ape.dtype
+            == torch.float32 and all(x.is_contiguous() for x in (a, g, ape, kv_ring, sc_ring))):
+        if n:
+            bw = min(512, triton.next_power_of_2(width))
+            _ring_write_kernel[(triton.cdiv(n, 8), triton.cdiv(width, bw))](
+                a, g, ape, pos, tok, dst, kv_ring, sc_ring, n, width, ape.shape[0], BLOCK_R=8,
+                BLOCK_W=bw, num_warps=4)
+        return
+    ring_write_ref_(kv_ring, sc_ring, a, g, ape, pos, tok, dst)
 
 
 def compress_pool(kv, score, valid):

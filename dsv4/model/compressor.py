@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..cache.kv_cache import CompressorState, overlap_factor
-from ..kernels.compressor import compress_windows
+from ..kernels.compressor import compress_windows, ring_write_
 from ..kernels.qat import fp8_round_, hadamard_fp4
 from ..quant.linear import BF16Linear
 from .batch import ForwardBatch
@@ -40,11 +40,12 @@ class Compressor(nn.Module):
         m, C = self.ratio, self.dim
         uf = u.float()
         a = self.wkv(uf)  # [T, k*C]
-        g = self.wgate(uf) + self.ape[batch.positions % m]
+        g = self.wgate(uf)  # the kernels add the positional bias ape[pos % m] as they read g
+        kv_ring, sc_ring = state.kv.flatten(0, 1), state.score.flatten(0, 1)
         plan = batch.compress_plan(m, state.rows)
         if plan.seq.numel():
-            pooled = compress_windows(a, g, state.kv.flatten(0, 1), state.score.flatten(0, 1),
-                                      plan.is_new, plan.new_idx, plan.state_idx, plan.valid, m)
+            pooled = compress_windows(a, g, kv_ring, sc_ring, plan.is_new, plan.new_idx,
+                                      plan.state_idx, plan.valid, m, self.ape)
             c = self.norm(pooled.to(u.dtype))  # [W, C]
             r = self.rope_dim
             c = rope_(c, plan.index * m, self.freqs, r)
@@ -54,5 +55,4 @@ class Compressor(nn.Module):
                 c = fp8_round_(c, C - r)
             store(plan.dst, c)
         tok, dst = batch.ring_writes(state.rows)
-        state.kv.view(-1, self.k * C)[dst] = a[tok]
-        state.score.view(-1, self.k * C)[dst] = g[tok]
+        ring_write_(kv_ring, sc_ring, a, g, self.ape, batch.positions, tok, dst)

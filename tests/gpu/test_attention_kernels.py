@@ -212,9 +212,28 @@ def test_compress_windows_gathers_as_reference(m, k, C, windows):
     valid = torch.ones(windows, k * m, dtype=torch.bool, device=DEV)
     if k == 2:  # the overlapping window 0 has no predecessor (a whole window is never absent)
         valid[0, :m] = False
-    args = (a, g, kr, sr, is_new, new_idx, state_idx, valid, m)
+    ape = torch.randn(m, k * C, generator=gen, device=DEV)
+    args = (a, g, kr, sr, is_new, new_idx, state_idx, valid, m, ape)
     out, ref = compress_windows(*args), compress_windows_ref(*args)
     assert rel_err(out, ref) < 1e-6, f"rel err {rel_err(out, ref):.2e}"
+
+
+@pytest.mark.parametrize("n,width", [(1, 1024), (37, 1024), (300, 256), (5, 96)])
+def test_ring_write_matches_reference(n, width):
+    """Raw rows into the state rings, the gate rows with their positional bias: exact."""
+    from dsv4.kernels.compressor import ring_write_, ring_write_ref_
+    gen = torch.Generator(device=DEV).manual_seed(n)
+    T, rows, m = 400, 1000, 4
+    a, g = (torch.randn(T, width, generator=gen, device=DEV) for _ in range(2))
+    ape = torch.randn(m, width, generator=gen, device=DEV)
+    pos = torch.randint(0, 10 ** 5, (T,), generator=gen, device=DEV)
+    tok = torch.randperm(T, generator=gen, device=DEV)[:n]
+    dst = torch.randperm(rows, generator=gen, device=DEV)[:n]
+    rings = [torch.randn(rows, width, generator=gen, device=DEV) for _ in range(2)]
+    want = [r.clone() for r in rings]
+    ring_write_(*rings, a, g, ape, pos, tok, dst)
+    ring_write_ref_(*want, a, g, ape, pos, tok, dst)
+    assert torch.equal(rings[0], want[0]) and torch.equal(rings[1], want[1])
 
 
 # ------------------------------------------------------------------------------------ mHC
