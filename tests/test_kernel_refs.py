@@ -196,3 +196,24 @@ def test_ring_write_keeps_raw_rows_with_the_positional_bias():
     untouched = torch.ones(20, dtype=torch.bool)
     untouched[dst] = False
     assert not kv[untouched].any() and not sc[untouched].any()
+
+
+@pytest.mark.parametrize("index_keys,C", [(False, 512), (True, 128)])
+def test_compress_finish_reference_is_the_compressor_chain(index_keys, C):
+    """The compressor's finishing op on CPU is the reference ops in the model's order: cast to the
+    working dtype, RMSNorm, RoPE at position index*m, FP8 per 64 or Hadamard + FP4."""
+    from dsv4.config import ModelConfig
+    from dsv4.kernels.compressor import compress_finish
+    from dsv4.kernels.qat import fp8_round_ref_, hadamard_fp4_ref
+    from dsv4.kernels.rmsnorm import rmsnorm_ref
+    from dsv4.kernels.rope import rope_ref_
+    from dsv4.model.rope import rope_frequencies
+    g = torch.Generator().manual_seed(6)
+    freqs = rope_frequencies(ModelConfig.preset("tiny"), 4).float()
+    r = 2 * freqs.numel()
+    pooled, w = torch.randn(5, C, generator=g) * 3, torch.rand(C, generator=g) + 0.5
+    index = torch.tensor([0, 1, 7, 100, 3])
+    got = compress_finish(pooled, w, 1e-6, index, 4, freqs, r, index_keys, True, torch.bfloat16)
+    c = rope_ref_(rmsnorm_ref(pooled.bfloat16(), w, 1e-6), index * 4, freqs, r)
+    want = hadamard_fp4_ref(c, True) if index_keys else fp8_round_ref_(c, C - r)
+    assert torch.equal(got, want)

@@ -14,12 +14,21 @@ a window sits at position j mod m).
 `ring_write` keeps the raw rows of the last positions of every sequence in the state rings
 (the gate rows with their positional bias): one kernel instead of two gathers, two scatters
 and the bias's three ops.
+
+`compress_finish` turns pooled rows into cache rows: the working-dtype cast, RMSNorm, RoPE at
+the entry's first position, and the QAT rounding (FP8 per 64 for attention rows, Hadamard +
+FP4 per 32 for indexer keys), each rounded to the working dtype as the reference chain rounds
+(`compress_finish_ref`); one kernel instead of four or five.
 """
 from __future__ import annotations
 
 import torch
 
+from ..quant.sim import hadamard_matrix
 from . import HAS_TRITON, use_triton
+from .qat import FP8_BLOCK, fp8_round_ref_, hadamard_fp4_ref
+from .rmsnorm import rmsnorm_ref
+from .rope import rope_ref_
 
 
 def compress_pool_ref(kv: torch.Tensor, score: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -31,6 +40,8 @@ def compress_pool_ref(kv: torch.Tensor, score: torch.Tensor, valid: torch.Tensor
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from .qat import _fp4_sim, _fp8_sim, _hadamard_rows
 
     @triton.jit
     def _compress_pool_kernel(kv_ptr, score_ptr, valid_ptr, out_ptr, ITEMS, C,
@@ -94,6 +105,42 @@ if HAS_TRITON:
         g = tl.load(g_ptr + src, mask=ok, other=0.0)
         tl.store(sc_ptr + dst, g + tl.load(ape_ptr + j[:, None] * W + c[None, :], mask=ok,
                                            other=0.0), mask=ok)
+
+    @triton.jit
+    def _compress_finish_kernel(x_ptr, w_ptr, idx_ptr, f_ptr, h_ptr, out_ptr, R, m, eps,
+                                C: tl.constexpr, NOPE: tl.constexpr, INDEX: tl.constexpr,
+                                QAT: tl.constexpr, BR: tl.constexpr):
+        """BR pooled rows -> cache rows; the steps and their roundings of the rmsnorm, rope,
+        fp8_round and hadamard_fp4 kernels."""
+        dt = out_ptr.dtype.element_ty
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)
+        ok = rows < R
+        c = tl.arange(0, C)
+        out = out_ptr + rows[:, None].to(tl.int64) * C + c[None, :]
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * C + c[None, :], mask=ok[:, None],
+                    other=0.0).to(dt).to(tl.float32)
+        r = tl.rsqrt(tl.sum(x * x, 1) / C + eps)
+        y = (x * r[:, None] * tl.load(w_ptr + c)[None, :]).to(dt).to(tl.float32)
+        # RoPE on the last C - NOPE channels, pairs (2i, 2i+1), at the entry's first position
+        p = (tl.load(idx_ptr + rows, mask=ok, other=0) * m).to(tl.float32)
+        e, o = tl.split(tl.reshape(y, (BR, C // 2, 2)))
+        fi = tl.arange(0, C // 2) - NOPE // 2
+        rot = fi >= 0
+        ang = p[:, None] * tl.load(f_ptr + fi, mask=rot, other=0.0)[None, :]
+        cs = tl.where(rot[None, :], tl.cos(ang), 1.0)
+        sn = tl.where(rot[None, :], tl.sin(ang), 0.0)
+        y = tl.reshape(tl.join(e * cs - o * sn, e * sn + o * cs), (BR, C)).to(dt).to(tl.float32)
+        if INDEX:  # Hadamard rows read back from memory in slices, then FP4
+            tl.store(out, y.to(dt), mask=ok[:, None])
+            tl.debug_barrier()
+            y = _hadamard_rows(out_ptr, h_ptr, rows, ok, C, BR).to(dt).to(tl.float32)
+            if QAT:
+                y = _fp4_sim(y, BR, C)
+            tl.debug_barrier()  # every thread has read its slices before any row is rewritten
+        elif QAT:  # FP8 per 64 on the no-rope channels
+            q = tl.reshape(_fp8_sim(tl.reshape(y, (BR, C // 64, 64))), (BR, C))
+            y = tl.where((c < NOPE)[None, :], q.to(dt).to(tl.float32), y)
+        tl.store(out, y.to(dt), mask=ok[:, None])
 
     def compress_pool_triton(kv: torch.Tensor, score: torch.Tensor,
                              valid: torch.Tensor) -> torch.Tensor:
@@ -174,3 +221,34 @@ def compress_pool(kv, score, valid):
     if use_triton(kv) and kv.dtype == torch.float32 and kv.shape[1] <= 1024:
         return compress_pool_triton(kv, score, valid)
     return compress_pool_ref(kv, score, valid)
+
+
+def compress_finish_ref(pooled, weight, eps, index, m, freqs, rope_dim, index_keys, qat, dtype):
+    """pooled [W, C] fp32 -> cache rows [W, C] in `dtype`: RMSNorm, RoPE at position index*m,
+    then FP8 per 64 on the no-rope channels (attention rows, `qat`) or Hadamard + FP4 per 32
+    (indexer keys; FP4 with `qat`)."""
+    c = rmsnorm_ref(pooled.to(dtype), weight, eps)
+    c = rope_ref_(c, index * m, freqs, rope_dim)
+    if index_keys:
+        return hadamard_fp4_ref(c, qat)
+    return fp8_round_ref_(c, c.shape[1] - rope_dim) if qat else c
+
+
+def compress_finish(pooled, weight, eps, index, m, freqs, rope_dim, index_keys, qat, dtype):
+    w, C = pooled.shape
+    nope = C - rope_dim
+    if (use_triton(pooled) and dtype in (torch.bfloat16, torch.float32)
+            and 64 <= C <= 512 and C & (C - 1) == 0 and nope % FP8_BLOCK == 0
+            and freqs.numel() == rope_dim // 2):
+        out = torch.empty(w, C, dtype=dtype, device=pooled.device)
+        if w == 0:
+            return out
+        h = hadamard_matrix(C, torch.float32, pooled.device) if index_keys else pooled
+        br = 16 if index_keys else 1  # tl.dot needs 16 rows
+        _compress_finish_kernel[(triton.cdiv(w, br),)](
+            pooled.contiguous(), weight.float().contiguous(), index,
+            freqs.to(device=pooled.device, dtype=torch.float32), h, out, w, m, eps, C=C,
+            NOPE=nope, INDEX=index_keys, QAT=qat, BR=br, num_warps=4)
+        return out
+    return compress_finish_ref(pooled, weight, eps, index, m, freqs, rope_dim, index_keys, qat,
+                               dtype)

@@ -69,6 +69,46 @@ if HAS_TRITON:
     from .quant_linear import _pow2ceil
 
     @triton.jit
+    def _fp8_sim(x):
+        """fp32 [R, B, 64] -> the e4m3 round trip with a power-of-two scale per 64-block
+        (SPEC.md 5.2), fp32."""
+        amax = tl.maximum(tl.max(tl.abs(x), 2), 1e-4)
+        s, inv = _pow2ceil(tl.math.div_rn(amax, 448.0))
+        q = tl.minimum(tl.maximum(x * inv[:, :, None], -448.0), 448.0).to(tl.float8e4nv)
+        return q.to(tl.float32) * s[:, :, None]
+
+    @triton.jit
+    def _fp4_sim(y, BR: tl.constexpr, C: tl.constexpr):
+        """fp32 [BR, C] -> the e2m1 round trip with a power-of-two scale per 32 (SPEC.md 6,
+        `e2m1_round`'s thresholds), fp32."""
+        yb = tl.reshape(y, (BR, C // 32, 32))
+        amax = tl.maximum(tl.max(tl.abs(yb), 2), 6.0 * 1.1754943508222875e-38)
+        s, inv = _pow2ceil(tl.math.div_rn(amax, 6.0))
+        v = tl.minimum(tl.maximum(yb * inv[:, :, None], -6.0), 6.0)
+        a = tl.abs(v)
+        code = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
+                + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32)
+                + (a >= 3.5).to(tl.int32) + (a > 5.0).to(tl.int32))
+        e = tl.where(code <= 4, code.to(tl.float32) * 0.5,
+                     tl.where(code == 5, 3.0, tl.where(code == 6, 4.0, 6.0)))
+        e = tl.where(v < 0, -e, e)
+        return tl.reshape(e * s[:, :, None], (BR, C))
+
+    @triton.jit
+    def _hadamard_rows(x_ptr, h_ptr, rows, ok, C: tl.constexpr, BR: tl.constexpr):
+        """fp32 [BR, C] = rows of x (C wide, read from memory) @ H, in 32-deep slices (which
+        keep H's registers small)."""
+        c = tl.arange(0, C)
+        kc = tl.arange(0, 32)
+        y = tl.zeros((BR, C), dtype=tl.float32)
+        for k0 in tl.static_range(0, C, 32):
+            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * C + k0 + kc[None, :],
+                        mask=ok[:, None], other=0.0).to(tl.float32)
+            h = tl.load(h_ptr + (k0 + kc[:, None]) * C + c[None, :])
+            y = tl.dot(x, h, y, input_precision="ieee")
+        return y
+
+    @triton.jit
     def _fp8_round_kernel(x_ptr, R, D, nb, BR: tl.constexpr, NB: tl.constexpr):
         dt = x_ptr.dtype.element_ty
         rows = tl.program_id(0) * BR + tl.arange(0, BR)
@@ -77,10 +117,7 @@ if HAS_TRITON:
         m = (rows < R)[:, None, None] & (b < nb)[None, :, None] & (j < 64)[None, None, :]
         ptr = x_ptr + rows[:, None, None].to(tl.int64) * D + b[None, :, None] * 64 + j[None, None, :]
         x = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(x), 2), 1e-4)
-        s, inv = _pow2ceil(tl.math.div_rn(amax, 448.0))
-        q = tl.minimum(tl.maximum(x * inv[:, :, None], -448.0), 448.0).to(tl.float8e4nv)
-        tl.store(ptr, (q.to(tl.float32) * s[:, :, None]).to(dt), mask=m)
+        tl.store(ptr, _fp8_sim(x).to(dt), mask=m)
 
     @triton.jit
     def _hadamard_fp4_kernel(x_ptr, h_ptr, out_ptr, R, C: tl.constexpr, QAT: tl.constexpr,
@@ -88,27 +125,9 @@ if HAS_TRITON:
         dt = x_ptr.dtype.element_ty
         rows = tl.program_id(0) * BR + tl.arange(0, BR)
         ok = rows < R
-        c = tl.arange(0, C)
-        kc = tl.arange(0, 32)
-        y = tl.zeros((BR, C), dtype=tl.float32)
-        for k0 in tl.static_range(0, C, 32):  # 32-deep slices keep H's registers small
-            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * C + k0 + kc[None, :],
-                        mask=ok[:, None], other=0.0).to(tl.float32)
-            h = tl.load(h_ptr + (k0 + kc[:, None]) * C + c[None, :])
-            y = tl.dot(x, h, y, input_precision="ieee")
-        y = y.to(dt).to(tl.float32)
+        y = _hadamard_rows(x_ptr, h_ptr, rows, ok, C, BR).to(dt).to(tl.float32)
         if QAT:
-            yb = tl.reshape(y, (BR, C // 32, 32))
-            amax = tl.maximum(tl.max(tl.abs(yb), 2), 6.0 * 1.1754943508222875e-38)
-            s, inv = _pow2ceil(tl.math.div_rn(amax, 6.0))
-            v = tl.minimum(tl.maximum(yb * inv[:, :, None], -6.0), 6.0)
-            a = tl.abs(v)
-            code = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
-                    + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32)
-                    + (a >= 3.5).to(tl.int32) + (a > 5.0).to(tl.int32))
-            e = tl.where(code <= 4, code.to(tl.float32) * 0.5,
-                         tl.where(code == 5, 3.0, tl.where(code == 6, 4.0, 6.0)))
-            e = tl.where(v < 0, -e, e)
-            y = tl.reshape(e * s[:, :, None], (BR, C))
+            y = _fp4_sim(y, BR, C)
+        c = tl.arange(0, C)
         tl.store(out_ptr + rows[:, None].to(tl.int64) * C + c[None, :], y.to(dt),
                  mask=ok[:, None])

@@ -5,12 +5,10 @@ import torch
 from torch import nn
 
 from ..cache.kv_cache import CompressorState, overlap_factor
-from ..kernels.compressor import compress_windows, ring_write_
-from ..kernels.qat import fp8_round_, hadamard_fp4
+from ..kernels.compressor import compress_finish, compress_windows, ring_write_
 from ..quant.linear import BF16Linear
 from .batch import ForwardBatch
 from .norm import RMSNorm
-from .rope import rope_
 
 
 class Compressor(nn.Module):
@@ -37,7 +35,7 @@ class Compressor(nn.Module):
                 store) -> None:
         """Write the rows of the windows that complete in this step with `store(rows_idx, rows)`
         (flat rows of the compressed cache) and keep the raw rows of the open windows in `state`."""
-        m, C = self.ratio, self.dim
+        m = self.ratio
         uf = u.float()
         a = self.wkv(uf)  # [T, k*C]
         g = self.wgate(uf)  # the kernels add the positional bias ape[pos % m] as they read g
@@ -46,13 +44,10 @@ class Compressor(nn.Module):
         if plan.seq.numel():
             pooled = compress_windows(a, g, kv_ring, sc_ring, plan.is_new, plan.new_idx,
                                       plan.state_idx, plan.valid, m, self.ape)
-            c = self.norm(pooled.to(u.dtype))  # [W, C]
-            r = self.rope_dim
-            c = rope_(c, plan.index * m, self.freqs, r)
-            if self.kind == "index":
-                c = hadamard_fp4(c, self.qat)
-            elif self.qat:
-                c = fp8_round_(c, C - r)
+            # RMSNorm, RoPE at the entry's first position, the QAT rounding; [W, C]
+            c = compress_finish(pooled, self.norm.weight, self.norm.eps, plan.index, m,
+                                self.freqs, self.rope_dim, self.kind == "index", self.qat,
+                                u.dtype)
             store(plan.dst, c)
         tok, dst = batch.ring_writes(state.rows)
         ring_write_(kv_ring, sc_ring, a, g, self.ape, batch.positions, tok, dst)

@@ -218,6 +218,33 @@ def test_compress_windows_gathers_as_reference(m, k, C, windows):
     assert rel_err(out, ref) < 1e-6, f"rel err {rel_err(out, ref):.2e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("qat", [True, False])
+@pytest.mark.parametrize("kind,C,m,W", [("attn", 512, 4, 1), ("attn", 512, 128, 37),
+                                        ("index", 128, 4, 1), ("index", 128, 4, 300)])
+def test_compress_finish_matches_reference_chain(kind, C, m, W, qat, dtype):
+    """Pooled rows -> cache rows in one kernel (cast, RMSNorm, RoPE, FP8 or Hadamard + FP4)
+    against the reference ops one after another. The row norm's fp32 sum may end one ulp
+    apart, and a value on a rounding boundary then lands on the next e4m3 / e2m1 step: allow
+    that for a few elements, one working-dtype ulp for the rest."""
+    from dsv4.config import ModelConfig
+    from dsv4.kernels.compressor import compress_finish, compress_finish_ref
+    from dsv4.model.rope import rope_frequencies
+    gen = torch.Generator(device=DEV).manual_seed(W)
+    freqs = rope_frequencies(ModelConfig.preset("flash"), m).float().to(DEV)
+    pooled = torch.randn(W, C, generator=gen, device=DEV) * 3
+    weight = torch.rand(C, generator=gen, device=DEV) + 0.5
+    index = torch.randint(0, 30000, (W,), generator=gen, device=DEV)
+    args = (pooled, weight, 1e-6, index, m, freqs, 64, kind == "index", qat, dtype)
+    got, ref = compress_finish(*args), compress_finish_ref(*args)
+    assert got.dtype == dtype and got.shape == (W, C)
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -20
+    # as test_rope_matches_reference: a rounding step, or fp32 noise where the rotation cancels
+    far = (got.float() - ref.float()).abs() > ref.float().abs() * ulp * 1.01 + 2e-5
+    assert far.float().mean().item() <= (2e-3 if qat else 0.0), f"{far.sum().item()} elements off"
+    assert rel_err(got, ref) < 2e-2
+
+
 @pytest.mark.parametrize("n,width", [(1, 1024), (37, 1024), (300, 256), (5, 96)])
 def test_ring_write_matches_reference(n, width):
     """Raw rows into the state rings, the gate rows with their positional bias: exact."""
