@@ -115,7 +115,8 @@ if HAS_TRITON:
         b = tl.arange(0, NB)
         j = tl.arange(0, 64)
         m = (rows < R)[:, None, None] & (b < nb)[None, :, None] & (j < 64)[None, None, :]
-        ptr = x_ptr + rows[:, None, None].to(tl.int64) * D + b[None, :, None] * 64 + j[None, None, :]
+        ptr = (x_ptr + rows[:, None, None].to(tl.int64) * D + b[None, :, None] * 64
+               + j[None, None, :])
         x = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
         tl.store(ptr, _fp8_sim(x).to(dt), mask=m)
 
