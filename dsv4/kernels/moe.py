@@ -14,8 +14,9 @@ GPU (no host synchronisation, a fixed number of launches whatever the routing):
    block belongs to one expert. `_route_count_kernel` counts slots per expert with atomics (the
    order of rows inside an expert does not change any result), `_route_scatter_kernel` writes
    each slot's padded position and, per block, its expert and number of valid rows: a GEMM CTA
-   learns its expert from one load, so its weight loads start two memory round trips in. The
-   grids of the GEMMs are upper bounds; blocks past the end exit at once.
+   learns its expert from one load, so its weight loads start two memory round trips in. Up to
+   SMALL_PLAN_SLOTS slots (decode batches) `_route_small_kernel` does all of it in one program.
+   The grids of the GEMMs are upper bounds; blocks past the end exit at once.
 3. `_moe_gemm_kernel` GATE_UP: per block, g = w1 x and v = w3 x for BW intermediate channels
    (FP4 decoded in the kernel, or FP8). MXFP4 decodes either to bf16 with the scale folded in
    (one bf16 MMA per chunk) or, by default for up to 16 tokens per expert, to e4m3 for FP8
@@ -157,6 +158,9 @@ def _tables(experts, shared, device) -> tuple[_Tables, _Tables | None] | None:
 
 
 # ------------------------------------------------------------------------------- launcher
+SMALL_PLAN_SLOTS = 128  # up to this many slots (T * (k+1)) the plan is one single-program launch
+
+
 def _block_tokens(t: int, k: int, n_exp: int) -> int:
     """Rows per block: the expected tokens per routed expert, rounded up to an MMA width."""
     per_expert = t * k / n_exp
@@ -199,7 +203,7 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
     if _INTERPRET and c["dec"] == 2:  # Triton's CPU interpreter runs no inline PTX
         c["dec"] = 1
     u = u.contiguous()
-    idx = idx.to(torch.int32).contiguous()
+    idx = idx.contiguous()  # int32 or int64: the routing kernels read either
     wgt = wgt.float().contiguous()
     n_exp, k1 = n_routed + 1, k + 1
     n_slots = t * k1
@@ -211,16 +215,21 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
     ep2 = triton.next_power_of_2(n_exp)
 
     # 2. routing plan
-    counts = torch.zeros(n_exp, dtype=torch.int32, device=dev)
-    expert = torch.empty(n_slots, dtype=torch.int32, device=dev)
-    rank = torch.empty(n_slots, dtype=torch.int32, device=dev)
     blk_exp = torch.empty(n_blocks, dtype=torch.int32, device=dev)
     blk_rows = torch.empty(n_blocks, dtype=torch.int32, device=dev)
     slots = torch.empty(n_pos, dtype=torch.int32, device=dev)
-    grid = (triton.cdiv(n_slots, 1024),)
-    _route_count_kernel[grid](idx, counts, expert, rank, t, k, BLOCK=1024, num_warps=4)
-    _route_scatter_kernel[grid](expert, rank, counts, blk_exp, blk_rows, slots, n_slots, n_exp,
-                                n_blocks, BT=bt, BLOCK=1024, EP2=ep2, num_warps=4)
+    if n_slots <= SMALL_PLAN_SLOTS:  # one launch: counts and ranks by comparison, no atomics
+        _route_small_kernel[(1,)](idx, blk_exp, blk_rows, slots, t, k, n_exp, n_blocks, BT=bt,
+                                  S2=max(16, triton.next_power_of_2(n_slots)), EP2=ep2,
+                                  num_warps=4)
+    else:
+        counts = torch.zeros(n_exp, dtype=torch.int32, device=dev)
+        expert = torch.empty(n_slots, dtype=torch.int32, device=dev)
+        rank = torch.empty(n_slots, dtype=torch.int32, device=dev)
+        grid = (triton.cdiv(n_slots, 1024),)
+        _route_count_kernel[grid](idx, counts, expert, rank, t, k, BLOCK=1024, num_warps=4)
+        _route_scatter_kernel[grid](expert, rank, counts, blk_exp, blk_rows, slots, n_slots,
+                                    n_exp, n_blocks, BT=bt, BLOCK=1024, EP2=ep2, num_warps=4)
     plan = (slots, blk_exp, blk_rows)
 
     # 1. and 3. gate/up with the SwiGLU epilogue: h in FP8, rows = padded positions
@@ -302,32 +311,59 @@ if HAS_TRITON:
             tl.store(counts_ptr, T)
 
     @triton.jit
+    def _write_block_plan(blk_exp_ptr, blk_rows_ptr, c, ee, n_exp, n_blocks, BT: tl.constexpr,
+                          BLOCK: tl.constexpr):
+        """From the slot counts c [EP2] of the plan experts ee: each block's plan expert
+        (n_exp past the end) and number of valid rows. Returns (first block, blocks) per
+        expert."""
+        nb = (c + BT - 1) // BT
+        end = tl.cumsum(nb, 0)
+        live = ee < n_exp
+        for j in range(tl.max(nb, 0)):
+            m = live & (j < nb)
+            tl.store(blk_exp_ptr + end - nb + j, ee, mask=m)
+            tl.store(blk_rows_ptr + end - nb + j, tl.minimum(c - j * BT, BT), mask=m)
+        for b0 in range(tl.max(end, 0), n_blocks, BLOCK):
+            bb = b0 + tl.arange(0, BLOCK)
+            tl.store(blk_exp_ptr + bb, n_exp, mask=bb < n_blocks)
+            tl.store(blk_rows_ptr + bb, 0, mask=bb < n_blocks)
+        return end - nb
+
+    @triton.jit
+    def _route_small_kernel(idx_ptr, blk_exp_ptr, blk_rows_ptr, slots_ptr, T, k, n_exp,
+                            n_blocks, BT: tl.constexpr, S2: tl.constexpr, EP2: tl.constexpr):
+        """The whole plan of a small batch (up to S2 slots) in one program: a slot's rank is the
+        number of earlier slots of its expert, an expert's count the number of its slots."""
+        k1 = k + 1
+        sl = tl.arange(0, S2)
+        ok = sl < T * k1
+        j = sl % k1
+        e = tl.load(idx_ptr + (sl // k1) * k + j - 1, mask=ok & (j > 0), other=-1) + 1
+        e = tl.where(ok, e, n_exp).to(tl.int32)  # padding lanes count for no expert
+        rank = tl.sum(((e[:, None] == e[None, :]) & (sl[None, :] < sl[:, None])).to(tl.int32), 1)
+        ee = tl.arange(0, EP2)
+        c = tl.histogram(e, EP2, mask=ok)  # slots per plan expert
+        start = _write_block_plan(blk_exp_ptr, blk_rows_ptr, c, ee, n_exp, n_blocks, BT, 1024)
+        tl.store(slots_ptr + tl.gather(start, tl.minimum(e, n_exp - 1), 0) * BT + rank, sl,
+                 mask=ok)
+
+    @triton.jit
     def _route_scatter_kernel(expert_ptr, rank_ptr, counts_ptr, blk_exp_ptr, blk_rows_ptr,
                               slots_ptr, n_slots, n_exp, n_blocks, BT: tl.constexpr,
                               BLOCK: tl.constexpr, EP2: tl.constexpr):
         """Padded position of each slot = first row of its expert + rank. Program 0 also writes
-        the per-block plan the GEMMs read with one load each: the block's plan expert (n_exp
-        past the end) and its number of valid rows."""
+        the per-block plan the GEMMs read with one load each."""
         ee = tl.arange(0, EP2)
         c = tl.load(counts_ptr + ee, mask=ee < n_exp, other=0)
         nb = (c + BT - 1) // BT
-        end = tl.cumsum(nb, 0)
+        start = tl.cumsum(nb, 0) - nb
         if tl.program_id(0) == 0:
-            live = ee < n_exp
-            for j in range(tl.max(nb, 0)):
-                m = live & (j < nb)
-                tl.store(blk_exp_ptr + end - nb + j, ee, mask=m)
-                tl.store(blk_rows_ptr + end - nb + j, tl.minimum(c - j * BT, BT), mask=m)
-            for b0 in range(tl.max(end, 0), n_blocks, BLOCK):
-                bb = b0 + tl.arange(0, BLOCK)
-                tl.store(blk_exp_ptr + bb, n_exp, mask=bb < n_blocks)
-                tl.store(blk_rows_ptr + bb, 0, mask=bb < n_blocks)
+            _write_block_plan(blk_exp_ptr, blk_rows_ptr, c, ee, n_exp, n_blocks, BT, BLOCK)
         sl = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = sl < n_slots
         e = tl.load(expert_ptr + sl, mask=ok, other=0)
         r = tl.load(rank_ptr + sl, mask=ok, other=0)
-        start = tl.gather(end - nb, e, 0)
-        tl.store(slots_ptr + start * BT + r, sl, mask=ok)
+        tl.store(slots_ptr + tl.gather(start, e, 0) * BT + r, sl, mask=ok)
 
     @triton.jit
     def _block_rows(b, slots_ptr, blk_exp_ptr, blk_rows_ptr, BT: tl.constexpr):
