@@ -200,7 +200,8 @@ def test_moe_launch_configs(fmt, cfg, monkeypatch):
     """Every launch shape the config chooser (or the benchmark sweep) may pick is exact."""
     experts, shared = _random_moe(32, 4096, 2048, fmt, "fp8" if fmt == "fp4" else fmt,
                                   torch.bfloat16, seed=5)
-    _check_moe(experts, shared, [1, 5, 40], ["uniform", "skewed"], monkeypatch, cfg=cfg)
+    # 18 tokens: the last single-program routing plan (126 slots); 19: the first two-kernel one
+    _check_moe(experts, shared, [1, 5, 18, 19, 40], ["uniform", "skewed"], monkeypatch, cfg=cfg)
 
 
 @pytest.mark.parametrize("dec", [0, 1, 2], ids=["bf16", "e4m3-ops", "e4m3-asm"])
