@@ -238,8 +238,8 @@ def compress_finish(pooled, weight, eps, index, m, freqs, rope_dim, index_keys, 
     w, C = pooled.shape
     nope = C - rope_dim
     if (use_triton(pooled) and dtype in (torch.bfloat16, torch.float32)
-            and 64 <= C <= 512 and C & (C - 1) == 0 and nope % FP8_BLOCK == 0
-            and freqs.numel() == rope_dim // 2):
+            and 64 <= C <= (256 if index_keys else 512) and C & (C - 1) == 0
+            and nope % FP8_BLOCK == 0 and freqs.numel() == rope_dim // 2):
         out = torch.empty(w, C, dtype=dtype, device=pooled.device)
         if w == 0:
             return out
