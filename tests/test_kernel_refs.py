@@ -199,21 +199,42 @@ def test_ring_write_keeps_raw_rows_with_the_positional_bias():
 
 
 @pytest.mark.parametrize("index_keys,C", [(False, 512), (True, 128)])
-def test_compress_finish_reference_is_the_compressor_chain(index_keys, C):
-    """The compressor's finishing op on CPU is the reference ops in the model's order: cast to the
-    working dtype, RMSNorm, RoPE at position index*m, FP8 per 64 or Hadamard + FP4."""
+def test_compress_finish_reference_rows(index_keys, C):
+    """Cache rows from pooled rows, checked by their properties: RMSNorm (computed here from
+    the formula), RoPE as a rotation that is the identity at position 0 and keeps each pair's
+    length, and the QAT grid: attention rows' no-rope channels are fixed points of the FP8
+    rounding; indexer keys are the Hadamard rotation (its own inverse) of the rotated row,
+    then fixed points of the FP4 rounding."""
     from dsv4.config import ModelConfig
     from dsv4.kernels.compressor import compress_finish
-    from dsv4.kernels.qat import fp8_round_ref_, hadamard_fp4_ref
-    from dsv4.kernels.rmsnorm import rmsnorm_ref
-    from dsv4.kernels.rope import rope_ref_
     from dsv4.model.rope import rope_frequencies
+    from dsv4.quant.sim import fp4_sim, fp8_sim, hadamard
     g = torch.Generator().manual_seed(6)
     freqs = rope_frequencies(ModelConfig.preset("tiny"), 4).float()
     r = 2 * freqs.numel()
     pooled, w = torch.randn(5, C, generator=g) * 3, torch.rand(C, generator=g) + 0.5
     index = torch.tensor([0, 1, 7, 100, 3])
-    got = compress_finish(pooled, w, 1e-6, index, 4, freqs, r, index_keys, True, torch.bfloat16)
-    c = rope_ref_(rmsnorm_ref(pooled.bfloat16(), w, 1e-6), index * 4, freqs, r)
-    want = hadamard_fp4_ref(c, True) if index_keys else fp8_round_ref_(c, C - r)
-    assert torch.equal(got, want)
+    x = pooled.bfloat16().float()
+    normed = (x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6) * w).bfloat16().float()
+
+    def pair_len(v):
+        return v[:, C - r:].unflatten(-1, (-1, 2)).norm(dim=-1)
+
+    for qat in (True, False):
+        got = compress_finish(pooled, w, 1e-6, index, 4, freqs, r, index_keys, qat,
+                              torch.bfloat16)
+        assert got.dtype == torch.bfloat16 and got.shape == (5, C)
+        y = got.float()
+        if index_keys:
+            if qat:
+                assert torch.equal(fp4_sim(got, 32), got)
+                continue
+            y = hadamard(y)  # back to the rotated row, up to bf16 rounding
+        elif qat:
+            assert torch.equal(fp8_sim(got[:, :C - r], 64), got[:, :C - r])
+        tol = 3 * 2.0 ** -8 * normed.abs().amax()
+        if not qat or index_keys:
+            assert (y[:, :C - r] - normed[:, :C - r]).abs().max() <= tol
+        assert (y[0, C - r:] - normed[0, C - r:]).abs().max() <= tol  # position 0: no turn
+        assert (pair_len(y) - pair_len(normed)).abs().max() <= tol
+        assert not torch.allclose(y[1:, C - r:], normed[1:, C - r:], atol=tol.item())
