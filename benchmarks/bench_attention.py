@@ -209,7 +209,7 @@ def main() -> None:
                     bench_attention(H, topk, B, fp8, None, not args.quick)
         if args.configs:
             alts = [AttnConfig(64, 16, 8, 3), AttnConfig(64, 32, 8, 2), AttnConfig(64, 32, 8, 3),
-                    AttnConfig(64, 64, 8, 2)]
+                    AttnConfig(64, 64, 8, 2), AttnConfig(64, 16, 8, 2), AttnConfig(64, 32, 4, 2)]
             for H, topk in ((64, 512), (128, 1024)):
                 for fp8 in (False, True):
                     bench_attention(H, topk, 128, fp8, alts, False)

@@ -91,11 +91,12 @@ def test_moe_module_routes_through_the_op(layer):
     assert torch.equal(moe(u, ids), moe_forward_ref(u, idx, wgt, experts, moe.shared_experts))
 
 
-def test_kernel_code_order_round_trips_and_keeps_the_linear_exact():
-    """The MoE kernels' MXFP4 code order (`fp4_to_halves`: byte b of each 16 = codes b, b+16 of
-    the 32-block) holds the same codes; a linear switched to it in place computes the same
-    outputs, saves the checkpoint order, and converts what a state-dict load brings."""
-    from dsv4.quant.formats import fp4_to_halves, pack_fp4, unpack_fp4
+def test_kernel_layout_round_trips_and_keeps_the_linear_exact():
+    """The MoE kernels' MXFP4 layout (`mxfp4_to_kernel_layout`) holds the same codes and
+    scales: codes in the halves order (byte b of each 16 = codes b, b+16 of the 32-block), each
+    64-row group's 128-deep K-blocks contiguous. A linear switched to it in place computes the
+    same outputs, saves the checkpoint layout, and converts what a state-dict load brings."""
+    from dsv4.quant.formats import fp4_to_halves, mxfp4_to_kernel_layout, pack_fp4, unpack_fp4
     from dsv4.quant.linear import make_linear
     g = torch.Generator().manual_seed(1)
     codes = torch.randint(0, 16, (3, 96), generator=g, dtype=torch.uint8)
@@ -103,15 +104,34 @@ def test_kernel_code_order_round_trips_and_keeps_the_linear_exact():
     assert halves.dtype == torch.int8 and halves.shape == (3, 48)
     assert torch.equal(unpack_fp4(halves, halves=True), codes)
     assert halves.view(torch.uint8)[0, 0].item() == codes[0, 0].item() | codes[0, 16].item() << 4
-    lin = make_linear(96, 8, "fp4")
-    lin.set_float(torch.randn(8, 96, generator=g))
-    x = torch.randn(5, 96, generator=g, dtype=torch.bfloat16)
+    n, k = 128, 256
+    lin = make_linear(k, n, "fp4")
+    lin.set_float(torch.randn(n, k, generator=g))
+    w, sc = mxfp4_to_kernel_layout(lin.weight, lin.scale)
+    assert w.shape == lin.weight.shape and sc.shape == lin.scale.shape
+    flat_w, flat_s = w.view(torch.uint8).flatten(), sc.view(torch.uint8).flatten()
+    hw = fp4_to_halves(lin.weight).view(torch.uint8)
+    for row, kb in ((0, 0), (5, 1), (64, 0), (127, 1)):  # row group, K-block, row in group
+        at = (row // 64) * 64 * (k // 2) + kb * 64 * 64 + (row % 64) * 64
+        assert torch.equal(flat_w[at:at + 64], hw[row, kb * 64:(kb + 1) * 64])
+        at = (row // 64) * 64 * (k // 32) + kb * 64 * 4 + (row % 64) * 4
+        assert torch.equal(flat_s[at:at + 4], lin.scale.view(torch.uint8)[row, kb * 4:kb * 4 + 4])
+    back = mxfp4_to_kernel_layout(w, sc, inverse=True)
+    assert torch.equal(back[0], lin.weight) and torch.equal(back[1].view(torch.uint8),
+                                                            lin.scale.view(torch.uint8))
+    x = torch.randn(5, k, generator=g, dtype=torch.bfloat16)
     want, w_want, sd = lin(x), lin.dequantize(), {k: v.clone() for k, v in lin.state_dict().items()}
-    lin.to_halves()
-    assert lin.halves and not torch.equal(lin.weight, sd["weight"])
+    lin.to_kernel_layout()
+    assert lin.kernel_layout and not torch.equal(lin.weight, sd["weight"])
     assert torch.equal(lin.dequantize(), w_want) and torch.equal(lin(x), want)
-    assert torch.equal(lin.state_dict()["weight"], sd["weight"])
+    got = lin.state_dict()
+    assert torch.equal(got["weight"], sd["weight"])
+    assert torch.equal(got["scale"].view(torch.uint8), sd["scale"].view(torch.uint8))
     lin.load_state_dict(sd)
-    assert lin.halves and torch.equal(lin.dequantize(), w_want)
-    lin.to_halves()  # idempotent
+    assert lin.kernel_layout and torch.equal(lin.dequantize(), w_want)
+    lin.to_kernel_layout()  # idempotent
     assert torch.equal(lin.dequantize(), w_want)
+    lin.set_float(w_want)  # set_float writes the current layout
+    assert torch.equal(lin.dequantize(), w_want)
+    with pytest.raises(ValueError, match="N % 64"):
+        mxfp4_to_kernel_layout(halves, torch.zeros(3, 3, dtype=torch.uint8))

@@ -21,9 +21,10 @@ GPU (no host synchronisation, a fixed number of launches whatever the routing):
    (FP4 decoded in the kernel, or FP8). MXFP4 decodes either to bf16 with the scale folded in
    (one bf16 MMA per chunk) or, by default for up to 16 tokens per expert, to e4m3 for FP8
    tensor cores (`_mxfp4_mma8`: one 32-deep MMA per scale block, promoted to fp32 with the
-   scale). MXFP4 experts are re-ordered in place on first use (`FP4Linear.to_halves`: byte b
-   of each 16 holds codes b and b + 16), so a thread's loaded bytes decode straight into its
-   MMA fragment registers. With the fused epilogue (`moe_config`: BW=128, unsplit) both
+   scale). MXFP4 experts are re-laid out in place on first use (`FP4Linear.to_kernel_layout`):
+   byte b of each 16 holds codes b and b + 16, so a thread's loaded bytes decode straight into
+   its MMA fragment registers, and each 64-row group's 128-deep K-blocks are contiguous, so a
+   CTA's weight tile is one 4 KB run of memory (1.3-1.7x faster than 64-byte runs 2 KB apart). With the fused epilogue (`moe_config`: BW=128, unsplit) both
    products share a CTA, with the clamped SwiGLU, the routing weight and the FP8 quantisation
    of h that w2's input needs (per token, per 128). Otherwise (small batches, which are
    memory-bound and would leave most SMs idle, and the largest, where it measured faster) g and
@@ -113,9 +114,9 @@ class _Tables:
         self.fmt = _FMT_CODES[mods[0].w1.fmt]
         self.ptrs = {}
         for name in ("w1", "w3", "w2"):
-            if self.fmt == FMT_MXFP4:  # the kernels' code order, in place (fp4_to_halves)
+            if self.fmt == FMT_MXFP4:  # the kernels' layout, in place (mxfp4_to_kernel_layout)
                 for m in mods:
-                    getattr(m, name).to_halves()
+                    getattr(m, name).to_kernel_layout()
             ts = [_tensors(getattr(m, name)) for m in mods]
             for i, part in enumerate(("w", "s", "g")):
                 self.ptrs[name + part] = torch.tensor([t[i].data_ptr() for t in ts],
@@ -447,11 +448,15 @@ if HAS_TRITON:
         acc = tl.zeros((BW, BT), dtype=tl.float32)
         acc3 = tl.zeros((BW, BT), dtype=tl.float32)
         if W_FMT == 1 and DEC > 0:  # row pointers hoisted: the loop only adds kb offsets
+            # the kernels' layout (mxfp4_to_kernel_layout): per 64-row group, per K-block,
+            # 64 rows x 64 bytes (x 4 scales) contiguous
+            grp = (rows // 64).to(tl.int64)
+            r64 = rows % 64
             j = tl.arange(0, 16)
-            w_row = w + rows[:, None].to(tl.int64) * (K // 2) + j[None, :]
-            w3_row = w3 + rows[:, None].to(tl.int64) * (K // 2) + j[None, :]
-            s_row = ws + rows.to(tl.int64) * (K // 32)
-            s3_row = ws3 + rows.to(tl.int64) * (K // 32)
+            w_row = w + grp[:, None] * (32 * K) + r64[:, None] * 64 + j[None, :]
+            w3_row = w3 + grp[:, None] * (32 * K) + r64[:, None] * 64 + j[None, :]
+            s_row = ws + grp * (2 * K) + r64 * 4
+            s3_row = ws3 + grp * (2 * K) + r64 * 4
             a_row = a_ptr + arow[:, None].to(tl.int64) * K + tl.arange(0, 32)[None, :]
             sa_row = sa_ptr + arow.to(tl.int64) * (K // 128)
         for kb in range(kb0, kb1):
@@ -462,16 +467,16 @@ if HAS_TRITON:
                     acc3 = _mma_fp8(acc3, q, s, w3, ws3, rows, row_ok, kb, K)
             elif W_FMT == 1 and DEC > 0:
                 s = tl.load(sa_row + kb, mask=ok, other=0.0)
-                acc = _mxfp4_mma8(acc, a_row + kb * 128, ok, s, w_row + kb * 64, s_row + kb * 4,
-                                  row_ok, DEC == 2)
+                acc = _mxfp4_mma8(acc, a_row + kb * 128, ok, s, w_row + kb * 4096,
+                                  s_row + kb * 256, row_ok, DEC == 2)
                 if TWO:
-                    acc3 = _mxfp4_mma8(acc3, a_row + kb * 128, ok, s, w3_row + kb * 64,
-                                       s3_row + kb * 4, row_ok, DEC == 2)
+                    acc3 = _mxfp4_mma8(acc3, a_row + kb * 128, ok, s, w3_row + kb * 4096,
+                                       s3_row + kb * 256, row_ok, DEC == 2)
             else:
                 s, inv = _act_scale(a_ptr, sa_ptr, arow, ok, kb, K, False)
                 for c in tl.static_range(128 // KC):
                     a = tl.trans(_act_chunk(a_ptr, arow, ok, kb, c, K, s, inv, False, KC))
-                    # MXFP4 experts hold the kernels' code order (HALVES)
+                    # MXFP4 experts hold the kernels' layout (mxfp4_to_kernel_layout)
                     wc = _fp4_chunk(w, ws, rows, row_ok, kb, c, K, W_FMT == 2, KC, W_FMT == 1)
                     acc = tl.dot(wc, a, acc)
                     if TWO:

@@ -174,7 +174,11 @@ def _qlinear_cuda(x, fmt: int, weight, scale, gscale, path: str = "auto",
     _qlinear_kernel[grid](a, sa, weight, scale, g, out, m, n, k, per,
                           W_FMT=fmt, QUANT_X=path == "fused", BW=bw, BT=bt, KC=c["kc"],
                           num_warps=warps, num_stages=c["stages"])
-    y = out[0] if split == 1 else out.sum(0).to(x.dtype)
+    if split == 1:
+        return out[0].reshape(*lead, n)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](out, y, m * n, split, BLOCK=1024,
+                                                    SP=triton.next_power_of_2(split), num_warps=4)
     return y.reshape(*lead, n)
 
 
@@ -232,14 +236,20 @@ if HAS_TRITON:
 
     @triton.jit
     def _fp4_chunk(w_ptr, s_ptr, rows, row_ok, kb, c, K, NV: tl.constexpr, KC: tl.constexpr,
-                   HALVES: tl.constexpr = False):
+                   MOE_LAYOUT: tl.constexpr = False):
         """Packed e2m1 rows [BW], K-chunk c (KC wide) of K-block kb -> exact bf16 [BW, KC] with
         the block scales folded in (s_ptr: e8m0 [N, K/32] for MXFP4, e4m3 [N, K/16] for NVFP4,
         as bytes). Narrow chunks keep the decode's registers small, wide ones load more bytes
-        per instruction."""
+        per instruction. MOE_LAYOUT: MXFP4 in the MoE kernels' layout (halves code order,
+        64-row groups with contiguous K-blocks: `formats.mxfp4_to_kernel_layout`)."""
         j = tl.arange(0, KC // 2)
-        p = tl.load(w_ptr + rows[:, None].to(tl.int64) * (K // 2) + kb * 64 + c * (KC // 2)
-                    + j[None, :], mask=row_ok[:, None], other=0).to(tl.int32)
+        if MOE_LAYOUT:
+            grp = (rows // 64).to(tl.int64)
+            w_at = grp * (32 * K) + (rows % 64) * 64 + kb * 4096
+        else:
+            w_at = rows.to(tl.int64) * (K // 2) + kb * 64
+        p = tl.load(w_ptr + w_at[:, None] + c * (KC // 2) + j[None, :], mask=row_ok[:, None],
+                    other=0).to(tl.int32)
         # e2m1 code (sign bit 3) -> fp32 bits with the 3 magnitude bits in exponent/mantissa:
         # that float is value(code) * 2^-126 for every code, the subnormal 0.5 included.
         lo = (((p & 7) << 22) | ((p & 8) << 28)).to(tl.float32, bitcast=True) * 8.507059173023462e37
@@ -248,8 +258,11 @@ if HAS_TRITON:
         G: tl.constexpr = 16 if NV else 32
         NS: tl.constexpr = KC // G
         si = tl.arange(0, NS)
-        sb = tl.load(s_ptr + rows[:, None].to(tl.int64) * (K // G) + kb * (128 // G) + c * NS
-                     + si[None, :], mask=row_ok[:, None], other=0)
+        if MOE_LAYOUT:
+            s_at = grp * (2 * K) + (rows % 64) * 4 + kb * 256
+        else:
+            s_at = rows.to(tl.int64) * (K // G) + kb * (128 // G)
+        sb = tl.load(s_ptr + s_at[:, None] + c * NS + si[None, :], mask=row_ok[:, None], other=0)
         if NV:
             f = _e4m3_f32(sb)
         else:
@@ -259,7 +272,7 @@ if HAS_TRITON:
         lo = (lo * f).to(tl.bfloat16)
         hi = (hi * f).to(tl.bfloat16)
         R: tl.constexpr = lo.shape[0]
-        if HALVES:  # byte b of each 16: codes b and b + 16 of the 32-block (fp4_to_halves)
+        if MOE_LAYOUT:  # byte b of each 16: codes b and b + 16 of the 32-block (fp4_to_halves)
             w = tl.reshape(tl.join(lo, hi), (R, KC // 32, 16, 2))
             return tl.reshape(tl.permute(w, (0, 1, 3, 2)), (R, KC))
         # element 2j is the low nibble of byte j
@@ -300,6 +313,16 @@ if HAS_TRITON:
         sb = tl.load(ws_ptr + (rows // 128) * (K // 128) + kb, mask=row_ok, other=0)
         ws = _e8m0_f32(sb.to(tl.int32))
         return acc + tl.dot(w, tl.trans(q)) * (ws[:, None] * s[None, :])
+
+    @triton.jit
+    def _sum_splits_kernel(part_ptr, y_ptr, numel, S, BLOCK: tl.constexpr, SP: tl.constexpr):
+        """y = the fp32 sum of the S split-K partials [S, numel], rounded once to y's dtype
+        (one launch where torch takes a reduction and a cast)."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        sp = tl.arange(0, SP)
+        v = tl.load(part_ptr + sp[:, None].to(tl.int64) * numel + i[None, :],
+                    mask=(sp < S)[:, None] & (i < numel)[None, :], other=0.0)
+        tl.store(y_ptr + i, tl.sum(v, 0).to(y_ptr.dtype.element_ty), mask=i < numel)
 
     @triton.jit
     def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, BR: tl.constexpr):

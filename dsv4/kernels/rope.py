@@ -55,14 +55,13 @@ def rope_(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor, rope_dim: int
 
 def _rope_cuda(x, pos, freqs, rope_dim, inverse, norm_eps):
     d = x.shape[-1]
-    rows = x.numel() // d
-    heads = rows // x.shape[0]
+    heads = x.numel() // d // x.shape[0]
     norm = norm_eps is not None
     bp = triton.next_power_of_2(d // 2 if norm else rope_dim // 2)
-    br = max(1, min(64, 4096 // bp))
-    _rope_kernel[(triton.cdiv(rows, br),)](
-        x, pos, freqs.to(device=x.device, dtype=torch.float32), rows, heads,
-        float(norm_eps or 0.0), D=d, NOPE=d - rope_dim, NORM=norm, INV=inverse, BR=br, BP=bp,
+    bh = max(1, min(triton.next_power_of_2(heads), 4096 // bp))
+    _rope_kernel[(x.shape[0], triton.cdiv(heads, bh))](
+        x, pos, freqs.to(device=x.device, dtype=torch.float32), heads,
+        float(norm_eps or 0.0), D=d, NOPE=d - rope_dim, NORM=norm, INV=inverse, BH=bh, BP=bp,
         num_warps=4)
     return x
 
@@ -72,20 +71,28 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _rope_kernel(x_ptr, pos_ptr, f_ptr, R, heads, eps, D: tl.constexpr, NOPE: tl.constexpr,
-                     NORM: tl.constexpr, INV: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr):
-        """BR rows; pairs j of each row (all D/2 with NORM, else the rope pairs only)."""
+    def _rope_kernel(x_ptr, pos_ptr, f_ptr, heads, eps, D: tl.constexpr, NOPE: tl.constexpr,
+                     NORM: tl.constexpr, INV: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr):
+        """One token, BH of its rows (heads); pairs j of each row (all D/2 with NORM, else the
+        rope pairs only). The angles depend on the token alone: cos and sin once per program."""
         dt = x_ptr.dtype.element_ty
-        rows = tl.program_id(0) * BR + tl.arange(0, BR)
-        ok = rows < R
-        p = tl.load(pos_ptr + rows // heads, mask=ok, other=0).to(tl.float32)
+        t = tl.program_id(0)
+        h = tl.program_id(1) * BH + tl.arange(0, BH)
+        ok = h < heads
         if NORM:
             j = tl.arange(0, BP)
         else:
             j = NOPE // 2 + tl.arange(0, BP)
+        fi = j - NOPE // 2
+        rot = (fi >= 0) & (j < D // 2)
+        ang = tl.load(pos_ptr + t).to(tl.float32) * tl.load(f_ptr + fi, mask=rot, other=0.0)
+        c = tl.where(rot, tl.cos(ang), 1.0)[None, :]
+        s = tl.where(rot, tl.sin(ang), 0.0)[None, :]
+        if INV:
+            s = -s
         m = ok[:, None] & (j < D // 2)[None, :]
-        ptr = (x_ptr + rows[:, None, None].to(tl.int64) * D + 2 * j[None, :, None]
-               + tl.arange(0, 2)[None, None, :])
+        rows = t.to(tl.int64) * heads + h
+        ptr = x_ptr + rows[:, None, None] * D + 2 * j[None, :, None] + tl.arange(0, 2)[None, None, :]
         m3 = m[:, :, None] & (tl.arange(0, 2) < 2)[None, None, :]
         e, o = tl.split(tl.load(ptr, mask=m3, other=0.0).to(tl.float32))
         if NORM:  # the reference's working-dtype ops: square, mean, + eps, rsqrt, product
@@ -95,13 +102,5 @@ if HAS_TRITON:
             r = r.to(dt).to(tl.float32)
             e = (e * r[:, None]).to(dt).to(tl.float32)
             o = (o * r[:, None]).to(dt).to(tl.float32)
-        fi = j - NOPE // 2
-        rot = (fi >= 0) & (j < D // 2)
-        f = tl.load(f_ptr + fi, mask=rot, other=0.0)
-        ang = p[:, None] * f[None, :]
-        c = tl.where(rot[None, :], tl.cos(ang), 1.0)
-        s = tl.where(rot[None, :], tl.sin(ang), 0.0)
-        if INV:
-            s = -s
         y = tl.join(e * c - o * s, e * s + o * c)
         tl.store(ptr, y.to(dt), mask=m3)

@@ -69,6 +69,42 @@ def fp4_to_halves(packed: torch.Tensor) -> torch.Tensor:
     return (c[..., 0, :] | (c[..., 1, :] << 4)).flatten(-2).view(packed.dtype)
 
 
+KERNEL_ROWS = 64  # rows per group of the MoE kernels' MXFP4 layout
+
+
+def _group_tiles(t: torch.Tensor, per_block: int, inverse: bool) -> torch.Tensor:
+    """[N, C] with `per_block` columns per 128-deep K-block <-> the same values with each
+    64-row group's K-blocks [64, per_block] contiguous, one after the other."""
+    n, c = t.shape
+    if inverse:
+        g = t.reshape(n // KERNEL_ROWS, c // per_block, KERNEL_ROWS, per_block).transpose(1, 2)
+    else:
+        g = t.reshape(n // KERNEL_ROWS, KERNEL_ROWS, c // per_block, per_block).transpose(1, 2)
+    return g.contiguous().view(n, c)
+
+
+def mxfp4_to_kernel_layout(weight: torch.Tensor, scale: torch.Tensor,
+                           inverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checkpoint MXFP4 (packed [N, K/2], e8m0 [N, K/32]) -> the MoE kernels' layout, same
+    shapes, bytes and scales (`inverse`: back). Codes in the halves order (`fp4_to_halves`),
+    and for each group of 64 rows and each 128-deep K-block, the group's 64 x 64 weight bytes
+    (64 x 4 scales) contiguous: a CTA's weight tile is one 4 KB run of memory instead of 64
+    runs of 64 bytes 2 KB apart, which DRAM serves at least 1.3-1.7x faster (H200, Flash and
+    Pro MoE at 1-64 tokens). N must be a multiple of 64, K of 128."""
+    n, k2 = weight.shape
+    if n % KERNEL_ROWS or (2 * k2) % 128 or scale.shape != (n, 2 * k2 // MXFP4_BLOCK):
+        raise ValueError(f"the MoE kernels' MXFP4 layout needs N % 64 == 0 and K % 128 == 0 "
+                         f"with one scale per 32, got weight {tuple(weight.shape)}, scale "
+                         f"{tuple(scale.shape)}")
+    s = scale.view(torch.uint8)
+    if inverse:
+        w = _group_tiles(weight.view(torch.uint8), 64, True)
+        w = pack_fp4(unpack_fp4(w, halves=True)).view(torch.uint8)
+        return w.view(weight.dtype), _group_tiles(s, 4, True).view(scale.dtype)
+    w = _group_tiles(fp4_to_halves(weight).view(torch.uint8), 64, False)
+    return w.view(weight.dtype), _group_tiles(s, 4, False).view(scale.dtype)
+
+
 _LUTS: dict = {}
 
 
@@ -81,8 +117,8 @@ def fp4_values(codes: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------- MXFP4
-def dequant_mxfp4(weight: torch.Tensor, scale: torch.Tensor, halves: bool = False) -> torch.Tensor:
-    vals = fp4_values(unpack_fp4(weight, halves))
+def dequant_mxfp4(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    vals = fp4_values(unpack_fp4(weight))
     return vals * scale.float().repeat_interleave(MXFP4_BLOCK, -1)
 
 

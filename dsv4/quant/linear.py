@@ -12,8 +12,8 @@ from torch import nn
 
 from ..kernels import quant_linear
 from .formats import (FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK, dequant_fp8, dequant_mxfp4,
-                      dequant_nvfp4, fp4_to_halves, pack_fp4, quantize_fp8, quantize_mxfp4,
-                      quantize_nvfp4, unpack_fp4)
+                      dequant_nvfp4, mxfp4_to_kernel_layout, quantize_fp8, quantize_mxfp4,
+                      quantize_nvfp4)
 
 FORMATS = ("bf16", "fp8", "fp4", "nvfp4")
 
@@ -86,11 +86,12 @@ class FP8Linear(Linear):
 class FP4Linear(Linear):
     """Official MXFP4 experts: packed e2m1 (two codes a byte) with e8m0 scales per 32.
 
-    `halves`: the weight holds the MoE kernel's code order (`formats.fp4_to_halves`), set in
-    place by `to_halves()` when the CUDA MoE first takes these experts; the torch paths follow
-    the flag, and a state-dict load converts what it loads."""
+    `kernel_layout`: weight and scale hold the MoE kernels' layout
+    (`formats.mxfp4_to_kernel_layout`), set in place by `to_kernel_layout()` when the CUDA MoE
+    first takes these experts; the torch paths follow the flag, and state dicts keep the
+    checkpoint's layout both ways."""
     fmt = "fp4"
-    halves = False
+    kernel_layout = False
 
     def __init__(self, in_features: int, out_features: int, dtype=None):
         super().__init__(in_features, out_features)
@@ -98,34 +99,48 @@ class FP4Linear(Linear):
         self.scale = _empty((out_features, in_features // MXFP4_BLOCK), torch.float8_e8m0fnu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.halves:  # only the torch reference of a CUDA MoE gets here
+        if self.kernel_layout:  # only the torch reference of a CUDA MoE gets here
             return quant_linear.linear_ref(x, self.dequantize())
         return quant_linear.mxfp4_linear(x, self.weight, self.scale)
 
+    def _checkpoint_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kernel_layout:
+            return mxfp4_to_kernel_layout(self.weight, self.scale, inverse=True)
+        return self.weight, self.scale
+
     def dequantize(self) -> torch.Tensor:
-        return dequant_mxfp4(self.weight, self.scale, self.halves)
+        return dequant_mxfp4(*self._checkpoint_layout())
+
+    @torch.no_grad()
+    def _set(self, w: torch.Tensor, s: torch.Tensor) -> None:
+        if self.kernel_layout:
+            w, s = mxfp4_to_kernel_layout(w, s)
+        self.weight.copy_(w), self.scale.copy_(s)
 
     @torch.no_grad()
     def set_float(self, w: torch.Tensor) -> None:
-        q, s = quantize_mxfp4(w.float())
-        self.weight.copy_(fp4_to_halves(q) if self.halves else q), self.scale.copy_(s)
+        self._set(*quantize_mxfp4(w.float()))
 
     @torch.no_grad()
-    def to_halves(self) -> None:
-        if not self.halves and self.in_features % MXFP4_BLOCK == 0:
-            self.weight.copy_(fp4_to_halves(self.weight))
-            self.halves = True
+    def to_kernel_layout(self) -> None:
+        """In place (the parameters keep their storage); idempotent."""
+        if not self.kernel_layout:
+            w, s = mxfp4_to_kernel_layout(self.weight, self.scale)
+            self.weight.copy_(w), self.scale.copy_(s)
+            self.kernel_layout = True
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        if self.halves:  # state dicts hold the checkpoint order
+        if self.kernel_layout:  # state dicts hold the checkpoint layout
             with torch.no_grad():
-                self.weight.copy_(fp4_to_halves(self.weight))
+                w, s = mxfp4_to_kernel_layout(self.weight, self.scale)
+                self.weight.copy_(w), self.scale.copy_(s)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.halves:
-            destination[prefix + "weight"] = pack_fp4(unpack_fp4(self.weight, True))
+        if self.kernel_layout:
+            w, s = self._checkpoint_layout()
+            destination[prefix + "weight"], destination[prefix + "scale"] = w, s
 
 
 class NVFP4Linear(Linear):
