@@ -120,7 +120,8 @@ if HAS_TRITON:
                         mask=mask[:, None] & (g < NOPE // 64)[None, :], other=127)
         scale = tl.exp2(sbyte.to(tl.float32) - 127.0)  # [BK, G], a power of two
         scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_K, G, 64)), (BLOCK_K, BLOCK_D))
-        rope_ptr = (row_ptr + NOPE).to(tl.pointer_type(tl.bfloat16), bitcast=True)
+        rope_ptr = tl.multiple_of((row_ptr + NOPE).to(tl.pointer_type(tl.bfloat16), bitcast=True),
+                                  8)  # the bitcast drops what the compiler knew
         rope = tl.load(rope_ptr[:, None] + (d - NOPE)[None, :],
                        mask=mask[:, None] & ((d >= NOPE) & (d < D))[None, :], other=0.0)
         return tl.where(is_nope[None, :], val * scale, rope.to(tl.float32))
@@ -164,7 +165,11 @@ if HAS_TRITON:
                           other=-1).to(tl.int64)
             valid = kmask & (idx >= 0)
             is_new = is_win & (idx >= Nw)
-            cache_row = tl.where(is_win, win_cache_ptr, cmp_cache_ptr) + idx * row_stride
+            off = idx * row_stride
+            if FP8:  # packed rows are whole 8-byte words (kv_fp8_row_bytes); without the hint
+                # (584 is no multiple of 16) every byte of a row would be its own load
+                off = tl.multiple_of(off, 8)
+            cache_row = tl.where(is_win, win_cache_ptr, cmp_cache_ptr) + off
             new_row = win_new_ptr + (idx - Nw) * D
             if FP8:
                 kc = _fp8_rows(cache_row, valid & ~is_new, d, D, NOPE, ROPE, BLOCK_K, BLOCK_D)
@@ -239,6 +244,9 @@ if HAS_TRITON:
         if fp8:
             if D % 64 or (D - rope_dim) % 64:
                 raise ValueError(f"FP8 rows need D and D-r multiples of 64, got D={D}, r={rope_dim}")
+            for c in (win_cache, cmp_cache):  # the kernel loads packed rows 8 bytes at a time
+                if c is not None and (c.data_ptr() % 8 or c.stride(0) % 8):
+                    raise ValueError("packed FP8 cache rows must start on 8-byte boundaries")
         elif win_cache.dtype != q.dtype:
             raise TypeError(f"float caches must have q's dtype {q.dtype}, got {win_cache.dtype}")
         if cmp_cache is not None and cmp_cache.dtype != win_cache.dtype:

@@ -103,8 +103,11 @@ def test_sparse_attention_fp32_is_exact_to_fp32_noise(splits):
     assert rel_err(out, ref) < 1e-5, f"rel err {rel_err(out, ref):.2e}"
 
 
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16_rows", "fp8_rows"])
-@pytest.mark.parametrize("block_k,stages", [(16, 3), (32, 2), (32, 3), (64, 2)])
+# FP8 rows stage their packed bytes in shared memory (cp.async) besides the bf16 tiles the
+# dequantisation produces: 32 rows x 3 stages and 64 x 2 exceed the 227 KiB of an sm_90 CTA
+@pytest.mark.parametrize("block_k,stages,fp8", [
+    (16, 3, False), (32, 2, False), (32, 3, False), (64, 2, False),
+    (16, 2, True), (16, 3, True), (32, 2, True)])
 def test_sparse_attention_tile_shapes_agree(block_k, stages, fp8):
     from dsv4.kernels.kv_fp8 import pack_kv_fp8
     from dsv4.kernels.sparse_attention import AttnConfig, sparse_attention_ref, sparse_attention_triton
