@@ -119,19 +119,42 @@ def test_kernel_layout_round_trips_and_keeps_the_linear_exact():
     back = mxfp4_to_kernel_layout(w, sc, inverse=True)
     assert torch.equal(back[0], lin.weight) and torch.equal(back[1].view(torch.uint8),
                                                             lin.scale.view(torch.uint8))
+    with pytest.raises(ValueError, match="N % 64"):
+        mxfp4_to_kernel_layout(halves, torch.zeros(3, 3, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "nvfp4"])
+def test_linear_in_kernel_layout_is_the_same_linear(fmt):
+    """Switched in place to the MoE kernels' layout, an FP4 linear computes the same outputs,
+    saves the checkpoint layout, converts what a state-dict load brings, and set_float writes
+    the current layout."""
+    from dsv4.quant.formats import nvfp4_to_kernel_layout
+    from dsv4.quant.linear import make_linear
+    g = torch.Generator().manual_seed(2)
+    n, k = 128, 256
+    lin = make_linear(k, n, fmt)
+    lin.set_float(torch.randn(n, k, generator=g))
+    scale = "scale" if fmt == "fp4" else "weight_scale"
     x = torch.randn(5, k, generator=g, dtype=torch.bfloat16)
-    want, w_want, sd = lin(x), lin.dequantize(), {k: v.clone() for k, v in lin.state_dict().items()}
+    want, w_want = lin(x), lin.dequantize()
+    sd = {name: v.clone() for name, v in lin.state_dict().items()}
     lin.to_kernel_layout()
     assert lin.kernel_layout and not torch.equal(lin.weight, sd["weight"])
     assert torch.equal(lin.dequantize(), w_want) and torch.equal(lin(x), want)
     got = lin.state_dict()
     assert torch.equal(got["weight"], sd["weight"])
-    assert torch.equal(got["scale"].view(torch.uint8), sd["scale"].view(torch.uint8))
+    assert torch.equal(got[scale].view(torch.uint8), sd[scale].view(torch.uint8))
     lin.load_state_dict(sd)
     assert lin.kernel_layout and torch.equal(lin.dequantize(), w_want)
     lin.to_kernel_layout()  # idempotent
     assert torch.equal(lin.dequantize(), w_want)
-    lin.set_float(w_want)  # set_float writes the current layout
+    lin.set_float(w_want)
     assert torch.equal(lin.dequantize(), w_want)
-    with pytest.raises(ValueError, match="N % 64"):
-        mxfp4_to_kernel_layout(halves, torch.zeros(3, 3, dtype=torch.uint8))
+    if fmt == "nvfp4":  # 64-row groups, 64 bytes and 8 scales per row and K-block
+        w, s = nvfp4_to_kernel_layout(sd["weight"], sd[scale])
+        row, kb = 70, 1
+        at = 64 * (k // 2) + kb * 64 * 64 + (row % 64) * 64
+        assert torch.equal(w.flatten()[at:at + 64], sd["weight"][row, kb * 64:(kb + 1) * 64])
+        at = 64 * (k // 16) + kb * 64 * 8 + (row % 64) * 8
+        assert torch.equal(s.view(torch.uint8).flatten()[at:at + 8],
+                           sd[scale].view(torch.uint8)[row, kb * 8:(kb + 1) * 8])

@@ -21,10 +21,10 @@ GPU (no host synchronisation, a fixed number of launches whatever the routing):
    (FP4 decoded in the kernel, or FP8). MXFP4 decodes either to bf16 with the scale folded in
    (one bf16 MMA per chunk) or, by default for up to 16 tokens per expert, to e4m3 for FP8
    tensor cores (`_mxfp4_mma8`: one 32-deep MMA per scale block, promoted to fp32 with the
-   scale). MXFP4 experts are re-laid out in place on first use (`FP4Linear.to_kernel_layout`):
-   byte b of each 16 holds codes b and b + 16, so a thread's loaded bytes decode straight into
-   its MMA fragment registers, and each 64-row group's 128-deep K-blocks are contiguous, so a
-   CTA's weight tile is one 4 KB run of memory (1.3-1.7x faster than 64-byte runs 2 KB apart). With the fused epilogue (`moe_config`: BW=128, unsplit) both
+   scale). FP4 experts are re-laid out in place on first use (`to_kernel_layout`): each 64-row
+   group's 128-deep K-blocks are contiguous, so a CTA's weight tile is one 4 KB run of memory
+   (MXFP4: 1.3-1.75x faster than 64-byte runs 2 KB apart), and MXFP4 bytes hold codes b and
+   b + 16 of each 32-block, so a thread's loaded bytes decode straight into its MMA fragment. With the fused epilogue (`moe_config`: BW=128, unsplit) both
    products share a CTA, with the clamped SwiGLU, the routing weight and the FP8 quantisation
    of h that w2's input needs (per token, per 128). Otherwise (small batches, which are
    memory-bound and would leave most SMs idle, and the largest, where it measured faster) g and
@@ -114,7 +114,7 @@ class _Tables:
         self.fmt = _FMT_CODES[mods[0].w1.fmt]
         self.ptrs = {}
         for name in ("w1", "w3", "w2"):
-            if self.fmt == FMT_MXFP4:  # the kernels' layout, in place (mxfp4_to_kernel_layout)
+            if self.fmt != FMT_FP8:  # FP4: the kernels' layout, in place (to_kernel_layout)
                 for m in mods:
                     getattr(m, name).to_kernel_layout()
             ts = [_tensors(getattr(m, name)) for m in mods]
@@ -477,11 +477,12 @@ if HAS_TRITON:
                 for c in tl.static_range(128 // KC):
                     a = tl.trans(_act_chunk(a_ptr, arow, ok, kb, c, K, s, inv, False, KC))
                     # MXFP4 experts hold the kernels' layout (mxfp4_to_kernel_layout)
-                    wc = _fp4_chunk(w, ws, rows, row_ok, kb, c, K, W_FMT == 2, KC, W_FMT == 1)
+                    wc = _fp4_chunk(w, ws, rows, row_ok, kb, c, K, W_FMT == 2, KC, True,
+                                    W_FMT == 1)
                     acc = tl.dot(wc, a, acc)
                     if TWO:
                         wc = _fp4_chunk(w3, ws3, rows, row_ok, kb, c, K, W_FMT == 2, KC,
-                                        W_FMT == 1)
+                                        True, W_FMT == 1)
                         acc3 = tl.dot(wc, a, acc3)
         if W_FMT == 2:
             acc = acc * tl.load(g_addr.to(tl.pointer_type(tl.float32)))

@@ -236,18 +236,23 @@ if HAS_TRITON:
 
     @triton.jit
     def _fp4_chunk(w_ptr, s_ptr, rows, row_ok, kb, c, K, NV: tl.constexpr, KC: tl.constexpr,
-                   MOE_LAYOUT: tl.constexpr = False):
+                   TILED: tl.constexpr = False, HALVES: tl.constexpr = False):
         """Packed e2m1 rows [BW], K-chunk c (KC wide) of K-block kb -> exact bf16 [BW, KC] with
         the block scales folded in (s_ptr: e8m0 [N, K/32] for MXFP4, e4m3 [N, K/16] for NVFP4,
         as bytes). Narrow chunks keep the decode's registers small, wide ones load more bytes
-        per instruction. MOE_LAYOUT: MXFP4 in the MoE kernels' layout (halves code order,
-        64-row groups with contiguous K-blocks: `formats.mxfp4_to_kernel_layout`)."""
+        per instruction. The MoE kernels' layout (`formats.*_to_kernel_layout`): TILED, 64-row
+        groups with contiguous K-blocks; HALVES (MXFP4), byte b of each 16 holds codes b and
+        b + 16 of the 32-block."""
+        G: tl.constexpr = 16 if NV else 32
+        SPK: tl.constexpr = 128 // G  # scales per row and K-block
         j = tl.arange(0, KC // 2)
-        if MOE_LAYOUT:
+        if TILED:
             grp = (rows // 64).to(tl.int64)
             w_at = grp * (32 * K) + (rows % 64) * 64 + kb * 4096
+            s_at = grp * (64 * (K // G)) + (rows % 64) * SPK + kb * (64 * SPK)
         else:
             w_at = rows.to(tl.int64) * (K // 2) + kb * 64
+            s_at = rows.to(tl.int64) * (K // G) + kb * SPK
         p = tl.load(w_ptr + w_at[:, None] + c * (KC // 2) + j[None, :], mask=row_ok[:, None],
                     other=0).to(tl.int32)
         # e2m1 code (sign bit 3) -> fp32 bits with the 3 magnitude bits in exponent/mantissa:
@@ -255,13 +260,8 @@ if HAS_TRITON:
         lo = (((p & 7) << 22) | ((p & 8) << 28)).to(tl.float32, bitcast=True) * 8.507059173023462e37
         hi = (((p & 0x70) << 18) | ((p & 0x80) << 24)).to(tl.float32, bitcast=True) * 8.507059173023462e37
         # one scale per G elements = G/2 bytes: load the chunk's NS scales, widen to the bytes
-        G: tl.constexpr = 16 if NV else 32
         NS: tl.constexpr = KC // G
         si = tl.arange(0, NS)
-        if MOE_LAYOUT:
-            s_at = grp * (2 * K) + (rows % 64) * 4 + kb * 256
-        else:
-            s_at = rows.to(tl.int64) * (K // G) + kb * (128 // G)
         sb = tl.load(s_ptr + s_at[:, None] + c * NS + si[None, :], mask=row_ok[:, None], other=0)
         if NV:
             f = _e4m3_f32(sb)
@@ -272,7 +272,7 @@ if HAS_TRITON:
         lo = (lo * f).to(tl.bfloat16)
         hi = (hi * f).to(tl.bfloat16)
         R: tl.constexpr = lo.shape[0]
-        if MOE_LAYOUT:  # byte b of each 16: codes b and b + 16 of the 32-block (fp4_to_halves)
+        if HALVES:  # byte b of each 16: codes b and b + 16 of the 32-block (fp4_to_halves)
             w = tl.reshape(tl.join(lo, hi), (R, KC // 32, 16, 2))
             return tl.reshape(tl.permute(w, (0, 1, 3, 2)), (R, KC))
         # element 2j is the low nibble of byte j

@@ -105,6 +105,21 @@ def mxfp4_to_kernel_layout(weight: torch.Tensor, scale: torch.Tensor,
     return w.view(weight.dtype), _group_tiles(s, 4, False).view(scale.dtype)
 
 
+def nvfp4_to_kernel_layout(weight: torch.Tensor, scale: torch.Tensor,
+                           inverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4 (packed [N, K/2] in the checkpoint's code order, e4m3 [N, K/16]) -> the MoE
+    kernels' layout, same shapes and values (`inverse`: back): for each group of 64 rows and
+    each 128-deep K-block, the group's 64 x 64 weight bytes (64 x 8 scales) contiguous, as
+    `mxfp4_to_kernel_layout` but in the checkpoint's code order (its kernel decodes to bf16)."""
+    n, k2 = weight.shape
+    if n % KERNEL_ROWS or (2 * k2) % 128 or scale.shape != (n, 2 * k2 // NVFP4_BLOCK):
+        raise ValueError(f"the MoE kernels' NVFP4 layout needs N % 64 == 0 and K % 128 == 0 "
+                         f"with one scale per 16, got weight {tuple(weight.shape)}, scale "
+                         f"{tuple(scale.shape)}")
+    w = _group_tiles(weight.view(torch.uint8), 64, inverse).view(weight.dtype)
+    return w, _group_tiles(scale.view(torch.uint8), 8, inverse).view(scale.dtype)
+
+
 _LUTS: dict = {}
 
 

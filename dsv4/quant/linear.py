@@ -12,8 +12,8 @@ from torch import nn
 
 from ..kernels import quant_linear
 from .formats import (FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK, dequant_fp8, dequant_mxfp4,
-                      dequant_nvfp4, mxfp4_to_kernel_layout, quantize_fp8, quantize_mxfp4,
-                      quantize_nvfp4)
+                      dequant_nvfp4, mxfp4_to_kernel_layout, nvfp4_to_kernel_layout,
+                      quantize_fp8, quantize_mxfp4, quantize_nvfp4)
 
 FORMATS = ("bf16", "fp8", "fp4", "nvfp4")
 
@@ -83,67 +83,74 @@ class FP8Linear(Linear):
         self.weight.copy_(q), self.scale.copy_(s)
 
 
-class FP4Linear(Linear):
-    """Official MXFP4 experts: packed e2m1 (two codes a byte) with e8m0 scales per 32.
-
-    `kernel_layout`: weight and scale hold the MoE kernels' layout
-    (`formats.mxfp4_to_kernel_layout`), set in place by `to_kernel_layout()` when the CUDA MoE
-    first takes these experts; the torch paths follow the flag, and state dicts keep the
-    checkpoint's layout both ways."""
-    fmt = "fp4"
+class _KernelLayout(Linear):
+    """FP4 experts whose weight and block scales the CUDA MoE re-lays out in place on first
+    use (`to_kernel_layout`, flag `kernel_layout`; `formats.*_to_kernel_layout`: each 64-row
+    group's 128-deep K-blocks contiguous). The torch paths follow the flag, and state dicts keep
+    the checkpoint's layout both ways. Subclasses name their block-scale parameter (`_scale`)
+    and give `_layout(weight, scale, inverse)`, `_linear(x)` and `_dequant(weight, scale)`."""
     kernel_layout = False
+    _scale = "scale"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_layout:  # only the torch reference of a CUDA MoE gets here
+            return quant_linear.linear_ref(x, self.dequantize())
+        return self._linear(x)
+
+    def _checkpoint_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w, s = self.weight, getattr(self, self._scale)
+        return self._layout(w, s, True) if self.kernel_layout else (w, s)
+
+    def dequantize(self) -> torch.Tensor:
+        return self._dequant(*self._checkpoint_layout())
+
+    @torch.no_grad()
+    def _store(self, w: torch.Tensor, s: torch.Tensor) -> None:
+        """Write checkpoint-layout (w, s) into the parameters, in their current layout."""
+        if self.kernel_layout:
+            w, s = self._layout(w, s, False)
+        self.weight.copy_(w), getattr(self, self._scale).copy_(s)
+
+    @torch.no_grad()
+    def to_kernel_layout(self) -> None:
+        """In place (the parameters keep their storage); idempotent."""
+        if not self.kernel_layout:
+            self.kernel_layout = True
+            self._store(self.weight.clone(), getattr(self, self._scale).clone())
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        if self.kernel_layout:  # state dicts hold the checkpoint layout
+            self._store(self.weight.clone(), getattr(self, self._scale).clone())
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.kernel_layout:
+            w, s = self._checkpoint_layout()
+            destination[prefix + "weight"], destination[prefix + self._scale] = w, s
+
+
+class FP4Linear(_KernelLayout):
+    """Official MXFP4 experts: packed e2m1 (two codes a byte) with e8m0 scales per 32."""
+    fmt = "fp4"
 
     def __init__(self, in_features: int, out_features: int, dtype=None):
         super().__init__(in_features, out_features)
         self.weight = _empty((out_features, in_features // 2), torch.int8)
         self.scale = _empty((out_features, in_features // MXFP4_BLOCK), torch.float8_e8m0fnu)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel_layout:  # only the torch reference of a CUDA MoE gets here
-            return quant_linear.linear_ref(x, self.dequantize())
+    _layout = staticmethod(mxfp4_to_kernel_layout)
+    _dequant = staticmethod(dequant_mxfp4)
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
         return quant_linear.mxfp4_linear(x, self.weight, self.scale)
-
-    def _checkpoint_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.kernel_layout:
-            return mxfp4_to_kernel_layout(self.weight, self.scale, inverse=True)
-        return self.weight, self.scale
-
-    def dequantize(self) -> torch.Tensor:
-        return dequant_mxfp4(*self._checkpoint_layout())
-
-    @torch.no_grad()
-    def _set(self, w: torch.Tensor, s: torch.Tensor) -> None:
-        if self.kernel_layout:
-            w, s = mxfp4_to_kernel_layout(w, s)
-        self.weight.copy_(w), self.scale.copy_(s)
 
     @torch.no_grad()
     def set_float(self, w: torch.Tensor) -> None:
-        self._set(*quantize_mxfp4(w.float()))
-
-    @torch.no_grad()
-    def to_kernel_layout(self) -> None:
-        """In place (the parameters keep their storage); idempotent."""
-        if not self.kernel_layout:
-            w, s = mxfp4_to_kernel_layout(self.weight, self.scale)
-            self.weight.copy_(w), self.scale.copy_(s)
-            self.kernel_layout = True
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        if self.kernel_layout:  # state dicts hold the checkpoint layout
-            with torch.no_grad():
-                w, s = mxfp4_to_kernel_layout(self.weight, self.scale)
-                self.weight.copy_(w), self.scale.copy_(s)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.kernel_layout:
-            w, s = self._checkpoint_layout()
-            destination[prefix + "weight"], destination[prefix + "scale"] = w, s
+        self._store(*quantize_mxfp4(w.float()))
 
 
-class NVFP4Linear(Linear):
+class NVFP4Linear(_KernelLayout):
     """NVIDIA ModelOpt NVFP4: packed e2m1, e4m3 scales per 16, an fp32 global scale.
 
     Hopper has no FP4 tensor cores, and the model was trained with FP8 activations (SPEC.md 3),
@@ -151,6 +158,7 @@ class NVFP4Linear(Linear):
     (the checkpoint's per-tensor activation scale for FP4 activations) is loaded but unused.
     """
     fmt = "nvfp4"
+    _scale = "weight_scale"
 
     def __init__(self, in_features: int, out_features: int, dtype=None):
         super().__init__(in_features, out_features)
@@ -159,16 +167,19 @@ class NVFP4Linear(Linear):
         self.weight_scale_2 = _empty((), torch.float32)
         self.input_scale = _empty((), torch.float32)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quant_linear.nvfp4_linear(x, self.weight, self.weight_scale, self.weight_scale_2)
+    _layout = staticmethod(nvfp4_to_kernel_layout)
 
-    def dequantize(self) -> torch.Tensor:
-        return dequant_nvfp4(self.weight, self.weight_scale, self.weight_scale_2)
+    def _dequant(self, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return dequant_nvfp4(w, s, self.weight_scale_2)
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_linear.nvfp4_linear(x, self.weight, self.weight_scale, self.weight_scale_2)
 
     @torch.no_grad()
     def set_float(self, w: torch.Tensor) -> None:
         q, s, g = quantize_nvfp4(w.float())
-        self.weight.copy_(q), self.weight_scale.copy_(s), self.weight_scale_2.copy_(g)
+        self._store(q, s)
+        self.weight_scale_2.copy_(g)
         self.input_scale.fill_(1.0)
 
 

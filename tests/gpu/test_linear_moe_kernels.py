@@ -218,12 +218,13 @@ def test_moe_mxfp4_fp8_tensor_core_decodes(dec, base, monkeypatch):
                cfg=dict(base, dec=dec))
 
 
-def test_moe_reloaded_mxfp4_experts_keep_the_kernels_layout(monkeypatch):
-    """The first CUDA forward re-lays out MXFP4 experts in place (`FP4Linear.to_kernel_layout`);
-    loading a checkpoint-layout state dict afterwards is converted on the way in, so the kernels (whose
+@pytest.mark.parametrize("fmt", ["fp4", "nvfp4"])
+def test_moe_reloaded_fp4_experts_keep_the_kernels_layout(fmt, monkeypatch):
+    """The first CUDA forward re-lays out FP4 experts in place (`to_kernel_layout`); loading a
+    checkpoint-layout state dict afterwards is converted on the way in, so the kernels (whose
     pointer tables stay valid) and the torch reference both see the new weights."""
-    experts, shared = _random_moe(16, 1024, 512, "fp4", "fp8", torch.bfloat16, seed=7)
-    fresh, _ = _random_moe(16, 1024, 512, "fp4", "fp8", torch.bfloat16, seed=8)
+    experts, shared = _random_moe(16, 1024, 512, fmt, "fp8", torch.bfloat16, seed=7)
+    fresh, _ = _random_moe(16, 1024, 512, fmt, "fp8", torch.bfloat16, seed=8)
     _check_moe(experts, shared, [3], ["uniform"], monkeypatch)
     assert experts[0].w1.kernel_layout
     experts.load_state_dict(fresh.state_dict())
