@@ -109,17 +109,26 @@ def linear_table(quick: bool) -> None:
         torch.cuda.empty_cache()
 
 
+EXPERT_FORMAT = ["fp4"]  # --experts: the routed experts' format (fp4 = official MXFP4)
+
+
 def random_experts(n_exp: int, d: int, inter: int):
-    """Official layout: MXFP4 routed experts, FP8 shared expert, random codes and scales."""
+    """Official layout: MXFP4 routed experts (or `--experts`), FP8 shared expert, random codes
+    and scales."""
+    fmt = EXPERT_FORMAT[0]
     with torch.device(DEV):
-        experts = torch.nn.ModuleList(Expert(d, inter, "fp4", 10.0, torch.bfloat16)
+        experts = torch.nn.ModuleList(Expert(d, inter, fmt, 10.0, torch.bfloat16)
                                       for _ in range(n_exp))
         shared = Expert(d, inter, "fp8", 10.0, torch.bfloat16)
     for m in experts:
         for lin in (m.w1, m.w2, m.w3):
-            e = 127 - 2 - (lin.in_features.bit_length() - 1) // 2
-            lin.weight.view(torch.uint8).random_(0, 256)
-            lin.scale.view(torch.uint8).random_(e - 1, e + 2)
+            if fmt == "fp4":
+                e = 127 - 2 - (lin.in_features.bit_length() - 1) // 2
+                lin.weight.view(torch.uint8).random_(0, 256)
+                lin.scale.view(torch.uint8).random_(e - 1, e + 2)
+            else:
+                w = torch.randn(lin.out_features, lin.in_features, device=DEV)
+                lin.set_float(w / lin.in_features ** 0.5)
     for lin in (shared.w1, shared.w2, shared.w3):
         w, s = quantize_fp8(torch.randn(lin.out_features, lin.in_features, device=DEV)
                             / lin.in_features ** 0.5)
@@ -221,7 +230,8 @@ def moe_table(quick: bool) -> None:
     cfgs = [("Flash", 256, 4096, 2048), ("Pro", 384, 7168, 3072)]
     tokens = [1, 8, 64, 512, 4096, 32768]
     k = 6
-    print("\n## MoE layer (top-6 MXFP4 experts + FP8 shared expert, bf16, routing given)\n")
+    print(f"\n## MoE layer (top-6 {EXPERT_FORMAT[0]} experts + FP8 shared expert, bf16, routing "
+          "given)\n")
     print("| model | tokens | dsv4 us | TFLOP/s | %bf16 peak | expert GB/s | %HBM | experts read | "
           "torch reference us |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -294,8 +304,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", choices=["linear", "moe", "sweep", "linear-sweep"], default=None)
     ap.add_argument("--tokens", type=int, nargs="*", default=[], help="MoE sweep batch sizes")
+    ap.add_argument("--experts", choices=["fp4", "nvfp4", "fp8"], default="fp4",
+                    help="routed experts' format in the MoE table and sweep")
     args = ap.parse_args()
     SWEEP_TOKENS.extend(args.tokens)
+    EXPERT_FORMAT[0] = args.experts
     p = torch.cuda.get_device_properties(0)
     print(f"# {p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}, "
           f"triton {triton.__version__}")
