@@ -5,6 +5,8 @@
   e8m0 scale per 32 along K.
 - NVFP4 (NVIDIA ModelOpt): packed e2m1 [N, K/2], an e4m3 scale per 16 along K, an fp32 global scale.
 Dequantisers return fp32; quantisers exist to write checkpoints (make-tiny, dummy weights).
+The MoE kernels' layouts (`mxfp4_to_kernel_layout`, `nvfp4_to_kernel_layout`) hold the same
+bytes and scales re-ordered for the GPU, in place, on the experts' first CUDA use.
 """
 from __future__ import annotations
 
