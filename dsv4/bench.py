@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from .kernels.index_fp4 import index_fp4_row_bytes
+
 HBM_BYTES_PER_S = 4.8e12
 
 
@@ -36,6 +38,8 @@ def decode_bytes_per_step(model, batch: int, context: int) -> float:
                       if n.startswith("mtp.") and ".experts." in n)
     expert_bytes = (experts - mtp_experts) * hit / E
     row = cfg.head_dim * model.dtype.itemsize
+    key = (index_fp4_row_bytes(cfg.index_head_dim) if model.qat  # packed as the engine does
+           else cfg.index_head_dim * model.dtype.itemsize)
     cache = 0
     for m in cfg.compress_ratios[:cfg.num_hidden_layers]:
         rows = min(context, cfg.sliding_window)
@@ -43,7 +47,7 @@ def decode_bytes_per_step(model, batch: int, context: int) -> float:
             rows += context // 128
         elif m == 4:
             rows += min(cfg.index_topk, context // 4)
-            cache += (context // 4) * cfg.index_head_dim * model.dtype.itemsize  # indexer keys
+            cache += (context // 4) * key  # indexer keys
         cache += rows * row
     return dense + expert_bytes + batch * cache
 

@@ -18,9 +18,11 @@ def make_model(dtype="float32", seed=0, qat=True, **changes):
     return init_random_(model, seed)
 
 
-def make_cache(model, num_slots=4, num_blocks=16, margin=8):
+def make_cache(model, num_slots=4, num_blocks=16, margin=8, index_fp4=None):
+    """As the engine makes it: indexer keys packed as FP4 when the model's QAT allows."""
     return ModelCache(model.cfg, num_slots=num_slots, num_blocks=num_blocks, margin=margin,
-                      dtype=model.dtype)
+                      dtype=model.dtype,
+                      index_fp4=model.qat if index_fp4 is None else index_fp4)
 
 
 def run_chunks(model, cache, ids, sizes, slot=0, blocks=None, all_logits=True):

@@ -99,7 +99,7 @@ def test_abort_while_a_step_runs_ahead(ahead, sync):
 def test_preemption_under_async_scheduling_keeps_every_output():
     from dsv4.cache.kv_cache import block_bytes, slot_bytes
     import torch
-    budget = 4 * slot_bytes(CFG, 8, torch.float32) + 3 * block_bytes(CFG, torch.float32)
+    budget = 4 * slot_bytes(CFG, 8, torch.float32) + 3 * block_bytes(CFG, torch.float32, index_fp4=True)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     reqs = [(p, params) for p in prompts([120, 118, 121, 119], seed=1)]
     small = make_engine(max_num_seqs=4, cpu_cache_bytes=budget, async_scheduling=True)

@@ -92,7 +92,7 @@ def test_preemption_keeps_every_output_and_frees_every_block():
     # Three blocks for four prompts of 120 tokens: three start, and crossing position 128 each
     # needs a second block, so the newest running sequences are preempted and recomputed.
     num_blocks, seqs = 3, 4
-    budget = seqs * slot_bytes(CFG, 8, torch.float32) + num_blocks * block_bytes(CFG, torch.float32)
+    budget = seqs * slot_bytes(CFG, 8, torch.float32) + num_blocks * block_bytes(CFG, torch.float32, index_fp4=True)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     reqs = [(p, params) for p in prompts([120, 118, 121, 119], seed=1)]
     small = make_engine(max_num_seqs=seqs, cpu_cache_bytes=budget)
@@ -313,7 +313,7 @@ def test_abort_frees_the_requests_blocks_and_others_continue(engine, alone):
 
 
 def test_capacity_and_stats_describe_the_cache(engine):
-    fit = ((16 << 20) - 8 * slot_bytes(CFG, 8, torch.float32)) // block_bytes(CFG, torch.float32)
+    fit = ((16 << 20) - 8 * slot_bytes(CFG, 8, torch.float32)) // block_bytes(CFG, torch.float32, index_fp4=True)
     expected_blocks = min(fit, 8 * CFG.max_position_embeddings // BLOCK_TOKENS)  # 8 = max_num_seqs
     assert engine.num_blocks == expected_blocks
     assert engine.max_model_len == min(CFG.max_position_embeddings, expected_blocks * BLOCK_TOKENS)

@@ -238,3 +238,48 @@ def test_compress_finish_reference_rows(index_keys, C):
         assert (y[0, C - r:] - normed[0, C - r:]).abs().max() <= tol  # position 0: no turn
         assert (pair_len(y) - pair_len(normed)).abs().max() <= tol
         assert not torch.allclose(y[1:, C - r:], normed[1:, C - r:], atol=tol.item())
+
+
+def _model_keys(n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Indexer keys as the model stores them with QAT: Hadamard + FP4 per 32, over magnitudes
+    from 1e-30 to 1e30, with an all-zero row."""
+    from dsv4.kernels.qat import hadamard_fp4_ref
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 128, generator=g) * torch.logspace(-30, 30, n)[:, None]
+    x[0] = 0.0
+    return hadamard_fp4_ref(x.to(dtype), qat=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_packed_indexer_keys_are_lossless(dtype):
+    from dsv4.kernels.index_fp4 import (index_fp4_row_bytes, pack_index_fp4, store_index_fp4_,
+                                        unpack_index_fp4)
+    from dsv4.quant.formats import quantize_mxfp4
+    keys = _model_keys(300, dtype)
+    packed = pack_index_fp4(keys)
+    assert index_fp4_row_bytes(128) == 80 and packed.shape == (300, 80)
+    assert torch.equal(unpack_index_fp4(packed, 128, dtype), keys)
+    codes, scales = quantize_mxfp4(keys.float())  # codes, then one e8m0 byte per 32, then zeros
+    assert torch.equal(packed[:, :64], codes.view(torch.uint8))
+    assert torch.equal(packed[:, 64:68], scales.view(torch.uint8))
+    assert not packed[:, 68:].any()
+    cache = torch.zeros(400, 80, dtype=torch.uint8)
+    dst = torch.randperm(400)[:300]
+    store_index_fp4_(cache, dst, keys)
+    assert torch.equal(cache[dst], packed)
+    with pytest.raises(ValueError, match="expected 80"):
+        unpack_index_fp4(packed[:, :68], 128, dtype)
+    with pytest.raises(ValueError, match="do not fit"):
+        store_index_fp4_(cache[:, :64], dst, keys)
+
+
+def test_indexer_reference_reads_packed_keys_like_float_ones():
+    from dsv4.kernels.index_fp4 import pack_index_fp4
+    from dsv4.kernels.indexer import indexer_scores_ref
+    g = torch.Generator().manual_seed(3)
+    from dsv4.kernels.qat import hadamard_fp4_ref
+    keys = hadamard_fp4_ref(torch.randn(64, 128, generator=g), qat=True)
+    q, w = torch.randn(3, 4, 128, generator=g), torch.randn(3, 4, generator=g)
+    cand = torch.tensor([[5, 0, -1, 63], [1, 2, 3, -1], [-1, -1, -1, -1]])
+    want = indexer_scores_ref(q, w, keys, cand)
+    assert torch.equal(indexer_scores_ref(q, w, pack_index_fp4(keys), cand), want)

@@ -64,6 +64,24 @@ def test_ragged_batch_equals_each_sequence_alone(tiny):
         _assert_same(batched[b.cu[s]:b.cu[s + 1]], alone[s], f"sequence {s}")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_fp4_indexer_keys_change_nothing(dtype):
+    """With QAT the indexer keys are e2m1 x power-of-two values: the packed cache (80 bytes a
+    key) gives bit-identical logits to keys kept in the working dtype, across CSA selections
+    (top-k smaller than what is available)."""
+    model = make_model(dtype=dtype, index_topk=4)
+    ids = _ids(131, seed=5)
+    sizes = [40, 1, 1, 60, 29]
+    cache = make_cache(model, index_fp4=True)
+    csa = [layer for layer in cache.layers if layer.idx is not None]
+    assert csa and all(layer.idx.dtype == torch.uint8 and layer.idx.shape[-1] == 80
+                       for layer in csa)
+    packed = run_chunks(model, cache, ids, sizes)
+    assert any(layer.idx.any() for layer in csa)
+    plain = run_chunks(model, make_cache(model, index_fp4=False), ids, sizes)
+    assert torch.equal(packed, plain)
+
+
 def test_config_sizes_are_not_hard_coded():
     """Another window, top-k and group count: still consistent."""
     model = make_model(sliding_window=5, index_topk=2, o_groups=4, hc_mult=2)

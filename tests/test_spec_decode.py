@@ -78,10 +78,14 @@ def test_chunked_prefill_and_preemption_with_speculation():
     """Prompts just under a block boundary: decoding crosses it, the 3-block cache runs out, and
     the newest sequences are preempted and recomputed, drafts and all."""
     prompts = _prompts([120, 121, 122, 123], seed=3)
+    import torch
+    from dsv4.cache.kv_cache import block_bytes, slot_bytes
+    from dsv4.config import ModelConfig
     ref = _greedy(_llm(0), prompts)
-    # 4 slots of 376832 bytes and 3 blocks of 98816 bytes (float32 tiny).
-    llm = _llm(2, max_num_batched_tokens=48, max_num_seqs=4,
-               cpu_cache_bytes=4 * 376832 + 3 * 98816)
+    cfg = ModelConfig.preset("tiny")  # 4 slots and 3 blocks of the float32 tiny model
+    budget = (4 * slot_bytes(cfg, 8, torch.float32)
+              + 3 * block_bytes(cfg, torch.float32, index_fp4=True))
+    llm = _llm(2, max_num_batched_tokens=48, max_num_seqs=4, cpu_cache_bytes=budget)
     llm.llm_engine.runner.proposer.override = _oracle((prompts, ref), 0.3)
     assert _greedy(llm, prompts) == ref
     assert llm.llm_engine.get_stats().num_preemptions > 0

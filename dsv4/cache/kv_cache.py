@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.index_fp4 import index_fp4_row_bytes, store_index_fp4_
 from ..kernels.kv_fp8 import kv_fp8_row_bytes, pack_kv_fp8
 
 BLOCK_TOKENS = 128  # lcm(4, 128): a block holds 32 CSA rows or 1 HCA row
@@ -46,12 +47,15 @@ class LayerCache:
 
     With `kv_fp8` the window and compressed rows are stored in the packed FP8 layout of
     `kernels/kv_fp8.py` (584 bytes instead of 1024 for D=512): lossless, because the model
-    itself rounds those values to e4m3 with power-of-two scales per 64 (SPEC.md 5.2)."""
+    itself rounds those values to e4m3 with power-of-two scales per 64 (SPEC.md 5.2). With
+    `index_fp4` the indexer keys are stored packed (`kernels/index_fp4.py`, 80 bytes instead of
+    256 in bf16): lossless when the model's QAT rounds them to FP4, which only it knows."""
 
     def __init__(self, ratio: int, head_dim: int, index_dim: int, window: int, num_slots: int,
                  num_blocks: int, margin: int, dtype: torch.dtype, device, kv_fp8: bool = False,
-                 rope_dim: int = 64):
+                 rope_dim: int = 64, index_fp4: bool = False):
         self.ratio, self.kv_fp8, self.rope_dim = ratio, kv_fp8, rope_dim
+        self.index_fp4, self.index_dim = index_fp4, index_dim
         self.window_rows = window + margin
         width = kv_fp8_row_bytes(head_dim, rope_dim) if kv_fp8 else head_dim
         rdtype = torch.uint8 if kv_fp8 else dtype
@@ -63,8 +67,9 @@ class LayerCache:
                                    device=device)
             self.state = _state(num_slots, k * ratio + margin, k * head_dim, device)
         if ratio == 4:
-            self.idx = torch.zeros(num_blocks, BLOCK_TOKENS // ratio, index_dim, dtype=dtype,
-                                   device=device)
+            iw = index_fp4_row_bytes(index_dim) if index_fp4 else index_dim
+            self.idx = torch.zeros(num_blocks, BLOCK_TOKENS // ratio, iw,
+                                   dtype=torch.uint8 if index_fp4 else dtype, device=device)
             self.idx_state = _state(num_slots, 2 * ratio + margin, 2 * index_dim, device)
 
     def state_rows(self) -> int:
@@ -86,7 +91,10 @@ class LayerCache:
         self._store_rows(self.cmp, dst, rows)
 
     def store_idx(self, dst: torch.Tensor, rows: torch.Tensor) -> None:
-        self.flat(self.idx)[dst] = rows.to(self.idx.dtype)
+        if self.index_fp4:
+            store_index_fp4_(self.flat(self.idx), dst, rows)
+        else:
+            self.flat(self.idx)[dst] = rows.to(self.idx.dtype)
 
 
 def _state(slots: int, rows: int, width: int, device) -> CompressorState:
@@ -118,15 +126,16 @@ def slot_bytes(cfg, margin: int, dtype: torch.dtype, kv_fp8: bool = False) -> in
     return total
 
 
-def block_bytes(cfg, dtype: torch.dtype, kv_fp8: bool = False) -> int:
+def block_bytes(cfg, dtype: torch.dtype, kv_fp8: bool = False, index_fp4: bool = False) -> int:
     """Bytes of one 128-token block over all layers, MTP included."""
     cI = cfg.index_head_dim
+    key_bytes = index_fp4_row_bytes(cI) if index_fp4 else cI * _elem(dtype)
     total = 0
     for m in cfg.compress_ratios:
         if m:
             total += (BLOCK_TOKENS // m) * _row_bytes(cfg, dtype, kv_fp8)
         if m == 4:
-            total += (BLOCK_TOKENS // m) * cI * _elem(dtype)
+            total += (BLOCK_TOKENS // m) * key_bytes
     return total
 
 
@@ -134,12 +143,13 @@ class ModelCache:
     """Caches of every layer: `layers[i]` for main layer i, then the MTP layers."""
 
     def __init__(self, cfg, num_slots: int, num_blocks: int, margin: int = 8,
-                 dtype: torch.dtype = torch.bfloat16, device="cpu", kv_fp8: bool = False):
+                 dtype: torch.dtype = torch.bfloat16, device="cpu", kv_fp8: bool = False,
+                 index_fp4: bool = False):
         self.num_slots, self.num_blocks, self.margin = num_slots, num_blocks, margin
         self.dtype, self.device, self.kv_fp8 = dtype, torch.device(device), kv_fp8
         self.layers = [LayerCache(m, cfg.head_dim, cfg.index_head_dim, cfg.sliding_window,
                                   num_slots, num_blocks, margin, dtype, device, kv_fp8,
-                                  cfg.qk_rope_head_dim)
+                                  cfg.qk_rope_head_dim, index_fp4)
                        for m in cfg.compress_ratios]
         self.window_rows = cfg.sliding_window + margin
 

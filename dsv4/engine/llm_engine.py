@@ -100,7 +100,9 @@ class LLMEngine:
         margin = max(8, ec.speculative_tokens + 1)
         kv_fp8 = ec.kv_cache_dtype == "fp8"
         per_slot = slot_bytes(cfg, margin, model.dtype, kv_fp8)
-        per_block = block_bytes(cfg, model.dtype, kv_fp8)
+        # indexer keys packed as FP4 where the model's QAT makes that lossless
+        index_fp4 = model.qat
+        per_block = block_bytes(cfg, model.dtype, kv_fp8, index_fp4)
         budget = self._cache_budget()
         num_slots = ec.max_num_seqs
         fit = (budget - num_slots * per_slot) // max(per_block, 1)
@@ -130,7 +132,7 @@ class LLMEngine:
                            "kernel hit an illegal memory access in benchmarks with 128 heads at "
                            "batch 32-128 (under investigation); it is also slower than bf16 rows")
         self.cache = ModelCache(cfg, num_slots + 1, self.num_blocks + 1, margin, model.dtype,
-                                self.device, kv_fp8=kv_fp8)
+                                self.device, kv_fp8=kv_fp8, index_fp4=index_fp4)
         if hasattr(model, "stop"):  # tensor parallel: the workers allocate the same cache
             from .parallel_workers import share_cache_geometry
             share_cache_geometry(num_slots + 1, self.num_blocks + 1, margin, kv_fp8)

@@ -122,7 +122,8 @@ def run_worker(model_name: str, kwargs: dict, device, tp: ParallelGroup, load) -
     model, cfg, _, _ = load(model_name, kwargs["dtype"], device, kwargs["seed"], True,
                             kwargs["load_format"], tp)
     num_slots, num_blocks, margin, kv_fp8 = share_cache_geometry()
-    cache = ModelCache(cfg, num_slots, num_blocks, margin, model.dtype, device, kv_fp8=kv_fp8)
+    cache = ModelCache(cfg, num_slots, num_blocks, margin, model.dtype, device, kv_fp8=kv_fp8,
+                       index_fp4=model.qat)
     worker_loop(model, cache)
     dist.destroy_process_group()
 

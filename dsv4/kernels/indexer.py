@@ -7,18 +7,24 @@ The Triton kernel computes the scores: each CTA holds one token's `[nI, c]` quer
 streams gathered keys through one tensor-core product per tile, so each key row is read once per
 token; the head reduction happens in registers. `torch.topk` then selects. The reference breaks
 exact ties toward older entries; the kernel path may break them either way (SPEC.md 6 allows it).
+Keys come in q's dtype or packed (uint8 rows of `kernels/index_fp4.py`, decoded exactly in the
+kernel to q's dtype: 80 bytes read per key instead of 256).
 """
 from __future__ import annotations
 
 import torch
 
 from . import HAS_TRITON, num_sms, use_triton
+from .index_fp4 import index_fp4_row_bytes, unpack_index_fp4
 
 
 def indexer_scores_ref(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
                        cand: torch.Tensor) -> torch.Tensor:
-    """fp32 scores [T, N]; -inf where cand < 0."""
-    k = keys[cand.clamp(min=0)].float()  # [T, N, c]
+    """fp32 scores [T, N]; -inf where cand < 0. Packed keys (uint8) are unpacked as gathered."""
+    k = keys[cand.clamp(min=0)]  # [T, N, c] (or packed bytes)
+    if keys.dtype == torch.uint8:
+        k = unpack_index_fp4(k.flatten(0, 1), q.shape[-1], torch.float32).view(*cand.shape, -1)
+    k = k.float()
     s = torch.relu(torch.einsum("thc,tnc->thn", q.float(), k))
     score = torch.einsum("thn,th->tn", s, w.float())
     return score.masked_fill(cand < 0, float("-inf"))
@@ -53,7 +59,7 @@ if HAS_TRITON:
     def _indexer_scores_kernel(q_ptr, w_ptr, keys_ptr, cand_ptr, out_ptr, N, NI, blocks_per_cta,
                                stride_qt, stride_qh, stride_wt, stride_kn, stride_ct, stride_ot,
                                C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                               IEEE: tl.constexpr):
+                               IEEE: tl.constexpr, PACKED: tl.constexpr):
         t = tl.program_id(0)
         h = tl.arange(0, BLOCK_H)
         c = tl.arange(0, C)
@@ -68,8 +74,11 @@ if HAS_TRITON:
             nmask = n < N
             row = tl.load(cand_ptr + t * stride_ct + n, mask=nmask, other=-1).to(tl.int64)
             vis = nmask & (row >= 0)
-            k = tl.load(keys_ptr + row[:, None] * stride_kn + c[None, :], mask=vis[:, None],
-                        other=0.0)  # [BN, c]
+            if PACKED:
+                k = _unpack_keys(keys_ptr + row * stride_kn, vis, C).to(q.dtype)
+            else:
+                k = tl.load(keys_ptr + row[:, None] * stride_kn + c[None, :], mask=vis[:, None],
+                            other=0.0)  # [BN, c]
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -77,15 +86,35 @@ if HAS_TRITON:
             score = tl.sum(tl.maximum(s, 0.0) * w[:, None], 0)
             tl.store(out_ptr + t * stride_ot + n, tl.where(vis, score, float("-inf")), mask=nmask)
 
+    @triton.jit
+    def _unpack_keys(row_ptr, ok, C: tl.constexpr):
+        """Packed key rows (uint8 row pointers [BN]) -> exact fp32 [BN, C]: each e2m1 code's
+        3 magnitude bits go into an fp32's exponent and mantissa (value * 2^-126, the subnormal
+        0.5 included), the sign to bit 31; times 2^126, then the block's e8m0 scale."""
+        j = tl.arange(0, C // 2)
+        p = tl.load(row_ptr[:, None] + j[None, :], mask=ok[:, None], other=0).to(tl.int32)
+        lo = (((p & 7) << 22) | ((p & 8) << 28)).to(tl.float32, bitcast=True) * 8.507059173023462e37
+        hi = (((p & 0x70) << 18) | ((p & 0x80) << 24)).to(tl.float32, bitcast=True) * 8.507059173023462e37
+        g = tl.arange(0, C // 32)
+        e = tl.load(row_ptr[:, None] + C // 2 + g[None, :], mask=ok[:, None], other=127)
+        f = (e.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2^(e-127); the packer keeps e >= 1
+        f = tl.reshape(tl.broadcast_to(f[:, :, None], (f.shape[0], C // 32, 16)),
+                       (f.shape[0], C // 2))
+        v = tl.join(lo * f, hi * f)  # [BN, C/2, 2]: element 2j from the low nibble of byte j
+        return tl.reshape(v, (v.shape[0], C))
+
     def indexer_scores_triton(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
                               cand: torch.Tensor, block_n: int = 64, num_warps: int = 4,
                               num_stages: int = 3) -> torch.Tensor:
         """Launcher: fp32 scores [T, N], -inf where cand < 0."""
         T, NI, C = q.shape
         N = cand.shape[1]
-        if keys.dtype != q.dtype or q.dtype not in (torch.bfloat16, torch.float32):
-            raise TypeError(f"q ({q.dtype}) and keys ({keys.dtype}) must share bf16 or fp32")
-        if keys.shape[1] != C or C & (C - 1) or w.shape != (T, NI) or cand.shape[0] != T:
+        packed = keys.dtype == torch.uint8
+        if (keys.dtype != q.dtype and not packed) or q.dtype not in (torch.bfloat16, torch.float32):
+            raise TypeError(f"q ({q.dtype}) and keys ({keys.dtype}) must share bf16 or fp32, or "
+                            f"keys be packed (uint8)")
+        width = index_fp4_row_bytes(C) if packed else C
+        if keys.shape[1] != width or C & (C - 1) or w.shape != (T, NI) or cand.shape[0] != T:
             raise ValueError(f"shapes q {tuple(q.shape)} w {tuple(w.shape)} keys "
                              f"{tuple(keys.shape)} cand {tuple(cand.shape)} do not fit")
         out = torch.empty(T, N, dtype=torch.float32, device=q.device)
@@ -102,13 +131,14 @@ if HAS_TRITON:
         _indexer_scores_kernel[(T, triton.cdiv(n_blocks, bpc))](
             q, w, keys, cand, out, N, NI, bpc, q.stride(0), q.stride(1), w.stride(0),
             keys.stride(0), cand.stride(0), out.stride(0),
-            C=C, BLOCK_H=bh, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
+            C=C, BLOCK_H=bh, BLOCK_N=block_n, IEEE=q.dtype == torch.float32, PACKED=packed,
             num_warps=num_warps, num_stages=num_stages)
         return out
 
 
 def indexer_scores(q, w, keys, cand):
-    if use_triton(q) and q.dtype in (torch.bfloat16, torch.float32) and keys.dtype == q.dtype:
+    if (use_triton(q) and q.dtype in (torch.bfloat16, torch.float32)
+            and keys.dtype in (q.dtype, torch.uint8)):
         return indexer_scores_triton(q, w, keys, cand)
     return indexer_scores_ref(q, w, keys, cand)
 

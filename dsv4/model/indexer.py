@@ -35,4 +35,5 @@ class Indexer(nn.Module):
         w = self.weights_proj(u) * (c ** -0.5 * self.total_heads ** -0.5)  # [T, nI]
         cand, _ = batch.candidates(4)
         reduce = self.tp.all_reduce if self.tp.size > 1 else None  # heads' partial scores
-        return indexer_topk(q, w, cache.idx.view(-1, c), cand, self.topk, reduce)
+        keys = cache.idx.view(-1, cache.idx.shape[-1])  # [rows, c], or packed FP4 bytes
+        return indexer_topk(q, w, keys, cand, self.topk, reduce)

@@ -49,7 +49,7 @@ class DeepseekV4Model(nn.Module):
     def __init__(self, cfg, dtype: str | torch.dtype = "bfloat16", scheme: QuantScheme | None = None,
                  qat: bool = True, tp: ParallelGroup = SINGLE):
         super().__init__()
-        self.cfg, self.tp = cfg, tp
+        self.cfg, self.tp, self.qat = cfg, tp, qat
         self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         scheme = scheme or QuantScheme.from_config(cfg)
         self.scheme = scheme

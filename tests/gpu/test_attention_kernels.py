@@ -162,6 +162,27 @@ def test_indexer_scores_match_reference(dtype):
     assert rel_err(out[fin], ref[fin]) < 1e-5, f"rel err {rel_err(out[fin], ref[fin]):.2e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_indexer_scores_from_packed_fp4_keys_equal_the_float_keys(dtype):
+    """Packed keys (80 bytes, decoded in the kernel) give bit-identical scores to the same keys
+    in the working dtype, and the store kernel writes exactly the torch packer's bytes."""
+    from dsv4.kernels.index_fp4 import pack_index_fp4, store_index_fp4_
+    from dsv4.kernels.indexer import indexer_scores_triton
+    q, w, keys, cand = indexer_inputs(DECODE_EDGES + [(9000, 3)], dtype, seed=5)
+    keys[0] = 0.0  # an all-zero key; and magnitudes far from 1
+    keys[1] *= 2.0 ** -100
+    keys[2] *= 2.0 ** 100
+    packed = torch.zeros(keys.shape[0] + 7, 80, dtype=torch.uint8, device=DEV)
+    dst = torch.randperm(packed.shape[0], device=DEV)[:keys.shape[0]]
+    store_index_fp4_(packed, dst, keys)
+    assert torch.equal(packed[dst], pack_index_fp4(keys))
+    # the same candidates, as rows of the packed cache
+    cand_p = torch.where(cand >= 0, dst[cand.clamp(min=0)], -1)
+    want = indexer_scores_triton(q, w, keys, cand)
+    got = indexer_scores_triton(q, w, packed, cand_p)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("topk", [512, 1024])
 def test_indexer_topk_selects_the_reference_top_scores(topk):
     """Same selected set modulo ties: every pick is visible and unique, and the picked scores

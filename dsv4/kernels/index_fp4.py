@@ -1,0 +1,99 @@
+"""Packed FP4 layout of the indexer keys (SPEC.md 6).
+
+With QAT on, the model stores each indexer key `[C]` (C=128) already rounded to e2m1 with a
+power-of-two scale per 32 (Hadamard + `fp4_sim`), so a key packs losslessly into
+`index_fp4_row_bytes(C)` bytes, 80 for C=128 instead of 256 in bf16:
+
+    [0, C/2)            e2m1 codes, two a byte: element 2j in the low nibble of byte j
+    [C/2, C/2 + C/32)   one e8m0 byte per 32 elements: scale = 2^(byte-127)
+    then zero padding   to a multiple of 16 bytes (whole 16-byte loads per row)
+
+Packing re-derives each block's scale from its amax, as `quantize_mxfp4` does; for values that
+are e2m1 times a power of two, that scale is the original one or a smaller power of two under
+which every value is still an e2m1 code, so unpacking gives back exactly the stored values.
+
+`store_index_fp4_(cache, dst, rows)`: pack rows [W, C] and write them to the flat cache rows dst,
+one Triton kernel on CUDA (it replaces the scatter an unpacked cache needs), torch elsewhere.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import HAS_TRITON, use_triton
+from ..quant.formats import MXFP4_BLOCK, dequant_mxfp4, quantize_mxfp4
+
+
+def index_fp4_row_bytes(c: int) -> int:
+    """Bytes of one packed key (80 for C=128)."""
+    if c % MXFP4_BLOCK:
+        raise ValueError(f"indexer key width {c} is not a multiple of {MXFP4_BLOCK}")
+    return -(-(c // 2 + c // MXFP4_BLOCK) // 16) * 16
+
+
+def pack_index_fp4(rows: torch.Tensor) -> torch.Tensor:
+    """rows [N, C] (e2m1 x power-of-two per 32, any float dtype) -> uint8 [N, row bytes]."""
+    n, c = rows.shape
+    out = torch.zeros(n, index_fp4_row_bytes(c), dtype=torch.uint8, device=rows.device)
+    codes, scales = quantize_mxfp4(rows.float())
+    out[:, :c // 2] = codes.view(torch.uint8)
+    out[:, c // 2:c // 2 + c // MXFP4_BLOCK] = scales.view(torch.uint8)
+    return out
+
+
+def unpack_index_fp4(packed: torch.Tensor, c: int, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 [N, row bytes] -> keys [N, C] in `dtype` (exact for bf16 and fp32)."""
+    if packed.shape[-1] != index_fp4_row_bytes(c):
+        raise ValueError(f"packed keys have {packed.shape[-1]} bytes, expected "
+                         f"{index_fp4_row_bytes(c)} for C={c}")
+    codes = packed[:, :c // 2].contiguous()
+    scales = packed[:, c // 2:c // 2 + c // MXFP4_BLOCK].contiguous().view(torch.float8_e8m0fnu)
+    return dequant_mxfp4(codes, scales).to(dtype)
+
+
+def store_index_fp4_(cache: torch.Tensor, dst: torch.Tensor, rows: torch.Tensor) -> None:
+    """cache [Nk, row bytes] uint8; writes pack_index_fp4(rows) at cache rows dst."""
+    w, c = rows.shape
+    if cache.shape[-1] != index_fp4_row_bytes(c) or dst.shape != (w,):
+        raise ValueError(f"packed key cache {tuple(cache.shape)}, dst {tuple(dst.shape)} and rows "
+                         f"{tuple(rows.shape)} do not fit")
+    if w == 0:
+        return
+    if use_triton(rows) and c & (c - 1) == 0 and cache.is_contiguous():
+        _store_kernel[(triton.cdiv(w, 16),)](rows.contiguous(), dst.contiguous(), cache, w,
+                                             cache.stride(0), C=c, BR=16, num_warps=4)
+    else:
+        cache[dst] = pack_index_fp4(rows)
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _store_kernel(rows_ptr, dst_ptr, cache_ptr, W, row_bytes, C: tl.constexpr,
+                      BR: tl.constexpr):
+        """BR rows: per 32-block, scale = 2^ceil(log2(max(amax, 6 * 2^-126) / 6)) from the fp32
+        exponent bits (as `pow2ceil`), e2m1 codes by the same thresholds as `e2m1_codes`
+        (values already on the grid), two codes a byte, then the e8m0 scale bytes."""
+        r = tl.program_id(0) * BR + tl.arange(0, BR)
+        ok = r < W
+        x = tl.load(rows_ptr + r[:, None].to(tl.int64) * C + tl.arange(0, C)[None, :],
+                    mask=ok[:, None], other=0.0).to(tl.float32)
+        xb = tl.reshape(x, (BR, C // 32, 32))
+        amax = tl.maximum(tl.max(tl.abs(xb), 2), 6.0 * 1.1754943508222875e-38)
+        v = tl.math.div_rn(amax, 6.0)
+        bits = v.to(tl.int32, bitcast=True)
+        e = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)  # biased ceil exponent
+        inv = ((254 - e) << 23).to(tl.float32, bitcast=True)  # 2^-(e-127), exact
+        a = tl.abs(xb * inv[:, :, None])
+        code = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
+                + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32)
+                + (a > 5.0).to(tl.int32))
+        code = code | (((xb < 0) & (code > 0)).to(tl.int32) << 3)  # -0 packs as +0
+        lo, hi = tl.split(tl.reshape(code, (BR, C // 2, 2)))
+        byte = (lo | (hi << 4)).to(tl.uint8)
+        d = tl.load(dst_ptr + r, mask=ok, other=0).to(tl.int64)
+        base = cache_ptr + d * row_bytes
+        tl.store(base[:, None] + tl.arange(0, C // 2)[None, :], byte, mask=ok[:, None])
+        tl.store(base[:, None] + C // 2 + tl.arange(0, C // 32)[None, :], e.to(tl.uint8),
+                 mask=ok[:, None])
