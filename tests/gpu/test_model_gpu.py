@@ -26,7 +26,8 @@ FORMATS = {
 
 def greedy(model, prompt, steps, device):
     cfg = model.cfg
-    cache = ModelCache(cfg, num_slots=2, num_blocks=8, margin=8, dtype=model.dtype, device=device)
+    cache = ModelCache(cfg, num_slots=2, num_blocks=8, margin=8, dtype=model.dtype, device=device,
+                       index_fp4=model.qat)  # as the engine: packed indexer keys
     ids, logits = list(prompt), []
     pos, chunk = 0, list(prompt)
     with torch.inference_mode():
