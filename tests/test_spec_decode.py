@@ -107,3 +107,27 @@ def test_sampled_tokens_follow_the_same_distribution_at_1e3_significance():
     table = [[p.count(key) + 0.5 for key in keys] for p in pairs]
     _, pval, _, _ = chi2_contingency(table)
     assert pval > 1e-3, f"speculative sampling changed the distribution: p = {pval:.2g}"
+
+
+def test_greedy_fast_paths_match_the_sampler_paths(reference):
+    """Greedy plain requests draft and verify by argmax on the device (`_draft_greedy`,
+    `_verify_greedy`); a batch mixing them with a seeded sampled request takes the general
+    paths for drafting. Both give the non-speculative tokens and cumulative logprobs."""
+    prompts, ref = reference
+
+    def run(llm, mixed):
+        greedy = SamplingParams(temperature=0, max_tokens=14)
+        params = [greedy] * len(prompts)
+        if mixed:
+            params = params + [SamplingParams(temperature=0.8, seed=3, max_tokens=14)]
+        outs = llm.generate(prompts + ([prompts[0]] if mixed else []), params, use_tqdm=False)
+        return [(o.outputs[0].token_ids, o.outputs[0].cumulative_logprob) for o in outs]
+
+    plain = run(_llm(0), False)
+    for mixed in (False, True):
+        llm = _llm(2)
+        llm.llm_engine.runner.proposer.override = _oracle(reference, 0.3, seed=1)
+        got = run(llm, mixed)[:len(prompts)]
+        assert [t for t, _ in got] == ref == [t for t, _ in plain]
+        for (_, lp), (_, want) in zip(got, plain):
+            assert lp == pytest.approx(want, abs=1e-4)

@@ -17,7 +17,8 @@ from ..model.batch import ForwardBatch, SeqChunk
 from ..model.model import DeepseekV4Model
 from .sampler import Sampler, TokenLogprob, compute_logprobs_topn
 from .scheduler import ScheduledChunk
-from .spec_decode import MTPProposer, accept_drafts
+from ..kernels.greedy import greedy_logprob
+from .spec_decode import MTPProposer, accept_drafts, greedy_plain
 from .upload import upload
 
 LOGITS_ROWS = 512  # prompt-logprob rows per head matmul: bounds the fp32 [rows, vocab] buffer
@@ -129,8 +130,16 @@ class ModelRunner:
                                [int(v) for v in packed[2]])
             for j, i in enumerate(plain):
                 sampled[i] = [SampledToken(ids[j], lps[j], ranks[j], out.top_logprobs[j])]
-        for i, c in enumerate(chunks):
-            if c.samples and c.num_drafts:
+        verify = [i for i, c in enumerate(chunks) if c.samples and c.num_drafts]
+        fast = [i for i in verify if greedy_plain(chunks[i].seq) and not self.proposer.force_accept]
+        if fast:
+            spans = [range(row_of[i], row_of[i] + 1 + chunks[i].num_drafts) for i in fast]
+            for i, got in zip(fast, self._verify_greedy([chunks[i] for i in fast],
+                                                        head([r for sp in spans for r in sp]))):
+                sampled[i] = got
+        for i in verify:
+            if i not in fast:
+                c = chunks[i]
                 sampled[i] = self._verify(c, head(list(range(row_of[i], row_of[i] + 1 + c.num_drafts))))
 
         prompt_logprobs: list[list[TokenLogprob]] = []
@@ -183,6 +192,25 @@ class ModelRunner:
                             [s.request.prompt_token_ids for s in seqs],
                             [s.generator for s in seqs])
 
+    def _verify_greedy(self, chunks: list[ScheduledChunk],
+                       logits: torch.Tensor) -> list[list[SampledToken]]:
+        """Greedy plain chunks (`greedy_plain`), their K+1 rows each in `logits`: the target's
+        argmax and its raw logprob for every row in one pass and one copy to the host; a chunk
+        emits its drafts up to the first that differs from the argmax, then that argmax (or the
+        bonus argmax). The same tokens as the rejection sampler with one-hot distributions."""
+        ids, lps = greedy_logprob(logits)
+        packed = torch.stack([ids.double(), lps.double()]).tolist()
+        out, at = [], 0
+        for c in chunks:
+            drafts = c.seq.drafts[:c.num_drafts]
+            n = 0
+            while n < len(drafts) and drafts[n] == int(packed[0][at + n]):
+                n += 1
+            out.append([SampledToken(int(packed[0][at + j]), packed[1][at + j], 1, None)
+                        for j in range(n + 1)])
+            at += c.num_drafts + 1
+        return out
+
     def _verify(self, c: ScheduledChunk, logits: torch.Tensor) -> list[SampledToken]:
         """Exact acceptance of the chunk's drafts against the model's distributions at its
         last K+1 rows (`logits` [K+1, V]); returns the accepted drafts and the corrected (or
@@ -195,7 +223,11 @@ class ModelRunner:
         if self.proposer.force_accept:
             emitted = drafts + [int(target[len(drafts)].argmax())]
         else:
-            emitted = accept_drafts(target, seq.draft_probs[:len(drafts)], drafts,
+            q = seq.draft_probs
+            if q is None:  # greedy drafts (`MTPProposer._draft_greedy`): one-hot
+                q = torch.nn.functional.one_hot(upload(drafts, logits.device),
+                                                logits.shape[-1]).float()
+            emitted = accept_drafts(target, q[:len(drafts)], drafts,
                                     seq.generator or self.sampler.generator)
         info = compute_logprobs_topn(logits[:len(emitted)], torch.tensor(emitted),
                                      seq.params.logprobs or 0)

@@ -15,6 +15,15 @@ import torch
 from .upload import upload
 
 
+def greedy_plain(seq) -> bool:
+    """Greedy sampling that reads no host-side history (no penalties, logprobs or pending
+    min_tokens): its drafts and their verification are argmaxes, done on the device in batches
+    with one copy to the host."""
+    p = seq.params
+    return (p.is_greedy and p.logprobs is None and not p.needs_penalties
+            and seq.num_output_tokens >= p.min_tokens)
+
+
 def _uniform(generator: torch.Generator | None, device) -> float:
     dev = generator.device if generator is not None else device
     return torch.rand((), generator=generator, device=dev).item()
@@ -114,6 +123,44 @@ class MTPProposer:
             return
         seqs = [c.seq for c, _, _ in drafting]
         limit = [max(0, min(self.k, self.max_model_len - len(post) - 1)) for _, post, _ in drafting]
+        if all(greedy_plain(s) for s in seqs):
+            self._draft_greedy(x, drafting, limit)
+        else:
+            self._draft_sampled(x, drafting, limit)
+        for (_, post, _), s in zip(drafting, seqs):
+            if self.override is not None and s.drafts:
+                forced = list(self.override(s, post))[:len(s.drafts)]
+                s.drafts = forced
+                s.draft_probs = torch.nn.functional.one_hot(
+                    upload(forced, x.device), model.cfg.vocab_size).float()
+
+    def _chain(self, x: torch.Tensor, tok: torch.Tensor, drafting, j: int) -> torch.Tensor:
+        """The MTP layer again, at each sequence's j-th chained position, on its own output
+        state x and its draft tokens tok (device [S])."""
+        from ..model.batch import ForwardBatch, SeqChunk
+        r = self.runner
+        step = [SeqChunk([0], pos + j, c.slot, c.block_table) for c, _, pos in drafting]
+        b = ForwardBatch(step, r.window, r.cache.window_rows, r.cache.num_slots, r.device)
+        return r.model.mtp_forward(x, tok, b, r.cache)
+
+    def _draft_greedy(self, x: torch.Tensor, drafting, limit: list[int]) -> None:
+        """Every drafting sequence greedy and plain: argmax drafts that stay on the device
+        through the chain, one copy to the host at the end; no draft distributions (their
+        verification compares argmaxes)."""
+        model = self.runner.model
+        toks = []
+        for j in range(self.k):
+            toks.append(model.mtp_logits(x).argmax(-1))
+            if j + 1 < self.k:
+                x = self._chain(x, toks[-1], drafting, j)
+        ids = torch.stack(toks, 1).tolist()
+        for (c, _, _), row, n in zip(drafting, ids, limit):
+            c.seq.drafts, c.seq.draft_probs = row[:n], None
+
+    def _draft_sampled(self, x: torch.Tensor, drafting, limit: list[int]) -> None:
+        r = self.runner
+        model = r.model
+        seqs = [c.seq for c, _, _ in drafting]
         drafts: list[list[int]] = [[] for _ in drafting]
         probs: list[list[torch.Tensor]] = [[] for _ in drafting]
         for j in range(self.k):
@@ -127,14 +174,6 @@ class MTPProposer:
                     probs[i].append(q[i])
             if j + 1 == self.k:
                 break
-            step = [SeqChunk([tok[i]], pos + j, c.slot, c.block_table)
-                    for i, (c, _, pos) in enumerate(drafting)]
-            b = ForwardBatch(step, r.window, cache.window_rows, cache.num_slots, r.device)
-            x = model.mtp_forward(x, b.input_ids, b, cache)
-        for (_, post, _), s, d, p in zip(drafting, seqs, drafts, probs):
+            x = self._chain(x, upload(tok, x.device), drafting, j)
+        for s, d, p in zip(seqs, drafts, probs):
             s.drafts, s.draft_probs = d, (torch.stack(p) if p else None)
-            if self.override is not None and d:
-                forced = list(self.override(s, post))[:len(d)]
-                s.drafts = forced
-                s.draft_probs = torch.nn.functional.one_hot(
-                    upload(forced, x.device), model.cfg.vocab_size).float()
