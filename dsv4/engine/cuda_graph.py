@@ -73,11 +73,15 @@ class CUDAGraphRunner:
         return (max(c.start_pos + len(c.tokens) for c in chunks) <= self.max_len
                 and self.graphs[self.sizes[-1]][1].fits(chunks))
 
+    def size_for(self, num_seqs: int) -> int:
+        """The batch size of the graph that replays a step of num_seqs sequences."""
+        return next(b for b in self.sizes if b >= num_seqs)
+
     def run(self, batch: ForwardBatch, fill=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Replay the smallest graph that holds `batch`: (X [T, n, d], logits [T, V]) of its rows.
         `fill(input_ids)` may then rewrite the uploaded token ids on the device (a step
         launched before its tokens reached the host)."""
-        bs = next(b for b in self.sizes if b >= batch.num_seqs)
+        bs = self.size_for(batch.num_seqs)
         g, sb, x, logits = self.graphs[bs]
         sb.load(batch)
         if fill is not None:

@@ -158,6 +158,13 @@ class LLMEngine:
                                    "(enforce_eager=True) to serve without graphs") from e
         self.runner = ModelRunner(model, self.cache, sampler, self.device,
                                   ec.speculative_tokens, self.max_model_len, graphs)
+        if graphs is not None and ec.speculative_tokens:
+            from .draft_graph import DraftGraphs
+            try:  # greedy MTP drafting after a graph step: one more replay
+                self.runner.draft_graphs = DraftGraphs(graphs, ec.speculative_tokens)
+            except Exception as e:  # noqa: BLE001 - drafts only set the speed, never the output
+                logger.warning("CUDA graph capture of the MTP drafting failed (%s): drafting "
+                               "runs eagerly", e)
 
         self.requests: dict[str, Request] = {}
         # Async scheduling (not with tensor parallelism: its workers replay eagerly in lockstep).

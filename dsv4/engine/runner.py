@@ -67,6 +67,8 @@ class ModelRunner:
         self.model, self.cache, self.sampler, self.device = model, cache, sampler, device
         self.window = model.cfg.sliding_window
         self.graphs = graphs  # CUDAGraphRunner for decode steps, or None (eager)
+        self.draft_graphs = None  # DraftGraphs (MTP drafting), set by the engine with graphs
+        self.graph_bs: int | None = None  # batch size of the graph the last step replayed
         self.proposer = (MTPProposer(self, speculative_tokens, max_model_len)
                          if speculative_tokens else None)
 
@@ -96,6 +98,7 @@ class ModelRunner:
         plp_rows, plp_spans, sample_rows = self._rows(chunks)
         seq_chunks = [SeqChunk(c.tokens, c.start, c.slot, c.block_table) for c in chunks]
         graph = self.graphs is not None and not plp_rows and self.graphs.fits(seq_chunks)
+        self.graph_bs = self.graphs.size_for(len(chunks)) if graph else None
         # A graph step builds its indices on the host (one upload); an eager step where it runs.
         batch = ForwardBatch(seq_chunks, self.window, self.cache.window_rows, self.cache.num_slots,
                              "cpu" if graph else self.device,

@@ -97,8 +97,7 @@ class MTPProposer:
         from ..model.batch import ForwardBatch, SeqChunk
         r = self.runner
         model, cache = r.model, r.cache
-        mtp_chunks, rows, last_rows, drafting = [], [], [], []
-        cu = cu_mtp = 0
+        plan = []  # per chunk: (tokens one position later, valid rows, tokens so far)
         for c, em in zip(chunks, emitted):
             seq = c.seq
             if c.num_drafts:
@@ -108,31 +107,66 @@ class MTPProposer:
             nxt = post[c.start + 1:c.start + 1 + valid]
             if len(nxt) < valid:  # the prompt continues past this chunk
                 nxt = seq.token_ids[c.start + 1:c.start + 1 + valid]
-            mtp_chunks.append(SeqChunk(nxt, c.start, c.slot, c.block_table))
-            rows.extend(range(cu, cu + valid))
-            cu_mtp += valid
-            if em:
-                last_rows.append(cu_mtp - 1)
-                drafting.append((c, post, c.start + valid))  # first chained position
-            cu += c.num_tokens
-        batch = ForwardBatch(mtp_chunks, r.window, cache.window_rows, cache.num_slots, r.device,
-                             logits_indices=last_rows)
-        h = x_all[upload(rows, x_all.device)]
-        x = model.mtp_forward(h, batch.input_ids, batch, cache)[batch.logits_indices]
-        if not drafting:
-            return
-        seqs = [c.seq for c, _, _ in drafting]
-        limit = [max(0, min(self.k, self.max_model_len - len(post) - 1)) for _, post, _ in drafting]
-        if all(greedy_plain(s) for s in seqs):
-            self._draft_greedy(x, drafting, limit)
+            plan.append((nxt, valid, post))
+        graphs = getattr(r, "draft_graphs", None)
+        if (graphs is not None and r.graph_bs is not None and all(emitted)
+                and all(greedy_plain(c.seq) for c in chunks)):
+            self._draft_graph(chunks, plan)
         else:
-            self._draft_sampled(x, drafting, limit)
-        for (_, post, _), s in zip(drafting, seqs):
-            if self.override is not None and s.drafts:
-                forced = list(self.override(s, post))[:len(s.drafts)]
-                s.drafts = forced
-                s.draft_probs = torch.nn.functional.one_hot(
-                    upload(forced, x.device), model.cfg.vocab_size).float()
+            mtp_chunks, rows, last_rows, drafting = [], [], [], []
+            cu = cu_mtp = 0
+            for c, em, (nxt, valid, post) in zip(chunks, emitted, plan):
+                mtp_chunks.append(SeqChunk(nxt, c.start, c.slot, c.block_table))
+                rows.extend(range(cu, cu + valid))
+                cu_mtp += valid
+                if em:
+                    last_rows.append(cu_mtp - 1)
+                    drafting.append((c, post, c.start + valid))  # first chained position
+                cu += c.num_tokens
+            batch = ForwardBatch(mtp_chunks, r.window, cache.window_rows, cache.num_slots,
+                                 r.device, logits_indices=last_rows)
+            h = x_all[upload(rows, x_all.device)]
+            x = model.mtp_forward(h, batch.input_ids, batch, cache)[batch.logits_indices]
+            if not drafting:
+                return
+            seqs = [c.seq for c, _, _ in drafting]
+            limit = [self._limit(post) for _, post, _ in drafting]
+            if all(greedy_plain(s) for s in seqs):
+                self._draft_greedy(x, drafting, limit)
+            else:
+                self._draft_sampled(x, drafting, limit)
+        if self.override is not None:
+            for c, em, (_, _, post) in zip(chunks, emitted, plan):
+                s = c.seq
+                if em and s.drafts:
+                    forced = list(self.override(s, post))[:len(s.drafts)]
+                    s.drafts = forced
+                    s.draft_probs = torch.nn.functional.one_hot(
+                        upload(forced, x_all.device), model.cfg.vocab_size).float()
+
+    def _limit(self, post: list[int]) -> int:
+        """Drafts that fit before max_model_len."""
+        return max(0, min(self.k, self.max_model_len - len(post) - 1))
+
+    def _draft_graph(self, chunks, plan) -> None:
+        """Greedy plain sequences after a step that replayed the main model's graph: the
+        catch-up over every row of the step and the chained drafts in one graph replay
+        (draft_graph.py); the rows past each sequence's accepted ones get filler tokens."""
+        from ..model.batch import ForwardBatch, SeqChunk
+        r = self.runner
+        geo = (r.window, r.cache.window_rows, r.cache.num_slots, "cpu")
+        catch, last, cu = [], [], 0
+        for c, (nxt, valid, _) in zip(chunks, plan):
+            catch.append(SeqChunk(nxt + nxt[-1:] * (c.num_tokens - valid), c.start, c.slot,
+                                  c.block_table))
+            last.append(cu + valid - 1)
+            cu += c.num_tokens
+        chain = [ForwardBatch([SeqChunk([0], c.start + valid + j, c.slot, c.block_table)
+                               for c, (_, valid, _) in zip(chunks, plan)], *geo)
+                 for j in range(self.k - 1)]
+        ids = r.draft_graphs.run(r.graph_bs, ForwardBatch(catch, *geo), chain, last).tolist()
+        for c, (_, _, post), row in zip(chunks, plan, ids):
+            c.seq.drafts, c.seq.draft_probs = row[:self._limit(post)], None
 
     def _chain(self, x: torch.Tensor, tok: torch.Tensor, drafting, j: int) -> torch.Tensor:
         """The MTP layer again, at each sequence's j-th chained position, on its own output

@@ -31,6 +31,15 @@ def test_speculative_greedy_with_graphs_equals_plain_greedy(k):
     spec, llm = _greedy(speculative_tokens=k)
     assert spec == plain
     assert llm.llm_engine.spec_stats()["verify_steps"] > 0
+    # the greedy drafting replayed its own graphs (tests/test_draft_graph.py checks on the CPU
+    # that the same computation drafts what eager drafting drafts)
+    dg = llm.llm_engine.runner.draft_graphs
+    assert dg is not None and set(dg.graphs) == set(llm.llm_engine.runner.graphs.sizes)
+    calls = []
+    run = dg.run
+    dg.run = lambda *a: calls.append(a[0]) or run(*a)
+    again = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == plain and calls
     torch.cuda.empty_cache()
 
 

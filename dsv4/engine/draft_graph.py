@@ -1,0 +1,104 @@
+"""MTP drafting replayed from CUDA graphs, one graph per batch size (greedy drafts).
+
+After a decode or verify step that replayed the main model's graph for `bs` sequences, the MTP
+layer runs over the same rows (`StaticBatch(bs, 1 + K)`) and then K-1 times more, one chained
+position per sequence, drafting by argmax: launched eagerly that is a few hundred kernels and
+Python between them, several milliseconds at batch 1. Here it is one graph replay.
+
+The catch-up runs over every row of the step, not only the accepted ones: the rows past a
+sequence's last accepted token are later positions, so causal attention keeps them out of the
+accepted rows, and the next step's catch-up rewrites their MTP cache rows before anything reads
+them (the same rollback-by-overwrite the caches rely on, kv_cache.py). Its input states are the
+main graph's own output buffer, so nothing is copied; the accepted rows' last one per sequence
+is picked on the device (`last`). The drafts stay on the device through the chain and reach the
+host in one copy.
+
+`DraftGraph.body()` is the computation; on CPU it runs eagerly (tests compare it with the
+eager proposer), on CUDA it is captured once per batch size.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..model.batch import ForwardBatch, SeqChunk, StaticBatch
+from .upload import upload
+
+logger = logging.getLogger(__name__)
+
+
+class DraftGraph:
+    """The drafting of one batch size: static batches for the catch-up and each chained
+    position, the index of each sequence's last accepted row, and the [bs, K] draft ids."""
+
+    def __init__(self, model, cache, h: torch.Tensor, bs: int, k: int, static: dict):
+        self.model, self.cache, self.h, self.bs, self.k = model, cache, h, bs, k
+        self.catch = StaticBatch(bs, k + 1, **static)
+        self.chain = [StaticBatch(bs, 1, **static) for _ in range(k - 1)]
+        dev = static["device"]
+        self.last = torch.zeros(bs, dtype=torch.long, device=dev)
+        self.drafts = torch.zeros(bs, k, dtype=torch.long, device=dev)
+
+    def body(self) -> None:
+        model, cache = self.model, self.cache
+        self.catch.prepare()
+        x = model.mtp_forward(self.h, self.catch.input_ids, self.catch, cache)[self.last]
+        for j in range(self.k):
+            tok = model.mtp_logits(x).argmax(-1)
+            self.drafts[:, j] = tok
+            if j + 1 < self.k:
+                sb = self.chain[j]
+                sb.prepare()
+                x = model.mtp_forward(x, tok, sb, cache)
+
+    def load(self, catch: ForwardBatch, chain: list[ForwardBatch], last: list[int]) -> None:
+        """Indices of one step (built on the host); no host synchronisation."""
+        self.catch.load(catch)
+        for sb, b in zip(self.chain, chain):
+            sb.load(b)
+        self.last.copy_(upload(last + [0] * (self.bs - len(last)), self.last.device))
+
+
+class DraftGraphs:
+    """One captured `DraftGraph` per batch size of the main model's graphs (`CUDAGraphRunner`),
+    sharing their memory pool and reading their output buffers."""
+
+    def __init__(self, runner, k: int):
+        self.runner, self.k = runner, k
+        self.graphs: dict[int, tuple] = {}
+        for bs in reversed(runner.sizes):
+            self._capture(bs)
+        logger.info("captured MTP drafting graphs for batch sizes %s (%d drafts)", runner.sizes, k)
+
+    def _dummy(self, dg: DraftGraph, bs: int) -> None:
+        r = self.runner
+        window, rows, slots = r.model.cfg.sliding_window, r.cache.window_rows, r.cache.num_slots
+        pad = lambda n: [SeqChunk([0] * n, 0, r.pad_slot, [r.pad_block])] * bs  # noqa: E731
+        dg.load(ForwardBatch(pad(self.k + 1), window, rows, slots, "cpu"),
+                [ForwardBatch(pad(1), window, rows, slots, "cpu") for _ in dg.chain], [0] * bs)
+
+    @torch.inference_mode()
+    def _capture(self, bs: int) -> None:
+        r = self.runner
+        dg = DraftGraph(r.model, r.cache, r.graphs[bs][2], bs, self.k, r._static)
+        self._dummy(dg, bs)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: compile kernels, build the MTP experts' tables
+                dg.body()
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=r.pool):
+            dg.body()
+        self.graphs[bs] = (g, dg)
+
+    def run(self, bs: int, catch: ForwardBatch, chain: list[ForwardBatch],
+            last: list[int]) -> torch.Tensor:
+        """Drafts [n, K] (device) of the n sequences of a step that replayed the main graph of
+        batch size bs."""
+        g, dg = self.graphs[bs]
+        dg.load(catch, chain, last)
+        g.replay()
+        return dg.drafts[:len(last)]

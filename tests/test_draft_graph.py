@@ -1,0 +1,129 @@
+"""The MTP drafting that CUDA graphs replay (engine/draft_graph.py), run eagerly on the CPU over
+the same static batches: it drafts exactly what the eager proposer drafts, step after step,
+through acceptances at every offset (so the catch-up over every row of a step, rejected rows
+included, leaves the MTP caches as the eager catch-up over the accepted rows does)."""
+import random
+
+import torch
+
+from dsv4 import LLM, SamplingParams
+from dsv4.engine.cuda_graph import BATCH_SIZES
+from dsv4.engine.draft_graph import DraftGraph, DraftGraphs
+from dsv4.model.batch import ForwardBatch, SeqChunk, StaticBatch
+
+
+class EagerGraphs:
+    """CPU stand-in for CUDAGraphRunner: the same StaticBatch per batch size and persistent
+    output buffers, the forward run eagerly instead of replayed."""
+
+    def __init__(self, engine, tokens_per_seq: int):
+        r = engine.runner
+        self.model, self.cache, self.tokens_per_seq = r.model, r.cache, tokens_per_seq
+        cfg, cache = r.model.cfg, r.cache
+        max_num_seqs = engine.scheduler.max_num_seqs
+        self.sizes = sorted({b for b in BATCH_SIZES if b < max_num_seqs} | {max_num_seqs})
+        self.pad_slot, self.pad_block = cache.num_slots - 1, cache.num_blocks - 1
+        ratios = {m for m in cfg.compress_ratios if m}
+        self._static = dict(ratios=ratios, state_rows={m: cache.state_rows(m) for m in ratios},
+                            window=cfg.sliding_window, window_rows=cache.window_rows,
+                            num_slots=cache.num_slots, max_model_len=engine.max_model_len,
+                            pad_slot=self.pad_slot, pad_block=self.pad_block, device="cpu")
+        self.pool = None
+        self.graphs = {}
+        d, n = cfg.hidden_size, cfg.hc_mult
+        for bs in self.sizes:
+            sb = StaticBatch(bs, tokens_per_seq, **self._static)
+            T = bs * tokens_per_seq
+            self.graphs[bs] = (None, sb, torch.zeros(T, n, d), torch.zeros(T, cfg.vocab_size))
+
+    def fits(self, chunks):
+        return self.graphs[self.sizes[-1]][1].fits(chunks)
+
+    def size_for(self, num_seqs):
+        return next(b for b in self.sizes if b >= num_seqs)
+
+    @torch.inference_mode()
+    def run(self, batch, fill=None):
+        _, sb, x, logits = self.graphs[self.size_for(batch.num_seqs)]
+        sb.load(batch)
+        if fill is not None:
+            fill(sb.input_ids)
+        sb.prepare()
+        x.copy_(self.model(sb, self.cache))
+        logits.copy_(self.model.logits(x))
+        return x[:batch.num_tokens], logits[:batch.num_tokens]
+
+
+class EagerDraftGraphs(DraftGraphs):
+    def _capture(self, bs):
+        r = self.runner
+        dg = DraftGraph(r.model, r.cache, r.graphs[bs][2], bs, self.k, r._static)
+        self._dummy(dg, bs)
+        self.graphs[bs] = (None, dg)
+
+    @torch.inference_mode()
+    def run(self, bs, catch, chain, last):
+        _, dg = self.graphs[bs]
+        dg.load(catch, chain, last)
+        dg.body()
+        return dg.drafts[:len(last)]
+
+
+PARAMS = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (12, 4, 8)]
+
+
+def _run(k: int, graphs: bool, prompts, seed: int, ref=None):
+    llm = LLM(model="tiny", dtype="float32", device="cpu", speculative_tokens=k, max_num_seqs=4)
+    eng = llm.llm_engine
+    eng.graph_drafts = []
+    if graphs:
+        eng.runner.graphs = EagerGraphs(eng, 1 + k)
+        eng.runner.draft_graphs = dg = EagerDraftGraphs(eng.runner.graphs, k)
+        run = dg.run
+        dg.run = lambda *a: eng.graph_drafts.append(a[0]) or run(*a)
+    rng = random.Random(seed)
+    raw = []
+
+    def override(seq, post):  # record the MTP's own drafts, then draft the reference with
+        # errors: acceptances of every length
+        prompt = tuple(seq.request.prompt_token_ids)
+        raw.append((prompt, len(post), list(seq.drafts)))
+        cont = ref[prompt][len(post) - len(prompt):]
+        return [t if rng.random() < 0.7 else (t + 1) % 512 for t in cont[:len(seq.drafts)]] or [0]
+
+    if ref is not None:
+        eng.runner.proposer.override = override
+    outs = llm.generate(prompts, PARAMS, use_tqdm=False)  # batches of 3, 2 and 1
+    return [o.outputs[0].token_ids for o in outs], raw, eng
+
+
+def test_graph_drafting_drafts_what_eager_drafting_drafts():
+    g = random.Random(0)
+    prompts = [[g.randrange(16, 512) for _ in range(n)] for n in (5, 9, 3)]
+    ref_tokens, _, _ = _run(0, False, prompts, seed=0)
+    ref = {tuple(p): t for p, t in zip(prompts, ref_tokens)}
+    for k in (1, 3):
+        want_tokens, want_raw, _ = _run(k, False, prompts, seed=k, ref=ref)
+        got_tokens, got_raw, eng = _run(k, True, prompts, seed=k, ref=ref)
+        assert got_tokens == want_tokens == ref_tokens
+        assert got_tokens == want_tokens
+        assert len(got_raw) == len(want_raw) and got_raw == want_raw
+        # the decode steps drafted through the graphs, at more than one batch size
+        assert len(eng.graph_drafts) >= 3 and len(set(eng.graph_drafts)) >= 2
+        accepted = eng.runner.proposer.stats()["acceptance_rate_per_position"]
+        assert all(0 < a < 1 for a in accepted), accepted
+
+
+def test_sampled_requests_keep_the_eager_drafting():
+    prompts = [[7, 8, 9, 10]]
+    llm = LLM(model="tiny", dtype="float32", device="cpu", speculative_tokens=2, max_num_seqs=2)
+    eng = llm.llm_engine
+    eng.runner.graphs = EagerGraphs(eng, 3)
+    eng.runner.draft_graphs = EagerDraftGraphs(eng.runner.graphs, 2)
+    calls = []
+    run = eng.runner.draft_graphs.run
+    eng.runner.draft_graphs.run = lambda *a: calls.append(1) or run(*a)
+    llm.generate(prompts, SamplingParams(temperature=0.7, seed=1, max_tokens=6), use_tqdm=False)
+    assert not calls
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
+    assert calls
