@@ -276,8 +276,8 @@ def test_packed_indexer_keys_are_lossless(dtype):
 def test_indexer_reference_reads_packed_keys_like_float_ones():
     from dsv4.kernels.index_fp4 import pack_index_fp4
     from dsv4.kernels.indexer import indexer_scores_ref
-    g = torch.Generator().manual_seed(3)
     from dsv4.kernels.qat import hadamard_fp4_ref
+    g = torch.Generator().manual_seed(3)
     keys = hadamard_fp4_ref(torch.randn(64, 128, generator=g), qat=True)
     q, w = torch.randn(3, 4, 128, generator=g), torch.randn(3, 4, generator=g)
     cand = torch.tensor([[5, 0, -1, 63], [1, 2, 3, -1], [-1, -1, -1, -1]])
