@@ -35,7 +35,9 @@ class DraftGraph:
     def __init__(self, model, cache, h: torch.Tensor, bs: int, k: int, static: dict):
         self.model, self.cache, self.h, self.bs, self.k = model, cache, h, bs, k
         self.catch = StaticBatch(bs, k + 1, **static)
-        self.chain = [StaticBatch(bs, 1, **static) for _ in range(k - 1)]
+        # the chained positions reach k past the step's first: room for the same block tables
+        chained = dict(static, max_model_len=static["max_model_len"] + k)
+        self.chain = [StaticBatch(bs, 1, **chained) for _ in range(k - 1)]
         dev = static["device"]
         self.last = torch.zeros(bs, dtype=torch.long, device=dev)
         self.drafts = torch.zeros(bs, k, dtype=torch.long, device=dev)
