@@ -74,6 +74,7 @@ if HAS_TRITON:
             nmask = n < N
             row = tl.load(cand_ptr + t * stride_ct + n, mask=nmask, other=-1).to(tl.int64)
             vis = nmask & (row >= 0)
+            row = tl.where(vis, row, 0)  # masked lanes' addresses stay inside the cache
             if PACKED:
                 k = _unpack_keys(keys_ptr + row * stride_kn, vis, C).to(q.dtype)
             else:

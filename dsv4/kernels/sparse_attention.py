@@ -122,7 +122,9 @@ if HAS_TRITON:
         scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_K, G, 64)), (BLOCK_K, BLOCK_D))
         rope_ptr = tl.multiple_of((row_ptr + NOPE).to(tl.pointer_type(tl.bfloat16), bitcast=True),
                                   8)  # the bitcast drops what the compiler knew
-        rope = tl.load(rope_ptr[:, None] + (d - NOPE)[None, :],
+        # d % ROPE is d - NOPE on the rope dims (NOPE is a multiple of ROPE) and stays inside
+        # the row on the masked ones, in runs of ROPE contiguous elements (wide loads)
+        rope = tl.load(rope_ptr[:, None] + (d % ROPE)[None, :],
                        mask=mask[:, None] & ((d >= NOPE) & (d < D))[None, :], other=0.0)
         return tl.where(is_nope[None, :], val * scale, rope.to(tl.float32))
 
@@ -165,12 +167,15 @@ if HAS_TRITON:
                           other=-1).to(tl.int64)
             valid = kmask & (idx >= 0)
             is_new = is_win & (idx >= Nw)
-            off = idx * row_stride
+            # Masked-off lanes still form addresses (the pipelined loads are cp.async with a
+            # zero source size): keep them on row 0 instead of up to Nw rows outside an
+            # allocation, which may be unmapped memory
+            off = tl.where(valid & ~is_new, idx, 0) * row_stride
             if FP8:  # packed rows are whole 8-byte words (kv_fp8_row_bytes); without the hint
                 # (584 is no multiple of 16) every byte of a row would be its own load
                 off = tl.multiple_of(off, 8)
             cache_row = tl.where(is_win, win_cache_ptr, cmp_cache_ptr) + off
-            new_row = win_new_ptr + (idx - Nw) * D
+            new_row = win_new_ptr + tl.where(valid & is_new, idx - Nw, 0) * D
             if FP8:
                 kc = _fp8_rows(cache_row, valid & ~is_new, d, D, NOPE, ROPE, BLOCK_K, BLOCK_D)
                 kn = tl.load(new_row[:, None] + d[None, :],
@@ -242,8 +247,9 @@ if HAS_TRITON:
         if q.dtype not in (torch.bfloat16, torch.float32):
             raise TypeError(f"q must be bf16 or fp32, got {q.dtype}")
         if fp8:
-            if D % 64 or (D - rope_dim) % 64:
-                raise ValueError(f"FP8 rows need D and D-r multiples of 64, got D={D}, r={rope_dim}")
+            if D % 64 or (D - rope_dim) % 64 or (D - rope_dim) % rope_dim:
+                raise ValueError(f"FP8 rows need D and D-r multiples of 64 and of r, got D={D}, "
+                                 f"r={rope_dim}")
             for c in (win_cache, cmp_cache):  # the kernel loads packed rows 8 bytes at a time
                 if c is not None and (c.data_ptr() % 8 or c.stride(0) % 8):
                     raise ValueError("packed FP8 cache rows must start on 8-byte boundaries")
