@@ -131,3 +131,29 @@ def test_greedy_fast_paths_match_the_sampler_paths(reference):
         assert [t for t, _ in got] == ref == [t for t, _ in plain]
         for (_, lp), (_, want) in zip(got, plain):
             assert lp == pytest.approx(want, abs=1e-4)
+
+
+def test_forced_acceptance_emits_every_draft_with_its_own_logprob():
+    """Benchmarks' force_accept (every draft accepted, right or wrong): the output is the forced
+    drafts plus bonus tokens, and its cumulative logprob is what the model gives those tokens
+    when the whole sequence is scored as a prompt."""
+    prompt = _prompts([12], seed=4)[0]
+    llm = _llm(2)
+    proposer = llm.llm_engine.runner.proposer
+    proposer.force_accept = True
+    proposed = []
+
+    def override(seq, post):  # tokens the model would not pick
+        proposed.append((len(post) - len(prompt), [(len(post) * 7) % 500 + 3] * 2))
+        return proposed[-1][1]
+    proposer.override = override
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=9),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 9 and len(proposed) >= 2
+    for at, drafts in proposed[:-1]:  # each step emitted its drafts, then a bonus token
+        assert out.token_ids[at:at + 2] == drafts
+    scored = _llm(0).generate([prompt + out.token_ids],
+                              SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0),
+                              use_tqdm=False)[0].prompt_logprobs
+    want = sum(scored[len(prompt) + i][t].logprob for i, t in enumerate(out.token_ids))
+    assert out.cumulative_logprob == pytest.approx(want, abs=1e-3)

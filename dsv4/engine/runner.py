@@ -134,7 +134,7 @@ class ModelRunner:
             for j, i in enumerate(plain):
                 sampled[i] = [SampledToken(ids[j], lps[j], ranks[j], out.top_logprobs[j])]
         verify = [i for i, c in enumerate(chunks) if c.samples and c.num_drafts]
-        fast = [i for i in verify if greedy_plain(chunks[i].seq) and not self.proposer.force_accept]
+        fast = [i for i in verify if greedy_plain(chunks[i].seq)]
         if fast:
             spans = [range(row_of[i], row_of[i] + 1 + chunks[i].num_drafts) for i in fast]
             for i, got in zip(fast, self._verify_greedy([chunks[i] for i in fast],
@@ -200,17 +200,30 @@ class ModelRunner:
         """Greedy plain chunks (`greedy_plain`), their K+1 rows each in `logits`: the target's
         argmax and its raw logprob for every row in one pass and one copy to the host; a chunk
         emits its drafts up to the first that differs from the argmax, then that argmax (or the
-        bonus argmax). The same tokens as the rejection sampler with one-hot distributions."""
+        bonus argmax). The same tokens as the rejection sampler with one-hot distributions.
+        Benchmarks' `force_accept` emits every draft: a draft's logprob is then its logit minus
+        the row's logsumexp (max - argmax logprob). Ranks are not computed: these requests
+        report no logprobs."""
         ids, lps = greedy_logprob(logits)
-        packed = torch.stack([ids.double(), lps.double()]).tolist()
+        rows = [ids.double(), lps.double()]
+        force = self.proposer.force_accept
+        if force:  # each row's draft's logprob (the bonus rows' entries are not used)
+            cand = upload([t for c in chunks for t in c.seq.drafts[:c.num_drafts] + [0]],
+                          logits.device)
+            r = torch.arange(len(cand), device=logits.device)
+            rows.append((logits[r, cand] - logits[r, ids] + lps).double())
+        packed = torch.stack(rows).tolist()
         out, at = [], 0
         for c in chunks:
             drafts = c.seq.drafts[:c.num_drafts]
             n = 0
-            while n < len(drafts) and drafts[n] == int(packed[0][at + n]):
+            while n < len(drafts) and (force or drafts[n] == int(packed[0][at + n])):
                 n += 1
-            out.append([SampledToken(int(packed[0][at + j]), packed[1][at + j], 1, None)
-                        for j in range(n + 1)])
+            toks = [SampledToken(d, packed[2][at + j] if d != int(packed[0][at + j])
+                                 else packed[1][at + j], 1, None)
+                    for j, d in enumerate(drafts[:n])]
+            toks.append(SampledToken(int(packed[0][at + n]), packed[1][at + n], 1, None))
+            out.append(toks)
             at += c.num_drafts + 1
         return out
 
