@@ -26,3 +26,28 @@ def test_first_token_distribution_equals_target_at_1e3_significance():
         counts[accept_drafts(torch.stack([p, p]), q[None], [d], g)[0]] += 1
     stat, pval = chisquare(counts.numpy(), (p * n).numpy())
     assert pval > 1e-3, f"emitted tokens do not follow p: chi2={stat:.1f}, p={pval:.2g}"
+
+
+def test_second_position_follows_its_target_after_an_acceptance():
+    """Two drafts: whenever the first is accepted, the second emitted token follows p_1 (the
+    targets here do not depend on the first token), whatever q_1 is; and the number of tokens
+    emitted matches the acceptance probability sum_x min(p_0(x), q_0(x))."""
+    g = torch.Generator().manual_seed(1)
+    V = 6
+    p0, p1, p2 = (torch.softmax(torch.randn(V, generator=g), 0) for _ in range(3))
+    q0, q1 = (torch.softmax(torch.randn(V, generator=g) * 2, 0) for _ in range(2))
+    second = torch.zeros(V)
+    accepted_first = 0
+    n = 12000
+    for _ in range(n):
+        d0 = int(torch.multinomial(q0, 1, generator=g))
+        d1 = int(torch.multinomial(q1, 1, generator=g))
+        out = accept_drafts(torch.stack([p0, p1, p2]), torch.stack([q0, q1]), [d0, d1], g)
+        assert 1 <= len(out) <= 3 and out[:len(out) - 1] == [d0, d1][:len(out) - 1]
+        if len(out) >= 2:
+            accepted_first += 1
+            second[out[1]] += 1
+    rate = float(torch.minimum(p0, q0).sum())
+    assert abs(accepted_first / n - rate) < 4 * (rate * (1 - rate) / n) ** 0.5
+    stat, pval = chisquare(second.numpy(), (p1 * accepted_first).numpy())
+    assert pval > 1e-3, f"second tokens do not follow p_1: chi2={stat:.1f}, p={pval:.2g}"

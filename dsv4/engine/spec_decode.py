@@ -24,34 +24,38 @@ def greedy_plain(seq) -> bool:
             and seq.num_output_tokens >= p.min_tokens)
 
 
-def _uniform(generator: torch.Generator | None, device) -> float:
-    dev = generator.device if generator is not None else device
-    return torch.rand((), generator=generator, device=dev).item()
-
-
-def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw from `probs` [V] (exponential race), as a 0-d device tensor."""
     dev = generator.device if generator is not None else probs.device
     q = torch.empty(probs.shape, device=dev).exponential_(generator=generator).to(probs.device)
-    return int((probs / q.clamp_min(torch.finfo(torch.float32).tiny)).argmax())
+    return (probs / q.clamp_min(torch.finfo(torch.float32).tiny)).argmax()
 
 
 def accept_drafts(target: torch.Tensor, draft: torch.Tensor, drafts: list[int],
                   generator: torch.Generator | None) -> list[int]:
     """target [K+1, V] and draft [K, V] distributions (rows sum to 1), drafts the K sampled draft
-    tokens. Returns the emitted tokens: the accepted drafts plus one corrected or bonus token."""
-    out: list[int] = []
-    for j, d in enumerate(drafts):
-        p, q = target[j], draft[j]
-        pd, qd = float(p[d]), float(q[d])
-        if qd > 0 and (pd >= qd or _uniform(generator, p.device) < pd / qd):
-            out.append(d)
-            continue
-        residual = (p - q).clamp_min(0)
-        total = float(residual.sum())
-        out.append(_sample(residual / total, generator) if total > 0 else _sample(p, generator))
-        return out
-    out.append(_sample(target[len(drafts)], generator))
-    return out
+    tokens. Returns the emitted tokens: the accepted drafts plus one corrected or bonus token.
+    Every draft's test runs at once on the device (K uniforms, drawn up front: the ones past
+    the first rejection are unused, which leaves the result exact), and the corrected or bonus
+    token is drawn there too; one copy to the host."""
+    k = len(drafts)
+    dev = target.device
+    if k == 0:
+        return [int(_sample(target[0], generator))]
+    d = upload(drafts, dev)
+    j = torch.arange(k, device=dev)
+    pd, qd = target[j, d], draft[j, d]
+    gdev = generator.device if generator is not None else dev
+    u = torch.rand(k, generator=generator, device=gdev).to(dev)
+    ok = (qd > 0) & ((pd >= qd) | (u * qd < pd))
+    n = ok.int().cumprod(0).sum()  # drafts accepted before the first rejection
+    p_n = target[n]  # the corrected position, or the bonus one when n == k
+    residual = (p_n - draft[n.clamp(max=k - 1)]).clamp_min(0)
+    total = residual.sum()
+    use_residual = (n < k) & (total > 0)
+    probs = torch.where(use_residual, residual / torch.where(total > 0, total, 1.0), p_n)
+    n, last = torch.stack([n.long(), _sample(probs, generator)]).tolist()
+    return drafts[:n] + [last]
 
 
 class MTPProposer:
