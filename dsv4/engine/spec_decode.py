@@ -196,22 +196,30 @@ class MTPProposer:
             c.seq.drafts, c.seq.draft_probs = row[:n], None
 
     def _draft_sampled(self, x: torch.Tensor, drafting, limit: list[int]) -> None:
+        """Drafts sampled from the processed MTP distributions, which are kept for the
+        rejection sampler. Without penalties or pending min_tokens no distribution reads the
+        drafts so far, so the tokens stay on the device until one copy at the end."""
         r = self.runner
         model = r.model
         seqs = [c.seq for c, _, _ in drafting]
+        on_device = all(not s.params.needs_penalties
+                        and s.num_output_tokens >= s.params.min_tokens for s in seqs)
         drafts: list[list[int]] = [[] for _ in drafting]
-        probs: list[list[torch.Tensor]] = [[] for _ in drafting]
+        toks, qs = [], []
         for j in range(self.k):
             hist = [post[s.num_prompt_tokens:] + d for (_, post, _), s, d in zip(drafting, seqs, drafts)]
             q = r.sampler.probs(model.mtp_logits(x), [s.params for s in seqs], hist,
                                 [s.request.prompt_token_ids for s in seqs])
-            tok = r.sampler.draw(q, range(len(seqs)), [s.generator for s in seqs]).tolist()
-            for i in range(len(seqs)):
-                if j < limit[i]:
-                    drafts[i].append(tok[i])
-                    probs[i].append(q[i])
-            if j + 1 == self.k:
-                break
-            x = self._chain(x, upload(tok, x.device), drafting, j)
-        for s, d, p in zip(seqs, drafts, probs):
-            s.drafts, s.draft_probs = d, (torch.stack(p) if p else None)
+            tok = r.sampler.draw(q, range(len(seqs)), [s.generator for s in seqs])
+            toks.append(tok)
+            qs.append(q)
+            if not on_device:
+                for d, t in zip(drafts, tok.tolist()):
+                    d.append(t)
+            if j + 1 < self.k:
+                x = self._chain(x, tok, drafting, j)
+        ids = torch.stack(toks, 1).tolist()
+        q_all = torch.stack(qs, 1)  # [S, K, V]
+        for i, (s, n) in enumerate(zip(seqs, limit)):
+            s.drafts = ids[i][:n]
+            s.draft_probs = q_all[i, :n] if n else None
