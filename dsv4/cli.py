@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -31,6 +32,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="KV cache budget in bytes when running on CPU")
     g.add_argument("--seed", type=int, default=0, help="seed of presets' weights and of sampling")
     g.add_argument("--speculative-tokens", type=int, default=0, help="MTP draft tokens per step")
+    g.add_argument("--speculative-config", type=_speculative_config, default=None,
+                   metavar="JSON", help="vLLM-style, e.g. '{\"method\": \"mtp\", "
+                   "\"num_speculative_tokens\": 2}' (the same as --speculative-tokens 2)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="ranks for tensor-parallel attention and expert-parallel MoE "
                         "(started by this command; under torchrun, the launcher's world size)")
@@ -48,6 +52,42 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="do not load a tokenizer (token-id prompts only)")
 
 
+SPECULATIVE_METHODS = ("mtp", "deepseek_mtp")  # the model's own MTP layer, as vLLM names it
+
+
+def _speculative_config(text: str) -> int:
+    """--speculative-config JSON -> draft tokens per step, or an argparse error naming the
+    problem."""
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    unknown = sorted(set(cfg) - {"method", "num_speculative_tokens"})
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unsupported keys {unknown}: dsv4 drafts with the "
+                                         f"model's MTP layer (method and num_speculative_tokens)")
+    method = cfg.get("method", "mtp")
+    if method not in SPECULATIVE_METHODS:
+        raise argparse.ArgumentTypeError(f"method {method!r}: only {list(SPECULATIVE_METHODS)}")
+    k = cfg.get("num_speculative_tokens")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise argparse.ArgumentTypeError(f"num_speculative_tokens must be an integer >= 0, "
+                                         f"got {k!r}")
+    return k
+
+
+def _speculative_tokens(args: argparse.Namespace) -> int:
+    k, cfg = args.speculative_tokens, getattr(args, "speculative_config", None)
+    if cfg is None:
+        return k
+    if k and k != cfg:
+        raise ValueError(f"--speculative-tokens {k} and --speculative-config "
+                         f"num_speculative_tokens {cfg} disagree")
+    return cfg
+
+
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """`LLMEngine.from_args(**engine_kwargs(args))` for args parsed with `add_engine_args`."""
     return dict(model=args.model, dtype="bfloat16" if args.dtype == "auto" else args.dtype,
@@ -55,7 +95,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 gpu_memory_utilization=args.gpu_memory_utilization,
                 cpu_cache_bytes=args.cpu_cache_bytes, skip_tokenizer_init=args.skip_tokenizer_init,
-                seed=args.seed, speculative_tokens=args.speculative_tokens,
+                seed=args.seed, speculative_tokens=_speculative_tokens(args),
                 enforce_eager=args.enforce_eager, load_format=args.load_format,
                 kv_cache_dtype=args.kv_cache_dtype, cuda_graph_max_len=args.cuda_graph_max_len,
                 tensor_parallel_size=args.tensor_parallel_size,

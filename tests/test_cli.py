@@ -103,3 +103,25 @@ def test_readme_first_command_runs_with_no_files_and_no_network():
     assert r.returncode == 0, r.stderr
     assert r.stdout.endswith("\n") and len(r.stdout) > 1
     assert "KV cache:" in r.stderr and "blocks" in r.stderr
+
+
+def test_vllm_style_speculative_config_sets_the_draft_count(capsys):
+    import argparse
+
+    from dsv4.cli import add_engine_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    spec = '{"method": "deepseek_mtp", "num_speculative_tokens": 2}'
+    assert engine_kwargs(parser.parse_args(["--speculative-config", spec]))["speculative_tokens"] == 2
+    assert engine_kwargs(parser.parse_args(["--speculative-config", '{"num_speculative_tokens": 1}',
+                                            "--speculative-tokens", "1"]))["speculative_tokens"] == 1
+    with pytest.raises(ValueError, match="disagree"):
+        engine_kwargs(parser.parse_args(["--speculative-config", spec, "--speculative-tokens", "3"]))
+    for bad, why in (("{nope", "not JSON"), ('{"method": "eagle", "num_speculative_tokens": 1}',
+                                             "only"),
+                     ('{"num_speculative_tokens": -1}', ">= 0"),
+                     ('{"model": "x", "num_speculative_tokens": 1}', "unsupported keys")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--speculative-config", bad])
+        assert why in capsys.readouterr().err
