@@ -157,3 +157,28 @@ def test_forced_acceptance_emits_every_draft_with_its_own_logprob():
                               use_tqdm=False)[0].prompt_logprobs
     want = sum(scored[len(prompt) + i][t].logprob for i, t in enumerate(out.token_ids))
     assert out.cumulative_logprob == pytest.approx(want, abs=1e-3)
+
+
+def test_verified_tokens_report_the_same_logprobs_as_plain_decoding(reference):
+    """Greedy requests that ask for logprobs take the general verification (batched over the
+    step's sequences, each with its own top-n): same tokens, logprobs, ranks and top lists as
+    without speculation, next to a request asking for a different top-n."""
+    prompts, ref = reference
+    asks = [SamplingParams(temperature=0, max_tokens=10, logprobs=n) for n in (3, 0, 5)]
+
+    def run(llm):
+        outs = llm.generate(prompts[:3], asks, use_tqdm=False)
+        return [o.outputs[0] for o in outs]
+
+    plain = run(_llm(0))
+    llm = _llm(2)
+    llm.llm_engine.runner.proposer.override = _oracle(reference, 0.3, seed=2)
+    for got, want, ask in zip(run(llm), plain, asks):
+        assert got.token_ids == want.token_ids
+        for g, w in zip(got.logprobs, want.logprobs):
+            assert list(g) == list(w)  # the sampled token, then the top-n in order
+            assert len(g) >= ask.logprobs
+            for t in w:
+                assert g[t].logprob == pytest.approx(w[t].logprob, abs=1e-4)
+                assert g[t].rank == w[t].rank
+    assert llm.llm_engine.spec_stats()["verify_steps"] > 0

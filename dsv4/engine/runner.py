@@ -140,10 +140,12 @@ class ModelRunner:
             for i, got in zip(fast, self._verify_greedy([chunks[i] for i in fast],
                                                         head([r for sp in spans for r in sp]))):
                 sampled[i] = got
-        for i in verify:
-            if i not in fast:
-                c = chunks[i]
-                sampled[i] = self._verify(c, head(list(range(row_of[i], row_of[i] + 1 + c.num_drafts))))
+        slow = [i for i in verify if i not in fast]
+        if slow:
+            spans = [range(row_of[i], row_of[i] + 1 + chunks[i].num_drafts) for i in slow]
+            for i, got in zip(slow, self._verify([chunks[i] for i in slow],
+                                                 head([r for sp in spans for r in sp]))):
+                sampled[i] = got
 
         prompt_logprobs: list[list[TokenLogprob]] = []
         at = 0
@@ -227,28 +229,47 @@ class ModelRunner:
             at += c.num_drafts + 1
         return out
 
-    def _verify(self, c: ScheduledChunk, logits: torch.Tensor) -> list[SampledToken]:
-        """Exact acceptance of the chunk's drafts against the model's distributions at its
-        last K+1 rows (`logits` [K+1, V]); returns the accepted drafts and the corrected (or
-        bonus) token."""
-        seq, drafts = c.seq, c.seq.drafts[:c.num_drafts]
-        out_ids = seq.output_token_ids
-        target = self.sampler.probs(logits, [seq.params] * len(logits),
-                                    [out_ids + drafts[:j] for j in range(len(logits))],
-                                    [seq.request.prompt_token_ids] * len(logits))
-        if self.proposer.force_accept:
-            emitted = drafts + [int(target[len(drafts)].argmax())]
-        else:
-            q = seq.draft_probs
-            if q is None:  # greedy drafts (`MTPProposer._draft_greedy`): one-hot
-                q = torch.nn.functional.one_hot(upload(drafts, logits.device),
-                                                logits.shape[-1]).float()
-            emitted = accept_drafts(target, q[:len(drafts)], drafts,
-                                    seq.generator or self.sampler.generator)
-        info = compute_logprobs_topn(logits[:len(emitted)], torch.tensor(emitted),
-                                     seq.params.logprobs or 0)
-        return [SampledToken(t.token_id, t.logprob, t.rank, t.top if seq.params.logprobs else None)
-                for t in info]
+    def _verify(self, chunks: list[ScheduledChunk],
+                logits: torch.Tensor) -> list[list[SampledToken]]:
+        """Exact acceptance of each chunk's drafts against the model's distributions at its
+        last K+1 rows (`logits`: those rows of every chunk, in order); returns per chunk the
+        accepted drafts and the corrected (or bonus) token. The distributions and the emitted
+        tokens' logprobs are computed for all chunks at once; the acceptance runs per chunk
+        (each sequence may draw from its own generator)."""
+        params, hists, prompts = [], [], []
+        for c in chunks:
+            seq, drafts = c.seq, c.seq.drafts[:c.num_drafts]
+            for j in range(c.num_drafts + 1):
+                params.append(seq.params)
+                hists.append(seq.output_token_ids + drafts[:j])
+                prompts.append(seq.request.prompt_token_ids)
+        target = self.sampler.probs(logits, params, hists, prompts)
+        emitted, rows, ns, at = [], [], [], 0
+        for c in chunks:
+            seq, drafts = c.seq, c.seq.drafts[:c.num_drafts]
+            span = slice(at, at + c.num_drafts + 1)
+            if self.proposer.force_accept:
+                em = drafts + [int(target[span][len(drafts)].argmax())]
+            else:
+                q = seq.draft_probs
+                if q is None:  # greedy drafts (`MTPProposer._draft_greedy`): one-hot
+                    q = torch.nn.functional.one_hot(upload(drafts, logits.device),
+                                                    logits.shape[-1]).float()
+                em = accept_drafts(target[span], q[:len(drafts)], drafts,
+                                   seq.generator or self.sampler.generator)
+            emitted.append(em)
+            rows.extend(range(at, at + len(em)))
+            ns.extend([seq.params.logprobs or 0] * len(em))
+            at += c.num_drafts + 1
+        info = compute_logprobs_topn(_take(logits, rows), torch.tensor([t for e in emitted for t in e]),
+                                     ns)
+        out, at = [], 0
+        for c, em in zip(chunks, emitted):
+            want = c.seq.params.logprobs
+            out.append([SampledToken(t.token_id, t.logprob, t.rank, t.top if want else None)
+                        for t in info[at:at + len(em)]])
+            at += len(em)
+        return out
 
     def _prompt_logprobs(self, c: ScheduledChunk, span: range, x: torch.Tensor) -> list[TokenLogprob]:
         if not len(span):

@@ -206,12 +206,15 @@ def _top_lists(logprobs: Tensor, ns: Sequence[int | None]) -> list[list[tuple[in
     return [None if n is None else list(zip(ids[i][:n], vals[i][:n])) for i, n in enumerate(ns)]
 
 
-def compute_logprobs_topn(logits: Tensor, token_ids: Tensor, n: int, chunk: int = 1024) -> list[TokenLogprob]:
+def compute_logprobs_topn(logits: Tensor, token_ids: Tensor, n: int | Sequence[int],
+                          chunk: int = 1024) -> list[TokenLogprob]:
     """Raw logprob, rank and top-``n`` of ``token_ids[i]`` under ``log_softmax(logits[i])``.
 
-    ``logits`` is [B, V] (e.g. prompt positions for ``prompt_logprobs``), ``token_ids`` [B].
-    Processed in chunks of rows to bound the memory of the float32 log-softmax.
+    ``logits`` is [B, V] (e.g. prompt positions for ``prompt_logprobs``), ``token_ids`` [B];
+    ``n`` one count for every row or one per row. Processed in chunks of rows to bound the
+    memory of the float32 log-softmax.
     """
+    ns = [n] * logits.shape[0] if isinstance(n, int) else list(n)
     token_ids = token_ids.to(logits.device, torch.long)
     result: list[TokenLogprob] = []
     for s in range(0, logits.shape[0], chunk):
@@ -219,7 +222,7 @@ def compute_logprobs_topn(logits: Tensor, token_ids: Tensor, n: int, chunk: int 
         tok = token_ids[s : s + chunk]
         tok_lp = lp.gather(1, tok[:, None])
         ranks = (lp > tok_lp).sum(-1) + 1
-        tops = _top_lists(lp, [n] * lp.shape[0])
+        tops = _top_lists(lp, ns[s:s + chunk])
         for t, l, r, top in zip(tok.tolist(), tok_lp[:, 0].tolist(), ranks.tolist(), tops):
             result.append(TokenLogprob(t, l, r, top or []))
     return result
