@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from ..cache.kv_cache import ModelCache
+from ..kernels.greedy import greedy_logprob
 from ..model.batch import ForwardBatch, SeqChunk
 from ..model.model import DeepseekV4Model
 from .sampler import Sampler, TokenLogprob, compute_logprobs_topn
 from .scheduler import ScheduledChunk
-from ..kernels.greedy import greedy_logprob
 from .spec_decode import MTPProposer, accept_drafts, greedy_plain
 from .upload import upload
 
@@ -133,19 +133,16 @@ class ModelRunner:
                                [int(v) for v in packed[2]])
             for j, i in enumerate(plain):
                 sampled[i] = [SampledToken(ids[j], lps[j], ranks[j], out.top_logprobs[j])]
+        # drafts verified in two batches: greedy plain chunks by argmax, the rest by sampling
         verify = [i for i, c in enumerate(chunks) if c.samples and c.num_drafts]
-        fast = [i for i in verify if greedy_plain(chunks[i].seq)]
-        if fast:
-            spans = [range(row_of[i], row_of[i] + 1 + chunks[i].num_drafts) for i in fast]
-            for i, got in zip(fast, self._verify_greedy([chunks[i] for i in fast],
-                                                        head([r for sp in spans for r in sp]))):
-                sampled[i] = got
-        slow = [i for i in verify if i not in fast]
-        if slow:
-            spans = [range(row_of[i], row_of[i] + 1 + chunks[i].num_drafts) for i in slow]
-            for i, got in zip(slow, self._verify([chunks[i] for i in slow],
-                                                 head([r for sp in spans for r in sp]))):
-                sampled[i] = got
+        greedy = [i for i in verify if greedy_plain(chunks[i].seq)]
+        general = [i for i in verify if not greedy_plain(chunks[i].seq)]
+        for group, check in ((greedy, self._verify_greedy), (general, self._verify)):
+            if group:
+                rows = [r for i in group
+                        for r in range(row_of[i], row_of[i] + 1 + chunks[i].num_drafts)]
+                for i, got in zip(group, check([chunks[i] for i in group], head(rows))):
+                    sampled[i] = got
 
         prompt_logprobs: list[list[TokenLogprob]] = []
         at = 0
@@ -261,8 +258,8 @@ class ModelRunner:
             rows.extend(range(at, at + len(em)))
             ns.extend([seq.params.logprobs or 0] * len(em))
             at += c.num_drafts + 1
-        info = compute_logprobs_topn(_take(logits, rows), torch.tensor([t for e in emitted for t in e]),
-                                     ns)
+        info = compute_logprobs_topn(_take(logits, rows),
+                                     torch.tensor([t for e in emitted for t in e]), ns)
         out, at = [], 0
         for c, em in zip(chunks, emitted):
             want = c.seq.params.logprobs
