@@ -24,7 +24,8 @@ GPU (no host synchronisation, a fixed number of launches whatever the routing):
    scale). FP4 experts are re-laid out in place on first use (`to_kernel_layout`): each 64-row
    group's 128-deep K-blocks are contiguous, so a CTA's weight tile is one 4 KB run of memory
    (MXFP4: 1.3-1.75x faster than 64-byte runs 2 KB apart), and MXFP4 bytes hold codes b and
-   b + 16 of each 32-block, so a thread's loaded bytes decode straight into its MMA fragment. With the fused epilogue (`moe_config`: BW=128, unsplit) both
+   b + 16 of each 32-block, so a thread's loaded bytes decode straight into its MMA fragment.
+   With the fused epilogue (`moe_config`: BW=128, unsplit) both
    products share a CTA, with the clamped SwiGLU, the routing weight and the FP8 quantisation
    of h that w2's input needs (per token, per 128). Otherwise (small batches, which are
    memory-bound and would leave most SMs idle, and the largest, where it measured faster) g and
