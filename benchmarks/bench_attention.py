@@ -40,6 +40,9 @@ def bench(fns: list, rep: int = 60) -> float:
     def run_all():
         for f in fns:
             f()
+    # do_bench_cudagraph runs on a new stream that does not wait for the default one: without
+    # this, its first calls may read index tensors still being written (garbage row indices)
+    torch.cuda.synchronize()
     try:
         return do_bench_cudagraph(run_all, rep=rep, return_mode="median") / len(fns)
     except Exception as e:  # not capturable: eager timing
