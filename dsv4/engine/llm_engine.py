@@ -127,11 +127,6 @@ class LLMEngine:
         # write there and nothing reads them.
         if kv_fp8 and model.dtype != torch.bfloat16:
             raise ConfigError("kv_cache_dtype fp8 needs dtype bfloat16 (its rope dims are bf16)")
-        if kv_fp8 and self.device.type == "cuda":
-            logger.warning("kv_cache_dtype fp8 is experimental on CUDA: the FP8-row attention "
-                           "kernel hit an illegal memory access in benchmarks with 128 heads at "
-                           "batch 32-128 (its likely fix is not yet verified on a GPU); it is "
-                           "also slower than bf16 rows")
         self.cache = ModelCache(cfg, num_slots + 1, self.num_blocks + 1, margin, model.dtype,
                                 self.device, kv_fp8=kv_fp8, index_fp4=index_fp4)
         if hasattr(model, "stop"):  # tensor parallel: the workers allocate the same cache

@@ -69,35 +69,66 @@ if HAS_TRITON:
         w = tl.load(w_ptr + t * stride_wt + h, mask=hmask, other=0.0).to(tl.float32)
         first = tl.program_id(1) * blocks_per_cta
         last = tl.minimum(first + blocks_per_cta, tl.cdiv(N, BLOCK_N))
-        for blk in range(first, last):
-            n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-            nmask = n < N
-            row = tl.load(cand_ptr + t * stride_ct + n, mask=nmask, other=-1).to(tl.int64)
-            vis = nmask & (row >= 0)
-            row = tl.where(vis, row, 0)  # masked lanes' addresses stay inside the cache
-            if PACKED:
-                k = _unpack_keys(keys_ptr + row * stride_kn, vis, C).to(q.dtype)
-            else:
+        if PACKED:
+            # Decoded keys pass through registers, where the compiler does not pipeline their
+            # gathers: load block b+1's bytes before decoding block b, so the gather latency
+            # overlaps the decode and the dot
+            n, vis, p, e = _packed_block(cand_ptr + t * stride_ct, keys_ptr, stride_kn, N,
+                                         first * BLOCK_N, first < last, C, BLOCK_N)
+            for blk in range(first, last):
+                n_cur, vis_cur = n, vis
+                n, vis, p_next, e_next = _packed_block(cand_ptr + t * stride_ct, keys_ptr,
+                                                       stride_kn, N, (blk + 1) * BLOCK_N,
+                                                       blk + 1 < last, C, BLOCK_N)
+                k = _decode_keys(p, e, C).to(q.dtype)
+                _score_block(q, w, k, out_ptr + t * stride_ot, n_cur, vis_cur, N, IEEE)
+                p, e = p_next, e_next
+        else:
+            for blk in range(first, last):
+                n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+                nmask = n < N
+                row = tl.load(cand_ptr + t * stride_ct + n, mask=nmask, other=-1).to(tl.int64)
+                vis = nmask & (row >= 0)
+                row = tl.where(vis, row, 0)  # masked lanes' addresses stay inside the cache
                 k = tl.load(keys_ptr + row[:, None] * stride_kn + c[None, :], mask=vis[:, None],
                             other=0.0)  # [BN, c]
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))  # [nI, BN] fp32
-            score = tl.sum(tl.maximum(s, 0.0) * w[:, None], 0)
-            tl.store(out_ptr + t * stride_ot + n, tl.where(vis, score, float("-inf")), mask=nmask)
+                _score_block(q, w, k, out_ptr + t * stride_ot, n, vis, N, IEEE)
 
     @triton.jit
-    def _unpack_keys(row_ptr, ok, C: tl.constexpr):
-        """Packed key rows (uint8 row pointers [BN]) -> exact fp32 [BN, C]: each e2m1 code's
-        3 magnitude bits go into an fp32's exponent and mantissa (value * 2^-126, the subnormal
-        0.5 included), the sign to bit 31; times 2^126, then the block's e8m0 scale."""
+    def _score_block(q, w, k, out_row, n, vis, N, IEEE: tl.constexpr):
+        """Scores of one block of keys k [BN, c] for one token: sum_h w_h relu(q_h . k)."""
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))  # [nI, BN] fp32
+        score = tl.sum(tl.maximum(s, 0.0) * w[:, None], 0)
+        tl.store(out_row + n, tl.where(vis, score, float("-inf")), mask=n < N)
+
+    @triton.jit
+    def _packed_block(cand_row, keys_ptr, stride_kn, N, start, live, C: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+        """Positions, visibility and raw packed bytes (codes [BN, C/2], scales [BN, C/32]) of
+        the block of candidates from `start`; nothing is loaded where `live` is false."""
+        n = start + tl.arange(0, BLOCK_N)
+        nmask = (n < N) & live
+        row = tl.load(cand_row + n, mask=nmask, other=-1).to(tl.int64)
+        vis = nmask & (row >= 0)
+        row_ptr = keys_ptr + tl.where(vis, row, 0) * stride_kn  # masked lanes stay in the cache
         j = tl.arange(0, C // 2)
-        p = tl.load(row_ptr[:, None] + j[None, :], mask=ok[:, None], other=0).to(tl.int32)
+        p = tl.load(row_ptr[:, None] + j[None, :], mask=vis[:, None], other=0)
+        g = tl.arange(0, C // 32)
+        e = tl.load(row_ptr[:, None] + C // 2 + g[None, :], mask=vis[:, None], other=127)
+        return n, vis, p, e
+
+    @triton.jit
+    def _decode_keys(p, e, C: tl.constexpr):
+        """Packed key bytes (codes p [BN, C/2], e8m0 scales e [BN, C/32]) -> exact fp32 [BN, C]:
+        each e2m1 code's 3 magnitude bits go into an fp32's exponent and mantissa (value *
+        2^-126, the subnormal 0.5 included), the sign to bit 31; times 2^126, then the block's
+        e8m0 scale."""
+        p = p.to(tl.int32)
         lo = (((p & 7) << 22) | ((p & 8) << 28)).to(tl.float32, bitcast=True) * 8.507059173023462e37
         hi = (((p & 0x70) << 18) | ((p & 0x80) << 24)).to(tl.float32, bitcast=True) * 8.507059173023462e37
-        g = tl.arange(0, C // 32)
-        e = tl.load(row_ptr[:, None] + C // 2 + g[None, :], mask=ok[:, None], other=127)
         f = (e.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2^(e-127); the packer keeps e >= 1
         f = tl.reshape(tl.broadcast_to(f[:, :, None], (f.shape[0], C // 32, 16)),
                        (f.shape[0], C // 2))

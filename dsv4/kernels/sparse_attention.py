@@ -94,8 +94,8 @@ def default_config(q: torch.Tensor, fp8: bool = False) -> AttnConfig:
     """Tile shapes measured on an H200 (benchmarks/bench_attention.py --configs)."""
     if q.dtype == torch.float32:  # exact-comparison mode: plain fp32 FMA, small tiles
         return AttnConfig(block_h=16, block_k=16, num_warps=4, num_stages=1)
-    if fp8:  # dequantising in registers leaves room for 16-row tiles only
-        return AttnConfig(block_k=16, num_stages=3)
+    if fp8:  # rows dequantised to bf16 in registers: 32-row tiles fit
+        return AttnConfig(block_k=32, num_stages=2)
     if q.shape[1] >= 128:
         return AttnConfig(block_k=64, num_stages=2)
     return AttnConfig(block_k=32, num_stages=3)
@@ -108,25 +108,76 @@ if HAS_TRITON:
     _LOG2E = 1.4426950408889634
 
     @triton.jit
-    def _fp8_rows(row_ptr, mask, d, D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr,
-                  BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Dequantise packed rows (uint8 row pointers [BK]) to fp32 [BK, BLOCK_D]; exact."""
+    def _fp8_load(row_ptr, mask, d, D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+        """Raw bytes of packed rows (uint8 row pointers [BK]): e4m3 codes, scale bytes and the
+        bf16 rope dims, each [BK, ...] where it lies in the row."""
         G: tl.constexpr = BLOCK_D // 64
         is_nope = d < NOPE
         code = tl.load(row_ptr[:, None] + d[None, :], mask=mask[:, None] & is_nope[None, :], other=0)
-        val = code.to(tl.float8e4nv, bitcast=True).to(tl.float32)
         g = tl.arange(0, G)
         sbyte = tl.load(row_ptr[:, None] + (NOPE + 2 * ROPE) + g[None, :],
                         mask=mask[:, None] & (g < NOPE // 64)[None, :], other=127)
-        scale = tl.exp2(sbyte.to(tl.float32) - 127.0)  # [BK, G], a power of two
-        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_K, G, 64)), (BLOCK_K, BLOCK_D))
         rope_ptr = tl.multiple_of((row_ptr + NOPE).to(tl.pointer_type(tl.bfloat16), bitcast=True),
                                   8)  # the bitcast drops what the compiler knew
         # d % ROPE is d - NOPE on the rope dims (NOPE is a multiple of ROPE) and stays inside
         # the row on the masked ones, in runs of ROPE contiguous elements (wide loads)
         rope = tl.load(rope_ptr[:, None] + (d % ROPE)[None, :],
                        mask=mask[:, None] & ((d >= NOPE) & (d < D))[None, :], other=0.0)
-        return tl.where(is_nope[None, :], val * scale, rope.to(tl.float32))
+        return code, sbyte, rope
+
+    @triton.jit
+    def _fp8_decode(code, sbyte, rope, d, NOPE: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_D: tl.constexpr, DT: tl.constexpr):
+        """`_fp8_load`'s bytes -> rows [BK, BLOCK_D] in DT (bf16 or fp32), exactly: an e4m3
+        value times a power of two has at most 4 significant bits."""
+        G: tl.constexpr = BLOCK_D // 64
+        val = code.to(tl.float8e4nv, bitcast=True).to(DT)
+        scale = tl.exp2(sbyte.to(tl.float32) - 127.0).to(DT)  # [BK, G], a power of two
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_K, G, 64)), (BLOCK_K, BLOCK_D))
+        return tl.where((d < NOPE)[None, :], val * scale, rope.to(DT))
+
+    @triton.jit
+    def _tile_rows(tile, win_idx_row, cmp_idx_row, win_cache_ptr, win_new_ptr, cmp_cache_ptr,
+                   Nw, Kw, Kc, n_win_tiles, row_stride, D: tl.constexpr, BLOCK_K: tl.constexpr,
+                   FP8: tl.constexpr):
+        """Rows of one tile of a token's list (window tiles first): valid lanes, which come from
+        this step's new rows, and each lane's cache and new-row pointer."""
+        is_win = tile < n_win_tiles
+        kpos = tl.where(is_win, tile, tile - n_win_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
+        kmask = kpos < tl.where(is_win, Kw, Kc)
+        idx = tl.load(tl.where(is_win, win_idx_row, cmp_idx_row) + kpos, mask=kmask,
+                      other=-1).to(tl.int64)
+        valid = kmask & (idx >= 0)
+        is_new = is_win & (idx >= Nw)
+        # Masked-off lanes still form addresses (the pipelined loads are cp.async with a zero
+        # source size): keep them on row 0 instead of up to Nw rows outside an allocation
+        off = tl.where(valid & ~is_new, idx, 0) * row_stride
+        if FP8:  # packed rows are whole 8-byte words (kv_fp8_row_bytes); without the hint
+            # (584 is no multiple of 16) every byte of a row would be its own load
+            off = tl.multiple_of(off, 8)
+        cache_row = tl.where(is_win, win_cache_ptr, cmp_cache_ptr) + off
+        new_row = win_new_ptr + tl.where(valid & is_new, idx - Nw, 0) * D
+        return valid, is_new, cache_row, new_row
+
+    @triton.jit
+    def _attend(q, k, valid, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr):
+        """One tile of the online softmax (log2 units): logits of q [BH, D] against k [BK, D],
+        then the running max, sum and weighted sum of k."""
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))  # [BH, BK]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = tl.dot(p.to(k.dtype), k, acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(k.dtype), k, acc * alpha[:, None])
+        return m_new, l_i, acc
 
     @triton.jit
     def _sparse_attn_kernel(q_ptr, sink_ptr, o_ptr, part_o_ptr, part_ml_ptr,
@@ -159,45 +210,21 @@ if HAS_TRITON:
         hi = tl.minimum(lo + tiles_per_split, n_tiles)
         win_idx_row = win_idx_ptr + t * stride_wi
         cmp_idx_row = cmp_idx_ptr + t * stride_ci
+        nd = d[None, :] < D
         for tile in range(lo, hi):
-            is_win = tile < n_win_tiles
-            kpos = tl.where(is_win, tile, tile - n_win_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
-            kmask = kpos < tl.where(is_win, Kw, Kc)
-            idx = tl.load(tl.where(is_win, win_idx_row, cmp_idx_row) + kpos, mask=kmask,
-                          other=-1).to(tl.int64)
-            valid = kmask & (idx >= 0)
-            is_new = is_win & (idx >= Nw)
-            # Masked-off lanes still form addresses (the pipelined loads are cp.async with a
-            # zero source size): keep them on row 0 instead of up to Nw rows outside an
-            # allocation, which may be unmapped memory
-            off = tl.where(valid & ~is_new, idx, 0) * row_stride
-            if FP8:  # packed rows are whole 8-byte words (kv_fp8_row_bytes); without the hint
-                # (584 is no multiple of 16) every byte of a row would be its own load
-                off = tl.multiple_of(off, 8)
-            cache_row = tl.where(is_win, win_cache_ptr, cmp_cache_ptr) + off
-            new_row = win_new_ptr + tl.where(valid & is_new, idx - Nw, 0) * D
+            valid, is_new, cache_row, new_row = _tile_rows(
+                tile, win_idx_row, cmp_idx_row, win_cache_ptr, win_new_ptr, cmp_cache_ptr, Nw, Kw,
+                Kc, n_win_tiles, row_stride, D, BLOCK_K, FP8)
             if FP8:
-                kc = _fp8_rows(cache_row, valid & ~is_new, d, D, NOPE, ROPE, BLOCK_K, BLOCK_D)
+                code, sbyte, rope = _fp8_load(cache_row, valid & ~is_new, d, D, NOPE, ROPE, BLOCK_D)
+                kc = _fp8_decode(code, sbyte, rope, d, NOPE, BLOCK_K, BLOCK_D, q.dtype)
                 kn = tl.load(new_row[:, None] + d[None, :],
-                             mask=(valid & is_new)[:, None] & dmask[None, :], other=0.0)
-                k = tl.where(is_new[:, None], kn.to(tl.float32), kc).to(q.dtype)
+                             mask=(valid & is_new)[:, None] & nd, other=0.0)
+                k = tl.where(is_new[:, None], kn.to(q.dtype), kc)
             else:
                 ptr = tl.where(is_new[:, None], new_row[:, None], cache_row[:, None]) + d[None, :]
-                k = tl.load(ptr, mask=valid[:, None] & dmask[None, :], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(valid[None, :], s * qk_scale, float("-inf"))  # [BH, BK], log2 units
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = tl.dot(p.to(k.dtype), k, acc * alpha[:, None], input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(k.dtype), k, acc * alpha[:, None])
-            m_i = m_new
+                k = tl.load(ptr, mask=valid[:, None] & nd, other=0.0)
+            m_i, l_i, acc = _attend(q, k, valid, m_i, l_i, acc, qk_scale, IEEE)
         if SPLIT:
             base = (sid * T + t) * H + h
             tl.store(part_o_ptr + base[:, None] * D + d[None, :], acc,
