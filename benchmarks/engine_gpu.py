@@ -7,7 +7,8 @@ Builds the model from its config with seeded random weights directly on the GPU
 decode latency at batch 1, decode throughput at batch 64 and 256 (batch 1 and 64 also without
 async scheduling, the "sync" rows), prefill tokens/s for 8K and 32K prompts, and MTP
 speculative decoding (K = 1..3) with the real (random) MTP drafts and with drafts forced to be
-accepted. Prints one table; every number comes from `dsv4.bench.measure`.
+accepted. Prints one table; every number comes from `dsv4.bench.measure`. `--kv-cache-dtype fp8`
+runs the same rows with packed FP8 attention rows; `--no-mtp` skips the speculative rows.
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ from dsv4.engine.llm_engine import LLMEngine
 from dsv4.loader import load_model, tiny_config
 
 
-def engine_for(loaded, **kw) -> LLMEngine:
-    ec = EngineConfig(dtype="bfloat16", cpu_cache_bytes=1 << 30, **kw)
+def engine_for(loaded, kv_cache_dtype: str = "auto", **kw) -> LLMEngine:
+    ec = EngineConfig(dtype="bfloat16", cpu_cache_bytes=1 << 30, kv_cache_dtype=kv_cache_dtype, **kw)
     return LLMEngine(loaded.model, loaded.config, loaded.tokenizer, ec, loaded.generation_config)
 
 
@@ -39,6 +40,8 @@ def main() -> None:
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true", help="fewer, shorter runs")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto (bf16 rows) or fp8")
+    ap.add_argument("--no-mtp", action="store_true", help="skip the speculative decoding rows")
     a = ap.parse_args()
     cfg = tiny_config(a.format, a.preset, a.layers)
     d = Path(tempfile.mkdtemp())
@@ -59,7 +62,7 @@ def main() -> None:
         rows.append(r)
         print(json.dumps(r), flush=True)
 
-    e = engine_for(loaded, max_num_seqs=256, max_num_batched_tokens=8192,
+    e = engine_for(loaded, a.kv_cache_dtype, max_num_seqs=256, max_num_batched_tokens=8192,
                    max_model_len=min(40960, cfg.max_position_embeddings),
                    gpu_memory_utilization=0.85, cuda_graph_max_len=4096)
     print(e.capacity, "| CUDA graphs:", e.runner.graphs.sizes if e.runner.graphs else "off", flush=True)
@@ -79,8 +82,8 @@ def main() -> None:
     del e
     gc.collect()
     torch.cuda.empty_cache()
-    for k in (1, 2, 3):
-        e = engine_for(loaded, max_num_seqs=8, max_num_batched_tokens=8192,
+    for k in (1, 2, 3) if not a.no_mtp else ():
+        e = engine_for(loaded, a.kv_cache_dtype, max_num_seqs=8, max_num_batched_tokens=8192,
                        max_model_len=min(8192, cfg.max_position_embeddings),
                        gpu_memory_utilization=0.85, speculative_tokens=k, cuda_graph_max_len=4096)
         for force in (False, True):

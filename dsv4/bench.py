@@ -15,12 +15,14 @@ import time
 import torch
 
 from .kernels.index_fp4 import index_fp4_row_bytes
+from .kernels.kv_fp8 import kv_fp8_row_bytes
 
 HBM_BYTES_PER_S = 4.8e12
 
 
-def decode_bytes_per_step(model, batch: int, context: int) -> float:
-    """Bytes one decode step of `batch` sequences at `context` tokens must read at least once."""
+def decode_bytes_per_step(model, batch: int, context: int, kv_fp8: bool = False) -> float:
+    """Bytes one decode step of `batch` sequences at `context` tokens must read at least once
+    (`kv_fp8`: attention rows in the packed FP8 layout)."""
     cfg = model.cfg
     dense = experts = 0
     for name, p in model.named_parameters():
@@ -37,7 +39,8 @@ def decode_bytes_per_step(model, batch: int, context: int) -> float:
     mtp_experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                       if n.startswith("mtp.") and ".experts." in n)
     expert_bytes = (experts - mtp_experts) * hit / E
-    row = cfg.head_dim * model.dtype.itemsize
+    row = (kv_fp8_row_bytes(cfg.head_dim, cfg.qk_rope_head_dim) if kv_fp8
+           else cfg.head_dim * model.dtype.itemsize)
     key = (index_fp4_row_bytes(cfg.index_head_dim) if model.qat  # packed as the engine does
            else cfg.index_head_dim * model.dtype.itemsize)
     cache = 0
@@ -127,7 +130,8 @@ def measure(engine, mode: str, n: int, input_len: int, output_len: int, seed: in
     tpot = step / per_step
     batch = min(n, engine.max_num_seqs)
     ctx = input_len + output_len // 2
-    step_bytes = decode_bytes_per_step(engine.model, batch, ctx)
+    step_bytes = decode_bytes_per_step(engine.model, batch, ctx,
+                                       getattr(getattr(engine, "cache", None), "kv_fp8", False))
     result = {
         "mode": mode, "model": label, "requests": n, "input_len": input_len,
         "output_len": output_len,
