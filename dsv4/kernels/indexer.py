@@ -70,9 +70,9 @@ if HAS_TRITON:
         first = tl.program_id(1) * blocks_per_cta
         last = tl.minimum(first + blocks_per_cta, tl.cdiv(N, BLOCK_N))
         if PACKED:
-            # Decoded keys pass through registers, where the compiler does not pipeline their
-            # gathers: load block b+1's bytes before decoding block b, so the gather latency
-            # overlaps the decode and the dot
+            # Decoded keys pass through registers, and the compiler's pipelining left their
+            # gather latency exposed: load block b+1's bytes before decoding block b, so it
+            # overlaps the decode and the dot (32K context: 49.7 -> 39.6 us on an H200)
             n, vis, p, e = _packed_block(cand_ptr + t * stride_ct, keys_ptr, stride_kn, N,
                                          first * BLOCK_N, first < last, C, BLOCK_N)
             for blk in range(first, last):
