@@ -240,11 +240,13 @@ if HAS_TRITON:
     def _combine_kernel(sink_ptr, part_o_ptr, part_ml_ptr, o_ptr, T, H, S,
                         stride_ot, stride_oh, D: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_H: tl.constexpr):
-        """Merge S partial softmaxes (unnormalised acc, max m, sum l, log2 units) and the sink."""
+        """Merge S partial softmaxes (unnormalised acc, max m, sum l, log2 units) and the sink,
+        for one token, BLOCK_H heads and BLOCK_D of the D dims (a slice per CTA: at decode batch
+        1 whole rows would leave all but a few SMs idle)."""
         t = tl.program_id(0)
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         hmask = h < H
-        d = tl.arange(0, BLOCK_D)
+        d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask2 = hmask[:, None] & (d < D)[None, :]
         m = tl.load(sink_ptr + h, mask=hmask, other=0.0).to(tl.float32) * 1.4426950408889634
         l_i = tl.full([BLOCK_H], 1.0, tl.float32)
@@ -332,9 +334,10 @@ if HAS_TRITON:
             SPLIT=splits > 1, IEEE=q.dtype == torch.float32,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if splits > 1:
-            _combine_kernel[(T, triton.cdiv(H, 16))](
+            cd = min(BD, 128)
+            _combine_kernel[(T, triton.cdiv(H, 16), triton.cdiv(D, cd))](
                 sink, part_o, part_ml, o, T, H, splits, o.stride(0), o.stride(1),
-                D=D, BLOCK_D=BD, BLOCK_H=16, num_warps=4)
+                D=D, BLOCK_D=cd, BLOCK_H=16, num_warps=4)
         return o
 
 
