@@ -264,8 +264,8 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
             **common)
     if partial1:
         _swiglu_kernel[(inter // 128, n_blocks)](
-            part1, *plan, wgt, hq, hs, inter, n_exp, k1, limit, split1, n_pos * 2 * inter,
-            ROUND=common["ROUND"], HAS_LIMIT=limit > 0, BT=bt, num_warps=4)
+            part1, *plan, wgt, hq, hs, inter, n_exp, k1, limit, n_pos * 2 * inter,
+            ROUND=common["ROUND"], HAS_LIMIT=limit > 0, BT=bt, SPLIT=split1, num_warps=4)
     # 4. down: y rows = slots (split K: fp32 partial sums per split)
     per2 = triton.cdiv(inter // 128, split2)
     split2 = triton.cdiv(inter // 128, per2)
@@ -279,9 +279,10 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
             W_FMT=tab.fmt, GATE_UP=False, SPLIT=split2 > 1, TWO=False, BW=c["bw2"], **common)
     # 5. sum the slots of each token (and the K-splits of each slot)
     out = torch.empty_like(u)
-    _combine_kernel[(t, triton.cdiv(d, 1024))](ys, out, d, split2, n_slots * d, K1=k1,
-                                               ROUND=common["ROUND"] and split2 > 1, BD=1024,
-                                               num_warps=4)
+    bd = 256 if t <= 16 else 1024  # small batches: more CTAs, each with its loads in flight
+    _combine_kernel[(t, triton.cdiv(d, bd))](ys, out, d, n_slots * d, K1=k1, SPLIT=split2,
+                                             ROUND=common["ROUND"] and split2 > 1, BD=bd,
+                                             num_warps=4)
     return out
 
 
@@ -290,8 +291,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .quant_linear import (_act_block, _act_chunk, _act_scale, _e8m0_f32, _fp4_chunk,
-                               _mma_fp8, _quant_block)
+    from .quant_linear import (_act_chunk, _act_scale, _e8m0_f32, _fp4_chunk, _fp8_act,
+                               _fp8_scales, _fp8_wscale, _mma_fp8, _quant_block)
 
     @triton.jit
     def _route_count_kernel(idx_ptr, counts_ptr, expert_ptr, rank_ptr, T, k,
@@ -456,23 +457,41 @@ if HAS_TRITON:
             j = tl.arange(0, 16)
             w_row = w + grp[:, None] * (32 * K) + r64[:, None] * 64 + j[None, :]
             w3_row = w3 + grp[:, None] * (32 * K) + r64[:, None] * 64 + j[None, :]
-            s_row = ws + grp * (2 * K) + r64 * 4
-            s3_row = ws3 + grp * (2 * K) + r64 * 4
+            # a row's 4 scale bytes of one K-block, as one 32-bit word
+            s_row = (ws + grp * (2 * K) + r64 * 4).to(tl.pointer_type(tl.int32))
+            s3_row = (ws3 + grp * (2 * K) + r64 * 4).to(tl.pointer_type(tl.int32))
             a_row = a_ptr + arow[:, None].to(tl.int64) * K + tl.arange(0, 32)[None, :]
             sa_row = sa_ptr + arow.to(tl.int64) * (K // 128)
+            # the first K-block's scales; each iteration then loads the next block's before its
+            # MMAs (Triton pipelines the weight and activation bytes but not these scale loads,
+            # which would otherwise stall every iteration for a memory round trip; loading two
+            # blocks ahead stops Triton from pipelining the rest)
+            sw, sw3, s = _mx_scales(s_row, s3_row, sa_row, ok, row_ok, kb0, kb0 < kb1, TWO)
+        if W_FMT == 0:  # scales one K-block ahead (`_fp8_scales`)
+            sn, wn = _fp8_scales(sa_ptr, ws, arow, ok, rows, row_ok, kb0, K, kb0 < kb1, True)
+            wn3 = wn
+            if TWO:
+                wn3 = _fp8_wscale(ws3, rows, row_ok, kb0, K, kb0 < kb1)
         for kb in range(kb0, kb1):
             if W_FMT == 0:
-                q, s = _act_block(a_ptr, sa_ptr, arow, ok, kb, K, False)
-                acc = _mma_fp8(acc, q, s, w, ws, rows, row_ok, kb, K)
+                sc, wc, wc3 = sn, wn, wn3
+                sn, wn = _fp8_scales(sa_ptr, ws, arow, ok, rows, row_ok, kb + 1, K, kb + 1 < kb1,
+                                     True)
                 if TWO:
-                    acc3 = _mma_fp8(acc3, q, s, w3, ws3, rows, row_ok, kb, K)
+                    wn3 = _fp8_wscale(ws3, rows, row_ok, kb + 1, K, kb + 1 < kb1)
+                q, s = _fp8_act(sc, a_ptr, arow, ok, kb, K, False)
+                acc = _mma_fp8(acc, q, s, w, wc, rows, row_ok, kb, K)
+                if TWO:
+                    acc3 = _mma_fp8(acc3, q, s, w3, wc3, rows, row_ok, kb, K)
             elif W_FMT == 1 and DEC > 0:
-                s = tl.load(sa_row + kb, mask=ok, other=0.0)
-                acc = _mxfp4_mma8(acc, a_row + kb * 128, ok, s, w_row + kb * 4096,
-                                  s_row + kb * 256, row_ok, DEC == 2)
+                cw, cw3, cs = sw, sw3, s
+                sw, sw3, s = _mx_scales(s_row, s3_row, sa_row, ok, row_ok, kb + 1, kb + 1 < kb1,
+                                        TWO)
+                acc = _mxfp4_mma8(acc, a_row + kb * 128, ok, cs, w_row + kb * 4096, cw, row_ok,
+                                  DEC == 2)
                 if TWO:
-                    acc3 = _mxfp4_mma8(acc3, a_row + kb * 128, ok, s, w3_row + kb * 4096,
-                                       s3_row + kb * 256, row_ok, DEC == 2)
+                    acc3 = _mxfp4_mma8(acc3, a_row + kb * 128, ok, cs, w3_row + kb * 4096, cw3,
+                                       row_ok, DEC == 2)
             else:
                 s, inv = _act_scale(a_ptr, sa_ptr, arow, ok, kb, K, False)
                 for c in tl.static_range(128 // KC):
@@ -541,25 +560,38 @@ if HAS_TRITON:
         return w.to(tl.float8e4nv, bitcast=True)
 
     @triton.jit
-    def _mxfp4_mma8(acc, a_ptr, ok, s, w_ptr, s_ptr, row_ok, ASM: tl.constexpr):
+    def _mx_scales(s_row, s3_row, sa_row, ok, row_ok, kb, live, TWO: tl.constexpr):
+        """The scales of K-block kb for `_mxfp4_mma8` (zero unless live): each weight row's 4
+        scale bytes as one int32 word (w1's and, when TWO, w3's), the tokens' activation scale
+        [BT]."""
+        sw = tl.load(s_row + kb * 64, mask=row_ok & live, other=0)
+        sw3 = sw
+        if TWO:
+            sw3 = tl.load(s3_row + kb * 64, mask=row_ok & live, other=0)
+        s = tl.load(sa_row + kb, mask=ok & live, other=0.0)
+        return sw, sw3, s
+
+    @triton.jit
+    def _mxfp4_mma8(acc, a_ptr, ok, s, w_ptr, sw, row_ok, ASM: tl.constexpr):
         """acc [BW, BT] += MXFP4 W (one 128-deep K-block) @ (e4m3 activations * s)^T on FP8
         tensor cores: the e2m1 codes decode exactly to e4m3 (`_e2m1_e4m3`), one 32-deep MMA per
         scale block is promoted to fp32 with 2^6 x its block scale, the token scale s once per
-        K-block. Pointers: w_ptr [BW, 16] bytes of the block's first 32 codes per row, s_ptr
-        [BW] its first scale, a_ptr [BT, 32] its first 32 activations."""
+        K-block. Pointers: w_ptr [BW, 16] bytes of the block's first 32 codes per row, a_ptr
+        [BT, 32] its first 32 activations; sw [BW] the rows' 4 scale bytes (int32, scale c in
+        byte c)."""
         blk = tl.zeros(acc.shape, dtype=tl.float32)
         for c in tl.static_range(4):
             p = tl.load(w_ptr + c * 16, mask=row_ok[:, None], other=0)
             w8 = _e2m1_e4m3(p, ASM)
             q = tl.load(a_ptr + c * 32, mask=ok[:, None], other=0.0)
-            f = _e8m0_f32(tl.load(s_ptr + c, mask=row_ok, other=0).to(tl.int32)) * 64.0
+            f = _e8m0_f32((sw >> (8 * c)) & 0xFF) * 64.0
             blk += tl.dot(w8, tl.trans(q)) * f[:, None]
         return acc + blk * s[None, :]
 
     @triton.jit
     def _swiglu_kernel(part_ptr, slots_ptr, blk_exp_ptr, blk_rows_ptr, wgt_ptr, hq_ptr, hs_ptr,
-                       N, n_exp, k1, limit, n_split, part_stride, ROUND: tl.constexpr,
-                       HAS_LIMIT: tl.constexpr, BT: tl.constexpr):
+                       N, n_exp, k1, limit, part_stride, ROUND: tl.constexpr,
+                       HAS_LIMIT: tl.constexpr, BT: tl.constexpr, SPLIT: tl.constexpr):
         """Split-K gate/up: sum the partial g, v of one (128 channels, block), then SwiGLU and
         FP8 h as the unsplit kernel's epilogue; grid (N/128, blocks)."""
         b = tl.program_id(1)
@@ -570,7 +602,7 @@ if HAS_TRITON:
         p = part_ptr + pos[:, None].to(tl.int64) * (2 * N) + cols[None, :]
         g = tl.zeros((BT, 128), dtype=tl.float32)
         v = tl.zeros((BT, 128), dtype=tl.float32)
-        for sp in range(n_split):
+        for sp in tl.static_range(SPLIT):  # unrolled: every partial's load in flight at once
             off = part_stride.to(tl.int64) * sp
             g += tl.load(p + off, mask=ok[:, None], other=0.0)
             v += tl.load(p + off + N, mask=ok[:, None], other=0.0)
@@ -580,7 +612,7 @@ if HAS_TRITON:
         tl.store(hs_ptr + pos.to(tl.int64) * (N // 128) + tl.program_id(0), hs, mask=ok)
 
     @triton.jit
-    def _combine_kernel(ys_ptr, out_ptr, D, n_split, part_stride, K1: tl.constexpr,
+    def _combine_kernel(ys_ptr, out_ptr, D, part_stride, K1: tl.constexpr, SPLIT: tl.constexpr,
                         ROUND: tl.constexpr, BD: tl.constexpr):
         """out[t] = sum over the token's K1 slots of y_slot (= the sum of its K-split partials,
         rounded to the working dtype as the expert's output is when ROUND)."""
@@ -590,7 +622,7 @@ if HAS_TRITON:
         acc = tl.zeros((BD,), dtype=tl.float32)
         for j in tl.static_range(K1):
             y = tl.zeros((BD,), dtype=tl.float32)
-            for sp in range(n_split):
+            for sp in tl.static_range(SPLIT):  # unrolled: all K1 x SPLIT loads in flight
                 row = part_stride.to(tl.int64) * sp + (t * K1 + j).to(tl.int64) * D
                 y += tl.load(ys_ptr + row + c,
                              mask=ok, other=0.0).to(tl.float32)

@@ -16,7 +16,7 @@ GPU (Hopper):
   tokens quantises x inside the kernel, saving a launch); large M quantises once and, for FP8,
   uses cuBLAS block-scaled `torch._scaled_mm` (3-4x faster than this kernel at M >= 4096 on
   the H200, see benchmarks/bench_linear_moe.py).
-The tile helpers (`_act_block`, `_act_scale`, `_act_chunk`, `_fp4_chunk`, `_mma_fp8`) are shared
+The tile helpers (`_fp8_scales`, `_fp8_act`, `_act_scale`, `_act_chunk`, `_fp4_chunk`, `_mma_fp8`) are shared
 with the grouped MoE kernel (moe.py).
 """
 from __future__ import annotations
@@ -211,17 +211,41 @@ if HAS_TRITON:
         return q, s
 
     @triton.jit
-    def _act_block(x_ptr, sx_ptr, rows, ok, kb, K, QUANT: tl.constexpr):
-        """Activation rows `rows` [R], K-block kb: (e4m3 [R, 128], scale [R]); quantised here
-        from the working dtype when QUANT, else loaded pre-quantised."""
+    def _act_tile(x_ptr, rows, ok, kb, K, live):
+        """Activation rows `rows` [R], K-block kb: [R, 128] in x's dtype (zero unless live)."""
         k = kb * 128 + tl.arange(0, 128)
-        ptrs = x_ptr + rows[:, None].to(tl.int64) * K + k[None, :]
+        return tl.load(x_ptr + rows[:, None].to(tl.int64) * K + k[None, :],
+                       mask=ok[:, None] & live, other=0.0)
+
+    @triton.jit
+    def _fp8_wscale(ws_ptr, rows, row_ok, kb, K, live):
+        """The e8m0 scale of weight rows [BW] in K-block kb (128 x 128 blocks) as fp32."""
+        sb = tl.load(ws_ptr + (rows // 128) * (K // 128) + kb, mask=row_ok & live, other=0)
+        return _e8m0_f32(sb.to(tl.int32))
+
+    @triton.jit
+    def _fp8_scales(sx_ptr, ws_ptr, toks, tok_ok, rows, row_ok, kb, K, live,
+                    LOAD_S: tl.constexpr):
+        """The scales of K-block kb of an FP8 MMA (zero unless live): the tokens' [BT] (when
+        LOAD_S, else zeros) and the weight block's [BW]. Triton's pipeliner prefetches only
+        loads that feed a dot operand; the loops load these one iteration ahead themselves
+        (loaded where they are used, each would stall its iteration for a memory round trip)."""
+        s = tl.zeros(toks.shape, dtype=tl.float32)
+        if LOAD_S:
+            s = tl.load(sx_ptr + toks.to(tl.int64) * (K // 128) + kb, mask=tok_ok & live,
+                        other=0.0)
+        return s, _fp8_wscale(ws_ptr, rows, row_ok, kb, K, live)
+
+    @triton.jit
+    def _fp8_act(s, x_ptr, toks, tok_ok, kb, K, QUANT: tl.constexpr):
+        """K-block kb's activations for the MMA: (e4m3 [BT, 128], scale [BT]), quantised here
+        from the working dtype when QUANT, else loaded pre-quantised with the prefetched
+        scales s."""
+        a = _act_tile(x_ptr, toks, tok_ok, kb, K, True)
         if QUANT:
-            x = tl.load(ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
-            q, s = _quant_block(x)
+            q, s = _quant_block(a.to(tl.float32))
         else:
-            q = tl.load(ptrs, mask=ok[:, None], other=0.0)
-            s = tl.load(sx_ptr + rows.to(tl.int64) * (K // 128) + kb, mask=ok, other=0.0)
+            q = a
         return q, s
 
     @triton.jit
@@ -304,14 +328,12 @@ if HAS_TRITON:
         return s, inv
 
     @triton.jit
-    def _mma_fp8(acc, q, s, w_ptr, ws_ptr, rows, row_ok, kb, K):
+    def _mma_fp8(acc, q, s, w_ptr, ws, rows, row_ok, kb, K):
         """acc [BW, BT] += (W block kb) @ (q * s)^T on FP8 tensor cores, promoted to fp32 per
-        128-deep block with the weight block scale x token scale."""
+        128-deep block with the weight block scale ws [BW] (fp32) x token scale s [BT]."""
         k = kb * 128 + tl.arange(0, 128)
         w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + k[None, :], mask=row_ok[:, None],
                     other=0.0)
-        sb = tl.load(ws_ptr + (rows // 128) * (K // 128) + kb, mask=row_ok, other=0)
-        ws = _e8m0_f32(sb.to(tl.int32))
         return acc + tl.dot(w, tl.trans(q)) * (ws[:, None] * s[None, :])
 
     @triton.jit
@@ -329,7 +351,7 @@ if HAS_TRITON:
         rows = tl.program_id(0) * BR + tl.arange(0, BR)
         kb = tl.program_id(1)
         ok = rows < M
-        q, s = _act_block(x_ptr, x_ptr, rows, ok, kb, K, True)
+        q, s = _quant_block(_act_tile(x_ptr, rows, ok, kb, K, True).to(tl.float32))
         k = kb * 128 + tl.arange(0, 128)
         tl.store(q_ptr + rows[:, None].to(tl.int64) * K + k[None, :], q, mask=ok[:, None])
         tl.store(s_ptr + rows.to(tl.int64) * (K // 128) + kb, s, mask=ok)
@@ -347,10 +369,16 @@ if HAS_TRITON:
         kb0 = split * kb_per_split
         kb1 = tl.minimum(kb0 + kb_per_split, K // 128)
         acc = tl.zeros((BW, BT), dtype=tl.float32)
+        if W_FMT == 0:  # scales one K-block ahead (`_fp8_scales`)
+            sn, wn = _fp8_scales(sx_ptr, ws_ptr, toks, tok_ok, rows, row_ok, kb0, K, kb0 < kb1,
+                                 not QUANT_X)
         for kb in range(kb0, kb1):
             if W_FMT == 0:
-                q, s = _act_block(x_ptr, sx_ptr, toks, tok_ok, kb, K, QUANT_X)
-                acc = _mma_fp8(acc, q, s, w_ptr, ws_ptr, rows, row_ok, kb, K)
+                sc, wc = sn, wn
+                sn, wn = _fp8_scales(sx_ptr, ws_ptr, toks, tok_ok, rows, row_ok, kb + 1, K,
+                                     kb + 1 < kb1, not QUANT_X)
+                q, s = _fp8_act(sc, x_ptr, toks, tok_ok, kb, K, QUANT_X)
+                acc = _mma_fp8(acc, q, s, w_ptr, wc, rows, row_ok, kb, K)
             else:
                 s, inv = _act_scale(x_ptr, sx_ptr, toks, tok_ok, kb, K, QUANT_X)
                 for c in tl.static_range(128 // KC):

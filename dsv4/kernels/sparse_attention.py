@@ -251,17 +251,22 @@ if HAS_TRITON:
         m = tl.load(sink_ptr + h, mask=hmask, other=0.0).to(tl.float32) * 1.4426950408889634
         l_i = tl.full([BLOCK_H], 1.0, tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-        for s in range(S):
-            base = (s * T + t) * H + h
-            ms = tl.load(part_ml_ptr + base * 2, mask=hmask, other=-1.0e30)
-            ls = tl.load(part_ml_ptr + base * 2 + 1, mask=hmask, other=0.0)
-            a = tl.load(part_o_ptr + base[:, None] * D + d[None, :], mask=mask2, other=0.0)
-            m_new = tl.maximum(m, ms)
-            alpha = tl.exp2(m - m_new)
-            beta = tl.exp2(ms - m_new)
-            l_i = l_i * alpha + ls * beta
-            acc = acc * alpha[:, None] + a * beta[:, None]
-            m = m_new
+        # 4 splits per iteration, unrolled, so their loads are in flight together; a split past
+        # S loads m = -1e30, l = 0, acc = 0, which leaves the merge exactly unchanged
+        for s0 in range(0, S, 4):
+            for i in tl.static_range(4):
+                live = s0 + i < S
+                base = ((s0 + i) * T + t) * H + h
+                ms = tl.load(part_ml_ptr + base * 2, mask=hmask & live, other=-1.0e30)
+                ls = tl.load(part_ml_ptr + base * 2 + 1, mask=hmask & live, other=0.0)
+                a = tl.load(part_o_ptr + base[:, None] * D + d[None, :], mask=mask2 & live,
+                            other=0.0)
+                m_new = tl.maximum(m, ms)
+                alpha = tl.exp2(m - m_new)
+                beta = tl.exp2(ms - m_new)
+                l_i = l_i * alpha + ls * beta
+                acc = acc * alpha[:, None] + a * beta[:, None]
+                m = m_new
         o = acc / l_i[:, None]
         tl.store(o_ptr + t * stride_ot + h[:, None] * stride_oh + d[None, :],
                  o.to(o_ptr.dtype.element_ty), mask=mask2)
