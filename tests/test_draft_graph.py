@@ -62,11 +62,8 @@ class EagerDraftGraphs(DraftGraphs):
         self.graphs[bs] = (None, dg)
 
     @torch.inference_mode()
-    def run(self, bs, catch, chain, last):
-        _, dg = self.graphs[bs]
-        dg.load(catch, chain, last)
+    def _replay(self, g, dg):
         dg.body()
-        return dg.drafts[:len(last)]
 
 
 PARAMS = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (12, 4, 8)]
@@ -75,12 +72,13 @@ PARAMS = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in 
 def _run(k: int, graphs: bool, prompts, seed: int, ref=None):
     llm = LLM(model="tiny", dtype="float32", device="cpu", speculative_tokens=k, max_num_seqs=4)
     eng = llm.llm_engine
-    eng.graph_drafts = []
+    eng.graph_drafts, eng.fused_drafts = [], []
     if graphs:
         eng.runner.graphs = EagerGraphs(eng, 1 + k)
         eng.runner.draft_graphs = dg = EagerDraftGraphs(eng.runner.graphs, k)
-        run = dg.run
+        run, run_verified = dg.run, dg.run_verified
         dg.run = lambda *a: eng.graph_drafts.append(a[0]) or run(*a)
+        dg.run_verified = lambda *a: eng.fused_drafts.append(a[0]) or run_verified(*a)
     rng = random.Random(seed)
     raw = []
 
@@ -108,8 +106,13 @@ def test_graph_drafting_drafts_what_eager_drafting_drafts():
         assert got_tokens == want_tokens == ref_tokens
         assert got_tokens == want_tokens
         assert len(got_raw) == len(want_raw) and got_raw == want_raw
-        # the decode steps drafted through the graphs, at more than one batch size
-        assert len(eng.graph_drafts) >= 3 and len(set(eng.graph_drafts)) >= 2
+        # the decode steps drafted through the graphs, at more than one batch size; with one
+        # draft, verification and drafting ran together (the verified tokens stayed on the
+        # device: `ModelRunner._verify_and_draft`) on every step that verified
+        used = eng.fused_drafts if k == 1 else eng.graph_drafts
+        assert len(used) >= 3 and len(set(used)) >= 2
+        if k > 1:
+            assert not eng.fused_drafts
         accepted = eng.runner.proposer.stats()["acceptance_rate_per_position"]
         assert all(0 < a < 1 for a in accepted), accepted
 

@@ -96,11 +96,39 @@ class DraftGraphs:
             dg.body()
         self.graphs[bs] = (g, dg)
 
+    def run_verified(self, bs: int, chunks: list[SeqChunk], ids: torch.Tensor,
+                     inputs: torch.Tensor, force: bool = False) -> torch.Tensor:
+        """Drafts [n, K] (device) after a main-graph step that verified K = 1 draft for each of
+        the n sequences of `chunks` (rows: token, draft), drawn before the verified tokens
+        reach the host. `ids` [2n] are the main model's argmaxes, `inputs` [2n] the step's
+        input ids. On the device: a sequence accepts its draft when the argmax of its first row
+        equals it (`force`: always), its catch-up tokens are the tokens now at positions
+        start + 1 and start + 2 (the accepted draft, else the first argmax; then the second
+        argmax, a filler when the draft was rejected), and its last accepted row is row 0 or 1.
+        Only the tokens and `last` differ from the host-built catch-up of `run`."""
+        g, dg = self.graphs[bs]
+        n, k = len(chunks), self.k
+        if k != 1:
+            raise ValueError("drafting on verified tokens on the device needs K = 1")
+        geo = (self.runner.model.cfg.sliding_window, self.runner.cache.window_rows,
+               self.runner.cache.num_slots, "cpu")
+        dg.load(ForwardBatch(chunks, *geo), [], [0] * n)  # indices; tokens and rows follow
+        ids, inputs = ids.view(n, 2), inputs.view(n, 2)
+        accept = torch.ones_like(ids[:, 0], dtype=torch.bool) if force else inputs[:, 1] == ids[:, 0]
+        nxt = torch.stack([torch.where(accept, inputs[:, 1], ids[:, 0]), ids[:, 1]], 1)
+        dg.catch.input_ids[:2 * n].copy_(nxt.flatten())
+        dg.last[:n].copy_(torch.arange(n, device=ids.device) * 2 + accept.long())
+        self._replay(g, dg)
+        return dg.drafts[:n]
+
+    def _replay(self, g, dg: DraftGraph) -> None:
+        g.replay()
+
     def run(self, bs: int, catch: ForwardBatch, chain: list[ForwardBatch],
             last: list[int]) -> torch.Tensor:
         """Drafts [n, K] (device) of the n sequences of a step that replayed the main graph of
         batch size bs."""
         g, dg = self.graphs[bs]
         dg.load(catch, chain, last)
-        g.replay()
+        self._replay(g, dg)
         return dg.drafts[:len(last)]

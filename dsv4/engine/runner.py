@@ -105,6 +105,8 @@ class ModelRunner:
                              logits_indices=sample_rows + plp_rows)
         if graph:
             x_all, logits_all = self.graphs.run(batch)  # [T, n, d], [T, V]
+            if self._fusable(chunks):
+                return self._verify_and_draft(chunks, x_all, logits_all)
             sample_logits = _take(logits_all, sample_rows)
         else:
             x_all, sample_logits = self.model(batch, self.cache), None  # [T, n, d]
@@ -194,6 +196,49 @@ class ModelRunner:
                             [s.request.prompt_token_ids for s in seqs],
                             [s.generator for s in seqs])
 
+    def _fusable(self, chunks: list[ScheduledChunk]) -> bool:
+        """A graph step that verifies one greedy draft per sequence (K = 1, every chunk its
+        token and its draft, greedy plain): its drafting can follow on the device
+        (`_verify_and_draft`). Longer drafts chain at positions that depend on the acceptance."""
+        p = self.proposer
+        return (p is not None and p.k == 1 and self.draft_graphs is not None
+                and all(c.samples and c.num_drafts == 1 and c.num_tokens == 2
+                        and greedy_plain(c.seq) for c in chunks))
+
+    def _verify_and_draft(self, chunks: list[ScheduledChunk], x_all: torch.Tensor,
+                          logits: torch.Tensor) -> RunnerOutput:
+        """The verification of a `_fusable` step and the next drafts in one go: the argmaxes
+        stay on the device, the draft graph's catch-up takes its tokens and each sequence's
+        last accepted row from them there (`DraftGraphs.run_verified`), and the verified
+        tokens and the new drafts reach the host in one copy. Same tokens, drafts and MTP
+        cache writes as verifying, then drafting."""
+        k = self.proposer.k
+        t = len(chunks) * (k + 1)
+        rows = self._greedy_rows(chunks, logits[:t])
+        inputs = self.graphs.graphs[self.graph_bs][1].input_ids[:t]  # tokens, then drafts
+        drafts = self.draft_graphs.run_verified(
+            self.graph_bs, [SeqChunk(c.tokens, c.start, c.slot, c.block_table) for c in chunks],
+            rows[0].long(), inputs, self.proposer.force_accept)
+        flat = torch.cat([torch.stack(rows).flatten(), drafts.double().flatten()]).tolist()
+        packed = [flat[i * t:(i + 1) * t] for i in range(len(rows))]
+        sampled = self._greedy_emit(chunks, packed)
+        new = [int(v) for v in flat[len(rows) * t:]]
+        self.proposer.adopt(chunks, [[tok.token_id for tok in s] for s in sampled],
+                            [new[i * k:(i + 1) * k] for i in range(len(chunks))])
+        return RunnerOutput(sampled, [[] for _ in chunks], x_all[:t])
+
+    def _greedy_rows(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list:
+        """Device rows of `_verify_greedy`: argmax ids, their raw logprobs and (benchmarks'
+        `force_accept`) each row's draft's logprob, all float64."""
+        ids, lps = greedy_logprob(logits)
+        rows = [ids.double(), lps.double()]
+        if self.proposer.force_accept:  # each row's draft's logprob (bonus rows: unused)
+            cand = upload([t for c in chunks for t in c.seq.drafts[:c.num_drafts] + [0]],
+                          logits.device)
+            r = torch.arange(len(cand), device=logits.device)
+            rows.append((logits[r, cand] - logits[r, ids] + lps).double())
+        return rows
+
     def _verify_greedy(self, chunks: list[ScheduledChunk],
                        logits: torch.Tensor) -> list[list[SampledToken]]:
         """Greedy plain chunks (`greedy_plain`), their K+1 rows each in `logits`: the target's
@@ -203,15 +248,11 @@ class ModelRunner:
         Benchmarks' `force_accept` emits every draft: a draft's logprob is then its logit minus
         the row's logsumexp (max - argmax logprob). Ranks are not computed: these requests
         report no logprobs."""
-        ids, lps = greedy_logprob(logits)
-        rows = [ids.double(), lps.double()]
+        return self._greedy_emit(chunks, torch.stack(self._greedy_rows(chunks, logits)).tolist())
+
+    def _greedy_emit(self, chunks: list[ScheduledChunk], packed) -> list[list[SampledToken]]:
+        """The emitted tokens of each chunk from `_greedy_rows` on the host."""
         force = self.proposer.force_accept
-        if force:  # each row's draft's logprob (the bonus rows' entries are not used)
-            cand = upload([t for c in chunks for t in c.seq.drafts[:c.num_drafts] + [0]],
-                          logits.device)
-            r = torch.arange(len(cand), device=logits.device)
-            rows.append((logits[r, cand] - logits[r, ids] + lps).double())
-        packed = torch.stack(rows).tolist()
         out, at = [], 0
         for c in chunks:
             drafts = c.seq.drafts[:c.num_drafts]

@@ -139,14 +139,30 @@ class MTPProposer:
                 self._draft_greedy(x, drafting, limit)
             else:
                 self._draft_sampled(x, drafting, limit)
-        if self.override is not None:
-            for c, em, (_, _, post) in zip(chunks, emitted, plan):
-                s = c.seq
-                if em and s.drafts:
-                    forced = list(self.override(s, post))[:len(s.drafts)]
-                    s.drafts = forced
-                    s.draft_probs = torch.nn.functional.one_hot(
-                        upload(forced, x_all.device), model.cfg.vocab_size).float()
+        self._override(chunks, emitted, [post for _, _, post in plan])
+
+    def adopt(self, chunks, emitted: list[list[int]], drafts: list[list[int]]) -> None:
+        """After a step whose verification and drafting ran together on the device
+        (`ModelRunner._verify_and_draft`): the statistics, and each sequence's new drafts
+        (cut to what fits before max_model_len)."""
+        posts = []
+        for c, em, row in zip(chunks, emitted, drafts):
+            self.record(c.num_drafts, len(em) - 1)
+            posts.append(c.seq.token_ids[:c.start + c.num_tokens - c.num_drafts] + em)
+            c.seq.drafts, c.seq.draft_probs = row[:self._limit(posts[-1])], None
+        self._override(chunks, emitted, posts)
+
+    def _override(self, chunks, emitted, posts) -> None:
+        """Apply `override` (tests, benchmarks) to the sequences that drafted."""
+        if self.override is None:
+            return
+        for c, em, post in zip(chunks, emitted, posts):
+            s = c.seq
+            if em and s.drafts:
+                forced = list(self.override(s, post))[:len(s.drafts)]
+                s.drafts = forced
+                s.draft_probs = torch.nn.functional.one_hot(
+                    upload(forced, self.runner.device), self.runner.model.cfg.vocab_size).float()
 
     def _limit(self, post: list[int]) -> int:
         """Drafts that fit before max_model_len."""

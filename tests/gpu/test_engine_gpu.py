@@ -36,8 +36,10 @@ def test_speculative_greedy_with_graphs_equals_plain_greedy(k):
     dg = llm.llm_engine.runner.draft_graphs
     assert dg is not None and set(dg.graphs) == set(llm.llm_engine.runner.graphs.sizes)
     calls = []
-    run = dg.run
+    run, run_verified = dg.run, dg.run_verified
     dg.run = lambda *a: calls.append(a[0]) or run(*a)
+    # K = 1 verifies and drafts in one go (ModelRunner._verify_and_draft)
+    dg.run_verified = lambda *a: calls.append(a[0]) or run_verified(*a)
     again = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in again] == plain and calls
     torch.cuda.empty_cache()
