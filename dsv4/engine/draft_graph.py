@@ -114,7 +114,9 @@ class DraftGraphs:
                self.runner.cache.num_slots, "cpu")
         dg.load(ForwardBatch(chunks, *geo), [], [0] * n)  # indices; tokens and rows follow
         ids, inputs = ids.view(n, 2), inputs.view(n, 2)
-        accept = torch.ones_like(ids[:, 0], dtype=torch.bool) if force else inputs[:, 1] == ids[:, 0]
+        accept = inputs[:, 1] == ids[:, 0]
+        if force:
+            accept = torch.ones_like(accept)
         nxt = torch.stack([torch.where(accept, inputs[:, 1], ids[:, 0]), ids[:, 1]], 1)
         dg.catch.input_ids[:2 * n].copy_(nxt.flatten())
         dg.last[:n].copy_(torch.arange(n, device=ids.device) * 2 + accept.long())
