@@ -16,8 +16,8 @@ GPU (Hopper):
   tokens quantises x inside the kernel, saving a launch); large M quantises once and, for FP8,
   uses cuBLAS block-scaled `torch._scaled_mm` (3-4x faster than this kernel at M >= 4096 on
   the H200, see benchmarks/bench_linear_moe.py).
-The tile helpers (`_fp8_scales`, `_fp8_act`, `_act_scale`, `_act_chunk`, `_fp4_chunk`, `_mma_fp8`) are shared
-with the grouped MoE kernel (moe.py).
+The tile helpers (`_fp8_scales`, `_fp8_act`, `_act_scale`, `_act_chunk`, `_fp4_chunk`,
+`_mma_fp8`) are shared with the grouped MoE kernel (moe.py).
 """
 from __future__ import annotations
 
