@@ -63,3 +63,20 @@ def test_a_block_table_too_short_for_a_write_is_refused(tiny):
     b = ForwardBatch([SeqChunk(list(range(20)), 120, 0, [3])], 8, 16, 2)  # reaches 140 > 128
     with pytest.raises(ValueError, match="block table has only 1 blocks"):
         b.compress_plan(4, 16)
+
+
+def test_window_index_on_the_device_equals_the_host_one():
+    """Eager GPU steps build the [T, w] window index with torch where they run
+    (`ForwardBatch.window_index_torch`); it is the host's numpy index entry for entry: ragged
+    chunks, chunks starting inside and past the first window, a ring shorter than positions."""
+    g = torch.Generator().manual_seed(3)
+    for window, rows in ((8, 12), (128, 136)):
+        chunks = []
+        for slot, (start, n) in enumerate(((0, 1), (0, 300), (5, 3), (window - 1, 2),
+                                           (1000, 1), (517, 260))):
+            ids = torch.randint(0, 512, (n,), generator=g).tolist()
+            chunks.append(SeqChunk(ids, start, slot, list(range((start + n) // 128 + 1))))
+        b = ForwardBatch(chunks, window, rows, num_slots=7)
+        got = b.window_index_torch()
+        assert got.dtype == torch.int64
+        assert torch.equal(got, torch.from_numpy(b.window_index_host))
