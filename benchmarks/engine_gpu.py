@@ -8,7 +8,8 @@ decode latency at batch 1, decode throughput at batch 64 and 256 (batch 1 and 64
 async scheduling, the "sync" rows), prefill tokens/s for 8K and 32K prompts, and MTP
 speculative decoding (K = 1..3) with the real (random) MTP drafts and with drafts forced to be
 accepted. Prints one table; every number comes from `dsv4.bench.measure`. `--kv-cache-dtype fp8`
-runs the same rows with packed FP8 attention rows; `--no-mtp` skips the speculative rows.
+runs the same rows with packed FP8 attention rows; `--no-mtp` skips the speculative rows and
+`--only decode,prefill,mtp` picks row groups.
 """
 from __future__ import annotations
 
@@ -42,7 +43,14 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto (bf16 rows) or fp8")
     ap.add_argument("--no-mtp", action="store_true", help="skip the speculative decoding rows")
+    ap.add_argument("--only", default="decode,prefill,mtp",
+                    help="comma list of the row groups to run: decode, prefill, mtp")
     a = ap.parse_args()
+    only = set(a.only.split(","))
+    if only - {"decode", "prefill", "mtp"}:
+        ap.error(f"--only takes decode, prefill, mtp; got {a.only}")
+    if a.no_mtp:
+        only.discard("mtp")
     cfg = tiny_config(a.format, a.preset, a.layers)
     d = Path(tempfile.mkdtemp())
     (d / "config.json").write_text(json.dumps(cfg.to_dict()))
@@ -68,21 +76,22 @@ def main() -> None:
     print(e.capacity, "| CUDA graphs:", e.runner.graphs.sizes if e.runner.graphs else "off", flush=True)
     # async scheduling (the default): each step launched before the previous one's tokens are
     # read; the "sync" rows switch it off on the same engine
-    for b, mode in ((1, "latency"), (64, "throughput")):
+    for b, mode in ((1, "latency"), (64, "throughput")) if "decode" in only else ():
         inp, out = (1024, 64) if not a.quick or b > 1 else (64, 8)
         run(f"decode b={b}", e, mode, b, inp, out)
         e.async_scheduling = False
         run(f"decode b={b} sync", e, mode, b, inp, out)
         e.async_scheduling = True
-    if not a.quick:
+    if not a.quick and "decode" in only:
         run("decode b=256", e, "throughput", 256, 512, 32)
-    run("prefill 8K", e, "latency", 1, 8192 if not a.quick else 512, 2)
-    if not a.quick:
+    if "prefill" in only:
+        run("prefill 8K", e, "latency", 1, 8192 if not a.quick else 512, 2)
+    if not a.quick and "prefill" in only:
         run("prefill 32K", e, "latency", 1, 32768, 2)
     del e
     gc.collect()
     torch.cuda.empty_cache()
-    for k in (1, 2, 3) if not a.no_mtp else ():
+    for k in (1, 2, 3) if "mtp" in only else ():
         e = engine_for(loaded, a.kv_cache_dtype, max_num_seqs=8, max_num_batched_tokens=8192,
                        max_model_len=min(8192, cfg.max_position_embeddings),
                        gpu_memory_utilization=0.85, speculative_tokens=k, cuda_graph_max_len=4096)
