@@ -69,9 +69,11 @@ class EagerDraftGraphs(DraftGraphs):
 PARAMS = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (12, 4, 8)]
 
 
-def _run(k: int, graphs: bool, prompts, seed: int, ref=None):
+def _run(k: int, graphs: bool, prompts, seed: int, ref=None, force: bool = False):
     llm = LLM(model="tiny", dtype="float32", device="cpu", speculative_tokens=k, max_num_seqs=4)
     eng = llm.llm_engine
+    if force:
+        eng.runner.proposer.force_accept = True
     eng.graph_drafts, eng.fused_drafts = [], []
     if graphs:
         eng.runner.graphs = EagerGraphs(eng, 1 + k)
@@ -115,6 +117,20 @@ def test_graph_drafting_drafts_what_eager_drafting_drafts():
             assert not eng.fused_drafts
         accepted = eng.runner.proposer.stats()["acceptance_rate_per_position"]
         assert all(0 < a < 1 for a in accepted), accepted
+
+
+def test_forced_acceptance_with_graph_drafting_emits_what_eager_drafting_emits():
+    """Benchmarks' `force_accept` (every draft accepted, whatever it is) through the fused K=1
+    verify-and-draft (`DraftGraphs.run_verified` accepts on the device) and through eager
+    drafting: the same emitted tokens, every draft accepted."""
+    g = random.Random(1)
+    prompts = [[g.randrange(16, 512) for _ in range(n)] for n in (5, 9, 3)]
+    want, _, ref_eng = _run(1, False, prompts, seed=0, force=True)
+    got, _, eng = _run(1, True, prompts, seed=0, force=True)
+    assert got == want
+    assert len(eng.fused_drafts) >= 3
+    assert eng.runner.proposer.stats()["acceptance_rate_per_position"] == [1.0]
+    assert ref_eng.runner.proposer.stats()["acceptance_rate_per_position"] == [1.0]
 
 
 def test_sampled_requests_keep_the_eager_drafting():
