@@ -4,7 +4,9 @@ The whole step is one ragged `ForwardBatch`. Logits are computed only for the ro
 them (`logits_indices`): the last row of every chunk that reaches the end of its sequence (to
 sample the next token), the K+1 rows of a chunk that verifies K speculative drafts, and, for a
 request that asked for `prompt_logprobs`, every prompt row whose next token is a prompt token.
-With speculative decoding the MTP proposer then drafts the next step's tokens (spec_decode.py).
+With speculative decoding the MTP proposer then drafts the next step's tokens (spec_decode.py);
+a graph step verifying one greedy draft per sequence drafts on the device right after, with one
+copy to the host for both (`_verify_and_draft`).
 """
 from __future__ import annotations
 

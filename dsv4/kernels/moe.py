@@ -35,7 +35,9 @@ GPU (no host synchronisation, a fixed number of launches whatever the routing):
    small batches split K here too (fp32 partials).
 5. `_combine_kernel`: out[t] = sum over the token's k+1 slot rows (each the sum of its K-split
    partials, rounded to the working dtype) in fp32, cast once.
-Partial sums are reduced in a fixed order, so results do not depend on scheduling.
+Partial sums are reduced in a fixed order, so results do not depend on scheduling. The GEMM
+loops load each K-block's scales one block ahead (Triton's pipeliner prefetches only the loads
+that feed a dot: the weight and activation bytes).
 The shared expert is plan expert 0 and rides in the same launches when its weight format equals
 the routed experts' (FP8 or NVFP4 checkpoints); official FP4 checkpoints keep the shared expert
 in FP8, so each GEMM is then launched twice, once per format, over disjoint blocks.
