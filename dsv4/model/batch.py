@@ -48,7 +48,8 @@ class ForwardBatch:
     """Flattened tokens of a step and the per-step indices derived from them.
 
     The indices are computed on the host with numpy (a decode step's arrays are tiny, and a
-    torch op on them costs several times more) and moved to `device` once each."""
+    torch op on them costs several times more) and moved to `device` once each; the [T, w]
+    window index of a step on the GPU is built there (`window_index_torch`)."""
 
     def __init__(self, chunks: list[SeqChunk], window: int, window_rows: int, num_slots: int,
                  device="cpu", logits_indices: list[int] | None = None):
