@@ -25,6 +25,11 @@ GPU (no host synchronisation, a fixed number of launches whatever the routing):
    group's 128-deep K-blocks are contiguous, so a CTA's weight tile is one 4 KB run of memory
    (MXFP4: 1.3-1.75x faster than 64-byte runs 2 KB apart), and MXFP4 bytes hold codes b and
    b + 16 of each 32-block, so a thread's loaded bytes decode straight into its MMA fragment.
+   Large batches (`abf`, with the bf16 decode) feed the MMA the exact bf16 values of the FP8
+   activations and of h (`act_quant_values`; e4m3 times a power of two is a bf16 value), so
+   those loads go straight to the tensor cores (pipelined by Triton) instead of being scaled
+   per chunk in registers, and the MXFP4 scales come one K-block ahead as one word per row;
+   the FP8 shared expert quantises those values again (same products, same bits).
    With the fused epilogue (`moe_config`: BW=128, unsplit) both
    products share a CTA, with the clamped SwiGLU, the routing weight and the FP8 quantisation
    of h that w2's input needs (per token, per 128). Otherwise (small batches, which are
@@ -53,7 +58,7 @@ from typing import Protocol, Sequence
 import torch
 
 from . import HAS_TRITON, num_sms, use_triton
-from .quant_linear import FMT_FP8, FMT_MXFP4, FMT_NVFP4, act_quant_fp8
+from .quant_linear import FMT_FP8, FMT_MXFP4, FMT_NVFP4, act_quant_fp8, act_quant_values
 
 _FMT_CODES = {"fp8": FMT_FP8, "fp4": FMT_MXFP4, "nvfp4": FMT_NVFP4}
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -183,9 +188,10 @@ def moe_config(t: int, k: int, n_routed: int, d: int, inter: int, sms: int) -> d
     small = t * k <= 4 * n_routed
     if not small and bt <= 16:  # T = 512 Flash: 4.3 ms, against 7.4 with the fused epilogue
         return dict(bt=bt, bw1=64, bw2=64, kc=128, split1=1, split2=1, warps=4, stages=3, dec=2)
-    if not small:  # T = 4096 Flash: 16.9 ms, against 22.4 unsplit with KC 32
+    if not small:  # Flash, H200 (scratch A/B, same run): T = 8192 13.8 ms with abf, against
+        # 18.4 without (8 warps; 13.6 with 4 warps); T = 2048 4.2 against 4.5 ms
         return dict(bt=bt, bw1=128, bw2=64 if t * (k + 1) <= 1024 else 128, kc=64, split1=2,
-                    split2=1, warps=4 if bt <= 16 else 8, stages=3, dec=0)
+                    split2=1, warps=4 if bt <= 16 else 8, stages=3, dec=0, abf=True)
     scale = sms / 132
     split1, split2 = (4, 4) if t <= 2 else (2, 2) if t <= 16 else (1, 1)
     return dict(bt=bt, bw1=64, bw2=64, kc=128,
@@ -236,19 +242,27 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
                                     n_exp, n_blocks, BT=bt, BLOCK=1024, EP2=ep2, num_warps=4)
     plan = (slots, blk_exp, blk_rows)
 
-    # 1. and 3. gate/up with the SwiGLU epilogue: h in FP8, rows = padded positions
-    q, s = act_quant_fp8(u)
-    hq = torch.empty(n_pos, inter, dtype=torch.float8_e4m3fn, device=dev)
-    hs = torch.empty(n_pos, inter // 128, dtype=torch.float32, device=dev)
+    # 1. and 3. gate/up with the SwiGLU epilogue: h in FP8, rows = padded positions. With
+    # `abf` (FP4 experts, bf16 MMA decode) the activations and h are their exact bf16 values:
+    # the inputs reach the tensor cores straight from memory instead of being scaled per chunk
     limit = float(experts[0].limit)
     main, extra = _tables(experts, shared, dev)
+    abf = bool(c.get("abf")) and c["dec"] == 0 and main.fmt != FMT_FP8
+    if abf:
+        q, s = act_quant_values(u), u.new_empty(0, dtype=torch.float32)
+    else:
+        q, s = act_quant_fp8(u)
+    hq = torch.empty(n_pos, inter, dtype=torch.bfloat16 if abf else torch.float8_e4m3fn,
+                     device=dev)
+    hs = torch.empty(n_pos, 0 if abf else inter // 128, dtype=torch.float32, device=dev)
     # launches: (tables, first plan expert, end plan expert, first block, blocks)
     if extra is None:
         groups = [(main, 0, n_exp, 0, n_blocks)]
     else:
         groups = [(extra, 0, 1, 0, shared_blocks), (main, 1, n_exp, shared_blocks, routed_blocks)]
     common = dict(ROUND=u.dtype == torch.bfloat16, HAS_LIMIT=limit > 0, BT=bt,
-                  KC=c["kc"], DEC=c["dec"], num_warps=c["warps"], num_stages=c["stages"])
+                  KC=c["kc"], DEC=c["dec"], ABF=abf, num_warps=c["warps"],
+                  num_stages=c["stages"])
     split1, split2 = c["split1"], c["split2"]
     per1 = triton.cdiv(d // 128, split1)
     split1 = triton.cdiv(d // 128, per1)
@@ -267,7 +281,8 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
     if partial1:
         _swiglu_kernel[(inter // 128, n_blocks)](
             part1, *plan, wgt, hq, hs, inter, n_exp, k1, limit, n_pos * 2 * inter,
-            ROUND=common["ROUND"], HAS_LIMIT=limit > 0, BT=bt, SPLIT=split1, num_warps=4)
+            ROUND=common["ROUND"], HAS_LIMIT=limit > 0, BT=bt, SPLIT=split1, HBF=abf,
+            num_warps=4)
     # 4. down: y rows = slots (split K: fp32 partial sums per split)
     per2 = triton.cdiv(inter // 128, split2)
     split2 = triton.cdiv(inter // 128, per2)
@@ -411,10 +426,12 @@ if HAS_TRITON:
                          W_FMT: tl.constexpr, GATE_UP: tl.constexpr, SPLIT: tl.constexpr,
                          ROUND: tl.constexpr, HAS_LIMIT: tl.constexpr, BW: tl.constexpr,
                          BT: tl.constexpr, KC: tl.constexpr,
-                         TWO: tl.constexpr, DEC: tl.constexpr = 0):
+                         TWO: tl.constexpr, DEC: tl.constexpr = 0, ABF: tl.constexpr = False):
         """One (weight tile, block, K-split) of a grouped GEMM; grid (N/BW, blocks of this
         launch, splits). Without SPLIT the tile is finished here (GATE_UP: SwiGLU + FP8 h;
-        else y in the working dtype); with SPLIT it writes fp32 partial sums."""
+        else y in the working dtype); with SPLIT it writes fp32 partial sums. ABF (bf16 MMA
+        decode only): the input rows are the exact bf16 values of the FP8 activations (no
+        scales, loads that feed the MMA directly) and GATE_UP writes h that way too."""
         b = blk_lo + tl.program_id(1)
         e, ok, pos, slot = _block_rows(b, slots_ptr, blk_exp_ptr, blk_rows_ptr, BT)
         if (e < e_lo) | (e >= e_hi):
@@ -451,12 +468,15 @@ if HAS_TRITON:
         kb1 = tl.minimum(kb0 + kb_per, K // 128)
         acc = tl.zeros((BW, BT), dtype=tl.float32)
         acc3 = tl.zeros((BW, BT), dtype=tl.float32)
-        if W_FMT == 1 and DEC > 0:  # row pointers hoisted: the loop only adds kb offsets
+        if W_FMT == 1:  # row pointers hoisted: the loop only adds kb offsets
             # the kernels' layout (mxfp4_to_kernel_layout): per 64-row group, per K-block,
             # 64 rows x 64 bytes (x 4 scales) contiguous
             grp = (rows // 64).to(tl.int64)
             r64 = rows % 64
-            j = tl.arange(0, 16)
+            if DEC > 0:
+                j = tl.arange(0, 16)
+            else:
+                j = tl.arange(0, KC // 2)
             w_row = w + grp[:, None] * (32 * K) + r64[:, None] * 64 + j[None, :]
             w3_row = w3 + grp[:, None] * (32 * K) + r64[:, None] * 64 + j[None, :]
             # a row's 4 scale bytes of one K-block, as one 32-bit word
@@ -468,9 +488,11 @@ if HAS_TRITON:
             # MMAs (Triton pipelines the weight and activation bytes but not these scale loads,
             # which would otherwise stall every iteration for a memory round trip; loading two
             # blocks ahead stops Triton from pipelining the rest)
-            sw, sw3, s = _mx_scales(s_row, s3_row, sa_row, ok, row_ok, kb0, kb0 < kb1, TWO)
+            sw, sw3, s = _mx_scales(s_row, s3_row, sa_row, ok, row_ok, kb0, kb0 < kb1, TWO,
+                                    not ABF)
         if W_FMT == 0:  # scales one K-block ahead (`_fp8_scales`)
-            sn, wn = _fp8_scales(sa_ptr, ws, arow, ok, rows, row_ok, kb0, K, kb0 < kb1, True)
+            sn, wn = _fp8_scales(sa_ptr, ws, arow, ok, rows, row_ok, kb0, K, kb0 < kb1,
+                                 not ABF)
             wn3 = wn
             if TWO:
                 wn3 = _fp8_wscale(ws3, rows, row_ok, kb0, K, kb0 < kb1)
@@ -478,10 +500,12 @@ if HAS_TRITON:
             if W_FMT == 0:
                 sc, wc, wc3 = sn, wn, wn3
                 sn, wn = _fp8_scales(sa_ptr, ws, arow, ok, rows, row_ok, kb + 1, K, kb + 1 < kb1,
-                                     True)
+                                     not ABF)
                 if TWO:
                     wn3 = _fp8_wscale(ws3, rows, row_ok, kb + 1, K, kb + 1 < kb1)
-                q, s = _fp8_act(sc, a_ptr, arow, ok, kb, K, False)
+                # ABF: the exact bf16 values of the FP8 activations, quantised again here (the
+                # same products: the codes and the scale can only move by a common power of two)
+                q, s = _fp8_act(sc, a_ptr, arow, ok, kb, K, ABF)
                 acc = _mma_fp8(acc, q, s, w, wc, rows, row_ok, kb, K)
                 if TWO:
                     acc3 = _mma_fp8(acc3, q, s, w3, wc3, rows, row_ok, kb, K)
@@ -495,16 +519,31 @@ if HAS_TRITON:
                     acc3 = _mxfp4_mma8(acc3, a_row + kb * 128, ok, cs, w3_row + kb * 4096, cw3,
                                        row_ok, DEC == 2)
             else:
-                s, inv = _act_scale(a_ptr, sa_ptr, arow, ok, kb, K, False)
+                if W_FMT == 1:  # MXFP4: this block's scales were loaded one block ahead
+                    cw, cw3, cs = sw, sw3, s
+                    sw, sw3, s = _mx_scales(s_row, s3_row, sa_row, ok, row_ok, kb + 1,
+                                            kb + 1 < kb1, TWO, not ABF)
+                elif not ABF:
+                    cs, _ = _act_scale(a_ptr, sa_ptr, arow, ok, kb, K, False)
                 for c in tl.static_range(128 // KC):
-                    a = tl.trans(_act_chunk(a_ptr, arow, ok, kb, c, K, s, inv, False, KC))
-                    # MXFP4 experts hold the kernels' layout (mxfp4_to_kernel_layout)
-                    wc = _fp4_chunk(w, ws, rows, row_ok, kb, c, K, W_FMT == 2, KC, True,
-                                    W_FMT == 1)
+                    if ABF:  # exact bf16 inputs: this load feeds the MMA (Triton pipelines it)
+                        k = kb * 128 + c * KC + tl.arange(0, KC)
+                        a = tl.trans(tl.load(a_ptr + arow[:, None].to(tl.int64) * K + k[None, :],
+                                             mask=ok[:, None], other=0.0))
+                    else:
+                        a = tl.trans(_act_chunk(a_ptr, arow, ok, kb, c, K, cs, cs, False, KC))
+                    # FP4 experts hold the kernels' layout (mxfp4_to_kernel_layout)
+                    if W_FMT == 1:
+                        wc = _mxfp4_bf16(w_row + kb * 4096, cw, c, row_ok, KC)
+                    else:
+                        wc = _fp4_chunk(w, ws, rows, row_ok, kb, c, K, True, KC, True, False)
                     acc = tl.dot(wc, a, acc)
                     if TWO:
-                        wc = _fp4_chunk(w3, ws3, rows, row_ok, kb, c, K, W_FMT == 2, KC,
-                                        True, W_FMT == 1)
+                        if W_FMT == 1:
+                            wc = _mxfp4_bf16(w3_row + kb * 4096, cw3, c, row_ok, KC)
+                        else:
+                            wc = _fp4_chunk(w3, ws3, rows, row_ok, kb, c, K, True, KC, True,
+                                            False)
                         acc3 = tl.dot(wc, a, acc3)
         if W_FMT == 2:
             acc = acc * tl.load(g_addr.to(tl.pointer_type(tl.float32)))
@@ -521,11 +560,43 @@ if HAS_TRITON:
         elif GATE_UP:
             rw = _routing_weight(wgt_ptr, slot, ok, k1)
             hq, hs = _swiglu_quant(tl.trans(acc), tl.trans(acc3), rw, limit, ROUND, HAS_LIMIT)
-            tl.store(out_ptr + pos[:, None].to(tl.int64) * N + rows[None, :], hq,
-                     mask=ok[:, None])
-            tl.store(out_s_ptr + pos.to(tl.int64) * (N // 128) + tl.program_id(0), hs, mask=ok)
+            _store_h(out_ptr, out_s_ptr, pos, ok, rows, tl.program_id(0), N, hq, hs, ABF)
         else:
             tl.store(out_ptr + slot[None, :].to(tl.int64) * N + rows[:, None], acc, mask=mask)
+
+    @triton.jit
+    def _store_h(h_ptr, hs_ptr, pos, ok, cols, cb, N, hq, hs, BF: tl.constexpr):
+        """Store w2's input h for positions pos [R], channels cols (128-block cb): FP8 codes
+        and scales, or (BF) their exact products in bf16 (e4m3 times a power of two)."""
+        if BF:
+            tl.store(h_ptr + pos[:, None].to(tl.int64) * N + cols[None, :],
+                     (hq.to(tl.float32) * hs[:, None]).to(tl.bfloat16), mask=ok[:, None])
+        else:
+            tl.store(h_ptr + pos[:, None].to(tl.int64) * N + cols[None, :], hq,
+                     mask=ok[:, None])
+            tl.store(hs_ptr + pos.to(tl.int64) * (N // 128) + cb, hs, mask=ok)
+
+    @triton.jit
+    def _mxfp4_bf16(w_ptr, sw, c, row_ok, KC: tl.constexpr):
+        """Chunk c (KC codes) of one 128-deep K-block of MXFP4 rows in the kernels' layout
+        (w_ptr [BW, KC/2]: the block's first bytes per row) -> exact bf16 [BW, KC] with the
+        block scales folded in, from the rows' 4 scale bytes sw (int32, loaded one block
+        ahead) instead of a scale load per chunk."""
+        p = tl.load(w_ptr + c * (KC // 2), mask=row_ok[:, None], other=0).to(tl.int32)
+        # e2m1 code -> fp32 bits with the 3 magnitude bits in exponent/mantissa: that float is
+        # value(code) * 2^-126 for every code (`_fp4_chunk`)
+        lo = (((p & 7) << 22) | ((p & 8) << 28)).to(tl.float32, bitcast=True) * 8.507059173023462e37
+        hi = (((p & 0x70) << 18) | ((p & 0x80) << 24)).to(tl.float32, bitcast=True) * 8.507059173023462e37
+        NS: tl.constexpr = KC // 32
+        si = c * NS + tl.arange(0, NS)
+        f = _e8m0_f32((sw[:, None] >> (8 * si[None, :])) & 0xFF)
+        R: tl.constexpr = p.shape[0]
+        f = tl.reshape(tl.broadcast_to(f[:, :, None], (R, NS, 16)), (R, KC // 2))
+        lo = (lo * f).to(tl.bfloat16)
+        hi = (hi * f).to(tl.bfloat16)
+        # byte b of each 16 holds codes b and b + 16 of the 32-block (fp4_to_halves)
+        w = tl.reshape(tl.join(lo, hi), (R, KC // 32, 16, 2))
+        return tl.reshape(tl.permute(w, (0, 1, 3, 2)), (R, KC))
 
     @triton.jit
     def _e2m1_e4m3(p, ASM: tl.constexpr):
@@ -562,15 +633,18 @@ if HAS_TRITON:
         return w.to(tl.float8e4nv, bitcast=True)
 
     @triton.jit
-    def _mx_scales(s_row, s3_row, sa_row, ok, row_ok, kb, live, TWO: tl.constexpr):
-        """The scales of K-block kb for `_mxfp4_mma8` (zero unless live): each weight row's 4
-        scale bytes as one int32 word (w1's and, when TWO, w3's), the tokens' activation scale
-        [BT]."""
+    def _mx_scales(s_row, s3_row, sa_row, ok, row_ok, kb, live, TWO: tl.constexpr,
+                   LOAD_S: tl.constexpr = True):
+        """The scales of K-block kb of an MXFP4 product (zero unless live): each weight row's
+        4 scale bytes as one int32 word (w1's and, when TWO, w3's), the tokens' activation
+        scale [BT] when LOAD_S."""
         sw = tl.load(s_row + kb * 64, mask=row_ok & live, other=0)
         sw3 = sw
         if TWO:
             sw3 = tl.load(s3_row + kb * 64, mask=row_ok & live, other=0)
-        s = tl.load(sa_row + kb, mask=ok & live, other=0.0)
+        s = tl.zeros(ok.shape, dtype=tl.float32)
+        if LOAD_S:
+            s = tl.load(sa_row + kb, mask=ok & live, other=0.0)
         return sw, sw3, s
 
     @triton.jit
@@ -593,7 +667,8 @@ if HAS_TRITON:
     @triton.jit
     def _swiglu_kernel(part_ptr, slots_ptr, blk_exp_ptr, blk_rows_ptr, wgt_ptr, hq_ptr, hs_ptr,
                        N, n_exp, k1, limit, part_stride, ROUND: tl.constexpr,
-                       HAS_LIMIT: tl.constexpr, BT: tl.constexpr, SPLIT: tl.constexpr):
+                       HAS_LIMIT: tl.constexpr, BT: tl.constexpr, SPLIT: tl.constexpr,
+                       HBF: tl.constexpr = False):
         """Split-K gate/up: sum the partial g, v of one (128 channels, block), then SwiGLU and
         FP8 h as the unsplit kernel's epilogue; grid (N/128, blocks)."""
         b = tl.program_id(1)
@@ -610,8 +685,7 @@ if HAS_TRITON:
             v += tl.load(p + off + N, mask=ok[:, None], other=0.0)
         hq, hs = _swiglu_quant(g, v, _routing_weight(wgt_ptr, slot, ok, k1), limit, ROUND,
                                HAS_LIMIT)
-        tl.store(hq_ptr + pos[:, None].to(tl.int64) * N + cols[None, :], hq, mask=ok[:, None])
-        tl.store(hs_ptr + pos.to(tl.int64) * (N // 128) + tl.program_id(0), hs, mask=ok)
+        _store_h(hq_ptr, hs_ptr, pos, ok, cols, tl.program_id(0), N, hq, hs, HBF)
 
     @triton.jit
     def _combine_kernel(ys_ptr, out_ptr, D, part_stride, K1: tl.constexpr, SPLIT: tl.constexpr,

@@ -98,15 +98,24 @@ def _kernel_shape_ok(x: torch.Tensor, k: int) -> bool:
 _SCALED_MM_OK: dict = {}
 
 
-def _act_quant_cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def act_quant_values(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] -> the exact values e4m3 * scale of its FP8 quantisation (SPEC.md 3), in bf16:
+    a power-of-two scale times an e4m3 value is a bf16 value, so the tensor cores can take the
+    quantised activations without their scales. CUDA only (the MoE kernels' large batches)."""
+    return _act_quant_cuda(x, values=True)[0]
+
+
+def _act_quant_cuda(x: torch.Tensor, values: bool = False):
     x = x.contiguous()
     m, k = x.shape
     if k % 128:
         raise ValueError(f"act_quant needs K % 128 == 0, got {k}")
-    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty(m, k // 128, dtype=torch.float32, device=x.device)
+    q = torch.empty(m, k, dtype=torch.bfloat16 if values else torch.float8_e4m3fn,
+                    device=x.device)
+    s = torch.empty(m, 0 if values else k // 128, dtype=torch.float32, device=x.device)
     if m:
-        _act_quant_kernel[(triton.cdiv(m, 32), k // 128)](x, q, s, m, k, BR=32, num_warps=4)
+        _act_quant_kernel[(triton.cdiv(m, 32), k // 128)](x, q, s, m, k, BR=32, VALUES=values,
+                                                          num_warps=4)
     return q, s
 
 
@@ -347,14 +356,20 @@ if HAS_TRITON:
         tl.store(y_ptr + i, tl.sum(v, 0).to(y_ptr.dtype.element_ty), mask=i < numel)
 
     @triton.jit
-    def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, BR: tl.constexpr):
+    def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, BR: tl.constexpr,
+                          VALUES: tl.constexpr = False):
+        """e4m3 codes and scales, or (VALUES) their exact products in bf16."""
         rows = tl.program_id(0) * BR + tl.arange(0, BR)
         kb = tl.program_id(1)
         ok = rows < M
         q, s = _quant_block(_act_tile(x_ptr, rows, ok, kb, K, True).to(tl.float32))
         k = kb * 128 + tl.arange(0, 128)
-        tl.store(q_ptr + rows[:, None].to(tl.int64) * K + k[None, :], q, mask=ok[:, None])
-        tl.store(s_ptr + rows.to(tl.int64) * (K // 128) + kb, s, mask=ok)
+        if VALUES:
+            tl.store(q_ptr + rows[:, None].to(tl.int64) * K + k[None, :],
+                     (q.to(tl.float32) * s[:, None]).to(tl.bfloat16), mask=ok[:, None])
+        else:
+            tl.store(q_ptr + rows[:, None].to(tl.int64) * K + k[None, :], q, mask=ok[:, None])
+            tl.store(s_ptr + rows.to(tl.int64) * (K // 128) + kb, s, mask=ok)
 
     @triton.jit
     def _qlinear_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, g_ptr, y_ptr, M, N, K, kb_per_split,

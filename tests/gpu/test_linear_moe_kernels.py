@@ -218,6 +218,26 @@ def test_moe_mxfp4_fp8_tensor_core_decodes(dec, base, monkeypatch):
                cfg=dict(base, dec=dec))
 
 
+@pytest.mark.parametrize("fmt,shared_fmt", [("fp4", "fp8"), ("nvfp4", "fp8"), ("nvfp4", "nvfp4")])
+@pytest.mark.parametrize("base", [
+    dict(bw1=128, bw2=128, kc=64, split1=2, split2=1, bt=64, warps=8),
+    dict(bw1=128, bw2=64, kc=32, split1=1, split2=2, bt=32, warps=4),
+], ids=["split-gate", "fused-gate"])
+def test_moe_exact_bf16_activation_values(fmt, shared_fmt, base, monkeypatch):
+    """`abf` (large batches, bf16 MMA decode): the GEMMs take the exact bf16 values of the FP8
+    activations and of h instead of codes and scales, and the FP8 shared expert quantises them
+    again. The products are the same, so the output is bit for bit the FP8-input path's."""
+    experts, shared = _random_moe(32, 4096, 2048, fmt, shared_fmt, torch.bfloat16, seed=9)
+    for t in (1, 40, 300, 1000):
+        u = torch.randn(t, 4096, device=DEV).bfloat16()
+        idx, wgt = _routing(t, 32, 6, "uniform", seed=t)
+        cfg = dict(base, dec=0)
+        want = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, dict(cfg, abf=False))
+        got = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, dict(cfg, abf=True))
+        assert torch.equal(got, want), f"T={t}: max diff {(got - want).abs().max().item()}"
+    _check_moe(experts, shared, [300], ["skewed"], monkeypatch, cfg=dict(base, dec=0, abf=True))
+
+
 @pytest.mark.parametrize("fmt", ["fp4", "nvfp4"])
 def test_moe_reloaded_fp4_experts_keep_the_kernels_layout(fmt, monkeypatch):
     """The first CUDA forward re-lays out FP4 experts in place (`to_kernel_layout`); loading a
