@@ -188,10 +188,12 @@ def moe_config(t: int, k: int, n_routed: int, d: int, inter: int, sms: int) -> d
     small = t * k <= 4 * n_routed
     if not small and bt <= 16:  # T = 512 Flash: 4.3 ms, against 7.4 with the fused epilogue
         return dict(bt=bt, bw1=64, bw2=64, kc=128, split1=1, split2=1, warps=4, stages=3, dec=2)
-    if not small:  # Flash, H200 (scratch A/B, same run): T = 8192 13.8 ms with abf, against
-        # 18.4 without (8 warps; 13.6 with 4 warps); T = 2048 4.2 against 4.5 ms
-        return dict(bt=bt, bw1=128, bw2=64 if t * (k + 1) <= 1024 else 128, kc=64, split1=2,
-                    split2=1, warps=4 if bt <= 16 else 8, stages=3, dec=0, abf=True)
+    if not small:  # Flash, H200 (scratch A/Bs, same run): T = 8192 13.8 ms with abf, against
+        # 18.4 without (8 warps; 13.6 with 4 warps), and 12.7 with the fused epilogue (split1
+        # 1, which is 8% slower at T = 2048); T = 2048 4.2 against 4.5 ms
+        return dict(bt=bt, bw1=128, bw2=64 if t * (k + 1) <= 1024 else 128, kc=64,
+                    split1=1 if bt >= 128 else 2, split2=1, warps=4 if bt <= 16 else 8,
+                    stages=3, dec=0, abf=True)
     scale = sms / 132
     split1, split2 = (4, 4) if t <= 2 else (2, 2) if t <= 16 else (1, 1)
     return dict(bt=bt, bw1=64, bw2=64, kc=128,
