@@ -218,9 +218,10 @@ def moe_sweep(quick: bool) -> None:
             timed = memo_timer(lambda cfg: t_us(
                 lambda: km._moe_cuda(u, *routes[0], experts, shared, cfg)), f"T={t}")
         # the decode first: it changes which tile shapes pay
-        coordinate_search(base, dict(dec=[0, 1, 2], kc=[32, 64, 128], bw1=[64, 128],
-                                     bw2=[32, 64, 128], stages=[2, 3, 4, 5], warps=[2, 4, 8],
-                                     split1=[1, 2, 4, 8, 16], split2=[1, 2, 4, 8]),
+        coordinate_search(base, dict(dec=[0, 1, 2], abf=[False, True], kc=[32, 64, 128],
+                                     bw1=[64, 128], bw2=[32, 64, 128], stages=[2, 3, 4, 5],
+                                     warps=[2, 4, 8], split1=[1, 2, 4, 8, 16],
+                                     split2=[1, 2, 4, 8]),
                           timed, f"MoE T={t}")
     del experts, shared
     torch.cuda.empty_cache()
