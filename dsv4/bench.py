@@ -77,17 +77,19 @@ def run_bench(args) -> dict:
     engine = _engine(args)
     n = args.batch_size if args.mode == "latency" else args.num_prompts
     try:
-        return measure(engine, args.mode, n, args.input_len, args.output_len, args.seed, args.model)
+        return measure(engine, args.mode, n, args.input_len, args.output_len, args.seed, args.model,
+                       iters=args.num_iters)
     finally:
         engine.close()
 
 
 def measure(engine, mode: str, n: int, input_len: int, output_len: int, seed: int = 0,
-            label: str = "") -> dict:
-    """Submit n random prompts of input_len tokens at once, generate output_len tokens each."""
+            label: str = "", iters: int = 1) -> dict:
+    """Submit n random prompts of input_len tokens at once, generate output_len tokens each;
+    `iters` times (new prompts each time). Prefill rate: from the median iteration's prefill
+    time (its last first token); TTFT and decode step: medians over every request and step."""
     from .engine.sampler import SamplingParams
     cfg = engine.model_config
-    prompts = _prompts(cfg.vocab_size, n, input_len, seed)
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     # Warm-up with the measured shapes (other prompts, a few tokens each; at most one full
     # batch): Triton compiles a kernel per shape class on first use (prefill chunks, MoE batch
@@ -100,6 +102,52 @@ def measure(engine, mode: str, n: int, input_len: int, output_len: int, seed: in
         engine.step()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    ttft: list[float] = []
+    prefill_times: list[float] = []
+    decode_steps: list[float] = []  # steps in which every request was already decoding
+    elapsed = 0.0
+    for it in range(iters):
+        prompts = _prompts(cfg.vocab_size, n, input_len, seed if it == 0 else seed + 1 + it)
+        first, steps, dt = _one_pass(engine, prompts, params)
+        ttft += first
+        prefill_times.append(max(first) if first else float("nan"))
+        decode_steps += steps
+        elapsed += dt
+    ttft.sort()
+    prefill_time = sorted(prefill_times)[len(prefill_times) // 2]
+    step = sorted(decode_steps)[len(decode_steps) // 2] if decode_steps else float("nan")
+    spec = engine.spec_stats() if hasattr(engine, "spec_stats") else None
+    per_step = spec["mean_accepted_length"] if spec and spec["mean_accepted_length"] else 1.0
+    tpot = step / per_step
+    batch = min(n, engine.max_num_seqs)
+    ctx = input_len + output_len // 2
+    step_bytes = decode_bytes_per_step(engine.model, batch, ctx,
+                                       getattr(getattr(engine, "cache", None), "kv_fp8", False))
+    result = {
+        "mode": mode, "model": label, "requests": n, "input_len": input_len,
+        "output_len": output_len,
+        "prefill_tokens_per_s": n * input_len / prefill_time,
+        "ttft_ms_median": 1e3 * ttft[len(ttft) // 2] if ttft else None,
+        "tpot_ms_median": 1e3 * tpot,
+        "decode_step_ms_median": 1e3 * step,
+        "output_tokens_per_s": iters * n * output_len / elapsed,
+        "decode_tokens_per_s": batch * per_step / step if decode_steps else None,
+        "peak_gpu_memory_gb": (torch.cuda.max_memory_allocated() / 1e9
+                               if torch.cuda.is_available() else None),
+        "decode_bytes_per_step_gb": step_bytes / 1e9,
+        "decode_roofline_fraction": (step_bytes / HBM_BYTES_PER_S) / step if decode_steps else None,
+    }
+    if iters > 1:
+        result["iterations"] = iters
+        result["prefill_tokens_per_s_per_iteration"] = [n * input_len / t for t in prefill_times]
+    if spec:
+        result["speculative"] = spec
+    return result
+
+
+def _one_pass(engine, prompts, params) -> tuple[list[float], list[float], float]:
+    """Run the prompts to completion: (times to first token, decode step times, wall time)."""
+    n = len(prompts)
     _sync()
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
@@ -121,41 +169,15 @@ def measure(engine, mode: str, n: int, input_len: int, output_len: int, seed: in
                 first_token[o.request_id] = te
         if all_decoding and outs:
             decode_steps.append(te - ts)
-    t_end = time.perf_counter()
-    ttft = sorted(v - t0 for v in first_token.values())
-    prefill_time = max(ttft) if ttft else float("nan")
-    step = sorted(decode_steps)[len(decode_steps) // 2] if decode_steps else float("nan")
-    spec = engine.spec_stats() if hasattr(engine, "spec_stats") else None
-    per_step = spec["mean_accepted_length"] if spec and spec["mean_accepted_length"] else 1.0
-    tpot = step / per_step
-    batch = min(n, engine.max_num_seqs)
-    ctx = input_len + output_len // 2
-    step_bytes = decode_bytes_per_step(engine.model, batch, ctx,
-                                       getattr(getattr(engine, "cache", None), "kv_fp8", False))
-    result = {
-        "mode": mode, "model": label, "requests": n, "input_len": input_len,
-        "output_len": output_len,
-        "prefill_tokens_per_s": n * input_len / prefill_time,
-        "ttft_ms_median": 1e3 * ttft[len(ttft) // 2] if ttft else None,
-        "tpot_ms_median": 1e3 * tpot,
-        "decode_step_ms_median": 1e3 * step,
-        "output_tokens_per_s": n * output_len / (t_end - t0),
-        "decode_tokens_per_s": batch * per_step / step if decode_steps else None,
-        "peak_gpu_memory_gb": (torch.cuda.max_memory_allocated() / 1e9
-                               if torch.cuda.is_available() else None),
-        "decode_bytes_per_step_gb": step_bytes / 1e9,
-        "decode_roofline_fraction": (step_bytes / HBM_BYTES_PER_S) / step if decode_steps else None,
-    }
-    if spec:
-        result["speculative"] = spec
-    return result
+    return [v - t0 for v in first_token.values()], decode_steps, time.perf_counter() - t0
 
 
 def print_result(r: dict) -> None:
     def f(v, fmt):
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+    iters = f", {r['iterations']} passes" if r.get("iterations") else ""
     print(f"== dsv4 bench {r['mode']}: {r['model']}, {r['requests']} requests, "
-          f"{r['input_len']} in / {r['output_len']} out")
+          f"{r['input_len']} in / {r['output_len']} out{iters}")
     print(f"prefill throughput      {f(r['prefill_tokens_per_s'], '.1f')} tok/s")
     print(f"time to first token     {f(r['ttft_ms_median'], '.2f')} ms (median)")
     print(f"time per output token   {f(r['tpot_ms_median'], '.3f')} ms (median decode step)")
@@ -177,12 +199,14 @@ def add_bench_cli(subparsers) -> None:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--num-iters", type=int, default=1,
+                   help="measured passes, each with new prompts; medians over all of them")
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    for name in ("input_len", "output_len", "batch_size", "num_prompts"):
+    for name in ("input_len", "output_len", "batch_size", "num_prompts", "num_iters"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     r = run_bench(args)

@@ -25,3 +25,23 @@ def test_bench_rejects_bad_lengths():
                            "--device", "cpu", "--input-len", "0"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0 and "--input-len must be >= 1" in proc.stderr
+
+
+def test_bench_repeats_passes_with_new_prompts(tmp_path):
+    """--num-iters: every pass is measured (new prompts, so nothing is served from a cache),
+    the rates of each pass are reported and the headline numbers are medians over them."""
+    out = tmp_path / "r.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsv4.cli", "bench", "throughput", "--model", "tiny", "--device",
+         "cpu", "--input-len", "12", "--output-len", "4", "--num-prompts", "3", "--num-iters", "3",
+         "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "3 passes" in proc.stdout
+    r = json.loads(out.read_text())
+    per = r["prefill_tokens_per_s_per_iteration"]
+    assert r["iterations"] == 3 and len(per) == 3 and all(v > 0 for v in per)
+    assert r["prefill_tokens_per_s"] == sorted(per)[1]
+    proc = subprocess.run([sys.executable, "-m", "dsv4.cli", "bench", "latency", "--model", "tiny",
+                           "--device", "cpu", "--num-iters", "0"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "--num-iters must be >= 1" in proc.stderr
