@@ -55,6 +55,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .quant_linear import _e2m1_f32
+
     @triton.jit
     def _indexer_scores_kernel(q_ptr, w_ptr, keys_ptr, cand_ptr, out_ptr, N, NI, blocks_per_cta,
                                stride_qt, stride_qh, stride_wt, stride_kn, stride_ct, stride_ot,
@@ -123,12 +125,8 @@ if HAS_TRITON:
     @triton.jit
     def _decode_keys(p, e, C: tl.constexpr):
         """Packed key bytes (codes p [BN, C/2], e8m0 scales e [BN, C/32]) -> exact fp32 [BN, C]:
-        each e2m1 code's 3 magnitude bits go into an fp32's exponent and mantissa (value *
-        2^-126, the subnormal 0.5 included), the sign to bit 31; times 2^126, then the block's
-        e8m0 scale."""
-        p = p.to(tl.int32)
-        lo = (((p & 7) << 22) | ((p & 8) << 28)).to(tl.float32, bitcast=True) * 8.507059173023462e37
-        hi = (((p & 0x70) << 18) | ((p & 0x80) << 24)).to(tl.float32, bitcast=True) * 8.507059173023462e37
+        the codes' values (`_e2m1_f32`) times their block's e8m0 scale."""
+        lo, hi = _e2m1_f32(p)
         f = (e.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2^(e-127); the packer keeps e >= 1
         f = tl.reshape(tl.broadcast_to(f[:, :, None], (f.shape[0], C // 32, 16)),
                        (f.shape[0], C // 2))

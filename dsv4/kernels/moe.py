@@ -310,8 +310,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .quant_linear import (_act_chunk, _act_scale, _e8m0_f32, _fp4_chunk, _fp8_act,
-                               _fp8_scales, _fp8_wscale, _mma_fp8, _quant_block)
+    from .quant_linear import (_act_chunk, _act_scale, _e2m1_f32, _e8m0_f32, _fp4_chunk,
+                               _fp8_act, _fp8_scales, _fp8_wscale, _mma_fp8, _quant_block)
 
     @triton.jit
     def _route_count_kernel(idx_ptr, counts_ptr, expert_ptr, rank_ptr, T, k,
@@ -584,11 +584,8 @@ if HAS_TRITON:
         (w_ptr [BW, KC/2]: the block's first bytes per row) -> exact bf16 [BW, KC] with the
         block scales folded in, from the rows' 4 scale bytes sw (int32, loaded one block
         ahead) instead of a scale load per chunk."""
-        p = tl.load(w_ptr + c * (KC // 2), mask=row_ok[:, None], other=0).to(tl.int32)
-        # e2m1 code -> fp32 bits with the 3 magnitude bits in exponent/mantissa: that float is
-        # value(code) * 2^-126 for every code (`_fp4_chunk`)
-        lo = (((p & 7) << 22) | ((p & 8) << 28)).to(tl.float32, bitcast=True) * 8.507059173023462e37
-        hi = (((p & 0x70) << 18) | ((p & 0x80) << 24)).to(tl.float32, bitcast=True) * 8.507059173023462e37
+        p = tl.load(w_ptr + c * (KC // 2), mask=row_ok[:, None], other=0)
+        lo, hi = _e2m1_f32(p)
         NS: tl.constexpr = KC // 32
         si = c * NS + tl.arange(0, NS)
         f = _e8m0_f32((sw[:, None] >> (8 * si[None, :])) & 0xFF)

@@ -268,6 +268,16 @@ if HAS_TRITON:
         return b.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
 
     @triton.jit
+    def _e2m1_f32(p):
+        """Packed e2m1 bytes -> the exact fp32 values of (low nibble, high nibble). Each code's
+        3 magnitude bits go into an fp32's exponent and mantissa (that float is value * 2^-126
+        for every code, the subnormal 0.5 included), the sign into bit 31; then times 2^126."""
+        p = p.to(tl.int32)
+        lo = (((p & 7) << 22) | ((p & 8) << 28)).to(tl.float32, bitcast=True)
+        hi = (((p & 0x70) << 18) | ((p & 0x80) << 24)).to(tl.float32, bitcast=True)
+        return lo * 8.507059173023462e37, hi * 8.507059173023462e37
+
+    @triton.jit
     def _fp4_chunk(w_ptr, s_ptr, rows, row_ok, kb, c, K, NV: tl.constexpr, KC: tl.constexpr,
                    TILED: tl.constexpr = False, HALVES: tl.constexpr = False):
         """Packed e2m1 rows [BW], K-chunk c (KC wide) of K-block kb -> exact bf16 [BW, KC] with
@@ -287,11 +297,8 @@ if HAS_TRITON:
             w_at = rows.to(tl.int64) * (K // 2) + kb * 64
             s_at = rows.to(tl.int64) * (K // G) + kb * SPK
         p = tl.load(w_ptr + w_at[:, None] + c * (KC // 2) + j[None, :], mask=row_ok[:, None],
-                    other=0).to(tl.int32)
-        # e2m1 code (sign bit 3) -> fp32 bits with the 3 magnitude bits in exponent/mantissa:
-        # that float is value(code) * 2^-126 for every code, the subnormal 0.5 included.
-        lo = (((p & 7) << 22) | ((p & 8) << 28)).to(tl.float32, bitcast=True) * 8.507059173023462e37
-        hi = (((p & 0x70) << 18) | ((p & 0x80) << 24)).to(tl.float32, bitcast=True) * 8.507059173023462e37
+                    other=0)
+        lo, hi = _e2m1_f32(p)
         # one scale per G elements = G/2 bytes: load the chunk's NS scales, widen to the bytes
         NS: tl.constexpr = KC // G
         si = tl.arange(0, NS)
