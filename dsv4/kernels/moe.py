@@ -538,14 +538,13 @@ if HAS_TRITON:
                     if W_FMT == 1:
                         wc = _mxfp4_bf16(w_row + kb * 4096, cw, c, row_ok, KC)
                     else:
-                        wc = _fp4_chunk(w, ws, rows, row_ok, kb, c, K, True, KC, True, False)
+                        wc = _fp4_chunk(w, ws, rows, row_ok, kb, c, K, True, KC, True)
                     acc = tl.dot(wc, a, acc)
                     if TWO:
                         if W_FMT == 1:
                             wc = _mxfp4_bf16(w3_row + kb * 4096, cw3, c, row_ok, KC)
                         else:
-                            wc = _fp4_chunk(w3, ws3, rows, row_ok, kb, c, K, True, KC, True,
-                                            False)
+                            wc = _fp4_chunk(w3, ws3, rows, row_ok, kb, c, K, True, KC, True)
                         acc3 = tl.dot(wc, a, acc3)
         if W_FMT == 2:
             acc = acc * tl.load(g_addr.to(tl.pointer_type(tl.float32)))

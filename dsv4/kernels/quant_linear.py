@@ -279,13 +279,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _fp4_chunk(w_ptr, s_ptr, rows, row_ok, kb, c, K, NV: tl.constexpr, KC: tl.constexpr,
-                   TILED: tl.constexpr = False, HALVES: tl.constexpr = False):
+                   TILED: tl.constexpr = False):
         """Packed e2m1 rows [BW], K-chunk c (KC wide) of K-block kb -> exact bf16 [BW, KC] with
         the block scales folded in (s_ptr: e8m0 [N, K/32] for MXFP4, e4m3 [N, K/16] for NVFP4,
         as bytes). Narrow chunks keep the decode's registers small, wide ones load more bytes
         per instruction. The MoE kernels' layout (`formats.*_to_kernel_layout`): TILED, 64-row
-        groups with contiguous K-blocks; HALVES (MXFP4), byte b of each 16 holds codes b and
-        b + 16 of the 32-block."""
+        groups with contiguous K-blocks (the MoE decodes its MXFP4 experts, whose bytes also
+        hold codes b and b + 16 of each 32-block, with `moe._mxfp4_bf16`)."""
         G: tl.constexpr = 16 if NV else 32
         SPK: tl.constexpr = 128 // G  # scales per row and K-block
         j = tl.arange(0, KC // 2)
@@ -312,9 +312,6 @@ if HAS_TRITON:
         lo = (lo * f).to(tl.bfloat16)
         hi = (hi * f).to(tl.bfloat16)
         R: tl.constexpr = lo.shape[0]
-        if HALVES:  # byte b of each 16: codes b and b + 16 of the 32-block (fp4_to_halves)
-            w = tl.reshape(tl.join(lo, hi), (R, KC // 32, 16, 2))
-            return tl.reshape(tl.permute(w, (0, 1, 3, 2)), (R, KC))
         # element 2j is the low nibble of byte j
         return tl.reshape(tl.join(lo, hi), (R, KC))
 
