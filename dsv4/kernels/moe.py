@@ -45,7 +45,8 @@ loops load each K-block's scales one block ahead (Triton's pipeliner prefetches 
 that feed a dot: the weight and activation bytes).
 The shared expert is plan expert 0 and rides in the same launches when its weight format equals
 the routed experts' (FP8 or NVFP4 checkpoints); official FP4 checkpoints keep the shared expert
-in FP8, so each GEMM is then launched twice, once per format, over disjoint blocks.
+in FP8, so each GEMM is then launched twice, once per format, over disjoint blocks; for small
+batches the shared expert's launch runs on a side stream, beside the routed experts' launch.
 Rounding follows the reference: each linear's output is rounded to the working dtype before
 the fp32 SwiGLU / sum, h is rounded before its quantisation.
 """
@@ -196,10 +197,35 @@ def moe_config(t: int, k: int, n_routed: int, d: int, inter: int, sms: int) -> d
                     stages=3, dec=0, abf=True)
     scale = sms / 132
     split1, split2 = (4, 4) if t <= 2 else (2, 2) if t <= 16 else (1, 1)
+    # `overlap`: a separate shared-expert launch (FP8 beside FP4 experts) runs on a side
+    # stream; H200, Flash, same run: T = 1 72.5 -> 64.8 us, 8: 283 -> 273, 64: 1101 -> 1115
     return dict(bt=bt, bw1=64, bw2=64, kc=128,
                 split1=max(1, min(d // 256, round(split1 * scale))),
                 split2=max(1, min(inter // 256, round(split2 * scale))),
-                warps=4 if bt <= 16 else 8, stages=3, dec=2)
+                warps=4 if bt <= 16 else 8, stages=3, dec=2, overlap=t <= 32)
+
+
+_SIDE: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _run_groups(groups, launch, overlap: bool) -> None:
+    """Launch a GEMM for each weight-format group. With two groups (the FP8 shared expert of
+    an FP4 checkpoint) and `overlap`, the shared expert's launch runs on a side stream beside
+    the routed experts' (also inside CUDA-graph capture): its small grid alone would leave
+    the GPU half idle. The groups write disjoint rows; the caller's stream waits for both."""
+    if len(groups) == 1 or not overlap:
+        for g in groups:
+            launch(*g)
+        return
+    cur = torch.cuda.current_stream()
+    side = _SIDE.get(cur.device)
+    if side is None:
+        side = _SIDE[cur.device] = torch.cuda.Stream(cur.device)
+    side.wait_stream(cur)
+    with torch.cuda.stream(side):
+        launch(*groups[0])
+    launch(*groups[1])
+    cur.wait_stream(side)
 
 
 def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Tensor:
@@ -272,7 +298,9 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
     partial1 = split1 > 1 or c["bw1"] != 128
     part1 = (torch.empty(split1, n_pos, 2 * inter, dtype=torch.float32, device=dev)
              if partial1 else hq)
-    for tab, e_lo, e_hi, b_lo, nb in groups:
+    overlap = c.get("overlap", False) and u.is_cuda
+
+    def gate_up(tab, e_lo, e_hi, b_lo, nb):
         p = tab.ptrs
         _moe_gemm_kernel[((2 if partial1 else 1) * inter // c["bw1"], nb, split1)](
             q, s, *plan, p["w1w"], p["w1s"], p["w1g"], p["w3w"], p["w3s"], p["w3g"], wgt,
@@ -280,6 +308,7 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
             n_pos * 2 * inter, W_FMT=tab.fmt, GATE_UP=True, SPLIT=partial1, TWO=not partial1,
             BW=c["bw1"],
             **common)
+    _run_groups(groups, gate_up, overlap)
     if partial1:
         _swiglu_kernel[(inter // 128, n_blocks)](
             part1, *plan, wgt, hq, hs, inter, n_exp, k1, limit, n_pos * 2 * inter,
@@ -290,12 +319,14 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
     split2 = triton.cdiv(inter // 128, per2)
     ys = torch.empty(split2, n_slots, d, dtype=u.dtype if split2 == 1 else torch.float32,
                      device=dev)
-    for tab, e_lo, e_hi, b_lo, nb in groups:
+
+    def down(tab, e_lo, e_hi, b_lo, nb):
         p = tab.ptrs
         _moe_gemm_kernel[(triton.cdiv(d, c["bw2"]), nb, split2)](
             hq, hs, *plan, p["w2w"], p["w2s"], p["w2g"], p["w2w"], p["w2s"], p["w2g"], wgt,
             ys, hs, d, inter, n_exp, e_lo, e_hi, b_lo, k1, limit, per2, n_slots * d,
             W_FMT=tab.fmt, GATE_UP=False, SPLIT=split2 > 1, TWO=False, BW=c["bw2"], **common)
+    _run_groups(groups, down, overlap)
     # 5. sum the slots of each token (and the K-splits of each slot)
     out = torch.empty_like(u)
     bd = 256 if t <= 16 else 1024  # small batches: more CTAs, each with its loads in flight

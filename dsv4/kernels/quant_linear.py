@@ -21,11 +21,15 @@ The tile helpers (`_fp8_scales`, `_fp8_act`, `_act_scale`, `_act_chunk`, `_fp4_c
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from . import HAS_TRITON, num_sms, use_triton
 from ..quant.formats import dequant_fp8, dequant_mxfp4, dequant_nvfp4
 from ..quant.sim import act_quant, act_quant_sim
+
+_log = logging.getLogger(__name__)
 
 # Weight formats as the kernels know them (constexpr W_FMT).
 FMT_FP8, FMT_MXFP4, FMT_NVFP4 = 0, 1, 2
@@ -105,17 +109,20 @@ def act_quant_values(x: torch.Tensor) -> torch.Tensor:
     return _act_quant_cuda(x, values=True)[0]
 
 
-def _act_quant_cuda(x: torch.Tensor, values: bool = False):
+def _act_quant_cuda(x: torch.Tensor, values: bool = False, pad_to: int = 1):
+    """Codes and scales of x [M, K] (or their products, `values`), with the rows padded with
+    zeros (code 0, a finite scale) to a multiple of `pad_to`."""
     x = x.contiguous()
     m, k = x.shape
     if k % 128:
         raise ValueError(f"act_quant needs K % 128 == 0, got {k}")
-    q = torch.empty(m, k, dtype=torch.bfloat16 if values else torch.float8_e4m3fn,
+    mo = -(-m // pad_to) * pad_to
+    q = torch.empty(mo, k, dtype=torch.bfloat16 if values else torch.float8_e4m3fn,
                     device=x.device)
-    s = torch.empty(m, 0 if values else k // 128, dtype=torch.float32, device=x.device)
-    if m:
-        _act_quant_kernel[(triton.cdiv(m, 32), k // 128)](x, q, s, m, k, BR=32, VALUES=values,
-                                                          num_warps=4)
+    s = torch.empty(mo, 0 if values else k // 128, dtype=torch.float32, device=x.device)
+    if mo:
+        _act_quant_kernel[(triton.cdiv(mo, 32), k // 128)](x, q, s, m, mo, k, BR=32,
+                                                           VALUES=values, num_warps=4)
     return q, s
 
 
@@ -149,12 +156,17 @@ def _qlinear_cuda(x, fmt: int, weight, scale, gscale, path: str = "auto",
         else:
             path = "triton"
     if path == "scaled_mm":
-        q, s = _act_quant_cuda(x2)
+        # cuBLAS's block-scaled GEMM needs M % 4 == 0 (CUBLAS_STATUS_NOT_SUPPORTED otherwise,
+        # H200, torch 2.11): pad the activation rows, drop the extra outputs
+        q, s = _act_quant_cuda(x2, pad_to=4)
         try:
             y = _scaled_mm_blockwise(q, s, weight, scale, x.dtype)
-            return y.reshape(*lead, n)
-        except (RuntimeError, NotImplementedError):  # cuBLAS < 12.9 or unsupported layout
+            return y[:m].reshape(*lead, n)
+        except (RuntimeError, NotImplementedError) as exc:  # cuBLAS < 12.9, say
             _SCALED_MM_OK[(x.device, n, k)] = False
+            _log.warning("FP8 linear %dx%d: cuBLAS block-scaled _scaled_mm failed (%s); "
+                         "using the Triton kernel for it from now on", n, k,
+                         str(exc).splitlines()[0][:200])
             path = "triton"
     g = gscale if gscale is not None else x2  # the global scale is read for NVFP4 only
     nkb = k // 128
@@ -360,14 +372,15 @@ if HAS_TRITON:
         tl.store(y_ptr + i, tl.sum(v, 0).to(y_ptr.dtype.element_ty), mask=i < numel)
 
     @triton.jit
-    def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, BR: tl.constexpr,
+    def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, MO, K, BR: tl.constexpr,
                           VALUES: tl.constexpr = False):
-        """e4m3 codes and scales, or (VALUES) their exact products in bf16."""
+        """e4m3 codes and scales, or (VALUES) their exact products in bf16, of rows < M;
+        rows M .. MO-1 (padding) get the codes of zeros."""
         rows = tl.program_id(0) * BR + tl.arange(0, BR)
         kb = tl.program_id(1)
-        ok = rows < M
-        q, s = _quant_block(_act_tile(x_ptr, rows, ok, kb, K, True).to(tl.float32))
+        q, s = _quant_block(_act_tile(x_ptr, rows, rows < M, kb, K, True).to(tl.float32))
         k = kb * 128 + tl.arange(0, 128)
+        ok = rows < MO
         if VALUES:
             tl.store(q_ptr + rows[:, None].to(tl.int64) * K + k[None, :],
                      (q.to(tl.float32) * s[:, None]).to(tl.bfloat16), mask=ok[:, None])
