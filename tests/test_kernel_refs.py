@@ -283,3 +283,29 @@ def test_indexer_reference_reads_packed_keys_like_float_ones():
     cand = torch.tensor([[5, 0, -1, 63], [1, 2, 3, -1], [-1, -1, -1, -1]])
     want = indexer_scores_ref(q, w, keys, cand)
     assert torch.equal(indexer_scores_ref(q, w, pack_index_fp4(keys), cand), want)
+
+
+def test_out_of_memory_does_not_switch_gemm_paths_for_good(monkeypatch):
+    """A failure of cuBLAS's block-scaled FP8 GEMM or of mm(out_dtype=) switches that path
+    off for good; an out-of-memory error is transient and must reach the caller instead."""
+    from dsv4.kernels import f32_linear as fl
+    from dsv4.kernels import quant_linear as ql
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(fl, "_MM_DTYPE_OK", {})
+    monkeypatch.setattr(fl, "use_triton", lambda x: True)
+    monkeypatch.setattr(torch, "mm", oom)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        fl.linear_f32(torch.randn(3, 8), torch.randn(4, 8).bfloat16())
+    assert fl._MM_DTYPE_OK == {}
+
+    monkeypatch.setattr(ql, "_SCALED_MM_OK", {})
+    monkeypatch.setattr(ql, "_act_quant_cuda", lambda x, values=False, pad_to=1: (x, x))
+    monkeypatch.setattr(ql, "_scaled_mm_blockwise", oom)
+    x = torch.randn(ql.SCALED_MM_MIN_M, 128)
+    w = torch.zeros(4, 128, dtype=torch.float8_e4m3fn)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        ql._qlinear_cuda(x, ql.FMT_FP8, w, torch.zeros(1, 1, dtype=torch.uint8), None)
+    assert ql._SCALED_MM_OK == {}

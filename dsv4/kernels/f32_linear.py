@@ -46,6 +46,8 @@ def linear_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     p, t, k = parts.shape
     try:
         y = torch.mm(parts.reshape(p * t, k), w.t(), out_dtype=torch.float32)
+    except torch.cuda.OutOfMemoryError:  # transient: must not switch the path for good
+        raise
     except (RuntimeError, TypeError, NotImplementedError):  # torch without mm(out_dtype=)
         _MM_DTYPE_OK[x.device] = False
         return linear_f32_ref(x, w)

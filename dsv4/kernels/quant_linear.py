@@ -162,6 +162,8 @@ def _qlinear_cuda(x, fmt: int, weight, scale, gscale, path: str = "auto",
         try:
             y = _scaled_mm_blockwise(q, s, weight, scale, x.dtype)
             return y[:m].reshape(*lead, n)
+        except torch.cuda.OutOfMemoryError:  # transient: must not switch the path for good
+            raise
         except (RuntimeError, NotImplementedError) as exc:  # cuBLAS < 12.9, say
             _SCALED_MM_OK[(x.device, n, k)] = False
             _log.warning("FP8 linear %dx%d: cuBLAS block-scaled _scaled_mm failed (%s); "
