@@ -112,7 +112,8 @@ def bench_attention(H: int, topk: int, B: int, fp8: bool, configs: list[AttnConf
         fns = [lambda a=a: sparse_attention_triton(a[0], sink, D ** -0.5, wc, a[1], a[2], cc, a[3],
                                                    config=cfg) for a in inputs]
         tag = "" if cfg is None else (f" h{cfg.block_h}k{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}"
-                                      + (f" split{cfg.splits}" if cfg.splits else ""))
+                                      + (f" split{cfg.splits}" if cfg.splits else "")
+                                      + (f" {cfg.kernel}" if cfg.kernel != "auto" else ""))
         try:
             ms = bench(fns)
         except Exception as e:  # a config that does not compile on this GPU

@@ -14,12 +14,16 @@ list is split across CTAs and a second kernel merges the partial softmaxes with 
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from . import HAS_TRITON, num_sms, use_triton
 from .kv_fp8 import unpack_kv_fp8
+
+_log = logging.getLogger(__name__)
+_WG_FAILED: list[str] = []  # set once the Gluon kernel failed to build here: Triton from then on
 
 
 def gather_rows(idx: torch.Tensor, cache: torch.Tensor, new: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,12 +86,15 @@ def sparse_attention_ref(q: torch.Tensor, sink: torch.Tensor, scale: float,
 @dataclass(frozen=True)
 class AttnConfig:
     """Tile shape of the Triton kernel: heads per CTA, rows per step, warps, pipeline depth;
-    `splits` = 0 lets the launcher choose how many CTAs share one token's row list."""
+    `splits` = 0 lets the launcher choose how many CTAs share one token's row list. `kernel`:
+    "auto" runs the Gluon warpgroup kernel (`sparse_attention_wg.py`) where it applies (bf16
+    rows, D = 512, 64 heads a CTA, 8 warps), "triton" always the Triton kernel."""
     block_h: int = 64
     block_k: int = 32
     num_warps: int = 8
     num_stages: int = 2
     splits: int = 0
+    kernel: str = "auto"
 
 
 def default_config(q: torch.Tensor, fp8: bool = False) -> AttnConfig:
@@ -96,9 +103,17 @@ def default_config(q: torch.Tensor, fp8: bool = False) -> AttnConfig:
         return AttnConfig(block_h=16, block_k=16, num_warps=4, num_stages=1)
     if fp8:  # rows dequantised to bf16 in registers: 32-row tiles fit
         return AttnConfig(block_k=32, num_stages=2)
-    if q.shape[1] >= 128:
+    if q.shape[1] >= 128 or _wg_applies(q):  # the Gluon kernel: 64-row tiles at H=64 too
         return AttnConfig(block_k=64, num_stages=2)
     return AttnConfig(block_k=32, num_stages=3)
+
+
+def _wg_applies(q: torch.Tensor) -> bool:
+    """Whether bf16 rows for q would run the Gluon warpgroup kernel (see `_launch_wg`)."""
+    if _WG_FAILED or q.dtype != torch.bfloat16 or q.shape[-1] != 512 or q.shape[1] % 64:
+        return False
+    from .sparse_attention_wg import HAS_GLUON
+    return HAS_GLUON
 
 
 if HAS_TRITON:
@@ -330,20 +345,45 @@ if HAS_TRITON:
             part_ml = torch.empty(splits, T, H, 2, dtype=torch.float32, device=q.device)
         else:
             part_o = part_ml = o
-        _sparse_attn_kernel[(T * n_hb, splits)](
-            q, sink, o, part_o, part_ml, win_cache, win_new, win_idx, cmp_cache, cmp_idx,
-            T, H, win_cache.shape[0], Kw, Kc, n_win_tiles, n_tiles, tps,
-            q.stride(0), q.stride(1), o.stride(0), o.stride(1), win_idx.stride(0),
-            cmp_idx.stride(0), win_cache.stride(0), scale * _LOG2E,
-            D=D, BLOCK_D=BD, BLOCK_H=BH, BLOCK_K=BK, FP8=fp8, NOPE=D - rope_dim, ROPE=rope_dim,
-            SPLIT=splits > 1, IEEE=q.dtype == torch.float32,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        args = (q, sink, o, part_o, part_ml, win_cache, win_new, win_idx, cmp_cache, cmp_idx,
+                T, H, win_cache.shape[0], Kw, Kc, n_win_tiles, n_tiles, tps,
+                q.stride(0), q.stride(1), o.stride(0), o.stride(1), win_idx.stride(0),
+                cmp_idx.stride(0), win_cache.stride(0), scale * _LOG2E)
+        if not _launch_wg(cfg, q, fp8, BH, BK, splits, args):
+            _sparse_attn_kernel[(T * n_hb, splits)](
+                *args, D=D, BLOCK_D=BD, BLOCK_H=BH, BLOCK_K=BK, FP8=fp8, NOPE=D - rope_dim,
+                ROPE=rope_dim, SPLIT=splits > 1, IEEE=q.dtype == torch.float32,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if splits > 1:
             cd = min(BD, 128)
             _combine_kernel[(T, triton.cdiv(H, 16), triton.cdiv(D, cd))](
                 sink, part_o, part_ml, o, T, H, splits, o.stride(0), o.stride(1),
                 D=D, BLOCK_D=cd, BLOCK_H=16, num_warps=4)
         return o
+
+
+    def _launch_wg(cfg: AttnConfig, q: torch.Tensor, fp8: bool, BH: int, BK: int, splits: int,
+                   args: tuple) -> bool:
+        """Run the Gluon warpgroup kernel if it applies; False sends the caller to Triton."""
+        T, H, D = q.shape
+        if (cfg.kernel == "triton" or _WG_FAILED or fp8 or q.dtype != torch.bfloat16 or D != 512
+                or BH != 64 or H % 64 or BK not in (32, 64) or cfg.num_warps != 8):
+            return False
+        from . import sparse_attention_wg as wg
+        if not wg.HAS_GLUON:
+            return False
+        try:
+            wg._sparse_attn_wg_kernel[(T * (H // BH), splits)](
+                *args, D=D, BLOCK_H=BH, BLOCK_K=BK, NUM_BUF=max(2, cfg.num_stages),
+                SPLIT=splits > 1, num_warps=8)
+        except Exception as exc:  # noqa: BLE001  (an experimental API that may change)
+            if cfg.kernel == "gluon":
+                raise
+            _WG_FAILED.append(repr(exc))
+            _log.warning("Gluon sparse attention kernel unavailable (%s); using the Triton "
+                         "kernel", str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+            return False
+        return True
 
 
 def sparse_attention(q, sink, scale, win_cache, win_new, win_idx, cmp_cache=None, cmp_idx=None,
