@@ -1,6 +1,6 @@
 """Benchmark of the attention-path kernels against their torch references on one GPU.
 
-    PYTHONPATH=. python3 benchmarks/bench_attention.py [--quick] [--configs]
+    PYTHONPATH=. python3 benchmarks/bench_attention.py [--quick] [--configs] [--triton]
 
 Prints, per case, the median time of the Triton kernel and of the torch reference (same inputs,
 same run, `triton.testing.do_bench`), the bytes the kernel must move (each input row read once,
@@ -206,6 +206,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="skip the torch references")
     ap.add_argument("--configs", action="store_true", help="also try other attention tile shapes")
+    ap.add_argument("--triton", action="store_true",
+                    help="also time the Triton attention kernel where the Gluon one runs")
     ap.add_argument("--only", default="", help="comma list of: attn,indexer,compressor,mhc")
     args = ap.parse_args()
     parts = set(args.only.split(",")) if args.only else {"attn", "indexer", "compressor", "mhc"}
@@ -217,6 +219,10 @@ def main() -> None:
             for fp8 in (False, True):
                 for B in (1, 32, 128):
                     bench_attention(H, topk, B, fp8, None, not args.quick)
+                    if args.triton:  # the Triton kernel with its own tile shapes, same inputs
+                        shape = (32, 2) if fp8 else ((64, 2) if H >= 128 else (32, 3))
+                        tri = AttnConfig(64, shape[0], 8, shape[1], kernel="triton")
+                        bench_attention(H, topk, B, fp8, [tri], False)
         if args.configs:
             alts = [AttnConfig(64, 16, 8, 3), AttnConfig(64, 32, 8, 2), AttnConfig(64, 32, 8, 3),
                     AttnConfig(64, 64, 8, 2), AttnConfig(64, 16, 8, 2), AttnConfig(64, 32, 4, 2)]

@@ -101,16 +101,27 @@ def default_config(q: torch.Tensor, fp8: bool = False) -> AttnConfig:
     """Tile shapes measured on an H200 (benchmarks/bench_attention.py --configs)."""
     if q.dtype == torch.float32:  # exact-comparison mode: plain fp32 FMA, small tiles
         return AttnConfig(block_h=16, block_k=16, num_warps=4, num_stages=1)
+    if wg_applies(q, fp8):  # the Gluon kernel: 64-row tiles, 32 when a few tokens must be split
+        if q.shape[0] * (q.shape[1] // 64) <= 16:
+            return AttnConfig(block_k=32, num_stages=2 if fp8 else 3)
+        return AttnConfig(block_k=64, num_stages=2)
     if fp8:  # rows dequantised to bf16 in registers: 32-row tiles fit
         return AttnConfig(block_k=32, num_stages=2)
-    if q.shape[1] >= 128 or _wg_applies(q):  # the Gluon kernel: 64-row tiles at H=64 too
+    if q.shape[1] >= 128:
         return AttnConfig(block_k=64, num_stages=2)
     return AttnConfig(block_k=32, num_stages=3)
 
 
-def _wg_applies(q: torch.Tensor) -> bool:
-    """Whether bf16 rows for q would run the Gluon warpgroup kernel (see `_launch_wg`)."""
-    if _WG_FAILED or q.dtype != torch.bfloat16 or q.shape[-1] != 512 or q.shape[1] % 64:
+def wg_applies(q: torch.Tensor, fp8: bool = False, rope_dim: int = 64,
+               cfg: AttnConfig | None = None) -> bool:
+    """Whether the Gluon warpgroup kernel (`sparse_attention_wg.py`) runs for q: bf16 queries
+    with D = 512 and whole 64-head blocks, 8 warps, 32- or 64-row tiles, rope_dim 64 for FP8
+    rows, and a Gluon that built it (the first failure switches to Triton for good)."""
+    if (_WG_FAILED or q.dtype != torch.bfloat16 or q.shape[-1] != 512 or q.shape[1] % 64
+            or (fp8 and rope_dim != 64)):
+        return False
+    if cfg is not None and (cfg.kernel == "triton" or cfg.block_h != 64 or cfg.num_warps != 8
+                            or cfg.block_k not in (32, 64)):
         return False
     from .sparse_attention_wg import HAS_GLUON
     return HAS_GLUON
@@ -328,6 +339,26 @@ if HAS_TRITON:
                              f"vs {cmp_cache.stride(0)}")
         if cmp_idx.shape[0] != T:
             raise ValueError(f"cmp_idx has {cmp_idx.shape[0]} rows for {T} tokens")
+        sink = sink.float().contiguous()
+        inputs = (q, sink, o, win_cache, win_new, win_idx, cmp_cache, cmp_idx, Kw, Kc,
+                  scale * _LOG2E, rope_dim)
+        if wg_applies(q, fp8, rope_dim, cfg):
+            try:
+                return _launch(cfg, True, *inputs)
+            except Exception as exc:  # noqa: BLE001  (Gluon is an experimental API)
+                if cfg.kernel == "gluon":
+                    raise
+                _WG_FAILED.append(repr(exc))
+                _log.warning("Gluon sparse attention kernel unavailable (%s); using the "
+                             "Triton kernel", (str(exc).splitlines() or [type(exc).__name__])[0][:200])
+                cfg = config or default_config(q, fp8)
+        return _launch(cfg, False, *inputs)
+
+    def _launch(cfg: AttnConfig, wg: bool, q, sink, o, win_cache, win_new, win_idx, cmp_cache,
+                cmp_idx, Kw: int, Kc: int, qk_scale: float, rope_dim: int) -> torch.Tensor:
+        """Split the row lists, run the Gluon (wg) or Triton kernel, merge the splits."""
+        T, H, D = q.shape
+        fp8 = win_cache.dtype == torch.uint8
         BK, BH = cfg.block_k, min(cfg.block_h, max(16, triton.next_power_of_2(H)))
         BD = max(64, triton.next_power_of_2(D))
         n_win_tiles = triton.cdiv(Kw, BK)
@@ -339,7 +370,6 @@ if HAS_TRITON:
         splits = max(1, min(splits, n_tiles))
         tps = triton.cdiv(max(n_tiles, 1), splits)
         splits = triton.cdiv(max(n_tiles, 1), tps)
-        sink = sink.float().contiguous()
         if splits > 1:
             part_o = torch.empty(splits, T, H, D, dtype=torch.float32, device=q.device)
             part_ml = torch.empty(splits, T, H, 2, dtype=torch.float32, device=q.device)
@@ -348,8 +378,13 @@ if HAS_TRITON:
         args = (q, sink, o, part_o, part_ml, win_cache, win_new, win_idx, cmp_cache, cmp_idx,
                 T, H, win_cache.shape[0], Kw, Kc, n_win_tiles, n_tiles, tps,
                 q.stride(0), q.stride(1), o.stride(0), o.stride(1), win_idx.stride(0),
-                cmp_idx.stride(0), win_cache.stride(0), scale * _LOG2E)
-        if not _launch_wg(cfg, q, fp8, BH, BK, splits, args):
+                cmp_idx.stride(0), win_cache.stride(0), qk_scale)
+        if wg:
+            from .sparse_attention_wg import _sparse_attn_wg_kernel
+            _sparse_attn_wg_kernel[(T * n_hb, splits)](
+                *args, D=D, BLOCK_H=BH, BLOCK_K=BK, NUM_BUF=max(2, cfg.num_stages),
+                SPLIT=splits > 1, FP8=fp8, NOPE=D - rope_dim, ROPE=rope_dim, num_warps=8)
+        else:
             _sparse_attn_kernel[(T * n_hb, splits)](
                 *args, D=D, BLOCK_D=BD, BLOCK_H=BH, BLOCK_K=BK, FP8=fp8, NOPE=D - rope_dim,
                 ROPE=rope_dim, SPLIT=splits > 1, IEEE=q.dtype == torch.float32,
@@ -360,30 +395,6 @@ if HAS_TRITON:
                 sink, part_o, part_ml, o, T, H, splits, o.stride(0), o.stride(1),
                 D=D, BLOCK_D=cd, BLOCK_H=16, num_warps=4)
         return o
-
-
-    def _launch_wg(cfg: AttnConfig, q: torch.Tensor, fp8: bool, BH: int, BK: int, splits: int,
-                   args: tuple) -> bool:
-        """Run the Gluon warpgroup kernel if it applies; False sends the caller to Triton."""
-        T, H, D = q.shape
-        if (cfg.kernel == "triton" or _WG_FAILED or fp8 or q.dtype != torch.bfloat16 or D != 512
-                or BH != 64 or H % 64 or BK not in (32, 64) or cfg.num_warps != 8):
-            return False
-        from . import sparse_attention_wg as wg
-        if not wg.HAS_GLUON:
-            return False
-        try:
-            wg._sparse_attn_wg_kernel[(T * (H // BH), splits)](
-                *args, D=D, BLOCK_H=BH, BLOCK_K=BK, NUM_BUF=max(2, cfg.num_stages),
-                SPLIT=splits > 1, num_warps=8)
-        except Exception as exc:  # noqa: BLE001  (an experimental API that may change)
-            if cfg.kernel == "gluon":
-                raise
-            _WG_FAILED.append(repr(exc))
-            _log.warning("Gluon sparse attention kernel unavailable (%s); using the Triton "
-                         "kernel", str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
-            return False
-        return True
 
 
 def sparse_attention(q, sink, scale, win_cache, win_new, win_idx, cmp_cache=None, cmp_idx=None,

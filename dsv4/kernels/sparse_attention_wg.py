@@ -1,4 +1,4 @@
-"""Hopper (sm_90) sparse attention written in Gluon, for bf16 rows and 64 heads a CTA.
+"""Hopper (sm_90) sparse attention written in Gluon: bf16 or packed FP8 rows, 64 heads a CTA.
 
 Same contract and launch as `_sparse_attn_kernel` in `sparse_attention.py`, which stays the
 reference kernel and the fallback. Why a second kernel: with 8 warps and 64 heads, Triton lays
@@ -7,7 +7,8 @@ warpgroups compute the whole 64 x BK logit tile and the softmax twice. Here the 
 explicit: each warpgroup computes the logits of half the tile's rows, the row statistics are
 reduced across the two, and each warpgroup then accumulates half of the D output dims from the
 whole P tile (the FlashMLA split). Rows arrive by cp.async gathers into a ring of NUM_BUF shared
-buffers; each tile's row slots are read one iteration ahead of their copies.
+buffers; each tile's row slots are read one iteration ahead of their copies. Packed FP8 rows
+(`kv_fp8.py`) are staged as bytes and decoded into one bf16 tile before the products.
 """
 from __future__ import annotations
 
@@ -48,13 +49,59 @@ if HAS_GLUON:
         cp.async_copy_global_to_shared(buf, ptr, mask=valid[:, None])
 
     @gluon.jit
+    def _gather_fp8(cbuf, rbuf, sbuf, idx, tile, n_win_tiles, win_cache_ptr, cmp_cache_ptr, Nw,
+                    row_stride, NOPE: gl.constexpr, ROPE: gl.constexpr, LC: gl.constexpr,
+                    LR: gl.constexpr, LS: gl.constexpr):
+        """cp.async of the packed FP8 rows' parts (`kv_fp8.py`): e4m3 codes -> cbuf [BK, 512]
+        (the first NOPE bytes), bf16 rope dims -> rbuf [BK, ROPE], scale bytes -> sbuf [BK, 8].
+        Rows from this step's new rows are not copied: the decode reads them."""
+        is_win = tile < n_win_tiles
+        idx = gl.convert_layout(idx, gl.SliceLayout(1, LC)).to(gl.int64)
+        cached = (idx >= 0) & ~(is_win & (idx >= Nw))
+        off = gl.multiple_of(gl.where(cached, idx, 0) * row_stride, 8)  # rows are 8-byte words
+        row = gl.where(is_win, win_cache_ptr, cmp_cache_ptr) + off
+        d = gl.arange(0, 512, gl.SliceLayout(0, LC))
+        cp.async_copy_global_to_shared(cbuf, row[:, None] + d[None, :],
+                                       mask=cached[:, None] & (d < NOPE)[None, :])
+        rrow = gl.convert_layout(row, gl.SliceLayout(1, LR))
+        rptr = gl.multiple_of((rrow + NOPE).to(gl.pointer_type(gl.bfloat16), bitcast=True), 4)
+        dr = gl.arange(0, ROPE, gl.SliceLayout(0, LR))
+        cp.async_copy_global_to_shared(rbuf, rptr[:, None] + dr[None, :],
+                                       mask=gl.convert_layout(cached, gl.SliceLayout(1, LR))[:, None])
+        srow = gl.convert_layout(row, gl.SliceLayout(1, LS))
+        g = gl.arange(0, 8, gl.SliceLayout(0, LS))
+        cp.async_copy_global_to_shared(sbuf, srow[:, None] + (NOPE + 2 * ROPE) + g[None, :],
+                                       mask=gl.convert_layout(cached, gl.SliceLayout(1, LS))[:, None])
+
+    @gluon.jit
+    def _decode_fp8(kbuf, cbuf, rbuf, sbuf, idx, tile, n_win_tiles, win_new_ptr, Nw,
+                    D: gl.constexpr, NOPE: gl.constexpr, ROPE: gl.constexpr, DEC: gl.constexpr):
+        """Staged FP8 rows -> bf16 rows in kbuf [BK, D], exactly (an e4m3 value times a power of
+        two); this step's new rows come from win_new instead."""
+        is_new = (tile < n_win_tiles) & (idx >= Nw)
+        new_row = win_new_ptr + gl.where(is_new, idx - Nw, 0).to(gl.int64) * D
+        d = gl.arange(0, 64, gl.SliceLayout(0, DEC))
+        for g in gl.static_range(NOPE // 64):
+            code = cbuf.slice(64 * g, 64, dim=1).load(DEC)
+            sc = gl.exp2(sbuf.slice(g, 1, dim=1).load(DEC).to(gl.float32) - 127.0)
+            v = code.to(gl.float8e4nv, bitcast=True).to(gl.bfloat16) * sc.to(gl.bfloat16)
+            kn = gl.load(new_row[:, None] + (64 * g) + d[None, :], mask=is_new[:, None], other=0.0)
+            kbuf.slice(64 * g, 64, dim=1).store(gl.where(is_new[:, None], kn, v))
+        for g in gl.static_range(ROPE // 64):
+            r = rbuf.slice(64 * g, 64, dim=1).load(DEC)
+            kn = gl.load(new_row[:, None] + (NOPE + 64 * g) + d[None, :], mask=is_new[:, None],
+                         other=0.0)
+            kbuf.slice(NOPE + 64 * g, 64, dim=1).store(gl.where(is_new[:, None], kn, r))
+
+    @gluon.jit
     def _sparse_attn_wg_kernel(q_ptr, sink_ptr, o_ptr, part_o_ptr, part_ml_ptr,
                                win_cache_ptr, win_new_ptr, win_idx_ptr, cmp_cache_ptr, cmp_idx_ptr,
                                T, H, Nw, Kw, Kc, n_win_tiles, n_tiles, tiles_per_split,
                                stride_qt, stride_qh, stride_ot, stride_oh, stride_wi, stride_ci,
                                row_stride, qk_scale,
                                D: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr,
-                               NUM_BUF: gl.constexpr, SPLIT: gl.constexpr):
+                               NUM_BUF: gl.constexpr, SPLIT: gl.constexpr, FP8: gl.constexpr,
+                               NOPE: gl.constexpr, ROPE: gl.constexpr):
         # 8 warps: warpgroup w computes logits of rows [w*BK/2, (w+1)*BK/2) of each tile and
         # output dims [w*D/2, (w+1)*D/2)
         LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [8, 1], [1, 0])
@@ -65,6 +112,11 @@ if HAS_GLUON:
         P_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=PV, k_width=2)
         SMEM_Q: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D], gl.bfloat16)
         SMEM_K: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, D], gl.bfloat16)
+        # FP8 rows: packed parts staged by cp.async, decoded into one bf16 tile per step
+        LC: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
+        LR: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [8, 1], [1, 0])
+        LS: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [8, 1], [1, 0])
+        RAW: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
         ROWS_LOAD: gl.constexpr = gl.SliceLayout(1, LOAD)
         COLS_QK: gl.constexpr = gl.SliceLayout(0, QK)
         HEADS_QK: gl.constexpr = gl.SliceLayout(1, QK)
@@ -76,8 +128,21 @@ if HAS_GLUON:
         t = pid // n_hb  # head blocks of one token are adjacent: they share rows through L2
         hb = pid % n_hb
 
+        h = hb * BLOCK_H + gl.arange(0, BLOCK_H, HEADS_QK)
+        if SPLIT:  # the sink is merged by the combine kernel
+            m_i = gl.full([BLOCK_H], -1.0e30, gl.float32, HEADS_QK)
+            l_i = gl.zeros([BLOCK_H], gl.float32, HEADS_QK)
+        else:  # start the online softmax at the sink: exp(sink - m) = 1
+            m_i = gl.load(sink_ptr + h, mask=h < H, other=0.0).to(gl.float32) * 1.4426950408889634
+            l_i = gl.full([BLOCK_H], 1.0, gl.float32, HEADS_QK)
         q_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D], SMEM_Q)
-        k_smem = gl.allocate_shared_memory(gl.bfloat16, [NUM_BUF, BLOCK_K, D], SMEM_K)
+        if FP8:
+            k_smem = gl.allocate_shared_memory(gl.bfloat16, [1, BLOCK_K, D], SMEM_K)
+            c_smem = gl.allocate_shared_memory(gl.uint8, [NUM_BUF, BLOCK_K, 512], RAW)
+            r_smem = gl.allocate_shared_memory(gl.bfloat16, [NUM_BUF, BLOCK_K, ROPE], RAW)
+            s_smem = gl.allocate_shared_memory(gl.uint8, [NUM_BUF, BLOCK_K, 8], RAW)
+        else:
+            k_smem = gl.allocate_shared_memory(gl.bfloat16, [NUM_BUF, BLOCK_K, D], SMEM_K)
         hq = hb * BLOCK_H + gl.arange(0, BLOCK_H, ROWS_LOAD)
         dq = gl.arange(0, D, gl.SliceLayout(0, LOAD))
         cp.async_copy_global_to_shared(
@@ -92,36 +157,47 @@ if HAS_GLUON:
         for j in gl.static_range(NUM_BUF - 1):  # prologue: the first NUM_BUF-1 tiles in flight
             idx = _slots(lo + j, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles, BLOCK_K,
                          ROWS_LOAD)
-            _gather(k_smem.index(j), idx, lo + j, n_win_tiles, win_cache_ptr, win_new_ptr,
-                    cmp_cache_ptr, Nw, row_stride, D, LOAD)
+            if FP8:
+                _gather_fp8(c_smem.index(j), r_smem.index(j), s_smem.index(j), idx, lo + j,
+                            n_win_tiles, win_cache_ptr, cmp_cache_ptr, Nw, row_stride, NOPE, ROPE,
+                            LC, LR, LS)
+            else:
+                _gather(k_smem.index(j), idx, lo + j, n_win_tiles, win_cache_ptr, win_new_ptr,
+                        cmp_cache_ptr, Nw, row_stride, D, LOAD)
             cp.commit_group()
         nxt = lo + NUM_BUF - 1
         idx_next = _slots(nxt, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles, BLOCK_K,
                           ROWS_LOAD)
 
-        h = hb * BLOCK_H + gl.arange(0, BLOCK_H, HEADS_QK)
-        if SPLIT:  # the sink is merged by the combine kernel
-            m_i = gl.full([BLOCK_H], -1.0e30, gl.float32, HEADS_QK)
-            l_i = gl.zeros([BLOCK_H], gl.float32, HEADS_QK)
-        else:  # start the online softmax at the sink: exp(sink - m) = 1
-            m_i = gl.load(sink_ptr + h, mask=h < H, other=0.0).to(gl.float32) * 1.4426950408889634
-            l_i = gl.full([BLOCK_H], 1.0, gl.float32, HEADS_QK)
         acc = gl.zeros([BLOCK_H, D], gl.float32, PV)
         s0 = gl.zeros([BLOCK_H, BLOCK_K], gl.float32, QK)
         for i in range(0, hi - lo):
             tile = lo + i
             # keep NUM_BUF-1 tiles in flight: gather tile i+NUM_BUF-1 into the buffer that
             # tile i-1 used (its products have completed), and fetch the slots after it
-            _gather(k_smem.index((i + NUM_BUF - 1) % NUM_BUF), idx_next, tile + NUM_BUF - 1,
-                    n_win_tiles, win_cache_ptr, win_new_ptr, cmp_cache_ptr, Nw, row_stride, D,
-                    LOAD)
+            nb = (i + NUM_BUF - 1) % NUM_BUF
+            if FP8:
+                _gather_fp8(c_smem.index(nb), r_smem.index(nb), s_smem.index(nb), idx_next,
+                            tile + NUM_BUF - 1, n_win_tiles, win_cache_ptr, cmp_cache_ptr, Nw,
+                            row_stride, NOPE, ROPE, LC, LR, LS)
+            else:
+                _gather(k_smem.index(nb), idx_next, tile + NUM_BUF - 1, n_win_tiles,
+                        win_cache_ptr, win_new_ptr, cmp_cache_ptr, Nw, row_stride, D, LOAD)
             cp.commit_group()
             idx_next = _slots(tile + NUM_BUF, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles,
                               BLOCK_K, ROWS_LOAD)
             valid = _slots(tile, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles, BLOCK_K,
                            COLS_QK) >= 0
             cp.wait_group(NUM_BUF - 1)
-            kb = k_smem.index(i % NUM_BUF)
+            if FP8:
+                kb = k_smem.index(0)
+                b = i % NUM_BUF
+                _decode_fp8(kb, c_smem.index(b), r_smem.index(b), s_smem.index(b),
+                            _slots(tile, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles,
+                                   BLOCK_K, gl.SliceLayout(1, LC)),
+                            tile, n_win_tiles, win_new_ptr, Nw, D, NOPE, ROPE, LC)
+            else:
+                kb = k_smem.index(i % NUM_BUF)
             s = warpgroup_mma(q_smem, kb.permute((1, 0)), s0, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
             s = gl.where(valid[None, :], s * qk_scale, float("-inf"))

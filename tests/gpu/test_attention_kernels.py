@@ -121,20 +121,25 @@ def test_sparse_attention_tile_shapes_agree(block_k, stages, fp8):
     assert rel_err(out, ref) < 1e-2, f"rel err {rel_err(out, ref):.2e}"
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16_rows", "fp8_rows"])
 @pytest.mark.parametrize("H,topk", [(64, 512), (128, 1024)])
 @pytest.mark.parametrize("block_k,stages,splits", [
     (32, 3, 0), (64, 2, 0), (32, 2, 1), (64, 2, 5), (32, 4, 3)])
-def test_sparse_attention_gluon_kernel_matches_reference(H, topk, block_k, stages, splits):
-    """The Gluon warpgroup kernel (bf16 rows), forced on: every tile shape and split the
-    launcher may choose, against the reference and against the Triton kernel."""
+def test_sparse_attention_gluon_kernel_matches_reference(H, topk, block_k, stages, splits, fp8):
+    """The Gluon warpgroup kernel, forced on: every tile shape and split the launcher may
+    choose, bf16 and packed FP8 rows, against the reference and against the Triton kernel."""
+    from dsv4.kernels.kv_fp8 import pack_kv_fp8
     from dsv4.kernels.sparse_attention import AttnConfig, sparse_attention_ref, sparse_attention_triton
     batch = make_batch(DECODE_EDGES + [(300, 9), (127, 3)])
     q, sink, wc, wn, wi, cc, ci = attention_inputs(batch, H, 4, topk, torch.bfloat16, seed=H + block_k)
     ref = sparse_attention_ref(q, sink, D ** -0.5, wc, wn, wi, cc, ci)
+    if fp8:  # lossless on model-made rows: the same reference
+        wc, cc = pack_kv_fp8(wc), pack_kv_fp8(cc)
     cfg = AttnConfig(block_k=block_k, num_stages=stages, splits=splits, kernel="gluon")
     out = sparse_attention_triton(q, sink, D ** -0.5, wc, wn, wi, cc, ci, config=cfg)
     tri = sparse_attention_triton(q, sink, D ** -0.5, wc, wn, wi, cc, ci,
-                                  config=AttnConfig(block_k=block_k, num_stages=stages,
+                                  config=AttnConfig(block_k=32 if fp8 else block_k,  # what fits
+                                                    num_stages=2 if fp8 else stages,
                                                     splits=splits, kernel="triton"))
     assert not out.isnan().any(), "NaN in the output"
     assert rel_err(out, ref) < 1e-2, f"rel err {rel_err(out, ref):.2e}"
