@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true", help="fewer, shorter runs")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--kv-cache-dtype", default="auto", help="auto (bf16 rows) or fp8")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto (fp8 rows on CUDA), fp8 or bfloat16")
     ap.add_argument("--no-mtp", action="store_true", help="skip the speculative decoding rows")
     ap.add_argument("--only", default="decode,prefill,mtp",
                     help="comma list of the row groups to run: decode, prefill, mtp")

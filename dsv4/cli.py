@@ -40,8 +40,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "(started by this command; under torchrun, the launcher's world size)")
     g.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "fp8"],
-                   help="attention cache rows: the working dtype (auto) or packed FP8 "
-                        "(584 bytes a row instead of 1024; lossless)")
+                   help="attention cache rows: packed FP8 (584 bytes a row instead of 1024, "
+                        "lossless given the model's QAT), or the working dtype (bfloat16); "
+                        "auto = fp8 on CUDA with bf16 weights and QAT, the working dtype otherwise")
     g.add_argument("--cuda-graph-max-len", type=int, default=16384,
                    help="decode steps up to this context length replay CUDA graphs")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,

@@ -266,7 +266,7 @@ class EngineConfig:
     block_size: int = 128
     speculative_tokens: int = 0
     enforce_eager: bool = False
-    kv_cache_dtype: str = "auto"  # auto = the working dtype; fp8 = packed 584-byte rows
+    kv_cache_dtype: str = "auto"  # fp8 = packed 584-byte rows; auto = fp8 on CUDA where lossless
     cuda_graph_max_len: int = 16384  # decode steps up to this context replay CUDA graphs
     seed: int = 0
     # Launch each decode step before the previous step's tokens reach the host, so that the

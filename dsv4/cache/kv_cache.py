@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.index_fp4 import index_fp4_row_bytes, store_index_fp4_
-from ..kernels.kv_fp8 import kv_fp8_row_bytes, pack_kv_fp8
+from ..kernels.kv_fp8 import kv_fp8_row_bytes, store_kv_fp8_
 
 BLOCK_TOKENS = 128  # lcm(4, 128): a block holds 32 CSA rows or 1 HCA row
 
@@ -81,8 +81,9 @@ class LayerCache:
 
     def _store_rows(self, buf: torch.Tensor, dst: torch.Tensor, rows: torch.Tensor) -> None:
         if self.kv_fp8:
-            rows = pack_kv_fp8(rows, self.rope_dim)
-        self.flat(buf)[dst] = rows.to(buf.dtype)
+            store_kv_fp8_(self.flat(buf), dst, rows, self.rope_dim)
+        else:
+            self.flat(buf)[dst] = rows.to(buf.dtype)
 
     def store_win(self, dst: torch.Tensor, rows: torch.Tensor) -> None:
         self._store_rows(self.win, dst, rows)

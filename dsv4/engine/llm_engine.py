@@ -98,7 +98,9 @@ class LLMEngine:
         # Memory: every running sequence holds one slot (window ring + compressor state); the
         # rest of the budget is carved into 128-token blocks of compressed rows.
         margin = max(8, ec.speculative_tokens + 1)
-        kv_fp8 = ec.kv_cache_dtype == "fp8"
+        kv_fp8 = ec.kv_cache_dtype == "fp8" or (ec.kv_cache_dtype == "auto"
+                                                 and self._fp8_rows_by_default(model, cfg))
+        self.kv_cache_dtype = "fp8" if kv_fp8 else str(model.dtype).removeprefix("torch.")
         per_slot = slot_bytes(cfg, margin, model.dtype, kv_fp8)
         # indexer keys packed as FP4 where the model's QAT makes that lossless
         index_fp4 = model.qat
@@ -245,6 +247,14 @@ class LLMEngine:
             import torch.distributed as dist
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+    def _fp8_rows_by_default(self, model, cfg) -> bool:
+        """kv_cache_dtype auto: packed FP8 attention rows on CUDA wherever they are lossless
+        (bf16 with the model's QAT, which rounds those dims to e4m3 with power-of-two scales)
+        and the row layout fits (`kv_fp8.py`); the working dtype otherwise."""
+        D, r = cfg.head_dim, cfg.qk_rope_head_dim
+        return (self.device.type == "cuda" and model.dtype == torch.bfloat16 and model.qat
+                and (D - r) % 64 == 0 and (D - r) % r == 0)
 
     def _cache_budget(self) -> int:
         if self.device.type == "cuda":

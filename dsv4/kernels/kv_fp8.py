@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..quant.sim import FP8_MAX, fp8_block_scale
+from . import HAS_TRITON, use_triton
 
 FP8_GROUP = 64  # no-rope dims sharing one e8m0 scale
 
@@ -61,3 +62,69 @@ def unpack_kv_fp8(packed: torch.Tensor, head_dim: int, rope_dim: int = 64,
     x = (codes.unflatten(-1, (g, FP8_GROUP)) * scale[..., None]).flatten(1)
     rope = packed[:, nope:nope + 2 * rope_dim].contiguous().view(torch.bfloat16).float()
     return torch.cat([x, rope], 1).to(dtype)
+
+
+def store_kv_fp8_(buf: torch.Tensor, dst: torch.Tensor, rows: torch.Tensor,
+                  rope_dim: int = 64) -> None:
+    """buf[dst] = pack_kv_fp8(rows): packs and scatters in one launch on CUDA (the torch
+    packing is ~15 small kernels, which cost 15% of a batch-1 decode step)."""
+    if use_triton(rows) and rows.shape[0] and rows.shape[1] - rope_dim == FP8_GROUP * (
+            (rows.shape[1] - rope_dim) // FP8_GROUP):
+        _store_kv_fp8_cuda(buf, dst, rows, rope_dim)
+    else:
+        buf[dst] = pack_kv_fp8(rows, rope_dim)
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .quant_linear import _pow2ceil
+
+    @triton.jit
+    def _store_kv_fp8_kernel(buf_ptr, dst_ptr, rows_ptr, n, stride_row, ROW_BYTES: tl.constexpr,
+                             NOPE: tl.constexpr, ROPE: tl.constexpr, G: tl.constexpr,
+                             BG: tl.constexpr, PAD: tl.constexpr, BR: tl.constexpr):
+        """BR rows: e4m3 codes and e8m0 scale byte per 64 no-rope dims (SPEC.md 5.2, as
+        `pack_kv_fp8`), the rope dims as bf16, zero padding; written to rows dst of buf."""
+        r = tl.program_id(0) * BR + tl.arange(0, BR)
+        rmask = r < n
+        out = buf_ptr + tl.load(dst_ptr + r, mask=rmask, other=0).to(tl.int64) * ROW_BYTES
+        src = rows_ptr + r.to(tl.int64) * stride_row
+        g = tl.arange(0, BG)
+        c = tl.arange(0, 64)
+        m3 = rmask[:, None, None] & (g < G)[None, :, None]
+        d = g[None, :, None] * 64 + c[None, None, :]
+        x = tl.load(src[:, None, None] + d, mask=m3, other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(x), 2), 1e-4)
+        s, inv = _pow2ceil(tl.math.div_rn(amax, 448.0))
+        q = tl.minimum(tl.maximum(x * inv[:, :, None], -448.0), 448.0).to(tl.float8e4nv)
+        tl.store(out[:, None, None] + d, q.to(tl.uint8, bitcast=True), mask=m3)
+        sbyte = (s.to(tl.int32, bitcast=True) >> 23).to(tl.uint8)  # s = 2^(byte - 127)
+        tl.store(out[:, None] + (NOPE + 2 * ROPE) + g[None, :], sbyte,
+                 mask=rmask[:, None] & (g < G)[None, :])
+        e = tl.arange(0, ROPE)
+        rope = tl.load(src[:, None] + NOPE + e[None, :], mask=rmask[:, None], other=0.0)
+        rope_out = (out + NOPE).to(tl.pointer_type(tl.bfloat16), bitcast=True)
+        tl.store(rope_out[:, None] + e[None, :], rope.to(tl.bfloat16), mask=rmask[:, None])
+        p = tl.arange(0, 8)
+        tl.store(out[:, None] + (NOPE + 2 * ROPE + G) + p[None, :], tl.zeros([BR, 8], tl.uint8),
+                 mask=rmask[:, None] & (p < PAD)[None, :])
+
+    def _store_kv_fp8_cuda(buf, dst, rows, rope_dim):
+        n, d = rows.shape
+        nope = d - rope_dim
+        g = nope // FP8_GROUP
+        row_bytes = kv_fp8_row_bytes(d, rope_dim)
+        if buf.dtype != torch.uint8 or buf.shape[-1] != row_bytes or not buf.is_contiguous():
+            raise ValueError(f"packed FP8 rows need a contiguous uint8 [N, {row_bytes}] buffer, "
+                             f"got {buf.dtype} {tuple(buf.shape)}")
+        rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+        dst = dst.reshape(-1).contiguous()
+        if dst.numel() != n:
+            raise ValueError(f"{dst.numel()} destinations for {n} rows")
+        BR = 4
+        _store_kv_fp8_kernel[(triton.cdiv(n, BR),)](
+            buf, dst, rows, n, rows.stride(0), ROW_BYTES=row_bytes, NOPE=nope,
+            ROPE=rope_dim, G=g, BG=triton.next_power_of_2(g), PAD=row_bytes - nope - 2 * rope_dim - g,
+            BR=BR, num_warps=4)

@@ -81,17 +81,23 @@ if HAS_GLUON:
         is_new = (tile < n_win_tiles) & (idx >= Nw)
         new_row = win_new_ptr + gl.where(is_new, idx - Nw, 0).to(gl.int64) * D
         d = gl.arange(0, 64, gl.SliceLayout(0, DEC))
+        win_tile = tile < n_win_tiles  # only window tiles can hold new rows
         for g in gl.static_range(NOPE // 64):
             code = cbuf.slice(64 * g, 64, dim=1).load(DEC)
             sc = gl.exp2(sbuf.slice(g, 1, dim=1).load(DEC).to(gl.float32) - 127.0)
             v = code.to(gl.float8e4nv, bitcast=True).to(gl.bfloat16) * sc.to(gl.bfloat16)
-            kn = gl.load(new_row[:, None] + (64 * g) + d[None, :], mask=is_new[:, None], other=0.0)
-            kbuf.slice(64 * g, 64, dim=1).store(gl.where(is_new[:, None], kn, v))
+            if win_tile:
+                kn = gl.load(new_row[:, None] + (64 * g) + d[None, :], mask=is_new[:, None],
+                             other=0.0)
+                v = gl.where(is_new[:, None], kn, v)
+            kbuf.slice(64 * g, 64, dim=1).store(v)
         for g in gl.static_range(ROPE // 64):
             r = rbuf.slice(64 * g, 64, dim=1).load(DEC)
-            kn = gl.load(new_row[:, None] + (NOPE + 64 * g) + d[None, :], mask=is_new[:, None],
-                         other=0.0)
-            kbuf.slice(NOPE + 64 * g, 64, dim=1).store(gl.where(is_new[:, None], kn, r))
+            if win_tile:
+                kn = gl.load(new_row[:, None] + (NOPE + 64 * g) + d[None, :],
+                             mask=is_new[:, None], other=0.0)
+                r = gl.where(is_new[:, None], kn, r)
+            kbuf.slice(NOPE + 64 * g, 64, dim=1).store(r)
 
     @gluon.jit
     def _sparse_attn_wg_kernel(q_ptr, sink_ptr, o_ptr, part_o_ptr, part_ml_ptr,

@@ -155,6 +155,26 @@ def test_sparse_attention_split_matches_unsplit():
     assert rel_err(many, one) < 1e-2, f"rel err {rel_err(many, one):.2e}"
 
 
+@pytest.mark.parametrize("d,n", [(512, 1), (512, 37), (128, 5), (192, 300)])
+def test_store_kv_fp8_packs_and_scatters_as_torch(d, n):
+    """The one-launch pack + scatter of the cache writes gives torch's packed bytes exactly,
+    on model-made rows and on arbitrary ones (tiny to huge magnitudes, an all-zero group)."""
+    from dsv4.kernels.kv_fp8 import kv_fp8_row_bytes, pack_kv_fp8, store_kv_fp8_
+    gen = torch.Generator(device=DEV).manual_seed(d + n)
+    x = torch.randn(n, d, generator=gen, device=DEV)
+    model = torch.cat([fp8_sim(x[:, :d - R], 64), x[:, d - R:]], 1).bfloat16()
+    wild = (x * torch.logspace(-8, 6, d, device=DEV)).bfloat16()
+    wild[0, :64] = 0
+    rb = kv_fp8_row_bytes(d, R)
+    for rows in (model, wild):
+        dst = torch.randperm(2 * n + 3, generator=gen, device=DEV)[:n]
+        buf = torch.randint(0, 256, (2 * n + 3, rb), generator=gen, device=DEV, dtype=torch.uint8)
+        want = buf.clone()
+        want[dst] = pack_kv_fp8(rows, R)
+        store_kv_fp8_(buf, dst, rows, R)
+        assert torch.equal(buf, want), f"{(buf != want).sum().item()} bytes differ"
+
+
 def test_kv_fp8_round_trip_is_exact_on_model_rows():
     from dsv4.kernels.kv_fp8 import pack_kv_fp8, unpack_kv_fp8
     rows = kv_rows(4096, torch.bfloat16, torch.Generator(device=DEV).manual_seed(3))

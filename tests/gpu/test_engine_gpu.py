@@ -60,3 +60,28 @@ def test_async_scheduling_gives_the_synchronous_tokens(eager):
     got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, seeded, use_tqdm=False)]
     assert got == want
     torch.cuda.empty_cache()
+
+
+def test_fp8_rows_are_the_cuda_default_and_give_the_bf16_rows_logprobs():
+    """kv_cache_dtype auto picks packed FP8 attention rows on CUDA (bf16 weights with the QAT).
+    They hold exactly the values the model computes, so a chunked prefill (later chunks read
+    earlier chunks' rows back from the cache) gives the prompt logprobs of plain bf16 rows, up
+    to the noise of another summation order, and decoding continues from the same cache."""
+    kw = dict(model="tiny", dtype="bfloat16", device="cuda", max_num_seqs=8,
+              gpu_memory_utilization=0.2, max_num_batched_tokens=64)
+    prompt = [16 + (j * 37 + 5) % 490 for j in range(300)]
+    sp = SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=1, ignore_eos=True)
+    kinds, lps, toks = {}, {}, {}
+    for dt in ("auto", "bfloat16"):
+        llm = LLM(kv_cache_dtype=dt, **kw)
+        out = llm.generate([prompt], sp, use_tqdm=False)[0]
+        kinds[dt] = llm.llm_engine.kv_cache_dtype
+        lps[dt] = torch.tensor([out.prompt_logprobs[i][t].logprob for i, t in enumerate(prompt) if i])
+        toks[dt] = out.outputs[0].token_ids
+        del llm
+        torch.cuda.empty_cache()
+    assert kinds == {"auto": "fp8", "bfloat16": "bfloat16"}
+    diff = (lps["auto"] - lps["bfloat16"]).abs()
+    assert diff.mean() < 0.02 and diff.max() < 0.25, \
+        f"prompt logprobs differ: mean {diff.mean():.4f}, max {diff.max():.4f}"
+    assert len(toks["auto"]) == 8
