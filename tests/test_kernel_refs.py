@@ -309,3 +309,49 @@ def test_out_of_memory_does_not_switch_gemm_paths_for_good(monkeypatch):
     with pytest.raises(torch.cuda.OutOfMemoryError):
         ql._qlinear_cuda(x, ql.FMT_FP8, w, torch.zeros(1, 1, dtype=torch.uint8), None)
     assert ql._SCALED_MM_OK == {}
+
+
+def test_attention_kernel_choice_and_its_triton_fallback_shapes(monkeypatch):
+    """Which sparse-attention kernel the launcher takes, and the tile shapes it asks for. The
+    Gluon kernel applies to bf16 queries, D = 512, whole 64-head blocks; once it fails to build,
+    the shapes fall back to ones the Triton kernel can hold (FP8 rows: 32-row tiles, 2 stages;
+    64 x 2 would not fit its shared memory)."""
+    from dsv4.kernels import sparse_attention as sa
+    from dsv4.kernels import sparse_attention_wg as wg
+    monkeypatch.setattr(wg, "HAS_GLUON", True)
+    monkeypatch.setattr(sa, "_WG_FAILED", [])
+    q = lambda t, h, d=512, dt=torch.bfloat16: torch.zeros(t, h, d, dtype=dt)  # noqa: E731
+    assert sa.wg_applies(q(1, 64)) and sa.wg_applies(q(3, 128), fp8=True)
+    assert not sa.wg_applies(q(1, 64, dt=torch.float32))
+    assert not sa.wg_applies(q(1, 64, d=128)) and not sa.wg_applies(q(1, 96))
+    assert not sa.wg_applies(q(1, 64), fp8=True, rope_dim=32)
+    assert not sa.wg_applies(q(1, 64), cfg=sa.AttnConfig(kernel="triton"))
+    assert not sa.wg_applies(q(1, 64), cfg=sa.AttnConfig(block_k=16))
+    big, few = q(128, 128), q(1, 64)
+    assert (sa.default_config(big).block_k, sa.default_config(big).num_stages) == (64, 2)
+    assert (sa.default_config(big, fp8=True).block_k, sa.default_config(big, True).num_stages) == (64, 2)
+    assert (sa.default_config(few).block_k, sa.default_config(few).num_stages) == (32, 3)
+    assert (sa.default_config(few, fp8=True).block_k, sa.default_config(few, True).num_stages) == (32, 2)
+    monkeypatch.setattr(sa, "_WG_FAILED", ["built nothing"])
+    assert not sa.wg_applies(big)
+    assert (sa.default_config(big, fp8=True).block_k, sa.default_config(big, True).num_stages) == (32, 2)
+    assert sa.default_config(q(1, 64)).block_k == 32
+    monkeypatch.setattr(wg, "HAS_GLUON", False)
+    monkeypatch.setattr(sa, "_WG_FAILED", [])
+    assert not sa.wg_applies(big)
+
+
+def test_fp8_rows_are_the_default_only_where_lossless():
+    """kv_cache_dtype auto: packed FP8 rows on CUDA for bf16 weights with the QAT and a row
+    layout that fits; the working dtype on the CPU, in float32 and without the QAT."""
+    from types import SimpleNamespace as NS
+
+    from dsv4.engine.llm_engine import LLMEngine
+    from dsv4.loader import tiny_config
+    cfg = tiny_config("bf16", "tiny")
+    pick = lambda dev, dtype=torch.bfloat16, qat=True, c=cfg: LLMEngine._fp8_rows_by_default(  # noqa: E731
+        NS(device=torch.device(dev)), NS(dtype=dtype, qat=qat), c)
+    assert pick("cuda")
+    assert not pick("cpu") and not pick("cuda", torch.float32) and not pick("cuda", qat=False)
+    odd = NS(head_dim=96, qk_rope_head_dim=64)  # 32 no-rope dims: no 64-wide scale groups
+    assert not pick("cuda", c=odd)
