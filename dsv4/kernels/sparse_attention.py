@@ -217,7 +217,9 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         sid = tl.program_id(1)
         n_hb = tl.cdiv(H, BLOCK_H)
-        t = pid // n_hb  # head blocks of one token are adjacent: they share rows through L2
+        # head blocks of one token are adjacent: they share rows through L2; int64 offsets, as
+        # T * H * D passes 2^31 at 32K tokens a step with 128 heads
+        t = (pid // n_hb).to(tl.int64)
         hb = pid % n_hb
         h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
         hmask = h < H
@@ -269,7 +271,7 @@ if HAS_TRITON:
         """Merge S partial softmaxes (unnormalised acc, max m, sum l, log2 units) and the sink,
         for one token, BLOCK_H heads and BLOCK_D of the D dims (a slice per CTA: at decode batch
         1 whole rows would leave all but a few SMs idle)."""
-        t = tl.program_id(0)
+        t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         hmask = h < H
         d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)

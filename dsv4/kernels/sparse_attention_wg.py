@@ -131,7 +131,9 @@ if HAS_GLUON:
         pid = gl.program_id(0)
         sid = gl.program_id(1)
         n_hb = gl.cdiv(H, BLOCK_H)
-        t = pid // n_hb  # head blocks of one token are adjacent: they share rows through L2
+        # head blocks of one token are adjacent: they share rows through L2; int64 offsets, as
+        # T * H * D passes 2^31 at 32K tokens a step with 128 heads
+        t = (pid // n_hb).to(gl.int64)
         hb = pid % n_hb
 
         h = hb * BLOCK_H + gl.arange(0, BLOCK_H, HEADS_QK)
