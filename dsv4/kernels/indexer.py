@@ -62,7 +62,7 @@ if HAS_TRITON:
                                stride_qt, stride_qh, stride_wt, stride_kn, stride_ct, stride_ot,
                                C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                                IEEE: tl.constexpr, PACKED: tl.constexpr):
-        t = tl.program_id(0)
+        t = tl.program_id(0).to(tl.int64)  # T * N passes 2^31 at 8K tokens and 1M context
         h = tl.arange(0, BLOCK_H)
         c = tl.arange(0, C)
         hmask = h < NI
