@@ -177,8 +177,8 @@ class LLMEngine:
         self.capacity = (f"KV cache: {self.num_blocks} blocks, max {self.max_model_len} tokens per "
                          f"sequence, {concurrent} concurrent sequences at {self.max_model_len} tokens")
         used = num_slots * per_slot + self.num_blocks * per_block
-        logger.info("%s (%.1f MiB of a %.1f MiB budget on %s)", self.capacity, used / 2**20,
-                    budget / 2**20, self.device)
+        logger.info("%s (%s attention rows; %.1f MiB of a %.1f MiB budget on %s)", self.capacity,
+                    self.kv_cache_dtype, used / 2**20, budget / 2**20, self.device)
 
     @classmethod
     def from_args(cls, model: str, *, dtype: str = "bfloat16", device: str | None = None,
