@@ -68,8 +68,7 @@ def store_kv_fp8_(buf: torch.Tensor, dst: torch.Tensor, rows: torch.Tensor,
                   rope_dim: int = 64) -> None:
     """buf[dst] = pack_kv_fp8(rows): packs and scatters in one launch on CUDA (the torch
     packing is ~15 small kernels, which cost 15% of a batch-1 decode step)."""
-    if use_triton(rows) and rows.shape[0] and rows.shape[1] - rope_dim == FP8_GROUP * (
-            (rows.shape[1] - rope_dim) // FP8_GROUP):
+    if use_triton(rows) and rows.shape[0] and (rows.shape[1] - rope_dim) % FP8_GROUP == 0:
         _store_kv_fp8_cuda(buf, dst, rows, rope_dim)
     else:
         buf[dst] = pack_kv_fp8(rows, rope_dim)
