@@ -7,9 +7,9 @@ Builds the model from its config with seeded random weights directly on the GPU
 decode latency at batch 1, decode throughput at batch 64 and 256 (batch 1 and 64 also without
 async scheduling, the "sync" rows), prefill tokens/s for 8K and 32K prompts, and MTP
 speculative decoding (K = 1..3) with the real (random) MTP drafts and with drafts forced to be
-accepted. Prints one table; every number comes from `dsv4.bench.measure`. `--kv-cache-dtype fp8`
-runs the same rows with packed FP8 attention rows; `--no-mtp` skips the speculative rows and
-`--only decode,prefill,mtp` picks row groups.
+accepted. Prints one table; every number comes from `dsv4.bench.measure`. The attention rows are
+packed FP8 (the CUDA default); `--kv-cache-dtype bfloat16` runs the same rows with plain bf16
+rows; `--no-mtp` skips the speculative rows and `--only decode,prefill,mtp` picks row groups.
 """
 from __future__ import annotations
 
