@@ -68,7 +68,8 @@ def store_kv_fp8_(buf: torch.Tensor, dst: torch.Tensor, rows: torch.Tensor,
                   rope_dim: int = 64) -> None:
     """buf[dst] = pack_kv_fp8(rows): packs and scatters in one launch on CUDA (the torch
     packing is ~15 small kernels, which cost 15% of a batch-1 decode step)."""
-    if use_triton(rows) and rows.shape[0] and (rows.shape[1] - rope_dim) % FP8_GROUP == 0:
+    if (use_triton(rows) and rows.shape[0] and (rows.shape[1] - rope_dim) % FP8_GROUP == 0
+            and rope_dim & (rope_dim - 1) == 0):  # the kernel spans the rope dims in one arange
         _store_kv_fp8_cuda(buf, dst, rows, rope_dim)
     else:
         buf[dst] = pack_kv_fp8(rows, rope_dim)
