@@ -109,6 +109,51 @@ def linear_table(quick: bool) -> None:
         torch.cuda.empty_cache()
 
 
+def wo_a_table(quick: bool) -> None:
+    """The grouped output projection wo_a kept in FP8 against the bf16 einsum of its
+    dequantised weight (what the model ran before), graph-timed over rotating weights."""
+    from dsv4.kernels.grouped_linear import _grouped_fp8_cuda, grouped_linear
+    print("\n## Grouped wo_a (bf16 activations, FP8 weight applied as bf16; SPEC.md 5.5)\n")
+    print("| model | G x O x I | T | dsv4 FP8 us | GB/s | %HBM | MMA kernel us (split auto / none / 4 stages; CUDA-core us up to T=4) "
+          "| bf16 einsum us | GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, g, i in [("Flash", 8, 4096), ("Pro", 16, 4096)]:
+        o = 1024
+        wts = [quantize_fp8(torch.randn(g * o, i, device=DEV) / i ** 0.5)
+               for _ in range(copies_for(g * o * i))]
+        wbs = [dequant_fp8(w, s).bfloat16().view(g, o, i) for w, s in wts[:copies_for(2 * g * o * i)]]
+        for t in [1, 2, 16, 64] if quick else [1, 2, 4, 16, 32, 64]:
+            x = torch.randn(t, g, i, device=DEV).bfloat16()
+            fp8 = t_graph_us([lambda w=w: grouped_linear(x, *w) for w in wts])
+            variants = [dict(gemv=False), dict(gemv=False, split=1), dict(gemv=False, stages=4)]
+            variants += [dict(gemv=True)] if t <= 4 else []
+            mma = " / ".join(f"{t_graph_us([lambda w=w: _grouped_fp8_cuda(x, *w, o, v) for w in wts]):.1f}"
+                             for v in variants)
+            bf = t_graph_us([lambda w=w: torch.einsum("tgi,goi->tgo", x, w) for w in wbs])
+            b8 = g * o * i + g * o * i // 16384 + 2 * t * g * (i + o)
+            b16 = 2 * g * o * i + 2 * t * g * (i + o)
+            print(f"| {name} | {g}x{o}x{i} | {t} | {fp8:.1f} | {b8 / fp8 / 1e3:.0f} | "
+                  f"{100 * b8 / fp8 / 1e-6 / HBM:.0f}% | {mma} | {bf:.1f} | {b16 / bf / 1e3:.0f} |",
+                  flush=True)
+        del wts, wbs
+        torch.cuda.empty_cache()
+    from dsv4.kernels.f32_linear import linear_f32
+    print("\n## fp32 linears of one decode token (bf16 weight, fp32 products and sums)\n")
+    print("| weight N x K | dsv4 us | GB/s | %HBM | cuBLAS bf16 mm(out_dtype=fp32) us | "
+          "fp32-held weight F.linear us |")
+    print("|---|---|---|---|---|---|")
+    for n, k, name in [(256, 4096, "Flash gate"), (1024, 4096, "Flash CSA wkv"),
+                       (512, 4096, "Flash HCA wkv"), (384, 7168, "Pro gate")]:
+        ws = [torch.randn(n, k, device=DEV).bfloat16() for _ in range(copies_for(2 * n * k))]
+        w32 = [w.float() for w in ws[:copies_for(4 * n * k)]]
+        x = torch.randn(1, k, device=DEV).bfloat16()
+        ours = t_graph_us([lambda w=w: linear_f32(x, w) for w in ws])
+        mm = t_graph_us([lambda w=w: torch.mm(x, w.t(), out_dtype=torch.float32) for w in ws])
+        old = t_graph_us([lambda w=w: F.linear(x.float(), w) for w in w32])
+        print(f"| {name} {n}x{k} | {ours:.1f} | {2 * n * k / ours / 1e3:.0f} | "
+              f"{100 * 2 * n * k / ours / 1e-6 / HBM:.0f}% | {mm:.1f} | {old:.1f} |", flush=True)
+
+
 EXPERT_FORMAT = ["fp4"]  # --experts: the routed experts' format (fp4 = official MXFP4)
 
 
@@ -303,7 +348,7 @@ def kernel_resources() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=["linear", "moe", "sweep", "linear-sweep"], default=None)
+    ap.add_argument("--only", choices=["linear", "wo_a", "moe", "sweep", "linear-sweep"], default=None)
     ap.add_argument("--tokens", type=int, nargs="*", default=[], help="MoE sweep batch sizes")
     ap.add_argument("--experts", choices=["fp4", "nvfp4", "fp8"], default="fp4",
                     help="routed experts' format in the MoE table and sweep")
@@ -313,7 +358,7 @@ def main() -> None:
     p = torch.cuda.get_device_properties(0)
     print(f"# {p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}, "
           f"triton {triton.__version__}")
-    for name, fn in [("linear", linear_table), ("moe", moe_table), ("sweep", moe_sweep),
+    for name, fn in [("linear", linear_table), ("wo_a", wo_a_table), ("moe", moe_table), ("sweep", moe_sweep),
                      ("linear-sweep", linear_sweep)]:
         if args.only == name or (args.only is None and "sweep" not in name):
             try:

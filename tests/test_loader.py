@@ -22,7 +22,7 @@ from dsv4.loader import (CheckpointError, add_make_tiny_cli, load_model, tiny_co
 from dsv4.loader.cli import main as make_tiny_main
 from dsv4.model.model import DeepseekV4Model
 from dsv4.model.parallel import shard_state_dict
-from dsv4.quant.formats import dequant_mxfp4, mxfp4_to_fp8, quantize_fp8
+from dsv4.quant.formats import dequant_mxfp4, mxfp4_to_fp8, quantize_fp8, quantize_nvfp4
 from dsv4.quant.linear import FP4Linear, Linear
 from dsv4.quant.scheme import QuantScheme
 from model_helpers import prefill_logits  # noqa: E402
@@ -170,12 +170,12 @@ def test_quantised_weights_stay_compact_in_memory(checkpoints, dtype):
     assert fp4["layers.1.ffn.experts.3.w1.weight"].dtype == torch.int8  # packed e2m1
     assert fp4["layers.1.ffn.experts.3.w1.scale"].dtype == torch.float8_e8m0fnu
     assert fp4["layers.1.ffn.shared_experts.w2.weight"].dtype == torch.float8_e4m3fn
-    assert "layers.1.attn.wo_a.scale" not in fp4, "wo_a is dequantised at load"
-    assert fp4["layers.1.attn.wo_a.weight"].dtype == work
+    assert fp4["layers.1.attn.wo_a.weight"].dtype == torch.float8_e4m3fn  # exact as bf16
+    assert fp4["layers.1.attn.wo_a.scale"].dtype == torch.float8_e8m0fnu
     assert fp4["embed.weight"].dtype == work and fp4["head.weight"].dtype == work
     assert fp4["layers.1.attn_norm.weight"].dtype == torch.float32
     assert fp4["layers.1.hc_attn_fn"].dtype == torch.float32
-    assert fp4["layers.1.attn.compressor.wkv.weight"].dtype == torch.float32
+    assert fp4["layers.1.attn.compressor.wkv.weight"].dtype == work  # applied in fp32
 
     nv = dict(load_model(checkpoints["nvfp4"], dtype=dtype).model.named_parameters())
     assert nv["layers.2.ffn.experts.0.w3.weight"].dtype == torch.uint8
@@ -279,6 +279,32 @@ def test_nvfp4_excluded_modules_may_keep_the_official_fp8(checkpoints, tmp_path)
     assert loaded.model.get_submodule("layers.1.attn.indexer.wq_b").fmt == "fp8"
     want = logits(spec_reference(path, loaded.config))
     assert (logits(loaded.model) - want).abs().max() < 1e-4
+
+
+def test_an_nvfp4_wo_a_is_held_dequantised_and_an_fp8_one_stays_fp8(checkpoints, tmp_path):
+    # wo_a is applied as a working-dtype weight (SPEC.md 2): FP8 bytes times a power of two are
+    # exactly bf16, so FP8 stays FP8 in memory; an NVFP4 wo_a is dequantised once at load.
+    path = Path(shutil.copytree(checkpoints["nvfp4"], tmp_path / "nv"))
+
+    def wo_a_to_nvfp4(tensors):
+        for name in [n for n in tensors if n.endswith("attn.wo_a.weight")]:
+            q, s, g = quantize_nvfp4(tensors[name].float())
+            stem = name[:-len("weight")]
+            tensors[name], tensors[stem + "weight_scale"], tensors[stem + "weight_scale_2"] = q, s, g
+            tensors[stem + "input_scale"] = torch.ones(())
+    edit_tensors(path, wo_a_to_nvfp4)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"]["exclude_modules"] = [
+        "*.attn.wq_a", "*.attn.wq_b", "*.attn.wkv", "*.attn.wo_b", "*.attn.compressor.*",
+        "*.attn.indexer.*", "*.e_proj", "*.h_proj"]  # everything but wo_a, as before
+    (path / "config.json").write_text(json.dumps(cfg))
+    loaded = load_model(path, dtype="float32")
+    wo_a = loaded.model.get_submodule("layers.1.attn.wo_a")
+    assert wo_a.fmt == "bf16" and wo_a.weight.dtype == torch.float32
+    want = logits(spec_reference(path, loaded.config))
+    assert (logits(loaded.model) - want).abs().max() < 1e-4
+    fp8 = load_model(checkpoints["fp4"], dtype="bfloat16").model.get_submodule("layers.1.attn.wo_a")
+    assert fp8.fmt == "fp8" and fp8.weight.dtype == torch.float8_e4m3fn
 
 
 def test_dummy_weights_equal_make_tiny_weights_for_the_same_seed(checkpoints):

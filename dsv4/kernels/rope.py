@@ -58,11 +58,14 @@ def _rope_cuda(x, pos, freqs, rope_dim, inverse, norm_eps):
     heads = x.numel() // d // x.shape[0]
     norm = norm_eps is not None
     bp = triton.next_power_of_2(d // 2 if norm else rope_dim // 2)
-    bh = max(1, min(triton.next_power_of_2(heads), 4096 // bp))
+    # rows a CTA: up to 4096 pairs, but few enough that a decode step's handful of tokens
+    # still spreads over ~128 CTAs instead of a few that each loop over many rows
+    spread = triton.next_power_of_2(triton.cdiv(heads * x.shape[0], 128))
+    bh = max(1, min(triton.next_power_of_2(heads), 4096 // bp, spread))
     _rope_kernel[(x.shape[0], triton.cdiv(heads, bh))](
         x, pos, freqs.to(device=x.device, dtype=torch.float32), heads,
         float(norm_eps or 0.0), D=d, NOPE=d - rope_dim, NORM=norm, INV=inverse, BH=bh, BP=bp,
-        num_warps=4)
+        num_warps=max(1, min(4, bh * bp // 128)))
     return x
 
 

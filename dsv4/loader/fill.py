@@ -3,7 +3,7 @@
 Shared by the file loader and the dummy (random) loader. Packed FP4 bytes are reinterpreted,
 everything else converted to the parameter's dtype on its device. With tensor parallelism each
 rank takes only its slice (`dsv4.model.parallel.tp_slice`), and the file loader reads only that
-slice from disk. `attn.wo_a`, which the model holds dequantised, waits until all its parts have
+slice from disk. An `attn.wo_a` that the model holds dequantised waits until all its parts have
 arrived (they may sit in different shards), is dequantised whole, then sliced.
 """
 from __future__ import annotations

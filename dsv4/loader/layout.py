@@ -2,9 +2,10 @@
 
 Parameter names are the checkpoint's names (SPEC.md section 2), so the layout is read off the
 model itself: every linear contributes the tensors of its storage format (`weight`, `scale`,
-`weight_scale`, ...), every other parameter one tensor. The one exception is `attn.wo_a`, which
-the model holds dequantised in its working dtype while the checkpoint stores it in the linear
-format of its scheme (FP8 with a `.scale` in official checkpoints).
+`weight_scale`, ...), every other parameter one tensor. The one exception is `attn.wo_a` in a
+format other than FP8 or bf16 (an NVFP4 build that quantised it): the model applies wo_a as a
+working-dtype weight (SPEC.md 2), so it holds that one dequantised. FP8 `wo_a` (official
+checkpoints) stays FP8: its dequantised values are exactly bf16.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ class LinearSpec:
     out_features: int
     fmt: str
     tensors: tuple[TensorSpec, ...]
-    dequantize_at_load: bool = False  # wo_a: the model holds it as a working-dtype weight
+    dequantize_at_load: bool = False  # wo_a held as a working-dtype weight
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,9 @@ def checkpoint_layout(model: nn.Module, scheme: QuantScheme) -> CheckpointLayout
     layout = CheckpointLayout()
     for prefix, mod in model.named_modules():
         if isinstance(mod, Linear):
-            held_dequantized = prefix.endswith("attn.wo_a")
+            # wo_a in a format the model does not hold it in (anything but FP8 and bf16)
+            held_dequantized = (prefix.endswith("attn.wo_a")
+                                and scheme.format_for(prefix) != mod.fmt)
             if held_dequantized:
                 fmt = scheme.format_for(prefix)
                 with torch.device("meta"):

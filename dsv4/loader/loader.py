@@ -5,7 +5,8 @@ Order of work: read config.json (+ hf_quant_config.json), index the shard header
 model on the target device, compare the checkpoint with the model's layout and report every
 problem at once, then stream tensors in file order: each is read lazily from its memory-mapped
 shard (`safe_open`, never pickles), converted and copied to the device, so host memory stays
-near one tensor. Quantised weights stay quantised; only `attn.wo_a` is dequantised (SPEC.md 2).
+near one tensor. Quantised weights stay quantised; only an `attn.wo_a` that is neither FP8 nor bf16 is
+dequantised (SPEC.md 2).
 """
 from __future__ import annotations
 

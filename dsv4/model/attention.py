@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..distributed import SINGLE, ParallelGroup
+from ..kernels.grouped_linear import grouped_linear
 from ..kernels.qat import fp8_round_
 from ..kernels.sparse_attention import sparse_attention
 from ..quant.linear import BF16Linear, make_linear
@@ -44,14 +45,18 @@ class DeepseekV4Attention(nn.Module):
         self.wq_b = lin("wq_b", cfg.q_lora_rank, H * D)
         self.wkv = lin("wkv", d, D)
         self.kv_norm = RMSNorm(D, cfg.rms_norm_eps)
-        # wo_a is applied as a dequantised working-dtype weight whatever its storage (SPEC.md 2)
-        self.wo_a = BF16Linear(H * D // self.groups, self.groups * self.o_lora, dtype=dtype)
+        # wo_a is applied as a dequantised working-dtype weight (SPEC.md 2). FP8 stays FP8 in
+        # memory (e4m3 times a power of two is exactly bf16); other formats are dequantised at load.
+        wo_a_fmt = scheme.format_for(f"{prefix}.wo_a")
+        self.wo_a = (lin("wo_a", H * D // self.groups, self.groups * self.o_lora)
+                     if wo_a_fmt == "fp8" else
+                     BF16Linear(H * D // self.groups, self.groups * self.o_lora, dtype=dtype))
         self.wo_b = lin("wo_b", self.groups * self.o_lora, d)
         self.attn_sink = nn.Parameter(torch.zeros(H), requires_grad=False)
         freqs = rope_frequencies(cfg, ratio)
         self.register_buffer("freqs", freqs, persistent=False)
         if ratio:
-            self.compressor = Compressor(cfg, ratio, D, freqs, kind="attn", qat=qat)
+            self.compressor = Compressor(cfg, ratio, D, freqs, kind="attn", qat=qat, dtype=dtype)
         if ratio == 4:
             self.indexer = Indexer(cfg, freqs, scheme.format_for(f"{prefix}.indexer.wq_b"), dtype,
                                    qat, tp)
@@ -84,6 +89,6 @@ class DeepseekV4Attention(nn.Module):
 
         o = rope_(o.contiguous(), pos, self.freqs, rd, inverse=True)
         o = o.reshape(T, self.groups, H * D // self.groups)
-        wo_a = self.wo_a.weight.to(o.dtype).view(self.groups, self.o_lora, -1)
-        z = torch.einsum("tgi,goi->tgo", o, wo_a)  # [T, G, o_lora]
+        scale = self.wo_a.scale if self.wo_a.fmt == "fp8" else None
+        z = grouped_linear(o, self.wo_a.weight, scale)  # [T, G, o_lora]
         return self.tp.all_reduce(self.wo_b(z.flatten(1)))

@@ -6,6 +6,7 @@ from torch import nn
 
 from ..cache.kv_cache import CompressorState, overlap_factor
 from ..kernels.compressor import compress_finish, compress_windows, ring_write_
+from ..kernels.f32_linear import linear_f32
 from ..quant.linear import BF16Linear
 from .batch import ForwardBatch
 from .norm import RMSNorm
@@ -20,13 +21,14 @@ class Compressor(nn.Module):
     """
 
     def __init__(self, cfg, ratio: int, dim: int, freqs: torch.Tensor, kind: str,
-                 qat: bool = True):
+                 qat: bool = True, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.ratio, self.dim, self.kind, self.qat = ratio, dim, kind, qat
         self.k = overlap_factor(ratio)
         self.rope_dim = cfg.qk_rope_head_dim
-        self.wkv = BF16Linear(cfg.hidden_size, self.k * dim, dtype=torch.float32)
-        self.wgate = BF16Linear(cfg.hidden_size, self.k * dim, dtype=torch.float32)
+        # bf16 in the checkpoint, held in the working dtype, applied in fp32 (SPEC.md 6)
+        self.wkv = BF16Linear(cfg.hidden_size, self.k * dim, dtype=dtype)
+        self.wgate = BF16Linear(cfg.hidden_size, self.k * dim, dtype=dtype)
         self.ape = nn.Parameter(torch.zeros(ratio, self.k * dim), requires_grad=False)
         self.norm = RMSNorm(dim, cfg.rms_norm_eps)
         self.register_buffer("freqs", freqs, persistent=False)
@@ -36,9 +38,8 @@ class Compressor(nn.Module):
         """Write the rows of the windows that complete in this step with `store(rows_idx, rows)`
         (flat rows of the compressed cache) and keep the raw rows of the open windows in `state`."""
         m = self.ratio
-        uf = u.float()
-        a = self.wkv(uf)  # [T, k*C]
-        g = self.wgate(uf)  # the kernels add the positional bias ape[pos % m] as they read g
+        a = linear_f32(u, self.wkv.weight)  # [T, k*C], fp32
+        g = linear_f32(u, self.wgate.weight)  # the kernels add ape[pos % m] as they read g
         kv_ring, sc_ring = state.kv.flatten(0, 1), state.score.flatten(0, 1)
         plan = batch.compress_plan(m, state.rows)
         if plan.seq.numel():

@@ -23,7 +23,8 @@ class Indexer(nn.Module):
         self.rope_dim, self.topk = cfg.qk_rope_head_dim, cfg.index_topk
         self.wq_b = make_linear(cfg.q_lora_rank, self.n_heads * self.head_dim, fmt, dtype)
         self.weights_proj = BF16Linear(cfg.hidden_size, self.n_heads, dtype=dtype)
-        self.compressor = Compressor(cfg, 4, self.head_dim, freqs, kind="index", qat=qat)
+        self.compressor = Compressor(cfg, 4, self.head_dim, freqs, kind="index", qat=qat,
+                                     dtype=dtype)
         self.register_buffer("freqs", freqs, persistent=False)
 
     def forward(self, qr: torch.Tensor, u: torch.Tensor, batch: ForwardBatch, cache) -> torch.Tensor:

@@ -320,6 +320,33 @@ def test_moe_module_kernels_equal_torch_path(layer, monkeypatch):
     assert err < 1e-2
 
 
+# ------------------------------------------------------------------------------- wo_a
+@pytest.mark.parametrize("groups,inputs", [(8, 4096), (16, 4096), (4, 256)])  # Flash, Pro, tiny
+@pytest.mark.parametrize("t", [1, 2, 15, 16, 17, 33, 64, 65])
+def test_grouped_fp8_linear_matches_dequantised_einsum(groups, inputs, t):
+    """wo_a kept in FP8 gives the bf16 einsum of its dequantised weight (SPEC.md 5.5) up to
+    fp32 summation order; beyond SMALL_T tokens the launcher takes the einsum itself."""
+    from dsv4.kernels.grouped_linear import SMALL_T, grouped_linear, grouped_linear_ref
+    o_lora = 1024 if inputs > 256 else 128
+    g = torch.Generator(device=DEV).manual_seed(t)
+    w = torch.randn(groups * o_lora, inputs, device=DEV, generator=g) / inputs ** 0.5
+    w[:128] *= 2.0 ** -12  # block scales far from 1
+    q, s = quantize_fp8(w)
+    x = torch.randn(t, groups, inputs, device=DEV, generator=g).bfloat16()
+    got = grouped_linear(x, q, s)
+    want = grouped_linear_ref(x.double(), q, s)  # exact products, float64 sums
+    ref = grouped_linear_ref(x, q, s)  # the bf16 einsum the model used before
+    err, ref_err = rel_err(got, want), rel_err(ref, want)
+    print(f"G={groups} I={inputs} T={t} (kernel {t <= SMALL_T}): rel err {err:.2e}, "
+          f"bf16 einsum {ref_err:.2e}")
+    assert got.shape == (t, groups, o_lora) and got.dtype == torch.bfloat16
+    assert err < 4e-3 and err < 2 * ref_err + 1e-3
+    if t <= 2:  # the CUDA-core path ran; the MMA kernel must agree too
+        from dsv4.kernels.grouped_linear import _grouped_fp8_cuda
+        mma = rel_err(_grouped_fp8_cuda(x, q, s, o_lora, dict(gemv=False)), want)
+        assert mma < 4e-3 and mma < 2 * ref_err + 1e-3, f"MMA kernel rel err {mma:.2e}"
+
+
 # ------------------------------------------------------------------------------- fp32 head
 @pytest.mark.parametrize("t", [1, 7, 64, 300])
 def test_linear_f32_split_equals_fp32_reference(t):
@@ -342,6 +369,26 @@ def test_linear_f32_split_equals_fp32_reference(t):
     assert got.dtype == torch.float32 and err < 2e-4 and err < hi_err / 20
     xb = x.bfloat16()  # a bf16 x takes one part
     assert (f32_linear.linear_f32(xb, w) - f32_linear.linear_f32_ref(xb, w)).abs().max() < 2e-4
+
+
+@pytest.mark.parametrize("m", [1, 2, 4])
+@pytest.mark.parametrize("n,k,wdtype", [(256, 4096, torch.bfloat16), (1024, 4096, torch.bfloat16),
+                                        (384, 7168, torch.bfloat16), (256, 4096, torch.float32),
+                                        (130, 1000, torch.bfloat16)])
+def test_linear_f32_gemv_equals_fp32_reference(m, n, k, wdtype):
+    """Decode-sized fp32 linears (the gate, the compressors) in the GEMV kernel: fp32 products
+    and sums, so as close to the float64 result as torch's own fp32 GEMM."""
+    from dsv4.kernels import f32_linear
+    g = torch.Generator(device=DEV).manual_seed(m * n)
+    w = (torch.randn(n, k, device=DEV, generator=g) / k ** 0.5).to(wdtype)
+    for x in (torch.randn(m, k, device=DEV, generator=g), torch.randn(m, k, device=DEV).bfloat16()):
+        got = f32_linear.linear_f32(x, w)
+        want = x.double() @ w.double().t()
+        err = (got - want).abs().max().item()
+        ref_err = (f32_linear.linear_f32_ref(x, w) - want).abs().max().item()
+        print(f"M={m} N={n} K={k} w {wdtype} x {x.dtype}: max |err| {err:.2e}, torch fp32 {ref_err:.2e}")
+        assert got.shape == (m, n) and got.dtype == torch.float32
+        assert err <= 4 * ref_err + 1e-6
 
 
 @pytest.mark.parametrize("func", ["sqrtsoftplus", "sigmoid", "softmax"])

@@ -1,0 +1,156 @@
+"""The grouped output projection `wo_a` (SPEC.md 5.5): z[t, g] = o[t, g] @ W[g]^T.
+
+`grouped_linear(x, weight, scale)`: x [T, G, I] in the working dtype, weight [G*O, I] (row
+g*O + o is output o of group g) -> [T, G, O] in x's dtype. Official checkpoints store `wo_a` as
+FP8 (e4m3 with 128x128 e8m0 block scales) and the reference applies it as the dequantised
+working-dtype weight with no activation quantisation. An e4m3 value times a power of two is
+exactly a bf16 value, so keeping the FP8 bytes changes no product: `scale=None` means `weight`
+is already in a float dtype.
+
+Reference (CPU, tests, large T): dequantise (exact) and `einsum` in x's dtype.
+
+GPU, bf16 x, FP8 weight, up to SMALL_T tokens (decode) read the e4m3 bytes, half the bf16
+weight's: `_grouped_gemv_kernel` for one token (CUDA-core products, a few whole weight rows a
+CTA, every byte requested at once), else `_grouped_fp8_kernel`, which widens each 128-deep
+K-block to bf16 in registers and runs one bf16 MMA per block, scaled once by the block's
+power-of-two scale ("swap AB": weight rows fill the MMA's wide side, tokens the narrow one), K
+split across CTAs until about four share an SM (fp32 partials, summed in split order by
+`_sum_kernel`). Products are the reference's; only the fp32 summation order differs.
+H200, Flash wo_a (8 x 1024 x 4096): 14.3 us at T = 1, 18.7 us at T = 4-16, 26.4 us at T = 64,
+against 22.6-24.4 us for the bf16 einsum on a bf16 copy (benchmarks/bench_linear_moe.py --only
+wo_a). Beyond SMALL_T the dequantised einsum runs (a transient bf16 copy per call).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import HAS_TRITON, num_sms, use_triton
+from ..quant.formats import dequant_fp8
+
+SMALL_T = 64
+GEMV_MAX_T = 1  # CUDA cores for one token (no MMA tile to fill), GEMV_ROWS weight rows a CTA
+GEMV_ROWS = 8
+
+
+def grouped_linear_ref(x: torch.Tensor, weight: torch.Tensor,
+                       scale: torch.Tensor | None = None) -> torch.Tensor:
+    G = x.shape[1]
+    w = dequant_fp8(weight, scale) if scale is not None else weight
+    return torch.einsum("tgi,goi->tgo", x, w.to(x.dtype).view(G, -1, x.shape[2]))
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor,
+                   scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, G, I], weight [G*O, I] (FP8 with `scale` [G*O/128, I/128], or a float dtype)."""
+    T, G, I = x.shape
+    if weight.shape[0] % G or weight.shape[1] != I:
+        raise ValueError(f"grouped linear: weight {tuple(weight.shape)} does not fit {G} groups "
+                         f"of {I} inputs")
+    O = weight.shape[0] // G
+    if (scale is not None and use_triton(x) and x.dtype == torch.bfloat16 and 0 < T <= SMALL_T
+            and O % 128 == 0 and I % 128 == 0):
+        return _grouped_fp8_cuda(x, weight, scale, O)
+    return grouped_linear_ref(x, weight, scale)
+
+
+def _grouped_fp8_cuda(x, weight, scale, O, cfg: dict | None = None):
+    """`cfg` (gemv, bw, stages, split) overrides the launch for tests and benchmarks."""
+    T, G, I = x.shape
+    x = x.contiguous()
+    y = torch.empty(T, G, O, dtype=x.dtype, device=x.device)
+    nkb = I // 128
+    c = dict(gemv=T <= GEMV_MAX_T and I <= 8192, bw=64, stages=3, split=None)
+    c.update(cfg or {})
+    if c["gemv"]:
+        _grouped_gemv_kernel[(G * O // GEMV_ROWS,)](
+            x, weight, scale.view(torch.uint8), y, T, G * O, O, I, BW=GEMV_ROWS,
+            NKB=triton.next_power_of_2(nkb), TM=triton.next_power_of_2(T), num_warps=8)
+        return y
+    bt = 16 if T <= 16 else 32 if T <= 32 else 64
+    tiles = G * O // c["bw"] * triton.cdiv(T, bt)
+    # split K until ~4 CTAs an SM: one CTA an SM leaves each K-block waiting on memory
+    split = c["split"] or max(1, min(nkb // 4, 4 * num_sms(x.device) // tiles))
+    per = triton.cdiv(nkb, split)
+    split = triton.cdiv(nkb, per)
+    part = torch.empty(split, T, G * O, dtype=torch.float32, device=x.device) if split > 1 else y
+    _grouped_fp8_kernel[(G * O // c["bw"], triton.cdiv(T, bt), split)](
+        x, weight, scale.view(torch.uint8), part, T, G * O, O, I, per, BW=c["bw"], BT=bt,
+        num_warps=4, num_stages=c["stages"])
+    if split > 1:
+        n = T * G * O
+        _sum_kernel[(triton.cdiv(n, 1024),)](part, y, n, split, BLOCK=1024,
+                                             SP=triton.next_power_of_2(split), num_warps=4)
+    return y
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _grouped_fp8_kernel(x_ptr, w_ptr, s_ptr, y_ptr, T, N, O, I, kb_per_split,
+                            BW: tl.constexpr, BT: tl.constexpr):
+        """y[split, t, rows] for BW weight rows (one group, one 128-row scale block), BT tokens
+        and this split's K-blocks; grid (G*O/BW, T/BT, splits)."""
+        r0 = tl.program_id(0) * BW
+        rows = r0 + tl.arange(0, BW)
+        g = r0 // O
+        toks = tl.program_id(1) * BT + tl.arange(0, BT)
+        tok_ok = toks < T
+        k = tl.arange(0, 128)
+        nkb = I // 128
+        kb0 = tl.program_id(2) * kb_per_split
+        kb1 = tl.minimum(kb0 + kb_per_split, nkb)
+        s_at = s_ptr + (r0 // 128) * nkb
+        w_at = w_ptr + rows[:, None].to(tl.int64) * I + k[None, :]
+        x_at = x_ptr + toks[:, None].to(tl.int64) * (N // O * I) + g * I + k[None, :]
+        acc = tl.zeros((BW, BT), dtype=tl.float32)
+        # the block scale one K-block ahead: Triton prefetches only the loads that feed the dot
+        sn = tl.load(s_at + kb0).to(tl.int32)
+        for kb in range(kb0, kb1):
+            sb = sn
+            sn = tl.load(s_at + kb + 1, mask=kb + 1 < kb1, other=0).to(tl.int32)
+            w = tl.load(w_at + kb * 128).to(tl.bfloat16)  # e4m3 -> bf16 exactly
+            xv = tl.load(x_at + kb * 128, mask=tok_ok[:, None], other=0.0)
+            acc += tl.dot(w, tl.trans(xv)) * _e8m0(sb)
+        y = (y_ptr + tl.program_id(2).to(tl.int64) * T * N + toks[None, :].to(tl.int64) * N
+             + rows[:, None])
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=tok_ok[None, :])
+
+    @triton.jit
+    def _grouped_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, T, N, O, I, BW: tl.constexpr,
+                             NKB: tl.constexpr, TM: tl.constexpr):
+        """One token (TM > 1 works, but re-reduces per token: slower than the MMA kernel from
+        T = 2 on the H200): BW whole weight rows a CTA as [BW, K-blocks, 128], all their bytes
+        loaded at once, products on CUDA cores. x is scaled by each K-block's power-of-two
+        scale instead of the weight: the same exact products, one multiply per input."""
+        r0 = tl.program_id(0) * BW
+        rows = r0 + tl.arange(0, BW)
+        g = r0 // O
+        kb = tl.arange(0, NKB)
+        kk = tl.arange(0, 128)
+        nkb = I // 128
+        k = kb[:, None] * 128 + kk[None, :]  # [NKB, 128]
+        kok = (kb < nkb)[:, None]
+        w = tl.load(w_ptr + rows[:, None, None].to(tl.int64) * I + k[None, :, :],
+                    mask=kok[None, :, :], other=0.0).to(tl.float32)
+        s = _e8m0(tl.load(s_ptr + (r0 // 128) * nkb + kb, mask=kb < nkb, other=0).to(tl.int32))
+        for t in tl.static_range(TM):
+            ok = t < T
+            xv = tl.load(x_ptr + t * (N // O * I) + g * I + k, mask=kok & ok, other=0.0)
+            yt = tl.sum(tl.sum(w * (xv.to(tl.float32) * s[:, None])[None, :, :], 2), 1)
+            tl.store(y_ptr + t * N + rows, yt.to(y_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _sum_kernel(part_ptr, y_ptr, n, S, BLOCK: tl.constexpr, SP: tl.constexpr):
+        """y = the fp32 sum of the S split-K partials [S, n], rounded once to y's dtype."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        sp = tl.arange(0, SP)
+        v = tl.load(part_ptr + sp[:, None].to(tl.int64) * n + i[None, :],
+                    mask=(sp < S)[:, None] & (i < n)[None, :], other=0.0)
+        tl.store(y_ptr + i, tl.sum(v, 0).to(y_ptr.dtype.element_ty), mask=i < n)
+
+    @triton.jit
+    def _e8m0(b):
+        """e8m0 byte (int32 0..254) -> 2^(b-127) as fp32."""
+        return tl.where(b == 0, 5.877471754111438e-39, (b << 23).to(tl.float32, bitcast=True))
