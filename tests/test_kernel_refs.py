@@ -298,7 +298,7 @@ def test_out_of_memory_does_not_switch_gemm_paths_for_good(monkeypatch):
     monkeypatch.setattr(fl, "use_triton", lambda x: True)
     monkeypatch.setattr(torch, "mm", oom)
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        fl.linear_f32(torch.randn(3, 8), torch.randn(4, 8).bfloat16())
+        fl.linear_f32(torch.randn(fl.GEMV_MAX_M + 1, 8), torch.randn(4, 8).bfloat16())
     assert fl._MM_DTYPE_OK == {}
 
     monkeypatch.setattr(ql, "_SCALED_MM_OK", {})

@@ -7,6 +7,7 @@ text is detokenised, stop rules are applied and finished sequences free their ca
 """
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -258,6 +259,10 @@ class LLMEngine:
 
     def _cache_budget(self) -> int:
         if self.device.type == "cuda":
+            # blocks this process's allocator caches but no tensor holds (an earlier engine's,
+            # say) are free memory for this budget, as in vLLM
+            gc.collect()
+            torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
             return int(self.engine_config.gpu_memory_utilization * total) - (total - free)
         return self.engine_config.cpu_cache_bytes

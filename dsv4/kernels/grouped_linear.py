@@ -7,7 +7,7 @@ working-dtype weight with no activation quantisation. An e4m3 value times a powe
 exactly a bf16 value, so keeping the FP8 bytes changes no product: `scale=None` means `weight`
 is already in a float dtype.
 
-Reference (CPU, tests, large T): dequantise (exact) and `einsum` in x's dtype.
+Reference (CPU, tests): dequantise (exact) and `einsum` in x's dtype.
 
 GPU, bf16 x, FP8 weight, up to SMALL_T tokens (decode) read the e4m3 bytes, half the bf16
 weight's: `_grouped_gemv_kernel` for one token (CUDA-core products, a few whole weight rows a
@@ -18,7 +18,8 @@ split across CTAs until about four share an SM (fp32 partials, summed in split o
 `_sum_kernel`). Products are the reference's; only the fp32 summation order differs.
 H200, Flash wo_a (8 x 1024 x 4096): 14.3 us at T = 1, 18.7 us at T = 4-16, 26.4 us at T = 64,
 against 22.6-24.4 us for the bf16 einsum on a bf16 copy (benchmarks/bench_linear_moe.py --only
-wo_a). Beyond SMALL_T the dequantised einsum runs (a transient bf16 copy per call).
+wo_a). Beyond SMALL_T tokens (large decode batches, prefill) `_dequant_kernel` writes a
+transient bf16 copy (read 1 byte, write 2 a weight) for cuBLAS's batched bf16 GEMM.
 """
 from __future__ import annotations
 
@@ -47,10 +48,20 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor,
         raise ValueError(f"grouped linear: weight {tuple(weight.shape)} does not fit {G} groups "
                          f"of {I} inputs")
     O = weight.shape[0] // G
-    if (scale is not None and use_triton(x) and x.dtype == torch.bfloat16 and 0 < T <= SMALL_T
+    if (scale is not None and use_triton(x) and x.dtype == torch.bfloat16 and T
             and O % 128 == 0 and I % 128 == 0):
-        return _grouped_fp8_cuda(x, weight, scale, O)
+        if T <= SMALL_T:
+            return _grouped_fp8_cuda(x, weight, scale, O)
+        w = _dequant_bf16(weight, scale)  # [G*O, I], transient
+        return torch.einsum("tgi,goi->tgo", x, w.view(G, O, I))
     return grouped_linear_ref(x, weight, scale)
+
+
+def _dequant_bf16(weight, scale):
+    n, k = weight.shape
+    w = torch.empty(n, k, dtype=torch.bfloat16, device=weight.device)
+    _dequant_kernel[(n // 32, k // 128)](weight, scale.view(torch.uint8), w, k, num_warps=4)
+    return w
 
 
 def _grouped_fp8_cuda(x, weight, scale, O, cfg: dict | None = None):
@@ -149,6 +160,15 @@ if HAS_TRITON:
         v = tl.load(part_ptr + sp[:, None].to(tl.int64) * n + i[None, :],
                     mask=(sp < S)[:, None] & (i < n)[None, :], other=0.0)
         tl.store(y_ptr + i, tl.sum(v, 0).to(y_ptr.dtype.element_ty), mask=i < n)
+
+    @triton.jit
+    def _dequant_kernel(w_ptr, s_ptr, out_ptr, K):
+        """out = e4m3 weight x its 128x128 block scale, exactly, in bf16: a [32, 128] tile."""
+        rows = tl.program_id(0) * 32 + tl.arange(0, 32)
+        kb = tl.program_id(1)
+        at = rows[:, None].to(tl.int64) * K + kb * 128 + tl.arange(0, 128)[None, :]
+        s = _e8m0(tl.load(s_ptr + (tl.program_id(0) * 32 // 128) * (K // 128) + kb).to(tl.int32))
+        tl.store(out_ptr + at, (tl.load(w_ptr + at).to(tl.float32) * s).to(tl.bfloat16))
 
     @triton.jit
     def _e8m0(b):
