@@ -79,14 +79,17 @@ class LayerCache:
     def flat(buf: torch.Tensor) -> torch.Tensor:
         return buf.view(-1, buf.shape[-1])
 
-    def _store_rows(self, buf: torch.Tensor, dst: torch.Tensor, rows: torch.Tensor) -> None:
+    def _store_rows(self, buf: torch.Tensor, dst: torch.Tensor, rows: torch.Tensor,
+                    src: torch.Tensor | None = None) -> None:
+        """flat buf[dst] = rows[src] (all rows in order when src is None)."""
         if self.kv_fp8:
-            store_kv_fp8_(self.flat(buf), dst, rows, self.rope_dim)
+            store_kv_fp8_(self.flat(buf), dst, rows, self.rope_dim, src)
         else:
-            self.flat(buf)[dst] = rows.to(buf.dtype)
+            self.flat(buf)[dst] = (rows if src is None else rows[src]).to(buf.dtype)
 
-    def store_win(self, dst: torch.Tensor, rows: torch.Tensor) -> None:
-        self._store_rows(self.win, dst, rows)
+    def store_win(self, dst: torch.Tensor, rows: torch.Tensor,
+                  src: torch.Tensor | None = None) -> None:
+        self._store_rows(self.win, dst, rows, src)
 
     def store_cmp(self, dst: torch.Tensor, rows: torch.Tensor) -> None:
         self._store_rows(self.cmp, dst, rows)

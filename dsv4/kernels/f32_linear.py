@@ -15,7 +15,7 @@ max |error| 7-9e-5 on logits up to 16, against 2e-6 to 6e-5; tests/gpu). The wei
 once. A bf16 x needs no split (one part).
 
 Decode-sized calls (up to GEMV_MAX_M rows, N up to GEMV_MAX_N: the MoE gate, the compressors'
-wkv / wgate) take `_gemv_kernel` instead: fp32 CUDA-core products and sums, as the reference,
+wkv / wgate, those two in one launch by `linear_f32_pair`) take `_gemv_kernel` instead: fp32 CUDA-core products and sums, as the reference,
 each CTA reading a few whole weight rows in one go (cuBLAS picks a split-K GEMM and a separate
 reduction for these shapes, ~6 us for the 2 MB gate).
 """
@@ -47,8 +47,7 @@ def split_bf16(x: torch.Tensor) -> torch.Tensor:
 
 def linear_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [T, K] (any float dtype), w [N, K] -> fp32 [T, N]."""
-    if (use_triton(x) and 0 < x.shape[0] <= GEMV_MAX_M and w.shape[0] <= GEMV_MAX_N
-            and x.shape[1] <= GEMV_MAX_K and w.dtype in (torch.bfloat16, torch.float32)):
+    if _gemv_applies(x, w):
         return _gemv(x, w)
     if not (use_triton(x) and w.dtype == torch.bfloat16 and _MM_DTYPE_OK.get(x.device, True)):
         return linear_f32_ref(x, w)
@@ -65,18 +64,37 @@ def linear_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y[0] if p == 1 else (y[0] + y[1]) + y[2]
 
 
-def _gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def linear_f32_pair(x: torch.Tensor, w1: torch.Tensor,
+                    w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear_f32(x, w1), linear_f32(x, w2)); one launch for decode-sized x (the compressors'
+    wkv and wgate)."""
+    if w1.shape == w2.shape and w1.dtype == w2.dtype and _gemv_applies(x, w1):
+        return _gemv(x, w1, w2)
+    return linear_f32(x, w1), linear_f32(x, w2)
+
+
+def _gemv_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return (use_triton(x) and 0 < x.shape[0] <= GEMV_MAX_M and w.shape[0] <= GEMV_MAX_N
+            and x.shape[1] <= GEMV_MAX_K and w.dtype in (torch.bfloat16, torch.float32))
+
+
+def _gemv(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None = None):
+    """x @ w^T (and x @ w2^T, same shape, in the same launch) in fp32."""
     m, k = x.shape
     n = w.shape[0]
     if w.shape[1] != k:
         raise ValueError(f"linear_f32: x [{m}, {k}] does not fit weight {tuple(w.shape)}")
     x, w = x.contiguous(), w.contiguous()
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
+    y2 = torch.empty_like(y) if w2 is not None else y
     bk = triton.next_power_of_2(k)
     bn = 2 if n <= 512 else 4  # at least ~128 CTAs for the gate (N=256) and wkv (N=1024)
     warps = max(1, min(16, bn * bk // 2048))  # 64 weight elements a thread
-    _gemv_kernel[(triton.cdiv(n, bn),)](x, w, y, m, n, k, BN=bn, BK=bk, num_warps=warps)
-    return y
+    nb = triton.cdiv(n, bn)
+    _gemv_kernel[(nb * (2 if w2 is not None else 1),)](
+        x, w, y, w2.contiguous() if w2 is not None else w, y2, nb, m, n, k, BN=bn, BK=bk,
+        num_warps=warps)
+    return y if w2 is None else (y, y2)
 
 
 if HAS_TRITON:
@@ -84,10 +102,15 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, BN: tl.constexpr, BK: tl.constexpr):
+    def _gemv_kernel(x_ptr, w_ptr, y_ptr, w2_ptr, y2_ptr, NB, M, N, K, BN: tl.constexpr,
+                     BK: tl.constexpr):
         """y[:, rows] = x.float() @ w[rows].float()^T for BN whole weight rows (K <= BK), every
-        weight byte loaded at once; the few x rows come from L2."""
-        rows = tl.program_id(0) * BN + tl.arange(0, BN)
+        weight byte loaded at once; the few x rows come from L2. Row blocks NB and up belong
+        to the second weight (w2 -> y2)."""
+        pid = tl.program_id(0)
+        if pid >= NB:
+            w_ptr, y_ptr, pid = w2_ptr, y2_ptr, pid - NB
+        rows = pid * BN + tl.arange(0, BN)
         k = tl.arange(0, BK)
         kok = k < K
         w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + k[None, :],

@@ -65,14 +65,16 @@ def unpack_kv_fp8(packed: torch.Tensor, head_dim: int, rope_dim: int = 64,
 
 
 def store_kv_fp8_(buf: torch.Tensor, dst: torch.Tensor, rows: torch.Tensor,
-                  rope_dim: int = 64) -> None:
-    """buf[dst] = pack_kv_fp8(rows): packs and scatters in one launch on CUDA (the torch
-    packing is ~15 small kernels, which cost 15% of a batch-1 decode step)."""
-    if (use_triton(rows) and rows.shape[0] and (rows.shape[1] - rope_dim) % FP8_GROUP == 0
+                  rope_dim: int = 64, src: torch.Tensor | None = None) -> None:
+    """buf[dst] = pack_kv_fp8(rows[src]) (src: row indices, None for all rows in order): the
+    gather, packing and scatter in one launch on CUDA (the torch packing is ~15 small kernels,
+    which cost 15% of a batch-1 decode step)."""
+    n = rows.shape[0] if src is None else src.numel()
+    if (use_triton(rows) and n and (rows.shape[1] - rope_dim) % FP8_GROUP == 0
             and rope_dim & (rope_dim - 1) == 0):  # the kernel spans the rope dims in one arange
-        _store_kv_fp8_cuda(buf, dst, rows, rope_dim)
+        _store_kv_fp8_cuda(buf, dst, rows, rope_dim, src)
     else:
-        buf[dst] = pack_kv_fp8(rows, rope_dim)
+        buf[dst] = pack_kv_fp8(rows if src is None else rows[src], rope_dim)
 
 
 if HAS_TRITON:
@@ -82,15 +84,20 @@ if HAS_TRITON:
     from .quant_linear import _pow2ceil
 
     @triton.jit
-    def _store_kv_fp8_kernel(buf_ptr, dst_ptr, rows_ptr, n, stride_row, ROW_BYTES: tl.constexpr,
-                             NOPE: tl.constexpr, ROPE: tl.constexpr, G: tl.constexpr,
-                             BG: tl.constexpr, PAD: tl.constexpr, BR: tl.constexpr):
-        """BR rows: e4m3 codes and e8m0 scale byte per 64 no-rope dims (SPEC.md 5.2, as
-        `pack_kv_fp8`), the rope dims as bf16, zero padding; written to rows dst of buf."""
+    def _store_kv_fp8_kernel(buf_ptr, dst_ptr, rows_ptr, src_ptr, n, stride_row,
+                             ROW_BYTES: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr,
+                             G: tl.constexpr, BG: tl.constexpr, PAD: tl.constexpr,
+                             BR: tl.constexpr, GATHER: tl.constexpr):
+        """BR rows (rows src[r] when GATHER): e4m3 codes and e8m0 scale byte per 64 no-rope
+        dims (SPEC.md 5.2, as `pack_kv_fp8`), the rope dims as bf16, zero padding; written to
+        rows dst of buf."""
         r = tl.program_id(0) * BR + tl.arange(0, BR)
         rmask = r < n
         out = buf_ptr + tl.load(dst_ptr + r, mask=rmask, other=0).to(tl.int64) * ROW_BYTES
-        src = rows_ptr + r.to(tl.int64) * stride_row
+        if GATHER:
+            src = rows_ptr + tl.load(src_ptr + r, mask=rmask, other=0).to(tl.int64) * stride_row
+        else:
+            src = rows_ptr + r.to(tl.int64) * stride_row
         g = tl.arange(0, BG)
         c = tl.arange(0, 64)
         m3 = rmask[:, None, None] & (g < G)[None, :, None]
@@ -111,8 +118,9 @@ if HAS_TRITON:
         tl.store(out[:, None] + (NOPE + 2 * ROPE + G) + p[None, :], tl.zeros([BR, 8], tl.uint8),
                  mask=rmask[:, None] & (p < PAD)[None, :])
 
-    def _store_kv_fp8_cuda(buf, dst, rows, rope_dim):
-        n, d = rows.shape
+    def _store_kv_fp8_cuda(buf, dst, rows, rope_dim, src=None):
+        d = rows.shape[1]
+        n = rows.shape[0] if src is None else src.numel()
         nope = d - rope_dim
         g = nope // FP8_GROUP
         row_bytes = kv_fp8_row_bytes(d, rope_dim)
@@ -124,7 +132,9 @@ if HAS_TRITON:
         if dst.numel() != n:
             raise ValueError(f"{dst.numel()} destinations for {n} rows")
         BR = 4
+        gather = src is not None
+        src = src.reshape(-1).contiguous() if gather else dst
         _store_kv_fp8_kernel[(triton.cdiv(n, BR),)](
-            buf, dst, rows, n, rows.stride(0), ROW_BYTES=row_bytes, NOPE=nope,
+            buf, dst, rows, src, n, rows.stride(0), ROW_BYTES=row_bytes, NOPE=nope,
             ROPE=rope_dim, G=g, BG=triton.next_power_of_2(g), PAD=row_bytes - nope - 2 * rope_dim - g,
-            BR=BR, num_warps=4)
+            BR=BR, GATHER=gather, num_warps=4)

@@ -85,7 +85,7 @@ class DeepseekV4Attention(nn.Module):
         o = sparse_attention(q, self.attn_sink, D ** -0.5, cache.flat(cache.win), kv,
                              batch.window_index, cmp_rows, cmp_idx, self.rope_dim)
         tok, dst = batch.ring_writes(cache.window_rows)
-        cache.store_win(dst, kv[tok])
+        cache.store_win(dst, kv, tok)  # kv[tok], gathered by the store
 
         o = rope_(o.contiguous(), pos, self.freqs, rd, inverse=True)
         o = o.reshape(T, self.groups, H * D // self.groups)

@@ -6,7 +6,7 @@ from torch import nn
 
 from ..cache.kv_cache import CompressorState, overlap_factor
 from ..kernels.compressor import compress_finish, compress_windows, ring_write_
-from ..kernels.f32_linear import linear_f32
+from ..kernels.f32_linear import linear_f32_pair
 from ..quant.linear import BF16Linear
 from .batch import ForwardBatch
 from .norm import RMSNorm
@@ -38,8 +38,8 @@ class Compressor(nn.Module):
         """Write the rows of the windows that complete in this step with `store(rows_idx, rows)`
         (flat rows of the compressed cache) and keep the raw rows of the open windows in `state`."""
         m = self.ratio
-        a = linear_f32(u, self.wkv.weight)  # [T, k*C], fp32
-        g = linear_f32(u, self.wgate.weight)  # the kernels add ape[pos % m] as they read g
+        # a [T, k*C] fp32; the kernels add ape[pos % m] to g as they read it
+        a, g = linear_f32_pair(u, self.wkv.weight, self.wgate.weight)
         kv_ring, sc_ring = state.kv.flatten(0, 1), state.score.flatten(0, 1)
         plan = batch.compress_plan(m, state.rows)
         if plan.seq.numel():

@@ -157,8 +157,9 @@ def test_sparse_attention_split_matches_unsplit():
 
 @pytest.mark.parametrize("d,n", [(512, 1), (512, 37), (128, 5), (192, 300)])
 def test_store_kv_fp8_packs_and_scatters_as_torch(d, n):
-    """The one-launch pack + scatter of the cache writes gives torch's packed bytes exactly,
-    on model-made rows and on arbitrary ones (tiny to huge magnitudes, an all-zero group)."""
+    """The one-launch pack + scatter of the cache writes (optionally gathering its rows) gives
+    torch's packed bytes exactly, on model-made rows and on arbitrary ones (tiny to huge
+    magnitudes, an all-zero group)."""
     from dsv4.kernels.kv_fp8 import kv_fp8_row_bytes, pack_kv_fp8, store_kv_fp8_
     gen = torch.Generator(device=DEV).manual_seed(d + n)
     x = torch.randn(n, d, generator=gen, device=DEV)
@@ -173,6 +174,10 @@ def test_store_kv_fp8_packs_and_scatters_as_torch(d, n):
         want[dst] = pack_kv_fp8(rows, R)
         store_kv_fp8_(buf, dst, rows, R)
         assert torch.equal(buf, want), f"{(buf != want).sum().item()} bytes differ"
+        src = torch.randperm(n, generator=gen, device=DEV)[:max(1, n // 2)]  # rows[src]
+        want[dst[:src.numel()]] = pack_kv_fp8(rows[src], R)
+        store_kv_fp8_(buf, dst[:src.numel()], rows, R, src)
+        assert torch.equal(buf, want), f"gathered: {(buf != want).sum().item()} bytes differ"
 
 
 def test_kv_fp8_round_trip_is_exact_on_model_rows():

@@ -391,6 +391,9 @@ def test_linear_f32_gemv_equals_fp32_reference(m, n, k, wdtype):
         print(f"M={m} N={n} K={k} w {wdtype} x {x.dtype}: max |err| {err:.2e}, torch fp32 {ref_err:.2e}")
         assert got.shape == (m, n) and got.dtype == torch.float32
         assert err <= 4 * ref_err + 1e-6
+        w2 = w.flip(0)  # the compressors' wkv and wgate share one launch: the same bits
+        a, b = f32_linear.linear_f32_pair(x, w, w2)
+        assert torch.equal(a, got) and torch.equal(b, f32_linear.linear_f32(x, w2))
 
 
 @pytest.mark.parametrize("func", ["sqrtsoftplus", "sigmoid", "softmax"])
