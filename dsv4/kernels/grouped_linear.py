@@ -15,7 +15,8 @@ CTA, every byte requested at once), else `_grouped_fp8_kernel`, which widens eac
 K-block to bf16 in registers and runs one bf16 MMA per block, scaled once by the block's
 power-of-two scale ("swap AB": weight rows fill the MMA's wide side, tokens the narrow one), K
 split across CTAs until about four share an SM (fp32 partials, summed in split order by
-`_sum_kernel`). Products are the reference's; only the fp32 summation order differs.
+`quant_linear.sum_splits_`). Products are the reference's; only the fp32 summation order
+differs.
 H200, Flash wo_a (8 x 1024 x 4096): 14.3 us at T = 1, 18.7 us at T = 4-16, 26.4 us at T = 64,
 against 22.6-24.4 us for the bf16 einsum on a bf16 copy (benchmarks/bench_linear_moe.py --only
 wo_a). Beyond SMALL_T tokens (large decode batches, prefill) `_dequant_kernel` writes a
@@ -27,6 +28,7 @@ import torch
 
 from . import HAS_TRITON, num_sms, use_triton
 from ..quant.formats import dequant_fp8
+from .quant_linear import sum_splits_
 
 SMALL_T = 64
 GEMV_MAX_T = 1  # CUDA cores for one token (no MMA tile to fill), GEMV_ROWS weight rows a CTA
@@ -88,15 +90,15 @@ def _grouped_fp8_cuda(x, weight, scale, O, cfg: dict | None = None):
         x, weight, scale.view(torch.uint8), part, T, G * O, O, I, per, BW=c["bw"], BT=bt,
         num_warps=4, num_stages=c["stages"])
     if split > 1:
-        n = T * G * O
-        _sum_kernel[(triton.cdiv(n, 1024),)](part, y, n, split, BLOCK=1024,
-                                             SP=triton.next_power_of_2(split), num_warps=4)
+        sum_splits_(part, y)
     return y
 
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from .quant_linear import _e8m0_f32
 
     @triton.jit
     def _grouped_fp8_kernel(x_ptr, w_ptr, s_ptr, y_ptr, T, N, O, I, kb_per_split,
@@ -123,7 +125,7 @@ if HAS_TRITON:
             sn = tl.load(s_at + kb + 1, mask=kb + 1 < kb1, other=0).to(tl.int32)
             w = tl.load(w_at + kb * 128).to(tl.bfloat16)  # e4m3 -> bf16 exactly
             xv = tl.load(x_at + kb * 128, mask=tok_ok[:, None], other=0.0)
-            acc += tl.dot(w, tl.trans(xv)) * _e8m0(sb)
+            acc += tl.dot(w, tl.trans(xv)) * _e8m0_f32(sb)
         y = (y_ptr + tl.program_id(2).to(tl.int64) * T * N + toks[None, :].to(tl.int64) * N
              + rows[:, None])
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=tok_ok[None, :])
@@ -145,32 +147,9 @@ if HAS_TRITON:
         kok = (kb < nkb)[:, None]
         w = tl.load(w_ptr + rows[:, None, None].to(tl.int64) * I + k[None, :, :],
                     mask=kok[None, :, :], other=0.0).to(tl.float32)
-        s = _e8m0(tl.load(s_ptr + (r0 // 128) * nkb + kb, mask=kb < nkb, other=0).to(tl.int32))
+        s = _e8m0_f32(tl.load(s_ptr + (r0 // 128) * nkb + kb, mask=kb < nkb, other=0).to(tl.int32))
         for t in tl.static_range(TM):
             ok = t < T
             xv = tl.load(x_ptr + t * (N // O * I) + g * I + k, mask=kok & ok, other=0.0)
             yt = tl.sum(tl.sum(w * (xv.to(tl.float32) * s[:, None])[None, :, :], 2), 1)
             tl.store(y_ptr + t * N + rows, yt.to(y_ptr.dtype.element_ty), mask=ok)
-
-    @triton.jit
-    def _sum_kernel(part_ptr, y_ptr, n, S, BLOCK: tl.constexpr, SP: tl.constexpr):
-        """y = the fp32 sum of the S split-K partials [S, n], rounded once to y's dtype."""
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        sp = tl.arange(0, SP)
-        v = tl.load(part_ptr + sp[:, None].to(tl.int64) * n + i[None, :],
-                    mask=(sp < S)[:, None] & (i < n)[None, :], other=0.0)
-        tl.store(y_ptr + i, tl.sum(v, 0).to(y_ptr.dtype.element_ty), mask=i < n)
-
-    @triton.jit
-    def _dequant_kernel(w_ptr, s_ptr, out_ptr, K):
-        """out = e4m3 weight x its 128x128 block scale, exactly, in bf16: a [32, 128] tile."""
-        rows = tl.program_id(0) * 32 + tl.arange(0, 32)
-        kb = tl.program_id(1)
-        at = rows[:, None].to(tl.int64) * K + kb * 128 + tl.arange(0, 128)[None, :]
-        s = _e8m0(tl.load(s_ptr + (tl.program_id(0) * 32 // 128) * (K // 128) + kb).to(tl.int32))
-        tl.store(out_ptr + at, (tl.load(w_ptr + at).to(tl.float32) * s).to(tl.bfloat16))
-
-    @triton.jit
-    def _e8m0(b):
-        """e8m0 byte (int32 0..254) -> 2^(b-127) as fp32."""
-        return tl.where(b == 0, 5.877471754111438e-39, (b << 23).to(tl.float32, bitcast=True))

@@ -200,9 +200,16 @@ def _qlinear_cuda(x, fmt: int, weight, scale, gscale, path: str = "auto",
     if split == 1:
         return out[0].reshape(*lead, n)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](out, y, m * n, split, BLOCK=1024,
-                                                    SP=triton.next_power_of_2(split), num_warps=4)
-    return y.reshape(*lead, n)
+    return sum_splits_(out, y).reshape(*lead, n)
+
+
+def sum_splits_(part: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y = the fp32 sum of split-K partials part [S, *y.shape] (contiguous), rounded once to
+    y's dtype (also the grouped wo_a kernel's, grouped_linear.py). CUDA only."""
+    s, n = part.shape[0], y.numel()
+    _sum_splits_kernel[(triton.cdiv(n, 1024),)](part, y, n, s, BLOCK=1024,
+                                                SP=triton.next_power_of_2(s), num_warps=4)
+    return y
 
 
 def _scaled_mm_blockwise(q, s, weight, scale_e8m0_u8, out_dtype) -> torch.Tensor:
