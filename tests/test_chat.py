@@ -132,7 +132,7 @@ def test_tools_without_a_system_message_get_an_empty_one() -> None:
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     prompt = encode_messages([{"role": "user", "content": "hi"}], tools=tools)
     assert prompt.startswith("<｜begin▁of▁sentence｜>\n\n## Tools\n\n")
-    assert f'{{"name": "f", "parameters": {{}}}}\n\nYou MUST' in prompt
+    assert '{"name": "f", "parameters": {}}\n\nYou MUST' in prompt
 
 
 def test_every_marker_in_the_vectors_is_a_special_token() -> None:

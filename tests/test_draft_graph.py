@@ -9,7 +9,7 @@ import torch
 from dsv4 import LLM, SamplingParams
 from dsv4.engine.cuda_graph import BATCH_SIZES
 from dsv4.engine.draft_graph import DraftGraph, DraftGraphs
-from dsv4.model.batch import ForwardBatch, SeqChunk, StaticBatch
+from dsv4.model.batch import StaticBatch
 
 
 class EagerGraphs:

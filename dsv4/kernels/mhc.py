@@ -58,13 +58,21 @@ if HAS_TRITON:
         sq = tl.zeros([BLOCK_T], tl.float32)
         k_lo = sp * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
+        kb = tl.arange(0, BLOCK_K)
+        f_rows = fn_ptr + r[:, None] * K
+        rmask = (r < NOUT)[:, None]
+        # fn's block one ahead: converted before the MMA, Triton does not prefetch it
+        # (H200, 8192 tokens: 251 -> 224 us Flash, 435 -> 386 us Pro)
+        fnext = tl.load(f_rows + k_lo + kb[None, :], mask=rmask & (k_lo + kb < k_hi)[None, :],
+                        other=0.0)
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
+            k = k0 + kb
             kmask = k < k_hi
             x = tl.load(x_ptr + t[:, None].to(tl.int64) * K + k[None, :],
                         mask=tmask[:, None] & kmask[None, :], other=0.0)
-            f = tl.load(fn_ptr + r[:, None] * K + k[None, :],
-                        mask=(r < NOUT)[:, None] & kmask[None, :], other=0.0)  # [NPAD, BK] fp32
+            f = fnext  # [NPAD, BK] fp32
+            fnext = tl.load(f_rows + k[None, :] + BLOCK_K,
+                            mask=rmask & (k + BLOCK_K < k_hi)[None, :], other=0.0)
             xf = x.to(tl.float32)
             sq += tl.sum(xf * xf, 1)
             if X_BF16:
