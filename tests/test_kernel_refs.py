@@ -355,3 +355,18 @@ def test_fp8_rows_are_the_default_only_where_lossless():
     assert not pick("cpu") and not pick("cuda", torch.float32) and not pick("cuda", qat=False)
     odd = NS(head_dim=96, qk_rope_head_dim=64)  # 32 no-rope dims: no 64-wide scale groups
     assert not pick("cuda", c=odd)
+
+
+def test_topk_reference_breaks_ties_toward_older_entries_and_rejects_bad_input():
+    from dsv4.kernels.topk import select_topk
+    score = torch.tensor([[1.0, 2.0, 2.0, -0.0, 0.0, float("-inf")],
+                          [float("-inf")] * 6])
+    cand = torch.tensor([[10, 11, 12, 13, 14, -1], [-1] * 6])
+    sel = select_topk(score, cand, 4)
+    assert sel[0].tolist() == [11, 12, 10, 13]  # the tie at 2.0 and at 0.0: lower column first
+    assert sel[1].tolist() == [-1] * 4  # nothing visible
+    assert select_topk(score, cand, 100).shape == (2, 6)  # k above N: every column
+    with pytest.raises(ValueError, match="same"):
+        select_topk(score, cand[:, :3], 2)
+    with pytest.raises(ValueError, match="positive"):
+        select_topk(score, cand, 0)

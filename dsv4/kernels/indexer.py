@@ -1,12 +1,12 @@
 """Lightning indexer scores and top-k selection for CSA layers (SPEC.md 6).
 
 score(p, i) = sum_h w[p, h] * relu(q[p, h] . K[i]) over the entries i visible to p;
-the `min(topk, visible)` best entries are returned (exact ties broken arbitrarily).
+the `min(topk, visible)` best entries are returned (exact ties toward older entries).
 
 The Triton kernel computes the scores: each CTA holds one token's `[nI, c]` query block and
 streams gathered keys through one tensor-core product per tile, so each key row is read once per
-token; the head reduction happens in registers. `torch.topk` then selects. The reference breaks
-exact ties toward older entries; the kernel path may break them either way (SPEC.md 6 allows it).
+token; the head reduction happens in registers. `kernels/topk.py` then selects (a radix select
+on the GPU; the same set as the reference's stable sort).
 Keys come in q's dtype or packed (uint8 rows of `kernels/index_fp4.py`, decoded exactly in the
 kernel to q's dtype: 80 bytes read per key instead of 256).
 """
@@ -16,6 +16,7 @@ import torch
 
 from . import HAS_TRITON, num_sms, use_triton
 from .index_fp4 import index_fp4_row_bytes, unpack_index_fp4
+from .topk import select_topk, select_topk_ref
 
 
 def indexer_scores_ref(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
@@ -30,25 +31,11 @@ def indexer_scores_ref(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
     return score.masked_fill(cand < 0, float("-inf"))
 
 
-def select_topk(score: torch.Tensor, cand: torch.Tensor, topk: int, stable: bool) -> torch.Tensor:
-    """Rows of the `min(topk, N)` best scores per token; -1 where fewer are visible."""
-    kk = min(topk, cand.shape[1])
-    if stable:
-        # A stable sort breaks exact ties (frequent: relu zeros) towards older entries, the same
-        # way whatever the batch looks like.
-        val, order = score.sort(dim=-1, descending=True, stable=True)
-        val, order = val[:, :kk], order[:, :kk]
-    else:
-        val, order = torch.topk(score, kk, dim=-1, sorted=False)
-    sel = cand.gather(1, order)
-    return torch.where(torch.isfinite(val), sel, -1)
-
-
 def indexer_topk_ref(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
                      cand: torch.Tensor, topk: int) -> torch.Tensor:
     """q [T, nI, c]; w [T, nI]; keys [Nk, c] (flat cache rows); cand [T, N] rows visible to each
     token (-1 = not visible). Returns [T, min(topk, N)] selected rows, -1 where fewer visible."""
-    return select_topk(indexer_scores_ref(q, w, keys, cand), cand, topk, stable=True)
+    return select_topk_ref(indexer_scores_ref(q, w, keys, cand), cand, topk)
 
 
 if HAS_TRITON:
@@ -179,4 +166,4 @@ def indexer_topk(q, w, keys, cand, topk, reduce=None):
     score = indexer_scores(q, w, keys, cand)
     if reduce is not None:
         score = reduce(score)
-    return select_topk(score, cand, topk, stable=not score.is_cuda)
+    return select_topk(score, cand, topk)
