@@ -80,7 +80,7 @@ if HAS_TRITON:
         need = K  # entries still to take at or below the bits fixed so far
         visible = tl.zeros([], tl.int32)
         for p in tl.static_range(4):
-            shift: tl.constexpr = 24 - 8 * p
+            shift = 24 - 8 * p
             hist = tl.zeros([256], tl.int32)
             for off in range(0, N, BLOCK):
                 key, vis = _keys(score_ptr, off + col, N)
