@@ -370,3 +370,6 @@ def test_topk_reference_breaks_ties_toward_older_entries_and_rejects_bad_input()
         select_topk(score, cand[:, :3], 2)
     with pytest.raises(ValueError, match="positive"):
         select_topk(score, cand, 0)
+    with pytest.raises(ValueError, match="avail"):
+        select_topk(score, cand, 2, torch.tensor([1, 2, 3]))
+    assert torch.equal(select_topk(score, cand, 4, torch.tensor([5, 0])), sel)

@@ -45,19 +45,25 @@ if HAS_TRITON:
     from .quant_linear import _e2m1_f32
 
     @triton.jit
-    def _indexer_scores_kernel(q_ptr, w_ptr, keys_ptr, cand_ptr, out_ptr, N, NI, blocks_per_cta,
-                               stride_qt, stride_qh, stride_wt, stride_kn, stride_ct, stride_ot,
-                               C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                               IEEE: tl.constexpr, PACKED: tl.constexpr):
+    def _indexer_scores_kernel(q_ptr, w_ptr, keys_ptr, cand_ptr, avail_ptr, out_ptr, N, NI,
+                               blocks_per_cta, stride_qt, stride_qh, stride_wt, stride_kn,
+                               stride_ct, stride_ot, C: tl.constexpr, BLOCK_H: tl.constexpr,
+                               BLOCK_N: tl.constexpr, IEEE: tl.constexpr, PACKED: tl.constexpr,
+                               HAS_AVAIL: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)  # T * N passes 2^31 at 8K tokens and 1M context
+        first = tl.program_id(1) * blocks_per_cta
+        n_end = N
+        if HAS_AVAIL:  # only the first avail[t] columns can be visible: skip the rest
+            n_end = tl.minimum(N, tl.load(avail_ptr + t).to(tl.int32))
+        last = tl.minimum(first + blocks_per_cta, tl.cdiv(n_end, BLOCK_N))
+        if first >= last:
+            return
         h = tl.arange(0, BLOCK_H)
         c = tl.arange(0, C)
         hmask = h < NI
         q = tl.load(q_ptr + t * stride_qt + h[:, None] * stride_qh + c[None, :],
                     mask=hmask[:, None], other=0.0)  # [nI, c], loaded once for many keys
         w = tl.load(w_ptr + t * stride_wt + h, mask=hmask, other=0.0).to(tl.float32)
-        first = tl.program_id(1) * blocks_per_cta
-        last = tl.minimum(first + blocks_per_cta, tl.cdiv(N, BLOCK_N))
         if PACKED:
             # Decoded keys pass through registers, and the compiler's pipelining left their
             # gather latency exposed: load block b+1's bytes before decoding block b, so it
@@ -121,9 +127,13 @@ if HAS_TRITON:
         return tl.reshape(v, (v.shape[0], C))
 
     def indexer_scores_triton(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
-                              cand: torch.Tensor, block_n: int = 64, num_warps: int = 4,
+                              cand: torch.Tensor, avail: torch.Tensor | None = None,
+                              block_n: int = 64, num_warps: int = 4,
                               num_stages: int = 3) -> torch.Tensor:
-        """Launcher: fp32 scores [T, N], -inf where cand < 0."""
+        """Launcher: fp32 scores [T, N], -inf where cand < 0. With `avail` [T] (token t's
+        visible candidates are its first avail[t] columns, as the batches build them) the
+        columns from the end of the block holding column avail[t] on are left unwritten:
+        under CUDA graphs N follows max_model_len, and the work then follows the context."""
         T, NI, C = q.shape
         N = cand.shape[1]
         packed = keys.dtype == torch.uint8
@@ -146,24 +156,28 @@ if HAS_TRITON:
         bpc = max(1, min(n_blocks, (T * n_blocks) // (4 * sms)))
         bh = max(16, triton.next_power_of_2(NI))
         _indexer_scores_kernel[(T, triton.cdiv(n_blocks, bpc))](
-            q, w, keys, cand, out, N, NI, bpc, q.stride(0), q.stride(1), w.stride(0),
-            keys.stride(0), cand.stride(0), out.stride(0),
+            q, w, keys, cand, cand if avail is None else avail.contiguous(), out, N, NI, bpc,
+            q.stride(0), q.stride(1), w.stride(0), keys.stride(0), cand.stride(0), out.stride(0),
             C=C, BLOCK_H=bh, BLOCK_N=block_n, IEEE=q.dtype == torch.float32, PACKED=packed,
+            HAS_AVAIL=avail is not None,
             num_warps=num_warps, num_stages=num_stages)
         return out
 
 
-def indexer_scores(q, w, keys, cand):
+def indexer_scores(q, w, keys, cand, avail=None):
+    """Scores [T, N]; with `avail` the kernel may leave columns past avail[t] unwritten (see
+    `indexer_scores_triton`), so only a top-k given the same `avail` may read them."""
     if (use_triton(q) and q.dtype in (torch.bfloat16, torch.float32)
             and keys.dtype in (q.dtype, torch.uint8)):
-        return indexer_scores_triton(q, w, keys, cand)
+        return indexer_scores_triton(q, w, keys, cand, avail)
     return indexer_scores_ref(q, w, keys, cand)
 
 
-def indexer_topk(q, w, keys, cand, topk, reduce=None):
+def indexer_topk(q, w, keys, cand, topk, reduce=None, avail=None):
     """`reduce` (tensor parallelism) sums the partial scores of each rank's heads before the
-    selection."""
-    score = indexer_scores(q, w, keys, cand)
+    selection; `avail` [T]: the number of leading visible columns of each token's candidates
+    (the rest are -1), so that the GPU work follows the context, not the width of `cand`."""
+    score = indexer_scores(q, w, keys, cand, avail)
     if reduce is not None:
         score = reduce(score)
-    return select_topk(score, cand, topk)
+    return select_topk(score, cand, topk, avail)

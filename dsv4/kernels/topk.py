@@ -34,28 +34,39 @@ def select_topk_ref(score: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Te
     return torch.where(torch.isfinite(val), sel, -1)
 
 
-def select_topk(score: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:
-    """Rows of the `min(k, N)` best scores per token; -1 where fewer are visible."""
+def select_topk(score: torch.Tensor, cand: torch.Tensor, k: int,
+                avail: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of the `min(k, N)` best scores per token; -1 where fewer are visible. `avail` [T]
+    (optional): only the first avail[t] columns of row t can be visible (cand is -1 past them)
+    and the kernel reads no further; score may hold anything there."""
     if score.shape != cand.shape or score.dim() != 2:
         raise ValueError(f"top-k: score {tuple(score.shape)} and candidates "
                          f"{tuple(cand.shape)} must be the same [T, N]")
     if k < 1:
         raise ValueError(f"top-k: k must be positive, got {k}")
+    if avail is not None and avail.shape != score.shape[:1]:
+        raise ValueError(f"top-k: avail {tuple(avail.shape)} does not fit {score.shape[0]} rows")
     if score.is_cuda and score.numel():
-        if use_triton(score) and score.dtype == torch.float32 and cand.shape[1] <= MAX_KERNEL_N:
-            return _topk_cuda(score, cand, k)
+        # with avail the kernel's work follows the context: it takes every width
+        if (use_triton(score) and score.dtype == torch.float32
+                and (cand.shape[1] <= MAX_KERNEL_N or avail is not None)):
+            return _topk_cuda(score, cand, k, avail)
+        if avail is not None:  # columns past avail may be unwritten
+            score = score.masked_fill(cand < 0, float("-inf"))
         val, order = torch.topk(score, min(k, cand.shape[1]), dim=-1, sorted=False)
         return torch.where(torch.isfinite(val), cand.gather(1, order), -1)
     return select_topk_ref(score, cand, k)
 
 
-def _topk_cuda(score, cand, k):
+def _topk_cuda(score, cand, k, avail=None):
     T, N = score.shape
     kk = min(k, N)
     score, cand = score.contiguous(), cand.contiguous()
     out = torch.empty(T, kk, dtype=cand.dtype, device=cand.device)
     block = min(4096, max(256, triton.next_power_of_2(N)))
-    _topk_kernel[(T,)](score, cand, out, N, kk, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    _topk_kernel[(T,)](score, cand, cand if avail is None else avail.contiguous(), out, N, kk,
+                       HAS_AVAIL=avail is not None, BLOCK=block,
+                       num_warps=8 if block >= 2048 else 4)
     return out
 
 
@@ -74,11 +85,14 @@ if HAS_TRITON:
         return key, (n < N) & (s > float("-inf"))
 
     @triton.jit
-    def _topk_kernel(score_ptr, cand_ptr, out_ptr, N, K, BLOCK: tl.constexpr):
+    def _topk_kernel(score_ptr, cand_ptr, avail_ptr, out_ptr, N, K, HAS_AVAIL: tl.constexpr,
+                     BLOCK: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         score_ptr += t * N
         cand_ptr += t * N
         out_ptr += t * K
+        if HAS_AVAIL:  # the row's visible columns all lie below avail[t]
+            N = tl.minimum(N, tl.load(avail_ptr + t).to(tl.int32))
         col = tl.arange(0, BLOCK)
         bins = tl.arange(0, 256)
         # radix select of the K-th largest key among the visible entries, 8 bits a pass

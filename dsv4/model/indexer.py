@@ -34,7 +34,7 @@ class Indexer(nn.Module):
         q = rope_(self.wq_b(qr).view(T, self.n_heads, c), batch.positions, self.freqs, r)
         q = hadamard_fp4(q, self.qat)
         w = self.weights_proj(u) * (c ** -0.5 * self.total_heads ** -0.5)  # [T, nI]
-        cand, _ = batch.candidates(4)
+        cand, avail = batch.candidates(4)
         reduce = self.tp.all_reduce if self.tp.size > 1 else None  # heads' partial scores
         keys = cache.idx.view(-1, cache.idx.shape[-1])  # [rows, c], or packed FP4 bytes
-        return indexer_topk(q, w, keys, cand, self.topk, reduce)
+        return indexer_topk(q, w, keys, cand, self.topk, reduce, avail)

@@ -212,6 +212,22 @@ def test_indexer_scores_match_reference(dtype):
     assert rel_err(out[fin], ref[fin]) < 1e-5, f"rel err {rel_err(out[fin], ref[fin]):.2e}"
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_indexer_scores_with_avail_skip_only_columns_past_it(packed):
+    """`avail` (the batches' visible prefix per token): the same scores up to it, -inf to the
+    end of its block, and the columns after that never written."""
+    from dsv4.kernels.index_fp4 import pack_index_fp4
+    from dsv4.kernels.indexer import indexer_scores_triton
+    q, w, keys, cand = indexer_inputs(DECODE_EDGES + [(9000, 3)], torch.bfloat16, seed=6)
+    keys = pack_index_fp4(keys) if packed else keys
+    avail = (cand >= 0).sum(1)
+    want = indexer_scores_triton(q, w, keys, cand)
+    got = indexer_scores_triton(q, w, keys, cand, avail, block_n=64)
+    for t in range(cand.shape[0]):
+        end = min(cand.shape[1], -(-int(avail[t]) // 64) * 64)
+        assert torch.equal(got[t, :end], want[t, :end]), f"token {t}"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_indexer_scores_from_packed_fp4_keys_equal_the_float_keys(dtype):
     """Packed keys (80 bytes, decoded in the kernel) give bit-identical scores to the same keys
@@ -279,6 +295,11 @@ def test_topk_kernel_selects_exactly_the_reference_set(T, N, k, ties):
         got, want = _topk_cuda(s, c, k), select_topk_ref(s, c, k)
         assert got.shape == want.shape and got.dtype == c.dtype
         assert torch.equal(got.sort(1).values, want.sort(1).values)
+    # with avail (the visible prefix of each row) nothing past it is read: NaN there
+    avail = (cand >= 0).sum(1)
+    cols = torch.arange(N, device=DEV)[None, :]
+    got = _topk_cuda(torch.where(cols < avail[:, None], s, float("nan")), cand, k, avail)
+    assert torch.equal(got.sort(1).values, want.sort(1).values)
 
 
 # ------------------------------------------------------------------------------------ compressor
