@@ -211,12 +211,13 @@ if HAS_TRITON:
     @triton.jit
     def _sparse_attn_kernel(q_ptr, sink_ptr, o_ptr, part_o_ptr, part_ml_ptr,
                             win_cache_ptr, win_new_ptr, win_idx_ptr, cmp_cache_ptr, cmp_idx_ptr,
-                            T, H, Nw, Kw, Kc, n_win_tiles, n_tiles, tiles_per_split,
+                            cmp_len_ptr, T, H, Nw, Kw, Kc, n_win_tiles, n_tiles, tiles_per_split,
                             stride_qt, stride_qh, stride_ot, stride_oh, stride_wi, stride_ci,
                             row_stride, qk_scale,
                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
                             BLOCK_K: tl.constexpr, FP8: tl.constexpr, NOPE: tl.constexpr,
-                            ROPE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
+                            ROPE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+                            HAS_LEN: tl.constexpr):
         pid = tl.program_id(0)
         sid = tl.program_id(1)
         n_hb = tl.cdiv(H, BLOCK_H)
@@ -238,6 +239,9 @@ if HAS_TRITON:
             l_i = tl.full([BLOCK_H], 1.0, tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
         lo = sid * tiles_per_split
+        if HAS_LEN:  # the token's compressed rows are the first cmp_len[t] of its list
+            n_tiles = n_win_tiles + tl.cdiv(tl.minimum(Kc, tl.load(cmp_len_ptr + t).to(tl.int32)),
+                                            BLOCK_K)
         hi = tl.minimum(lo + tiles_per_split, n_tiles)
         win_idx_row = win_idx_ptr + t * stride_wi
         cmp_idx_row = cmp_idx_ptr + t * stride_ci
@@ -304,8 +308,11 @@ if HAS_TRITON:
 
     def sparse_attention_triton(q, sink, scale, win_cache, win_new, win_idx, cmp_cache=None,
                                 cmp_idx=None, rope_dim: int = 64,
-                                config: AttnConfig | None = None) -> torch.Tensor:
-        """Launcher: checks shapes and dtypes once, chooses the split, runs 1 or 2 kernels."""
+                                config: AttnConfig | None = None,
+                                cmp_len: torch.Tensor | None = None) -> torch.Tensor:
+        """Launcher: checks shapes and dtypes once, chooses the split, runs 1 or 2 kernels.
+        `cmp_len` [T] (optional): token t's valid compressed rows are the first cmp_len[t]
+        entries of its cmp_idx row (-1 after them): the kernels stop there."""
         T, H, D = q.shape
         fp8 = win_cache.dtype == torch.uint8
         cfg = config or default_config(q, fp8)
@@ -344,8 +351,11 @@ if HAS_TRITON:
                              f"vs {cmp_cache.stride(0)}")
         if cmp_idx.shape[0] != T:
             raise ValueError(f"cmp_idx has {cmp_idx.shape[0]} rows for {T} tokens")
+        if cmp_len is not None and cmp_len.shape != (T,):
+            raise ValueError(f"cmp_len {tuple(cmp_len.shape)} does not fit {T} tokens")
+        cmp_len = cmp_len.contiguous() if cmp_len is not None and Kc else None
         sink = sink.float().contiguous()
-        inputs = (q, sink, o, win_cache, win_new, win_idx, cmp_cache, cmp_idx, Kw, Kc,
+        inputs = (q, sink, o, win_cache, win_new, win_idx, cmp_cache, cmp_idx, cmp_len, Kw, Kc,
                   scale * _LOG2E, rope_dim)
         if wg_applies(q, fp8, rope_dim, cfg):
             try:
@@ -362,7 +372,8 @@ if HAS_TRITON:
         return _launch(cfg, False, *inputs)
 
     def _launch(cfg: AttnConfig, wg: bool, q, sink, o, win_cache, win_new, win_idx, cmp_cache,
-                cmp_idx, Kw: int, Kc: int, qk_scale: float, rope_dim: int) -> torch.Tensor:
+                cmp_idx, cmp_len, Kw: int, Kc: int, qk_scale: float,
+                rope_dim: int) -> torch.Tensor:
         """Split the row lists, run the Gluon (wg) or Triton kernel, merge the splits."""
         T, H, D = q.shape
         fp8 = win_cache.dtype == torch.uint8
@@ -383,6 +394,7 @@ if HAS_TRITON:
         else:
             part_o = part_ml = o
         args = (q, sink, o, part_o, part_ml, win_cache, win_new, win_idx, cmp_cache, cmp_idx,
+                cmp_idx if cmp_len is None else cmp_len,
                 T, H, win_cache.shape[0], Kw, Kc, n_win_tiles, n_tiles, tps,
                 q.stride(0), q.stride(1), o.stride(0), o.stride(1), win_idx.stride(0),
                 cmp_idx.stride(0), win_cache.stride(0), qk_scale)
@@ -390,12 +402,14 @@ if HAS_TRITON:
             from .sparse_attention_wg import _sparse_attn_wg_kernel
             _sparse_attn_wg_kernel[(T * n_hb, splits)](
                 *args, D=D, BLOCK_H=BH, BLOCK_K=BK, NUM_BUF=max(2, cfg.num_stages),
-                SPLIT=splits > 1, FP8=fp8, NOPE=D - rope_dim, ROPE=rope_dim, num_warps=8)
+                SPLIT=splits > 1, FP8=fp8, NOPE=D - rope_dim, ROPE=rope_dim,
+                HAS_LEN=cmp_len is not None, num_warps=8)
         else:
             _sparse_attn_kernel[(T * n_hb, splits)](
                 *args, D=D, BLOCK_D=BD, BLOCK_H=BH, BLOCK_K=BK, FP8=fp8, NOPE=D - rope_dim,
                 ROPE=rope_dim, SPLIT=splits > 1, IEEE=q.dtype == torch.float32,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                HAS_LEN=cmp_len is not None, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
         if splits > 1:
             cd = min(BD, 128)
             _combine_kernel[(T, triton.cdiv(H, 16), triton.cdiv(D, cd))](
@@ -405,9 +419,12 @@ if HAS_TRITON:
 
 
 def sparse_attention(q, sink, scale, win_cache, win_new, win_idx, cmp_cache=None, cmp_idx=None,
-                     rope_dim: int = 64):
+                     rope_dim: int = 64, cmp_len=None):
+    """`cmp_len` [T] (optional, GPU kernels only): the valid entries of each cmp_idx row are
+    its first cmp_len[t] (-1 after): under CUDA graphs the rows are as wide as max_model_len
+    allows, and the kernels' work then follows the context."""
     if use_triton(q) and q.dtype in (torch.bfloat16, torch.float32):
         return sparse_attention_triton(q, sink, scale, win_cache, win_new, win_idx, cmp_cache,
-                                       cmp_idx, rope_dim)
+                                       cmp_idx, rope_dim, cmp_len=cmp_len)
     return sparse_attention_ref(q, sink, scale, win_cache, win_new, win_idx, cmp_cache, cmp_idx,
                                 rope_dim)

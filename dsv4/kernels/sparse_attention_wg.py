@@ -102,12 +102,14 @@ if HAS_GLUON:
     @gluon.jit
     def _sparse_attn_wg_kernel(q_ptr, sink_ptr, o_ptr, part_o_ptr, part_ml_ptr,
                                win_cache_ptr, win_new_ptr, win_idx_ptr, cmp_cache_ptr, cmp_idx_ptr,
-                               T, H, Nw, Kw, Kc, n_win_tiles, n_tiles, tiles_per_split,
+                               cmp_len_ptr, T, H, Nw, Kw, Kc, n_win_tiles, n_tiles,
+                               tiles_per_split,
                                stride_qt, stride_qh, stride_ot, stride_oh, stride_wi, stride_ci,
                                row_stride, qk_scale,
                                D: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr,
                                NUM_BUF: gl.constexpr, SPLIT: gl.constexpr, FP8: gl.constexpr,
-                               NOPE: gl.constexpr, ROPE: gl.constexpr):
+                               NOPE: gl.constexpr, ROPE: gl.constexpr,
+                               HAS_LEN: gl.constexpr):
         # 8 warps: warpgroup w computes logits of rows [w*BK/2, (w+1)*BK/2) of each tile and
         # output dims [w*D/2, (w+1)*D/2)
         LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [8, 1], [1, 0])
@@ -159,6 +161,9 @@ if HAS_GLUON:
         cp.commit_group()
 
         lo = sid * tiles_per_split
+        if HAS_LEN:  # the token's compressed rows are the first cmp_len[t] of its list
+            n_tiles = n_win_tiles + gl.cdiv(gl.minimum(Kc, gl.load(cmp_len_ptr + t).to(gl.int32)),
+                                            BLOCK_K)
         hi = gl.minimum(lo + tiles_per_split, n_tiles)
         win_idx_row = win_idx_ptr + t * stride_wi
         cmp_idx_row = cmp_idx_ptr + t * stride_ci

@@ -2,7 +2,8 @@
 best scores, ties broken toward older entries (lower column), -1 where fewer are visible.
 
 `select_topk(score, cand, k)`: score [T, N] fp32 (-inf = not visible), cand [T, N] rows ->
-[T, min(k, N)] rows. Reference: a stable descending sort (the CPU path and the tests). GPU:
+[T, min(k, N)] rows, the picks first and -1 after them (the attention kernels stop at the
+count of visible entries). Reference: a stable descending sort (the CPU path and the tests). GPU:
 `_topk_kernel`, one program per token, a radix select on the scores' order-preserving integer
 keys: one pass counts the visible entries and histograms the top 8 key bits, three more passes
 narrow the k-th largest key down 8 bits at a time among the entries that still match, and a
@@ -54,7 +55,8 @@ def select_topk(score: torch.Tensor, cand: torch.Tensor, k: int,
         if avail is not None:  # columns past avail may be unwritten
             score = score.masked_fill(cand < 0, float("-inf"))
         val, order = torch.topk(score, min(k, cand.shape[1]), dim=-1, sorted=False)
-        return torch.where(torch.isfinite(val), cand.gather(1, order), -1)
+        sel = torch.where(torch.isfinite(val), cand.gather(1, order), -1)
+        return sel.sort(dim=-1, descending=True).values  # the picks first, as the kernel's
     return select_topk_ref(score, cand, k)
 
 

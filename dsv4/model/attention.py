@@ -74,16 +74,16 @@ class DeepseekV4Attention(nn.Module):
 
         # Compressed rows completed by this chunk are written first, so that later tokens of the
         # same chunk see them; each token's index list only reaches entries already complete.
-        cmp_idx = cmp_rows = None
+        cmp_idx = cmp_rows = cmp_len = None
         if self.ratio:
             self.compressor(u, batch, cache.state, cache.store_cmp)
             cmp_rows = cache.flat(cache.cmp)
-            if self.ratio == 4:
-                cmp_idx = self.indexer(qr, u, batch, cache)
-            else:
-                cmp_idx, _ = batch.candidates(self.ratio)
+            # the visible entries are each token's first `cmp_len`: the candidates, or the
+            # indexer's picks (which come first in its rows)
+            cand, cmp_len = batch.candidates(self.ratio)
+            cmp_idx = self.indexer(qr, u, batch, cache) if self.ratio == 4 else cand
         o = sparse_attention(q, self.attn_sink, D ** -0.5, cache.flat(cache.win), kv,
-                             batch.window_index, cmp_rows, cmp_idx, self.rope_dim)
+                             batch.window_index, cmp_rows, cmp_idx, self.rope_dim, cmp_len)
         tok, dst = batch.ring_writes(cache.window_rows)
         cache.store_win(dst, kv, tok)  # kv[tok], gathered by the store
 

@@ -92,6 +92,35 @@ def test_sparse_attention_matches_reference(H, ratio, topk, chunks, fp8):
         f"rel err {err:.2e}, max abs err {max_err:.2e} (ref max {ref.abs().max().item():.3f})"
 
 
+@pytest.mark.parametrize("kernel", ["gluon", "triton"])
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16_rows", "fp8_rows"])
+@pytest.mark.parametrize("ratio,splits", [(4, 0), (4, 3), (128, 0), (128, 5)])
+def test_sparse_attention_stops_at_cmp_len(ratio, splits, fp8, kernel):
+    """With cmp_len (the valid prefix of each compressed row list, as the model passes it)
+    the kernels skip the tiles past it: rows planted there change nothing, bit for bit, while
+    the same lists without cmp_len would attend to them."""
+    from dsv4.kernels.kv_fp8 import pack_kv_fp8
+    from dsv4.kernels.sparse_attention import AttnConfig, sparse_attention_triton
+    batch = make_batch(DECODE_EDGES + [(300, 9)])
+    H, topk = 64, 512
+    q, sink, wc, wn, wi, cc, ci = attention_inputs(batch, H, ratio, topk, torch.bfloat16, seed=3)
+    if fp8:
+        wc, cc = pack_kv_fp8(wc), pack_kv_fp8(cc)
+    bk = 32
+    cfg = AttnConfig(block_k=bk, num_stages=2, splits=splits, kernel=kernel)
+    n = (ci >= 0).sum(1)
+    assert torch.equal(ci >= 0, torch.arange(ci.shape[1], device=DEV)[None, :] < n[:, None])
+    col = torch.arange(ci.shape[1], device=DEV)[None, :]
+    planted = torch.randint(0, cc.shape[0], ci.shape, device=DEV, dtype=ci.dtype)
+    dirty = torch.where(col < ((n + bk - 1) // bk * bk)[:, None], ci, planted)
+    want = sparse_attention_triton(q, sink, D ** -0.5, wc, wn, wi, cc, ci, config=cfg)
+    got = sparse_attention_triton(q, sink, D ** -0.5, wc, wn, wi, cc, dirty, config=cfg, cmp_len=n)
+    assert torch.equal(got, want)
+    if ci.shape[1] > bk * 2:  # the planted rows are reachable without cmp_len
+        other = sparse_attention_triton(q, sink, D ** -0.5, wc, wn, wi, cc, dirty, config=cfg)
+        assert not torch.equal(other, want)
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 def test_sparse_attention_fp32_is_exact_to_fp32_noise(splits):
     from dsv4.kernels.sparse_attention import AttnConfig, sparse_attention_ref, sparse_attention_triton
