@@ -20,8 +20,10 @@ from . import HAS_TRITON, use_triton
 
 # Columns up to which the kernel selects: one program a row reads it six times, which beats
 # torch.topk up to 8K columns (H200, 32 rows of 8192: 35.9 against 48.2 us) but not at 32K
-# (134 against 58.7 us: torch spreads a row over several CTAs); longer rows go to torch.topk
-# (ties then broken arbitrarily, which SPEC.md 6 allows).
+# (134 against 58.7 us: torch spreads a row over several CTAs); wider rows go to torch.topk
+# (ties then broken arbitrarily, which SPEC.md 6 allows). The width is the static one (under
+# CUDA graphs max_model_len / 4), not the context: spreading a row over several programs
+# would let the kernel take every width.
 MAX_KERNEL_N = 16384
 
 
@@ -48,10 +50,10 @@ def select_topk(score: torch.Tensor, cand: torch.Tensor, k: int,
     if avail is not None and avail.shape != score.shape[:1]:
         raise ValueError(f"top-k: avail {tuple(avail.shape)} does not fit {score.shape[0]} rows")
     if score.is_cuda and score.numel():
-        # with avail the kernel's work follows the context: it takes every width
-        if (use_triton(score) and score.dtype == torch.float32
-                and (cand.shape[1] <= MAX_KERNEL_N or avail is not None)):
+        if use_triton(score) and score.dtype == torch.float32 and cand.shape[1] <= MAX_KERNEL_N:
             return _topk_cuda(score, cand, k, avail)
+        # wider rows (max_model_len past 64K): one program a row would be the slower one
+        # whenever the context is long, so torch.topk takes the whole width
         if avail is not None:  # columns past avail may be unwritten
             score = score.masked_fill(cand < 0, float("-inf"))
         val, order = torch.topk(score, min(k, cand.shape[1]), dim=-1, sorted=False)
