@@ -21,7 +21,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 from dsv4.kernels.compressor import compress_pool_ref, compress_pool_triton
 from dsv4.kernels.index_fp4 import pack_index_fp4
 from dsv4.kernels.indexer import indexer_scores_triton, indexer_topk_ref
-from dsv4.kernels.topk import select_topk
+from dsv4.kernels.topk import _topk_split_cuda, select_topk
 from dsv4.kernels.kv_fp8 import kv_fp8_row_bytes, pack_kv_fp8
 from dsv4.kernels.mhc import hc_post_ref, hc_post_triton, hc_pre_ref, hc_pre_triton
 from dsv4.kernels.rmsnorm import rmsnorm_ref, rmsnorm_triton
@@ -153,6 +153,9 @@ def bench_indexer(ctx: int, B: int, topk: int, with_ref: bool) -> None:
     t_ms = bench([lambda s=s: torch.topk(s, topk, dim=-1, sorted=False) for s in scores])
     report(f"top-{topk} alone ctx={ctx // 1024}K B={B} (torch.topk {t_ms * 1e3:.1f} us)", ms,
            None, B * N * 4, 0.0)
+    ms = bench([lambda s=s, a=a: _topk_split_cuda(s, a[2], topk) for s, a in zip(scores, inputs)])
+    report(f"top-{topk} split over 4K-column programs ctx={ctx // 1024}K B={B}", ms, None,
+           B * N * 4, 0.0)
     # the engine's layout: packed FP4 keys (80 bytes instead of 256), same values
     packed = pack_index_fp4(keys)
     pbytes = nbytes - per_call + B * N * packed.shape[1]

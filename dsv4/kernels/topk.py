@@ -3,14 +3,16 @@ best scores, ties broken toward older entries (lower column), -1 where fewer are
 
 `select_topk(score, cand, k)`: score [T, N] fp32 (-inf = not visible), cand [T, N] rows ->
 [T, min(k, N)] rows, the picks first and -1 after them (the attention kernels stop at the
-count of visible entries). Reference: a stable descending sort (the CPU path and the tests). GPU:
-`_topk_kernel`, one program per token, a radix select on the scores' order-preserving integer
-keys: one pass counts the visible entries and histograms the top 8 key bits, three more passes
-narrow the k-th largest key down 8 bits at a time among the entries that still match, and a
-last pass writes every entry above that key plus, in column order, as many entries equal to it
-as k still needs. The selected set is exactly the reference's; the order within a row is the
-column order (the attention that consumes it does not depend on order). Rows longer than
-MAX_KERNEL_N go to torch.topk (faster there, ties broken arbitrarily).
+count of visible entries). Reference: a stable descending sort (the CPU path and the tests).
+GPU, up to MAX_KERNEL_N columns: `_topk_kernel`, one program per token, a radix select on the
+scores' order-preserving integer keys: one pass counts the visible entries and histograms the
+top 8 key bits, three more passes narrow the k-th largest key down 8 bits at a time among the
+entries that still match, and a last pass writes every entry above that key plus, in column
+order, as many entries equal to it as k still needs. The selected set is exactly the
+reference's; the order within a row is the column order (the attention that consumes it does
+not depend on order). Wider rows: the same select spread over programs of 4096 columns
+(`_topk_split_cuda`, 7 launches). Without Triton, torch.topk (ties broken arbitrarily, which
+SPEC.md 6 allows).
 """
 from __future__ import annotations
 
@@ -18,12 +20,10 @@ import torch
 
 from . import HAS_TRITON, use_triton
 
-# Columns up to which the kernel selects: one program a row reads it six times, which beats
+# Columns up to which one program selects a whole row, reading it six times: it beats
 # torch.topk up to 8K columns (H200, 32 rows of 8192: 35.9 against 48.2 us) but not at 32K
-# (134 against 58.7 us: torch spreads a row over several CTAs); wider rows go to torch.topk
-# (ties then broken arbitrarily, which SPEC.md 6 allows). The width is the static one (under
-# CUDA graphs max_model_len / 4), not the context: spreading a row over several programs
-# would let the kernel take every width.
+# (134 against 58.7 us). Wider rows (the width is the static one: max_model_len / 4 under CUDA
+# graphs) go to `_topk_split_cuda`, which spreads each row over programs of 4096 columns.
 MAX_KERNEL_N = 16384
 
 
@@ -50,16 +50,43 @@ def select_topk(score: torch.Tensor, cand: torch.Tensor, k: int,
     if avail is not None and avail.shape != score.shape[:1]:
         raise ValueError(f"top-k: avail {tuple(avail.shape)} does not fit {score.shape[0]} rows")
     if score.is_cuda and score.numel():
-        if use_triton(score) and score.dtype == torch.float32 and cand.shape[1] <= MAX_KERNEL_N:
-            return _topk_cuda(score, cand, k, avail)
-        # wider rows (max_model_len past 64K): one program a row would be the slower one
-        # whenever the context is long, so torch.topk takes the whole width
+        if use_triton(score) and score.dtype == torch.float32:
+            if cand.shape[1] <= MAX_KERNEL_N:
+                return _topk_cuda(score, cand, k, avail)
+            return _topk_split_cuda(score, cand, k, avail)
         if avail is not None:  # columns past avail may be unwritten
             score = score.masked_fill(cand < 0, float("-inf"))
         val, order = torch.topk(score, min(k, cand.shape[1]), dim=-1, sorted=False)
         sel = torch.where(torch.isfinite(val), cand.gather(1, order), -1)
         return sel.sort(dim=-1, descending=True).values  # the picks first, as the kernel's
     return select_topk_ref(score, cand, k)
+
+
+def _topk_split_cuda(score, cand, k, avail=None, chunk: int = 4096):
+    """Rows spread over chunks of `chunk` columns, one program each: four histogram passes
+    (each program adds its chunk's counts to the row's global histogram, and re-derives the
+    digits fixed so far from the earlier passes' histograms, so no launch in between), a pass
+    counting each chunk's entries above and at the threshold, and a pass writing them at
+    offsets summed over the preceding chunks. 7 launches (with the zeroing) whatever the width."""
+    T, N = score.shape
+    kk = min(k, N)
+    score, cand = score.contiguous(), cand.contiguous()
+    out = torch.empty(T, kk, dtype=cand.dtype, device=cand.device)
+    n_chunks = triton.cdiv(N, chunk)
+    # per row: 4 histograms of 256, the visible count, and per chunk (above, equal) counts
+    work = torch.zeros(T, 4 * 256 + 1 + 2 * n_chunks, dtype=torch.int32, device=score.device)
+    av = cand if avail is None else avail.contiguous()
+    common = dict(HAS_AVAIL=avail is not None, CHUNK=chunk, num_warps=8)
+    for p in range(4):
+        _topk_hist_kernel[(T, n_chunks)](score, av, work, N, kk, work.stride(0), PASS=p,
+                                         **common)
+    _topk_write_kernel[(T, n_chunks)](score, cand, av, out, work, N, kk, work.stride(0),
+                                      n_chunks, COUNT=True, NCP=triton.next_power_of_2(n_chunks),
+                                      **common)
+    _topk_write_kernel[(T, n_chunks)](score, cand, av, out, work, N, kk, work.stride(0),
+                                      n_chunks, COUNT=False, NCP=triton.next_power_of_2(n_chunks),
+                                      **common)
+    return out
 
 
 def _topk_cuda(score, cand, k, avail=None):
@@ -145,3 +172,95 @@ if HAS_TRITON:
             n = off + col
             tl.store(out_ptr + n, tl.full([BLOCK], -1, tl.int64).to(out_ptr.dtype.element_ty),
                      mask=(n >= taken) & (n < K))
+
+    @triton.jit
+    def _threshold(work_row, K, PASSES: tl.constexpr):
+        """(prefix, need) after the first PASSES digits, from the row's histograms: the key
+        bits fixed so far and how many entries matching them are still to be taken."""
+        bins = tl.arange(0, 256)
+        prefix = tl.zeros([], tl.int64)
+        need = K
+        for p in tl.static_range(PASSES):
+            hist = tl.load(work_row + p * 256 + bins, cache_modifier=".cg")
+            above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+            digit = tl.max(tl.where(above >= need, bins, 0), 0)
+            need -= tl.sum(tl.where(bins > digit, hist, 0), 0)
+            prefix += digit.to(tl.int64) << (24 - 8 * p)
+        return prefix, need
+
+    @triton.jit
+    def _chunk_keys(score_ptr, avail_ptr, t, N, HAS_AVAIL: tl.constexpr, CHUNK: tl.constexpr):
+        """This program's columns, their keys and visibility (bounded by avail[t])."""
+        n_t = N
+        if HAS_AVAIL:
+            n_t = tl.minimum(N, tl.load(avail_ptr + t).to(tl.int32))
+        n = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+        key, vis = _keys(score_ptr + t * N, n, n_t)
+        return n, key, vis, n_t
+
+    @triton.jit
+    def _topk_hist_kernel(score_ptr, avail_ptr, work_ptr, N, K, stride_w, PASS: tl.constexpr,
+                          HAS_AVAIL: tl.constexpr, CHUNK: tl.constexpr):
+        """Pass PASS of the split select: this chunk's histogram of digit PASS among the
+        entries matching the digits fixed so far, added to the row's (pass 0 also counts the
+        visible entries)."""
+        t = tl.program_id(0).to(tl.int64)
+        n, key, vis, n_t = _chunk_keys(score_ptr, avail_ptr, t, N, HAS_AVAIL, CHUNK)
+        if tl.program_id(1) * CHUNK >= n_t:
+            return
+        work_row = work_ptr + t * stride_w
+        shift: tl.constexpr = 24 - 8 * PASS
+        if PASS == 0:
+            m = vis
+            tl.atomic_add(work_row + 4 * 256, tl.sum(vis.to(tl.int32), 0), sem="relaxed")
+        else:
+            prefix, need = _threshold(work_row, K, PASS)
+            m = vis & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+        hist = tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=m)
+        tl.atomic_add(work_row + PASS * 256 + tl.arange(0, 256), hist, mask=hist > 0,
+                      sem="relaxed")
+
+    @triton.jit
+    def _topk_write_kernel(score_ptr, cand_ptr, avail_ptr, out_ptr, work_ptr, N, K, stride_w,
+                           n_chunks, COUNT: tl.constexpr, NCP: tl.constexpr,
+                           HAS_AVAIL: tl.constexpr, CHUNK: tl.constexpr):
+        """COUNT: this chunk's entries above and at the threshold key, into the row's work.
+        Else: write them, the chunk's offsets being the counts of the chunks before it; the
+        first chunk's program also fills the slots past the picks with -1."""
+        t = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1)
+        work_row = work_ptr + t * stride_w
+        n, key, vis, n_t = _chunk_keys(score_ptr, avail_ptr, t, N, HAS_AVAIL, CHUNK)
+        visible = tl.load(work_row + 4 * 256, cache_modifier=".cg")
+        prefix, need = _threshold(work_row, K, 4)
+        prefix = tl.where(visible <= K, 0, prefix)  # take every visible entry
+        need = tl.where(visible <= K, 0, need)
+        gt = vis & (key > prefix)
+        eq = vis & (key == prefix) & (need > 0)
+        cnt_ptr = work_row + 4 * 256 + 1
+        if COUNT:
+            if c * CHUNK < n_t:
+                tl.store(cnt_ptr + 2 * c, tl.sum(gt.to(tl.int32), 0))
+                tl.store(cnt_ptr + 2 * c + 1, tl.sum(eq.to(tl.int32), 0))
+        else:
+            n_above = tl.minimum(visible, K) - need
+            if c * CHUNK < n_t:
+                before = tl.arange(0, NCP)
+                ok = before < c
+                base_gt = tl.sum(tl.load(cnt_ptr + 2 * before, mask=ok, other=0,
+                                         cache_modifier=".cg"), 0)
+                base_eq = tl.sum(tl.load(cnt_ptr + 2 * before + 1, mask=ok, other=0,
+                                         cache_modifier=".cg"), 0)
+                at_gt = base_gt + tl.cumsum(gt.to(tl.int32), 0) - 1
+                at_eq = base_eq + tl.cumsum(eq.to(tl.int32), 0) - 1
+                take_eq = eq & (at_eq < need)
+                cv = tl.load(cand_ptr + t * N + n, mask=gt | take_eq, other=-1)
+                tl.store(out_ptr + t * K + at_gt, cv, mask=gt)
+                tl.store(out_ptr + t * K + n_above + at_eq, cv, mask=take_eq)
+            if c == 0:
+                taken = tl.minimum(visible, K)
+                for off in range(0, K, CHUNK):
+                    j = off + tl.arange(0, CHUNK)
+                    tl.store(out_ptr + t * K + j,
+                             tl.full([CHUNK], -1, tl.int64).to(out_ptr.dtype.element_ty),
+                             mask=(j >= taken) & (j < K))

@@ -308,7 +308,7 @@ def test_indexer_topk_selects_the_reference_top_scores(topk):
 def test_topk_kernel_selects_exactly_the_reference_set(T, N, k, ties):
     """The radix select picks the stable sort's set (ties toward lower columns), -1 past the
     visible entries; rows with none, fewer than k, exactly k, k + 1 and all visible."""
-    from dsv4.kernels.topk import _topk_cuda, select_topk_ref
+    from dsv4.kernels.topk import _topk_cuda, _topk_split_cuda, select_topk_ref
     gen = torch.Generator(device=DEV).manual_seed(N + k)
     s = torch.randn(T, N, generator=gen, device=DEV)
     if ties:  # relu zeros and repeated values, -0.0 beside +0.0
@@ -327,8 +327,17 @@ def test_topk_kernel_selects_exactly_the_reference_set(T, N, k, ties):
     # with avail (the visible prefix of each row) nothing past it is read: NaN there
     avail = (cand >= 0).sum(1)
     cols = torch.arange(N, device=DEV)[None, :]
-    got = _topk_cuda(torch.where(cols < avail[:, None], s, float("nan")), cand, k, avail)
+    dirty = torch.where(cols < avail[:, None], s, float("nan"))
+    got = _topk_cuda(dirty, cand, k, avail)
     assert torch.equal(got.sort(1).values, want.sort(1).values)
+    # the row spread over programs (wide rows): same set, the picks first; 4096 columns a
+    # program, and 256 for many programs a row
+    for chunk in (4096, 256):
+        for sc, av in ((s, None), (dirty, avail)):
+            got = _topk_split_cuda(sc, cand, k, av, chunk=chunk)
+            assert torch.equal(got.sort(1).values, want.sort(1).values)
+            n = (got >= 0).sum(1)
+            assert torch.equal(got >= 0, torch.arange(got.shape[1], device=DEV)[None, :] < n[:, None])
 
 
 # ------------------------------------------------------------------------------------ compressor
