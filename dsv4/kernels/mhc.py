@@ -108,9 +108,10 @@ if HAS_TRITON:
     def _hc_pre_kernel(x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
                        T, D, S, norm_eps, hc_eps, iters,
                        N: tl.constexpr, NPAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                       BLOCK_D: tl.constexpr, SP: tl.constexpr):
+                       BLOCK_D: tl.constexpr, SP: tl.constexpr, HEAD: tl.constexpr = False):
         """Finish the mix (sum of partials, RMS scale), y = sum_j pre_j X_j; the d-block-0 CTAs
-        also write post and the Sinkhorn-normalised comb."""
+        also write post and the Sinkhorn-normalised comb (not for HEAD, `hc_head`'s mix of
+        n columns only)."""
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         db = tl.program_id(1)
         tmask = t < T
@@ -130,7 +131,7 @@ if HAS_TRITON:
         y = tl.sum(x.to(tl.float32) * pre[:, :, None], 1)
         tl.store(y_ptr + t[:, None].to(tl.int64) * D + dcol[None, :],
                  y.to(y_ptr.dtype.element_ty), mask=tmask[:, None] & dmask[None, :])
-        if db == 0:
+        if (db == 0) & (not HEAD):
             jk = tl.arange(0, N * N)
             mix_post = _sum_splits(part_ptr, T, t, tmask, N, S, N, NPAD, SP)
             mix_comb = _sum_splits(part_ptr, T, t, tmask, 2 * N, S, N * N, NPAD, SP)
@@ -174,25 +175,28 @@ if HAS_TRITON:
                  mask=tmask[:, None, None] & (dcol < D)[None, None, :])
 
     def hc_pre_triton(x, fn, scale, base, norm_eps: float, hc_eps: float, iters: int,
-                      splits: int = 0, pre_cfg: tuple[int, int, int] | None = None):
+                      splits: int = 0, pre_cfg: tuple[int, int, int] | None = None,
+                      head: bool = False):
         """Launcher: x [T, n, d] -> (y [T, d], post [T, n], comb [T, n, n]).
 
         Two kernels: the mix product (split along n*d when few tokens, so that the GPU fills),
-        then y, post and comb. fn [(2+n)n, n*d] is read once per 64 tokens."""
+        then y, post and comb. fn [(2+n)n, n*d] is read once per 64 tokens. `head`: the
+        `hc_head` reduction (fn [n, n*d], one scale): y only, post and comb empty."""
         T, n, d = x.shape
         K = n * d
-        if fn.shape != ((2 + n) * n, K) or n & (n - 1):
+        nout = n if head else (2 + n) * n
+        if fn.shape != (nout, K) or n & (n - 1):
             raise ValueError(f"fn {tuple(fn.shape)} does not fit x {tuple(x.shape)} "
                              f"(n must be a power of two)")
         x = x.contiguous()
         fn = fn.float().contiguous()
         y = torch.empty(T, d, dtype=x.dtype, device=x.device)
-        post = torch.empty(T, n, dtype=torch.float32, device=x.device)
-        comb = torch.empty(T, n, n, dtype=torch.float32, device=x.device)
+        post = torch.empty(0 if head else T, n, dtype=torch.float32, device=x.device)
+        comb = torch.empty(0 if head else T, n, n, dtype=torch.float32, device=x.device)
         if T == 0:
             return y, post, comb
         bt, bk = 64, 64
-        npad = max(16, triton.next_power_of_2((2 + n) * n))
+        npad = max(16, triton.next_power_of_2(nout))
         t_blocks = triton.cdiv(T, bt)
         if not splits:  # ~512 CTAs, at least two K-blocks each (H200: 8192 tokens 225 -> 204
             # us and 1 token 9.1 -> 8.2 us against the former ~256 CTAs, Flash)
@@ -202,7 +206,7 @@ if HAS_TRITON:
         part = torch.empty(splits, T, npad, dtype=torch.float32, device=x.device)
         sq = torch.empty(splits, T, dtype=torch.float32, device=x.device)
         _hc_mix_kernel[(t_blocks, splits)](
-            x, fn, part, sq, T, K, (2 + n) * n, kps, BLOCK_T=bt, BLOCK_K=bk, NPAD=npad,
+            x, fn, part, sq, T, K, nout, kps, BLOCK_T=bt, BLOCK_K=bk, NPAD=npad,
             X_BF16=x.dtype == torch.bfloat16, num_warps=4, num_stages=3)
         # (tokens, channels, warps) per CTA of the second kernel, measured on an H200: one
         # token on one warp keeps the Sinkhorn's reductions in shuffles (T=1: 9.2 against
@@ -211,7 +215,7 @@ if HAS_TRITON:
         _hc_pre_kernel[(triton.cdiv(T, bt2), triton.cdiv(d, bd2))](
             x, part, sq, scale.float().contiguous(), base.float().contiguous(), y, post, comb,
             T, d, splits, norm_eps, hc_eps, iters, N=n, NPAD=npad, BLOCK_T=bt2, BLOCK_D=bd2,
-            SP=triton.next_power_of_2(splits), num_warps=warps2)
+            SP=triton.next_power_of_2(splits), HEAD=head, num_warps=warps2)
         return y, post, comb
 
     def hc_post_triton(x, f, post, comb):
@@ -233,6 +237,24 @@ def hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters):
     if use_triton(x) and x.dtype in (torch.bfloat16, torch.float32) and _pow2(x.shape[1]):
         return hc_pre_triton(x, fn, scale, base, norm_eps, hc_eps, iters)
     return hc_pre_ref(x, fn, scale, base, norm_eps, hc_eps, iters)
+
+
+def hc_head_ref(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
+                norm_eps: float, hc_eps: float) -> torch.Tensor:
+    """Reduce the n streams to one (SPEC.md 8): y = sum_j pre[j] X[:, j], pre from the
+    RMS-scaled mix."""
+    xf = x.flatten(1).float()
+    mix = (xf @ fn.float().t()) * torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
+    pre = torch.sigmoid(mix * scale + base) + hc_eps  # [T, n]
+    return (pre[:, :, None] * x.float()).sum(1).to(x.dtype)
+
+
+def hc_head(x, fn, scale, base, norm_eps, hc_eps):
+    """hc_pre's two kernels with the n mix columns of the head (one launch pair instead of
+    a matmul, a mean, a sigmoid and a sum)."""
+    if use_triton(x) and x.dtype in (torch.bfloat16, torch.float32) and _pow2(x.shape[1]):
+        return hc_pre_triton(x, fn, scale, base, norm_eps, hc_eps, 0, head=True)[0]
+    return hc_head_ref(x, fn, scale, base, norm_eps, hc_eps)
 
 
 def hc_post(x, f, post, comb):

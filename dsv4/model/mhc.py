@@ -1,4 +1,4 @@
-"""Hyper-connection parameters of one sub-layer and the `hc_head` reduction (SPEC.md 4, 8)."""
+"""Hyper-connection parameters of one sub-layer (SPEC.md 4); `hc_head` (SPEC.md 8) is a kernel op."""
 from __future__ import annotations
 
 import torch
@@ -31,12 +31,3 @@ class HyperConnection:
     @staticmethod
     def post(x: torch.Tensor, f: torch.Tensor, ctx) -> torch.Tensor:
         return hc_post(x, f, *ctx)
-
-
-def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
-            norm_eps: float, hc_eps: float) -> torch.Tensor:
-    """Reduce the n streams to one: y = sum_j pre[j] X[:, j] with pre from the RMS-scaled mix."""
-    xf = x.flatten(1).float()
-    mix = (xf @ fn.float().t()) * torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
-    pre = torch.sigmoid(mix * scale + base) + hc_eps  # [T, n]
-    return (pre[:, :, None] * x.float()).sum(1).to(x.dtype)

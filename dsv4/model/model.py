@@ -7,11 +7,12 @@ from torch import nn
 from ..cache.kv_cache import ModelCache
 from ..distributed import SINGLE, ParallelGroup
 from ..kernels.f32_linear import linear_f32
+from ..kernels.mhc import hc_head
 from ..quant.linear import BF16Linear, make_linear
 from ..quant.scheme import QuantScheme
 from .batch import ForwardBatch
 from .block import Block
-from .mhc import hc_head, hc_params
+from .mhc import hc_params
 from .norm import RMSNorm
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -449,6 +449,23 @@ def test_hc_pre_matches_reference(T, d, dtype):
     assert bad == 0, f"{bad} elements of y differ by more than one bf16 ulp + fp32 noise"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T,d", [(1, 4096), (5, 4096), (300, 7168)])
+def test_hc_head_matches_reference(T, d, dtype):
+    """hc_head through hc_pre's kernels (n mix columns, one scale, no post / comb)."""
+    from dsv4.kernels.mhc import hc_head, hc_head_ref
+    gen = torch.Generator(device=DEV).manual_seed(T + 2)
+    n = 4
+    x = torch.randn(T, n, d, generator=gen, device=DEV).to(dtype)
+    fn = torch.randn(n, n * d, generator=gen, device=DEV) * (n * d) ** -0.5
+    scale = torch.rand(1, generator=gen, device=DEV) + 0.5
+    base = torch.randn(n, generator=gen, device=DEV)
+    y, yr = hc_head(x, fn, scale, base, 1e-6, 1e-6), hc_head_ref(x, fn, scale, base, 1e-6, 1e-6)
+    terms = (x.float().abs() * 2).sum(1)
+    bad = ((y.float() - yr.float()).abs() > terms * 1e-5 + yr.float().abs() * 2.0 ** -7).sum().item()
+    assert bad == 0, f"{bad} elements of y differ by more than one bf16 ulp + fp32 noise"
+
+
 @pytest.mark.parametrize("T,d", [(1, 4096), (300, 7168)])
 def test_hc_post_matches_reference(T, d):
     from dsv4.kernels.mhc import hc_post, hc_post_ref
