@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..cache.kv_cache import BLOCK_TOKENS, overlap_factor
+from ..kernels.candidates import candidates_
 
 
 @dataclass
@@ -322,15 +323,10 @@ class StaticBatch:
             (m, rows): CompressPlan(**{n: view(("plan", m, rows, n)) for n in (
                 "seq", "index", "is_new", "new_idx", "state_idx", "valid", "dst")})
             for m, rows in self._plan_keys}
-        # candidate columns: entry i of a sequence lives in block i // rpb at row i % rpb
-        self._cand_cols = {}
-        for m in sorted(ratios):
-            n = max(1, -(-max_model_len // m))
-            i = torch.arange(n, device=d)
-            rpb = BLOCK_TOKENS // m
-            self._cand_cols[m] = (i[None, :], (i // rpb).clamp(max=self.max_blocks - 1)[None, :],
-                                  (i % rpb)[None, :])
-        self._cand: dict = {}
+        # the compressed rows each token may see, per ratio, rebuilt in place by `prepare`
+        self._cand = {m: (torch.full((T, max(1, -(-max_model_len // m))), -1, dtype=torch.long,
+                                     device=d), torch.zeros(T, dtype=torch.long, device=d))
+                      for m in sorted(ratios)}
 
     def fits(self, chunks: list[SeqChunk]) -> bool:
         return (len(chunks) <= self.num_seqs
@@ -347,13 +343,12 @@ class StaticBatch:
         return self._cand[ratio]
 
     def prepare(self) -> None:
-        """Derive the CSA candidate lists from the loaded positions and block tables, on the
-        device; called before every forward over this batch (and so captured in its graph)."""
-        for m, (i, blk, off) in self._cand_cols.items():
-            rpb = BLOCK_TOKENS // m
-            avail = (self.positions + 1) // m
-            rows = self.block_tables[self.tok_seq[:, None], blk] * rpb + off
-            self._cand[m] = (torch.where(i < avail[:, None], rows, -1), avail)
+        """Derive the compressed-row lists from the loaded positions and block tables, on the
+        device; called before every forward over this batch (and so captured in its graph).
+        On the GPU only each token's visible prefix is written (`kernels/candidates.py`)."""
+        for m, (rows, avail) in self._cand.items():
+            candidates_(rows, avail, self.block_tables, self.tok_seq, self.positions, m,
+                        BLOCK_TOKENS // m)
 
     def _put(self, name, src: np.ndarray) -> None:
         arena, i, fill = self._fields[name]

@@ -217,6 +217,30 @@ def test_kv_fp8_round_trip_is_exact_on_model_rows():
     assert torch.equal(unpack_kv_fp8(packed, D), rows)
 
 
+@pytest.mark.parametrize("m", [4, 128])
+def test_candidates_kernel_writes_the_visible_prefix_as_torch(m):
+    """The compressed-row lists of a graph step: avail and each row's first columns up to the
+    next multiple of 128 past avail equal the torch composition; later columns are left as
+    they were (no consumer reads past avail)."""
+    from dsv4.kernels.candidates import PAD_COLS, candidates_, candidates_ref_
+    gen = torch.Generator(device=DEV).manual_seed(m)
+    rpb, nb = BLOCK_TOKENS // m, 40
+    bt = torch.randint(0, 1000, (7, nb), generator=gen, device=DEV)
+    tok_seq = torch.randint(0, 7, (33,), generator=gen, device=DEV)
+    pos = torch.cat([torch.tensor([0, 3, 4, 5, 127, 128, 129], device=DEV),
+                     torch.randint(0, nb * BLOCK_TOKENS + 500, (26,), generator=gen, device=DEV)])
+    N = nb * rpb + 64
+    rows, avail = torch.full((33, N), 12345, device=DEV), torch.zeros(33, dtype=torch.long, device=DEV)
+    want, want_avail = rows.clone(), avail.clone()
+    candidates_(rows, avail, bt, tok_seq, pos, m, rpb)
+    candidates_ref_(want, want_avail, bt, tok_seq, pos, m, rpb)
+    assert torch.equal(avail, want_avail)
+    for t in range(33):
+        end = min(N, -(-int(avail[t]) // PAD_COLS) * PAD_COLS)
+        assert torch.equal(rows[t, :end], want[t, :end]), f"token {t}"
+        assert (rows[t, end:] == 12345).all(), f"token {t}: wrote past its prefix"
+
+
 # ------------------------------------------------------------------------------------ indexer
 def indexer_inputs(chunks, dtype, seed, nI=64, c=128):
     gen = torch.Generator(device=DEV).manual_seed(seed)

@@ -1,0 +1,62 @@
+"""The compressed-cache rows each token may attend to or index (SPEC.md 5.3, 6), from the block
+tables: entry i of a sequence lives in block i // rpb at row i % rpb (rpb = entries a block),
+and token p sees entries i < (p + 1) // m.
+
+`candidates_(rows, avail, block_tables, tok_seq, positions, m, rpb)` fills rows [T, N]
+(-1 past the visible entries) and avail [T] in place. Reference: torch ops over the whole
+width. GPU: one kernel that writes each token's visible prefix and -1 only up to the next
+multiple of 128 columns. Under CUDA graphs N is `max_model_len / m` whatever the context (at
+1M and 256 captured tokens, 537 MB a step for m = 4); every GPU consumer (the indexer's scores
+and top-k kernels, the sparse attention kernels) stops at `avail`, so the rest is never read.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import HAS_TRITON, use_triton
+
+PAD_COLS = 128  # -1 is written up to this multiple past the visible entries (consumer tiles)
+
+
+def candidates_ref_(rows: torch.Tensor, avail: torch.Tensor, block_tables: torch.Tensor,
+                    tok_seq: torch.Tensor, positions: torch.Tensor, m: int, rpb: int) -> None:
+    i = torch.arange(rows.shape[1], device=rows.device)[None, :]
+    blk = (i // rpb).clamp(max=block_tables.shape[1] - 1)
+    avail.copy_((positions + 1) // m)
+    full = block_tables[tok_seq[:, None], blk] * rpb + i % rpb
+    rows.copy_(torch.where(i < avail[:, None], full, -1))
+
+
+def candidates_(rows, avail, block_tables, tok_seq, positions, m: int, rpb: int) -> None:
+    """See the module docstring; the GPU kernel leaves columns past the padded prefix as they
+    were (only the kernels that honour `avail` may read these rows)."""
+    T, N = rows.shape
+    if use_triton(rows) and T and block_tables.is_contiguous():
+        _candidates_kernel[(T, triton.cdiv(N, 1024))](
+            rows, avail, block_tables, tok_seq, positions, N, block_tables.shape[1], m, rpb,
+            rows.stride(0), PAD=PAD_COLS, BLOCK=1024, num_warps=4)
+        return
+    candidates_ref_(rows, avail, block_tables, tok_seq, positions, m, rpb)
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _candidates_kernel(rows_ptr, avail_ptr, bt_ptr, tok_seq_ptr, pos_ptr, N, max_blocks, m,
+                           rpb, stride_r, PAD: tl.constexpr, BLOCK: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        a = ((tl.load(pos_ptr + t) + 1) // m).to(tl.int32)
+        if tl.program_id(1) == 0:
+            tl.store(avail_ptr + t, a.to(avail_ptr.dtype.element_ty))
+        end = tl.minimum(N, (a + PAD - 1) // PAD * PAD)
+        i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        if tl.program_id(1) * BLOCK >= end:
+            return
+        vis = i < a
+        blk = tl.minimum(i // rpb, max_blocks - 1)
+        seq = tl.load(tok_seq_ptr + t)
+        b = tl.load(bt_ptr + seq * max_blocks + blk, mask=vis, other=0)
+        r = tl.where(vis, b * rpb + i % rpb, -1)
+        tl.store(rows_ptr + t * stride_r + i, r.to(rows_ptr.dtype.element_ty), mask=i < end)
