@@ -1,0 +1,123 @@
+"""Triton kernels run by Triton's CPU interpreter against their torch references (no GPU).
+
+Run as a script with TRITON_INTERPRET=1 (tests/test_kernels_interpreted.py does, one check per
+process): the flag must be set before dsv4.kernels is imported, which defines the kernels only
+when a GPU or the interpreter is there. The interpreter runs programs one after another and
+computes in numpy, so these checks cover the kernels' indexing and logic on small shapes; the
+compiled code, inline PTX and timing are for tests/gpu on the device.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+G = torch.Generator().manual_seed(0)
+
+
+def check_topk() -> None:
+    from dsv4.kernels.topk import _topk_cuda, _topk_split_cuda, select_topk_ref
+    for T, N, k, ties in ((5, 300, 8, False), (5, 300, 8, True), (3, 700, 512, True)):
+        s = torch.randn(T, N, generator=G)
+        if ties:  # relu zeros, repeated values, -0.0 beside +0.0
+            s = (s * 2).round().clamp(min=0) * torch.where(torch.rand(T, N, generator=G) < 0.5,
+                                                           -1.0, 1.0)
+        cand = torch.randperm(2 * T * N, generator=G)[:T * N].view(T, N)
+        for t, v in enumerate([0, k - 1, k + 1, N, 1][:T]):
+            s[t, v:], cand[t, v:] = float("-inf"), -1
+        want = select_topk_ref(s, cand, k).sort(1).values
+        avail = (cand >= 0).sum(1)
+        dirty = torch.where(torch.arange(N)[None] < avail[:, None], s, float("nan"))
+        for got in (_topk_cuda(s, cand, k), _topk_cuda(dirty, cand, k, avail),
+                    _topk_split_cuda(s, cand, k, chunk=64),
+                    _topk_split_cuda(dirty, cand, k, avail, chunk=128)):
+            assert torch.equal(got.sort(1).values, want), "top-k set differs from the reference"
+            n = (got >= 0).sum(1)
+            assert torch.equal(got >= 0, torch.arange(got.shape[1])[None] < n[:, None]), \
+                "top-k picks are not first"
+
+
+def check_candidates() -> None:
+    from dsv4.kernels import candidates as c
+    T, nb, m, rpb = 6, 6, 4, 32
+    N = nb * rpb + 10  # past what the block table reaches: the last block is reused
+    bt = torch.randint(0, 50, (3, nb), generator=G)
+    tok_seq, pos = torch.tensor([0, 1, 2, 2, 1, 0]), torch.tensor([0, 3, 4, 130, 700, 1000])
+    rows, avail = torch.full((T, N), 7777), torch.zeros(T, dtype=torch.long)
+    want, want_avail = rows.clone(), avail.clone()
+    c.candidates_ref_(want, want_avail, bt, tok_seq, pos, m, rpb)
+    c._candidates_kernel[(T, -(-N // 64))](rows, avail, bt, tok_seq, pos, N, nb, m, rpb,
+                                           rows.stride(0), PAD=c.PAD_COLS, BLOCK=64)
+    assert torch.equal(avail, want_avail)
+    for t in range(T):
+        end = min(N, -(-int(avail[t]) // c.PAD_COLS) * c.PAD_COLS)
+        assert torch.equal(rows[t, :end], want[t, :end]), f"token {t}: rows differ"
+        assert (rows[t, end:] == 7777).all(), f"token {t}: wrote past its prefix"
+
+
+def check_indexer_avail() -> None:
+    from dsv4.kernels.indexer import indexer_scores_ref, indexer_scores_triton
+    T, N, nI, c = 4, 300, 16, 32
+    avail = torch.tensor([0, 5, 130, 300])
+    keys = torch.randn(400, c, generator=G).bfloat16()
+    cand = torch.randperm(400, generator=G)[:N].repeat(T, 1)
+    cand = torch.where(torch.arange(N)[None] < avail[:, None], cand, -1)
+    q = torch.randn(T, nI, c, generator=G).bfloat16()
+    w = torch.randn(T, nI, generator=G).bfloat16()
+    ref = indexer_scores_ref(q, w, keys, cand)
+    got = indexer_scores_triton(q, w, keys, cand, avail, block_n=64)
+    for t in range(T):
+        a, end = int(avail[t]), min(N, -(-int(avail[t]) // 64) * 64)
+        assert torch.allclose(got[t, :a], ref[t, :a], rtol=1e-5, atol=1e-5)
+        assert (got[t, a:end] == float("-inf")).all()
+
+
+def check_attention_cmp_len() -> None:
+    from dsv4.kernels.sparse_attention import (AttnConfig, sparse_attention_ref,
+                                               sparse_attention_triton)
+    T, H, D, r, Nw, Nc, Kw, Kc, BK = 4, 16, 128, 64, 40, 300, 20, 96, 16
+    q = torch.randn(T, H, D, generator=G).bfloat16()
+    sink = torch.randn(H, generator=G)
+    win, new = torch.randn(Nw, D, generator=G).bfloat16(), torch.randn(T, D, generator=G).bfloat16()
+    widx = torch.randint(-1, Nw + T, (T, Kw), generator=G)
+    cmp = torch.randn(Nc, D, generator=G).bfloat16()
+    n = torch.tensor([0, 5, 17, 96])
+    cidx = torch.randint(0, Nc, (T, Kc), generator=G)
+    col = torch.arange(Kc)[None]
+    clean = torch.where(col < n[:, None], cidx, -1)
+    dirty = torch.where(col < n[:, None], cidx, torch.where(col < ((n + BK - 1) // BK * BK)[:, None],
+                                                            -1, cidx))
+    ref = sparse_attention_ref(q, sink, 0.1, win, new, widx, cmp, clean, r)
+    for splits in (1, 3):
+        cfg = AttnConfig(block_h=16, block_k=BK, num_warps=4, num_stages=1, splits=splits,
+                         kernel="triton")
+        a = sparse_attention_triton(q, sink, 0.1, win, new, widx, cmp, clean, r, cfg)
+        b = sparse_attention_triton(q, sink, 0.1, win, new, widx, cmp, dirty, r, cfg, cmp_len=n)
+        assert torch.equal(a, b), "rows past cmp_len changed the output"
+        assert (a.float() - ref.float()).abs().max() < 3e-2
+
+
+def check_mhc() -> None:
+    from dsv4.kernels import mhc
+    n = 4
+    for T, d, dt in ((3, 256, torch.bfloat16), (70, 128, torch.float32)):
+        x = torch.randn(T, n, d, generator=G).to(dt)
+        fn = torch.randn((2 + n) * n, n * d, generator=G) * (n * d) ** -0.5
+        scale, base = torch.rand(3, generator=G) + 0.5, torch.randn((2 + n) * n, generator=G)
+        yr, pr, cr = mhc.hc_pre_ref(x, fn, scale, base, 1e-6, 1e-6, 20)
+        y, p, c = mhc.hc_pre_triton(x, fn, scale, base, 1e-6, 1e-6, 20)
+        tol = 2.0 ** -7 * yr.float().abs() + 1e-5 * x.float().abs().sum(1) * 2
+        assert ((y.float() - yr.float()).abs() <= tol).all()
+        assert torch.allclose(p, pr, atol=1e-5) and torch.allclose(c, cr, atol=1e-5)
+        yh = mhc.hc_pre_triton(x, fn[:n], scale[:1], base[:n], 1e-6, 1e-6, 0, head=True)[0]
+        yhr = mhc.hc_head_ref(x, fn[:n], scale[:1], base[:n], 1e-6, 1e-6)
+        assert ((yh.float() - yhr.float()).abs() <= tol).all()
+
+
+CHECKS = {f.__name__[len("check_"):]: f for f in (check_topk, check_candidates,
+                                                  check_indexer_avail, check_attention_cmp_len,
+                                                  check_mhc)}
+
+if __name__ == "__main__":
+    CHECKS[sys.argv[1]]()
+    print("ok", sys.argv[1])
