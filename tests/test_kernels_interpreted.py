@@ -13,7 +13,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from interpreted_kernels import CHECKS  # noqa: E402
 
-pytest.importorskip("triton", reason="Triton's interpreter needs the triton package (test extra)")
+triton = pytest.importorskip("triton", reason="Triton's interpreter needs the triton package "
+                             "(.ci/run installs 3.6)")
+if not triton.__version__.startswith("3.6."):
+    pytest.skip(f"these checks pin Triton 3.6, the device's version (found {triton.__version__}, "
+                "whose interpreter miscomputes bf16 dots)", allow_module_level=True)
 
 
 @pytest.mark.parametrize("check", sorted(CHECKS))
