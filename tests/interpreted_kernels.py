@@ -15,6 +15,33 @@ import torch
 G = torch.Generator().manual_seed(0)
 
 
+def fix_interpreter() -> None:
+    """Two defects of Triton 3.6's interpreter that our kernels meet: tl.dot multiplies bf16
+    operands as their raw 16-bit integers, and a one-element tensor used as a loop bound
+    (`range(lo, hi)` with loaded bounds) fails to convert to an int."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as ti
+
+    dot = ti.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, *args):
+        def widen(h):
+            if h.dtype != tl.bfloat16:
+                return h
+            return ti.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        return dot(self, widen(a), widen(b), d, *args)
+
+    patch_tensor = ti._patch_lang_tensor
+
+    def _patch_lang_tensor(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    ti.InterpreterBuilder.create_dot = create_dot
+    ti._patch_lang_tensor = _patch_lang_tensor
+
+
 def check_topk() -> None:
     from dsv4.kernels.topk import _topk_cuda, _topk_split_cuda, select_topk_ref
     for T, N, k, ties in ((5, 300, 8, False), (5, 300, 8, True), (3, 700, 512, True)):
@@ -119,5 +146,6 @@ CHECKS = {f.__name__[len("check_"):]: f for f in (check_topk, check_candidates,
                                                   check_mhc)}
 
 if __name__ == "__main__":
+    fix_interpreter()
     CHECKS[sys.argv[1]]()
     print("ok", sys.argv[1])
