@@ -323,10 +323,9 @@ class StaticBatch:
             (m, rows): CompressPlan(**{n: view(("plan", m, rows, n)) for n in (
                 "seq", "index", "is_new", "new_idx", "state_idx", "valid", "dst")})
             for m, rows in self._plan_keys}
-        # the compressed rows each token may see, per ratio, rebuilt in place by `prepare`
-        self._cand = {m: (torch.full((T, max(1, -(-max_model_len // m))), -1, dtype=torch.long,
-                                     device=d), torch.zeros(T, dtype=torch.long, device=d))
-                      for m in sorted(ratios)}
+        # the compressed rows each token may see: list widths per ratio; `prepare` builds them
+        self._cand_width = {m: max(1, -(-max_model_len // m)) for m in sorted(ratios)}
+        self._cand: dict = {}
 
     def fits(self, chunks: list[SeqChunk]) -> bool:
         return (len(chunks) <= self.num_seqs
@@ -345,10 +344,16 @@ class StaticBatch:
     def prepare(self) -> None:
         """Derive the compressed-row lists from the loaded positions and block tables, on the
         device; called before every forward over this batch (and so captured in its graph).
-        On the GPU only each token's visible prefix is written (`kernels/candidates.py`)."""
-        for m, (rows, avail) in self._cand.items():
+        On the GPU only each token's visible prefix is written (`kernels/candidates.py`). The
+        lists are allocated here, so under capture they come from the graphs' shared memory
+        pool (as wide as max_model_len allows, they would be large held per batch size)."""
+        T = self.num_tokens
+        for m, n in self._cand_width.items():
+            rows = torch.empty(T, n, dtype=torch.long, device=self.device)
+            avail = torch.empty(T, dtype=torch.long, device=self.device)
             candidates_(rows, avail, self.block_tables, self.tok_seq, self.positions, m,
                         BLOCK_TOKENS // m)
+            self._cand[m] = (rows, avail)
 
     def _put(self, name, src: np.ndarray) -> None:
         arena, i, fill = self._fields[name]
