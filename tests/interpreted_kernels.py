@@ -141,9 +141,25 @@ def check_mhc() -> None:
         assert ((yh.float() - yhr.float()).abs() <= tol).all()
 
 
+def check_grouped_fp8_linear() -> None:
+    from dsv4.kernels import grouped_linear as gl
+    from dsv4.quant.formats import quantize_fp8
+    groups, O, I = 2, 128, 384
+    w, sc = quantize_fp8(torch.randn(groups * O, I, generator=G) / I ** 0.5)
+    for T in (1, 3, 17):
+        x = torch.randn(T, groups, I, generator=G).bfloat16()
+        want = gl.grouped_linear_ref(x.double(), w, sc).float()
+        for cfg in (dict(gemv=False), dict(gemv=False, split=3), dict(gemv=True)):
+            if cfg["gemv"] and T > 1:
+                continue
+            got = gl._grouped_fp8_cuda(x, w, sc, O, cfg).float()
+            err = ((got - want).norm() / want.norm()).item()
+            assert err < 1e-2, f"T={T} {cfg}: rel err {err:.2e}"
+
+
 CHECKS = {f.__name__[len("check_"):]: f for f in (check_topk, check_candidates,
                                                   check_indexer_avail, check_attention_cmp_len,
-                                                  check_mhc)}
+                                                  check_mhc, check_grouped_fp8_linear)}
 
 if __name__ == "__main__":
     fix_interpreter()
