@@ -73,8 +73,7 @@ def check_candidates() -> None:
     rows, avail = torch.full((T, N), 7777), torch.zeros(T, dtype=torch.long)
     want, want_avail = rows.clone(), avail.clone()
     c.candidates_ref_(want, want_avail, bt, tok_seq, pos, m, rpb)
-    c._candidates_kernel[(T, -(-N // 64))](rows, avail, bt, tok_seq, pos, N, nb, m, rpb,
-                                           rows.stride(0), PAD=c.PAD_COLS, BLOCK=64)
+    c._candidates_cuda(rows, avail, bt, tok_seq, pos, m, rpb, block=64)
     assert torch.equal(avail, want_avail)
     for t in range(T):
         end = min(N, -(-int(avail[t]) // c.PAD_COLS) * c.PAD_COLS)

@@ -30,13 +30,17 @@ def candidates_ref_(rows: torch.Tensor, avail: torch.Tensor, block_tables: torch
 def candidates_(rows, avail, block_tables, tok_seq, positions, m: int, rpb: int) -> None:
     """See the module docstring; the GPU kernel leaves columns past the padded prefix as they
     were (only the kernels that honour `avail` may read these rows)."""
-    T, N = rows.shape
-    if use_triton(rows) and T and block_tables.is_contiguous():
-        _candidates_kernel[(T, triton.cdiv(N, 1024))](
-            rows, avail, block_tables, tok_seq, positions, N, block_tables.shape[1], m, rpb,
-            rows.stride(0), PAD=PAD_COLS, BLOCK=1024, num_warps=4)
+    if use_triton(rows) and rows.shape[0] and block_tables.is_contiguous():
+        _candidates_cuda(rows, avail, block_tables, tok_seq, positions, m, rpb)
         return
     candidates_ref_(rows, avail, block_tables, tok_seq, positions, m, rpb)
+
+
+def _candidates_cuda(rows, avail, block_tables, tok_seq, positions, m, rpb, block: int = 1024):
+    T, N = rows.shape
+    _candidates_kernel[(T, triton.cdiv(N, block))](
+        rows, avail, block_tables, tok_seq, positions, N, block_tables.shape[1], m, rpb,
+        rows.stride(0), PAD=PAD_COLS, BLOCK=block, num_warps=4)
 
 
 if HAS_TRITON:
