@@ -5,9 +5,9 @@ and token p sees entries i < (p + 1) // m.
 `candidates_(rows, avail, block_tables, tok_seq, positions, m, rpb)` fills rows [T, N]
 (-1 past the visible entries) and avail [T] in place. Reference: torch ops over the whole
 width. GPU: one kernel that writes each token's visible prefix and -1 only up to the next
-multiple of 128 columns. Under CUDA graphs N is `max_model_len / m` whatever the context (at
-1M and 256 captured tokens, 537 MB a step for m = 4); every GPU consumer (the indexer's scores
-and top-k kernels, the sparse attention kernels) stops at `avail`, so the rest is never read.
+multiple of 128 columns. Under CUDA graphs N is the graphs' context length / m whatever the
+context; every GPU consumer (the indexer's scores and top-k kernels, the sparse attention
+kernels) stops at `avail`, so the rest is never read.
 """
 from __future__ import annotations
 

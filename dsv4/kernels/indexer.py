@@ -133,7 +133,8 @@ if HAS_TRITON:
         """Launcher: fp32 scores [T, N], -inf where cand < 0. With `avail` [T] (token t's
         visible candidates are its first avail[t] columns, as the batches build them) the
         columns from the end of the block holding column avail[t] on are left unwritten:
-        under CUDA graphs N follows max_model_len, and the work then follows the context."""
+        under CUDA graphs N follows the graphs' context length, and the work then follows
+        the context."""
         T, NI, C = q.shape
         N = cand.shape[1]
         packed = keys.dtype == torch.uint8

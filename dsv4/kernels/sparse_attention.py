@@ -421,8 +421,8 @@ if HAS_TRITON:
 def sparse_attention(q, sink, scale, win_cache, win_new, win_idx, cmp_cache=None, cmp_idx=None,
                      rope_dim: int = 64, cmp_len=None):
     """`cmp_len` [T] (optional, GPU kernels only): the valid entries of each cmp_idx row are
-    its first cmp_len[t] (-1 after): under CUDA graphs the rows are as wide as max_model_len
-    allows, and the kernels' work then follows the context."""
+    its first cmp_len[t] (-1 after): under CUDA graphs the rows are as wide as the graphs'
+    context length allows, and the kernels' work then follows the context."""
     if use_triton(q) and q.dtype in (torch.bfloat16, torch.float32):
         return sparse_attention_triton(q, sink, scale, win_cache, win_new, win_idx, cmp_cache,
                                        cmp_idx, rope_dim, cmp_len=cmp_len)

@@ -22,8 +22,9 @@ from . import HAS_TRITON, use_triton
 
 # Columns up to which one program selects a whole row, reading it six times: it beats
 # torch.topk up to 8K columns (H200, 32 rows of 8192: 35.9 against 48.2 us) but not at 32K
-# (134 against 58.7 us). Wider rows (the width is the static one: max_model_len / 4 under CUDA
-# graphs) go to `_topk_split_cuda`, which spreads each row over programs of 4096 columns.
+# (134 against 58.7 us). Wider rows (the width is the static one: the graphs' context length
+# / 4 under CUDA graphs) go to `_topk_split_cuda`, which spreads each row over programs of
+# 4096 columns.
 MAX_KERNEL_N = 16384
 
 

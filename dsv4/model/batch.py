@@ -346,7 +346,8 @@ class StaticBatch:
         device; called before every forward over this batch (and so captured in its graph).
         On the GPU only each token's visible prefix is written (`kernels/candidates.py`). The
         lists are allocated here, so under capture they come from the graphs' shared memory
-        pool (as wide as max_model_len allows, they would be large held per batch size)."""
+        pool (as wide as the graphs' context length, they would be large held per batch
+        size, and the MTP drafts' batches add more)."""
         T = self.num_tokens
         for m, n in self._cand_width.items():
             rows = torch.empty(T, n, dtype=torch.long, device=self.device)
