@@ -131,24 +131,25 @@ if HAS_TRITON:
         y = tl.sum(x.to(tl.float32) * pre[:, :, None], 1)
         tl.store(y_ptr + t[:, None].to(tl.int64) * D + dcol[None, :],
                  y.to(y_ptr.dtype.element_ty), mask=tmask[:, None] & dmask[None, :])
-        if (db == 0) & (not HEAD):
-            jk = tl.arange(0, N * N)
-            mix_post = _sum_splits(part_ptr, T, t, tmask, N, S, N, NPAD, SP)
-            mix_comb = _sum_splits(part_ptr, T, t, tmask, 2 * N, S, N * N, NPAD, SP)
-            scale1 = tl.load(scale_ptr + 1)
-            scale2 = tl.load(scale_ptr + 2)
-            post = 2 * tl.sigmoid(mix_post * rs[:, None] * scale1 + tl.load(base_ptr + N + j)[None, :])
-            tl.store(post_ptr + t[:, None] * N + j[None, :], post, mask=tmask[:, None])
-            c = mix_comb * rs[:, None] * scale2 + tl.load(base_ptr + 2 * N + jk)[None, :]
-            c = tl.reshape(c, (BLOCK_T, N, N))  # [t, j (row), k (column)]
-            c = tl.exp(c - tl.max(c, 2)[:, :, None])
-            c = c / tl.sum(c, 2)[:, :, None] + hc_eps
-            c = c / (tl.sum(c, 1)[:, None, :] + hc_eps)
-            for _ in range(iters - 1):
-                c = c / (tl.sum(c, 2)[:, :, None] + hc_eps)
+        if not HEAD:  # hc_head has no post / comb (and base holds only n entries)
+            if db == 0:
+                jk = tl.arange(0, N * N)
+                mix_post = _sum_splits(part_ptr, T, t, tmask, N, S, N, NPAD, SP)
+                mix_comb = _sum_splits(part_ptr, T, t, tmask, 2 * N, S, N * N, NPAD, SP)
+                scale1 = tl.load(scale_ptr + 1)
+                scale2 = tl.load(scale_ptr + 2)
+                post = 2 * tl.sigmoid(mix_post * rs[:, None] * scale1 + tl.load(base_ptr + N + j)[None, :])
+                tl.store(post_ptr + t[:, None] * N + j[None, :], post, mask=tmask[:, None])
+                c = mix_comb * rs[:, None] * scale2 + tl.load(base_ptr + 2 * N + jk)[None, :]
+                c = tl.reshape(c, (BLOCK_T, N, N))  # [t, j (row), k (column)]
+                c = tl.exp(c - tl.max(c, 2)[:, :, None])
+                c = c / tl.sum(c, 2)[:, :, None] + hc_eps
                 c = c / (tl.sum(c, 1)[:, None, :] + hc_eps)
-            tl.store(comb_ptr + t[:, None] * (N * N) + jk[None, :],
-                     tl.reshape(c, (BLOCK_T, N * N)), mask=tmask[:, None])
+                for _ in range(iters - 1):
+                    c = c / (tl.sum(c, 2)[:, :, None] + hc_eps)
+                    c = c / (tl.sum(c, 1)[:, None, :] + hc_eps)
+                tl.store(comb_ptr + t[:, None] * (N * N) + jk[None, :],
+                         tl.reshape(c, (BLOCK_T, N * N)), mask=tmask[:, None])
 
     @triton.jit
     def _hc_post_kernel(x_ptr, f_ptr, post_ptr, comb_ptr, out_ptr, T, D,
@@ -210,7 +211,8 @@ if HAS_TRITON:
             X_BF16=x.dtype == torch.bfloat16, num_warps=4, num_stages=3)
         # (tokens, channels, warps) per CTA of the second kernel, measured on an H200: one
         # token on one warp keeps the Sinkhorn's reductions in shuffles (T=1: 9.2 against
-        # 14.4 us, T=64: 12.0 against 17.6); 4 tokens on 4 warps for prefill (T=8192: 252 us)
+        # 14.4 us, T=64: 12.0 against 17.6); 4 tokens on 4 warps for prefill (T=8192: the
+        # alternatives re-measured in the seventh session were within 2%)
         bt2, bd2, warps2 = pre_cfg or ((1, 256, 1) if T <= 64 else (4, 512, 4))
         _hc_pre_kernel[(triton.cdiv(T, bt2), triton.cdiv(d, bd2))](
             x, part, sq, scale.float().contiguous(), base.float().contiguous(), y, post, comb,
