@@ -43,8 +43,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="attention cache rows: packed FP8 (584 bytes a row instead of 1024, "
                         "lossless given the model's QAT), or the working dtype (bfloat16); "
                         "auto = fp8 on CUDA with bf16 weights and QAT, the working dtype otherwise")
-    g.add_argument("--cuda-graph-max-len", type=int, default=16384,
-                   help="decode steps up to this context length replay CUDA graphs")
+    g.add_argument("--cuda-graph-max-len", type=int, default=None,
+                   help="decode steps up to this context length replay CUDA graphs (default: "
+                        "max_model_len; longer contexts decode eagerly)")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="launch each decode step before the previous step's tokens reach the "
                         "host, overlapping host work with the GPU (on by default)")

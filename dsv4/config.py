@@ -267,7 +267,8 @@ class EngineConfig:
     speculative_tokens: int = 0
     enforce_eager: bool = False
     kv_cache_dtype: str = "auto"  # fp8 = packed 584-byte rows; auto = fp8 on CUDA where lossless
-    cuda_graph_max_len: int = 16384  # decode steps up to this context replay CUDA graphs
+    # decode steps up to this context replay CUDA graphs (None: max_model_len, so all of them)
+    cuda_graph_max_len: int | None = None
     seed: int = 0
     # Launch each decode step before the previous step's tokens reach the host, so that the
     # host's work (outputs, stop checks, scheduling) overlaps the GPU's (llm_engine.py).
@@ -287,3 +288,6 @@ class EngineConfig:
             raise ConfigError(f"speculative_tokens {self.speculative_tokens}: must be in 0..8")
         if self.kv_cache_dtype not in ("auto", "bfloat16", "fp8"):
             raise ConfigError(f"kv_cache_dtype {self.kv_cache_dtype!r}: must be auto, bfloat16 or fp8")
+        if self.cuda_graph_max_len is not None and self.cuda_graph_max_len < 1:
+            raise ConfigError(f"cuda_graph_max_len {self.cuda_graph_max_len}: must be >= 1 "
+                              "(or None for max_model_len)")

@@ -57,7 +57,10 @@ def check_topk() -> None:
         dirty = torch.where(torch.arange(N)[None] < avail[:, None], s, float("nan"))
         for got in (_topk_cuda(s, cand, k), _topk_cuda(dirty, cand, k, avail),
                     _topk_split_cuda(s, cand, k, chunk=64),
-                    _topk_split_cuda(dirty, cand, k, avail, chunk=128)):
+                    _topk_split_cuda(dirty, cand, k, avail, chunk=128),
+                    # fewer programs than chunks: each takes every 2nd / 3rd chunk of its row
+                    _topk_split_cuda(s, cand, k, chunk=64, programs=2),
+                    _topk_split_cuda(dirty, cand, k, avail, chunk=32, programs=3)):
             assert torch.equal(got.sort(1).values, want), "top-k set differs from the reference"
             n = (got >= 0).sum(1)
             assert torch.equal(got >= 0, torch.arange(got.shape[1])[None] < n[:, None]), \
@@ -91,11 +94,12 @@ def check_indexer_avail() -> None:
     q = torch.randn(T, nI, c, generator=G).bfloat16()
     w = torch.randn(T, nI, generator=G).bfloat16()
     ref = indexer_scores_ref(q, w, keys, cand)
-    got = indexer_scores_triton(q, w, keys, cand, avail, block_n=64)
-    for t in range(T):
-        a, end = int(avail[t]), min(N, -(-int(avail[t]) // 64) * 64)
-        assert torch.allclose(got[t, :a], ref[t, :a], rtol=1e-5, atol=1e-5)
-        assert (got[t, a:end] == float("-inf")).all()
+    for bn in (64, 128):
+        got = indexer_scores_triton(q, w, keys, cand, avail, block_n=bn)
+        for t in range(T):
+            a, end = int(avail[t]), min(N, -(-int(avail[t]) // bn) * bn)
+            assert torch.allclose(got[t, :a], ref[t, :a], rtol=1e-5, atol=1e-5)
+            assert (got[t, a:end] == float("-inf")).all()
 
 
 def check_attention_cmp_len() -> None:

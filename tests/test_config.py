@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from dsv4.config import ConfigError, ModelConfig
+from dsv4.config import ConfigError, EngineConfig, ModelConfig
 
 
 @pytest.mark.parametrize("name", ["tiny", "flash", "pro"])
@@ -67,3 +67,15 @@ def test_missing_and_malformed_files(tmp_path):
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="unknown preset"):
         ModelConfig.preset("huge")
+
+
+@pytest.mark.parametrize("change,key", [
+    (dict(dtype="float16"), "dtype"), (dict(max_num_seqs=0), "max_num_seqs"),
+    (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
+    (dict(speculative_tokens=9), "speculative_tokens"), (dict(kv_cache_dtype="fp4"), "kv_cache_dtype"),
+    (dict(cuda_graph_max_len=0), "cuda_graph_max_len")])
+def test_bad_engine_config_names_the_setting(change, key):
+    ec = EngineConfig(**change)
+    with pytest.raises(ConfigError, match=key):
+        ec.validate()
+    EngineConfig().validate()  # the defaults (cuda_graph_max_len None: all of max_model_len)

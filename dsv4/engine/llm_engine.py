@@ -149,7 +149,7 @@ class LLMEngine:
             try:
                 graphs = CUDAGraphRunner(model, self.cache, ec.max_num_seqs,
                                          1 + ec.speculative_tokens,
-                                         min(self.max_model_len, ec.cuda_graph_max_len),
+                                         min(self.max_model_len, ec.cuda_graph_max_len or self.max_model_len),
                                          pad_slot=num_slots, pad_block=self.num_blocks)
             except Exception as e:
                 # A failed capture leaves the CUDA generator unusable, so no silent fallback.
@@ -188,7 +188,7 @@ class LLMEngine:
                   cpu_cache_bytes: int = 256 << 20, skip_tokenizer_init: bool = False, seed: int = 0,
                   speculative_tokens: int = 0, enforce_eager: bool = False,
                   load_format: str = "auto", kv_cache_dtype: str = "auto",
-                  cuda_graph_max_len: int = 16384, tensor_parallel_size: int = 1,
+                  cuda_graph_max_len: int | None = None, tensor_parallel_size: int = 1,
                   async_scheduling: bool = True) -> "LLMEngine":
         ec = EngineConfig(dtype=dtype, device=device, max_model_len=max_model_len,
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

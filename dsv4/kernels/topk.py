@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import torch
 
-from . import HAS_TRITON, use_triton
+from . import HAS_TRITON, num_sms, use_triton
 
-# Columns up to which one program selects a whole row, reading it six times: it beats
-# torch.topk up to 8K columns (H200, 32 rows of 8192: 35.9 against 48.2 us) but not at 32K
-# (134 against 58.7 us). Wider rows (the width is the static one: the graphs' context length
-# / 4 under CUDA graphs) go to `_topk_split_cuda`, which spreads each row over programs of
-# 4096 columns.
-MAX_KERNEL_N = 16384
+# Columns up to which one program selects a whole row, reading it six times. H200, 32 rows:
+# 2K columns 12.9 us against 34.0 for the split select (whose 7 launches set a floor), 8K
+# 36.0 against 34.4, 16K 68.9 against 35.6 (torch.topk 21.0 / 53.5 / 47.9). Wider rows go to
+# `_topk_split_cuda`, which spreads each row over programs of 4096 columns. Under CUDA graphs
+# the width is the static one (the graphs' context length / 4): with a wide graph every row
+# takes the split select, whose launches then cost ~33 us at short contexts against ~21 for
+# one program (taking the rows with a short visible prefix in one program and the others in
+# the split launches, which skip them, measured within 2 us of the split alone: not kept).
+MAX_KERNEL_N = 8192
 
 
 def select_topk_ref(score: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:
@@ -63,12 +66,17 @@ def select_topk(score: torch.Tensor, cand: torch.Tensor, k: int,
     return select_topk_ref(score, cand, k)
 
 
-def _topk_split_cuda(score, cand, k, avail=None, chunk: int = 4096):
-    """Rows spread over chunks of `chunk` columns, one program each: four histogram passes
-    (each program adds its chunk's counts to the row's global histogram, and re-derives the
-    digits fixed so far from the earlier passes' histograms, so no launch in between), a pass
-    counting each chunk's entries above and at the threshold, and a pass writing them at
-    offsets summed over the preceding chunks. 7 launches (with the zeroing) whatever the width."""
+def _topk_split_cuda(score, cand, k, avail=None, chunk: int = 4096,
+                     programs: int | None = None):
+    """Rows spread over chunks of `chunk` columns: four histogram passes (each program adds
+    its chunks' counts to the row's global histogram, and re-derives the digits fixed so far
+    from the earlier passes' histograms, so no launch in between), a pass counting each
+    chunk's entries above and at the threshold, and a pass writing them at offsets summed over
+    the preceding chunks. 7 launches (with the zeroing) whatever the width. A program takes
+    every G-th chunk of its row, G such that a launch is about 4 CTAs an SM: under CUDA graphs
+    the width is static and most chunks lie past the visible prefix, and a program a chunk
+    made the empty ones cost waves of launches (64 rows of 262144 columns: 6 x 4096 CTAs).
+    `programs` sets G (tests)."""
     T, N = score.shape
     kk = min(k, N)
     score, cand = score.contiguous(), cand.contiguous()
@@ -78,15 +86,12 @@ def _topk_split_cuda(score, cand, k, avail=None, chunk: int = 4096):
     work = torch.zeros(T, 4 * 256 + 1 + 2 * n_chunks, dtype=torch.int32, device=score.device)
     av = cand if avail is None else avail.contiguous()
     common = dict(HAS_AVAIL=avail is not None, CHUNK=chunk, num_warps=8)
+    grid = (T, min(n_chunks, programs or max(1, 4 * num_sms(score.device) // T)))
     for p in range(4):
-        _topk_hist_kernel[(T, n_chunks)](score, av, work, N, kk, work.stride(0), PASS=p,
-                                         **common)
-    _topk_write_kernel[(T, n_chunks)](score, cand, av, out, work, N, kk, work.stride(0),
-                                      n_chunks, COUNT=True, NCP=triton.next_power_of_2(n_chunks),
-                                      **common)
-    _topk_write_kernel[(T, n_chunks)](score, cand, av, out, work, N, kk, work.stride(0),
-                                      n_chunks, COUNT=False, NCP=triton.next_power_of_2(n_chunks),
-                                      **common)
+        _topk_hist_kernel[grid](score, av, work, N, kk, work.stride(0), PASS=p, **common)
+    for count in (True, False):
+        _topk_write_kernel[grid](score, cand, av, out, work, N, kk, work.stride(0), n_chunks,
+                                 COUNT=count, NCP=triton.next_power_of_2(n_chunks), **common)
     return out
 
 
@@ -190,14 +195,12 @@ if HAS_TRITON:
         return prefix, need
 
     @triton.jit
-    def _chunk_keys(score_ptr, avail_ptr, t, N, HAS_AVAIL: tl.constexpr, CHUNK: tl.constexpr):
-        """This program's columns, their keys and visibility (bounded by avail[t])."""
+    def _row_avail(avail_ptr, t, N, HAS_AVAIL: tl.constexpr):
+        """Row t's visible width (bounded by avail[t])."""
         n_t = N
         if HAS_AVAIL:
             n_t = tl.minimum(N, tl.load(avail_ptr + t).to(tl.int32))
-        n = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
-        key, vis = _keys(score_ptr + t * N, n, n_t)
-        return n, key, vis, n_t
+        return n_t
 
     @triton.jit
     def _topk_hist_kernel(score_ptr, avail_ptr, work_ptr, N, K, stride_w, PASS: tl.constexpr,
@@ -206,18 +209,27 @@ if HAS_TRITON:
         entries matching the digits fixed so far, added to the row's (pass 0 also counts the
         visible entries)."""
         t = tl.program_id(0).to(tl.int64)
-        n, key, vis, n_t = _chunk_keys(score_ptr, avail_ptr, t, N, HAS_AVAIL, CHUNK)
+        n_t = _row_avail(avail_ptr, t, N, HAS_AVAIL)
         if tl.program_id(1) * CHUNK >= n_t:
             return
         work_row = work_ptr + t * stride_w
         shift: tl.constexpr = 24 - 8 * PASS
-        if PASS == 0:
-            m = vis
-            tl.atomic_add(work_row + 4 * 256, tl.sum(vis.to(tl.int32), 0), sem="relaxed")
-        else:
+        prefix = tl.zeros([], tl.int64)
+        if PASS > 0:
             prefix, need = _threshold(work_row, K, PASS)
-            m = vis & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
-        hist = tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=m)
+        hist = tl.zeros([256], tl.int32)
+        visible = tl.zeros([], tl.int32)
+        for c in range(tl.program_id(1), tl.cdiv(n_t, CHUNK), tl.num_programs(1)):
+            n = c * CHUNK + tl.arange(0, CHUNK)
+            key, vis = _keys(score_ptr + t * N, n, n_t)
+            if PASS == 0:
+                m = vis
+                visible += tl.sum(vis.to(tl.int32), 0)
+            else:
+                m = vis & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+            hist += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=m)
+        if PASS == 0:
+            tl.atomic_add(work_row + 4 * 256, visible, sem="relaxed")
         tl.atomic_add(work_row + PASS * 256 + tl.arange(0, 256), hist, mask=hist > 0,
                       sem="relaxed")
 
@@ -225,27 +237,30 @@ if HAS_TRITON:
     def _topk_write_kernel(score_ptr, cand_ptr, avail_ptr, out_ptr, work_ptr, N, K, stride_w,
                            n_chunks, COUNT: tl.constexpr, NCP: tl.constexpr,
                            HAS_AVAIL: tl.constexpr, CHUNK: tl.constexpr):
-        """COUNT: this chunk's entries above and at the threshold key, into the row's work.
-        Else: write them, the chunk's offsets being the counts of the chunks before it; the
-        first chunk's program also fills the slots past the picks with -1."""
+        """COUNT: each chunk's entries above and at the threshold key, into the row's work.
+        Else: write them, a chunk's offsets being the counts of the chunks before it; the
+        row's first program also fills the slots past the picks with -1."""
         t = tl.program_id(0).to(tl.int64)
-        c = tl.program_id(1)
+        g = tl.program_id(1)
+        n_t = _row_avail(avail_ptr, t, N, HAS_AVAIL)
+        if (g > 0) & (g * CHUNK >= n_t):  # program 0 also writes the -1 tail
+            return
         work_row = work_ptr + t * stride_w
-        n, key, vis, n_t = _chunk_keys(score_ptr, avail_ptr, t, N, HAS_AVAIL, CHUNK)
         visible = tl.load(work_row + 4 * 256, cache_modifier=".cg")
         prefix, need = _threshold(work_row, K, 4)
         prefix = tl.where(visible <= K, 0, prefix)  # take every visible entry
         need = tl.where(visible <= K, 0, need)
-        gt = vis & (key > prefix)
-        eq = vis & (key == prefix) & (need > 0)
+        n_above = tl.minimum(visible, K) - need
         cnt_ptr = work_row + 4 * 256 + 1
-        if COUNT:
-            if c * CHUNK < n_t:
+        for c in range(g, tl.cdiv(n_t, CHUNK), tl.num_programs(1)):
+            n = c * CHUNK + tl.arange(0, CHUNK)
+            key, vis = _keys(score_ptr + t * N, n, n_t)
+            gt = vis & (key > prefix)
+            eq = vis & (key == prefix) & (need > 0)
+            if COUNT:
                 tl.store(cnt_ptr + 2 * c, tl.sum(gt.to(tl.int32), 0))
                 tl.store(cnt_ptr + 2 * c + 1, tl.sum(eq.to(tl.int32), 0))
-        else:
-            n_above = tl.minimum(visible, K) - need
-            if c * CHUNK < n_t:
+            else:
                 before = tl.arange(0, NCP)
                 ok = before < c
                 base_gt = tl.sum(tl.load(cnt_ptr + 2 * before, mask=ok, other=0,
@@ -258,7 +273,8 @@ if HAS_TRITON:
                 cv = tl.load(cand_ptr + t * N + n, mask=gt | take_eq, other=-1)
                 tl.store(out_ptr + t * K + at_gt, cv, mask=gt)
                 tl.store(out_ptr + t * K + n_above + at_eq, cv, mask=take_eq)
-            if c == 0:
+        if not COUNT:
+            if g == 0:
                 taken = tl.minimum(visible, K)
                 for off in range(0, K, CHUNK):
                     j = off + tl.arange(0, CHUNK)

@@ -265,8 +265,9 @@ def test_indexer_scores_match_reference(dtype):
     assert rel_err(out[fin], ref[fin]) < 1e-5, f"rel err {rel_err(out[fin], ref[fin]):.2e}"
 
 
+@pytest.mark.parametrize("block_n", [64, 128])
 @pytest.mark.parametrize("packed", [False, True])
-def test_indexer_scores_with_avail_skip_only_columns_past_it(packed):
+def test_indexer_scores_with_avail_skip_only_columns_past_it(packed, block_n):
     """`avail` (the batches' visible prefix per token): the same scores up to it, -inf to the
     end of its block, and the columns after that never written."""
     from dsv4.kernels.index_fp4 import pack_index_fp4
@@ -274,10 +275,10 @@ def test_indexer_scores_with_avail_skip_only_columns_past_it(packed):
     q, w, keys, cand = indexer_inputs(DECODE_EDGES + [(9000, 3)], torch.bfloat16, seed=6)
     keys = pack_index_fp4(keys) if packed else keys
     avail = (cand >= 0).sum(1)
-    want = indexer_scores_triton(q, w, keys, cand)
-    got = indexer_scores_triton(q, w, keys, cand, avail, block_n=64)
+    want = indexer_scores_triton(q, w, keys, cand, block_n=block_n)
+    got = indexer_scores_triton(q, w, keys, cand, avail, block_n=block_n)
     for t in range(cand.shape[0]):
-        end = min(cand.shape[1], -(-int(avail[t]) // 64) * 64)
+        end = min(cand.shape[1], -(-int(avail[t]) // block_n) * block_n)
         assert torch.equal(got[t, :end], want[t, :end]), f"token {t}"
 
 
@@ -356,12 +357,37 @@ def test_topk_kernel_selects_exactly_the_reference_set(T, N, k, ties):
     assert torch.equal(got.sort(1).values, want.sort(1).values)
     # the row spread over programs (wide rows): same set, the picks first; 4096 columns a
     # program, and 256 for many programs a row
-    for chunk in (4096, 256):
+    # (and fewer programs than chunks: each takes every 3rd chunk of its row)
+    for chunk, programs in ((4096, None), (256, None), (256, 3)):
         for sc, av in ((s, None), (dirty, avail)):
-            got = _topk_split_cuda(sc, cand, k, av, chunk=chunk)
+            got = _topk_split_cuda(sc, cand, k, av, chunk=chunk, programs=programs)
             assert torch.equal(got.sort(1).values, want.sort(1).values)
             n = (got >= 0).sum(1)
             assert torch.equal(got >= 0, torch.arange(got.shape[1], device=DEV)[None, :] < n[:, None])
+
+
+@pytest.mark.parametrize("T,k", [(12, 512), (12, 1024), (64, 1024)])
+def test_select_topk_wide_static_rows_by_visible_prefix(T, k):
+    """Rows as CUDA graphs give them: wide static lists (the graphs' context / 4) whose visible
+    prefix (avail) varies; short prefixes take the one-program select, long ones the split
+    select, within one call. NaN past each prefix: nothing there may be read."""
+    from dsv4.kernels.topk import MAX_KERNEL_N, select_topk, select_topk_ref
+    N = 4 * MAX_KERNEL_N + 3
+    gen = torch.Generator(device=DEV).manual_seed(T + k)
+    s = (torch.randn(T, N, generator=gen, device=DEV) * 2).round().clamp(min=0)  # many ties
+    cand = torch.arange(T * N, device=DEV).view(T, N)
+    edges = [0, 1, k - 1, k, k + 1, MAX_KERNEL_N - 1, MAX_KERNEL_N, MAX_KERNEL_N + 1,
+             2 * MAX_KERNEL_N + 7, N - 1, N, 3000]
+    avail = torch.tensor([edges[t % len(edges)] for t in range(T)], device=DEV)
+    cols = torch.arange(N, device=DEV)[None, :]
+    cand = torch.where(cols < avail[:, None], cand, -1)
+    s = torch.where(cols < avail[:, None], s, float("-inf"))
+    want = select_topk_ref(s, cand, k)
+    dirty = torch.where(cols < avail[:, None], s, float("nan"))
+    got = select_topk(dirty, cand, k, avail)
+    assert torch.equal(got.sort(1).values, want.sort(1).values)
+    n = (got >= 0).sum(1)
+    assert torch.equal(got >= 0, torch.arange(got.shape[1], device=DEV)[None, :] < n[:, None])
 
 
 # ------------------------------------------------------------------------------------ compressor
