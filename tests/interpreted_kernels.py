@@ -102,6 +102,39 @@ def check_indexer_avail() -> None:
             assert (got[t, a:end] == float("-inf")).all()
 
 
+def check_indexer_fp8() -> None:
+    """Packed FP4 keys with FP4-grid queries on the FP8 MMA path (`q_fp4`): the reference's
+    scores up to fp32 summation order, with zero and tiny query blocks, invisible candidates
+    and `avail`."""
+    from dsv4.kernels.index_fp4 import pack_index_fp4
+    from dsv4.kernels.indexer import indexer_scores_ref, indexer_scores_triton
+    from dsv4.quant.sim import fp4_sim
+    T, N, nI, c = 3, 150, 16, 128
+    keys = fp4_sim(torch.randn(200, c, generator=G) * torch.rand(200, 1, generator=G) * 4, 32)
+    keys[5, :32] = 0.0  # an all-zero scale block
+    packed = pack_index_fp4(keys)
+    q = torch.randn(T, nI, c, generator=G) * torch.exp2(torch.randint(-12, 8, (T, nI, 1),
+                                                                      generator=G).float())
+    q[0, 1, 32:64] = 0.0
+    q[1, 2, 96:] *= 2.0 ** -40
+    q = fp4_sim(q, 32).bfloat16()
+    w = torch.randn(T, nI, generator=G).bfloat16()
+    cand = torch.randint(0, 200, (T, N), generator=G)
+    cand[0, 100:] = -1
+    cand[2, ::7] = -1
+    ref = indexer_scores_ref(q, w, packed, cand)
+    fin = torch.isfinite(ref)
+    got = indexer_scores_triton(q, w, packed, cand, q_fp4=True, block_n=64)
+    assert torch.equal(torch.isfinite(got), fin), "visibility differs"
+    scale = ref[fin].abs().max()
+    err = (got[fin] - ref[fin]).abs().max() / scale
+    assert err < 1e-6, f"FP8 indexer scores differ from the reference: {err:.2e}"
+    avail = torch.tensor([100, 150, 150])
+    got = indexer_scores_triton(q, w, packed, cand, avail, q_fp4=True, block_n=64)
+    assert torch.equal(got[0, :100], indexer_scores_triton(q, w, packed, cand, q_fp4=True,
+                                                           block_n=64)[0, :100])
+
+
 def check_attention_cmp_len() -> None:
     from dsv4.kernels.sparse_attention import (AttnConfig, sparse_attention_ref,
                                                sparse_attention_triton)
@@ -161,7 +194,8 @@ def check_grouped_fp8_linear() -> None:
 
 
 CHECKS = {f.__name__[len("check_"):]: f for f in (check_topk, check_candidates,
-                                                  check_indexer_avail, check_attention_cmp_len,
+                                                  check_indexer_avail, check_indexer_fp8,
+                                                  check_attention_cmp_len,
                                                   check_mhc, check_grouped_fp8_linear)}
 
 if __name__ == "__main__":

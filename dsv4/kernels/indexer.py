@@ -8,9 +8,16 @@ streams gathered keys through one tensor-core product per tile, so each key row 
 token; the head reduction happens in registers. `kernels/topk.py` then selects (a radix select
 on the GPU; the same set as the reference's stable sort).
 Keys come in q's dtype or packed (uint8 rows of `kernels/index_fp4.py`, decoded exactly in the
-kernel to q's dtype: 80 bytes read per key instead of 256).
+kernel to q's dtype: 80 bytes read per key instead of 256). Packed keys with queries on the
+FP4 grid (`q_fp4`: e2m1 x a power of two per 32 dims, as the model's QAT makes them) can take
+FP8 tensor cores instead (`_indexer_scores_fp8_kernel`): the key codes decode to e4m3 with a
+few integer instructions per 4 codes, the queries are re-coded as e4m3 x a per-32 power of
+two, and each 32-dim block is one exact FP8 MMA (sums of 32 products of e2m1 codes) scaled by
+both blocks' scales in fp32.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -42,7 +49,19 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .quant_linear import _e2m1_f32
+    from .quant_linear import _e2m1_e4m3_nibbles, _e2m1_f32
+
+    _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # runs no inline PTX
+
+    @triton.jit
+    def _cta_blocks(t, avail_ptr, N, blocks_per_cta, HAS_AVAIL: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+        """The key blocks [first, last) of this CTA of token t."""
+        first = tl.program_id(1) * blocks_per_cta
+        n_end = N
+        if HAS_AVAIL:  # only the first avail[t] columns can be visible: skip the rest
+            n_end = tl.minimum(N, tl.load(avail_ptr + t).to(tl.int32))
+        return first, tl.minimum(first + blocks_per_cta, tl.cdiv(n_end, BLOCK_N))
 
     @triton.jit
     def _indexer_scores_kernel(q_ptr, w_ptr, keys_ptr, cand_ptr, avail_ptr, out_ptr, N, NI,
@@ -51,11 +70,7 @@ if HAS_TRITON:
                                BLOCK_N: tl.constexpr, IEEE: tl.constexpr, PACKED: tl.constexpr,
                                HAS_AVAIL: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)  # T * N passes 2^31 at 8K tokens and 1M context
-        first = tl.program_id(1) * blocks_per_cta
-        n_end = N
-        if HAS_AVAIL:  # only the first avail[t] columns can be visible: skip the rest
-            n_end = tl.minimum(N, tl.load(avail_ptr + t).to(tl.int32))
-        last = tl.minimum(first + blocks_per_cta, tl.cdiv(n_end, BLOCK_N))
+        first, last = _cta_blocks(t, avail_ptr, N, blocks_per_cta, HAS_AVAIL, BLOCK_N)
         if first >= last:
             return
         h = tl.arange(0, BLOCK_H)
@@ -126,15 +141,97 @@ if HAS_TRITON:
         v = tl.join(lo * f, hi * f)  # [BN, C/2, 2]: element 2j from the low nibble of byte j
         return tl.reshape(v, (v.shape[0], C))
 
+    @triton.jit
+    def _indexer_scores_fp8_kernel(q_ptr, w_ptr, keys_ptr, cand_ptr, avail_ptr, out_ptr, N, NI,
+                                   blocks_per_cta, stride_qt, stride_qh, stride_wt, stride_kn,
+                                   stride_ct, stride_ot, BLOCK_H: tl.constexpr,
+                                   BLOCK_N: tl.constexpr, HAS_AVAIL: tl.constexpr,
+                                   ASM: tl.constexpr):
+        """Packed keys (C = 128: 4 scale blocks) and FP4-grid queries on FP8 tensor cores."""
+        t = tl.program_id(0).to(tl.int64)
+        first, last = _cta_blocks(t, avail_ptr, N, blocks_per_cta, HAS_AVAIL, BLOCK_N)
+        if first >= last:
+            return
+        h = tl.arange(0, BLOCK_H)
+        hmask = h < NI
+        q_row = q_ptr + t * stride_qt + h[:, None] * stride_qh
+        q0, s0 = _q_block_e4m3(q_row, hmask, 0)
+        q1, s1 = _q_block_e4m3(q_row, hmask, 1)
+        q2, s2 = _q_block_e4m3(q_row, hmask, 2)
+        q3, s3 = _q_block_e4m3(q_row, hmask, 3)
+        w = tl.load(w_ptr + t * stride_wt + h, mask=hmask, other=0.0).to(tl.float32)
+        cand_row = cand_ptr + t * stride_ct
+        out_row = out_ptr + t * stride_ot
+        # block b+1's bytes are loaded before block b is decoded (as in the bf16 decode path)
+        n, vis, p0, p1, p2, p3, e = _packed_block8(cand_row, keys_ptr, stride_kn, N,
+                                                   first * BLOCK_N, first < last, BLOCK_N)
+        for blk in range(first, last):
+            n_cur, vis_cur, c0, c1, c2, c3, e_cur = n, vis, p0, p1, p2, p3, e
+            n, vis, p0, p1, p2, p3, e = _packed_block8(cand_row, keys_ptr, stride_kn, N,
+                                                       (blk + 1) * BLOCK_N, blk + 1 < last,
+                                                       BLOCK_N)
+            acc = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
+            acc = _key_block_mma8(acc, c0, e_cur, q0, s0, 0, ASM)
+            acc = _key_block_mma8(acc, c1, e_cur, q1, s1, 1, ASM)
+            acc = _key_block_mma8(acc, c2, e_cur, q2, s2, 2, ASM)
+            acc = _key_block_mma8(acc, c3, e_cur, q3, s3, 3, ASM)
+            score = tl.sum(tl.maximum(acc, 0.0) * w[None, :], 1)  # [BN]
+            tl.store(out_row + n_cur, tl.where(vis_cur, score, float("-inf")), mask=n_cur < N)
+
+    @triton.jit
+    def _q_block_e4m3(q_row, hmask, b: tl.constexpr):
+        """Dims 32b..32b+31 of a token's queries (q_row [BH, 1] head row pointers) -> e4m3
+        codes [BH, 32] and per-head powers of two sq [BH] with q = codes * sq exactly, for
+        queries on the FP4 grid (e2m1 x 2^k): sq = 2^(floor(log2 amax) - 2) puts the block's
+        largest at 4 or 6 and every other value on e2m1's grid, which e4m3 holds."""
+        x = tl.load(q_row + b * 32 + tl.arange(0, 32)[None, :], mask=hmask[:, None],
+                    other=0.0).to(tl.float32)
+        eb = (tl.max(tl.abs(x), 1).to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent
+        live = eb >= 3  # else all zero (or below 2^-124: zero codes)
+        sq = tl.where(live, ((eb - 2) << 23).to(tl.float32, bitcast=True), 0.0)
+        inv = tl.where(live, ((256 - eb) << 23).to(tl.float32, bitcast=True), 0.0)  # 1 / sq
+        return (x * inv[:, None]).to(tl.float8e4nv), sq
+
+    @triton.jit
+    def _packed_block8(cand_row, keys_ptr, stride_kn, N, start, live, BLOCK_N: tl.constexpr):
+        """`_packed_block` for C = 128, split by scale block: positions, visibility, the codes
+        of each 32-dim block (4 x [BN, 16] bytes) and the 4 scale bytes as one int32 [BN]."""
+        n = start + tl.arange(0, BLOCK_N)
+        nmask = (n < N) & live
+        row = tl.load(cand_row + n, mask=nmask, other=-1).to(tl.int64)
+        vis = nmask & (row >= 0)
+        row_ptr = keys_ptr + tl.where(vis, row, 0) * stride_kn  # masked lanes stay in the cache
+        j = tl.arange(0, 16)[None, :]
+        m = vis[:, None]
+        p0 = tl.load(row_ptr[:, None] + j, mask=m, other=0)
+        p1 = tl.load(row_ptr[:, None] + 16 + j, mask=m, other=0)
+        p2 = tl.load(row_ptr[:, None] + 32 + j, mask=m, other=0)
+        p3 = tl.load(row_ptr[:, None] + 48 + j, mask=m, other=0)
+        e = tl.load((row_ptr + 64).to(tl.pointer_type(tl.int32)), mask=vis, other=0)
+        return n, vis, p0, p1, p2, p3, e
+
+    @triton.jit
+    def _key_block_mma8(acc, p, e, q8, sq, b: tl.constexpr, ASM: tl.constexpr):
+        """acc [BN, BH] += scale block b of the keys (codes p [BN, 16]: byte j holds dims 2j
+        and 2j + 1; scale byte b of e) times the queries' block (q8 [BH, 32], sq [BH]): one
+        FP8 MMA of exact products (keys decoded as value * 2^-6), then both scales in fp32."""
+        lo, hi = _e2m1_e4m3_nibbles(p, ASM)
+        k8 = tl.reshape(tl.join(lo, hi), (p.shape[0], 32)).to(tl.float8e4nv, bitcast=True)
+        sk = ((((e >> (8 * b)) & 0xFF) + 6) << 23).to(tl.float32, bitcast=True)  # 2^6 x scale
+        s = tl.dot(k8, tl.trans(q8))  # [BN, BH]
+        return acc + s * sk[:, None] * sq[None, :]
+
     def indexer_scores_triton(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
                               cand: torch.Tensor, avail: torch.Tensor | None = None,
-                              block_n: int | None = None, num_warps: int = 4,
-                              num_stages: int = 3) -> torch.Tensor:
+                              block_n: int | None = None, num_warps: int | None = None,
+                              num_stages: int = 3, q_fp4: bool = False) -> torch.Tensor:
         """Launcher: fp32 scores [T, N], -inf where cand < 0. With `avail` [T] (token t's
         visible candidates are its first avail[t] columns, as the batches build them) the
         columns from the end of the block holding column avail[t] on are left unwritten:
         under CUDA graphs N follows the graphs' context length, and the work then follows
-        the context."""
+        the context. `q_fp4`: q is on the FP4 grid (e2m1 x a power of two per 32 dims), so
+        packed keys of C = 128 may take the FP8 kernel (exact products; only the fp32 sums
+        of the 4 blocks' partial products round, in another order than the bf16 MMA's)."""
         T, NI, C = q.shape
         N = cand.shape[1]
         packed = keys.dtype == torch.uint8
@@ -151,14 +248,25 @@ if HAS_TRITON:
         q = q if q.stride(-1) == 1 else q.contiguous()
         keys = keys if keys.stride(-1) == 1 else keys.contiguous()
         cand, w = cand.contiguous(), w.contiguous()
-        if block_n is None:  # H200 sweep, 32 tokens: 128 up to 8K columns (32K context: bf16
+        fp8 = packed and q_fp4 and C == 128 and q.dtype == torch.bfloat16
+        if fp8:  # 64 keys a block, 8 warps: 127 registers (4 warps: 230; offline sm_90 compile)
+            block_n, num_warps = block_n or 64, num_warps or 8
+        elif block_n is None:  # H200 sweep, 32 tokens: 128 up to 8K columns (32K context: bf16
             # keys 39.1 -> 31.2 us, packed 41.0 -> ~40), 64 beyond (128K context: 128 is slower)
             block_n = 128 if N <= 8192 else 64
+        num_warps = num_warps or 4
         n_blocks = triton.cdiv(N, block_n)
         sms = num_sms(q.device)
         # enough CTAs to fill the GPU, each long enough to amortise its query load
         bpc = max(1, min(n_blocks, (T * n_blocks) // (4 * sms)))
         bh = max(16, triton.next_power_of_2(NI))
+        if fp8:
+            _indexer_scores_fp8_kernel[(T, triton.cdiv(n_blocks, bpc))](
+                q, w, keys, cand, cand if avail is None else avail.contiguous(), out, N, NI,
+                bpc, q.stride(0), q.stride(1), w.stride(0), keys.stride(0), cand.stride(0),
+                out.stride(0), BLOCK_H=bh, BLOCK_N=block_n, HAS_AVAIL=avail is not None,
+                ASM=not _INTERPRET, num_warps=num_warps, num_stages=num_stages)
+            return out
         _indexer_scores_kernel[(T, triton.cdiv(n_blocks, bpc))](
             q, w, keys, cand, cand if avail is None else avail.contiguous(), out, N, NI, bpc,
             q.stride(0), q.stride(1), w.stride(0), keys.stride(0), cand.stride(0), out.stride(0),
@@ -168,20 +276,21 @@ if HAS_TRITON:
         return out
 
 
-def indexer_scores(q, w, keys, cand, avail=None):
+def indexer_scores(q, w, keys, cand, avail=None, q_fp4=False):
     """Scores [T, N]; with `avail` the kernel may leave columns past avail[t] unwritten (see
     `indexer_scores_triton`), so only a top-k given the same `avail` may read them."""
     if (use_triton(q) and q.dtype in (torch.bfloat16, torch.float32)
             and keys.dtype in (q.dtype, torch.uint8)):
-        return indexer_scores_triton(q, w, keys, cand, avail)
+        return indexer_scores_triton(q, w, keys, cand, avail, q_fp4=q_fp4)
     return indexer_scores_ref(q, w, keys, cand)
 
 
-def indexer_topk(q, w, keys, cand, topk, reduce=None, avail=None):
+def indexer_topk(q, w, keys, cand, topk, reduce=None, avail=None, q_fp4=False):
     """`reduce` (tensor parallelism) sums the partial scores of each rank's heads before the
     selection; `avail` [T]: the number of leading visible columns of each token's candidates
-    (the rest are -1), so that the GPU work follows the context, not the width of `cand`."""
-    score = indexer_scores(q, w, keys, cand, avail)
+    (the rest are -1), so that the GPU work follows the context, not the width of `cand`;
+    `q_fp4`: see `indexer_scores_triton`."""
+    score = indexer_scores(q, w, keys, cand, avail, q_fp4)
     if reduce is not None:
         score = reduce(score)
     return select_topk(score, cand, topk, avail)

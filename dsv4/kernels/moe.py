@@ -341,8 +341,9 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .quant_linear import (_act_chunk, _act_scale, _e2m1_f32, _e8m0_f32, _fp4_chunk,
-                               _fp8_act, _fp8_scales, _fp8_wscale, _mma_fp8, _quant_block)
+    from .quant_linear import (_act_chunk, _act_scale, _e2m1_e4m3_nibbles, _e2m1_f32,
+                               _e8m0_f32, _fp4_chunk, _fp8_act, _fp8_scales, _fp8_wscale,
+                               _mma_fp8, _quant_block)
 
     @triton.jit
     def _route_count_kernel(idx_ptr, counts_ptr, expert_ptr, rank_ptr, T, k,
@@ -631,33 +632,13 @@ if HAS_TRITON:
     def _e2m1_e4m3(p, ASM: tl.constexpr):
         """One 32-code block of packed e2m1 bytes [R, 16] in the kernels' order (byte b holds
         codes b and b + 16, `fp4_to_halves`) -> e4m3 bytes [R, 32] in code order, each the
-        code's value times 2^-6: the 3 magnitude bits go straight into e4m3's exponent and
-        mantissa (the subnormal 0.5 lands on e4m3's subnormal), the sign into bit 7. A thread's
-        4 packed bytes become exactly the two 32-bit registers of codes its FP8 MMA fragment
-        holds (codes 4t..4t+3 and 16+4t..16+4t+3), so the decoded weights reach the tensor
-        cores without a shared-memory pass or byte shuffles. ASM (PTX, GPU only) decodes 4
-        bytes per 32-bit instruction."""
+        code's value times 2^-6 (`quant_linear._e2m1_e4m3_nibbles`). A thread's 4 packed bytes
+        become exactly the two 32-bit registers of codes its FP8 MMA fragment holds (codes
+        4t..4t+3 and 16+4t..16+4t+3), so the decoded weights reach the tensor cores without a
+        shared-memory pass or byte shuffles."""
         R: tl.constexpr = p.shape[0]
         C: tl.constexpr = p.shape[1]
-        if ASM:
-            lo, hi = tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t;
-                shl.b32 $0, $2, 2;
-                and.b32 $0, $0, 0x1C1C1C1C;
-                shl.b32 t, $2, 4;
-                and.b32 t, t, 0x80808080;
-                or.b32 $0, $0, t;
-                shr.b32 $1, $2, 2;
-                and.b32 $1, $1, 0x1C1C1C1C;
-                and.b32 t, $2, 0x80808080;
-                or.b32 $1, $1, t;
-                }""",
-                constraints="=r,=r,r", args=[p], dtype=(tl.uint8, tl.uint8), is_pure=True,
-                pack=4)
-        else:
-            lo = ((p << 2) & 0x1C) | ((p << 4) & 0x80)
-            hi = ((p >> 2) & 0x1C) | (p & 0x80)
+        lo, hi = _e2m1_e4m3_nibbles(p, ASM)
         w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (R, 2 * C))
         return w.to(tl.float8e4nv, bitcast=True)
 

@@ -299,6 +299,33 @@ if HAS_TRITON:
         return lo * 8.507059173023462e37, hi * 8.507059173023462e37
 
     @triton.jit
+    def _e2m1_e4m3_nibbles(p, ASM: tl.constexpr):
+        """Packed e2m1 bytes -> e4m3 bytes of (low nibble, high nibble), each the code's value
+        times 2^-6: the 3 magnitude bits go straight into e4m3's exponent and mantissa (the
+        subnormal 0.5 lands on e4m3's subnormal), the sign into bit 7. ASM (PTX, GPU only)
+        decodes 4 bytes per 32-bit instruction."""
+        if ASM:
+            lo, hi = tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 t;
+                shl.b32 $0, $2, 2;
+                and.b32 $0, $0, 0x1C1C1C1C;
+                shl.b32 t, $2, 4;
+                and.b32 t, t, 0x80808080;
+                or.b32 $0, $0, t;
+                shr.b32 $1, $2, 2;
+                and.b32 $1, $1, 0x1C1C1C1C;
+                and.b32 t, $2, 0x80808080;
+                or.b32 $1, $1, t;
+                }""",
+                constraints="=r,=r,r", args=[p], dtype=(tl.uint8, tl.uint8), is_pure=True,
+                pack=4)
+        else:
+            lo = ((p << 2) & 0x1C) | ((p << 4) & 0x80)
+            hi = ((p >> 2) & 0x1C) | (p & 0x80)
+        return lo, hi
+
+    @triton.jit
     def _fp4_chunk(w_ptr, s_ptr, rows, row_ok, kb, c, K, NV: tl.constexpr, KC: tl.constexpr,
                    TILED: tl.constexpr = False):
         """Packed e2m1 rows [BW], K-chunk c (KC wide) of K-block kb -> exact bf16 [BW, KC] with
