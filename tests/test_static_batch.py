@@ -80,3 +80,22 @@ def test_window_index_on_the_device_equals_the_host_one():
         got = b.window_index_torch()
         assert got.dtype == torch.int64
         assert torch.equal(got, torch.from_numpy(b.window_index_host))
+
+
+def test_graph_length_fits_the_lists_into_the_memory_left():
+    """With cuda_graph_max_len unset the graphs serve all of max_model_len unless their
+    context-wide lists (int64 rows per ratio, fp32 indexer scores) would take more than the
+    budget: then the length halves, not below 16384 (or max_model_len if smaller)."""
+    from dsv4.engine.cuda_graph import MIN_AUTO_LEN, fit_graph_len, graph_list_bytes
+    ratios = [0, 0, 4, 128, 4, 0]
+    assert graph_list_bytes(ratios, 2, 1024) == 2 * (8 * 256 + 8 * 8 + 4 * 256)
+    assert graph_list_bytes([0, 0], 64, 1 << 20) == 0  # no compressed layers, no lists
+    one_m = 1 << 20
+    per_64 = graph_list_bytes(ratios, 64, one_m)
+    assert fit_graph_len(ratios, 64, one_m, per_64) == one_m
+    assert fit_graph_len(ratios, 64, one_m, per_64 - 1) == one_m // 2
+    assert fit_graph_len(ratios, 64, one_m, per_64 // 5) == one_m // 8
+    assert fit_graph_len(ratios, 64, one_m, 0) == MIN_AUTO_LEN
+    assert fit_graph_len(ratios, 64, 3000, 0) == 3000
+    n = fit_graph_len(ratios, 1024, 1_000_000, 3 << 30)
+    assert graph_list_bytes(ratios, 1024, n) <= 3 << 30 < graph_list_bytes(ratios, 1024, 2 * n)

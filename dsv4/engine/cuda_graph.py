@@ -17,6 +17,28 @@ from ..model.batch import ForwardBatch, SeqChunk, StaticBatch
 logger = logging.getLogger(__name__)
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+MIN_AUTO_LEN = 16384  # the automatic graph length (`fit_graph_len`) stops halving here
+
+
+def graph_list_bytes(ratios, tokens: int, max_len: int) -> int:
+    """Device bytes a graph step of `tokens` tokens allocates for its context-wide lists at
+    graph length `max_len`: per compressed ratio m a row list (int64, max_len / m wide), and
+    for the indexer's ratio 4 its fp32 scores. The largest graph's lists dominate the graphs'
+    shared memory pool."""
+    per_token = sum(8 * -(-max_len // m) for m in set(ratios) if m)
+    if 4 in ratios:
+        per_token += 4 * -(-max_len // 4)
+    return tokens * per_token
+
+
+def fit_graph_len(ratios, tokens: int, max_len: int, budget: int) -> int:
+    """The longest graph length up to max_len, halving from it, whose lists fit `budget`
+    bytes (not below MIN_AUTO_LEN, or max_len if that is smaller)."""
+    floor = min(max_len, MIN_AUTO_LEN)
+    n = max_len
+    while n > floor and graph_list_bytes(ratios, tokens, n) > budget:
+        n = max(floor, n // 2)
+    return n
 
 
 class CUDAGraphRunner:
@@ -36,10 +58,12 @@ class CUDAGraphRunner:
         self.pad_slot, self.pad_block = pad_slot, pad_block
         self.graphs: dict[int, tuple] = {}
         self.pool = None
+        before = torch.cuda.memory_reserved(cache.device)
         for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its memory pool
             self._capture(bs)
-        logger.info("captured CUDA graphs for batch sizes %s (%d tokens per sequence)",
-                    self.sizes, tokens_per_seq)
+        logger.info("captured CUDA graphs for batch sizes %s (%d tokens per sequence, contexts "
+                    "up to %d tokens, %.2f GiB)", self.sizes, tokens_per_seq, max_model_len,
+                    (torch.cuda.memory_reserved(cache.device) - before) / 2**30)
 
     def _dummy(self, bs: int) -> ForwardBatch:
         chunks = [SeqChunk([0] * self.tokens_per_seq, 0, self.pad_slot, [self.pad_block])] * bs

@@ -146,15 +146,17 @@ class LLMEngine:
         graphs = None
         if self.device.type == "cuda" and not ec.enforce_eager:
             from .cuda_graph import CUDAGraphRunner
+            graph_len = self._graph_len(cfg, ec)
             try:
                 graphs = CUDAGraphRunner(model, self.cache, ec.max_num_seqs,
-                                         1 + ec.speculative_tokens,
-                                         min(self.max_model_len, ec.cuda_graph_max_len or self.max_model_len),
+                                         1 + ec.speculative_tokens, graph_len,
                                          pad_slot=num_slots, pad_block=self.num_blocks)
             except Exception as e:
                 # A failed capture leaves the CUDA generator unusable, so no silent fallback.
-                raise RuntimeError(f"CUDA graph capture failed ({e}); run with --enforce-eager "
-                                   "(enforce_eager=True) to serve without graphs") from e
+                raise RuntimeError(
+                    f"CUDA graph capture failed ({e}); run with --enforce-eager (enforce_eager="
+                    f"True) to serve without graphs, or lower --cuda-graph-max-len (now "
+                    f"{graph_len}), max_num_seqs or gpu_memory_utilization") from e
         self.runner = ModelRunner(model, self.cache, sampler, self.device,
                                   ec.speculative_tokens, self.max_model_len, graphs)
         if graphs is not None and ec.speculative_tokens:
@@ -256,6 +258,26 @@ class LLMEngine:
         D, r = cfg.head_dim, cfg.qk_rope_head_dim
         return (self.device.type == "cuda" and model.dtype == torch.bfloat16 and model.qat
                 and (D - r) % 64 == 0 and (D - r) % r == 0)
+
+    def _graph_len(self, cfg, ec) -> int:
+        """The context length the decode graphs serve: cuda_graph_max_len if set, else all of
+        max_model_len as long as the graphs' context-wide lists take at most half the memory
+        left after the cache (halving it until they do; longer contexts then decode eagerly)."""
+        from .cuda_graph import fit_graph_len, graph_list_bytes
+        if ec.cuda_graph_max_len is not None:
+            return min(self.max_model_len, ec.cuda_graph_max_len)
+        tokens = ec.max_num_seqs * (1 + ec.speculative_tokens)
+        free = torch.cuda.mem_get_info(self.device)[0]
+        n = fit_graph_len(cfg.compress_ratios, tokens, self.max_model_len, free // 2)
+        if n < self.max_model_len:
+            logger.warning(
+                "CUDA graphs serve contexts up to %d of max_model_len %d tokens: lists for all "
+                "of it would take %.1f GiB of the %.1f GiB left after the KV cache; longer "
+                "contexts decode eagerly (set cuda_graph_max_len, or lower "
+                "gpu_memory_utilization or max_num_seqs)", n, self.max_model_len,
+                graph_list_bytes(cfg.compress_ratios, tokens, self.max_model_len) / 2**30,
+                free / 2**30)
+        return n
 
     def _cache_budget(self) -> int:
         if self.device.type == "cuda":
