@@ -99,3 +99,26 @@ def test_graph_length_fits_the_lists_into_the_memory_left():
     assert fit_graph_len(ratios, 64, 3000, 0) == 3000
     n = fit_graph_len(ratios, 1024, 1_000_000, 3 << 30)
     assert graph_list_bytes(ratios, 1024, n) <= 3 << 30 < graph_list_bytes(ratios, 1024, 2 * n)
+
+
+def test_engine_picks_the_graph_length_from_the_free_memory(monkeypatch, caplog):
+    """LLMEngine._graph_len: an explicit cuda_graph_max_len wins (capped at max_model_len);
+    unset, all of max_model_len if the lists fit half the free memory, else halved, with a
+    warning naming the settings."""
+    from types import SimpleNamespace
+
+    from dsv4.config import EngineConfig, ModelConfig
+    from dsv4.engine.cuda_graph import graph_list_bytes
+    from dsv4.engine.llm_engine import LLMEngine
+    cfg = ModelConfig.preset("flash")
+    eng = SimpleNamespace(max_model_len=1 << 20, device=torch.device("cpu"))
+    need = graph_list_bytes(cfg.compress_ratios, 64, 1 << 20)
+    ec = EngineConfig(max_num_seqs=64)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * need, 4 * need))
+    assert LLMEngine._graph_len(eng, cfg, ec) == 1 << 20
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (need, 4 * need))
+    with caplog.at_level("WARNING"):
+        assert LLMEngine._graph_len(eng, cfg, ec) == 1 << 19
+    assert "cuda_graph_max_len" in caplog.text and "decode eagerly" in caplog.text
+    assert LLMEngine._graph_len(eng, cfg, EngineConfig(cuda_graph_max_len=4096)) == 4096
+    assert LLMEngine._graph_len(eng, cfg, EngineConfig(cuda_graph_max_len=1 << 30)) == 1 << 20
