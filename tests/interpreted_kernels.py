@@ -73,15 +73,16 @@ def check_candidates() -> None:
     N = nb * rpb + 10  # past what the block table reaches: the last block is reused
     bt = torch.randint(0, 50, (3, nb), generator=G)
     tok_seq, pos = torch.tensor([0, 1, 2, 2, 1, 0]), torch.tensor([0, 3, 4, 130, 700, 1000])
-    rows, avail = torch.full((T, N), 7777), torch.zeros(T, dtype=torch.long)
-    want, want_avail = rows.clone(), avail.clone()
+    want, want_avail = torch.full((T, N), 7777), torch.zeros(T, dtype=torch.long)
     c.candidates_ref_(want, want_avail, bt, tok_seq, pos, m, rpb)
-    c._candidates_cuda(rows, avail, bt, tok_seq, pos, m, rpb, block=64)
-    assert torch.equal(avail, want_avail)
-    for t in range(T):
-        end = min(N, -(-int(avail[t]) // c.PAD_COLS) * c.PAD_COLS)
-        assert torch.equal(rows[t, :end], want[t, :end]), f"token {t}: rows differ"
-        assert (rows[t, end:] == 7777).all(), f"token {t}: wrote past its prefix"
+    for table in (bt, bt.t().contiguous().t()):  # row-major, and block-major as graphs hold it
+        rows, avail = torch.full((T, N), 7777), torch.zeros(T, dtype=torch.long)
+        c._candidates_cuda(rows, avail, table, tok_seq, pos, m, rpb, block=64)
+        assert torch.equal(avail, want_avail)
+        for t in range(T):
+            end = min(N, -(-int(avail[t]) // c.PAD_COLS) * c.PAD_COLS)
+            assert torch.equal(rows[t, :end], want[t, :end]), f"token {t}: rows differ"
+            assert (rows[t, end:] == 7777).all(), f"token {t}: wrote past its prefix"
 
 
 def check_indexer_avail() -> None:

@@ -122,3 +122,22 @@ def test_engine_picks_the_graph_length_from_the_free_memory(monkeypatch, caplog)
     assert "cuda_graph_max_len" in caplog.text and "decode eagerly" in caplog.text
     assert LLMEngine._graph_len(eng, cfg, EngineConfig(cuda_graph_max_len=4096)) == 4096
     assert LLMEngine._graph_len(eng, cfg, EngineConfig(cuda_graph_max_len=1 << 30)) == 1 << 20
+
+
+def test_block_tables_upload_resets_what_earlier_steps_wrote():
+    """The block tables live block-major at the end of the ints arena and a step uploads only
+    the blocks in use plus those an earlier step wrote: the device view always equals this
+    step's tables, padded with the pad block past them, whatever came before (wide, narrow,
+    wider)."""
+    sb = StaticBatch(num_seqs=3, tokens_per_seq=1, ratios={4, 128}, state_rows={4: 8, 128: 128},
+                     window=128, window_rows=128, num_slots=4, max_model_len=4096, pad_slot=3,
+                     pad_block=99, device="cpu")
+    for tables in ([[1, 2, 3, 4, 5], [6, 7]], [[8]], [[9, 10], [11, 12, 13], [14]], [[15] * 20]):
+        chunks = [SeqChunk([0], 0, s, t) for s, t in enumerate(tables)]
+        sb.load(ForwardBatch(chunks, 128, 128, 4))
+        want = torch.full((3, sb.max_blocks), 99)
+        want[:len(tables), :max(map(len, tables))] = 0  # the batch pads its rows with 0
+        for s, t in enumerate(tables):
+            want[s, :len(t)] = torch.tensor(t)
+        assert torch.equal(sb.block_tables, want)
+        assert sb.block_tables.shape == (3, sb.max_blocks)

@@ -30,17 +30,19 @@ def candidates_ref_(rows: torch.Tensor, avail: torch.Tensor, block_tables: torch
 def candidates_(rows, avail, block_tables, tok_seq, positions, m: int, rpb: int) -> None:
     """See the module docstring; the GPU kernel leaves columns past the padded prefix as they
     were (only the kernels that honour `avail` may read these rows)."""
-    if use_triton(rows) and rows.shape[0] and block_tables.is_contiguous():
+    if use_triton(rows) and rows.shape[0]:
         _candidates_cuda(rows, avail, block_tables, tok_seq, positions, m, rpb)
         return
     candidates_ref_(rows, avail, block_tables, tok_seq, positions, m, rpb)
 
 
 def _candidates_cuda(rows, avail, block_tables, tok_seq, positions, m, rpb, block: int = 1024):
+    """block_tables may be strided (CUDA graphs keep it block-major, `StaticBatch`)."""
     T, N = rows.shape
     _candidates_kernel[(T, triton.cdiv(N, block))](
         rows, avail, block_tables, tok_seq, positions, N, block_tables.shape[1], m, rpb,
-        rows.stride(0), PAD=PAD_COLS, BLOCK=block, num_warps=4)
+        rows.stride(0), block_tables.stride(0), block_tables.stride(1), PAD=PAD_COLS,
+        BLOCK=block, num_warps=4)
 
 
 if HAS_TRITON:
@@ -49,7 +51,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _candidates_kernel(rows_ptr, avail_ptr, bt_ptr, tok_seq_ptr, pos_ptr, N, max_blocks, m,
-                           rpb, stride_r, PAD: tl.constexpr, BLOCK: tl.constexpr):
+                           rpb, stride_r, stride_bs, stride_bb, PAD: tl.constexpr,
+                           BLOCK: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         a = ((tl.load(pos_ptr + t) + 1) // m).to(tl.int32)
         if tl.program_id(1) == 0:
@@ -61,6 +64,6 @@ if HAS_TRITON:
         vis = i < a
         blk = tl.minimum(i // rpb, max_blocks - 1)
         seq = tl.load(tok_seq_ptr + t)
-        b = tl.load(bt_ptr + seq * max_blocks + blk, mask=vis, other=0)
+        b = tl.load(bt_ptr + seq * stride_bs + blk * stride_bb, mask=vis, other=0)
         r = tl.where(vis, b * rpb + i % rpb, -1)
         tl.store(rows_ptr + t * stride_r + i, r.to(rows_ptr.dtype.element_ty), mask=i < end)

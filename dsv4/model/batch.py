@@ -241,15 +241,17 @@ class _Arena:
         pin = self.device.type == "cuda"
         self.host = torch.zeros(sum(sizes), dtype=self.dtype, pin_memory=pin)
         self.dev = torch.zeros(sum(sizes), dtype=self.dtype, device=self.device)
-        self.h, self.d, at = [], [], 0  # host views are numpy arrays (cheap to fill)
+        self.h, self.d, self.offsets, at = [], [], [], 0  # host views: numpy (cheap to fill)
         host = self.host.numpy()
         for shape, n in zip(self.shapes, sizes):
             self.h.append(host[at:at + n].reshape(shape))
             self.d.append(self.dev[at:at + n].view(shape))
+            self.offsets.append(at)
             at += n
 
-    def upload(self) -> None:
-        self.dev.copy_(self.host, non_blocking=True)
+    def upload(self, n: int | None = None) -> None:
+        """Copy the host twin's first n elements (all of it by default) to the device."""
+        self.dev[:n].copy_(self.host[:n], non_blocking=True)
         if self.device.type == "cuda":
             if self.uploaded is None:
                 self.uploaded = torch.cuda.Event()
@@ -296,7 +298,6 @@ class StaticBatch:
         field("tok_seq", ints, 0, T)
         field("logits_indices", ints, 0, T)
         field("window_index", ints, -1, T, window)
-        field("block_tables", ints, pad_block, num_seqs, self.max_blocks)
         self._rows = sorted({window_rows, *state_rows.values()})
         for r in self._rows:
             field(("ring_tok", r), ints, T - 1, T)
@@ -312,12 +313,18 @@ class StaticBatch:
                     ("state_idx", ints, pad_slot * rows, (W, km)), ("valid", bools, True, (W, km)),
                     ("dst", ints, pad_block * rpb, (W,))):
                 field(("plan", m, rows, name), arena, fill, *shape)
+        # The block tables, block-major and last: a step uploads the ints only up to the
+        # blocks in use (as wide as the graphs' context length, they would be most of the
+        # upload: 4 MB a step at 1M tokens and 64 sequences).
+        field("block_tables_t", ints, pad_block, self.max_blocks, num_seqs)
+        self._bt_dirty = self.max_blocks  # leading blocks not known to hold `fill` (host, device)
         ints.build()
         bools.build()
         view = lambda name: self._fields[name][0].d[self._fields[name][1]]  # noqa: E731
         self.input_ids, self.positions = view("input_ids"), view("positions")
         self.tok_seq, self.logits_indices = view("tok_seq"), view("logits_indices")
-        self.window_index, self.block_tables = view("window_index"), view("block_tables")
+        self.window_index = view("window_index")
+        self.block_tables = view("block_tables_t").t()  # [num_seqs, max_blocks], strided
         self._ring = {r: (view(("ring_tok", r)), view(("ring_dst", r))) for r in self._rows}
         self._plans = {
             (m, rows): CompressPlan(**{n: view(("plan", m, rows, n)) for n in (
@@ -382,7 +389,6 @@ class StaticBatch:
         put("tok_seq", b._tok_seq)
         put("logits_indices", b._logits)
         put("window_index", b.window_index_host)
-        put("block_tables", b._bt)
         for r in self._rows:
             tok, dst = b.ring_writes_host(r)
             put(("ring_tok", r), tok)
@@ -390,5 +396,21 @@ class StaticBatch:
         for m, rows in self._plan_keys:
             for n, a in b.compress_plan_host(m, rows).items():
                 put(("plan", m, rows, n), a)
-        for arena in self._arenas:
-            arena.upload()
+        ints, bools = self._arenas
+        ints.upload(self._put_block_tables(b._bt))
+        bools.upload()
+
+    def _put_block_tables(self, bt: np.ndarray) -> int:
+        """Write the block tables [n, w] into the block-major host twin, resetting only the
+        blocks an earlier step wrote; returns how many leading ints of the arena to upload."""
+        arena, i, fill = self._fields["block_tables_t"]
+        dst = arena.h[i]  # [max_blocks, num_seqs]
+        n, w = bt.shape
+        if n > dst.shape[1] or w > dst.shape[0]:
+            raise ValueError(f"batch does not fit the captured shape {tuple(dst.shape[::-1])}")
+        dst[:w, :n] = bt.T
+        dst[:w, n:] = fill
+        upto = max(w, self._bt_dirty)
+        dst[w:upto] = fill
+        self._bt_dirty = w
+        return arena.offsets[i] + upto * dst.shape[1]

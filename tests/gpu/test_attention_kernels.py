@@ -217,15 +217,19 @@ def test_kv_fp8_round_trip_is_exact_on_model_rows():
     assert torch.equal(unpack_kv_fp8(packed, D), rows)
 
 
+@pytest.mark.parametrize("block_major", [False, True])
 @pytest.mark.parametrize("m", [4, 128])
-def test_candidates_kernel_writes_the_visible_prefix_as_torch(m):
+def test_candidates_kernel_writes_the_visible_prefix_as_torch(m, block_major):
     """The compressed-row lists of a graph step: avail and each row's first columns up to the
     next multiple of 128 past avail equal the torch composition; later columns are left as
-    they were (no consumer reads past avail)."""
+    they were (no consumer reads past avail). Block tables row-major or block-major (a
+    transposed view, as StaticBatch holds them)."""
     from dsv4.kernels.candidates import PAD_COLS, candidates_, candidates_ref_
     gen = torch.Generator(device=DEV).manual_seed(m)
     rpb, nb = BLOCK_TOKENS // m, 40
     bt = torch.randint(0, 1000, (7, nb), generator=gen, device=DEV)
+    if block_major:
+        bt = bt.t().contiguous().t()
     tok_seq = torch.randint(0, 7, (33,), generator=gen, device=DEV)
     pos = torch.cat([torch.tensor([0, 3, 4, 5, 127, 128, 129], device=DEV),
                      torch.randint(0, nb * BLOCK_TOKENS + 500, (26,), generator=gen, device=DEV)])
