@@ -44,7 +44,8 @@ def fix_interpreter() -> None:
 
 def check_topk() -> None:
     from dsv4.kernels.topk import _topk_cuda, _topk_split_cuda, select_topk_ref
-    for T, N, k, ties in ((5, 300, 8, False), (5, 300, 8, True), (3, 700, 512, True)):
+    for T, N, k, ties in ((5, 300, 8, False), (5, 300, 8, True), (3, 700, 512, True),
+                          (4, 300, 512, False)):  # no more columns than k: every visible one
         s = torch.randn(T, N, generator=G)
         if ties:  # relu zeros, repeated values, -0.0 beside +0.0
             s = (s * 2).round().clamp(min=0) * torch.where(torch.rand(T, N, generator=G) < 0.5,

@@ -136,10 +136,13 @@ if HAS_TRITON:
         prefix = tl.zeros([], tl.int64)
         need = K  # entries still to take at or below the bits fixed so far
         visible = tl.zeros([], tl.int32)
+        # no more than K columns: every visible entry is taken, and the passes read nothing
+        # (visible stays 0, so the threshold below is 0)
+        n_sel = tl.where(N > K, N, 0)
         for p in tl.static_range(4):
             shift = 24 - 8 * p
             hist = tl.zeros([256], tl.int32)
-            for off in range(0, N, BLOCK):
+            for off in range(0, n_sel, BLOCK):
                 key, vis = _keys(score_ptr, off + col, N)
                 if p == 0:
                     visible += tl.sum(vis.to(tl.int32), 0)
@@ -173,7 +176,7 @@ if HAS_TRITON:
             tl.store(out_ptr + n_above + at_eq, c, mask=take_eq)
             base_gt += tl.sum(gt.to(tl.int32), 0)
             base_eq += tl.sum(eq.to(tl.int32), 0)
-        taken = tl.minimum(visible, K)
+        taken = base_gt + tl.minimum(base_eq, need)
         for off in range(0, K, BLOCK):
             n = off + col
             tl.store(out_ptr + n, tl.full([BLOCK], -1, tl.int64).to(out_ptr.dtype.element_ty),
@@ -210,7 +213,8 @@ if HAS_TRITON:
         visible entries)."""
         t = tl.program_id(0).to(tl.int64)
         n_t = _row_avail(avail_ptr, t, N, HAS_AVAIL)
-        if tl.program_id(1) * CHUNK >= n_t:
+        # rows of no more than K columns take every visible entry: no select (visible stays 0)
+        if (tl.program_id(1) * CHUNK >= n_t) | (n_t <= K):
             return
         work_row = work_ptr + t * stride_w
         shift: tl.constexpr = 24 - 8 * PASS
@@ -274,8 +278,13 @@ if HAS_TRITON:
                 tl.store(out_ptr + t * K + at_gt, cv, mask=gt)
                 tl.store(out_ptr + t * K + n_above + at_eq, cv, mask=take_eq)
         if not COUNT:
-            if g == 0:
-                taken = tl.minimum(visible, K)
+            if g == 0:  # the picks: every chunk's entries above, and `need` equal ones
+                ch = tl.arange(0, NCP)
+                ok = ch < n_chunks
+                taken = tl.sum(tl.load(cnt_ptr + 2 * ch, mask=ok, other=0, cache_modifier=".cg"),
+                               0)
+                taken += tl.minimum(need, tl.sum(tl.load(cnt_ptr + 2 * ch + 1, mask=ok, other=0,
+                                                         cache_modifier=".cg"), 0))
                 for off in range(0, K, CHUNK):
                     j = off + tl.arange(0, CHUNK)
                     tl.store(out_ptr + t * K + j,

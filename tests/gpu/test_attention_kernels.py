@@ -361,7 +361,7 @@ def test_indexer_topk_selects_the_reference_top_scores(topk):
 
 
 @pytest.mark.parametrize("T,N,k", [(5, 40, 8), (4, 1024, 512), (3, 1100, 1024), (2, 5000, 1024),
-                                   (2, 262144, 512), (33, 8192, 1024)])
+                                   (2, 262144, 512), (33, 8192, 1024), (4, 700, 1024)])
 @pytest.mark.parametrize("ties", [False, True])
 def test_topk_kernel_selects_exactly_the_reference_set(T, N, k, ties):
     """The radix select picks the stable sort's set (ties toward lower columns), -1 past the
