@@ -139,10 +139,14 @@ if HAS_TRITON:
         # no more than K columns: every visible entry is taken, and the passes read nothing
         # (visible stays 0, so the threshold below is 0)
         n_sel = tl.where(N > K, N, 0)
+        # `done`: the chosen digit's entries are exactly the ones still needed, so every key at
+        # or above the bits fixed so far is taken and the later passes read nothing (with
+        # continuous scores this usually happens after the third pass)
+        done = tl.zeros([], tl.int32)
         for p in tl.static_range(4):
             shift = 24 - 8 * p
             hist = tl.zeros([256], tl.int32)
-            for off in range(0, n_sel, BLOCK):
+            for off in range(0, tl.where(done > 0, 0, n_sel), BLOCK):
                 key, vis = _keys(score_ptr, off + col, N)
                 if p == 0:
                     visible += tl.sum(vis.to(tl.int32), 0)
@@ -154,8 +158,14 @@ if HAS_TRITON:
             # highest digit whose count from the top reaches `need`
             above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
             digit = tl.max(tl.where(above >= need, bins, 0), 0)
-            need -= tl.sum(tl.where(bins > digit, hist, 0), 0)
-            prefix += digit.to(tl.int64) << shift
+            left = need - tl.sum(tl.where(bins > digit, hist, 0), 0)
+            in_digit = tl.sum(tl.where(bins == digit, hist, 0), 0)
+            prefix = tl.where(done > 0, prefix, prefix + (digit.to(tl.int64) << shift))
+            need = tl.where(done > 0, need, left)
+            done = tl.where((done > 0) | ((in_digit == left) & (n_sel > 0)), 1, 0)
+        # taken as "every key >= prefix": the entries above it and all of the last digit's
+        prefix = tl.where(done > 0, prefix - 1, prefix)
+        need = tl.where(done > 0, 0, need)
         # with no more than K visible, take them all (every visible key is above 0)
         prefix = tl.where(visible <= K, 0, prefix)
         need = tl.where(visible <= K, 0, need)
