@@ -262,8 +262,11 @@ if HAS_TRITON:
             m_i, l_i, acc = _attend(q, k, valid, m_i, l_i, acc, qk_scale, IEEE)
         if SPLIT:
             base = (sid * T + t) * H + h
+            # a split past the token's rows leaves its partial output unwritten (the merge
+            # reads only splits with a finite max): under CUDA graphs the splits follow the
+            # graphs' width, and at a short context most of them are empty
             tl.store(part_o_ptr + base[:, None] * D + d[None, :], acc,
-                     mask=hmask[:, None] & dmask[None, :])
+                     mask=hmask[:, None] & dmask[None, :] & (hi > lo))
             tl.store(part_ml_ptr + base * 2, m_i, mask=hmask)
             tl.store(part_ml_ptr + base * 2 + 1, l_i, mask=hmask)
         else:
@@ -294,8 +297,9 @@ if HAS_TRITON:
                 base = ((s0 + i) * T + t) * H + h
                 ms = tl.load(part_ml_ptr + base * 2, mask=hmask & live, other=-1.0e30)
                 ls = tl.load(part_ml_ptr + base * 2 + 1, mask=hmask & live, other=0.0)
-                a = tl.load(part_o_ptr + base[:, None] * D + d[None, :], mask=mask2 & live,
-                            other=0.0)
+                # a split that saw no row (m = -1e30: an empty one wrote no output) adds 0
+                a = tl.load(part_o_ptr + base[:, None] * D + d[None, :],
+                            mask=mask2 & live & (ms > -1.0e30)[:, None], other=0.0)
                 m_new = tl.maximum(m, ms)
                 alpha = tl.exp2(m - m_new)
                 beta = tl.exp2(ms - m_new)

@@ -231,7 +231,8 @@ if HAS_GLUON:
         l_o = gl.convert_layout(l_i, HEADS_PV)
         if SPLIT:
             base = (sid * T + t) * H + ho
-            gl.store(part_o_ptr + base[:, None] * D + do[None, :], acc, mask=hmask)
+            # an empty split leaves its output unwritten (`_combine_kernel`)
+            gl.store(part_o_ptr + base[:, None] * D + do[None, :], acc, mask=hmask & (hi > lo))
             gl.store(part_ml_ptr + base * 2, gl.convert_layout(m_i, HEADS_PV), mask=ho < H)
             gl.store(part_ml_ptr + base * 2 + 1, l_o, mask=ho < H)
         else:

@@ -94,13 +94,20 @@ def test_sparse_attention_matches_reference(H, ratio, topk, chunks, fp8):
 
 @pytest.mark.parametrize("kernel", ["gluon", "triton"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16_rows", "fp8_rows"])
-@pytest.mark.parametrize("ratio,splits", [(4, 0), (4, 3), (128, 0), (128, 5)])
-def test_sparse_attention_stops_at_cmp_len(ratio, splits, fp8, kernel):
+@pytest.mark.parametrize("ratio,splits", [(4, 0), (4, 3), (128, 0), (128, 5), (128, 16)])
+def test_sparse_attention_stops_at_cmp_len(ratio, splits, fp8, kernel, monkeypatch):
     """With cmp_len (the valid prefix of each compressed row list, as the model passes it)
     the kernels skip the tiles past it: rows planted there change nothing, bit for bit, while
-    the same lists without cmp_len would attend to them."""
+    the same lists without cmp_len would attend to them. Fresh buffers hold NaN: the splits
+    past a token's rows write no partial output, and the merge must not read one."""
     from dsv4.kernels.kv_fp8 import pack_kv_fp8
     from dsv4.kernels.sparse_attention import AttnConfig, sparse_attention_triton
+    empty = torch.empty
+
+    def nan_empty(*args, **kw):
+        out = empty(*args, **kw)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+    monkeypatch.setattr(torch, "empty", nan_empty)
     batch = make_batch(DECODE_EDGES + [(300, 9)])
     H, topk = 64, 512
     q, sink, wc, wn, wi, cc, ci = attention_inputs(batch, H, ratio, topk, torch.bfloat16, seed=3)
