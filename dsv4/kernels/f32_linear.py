@@ -62,7 +62,9 @@ def linear_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         _MM_DTYPE_OK[x.device] = False
         return linear_f32_ref(x, w)
     y = y.view(p, t, -1)
-    return y[0] if p == 1 else (y[0] + y[1]) + y[2]
+    # one reduction over the parts (two adds read and wrote [T, N] fp32 twice: 48 us a step
+    # at batch 64 for the 129280-wide head, H200 profile)
+    return y[0] if p == 1 else y.sum(0)
 
 
 def linear_f32_pair(x: torch.Tensor, w1: torch.Tensor,
