@@ -76,9 +76,11 @@ def check_candidates() -> None:
     tok_seq, pos = torch.tensor([0, 1, 2, 2, 1, 0]), torch.tensor([0, 3, 4, 130, 700, 1000])
     want, want_avail = torch.full((T, N), 7777), torch.zeros(T, dtype=torch.long)
     c.candidates_ref_(want, want_avail, bt, tok_seq, pos, m, rpb)
-    for table in (bt, bt.t().contiguous().t()):  # row-major, and block-major as graphs hold it
+    # row-major and block-major tables (as graphs hold them); a program a block of columns, and
+    # 2 programs each taking every other block
+    for table, programs in ((bt, None), (bt.t().contiguous().t(), None), (bt, 2)):
         rows, avail = torch.full((T, N), 7777), torch.zeros(T, dtype=torch.long)
-        c._candidates_cuda(rows, avail, table, tok_seq, pos, m, rpb, block=64)
+        c._candidates_cuda(rows, avail, table, tok_seq, pos, m, rpb, block=64, programs=programs)
         assert torch.equal(avail, want_avail)
         for t in range(T):
             end = min(N, -(-int(avail[t]) // c.PAD_COLS) * c.PAD_COLS)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import HAS_TRITON, use_triton
+from . import HAS_TRITON, num_sms, use_triton
 
 PAD_COLS = 128  # -1 is written up to this multiple past the visible entries (consumer tiles)
 
@@ -36,10 +36,16 @@ def candidates_(rows, avail, block_tables, tok_seq, positions, m: int, rpb: int)
     candidates_ref_(rows, avail, block_tables, tok_seq, positions, m, rpb)
 
 
-def _candidates_cuda(rows, avail, block_tables, tok_seq, positions, m, rpb, block: int = 1024):
-    """block_tables may be strided (CUDA graphs keep it block-major, `StaticBatch`)."""
+def _candidates_cuda(rows, avail, block_tables, tok_seq, positions, m, rpb, block: int = 1024,
+                     programs: int | None = None):
+    """block_tables may be strided (CUDA graphs keep it block-major, `StaticBatch`). A program
+    takes every G-th block of columns of its token, G such that a launch is about 4 CTAs an SM
+    (a program a block made a 1M-wide graph's batch of 64 launch 16384 CTAs, nearly all past
+    their token's prefix); `programs` sets G (tests)."""
     T, N = rows.shape
-    _candidates_kernel[(T, triton.cdiv(N, block))](
+    n_blocks = triton.cdiv(N, block)
+    g = min(n_blocks, programs or max(1, 4 * num_sms(rows.device) // T))
+    _candidates_kernel[(T, g)](
         rows, avail, block_tables, tok_seq, positions, N, block_tables.shape[1], m, rpb,
         rows.stride(0), block_tables.stride(0), block_tables.stride(1), PAD=PAD_COLS,
         BLOCK=block, num_warps=4)
@@ -58,12 +64,11 @@ if HAS_TRITON:
         if tl.program_id(1) == 0:
             tl.store(avail_ptr + t, a.to(avail_ptr.dtype.element_ty))
         end = tl.minimum(N, (a + PAD - 1) // PAD * PAD)
-        i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        if tl.program_id(1) * BLOCK >= end:
-            return
-        vis = i < a
-        blk = tl.minimum(i // rpb, max_blocks - 1)
         seq = tl.load(tok_seq_ptr + t)
-        b = tl.load(bt_ptr + seq * stride_bs + blk * stride_bb, mask=vis, other=0)
-        r = tl.where(vis, b * rpb + i % rpb, -1)
-        tl.store(rows_ptr + t * stride_r + i, r.to(rows_ptr.dtype.element_ty), mask=i < end)
+        for c in range(tl.program_id(1), tl.cdiv(end, BLOCK), tl.num_programs(1)):
+            i = c * BLOCK + tl.arange(0, BLOCK)
+            vis = i < a
+            blk = tl.minimum(i // rpb, max_blocks - 1)
+            b = tl.load(bt_ptr + seq * stride_bs + blk * stride_bb, mask=vis, other=0)
+            r = tl.where(vis, b * rpb + i % rpb, -1)
+            tl.store(rows_ptr + t * stride_r + i, r.to(rows_ptr.dtype.element_ty), mask=i < end)

@@ -231,7 +231,7 @@ def test_candidates_kernel_writes_the_visible_prefix_as_torch(m, block_major):
     next multiple of 128 past avail equal the torch composition; later columns are left as
     they were (no consumer reads past avail). Block tables row-major or block-major (a
     transposed view, as StaticBatch holds them)."""
-    from dsv4.kernels.candidates import PAD_COLS, candidates_, candidates_ref_
+    from dsv4.kernels.candidates import PAD_COLS, _candidates_cuda, candidates_, candidates_ref_
     gen = torch.Generator(device=DEV).manual_seed(m)
     rpb, nb = BLOCK_TOKENS // m, 40
     bt = torch.randint(0, 1000, (7, nb), generator=gen, device=DEV)
@@ -246,9 +246,13 @@ def test_candidates_kernel_writes_the_visible_prefix_as_torch(m, block_major):
     candidates_(rows, avail, bt, tok_seq, pos, m, rpb)
     candidates_ref_(want, want_avail, bt, tok_seq, pos, m, rpb)
     assert torch.equal(avail, want_avail)
+    # and with one program a token looping over the column blocks (256 columns each)
+    looped = torch.full_like(rows, 12345)
+    _candidates_cuda(looped, avail.clone(), bt, tok_seq, pos, m, rpb, block=256, programs=1)
     for t in range(33):
         end = min(N, -(-int(avail[t]) // PAD_COLS) * PAD_COLS)
-        assert torch.equal(rows[t, :end], want[t, :end]), f"token {t}"
+        for got in (rows, looped):
+            assert torch.equal(got[t, :end], want[t, :end]), f"token {t}"
         assert (rows[t, end:] == 12345).all(), f"token {t}: wrote past its prefix"
 
 
