@@ -68,6 +68,17 @@ def check_topk() -> None:
                 "top-k picks are not first"
 
 
+    # the select stops early (the chosen digit holds exactly the entries still needed) with
+    # keys equal to the threshold prefix: three 4.0 and two 2.0 above 1.0s, k = 5 (4.0 and 2.0
+    # share their top 8 key bits, and 2.0's key is exactly that prefix)
+    s = torch.ones(2, 40)
+    s[:, [3, 9, 30]], s[:, [5, 17]] = 4.0, 2.0
+    cand = torch.arange(80).view(2, 40)
+    want = select_topk_ref(s, cand, 5).sort(1).values
+    for got in (_topk_cuda(s, cand, 5), _topk_split_cuda(s, cand, 5, chunk=16)):
+        assert torch.equal(got.sort(1).values, want), "early-stopped select lost a pick"
+
+
 def check_candidates() -> None:
     from dsv4.kernels import candidates as c
     T, nb, m, rpb = 6, 6, 4, 32

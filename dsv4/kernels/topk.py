@@ -139,10 +139,7 @@ if HAS_TRITON:
         # no more than K columns: every visible entry is taken, and the passes read nothing
         # (visible stays 0, so the threshold below is 0)
         n_sel = tl.where(N > K, N, 0)
-        # `done`: the chosen digit's entries are exactly the ones still needed, so every key at
-        # or above the bits fixed so far is taken and the later passes read nothing (with
-        # continuous scores this usually happens after the third pass)
-        done = tl.zeros([], tl.int32)
+        done = tl.zeros([], tl.int32)  # (`_select_digit`): later passes read nothing
         for p in tl.static_range(4):
             shift = 24 - 8 * p
             hist = tl.zeros([256], tl.int32)
@@ -154,21 +151,8 @@ if HAS_TRITON:
                 else:
                     m = vis & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
                 hist += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=m)
-            # counts of the matching entries in this digit or above; the K-th largest has the
-            # highest digit whose count from the top reaches `need`
-            above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
-            digit = tl.max(tl.where(above >= need, bins, 0), 0)
-            left = need - tl.sum(tl.where(bins > digit, hist, 0), 0)
-            in_digit = tl.sum(tl.where(bins == digit, hist, 0), 0)
-            prefix = tl.where(done > 0, prefix, prefix + (digit.to(tl.int64) << shift))
-            need = tl.where(done > 0, need, left)
-            done = tl.where((done > 0) | ((in_digit == left) & (n_sel > 0)), 1, 0)
-        # taken as "every key >= prefix": the entries above it and all of the last digit's
-        prefix = tl.where(done > 0, prefix - 1, prefix)
-        need = tl.where(done > 0, 0, need)
-        # with no more than K visible, take them all (every visible key is above 0)
-        prefix = tl.where(visible <= K, 0, prefix)
-        need = tl.where(visible <= K, 0, need)
+            prefix, need, done = _select_digit(hist, bins, prefix, need, done, shift)
+        prefix, need = _final_threshold(prefix, need, done, visible, K)
         n_above = tl.minimum(visible, K) - need
         # write the entries above the threshold key, then the first `need` equal to it
         base_gt = tl.zeros([], tl.int32)
@@ -193,19 +177,41 @@ if HAS_TRITON:
                      mask=(n >= taken) & (n < K))
 
     @triton.jit
+    def _select_digit(hist, bins, prefix, need, done, shift):
+        """One radix pass from its histogram of the entries matching the digits fixed so far:
+        the K-th largest has the highest digit whose count from the top reaches `need`; that
+        digit joins prefix and `need` drops by the entries above it. `done` once the digit's
+        entries are exactly those still needed: every key at or above prefix is taken, and the
+        later passes change nothing (with continuous scores, usually after the third)."""
+        above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+        digit = tl.max(tl.where(above >= need, bins, 0), 0)
+        left = need - tl.sum(tl.where(bins > digit, hist, 0), 0)
+        in_digit = tl.sum(tl.where(bins == digit, hist, 0), 0)
+        prefix = tl.where(done > 0, prefix, prefix + (digit.to(tl.int64) << shift))
+        need = tl.where(done > 0, need, left)
+        return prefix, need, tl.where((done > 0) | (in_digit == left), 1, 0)
+
+    @triton.jit
+    def _final_threshold(prefix, need, done, visible, K):
+        """The write pass's (prefix, need): take the keys above prefix and `need` equal to it.
+        After `done`, every key at or above prefix (prefix - 1, none equal); with no more than
+        K visible, every visible entry (visible keys are above 0)."""
+        prefix = tl.where(done > 0, prefix - 1, prefix)
+        need = tl.where(done > 0, 0, need)
+        return tl.where(visible <= K, 0, prefix), tl.where(visible <= K, 0, need)
+
+    @triton.jit
     def _threshold(work_row, K, PASSES: tl.constexpr):
-        """(prefix, need) after the first PASSES digits, from the row's histograms: the key
-        bits fixed so far and how many entries matching them are still to be taken."""
+        """(prefix, need, done) after the first PASSES digits, from the row's histograms (a
+        pass after `done` left its histogram empty)."""
         bins = tl.arange(0, 256)
         prefix = tl.zeros([], tl.int64)
         need = K
+        done = tl.zeros([], tl.int32)
         for p in tl.static_range(PASSES):
             hist = tl.load(work_row + p * 256 + bins, cache_modifier=".cg")
-            above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
-            digit = tl.max(tl.where(above >= need, bins, 0), 0)
-            need -= tl.sum(tl.where(bins > digit, hist, 0), 0)
-            prefix += digit.to(tl.int64) << (24 - 8 * p)
-        return prefix, need
+            prefix, need, done = _select_digit(hist, bins, prefix, need, done, 24 - 8 * p)
+        return prefix, need, done
 
     @triton.jit
     def _row_avail(avail_ptr, t, N, HAS_AVAIL: tl.constexpr):
@@ -230,7 +236,9 @@ if HAS_TRITON:
         shift: tl.constexpr = 24 - 8 * PASS
         prefix = tl.zeros([], tl.int64)
         if PASS > 0:
-            prefix, need = _threshold(work_row, K, PASS)
+            prefix, need, done = _threshold(work_row, K, PASS)
+            if done > 0:  # the select finished before this pass
+                return
         hist = tl.zeros([256], tl.int32)
         visible = tl.zeros([], tl.int32)
         for c in range(tl.program_id(1), tl.cdiv(n_t, CHUNK), tl.num_programs(1)):
@@ -261,9 +269,8 @@ if HAS_TRITON:
             return
         work_row = work_ptr + t * stride_w
         visible = tl.load(work_row + 4 * 256, cache_modifier=".cg")
-        prefix, need = _threshold(work_row, K, 4)
-        prefix = tl.where(visible <= K, 0, prefix)  # take every visible entry
-        need = tl.where(visible <= K, 0, need)
+        prefix, need, done = _threshold(work_row, K, 4)
+        prefix, need = _final_threshold(prefix, need, done, visible, K)
         n_above = tl.minimum(visible, K) - need
         cnt_ptr = work_row + 4 * 256 + 1
         for c in range(g, tl.cdiv(n_t, CHUNK), tl.num_programs(1)):

@@ -410,6 +410,19 @@ def test_topk_kernel_selects_exactly_the_reference_set(T, N, k, ties):
             assert torch.equal(got >= 0, torch.arange(got.shape[1], device=DEV)[None, :] < n[:, None])
 
 
+def test_topk_early_stop_keeps_keys_equal_to_the_threshold():
+    """The selects stop once the chosen digit holds exactly the entries still needed; keys
+    equal to the bits fixed so far (2.0 beside 4.0: same top 8 key bits) are still taken."""
+    from dsv4.kernels.topk import _topk_cuda, _topk_split_cuda, select_topk_ref
+    s = torch.ones(3, 9000, device=DEV)
+    s[:, [3, 900, 8000]], s[:, [5, 4100]] = 4.0, 2.0
+    cand = torch.arange(s.numel(), device=DEV).view(s.shape)
+    want = select_topk_ref(s, cand, 5).sort(1).values
+    for got in (_topk_cuda(s, cand, 5), _topk_split_cuda(s, cand, 5),
+                _topk_split_cuda(s, cand, 5, chunk=256, programs=3)):
+        assert torch.equal(got.sort(1).values, want)
+
+
 @pytest.mark.parametrize("T,k", [(12, 512), (12, 1024), (64, 1024)])
 def test_select_topk_wide_static_rows_by_visible_prefix(T, k):
     """Rows as CUDA graphs give them: wide static lists (the graphs' context / 4) whose visible
