@@ -108,11 +108,11 @@ def test_engine_picks_the_graph_length_from_the_free_memory(monkeypatch, caplog)
     from types import SimpleNamespace
 
     from dsv4.config import EngineConfig, ModelConfig
-    from dsv4.engine.cuda_graph import graph_list_bytes
+    from dsv4.engine.cuda_graph import graph_list_bytes, graph_tokens
     from dsv4.engine.llm_engine import LLMEngine
     cfg = ModelConfig.preset("flash")
     eng = SimpleNamespace(max_model_len=1 << 20, device=torch.device("cpu"))
-    need = graph_list_bytes(cfg.compress_ratios, 64, 1 << 20)
+    need = graph_list_bytes(cfg.compress_ratios, graph_tokens(64, 0), 1 << 20)
     ec = EngineConfig(max_num_seqs=64)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * need, 4 * need))
     assert LLMEngine._graph_len(eng, cfg, ec) == 1 << 20
@@ -121,6 +121,11 @@ def test_engine_picks_the_graph_length_from_the_free_memory(monkeypatch, caplog)
         assert LLMEngine._graph_len(eng, cfg, ec) == 1 << 19
     assert "cuda_graph_max_len" in caplog.text and "decode eagerly" in caplog.text
     assert LLMEngine._graph_len(eng, cfg, EngineConfig(cuda_graph_max_len=4096)) == 4096
+    # every batch size's graph holds its lists: 1+2+4+...+64 sequences; MTP K=1 drafts add
+    # 2 tokens a sequence beside the 2 each sequence feeds the main graph
+    assert graph_tokens(64, 0) == 1 + 2 + 4 + 8 + 16 + 24 + 32 + 48 + 64
+    assert graph_tokens(64, 1) == 4 * graph_tokens(64, 0)
+    assert graph_tokens(3, 2) == (1 + 2 + 3) * (3 + 4)
     assert LLMEngine._graph_len(eng, cfg, EngineConfig(cuda_graph_max_len=1 << 30)) == 1 << 20
 
 

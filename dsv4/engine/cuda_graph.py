@@ -20,11 +20,25 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 MIN_AUTO_LEN = 16384  # the automatic graph length (`fit_graph_len`) stops halving here
 
 
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """The batch sizes that get a graph (a step pads up to the next)."""
+    return sorted({b for b in BATCH_SIZES if b < max_num_seqs} | {max_num_seqs})
+
+
+def graph_tokens(max_num_seqs: int, speculative_tokens: int) -> int:
+    """Tokens whose context-wide lists the captured graphs hold: every batch size's graph
+    keeps its own (allocated during its capture, they stay with it), each of its sequences
+    feeding 1 + K tokens, and with MTP drafts (K > 0) the drafting graphs' K + 1 catch-up and
+    K - 1 chained tokens."""
+    k = speculative_tokens
+    per_seq = 1 + k + (2 * k if k else 0)
+    return sum(capture_sizes(max_num_seqs)) * per_seq
+
+
 def graph_list_bytes(ratios, tokens: int, max_len: int) -> int:
-    """Device bytes a graph step of `tokens` tokens allocates for its context-wide lists at
-    graph length `max_len`: per compressed ratio m a row list (int64, max_len / m wide), and
-    for the indexer's ratio 4 its fp32 scores. The largest graph's lists dominate the graphs'
-    shared memory pool."""
+    """Device bytes the graphs' `tokens` tokens (`graph_tokens`) hold for their context-wide
+    lists at graph length `max_len`: per compressed ratio m a row list (int64, max_len / m
+    wide), and for the indexer's ratio 4 its fp32 scores."""
     per_token = sum(8 * -(-max_len // m) for m in set(ratios) if m)
     if 4 in ratios:
         per_token += 4 * -(-max_len // 4)
@@ -49,7 +63,7 @@ class CUDAGraphRunner:
         self.model, self.cache, self.tokens_per_seq = model, cache, tokens_per_seq
         self.max_len = max_model_len
         cfg = model.cfg
-        self.sizes = sorted({b for b in BATCH_SIZES if b < max_num_seqs} | {max_num_seqs})
+        self.sizes = capture_sizes(max_num_seqs)
         ratios = {m for m in cfg.compress_ratios if m}
         self._static = dict(ratios=ratios, state_rows={m: cache.state_rows(m) for m in ratios},
                             window=cfg.sliding_window, window_rows=cache.window_rows,

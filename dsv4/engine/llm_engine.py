@@ -263,10 +263,10 @@ class LLMEngine:
         """The context length the decode graphs serve: cuda_graph_max_len if set, else all of
         max_model_len as long as the graphs' context-wide lists take at most half the memory
         left after the cache (halving it until they do; longer contexts then decode eagerly)."""
-        from .cuda_graph import fit_graph_len, graph_list_bytes
+        from .cuda_graph import fit_graph_len, graph_list_bytes, graph_tokens
         if ec.cuda_graph_max_len is not None:
             return min(self.max_model_len, ec.cuda_graph_max_len)
-        tokens = ec.max_num_seqs * (1 + ec.speculative_tokens)
+        tokens = graph_tokens(ec.max_num_seqs, ec.speculative_tokens)
         free = torch.cuda.mem_get_info(self.device)[0]
         n = fit_graph_len(cfg.compress_ratios, tokens, self.max_model_len, free // 2)
         if n < self.max_model_len:
