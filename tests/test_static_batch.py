@@ -88,17 +88,18 @@ def test_graph_length_fits_the_lists_into_the_memory_left():
     budget: then the length halves, not below 16384 (or max_model_len if smaller)."""
     from dsv4.engine.cuda_graph import MIN_AUTO_LEN, fit_graph_len, graph_list_bytes
     ratios = [0, 0, 4, 128, 4, 0]
-    assert graph_list_bytes(ratios, 2, 1024) == 2 * (8 * 256 + 8 * 8 + 4 * 256)
-    assert graph_list_bytes([0, 0], 64, 1 << 20) == 0  # no compressed layers, no lists
-    one_m = 1 << 20
-    per_64 = graph_list_bytes(ratios, 64, one_m)
-    assert fit_graph_len(ratios, 64, one_m, per_64) == one_m
-    assert fit_graph_len(ratios, 64, one_m, per_64 - 1) == one_m // 2
-    assert fit_graph_len(ratios, 64, one_m, per_64 // 5) == one_m // 8
-    assert fit_graph_len(ratios, 64, one_m, 0) == MIN_AUTO_LEN
-    assert fit_graph_len(ratios, 64, 3000, 0) == 3000
-    n = fit_graph_len(ratios, 1024, 1_000_000, 3 << 30)
-    assert graph_list_bytes(ratios, 1024, n) <= 3 << 30 < graph_list_bytes(ratios, 1024, 2 * n)
+    assert graph_list_bytes(ratios, (2, 3), 1024) == 2 * (8 * 256 + 8 * 8) + 3 * 4 * 256
+    assert graph_list_bytes([0, 0], (64, 64), 1 << 20) == 0  # no compressed layers, no lists
+    one_m, t64 = 1 << 20, (64, 64)
+    per_64 = graph_list_bytes(ratios, t64, one_m)
+    assert fit_graph_len(ratios, t64, one_m, per_64) == one_m
+    assert fit_graph_len(ratios, t64, one_m, per_64 - 1) == one_m // 2
+    assert fit_graph_len(ratios, t64, one_m, per_64 // 5) == one_m // 8
+    assert fit_graph_len(ratios, t64, one_m, 0) == MIN_AUTO_LEN
+    assert fit_graph_len(ratios, t64, 3000, 0) == 3000
+    t = (1024, 1024)
+    n = fit_graph_len(ratios, t, 1_000_000, 3 << 30)
+    assert graph_list_bytes(ratios, t, n) <= 3 << 30 < graph_list_bytes(ratios, t, 2 * n)
 
 
 def test_engine_picks_the_graph_length_from_the_free_memory(monkeypatch, caplog):
@@ -121,11 +122,11 @@ def test_engine_picks_the_graph_length_from_the_free_memory(monkeypatch, caplog)
         assert LLMEngine._graph_len(eng, cfg, ec) == 1 << 19
     assert "cuda_graph_max_len" in caplog.text and "decode eagerly" in caplog.text
     assert LLMEngine._graph_len(eng, cfg, EngineConfig(cuda_graph_max_len=4096)) == 4096
-    # every batch size's graph holds its lists: 1+2+4+...+64 sequences; MTP K=1 drafts add
-    # 2 tokens a sequence beside the 2 each sequence feeds the main graph
-    assert graph_tokens(64, 0) == 1 + 2 + 4 + 8 + 16 + 24 + 32 + 48 + 64
-    assert graph_tokens(64, 1) == 4 * graph_tokens(64, 0)
-    assert graph_tokens(3, 2) == (1 + 2 + 3) * (3 + 4)
+    # one set of lists for every graph, as long as the largest batch (1 + K tokens a
+    # sequence; K > 1 drafts chain one-token steps with lists of their own)
+    assert graph_tokens(64, 0) == (64, 64)
+    assert graph_tokens(64, 1) == (128, 128)
+    assert graph_tokens(3, 2) == (12, 9)
     assert LLMEngine._graph_len(eng, cfg, EngineConfig(cuda_graph_max_len=1 << 30)) == 1 << 20
 
 
@@ -146,3 +147,27 @@ def test_block_tables_upload_resets_what_earlier_steps_wrote():
             want[s, :len(t)] = torch.tensor(t)
         assert torch.equal(sb.block_tables, want)
         assert sb.block_tables.shape == (3, sb.max_blocks)
+
+
+def test_static_batches_share_their_lists():
+    """StaticBatches given one `lists` dict (the CUDA graphs) build their compressed-row lists
+    in shared buffers (views of one allocation per ratio and width) with the same contents as
+    their own; a buffer outgrown by a larger batch stays referenced."""
+    kw = dict(ratios={4, 128}, state_rows={4: 8, 128: 128}, window=128, window_rows=128,
+              num_slots=6, max_model_len=2048, pad_slot=5, pad_block=99, device="cpu")
+    shared = {}
+    small = StaticBatch(num_seqs=2, tokens_per_seq=1, lists=shared, **kw)
+    big = StaticBatch(num_seqs=5, tokens_per_seq=1, lists=shared, **kw)
+    for sb, n in ((small, 2), (big, 5), (small, 2)):
+        own = StaticBatch(num_seqs=sb.num_seqs, tokens_per_seq=1, **kw)
+        chunks = [SeqChunk([0], 100 * s + 37 * n, s, list(range(5 * s, 5 * s + 5)))
+                  for s in range(n)]
+        for b in (sb, own):
+            b.load(ForwardBatch(chunks, 128, 128, 6))
+            b.prepare()
+        for m in (4, 128):
+            for got, want in zip(sb.candidates(m), own.candidates(m)):
+                assert torch.equal(got, want)
+    rows = big.candidates(4)[0]
+    assert rows.data_ptr() == shared[(4, 512)][0].data_ptr() == small.candidates(4)[0].data_ptr()
+    assert len(shared["outgrown"]) == 2  # the small batch's first buffers (ratios 4 and 128)

@@ -25,27 +25,28 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return sorted({b for b in BATCH_SIZES if b < max_num_seqs} | {max_num_seqs})
 
 
-def graph_tokens(max_num_seqs: int, speculative_tokens: int) -> int:
-    """Tokens whose context-wide lists the captured graphs hold: every batch size's graph
-    keeps its own (allocated during its capture, they stay with it), each of its sequences
-    feeding 1 + K tokens, and with MTP drafts (K > 0) the drafting graphs' K + 1 catch-up and
-    K - 1 chained tokens."""
+def graph_tokens(max_num_seqs: int, speculative_tokens: int) -> tuple[int, int]:
+    """(list tokens, score tokens): the tokens whose context-wide buffers the graphs hold. The
+    row lists are shared by all graphs (`StaticBatch(lists=)`), as long as the largest batch
+    (1 + K tokens a sequence), plus the MTP drafting graphs' chained steps' (one token a
+    sequence, a little wider, with K > 1). The indexer's fp32 scores live only within a step,
+    so the graphs' shared pool holds the largest batch's."""
     k = speculative_tokens
-    per_seq = 1 + k + (2 * k if k else 0)
-    return sum(capture_sizes(max_num_seqs)) * per_seq
+    largest = max_num_seqs * (1 + k)
+    return largest + (max_num_seqs if k > 1 else 0), largest
 
 
-def graph_list_bytes(ratios, tokens: int, max_len: int) -> int:
-    """Device bytes the graphs' `tokens` tokens (`graph_tokens`) hold for their context-wide
-    lists at graph length `max_len`: per compressed ratio m a row list (int64, max_len / m
-    wide), and for the indexer's ratio 4 its fp32 scores."""
-    per_token = sum(8 * -(-max_len // m) for m in set(ratios) if m)
-    if 4 in ratios:
-        per_token += 4 * -(-max_len // 4)
-    return tokens * per_token
+def graph_list_bytes(ratios, tokens: tuple[int, int], max_len: int) -> int:
+    """Device bytes the graphs hold for their context-wide buffers at graph length max_len,
+    `tokens` = (list tokens, score tokens) from `graph_tokens`: per compressed ratio m a row
+    list (int64, max_len / m wide), and for the indexer's ratio 4 its fp32 scores."""
+    list_tokens, score_tokens = tokens
+    per_list = sum(8 * -(-max_len // m) for m in set(ratios) if m)
+    per_score = 4 * -(-max_len // 4) if 4 in ratios else 0
+    return list_tokens * per_list + score_tokens * per_score
 
 
-def fit_graph_len(ratios, tokens: int, max_len: int, budget: int) -> int:
+def fit_graph_len(ratios, tokens: tuple[int, int], max_len: int, budget: int) -> int:
     """The longest graph length up to max_len, halving from it, whose lists fit `budget`
     bytes (not below MIN_AUTO_LEN, or max_len if that is smaller)."""
     floor = min(max_len, MIN_AUTO_LEN)
@@ -68,7 +69,8 @@ class CUDAGraphRunner:
         self._static = dict(ratios=ratios, state_rows={m: cache.state_rows(m) for m in ratios},
                             window=cfg.sliding_window, window_rows=cache.window_rows,
                             num_slots=cache.num_slots, max_model_len=max_model_len,
-                            pad_slot=pad_slot, pad_block=pad_block, device=cache.device)
+                            pad_slot=pad_slot, pad_block=pad_block, device=cache.device,
+                            lists={})  # one set of context-wide lists for every graph
         self.pad_slot, self.pad_block = pad_slot, pad_block
         self.graphs: dict[int, tuple] = {}
         self.pool = None

@@ -277,7 +277,7 @@ class StaticBatch:
 
     def __init__(self, num_seqs: int, tokens_per_seq: int, ratios, state_rows: dict,
                  window: int, window_rows: int, num_slots: int, max_model_len: int,
-                 pad_slot: int, pad_block: int, device):
+                 pad_slot: int, pad_block: int, device, lists: dict | None = None):
         d = torch.device(device)
         self.device, self.window, self.window_rows, self.num_slots = d, window, window_rows, num_slots
         self.num_seqs, self.tokens_per_seq = num_seqs, tokens_per_seq
@@ -333,6 +333,7 @@ class StaticBatch:
         # the compressed rows each token may see: list widths per ratio; `prepare` builds them
         self._cand_width = {m: max(1, -(-max_model_len // m)) for m in sorted(ratios)}
         self._cand: dict = {}
+        self._lists = lists
 
     def fits(self, chunks: list[SeqChunk]) -> bool:
         return (len(chunks) <= self.num_seqs
@@ -351,17 +352,30 @@ class StaticBatch:
     def prepare(self) -> None:
         """Derive the compressed-row lists from the loaded positions and block tables, on the
         device; called before every forward over this batch (and so captured in its graph).
-        On the GPU only each token's visible prefix is written (`kernels/candidates.py`). The
-        lists are allocated here, so under capture they come from the graphs' shared memory
-        pool (as wide as the graphs' context length, they would be large held per batch
-        size, and the MTP drafts' batches add more)."""
+        On the GPU only each token's visible prefix is written (`kernels/candidates.py`)."""
         T = self.num_tokens
         for m, n in self._cand_width.items():
-            rows = torch.empty(T, n, dtype=torch.long, device=self.device)
-            avail = torch.empty(T, dtype=torch.long, device=self.device)
+            rows, avail = self._list_buffers(m, n, T)
             candidates_(rows, avail, self.block_tables, self.tok_seq, self.positions, m,
                         BLOCK_TOKENS // m)
             self._cand[m] = (rows, avail)
+
+    def _list_buffers(self, m: int, n: int, T: int):
+        """Lists [T, n] and counts [T] for ratio m: fresh, or views of buffers that every
+        StaticBatch given the same `lists` dict shares (the CUDA graphs: they replay one at a
+        time and each rebuilds the prefix its consumers read, so one set as wide as the
+        graphs' context serves all batch sizes instead of one set each). Capture the largest
+        batch first; a buffer outgrown later stays referenced, as earlier graphs use it."""
+        if self._lists is None:
+            return (torch.empty(T, n, dtype=torch.long, device=self.device),
+                    torch.empty(T, dtype=torch.long, device=self.device))
+        buf = self._lists.get((m, n))
+        if buf is None or buf[0].shape[0] < T:
+            if buf is not None:
+                self._lists.setdefault("outgrown", []).append(buf)
+            buf = self._lists[(m, n)] = (torch.empty(T, n, dtype=torch.long, device=self.device),
+                                         torch.empty(T, dtype=torch.long, device=self.device))
+        return buf[0][:T], buf[1][:T]
 
     def _put(self, name, src: np.ndarray) -> None:
         arena, i, fill = self._fields[name]
