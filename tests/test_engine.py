@@ -231,6 +231,21 @@ def test_stop_token_id_ends_generation_on_that_token(engine):
     assert out.token_ids == ids[:k + 1]
 
 
+def test_logit_bias_forces_and_bans_tokens(engine):
+    """+100 on a token makes greedy decoding emit it at every step; -100 on the unbiased
+    first token makes greedy pick another one (the request's bias only: a second request in
+    the same batch decodes as alone)."""
+    p = prompts([10], seed=3)[0]
+    plain = tokens(run(engine, [(p, SamplingParams(temperature=0.0, max_tokens=6))]))[0]
+    outs = run(engine, [(p, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True,
+                                           logit_bias={"40": 100})),
+                        (p, SamplingParams(temperature=0.0, max_tokens=6,
+                                           logit_bias={plain[0]: -100})),
+                        (p, SamplingParams(temperature=0.0, max_tokens=6))])
+    forced, banned, same = tokens(outs)
+    assert forced == [40] * 6 and banned[0] != plain[0] and same == plain
+
+
 def test_max_tokens_ends_generation_with_reason_length(engine):
     out = run(engine, [(prompts([9])[0], SamplingParams(max_tokens=5, ignore_eos=True))])[0]
     c = out.outputs[0]
@@ -243,6 +258,7 @@ def test_max_tokens_ends_generation_with_reason_length(engine):
     (lambda: ([5, 6, CFG.vocab_size], GREEDY), "out of the vocabulary"),
     (lambda: ([], GREEDY), "empty"),
     (lambda: ("0", GREEDY), "duplicate request id"),
+    (lambda: ([5, 6], SamplingParams(logit_bias={CFG.vocab_size: 1.0})), "logit_bias"),
 ])
 def test_bad_requests_raise_clear_errors_and_other_requests_keep_running(engine, alone, bad,
                                                                          message):

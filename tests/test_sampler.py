@@ -61,6 +61,38 @@ def test_validation_errors(field, value):
         SamplingParams(**{field: value})
 
 
+@pytest.mark.parametrize("bias", [{5: 101.0}, {5: -100.5}, {-1: 1.0}, {"x": 1.0}, {5: "high"}])
+def test_logit_bias_validation(bias):
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias=bias)
+
+
+def test_logit_bias_normalised_from_openai_json():
+    assert SamplingParams(logit_bias={"50": -100, "7": 2.5}).logit_bias == {50: -100.0, 7: 2.5}
+    assert SamplingParams(logit_bias={}).logit_bias is None
+
+
+def test_logit_bias_moves_greedy_and_sampled_tokens(device):
+    """+100 forces a token whatever the sampling, -100 bans the argmax; added after the
+    penalties; the raw logprobs stay those of the unbiased logits (as vLLM reports them)."""
+    torch.manual_seed(1)
+    logits = torch.randn(4, 500, device=device)
+    top = logits.argmax(-1)
+    params = [SamplingParams(temperature=0.0, logit_bias={17: 100.0}),
+              SamplingParams(temperature=0.0, logit_bias={int(top[1]): -100.0}),
+              SamplingParams(temperature=1.0, logit_bias={33: 100.0}, seed=3),
+              SamplingParams(temperature=0.0, presence_penalty=2.0, logit_bias={9: 1.0})]
+    outputs = [[], [], [], [9]]
+    out = run(Sampler(), logits, params, outputs=outputs, gens=[None, None,
+                                                                 make_generator(3, device), None])
+    x = logits[3].clone()
+    x[9] += -2.0 + 1.0
+    assert out.token_ids.tolist()[:3] == [17, int(logits[1].topk(2).indices[1]), 33]
+    assert int(out.token_ids[3]) == int(x.argmax())
+    raw = torch.log_softmax(logits.float(), -1)
+    assert torch.allclose(out.logprobs[0], raw[0, 17])
+
+
 def test_min_tokens_above_max_tokens():
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(max_tokens=4, min_tokens=5)

@@ -153,6 +153,18 @@ def test_completion_equals_the_engine_alone_with_its_usage(server: Server, refer
         (len(prompt_ids), len(ref.outputs[0].token_ids), len(prompt_ids) + len(ref.outputs[0].token_ids))
 
 
+def test_completion_logit_bias_equals_the_engine_alone(server: Server, reference: LLMEngine) -> None:
+    """OpenAI's logit_bias (token id strings -> biases) reaches the sampler: +100 on one token
+    makes greedy decoding repeat it."""
+    bias = {"300": 100, "301": -100}
+    r = server.client().completions.create(model=MODEL, prompt="The weather in Beijing",
+                                           max_tokens=4, temperature=0, logit_bias=bias)
+    prompt_ids = reference.tokenizer.encode("The weather in Beijing", add_special_tokens=True)
+    ref = run_alone(reference, prompt_ids, max_tokens=4, logit_bias=bias)
+    assert ref.outputs[0].token_ids == [300] * 4
+    assert r.choices[0].text == ref.outputs[0].text
+
+
 def test_chat_completion_equals_the_engine_alone_with_its_usage(server: Server, reference: LLMEngine) -> None:
     messages = [{"role": "system", "content": "You are a helpful assistant."}, *user("Hello!")]
     r = server.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=10,
@@ -331,6 +343,9 @@ def _error_cases(max_model_len: int) -> list[tuple[str, Any, str | None, int, st
         ("messages not a list", {"model": MODEL, "messages": "hi"}, API_KEY, 400, "messages"),
         ("bad role", {**GOOD_CHAT, "messages": [{"role": "robot", "content": "x"}]}, API_KEY, 400, "role"),
         ("bad top_p", {**GOOD_CHAT, "top_p": 1.5}, API_KEY, 400, "top_p"),
+        ("bad logit_bias", {**GOOD_CHAT, "logit_bias": {"5": 500}}, API_KEY, 400, "logit_bias"),
+        ("logit_bias past the vocabulary", {**GOOD_CHAT, "logit_bias": {"99999999": 1}}, API_KEY,
+         400, "logit_bias"),
         ("unknown model", {**GOOD_CHAT, "model": "gpt-5"}, API_KEY, 404, "gpt-5"),
         ("over the context", {**GOOD_CHAT, "max_tokens": max_model_len}, API_KEY, 400,
          str(max_model_len)),

@@ -43,7 +43,9 @@ class SamplingParams:
     """Per-request sampling parameters; names, defaults and validation follow vLLM.
 
     ``top_k`` 0 or -1 disables top-k; ``max_tokens=None`` means up to the context limit;
-    ``stop`` is normalised to a list of strings, ``stop_token_ids`` to a list of ints.
+    ``stop`` is normalised to a list of strings, ``stop_token_ids`` to a list of ints;
+    ``logit_bias`` (OpenAI's: token id -> a bias in [-100, 100] added to its logit before
+    sampling, after the penalties) to a dict of ints to floats.
     """
 
     n: int = 1
@@ -63,6 +65,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         def bad(field: str, cond: str) -> ValueError:
@@ -105,6 +108,21 @@ class SamplingParams:
         if not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "a non-empty string or a list of non-empty strings")
         self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        if self.logit_bias:
+            bias = {}
+            for tok, b in self.logit_bias.items():
+                try:
+                    t, v = int(tok), float(b)
+                except (TypeError, ValueError):
+                    raise ValueError(f"logit_bias must map token ids to numbers, got {tok!r}: "
+                                     f"{b!r}") from None
+                if t < 0 or not -100.0 <= v <= 100.0:
+                    raise ValueError(f"logit_bias must map token ids >= 0 to biases in "
+                                     f"[-100, 100], got {tok!r}: {b!r}")
+                bias[t] = v
+            self.logit_bias = bias
+        else:
+            self.logit_bias = None
 
     @property
     def is_greedy(self) -> bool:
@@ -113,6 +131,11 @@ class SamplingParams:
     @property
     def top_k_active(self) -> bool:
         return self.top_k > 0
+
+    @property
+    def needs_logits_processing(self) -> bool:
+        """Whether the logits change before sampling (penalties or a bias): no plain argmax."""
+        return self.needs_penalties or bool(self.logit_bias)
 
     @property
     def needs_penalties(self) -> bool:
@@ -193,6 +216,19 @@ def apply_penalties(
     pres = upload([p.presence_penalty for p in params], dev, logits.dtype)[:, None]
     out = out - freq * counts - pres * (counts > 0).to(logits.dtype)
     return out
+
+
+def apply_logit_bias(logits: Tensor, params: Sequence[SamplingParams]) -> Tensor:
+    """Add each row's `logit_bias` to its logits (a new tensor when any row has one)."""
+    rows = [i for i, p in enumerate(params) if p.logit_bias]
+    if not rows:
+        return logits
+    r = [i for i in rows for _ in params[i].logit_bias]
+    c = [t for i in rows for t in params[i].logit_bias]
+    v = [b for i in rows for b in params[i].logit_bias.values()]
+    dev = logits.device
+    return logits.index_put((upload(r, dev), upload(c, dev)), upload(v, dev, logits.dtype),
+                            accumulate=True)
 
 
 def _top_lists(logprobs: Tensor, ns: Sequence[int | None]) -> list[list[tuple[int, float]] | None]:
@@ -327,9 +363,11 @@ class Sampler:
         return out
 
     def _processed(self, logits: Tensor, params, output_token_ids, prompt_token_ids) -> Tensor:
-        """fp32 logits after min_tokens masking and the penalties (what greedy maximises)."""
+        """fp32 logits after min_tokens masking, the penalties and the logit biases (what
+        greedy maximises)."""
         x = self._apply_min_tokens(logits.float(), params, output_token_ids)
-        return apply_penalties(x, params, output_token_ids, prompt_token_ids)
+        x = apply_penalties(x, params, output_token_ids, prompt_token_ids)
+        return apply_logit_bias(x, params)
 
     def draw(self, probs: Tensor, rows: Sequence[int], generators) -> Tensor:
         """Sample one token per row of `probs` [R, V]; row j draws from generators[rows[j]]."""
@@ -351,7 +389,7 @@ class Sampler:
                 f"prompts {len(prompt_token_ids)}, generators {len(generators)}"
             )
         rand = [i for i, p in enumerate(params) if not p.is_greedy]
-        if not rand and not any(p.logprobs or p.needs_penalties
+        if not rand and not any(p.logprobs or p.needs_logits_processing
                                 or len(out) < p.min_tokens
                                 for p, out in zip(params, output_token_ids)):
             # plain greedy: the raw argmax is the token, rank 1, one fused pass on the GPU

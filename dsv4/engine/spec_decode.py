@@ -16,11 +16,11 @@ from .upload import upload
 
 
 def greedy_plain(seq) -> bool:
-    """Greedy sampling that reads no host-side history (no penalties, logprobs or pending
+    """Greedy sampling of the raw logits (no penalties, logit bias, logprobs or pending
     min_tokens): its drafts and their verification are argmaxes, done on the device in batches
     with one copy to the host."""
     p = seq.params
-    return (p.is_greedy and p.logprobs is None and not p.needs_penalties
+    return (p.is_greedy and p.logprobs is None and not p.needs_logits_processing
             and seq.num_output_tokens >= p.min_tokens)
 
 

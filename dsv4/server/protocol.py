@@ -103,8 +103,6 @@ class _SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
 
     def _check_common(self) -> None:
-        if self.logit_bias:
-            raise bad_request("logit_bias is not supported", "logit_bias")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
 
@@ -122,7 +120,7 @@ class _SamplingRequest(BaseModel):
                 n=self.n, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
                 ignore_eos=self.ignore_eos, max_tokens=max_tokens, min_tokens=self.min_tokens,
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                skip_special_tokens=skip_special_tokens,
+                skip_special_tokens=skip_special_tokens, logit_bias=self.logit_bias,
                 **{k: v for k, v in given.items() if v is not None},
             )
         except (ValueError, TypeError) as exc:
