@@ -165,6 +165,36 @@ def test_completion_logit_bias_equals_the_engine_alone(server: Server, reference
     assert r.choices[0].text == ref.outputs[0].text
 
 
+def test_completion_echo_returns_the_prompt_and_its_logprobs(server: Server,
+                                                            reference: LLMEngine) -> None:
+    """`echo` (as lm-evaluation-harness scores prompts: echo, logprobs, max_tokens 1): the
+    prompt leads the text; its tokens' logprobs are the engine's prompt logprobs, None for the
+    first; offsets run over the whole text; streamed = not streamed; token-id prompts too."""
+    prompt = "The weather in Beijing"
+    ids = reference.tokenizer.encode(prompt, add_special_tokens=True)
+    ref = run_alone(reference, ids, max_tokens=1, logprobs=2, prompt_logprobs=2)
+    c = server.client()
+    r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, echo=True,
+                             logprobs=2)
+    choice = r.choices[0]
+    assert choice.text == prompt + ref.outputs[0].text
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) + 1 and lp.token_logprobs[0] is None
+    assert lp.top_logprobs[0] is None and len(lp.top_logprobs[1]) == 2
+    want = [ref.prompt_logprobs[j][t].logprob for j, t in enumerate(ids) if j] + \
+        [ref.outputs[0].logprobs[0][ref.outputs[0].token_ids[0]].logprob]
+    assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-5)
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    streamed = list(c.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0,
+                                         echo=True, logprobs=2, stream=True))
+    assert "".join(ch.choices[0].text for ch in streamed) == choice.text
+    assert [t for ch in streamed if ch.choices[0].logprobs
+            for t in ch.choices[0].logprobs.tokens] == lp.tokens
+    plain = c.completions.create(model=MODEL, prompt=ids, max_tokens=3, temperature=0, echo=True)
+    assert plain.choices[0].text == reference.tokenizer.decode(ids) + \
+        run_alone(reference, ids, max_tokens=3).outputs[0].text
+
+
 def test_chat_completion_equals_the_engine_alone_with_its_usage(server: Server, reference: LLMEngine) -> None:
     messages = [{"role": "system", "content": "You are a helpful assistant."}, *user("Hello!")]
     r = server.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=10,

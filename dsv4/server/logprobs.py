@@ -50,18 +50,26 @@ def chat_logprobs(token_ids: Sequence[int], entries: Sequence[dict[int, Any]], n
     return {"content": content}
 
 
-def completion_logprobs(token_ids: Sequence[int], entries: Sequence[dict[int, Any]], n: int,
-                        decode: Decode, text_offset: int = 0) -> dict[str, Any]:
-    """``choices[i].logprobs`` of a legacy completion (tokens, token_logprobs, top_logprobs)."""
+def completion_logprobs(token_ids: Sequence[int], entries: Sequence[dict[int, Any] | None],
+                        n: int, decode: Decode, text_offset: int = 0) -> dict[str, Any]:
+    """``choices[i].logprobs`` of a legacy completion (tokens, token_logprobs, top_logprobs).
+    An entry None (the first prompt token under ``echo``: nothing predicts it) gives None."""
     tokens, token_logprobs, tops, offsets = [], [], [], []
     offset = text_offset
     for token_id, entry in zip(token_ids, entries):
-        lp = entry.get(token_id)
+        lp = entry.get(token_id) if entry is not None else None
         token = _token(token_id, lp, decode) if lp is not None else decode(token_id)
         tokens.append(token)
         token_logprobs.append(_finite(lp.logprob) if lp is not None else None)
-        tops.append({_token(tid, alt, decode): _finite(alt.logprob) for tid, alt in _top(entry, n)})
+        tops.append(None if entry is None else
+                    {_token(tid, alt, decode): _finite(alt.logprob) for tid, alt in _top(entry, n)})
         offsets.append(offset)
         offset += len(token)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops,
             "text_offset": offsets}
+
+
+def echo_offset(head: dict[str, Any]) -> int:
+    """Where the completion's text offsets continue after the echoed prompt's tokens (their
+    strings' lengths summed, as vLLM counts them: a BOS token's text counts too)."""
+    return head["text_offset"][-1] + len(head["tokens"][-1]) if head["tokens"] else 0

@@ -146,8 +146,6 @@ class CompletionRequest(_SamplingRequest):
 
     def check(self) -> None:
         self._check_common()
-        if self.echo:
-            raise bad_request("echo is not supported", "echo")
         if self.suffix:
             raise bad_request("suffix is not supported", "suffix")
         if self.best_of not in (None, self.n):
@@ -166,8 +164,12 @@ class CompletionRequest(_SamplingRequest):
         return list(p)
 
     def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+        # `echo` with `logprobs` reports the prompt's tokens too: their logprobs and top-N
+        prompt_logprobs = self.prompt_logprobs
+        if self.echo and self.logprobs is not None:
+            prompt_logprobs = max(prompt_logprobs or 0, self.logprobs)
         return self._sampling_params(max_tokens, self.logprobs, self.skip_special_tokens,
-                                     self.prompt_logprobs)
+                                     prompt_logprobs)
 
 
 class ChatCompletionRequest(_SamplingRequest):

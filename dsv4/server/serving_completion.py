@@ -2,6 +2,8 @@
 
 A batch of P prompts with ``n`` choices each gives choices ``p * n + i``, as OpenAI and vLLM
 number them; each prompt is its own engine request, so they are scheduled independently.
+``echo`` puts the prompt before each choice's text (first in a stream), with its tokens'
+logprobs when ``logprobs`` is set (None for the first token, as in vLLM).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from dsv4.server.logprobs import completion_logprobs
+from dsv4.server.logprobs import completion_logprobs, echo_offset
 from dsv4.server.protocol import CompletionRequest, OpenAIError, now, random_id
 from dsv4.server.serving import (
     SSE_DONE,
@@ -36,6 +38,11 @@ def _prompt_logprobs(output: Any) -> list[dict[str, Any] | None] | None:
         for tid, lp in entry.items()} for entry in plp]
 
 
+def _joined(head: dict[str, Any], tail: dict[str, Any] | None) -> dict[str, Any]:
+    """An echoed prompt's logprobs followed by the completion's."""
+    return head if tail is None else {k: head[k] + tail[k] for k in head}
+
+
 class OpenAIServingCompletion(OpenAIServing):
     """Handler of ``/v1/completions``."""
 
@@ -50,17 +57,32 @@ class OpenAIServingCompletion(OpenAIServing):
         params = request.to_sampling_params(max_tokens)
         base = random_id("cmpl")
         request_ids = [f"{base}-{i}" for i in range(len(prompts))]
+        echo = None
+        if request.echo:  # the prompts' texts as given, or decoded from their ids
+            echo = [p if isinstance(p, str) else self._decode_ids(ids)
+                    for p, ids in zip(request.prompts(), prompts)]
         streams = await self.submit_all(request_ids, prompts, params)
         if request.stream:
-            body = self._stream(request, base, streams, params)
+            body = self._stream(request, base, streams, params, echo)
             return EngineStreamingResponse(body, self, request_ids)
         try:
-            return await cancel_on_disconnect(raw_request, self._full(request, base, streams, params))
+            return await cancel_on_disconnect(raw_request,
+                                              self._full(request, base, streams, params, echo))
         finally:
             self.abort(request_ids)
 
     def _decode(self, token_id: int) -> str:
         return self.engine.tokenizer.decode([token_id]) if self.engine.tokenizer else str(token_id)
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        return self.engine.tokenizer.decode(ids) if self.engine.tokenizer else ""
+
+    def _echo_logprobs(self, request: CompletionRequest, final: Any) -> dict[str, Any] | None:
+        """The echoed prompt's part of a choice's logprobs (None without ``logprobs``)."""
+        plp = getattr(final, "prompt_logprobs", None)
+        if request.logprobs is None or plp is None:
+            return None
+        return completion_logprobs(final.prompt_token_ids, plp, request.logprobs, self._decode)
 
     def _logprobs(self, request: CompletionRequest, o: Any, start: int = 0,
                   text_offset: int = 0) -> dict[str, Any] | None:
@@ -70,15 +92,21 @@ class OpenAIServingCompletion(OpenAIServing):
                                    self._decode, text_offset)
 
     async def _full(self, request: CompletionRequest, base: str, streams: list[AsyncIterator[Any]],
-                    params: Any) -> dict[str, Any]:
+                    params: Any, echo: list[str] | None) -> dict[str, Any]:
         finals: list[Any] = [None] * len(streams)
         async for p, output in merge(streams):
             finals[p] = output
         choices = []
         for p, final in enumerate(finals):
             for o in final.outputs:
-                choice = {"index": p * params.n + o.index, "text": o.text,
-                          "logprobs": self._logprobs(request, o), "finish_reason": o.finish_reason,
+                text, logprobs = o.text, self._logprobs(request, o)
+                if echo is not None:
+                    text = echo[p] + o.text
+                    head = self._echo_logprobs(request, final)
+                    if head is not None:
+                        logprobs = _joined(head, self._logprobs(request, o, 0, echo_offset(head)))
+                choice = {"index": p * params.n + o.index, "text": text,
+                          "logprobs": logprobs, "finish_reason": o.finish_reason,
                           "stop_reason": getattr(o, "stop_reason", None)}
                 if request.prompt_logprobs is not None:
                     choice["prompt_logprobs"] = _prompt_logprobs(final)
@@ -91,13 +119,15 @@ class OpenAIServingCompletion(OpenAIServing):
         }
 
     async def _stream(self, request: CompletionRequest, base: str, streams: list[AsyncIterator[Any]],
-                      params: Any) -> AsyncIterator[str]:
+                      params: Any, echo: list[str] | None) -> AsyncIterator[str]:
         created = now()
         extra = {"usage": None} if request.include_usage else {}
         n = params.n
         texts = [TextDelta() for _ in range(len(streams) * n)]
         tokens_sent = [0] * (len(streams) * n)
         done = [False] * (len(streams) * n)
+        echoed = [False] * (len(streams) * n)
+        base_offset = [0] * (len(streams) * n)  # text offsets after an echoed prompt's tokens
         prompt_tokens = [0] * len(streams)
         completion_tokens = [0] * len(streams)
 
@@ -116,9 +146,18 @@ class OpenAIServingCompletion(OpenAIServing):
                     if done[i]:
                         continue
                     finished = o.finish_reason is not None
-                    offset = texts[i].sent
+                    offset = texts[i].sent + base_offset[i]
                     delta = texts[i].next(o.text)
-                    if delta or finished:
+                    if echo is not None and not echoed[i]:  # the prompt leads the first chunk
+                        echoed[i] = True
+                        head = self._echo_logprobs(request, output)
+                        base_offset[i] = echo_offset(head) if head is not None else 0
+                        logprobs = self._logprobs(request, o, 0, base_offset[i])
+                        tokens_sent[i] = len(o.token_ids)
+                        done[i] = finished
+                        yield chunk(i, echo[p] + delta, o.finish_reason if finished else None,
+                                    logprobs if head is None else _joined(head, logprobs))
+                    elif delta or finished:
                         logprobs = self._logprobs(request, o, tokens_sent[i], offset)
                         tokens_sent[i] = len(o.token_ids)
                         done[i] = finished
