@@ -103,6 +103,17 @@ class _SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
 
     def _check_common(self) -> None:
+        # Constrained decoding is not implemented: refuse it rather than return unconstrained
+        # text as if it were (unknown fields are otherwise ignored, as OpenAI's may grow).
+        extra = self.model_extra or {}
+        fmt = extra.get("response_format")
+        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+            raise bad_request("response_format other than {'type': 'text'} is not supported "
+                              "(no constrained decoding)", "response_format")
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                     "structured_outputs"):
+            if extra.get(name) is not None:
+                raise bad_request(f"{name} is not supported (no constrained decoding)", name)
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
 
