@@ -195,6 +195,32 @@ def test_completion_echo_returns_the_prompt_and_its_logprobs(server: Server,
         run_alone(reference, ids, max_tokens=3).outputs[0].text
 
 
+def test_tokenize_and_detokenize_use_the_served_tokenizer_and_chat_encoding(
+        server: Server, reference: LLMEngine) -> None:
+    """vLLM's /tokenize (a prompt, or chat messages encoded as a chat completion would be) and
+    /detokenize; bad bodies get OpenAI-shaped 400s, an unknown model a 404."""
+    r = server.post("/tokenize", {"model": MODEL, "prompt": "The weather in Beijing"})
+    ids = reference.tokenizer.encode("The weather in Beijing", add_special_tokens=True)
+    assert r.status_code == 200 and r.json() == {
+        "count": len(ids), "max_model_len": server.app.state.engine.max_model_len, "tokens": ids}
+    bare = server.post("/tokenize", {"prompt": "The weather", "add_special_tokens": False}).json()
+    assert bare["tokens"] == reference.tokenizer.encode("The weather", add_special_tokens=False)
+    messages = user("Hello!")
+    for kwargs, mode in (({}, "chat"), ({"chat_template_kwargs": {"thinking": True}}, "thinking")):
+        chat = server.post("/tokenize", {"messages": messages, **kwargs}).json()
+        assert chat["tokens"] == chat_prompt_ids(reference, messages, mode)
+    text = server.post("/detokenize", {"model": MODEL, "tokens": ids}).json()["prompt"]
+    assert text == reference.tokenizer.decode(ids)
+    for path, body, status, needle in (
+            ("/tokenize", {"prompt": "x", "messages": messages}, 400, "exactly one"),
+            ("/tokenize", {}, 400, "exactly one"),
+            ("/detokenize", {"tokens": [1, 10 ** 9]}, 400, "vocabulary"),
+            ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
+            ("/tokenize", {"model": "gpt-5", "prompt": "x"}, 404, "gpt-5")):
+        bad = server.post(path, body)
+        assert bad.status_code == status and needle in bad.json()["error"]["message"], bad.text
+
+
 def test_chat_completion_equals_the_engine_alone_with_its_usage(server: Server, reference: LLMEngine) -> None:
     messages = [{"role": "system", "content": "You are a helpful assistant."}, *user("Hello!")]
     r = server.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=10,

@@ -25,9 +25,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dsv4.server.async_engine import AsyncLLMEngine
 from dsv4.server.metrics import CONTENT_TYPE, ServerMetrics
-from dsv4.server.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, now
+from dsv4.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    OpenAIError,
+    TokenizeRequest,
+    now,
+)
 from dsv4.server.serving_chat import OpenAIServingChat
 from dsv4.server.serving_completion import OpenAIServingCompletion
+from dsv4.server.serving_tokens import OpenAIServingTokens
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +104,7 @@ def build_app(engine: Any, served_model_name: str, api_key: str | None = None) -
     metrics = ServerMetrics(lambda: async_engine.stats)
     chat = OpenAIServingChat(async_engine, served_model_name, metrics)
     completion = OpenAIServingCompletion(async_engine, served_model_name, metrics)
+    tokens = OpenAIServingTokens(chat)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -171,6 +180,14 @@ def build_app(engine: Any, served_model_name: str, api_key: str | None = None) -
     async def chat_completions(request: ChatCompletionRequest, raw_request: Request) -> Response:
         result = await chat.create(request, raw_request)
         return result if isinstance(result, Response) else JSONResponse(result)
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest) -> JSONResponse:
+        return JSONResponse(await tokens.create_tokenize(request))
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest) -> JSONResponse:
+        return JSONResponse(await tokens.create_detokenize(request))
 
     if api_key:
         app.add_middleware(_ApiKeyMiddleware, api_key=api_key)

@@ -235,3 +235,34 @@ class ChatCompletionRequest(_SamplingRequest):
         # special tokens: they must survive detokenisation.
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling_params(max_tokens, logprobs, skip_special_tokens=False)
+
+
+class TokenizeRequest(BaseModel):
+    """``POST /tokenize`` (vLLM's): a raw ``prompt``, or chat ``messages`` encoded as
+    ``/v1/chat/completions`` would (with its ``tools``, ``chat_template_kwargs`` and
+    ``reasoning_effort``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool = True
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise bad_request("give exactly one of prompt and messages", "prompt")
+
+    def chat_request(self) -> ChatCompletionRequest:
+        extra = {k: v for k, v in (self.model_extra or {}).items()
+                 if k in ("tools", "tool_choice", "chat_template_kwargs", "reasoning_effort")}
+        return ChatCompletionRequest(model=self.model, messages=self.messages, **extra)
+
+
+class DetokenizeRequest(BaseModel):
+    """``POST /detokenize`` (vLLM's): token ids -> text."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    tokens: list[int]

@@ -108,9 +108,9 @@ class _ChoiceStream:
 class OpenAIServingChat(OpenAIServing):
     """Handler of ``/v1/chat/completions``."""
 
-    async def create(self, request: ChatCompletionRequest, raw_request: Request) -> Any:
-        self.check_model(request.model)
-        request.check()
+    async def prompt_ids(self, request: ChatCompletionRequest) -> tuple[list[int], str, str, Any]:
+        """(prompt token ids, mode, forced prefix, tools offered) of a checked chat request:
+        the DeepSeek-V4 encoding of its messages (and tools), tokenized."""
         mode = request.thinking_mode
         offered = request.tools if request.tool_choice != "none" else None
         tools = [t.model_dump(exclude_none=True) for t in offered] if offered else None
@@ -119,7 +119,12 @@ class OpenAIServingChat(OpenAIServing):
         except ValueError as exc:
             raise bad_request(str(exc), "messages") from None
         prefix = forced_prefix(request, mode)
-        prompt_ids = await self.tokenize(prompt + prefix)
+        return await self.tokenize(prompt + prefix), mode, prefix, tools
+
+    async def create(self, request: ChatCompletionRequest, raw_request: Request) -> Any:
+        self.check_model(request.model)
+        request.check()
+        prompt_ids, mode, prefix, tools = await self.prompt_ids(request)
         max_tokens = self.max_tokens_for(len(prompt_ids), request.requested_max_tokens)
         params = request.to_sampling_params(max_tokens)
         request_id = random_id("chatcmpl")
