@@ -195,6 +195,13 @@ def test_completion_echo_returns_the_prompt_and_its_logprobs(server: Server,
         run_alone(reference, ids, max_tokens=3).outputs[0].text
 
 
+def test_unknown_request_fields_are_ignored_with_a_warning(server: Server, caplog) -> None:
+    body = {**GOOD_CHAT, "include_stop_str_in_output": True, "user": "me"}
+    with caplog.at_level("WARNING", logger="dsv4.server.protocol"):
+        assert server.post("/v1/chat/completions", body).status_code == 200
+    assert "include_stop_str_in_output" in caplog.text and "user" not in caplog.text
+
+
 def test_tokenize_and_detokenize_use_the_served_tokenizer_and_chat_encoding(
         server: Server, reference: LLMEngine) -> None:
     """vLLM's /tokenize (a prompt, or chat messages encoded as a chat completion would be) and

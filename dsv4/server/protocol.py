@@ -9,6 +9,7 @@ OpenAI's documentation.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any, Literal
@@ -16,6 +17,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from dsv4.engine.sampler import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 # OpenAI caps top_logprobs at 20; vLLM keeps the same limit by default.
 MAX_LOGPROBS = 20
@@ -114,6 +117,9 @@ class _SamplingRequest(BaseModel):
                      "structured_outputs"):
             if extra.get(name) is not None:
                 raise bad_request(f"{name} is not supported (no constrained decoding)", name)
+        ignored = sorted(k for k in extra if k != "response_format")
+        if ignored:  # as vLLM: accepted (clients send newer fields), but said
+            logger.warning("request fields ignored (not supported): %s", ", ".join(ignored))
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
 
