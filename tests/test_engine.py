@@ -244,6 +244,9 @@ def test_logit_bias_forces_and_bans_tokens(engine):
                         (p, SamplingParams(temperature=0.0, max_tokens=6))])
     forced, banned, same = tokens(outs)
     assert forced == [40] * 6 and banned[0] != plain[0] and same == plain
+    only = tokens(run(engine, [(p, SamplingParams(max_tokens=8, ignore_eos=True, seed=1,
+                                                 allowed_token_ids=[7, 8, 9]))]))[0]
+    assert set(only) <= {7, 8, 9}
 
 
 def test_max_tokens_ends_generation_with_reason_length(engine):
@@ -259,6 +262,7 @@ def test_max_tokens_ends_generation_with_reason_length(engine):
     (lambda: ([], GREEDY), "empty"),
     (lambda: ("0", GREEDY), "duplicate request id"),
     (lambda: ([5, 6], SamplingParams(logit_bias={CFG.vocab_size: 1.0})), "logit_bias"),
+    (lambda: ([5, 6], SamplingParams(allowed_token_ids=[3, CFG.vocab_size])), "allowed_token_ids"),
 ])
 def test_bad_requests_raise_clear_errors_and_other_requests_keep_running(engine, alone, bad,
                                                                          message):

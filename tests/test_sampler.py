@@ -67,6 +67,28 @@ def test_logit_bias_validation(bias):
         SamplingParams(logit_bias=bias)
 
 
+@pytest.mark.parametrize("allowed", [[], [-1, 3], ["a"]])
+def test_allowed_token_ids_validation(allowed):
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        SamplingParams(allowed_token_ids=allowed)
+
+
+def test_allowed_token_ids_restrict_sampling(device):
+    """Greedy takes the best allowed token; sampled rows never leave the allowed set; rows
+    without the setting are untouched."""
+    torch.manual_seed(2)
+    logits = torch.randn(3, 300, device=device)
+    allowed = [5, 77, 120]
+    params = [SamplingParams(temperature=0.0, allowed_token_ids=allowed),
+              SamplingParams(temperature=1.0, allowed_token_ids=allowed, seed=4),
+              SamplingParams(temperature=0.0)]
+    for _ in range(5):
+        out = run(Sampler(), logits, params, gens=[None, make_generator(4, device), None])
+        assert int(out.token_ids[0]) == allowed[int(logits[0, allowed].argmax())]
+        assert int(out.token_ids[1]) in allowed
+        assert int(out.token_ids[2]) == int(logits[2].argmax())
+
+
 def test_logit_bias_normalised_from_openai_json():
     assert SamplingParams(logit_bias={"50": -100, "7": 2.5}).logit_bias == {50: -100.0, 7: 2.5}
     assert SamplingParams(logit_bias={}).logit_bias is None

@@ -334,9 +334,10 @@ class LLMEngine:
             n = getattr(params, name)
             if n is not None and n > V:
                 raise ValueError(f"{name}={n} exceeds the vocabulary size {V}")
-        bad = [t for t in params.logit_bias or () if t >= V]
-        if bad:
-            raise ValueError(f"logit_bias token ids out of the vocabulary [0, {V}): {bad[:8]}")
+        for name in ("logit_bias", "allowed_token_ids"):
+            bad = [t for t in getattr(params, name) or () if t >= V]
+            if bad:
+                raise ValueError(f"{name} token ids out of the vocabulary [0, {V}): {bad[:8]}")
         req = Request(request_id, text, ids, params, arrival_time, self.tokenizer, self.device)
         self.requests[request_id] = req
         for seq in req.seqs:

@@ -45,7 +45,8 @@ class SamplingParams:
     ``top_k`` 0 or -1 disables top-k; ``max_tokens=None`` means up to the context limit;
     ``stop`` is normalised to a list of strings, ``stop_token_ids`` to a list of ints;
     ``logit_bias`` (OpenAI's: token id -> a bias in [-100, 100] added to its logit before
-    sampling, after the penalties) to a dict of ints to floats.
+    sampling, after the penalties) to a dict of ints to floats; ``allowed_token_ids`` (vLLM's)
+    restricts sampling to those tokens.
     """
 
     n: int = 1
@@ -66,6 +67,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         def bad(field: str, cond: str) -> ValueError:
@@ -123,6 +125,14 @@ class SamplingParams:
             self.logit_bias = bias
         else:
             self.logit_bias = None
+        if self.allowed_token_ids is not None:
+            try:
+                allowed = sorted({int(t) for t in self.allowed_token_ids})
+            except (TypeError, ValueError):
+                raise bad("allowed_token_ids", "a list of token ids") from None
+            if not allowed or allowed[0] < 0:
+                raise bad("allowed_token_ids", "a non-empty list of token ids >= 0")
+            self.allowed_token_ids = allowed
 
     @property
     def is_greedy(self) -> bool:
@@ -135,7 +145,7 @@ class SamplingParams:
     @property
     def needs_logits_processing(self) -> bool:
         """Whether the logits change before sampling (penalties or a bias): no plain argmax."""
-        return self.needs_penalties or bool(self.logit_bias)
+        return self.needs_penalties or bool(self.logit_bias) or self.allowed_token_ids is not None
 
     @property
     def needs_penalties(self) -> bool:
@@ -219,7 +229,17 @@ def apply_penalties(
 
 
 def apply_logit_bias(logits: Tensor, params: Sequence[SamplingParams]) -> Tensor:
-    """Add each row's `logit_bias` to its logits (a new tensor when any row has one)."""
+    """Add each row's `logit_bias` to its logits and exclude (-inf) the tokens outside its
+    `allowed_token_ids` (a new tensor when any row has either)."""
+    rows = [i for i, p in enumerate(params) if p.allowed_token_ids is not None]
+    if rows:
+        r = [i for i in rows for _ in params[i].allowed_token_ids]
+        c = [t for i in rows for t in params[i].allowed_token_ids]
+        dev = logits.device
+        keep = torch.ones_like(logits, dtype=torch.bool)
+        keep[upload(rows, dev)] = False
+        keep[upload(r, dev), upload(c, dev)] = True
+        logits = logits.masked_fill(~keep, float("-inf"))
     rows = [i for i, p in enumerate(params) if p.logit_bias]
     if not rows:
         return logits

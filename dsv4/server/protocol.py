@@ -104,6 +104,7 @@ class _SamplingRequest(BaseModel):
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    allowed_token_ids: list[int] | None = None
 
     def _check_common(self) -> None:
         # Constrained decoding is not implemented: refuse it rather than return unconstrained
@@ -138,6 +139,7 @@ class _SamplingRequest(BaseModel):
                 ignore_eos=self.ignore_eos, max_tokens=max_tokens, min_tokens=self.min_tokens,
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=skip_special_tokens, logit_bias=self.logit_bias,
+                allowed_token_ids=self.allowed_token_ids,
                 **{k: v for k, v in given.items() if v is not None},
             )
         except (ValueError, TypeError) as exc:
