@@ -195,6 +195,29 @@ def test_completion_echo_returns_the_prompt_and_its_logprobs(server: Server,
         run_alone(reference, ids, max_tokens=3).outputs[0].text
 
 
+def test_chat_prefix_completion_continues_the_final_assistant_message(
+        server: Server, reference: LLMEngine) -> None:
+    """DeepSeek's chat prefix completion (`"prefix": true` on a final assistant message) and
+    vLLM's `continue_final_message`: the prompt is the conversation before it, then its text;
+    the answer is the continuation alone. Thinking mode and a forced tool call are refused."""
+    head = user("Write a haiku")
+    messages = head + [{"role": "assistant", "content": "Autumn", "prefix": True}]
+    ids = reference.tokenizer.encode(encode_messages(head, "chat") + "Autumn",
+                                     add_special_tokens=True)
+    ref = run_alone(reference, ids, max_tokens=6)
+    for body in ({"messages": messages},
+                 {"messages": head + [{"role": "assistant", "content": "Autumn"}],
+                  "continue_final_message": True}):
+        r = server.post("/v1/chat/completions", {**body, "max_tokens": 6, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == ref.outputs[0].text
+        assert r.json()["usage"]["prompt_tokens"] == len(ids)
+    for body, needle in (({"messages": messages, "reasoning_effort": "high"}, "chat mode"),
+                         ({"messages": head, "continue_final_message": True}, "final assistant")):
+        bad = server.post("/v1/chat/completions", {**body, "max_tokens": 2})
+        assert bad.status_code == 400 and needle in bad.json()["error"]["message"], bad.text
+
+
 def test_unknown_request_fields_are_ignored_with_a_warning(server: Server, caplog) -> None:
     body = {**GOOD_CHAT, "include_stop_str_in_output": True, "user": "me"}
     with caplog.at_level("WARNING", logger="dsv4.server.protocol"):

@@ -208,6 +208,7 @@ class ChatCompletionRequest(_SamplingRequest):
     parallel_tool_calls: bool | None = None
     reasoning_effort: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    continue_final_message: bool = False  # vLLM's; DeepSeek's API marks the message instead
 
     def check(self) -> None:
         self._check_common()
@@ -220,11 +221,30 @@ class ChatCompletionRequest(_SamplingRequest):
         choice = self.tool_choice
         if choice == "required" and not self.tools:
             raise bad_request("tool_choice 'required' needs tools", "tool_choice")
+        if self.prefix_completion:
+            if self.thinking_mode != "chat":
+                raise bad_request("prefix completion (a final assistant message with prefix: "
+                                  "true, or continue_final_message) needs chat mode, not "
+                                  "thinking", "messages")
+            if choice == "required" or isinstance(choice, NamedToolChoice):
+                raise bad_request("prefix completion and a forced tool_choice both fix the "
+                                  "start of the answer: use one", "tool_choice")
         if isinstance(choice, NamedToolChoice):
             names = [t.function.name for t in self.tools or []]
             if choice.function.name not in names:
                 raise bad_request(f"tool_choice names function {choice.function.name!r}, "
                                   f"which is not among the tools {names}", "tool_choice")
+
+    @property
+    def prefix_completion(self) -> bool:
+        """Whether the answer continues the final assistant message (DeepSeek's chat prefix
+        completion, ``"prefix": true`` on it; vLLM's ``continue_final_message``)."""
+        last = self.messages[-1]
+        is_assistant = isinstance(last, dict) and last.get("role") == "assistant"
+        if self.continue_final_message and not is_assistant:
+            raise bad_request("continue_final_message needs a final assistant message",
+                              "continue_final_message")
+        return is_assistant and (self.continue_final_message or bool(last.get("prefix")))
 
     @property
     def thinking_mode(self) -> str:
@@ -263,7 +283,8 @@ class TokenizeRequest(BaseModel):
 
     def chat_request(self) -> ChatCompletionRequest:
         extra = {k: v for k, v in (self.model_extra or {}).items()
-                 if k in ("tools", "tool_choice", "chat_template_kwargs", "reasoning_effort")}
+                 if k in ("tools", "tool_choice", "chat_template_kwargs", "reasoning_effort",
+                          "continue_final_message")}
         return ChatCompletionRequest(model=self.model, messages=self.messages, **extra)
 
 

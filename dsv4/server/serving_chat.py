@@ -110,16 +110,21 @@ class OpenAIServingChat(OpenAIServing):
 
     async def prompt_ids(self, request: ChatCompletionRequest) -> tuple[list[int], str, str, Any]:
         """(prompt token ids, mode, forced prefix, tools offered) of a checked chat request:
-        the DeepSeek-V4 encoding of its messages (and tools), tokenized."""
+        the DeepSeek-V4 encoding of its messages (and tools), tokenized. A forced tool-call
+        prefix is also read back before the answer; a prefix completion's text (the final
+        assistant message, continued) is not: the answer is the continuation, as in
+        DeepSeek's API."""
         mode = request.thinking_mode
         offered = request.tools if request.tool_choice != "none" else None
         tools = [t.model_dump(exclude_none=True) for t in offered] if offered else None
+        messages, prefix, lead = request.messages, forced_prefix(request, mode), ""
+        if request.prefix_completion:
+            messages, lead = messages[:-1], str(messages[-1].get("content") or "")
         try:
-            prompt = encode_messages(request.messages, mode, tools=tools)
+            prompt = encode_messages(messages, mode, tools=tools)
         except ValueError as exc:
             raise bad_request(str(exc), "messages") from None
-        prefix = forced_prefix(request, mode)
-        return await self.tokenize(prompt + prefix), mode, prefix, tools
+        return await self.tokenize(prompt + lead + prefix), mode, prefix, tools
 
     async def create(self, request: ChatCompletionRequest, raw_request: Request) -> Any:
         self.check_model(request.model)
