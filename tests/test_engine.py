@@ -219,6 +219,10 @@ def test_stop_string_ends_generation_with_reason_stop_and_excludes_the_string(en
     assert (out.finish_reason, out.stop_reason) == ("stop", stop)
     assert out.text == text[:text.find(stop)]
     assert out.token_ids == ids[:len(out.token_ids)] and len(out.token_ids) < len(ids)
+    kept = run(engine, [(p, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
+                                           stop=[stop], include_stop_str_in_output=True))])[0]
+    assert kept.outputs[0].text == text[:text.find(stop) + len(stop)]
+    assert kept.outputs[0].token_ids == out.token_ids
 
 
 def test_stop_token_id_ends_generation_on_that_token(engine):

@@ -219,10 +219,10 @@ def test_chat_prefix_completion_continues_the_final_assistant_message(
 
 
 def test_unknown_request_fields_are_ignored_with_a_warning(server: Server, caplog) -> None:
-    body = {**GOOD_CHAT, "include_stop_str_in_output": True, "user": "me"}
+    body = {**GOOD_CHAT, "spaces_between_special_tokens": False, "user": "me"}
     with caplog.at_level("WARNING", logger="dsv4.server.protocol"):
         assert server.post("/v1/chat/completions", body).status_code == 200
-    assert "include_stop_str_in_output" in caplog.text and "user" not in caplog.text
+    assert "spaces_between_special_tokens" in caplog.text and "user" not in caplog.text
 
 
 def test_tokenize_and_detokenize_use_the_served_tokenizer_and_chat_encoding(

@@ -107,7 +107,7 @@ class Sequence:
             self.finish("stop", token_id)
         elif (hit := self._find_stop_string(old_len)) is not None:
             start, stop = hit
-            self.text = self.text[:start]
+            self.text = self.text[:start + (len(stop) if p.include_stop_str_in_output else 0)]
             self.finish("stop", stop, flush=False)
         elif (p.max_tokens is not None and self.num_output_tokens >= p.max_tokens) or \
                 len(self.token_ids) >= max_model_len:

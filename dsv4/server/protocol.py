@@ -105,6 +105,7 @@ class _SamplingRequest(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     allowed_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
 
     def _check_common(self) -> None:
         # Constrained decoding is not implemented: refuse it rather than return unconstrained
@@ -140,6 +141,7 @@ class _SamplingRequest(BaseModel):
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=skip_special_tokens, logit_bias=self.logit_bias,
                 allowed_token_ids=self.allowed_token_ids,
+                include_stop_str_in_output=self.include_stop_str_in_output,
                 **{k: v for k, v in given.items() if v is not None},
             )
         except (ValueError, TypeError) as exc:
