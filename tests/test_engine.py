@@ -253,6 +253,18 @@ def test_logit_bias_forces_and_bans_tokens(engine):
     assert set(only) <= {7, 8, 9}
 
 
+def test_truncate_prompt_tokens_keeps_the_last_tokens(engine):
+    """vLLM's truncate_prompt_tokens: the last k prompt tokens (-1: as many as fit), as if the
+    prompt had been those alone."""
+    p = prompts([30], seed=5)[0]
+    short = tokens(run(engine, [(p[-7:], SamplingParams(temperature=0.0, max_tokens=5))]))[0]
+    out = run(engine, [(p, SamplingParams(temperature=0.0, max_tokens=5,
+                                          truncate_prompt_tokens=7))])[0]
+    assert out.prompt_token_ids == p[-7:] and out.outputs[0].token_ids == short
+    with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+        SamplingParams(truncate_prompt_tokens=0)
+
+
 def test_max_tokens_ends_generation_with_reason_length(engine):
     out = run(engine, [(prompts([9])[0], SamplingParams(max_tokens=5, ignore_eos=True))])[0]
     c = out.outputs[0]

@@ -218,6 +218,16 @@ def test_chat_prefix_completion_continues_the_final_assistant_message(
         assert bad.status_code == 400 and needle in bad.json()["error"]["message"], bad.text
 
 
+def test_truncate_prompt_tokens_counts_the_kept_tokens(server: Server, reference: LLMEngine) -> None:
+    r = server.post("/v1/completions", {"prompt": "The weather in Beijing today", "max_tokens": 3,
+                                        "temperature": 0, "truncate_prompt_tokens": 4})
+    ids = reference.tokenizer.encode("The weather in Beijing today", add_special_tokens=True)
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 4
+    assert r.json()["choices"][0]["text"] == run_alone(reference, ids[-4:], max_tokens=3).outputs[0].text
+    chat = server.post("/v1/chat/completions", {**GOOD_CHAT, "truncate_prompt_tokens": 3})
+    assert chat.status_code == 200 and chat.json()["usage"]["prompt_tokens"] == 3
+
+
 def test_unknown_request_fields_are_ignored_with_a_warning(server: Server, caplog) -> None:
     body = {**GOOD_CHAT, "spaces_between_special_tokens": False, "user": "me"}
     with caplog.at_level("WARNING", logger="dsv4.server.protocol"):

@@ -27,7 +27,7 @@ from ..model.model import DeepseekV4Model
 from ..tokenizer import Tokenizer
 from .outputs import EngineStats, Logprob, PositionLogprobs, RequestOutput
 from .runner import ModelRunner
-from .sampler import Sampler, SamplingParams, make_generator
+from .sampler import Sampler, SamplingParams, make_generator, truncate_prompt
 from .scheduler import Scheduler
 from .sequence import PENDING_TOKEN, Request
 
@@ -317,6 +317,9 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         text, ids = self._prompt_ids(prompt)
+        if params.truncate_prompt_tokens is not None:
+            kept = truncate_prompt(ids, params.truncate_prompt_tokens, self.max_model_len)
+            text, ids = (text if len(kept) == len(ids) else None), kept
         if not ids:
             raise ValueError("prompt is empty: at least one token is needed")
         V = self.model_config.vocab_size

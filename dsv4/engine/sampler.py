@@ -67,6 +67,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: int | None = None  # keep the last k prompt tokens (-1: what fits)
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
 
@@ -102,6 +103,9 @@ class SamplingParams:
             raise bad("logprobs", ">= 0 or None")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             raise bad("prompt_logprobs", ">= 0 or None")
+        if self.truncate_prompt_tokens is not None and not (
+                self.truncate_prompt_tokens >= 1 or self.truncate_prompt_tokens == -1):
+            raise bad("truncate_prompt_tokens", ">= 1, -1 (the model's length) or None")
         if self.stop is None:
             self.stop = []
         elif isinstance(self.stop, str):
@@ -174,6 +178,14 @@ class SamplerOutput:
     logprobs: Tensor  # [B] float32, raw logprob of the sampled token
     ranks: Tensor  # [B] int64, rank of the sampled token
     top_logprobs: list[list[tuple[int, float]] | None]  # per row; None where params.logprobs is None
+
+
+def truncate_prompt(ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
+    """The prompt ids kept under `truncate_prompt_tokens` = keep (the last keep; -1: as many
+    as leave room for one generated token; None: all)."""
+    if keep is None:
+        return ids
+    return ids[-(max_model_len - 1 if keep == -1 else keep):]
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:

@@ -106,6 +106,7 @@ class _SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     allowed_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: int | None = None
 
     def _check_common(self) -> None:
         # Constrained decoding is not implemented: refuse it rather than return unconstrained
@@ -142,6 +143,7 @@ class _SamplingRequest(BaseModel):
                 skip_special_tokens=skip_special_tokens, logit_bias=self.logit_bias,
                 allowed_token_ids=self.allowed_token_ids,
                 include_stop_str_in_output=self.include_stop_str_in_output,
+                truncate_prompt_tokens=self.truncate_prompt_tokens,
                 **{k: v for k, v in given.items() if v is not None},
             )
         except (ValueError, TypeError) as exc:

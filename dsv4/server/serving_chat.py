@@ -32,6 +32,7 @@ from dsv4.chat import (
     encode_messages,
     parse_completion,
 )
+from dsv4.engine.sampler import truncate_prompt
 from dsv4.server.logprobs import chat_logprobs
 from dsv4.server.protocol import (
     ChatCompletionRequest,
@@ -124,7 +125,9 @@ class OpenAIServingChat(OpenAIServing):
             prompt = encode_messages(messages, mode, tools=tools)
         except ValueError as exc:
             raise bad_request(str(exc), "messages") from None
-        return await self.tokenize(prompt + lead + prefix), mode, prefix, tools
+        ids = await self.tokenize(prompt + lead + prefix)
+        return (truncate_prompt(ids, request.truncate_prompt_tokens, self.engine.max_model_len),
+                mode, prefix, tools)
 
     async def create(self, request: ChatCompletionRequest, raw_request: Request) -> Any:
         self.check_model(request.model)

@@ -13,6 +13,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from dsv4.engine.sampler import truncate_prompt
 from dsv4.server.logprobs import completion_logprobs, echo_offset
 from dsv4.server.protocol import CompletionRequest, OpenAIError, now, random_id
 from dsv4.server.serving import (
@@ -49,7 +50,9 @@ class OpenAIServingCompletion(OpenAIServing):
     async def create(self, request: CompletionRequest, raw_request: Request) -> Any:
         self.check_model(request.model)
         request.check()
-        prompts = [await self.tokenize(p) if isinstance(p, str) else list(p) for p in request.prompts()]
+        prompts = [truncate_prompt(await self.tokenize(p) if isinstance(p, str) else list(p),
+                                   request.truncate_prompt_tokens, self.engine.max_model_len)
+                   for p in request.prompts()]
         if any(not p for p in prompts):
             raise OpenAIError(400, "prompt must not be empty", param="prompt")
         # One SamplingParams for the batch: max_tokens must fit the longest prompt.
