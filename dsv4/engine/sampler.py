@@ -149,7 +149,8 @@ class SamplingParams:
 
     @property
     def needs_logits_processing(self) -> bool:
-        """Whether the logits change before sampling (penalties or a bias): no plain argmax."""
+        """Whether the logits change before sampling (penalties, a logit bias or an allowed
+        set): then the token is not the raw argmax."""
         return self.needs_penalties or bool(self.logit_bias) or self.allowed_token_ids is not None
 
     @property
@@ -396,8 +397,8 @@ class Sampler:
         return out
 
     def _processed(self, logits: Tensor, params, output_token_ids, prompt_token_ids) -> Tensor:
-        """fp32 logits after min_tokens masking, the penalties and the logit biases (what
-        greedy maximises)."""
+        """fp32 logits after min_tokens masking, the penalties, the logit biases and the
+        allowed sets (what greedy maximises)."""
         x = self._apply_min_tokens(logits.float(), params, output_token_ids)
         x = apply_penalties(x, params, output_token_ids, prompt_token_ids)
         return apply_logit_bias(x, params)
