@@ -249,8 +249,10 @@ if HAS_TRITON:
         keys = keys if keys.stride(-1) == 1 else keys.contiguous()
         cand, w = cand.contiguous(), w.contiguous()
         fp8 = packed and q_fp4 and C == 128 and q.dtype == torch.bfloat16
-        if fp8:  # 64 keys a block, 8 warps: 127 registers (4 warps: 230; offline sm_90 compile)
-            block_n, num_warps = block_n or 64, num_warps or 8
+        if fp8:  # 64 keys a block, 4 warps (H200 sweep, scratch/idx_sweep.py: 32K context
+            # 32.6 us against 36.5 with 8 warps and ~40 for the bf16 decode of packed keys;
+            # 128K 95.8 against 114.4)
+            block_n, num_warps = block_n or 64, num_warps or 4
         elif block_n is None:  # H200 sweep, 32 tokens: 128 up to 8K columns (32K context: bf16
             # keys 39.1 -> 31.2 us, packed 41.0 -> ~40), 64 beyond (128K context: 128 is slower)
             block_n = 128 if N <= 8192 else 64

@@ -37,4 +37,4 @@ class Indexer(nn.Module):
         cand, avail = batch.candidates(4)
         reduce = self.tp.all_reduce if self.tp.size > 1 else None  # heads' partial scores
         keys = cache.idx.view(-1, cache.idx.shape[-1])  # [rows, c], or packed FP4 bytes
-        return indexer_topk(q, w, keys, cand, self.topk, reduce, avail)
+        return indexer_topk(q, w, keys, cand, self.topk, reduce, avail, q_fp4=self.qat)

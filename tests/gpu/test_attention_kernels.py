@@ -372,11 +372,13 @@ def test_indexer_topk_selects_the_reference_top_scores(topk):
 
 
 @pytest.mark.parametrize("T,N,k", [(5, 40, 8), (4, 1024, 512), (3, 1100, 1024), (2, 5000, 1024),
-                                   (2, 262144, 512), (33, 8192, 1024), (4, 700, 1024)])
+                                   (2, 262144, 512), (33, 8192, 1024), (4, 700, 1024),
+                                   (600, 3000, 512)])
 @pytest.mark.parametrize("ties", [False, True])
 def test_topk_kernel_selects_exactly_the_reference_set(T, N, k, ties):
     """The radix select picks the stable sort's set (ties toward lower columns), -1 past the
-    visible entries; rows with none, fewer than k, exactly k, k + 1 and all visible."""
+    visible entries; rows with none, fewer than k, exactly k, k + 1 and all visible. 600 rows
+    (over 4 an SM): the prefill launch of small programs."""
     from dsv4.kernels.topk import _topk_cuda, _topk_split_cuda, select_topk_ref
     gen = torch.Generator(device=DEV).manual_seed(N + k)
     s = torch.randn(T, N, generator=gen, device=DEV)
