@@ -124,12 +124,12 @@ def capture_indexer_scores(monkeypatch, ours, theirs):
     import dsv4.model.indexer as indexer_mod
     real, current, mine, hf = indexer_mod.indexer_topk, [None], {}, {}
 
-    def spy(q, w, keys, cand, topk, *rest):
+    def spy(q, w, keys, cand, topk, *rest, **kw):
         k = keys[cand.clamp(min=0)].float()
         s = torch.einsum("thn,th->tn", torch.relu(torch.einsum("thc,tnc->thn", q.float(), k)),
                          w.float())
         mine[current[0]] = s.masked_fill(cand < 0, float("-inf"))
-        return real(q, w, keys, cand, topk, *rest)
+        return real(q, w, keys, cand, topk, *rest, **kw)
 
     monkeypatch.setattr(indexer_mod, "indexer_topk", spy)
     for i, layer in enumerate(ours.layers):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import HAS_TRITON, num_sms, use_triton
+from .pdl import pdl
 
 PAD_COLS = 128  # -1 is written up to this multiple past the visible entries (consumer tiles)
 
@@ -48,17 +49,20 @@ def _candidates_cuda(rows, avail, block_tables, tok_seq, positions, m, rpb, bloc
     _candidates_kernel[(T, g)](
         rows, avail, block_tables, tok_seq, positions, N, block_tables.shape[1], m, rpb,
         rows.stride(0), block_tables.stride(0), block_tables.stride(1), PAD=PAD_COLS,
-        BLOCK=block, num_warps=4)
+        BLOCK=block, num_warps=4, **pdl())
 
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .pdl import pdl_start
+
     @triton.jit
     def _candidates_kernel(rows_ptr, avail_ptr, bt_ptr, tok_seq_ptr, pos_ptr, N, max_blocks, m,
                            rpb, stride_r, stride_bs, stride_bb, PAD: tl.constexpr,
-                           BLOCK: tl.constexpr):
+                           BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_start(PDL)
         t = tl.program_id(0).to(tl.int64)
         a = ((tl.load(pos_ptr + t) + 1) // m).to(tl.int32)
         if tl.program_id(1) == 0:

@@ -26,6 +26,7 @@ import torch
 
 from ..quant.sim import hadamard_matrix
 from . import HAS_TRITON, use_triton
+from .pdl import pdl
 from .qat import FP8_BLOCK, fp8_round_ref_, hadamard_fp4_ref
 from .rmsnorm import rmsnorm_ref
 from .rope import rope_ref_
@@ -41,11 +42,14 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .pdl import pdl_start
     from .qat import _fp4_sim, _fp8_sim, _hadamard_rows
 
     @triton.jit
     def _compress_pool_kernel(kv_ptr, score_ptr, valid_ptr, out_ptr, ITEMS, C,
-                              BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
+                              BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
+                              PDL: tl.constexpr = False):
+        pdl_start(PDL)
         w = tl.program_id(0)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         i = tl.arange(0, BLOCK_I)
@@ -61,7 +65,9 @@ if HAS_TRITON:
     @triton.jit
     def _compress_windows_kernel(a_ptr, g_ptr, ape_ptr, kv_ptr, sc_ptr, new_ptr, nidx_ptr,
                                  sidx_ptr, valid_ptr, out_ptr, ITEMS, C, m, K: tl.constexpr,
-                                 BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
+                                 BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
+                                 PDL: tl.constexpr = False):
+        pdl_start(PDL)
         w = tl.program_id(0)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         i = tl.arange(0, BLOCK_I)
@@ -91,7 +97,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _ring_write_kernel(a_ptr, g_ptr, ape_ptr, pos_ptr, tok_ptr, dst_ptr, kv_ptr, sc_ptr, N,
-                           W, m, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+                           W, m, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+                           PDL: tl.constexpr = False):
+        pdl_start(PDL)
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         c = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
         rok = r < N
@@ -109,9 +117,10 @@ if HAS_TRITON:
     @triton.jit
     def _compress_finish_kernel(x_ptr, w_ptr, idx_ptr, f_ptr, h_ptr, out_ptr, R, m, eps,
                                 C: tl.constexpr, NOPE: tl.constexpr, INDEX: tl.constexpr,
-                                QAT: tl.constexpr, BR: tl.constexpr):
+                                QAT: tl.constexpr, BR: tl.constexpr, PDL: tl.constexpr = False):
         """BR pooled rows -> cache rows; the steps and their roundings of the rmsnorm, rope,
         fp8_round and hadamard_fp4 kernels."""
+        pdl_start(PDL)
         dt = out_ptr.dtype.element_ty
         rows = tl.program_id(0) * BR + tl.arange(0, BR)
         ok = rows < R
@@ -158,7 +167,7 @@ if HAS_TRITON:
         bc = max(16, min(triton.next_power_of_2(C), 8192 // bi))  # ~8K elements a tensor
         _compress_pool_kernel[(W, triton.cdiv(C, bc))](
             kv.contiguous(), score.contiguous(), valid.contiguous().view(torch.uint8), out,
-            items, C, BLOCK_I=bi, BLOCK_C=bc, num_warps=4)
+            items, C, BLOCK_I=bi, BLOCK_C=bc, num_warps=4, **pdl())
         return out
 
 
@@ -192,7 +201,8 @@ def compress_windows(a, g, kv_ring, sc_ring, is_new, new_idx, state_idx, valid, 
         bc = max(16, min(triton.next_power_of_2(c), 8192 // bi))
         _compress_windows_kernel[(w, triton.cdiv(c, bc))](
             a, g, ape, kv_ring, sc_ring, is_new.view(torch.uint8), new_idx, state_idx,
-            valid.view(torch.uint8), out, items, c, m, K=k, BLOCK_I=bi, BLOCK_C=bc, num_warps=4)
+            valid.view(torch.uint8), out, items, c, m, K=k, BLOCK_I=bi, BLOCK_C=bc, num_warps=4,
+            **pdl())
         return out
     return compress_windows_ref(a, g, kv_ring, sc_ring, is_new, new_idx, state_idx, valid, m, ape)
 
@@ -212,7 +222,7 @@ def ring_write_(kv_ring, sc_ring, a, g, ape, pos, tok, dst):
             bw = min(512, triton.next_power_of_2(width))
             _ring_write_kernel[(triton.cdiv(n, 8), triton.cdiv(width, bw))](
                 a, g, ape, pos, tok, dst, kv_ring, sc_ring, n, width, ape.shape[0], BLOCK_R=8,
-                BLOCK_W=bw, num_warps=4)
+                BLOCK_W=bw, num_warps=4, **pdl())
         return
     ring_write_ref_(kv_ring, sc_ring, a, g, ape, pos, tok, dst)
 
@@ -248,7 +258,7 @@ def compress_finish(pooled, weight, eps, index, m, freqs, rope_dim, index_keys, 
         _compress_finish_kernel[(triton.cdiv(w, br),)](
             pooled.contiguous(), weight.float().contiguous(), index,
             freqs.to(device=pooled.device, dtype=torch.float32), h, out, w, m, eps, C=C,
-            NOPE=nope, INDEX=index_keys, QAT=qat, BR=br, num_warps=4)
+            NOPE=nope, INDEX=index_keys, QAT=qat, BR=br, num_warps=4, **pdl())
         return out
     return compress_finish_ref(pooled, weight, eps, index, m, freqs, rope_dim, index_keys, qat,
                                dtype)

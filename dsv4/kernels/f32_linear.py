@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from . import HAS_TRITON, use_triton
+from .pdl import pdl
 
 _MM_DTYPE_OK: dict = {}
 GEMV_MAX_M = 4
@@ -96,7 +97,7 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None = None):
     nb = triton.cdiv(n, bn)
     _gemv_kernel[(nb * (2 if w2 is not None else 1),)](
         x, w, y, w2.contiguous() if w2 is not None else w, y2, nb, m, n, k, BN=bn, BK=bk,
-        num_warps=warps)
+        num_warps=warps, **pdl())
     return y if w2 is None else (y, y2)
 
 
@@ -104,12 +105,15 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .pdl import pdl_start
+
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, w2_ptr, y2_ptr, NB, M, N, K, BN: tl.constexpr,
-                     BK: tl.constexpr):
+                     BK: tl.constexpr, PDL: tl.constexpr = False):
         """y[:, rows] = x.float() @ w[rows].float()^T for BN whole weight rows (K <= BK), every
         weight byte loaded at once; the few x rows come from L2. Row blocks NB and up belong
         to the second weight (w2 -> y2)."""
+        pdl_start(PDL)
         pid = tl.program_id(0)
         if pid >= NB:
             w_ptr, y_ptr, pid = w2_ptr, y2_ptr, pid - NB

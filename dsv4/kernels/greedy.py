@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import HAS_TRITON, use_triton
+from .pdl import pdl
 
 CHUNK = 4096  # vocabulary entries per CTA
 
@@ -37,11 +38,11 @@ def _greedy_cuda(logits):
     part_m = torch.empty(b, ns, dtype=torch.float32, device=x.device)
     part_s = torch.empty_like(part_m)
     part_i = torch.empty(b, ns, dtype=torch.int32, device=x.device)
-    _slice_kernel[(b, ns)](x, part_m, part_s, part_i, v, ns, CH=CHUNK, num_warps=8)
+    _slice_kernel[(b, ns)](x, part_m, part_s, part_i, v, ns, CH=CHUNK, num_warps=8, **pdl())
     ids = torch.empty(b, dtype=torch.int64, device=x.device)
     lp = torch.empty(b, dtype=torch.float32, device=x.device)
     _merge_kernel[(b,)](part_m, part_s, part_i, ids, lp, ns, NS=triton.next_power_of_2(ns),
-                        num_warps=1)
+                        num_warps=1, **pdl())
     return ids, lp
 
 
@@ -49,8 +50,12 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .pdl import pdl_start
+
     @triton.jit
-    def _slice_kernel(x_ptr, m_ptr, s_ptr, i_ptr, V, ns, CH: tl.constexpr):
+    def _slice_kernel(x_ptr, m_ptr, s_ptr, i_ptr, V, ns, CH: tl.constexpr,
+                      PDL: tl.constexpr = False):
+        pdl_start(PDL)
         row = tl.program_id(0)
         sl = tl.program_id(1)
         c = sl * CH + tl.arange(0, CH)
@@ -64,7 +69,9 @@ if HAS_TRITON:
         tl.store(i_ptr + row * ns + sl, first)
 
     @triton.jit
-    def _merge_kernel(m_ptr, s_ptr, i_ptr, ids_ptr, lp_ptr, ns, NS: tl.constexpr):
+    def _merge_kernel(m_ptr, s_ptr, i_ptr, ids_ptr, lp_ptr, ns, NS: tl.constexpr,
+                      PDL: tl.constexpr = False):
+        pdl_start(PDL)
         row = tl.program_id(0)
         j = tl.arange(0, NS)
         ok = j < ns

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from . import HAS_TRITON, num_sms, use_triton
+from .pdl import pdl
 from ..quant.formats import dequant_fp8
 from .quant_linear import sum_splits_
 
@@ -62,7 +63,8 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor,
 def _dequant_bf16(weight, scale):
     n, k = weight.shape
     w = torch.empty(n, k, dtype=torch.bfloat16, device=weight.device)
-    _dequant_kernel[(n // 32, k // 128)](weight, scale.view(torch.uint8), w, k, num_warps=4)
+    _dequant_kernel[(n // 32, k // 128)](weight, scale.view(torch.uint8), w, k, num_warps=4,
+                                         **pdl())
     return w
 
 
@@ -77,7 +79,7 @@ def _grouped_fp8_cuda(x, weight, scale, O, cfg: dict | None = None):
     if c["gemv"]:
         _grouped_gemv_kernel[(G * O // GEMV_ROWS,)](
             x, weight, scale.view(torch.uint8), y, T, G * O, O, I, BW=GEMV_ROWS,
-            NKB=triton.next_power_of_2(nkb), TM=triton.next_power_of_2(T), num_warps=8)
+            NKB=triton.next_power_of_2(nkb), TM=triton.next_power_of_2(T), num_warps=8, **pdl())
         return y
     bt = 16 if T <= 16 else 32 if T <= 32 else 64
     tiles = G * O // c["bw"] * triton.cdiv(T, bt)
@@ -88,7 +90,7 @@ def _grouped_fp8_cuda(x, weight, scale, O, cfg: dict | None = None):
     part = torch.empty(split, T, G * O, dtype=torch.float32, device=x.device) if split > 1 else y
     _grouped_fp8_kernel[(G * O // c["bw"], triton.cdiv(T, bt), split)](
         x, weight, scale.view(torch.uint8), part, T, G * O, O, I, per, BW=c["bw"], BT=bt,
-        num_warps=4, num_stages=c["stages"])
+        num_warps=4, num_stages=c["stages"], **pdl())
     if split > 1:
         sum_splits_(part, y)
     return y
@@ -98,13 +100,15 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .pdl import pdl_start
     from .quant_linear import _e8m0_f32
 
     @triton.jit
     def _grouped_fp8_kernel(x_ptr, w_ptr, s_ptr, y_ptr, T, N, O, I, kb_per_split,
-                            BW: tl.constexpr, BT: tl.constexpr):
+                            BW: tl.constexpr, BT: tl.constexpr, PDL: tl.constexpr = False):
         """y[split, t, rows] for BW weight rows (one group, one 128-row scale block), BT tokens
         and this split's K-blocks; grid (G*O/BW, T/BT, splits)."""
+        pdl_start(PDL)
         r0 = tl.program_id(0) * BW
         rows = r0 + tl.arange(0, BW)
         g = r0 // O
@@ -135,11 +139,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _grouped_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, T, N, O, I, BW: tl.constexpr,
-                             NKB: tl.constexpr, TM: tl.constexpr):
+                             NKB: tl.constexpr, TM: tl.constexpr, PDL: tl.constexpr = False):
         """One token (TM > 1 works, but re-reduces per token: slower than the MMA kernel from
         T = 2 on the H200): BW whole weight rows a CTA as [BW, K-blocks, 128], all their bytes
         loaded at once, products on CUDA cores. x is scaled by each K-block's power-of-two
         scale instead of the weight: the same exact products, one multiply per input."""
+        pdl_start(PDL)
         r0 = tl.program_id(0) * BW
         rows = r0 + tl.arange(0, BW)
         g = r0 // O
@@ -158,8 +163,9 @@ if HAS_TRITON:
             tl.store(y_ptr + t * N + rows, yt.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _dequant_kernel(w_ptr, s_ptr, out_ptr, K):
+    def _dequant_kernel(w_ptr, s_ptr, out_ptr, K, PDL: tl.constexpr = False):
         """out = e4m3 weight x its 128x128 block scale, exactly, in bf16: a [32, 128] tile."""
+        pdl_start(PDL)
         rows = tl.program_id(0) * 32 + tl.arange(0, 32)
         kb = tl.program_id(1)
         at = rows[:, None].to(tl.int64) * K + kb * 128 + tl.arange(0, 128)[None, :]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import HAS_TRITON, use_triton
+from .pdl import pdl
 from ..quant.formats import MXFP4_BLOCK, dequant_mxfp4, quantize_mxfp4
 
 
@@ -60,7 +61,7 @@ def store_index_fp4_(cache: torch.Tensor, dst: torch.Tensor, rows: torch.Tensor)
         return
     if use_triton(rows) and c & (c - 1) == 0 and cache.is_contiguous():
         _store_kernel[(triton.cdiv(w, 16),)](rows.contiguous(), dst.contiguous(), cache, w,
-                                             cache.stride(0), C=c, BR=16, num_warps=4)
+                                             cache.stride(0), C=c, BR=16, num_warps=4, **pdl())
     else:
         cache[dst] = pack_index_fp4(rows)
 
@@ -69,12 +70,15 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .pdl import pdl_start
+
     @triton.jit
     def _store_kernel(rows_ptr, dst_ptr, cache_ptr, W, row_bytes, C: tl.constexpr,
-                      BR: tl.constexpr):
+                      BR: tl.constexpr, PDL: tl.constexpr = False):
         """BR rows: per 32-block, scale = 2^ceil(log2(max(amax, 6 * 2^-126) / 6)) from the fp32
         exponent bits (as `pow2ceil`), e2m1 codes by the same thresholds as `e2m1_codes`
         (values already on the grid), two codes a byte, then the e8m0 scale bytes."""
+        pdl_start(PDL)
         r = tl.program_id(0) * BR + tl.arange(0, BR)
         ok = r < W
         x = tl.load(rows_ptr + r[:, None].to(tl.int64) * C + tl.arange(0, C)[None, :],

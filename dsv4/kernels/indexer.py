@@ -22,6 +22,7 @@ import os
 import torch
 
 from . import HAS_TRITON, num_sms, use_triton
+from .pdl import pdl
 from .index_fp4 import index_fp4_row_bytes, unpack_index_fp4
 from .topk import select_topk, select_topk_ref
 
@@ -49,6 +50,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .pdl import pdl_start
     from .quant_linear import _e2m1_e4m3_nibbles, _e2m1_f32
 
     _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # runs no inline PTX
@@ -68,7 +70,8 @@ if HAS_TRITON:
                                blocks_per_cta, stride_qt, stride_qh, stride_wt, stride_kn,
                                stride_ct, stride_ot, C: tl.constexpr, BLOCK_H: tl.constexpr,
                                BLOCK_N: tl.constexpr, IEEE: tl.constexpr, PACKED: tl.constexpr,
-                               HAS_AVAIL: tl.constexpr):
+                               HAS_AVAIL: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_start(PDL)
         t = tl.program_id(0).to(tl.int64)  # T * N passes 2^31 at 8K tokens and 1M context
         first, last = _cta_blocks(t, avail_ptr, N, blocks_per_cta, HAS_AVAIL, BLOCK_N)
         if first >= last:
@@ -146,8 +149,9 @@ if HAS_TRITON:
                                    blocks_per_cta, stride_qt, stride_qh, stride_wt, stride_kn,
                                    stride_ct, stride_ot, BLOCK_H: tl.constexpr,
                                    BLOCK_N: tl.constexpr, HAS_AVAIL: tl.constexpr,
-                                   ASM: tl.constexpr):
+                                   ASM: tl.constexpr, PDL: tl.constexpr = False):
         """Packed keys (C = 128: 4 scale blocks) and FP4-grid queries on FP8 tensor cores."""
+        pdl_start(PDL)
         t = tl.program_id(0).to(tl.int64)
         first, last = _cta_blocks(t, avail_ptr, N, blocks_per_cta, HAS_AVAIL, BLOCK_N)
         if first >= last:
@@ -267,14 +271,14 @@ if HAS_TRITON:
                 q, w, keys, cand, cand if avail is None else avail.contiguous(), out, N, NI,
                 bpc, q.stride(0), q.stride(1), w.stride(0), keys.stride(0), cand.stride(0),
                 out.stride(0), BLOCK_H=bh, BLOCK_N=block_n, HAS_AVAIL=avail is not None,
-                ASM=not _INTERPRET, num_warps=num_warps, num_stages=num_stages)
+                ASM=not _INTERPRET, num_warps=num_warps, num_stages=num_stages, **pdl())
             return out
         _indexer_scores_kernel[(T, triton.cdiv(n_blocks, bpc))](
             q, w, keys, cand, cand if avail is None else avail.contiguous(), out, N, NI, bpc,
             q.stride(0), q.stride(1), w.stride(0), keys.stride(0), cand.stride(0), out.stride(0),
             C=C, BLOCK_H=bh, BLOCK_N=block_n, IEEE=q.dtype == torch.float32, PACKED=packed,
             HAS_AVAIL=avail is not None,
-            num_warps=num_warps, num_stages=num_stages)
+            num_warps=num_warps, num_stages=num_stages, **pdl())
         return out
 
 

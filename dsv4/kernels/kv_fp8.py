@@ -18,6 +18,7 @@ import torch
 
 from ..quant.sim import FP8_MAX, fp8_block_scale
 from . import HAS_TRITON, use_triton
+from .pdl import pdl
 
 FP8_GROUP = 64  # no-rope dims sharing one e8m0 scale
 
@@ -81,16 +82,18 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .pdl import pdl_start
     from .quant_linear import _pow2ceil
 
     @triton.jit
     def _store_kv_fp8_kernel(buf_ptr, dst_ptr, rows_ptr, src_ptr, n, stride_row,
                              ROW_BYTES: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr,
                              G: tl.constexpr, BG: tl.constexpr, PAD: tl.constexpr,
-                             BR: tl.constexpr, GATHER: tl.constexpr):
+                             BR: tl.constexpr, GATHER: tl.constexpr, PDL: tl.constexpr = False):
         """BR rows (rows src[r] when GATHER): e4m3 codes and e8m0 scale byte per 64 no-rope
         dims (SPEC.md 5.2, as `pack_kv_fp8`), the rope dims as bf16, zero padding; written to
         rows dst of buf."""
+        pdl_start(PDL)
         r = tl.program_id(0) * BR + tl.arange(0, BR)
         rmask = r < n
         out = buf_ptr + tl.load(dst_ptr + r, mask=rmask, other=0).to(tl.int64) * ROW_BYTES
@@ -137,4 +140,4 @@ if HAS_TRITON:
         _store_kv_fp8_kernel[(triton.cdiv(n, BR),)](
             buf, dst, rows, src, n, rows.stride(0), ROW_BYTES=row_bytes, NOPE=nope,
             ROPE=rope_dim, G=g, BG=triton.next_power_of_2(g), PAD=row_bytes - nope - 2 * rope_dim - g,
-            BR=BR, GATHER=gather, num_warps=4)
+            BR=BR, GATHER=gather, num_warps=4, **pdl())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import HAS_TRITON, use_triton
+from .pdl import pdl
 
 
 def sinkhorn(c: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -45,11 +46,14 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .pdl import pdl_start
+
     @triton.jit
     def _hc_mix_kernel(x_ptr, fn_ptr, part_ptr, sq_ptr, T, K, NOUT, k_per_split,
                        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, NPAD: tl.constexpr,
-                       X_BF16: tl.constexpr):
+                       X_BF16: tl.constexpr, PDL: tl.constexpr = False):
         """Partial mix = x @ fn^T and sum(x^2) over one K range of a block of tokens."""
+        pdl_start(PDL)
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         sp = tl.program_id(1)
         r = tl.arange(0, NPAD)
@@ -108,10 +112,12 @@ if HAS_TRITON:
     def _hc_pre_kernel(x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
                        T, D, S, norm_eps, hc_eps, iters,
                        N: tl.constexpr, NPAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                       BLOCK_D: tl.constexpr, SP: tl.constexpr, HEAD: tl.constexpr = False):
+                       BLOCK_D: tl.constexpr, SP: tl.constexpr, HEAD: tl.constexpr = False,
+                       PDL: tl.constexpr = False):
         """Finish the mix (sum of partials, RMS scale), y = sum_j pre_j X_j; the d-block-0 CTAs
         also write post and the Sinkhorn-normalised comb (not for HEAD, `hc_head`'s mix of
         n columns only)."""
+        pdl_start(PDL)
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         db = tl.program_id(1)
         tmask = t < T
@@ -153,8 +159,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _hc_post_kernel(x_ptr, f_ptr, post_ptr, comb_ptr, out_ptr, T, D,
-                        N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                        N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                        PDL: tl.constexpr = False):
         """out[:, k] = post[k] * f + sum_j comb[j, k] * X[:, j]: one read of X and f."""
+        pdl_start(PDL)
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         dcol = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         tmask = t < T
@@ -208,7 +216,7 @@ if HAS_TRITON:
         sq = torch.empty(splits, T, dtype=torch.float32, device=x.device)
         _hc_mix_kernel[(t_blocks, splits)](
             x, fn, part, sq, T, K, nout, kps, BLOCK_T=bt, BLOCK_K=bk, NPAD=npad,
-            X_BF16=x.dtype == torch.bfloat16, num_warps=4, num_stages=3)
+            X_BF16=x.dtype == torch.bfloat16, num_warps=4, num_stages=3, **pdl())
         # (tokens, channels, warps) per CTA of the second kernel, measured on an H200: one
         # token on one warp keeps the Sinkhorn's reductions in shuffles (T=1: 9.2 against
         # 14.4 us, T=64: 12.0 against 17.6); 4 tokens on 4 warps for prefill (T=8192: the
@@ -217,7 +225,7 @@ if HAS_TRITON:
         _hc_pre_kernel[(triton.cdiv(T, bt2), triton.cdiv(d, bd2))](
             x, part, sq, scale.float().contiguous(), base.float().contiguous(), y, post, comb,
             T, d, splits, norm_eps, hc_eps, iters, N=n, NPAD=npad, BLOCK_T=bt2, BLOCK_D=bd2,
-            SP=triton.next_power_of_2(splits), HEAD=head, num_warps=warps2)
+            SP=triton.next_power_of_2(splits), HEAD=head, num_warps=warps2, **pdl())
         return y, post, comb
 
     def hc_post_triton(x, f, post, comb):
@@ -231,7 +239,8 @@ if HAS_TRITON:
             bt, bd = 2, 512
             _hc_post_kernel[(triton.cdiv(T, bt), triton.cdiv(d, bd))](
                 x.contiguous(), f.contiguous(), post.float().contiguous(),
-                comb.float().contiguous(), out, T, d, N=n, BLOCK_T=bt, BLOCK_D=bd, num_warps=4)
+                comb.float().contiguous(), out, T, d, N=n, BLOCK_T=bt, BLOCK_D=bd, num_warps=4,
+                **pdl())
         return out
 
 

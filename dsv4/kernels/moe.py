@@ -59,6 +59,7 @@ from typing import Protocol, Sequence
 import torch
 
 from . import HAS_TRITON, num_sms, use_triton
+from .pdl import pdl
 from .quant_linear import FMT_FP8, FMT_MXFP4, FMT_NVFP4, act_quant_fp8, act_quant_values
 
 _FMT_CODES = {"fp8": FMT_FP8, "fp4": FMT_MXFP4, "nvfp4": FMT_NVFP4}
@@ -259,15 +260,16 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
     if n_slots <= SMALL_PLAN_SLOTS:  # one launch: counts and ranks by comparison, no atomics
         _route_small_kernel[(1,)](idx, blk_exp, blk_rows, slots, t, k, n_exp, n_blocks, BT=bt,
                                   S2=max(16, triton.next_power_of_2(n_slots)), EP2=ep2,
-                                  num_warps=4)
+                                  num_warps=4, **pdl())
     else:
         counts = torch.zeros(n_exp, dtype=torch.int32, device=dev)
         expert = torch.empty(n_slots, dtype=torch.int32, device=dev)
         rank = torch.empty(n_slots, dtype=torch.int32, device=dev)
         grid = (triton.cdiv(n_slots, 1024),)
-        _route_count_kernel[grid](idx, counts, expert, rank, t, k, BLOCK=1024, num_warps=4)
+        _route_count_kernel[grid](idx, counts, expert, rank, t, k, BLOCK=1024, num_warps=4, **pdl())
         _route_scatter_kernel[grid](expert, rank, counts, blk_exp, blk_rows, slots, n_slots,
-                                    n_exp, n_blocks, BT=bt, BLOCK=1024, EP2=ep2, num_warps=4)
+                                    n_exp, n_blocks, BT=bt, BLOCK=1024, EP2=ep2, num_warps=4,
+                                    **pdl())
     plan = (slots, blk_exp, blk_rows)
 
     # 1. and 3. gate/up with the SwiGLU epilogue: h in FP8, rows = padded positions. With
@@ -307,13 +309,13 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
             part1, hs, inter, d, n_exp, e_lo, e_hi, b_lo, k1, limit, per1,
             n_pos * 2 * inter, W_FMT=tab.fmt, GATE_UP=True, SPLIT=partial1, TWO=not partial1,
             BW=c["bw1"],
-            **common)
+            **common, **pdl())
     _run_groups(groups, gate_up, overlap)
     if partial1:
         _swiglu_kernel[(inter // 128, n_blocks)](
             part1, *plan, wgt, hq, hs, inter, n_exp, k1, limit, n_pos * 2 * inter,
             ROUND=common["ROUND"], HAS_LIMIT=limit > 0, BT=bt, SPLIT=split1, HBF=abf,
-            num_warps=4)
+            num_warps=4, **pdl())
     # 4. down: y rows = slots (split K: fp32 partial sums per split)
     per2 = triton.cdiv(inter // 128, split2)
     split2 = triton.cdiv(inter // 128, per2)
@@ -325,14 +327,15 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
         _moe_gemm_kernel[(triton.cdiv(d, c["bw2"]), nb, split2)](
             hq, hs, *plan, p["w2w"], p["w2s"], p["w2g"], p["w2w"], p["w2s"], p["w2g"], wgt,
             ys, hs, d, inter, n_exp, e_lo, e_hi, b_lo, k1, limit, per2, n_slots * d,
-            W_FMT=tab.fmt, GATE_UP=False, SPLIT=split2 > 1, TWO=False, BW=c["bw2"], **common)
+            W_FMT=tab.fmt, GATE_UP=False, SPLIT=split2 > 1, TWO=False, BW=c["bw2"], **common,
+            **pdl())
     _run_groups(groups, down, overlap)
     # 5. sum the slots of each token (and the K-splits of each slot)
     out = torch.empty_like(u)
     bd = 256 if t <= 16 else 1024  # small batches: more CTAs, each with its loads in flight
     _combine_kernel[(t, triton.cdiv(d, bd))](ys, out, d, n_slots * d, K1=k1, SPLIT=split2,
                                              ROUND=common["ROUND"] and split2 > 1, BD=bd,
-                                             num_warps=4)
+                                             num_warps=4, **pdl())
     return out
 
 
@@ -341,14 +344,16 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .pdl import pdl_start
     from .quant_linear import (_act_chunk, _act_scale, _e2m1_e4m3_nibbles, _e2m1_f32,
                                _e8m0_f32, _fp4_chunk, _fp8_act, _fp8_scales, _fp8_wscale,
                                _mma_fp8, _quant_block)
 
     @triton.jit
     def _route_count_kernel(idx_ptr, counts_ptr, expert_ptr, rank_ptr, T, k,
-                            BLOCK: tl.constexpr):
+                            BLOCK: tl.constexpr, PDL: tl.constexpr = False):
         """Slot -> plan expert, and the slot's rank among its expert's slots."""
+        pdl_start(PDL)
         sl = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         k1 = k + 1
         ok = sl < T * k1
@@ -385,9 +390,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _route_small_kernel(idx_ptr, blk_exp_ptr, blk_rows_ptr, slots_ptr, T, k, n_exp,
-                            n_blocks, BT: tl.constexpr, S2: tl.constexpr, EP2: tl.constexpr):
+                            n_blocks, BT: tl.constexpr, S2: tl.constexpr, EP2: tl.constexpr,
+                            PDL: tl.constexpr = False):
         """The whole plan of a small batch (up to S2 slots) in one program: a slot's rank is the
         number of earlier slots of its expert, an expert's count the number of its slots."""
+        pdl_start(PDL)
         k1 = k + 1
         sl = tl.arange(0, S2)
         ok = sl < T * k1
@@ -404,9 +411,10 @@ if HAS_TRITON:
     @triton.jit
     def _route_scatter_kernel(expert_ptr, rank_ptr, counts_ptr, blk_exp_ptr, blk_rows_ptr,
                               slots_ptr, n_slots, n_exp, n_blocks, BT: tl.constexpr,
-                              BLOCK: tl.constexpr, EP2: tl.constexpr):
+                              BLOCK: tl.constexpr, EP2: tl.constexpr, PDL: tl.constexpr = False):
         """Padded position of each slot = first row of its expert + rank. Program 0 also writes
         the per-block plan the GEMMs read with one load each."""
+        pdl_start(PDL)
         ee = tl.arange(0, EP2)
         c = tl.load(counts_ptr + ee, mask=ee < n_exp, other=0)
         nb = (c + BT - 1) // BT
@@ -460,12 +468,14 @@ if HAS_TRITON:
                          W_FMT: tl.constexpr, GATE_UP: tl.constexpr, SPLIT: tl.constexpr,
                          ROUND: tl.constexpr, HAS_LIMIT: tl.constexpr, BW: tl.constexpr,
                          BT: tl.constexpr, KC: tl.constexpr,
-                         TWO: tl.constexpr, DEC: tl.constexpr = 0, ABF: tl.constexpr = False):
+                         TWO: tl.constexpr, DEC: tl.constexpr = 0, ABF: tl.constexpr = False,
+                         PDL: tl.constexpr = False):
         """One (weight tile, block, K-split) of a grouped GEMM; grid (N/BW, blocks of this
         launch, splits). Without SPLIT the tile is finished here (GATE_UP: SwiGLU + FP8 h;
         else y in the working dtype); with SPLIT it writes fp32 partial sums. ABF (bf16 MMA
         decode only): the input rows are the exact bf16 values of the FP8 activations (no
         scales, loads that feed the MMA directly) and GATE_UP writes h that way too."""
+        pdl_start(PDL)
         b = blk_lo + tl.program_id(1)
         e, ok, pos, slot = _block_rows(b, slots_ptr, blk_exp_ptr, blk_rows_ptr, BT)
         if (e < e_lo) | (e >= e_hi):
@@ -680,9 +690,10 @@ if HAS_TRITON:
     def _swiglu_kernel(part_ptr, slots_ptr, blk_exp_ptr, blk_rows_ptr, wgt_ptr, hq_ptr, hs_ptr,
                        N, n_exp, k1, limit, part_stride, ROUND: tl.constexpr,
                        HAS_LIMIT: tl.constexpr, BT: tl.constexpr, SPLIT: tl.constexpr,
-                       HBF: tl.constexpr = False):
+                       HBF: tl.constexpr = False, PDL: tl.constexpr = False):
         """Split-K gate/up: sum the partial g, v of one (128 channels, block), then SwiGLU and
         FP8 h as the unsplit kernel's epilogue; grid (N/128, blocks)."""
+        pdl_start(PDL)
         b = tl.program_id(1)
         e, ok, pos, slot = _block_rows(b, slots_ptr, blk_exp_ptr, blk_rows_ptr, BT)
         if e >= n_exp:
@@ -701,9 +712,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _combine_kernel(ys_ptr, out_ptr, D, part_stride, K1: tl.constexpr, SPLIT: tl.constexpr,
-                        ROUND: tl.constexpr, BD: tl.constexpr):
+                        ROUND: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr = False):
         """out[t] = sum over the token's K1 slots of y_slot (= the sum of its K-split partials,
         rounded to the working dtype as the expert's output is when ROUND)."""
+        pdl_start(PDL)
         t = tl.program_id(0)
         c = tl.program_id(1) * BD + tl.arange(0, BD)
         ok = c < D

@@ -17,6 +17,7 @@ import torch
 
 from ..quant.sim import fp4_sim, fp8_sim, hadamard, hadamard_matrix
 from . import HAS_TRITON, use_triton
+from .pdl import pdl
 
 FP8_BLOCK, FP4_BLOCK = 64, 32
 
@@ -37,7 +38,7 @@ def fp8_round_(x: torch.Tensor, width: int) -> torch.Tensor:
         nb = triton.next_power_of_2(width // FP8_BLOCK)
         br = max(1, min(64, 64 // nb))
         _fp8_round_kernel[(triton.cdiv(rows, br),)](x, rows, d, width // FP8_BLOCK, BR=br,
-                                                     NB=nb, num_warps=4)
+                                                     NB=nb, num_warps=4, **pdl())
         return x
     return fp8_round_ref_(x, width)
 
@@ -57,7 +58,7 @@ def hadamard_fp4(x: torch.Tensor, qat: bool) -> torch.Tensor:
         h = hadamard_matrix(c, torch.float32, x.device)
         br = 16
         _hadamard_fp4_kernel[(triton.cdiv(rows, br),)](x2, h, out, rows, C=c, QAT=qat, BR=br,
-                                                        num_warps=4)
+                                                        num_warps=4, **pdl())
         return out
     return hadamard_fp4_ref(x, qat)
 
@@ -66,6 +67,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .pdl import pdl_start
     from .quant_linear import _pow2ceil
 
     @triton.jit
@@ -109,7 +111,9 @@ if HAS_TRITON:
         return y
 
     @triton.jit
-    def _fp8_round_kernel(x_ptr, R, D, nb, BR: tl.constexpr, NB: tl.constexpr):
+    def _fp8_round_kernel(x_ptr, R, D, nb, BR: tl.constexpr, NB: tl.constexpr,
+                          PDL: tl.constexpr = False):
+        pdl_start(PDL)
         dt = x_ptr.dtype.element_ty
         rows = tl.program_id(0) * BR + tl.arange(0, BR)
         b = tl.arange(0, NB)
@@ -122,7 +126,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _hadamard_fp4_kernel(x_ptr, h_ptr, out_ptr, R, C: tl.constexpr, QAT: tl.constexpr,
-                             BR: tl.constexpr):
+                             BR: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_start(PDL)
         dt = x_ptr.dtype.element_ty
         rows = tl.program_id(0) * BR + tl.arange(0, BR)
         ok = rows < R

@@ -26,6 +26,7 @@ import logging
 import torch
 
 from . import HAS_TRITON, num_sms, use_triton
+from .pdl import pdl
 from ..quant.formats import dequant_fp8, dequant_mxfp4, dequant_nvfp4
 from ..quant.sim import act_quant, act_quant_sim
 
@@ -122,7 +123,7 @@ def _act_quant_cuda(x: torch.Tensor, values: bool = False, pad_to: int = 1):
     s = torch.empty(mo, 0 if values else k // 128, dtype=torch.float32, device=x.device)
     if mo:
         _act_quant_kernel[(triton.cdiv(mo, 32), k // 128)](x, q, s, m, mo, k, BR=32,
-                                                           VALUES=values, num_warps=4)
+                                                           VALUES=values, num_warps=4, **pdl())
     return q, s
 
 
@@ -196,7 +197,7 @@ def _qlinear_cuda(x, fmt: int, weight, scale, gscale, path: str = "auto",
     grid = (triton.cdiv(n, bw), triton.cdiv(m, bt), split)
     _qlinear_kernel[grid](a, sa, weight, scale, g, out, m, n, k, per,
                           W_FMT=fmt, QUANT_X=path == "fused", BW=bw, BT=bt, KC=c["kc"],
-                          num_warps=warps, num_stages=c["stages"])
+                          num_warps=warps, num_stages=c["stages"], **pdl())
     if split == 1:
         return out[0].reshape(*lead, n)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -208,7 +209,7 @@ def sum_splits_(part: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     y's dtype (also the grouped wo_a kernel's, grouped_linear.py). CUDA only."""
     s, n = part.shape[0], y.numel()
     _sum_splits_kernel[(triton.cdiv(n, 1024),)](part, y, n, s, BLOCK=1024,
-                                                SP=triton.next_power_of_2(s), num_warps=4)
+                                                SP=triton.next_power_of_2(s), num_warps=4, **pdl())
     return y
 
 
@@ -223,6 +224,8 @@ def _scaled_mm_blockwise(q, s, weight, scale_e8m0_u8, out_dtype) -> torch.Tensor
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from .pdl import pdl_start
 
     @triton.jit
     def _pow2ceil(v):
@@ -398,9 +401,11 @@ if HAS_TRITON:
         return acc + tl.dot(w, tl.trans(q)) * (ws[:, None] * s[None, :])
 
     @triton.jit
-    def _sum_splits_kernel(part_ptr, y_ptr, numel, S, BLOCK: tl.constexpr, SP: tl.constexpr):
+    def _sum_splits_kernel(part_ptr, y_ptr, numel, S, BLOCK: tl.constexpr, SP: tl.constexpr,
+                           PDL: tl.constexpr = False):
         """y = the fp32 sum of the S split-K partials [S, numel], rounded once to y's dtype
         (one launch where torch takes a reduction and a cast)."""
+        pdl_start(PDL)
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         sp = tl.arange(0, SP)
         v = tl.load(part_ptr + sp[:, None].to(tl.int64) * numel + i[None, :],
@@ -409,9 +414,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, MO, K, BR: tl.constexpr,
-                          VALUES: tl.constexpr = False):
+                          VALUES: tl.constexpr = False, PDL: tl.constexpr = False):
         """e4m3 codes and scales, or (VALUES) their exact products in bf16, of rows < M;
         rows M .. MO-1 (padding) get the codes of zeros."""
+        pdl_start(PDL)
         rows = tl.program_id(0) * BR + tl.arange(0, BR)
         kb = tl.program_id(1)
         q, s = _quant_block(_act_tile(x_ptr, rows, rows < M, kb, K, True).to(tl.float32))
@@ -427,8 +433,10 @@ if HAS_TRITON:
     @triton.jit
     def _qlinear_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, g_ptr, y_ptr, M, N, K, kb_per_split,
                         W_FMT: tl.constexpr, QUANT_X: tl.constexpr,
-                        BW: tl.constexpr, BT: tl.constexpr, KC: tl.constexpr = 32):
+                        BW: tl.constexpr, BT: tl.constexpr, KC: tl.constexpr = 32,
+                        PDL: tl.constexpr = False):
         """y[split, tok, row] = sum over this split's K-blocks; grid (N/BW, M/BT, splits)."""
+        pdl_start(PDL)
         rows = tl.program_id(0) * BW + tl.arange(0, BW)
         toks = tl.program_id(1) * BT + tl.arange(0, BT)
         split = tl.program_id(2)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import HAS_TRITON, use_triton
+from .pdl import pdl
 
 MAX_TRITON_WIDTH = 16384
 
@@ -20,8 +21,12 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .pdl import pdl_start
+
     @triton.jit
-    def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, N, stride_x, eps, BLOCK: tl.constexpr):
+    def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, N, stride_x, eps, BLOCK: tl.constexpr,
+                        PDL: tl.constexpr = False):
+        pdl_start(PDL)
         row = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, BLOCK)
         mask = c < N
@@ -43,7 +48,8 @@ if HAS_TRITON:
         if x2.shape[0]:
             block = triton.next_power_of_2(N)
             _rmsnorm_kernel[(x2.shape[0],)](x2, weight.contiguous(), out, N, x2.stride(0), eps,
-                                            BLOCK=block, num_warps=min(16, max(1, block // 256)))
+                                            BLOCK=block, num_warps=min(16, max(1, block // 256)),
+                                            **pdl())
         return out.view(x.shape)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import HAS_TRITON, use_triton
+from .pdl import pdl
 
 
 def apply_rope(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor,
@@ -65,7 +66,7 @@ def _rope_cuda(x, pos, freqs, rope_dim, inverse, norm_eps):
     _rope_kernel[(x.shape[0], triton.cdiv(heads, bh))](
         x, pos, freqs.to(device=x.device, dtype=torch.float32), heads,
         float(norm_eps or 0.0), D=d, NOPE=d - rope_dim, NORM=norm, INV=inverse, BH=bh, BP=bp,
-        num_warps=max(1, min(4, bh * bp // 128)))
+        num_warps=max(1, min(4, bh * bp // 128)), **pdl())
     return x
 
 
@@ -73,11 +74,15 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .pdl import pdl_start
+
     @triton.jit
     def _rope_kernel(x_ptr, pos_ptr, f_ptr, heads, eps, D: tl.constexpr, NOPE: tl.constexpr,
-                     NORM: tl.constexpr, INV: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr):
+                     NORM: tl.constexpr, INV: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
+                     PDL: tl.constexpr = False):
         """One token, BH of its rows (heads); pairs j of each row (all D/2 with NORM, else the
         rope pairs only). The angles depend on the token alone: cos and sin once per program."""
+        pdl_start(PDL)
         dt = x_ptr.dtype.element_ty
         t = tl.program_id(0)
         h = tl.program_id(1) * BH + tl.arange(0, BH)

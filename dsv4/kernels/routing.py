@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import HAS_TRITON, use_triton
+from .pdl import pdl
 
 _FUNCS = {"sqrtsoftplus": 0, "sigmoid": 1, "softmax": 2}
 # Scores use CUDA's expf / log1pf and correctly rounded sqrt and division, as torch's CUDA ops
@@ -65,13 +66,15 @@ def _route_cuda(z, func, topk, scaling, bias, table, ids):
     _route_kernel[(t,)](z, bias if not hashed else z, table if hashed else idx,
                         ids if hashed else idx, idx, wgt, e, scaling, FUNC=func, K=topk,
                         KP2=triton.next_power_of_2(topk), EP2=triton.next_power_of_2(e),
-                        HASH=hashed, PRECISE=not INTERPRET, num_warps=4)
+                        HASH=hashed, PRECISE=not INTERPRET, num_warps=4, **pdl())
     return idx, wgt
 
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from .pdl import pdl_start
 
     if not INTERPRET:
         from triton.language.extra import libdevice
@@ -85,7 +88,9 @@ if HAS_TRITON:
     @triton.jit
     def _route_kernel(z_ptr, bias_ptr, table_ptr, ids_ptr, idx_ptr, wgt_ptr, E, scaling,
                       FUNC: tl.constexpr, K: tl.constexpr, KP2: tl.constexpr,
-                      EP2: tl.constexpr, HASH: tl.constexpr, PRECISE: tl.constexpr):
+                      EP2: tl.constexpr, HASH: tl.constexpr, PRECISE: tl.constexpr,
+                      PDL: tl.constexpr = False):
+        pdl_start(PDL)
         row = tl.program_id(0).to(tl.int64)
         e = tl.arange(0, EP2)
         ok = e < E

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from . import HAS_TRITON, num_sms, use_triton
+from .pdl import pdl
 from .kv_fp8 import unpack_kv_fp8
 
 _log = logging.getLogger(__name__)
@@ -134,6 +135,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .pdl import pdl_start
+
     _LOG2E = 1.4426950408889634
 
     @triton.jit
@@ -217,7 +220,8 @@ if HAS_TRITON:
                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
                             BLOCK_K: tl.constexpr, FP8: tl.constexpr, NOPE: tl.constexpr,
                             ROPE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-                            HAS_LEN: tl.constexpr):
+                            HAS_LEN: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_start(PDL)
         pid = tl.program_id(0)
         sid = tl.program_id(1)
         n_hb = tl.cdiv(H, BLOCK_H)
@@ -277,10 +281,11 @@ if HAS_TRITON:
     @triton.jit
     def _combine_kernel(sink_ptr, part_o_ptr, part_ml_ptr, o_ptr, T, H, S,
                         stride_ot, stride_oh, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_H: tl.constexpr):
+                        BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
         """Merge S partial softmaxes (unnormalised acc, max m, sum l, log2 units) and the sink,
         for one token, BLOCK_H heads and BLOCK_D of the D dims (a slice per CTA: at decode batch
         1 whole rows would leave all but a few SMs idle)."""
+        pdl_start(PDL)
         t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         hmask = h < H
@@ -413,12 +418,12 @@ if HAS_TRITON:
                 *args, D=D, BLOCK_D=BD, BLOCK_H=BH, BLOCK_K=BK, FP8=fp8, NOPE=D - rope_dim,
                 ROPE=rope_dim, SPLIT=splits > 1, IEEE=q.dtype == torch.float32,
                 HAS_LEN=cmp_len is not None, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages)
+                num_stages=cfg.num_stages, **pdl())
         if splits > 1:
             cd = min(BD, 128)
             _combine_kernel[(T, triton.cdiv(H, 16), triton.cdiv(D, cd))](
                 sink, part_o, part_ml, o, T, H, splits, o.stride(0), o.stride(1),
-                D=D, BLOCK_D=cd, BLOCK_H=16, num_warps=4)
+                D=D, BLOCK_D=cd, BLOCK_H=16, num_warps=4, **pdl())
         return o
 
 

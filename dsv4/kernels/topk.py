@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import HAS_TRITON, num_sms, use_triton
+from .pdl import pdl
 
 # Columns up to which one program selects a whole row, reading it six times. H200, 32 rows:
 # 2K columns 12.9 us against 34.0 for the split select (whose 7 launches set a floor), 8K
@@ -88,10 +89,11 @@ def _topk_split_cuda(score, cand, k, avail=None, chunk: int = 4096,
     common = dict(HAS_AVAIL=avail is not None, CHUNK=chunk, num_warps=8)
     grid = (T, min(n_chunks, programs or max(1, 4 * num_sms(score.device) // T)))
     for p in range(4):
-        _topk_hist_kernel[grid](score, av, work, N, kk, work.stride(0), PASS=p, **common)
+        _topk_hist_kernel[grid](score, av, work, N, kk, work.stride(0), PASS=p, **common, **pdl())
     for count in (True, False):
         _topk_write_kernel[grid](score, cand, av, out, work, N, kk, work.stride(0), n_chunks,
-                                 COUNT=count, NCP=triton.next_power_of_2(n_chunks), **common)
+                                 COUNT=count, NCP=triton.next_power_of_2(n_chunks), **common,
+                                 **pdl())
     return out
 
 
@@ -109,13 +111,15 @@ def _topk_cuda(score, cand, k, avail=None):
         # against 57)
         block, warps = min(block, 512), 4
     _topk_kernel[(T,)](score, cand, cand if avail is None else avail.contiguous(), out, N, kk,
-                       HAS_AVAIL=avail is not None, BLOCK=block, num_warps=warps)
+                       HAS_AVAIL=avail is not None, BLOCK=block, num_warps=warps, **pdl())
     return out
 
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from .pdl import pdl_start
 
     @triton.jit
     def _keys(score_ptr, n, N):
@@ -129,7 +133,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _topk_kernel(score_ptr, cand_ptr, avail_ptr, out_ptr, N, K, HAS_AVAIL: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_start(PDL)
         t = tl.program_id(0).to(tl.int64)
         score_ptr += t * N
         cand_ptr += t * N
@@ -229,10 +234,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _topk_hist_kernel(score_ptr, avail_ptr, work_ptr, N, K, stride_w, PASS: tl.constexpr,
-                          HAS_AVAIL: tl.constexpr, CHUNK: tl.constexpr):
+                          HAS_AVAIL: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr = False):
         """Pass PASS of the split select: this chunk's histogram of digit PASS among the
         entries matching the digits fixed so far, added to the row's (pass 0 also counts the
         visible entries)."""
+        pdl_start(PDL)
         t = tl.program_id(0).to(tl.int64)
         n_t = _row_avail(avail_ptr, t, N, HAS_AVAIL)
         # rows of no more than K columns take every visible entry: no select (visible stays 0)
@@ -264,10 +270,11 @@ if HAS_TRITON:
     @triton.jit
     def _topk_write_kernel(score_ptr, cand_ptr, avail_ptr, out_ptr, work_ptr, N, K, stride_w,
                            n_chunks, COUNT: tl.constexpr, NCP: tl.constexpr,
-                           HAS_AVAIL: tl.constexpr, CHUNK: tl.constexpr):
+                           HAS_AVAIL: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr = False):
         """COUNT: each chunk's entries above and at the threshold key, into the row's work.
         Else: write them, a chunk's offsets being the counts of the chunks before it; the
         row's first program also fills the slots past the picks with -1."""
+        pdl_start(PDL)
         t = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
         n_t = _row_avail(avail_ptr, t, N, HAS_AVAIL)

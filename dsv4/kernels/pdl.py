@@ -1,0 +1,54 @@
+"""Programmatic dependent launch (PDL, sm_90+) for the Triton kernels.
+
+A decode step is ~190 small kernels (batch 1), each a few microseconds, so the launch and the
+ramp-up of each one cost as much as its work. With PDL a kernel is launched while its
+predecessor in the stream still runs: its CTAs are placed and start, and wait
+(`griddepcontrol.wait`) until the predecessor has finished and its writes are visible. Every
+kernel launched this way starts with `pdl_start(PDL)`: the wait first (nothing is read or
+written before it, so a kernel sees exactly what it would without PDL, also through kernels
+that do not use it), then `griddepcontrol.launch_dependents`, which lets the next kernel be
+placed while this one works. CUDA graphs keep the launches' dependencies as programmatic edges.
+
+`pdl()` gives a launch's keywords: `PDL=True, launch_pdl=True` on sm_90+ GPUs, nothing
+elsewhere (older GPUs, Triton's CPU interpreter, `DSV4_PDL=0`).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import HAS_TRITON
+
+_ARGS: dict | None = None
+
+
+def pdl() -> dict:
+    """Launch keywords that turn PDL on for one launch of a kernel with a `PDL` constexpr."""
+    global _ARGS
+    if _ARGS is None:
+        on = (HAS_TRITON and _HAS_GDC and os.environ.get("TRITON_INTERPRET") != "1"
+              and os.environ.get("DSV4_PDL", "1") != "0" and torch.cuda.is_available()
+              and all(torch.cuda.get_device_capability(i) >= (9, 0)
+                      for i in range(torch.cuda.device_count())))
+        _ARGS = {"PDL": True, "launch_pdl": True} if on else {}
+    return _ARGS
+
+
+_HAS_GDC = False
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+        _HAS_GDC = True
+    except ImportError:  # an older Triton: launches stay plain
+        gdc_wait = gdc_launch_dependents = None
+
+    @triton.jit
+    def pdl_start(PDL: tl.constexpr):
+        """First statement of a kernel that may be launched with PDL (see the module)."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
