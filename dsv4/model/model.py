@@ -8,6 +8,7 @@ from ..cache.kv_cache import ModelCache
 from ..distributed import SINGLE, ParallelGroup
 from ..kernels.f32_linear import linear_f32
 from ..kernels.mhc import hc_head
+from ..kernels.pdl import for_tokens
 from ..quant.linear import BF16Linear, make_linear
 from ..quant.scheme import QuantScheme
 from .batch import ForwardBatch
@@ -78,9 +79,10 @@ class DeepseekV4Model(nn.Module):
         X [T, n, d]; `logits(X[batch.logits_indices])` gives next-token logits."""
         self._check(batch, cache)
         ids = batch.input_ids
-        x = self.embed_tokens(ids)[:, None, :].expand(-1, self.cfg.hc_mult, -1).contiguous()
-        for i, layer in enumerate(self.layers):
-            x = layer(x, batch, cache.layers[i], ids)
+        with for_tokens(batch.num_tokens):  # how the GPU kernels are launched
+            x = self.embed_tokens(ids)[:, None, :].expand(-1, self.cfg.hc_mult, -1).contiguous()
+            for i, layer in enumerate(self.layers):
+                x = layer(x, batch, cache.layers[i], ids)
         return x
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
@@ -94,9 +96,10 @@ class DeepseekV4Model(nn.Module):
     def logits(self, x: torch.Tensor, head_owner: nn.Module | None = None) -> torch.Tensor:
         """x [N, n, d] -> fp32 logits [N, V] through hc_head, norm and the shared head."""
         o = head_owner if head_owner is not None else self
-        y = hc_head(x, o.hc_head_fn, o.hc_head_scale, o.hc_head_base, self.cfg.rms_norm_eps,
-                    self.cfg.hc_eps)
-        return linear_f32(o.norm(y).float(), self.head.weight)
+        with for_tokens(x.shape[0]):
+            y = hc_head(x, o.hc_head_fn, o.hc_head_scale, o.hc_head_base, self.cfg.rms_norm_eps,
+                        self.cfg.hc_eps)
+            return linear_f32(o.norm(y).float(), self.head.weight)
 
     def mtp_forward(self, h: torch.Tensor, next_ids: torch.Tensor, batch: ForwardBatch,
                     cache: ModelCache, j: int = 0) -> torch.Tensor:
@@ -104,8 +107,9 @@ class DeepseekV4Model(nn.Module):
         there and `next_ids` [T] the tokens one position later. Returns its state [T, n, d]."""
         self._check(batch, cache)
         layer = self.mtp[j]
-        return layer(h, self.embed_tokens(next_ids), batch,
-                     cache.layers[self.cfg.num_hidden_layers + j], next_ids)
+        with for_tokens(batch.num_tokens):
+            return layer(h, self.embed_tokens(next_ids), batch,
+                         cache.layers[self.cfg.num_hidden_layers + j], next_ids)
 
     def mtp_logits(self, x: torch.Tensor, j: int = 0) -> torch.Tensor:
         return self.logits(x, self.mtp[j])

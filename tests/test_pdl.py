@@ -1,0 +1,67 @@
+"""The launch policy of `kernels/pdl.py` (programmatic dependent launch): which launches get
+it, by GPU and by the size of the step. The launches themselves run on the device
+(tests/gpu/test_pdl_gpu.py)."""
+from __future__ import annotations
+
+import torch
+
+from dsv4.kernels import pdl as pdl_mod
+from model_helpers import make_cache, make_model, run_chunks
+
+ON = {"PDL": True, "launch_pdl": True}
+
+
+def test_off_without_a_hopper_gpu(monkeypatch):
+    monkeypatch.setattr(pdl_mod, "_ARGS", None)
+    if not torch.cuda.is_available():
+        assert pdl_mod.pdl() == {}
+
+
+def test_small_steps_only(monkeypatch):
+    monkeypatch.setattr(pdl_mod, "_ARGS", ON)  # as on an H200
+    n = pdl_mod.PDL_MAX_TOKENS
+    assert pdl_mod.pdl() == ON
+    with pdl_mod.for_tokens(n):
+        assert pdl_mod.pdl() == ON
+        with pdl_mod.for_tokens(n + 1):
+            assert pdl_mod.pdl() == {}
+        assert pdl_mod.pdl() == ON
+    try:
+        with pdl_mod.for_tokens(4096):
+            raise KeyError
+    except KeyError:
+        pass
+    assert pdl_mod.pdl() == ON  # restored after an exception too
+
+
+def test_model_forward_and_head_choose_by_their_token_count(monkeypatch):
+    """The main layers and the head see the policy of their own row count."""
+    monkeypatch.setattr(pdl_mod, "_ARGS", ON)
+    model = make_model()
+    seen = []
+    blk = type(model.layers[0])
+    real = blk.forward
+
+    def spy(self, *a, **k):
+        seen.append(("block", bool(pdl_mod.pdl())))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(blk, "forward", spy)
+    import dsv4.model.model as model_mod
+    real_f32 = model_mod.linear_f32
+
+    def head_spy(x, w):
+        seen.append(("head", x.shape[0], bool(pdl_mod.pdl())))
+        return real_f32(x, w)
+
+    monkeypatch.setattr(model_mod, "linear_f32", head_spy)
+    cache = make_cache(model)
+    n = pdl_mod.PDL_MAX_TOKENS
+    ids = list(range(3, 3 + n + 1))
+    run_chunks(model, cache, ids, [n + 1])  # one step over n + 1 tokens, logits at each
+    layers = model.cfg.num_hidden_layers
+    assert seen == [("block", False)] * layers + [("head", n + 1, False)]
+    seen.clear()
+    run_chunks(make_model(), make_cache(model), ids[:2], [1, 1])
+    assert seen == ([("block", True)] * layers + [("head", 1, True)]) * 2
+    assert pdl_mod.pdl() == ON
