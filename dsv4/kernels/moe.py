@@ -59,7 +59,7 @@ from typing import Protocol, Sequence
 import torch
 
 from . import HAS_TRITON, num_sms, use_triton
-from .pdl import pdl
+from .pdl import l2_prefetch_on, pdl
 from .quant_linear import FMT_FP8, FMT_MXFP4, FMT_NVFP4, act_quant_fp8, act_quant_values
 
 _FMT_CODES = {"fp8": FMT_FP8, "fp4": FMT_MXFP4, "nvfp4": FMT_NVFP4}
@@ -239,8 +239,8 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
         return u.clone()
     c = moe_config(t, k, n_routed, d, inter, num_sms(dev))
     c.update(cfg or {})
-    if _INTERPRET and c["dec"] == 2:  # Triton's CPU interpreter runs no inline PTX
-        c["dec"] = 1
+    if _INTERPRET:  # Triton's CPU interpreter runs no inline PTX
+        c["dec"], c["prefetch"] = min(c["dec"], 1), False
     u = u.contiguous()
     idx = idx.contiguous()  # int32 or int64: the routing kernels read either
     wgt = wgt.float().contiguous()
@@ -292,7 +292,7 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
         groups = [(extra, 0, 1, 0, shared_blocks), (main, 1, n_exp, shared_blocks, routed_blocks)]
     common = dict(ROUND=u.dtype == torch.bfloat16, HAS_LIMIT=limit > 0, BT=bt,
                   KC=c["kc"], DEC=c["dec"], ABF=abf, num_warps=c["warps"],
-                  num_stages=c["stages"])
+                  num_stages=c["stages"], PREFETCH=bool(c.get("prefetch", l2_prefetch_on())))
     split1, split2 = c["split1"], c["split2"]
     per1 = triton.cdiv(d // 128, split1)
     split1 = triton.cdiv(d // 128, per1)
@@ -344,7 +344,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .pdl import pdl_start
+    from .pdl import l2_prefetch, l2_prefetch_one, pdl_start
     from .quant_linear import (_act_chunk, _act_scale, _e2m1_e4m3_nibbles, _e2m1_f32,
                                _e8m0_f32, _fp4_chunk, _fp8_act, _fp8_scales, _fp8_wscale,
                                _mma_fp8, _quant_block)
@@ -469,12 +469,14 @@ if HAS_TRITON:
                          ROUND: tl.constexpr, HAS_LIMIT: tl.constexpr, BW: tl.constexpr,
                          BT: tl.constexpr, KC: tl.constexpr,
                          TWO: tl.constexpr, DEC: tl.constexpr = 0, ABF: tl.constexpr = False,
-                         PDL: tl.constexpr = False):
+                         PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False):
         """One (weight tile, block, K-split) of a grouped GEMM; grid (N/BW, blocks of this
         launch, splits). Without SPLIT the tile is finished here (GATE_UP: SwiGLU + FP8 h;
         else y in the working dtype); with SPLIT it writes fp32 partial sums. ABF (bf16 MMA
         decode only): the input rows are the exact bf16 values of the FP8 activations (no
-        scales, loads that feed the MMA directly) and GATE_UP writes h that way too."""
+        scales, loads that feed the MMA directly) and GATE_UP writes h that way too.
+        PREFETCH: once its expert is known, the CTA requests all its weight bytes into L2 at
+        once (`pdl.l2_prefetch`), beside the few K-blocks the pipeline has in flight."""
         pdl_start(PDL)
         b = blk_lo + tl.program_id(1)
         e, ok, pos, slot = _block_rows(b, slots_ptr, blk_exp_ptr, blk_rows_ptr, BT)
@@ -510,6 +512,19 @@ if HAS_TRITON:
             arow = pos
         kb0 = tl.program_id(2) * kb_per
         kb1 = tl.minimum(kb0 + kb_per, K // 128)
+        if PREFETCH:
+            n_kb = tl.maximum(kb1 - kb0, 1)
+            if W_FMT == 0:  # [N, K] rows: each row's K range
+                r = tl.minimum(rows, N - 1).to(tl.int64) * K + kb0 * 128
+                l2_prefetch(w + r, n_kb * 128, True)
+                if TWO:
+                    l2_prefetch(w3 + r, n_kb * 128, True)
+            else:  # the kernels' layout: a 64-row group's K-blocks are one run of bytes
+                for g in tl.static_range(BW // 64):
+                    at = (tile * (BW // 64) + g).to(tl.int64) * (32 * K) + kb0 * 4096
+                    l2_prefetch_one(w + at, n_kb * 4096, True)
+                    if TWO:
+                        l2_prefetch_one(w3 + at, n_kb * 4096, True)
         acc = tl.zeros((BW, BT), dtype=tl.float32)
         acc3 = tl.zeros((BW, BT), dtype=tl.float32)
         if W_FMT == 1:  # row pointers hoisted: the loop only adds kb offsets

@@ -9,6 +9,10 @@ written before it, so a kernel sees exactly what it would without PDL, also thro
 that do not use it), then `griddepcontrol.launch_dependents`, which lets the next kernel be
 placed while this one works. CUDA graphs keep the launches' dependencies as programmatic edges.
 
+Before its wait a kernel may read what no earlier kernel writes: `l2_prefetch` starts
+bringing its weights into L2 while the predecessor still runs (`DSV4_L2_PREFETCH=1`, off by
+default until measured on the H200; `l2_prefetch_on()`).
+
 `pdl()` gives a launch's keywords: `PDL=True, launch_pdl=True` on sm_90+ GPUs, nothing
 elsewhere (older GPUs, Triton's CPU interpreter, `DSV4_PDL=0`) and inside `for_tokens(n)` with
 n over PDL_MAX_TOKENS. H200, Flash-shaped 4-layer FP4 model, CUDA graphs (`engine_gpu.py`):
@@ -44,6 +48,11 @@ def pdl() -> dict:
     return {} if _OFF[-1] else _ARGS
 
 
+def l2_prefetch_on() -> bool:
+    """Whether the weight-streaming kernels prefetch their weights into L2 (sm_90+ only)."""
+    return bool(pdl() or _ARGS) and os.environ.get("DSV4_L2_PREFETCH", "0") == "1"
+
+
 @contextlib.contextmanager
 def for_tokens(n: int):
     """The launches of a forward over n tokens: PDL only up to PDL_MAX_TOKENS (a CUDA graph
@@ -72,3 +81,33 @@ if HAS_TRITON:
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
+
+    @triton.jit
+    def l2_prefetch(ptr, nbytes, ON: tl.constexpr):
+        """Hint: start bringing `nbytes` (int32, a multiple of 16, > 0) from each address of the
+        pointer tensor `ptr` (16-byte aligned) into L2 (`cp.async.bulk.prefetch.L2`, sm_90).
+        It only reads, and L2 is coherent, so it may precede `pdl_start` for bytes that no
+        earlier kernel is writing (weights)."""
+        if ON:
+            addr = ptr.to(tl.int64, bitcast=True)
+            size = tl.zeros(addr.shape, tl.int32) + nbytes
+            tl.inline_asm_elementwise(
+                asm="cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;",
+                constraints="=r,l,r", args=[addr, size], dtype=tl.int32, is_pure=False,
+                pack=1)
+
+    @triton.jit
+    def l2_prefetch_one(ptr, nbytes, ON: tl.constexpr):
+        """`l2_prefetch` of one run of bytes (scalar pointer and size), issued by thread 0."""
+        if ON:
+            tl.inline_asm_elementwise(
+                asm="""{
+                .reg .pred p;
+                .reg .u32 t;
+                mov.u32 t, %tid.x;
+                setp.eq.u32 p, t, 0;
+                @p cp.async.bulk.prefetch.L2.global [$1], $2;
+                mov.u32 $0, 0;
+                }""",
+                constraints="=r,l,r", args=[ptr.to(tl.int64, bitcast=True), nbytes],
+                dtype=tl.int32, is_pure=False, pack=1)

@@ -22,15 +22,17 @@ The tile helpers (`_fp8_scales`, `_fp8_act`, `_act_scale`, `_act_chunk`, `_fp4_c
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
 from . import HAS_TRITON, num_sms, use_triton
-from .pdl import pdl
+from .pdl import l2_prefetch_on, pdl
 from ..quant.formats import dequant_fp8, dequant_mxfp4, dequant_nvfp4
 from ..quant.sim import act_quant, act_quant_sim
 
 _log = logging.getLogger(__name__)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Weight formats as the kernels know them (constexpr W_FMT).
 FMT_FP8, FMT_MXFP4, FMT_NVFP4 = 0, 1, 2
@@ -184,7 +186,8 @@ def _qlinear_cuda(x, fmt: int, weight, scale, gscale, path: str = "auto",
         split = None
     else:
         bw, bt, warps, split, stages = 128, 128, 8, 1, 3
-    c = dict(bw=bw, bt=bt, warps=warps, split=split, stages=stages, kc=32)
+    c = dict(bw=bw, bt=bt, warps=warps, split=split, stages=stages, kc=32,
+             prefetch=m <= SMALL_M and l2_prefetch_on())
     c.update(cfg or {})
     bw, bt, warps = c["bw"], c["bt"], c["warps"]
     split = c["split"]
@@ -197,6 +200,8 @@ def _qlinear_cuda(x, fmt: int, weight, scale, gscale, path: str = "auto",
     grid = (triton.cdiv(n, bw), triton.cdiv(m, bt), split)
     _qlinear_kernel[grid](a, sa, weight, scale, g, out, m, n, k, per,
                           W_FMT=fmt, QUANT_X=path == "fused", BW=bw, BT=bt, KC=c["kc"],
+                          PREFETCH=(bool(c["prefetch"]) and weight.data_ptr() % 16 == 0
+                                    and not _INTERPRET),
                           num_warps=warps, num_stages=c["stages"], **pdl())
     if split == 1:
         return out[0].reshape(*lead, n)
@@ -225,7 +230,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .pdl import pdl_start
+    from .pdl import l2_prefetch, pdl_start
 
     @triton.jit
     def _pow2ceil(v):
@@ -434,9 +439,10 @@ if HAS_TRITON:
     def _qlinear_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, g_ptr, y_ptr, M, N, K, kb_per_split,
                         W_FMT: tl.constexpr, QUANT_X: tl.constexpr,
                         BW: tl.constexpr, BT: tl.constexpr, KC: tl.constexpr = 32,
-                        PDL: tl.constexpr = False):
-        """y[split, tok, row] = sum over this split's K-blocks; grid (N/BW, M/BT, splits)."""
-        pdl_start(PDL)
+                        PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False):
+        """y[split, tok, row] = sum over this split's K-blocks; grid (N/BW, M/BT, splits).
+        PREFETCH: the CTA's weight bytes are requested into L2 before it waits for the previous
+        kernel (`pdl.l2_prefetch`)."""
         rows = tl.program_id(0) * BW + tl.arange(0, BW)
         toks = tl.program_id(1) * BT + tl.arange(0, BT)
         split = tl.program_id(2)
@@ -444,6 +450,10 @@ if HAS_TRITON:
         tok_ok = toks < M
         kb0 = split * kb_per_split
         kb1 = tl.minimum(kb0 + kb_per_split, K // 128)
+        BPK: tl.constexpr = 128 if W_FMT == 0 else 64  # weight bytes a row and K-block
+        w_rows = w_ptr + tl.minimum(rows, N - 1).to(tl.int64) * (K // 128 * BPK)
+        l2_prefetch(w_rows + kb0 * BPK, tl.maximum(kb1 - kb0, 1) * BPK, PREFETCH)
+        pdl_start(PDL)
         acc = tl.zeros((BW, BT), dtype=tl.float32)
         if W_FMT == 0:  # scales one K-block ahead (`_fp8_scales`)
             sn, wn = _fp8_scales(sx_ptr, ws_ptr, toks, tok_ok, rows, row_ok, kb0, K, kb0 < kb1,

@@ -241,6 +241,26 @@ def test_moe_mxfp4_fp8_tensor_core_decodes(dec, base, monkeypatch):
                cfg=dict(base, dec=dec))
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "fp4", "nvfp4"])
+def test_l2_prefetch_changes_no_result(fmt):
+    """The L2 prefetch hint (`pdl.l2_prefetch`, DSV4_L2_PREFETCH=1): bit-identical outputs,
+    for the linears (issued before the PDL wait) and the MoE GEMMs (every launch shape: split
+    K, 64- and 128-row tiles, the fused epilogue, the FP8 shared expert's launch)."""
+    args, _, code, kargs = _weights(fmt, 4096, 7168)
+    for m in (1, 16, 100):
+        x = torch.randn(m, 7168, device=DEV).bfloat16()
+        plain = ql._qlinear_cuda(x, code, *kargs, cfg=dict(prefetch=False))
+        assert torch.equal(ql._qlinear_cuda(x, code, *kargs, cfg=dict(prefetch=True)), plain)
+    experts, shared = _random_moe(32, 4096, 2048, fmt, "fp8" if fmt == "fp4" else fmt,
+                                  torch.bfloat16, seed=7)
+    for t in (1, 5, 40, 300):
+        u = torch.randn(t, 4096, device=DEV).bfloat16()
+        idx, wgt = _routing(t, len(experts), 6, "uniform", seed=t)
+        plain = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, dict(prefetch=False))
+        got = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, dict(prefetch=True))
+        assert torch.equal(got, plain), (fmt, t)
+
+
 @pytest.mark.parametrize("fmt,shared_fmt", [("fp4", "fp8"), ("nvfp4", "fp8"), ("nvfp4", "nvfp4")])
 @pytest.mark.parametrize("base", [
     dict(bw1=128, bw2=128, kc=64, split1=2, split2=1, bt=64, warps=8),
