@@ -1,0 +1,73 @@
+"""Decode time per output token by batch size under the kernels' launch policies, one model:
+
+- `plain`: no programmatic dependent launch (PDL_MAX_TOKENS = 0),
+- `pdl`: PDL at every batch size,
+- `pdl+prefetch`: PDL and the L2 weight prefetch (DSV4_L2_PREFETCH=1),
+- `default`: what the engine does now.
+
+Each policy gets its own engine (the CUDA graphs keep the launches of their capture); the
+model is built once (Flash-shaped, 4 layers, FP4 experts, dummy weights). 1K prompts, 32
+tokens each, CUDA graphs and async scheduling on. The table says where PDL_MAX_TOKENS
+belongs and whether the prefetch pays.
+
+    PYTHONPATH=. python3 benchmarks/launch_ab.py [--batches 1 8 16 32 64 256] [--policies ...]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dsv4.bench import measure
+from dsv4.kernels import pdl as pdl_mod
+from dsv4.loader import load_model, tiny_config
+from engine_gpu import engine_for
+
+POLICIES = {  # (PDL_MAX_TOKENS, DSV4_L2_PREFETCH)
+    "plain": (0, "0"),
+    "pdl": (1 << 20, "0"),
+    "pdl+prefetch": (1 << 20, "1"),
+    "default": (pdl_mod.PDL_MAX_TOKENS, os.environ.get("DSV4_L2_PREFETCH", "0")),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16, 32, 64, 256])
+    ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    ap.add_argument("--preset", default="flash")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--format", default="fp4")
+    a = ap.parse_args()
+    cfg = tiny_config(a.format, a.preset, a.layers)
+    d = Path(tempfile.mkdtemp())
+    (d / "config.json").write_text(json.dumps(cfg.to_dict()))
+    loaded = load_model(d, dtype="bfloat16", device="cuda", load_format="dummy")
+    rows = {}
+    for name in a.policies:
+        max_tokens, prefetch = POLICIES[name]
+        pdl_mod.PDL_MAX_TOKENS = max_tokens
+        os.environ["DSV4_L2_PREFETCH"] = prefetch
+        e = engine_for(loaded, max_num_seqs=max(a.batches), max_model_len=4096,
+                       gpu_memory_utilization=0.85)
+        for b in a.batches:
+            r = measure(e, "latency" if b == 1 else "throughput", b, 1024, 32,
+                        label=f"{name} b={b}")
+            rows[(name, b)] = r["tpot_ms_median"]
+            print(f"{name:>13} batch {b:>4}: TPOT {r['tpot_ms_median']:.3f} ms", flush=True)
+        del e
+        gc.collect()
+        torch.cuda.empty_cache()
+    print("\n| batch | " + " | ".join(f"{n} TPOT ms" for n in a.policies) + " |")
+    print("|---" * (len(a.policies) + 1) + "|")
+    for b in a.batches:
+        print(f"| {b} | " + " | ".join(f"{rows[(n, b)]:.3f}" for n in a.policies) + " |")
+
+
+if __name__ == "__main__":
+    main()
