@@ -70,8 +70,12 @@ if HAS_TRITON:
     import triton.language as tl
 
     try:
+        import dataclasses
+
+        from triton.backends.nvidia.compiler import CUDAOptions
         from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-        _HAS_GDC = True
+        # the launch option and the instructions: Triton 3.6 has both
+        _HAS_GDC = "launch_pdl" in {f.name for f in dataclasses.fields(CUDAOptions)}
     except ImportError:  # an older Triton: launches stay plain
         gdc_wait = gdc_launch_dependents = None
 
