@@ -3,6 +3,8 @@
 - `plain`: no programmatic dependent launch (PDL_MAX_TOKENS = 0),
 - `pdl`: PDL at every batch size,
 - `pdl+prefetch`: PDL and the L2 weight prefetch (DSV4_L2_PREFETCH=1),
+- `side`: the default launches plus each attention layer's kv row and compressor on a side
+  stream (DSV4_SIDE_STREAM=1),
 - `default`: what the engine does now.
 
 Each policy gets its own engine (the CUDA graphs keep the launches of their capture); the
@@ -28,11 +30,13 @@ from dsv4.kernels import pdl as pdl_mod
 from dsv4.loader import load_model, tiny_config
 from engine_gpu import engine_for
 
-POLICIES = {  # (PDL_MAX_TOKENS, DSV4_L2_PREFETCH)
-    "plain": (0, "0"),
-    "pdl": (1 << 20, "0"),
-    "pdl+prefetch": (1 << 20, "1"),
-    "default": (pdl_mod.PDL_MAX_TOKENS, os.environ.get("DSV4_L2_PREFETCH", "0")),
+ENV = ("DSV4_L2_PREFETCH", "DSV4_SIDE_STREAM")
+POLICIES = {  # PDL_MAX_TOKENS, then the values of ENV
+    "plain": (0, "0", "0"),
+    "pdl": (1 << 20, "0", "0"),
+    "pdl+prefetch": (1 << 20, "1", "0"),
+    "side": (pdl_mod.PDL_MAX_TOKENS, "0", "1"),
+    "default": (pdl_mod.PDL_MAX_TOKENS, *(os.environ.get(v, "0") for v in ENV)),
 }
 
 
@@ -50,9 +54,9 @@ def main() -> None:
     loaded = load_model(d, dtype="bfloat16", device="cuda", load_format="dummy")
     rows = {}
     for name in a.policies:
-        max_tokens, prefetch = POLICIES[name]
+        max_tokens, *env = POLICIES[name]
         pdl_mod.PDL_MAX_TOKENS = max_tokens
-        os.environ["DSV4_L2_PREFETCH"] = prefetch
+        os.environ.update(zip(ENV, env))
         e = engine_for(loaded, max_num_seqs=max(a.batches), max_model_len=4096,
                        gpu_memory_utilization=0.85)
         for b in a.batches:

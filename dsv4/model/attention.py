@@ -7,6 +7,7 @@ from torch import nn
 from ..distributed import SINGLE, ParallelGroup
 from ..kernels.grouped_linear import grouped_linear
 from ..kernels.qat import fp8_round_
+from ..kernels.side_stream import SideBranch
 from ..kernels.sparse_attention import sparse_attention
 from ..quant.linear import BF16Linear, make_linear
 from .batch import ForwardBatch
@@ -64,24 +65,32 @@ class DeepseekV4Attention(nn.Module):
     def forward(self, u: torch.Tensor, batch: ForwardBatch, cache) -> torch.Tensor:
         T, H, D = u.shape[0], self.n_heads, self.head_dim
         nope = D - self.rope_dim
-        qr = self.q_norm(self.wq_a(u))
         pos, rd = batch.positions, self.rope_dim
+        # The kv row and the compressor do not depend on the query path: with DSV4_SIDE_STREAM
+        # they run beside it on a second stream (`kernels/side_stream.py`), joined before the
+        # attention reads them. Compressed rows completed by this chunk are written before the
+        # attention, so that later tokens of the same chunk see them; each token's index list
+        # only reaches entries already complete.
+        side = SideBranch(u.device)
+        if side.on and self.ratio:
+            self.compressor.prepare(batch, cache.state)  # batch tensors built on this stream
+        with side.run():
+            kv = rope_(self.kv_norm(self.wkv(u)), pos, self.freqs, rd)  # [T, D]
+            if self.qat:
+                kv = fp8_round_(kv, nope)
+            if self.ratio:
+                self.compressor(u, batch, cache.state, cache.store_cmp)
+        qr = self.q_norm(self.wq_a(u))
         # per-head q normalisation and RoPE, in place on fresh tensors
         q = rope_(self.wq_b(qr).view(T, H, D), pos, self.freqs, rd, norm_eps=self.eps)
-        kv = rope_(self.kv_norm(self.wkv(u)), pos, self.freqs, rd)  # [T, D]
-        if self.qat:
-            kv = fp8_round_(kv, nope)
-
-        # Compressed rows completed by this chunk are written first, so that later tokens of the
-        # same chunk see them; each token's index list only reaches entries already complete.
         cmp_idx = cmp_rows = cmp_len = None
         if self.ratio:
-            self.compressor(u, batch, cache.state, cache.store_cmp)
             cmp_rows = cache.flat(cache.cmp)
             # the visible entries are each token's first `cmp_len`: the candidates, or the
             # indexer's picks (which come first in its rows)
             cand, cmp_len = batch.candidates(self.ratio)
             cmp_idx = self.indexer(qr, u, batch, cache) if self.ratio == 4 else cand
+        side.join()
         o = sparse_attention(q, self.attn_sink, D ** -0.5, cache.flat(cache.win), kv,
                              batch.window_index, cmp_rows, cmp_idx, self.rope_dim, cmp_len)
         tok, dst = batch.ring_writes(cache.window_rows)

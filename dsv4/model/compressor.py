@@ -33,6 +33,12 @@ class Compressor(nn.Module):
         self.norm = RMSNorm(dim, cfg.rms_norm_eps)
         self.register_buffer("freqs", freqs, persistent=False)
 
+    def prepare(self, batch: ForwardBatch, state: CompressorState) -> None:
+        """Build the batch tensors `forward` reads (built on first use) on the current stream,
+        before `forward` runs on another (`kernels/side_stream.py`)."""
+        batch.positions, batch.compress_plan(self.ratio, state.rows)
+        batch.ring_writes(state.rows)
+
     def forward(self, u: torch.Tensor, batch: ForwardBatch, state: CompressorState,
                 store) -> None:
         """Write the rows of the windows that complete in this step with `store(rows_idx, rows)`

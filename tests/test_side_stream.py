@@ -1,0 +1,39 @@
+"""`kernels/side_stream.py` off the GPU: the branch is a no-op (program order), and the
+compressor's `prepare` (what the attention calls before forking) builds exactly the batch
+tensors its forward reads, leaving the outputs unchanged."""
+from __future__ import annotations
+
+import torch
+
+from dsv4.kernels.side_stream import SideBranch
+from dsv4.model.batch import ForwardBatch, SeqChunk
+from model_helpers import make_cache, make_model, run_chunks
+
+
+def test_cpu_branch_is_program_order(monkeypatch):
+    monkeypatch.setenv("DSV4_SIDE_STREAM", "1")
+    branch = SideBranch(torch.device("cpu"))
+    assert not branch.on
+    out = []
+    with branch.run():
+        out.append(1)
+    out.append(2)
+    branch.join()
+    assert out == [1, 2]
+
+
+def test_compressor_prepare_builds_what_forward_reads():
+    model = make_model()
+    ids = list(range(3, 3 + 150))
+    want = run_chunks(model, make_cache(model), ids, [150])
+    cache = make_cache(model)
+    b = ForwardBatch([SeqChunk(ids, 0, 0, list(range(4)))], model.cfg.sliding_window,
+                     cache.window_rows, cache.num_slots, logits_indices=list(range(150)))
+    layer = next(lyr for lyr in model.layers if lyr.ratio)
+    layer.attn.compressor.prepare(b, cache.layers[layer.layer].state)
+    built = dict(b._plans)
+    assert any(k[0] == "plan" for k in built) and any(k[0] == "ring" for k in built)
+    with torch.inference_mode():
+        got = model.logits(model(b, cache)[b.logits_indices])
+    assert all(b._plans[k] is v for k, v in built.items())  # forward reused them
+    assert torch.equal(got, want)
