@@ -29,8 +29,11 @@ def test_compressor_prepare_builds_what_forward_reads():
     cache = make_cache(model)
     b = ForwardBatch([SeqChunk(ids, 0, 0, list(range(4)))], model.cfg.sliding_window,
                      cache.window_rows, cache.num_slots, logits_indices=list(range(150)))
-    layer = next(lyr for lyr in model.layers if lyr.ratio)
-    layer.attn.compressor.prepare(b, cache.layers[layer.layer].state)
+    for layer in model.layers:  # as the attention does before forking
+        if layer.ratio:
+            layer.attn.compressor.prepare(b, cache.layers[layer.layer].state)
+        if layer.ratio == 4:
+            layer.attn.indexer.compressor.prepare(b, cache.layers[layer.layer].idx_state)
     built = dict(b._plans)
     assert any(k[0] == "plan" for k in built) and any(k[0] == "ring" for k in built)
     with torch.inference_mode():

@@ -66,20 +66,24 @@ class DeepseekV4Attention(nn.Module):
         T, H, D = u.shape[0], self.n_heads, self.head_dim
         nope = D - self.rope_dim
         pos, rd = batch.positions, self.rope_dim
-        # The kv row and the compressor do not depend on the query path: with DSV4_SIDE_STREAM
-        # they run beside it on a second stream (`kernels/side_stream.py`), joined before the
-        # attention reads them. Compressed rows completed by this chunk are written before the
-        # attention, so that later tokens of the same chunk see them; each token's index list
-        # only reaches entries already complete.
+        # The kv row and the compressors do not depend on the query path: with
+        # DSV4_SIDE_STREAM they run beside it on a second stream (`kernels/side_stream.py`),
+        # joined before the indexer's scores and the attention read them. Compressed rows
+        # completed by this chunk are written before they are read, so that later tokens of
+        # the same chunk see them; each token's index list only reaches entries already complete.
         side = SideBranch(u.device)
-        if side.on and self.ratio:
-            self.compressor.prepare(batch, cache.state)  # batch tensors built on this stream
+        if side.on and self.ratio:  # batch tensors built on first use: on this stream
+            self.compressor.prepare(batch, cache.state)
+            if self.ratio == 4:
+                self.indexer.compressor.prepare(batch, cache.idx_state)
         with side.run():
             kv = rope_(self.kv_norm(self.wkv(u)), pos, self.freqs, rd)  # [T, D]
             if self.qat:
                 kv = fp8_round_(kv, nope)
             if self.ratio:
                 self.compressor(u, batch, cache.state, cache.store_cmp)
+            if self.ratio == 4:
+                self.indexer.compress(u, batch, cache)
         qr = self.q_norm(self.wq_a(u))
         # per-head q normalisation and RoPE, in place on fresh tensors
         q = rope_(self.wq_b(qr).view(T, H, D), pos, self.freqs, rd, norm_eps=self.eps)
@@ -89,7 +93,8 @@ class DeepseekV4Attention(nn.Module):
             # the visible entries are each token's first `cmp_len`: the candidates, or the
             # indexer's picks (which come first in its rows)
             cand, cmp_len = batch.candidates(self.ratio)
-            cmp_idx = self.indexer(qr, u, batch, cache) if self.ratio == 4 else cand
+            cmp_idx = (self.indexer(qr, u, batch, cache, compressed=True, ready=side.join)
+                       if self.ratio == 4 else cand)
         side.join()
         o = sparse_attention(q, self.attn_sink, D ** -0.5, cache.flat(cache.win), kv,
                              batch.window_index, cmp_rows, cmp_idx, self.rope_dim, cmp_len)

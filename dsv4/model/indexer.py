@@ -27,9 +27,18 @@ class Indexer(nn.Module):
                                      dtype=dtype)
         self.register_buffer("freqs", freqs, persistent=False)
 
-    def forward(self, qr: torch.Tensor, u: torch.Tensor, batch: ForwardBatch, cache) -> torch.Tensor:
-        """Returns the selected compressed-cache rows [T, <=topk] (-1 = empty)."""
+    def compress(self, u: torch.Tensor, batch: ForwardBatch, cache) -> None:
+        """The indexer keys of the windows this step completes (before `forward` scores them;
+        the attention may run it on its side stream)."""
         self.compressor(u, batch, cache.idx_state, cache.store_idx)
+
+    def forward(self, qr: torch.Tensor, u: torch.Tensor, batch: ForwardBatch, cache,
+                compressed: bool = False, ready=None) -> torch.Tensor:
+        """Returns the selected compressed-cache rows [T, <=topk] (-1 = empty). `compressed`:
+        `compress` already ran for this step; `ready()` is called before the scores read the
+        keys (where the attention joins its side stream)."""
+        if not compressed:
+            self.compress(u, batch, cache)
         T, c, r = u.shape[0], self.head_dim, self.rope_dim
         q = rope_(self.wq_b(qr).view(T, self.n_heads, c), batch.positions, self.freqs, r)
         q = hadamard_fp4(q, self.qat)
@@ -37,4 +46,6 @@ class Indexer(nn.Module):
         cand, avail = batch.candidates(4)
         reduce = self.tp.all_reduce if self.tp.size > 1 else None  # heads' partial scores
         keys = cache.idx.view(-1, cache.idx.shape[-1])  # [rows, c], or packed FP4 bytes
+        if ready is not None:
+            ready()
         return indexer_topk(q, w, keys, cand, self.topk, reduce, avail, q_fp4=self.qat)
