@@ -2,7 +2,8 @@
 
 - `plain`: no programmatic dependent launch (PDL_MAX_TOKENS = 0),
 - `pdl`: PDL at every batch size,
-- `pdl+prefetch`: PDL and the L2 weight prefetch (DSV4_L2_PREFETCH=1),
+- `pdl+prefetch`: PDL and the L2 weight prefetch (DSV4_L2_PREFETCH=4: 4 K-blocks ahead in
+  the MoE),
 - `side`: the default launches plus each attention layer's kv row and compressor on a side
   stream (DSV4_SIDE_STREAM=1),
 - `default`: what the engine does now.
@@ -34,7 +35,7 @@ ENV = ("DSV4_L2_PREFETCH", "DSV4_SIDE_STREAM")
 POLICIES = {  # PDL_MAX_TOKENS, then the values of ENV
     "plain": (0, "0", "0"),
     "pdl": (1 << 20, "0", "0"),
-    "pdl+prefetch": (1 << 20, "1", "0"),
+    "pdl+prefetch": (1 << 20, "4", "0"),
     "side": (pdl_mod.PDL_MAX_TOKENS, "0", "1"),
     "default": (pdl_mod.PDL_MAX_TOKENS, *(os.environ.get(v, "0") for v in ENV)),
 }

@@ -59,7 +59,7 @@ from typing import Protocol, Sequence
 import torch
 
 from . import HAS_TRITON, num_sms, use_triton
-from .pdl import l2_prefetch_on, pdl
+from .pdl import l2_prefetch_depth, pdl
 from .quant_linear import FMT_FP8, FMT_MXFP4, FMT_NVFP4, act_quant_fp8, act_quant_values
 
 _FMT_CODES = {"fp8": FMT_FP8, "fp4": FMT_MXFP4, "nvfp4": FMT_NVFP4}
@@ -240,7 +240,7 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
     c = moe_config(t, k, n_routed, d, inter, num_sms(dev))
     c.update(cfg or {})
     if _INTERPRET:  # Triton's CPU interpreter runs no inline PTX
-        c["dec"], c["prefetch"] = min(c["dec"], 1), False
+        c["dec"], c["prefetch"] = min(c["dec"], 1), 0
     u = u.contiguous()
     idx = idx.contiguous()  # int32 or int64: the routing kernels read either
     wgt = wgt.float().contiguous()
@@ -292,7 +292,7 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
         groups = [(extra, 0, 1, 0, shared_blocks), (main, 1, n_exp, shared_blocks, routed_blocks)]
     common = dict(ROUND=u.dtype == torch.bfloat16, HAS_LIMIT=limit > 0, BT=bt,
                   KC=c["kc"], DEC=c["dec"], ABF=abf, num_warps=c["warps"],
-                  num_stages=c["stages"], PREFETCH=bool(c.get("prefetch", l2_prefetch_on())))
+                  num_stages=c["stages"], PREFETCH=int(c.get("prefetch", l2_prefetch_depth())))
     split1, split2 = c["split1"], c["split2"]
     per1 = triton.cdiv(d // 128, split1)
     split1 = triton.cdiv(d // 128, per1)
@@ -469,14 +469,15 @@ if HAS_TRITON:
                          ROUND: tl.constexpr, HAS_LIMIT: tl.constexpr, BW: tl.constexpr,
                          BT: tl.constexpr, KC: tl.constexpr,
                          TWO: tl.constexpr, DEC: tl.constexpr = 0, ABF: tl.constexpr = False,
-                         PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False):
+                         PREFETCH: tl.constexpr = 0, PDL: tl.constexpr = False):
         """One (weight tile, block, K-split) of a grouped GEMM; grid (N/BW, blocks of this
         launch, splits). Without SPLIT the tile is finished here (GATE_UP: SwiGLU + FP8 h;
         else y in the working dtype); with SPLIT it writes fp32 partial sums. ABF (bf16 MMA
         decode only): the input rows are the exact bf16 values of the FP8 activations (no
         scales, loads that feed the MMA directly) and GATE_UP writes h that way too.
-        PREFETCH: once its expert is known, the CTA requests all its weight bytes into L2 at
-        once (`pdl.l2_prefetch`), beside the few K-blocks the pipeline has in flight."""
+        PREFETCH (n > 0): once its expert is known, the CTA keeps n K-blocks of its weights
+        requested into L2 ahead of the pipeline's loads (`pdl.l2_prefetch`), n at first and
+        then one a step."""
         pdl_start(PDL)
         b = blk_lo + tl.program_id(1)
         e, ok, pos, slot = _block_rows(b, slots_ptr, blk_exp_ptr, blk_rows_ptr, BT)
@@ -512,19 +513,9 @@ if HAS_TRITON:
             arow = pos
         kb0 = tl.program_id(2) * kb_per
         kb1 = tl.minimum(kb0 + kb_per, K // 128)
-        if PREFETCH:
-            n_kb = tl.maximum(kb1 - kb0, 1)
-            if W_FMT == 0:  # [N, K] rows: each row's K range
-                r = tl.minimum(rows, N - 1).to(tl.int64) * K + kb0 * 128
-                l2_prefetch(w + r, n_kb * 128, True)
-                if TWO:
-                    l2_prefetch(w3 + r, n_kb * 128, True)
-            else:  # the kernels' layout: a 64-row group's K-blocks are one run of bytes
-                for g in tl.static_range(BW // 64):
-                    at = (tile * (BW // 64) + g).to(tl.int64) * (32 * K) + kb0 * 4096
-                    l2_prefetch_one(w + at, n_kb * 4096, True)
-                    if TWO:
-                        l2_prefetch_one(w3 + at, n_kb * 4096, True)
+        if PREFETCH > 0:
+            _prefetch_w(w, w3, tile, rows, N, K, kb0,
+                        tl.maximum(tl.minimum(kb1 - kb0, PREFETCH), 1), W_FMT, BW, TWO)
         acc = tl.zeros((BW, BT), dtype=tl.float32)
         acc3 = tl.zeros((BW, BT), dtype=tl.float32)
         if W_FMT == 1:  # row pointers hoisted: the loop only adds kb offsets
@@ -556,6 +547,9 @@ if HAS_TRITON:
             if TWO:
                 wn3 = _fp8_wscale(ws3, rows, row_ok, kb0, K, kb0 < kb1)
         for kb in range(kb0, kb1):
+            if PREFETCH > 0:  # PREFETCH blocks ahead (past the end: the last block again)
+                _prefetch_w(w, w3, tile, rows, N, K, tl.minimum(kb + PREFETCH, kb1 - 1), 1,
+                            W_FMT, BW, TWO)
             if W_FMT == 0:
                 sc, wc, wc3 = sn, wn, wn3
                 sn, wn = _fp8_scales(sa_ptr, ws, arow, ok, rows, row_ok, kb + 1, K, kb + 1 < kb1,
@@ -621,6 +615,22 @@ if HAS_TRITON:
             _store_h(out_ptr, out_s_ptr, pos, ok, rows, tl.program_id(0), N, hq, hs, ABF)
         else:
             tl.store(out_ptr + slot[None, :].to(tl.int64) * N + rows[:, None], acc, mask=mask)
+
+    @triton.jit
+    def _prefetch_w(w, w3, tile, rows, N, K, kb, n, W_FMT: tl.constexpr, BW: tl.constexpr,
+                    TWO: tl.constexpr):
+        """Request K-blocks kb .. kb+n-1 of this CTA's weight tile (and w3's) into L2."""
+        if W_FMT == 0:  # [N, K] rows: a run of n * 128 bytes a row
+            r = tl.minimum(rows, N - 1).to(tl.int64) * K + kb * 128
+            l2_prefetch(w + r, n * 128, True)
+            if TWO:
+                l2_prefetch(w3 + r, n * 128, True)
+        else:  # the kernels' layout: a 64-row group's K-blocks are one run of bytes
+            for g in tl.static_range(BW // 64):
+                at = (tile * (BW // 64) + g).to(tl.int64) * (32 * K) + kb * 4096
+                l2_prefetch_one(w + at, n * 4096, True)
+                if TWO:
+                    l2_prefetch_one(w3 + at, n * 4096, True)
 
     @triton.jit
     def _store_h(h_ptr, hs_ptr, pos, ok, cols, cb, N, hq, hs, BF: tl.constexpr):

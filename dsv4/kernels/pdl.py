@@ -10,8 +10,8 @@ that do not use it), then `griddepcontrol.launch_dependents`, which lets the nex
 placed while this one works. CUDA graphs keep the launches' dependencies as programmatic edges.
 
 Before its wait a kernel may read what no earlier kernel writes: `l2_prefetch` starts
-bringing its weights into L2 while the predecessor still runs (`DSV4_L2_PREFETCH=1`, off by
-default until measured on the H200; `l2_prefetch_on()`).
+bringing its weights into L2 while the predecessor still runs (`DSV4_L2_PREFETCH=n`, off by
+default until measured on the H200; `l2_prefetch_depth()`).
 
 `pdl()` gives a launch's keywords: `PDL=True, launch_pdl=True` on sm_90+ GPUs, nothing
 elsewhere (older GPUs, Triton's CPU interpreter, `DSV4_PDL=0`) and inside `for_tokens(n)` with
@@ -48,9 +48,15 @@ def pdl() -> dict:
     return {} if _OFF[-1] else _ARGS
 
 
-def l2_prefetch_on() -> bool:
-    """Whether the weight-streaming kernels prefetch their weights into L2 (sm_90+ only)."""
-    return bool(pdl() or _ARGS) and os.environ.get("DSV4_L2_PREFETCH", "0") == "1"
+def l2_prefetch_depth() -> int:
+    """`DSV4_L2_PREFETCH` (sm_90+ only): 0 (the default) no prefetch; n > 0: the small-batch
+    linears request their CTA's weight bytes into L2 before the PDL wait, and the MoE GEMMs
+    keep n K-blocks of weights (4 KB a 64-row group) requested ahead of their pipeline."""
+    try:
+        n = int(os.environ.get("DSV4_L2_PREFETCH", "0") or 0)
+    except ValueError:
+        raise ValueError("DSV4_L2_PREFETCH must be a whole number of K-blocks (0: off)") from None
+    return max(0, n) if (pdl() or _ARGS) else 0
 
 
 @contextlib.contextmanager

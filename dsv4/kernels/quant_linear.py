@@ -27,7 +27,7 @@ import os
 import torch
 
 from . import HAS_TRITON, num_sms, use_triton
-from .pdl import l2_prefetch_on, pdl
+from .pdl import l2_prefetch_depth, pdl
 from ..quant.formats import dequant_fp8, dequant_mxfp4, dequant_nvfp4
 from ..quant.sim import act_quant, act_quant_sim
 
@@ -187,7 +187,7 @@ def _qlinear_cuda(x, fmt: int, weight, scale, gscale, path: str = "auto",
     else:
         bw, bt, warps, split, stages = 128, 128, 8, 1, 3
     c = dict(bw=bw, bt=bt, warps=warps, split=split, stages=stages, kc=32,
-             prefetch=m <= SMALL_M and l2_prefetch_on())
+             prefetch=m <= SMALL_M and l2_prefetch_depth() > 0)
     c.update(cfg or {})
     bw, bt, warps = c["bw"], c["bt"], c["warps"]
     split = c["split"]

@@ -243,9 +243,10 @@ def test_moe_mxfp4_fp8_tensor_core_decodes(dec, base, monkeypatch):
 
 @pytest.mark.parametrize("fmt", ["fp8", "fp4", "nvfp4"])
 def test_l2_prefetch_changes_no_result(fmt):
-    """The L2 prefetch hint (`pdl.l2_prefetch`, DSV4_L2_PREFETCH=1): bit-identical outputs,
+    """The L2 prefetch hint (`pdl.l2_prefetch`, DSV4_L2_PREFETCH=n): bit-identical outputs,
     for the linears (issued before the PDL wait) and the MoE GEMMs (every launch shape: split
-    K, 64- and 128-row tiles, the fused epilogue, the FP8 shared expert's launch)."""
+    K, 64- and 128-row tiles, the fused epilogue, the FP8 shared expert's launch; 1 and 8
+    blocks ahead)."""
     args, _, code, kargs = _weights(fmt, 4096, 7168)
     for m in (1, 16, 100):
         x = torch.randn(m, 7168, device=DEV).bfloat16()
@@ -256,9 +257,10 @@ def test_l2_prefetch_changes_no_result(fmt):
     for t in (1, 5, 40, 300):
         u = torch.randn(t, 4096, device=DEV).bfloat16()
         idx, wgt = _routing(t, len(experts), 6, "uniform", seed=t)
-        plain = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, dict(prefetch=False))
-        got = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, dict(prefetch=True))
-        assert torch.equal(got, plain), (fmt, t)
+        plain = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, dict(prefetch=0))
+        for depth in (1, 8):
+            got = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, dict(prefetch=depth))
+            assert torch.equal(got, plain), (fmt, t, depth)
 
 
 @pytest.mark.parametrize("fmt,shared_fmt", [("fp4", "fp8"), ("nvfp4", "fp8"), ("nvfp4", "nvfp4")])
