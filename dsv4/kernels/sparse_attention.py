@@ -28,6 +28,7 @@ from .kv_fp8 import unpack_kv_fp8
 
 _log = logging.getLogger(__name__)
 _WG_FAILED: list[str] = []  # set once the Gluon kernel failed to build here: Triton from then on
+_WG_PDL_OK = [True]  # emptied if the Gluon kernel cannot be launched with PDL (`pdl.py`)
 
 
 def gather_rows(idx: torch.Tensor, cache: torch.Tensor, new: torch.Tensor | None = None) -> torch.Tensor:
@@ -409,10 +410,24 @@ if HAS_TRITON:
                 cmp_idx.stride(0), win_cache.stride(0), qk_scale)
         if wg:
             from .sparse_attention_wg import _sparse_attn_wg_kernel
-            _sparse_attn_wg_kernel[(T * n_hb, splits)](
-                *args, D=D, BLOCK_H=BH, BLOCK_K=BK, NUM_BUF=max(2, cfg.num_stages),
-                SPLIT=splits > 1, FP8=fp8, NOPE=D - rope_dim, ROPE=rope_dim,
-                HAS_LEN=cmp_len is not None, num_warps=8)
+
+            def wg_launch(**kw):
+                _sparse_attn_wg_kernel[(T * n_hb, splits)](
+                    *args, D=D, BLOCK_H=BH, BLOCK_K=BK, NUM_BUF=max(2, cfg.num_stages),
+                    SPLIT=splits > 1, FP8=fp8, NOPE=D - rope_dim, ROPE=rope_dim,
+                    HAS_LEN=cmp_len is not None, num_warps=8, **kw)
+            kw = pdl() if _WG_PDL_OK else {}
+            try:
+                wg_launch(**kw)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001  (Gluon is experimental: PDL may not be)
+                if not kw:
+                    raise
+                _WG_PDL_OK.clear()
+                _log.warning("Gluon sparse attention launched without PDL (%s)",
+                             (str(exc).splitlines() or [type(exc).__name__])[0][:200])
+                wg_launch()
         else:
             _sparse_attn_kernel[(T * n_hb, splits)](
                 *args, D=D, BLOCK_D=BD, BLOCK_H=BH, BLOCK_K=BK, FP8=fp8, NOPE=D - rope_dim,

@@ -109,7 +109,7 @@ if HAS_GLUON:
                                D: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr,
                                NUM_BUF: gl.constexpr, SPLIT: gl.constexpr, FP8: gl.constexpr,
                                NOPE: gl.constexpr, ROPE: gl.constexpr,
-                               HAS_LEN: gl.constexpr):
+                               HAS_LEN: gl.constexpr, PDL: gl.constexpr = False):
         # 8 warps: warpgroup w computes logits of rows [w*BK/2, (w+1)*BK/2) of each tile and
         # output dims [w*D/2, (w+1)*D/2)
         LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [8, 1], [1, 0])
@@ -130,6 +130,11 @@ if HAS_GLUON:
         HEADS_QK: gl.constexpr = gl.SliceLayout(1, QK)
         HEADS_PV: gl.constexpr = gl.SliceLayout(1, PV)
 
+        if PDL:  # programmatic dependent launch (`kernels/pdl.py`): wait, then let the next go
+            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)
+            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
+                                      dtype=gl.int32, is_pure=False, pack=1)
         pid = gl.program_id(0)
         sid = gl.program_id(1)
         n_hb = gl.cdiv(H, BLOCK_H)
