@@ -65,3 +65,19 @@ def test_model_forward_and_head_choose_by_their_token_count(monkeypatch):
     run_chunks(make_model(), make_cache(model), ids[:2], [1, 1])
     assert seen == ([("block", True)] * layers + [("head", 1, True)]) * 2
     assert pdl_mod.pdl() == ON
+
+
+def test_l2_prefetch_depth_reads_its_variable(monkeypatch):
+    import pytest
+    monkeypatch.setattr(pdl_mod, "_HOPPER", [True])  # as on an H200
+    for value, depth in (("4", 4), ("0", 0), ("", 0), ("-3", 0)):
+        monkeypatch.setenv("DSV4_L2_PREFETCH", value)
+        assert pdl_mod.l2_prefetch_depth() == depth
+    monkeypatch.delenv("DSV4_L2_PREFETCH")
+    assert pdl_mod.l2_prefetch_depth() == 0  # off by default
+    monkeypatch.setenv("DSV4_L2_PREFETCH", "lots")
+    with pytest.raises(ValueError, match="DSV4_L2_PREFETCH"):
+        pdl_mod.l2_prefetch_depth()
+    monkeypatch.setenv("DSV4_L2_PREFETCH", "4")
+    monkeypatch.setattr(pdl_mod, "_HOPPER", [False])  # no sm_90 GPU: never
+    assert pdl_mod.l2_prefetch_depth() == 0

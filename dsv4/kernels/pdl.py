@@ -33,17 +33,24 @@ from . import HAS_TRITON
 PDL_MAX_TOKENS = 32
 
 _ARGS: dict | None = None
+_HOPPER: list[bool] = []  # cached: Triton with PDL, every GPU sm_90+, not the interpreter
 _OFF: list[bool] = [False]  # inside for_tokens(n) with n > PDL_MAX_TOKENS
+
+
+def _hopper() -> bool:
+    if not _HOPPER:
+        _HOPPER.append(HAS_TRITON and _HAS_GDC and os.environ.get("TRITON_INTERPRET") != "1"
+                       and torch.cuda.is_available()
+                       and all(torch.cuda.get_device_capability(i) >= (9, 0)
+                               for i in range(torch.cuda.device_count())))
+    return _HOPPER[0]
 
 
 def pdl() -> dict:
     """Launch keywords that turn PDL on for one launch of a kernel with a `PDL` constexpr."""
     global _ARGS
     if _ARGS is None:
-        on = (HAS_TRITON and _HAS_GDC and os.environ.get("TRITON_INTERPRET") != "1"
-              and os.environ.get("DSV4_PDL", "1") != "0" and torch.cuda.is_available()
-              and all(torch.cuda.get_device_capability(i) >= (9, 0)
-                      for i in range(torch.cuda.device_count())))
+        on = _hopper() and os.environ.get("DSV4_PDL", "1") != "0"
         _ARGS = {"PDL": True, "launch_pdl": True} if on else {}
     return {} if _OFF[-1] else _ARGS
 
@@ -56,7 +63,7 @@ def l2_prefetch_depth() -> int:
         n = int(os.environ.get("DSV4_L2_PREFETCH", "0") or 0)
     except ValueError:
         raise ValueError("DSV4_L2_PREFETCH must be a whole number of K-blocks (0: off)") from None
-    return max(0, n) if (pdl() or _ARGS) else 0
+    return max(0, n) if _hopper() else 0
 
 
 @contextlib.contextmanager
