@@ -106,7 +106,7 @@ def _topk_cuda(score, cand, k, avail=None):
     warps = 8 if block >= 2048 else 4
     if T >= 4 * num_sms(score.device):
         # prefill-sized calls: small programs, several resident an SM, beat one wide program
-        # a row (H200, scratch/topk_prefill.py: 2048 rows of 8K 394 -> 240 us, 8192 rows of
+        # a row (H200, `benchmarks/bench_topk.py --only prefill`: 2048 rows of 8K 394 -> 240 us, 8192 rows of
         # 8K 1493 -> 811 us, 2048 rows of 2K 106 -> 69 us; 64 rows of 8K keep 4096: 38 us
         # against 57)
         block, warps = min(block, 512), 4
