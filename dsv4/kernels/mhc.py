@@ -1,7 +1,8 @@
 """Manifold-constrained hyper-connections (mHC, SPEC.md 4): mixing, Sinkhorn, pre and post.
 
 Triton path: `hc_pre` is a skinny product (the `(2+n)n` mixing rows against `n*d` inputs) done on
-the tensor cores in fp32-exact form, then one kernel that finishes the mix, runs Sinkhorn and
+the tensor cores in fp32-exact form (bf16 x times fn's three exact bf16 parts, split once per
+parameter by `fn_parts`), then one kernel that finishes the mix, runs Sinkhorn and
 forms y; `hc_post` is one pass over X and f.
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import HAS_TRITON, use_triton
+from .f32_linear import split_bf16
 from .pdl import pdl
 
 
@@ -51,8 +53,11 @@ if HAS_TRITON:
     @triton.jit
     def _hc_mix_kernel(x_ptr, fn_ptr, part_ptr, sq_ptr, T, K, NOUT, k_per_split,
                        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, NPAD: tl.constexpr,
-                       X_BF16: tl.constexpr, PDL: tl.constexpr = False):
-        """Partial mix = x @ fn^T and sum(x^2) over one K range of a block of tokens."""
+                       X_BF16: tl.constexpr, PARTS: tl.constexpr = False,
+                       PDL: tl.constexpr = False):
+        """Partial mix = x @ fn^T and sum(x^2) over one K range of a block of tokens. PARTS
+        (bf16 x): fn_ptr holds fn's exact bf16 parts [3, NOUT, K] (`fn_parts`), loaded
+        straight into the tensor-core products instead of split from fp32 each step."""
         pdl_start(PDL)
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         sp = tl.program_id(1)
@@ -65,6 +70,29 @@ if HAS_TRITON:
         kb = tl.arange(0, BLOCK_K)
         f_rows = fn_ptr + r[:, None] * K
         rmask = (r < NOUT)[:, None]
+        if PARTS:
+            part = NOUT * K
+            sq2 = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)  # summed across threads once
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                k = k0 + kb
+                kmask = k < k_hi
+                x = tl.load(x_ptr + t[:, None].to(tl.int64) * K + k[None, :],
+                            mask=tmask[:, None] & kmask[None, :], other=0.0)
+                fm = rmask & kmask[None, :]
+                hi = tl.load(f_rows + k[None, :], mask=fm, other=0.0)
+                mid = tl.load(f_rows + part + k[None, :], mask=fm, other=0.0)
+                lo = tl.load(f_rows + 2 * part + k[None, :], mask=fm, other=0.0)
+                xf = x.to(tl.float32)
+                sq2 += xf * xf
+                acc = tl.dot(x, tl.trans(hi), acc)
+                acc = tl.dot(x, tl.trans(mid), acc)
+                acc = tl.dot(x, tl.trans(lo), acc)
+            sq = tl.sum(sq2, 1)
+            base = sp * T + t
+            tl.store(part_ptr + base[:, None].to(tl.int64) * NPAD + r[None, :], acc,
+                     mask=tmask[:, None])
+            tl.store(sq_ptr + base, sq, mask=tmask)
+            return
         # fn's block one ahead: converted before the MMA, Triton does not prefetch it
         # (H200, 8192 tokens: 251 -> 224 us Flash, 435 -> 386 us Pro)
         fnext = tl.load(f_rows + k_lo + kb[None, :], mask=rmask & (k_lo + kb < k_hi)[None, :],
@@ -183,6 +211,20 @@ if HAS_TRITON:
                  + dcol[None, None, :], out.to(out_ptr.dtype.element_ty),
                  mask=tmask[:, None, None] & (dcol < D)[None, None, :])
 
+    def fn_parts(fn: torch.Tensor) -> torch.Tensor:
+        """fn's exact split into three bf16 parts [3, *fn.shape] (hi + mid + lo == fn in fp32:
+        `f32_linear.split_bf16`), built once per parameter and kept while its data and version
+        stay the same (in-place loads make new ones). Under CUDA-graph capture an unbuilt
+        split is made in the graph, not kept."""
+        key = (fn.data_ptr(), fn._version, tuple(fn.shape), tuple(fn.stride()))
+        hit = getattr(fn, "_dsv4_bf16_parts", None)  # lives and dies with the parameter
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        parts = split_bf16(fn).contiguous()
+        if not (fn.is_cuda and torch.cuda.is_current_stream_capturing()):
+            fn._dsv4_bf16_parts = (key, parts)
+        return parts
+
     def hc_pre_triton(x, fn, scale, base, norm_eps: float, hc_eps: float, iters: int,
                       splits: int = 0, pre_cfg: tuple[int, int, int] | None = None,
                       head: bool = False):
@@ -198,7 +240,8 @@ if HAS_TRITON:
             raise ValueError(f"fn {tuple(fn.shape)} does not fit x {tuple(x.shape)} "
                              f"(n must be a power of two)")
         x = x.contiguous()
-        fn = fn.float().contiguous()
+        parts = x.dtype == torch.bfloat16
+        fn = fn_parts(fn) if parts else fn.float().contiguous()
         y = torch.empty(T, d, dtype=x.dtype, device=x.device)
         post = torch.empty(0 if head else T, n, dtype=torch.float32, device=x.device)
         comb = torch.empty(0 if head else T, n, n, dtype=torch.float32, device=x.device)
@@ -216,7 +259,7 @@ if HAS_TRITON:
         sq = torch.empty(splits, T, dtype=torch.float32, device=x.device)
         _hc_mix_kernel[(t_blocks, splits)](
             x, fn, part, sq, T, K, nout, kps, BLOCK_T=bt, BLOCK_K=bk, NPAD=npad,
-            X_BF16=x.dtype == torch.bfloat16, num_warps=4, num_stages=3, **pdl())
+            X_BF16=parts, PARTS=parts, num_warps=4, num_stages=3, **pdl())
         # (tokens, channels, warps) per CTA of the second kernel, measured on an H200: one
         # token on one warp keeps the Sinkhorn's reductions in shuffles (T=1: 9.2 against
         # 14.4 us, T=64: 12.0 against 17.6); 4 tokens on 4 warps for prefill (T=8192: the
