@@ -558,6 +558,28 @@ def test_hc_pre_matches_reference(T, d, dtype):
     assert bad == 0, f"{bad} elements of y differ by more than one bf16 ulp + fp32 noise"
 
 
+def test_hc_pre_fn_parts_follow_the_parameter():
+    """fn's bf16 parts (`mhc.fn_parts`) are split once and reused, made again after an in-place
+    update of fn, and give the reference's mix at a prefill size (8192 tokens)."""
+    from dsv4.kernels.mhc import fn_parts, hc_pre, hc_pre_ref
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    n, d, T = 4, 4096, 8192
+    x = torch.randn(T, n, d, generator=gen, device=DEV).bfloat16()
+    fn = torch.nn.Parameter(torch.randn((2 + n) * n, n * d, generator=gen, device=DEV)
+                            * (n * d) ** -0.5, requires_grad=False)
+    scale = torch.rand(3, generator=gen, device=DEV) + 0.5
+    base = torch.randn((2 + n) * n, generator=gen, device=DEV)
+    p1 = fn_parts(fn)
+    assert fn_parts(fn) is p1 and torch.equal(p1.float().sum(0), fn)
+    for _ in range(2):  # the second pass: after fn changed in place
+        _, post, comb = hc_pre(x, fn, scale, base, 1e-6, 1e-6, 20)
+        _, postr, combr = hc_pre_ref(x, fn, scale, base, 1e-6, 1e-6, 20)
+        torch.testing.assert_close(post, postr, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(comb, combr, atol=1e-5, rtol=1e-5)
+        fn.mul_(-0.5)
+    assert fn_parts(fn) is not p1 and torch.equal(fn_parts(fn).float().sum(0), fn)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("T,d", [(1, 4096), (5, 4096), (300, 7168)])
 def test_hc_head_matches_reference(T, d, dtype):
