@@ -213,16 +213,20 @@ if HAS_TRITON:
 
     def fn_parts(fn: torch.Tensor) -> torch.Tensor:
         """fn's exact split into three bf16 parts [3, *fn.shape] (hi + mid + lo == fn in fp32:
-        `f32_linear.split_bf16`), built once per parameter and kept while its data and version
-        stay the same (in-place loads make new ones). Under CUDA-graph capture an unbuilt
+        `f32_linear.split_bf16`), built once per parameter and kept with it while its data and
+        version stay the same. After an in-place update of fn the split is redone into the same
+        buffer (CUDA graphs captured earlier read that buffer). Under graph capture an unbuilt
         split is made in the graph, not kept."""
         key = (fn.data_ptr(), fn._version, tuple(fn.shape), tuple(fn.stride()))
         hit = getattr(fn, "_dsv4_bf16_parts", None)  # lives and dies with the parameter
         if hit is not None and hit[0] == key:
             return hit[1]
         parts = split_bf16(fn).contiguous()
-        if not (fn.is_cuda and torch.cuda.is_current_stream_capturing()):
-            fn._dsv4_bf16_parts = (key, parts)
+        if fn.is_cuda and torch.cuda.is_current_stream_capturing():
+            return parts
+        if hit is not None and hit[1].shape == parts.shape:
+            parts = hit[1].copy_(parts)
+        fn._dsv4_bf16_parts = (key, parts)
         return parts
 
     def hc_pre_triton(x, fn, scale, base, norm_eps: float, hc_eps: float, iters: int,
