@@ -234,7 +234,8 @@ def linear_sweep(quick: bool) -> None:
             best = coordinate_search(
                 dict(bw=bw, bt=bt, warps=warps, split=None, stages=stages),
                 dict(bw=[32, 64, 128, 256], warps=[2, 4, 8], stages=[2, 3, 4, 5, 6],
-                     split=[None, 1, 2, 4, 8, 16]), timed, f"{k}x{n} M={m}")
+                     split=[None, 1, 2, 4, 8, 16], prefetch=[False, True]), timed,
+                f"{k}x{n} M={m}")
             print(f"   -> {100 * nbytes / timed(best) / 1e-6 / HBM:.0f}% HBM on weight bytes")
         del wts
         torch.cuda.empty_cache()
@@ -262,12 +263,14 @@ def moe_sweep(quick: bool) -> None:
         else:
             timed = memo_timer(lambda cfg: t_us(
                 lambda: km._moe_cuda(u, *routes[0], experts, shared, cfg)), f"T={t}")
-        # the decode first: it changes which tile shapes pay
-        coordinate_search(base, dict(dec=[0, 1, 2], abf=[False, True], kc=[32, 64, 128],
-                                     bw1=[64, 128], bw2=[32, 64, 128], stages=[2, 3, 4, 5],
-                                     warps=[2, 4, 8], split1=[1, 2, 4, 8, 16],
-                                     split2=[1, 2, 4, 8]),
-                          timed, f"MoE T={t}")
+        # the decode first: it changes which tile shapes pay; then the tiles, the pipeline,
+        # the L2 prefetch depth (`DSV4_L2_PREFETCH`) and, for large batches, the token tile
+        space = dict(dec=[0, 1, 2], abf=[False, True], kc=[32, 64, 128], bw1=[64, 128],
+                     bw2=[32, 64, 128], stages=[2, 3, 4, 5], warps=[2, 4, 8],
+                     split1=[1, 2, 4, 8, 16], split2=[1, 2, 4, 8], prefetch=[0, 2, 4, 8])
+        if t > 64:
+            space["bt"] = [64, 128, 256]
+        coordinate_search(base, space, timed, f"MoE T={t}")
     del experts, shared
     torch.cuda.empty_cache()
 
