@@ -81,3 +81,16 @@ def test_l2_prefetch_depth_reads_its_variable(monkeypatch):
     monkeypatch.setenv("DSV4_L2_PREFETCH", "4")
     monkeypatch.setattr(pdl_mod, "_HOPPER", [False])  # no sm_90 GPU: never
     assert pdl_mod.l2_prefetch_depth() == 0
+
+
+def test_launch_policy_line(monkeypatch):
+    monkeypatch.setattr(pdl_mod, "_HOPPER", [True])
+    monkeypatch.setattr(pdl_mod, "_ARGS", ON)
+    monkeypatch.setenv("DSV4_L2_PREFETCH", "4")
+    line = pdl_mod.launch_policy()
+    assert f"up to {pdl_mod.PDL_MAX_TOKENS} tokens" in line and "4 K-blocks ahead" in line
+    monkeypatch.setattr(pdl_mod, "_ARGS", {})
+    monkeypatch.delenv("DSV4_L2_PREFETCH")
+    assert pdl_mod.launch_policy() == "plain launches (DSV4_PDL=0)"
+    monkeypatch.setattr(pdl_mod, "_HOPPER", [False])
+    assert "needs sm_90+" in pdl_mod.launch_policy()

@@ -182,6 +182,11 @@ class LLMEngine:
         used = num_slots * per_slot + self.num_blocks * per_block
         logger.info("%s (%s attention rows; %.1f MiB of a %.1f MiB budget on %s)", self.capacity,
                     self.kv_cache_dtype, used / 2**20, budget / 2**20, self.device)
+        if self.device.type == "cuda":
+            from ..kernels.pdl import launch_policy
+            from ..kernels.side_stream import side_stream_on
+            logger.info("GPU kernels: %s%s", launch_policy(),
+                        "; attention side stream" if side_stream_on(self.device) else "")
 
     @classmethod
     def from_args(cls, model: str, *, dtype: str = "bfloat16", device: str | None = None,

@@ -66,6 +66,17 @@ def l2_prefetch_depth() -> int:
     return max(0, n) if _hopper() else 0
 
 
+def launch_policy() -> str:
+    """One line for the start-up log: how the GPU kernels are launched."""
+    if pdl() or _ARGS:
+        how = f"programmatic dependent launch in steps of up to {PDL_MAX_TOKENS} tokens"
+    else:
+        how = ("plain launches (DSV4_PDL=0)" if _hopper() else
+               "plain launches (programmatic dependent launch needs sm_90+ and Triton 3.6)")
+    depth = l2_prefetch_depth()
+    return how + (f"; L2 weight prefetch {depth} K-blocks ahead" if depth else "")
+
+
 @contextlib.contextmanager
 def for_tokens(n: int):
     """The launches of a forward over n tokens: PDL only up to PDL_MAX_TOKENS (a CUDA graph
