@@ -11,10 +11,21 @@ from model_helpers import make_cache, make_model, run_chunks
 ON = {"PDL": True, "launch_pdl": True}
 
 
-def test_off_without_a_hopper_gpu(monkeypatch):
+def test_on_exactly_on_hopper_gpus(monkeypatch):
+    """Off on the CPU (and in Triton's interpreter); on with every GPU sm_90+; DSV4_PDL=0 off."""
+    hopper = torch.cuda.is_available() and all(
+        torch.cuda.get_device_capability(i) >= (9, 0) for i in range(torch.cuda.device_count()))
     monkeypatch.setattr(pdl_mod, "_ARGS", None)
-    if not torch.cuda.is_available():
-        assert pdl_mod.pdl() == {}
+    monkeypatch.setattr(pdl_mod, "_HOPPER", [])
+    monkeypatch.delenv("DSV4_PDL", raising=False)
+    assert pdl_mod.pdl() == (ON if hopper and pdl_mod._HAS_GDC else {})
+    monkeypatch.setattr(pdl_mod, "_ARGS", None)
+    monkeypatch.setattr(pdl_mod, "_HOPPER", [True])
+    monkeypatch.setenv("DSV4_PDL", "0")
+    assert pdl_mod.pdl() == {}
+    monkeypatch.setattr(pdl_mod, "_ARGS", None)
+    monkeypatch.delenv("DSV4_PDL")
+    assert pdl_mod.pdl() == ON
 
 
 def test_small_steps_only(monkeypatch):
