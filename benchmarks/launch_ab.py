@@ -1,9 +1,9 @@
 """Decode time per output token by batch size under the kernels' launch policies, one model:
 
-- `plain`: no programmatic dependent launch (PDL_MAX_TOKENS = 0),
-- `pdl`: PDL at every batch size,
+- `plain`: no programmatic dependent launch (PDL_MAX_TOKENS = 0), no side stream,
+- `pdl`: PDL at every batch size, no side stream,
 - `pdl+prefetch`: PDL and the L2 weight prefetch (DSV4_L2_PREFETCH=4: 4 K-blocks ahead in
-  the MoE),
+  the MoE), no side stream,
 - `side`: the default launches plus each attention layer's kv row and compressor on a side
   stream (DSV4_SIDE_STREAM=1),
 - `default`: what the engine does now.
@@ -11,7 +11,8 @@
 Each policy gets its own engine (the CUDA graphs keep the launches of their capture); the
 model is built once (Flash-shaped, 4 layers, FP4 experts, dummy weights). 1K prompts, 32
 tokens each, CUDA graphs and async scheduling on. The table says where PDL_MAX_TOKENS
-belongs and whether the prefetch pays.
+belongs and whether the prefetch and the side stream pay (decode only: `engine_gpu.py` also
+shows what the side stream does to prefill).
 
     PYTHONPATH=. python3 benchmarks/launch_ab.py [--batches 1 8 16 32 64 256] [--policies ...]
 """

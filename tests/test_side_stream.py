@@ -22,6 +22,15 @@ def test_cpu_branch_is_program_order(monkeypatch):
     assert out == [1, 2]
 
 
+def test_opt_in_on_cuda_only(monkeypatch):
+    from dsv4.kernels.side_stream import side_stream_on
+    monkeypatch.delenv("DSV4_SIDE_STREAM", raising=False)
+    assert not side_stream_on(torch.device("cuda", 0))  # slower prefill on the H200: opt-in
+    monkeypatch.setenv("DSV4_SIDE_STREAM", "1")
+    assert side_stream_on(torch.device("cuda", 0))
+    assert not side_stream_on(torch.device("cpu"))
+
+
 def test_compressor_prepare_builds_what_forward_reads():
     model = make_model()
     ids = list(range(3, 3 + 150))

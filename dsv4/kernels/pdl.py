@@ -10,15 +10,20 @@ that do not use it), then `griddepcontrol.launch_dependents`, which lets the nex
 placed while this one works. CUDA graphs keep the launches' dependencies as programmatic edges.
 
 Before its wait a kernel may read what no earlier kernel writes: `l2_prefetch` starts
-bringing its weights into L2 while the predecessor still runs (`DSV4_L2_PREFETCH=n`, off by
-default until measured on the H200; `l2_prefetch_depth()`).
+bringing its weights into L2 while the predecessor still runs (`DSV4_L2_PREFETCH=n`,
+`l2_prefetch_depth()`). Off by default: on the H200 it made every batch size slower (batch 1
+1.068 -> 1.218 ms, batch 64 3.981 -> 4.407; `benchmarks/launch_ab.py`), the prefetches
+competing with the running kernel's own loads.
 
 `pdl()` gives a launch's keywords: `PDL=True, launch_pdl=True` on sm_90+ GPUs, nothing
 elsewhere (older GPUs, Triton's CPU interpreter, `DSV4_PDL=0`) and inside `for_tokens(n)` with
 n over PDL_MAX_TOKENS. H200, Flash-shaped 4-layer FP4 model, CUDA graphs (`engine_gpu.py`):
 batch-1 decode 1.16 -> 1.06 ms a step, while batch 64 went 5.48 -> 5.55 ms and batch 256
 8.90 -> 9.18 ms (large launches gain nothing from an earlier start, and the waiting CTAs of
-the next one take SM slots), so the model's forward turns it on for small steps only.
+the next one take SM slots), so the model's forward turns it on for small steps only. Policy
+by batch size (`benchmarks/launch_ab.py`, 1K prompts, time per output token, plain -> PDL):
+1 1.093 -> 1.068, 8 2.075 -> 2.020, 16 2.900 -> 2.825, 32 3.820 -> 3.799, 64 4.110 -> 3.981,
+256 3.905 -> 4.024 ms: the threshold is 64.
 """
 from __future__ import annotations
 
@@ -29,8 +34,8 @@ import torch
 
 from . import HAS_TRITON
 
-# Steps of up to this many tokens launch with PDL (measured at 1 and 64: see the module)
-PDL_MAX_TOKENS = 32
+# Steps of up to this many tokens launch with PDL (measured from 1 to 256: see the module)
+PDL_MAX_TOKENS = 64
 
 _ARGS: dict | None = None
 _HOPPER: list[bool] = []  # cached: Triton with PDL, every GPU sm_90+, not the interpreter

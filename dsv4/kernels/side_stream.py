@@ -7,6 +7,12 @@ stream, beside the main stream's work, and `join()` makes the main stream wait f
 CUDA-graph capture the fork and the join become edges of the graph. On the CPU (or with the
 switch off) both are no-ops and the work runs in program order.
 
+Off by default: it has not paid on the H200 (Flash-shaped 4-layer FP4 model). In
+`benchmarks/launch_ab.py` decode was a little faster with it (time per output token at batch 1
+/ 8 / 64: 1.073 / 2.044 / 4.016 -> 1.017 / 1.978 / 3.914 ms), but in `engine_gpu.py` the same
+switch made batch-1 decode slower (1.06 -> 1.24 ms) and the eager prefill of 1K prompts 2-4x
+slower (48K -> 29K tokens/s at batch 1, 98K -> 23K at batch 64).
+
 What keeps it race-free is the caller's part:
 - everything the branch reads exists before the fork and stays referenced until the join
   (batch tensors that are built on first use are built on the main stream first);
