@@ -28,6 +28,7 @@ from dsv4.quant.formats import dequant_fp8, quantize_fp8
 
 HBM, FP8_PEAK, BF16_PEAK = 4.8e12, 1979e12, 989e12
 SWEEP_TOKENS: list[int] = []  # --tokens
+GROUPED_MM = [False]  # --grouped-mm
 DEV = "cuda"
 
 
@@ -276,6 +277,7 @@ def moe_sweep(quick: bool) -> None:
 
 
 def moe_table(quick: bool) -> None:
+    from dsv4.kernels import moe as km
     cfgs = [("Flash", 256, 4096, 2048), ("Pro", 384, 7168, 3072)]
     tokens = [1, 8, 64, 512, 4096, 32768]
     k = 6
@@ -313,6 +315,20 @@ def moe_table(quick: bool) -> None:
             print(f"| {name} | {t} | {us:.1f} | {flops / us / 1e6:.1f} | "
                   f"{100 * flops / us / 1e-6 / BF16_PEAK:.0f}% | {nbytes / us / 1e3:.0f} | "
                   f"{100 * nbytes / us / 1e-6 / HBM:.0f}% | {used:.0f}+1 | {ref} |", flush=True)
+            if GROUPED_MM[0] and t >= 512:  # dequantised experts + torch's grouped GEMM
+                try:
+                    gus = t_us(lambda: km._moe_cuda(u, idx, wgt, experts, shared,
+                                                    dict(grouped_mm=True)))
+                    print(f"| {name} grouped_mm | {t} | {gus:.1f} | {flops / gus / 1e6:.1f} | "
+                          f"{100 * flops / gus / 1e-6 / BF16_PEAK:.0f}% | - | - | all | - |",
+                          flush=True)
+                    if t == 4096:
+                        profile(lambda: km._moe_cuda(u, idx, wgt, experts, shared,
+                                                     dict(grouped_mm=True)),
+                                f"{name} T={t} grouped_mm")
+                except torch.OutOfMemoryError:
+                    print(f"| {name} grouped_mm | {t} | out of memory | | | | | | |", flush=True)
+                torch.cuda.empty_cache()
             if t in (1, 4096):
                 profile(lambda: moe_forward(u, idx, wgt, experts, shared), f"{name} T={t}")
         del experts, shared
@@ -353,10 +369,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", choices=["linear", "wo_a", "moe", "sweep", "linear-sweep"], default=None)
     ap.add_argument("--tokens", type=int, nargs="*", default=[], help="MoE sweep batch sizes")
+    ap.add_argument("--grouped-mm", action="store_true",
+                    help="MoE table: also time the dequantise + torch grouped GEMM path "
+                         "(DSV4_MOE_GROUPED_MM) from 512 tokens")
     ap.add_argument("--experts", choices=["fp4", "nvfp4", "fp8"], default="fp4",
                     help="routed experts' format in the MoE table and sweep")
     args = ap.parse_args()
     SWEEP_TOKENS.extend(args.tokens)
+    GROUPED_MM[0] = args.grouped_mm
     EXPERT_FORMAT[0] = args.experts
     p = torch.cuda.get_device_properties(0)
     print(f"# {p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}, "

@@ -376,3 +376,24 @@ def test_topk_reference_breaks_ties_toward_older_entries_and_rejects_bad_input()
     with pytest.raises(ValueError, match="avail"):
         select_topk(score, cand, 2, torch.tensor([1, 2, 3]))
     assert torch.equal(select_topk(score, cand, 4, torch.tensor([5, 0])), sel)
+
+
+def test_moe_grouped_mm_switch(monkeypatch):
+    """DSV4_MOE_GROUPED_MM: off unless set, a token count, a clear error otherwise; the path
+    takes bf16 MXFP4 / FP8 experts only."""
+    from types import SimpleNamespace
+
+    from dsv4.kernels import moe_grouped_mm as gm
+    from dsv4.kernels.quant_linear import FMT_FP8, FMT_MXFP4, FMT_NVFP4
+    monkeypatch.delenv("DSV4_MOE_GROUPED_MM", raising=False)
+    assert gm.grouped_mm_min_tokens() == 0
+    monkeypatch.setenv("DSV4_MOE_GROUPED_MM", "2048")
+    assert gm.grouped_mm_min_tokens() == 2048
+    monkeypatch.setenv("DSV4_MOE_GROUPED_MM", "many")
+    with pytest.raises(ValueError, match="DSV4_MOE_GROUPED_MM must be a whole number"):
+        gm.grouped_mm_min_tokens()
+    u = torch.zeros(4, 128, dtype=torch.bfloat16)
+    tab = lambda fmt: SimpleNamespace(fmt=fmt)  # noqa: E731
+    assert gm.applies(u, tab(FMT_MXFP4), tab(FMT_FP8)) and gm.applies(u, tab(FMT_FP8), None)
+    assert not gm.applies(u, tab(FMT_NVFP4), tab(FMT_FP8))
+    assert not gm.applies(u.float(), tab(FMT_MXFP4), None)

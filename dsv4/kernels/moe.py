@@ -229,34 +229,22 @@ def _run_groups(groups, launch, overlap: bool) -> None:
     cur.wait_stream(side)
 
 
-def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Tensor:
-    t, d = u.shape
+def route_plan(idx: torch.Tensor, t: int, n_routed: int, bt: int):
+    """The routing plan of step 2 (module docstring) for blocks of bt rows: ((slots, blk_exp,
+    blk_rows), the slot counts per plan expert (int32 [n_routed + 1], on the device; None for
+    the one-program plan of small batches), blocks, shared-expert blocks, routed blocks)."""
     k = idx.shape[1]
-    n_routed = len(experts)
-    inter = experts[0].w1.out_features
-    dev = u.device
-    if t == 0:
-        return u.clone()
-    c = moe_config(t, k, n_routed, d, inter, num_sms(dev))
-    c.update(cfg or {})
-    if _INTERPRET:  # Triton's CPU interpreter runs no inline PTX
-        c["dec"], c["prefetch"] = min(c["dec"], 1), 0
-    u = u.contiguous()
-    idx = idx.contiguous()  # int32 or int64: the routing kernels read either
-    wgt = wgt.float().contiguous()
+    dev = idx.device
     n_exp, k1 = n_routed + 1, k + 1
     n_slots = t * k1
-    bt = c["bt"]
     shared_blocks = triton.cdiv(t, bt)
     routed_blocks = min(t * k, triton.cdiv(t * k, bt) + n_routed)
     n_blocks = shared_blocks + routed_blocks
-    n_pos = n_blocks * bt
     ep2 = triton.next_power_of_2(n_exp)
-
-    # 2. routing plan
     blk_exp = torch.empty(n_blocks, dtype=torch.int32, device=dev)
     blk_rows = torch.empty(n_blocks, dtype=torch.int32, device=dev)
-    slots = torch.empty(n_pos, dtype=torch.int32, device=dev)
+    slots = torch.empty(n_blocks * bt, dtype=torch.int32, device=dev)
+    counts = None
     if n_slots <= SMALL_PLAN_SLOTS:  # one launch: counts and ranks by comparison, no atomics
         _route_small_kernel[(1,)](idx, blk_exp, blk_rows, slots, t, k, n_exp, n_blocks, BT=bt,
                                   S2=max(16, triton.next_power_of_2(n_slots)), EP2=ep2,
@@ -270,7 +258,38 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
         _route_scatter_kernel[grid](expert, rank, counts, blk_exp, blk_rows, slots, n_slots,
                                     n_exp, n_blocks, BT=bt, BLOCK=1024, EP2=ep2, num_warps=4,
                                     **pdl())
-    plan = (slots, blk_exp, blk_rows)
+    return (slots, blk_exp, blk_rows), counts, n_blocks, shared_blocks, routed_blocks
+
+
+def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Tensor:
+    t, d = u.shape
+    k = idx.shape[1]
+    n_routed = len(experts)
+    inter = experts[0].w1.out_features
+    dev = u.device
+    if t == 0:
+        return u.clone()
+    c = moe_config(t, k, n_routed, d, inter, num_sms(dev))
+    c.update(cfg or {})
+    # prefill-sized calls through dequantised bf16 experts and torch's grouped GEMM (opt-in,
+    # `moe_grouped_mm.py`); `grouped_mm` in cfg forces the choice either way
+    from .moe_grouped_mm import applies as grouped_mm_applies
+    from .moe_grouped_mm import grouped_mm_min_tokens, moe_grouped_mm
+    n_min = grouped_mm_min_tokens()
+    if c.get("grouped_mm", bool(n_min) and t >= n_min):
+        main, extra = _tables(experts, shared, dev)
+        if grouped_mm_applies(u, main, extra):
+            return moe_grouped_mm(u, idx, wgt, experts, shared, main, extra)
+    if _INTERPRET:  # Triton's CPU interpreter runs no inline PTX
+        c["dec"], c["prefetch"] = min(c["dec"], 1), 0
+    u = u.contiguous()
+    idx = idx.contiguous()  # int32 or int64: the routing kernels read either
+    wgt = wgt.float().contiguous()
+    n_exp, k1 = n_routed + 1, k + 1
+    n_slots = t * k1
+    bt = c["bt"]
+    plan, _, n_blocks, shared_blocks, routed_blocks = route_plan(idx, t, n_routed, bt)
+    n_pos = n_blocks * bt
 
     # 1. and 3. gate/up with the SwiGLU epilogue: h in FP8, rows = padded positions. With
     # `abf` (FP4 experts, bf16 MMA decode) the activations and h are their exact bf16 values:

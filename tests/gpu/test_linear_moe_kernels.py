@@ -283,6 +283,30 @@ def test_moe_exact_bf16_activation_values(fmt, shared_fmt, base, monkeypatch):
     _check_moe(experts, shared, [300], ["skewed"], monkeypatch, cfg=dict(base, dec=0, abf=True))
 
 
+@pytest.mark.parametrize("fmt,shared_fmt", [("fp4", "fp8"), ("fp8", "fp8")])
+def test_moe_grouped_mm_path(fmt, shared_fmt, monkeypatch):
+    """`moe_grouped_mm.py` (DSV4_MOE_GROUPED_MM): dequantised bf16 experts through torch's
+    grouped GEMM, against the reference and the fused kernels, over uniform, skewed (experts
+    with no token) and hash routings, plus through the environment variable's dispatch; NVFP4
+    experts keep the fused kernels."""
+    from dsv4.kernels import moe_grouped_mm as gm
+    experts, shared = _random_moe(64, 4096, 2048, fmt, shared_fmt, torch.bfloat16, seed=11)
+    _check_moe(experts, shared, [1, 19, 700, 3000], ["uniform", "skewed", "hash"], monkeypatch,
+               cfg=dict(grouped_mm=True))
+    u = torch.randn(600, 4096, device=DEV).bfloat16()
+    idx, wgt = _routing(600, 64, 6, "uniform", seed=1)
+    fused = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, dict(grouped_mm=False))
+    monkeypatch.setenv("DSV4_MOE_GROUPED_MM", "512")
+    assert gm.grouped_mm_min_tokens() == 512
+    got = moe_forward(u, idx, wgt, experts, shared)
+    assert rel_err(got, fused) < 1e-2
+    assert torch.equal(got, moe_kernels._moe_cuda(u, idx, wgt, experts, shared,
+                                                  dict(grouped_mm=True)))
+    nv, nv_shared = _random_moe(16, 1024, 512, "nvfp4", "fp8", torch.bfloat16, seed=2)
+    main, extra = moe_kernels._tables(nv, nv_shared, u.device)
+    assert not gm.applies(u, main, extra)
+
+
 @pytest.mark.parametrize("fmt", ["fp4", "nvfp4"])
 def test_moe_reloaded_fp4_experts_keep_the_kernels_layout(fmt, monkeypatch):
     """The first CUDA forward re-lays out FP4 experts in place (`to_kernel_layout`); loading a

@@ -1,0 +1,155 @@
+"""Prefill-sized MoE through bf16 grouped GEMMs (`torch._grouped_mm`, CUTLASS on sm_90).
+
+Opt-in: `DSV4_MOE_GROUPED_MM=n` sends MoE calls of at least n tokens here (the default, 0,
+never). The fused Triton kernels of `moe.py` decode the FP4 experts inside the GEMM, which
+holds large batches near 230 TFLOP/s on an H200 (FP8 experts too: the decode's layout, not
+its arithmetic, is what limits them). Here each call instead:
+
+1. dequantises every expert of the layer, the shared one included (plan expert 0), into bf16
+   buffers `w13 [E+1, 2I, d]` and `w2 [E+1, d, I]` (`_dequant_kernel`). MXFP4 codes times
+   their e8m0 scales and e4m3 codes times their e8m0 block scales are bf16 values, so these
+   are the experts' exact weights (NVFP4's e4m3 scales times a global fp32 scale are not:
+   NVFP4 experts stay on the fused kernels);
+2. builds the routing plan of `moe.py` with 128-row blocks, and copies each slot's FP8
+   activation values (`act_quant_values`: exact in bf16) to its padded position, so every
+   expert's rows are one contiguous group (`offs` = the groups' ends, from the plan's slot
+   counts on the device: no host synchronisation);
+3. `g|v = grouped_mm(x, w13)` in bf16 (fp32 accumulation; the output rounded to bf16, as the
+   reference rounds each linear's output), then `moe._swiglu_kernel` (clamped SwiGLU, routing
+   weight, h as the exact bf16 values of its FP8 quantisation), `y = grouped_mm(h, w2)`;
+4. gathers each slot's row back (`index_select`) and sums a token's slots with
+   `moe._combine_kernel`.
+
+Cost against the fused kernels: the dequantised copy is written and read once per call (Flash:
+12.9 GB a layer, ~3.8 ms at 4.3 TB/s) and needs that much free memory; in exchange the GEMMs
+run as CUTLASS's grouped GEMM. Whether that pays, and from which batch size, is for
+`benchmarks/bench_linear_moe.py --only moe` with and without the variable to say.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import HAS_TRITON
+from .pdl import pdl
+from .quant_linear import FMT_FP8, FMT_MXFP4, act_quant_values
+
+BT = 128  # plan block rows: each expert's group padded to a multiple of this
+
+
+def grouped_mm_min_tokens() -> int:
+    """`DSV4_MOE_GROUPED_MM`: the smallest MoE call that takes this path (0: none)."""
+    try:
+        n = int(os.environ.get("DSV4_MOE_GROUPED_MM", "0") or 0)
+    except ValueError:
+        raise ValueError("DSV4_MOE_GROUPED_MM must be a whole number of tokens (0: off)") from None
+    return max(0, n)
+
+
+def applies(u: torch.Tensor, main, extra) -> bool:
+    """Whether a call of these experts can take this path: bf16 working dtype, MXFP4 or FP8
+    experts (and shared expert), torch with a grouped GEMM, not under CUDA-graph capture."""
+    fmts = {main.fmt} | ({extra.fmt} if extra is not None else set())
+    return (u.dtype == torch.bfloat16 and fmts <= {FMT_FP8, FMT_MXFP4}
+            and hasattr(torch, "_grouped_mm")
+            and not (u.is_cuda and torch.cuda.is_current_stream_capturing()))
+
+
+def moe_grouped_mm(u, idx, wgt, experts, shared, main, extra) -> torch.Tensor:
+    """The MoE layer (`moe.moe_forward`'s contract) for a large batch; main / extra: the
+    pointer tables of `moe._tables`."""
+    from . import moe as km
+    t, d = u.shape
+    k = idx.shape[1]
+    n_routed = len(experts)
+    inter = experts[0].w1.out_features
+    n_exp, k1 = n_routed + 1, k + 1
+    n_slots = t * k1
+    dev = u.device
+    limit = float(experts[0].limit)
+    w13, w2 = dequantize_experts(main, extra, n_exp, d, inter, dev)
+
+    (slots, blk_exp, blk_rows), counts, n_blocks, _, _ = km.route_plan(
+        idx.contiguous(), t, n_routed, BT)
+    n_pos = n_blocks * BT
+    if counts is None:  # the one-program plan of small batches: count the slots here
+        counts = torch.bincount(idx.reshape(-1).long() + 1, minlength=n_exp).to(torch.int32)
+        counts[0] = t
+    offs = ((counts + BT - 1) // BT * BT).cumsum(0).to(torch.int32)
+    pos = torch.arange(n_pos, device=dev)
+    pos_ok = (pos % BT) < blk_rows.repeat_interleave(BT)
+    x = act_quant_values(u.contiguous()).index_select(0, torch.where(pos_ok, slots // k1, 0))
+
+    y13 = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)  # [n_pos, 2I]: g then v
+    h = torch.empty(n_pos, inter, dtype=torch.bfloat16, device=dev)
+    km._swiglu_kernel[(inter // 128, n_blocks)](
+        y13, slots, blk_exp, blk_rows, wgt.float().contiguous(), h, h.new_empty(0), inter,
+        n_exp, k1, limit, 0, ROUND=True, HAS_LIMIT=limit > 0, BT=BT, SPLIT=1, HBF=True,
+        num_warps=4, **pdl())
+    y2 = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # [n_pos, d]
+    # slot -> its padded position (padding positions all land on the extra last entry)
+    at = torch.empty(n_slots + 1, dtype=torch.int64, device=dev)
+    at.index_copy_(0, torch.where(pos_ok, slots.long(), n_slots), pos)
+    ys = y2.index_select(0, at[:n_slots])
+    out = torch.empty_like(u)
+    km._combine_kernel[(t, triton.cdiv(d, 1024))](ys, out, d, n_slots * d, K1=k1, SPLIT=1,
+                                                  ROUND=False, BD=1024, num_warps=4, **pdl())
+    return out
+
+
+def dequantize_experts(main, extra, n_exp: int, d: int, inter: int, dev):
+    """bf16 w13 [n_exp, 2I, d] (w1 rows then w3 rows) and w2 [n_exp, d, I] of every plan
+    expert (0 = the shared expert), exactly (see the module docstring)."""
+    w13 = torch.empty(n_exp, 2 * inter, d, dtype=torch.bfloat16, device=dev)
+    w2 = torch.empty(n_exp, d, inter, dtype=torch.bfloat16, device=dev)
+    groups = [(main, 0)] if extra is None else [(extra, 0), (main, 1)]
+    for tab, e0 in groups:
+        n = len(tab.ptrs["w1w"])
+        for name, out, rows, cols, row0 in (("w1", w13, inter, d, 0), ("w3", w13, inter, d, inter),
+                                           ("w2", w2, d, inter, 0)):
+            _dequant_kernel[(rows // 64, cols // 128, n)](
+                tab.ptrs[name + "w"], tab.ptrs[name + "s"], out, cols, e0, out.stride(0), row0,
+                W_FMT=tab.fmt, num_warps=4, **pdl())
+    return w13, w2
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .moe import _mxfp4_bf16
+    from .pdl import pdl_start
+    from .quant_linear import _e8m0_f32
+
+    @triton.jit
+    def _dequant_kernel(w_tab, s_tab, out_ptr, K, e0, e_stride, row0,
+                        W_FMT: tl.constexpr, PDL: tl.constexpr = False):
+        """Rows [64 tile] x K-block kb of expert program_id(2) of a pointer table -> exact bf16
+        at out[e0 + e, row0 + rows, kb*128:]. MXFP4 in the kernels' layout (64-row groups,
+        contiguous K-blocks, `moe._mxfp4_bf16`), FP8 row-major with 128 x 128 e8m0 scales."""
+        pdl_start(PDL)
+        tile = tl.program_id(0)
+        kb = tl.program_id(1)
+        wi = tl.program_id(2)
+        rows = tile * 64 + tl.arange(0, 64)
+        cols = tl.arange(0, 128)
+        row_ok = rows >= 0
+        ws = tl.multiple_of(tl.load(s_tab + wi).to(tl.pointer_type(tl.uint8)), 16)
+        if W_FMT == 1:
+            w = tl.multiple_of(tl.load(w_tab + wi).to(tl.pointer_type(tl.uint8)), 16)
+            # one 64-row group: per K-block 64 rows x 64 bytes, the rows' 4 scale bytes a word
+            w_row = w + tile.to(tl.int64) * (32 * K) + (rows % 64)[:, None] * 64 \
+                + tl.arange(0, 64)[None, :]
+            s_row = (ws + tile.to(tl.int64) * (2 * K) + (rows % 64) * 4).to(
+                tl.pointer_type(tl.int32))
+            sw = tl.load(s_row + kb * 64)
+            wc = _mxfp4_bf16(w_row + kb * 4096, sw, 0, row_ok, 128)
+        else:
+            w = tl.multiple_of(tl.load(w_tab + wi).to(tl.pointer_type(tl.float8e4nv)), 16)
+            q = tl.load(w + rows.to(tl.int64)[:, None] * K + kb * 128 + cols[None, :])
+            sb = tl.load(ws + (tile // 2) * (K // 128) + kb).to(tl.int32)
+            wc = (q.to(tl.float32) * _e8m0_f32(sb)).to(tl.bfloat16)
+        dst = out_ptr + (e0 + wi).to(tl.int64) * e_stride \
+            + (row0 + rows).to(tl.int64)[:, None] * K + kb * 128 + cols[None, :]
+        tl.store(dst, wc)
