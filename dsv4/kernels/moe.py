@@ -49,6 +49,9 @@ in FP8, so each GEMM is then launched twice, once per format, over disjoint bloc
 batches the shared expert's launch runs on a side stream, beside the routed experts' launch.
 Rounding follows the reference: each linear's output is rounded to the working dtype before
 the fp32 SwiGLU / sum, h is rounded before its quantisation.
+Prefill-sized calls can instead run on dequantised bf16 experts and torch's grouped GEMM
+(opt-in, `DSV4_MOE_GROUPED_MM`: `moe_grouped_mm.py`), with this routing plan and the SwiGLU
+and combine kernels.
 """
 from __future__ import annotations
 
@@ -273,13 +276,13 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
     c.update(cfg or {})
     # prefill-sized calls through dequantised bf16 experts and torch's grouped GEMM (opt-in,
     # `moe_grouped_mm.py`); `grouped_mm` in cfg forces the choice either way
-    from .moe_grouped_mm import applies as grouped_mm_applies
-    from .moe_grouped_mm import grouped_mm_min_tokens, moe_grouped_mm
-    n_min = grouped_mm_min_tokens()
-    if c.get("grouped_mm", bool(n_min) and t >= n_min):
-        main, extra = _tables(experts, shared, dev)
-        if grouped_mm_applies(u, main, extra):
-            return moe_grouped_mm(u, idx, wgt, experts, shared, main, extra)
+    if "grouped_mm" in c or os.environ.get("DSV4_MOE_GROUPED_MM"):
+        from . import moe_grouped_mm as gm
+        n_min = gm.grouped_mm_min_tokens()
+        if c.get("grouped_mm", bool(n_min) and t >= n_min):
+            main, extra = _tables(experts, shared, dev)
+            if gm.applies(u, main, extra):
+                return gm.moe_grouped_mm(u, idx, wgt, experts, shared, main, extra)
     if _INTERPRET:  # Triton's CPU interpreter runs no inline PTX
         c["dec"], c["prefetch"] = min(c["dec"], 1), 0
     u = u.contiguous()
