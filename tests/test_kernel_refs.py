@@ -327,9 +327,9 @@ def test_attention_kernel_choice_and_its_triton_fallback_shapes(monkeypatch):
     assert not sa.wg_applies(q(1, 64), fp8=True, rope_dim=32)
     assert not sa.wg_applies(q(1, 64), cfg=sa.AttnConfig(kernel="triton"))
     assert not sa.wg_applies(q(1, 64), cfg=sa.AttnConfig(block_k=16))
-    assert sa.wg_applies(q(1, 64), True, cfg=sa.AttnConfig(block_k=32, fp8_overlap=True))
-    with pytest.raises(ValueError, match="fp8_overlap needs block_k=32"):
-        sa.AttnConfig(block_k=64, fp8_overlap=True)
+    assert sa.wg_applies(q(1, 64), True, cfg=sa.AttnConfig(block_k=32, overlap=True))
+    with pytest.raises(ValueError, match="overlap needs block_k=32"):
+        sa.AttnConfig(block_k=64, overlap=True)
     big, few = q(128, 128), q(1, 64)
     assert (sa.default_config(big).block_k, sa.default_config(big).num_stages) == (64, 2)
     assert (sa.default_config(big, fp8=True).block_k, sa.default_config(big, True).num_stages) == (64, 2)

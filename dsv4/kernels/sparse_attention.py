@@ -94,20 +94,20 @@ class AttnConfig:
     `splits` = 0 lets the launcher choose how many CTAs share one token's row list. `kernel`:
     "auto" runs the Gluon warpgroup kernel (`sparse_attention_wg.py`) where it applies (bf16
     rows, D = 512, 64 heads a CTA, 8 warps), "triton" always the Triton kernel.
-    `fp8_overlap` (Gluon kernel, packed FP8 rows, 32-row tiles): decode the next tile into a
-    second bf16 tile while the tensor cores compute this tile's P V product."""
+    `overlap` (Gluon kernel, 32-row tiles): work beside the tensor cores' P V product, the next
+    tile's decode (FP8 rows) or its Q K^T and softmax (bf16 rows; 3+ stages to prefetch)."""
     block_h: int = 64
     block_k: int = 32
     num_warps: int = 8
     num_stages: int = 2
     splits: int = 0
     kernel: str = "auto"
-    fp8_overlap: bool = False
+    overlap: bool = False
 
     def __post_init__(self):
-        if self.fp8_overlap and self.block_k != 32:
-            raise ValueError(f"fp8_overlap needs block_k=32 (two bf16 tiles of {self.block_k} "
-                             "rows and the queries do not fit an sm_90 CTA's shared memory)")
+        if self.overlap and self.block_k != 32:
+            raise ValueError(f"overlap needs block_k=32 (the tiles in use of {self.block_k} rows "
+                             "and the queries do not fit an sm_90 CTA's shared memory)")
 
 
 def default_config(q: torch.Tensor, fp8: bool = False) -> AttnConfig:
@@ -423,7 +423,7 @@ if HAS_TRITON:
                 _sparse_attn_wg_kernel[(T * n_hb, splits)](
                     *args, D=D, BLOCK_H=BH, BLOCK_K=BK, NUM_BUF=max(2, cfg.num_stages),
                     SPLIT=splits > 1, FP8=fp8, NOPE=D - rope_dim, ROPE=rope_dim,
-                    HAS_LEN=cmp_len is not None, OVERLAP=fp8 and cfg.fp8_overlap, num_warps=8,
+                    HAS_LEN=cmp_len is not None, OVERLAP=cfg.overlap, num_warps=8,
                     **kw)
             kw = pdl() if _WG_PDL_OK else {}
             try:

@@ -8,10 +8,15 @@ explicit: each warpgroup computes the logits of half the tile's rows, the row st
 reduced across the two, and each warpgroup then accumulates half of the D output dims from the
 whole P tile (the FlashMLA split). Rows arrive by cp.async gathers into a ring of NUM_BUF shared
 buffers; each tile's row slots are read one iteration ahead of their copies. Packed FP8 rows
-(`kv_fp8.py`) are staged as bytes and decoded into one bf16 tile before the products; with
-OVERLAP (32-row tiles) into two bf16 tiles, the next tile's decode running while the tensor
-cores compute this tile's P V product (the decode, the products and the softmax otherwise
-take turns: FP8 rows measured 1.9x slower than bf16 rows at batch 128).
+(`kv_fp8.py`) are staged as bytes and decoded into one bf16 tile before the products.
+
+Each step otherwise takes turns: Q K^T, the softmax, P V (and for FP8 rows the decode first).
+OVERLAP (32-row tiles) overlaps them with the tensor cores' P V product: FP8 rows are decoded
+into two bf16 tiles, the next tile's decode running beside this tile's product (FP8 rows
+measured 1.9x slower than bf16 rows at batch 128 without it); bf16 rows (3 or more tiles in the
+ring) issue the next tile's Q K^T before this tile's P V and compute its softmax while the
+product runs, as FlashAttention-3 does within a warpgroup. Both compute the same operations in
+the same order as the plain loop: the outputs are bit-identical.
 """
 from __future__ import annotations
 
@@ -234,10 +239,50 @@ if HAS_GLUON:
                             _slots(tile + 1, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles,
                                    BLOCK_K, gl.SliceLayout(1, LC)),
                             tile + 1, n_win_tiles, win_new_ptr, Nw, D, NOPE, ROPE, LC)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                # P (a register operand) stays live until its product completes
+                acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
                 # the decoded tile's generic stores before the next products' async reads
                 # (after the wait: a fence with the product in flight crashes ptxas 12.8)
                 fence_async_shared()
+        elif OVERLAP:
+            # bf16 rows, NUM_BUF >= 3 tiles in the ring: tile i + 1's Q K^T and softmax run while
+            # the tensor cores compute tile i's P V product (in issue order, so waiting for the
+            # logits leaves the product in flight)
+            for j in gl.static_range(NUM_BUF - 1):
+                _gather(k_smem.index(j), _slots(lo + j, hi, win_idx_row, cmp_idx_row, Kw, Kc,
+                                                n_win_tiles, BLOCK_K, ROWS_LOAD),
+                        lo + j, n_win_tiles, win_cache_ptr, win_new_ptr, cmp_cache_ptr, Nw,
+                        row_stride, D, LOAD)
+                cp.commit_group()
+            cp.wait_group(NUM_BUF - 2)  # q and the first tile
+            valid = _slots(lo, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles, BLOCK_K,
+                           COLS_QK) >= 0
+            s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s0, use_acc=False,
+                              is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+            p_op, alpha, m_i, l_i = _softmax_step(s, valid, qk_scale, m_i, l_i, P_OP, HEADS_PV)
+            for i in range(0, hi - lo):
+                tile = lo + i
+                # tile i + NUM_BUF - 1 into the buffer of tile i - 1 (its product completed)
+                _gather(k_smem.index((i + NUM_BUF - 1) % NUM_BUF),
+                        _slots(tile + NUM_BUF - 1, hi, win_idx_row, cmp_idx_row, Kw, Kc,
+                               n_win_tiles, BLOCK_K, ROWS_LOAD),
+                        tile + NUM_BUF - 1, n_win_tiles, win_cache_ptr, win_new_ptr,
+                        cmp_cache_ptr, Nw, row_stride, D, LOAD)
+                cp.commit_group()
+                cp.wait_group(NUM_BUF - 2)  # tile i + 1 landed
+                valid = _slots(tile + 1, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles,
+                               BLOCK_K, COLS_QK) >= 0
+                s = warpgroup_mma(q_smem, k_smem.index((i + 1) % NUM_BUF).permute((1, 0)), s0,
+                                  use_acc=False, is_async=True)
+                acc = warpgroup_mma(p_op, k_smem.index(i % NUM_BUF), acc, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+                # past the last tile the logits are all masked: alpha 1, P 0
+                p_next, alpha, m_i, l_i = _softmax_step(s, valid, qk_scale, m_i, l_i, P_OP,
+                                                        HEADS_PV)
+                acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+                acc = acc * alpha[:, None]
+                p_op = p_next
         else:
             for j in gl.static_range(NUM_BUF - 1):  # prologue: the first NUM_BUF-1 tiles in flight
                 idx = _slots(lo + j, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles, BLOCK_K,
