@@ -21,8 +21,8 @@ its arithmetic, is what limits them). Here each call instead:
    `moe._combine_kernel`.
 
 Cost against the fused kernels: the dequantised copy is written and read once per call (Flash:
-12.9 GB a layer, ~3.8 ms at 4.3 TB/s) and needs that much free memory; in exchange the GEMMs
-run as CUTLASS's grouped GEMM. Whether that pays, and from which batch size, is for
+12.9 GB a layer, ~3.8 ms at 4.3 TB/s) and needs free memory for its larger half (w1|w3: 8.6 GB
+for Flash; w2 reuses it); in exchange the GEMMs run as CUTLASS's grouped GEMM. Whether that pays, and from which batch size, is for
 `benchmarks/bench_linear_moe.py --only moe` with and without the variable to say.
 """
 from __future__ import annotations
@@ -70,7 +70,6 @@ def moe_grouped_mm(u, idx, wgt, experts, shared, main, extra) -> torch.Tensor:
     n_slots = t * k1
     dev = u.device
     limit = float(experts[0].limit)
-    w13, w2 = dequantize_experts(main, extra, n_exp, d, inter, dev)
 
     (slots, blk_exp, blk_rows), counts, n_blocks, _, _ = km.route_plan(
         idx.contiguous(), t, n_routed, BT)
@@ -83,13 +82,19 @@ def moe_grouped_mm(u, idx, wgt, experts, shared, main, extra) -> torch.Tensor:
     pos_ok = (pos % BT) < blk_rows.repeat_interleave(BT)
     x = act_quant_values(u.contiguous()).index_select(0, torch.where(pos_ok, slots // k1, 0))
 
+    # one layer's bf16 w1|w3, then its w2: the second dequantised copy reuses the first's memory
+    w13 = dequantize(main, extra, ("w1", "w3"), n_exp, inter, d, dev)
     y13 = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)  # [n_pos, 2I]: g then v
+    del w13
     h = torch.empty(n_pos, inter, dtype=torch.bfloat16, device=dev)
     km._swiglu_kernel[(inter // 128, n_blocks)](
         y13, slots, blk_exp, blk_rows, wgt.float().contiguous(), h, h.new_empty(0), inter,
         n_exp, k1, limit, 0, ROUND=True, HAS_LIMIT=limit > 0, BT=BT, SPLIT=1, HBF=True,
         num_warps=4, **pdl())
+    del y13
+    w2 = dequantize(main, extra, ("w2",), n_exp, d, inter, dev)
     y2 = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # [n_pos, d]
+    del w2
     # slot -> its padded position (padding positions all land on the extra last entry)
     at = torch.empty(n_slots + 1, dtype=torch.int64, device=dev)
     at.index_copy_(0, torch.where(pos_ok, slots.long(), n_slots), pos)
@@ -100,20 +105,23 @@ def moe_grouped_mm(u, idx, wgt, experts, shared, main, extra) -> torch.Tensor:
     return out
 
 
+def dequantize(main, extra, names, n_exp: int, rows: int, cols: int, dev) -> torch.Tensor:
+    """bf16 [n_exp, len(names) * rows, cols]: the linears `names` (each [rows, cols]) of every
+    plan expert (0 = the shared expert) stacked along the rows, exactly (module docstring)."""
+    out = torch.empty(n_exp, len(names) * rows, cols, dtype=torch.bfloat16, device=dev)
+    for tab, e0 in [(main, 0)] if extra is None else [(extra, 0), (main, 1)]:
+        for j, name in enumerate(names):
+            _dequant_kernel[(rows // 64, cols // 128, len(tab.ptrs[name + "w"]))](
+                tab.ptrs[name + "w"], tab.ptrs[name + "s"], out, cols, e0, out.stride(0),
+                j * rows, W_FMT=tab.fmt, num_warps=4, **pdl())
+    return out
+
+
 def dequantize_experts(main, extra, n_exp: int, d: int, inter: int, dev):
     """bf16 w13 [n_exp, 2I, d] (w1 rows then w3 rows) and w2 [n_exp, d, I] of every plan
-    expert (0 = the shared expert), exactly (see the module docstring)."""
-    w13 = torch.empty(n_exp, 2 * inter, d, dtype=torch.bfloat16, device=dev)
-    w2 = torch.empty(n_exp, d, inter, dtype=torch.bfloat16, device=dev)
-    groups = [(main, 0)] if extra is None else [(extra, 0), (main, 1)]
-    for tab, e0 in groups:
-        n = len(tab.ptrs["w1w"])
-        for name, out, rows, cols, row0 in (("w1", w13, inter, d, 0), ("w3", w13, inter, d, inter),
-                                           ("w2", w2, d, inter, 0)):
-            _dequant_kernel[(rows // 64, cols // 128, n)](
-                tab.ptrs[name + "w"], tab.ptrs[name + "s"], out, cols, e0, out.stride(0), row0,
-                W_FMT=tab.fmt, num_warps=4, **pdl())
-    return w13, w2
+    expert."""
+    return (dequantize(main, extra, ("w1", "w3"), n_exp, inter, d, dev),
+            dequantize(main, extra, ("w2",), n_exp, d, inter, dev))
 
 
 if HAS_TRITON:
