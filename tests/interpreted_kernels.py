@@ -252,6 +252,32 @@ def check_grouped_fp8_linear() -> None:
             assert err < 1e-2, f"T={T} {cfg}: rel err {err:.2e}"
 
 
+def check_quant_linear() -> None:
+    """The FP8 / MXFP4 / NVFP4 linear kernel (`quant_linear._qlinear_cuda`) against the torch
+    reference: activation quantisation fused or by its own kernel, split K (with the split-sum
+    kernel) and not, token tiles past M."""
+    from dsv4.kernels import quant_linear as ql
+    from dsv4.quant.formats import quantize_fp8, quantize_mxfp4, quantize_nvfp4
+    k, n = 384, 256
+    w = torch.randn(n, k, generator=G) / k ** 0.5
+    fp8, mx, nv = quantize_fp8(w), quantize_mxfp4(w), quantize_nvfp4(w)
+    cases = [(ql.FMT_FP8, fp8[0], fp8[1].view(torch.uint8), None,
+              lambda x: ql.fp8_linear_ref(x, *fp8)),
+             (ql.FMT_MXFP4, mx[0].view(torch.uint8), mx[1].view(torch.uint8), None,
+              lambda x: ql.mxfp4_linear_ref(x, *mx)),
+             (ql.FMT_NVFP4, nv[0].view(torch.uint8), nv[1].view(torch.uint8),
+              nv[2].float().reshape(1), lambda x: ql.nvfp4_linear_ref(x, *nv))]
+    for fmt, weight, scale, gscale, ref in cases:
+        for m in (1, 5, 40):
+            x = torch.randn(m, k, generator=G).bfloat16()
+            want = ref(x).float()
+            for path, cfg in (("fused", None), ("triton", None), ("triton", dict(split=3)),
+                              ("triton", dict(split=1, bt=16, bw=64))):
+                got = ql._qlinear_cuda(x, fmt, weight, scale, gscale, path, cfg).float()
+                err = ((got - want).norm() / want.norm()).item()
+                assert err < 1e-3, f"format {fmt} M={m} {path} {cfg}: rel err {err:.2e}"
+
+
 def check_moe() -> None:
     """The MoE kernels (`moe.py`'s fused GEMMs with each of their decodes, and the grouped-GEMM
     path of `moe_grouped_mm.py`, whose dequantised experts must be the modules' exact weights)
@@ -300,7 +326,7 @@ CHECKS = {f.__name__[len("check_"):]: f for f in (check_topk, check_candidates,
                                                   check_indexer_avail, check_indexer_fp8,
                                                   check_attention_cmp_len,
                                                   check_mhc, check_grouped_fp8_linear,
-                                                  check_moe)}
+                                                  check_quant_linear, check_moe)}
 
 if __name__ == "__main__":
     fix_interpreter()
