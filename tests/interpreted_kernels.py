@@ -252,6 +252,104 @@ def check_grouped_fp8_linear() -> None:
             assert err < 1e-2, f"T={T} {cfg}: rel err {err:.2e}"
 
 
+def check_small_ops() -> None:
+    """The one-kernel ops (RMSNorm, RoPE, FP8 rounding, Hadamard + FP4, the compressor's
+    pooling, gathers, ring writes and finish, routing, greedy sampling, fp32 GEMV, the FP8 cache
+    store) through their public entry points, made to take the Triton path on the CPU, against
+    their torch references with the GPU tests' tolerances."""
+    import importlib
+
+    from dsv4.config import ModelConfig
+    from dsv4.model.rope import rope_frequencies
+    names = ("rmsnorm", "rope", "qat", "compressor", "routing", "greedy", "f32_linear", "kv_fp8")
+    mods = {n: importlib.import_module(f"dsv4.kernels.{n}") for n in names}
+    for m in mods.values():
+        m.use_triton = lambda t: True
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    x = (torch.randn(5, 512, generator=G) * 3).bfloat16()
+    w = torch.rand(512, generator=G) + 0.5
+    ref = mods["rmsnorm"].rmsnorm_ref(x, w, 1e-6).float()
+    assert ((mods["rmsnorm"].rmsnorm(x, w, 1e-6).float() - ref).abs()
+            <= ref.abs() * 2.0 ** -7 + 1e-6).all(), "rmsnorm"
+
+    freqs = rope_frequencies(ModelConfig.preset("flash"), 4)
+    for shape, norm, inverse in (((3, 64, 512), True, False), ((37, 512), False, True)):
+        q = (torch.randn(*shape, generator=G) * 3).bfloat16()
+        pos = torch.randint(0, 131072, (shape[0],), generator=G)
+        eps = 1e-6 if norm else None
+        got = mods["rope"].rope_(q.clone(), pos, freqs, 64, inverse, eps).float()
+        want = mods["rope"].rope_ref_(q.clone(), pos, freqs, 64, inverse, eps).float()
+        assert ((got - want).abs() <= want.abs() * 2.0 ** -7 * 1.01 + 2e-5).all(), f"rope {shape}"
+
+    qat = mods["qat"]
+    y = (torch.randn(6, 512, generator=G) * 5).bfloat16()
+    y[0, :64] = 0
+    assert torch.equal(qat.fp8_round_(y.clone(), 448), qat.fp8_round_ref_(y.clone(), 448))
+    h = (torch.randn(37, 64, 128, generator=G) * 3).bfloat16()
+    for on in (True, False):
+        got, want = qat.hadamard_fp4(h, on), qat.hadamard_fp4_ref(h, on)
+        assert rel(got, want) < (2e-2 if on else 5e-3), f"hadamard_fp4 qat={on}"
+
+    cm = mods["compressor"]
+    kv, score = torch.randn(9, 8, 128, generator=G), torch.randn(9, 8, 128, generator=G) * 3
+    valid = torch.ones(9, 8, dtype=torch.bool)
+    valid[0, :4] = False
+    assert rel(cm.compress_pool(kv, score, valid), cm.compress_pool_ref(kv, score, valid)) < 1e-6
+    m, k, c, n_win, t, rows = 4, 2, 128, 5, 40, 100
+    a, g = (torch.randn(t, k * c, generator=G) for _ in range(2))
+    kr, sr = (torch.randn(rows, k * c, generator=G) * 3 for _ in range(2))
+    args = (a, g, kr, sr, torch.rand(n_win, k * m, generator=G) < 0.4,
+            torch.randint(0, t, (n_win, k * m), generator=G),
+            torch.randint(0, rows, (n_win, k * m), generator=G), valid[:n_win],
+            m, torch.randn(m, k * c, generator=G))
+    assert rel(cm.compress_windows(*args), cm.compress_windows_ref(*args)) < 1e-6
+    ape = torch.randn(m, k * c, generator=G)
+    pos = torch.randint(0, 10 ** 5, (t,), generator=G)
+    tok, dst = torch.randperm(t, generator=G)[:7], torch.randperm(rows, generator=G)[:7]
+    rings, want = [kr.clone(), sr.clone()], [kr.clone(), sr.clone()]
+    cm.ring_write_(*rings, a, g, ape, pos, tok, dst)
+    cm.ring_write_ref_(*want, a, g, ape, pos, tok, dst)
+    assert torch.equal(rings[0], want[0]) and torch.equal(rings[1], want[1]), "ring_write_"
+    for kind, width, mm in (("attn", 512, 4), ("index", 128, 4)):
+        pooled = torch.randn(6, width, generator=G) * 3
+        fargs = (pooled, torch.rand(width, generator=G) + 0.5, 1e-6,
+                 torch.randint(0, 30000, (6,), generator=G), mm,
+                 rope_frequencies(ModelConfig.preset("flash"), mm).float(), 64, kind == "index",
+                 True, torch.bfloat16)
+        assert rel(cm.compress_finish(*fargs), cm.compress_finish_ref(*fargs)) < 2e-2, kind
+
+    rt = mods["routing"]
+    z = torch.randn(9, 256, generator=G) * 3
+    bias = torch.randn(256, generator=G) * 0.1
+    for func in ("sqrtsoftplus", "sigmoid", "softmax"):
+        got, want = rt.route(z, func, 6, 2.5, bias=bias), rt.route_ref(z, func, 6, 2.5, bias=bias)
+        assert torch.equal(got[0], want[0]), f"route {func}"
+        torch.testing.assert_close(got[1], want[1], rtol=2e-6, atol=1e-7)
+
+    logits = torch.randn(3, 1000, generator=G) * 4
+    logits[0, 999] = logits[0, 333] = logits[0].max() + 1  # a tie: the lowest id wins
+    ids, lp = mods["greedy"].greedy_logprob(logits)
+    want_ids, want_lp = mods["greedy"].greedy_logprob_ref(logits)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(lp, want_lp, rtol=1e-5, atol=1e-4)
+
+    fl = mods["f32_linear"]
+    wf = (torch.randn(256, 512, generator=G) / 512 ** 0.5).bfloat16()
+    xf = torch.randn(2, 512, generator=G)
+    if fl._gemv_applies(xf, wf):
+        assert (fl.linear_f32(xf, wf) - xf.double() @ wf.double().t()).abs().max() < 1e-5
+
+    kvm = mods["kv_fp8"]
+    rows_in = torch.randn(11, 512, generator=G).bfloat16()
+    buf = torch.zeros(40, kvm.kv_fp8_row_bytes(512, 64), dtype=torch.uint8)
+    dst = torch.randperm(40, generator=G)[:11]
+    kvm.store_kv_fp8_(buf, dst, rows_in)
+    assert torch.equal(buf[dst], kvm.pack_kv_fp8(rows_in)), "store_kv_fp8_"
+
+
 def check_quant_linear() -> None:
     """The FP8 / MXFP4 / NVFP4 linear kernel (`quant_linear._qlinear_cuda`) against the torch
     reference: activation quantisation fused or by its own kernel, split K (with the split-sum
@@ -326,7 +424,8 @@ CHECKS = {f.__name__[len("check_"):]: f for f in (check_topk, check_candidates,
                                                   check_indexer_avail, check_indexer_fp8,
                                                   check_attention_cmp_len,
                                                   check_mhc, check_grouped_fp8_linear,
-                                                  check_quant_linear, check_moe)}
+                                                  check_quant_linear, check_moe,
+                                                  check_small_ops)}
 
 if __name__ == "__main__":
     fix_interpreter()
