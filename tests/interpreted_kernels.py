@@ -255,13 +255,15 @@ def check_grouped_fp8_linear() -> None:
 def check_small_ops() -> None:
     """The one-kernel ops (RMSNorm, RoPE, FP8 rounding, Hadamard + FP4, the compressor's
     pooling, gathers, ring writes and finish, routing, greedy sampling, fp32 GEMV, the FP8 cache
-    store) through their public entry points, made to take the Triton path on the CPU, against
-    their torch references with the GPU tests' tolerances."""
+    store, the FP4 index-key store, the mHC post update) through their public entry points,
+    made to take the Triton path on the CPU, against their torch references with the GPU
+    tests' tolerances."""
     import importlib
 
     from dsv4.config import ModelConfig
     from dsv4.model.rope import rope_frequencies
-    names = ("rmsnorm", "rope", "qat", "compressor", "routing", "greedy", "f32_linear", "kv_fp8")
+    names = ("rmsnorm", "rope", "qat", "compressor", "routing", "greedy", "f32_linear", "kv_fp8",
+             "index_fp4", "mhc")
     mods = {n: importlib.import_module(f"dsv4.kernels.{n}") for n in names}
     for m in mods.values():
         m.use_triton = lambda t: True
@@ -348,6 +350,19 @@ def check_small_ops() -> None:
     dst = torch.randperm(40, generator=G)[:11]
     kvm.store_kv_fp8_(buf, dst, rows_in)
     assert torch.equal(buf[dst], kvm.pack_kv_fp8(rows_in)), "store_kv_fp8_"
+    ifp = mods["index_fp4"]
+    keys = torch.randn(11, 128, generator=G).bfloat16()
+    kbuf = torch.zeros(40, ifp.index_fp4_row_bytes(128), dtype=torch.uint8)
+    ifp.store_index_fp4_(kbuf, dst, keys)
+    assert torch.equal(kbuf[dst], ifp.pack_index_fp4(keys)), "store_index_fp4_"
+
+    n = 4
+    xh = torch.randn(7, n, 256, generator=G).bfloat16()
+    f = torch.randn(7, 256, generator=G).bfloat16()
+    post, comb = torch.rand(7, n, generator=G) * 2, torch.rand(7, n, n, generator=G)
+    want = mods["mhc"].hc_post_ref(xh, f, post, comb).float()
+    got = mods["mhc"].hc_post(xh, f, post, comb).float()
+    assert ((got - want).abs() <= want.abs() * 2.0 ** -7 + 1e-6).all(), "hc_post"
 
 
 def check_quant_linear() -> None:
