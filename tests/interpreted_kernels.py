@@ -395,7 +395,7 @@ def check_moe() -> None:
     """The MoE kernels (`moe.py`'s fused GEMMs with each of their decodes, and the grouped-GEMM
     path of `moe_grouped_mm.py`, whose dequantised experts must be the modules' exact weights)
     against the torch reference: MXFP4 experts with an FP8 or MXFP4 shared expert, FP8 experts,
-    small and large routing plans, an expert that takes every token and experts that take
+    NVFP4 experts (fused kernels only), small and large routing plans, an expert that takes every token and experts that take
     none, a token sent to one expert twice."""
     from dsv4.kernels import moe as km
     from dsv4.kernels import moe_grouped_mm as gm
@@ -405,7 +405,7 @@ def check_moe() -> None:
              dict(bt=16, bw1=128, bw2=64, kc=64, split1=1, split2=1, warps=4, stages=1, dec=0),
              dict(bt=64, bw1=128, bw2=128, kc=64, split1=1, split2=1, warps=4, stages=1, dec=0,
                   abf=True)]
-    for fmt, shared_fmt in (("fp4", "fp8"), ("fp8", "fp8"), ("fp4", "fp4")):
+    for fmt, shared_fmt in (("fp4", "fp8"), ("fp8", "fp8"), ("fp4", "fp4"), ("nvfp4", "fp8")):
         experts = torch.nn.ModuleList(Expert(d, inter, fmt, 10.0, torch.bfloat16)
                                       for _ in range(n_exp))
         shared = Expert(d, inter, shared_fmt, 10.0, torch.bfloat16)
@@ -414,8 +414,11 @@ def check_moe() -> None:
                 lin.set_float(torch.randn(lin.out_features, lin.in_features, generator=G)
                               * 3 / lin.in_features ** 0.5)
         main, extra = km._tables(experts, shared, torch.device("cpu"))
-        w13, w2 = gm.dequantize_experts(main, extra, n_exp + 1, d, inter, torch.device("cpu"))
-        for e, m in enumerate([shared, *experts]):
+        grouped = gm.applies(torch.zeros(1, d, dtype=torch.bfloat16), main, extra)
+        assert grouped == (fmt != "nvfp4")  # NVFP4's scaled weights are not bf16 values
+        w13, w2 = (gm.dequantize_experts(main, extra, n_exp + 1, d, inter, torch.device("cpu"))
+                   if grouped else (None, None))
+        for e, m in enumerate([shared, *experts] if grouped else []):
             assert torch.equal(w13[e, :inter].float(), m.w1.dequantize()), f"{fmt} w1 of {e}"
             assert torch.equal(w13[e, inter:].float(), m.w3.dequantize()), f"{fmt} w3 of {e}"
             assert torch.equal(w2[e].float(), m.w2.dequantize()), f"{fmt} w2 of {e}"
@@ -428,8 +431,8 @@ def check_moe() -> None:
             wgt = torch.rand(t, k, generator=G) + 0.1
             want = km.moe_forward_ref(u, idx, wgt, experts, shared).float()
             # (the interpreter runs a fused launch's programs one by one: those stop at 70)
-            for cfg in [dict(grouped_mm=True)] + [dict(c, grouped_mm=False) for c in fused
-                                                  if t <= 70]:
+            for cfg in [dict(grouped_mm=True)] * grouped + [dict(c, grouped_mm=False)
+                                                            for c in fused if t <= 70]:
                 got = km._moe_cuda(u, idx, wgt, experts, shared, cfg).float()
                 err = ((got - want).norm() / want.norm()).item()
                 assert err < 1e-3, f"{fmt}/{shared_fmt} T={t} {cfg}: rel err {err:.2e}"
