@@ -29,6 +29,7 @@ from dsv4.quant.formats import dequant_fp8, quantize_fp8
 HBM, FP8_PEAK, BF16_PEAK = 4.8e12, 1979e12, 989e12
 SWEEP_TOKENS: list[int] = []  # --tokens
 GROUPED_MM = [False]  # --grouped-mm
+MOE_TOKENS: list[int] = []  # --moe-tokens
 DEV = "cuda"
 
 
@@ -279,7 +280,7 @@ def moe_sweep(quick: bool) -> None:
 def moe_table(quick: bool) -> None:
     from dsv4.kernels import moe as km
     cfgs = [("Flash", 256, 4096, 2048), ("Pro", 384, 7168, 3072)]
-    tokens = [1, 8, 64, 512, 4096, 32768]
+    tokens = MOE_TOKENS or [1, 8, 64, 512, 4096, 32768]
     k = 6
     print(f"\n## MoE layer (top-6 {EXPERT_FORMAT[0]} experts + FP8 shared expert, bf16, routing "
           "given)\n")
@@ -291,7 +292,7 @@ def moe_table(quick: bool) -> None:
         per_expert = sum(expert_bytes(getattr(experts[0], w)) for w in ("w1", "w2", "w3"))
         shared_bytes = sum(expert_bytes(getattr(shared, w)) for w in ("w1", "w2", "w3"))
         for t in tokens:
-            if quick and t > 4096:
+            if quick and t > 4096 and not MOE_TOKENS:
                 continue
             u = torch.randn(t, d, device=DEV).bfloat16()
             routes = []
@@ -322,7 +323,7 @@ def moe_table(quick: bool) -> None:
                     print(f"| {name} grouped_mm | {t} | {gus:.1f} | {flops / gus / 1e6:.1f} | "
                           f"{100 * flops / gus / 1e-6 / BF16_PEAK:.0f}% | - | - | all | - |",
                           flush=True)
-                    if t == 4096:
+                    if t in (4096, 8192):
                         profile(lambda: km._moe_cuda(u, idx, wgt, experts, shared,
                                                      dict(grouped_mm=True)),
                                 f"{name} T={t} grouped_mm")
@@ -369,6 +370,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", choices=["linear", "wo_a", "moe", "sweep", "linear-sweep"], default=None)
     ap.add_argument("--tokens", type=int, nargs="*", default=[], help="MoE sweep batch sizes")
+    ap.add_argument("--moe-tokens", type=int, nargs="*", default=[],
+                    help="MoE table batch sizes (default 1 8 64 512 4096 32768)")
     ap.add_argument("--grouped-mm", action="store_true",
                     help="MoE table: also time the dequantise + torch grouped GEMM path "
                          "(DSV4_MOE_GROUPED_MM) from 512 tokens")
@@ -377,6 +380,7 @@ def main() -> None:
     args = ap.parse_args()
     SWEEP_TOKENS.extend(args.tokens)
     GROUPED_MM[0] = args.grouped_mm
+    MOE_TOKENS.extend(args.moe_tokens)
     EXPERT_FORMAT[0] = args.experts
     p = torch.cuda.get_device_properties(0)
     print(f"# {p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}, "
