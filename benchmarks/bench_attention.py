@@ -1,6 +1,6 @@
 """Benchmark of the attention-path kernels against their torch references on one GPU.
 
-    PYTHONPATH=. python3 benchmarks/bench_attention.py [--quick] [--configs] [--triton] [--overlap]
+    PYTHONPATH=. python3 benchmarks/bench_attention.py [--quick] [--configs] [--triton]
 
 Prints, per case, the median time of the Triton kernel and of the torch reference (same inputs,
 same run, `triton.testing.do_bench`), the bytes the kernel must move (each input row read once,
@@ -114,8 +114,7 @@ def bench_attention(H: int, topk: int, B: int, fp8: bool, configs: list[AttnConf
                                                    config=cfg) for a in inputs]
         tag = "" if cfg is None else (f" h{cfg.block_h}k{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}"
                                       + (f" split{cfg.splits}" if cfg.splits else "")
-                                      + (f" {cfg.kernel}" if cfg.kernel != "auto" else "")
-                                      + (" overlap" if cfg.overlap else ""))
+                                      + (f" {cfg.kernel}" if cfg.kernel != "auto" else ""))
         try:
             ms = bench(fns)
         except Exception as e:  # a config that does not compile on this GPU
@@ -223,9 +222,6 @@ def main() -> None:
     ap.add_argument("--configs", action="store_true", help="also try other attention tile shapes")
     ap.add_argument("--triton", action="store_true",
                     help="also time the Triton attention kernel where the Gluon one runs")
-    ap.add_argument("--overlap", action="store_true",
-                    help="also time the Gluon kernel that overlaps the P V product with the next "
-                         "tile's decode or Q K^T (32-row tiles, 2-4 stages) against the default")
     ap.add_argument("--only", default="", help="comma list of: attn,indexer,compressor,mhc")
     args = ap.parse_args()
     parts = set(args.only.split(",")) if args.only else {"attn", "indexer", "compressor", "mhc"}
@@ -241,11 +237,6 @@ def main() -> None:
                         shape = (32, 2) if fp8 else ((64, 2) if H >= 128 else (32, 3))
                         tri = AttnConfig(64, shape[0], 8, shape[1], kernel="triton")
                         bench_attention(H, topk, B, fp8, [tri], False)
-                    if args.overlap:  # the plain kernel with the same tiles, then overlapped
-                        bench_attention(H, topk, B, fp8, [
-                            AttnConfig(64, 32, 8, st, overlap=ov)
-                            for ov in (False, True) for st in (2, 3, 4)
-                            if ov or st == (2 if fp8 else 3)], False)
         if args.configs:
             alts = [AttnConfig(64, 16, 8, 3), AttnConfig(64, 32, 8, 2), AttnConfig(64, 32, 8, 3),
                     AttnConfig(64, 64, 8, 2), AttnConfig(64, 16, 8, 2), AttnConfig(64, 32, 4, 2)]

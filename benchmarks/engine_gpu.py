@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto (fp8 rows on CUDA), fp8 or bfloat16")
     ap.add_argument("--no-mtp", action="store_true", help="skip the speculative decoding rows")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                    help="the decode and prefill rows' chunked-prefill budget")
     ap.add_argument("--only", default="decode,prefill,mtp",
                     help="comma list of the row groups to run: decode, prefill, mtp")
     a = ap.parse_args()
@@ -70,7 +72,8 @@ def main() -> None:
         rows.append(r)
         print(json.dumps(r), flush=True)
 
-    e = engine_for(loaded, a.kv_cache_dtype, max_num_seqs=256, max_num_batched_tokens=8192,
+    e = engine_for(loaded, a.kv_cache_dtype, max_num_seqs=256,
+                   max_num_batched_tokens=a.max_num_batched_tokens,
                    max_model_len=min(40960, cfg.max_position_embeddings),
                    gpu_memory_utilization=0.85, cuda_graph_max_len=4096)
     print(e.capacity, "| CUDA graphs:", e.runner.graphs.sizes if e.runner.graphs else "off", flush=True)

@@ -8,6 +8,7 @@ compiled code, inline PTX and timing are for tests/gpu on the device.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -436,6 +437,34 @@ def check_moe() -> None:
                 got = km._moe_cuda(u, idx, wgt, experts, shared, cfg).float()
                 err = ((got - want).norm() / want.norm()).item()
                 assert err < 1e-3, f"{fmt}/{shared_fmt} T={t} {cfg}: rel err {err:.2e}"
+            if grouped and t == 5:  # out of memory on the way: the fused kernels serve
+                _grouped_out_of_memory(km, gm, u, idx, wgt, experts, shared, fused[0])
+
+
+def _grouped_out_of_memory(km, gm, u, idx, wgt, experts, shared, cfg) -> None:
+    """A grouped-GEMM call that runs out of memory falls back to the fused kernels (same
+    output), and the path stays off afterwards; a forced one raises."""
+    def oom(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+    real, env = gm.moe_grouped_mm, os.environ.get("DSV4_MOE_GROUPED_MM")
+    gm.moe_grouped_mm, os.environ["DSV4_MOE_GROUPED_MM"] = oom, "1"
+    try:
+        want = km._moe_cuda(u, idx, wgt, experts, shared, dict(cfg, grouped_mm=False))
+        try:
+            km._moe_cuda(u, idx, wgt, experts, shared, dict(cfg, grouped_mm=True))
+            raise AssertionError("a forced grouped-GEMM call hid its out-of-memory error")
+        except torch.OutOfMemoryError:
+            pass
+        assert gm.takes(len(u), idx.shape[1], len(experts))
+        got = km._moe_cuda(u, idx, wgt, experts, shared, dict(cfg))
+        assert torch.equal(got, want), "the fallback after running out of memory differs"
+        assert not gm.takes(len(u), idx.shape[1], len(experts))
+    finally:
+        gm.moe_grouped_mm, gm._OUT_OF_MEMORY[0] = real, False
+        if env is None:
+            del os.environ["DSV4_MOE_GROUPED_MM"]
+        else:
+            os.environ["DSV4_MOE_GROUPED_MM"] = env
 
 
 def check_model() -> None:

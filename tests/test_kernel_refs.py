@@ -327,9 +327,7 @@ def test_attention_kernel_choice_and_its_triton_fallback_shapes(monkeypatch):
     assert not sa.wg_applies(q(1, 64), fp8=True, rope_dim=32)
     assert not sa.wg_applies(q(1, 64), cfg=sa.AttnConfig(kernel="triton"))
     assert not sa.wg_applies(q(1, 64), cfg=sa.AttnConfig(block_k=16))
-    assert sa.wg_applies(q(1, 64), True, cfg=sa.AttnConfig(block_k=32, overlap=True))
-    with pytest.raises(ValueError, match="overlap needs block_k=32"):
-        sa.AttnConfig(block_k=64, overlap=True)
+    assert sa.wg_applies(q(1, 64), True, cfg=sa.AttnConfig(block_k=32, num_stages=4))
     big, few = q(128, 128), q(1, 64)
     assert (sa.default_config(big).block_k, sa.default_config(big).num_stages) == (64, 2)
     assert (sa.default_config(big, fp8=True).block_k, sa.default_config(big, True).num_stages) == (64, 2)
@@ -378,20 +376,36 @@ def test_topk_reference_breaks_ties_toward_older_entries_and_rejects_bad_input()
     assert torch.equal(select_topk(score, cand, 4, torch.tensor([5, 0])), sel)
 
 
-def test_moe_grouped_mm_switch(monkeypatch):
-    """DSV4_MOE_GROUPED_MM: off unless set, a token count, a clear error otherwise; the path
-    takes bf16 MXFP4 / FP8 experts only."""
+def test_moe_grouped_mm_switch(monkeypatch, caplog):
+    """When MoE calls take the grouped-GEMM path: by default from 160 routed slots per expert
+    (Flash: 6827 tokens), DSV4_MOE_GROUPED_MM=n from n tokens (0: never), a clear error for
+    anything else; after a call ran out of memory, never (with one warning). The path takes
+    bf16 MXFP4 / FP8 experts only."""
     from types import SimpleNamespace
 
     from dsv4.kernels import moe_grouped_mm as gm
     from dsv4.kernels.quant_linear import FMT_FP8, FMT_MXFP4, FMT_NVFP4
     monkeypatch.delenv("DSV4_MOE_GROUPED_MM", raising=False)
-    assert gm.grouped_mm_min_tokens() == 0
+    monkeypatch.setattr(gm, "_OUT_OF_MEMORY", [False])
+    assert gm.grouped_mm_min_tokens() is None
+    assert gm.takes(6827, 6, 256) and not gm.takes(6826, 6, 256)
+    assert gm.takes(10240, 6, 384) and not gm.takes(8192, 6, 384)
+    assert gm.policy(256, 6).endswith("from 6827 tokens a step")
     monkeypatch.setenv("DSV4_MOE_GROUPED_MM", "2048")
     assert gm.grouped_mm_min_tokens() == 2048
+    assert gm.takes(2048, 6, 256) and not gm.takes(2047, 6, 256)
+    assert gm.policy(256, 6).endswith("from 2048 tokens a step")
+    monkeypatch.setenv("DSV4_MOE_GROUPED_MM", "0")
+    assert not gm.takes(10**6, 6, 256) and gm.policy(256, 6) == ""
     monkeypatch.setenv("DSV4_MOE_GROUPED_MM", "many")
     with pytest.raises(ValueError, match="DSV4_MOE_GROUPED_MM must be a whole number"):
         gm.grouped_mm_min_tokens()
+    monkeypatch.delenv("DSV4_MOE_GROUPED_MM")
+    with caplog.at_level("WARNING", logger="dsv4.kernels.moe_grouped_mm"):
+        gm.out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8 GiB\nmore"))
+    assert not gm.takes(10**6, 6, 256)
+    assert "DSV4_MOE_GROUPED_MM=0" in caplog.text and "Tried to allocate 8 GiB" in caplog.text
+    assert "more" not in caplog.text
     u = torch.zeros(4, 128, dtype=torch.bfloat16)
     tab = lambda fmt: SimpleNamespace(fmt=fmt)  # noqa: E731
     assert gm.applies(u, tab(FMT_MXFP4), tab(FMT_FP8)) and gm.applies(u, tab(FMT_FP8), None)

@@ -183,14 +183,14 @@ class LLMEngine:
         logger.info("%s (%s attention rows; %.1f MiB of a %.1f MiB budget on %s)", self.capacity,
                     self.kv_cache_dtype, used / 2**20, budget / 2**20, self.device)
         if self.device.type == "cuda":
-            from ..kernels.moe_grouped_mm import grouped_mm_min_tokens
+            from ..kernels.moe_grouped_mm import policy
             from ..kernels.pdl import launch_policy
             from ..kernels.side_stream import side_stream_on
-            n = grouped_mm_min_tokens()
+            tp = getattr(getattr(model, "tp", None), "size", 1)
+            moe = policy(cfg.n_routed_experts // tp, cfg.num_experts_per_tok)
             logger.info("GPU kernels: %s%s%s", launch_policy(),
                         "; attention side stream" if side_stream_on(self.device) else "",
-                        f"; MoE on dequantised experts and grouped GEMMs from {n} tokens"
-                        if n else "")
+                        f"; {moe}" if moe else "")
 
     @classmethod
     def from_args(cls, model: str, *, dtype: str = "bfloat16", device: str | None = None,

@@ -50,7 +50,7 @@ batches the shared expert's launch runs on a side stream, beside the routed expe
 Rounding follows the reference: each linear's output is rounded to the working dtype before
 the fp32 SwiGLU / sum, h is rounded before its quantisation.
 Prefill-sized calls can instead run on dequantised bf16 experts and torch's grouped GEMM
-(opt-in, `DSV4_MOE_GROUPED_MM`: `moe_grouped_mm.py`), with this routing plan and the SwiGLU
+(from ~160 routed slots per expert: `moe_grouped_mm.py`), with this routing plan and the SwiGLU
 and combine kernels.
 """
 from __future__ import annotations
@@ -274,15 +274,19 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
         return u.clone()
     c = moe_config(t, k, n_routed, d, inter, num_sms(dev))
     c.update(cfg or {})
-    # prefill-sized calls through dequantised bf16 experts and torch's grouped GEMM (opt-in,
-    # `moe_grouped_mm.py`); `grouped_mm` in cfg forces the choice either way
-    if "grouped_mm" in c or os.environ.get("DSV4_MOE_GROUPED_MM"):
-        from . import moe_grouped_mm as gm
-        n_min = gm.grouped_mm_min_tokens()
-        if c.get("grouped_mm", bool(n_min) and t >= n_min):
-            main, extra = _tables(experts, shared, dev)
-            if gm.applies(u, main, extra):
+    # prefill-sized calls through dequantised bf16 experts and torch's grouped GEMM
+    # (`moe_grouped_mm.py`, which uses this module's kernels); `grouped_mm` in cfg forces the
+    # choice either way
+    from . import moe_grouped_mm as gm
+    if c.get("grouped_mm", None) or ("grouped_mm" not in c and gm.takes(t, k, n_routed)):
+        main, extra = _tables(experts, shared, dev)
+        if gm.applies(u, main, extra):
+            try:
                 return gm.moe_grouped_mm(u, idx, wgt, experts, shared, main, extra)
+            except torch.OutOfMemoryError as err:
+                if "grouped_mm" in c:
+                    raise
+                gm.out_of_memory(err)
     if _INTERPRET:  # Triton's CPU interpreter runs no inline PTX
         c["dec"], c["prefetch"] = min(c["dec"], 1), 0
     u = u.contiguous()
@@ -355,7 +359,7 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
     # 5. sum the slots of each token (and the K-splits of each slot)
     out = torch.empty_like(u)
     bd = 256 if t <= 16 else 1024  # small batches: more CTAs, each with its loads in flight
-    _combine_kernel[(t, triton.cdiv(d, bd))](ys, out, d, n_slots * d, K1=k1, SPLIT=split2,
+    _combine_kernel[(t, triton.cdiv(d, bd))](ys, out, d, n_slots * d, ys, K1=k1, SPLIT=split2,
                                              ROUND=common["ROUND"] and split2 > 1, BD=bd,
                                              num_warps=4, **pdl())
     return out
@@ -758,10 +762,12 @@ if HAS_TRITON:
         _store_h(hq_ptr, hs_ptr, pos, ok, cols, tl.program_id(0), N, hq, hs, HBF)
 
     @triton.jit
-    def _combine_kernel(ys_ptr, out_ptr, D, part_stride, K1: tl.constexpr, SPLIT: tl.constexpr,
-                        ROUND: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr = False):
+    def _combine_kernel(ys_ptr, out_ptr, D, part_stride, pos_ptr, K1: tl.constexpr,
+                        SPLIT: tl.constexpr, ROUND: tl.constexpr, BD: tl.constexpr,
+                        HAS_POS: tl.constexpr = False, PDL: tl.constexpr = False):
         """out[t] = sum over the token's K1 slots of y_slot (= the sum of its K-split partials,
-        rounded to the working dtype as the expert's output is when ROUND)."""
+        rounded to the working dtype as the expert's output is when ROUND); slot s's row of ys
+        is s, or pos[s] when HAS_POS."""
         pdl_start(PDL)
         t = tl.program_id(0)
         c = tl.program_id(1) * BD + tl.arange(0, BD)
@@ -769,8 +775,12 @@ if HAS_TRITON:
         acc = tl.zeros((BD,), dtype=tl.float32)
         for j in tl.static_range(K1):
             y = tl.zeros((BD,), dtype=tl.float32)
+            if HAS_POS:
+                slot_row = tl.load(pos_ptr + t * K1 + j).to(tl.int64)
+            else:
+                slot_row = (t * K1 + j).to(tl.int64)
             for sp in tl.static_range(SPLIT):  # unrolled: all K1 x SPLIT loads in flight
-                row = part_stride.to(tl.int64) * sp + (t * K1 + j).to(tl.int64) * D
+                row = part_stride.to(tl.int64) * sp + slot_row * D
                 y += tl.load(ys_ptr + row + c,
                              mask=ok, other=0.0).to(tl.float32)
             if ROUND:

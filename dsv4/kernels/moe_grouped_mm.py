@@ -1,9 +1,9 @@
 """Prefill-sized MoE through bf16 grouped GEMMs (`torch._grouped_mm`, CUTLASS on sm_90).
 
-Opt-in: `DSV4_MOE_GROUPED_MM=n` sends MoE calls of at least n tokens here (the default, 0,
-never). The fused Triton kernels of `moe.py` decode the FP4 experts inside the GEMM, which
-holds large batches near 230 TFLOP/s on an H200 (FP8 experts too: the decode's layout, not
-its arithmetic, is what limits them). Here each call instead:
+The fused Triton kernels of `moe.py` decode the FP4 experts inside the GEMM, which holds large
+batches near 230 TFLOP/s on an H200 (FP8 experts too: the decode's layout, not its arithmetic,
+is what limits them). CUTLASS's bf16 grouped GEMM runs those GEMMs at ~600 TFLOP/s, at the
+price of a dequantised copy of the layer's experts per call. Each call here:
 
 1. dequantises every expert of the layer, the shared one included (plan expert 0), into bf16
    buffers `w13 [E+1, 2I, d]` and `w2 [E+1, d, I]` (`_dequant_kernel`). MXFP4 codes times
@@ -17,16 +17,24 @@ its arithmetic, is what limits them). Here each call instead:
 3. `g|v = grouped_mm(x, w13)` in bf16 (fp32 accumulation; the output rounded to bf16, as the
    reference rounds each linear's output), then `moe._swiglu_kernel` (clamped SwiGLU, routing
    weight, h as the exact bf16 values of its FP8 quantisation), `y = grouped_mm(h, w2)`;
-4. gathers each slot's row back (`index_select`) and sums a token's slots with
-   `moe._combine_kernel`.
+4. sums a token's slots with `moe._combine_kernel`, which reads each slot's row at its
+   padded position.
 
-Cost against the fused kernels: the dequantised copy is written and read once per call (Flash:
-12.9 GB a layer, ~3.8 ms at 4.3 TB/s) and needs free memory for its larger half (w1|w3: 8.6 GB
-for Flash; w2 reuses it); in exchange the GEMMs run as CUTLASS's grouped GEMM. Whether that pays, and from which batch size, is for
-`benchmarks/bench_linear_moe.py --only moe` with and without the variable to say.
+When it pays: the copy is written and read once per call (Flash: 12.9 GB a layer, 4.1 ms on
+an H200) and needs free memory for its larger half (w1|w3: 8.6 GB for Flash; w2 reuses it).
+Measured (`bench_linear_moe.py --only moe --grouped-mm --moe-tokens 2048 8192 16384`), fused
+against grouped: Flash 2048 / 8192 / 16384 tokens 4.2 / 12.8 / 22.5 ms against 8.5 / 9.9 /
+15.4 ms; Pro 8192 / 16384 tokens 34.9 / 60.0 ms against 35.7 / 47.0 ms. The saving grows with
+the routed slots per expert and the copy's cost does not, so the break-even is a slot count:
+~130 slots per expert (Pro 8192 tokens: 128). By default calls with at least
+`MIN_SLOTS_PER_EXPERT` (160) slots per expert come here (Flash from 6827 tokens a step, Pro
+from 10240): with chunked prefill, steps of `max_num_batched_tokens` 8192 or more.
+`DSV4_MOE_GROUPED_MM=n` sets a token threshold instead (0: never). If the copy does not fit
+in free memory, the first failure logs a warning and the fused kernels serve every later call.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -35,18 +43,57 @@ from . import HAS_TRITON
 from .pdl import pdl
 from .quant_linear import FMT_FP8, FMT_MXFP4, act_quant_values
 
+logger = logging.getLogger(__name__)
+
 # plan block rows: each expert's group is padded to a multiple of this, and the grouped GEMMs
 # compute the padding too (128-row blocks would add ~28% to the FLOPs at 8192 Flash tokens)
 BT = 16
 
 
-def grouped_mm_min_tokens() -> int:
-    """`DSV4_MOE_GROUPED_MM`: the smallest MoE call that takes this path (0: none)."""
+# average routed slots per (local) expert from which a call takes this path (module docstring)
+MIN_SLOTS_PER_EXPERT = 160
+# set after a call ran out of memory: the fused kernels serve the rest of the process
+_OUT_OF_MEMORY = [False]
+
+
+def grouped_mm_min_tokens() -> int | None:
+    """`DSV4_MOE_GROUPED_MM`: the smallest MoE call that takes this path, in tokens (0: none);
+    None when unset (the slots-per-expert default)."""
+    env = os.environ.get("DSV4_MOE_GROUPED_MM", "")
+    if env == "":
+        return None
     try:
-        n = int(os.environ.get("DSV4_MOE_GROUPED_MM", "0") or 0)
+        return max(0, int(env))
     except ValueError:
         raise ValueError("DSV4_MOE_GROUPED_MM must be a whole number of tokens (0: off)") from None
-    return max(0, n)
+
+
+def takes(t: int, k: int, n_routed: int) -> bool:
+    """Whether a call of t tokens, top-k of n_routed (local) experts, should take this path."""
+    if _OUT_OF_MEMORY[0]:
+        return False
+    n = grouped_mm_min_tokens()
+    if n is None:
+        return t * k >= MIN_SLOTS_PER_EXPERT * n_routed
+    return n > 0 and t >= n
+
+
+def policy(n_routed: int, k: int) -> str:
+    """The startup log's words for when MoE calls come here."""
+    n = grouped_mm_min_tokens()
+    if n is None:
+        n = -(-MIN_SLOTS_PER_EXPERT * n_routed // k)
+    return (f"MXFP4 / FP8 MoE on dequantised experts and grouped GEMMs from {n} tokens a step"
+            if n else "")
+
+
+def out_of_memory(err: Exception) -> None:
+    """A call's dequantised copy did not fit: warn once and leave MoE to the fused kernels."""
+    _OUT_OF_MEMORY[0] = True
+    logger.warning("MoE grouped GEMM path off for this process: its dequantised experts did "
+                   "not fit in free GPU memory (%s); the fused FP4 kernels serve every call. "
+                   "Lower gpu_memory_utilization to keep it, or set DSV4_MOE_GROUPED_MM=0.",
+                   str(err).split("\n")[0])
 
 
 def applies(u: torch.Tensor, main, extra) -> bool:
@@ -95,13 +142,13 @@ def moe_grouped_mm(u, idx, wgt, experts, shared, main, extra) -> torch.Tensor:
     w2 = dequantize(main, extra, ("w2",), n_exp, d, inter, dev)
     y2 = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # [n_pos, d]
     del w2
-    # slot -> its padded position (padding positions all land on the extra last entry)
+    # slot -> its padded position (padding positions all land on the extra last entry); the
+    # combine reads each slot's row of y2 there
     at = torch.empty(n_slots + 1, dtype=torch.int64, device=dev)
     at.index_copy_(0, torch.where(pos_ok, slots.long(), n_slots), pos)
-    ys = y2.index_select(0, at[:n_slots])
     out = torch.empty_like(u)
-    km._combine_kernel[(t, triton.cdiv(d, 1024))](ys, out, d, n_slots * d, K1=k1, SPLIT=1,
-                                                  ROUND=False, BD=1024, num_warps=4, **pdl())
+    km._combine_kernel[(t, triton.cdiv(d, 1024))](y2, out, d, 0, at, K1=k1, SPLIT=1, ROUND=False,
+                                                  BD=1024, HAS_POS=True, num_warps=4, **pdl())
     return out
 
 

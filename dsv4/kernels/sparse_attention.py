@@ -93,21 +93,13 @@ class AttnConfig:
     """Tile shape of the Triton kernel: heads per CTA, rows per step, warps, pipeline depth;
     `splits` = 0 lets the launcher choose how many CTAs share one token's row list. `kernel`:
     "auto" runs the Gluon warpgroup kernel (`sparse_attention_wg.py`) where it applies (bf16
-    rows, D = 512, 64 heads a CTA, 8 warps), "triton" always the Triton kernel.
-    `overlap` (Gluon kernel, 32-row tiles): work beside the tensor cores' P V product, the next
-    tile's decode (FP8 rows) or its Q K^T and softmax (bf16 rows; 3+ stages to prefetch)."""
+    rows, D = 512, 64 heads a CTA, 8 warps), "triton" always the Triton kernel."""
     block_h: int = 64
     block_k: int = 32
     num_warps: int = 8
     num_stages: int = 2
     splits: int = 0
     kernel: str = "auto"
-    overlap: bool = False
-
-    def __post_init__(self):
-        if self.overlap and self.block_k != 32:
-            raise ValueError(f"overlap needs block_k=32 (the tiles in use of {self.block_k} rows "
-                             "and the queries do not fit an sm_90 CTA's shared memory)")
 
 
 def default_config(q: torch.Tensor, fp8: bool = False) -> AttnConfig:
@@ -423,8 +415,7 @@ if HAS_TRITON:
                 _sparse_attn_wg_kernel[(T * n_hb, splits)](
                     *args, D=D, BLOCK_H=BH, BLOCK_K=BK, NUM_BUF=max(2, cfg.num_stages),
                     SPLIT=splits > 1, FP8=fp8, NOPE=D - rope_dim, ROPE=rope_dim,
-                    HAS_LEN=cmp_len is not None, OVERLAP=cfg.overlap, num_warps=8,
-                    **kw)
+                    HAS_LEN=cmp_len is not None, num_warps=8, **kw)
             kw = pdl() if _WG_PDL_OK else {}
             try:
                 wg_launch(**kw)

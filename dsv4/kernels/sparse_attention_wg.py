@@ -10,13 +10,9 @@ whole P tile (the FlashMLA split). Rows arrive by cp.async gathers into a ring o
 buffers; each tile's row slots are read one iteration ahead of their copies. Packed FP8 rows
 (`kv_fp8.py`) are staged as bytes and decoded into one bf16 tile before the products.
 
-Each step otherwise takes turns: Q K^T, the softmax, P V (and for FP8 rows the decode first).
-OVERLAP (32-row tiles) overlaps them with the tensor cores' P V product: FP8 rows are decoded
-into two bf16 tiles, the next tile's decode running beside this tile's product (FP8 rows
-measured 1.9x slower than bf16 rows at batch 128 without it); bf16 rows (3 or more tiles in the
-ring) issue the next tile's Q K^T before this tile's P V and compute its softmax while the
-product runs, as FlashAttention-3 does within a warpgroup. Both compute the same operations in
-the same order as the plain loop: the outputs are bit-identical.
+Each step takes turns: Q K^T, the softmax, P V (and for FP8 rows the decode first). Overlapping
+them with the P V product (the next tile's decode into a second bf16 tile, or the next tile's
+Q K^T and softmax as in FlashAttention-3) measured slower at every shape (performance log).
 """
 from __future__ import annotations
 
@@ -131,8 +127,7 @@ if HAS_GLUON:
                                D: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr,
                                NUM_BUF: gl.constexpr, SPLIT: gl.constexpr, FP8: gl.constexpr,
                                NOPE: gl.constexpr, ROPE: gl.constexpr,
-                               HAS_LEN: gl.constexpr, PDL: gl.constexpr = False,
-                               OVERLAP: gl.constexpr = False):
+                               HAS_LEN: gl.constexpr, PDL: gl.constexpr = False):
         # 8 warps: warpgroup w computes logits of rows [w*BK/2, (w+1)*BK/2) of each tile and
         # output dims [w*D/2, (w+1)*D/2)
         LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [8, 1], [1, 0])
@@ -175,7 +170,7 @@ if HAS_GLUON:
             l_i = gl.full([BLOCK_H], 1.0, gl.float32, HEADS_QK)
         q_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D], SMEM_Q)
         if FP8:
-            k_smem = gl.allocate_shared_memory(gl.bfloat16, [1 + OVERLAP, BLOCK_K, D], SMEM_K)
+            k_smem = gl.allocate_shared_memory(gl.bfloat16, [1, BLOCK_K, D], SMEM_K)
             c_smem = gl.allocate_shared_memory(gl.uint8, [NUM_BUF, BLOCK_K, 512], RAW)
             r_smem = gl.allocate_shared_memory(gl.bfloat16, [NUM_BUF, BLOCK_K, ROPE], RAW)
             s_smem = gl.allocate_shared_memory(gl.uint8, [NUM_BUF, BLOCK_K, 8], RAW)
@@ -197,140 +192,53 @@ if HAS_GLUON:
         cmp_idx_row = cmp_idx_ptr + t * stride_ci
         acc = gl.zeros([BLOCK_H, D], gl.float32, PV)
         s0 = gl.zeros([BLOCK_H, BLOCK_K], gl.float32, QK)
-        if FP8 and OVERLAP:
-            # NUM_BUF tiles of packed bytes in flight; tile i is decoded into bf16 tile i % 2
-            # during step i - 1, beside that step's P V product
-            for j in gl.static_range(NUM_BUF):
-                idx = _slots(lo + j, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles, BLOCK_K,
-                             ROWS_LOAD)
+        for j in gl.static_range(NUM_BUF - 1):  # prologue: the first NUM_BUF-1 tiles in flight
+            idx = _slots(lo + j, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles, BLOCK_K,
+                         ROWS_LOAD)
+            if FP8:
                 _gather_fp8(c_smem.index(j), r_smem.index(j), s_smem.index(j), idx, lo + j,
                             n_win_tiles, win_cache_ptr, cmp_cache_ptr, Nw, row_stride, NOPE, ROPE,
                             LC, LR, LS)
-                cp.commit_group()
-            cp.wait_group(NUM_BUF - 1)  # q and the first tile
-            _decode_fp8(k_smem.index(0), c_smem.index(0), r_smem.index(0), s_smem.index(0),
-                        _slots(lo, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles, BLOCK_K,
-                               gl.SliceLayout(1, LC)),
-                        lo, n_win_tiles, win_new_ptr, Nw, D, NOPE, ROPE, LC)
-            fence_async_shared()
-            for i in range(0, hi - lo):
-                tile = lo + i
-                kb = k_smem.index(i % 2)
-                valid = _slots(tile, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles, BLOCK_K,
-                               COLS_QK) >= 0
-                s = warpgroup_mma(q_smem, kb.permute((1, 0)), s0, use_acc=False, is_async=True)
-                s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-                p_op, alpha, m_i, l_i = _softmax_step(s, valid, qk_scale, m_i, l_i, P_OP, HEADS_PV)
-                acc = warpgroup_mma(p_op, kb, acc * alpha[:, None], is_async=True)
-                # beside the product: tile i's byte buffer (decoded a step ago) takes tile
-                # i + NUM_BUF, and tile i + 1 is decoded into the other bf16 tile, whose last
-                # readers (step i - 1's products) have completed
-                b = i % NUM_BUF
-                _gather_fp8(c_smem.index(b), r_smem.index(b), s_smem.index(b),
-                            _slots(tile + NUM_BUF, hi, win_idx_row, cmp_idx_row, Kw, Kc,
-                                   n_win_tiles, BLOCK_K, ROWS_LOAD),
-                            tile + NUM_BUF, n_win_tiles, win_cache_ptr, cmp_cache_ptr, Nw,
+            else:
+                _gather(k_smem.index(j), idx, lo + j, n_win_tiles, win_cache_ptr, win_new_ptr,
+                        cmp_cache_ptr, Nw, row_stride, D, LOAD)
+            cp.commit_group()
+        nxt = lo + NUM_BUF - 1
+        idx_next = _slots(nxt, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles, BLOCK_K,
+                          ROWS_LOAD)
+
+        for i in range(0, hi - lo):
+            tile = lo + i
+            # keep NUM_BUF-1 tiles in flight: gather tile i+NUM_BUF-1 into the buffer that
+            # tile i-1 used (its products have completed), and fetch the slots after it
+            nb = (i + NUM_BUF - 1) % NUM_BUF
+            if FP8:
+                _gather_fp8(c_smem.index(nb), r_smem.index(nb), s_smem.index(nb), idx_next,
+                            tile + NUM_BUF - 1, n_win_tiles, win_cache_ptr, cmp_cache_ptr, Nw,
                             row_stride, NOPE, ROPE, LC, LR, LS)
-                cp.commit_group()
-                cp.wait_group(NUM_BUF - 1)
-                b1 = (i + 1) % NUM_BUF
-                _decode_fp8(k_smem.index((i + 1) % 2), c_smem.index(b1), r_smem.index(b1),
-                            s_smem.index(b1),
-                            _slots(tile + 1, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles,
-                                   BLOCK_K, gl.SliceLayout(1, LC)),
-                            tile + 1, n_win_tiles, win_new_ptr, Nw, D, NOPE, ROPE, LC)
-                # P (a register operand) stays live until its product completes
-                acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
-                # the decoded tile's generic stores before the next products' async reads
-                # (after the wait: a fence with the product in flight crashes ptxas 12.8)
-                fence_async_shared()
-        elif OVERLAP:
-            # bf16 rows, NUM_BUF >= 3 tiles in the ring: tile i + 1's Q K^T and softmax run while
-            # the tensor cores compute tile i's P V product (in issue order, so waiting for the
-            # logits leaves the product in flight)
-            for j in gl.static_range(NUM_BUF - 1):
-                _gather(k_smem.index(j), _slots(lo + j, hi, win_idx_row, cmp_idx_row, Kw, Kc,
-                                                n_win_tiles, BLOCK_K, ROWS_LOAD),
-                        lo + j, n_win_tiles, win_cache_ptr, win_new_ptr, cmp_cache_ptr, Nw,
-                        row_stride, D, LOAD)
-                cp.commit_group()
-            cp.wait_group(NUM_BUF - 2)  # q and the first tile
-            valid = _slots(lo, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles, BLOCK_K,
+            else:
+                _gather(k_smem.index(nb), idx_next, tile + NUM_BUF - 1, n_win_tiles,
+                        win_cache_ptr, win_new_ptr, cmp_cache_ptr, Nw, row_stride, D, LOAD)
+            cp.commit_group()
+            idx_next = _slots(tile + NUM_BUF, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles,
+                              BLOCK_K, ROWS_LOAD)
+            valid = _slots(tile, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles, BLOCK_K,
                            COLS_QK) >= 0
-            s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s0, use_acc=False,
-                              is_async=True)
+            cp.wait_group(NUM_BUF - 1)
+            if FP8:
+                kb = k_smem.index(0)
+                b = i % NUM_BUF
+                _decode_fp8(kb, c_smem.index(b), r_smem.index(b), s_smem.index(b),
+                            _slots(tile, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles,
+                                   BLOCK_K, gl.SliceLayout(1, LC)),
+                            tile, n_win_tiles, win_new_ptr, Nw, D, NOPE, ROPE, LC)
+            else:
+                kb = k_smem.index(i % NUM_BUF)
+            s = warpgroup_mma(q_smem, kb.permute((1, 0)), s0, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
             p_op, alpha, m_i, l_i = _softmax_step(s, valid, qk_scale, m_i, l_i, P_OP, HEADS_PV)
-            for i in range(0, hi - lo):
-                tile = lo + i
-                # tile i + NUM_BUF - 1 into the buffer of tile i - 1 (its product completed)
-                _gather(k_smem.index((i + NUM_BUF - 1) % NUM_BUF),
-                        _slots(tile + NUM_BUF - 1, hi, win_idx_row, cmp_idx_row, Kw, Kc,
-                               n_win_tiles, BLOCK_K, ROWS_LOAD),
-                        tile + NUM_BUF - 1, n_win_tiles, win_cache_ptr, win_new_ptr,
-                        cmp_cache_ptr, Nw, row_stride, D, LOAD)
-                cp.commit_group()
-                cp.wait_group(NUM_BUF - 2)  # tile i + 1 landed
-                valid = _slots(tile + 1, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles,
-                               BLOCK_K, COLS_QK) >= 0
-                s = warpgroup_mma(q_smem, k_smem.index((i + 1) % NUM_BUF).permute((1, 0)), s0,
-                                  use_acc=False, is_async=True)
-                acc = warpgroup_mma(p_op, k_smem.index(i % NUM_BUF), acc, is_async=True)
-                s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-                # past the last tile the logits are all masked: alpha 1, P 0
-                p_next, alpha, m_i, l_i = _softmax_step(s, valid, qk_scale, m_i, l_i, P_OP,
-                                                        HEADS_PV)
-                acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
-                acc = acc * alpha[:, None]
-                p_op = p_next
-        else:
-            for j in gl.static_range(NUM_BUF - 1):  # prologue: the first NUM_BUF-1 tiles in flight
-                idx = _slots(lo + j, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles, BLOCK_K,
-                             ROWS_LOAD)
-                if FP8:
-                    _gather_fp8(c_smem.index(j), r_smem.index(j), s_smem.index(j), idx, lo + j,
-                                n_win_tiles, win_cache_ptr, cmp_cache_ptr, Nw, row_stride, NOPE, ROPE,
-                                LC, LR, LS)
-                else:
-                    _gather(k_smem.index(j), idx, lo + j, n_win_tiles, win_cache_ptr, win_new_ptr,
-                            cmp_cache_ptr, Nw, row_stride, D, LOAD)
-                cp.commit_group()
-            nxt = lo + NUM_BUF - 1
-            idx_next = _slots(nxt, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles, BLOCK_K,
-                              ROWS_LOAD)
-
-            for i in range(0, hi - lo):
-                tile = lo + i
-                # keep NUM_BUF-1 tiles in flight: gather tile i+NUM_BUF-1 into the buffer that
-                # tile i-1 used (its products have completed), and fetch the slots after it
-                nb = (i + NUM_BUF - 1) % NUM_BUF
-                if FP8:
-                    _gather_fp8(c_smem.index(nb), r_smem.index(nb), s_smem.index(nb), idx_next,
-                                tile + NUM_BUF - 1, n_win_tiles, win_cache_ptr, cmp_cache_ptr, Nw,
-                                row_stride, NOPE, ROPE, LC, LR, LS)
-                else:
-                    _gather(k_smem.index(nb), idx_next, tile + NUM_BUF - 1, n_win_tiles,
-                            win_cache_ptr, win_new_ptr, cmp_cache_ptr, Nw, row_stride, D, LOAD)
-                cp.commit_group()
-                idx_next = _slots(tile + NUM_BUF, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles,
-                                  BLOCK_K, ROWS_LOAD)
-                valid = _slots(tile, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles, BLOCK_K,
-                               COLS_QK) >= 0
-                cp.wait_group(NUM_BUF - 1)
-                if FP8:
-                    kb = k_smem.index(0)
-                    b = i % NUM_BUF
-                    _decode_fp8(kb, c_smem.index(b), r_smem.index(b), s_smem.index(b),
-                                _slots(tile, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles,
-                                       BLOCK_K, gl.SliceLayout(1, LC)),
-                                tile, n_win_tiles, win_new_ptr, Nw, D, NOPE, ROPE, LC)
-                else:
-                    kb = k_smem.index(i % NUM_BUF)
-                s = warpgroup_mma(q_smem, kb.permute((1, 0)), s0, use_acc=False, is_async=True)
-                s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-                p_op, alpha, m_i, l_i = _softmax_step(s, valid, qk_scale, m_i, l_i, P_OP, HEADS_PV)
-                acc = warpgroup_mma(p_op, kb, acc * alpha[:, None], is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            acc = warpgroup_mma(p_op, kb, acc * alpha[:, None], is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         cp.wait_group(0)
 
         ho = hb * BLOCK_H + gl.arange(0, BLOCK_H, HEADS_PV)

@@ -182,32 +182,6 @@ def test_sparse_attention_gluon_kernel_matches_reference(H, topk, block_k, stage
     assert rel_err(out, tri) < 1e-2, f"rel err against Triton {rel_err(out, tri):.2e}"
 
 
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16_rows", "fp8_rows"])
-@pytest.mark.parametrize("H,topk", [(64, 512), (128, 1024)])
-@pytest.mark.parametrize("stages,splits", [(2, 0), (3, 0), (4, 0), (2, 1), (3, 3), (4, 5), (3, 16)])
-def test_gluon_overlap_is_bit_identical(H, topk, stages, splits, fp8):
-    """The Gluon kernel that overlaps the P V product with the next tile's decode (FP8 rows) or
-    its Q K^T and softmax (bf16 rows) computes the same operations in the same order as the
-    one that takes turns: equal bit for bit, over the decode edges (empty and one-tile lists,
-    window-only tokens, a split per tile) and a prefill chunk, with and without cmp_len."""
-    from dsv4.kernels.kv_fp8 import pack_kv_fp8
-    from dsv4.kernels.sparse_attention import AttnConfig, sparse_attention_ref, sparse_attention_triton
-    batch = make_batch(DECODE_EDGES + [(300, 9), (127, 3)])
-    q, sink, wc, wn, wi, cc, ci = attention_inputs(batch, H, 4, topk, torch.bfloat16, seed=H + stages)
-    ref = sparse_attention_ref(q, sink, D ** -0.5, wc, wn, wi, cc, ci)
-    if fp8:
-        wc, cc = pack_kv_fp8(wc), pack_kv_fp8(cc)
-    cfg = AttnConfig(block_k=32, num_stages=stages, splits=splits, kernel="gluon")
-    plain = sparse_attention_triton(q, sink, D ** -0.5, wc, wn, wi, cc, ci, config=cfg)
-    cfg_o = AttnConfig(block_k=32, num_stages=stages, splits=splits, kernel="gluon", overlap=True)
-    over = sparse_attention_triton(q, sink, D ** -0.5, wc, wn, wi, cc, ci, config=cfg_o)
-    assert rel_err(over, ref) < 1e-2, f"rel err {rel_err(over, ref):.2e}"
-    assert torch.equal(over, plain)
-    n = (ci >= 0).sum(1)  # with cmp_len (the model's call): the same
-    assert torch.equal(sparse_attention_triton(q, sink, D ** -0.5, wc, wn, wi, cc, ci,
-                                               config=cfg_o, cmp_len=n), over)
-
-
 def test_sparse_attention_split_matches_unsplit():
     from dsv4.kernels.sparse_attention import AttnConfig, sparse_attention_triton
     batch = make_batch([(5000, 1), (3, 1)])

@@ -285,10 +285,10 @@ def test_moe_exact_bf16_activation_values(fmt, shared_fmt, base, monkeypatch):
 
 @pytest.mark.parametrize("fmt,shared_fmt", [("fp4", "fp8"), ("fp8", "fp8")])
 def test_moe_grouped_mm_path(fmt, shared_fmt, monkeypatch):
-    """`moe_grouped_mm.py` (DSV4_MOE_GROUPED_MM): dequantised bf16 experts through torch's
-    grouped GEMM, against the reference and the fused kernels, over uniform, skewed (experts
-    with no token) and hash routings, plus through the environment variable's dispatch; NVFP4
-    experts keep the fused kernels."""
+    """`moe_grouped_mm.py`: dequantised bf16 experts through torch's grouped GEMM, against the
+    reference and the fused kernels, over uniform, skewed (experts with no token) and hash
+    routings, plus through the dispatch (DSV4_MOE_GROUPED_MM's and the default threshold);
+    NVFP4 experts keep the fused kernels."""
     from dsv4.kernels import moe_grouped_mm as gm
     experts, shared = _random_moe(64, 4096, 2048, fmt, shared_fmt, torch.bfloat16, seed=11)
     _check_moe(experts, shared, [1, 19, 700, 3000], ["uniform", "skewed", "hash"], monkeypatch,
@@ -302,6 +302,13 @@ def test_moe_grouped_mm_path(fmt, shared_fmt, monkeypatch):
     assert rel_err(got, fused) < 1e-2
     assert torch.equal(got, moe_kernels._moe_cuda(u, idx, wgt, experts, shared,
                                                   dict(grouped_mm=True)))
+    # the default: from 160 routed slots per expert (64 experts, top-6: 1707 tokens)
+    monkeypatch.delenv("DSV4_MOE_GROUPED_MM")
+    u = torch.randn(1707, 4096, device=DEV).bfloat16()
+    idx, wgt = _routing(1707, 64, 6, "uniform", seed=2)
+    assert gm.takes(1707, 6, 64) and not gm.takes(1706, 6, 64)
+    assert torch.equal(moe_forward(u, idx, wgt, experts, shared),
+                       moe_kernels._moe_cuda(u, idx, wgt, experts, shared, dict(grouped_mm=True)))
     nv, nv_shared = _random_moe(16, 1024, 512, "nvfp4", "fp8", torch.bfloat16, seed=2)
     main, extra = moe_kernels._tables(nv, nv_shared, u.device)
     assert not gm.applies(u, main, extra)
