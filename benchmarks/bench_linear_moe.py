@@ -279,6 +279,7 @@ def moe_sweep(quick: bool) -> None:
 
 def moe_table(quick: bool) -> None:
     from dsv4.kernels import moe as km
+    from dsv4.kernels import moe_grouped_mm as gm
     cfgs = [("Flash", 256, 4096, 2048), ("Pro", 384, 7168, 3072)]
     tokens = MOE_TOKENS or [1, 8, 64, 512, 4096, 32768]
     k = 6
@@ -333,6 +334,7 @@ def moe_table(quick: bool) -> None:
             if t in (1, 4096):
                 profile(lambda: moe_forward(u, idx, wgt, experts, shared), f"{name} T={t}")
         del experts, shared
+        gm.release_workspace()
         torch.cuda.empty_cache()
 
 
