@@ -20,8 +20,7 @@ try:  # Gluon is experimental; without it (or on an API change) the Triton kerne
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared,
-                                                                  warpgroup_mma,
+    from triton.experimental.gluon.language.nvidia.hopper import (warpgroup_mma,
                                                                   warpgroup_mma_wait)
     HAS_GLUON = True
 except Exception:  # noqa: BLE001
