@@ -94,8 +94,9 @@ def measure(engine, mode: str, n: int, input_len: int, output_len: int, seed: in
     # Warm-up with the measured shapes (other prompts, a few tokens each; at most one full
     # batch): Triton compiles a kernel per shape class on first use (prefill chunks, MoE batch
     # sizes), which a short warm-up prompt would leave inside the measured prefill.
-    warm = SamplingParams(temperature=0.0, max_tokens=min(output_len, 4), ignore_eos=True)
     n_warm = min(n, getattr(engine, "max_num_seqs", n))
+    warm = SamplingParams(temperature=0.0, ignore_eos=True,
+                          max_tokens=warmup_tokens(engine, n_warm, input_len, output_len))
     for i, p in enumerate(_prompts(cfg.vocab_size, n_warm, input_len, seed + 1)):
         engine.add_request(f"warmup-{i}-{time.monotonic_ns()}", p, warm)
     while engine.has_unfinished_requests():
@@ -143,6 +144,17 @@ def measure(engine, mode: str, n: int, input_len: int, output_len: int, seed: in
     if spec:
         result["speculative"] = spec
     return result
+
+
+def warmup_tokens(engine, n: int, input_len: int, output_len: int) -> int:
+    """Tokens each warm-up request generates: enough that the first prompts still decode when
+    the last prompt's prefill ends, so the warm-up's mixed steps (prefill chunks + decodes) have
+    the measured pass's shapes (with 4 tokens each, those steps had fewer decodes, and kernels
+    first seen in the measured pass compiled inside it), then a few decode-only steps."""
+    ec = getattr(engine, "engine_config", None)
+    budget = getattr(ec, "max_num_batched_tokens", None) or n * input_len
+    per_step = max(1, budget - n)  # decodes share a step's token budget with the chunks
+    return min(output_len, -(-n * input_len // per_step) + 4)
 
 
 def _one_pass(engine, prompts, params) -> tuple[list[float], list[float], float]:

@@ -45,3 +45,27 @@ def test_bench_repeats_passes_with_new_prompts(tmp_path):
                            "--device", "cpu", "--num-iters", "0"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0 and "--num-iters must be >= 1" in proc.stderr
+
+
+def test_bench_warmup_runs_the_measured_passes_step_shapes():
+    """The warm-up's requests decode long enough that its mixed steps (prefill chunks beside
+    decodes) are the measured pass's: kernels a step shape needs compile before the clock runs."""
+    from dsv4.bench import measure, warmup_tokens
+    from dsv4.engine.llm_engine import LLMEngine
+    engine = LLMEngine.from_args("tiny", dtype="float32", device="cpu", max_num_seqs=4,
+                                 max_num_batched_tokens=24, cpu_cache_bytes=16 << 20)
+    shapes: list[tuple[int, ...]] = []
+    real_run = engine.runner.run
+
+    def run(chunks):
+        if any(c.num_tokens > 1 for c in chunks):  # a step with prefill in it
+            shapes.append(tuple(sorted(c.num_tokens for c in chunks)))
+        return real_run(chunks)
+
+    engine.runner.run = run
+    assert warmup_tokens(engine, 4, 30, 40) == -(-4 * 30 // 20) + 4 == 10
+    assert warmup_tokens(engine, 4, 30, 6) == 6
+    measure(engine, "throughput", 4, 30, 40)
+    half = len(shapes) // 2
+    assert half > 2 and any(len(s) > 1 and 1 in s for s in shapes), shapes
+    assert shapes[:half] == shapes[half:], "the warm-up's prefill steps differ from the pass's"
