@@ -397,7 +397,7 @@ def check_moe() -> None:
     path of `moe_grouped_mm.py`, whose dequantised experts must be the modules' exact weights)
     against the torch reference: MXFP4 experts with an FP8 or MXFP4 shared expert, FP8 experts,
     NVFP4 experts (fused kernels only), small and large routing plans, an expert that takes every token and experts that take
-    none, a token sent to one expert twice."""
+    none, a token sent to one expert twice, slots marked for another rank's expert."""
     from dsv4.kernels import moe as km
     from dsv4.kernels import moe_grouped_mm as gm
     from dsv4.model.moe import Expert
@@ -439,6 +439,23 @@ def check_moe() -> None:
                 assert err < 1e-3, f"{fmt}/{shared_fmt} T={t} {cfg}: rel err {err:.2e}"
             if grouped and t == 5:  # out of memory on the way: the fused kernels serve
                 _grouped_out_of_memory(km, gm, u, idx, wgt, experts, shared, fused[0])
+        if fmt == "fp4" and shared_fmt == "fp8":  # expert parallelism: other ranks' slots
+            for t in (5, 70, 300):
+                u = torch.randn(t, d, generator=G).bfloat16()
+                idx = torch.stack([torch.randperm(n_exp, generator=G)[:k] for _ in range(t)])
+                idx[torch.rand(t, k, generator=G) < 0.5] = n_exp  # marked: another rank's
+                idx[0] = n_exp  # a token with no local expert
+                wgt = torch.rand(t, k, generator=G) + 0.1
+                want = km.moe_forward_ref(u, idx, wgt, experts, shared).float()
+                kept = torch.where(idx < n_exp, idx, 0)
+                full = km.moe_forward_ref(u, kept, torch.where(idx < n_exp, wgt, 0.0), experts,
+                                          shared).float()
+                assert torch.allclose(want, full, atol=1e-2, rtol=1e-2), "reference skips them"
+                for cfg in [dict(grouped_mm=True)] + [dict(c, grouped_mm=False)
+                                                      for c in fused if t <= 70]:
+                    got = km._moe_cuda(u, idx, wgt, experts, shared, cfg, total_experts=2 * n_exp)
+                    err = ((got.float() - want).norm() / want.norm()).item()
+                    assert err < 1e-3, f"other ranks' slots T={t} {cfg}: rel err {err:.2e}"
 
 
 def _grouped_out_of_memory(km, gm, u, idx, wgt, experts, shared, cfg) -> None:

@@ -186,8 +186,7 @@ class LLMEngine:
             from ..kernels.moe_grouped_mm import policy
             from ..kernels.pdl import launch_policy
             from ..kernels.side_stream import side_stream_on
-            tp = getattr(getattr(model, "tp", None), "size", 1)
-            moe = policy(cfg.n_routed_experts // tp, cfg.num_experts_per_tok)
+            moe = policy(cfg.n_routed_experts, cfg.num_experts_per_tok)
             logger.info("GPU kernels: %s%s%s", launch_policy(),
                         "; attention side stream" if side_stream_on(self.device) else "",
                         f"; {moe}" if moe else "")

@@ -3,6 +3,8 @@
 `moe_forward(u, idx, wgt, experts, shared)` -> [T, d]: expert e is `experts[e]`, a module with
 linears `w1`, `w2`, `w3` and a SwiGLU clamp `limit`; token t goes to experts idx[t, :] with
 routing weights wgt[t, :] (from the model's fp32 Gate) and always to `shared` with weight 1.
+With expert parallelism an entry equal to len(experts) marks a slot whose expert lives on
+another rank: it adds nothing here and is left out of the routing plan (no rows computed).
 
 Reference (CPU and tests): loop over the experts that received tokens, as the model always did.
 
@@ -89,16 +91,20 @@ def moe_forward_ref(u: torch.Tensor, idx: torch.Tensor, wgt: torch.Tensor,
             y += expert(u, w).float()
         return (y + shared(u).float()).to(u.dtype)
     for e in idx.unique().tolist():
+        if e >= len(experts):  # another rank's expert
+            continue
         tok, slot = (idx == e).nonzero(as_tuple=True)
         y.index_add_(0, tok, experts[e](u[tok], wgt[tok, slot]).float())
     return (y + shared(u).float()).to(u.dtype)
 
 
 def moe_forward(u: torch.Tensor, idx: torch.Tensor, wgt: torch.Tensor,
-                experts: Sequence[ExpertLike], shared: ExpertLike) -> torch.Tensor:
-    """The MoE layer's expert part; see the module docstring."""
+                experts: Sequence[ExpertLike], shared: ExpertLike,
+                total_experts: int | None = None) -> torch.Tensor:
+    """The MoE layer's expert part; see the module docstring. total_experts: the routed
+    experts of all ranks (default len(experts)), for the grouped-GEMM rule."""
     if use_triton(u) and _kernel_supported(u, experts, shared):
-        return _moe_cuda(u, idx, wgt, experts, shared)
+        return _moe_cuda(u, idx, wgt, experts, shared, total_experts=total_experts)
     return moe_forward_ref(u, idx, wgt, experts, shared)
 
 
@@ -257,14 +263,16 @@ def route_plan(idx: torch.Tensor, t: int, n_routed: int, bt: int):
         expert = torch.empty(n_slots, dtype=torch.int32, device=dev)
         rank = torch.empty(n_slots, dtype=torch.int32, device=dev)
         grid = (triton.cdiv(n_slots, 1024),)
-        _route_count_kernel[grid](idx, counts, expert, rank, t, k, BLOCK=1024, num_warps=4, **pdl())
+        _route_count_kernel[grid](idx, counts, expert, rank, t, k, n_exp, BLOCK=1024, num_warps=4,
+                                  **pdl())
         _route_scatter_kernel[grid](expert, rank, counts, blk_exp, blk_rows, slots, n_slots,
                                     n_exp, n_blocks, BT=bt, BLOCK=1024, EP2=ep2, num_warps=4,
                                     **pdl())
     return (slots, blk_exp, blk_rows), counts, n_blocks, shared_blocks, routed_blocks
 
 
-def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Tensor:
+def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
+              total_experts: int | None = None) -> torch.Tensor:
     t, d = u.shape
     k = idx.shape[1]
     n_routed = len(experts)
@@ -272,13 +280,15 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
     dev = u.device
     if t == 0:
         return u.clone()
-    c = moe_config(t, k, n_routed, d, inter, num_sms(dev))
+    # (expert parallelism: a local expert sees t * k / total_experts slots on average)
+    c = moe_config(t, k, total_experts or n_routed, d, inter, num_sms(dev))
     c.update(cfg or {})
     # prefill-sized calls through dequantised bf16 experts and torch's grouped GEMM
     # (`moe_grouped_mm.py`, which uses this module's kernels); `grouped_mm` in cfg forces the
     # choice either way
     from . import moe_grouped_mm as gm
-    if c.get("grouped_mm", None) or ("grouped_mm" not in c and gm.takes(t, k, n_routed)):
+    if c.get("grouped_mm", None) or ("grouped_mm" not in c
+                                     and gm.takes(t, k, total_experts or n_routed)):
         main, extra = _tables(experts, shared, dev)
         if gm.applies(u, main, extra):
             try:
@@ -359,9 +369,9 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None) -> torch.Te
     # 5. sum the slots of each token (and the K-splits of each slot)
     out = torch.empty_like(u)
     bd = 256 if t <= 16 else 1024  # small batches: more CTAs, each with its loads in flight
-    _combine_kernel[(t, triton.cdiv(d, bd))](ys, out, d, n_slots * d, ys, K1=k1, SPLIT=split2,
-                                             ROUND=common["ROUND"] and split2 > 1, BD=bd,
-                                             num_warps=4, **pdl())
+    _combine_kernel[(t, triton.cdiv(d, bd))](ys, out, d, n_slots * d, ys, idx, n_routed, K1=k1,
+                                             SPLIT=split2, ROUND=common["ROUND"] and split2 > 1,
+                                             BD=bd, num_warps=4, **pdl())
     return out
 
 
@@ -376,9 +386,10 @@ if HAS_TRITON:
                                _mma_fp8, _quant_block)
 
     @triton.jit
-    def _route_count_kernel(idx_ptr, counts_ptr, expert_ptr, rank_ptr, T, k,
+    def _route_count_kernel(idx_ptr, counts_ptr, expert_ptr, rank_ptr, T, k, n_exp,
                             BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-        """Slot -> plan expert, and the slot's rank among its expert's slots."""
+        """Slot -> plan expert (n_exp: another rank's, counted nowhere), and the slot's rank
+        among its expert's slots."""
         pdl_start(PDL)
         sl = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         k1 = k + 1
@@ -388,7 +399,7 @@ if HAS_TRITON:
         routed = ok & (j > 0)
         e = tl.load(idx_ptr + tok * k + j - 1, mask=routed, other=-1) + 1
         # the shared expert's rank is the token index: no atomics on one hot counter
-        r = tl.atomic_add(counts_ptr + e, 1, mask=routed)
+        r = tl.atomic_add(counts_ptr + e, 1, mask=routed & (e < n_exp))
         r = tl.where(j == 0, tok, r)
         tl.store(expert_ptr + sl, e, mask=ok)
         tl.store(rank_ptr + sl, r, mask=ok)
@@ -429,10 +440,11 @@ if HAS_TRITON:
         e = tl.where(ok, e, n_exp).to(tl.int32)  # padding lanes count for no expert
         rank = tl.sum(((e[:, None] == e[None, :]) & (sl[None, :] < sl[:, None])).to(tl.int32), 1)
         ee = tl.arange(0, EP2)
-        c = tl.histogram(e, EP2, mask=ok)  # slots per plan expert
+        live = ok & (e < n_exp)  # not another rank's expert
+        c = tl.histogram(tl.minimum(e, n_exp - 1), EP2, mask=live)  # slots per plan expert
         start = _write_block_plan(blk_exp_ptr, blk_rows_ptr, c, ee, n_exp, n_blocks, BT, 1024)
         tl.store(slots_ptr + tl.gather(start, tl.minimum(e, n_exp - 1), 0) * BT + rank, sl,
-                 mask=ok)
+                 mask=live)
 
     @triton.jit
     def _route_scatter_kernel(expert_ptr, rank_ptr, counts_ptr, blk_exp_ptr, blk_rows_ptr,
@@ -451,7 +463,8 @@ if HAS_TRITON:
         ok = sl < n_slots
         e = tl.load(expert_ptr + sl, mask=ok, other=0)
         r = tl.load(rank_ptr + sl, mask=ok, other=0)
-        tl.store(slots_ptr + tl.gather(start, e, 0) * BT + r, sl, mask=ok)
+        tl.store(slots_ptr + tl.gather(start, tl.minimum(e, n_exp - 1), 0) * BT + r, sl,
+                 mask=ok & (e < n_exp))
 
     @triton.jit
     def _block_rows(b, slots_ptr, blk_exp_ptr, blk_rows_ptr, BT: tl.constexpr):
@@ -762,12 +775,14 @@ if HAS_TRITON:
         _store_h(hq_ptr, hs_ptr, pos, ok, cols, tl.program_id(0), N, hq, hs, HBF)
 
     @triton.jit
-    def _combine_kernel(ys_ptr, out_ptr, D, part_stride, pos_ptr, K1: tl.constexpr,
-                        SPLIT: tl.constexpr, ROUND: tl.constexpr, BD: tl.constexpr,
-                        HAS_POS: tl.constexpr = False, PDL: tl.constexpr = False):
+    def _combine_kernel(ys_ptr, out_ptr, D, part_stride, pos_ptr, idx_ptr, n_routed,
+                        K1: tl.constexpr, SPLIT: tl.constexpr, ROUND: tl.constexpr,
+                        BD: tl.constexpr, HAS_POS: tl.constexpr = False,
+                        PDL: tl.constexpr = False):
         """out[t] = sum over the token's K1 slots of y_slot (= the sum of its K-split partials,
         rounded to the working dtype as the expert's output is when ROUND); slot s's row of ys
-        is s, or pos[s] when HAS_POS."""
+        is s, or pos[s] when HAS_POS. Slots of another rank's expert (idx = n_routed) have no
+        row and add nothing."""
         pdl_start(PDL)
         t = tl.program_id(0)
         c = tl.program_id(1) * BD + tl.arange(0, BD)
@@ -775,14 +790,16 @@ if HAS_TRITON:
         acc = tl.zeros((BD,), dtype=tl.float32)
         for j in tl.static_range(K1):
             y = tl.zeros((BD,), dtype=tl.float32)
+            keep = ok
+            if j > 0:
+                keep = ok & (tl.load(idx_ptr + t.to(tl.int64) * (K1 - 1) + j - 1) < n_routed)
             if HAS_POS:
                 slot_row = tl.load(pos_ptr + t * K1 + j).to(tl.int64)
             else:
                 slot_row = (t * K1 + j).to(tl.int64)
             for sp in tl.static_range(SPLIT):  # unrolled: all K1 x SPLIT loads in flight
                 row = part_stride.to(tl.int64) * sp + slot_row * D
-                y += tl.load(ys_ptr + row + c,
-                             mask=ok, other=0.0).to(tl.float32)
+                y += tl.load(ys_ptr + row + c, mask=keep, other=0.0).to(tl.float32)
             if ROUND:
                 y = y.to(tl.bfloat16).to(tl.float32)
             acc += y

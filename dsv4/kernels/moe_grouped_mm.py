@@ -50,7 +50,8 @@ logger = logging.getLogger(__name__)
 BT = 16
 
 
-# average routed slots per (local) expert from which a call takes this path (module docstring)
+# average routed slots per expert from which a call takes this path (module docstring); with
+# expert parallelism, of all ranks' experts (a rank's experts see t * k / all of them each)
 MIN_SLOTS_PER_EXPERT = 160
 # set after a call ran out of memory: the fused kernels serve the rest of the process
 _OUT_OF_MEMORY = [False]
@@ -71,7 +72,7 @@ def grouped_mm_min_tokens() -> int | None:
 
 
 def takes(t: int, k: int, n_routed: int) -> bool:
-    """Whether a call of t tokens, top-k of n_routed (local) experts, should take this path."""
+    """Whether a call of t tokens, top-k of n_routed experts (all ranks'), takes this path."""
     if _OUT_OF_MEMORY[0]:
         return False
     n = grouped_mm_min_tokens()
@@ -120,11 +121,13 @@ def moe_grouped_mm(u, idx, wgt, experts, shared, main, extra) -> torch.Tensor:
     dev = u.device
     limit = float(experts[0].limit)
 
-    (slots, blk_exp, blk_rows), counts, n_blocks, _, _ = km.route_plan(
-        idx.contiguous(), t, n_routed, BT)
+    idx = idx.contiguous()
+    (slots, blk_exp, blk_rows), counts, n_blocks, _, _ = km.route_plan(idx, t, n_routed, BT)
     n_pos = n_blocks * BT
     if counts is None:  # the one-program plan of small batches: count the slots here
-        counts = torch.bincount(idx.reshape(-1).long() + 1, minlength=n_exp).to(torch.int32)
+        # (entries n_routed: another rank's expert, counted past the end and dropped)
+        counts = torch.bincount(idx.reshape(-1).long() + 1, minlength=n_exp + 1)[:n_exp]
+        counts = counts.to(torch.int32)
         counts[0] = t
     offs = ((counts + BT - 1) // BT * BT).cumsum(0).to(torch.int32)
     pos = torch.arange(n_pos, device=dev)
@@ -149,8 +152,9 @@ def moe_grouped_mm(u, idx, wgt, experts, shared, main, extra) -> torch.Tensor:
     at = torch.empty(n_slots + 1, dtype=torch.int64, device=dev)
     at.index_copy_(0, torch.where(pos_ok, slots.long(), n_slots), pos)
     out = torch.empty_like(u)
-    km._combine_kernel[(t, triton.cdiv(d, 1024))](y2, out, d, 0, at, K1=k1, SPLIT=1, ROUND=False,
-                                                  BD=1024, HAS_POS=True, num_warps=4, **pdl())
+    km._combine_kernel[(t, triton.cdiv(d, 1024))](y2, out, d, 0, at, idx, n_routed, K1=k1,
+                                                  SPLIT=1, ROUND=False, BD=1024, HAS_POS=True,
+                                                  num_warps=4, **pdl())
     return out
 
 

@@ -83,8 +83,10 @@ class MoE(nn.Module):
 
     def forward(self, u: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         idx, wgt = self.gate(u, input_ids)  # [T, k]
-        if self.tp.size > 1:  # other ranks' experts: weight 0 on a local expert adds exactly 0
-            local = (idx >= self.first) & (idx < self.first + len(self._local))
-            idx = torch.where(local, idx - self.first, 0)
+        n_local = len(self._local)
+        if self.tp.size > 1:  # other ranks' experts: marked n_local, computed nowhere here
+            local = (idx >= self.first) & (idx < self.first + n_local)
+            idx = torch.where(local, idx - self.first, n_local)
             wgt = torch.where(local, wgt, 0.0)
-        return self.tp.all_reduce(moe_forward(u, idx, wgt, self._local, self.shared_experts))
+        return self.tp.all_reduce(moe_forward(u, idx, wgt, self._local, self.shared_experts,
+                                              total_experts=n_local * self.tp.size))
