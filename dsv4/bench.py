@@ -151,8 +151,8 @@ def warmup_tokens(engine, n: int, input_len: int, output_len: int) -> int:
     the last prompt's prefill ends, so the warm-up's mixed steps (prefill chunks + decodes) have
     the measured pass's shapes (with 4 tokens each, those steps had fewer decodes, and kernels
     first seen in the measured pass compiled inside it), then a few decode-only steps."""
-    ec = getattr(engine, "engine_config", None)
-    budget = getattr(ec, "max_num_batched_tokens", None) or n * input_len
+    sched = getattr(engine, "scheduler", None)
+    budget = getattr(sched, "max_num_batched_tokens", None) or n * input_len
     per_step = max(1, budget - n)  # decodes share a step's token budget with the chunks
     return min(output_len, -(-n * input_len // per_step) + 4)
 

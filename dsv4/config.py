@@ -260,7 +260,9 @@ class EngineConfig:
     device: str | None = None
     max_model_len: int | None = None
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    # tokens in one step (the chunked-prefill budget); None: 8192 on a GPU with at least 70 GiB
+    # (as vLLM's server on H100 / H200), else 2048 (`resolved_batched_tokens`)
+    max_num_batched_tokens: int | None = None
     gpu_memory_utilization: float = 0.9
     cpu_cache_bytes: int = 256 << 20
     block_size: int = 128
@@ -279,7 +281,7 @@ class EngineConfig:
             raise ConfigError(f"dtype {self.dtype!r}: must be 'bfloat16' or 'float32'")
         if self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs {self.max_num_seqs}: must be >= 1")
-        if self.max_num_batched_tokens < 1:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ConfigError(f"max_num_batched_tokens {self.max_num_batched_tokens}: must be >= 1")
         if not (0 < self.gpu_memory_utilization <= 1):
             raise ConfigError(
@@ -291,3 +293,16 @@ class EngineConfig:
         if self.cuda_graph_max_len is not None and self.cuda_graph_max_len < 1:
             raise ConfigError(f"cuda_graph_max_len {self.cuda_graph_max_len}: must be >= 1 "
                               "(or None for max_model_len)")
+
+
+def resolved_batched_tokens(ec: EngineConfig, device) -> int:
+    """EngineConfig.max_num_batched_tokens, or its default for this device: 8192 on a GPU with
+    at least 70 GiB, where prefill steps that large run the MoE on grouped GEMMs (from ~6.8K
+    tokens for Flash), else 2048."""
+    if ec.max_num_batched_tokens is not None:
+        return ec.max_num_batched_tokens
+    if getattr(device, "type", device) == "cuda":
+        import torch
+        if torch.cuda.get_device_properties(device).total_memory >= 70 * 2**30:
+            return 8192
+    return 2048

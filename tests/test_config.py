@@ -79,3 +79,22 @@ def test_bad_engine_config_names_the_setting(change, key):
     with pytest.raises(ConfigError, match=key):
         ec.validate()
     EngineConfig().validate()  # the defaults (cuda_graph_max_len None: all of max_model_len)
+
+
+def test_batched_tokens_default_follows_the_device(monkeypatch):
+    """max_num_batched_tokens None: 8192 on a GPU of 70 GiB or more (vLLM's server default on
+    H100 / H200), 2048 on smaller GPUs and the CPU; a value given is kept; < 1 is refused."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from dsv4.config import EngineConfig, resolved_batched_tokens
+    assert EngineConfig().max_num_batched_tokens is None
+    assert resolved_batched_tokens(EngineConfig(), torch.device("cpu")) == 2048
+    assert resolved_batched_tokens(EngineConfig(max_num_batched_tokens=96), torch.device("cpu")) == 96
+    for gib, want in ((141, 8192), (80, 8192), (48, 2048)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda dev, g=gib: SimpleNamespace(total_memory=g * 2**30))
+        assert resolved_batched_tokens(EngineConfig(), torch.device("cuda:0")) == want
+    with pytest.raises(ConfigError, match="max_num_batched_tokens 0: must be >= 1"):
+        EngineConfig(max_num_batched_tokens=0).validate()

@@ -19,7 +19,7 @@ import torch
 
 from ..cache.block_manager import BlockManager
 from ..cache.kv_cache import BLOCK_TOKENS, ModelCache, block_bytes, slot_bytes
-from ..config import ConfigError, EngineConfig, ModelConfig, PRESETS
+from ..config import ConfigError, EngineConfig, ModelConfig, PRESETS, resolved_batched_tokens
 from ..distributed import SINGLE, ParallelGroup, check_parallel_config
 from ..model.init import init_random_
 from ..model.parallel import shard_state_dict
@@ -136,7 +136,8 @@ class LLMEngine:
             from .parallel_workers import share_cache_geometry
             share_cache_geometry(num_slots + 1, self.num_blocks + 1, margin, kv_fp8)
         self.block_manager = BlockManager(self.num_blocks, num_slots, BLOCK_TOKENS)
-        self.scheduler = Scheduler(self.block_manager, ec.max_num_seqs, ec.max_num_batched_tokens,
+        self.scheduler = Scheduler(self.block_manager, ec.max_num_seqs,
+                                   resolved_batched_tokens(ec, self.device),
                                    lookahead=ec.speculative_tokens)
         self.eos_token_ids = _eos_token_ids(cfg, generation_config)
         sampler = Sampler(sorted(self.eos_token_ids), make_generator(ec.seed, self.device))
@@ -194,7 +195,8 @@ class LLMEngine:
     @classmethod
     def from_args(cls, model: str, *, dtype: str = "bfloat16", device: str | None = None,
                   max_model_len: int | None = None, max_num_seqs: int = 64,
-                  max_num_batched_tokens: int = 2048, gpu_memory_utilization: float = 0.9,
+                  max_num_batched_tokens: int | None = None,
+                  gpu_memory_utilization: float = 0.9,
                   cpu_cache_bytes: int = 256 << 20, skip_tokenizer_init: bool = False, seed: int = 0,
                   speculative_tokens: int = 0, enforce_eager: bool = False,
                   load_format: str = "auto", kv_cache_dtype: str = "auto",
