@@ -439,6 +439,8 @@ def check_moe() -> None:
                 assert err < 1e-3, f"{fmt}/{shared_fmt} T={t} {cfg}: rel err {err:.2e}"
             if grouped and t == 5:  # out of memory on the way: the fused kernels serve
                 _grouped_out_of_memory(km, gm, u, idx, wgt, experts, shared, fused[0])
+        if fmt == "fp8":
+            _check_route_plan(km)
         if fmt == "fp4" and shared_fmt == "fp8":  # expert parallelism: other ranks' slots
             for t in (5, 70, 300):
                 u = torch.randn(t, d, generator=G).bfloat16()
@@ -456,6 +458,33 @@ def check_moe() -> None:
                     got = km._moe_cuda(u, idx, wgt, experts, shared, cfg, total_experts=2 * n_exp)
                     err = ((got.float() - want).norm() / want.norm()).item()
                     assert err < 1e-3, f"other ranks' slots T={t} {cfg}: rel err {err:.2e}"
+
+
+def _check_route_plan(km) -> None:
+    """The routing plan (one-program and two-kernel forms) against one built in torch: each
+    block's expert and valid rows, each expert's slots in its rows (in any order), blocks past
+    the end empty, other ranks' slots (idx = n_routed) nowhere; a shared expert with more
+    blocks than one plan-writing pass covers (17000 tokens, 16-row blocks)."""
+    n_routed, k, bt = 6, 2, 16
+    for t in (5, 40, 17000):
+        idx = torch.stack([torch.randperm(n_routed, generator=G)[:k] for _ in range(t)])
+        idx[torch.rand(t, k, generator=G) < 0.2] = n_routed
+        (slots, blk_exp, blk_rows), _, n_blocks, _, _ = km.route_plan(idx, t, n_routed, bt)
+        k1 = k + 1
+        plan_exp = torch.cat([torch.zeros(t, 1, dtype=torch.long), idx.long() + 1], 1).reshape(-1)
+        b = 0
+        for e in range(n_routed + 1):
+            want = (plan_exp == e).nonzero().reshape(-1)
+            nb = -(-len(want) // bt)
+            rows = [min(bt, len(want) - j * bt) for j in range(nb)]
+            assert blk_exp[b:b + nb].tolist() == [e] * nb, f"T={t}: blocks of expert {e}"
+            assert blk_rows[b:b + nb].tolist() == rows, f"T={t}: rows of expert {e}"
+            got = torch.cat([slots[(b + j) * bt:(b + j) * bt + r] for j, r in enumerate(rows)]
+                            ) if nb else slots[:0]
+            assert sorted(got.tolist()) == want.tolist(), f"T={t}: slots of expert {e}"
+            b += nb
+        assert blk_rows[b:n_blocks].eq(0).all() and blk_exp[b:n_blocks].eq(n_routed + 1).all()
+        assert len(plan_exp) == t * k1
 
 
 def _grouped_out_of_memory(km, gm, u, idx, wgt, experts, shared, cfg) -> None:

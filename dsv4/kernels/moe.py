@@ -414,8 +414,17 @@ if HAS_TRITON:
         expert."""
         nb = (c + BT - 1) // BT
         end = tl.cumsum(nb, 0)
-        live = ee < n_exp
-        for j in range(tl.max(nb, 0)):
+        # the shared expert (plan expert 0: blocks [0, nb0), one per BT tokens) BLOCK blocks at
+        # a time; one block of every routed expert per step after that (a loop over the
+        # largest expert's blocks was t / BT steps long: 0.1 ms at 8192 tokens and BT = 16)
+        c0 = tl.sum(tl.where(ee == 0, c, 0), 0)
+        nb0 = (c0 + BT - 1) // BT
+        for b0 in range(0, nb0, BLOCK):
+            bb = b0 + tl.arange(0, BLOCK)
+            tl.store(blk_exp_ptr + bb, bb * 0, mask=bb < nb0)
+            tl.store(blk_rows_ptr + bb, tl.minimum(c0 - bb * BT, BT), mask=bb < nb0)
+        live = (ee > 0) & (ee < n_exp)
+        for j in range(tl.max(tl.where(live, nb, 0), 0)):
             m = live & (j < nb)
             tl.store(blk_exp_ptr + end - nb + j, ee, mask=m)
             tl.store(blk_rows_ptr + end - nb + j, tl.minimum(c - j * BT, BT), mask=m)
