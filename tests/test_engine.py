@@ -378,3 +378,37 @@ def test_streamed_text_only_grows_even_while_a_stop_string_could_still_match(eng
     plain = run(engine, [(prompts([12], seed=7)[0], SamplingParams(
         temperature=0.0, max_tokens=24, ignore_eos=True))])[0].outputs[0].text
     assert seen[-1] == plain, "the held-back tail must arrive when the request finishes"
+
+
+def test_warm_up_leaves_no_trace():
+    """`LLMEngine.warm_up` (run at startup on CUDA): two prompts that fill the step budget go
+    through and leave nothing behind: no request, every block free, zeroed counters, and the
+    next request's tokens are those of a fresh engine."""
+    p = prompts([20], seed=5)[0]
+    fresh = tokens(run(make_engine(max_num_batched_tokens=16), [(p, GREEDY)]))
+    eng = make_engine(max_num_batched_tokens=16)
+    free = eng.block_manager.num_free_blocks
+    steps = []
+    real_step = eng.step
+    eng.step = lambda: steps.append(1) or real_step()
+    eng.warm_up()
+    eng.step = real_step
+    assert len(steps) >= 3  # a full-budget prefill, the rest beside a decode, decodes
+    assert not eng.requests and not eng.has_unfinished_requests()
+    assert eng.block_manager.num_free_blocks == free
+    stats = eng.get_stats()
+    assert stats.prompt_tokens_total == stats.generation_tokens_total == 0
+    assert tokens(run(eng, [(p, GREEDY)])) == fresh
+
+
+def test_warm_up_out_of_memory_names_the_fix(monkeypatch):
+    """A full-budget prefill step that does not fit fails the engine's start with a clear
+    error naming the settings to lower, not a CUDA traceback in the first request."""
+    eng = make_engine(max_num_batched_tokens=16)
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+    monkeypatch.setattr(eng, "step", oom)
+    with pytest.raises(ConfigError, match=r"a prefill step of 16 tokens does not fit .*Tried "
+                                          r"to allocate 2.00 GiB\): lower max_num_batched_tokens"):
+        eng.warm_up()

@@ -191,6 +191,39 @@ class LLMEngine:
             logger.info("GPU kernels: %s%s%s", launch_policy(),
                         "; attention side stream" if side_stream_on(self.device) else "",
                         f"; {moe}" if moe else "")
+            if ec.warmup:
+                self.warm_up()
+
+    def warm_up(self) -> None:
+        """Serve two prompts that fill the step budget (one of budget - 3 tokens and one of
+        budget, 2 tokens each: a full prefill step, then the rest of the second prompt beside
+        the first one's decode, then decodes), and forget them: Triton compiles the kernels of
+        those step shapes here rather than inside the first requests (seconds each on a cold
+        cache), and a step of `max_num_batched_tokens` is known to fit beside the KV cache."""
+        budget = self.scheduler.max_num_batched_tokens
+        n = min(budget, self.max_model_len - 2)
+        if n < 8 or self.requests:
+            return
+        t0 = time.perf_counter()
+        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+        vocab = self.model_config.vocab_size
+        try:
+            for i, length in enumerate((n - 3, n)):
+                self.add_request(f"__warmup-{i}", [(7 * j + i) % (vocab - 3) + 3
+                                                   for j in range(length)], params)
+            while self.has_unfinished_requests():
+                self.step()
+        except torch.OutOfMemoryError as e:
+            raise ConfigError(
+                f"a prefill step of {budget} tokens does not fit in the GPU memory left beside "
+                f"the model and the KV cache ({str(e).splitlines()[0]}): lower "
+                f"max_num_batched_tokens or gpu_memory_utilization") from e
+        self.prompt_tokens_total = self.generation_tokens_total = 0
+        self.scheduler.num_preemptions = 0
+        if self.runner.proposer is not None:
+            self.runner.proposer.reset_stats()
+        logger.info("warmed up prefill steps of %d tokens in %.1f s", budget,
+                    time.perf_counter() - t0)
 
     @classmethod
     def from_args(cls, model: str, *, dtype: str = "bfloat16", device: str | None = None,
@@ -201,14 +234,14 @@ class LLMEngine:
                   speculative_tokens: int = 0, enforce_eager: bool = False,
                   load_format: str = "auto", kv_cache_dtype: str = "auto",
                   cuda_graph_max_len: int | None = None, tensor_parallel_size: int = 1,
-                  async_scheduling: bool = True) -> "LLMEngine":
+                  async_scheduling: bool = True, warmup: bool = True) -> "LLMEngine":
         ec = EngineConfig(dtype=dtype, device=device, max_model_len=max_model_len,
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           gpu_memory_utilization=gpu_memory_utilization,
                           cpu_cache_bytes=cpu_cache_bytes, speculative_tokens=speculative_tokens,
                           enforce_eager=enforce_eager, seed=seed, kv_cache_dtype=kv_cache_dtype,
                           cuda_graph_max_len=cuda_graph_max_len,
-                          async_scheduling=async_scheduling)
+                          async_scheduling=async_scheduling, warmup=warmup)
         ec.validate()  # before the (possibly long) model load
         dev = torch.device(device) if device else default_device()
         if tensor_parallel_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
