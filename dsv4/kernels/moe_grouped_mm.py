@@ -21,7 +21,8 @@ price of a dequantised copy of the layer's experts per call. Each call here:
    padded position.
 
 When it pays: the copy is written and read once per call (Flash: 12.9 GB a layer, 4.1 ms on
-an H200) and needs free memory for its larger half (w1|w3: 8.6 GB for Flash; w2 reuses it).
+an H200) and needs memory for its larger half (w1|w3: 8.6 GB for Flash; w2 reuses it), one
+buffer per device kept from the first such call on (`workspace`).
 Measured (`bench_linear_moe.py --only moe --grouped-mm --moe-tokens 2048 8192 16384`), fused
 against grouped: Flash 2048 / 8192 / 16384 tokens 4.2 / 12.8 / 22.5 ms against 8.5 / 9.9 /
 15.4 ms; Pro 8192 / 16384 tokens 34.9 / 60.0 ms against 35.7 / 47.0 ms. The saving grows with
