@@ -58,6 +58,28 @@ def decode_steps(engine: LLMEngine, batch: int, input_len: int, steps: int, prof
     return dt, p
 
 
+def print_kernels(p, steps: int, top: int) -> None:
+    """The profiled kernels sorted by GPU time per step, with their total."""
+    rows = [(ev.key, ev.device_time_total / steps, ev.count / steps)
+            for ev in p.key_averages() if ev.device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    from dsv4.kernels.pdl import launch_policy
+    pol = launch_policy()
+    print(f"GPU kernel time per step: {total / 1e3:.3f} ms ({pol}"
+          f"{'; kernel times include PDL waits: DSV4_PDL=0 for per-kernel times' if 'programmatic' in pol else ''})")
+    for name, us, n in rows[:top]:
+        print(f"{us:9.1f} us {n:6.1f}x  {name[:110]}")
+
+
+def dummy_model(preset: str, layers: int, fmt: str):
+    """The dummy-weight model of engine_gpu.py, built on the GPU."""
+    cfg = tiny_config(fmt, preset, layers)
+    d = Path(tempfile.mkdtemp())
+    (d / "config.json").write_text(json.dumps(cfg.to_dict()))
+    return load_model(d, dtype="bfloat16", device="cuda", load_format="dummy")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="flash")
@@ -70,10 +92,7 @@ def main() -> None:
     ap.add_argument("--cprofile", action="store_true", help="also cProfile the graph steps")
     ap.add_argument("--graphs-only", action="store_true", help="skip the eager run")
     a = ap.parse_args()
-    cfg = tiny_config(a.format, a.preset, a.layers)
-    d = Path(tempfile.mkdtemp())
-    (d / "config.json").write_text(json.dumps(cfg.to_dict()))
-    loaded = load_model(d, dtype="bfloat16", device="cuda", load_format="dummy")
+    loaded = dummy_model(a.preset, a.layers, a.format)
     for eager in ((False,) if a.graphs_only else (True, False)):
         ec = EngineConfig(dtype="bfloat16", max_num_seqs=max(8, a.batch), max_num_batched_tokens=8192,
                           max_model_len=4096, gpu_memory_utilization=0.8, enforce_eager=eager,
@@ -82,15 +101,7 @@ def main() -> None:
         dt, p = decode_steps(e, a.batch, a.input_len, a.steps, prof=True)
         print(f"\n== {'eager' if eager else 'CUDA graphs'}: batch {a.batch}, "
               f"{dt * 1e3:.2f} ms per decode step (wall, under the profiler)")
-        rows = [(ev.key, ev.device_time_total / a.steps, ev.count / a.steps)
-                for ev in p.key_averages() if ev.device_time_total > 0]
-        rows.sort(key=lambda r: -r[1])
-        total = sum(r[1] for r in rows)
-        from dsv4.kernels.pdl import launch_policy
-        print(f"GPU kernel time per step: {total / 1e3:.3f} ms ({launch_policy()}"
-              f"{'; kernel times include PDL waits: DSV4_PDL=0 for per-kernel times' if 'programmatic' in launch_policy() else ''})")
-        for name, us, n in rows[: a.top]:
-            print(f"{us:9.1f} us {n:6.1f}x  {name[:110]}")
+        print_kernels(p, a.steps, a.top)
         dt2, _ = decode_steps(e, a.batch, a.input_len, a.steps, prof=False)
         print(f"without the profiler: {dt2 * 1e3:.2f} ms per decode step")
         if a.cprofile and not eager:  # host time of the graph path, per Python function
