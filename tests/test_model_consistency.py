@@ -108,3 +108,31 @@ def test_bfloat16_tracks_float32(tiny):
     assert (a[:4] - b[:4]).abs().max() < 0.25
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     assert agree >= 0.8, f"bf16 top-1 agrees with fp32 on only {agree:.0%} of positions"
+
+
+def test_indexer_slices_of_a_long_chunk_change_nothing(monkeypatch):
+    """A prefill chunk whose candidate lists would be large is scored and selected in slices
+    of tokens (`indexer.MAX_SCORES`): every token's selection is its own, so the logits are
+    bit-identical to one pass, in a ragged batch too."""
+    from dsv4.model import indexer as model_indexer
+    model = make_model(dtype="float32", seed=3)
+    ids = [5 + (7 * j) % 400 for j in range(170)]
+    chunks = lambda: [SeqChunk(ids[:170], 0, 0, list(range(4))),  # noqa: E731
+                      SeqChunk(ids[:90], 0, 1, list(range(4, 8)))]
+
+    def logits():
+        cache = make_cache(model)
+        b = ForwardBatch(chunks(), model.cfg.sliding_window, cache.window_rows, cache.num_slots,
+                         logits_indices=list(range(260)))
+        with torch.inference_mode():
+            return model.logits(model(b, cache)[b.logits_indices])
+    want = logits()
+    calls = []
+    real = model_indexer.indexer_topk
+    monkeypatch.setattr(model_indexer, "indexer_topk",
+                        lambda q, *a, **k: calls.append(q.shape[0]) or real(q, *a, **k))
+    monkeypatch.setattr(model_indexer, "MAX_SCORES", 42 * 16)  # 170 // 4 = 42 entries: 16 tokens
+    got = logits()
+    assert torch.equal(got, want)
+    # each CSA layer: 17 slices of at most 16 of the step's 260 tokens
+    assert max(calls) == 16 and len(calls) % 17 == 0 and sum(calls) == 260 * (len(calls) // 17)

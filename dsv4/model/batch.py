@@ -196,23 +196,39 @@ class ForwardBatch:
         return dict(seq=seq, index=index, is_new=is_new, new_idx=new_idx, state_idx=state_idx,
                     valid=pos >= 0, dst=self.entry_rows(seq, index, m))
 
-    def candidates(self, ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Compressed entries visible to each token: (rows [T, N] with -1 beyond, count [T]).
+    def candidate_width(self, ratio: int) -> int:
+        """N of `candidates`: the longest sequence's compressed entries."""
+        return max(1, int((max(s + k for s, k in zip(self.starts, self.lens))) // ratio))
+
+    def candidate_slices(self, ratio: int, max_entries: int) -> list[tuple[int, int]]:
+        """Token ranges whose candidate lists hold at most max_entries entries each (at least
+        one token a range)."""
+        step = max(1, max_entries // self.candidate_width(ratio))
+        return [(lo, min(lo + step, self.num_tokens)) for lo in range(0, self.num_tokens, step)]
+
+    def candidates(self, ratio: int, lo: int = 0, hi: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compressed entries visible to tokens lo:hi (all by default): (rows [T, N] with -1
+        beyond, count [T]). Only the lists of all tokens are kept for later calls.
 
         Token p sees entries i < floor((p+1)/m): those whose window ended at or before p.
         """
+        hi = self.num_tokens if hi is None else hi
         key = ("cand", ratio)
-        if key not in self._plans:
-            # Built where the model runs: [T, N] grows with the context (N = ctx / m).
-            n = max(1, int((max(s + k for s, k in zip(self.starts, self.lens))) // ratio))
-            avail = (self.positions + 1) // ratio  # [T]
-            rpb = BLOCK_TOKENS // ratio
-            i = torch.arange(n, device=self.device)[None, :]
-            blk = (i // rpb).clamp(max=self.block_tables.shape[1] - 1)
-            rows = self.block_tables[self.tok_seq[:, None], blk] * rpb + i % rpb
-            rows = torch.where(i < avail[:, None], rows, -1)
+        whole = lo == 0 and hi == self.num_tokens
+        if whole and key in self._plans:
+            return self._plans[key]
+        # Built where the model runs: [T, N] grows with the context (N = ctx / m).
+        n = self.candidate_width(ratio)
+        avail = (self.positions[lo:hi] + 1) // ratio  # [T]
+        rpb = BLOCK_TOKENS // ratio
+        i = torch.arange(n, device=self.device)[None, :]
+        blk = (i // rpb).clamp(max=self.block_tables.shape[1] - 1)
+        rows = self.block_tables[self.tok_seq[lo:hi, None], blk] * rpb + i % rpb
+        rows = torch.where(i < avail[:, None], rows, -1)
+        if whole:
             self._plans[key] = (rows, avail)
-        return self._plans[key]
+        return rows, avail
 
 
 def _empty_plan(items: int) -> dict[str, np.ndarray]:
@@ -346,8 +362,13 @@ class StaticBatch:
     def compress_plan(self, ratio: int, state_rows: int) -> CompressPlan:
         return self._plans[(ratio, state_rows)]
 
-    def candidates(self, ratio: int):
-        return self._cand[ratio]
+    def candidate_slices(self, ratio: int, max_entries: int) -> list[tuple[int, int]]:
+        # the lists are allocated at their full width with the graphs: slices would save none
+        return [(0, self.num_tokens)]
+
+    def candidates(self, ratio: int, lo: int = 0, hi: int | None = None):
+        rows, avail = self._cand[ratio]
+        return (rows, avail) if lo == 0 and hi is None else (rows[lo:hi], avail[lo:hi])
 
     def prepare(self) -> None:
         """Derive the compressed-row lists from the loaded positions and block tables, on the

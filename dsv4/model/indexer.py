@@ -12,6 +12,10 @@ from .batch import ForwardBatch
 from .compressor import Compressor
 from .rope import rope_
 
+# candidate-list entries (tokens x compressed entries) scored at once: 2^26, so a slice's int64
+# lists and fp32 scores take 0.5 + 0.25 GB (prefill at 128K context: 2048 tokens a slice)
+MAX_SCORES = 1 << 26
+
 
 class Indexer(nn.Module):
     def __init__(self, cfg, freqs: torch.Tensor, fmt: str, dtype: torch.dtype, qat: bool = True,
@@ -43,9 +47,18 @@ class Indexer(nn.Module):
         q = rope_(self.wq_b(qr).view(T, self.n_heads, c), batch.positions, self.freqs, r)
         q = hadamard_fp4(q, self.qat)
         w = self.weights_proj(u) * (c ** -0.5 * self.total_heads ** -0.5)  # [T, nI]
-        cand, avail = batch.candidates(4)
         reduce = self.tp.all_reduce if self.tp.size > 1 else None  # heads' partial scores
         keys = cache.idx.view(-1, cache.idx.shape[-1])  # [rows, c], or packed FP4 bytes
         if ready is not None:
             ready()
-        return indexer_topk(q, w, keys, cand, self.topk, reduce, avail, q_fp4=self.qat)
+
+        def select(lo: int, hi: int) -> torch.Tensor:
+            whole = lo == 0 and hi == T
+            cand, avail = batch.candidates(4) if whole else batch.candidates(4, lo, hi)
+            return indexer_topk(q[lo:hi], w[lo:hi], keys, cand, self.topk, reduce, avail,
+                                q_fp4=self.qat)
+        # a long prefill chunk at a long context takes its tokens in slices: the candidate
+        # lists and scores are [tokens, context / 4] (8192 tokens at 1M context: 17 GB of
+        # int64 lists); every token's selection is its own, so the slices change nothing
+        parts = [select(lo, hi) for lo, hi in batch.candidate_slices(4, MAX_SCORES)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
