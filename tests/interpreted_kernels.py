@@ -453,25 +453,31 @@ def check_moe() -> None:
                 full = km.moe_forward_ref(u, kept, torch.where(idx < n_exp, wgt, 0.0), experts,
                                           shared).float()
                 assert torch.allclose(want, full, atol=1e-2, rtol=1e-2), "reference skips them"
+                # and without the shared expert (tensor parallelism: the model adds its slice)
+                routed = km.moe_forward_ref(u, idx, wgt, experts, None).float()
                 for cfg in [dict(grouped_mm=True)] + [dict(c, grouped_mm=False)
                                                       for c in fused if t <= 70]:
-                    got = km._moe_cuda(u, idx, wgt, experts, shared, cfg, total_experts=2 * n_exp)
-                    err = ((got.float() - want).norm() / want.norm()).item()
-                    assert err < 1e-3, f"other ranks' slots T={t} {cfg}: rel err {err:.2e}"
+                    for sh, ref in ((shared, want), (None, routed)):
+                        got = km._moe_cuda(u, idx, wgt, experts, sh, cfg, total_experts=2 * n_exp)
+                        err = ((got.float() - ref).norm() / ref.norm()).item()
+                        assert err < 1e-3, (f"other ranks' slots T={t} {cfg} shared "
+                                            f"{sh is not None}: rel err {err:.2e}")
 
 
 def _check_route_plan(km) -> None:
     """The routing plan (one-program and two-kernel forms) against one built in torch: each
     block's expert and valid rows, each expert's slots in its rows (in any order), blocks past
-    the end empty, other ranks' slots (idx = n_routed) nowhere; a shared expert with more
-    blocks than one plan-writing pass covers (17000 tokens, 16-row blocks)."""
+    the end empty, other ranks' slots (idx = n_routed) nowhere, and the shared expert's too
+    when the plan leaves it out; a shared expert with more blocks than one plan-writing pass
+    covers (17000 tokens, 16-row blocks)."""
     n_routed, k, bt = 6, 2, 16
-    for t in (5, 40, 17000):
+    for t, shared in ((5, True), (40, True), (17000, True), (5, False), (300, False)):
         idx = torch.stack([torch.randperm(n_routed, generator=G)[:k] for _ in range(t)])
         idx[torch.rand(t, k, generator=G) < 0.2] = n_routed
-        (slots, blk_exp, blk_rows), _, n_blocks, _, _ = km.route_plan(idx, t, n_routed, bt)
+        (slots, blk_exp, blk_rows), _, n_blocks, _, _ = km.route_plan(idx, t, n_routed, bt, shared)
         k1 = k + 1
-        plan_exp = torch.cat([torch.zeros(t, 1, dtype=torch.long), idx.long() + 1], 1).reshape(-1)
+        plan_exp = torch.cat([torch.full((t, 1), 0 if shared else n_routed + 1),
+                              idx.long() + 1], 1).reshape(-1)
         b = 0
         for e in range(n_routed + 1):
             want = (plan_exp == e).nonzero().reshape(-1)

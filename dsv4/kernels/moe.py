@@ -4,7 +4,9 @@
 linears `w1`, `w2`, `w3` and a SwiGLU clamp `limit`; token t goes to experts idx[t, :] with
 routing weights wgt[t, :] (from the model's fp32 Gate) and always to `shared` with weight 1.
 With expert parallelism an entry equal to len(experts) marks a slot whose expert lives on
-another rank: it adds nothing here and is left out of the routing plan (no rows computed).
+another rank: it adds nothing here and is left out of the routing plan (no rows computed);
+`shared` None leaves the shared expert out (the model adds its slice of it: each rank holds
+a slice of its intermediate channels, of another width than the routed experts').
 
 Reference (CPU and tests): loop over the experts that received tokens, as the model always did.
 
@@ -80,26 +82,29 @@ class ExpertLike(Protocol):
 
 # ------------------------------------------------------------------------------- reference
 def moe_forward_ref(u: torch.Tensor, idx: torch.Tensor, wgt: torch.Tensor,
-                    experts: Sequence[ExpertLike], shared: ExpertLike) -> torch.Tensor:
+                    experts: Sequence[ExpertLike], shared: ExpertLike | None) -> torch.Tensor:
     """u [T, d], idx [T, k] int, wgt [T, k] fp32 -> [T, d] in u's dtype."""
     y = torch.zeros(u.shape[0], u.shape[1], dtype=torch.float32, device=u.device)
+
+    def finish(y: torch.Tensor) -> torch.Tensor:
+        return (y if shared is None else y + shared(u).float()).to(u.dtype)
     if u.is_cuda and torch.cuda.is_current_stream_capturing():
         # No host synchronisation under CUDA-graph capture: every expert sees every token, with
         # weight 0 where it was not chosen (which adds exactly 0).
         for e, expert in enumerate(experts):
             w = torch.where(idx == e, wgt, 0.0).sum(-1)
             y += expert(u, w).float()
-        return (y + shared(u).float()).to(u.dtype)
+        return finish(y)
     for e in idx.unique().tolist():
         if e >= len(experts):  # another rank's expert
             continue
         tok, slot = (idx == e).nonzero(as_tuple=True)
         y.index_add_(0, tok, experts[e](u[tok], wgt[tok, slot]).float())
-    return (y + shared(u).float()).to(u.dtype)
+    return finish(y)
 
 
 def moe_forward(u: torch.Tensor, idx: torch.Tensor, wgt: torch.Tensor,
-                experts: Sequence[ExpertLike], shared: ExpertLike,
+                experts: Sequence[ExpertLike], shared: ExpertLike | None,
                 total_experts: int | None = None) -> torch.Tensor:
     """The MoE layer's expert part; see the module docstring. total_experts: the routed
     experts of all ranks (default len(experts)), for the grouped-GEMM rule."""
@@ -152,9 +157,11 @@ def _tables(experts, shared, device) -> tuple[_Tables, _Tables | None] | None:
     weights not 16-byte aligned)."""
     # Keyed by the shared expert: one per MoE layer, and a module (the routed experts may come
     # as a plain list).
+    # without a shared expert, routed expert 0 stands in as plan expert 0 (it gets no slots)
+    lead = shared if shared is not None else experts[0]
     key = (str(device), len(experts), experts[0].w1.weight.data_ptr(),
-           experts[-1].w2.weight.data_ptr(), shared.w1.weight.data_ptr())
-    hit = _TABLES.get(shared)
+           experts[-1].w2.weight.data_ptr(), lead.w1.weight.data_ptr(), shared is None)
+    hit = _TABLES.get(lead)
     if hit is not None and hit[0] == key:
         return hit[1]
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -163,17 +170,17 @@ def _tables(experts, shared, device) -> tuple[_Tables, _Tables | None] | None:
                            "forward before capturing")
     d, inter = experts[0].w1.in_features, experts[0].w1.out_features
     fmts = {lin.fmt for m in experts for lin in (m.w1, m.w2, m.w3)}
-    shared_fmts = {lin.fmt for lin in (shared.w1, shared.w2, shared.w3)}
+    shared_fmts = {lin.fmt for lin in (lead.w1, lead.w2, lead.w3)}
     if (len(fmts) != 1 or len(shared_fmts) != 1 or not (fmts | shared_fmts) <= set(_FMT_CODES)
-            or d % 128 or inter % 128 or shared.w1.out_features != inter
-            or any(t.data_ptr() % 16 for m in (shared, *experts) for n in ("w1", "w3", "w2")
+            or d % 128 or inter % 128 or lead.w1.out_features != inter
+            or any(t.data_ptr() % 16 for m in (lead, *experts) for n in ("w1", "w3", "w2")
                    for t in _tensors(getattr(m, n))[:2])):  # the kernel assumes 16-byte rows
         val = None
     elif fmts == shared_fmts:
-        val = (_Tables([shared, *experts], device), None)
+        val = (_Tables([lead, *experts], device), None)
     else:
-        val = (_Tables(list(experts), device), _Tables([shared], device))
-    _TABLES[shared] = (key, val)
+        val = (_Tables(list(experts), device), _Tables([lead], device))
+    _TABLES[lead] = (key, val)
     return val
 
 
@@ -238,15 +245,16 @@ def _run_groups(groups, launch, overlap: bool) -> None:
     cur.wait_stream(side)
 
 
-def route_plan(idx: torch.Tensor, t: int, n_routed: int, bt: int):
+def route_plan(idx: torch.Tensor, t: int, n_routed: int, bt: int, shared: bool = True):
     """The routing plan of step 2 (module docstring) for blocks of bt rows: ((slots, blk_exp,
     blk_rows), the slot counts per plan expert (int32 [n_routed + 1], on the device; None for
-    the one-program plan of small batches), blocks, shared-expert blocks, routed blocks)."""
+    the one-program plan of small batches), blocks, shared-expert blocks, routed blocks).
+    Without `shared` the shared expert's slots (j = 0) are left out like other ranks'."""
     k = idx.shape[1]
     dev = idx.device
     n_exp, k1 = n_routed + 1, k + 1
     n_slots = t * k1
-    shared_blocks = triton.cdiv(t, bt)
+    shared_blocks = triton.cdiv(t, bt) if shared else 0
     routed_blocks = min(t * k, triton.cdiv(t * k, bt) + n_routed)
     n_blocks = shared_blocks + routed_blocks
     ep2 = triton.next_power_of_2(n_exp)
@@ -257,14 +265,14 @@ def route_plan(idx: torch.Tensor, t: int, n_routed: int, bt: int):
     if n_slots <= SMALL_PLAN_SLOTS:  # one launch: counts and ranks by comparison, no atomics
         _route_small_kernel[(1,)](idx, blk_exp, blk_rows, slots, t, k, n_exp, n_blocks, BT=bt,
                                   S2=max(16, triton.next_power_of_2(n_slots)), EP2=ep2,
-                                  num_warps=4, **pdl())
+                                  HAS_SHARED=shared, num_warps=4, **pdl())
     else:
         counts = torch.zeros(n_exp, dtype=torch.int32, device=dev)
         expert = torch.empty(n_slots, dtype=torch.int32, device=dev)
         rank = torch.empty(n_slots, dtype=torch.int32, device=dev)
         grid = (triton.cdiv(n_slots, 1024),)
-        _route_count_kernel[grid](idx, counts, expert, rank, t, k, n_exp, BLOCK=1024, num_warps=4,
-                                  **pdl())
+        _route_count_kernel[grid](idx, counts, expert, rank, t, k, n_exp, BLOCK=1024,
+                                  HAS_SHARED=shared, num_warps=4, **pdl())
         _route_scatter_kernel[grid](expert, rank, counts, blk_exp, blk_rows, slots, n_slots,
                                     n_exp, n_blocks, BT=bt, BLOCK=1024, EP2=ep2, num_warps=4,
                                     **pdl())
@@ -305,7 +313,8 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
     n_exp, k1 = n_routed + 1, k + 1
     n_slots = t * k1
     bt = c["bt"]
-    plan, _, n_blocks, shared_blocks, routed_blocks = route_plan(idx, t, n_routed, bt)
+    plan, _, n_blocks, shared_blocks, routed_blocks = route_plan(idx, t, n_routed, bt,
+                                                                 shared is not None)
     n_pos = n_blocks * bt
 
     # 1. and 3. gate/up with the SwiGLU epilogue: h in FP8, rows = padded positions. With
@@ -371,7 +380,8 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
     bd = 256 if t <= 16 else 1024  # small batches: more CTAs, each with its loads in flight
     _combine_kernel[(t, triton.cdiv(d, bd))](ys, out, d, n_slots * d, ys, idx, n_routed, K1=k1,
                                              SPLIT=split2, ROUND=common["ROUND"] and split2 > 1,
-                                             BD=bd, num_warps=4, **pdl())
+                                             BD=bd, HAS_SHARED=shared is not None, num_warps=4,
+                                             **pdl())
     return out
 
 
@@ -387,7 +397,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _route_count_kernel(idx_ptr, counts_ptr, expert_ptr, rank_ptr, T, k, n_exp,
-                            BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+                            BLOCK: tl.constexpr, HAS_SHARED: tl.constexpr = True,
+                            PDL: tl.constexpr = False):
         """Slot -> plan expert (n_exp: another rank's, counted nowhere), and the slot's rank
         among its expert's slots."""
         pdl_start(PDL)
@@ -398,12 +409,14 @@ if HAS_TRITON:
         j = sl % k1
         routed = ok & (j > 0)
         e = tl.load(idx_ptr + tok * k + j - 1, mask=routed, other=-1) + 1
+        if not HAS_SHARED:  # the shared expert's slots go nowhere
+            e = tl.where(j == 0, n_exp, e)
         # the shared expert's rank is the token index: no atomics on one hot counter
         r = tl.atomic_add(counts_ptr + e, 1, mask=routed & (e < n_exp))
         r = tl.where(j == 0, tok, r)
         tl.store(expert_ptr + sl, e, mask=ok)
         tl.store(rank_ptr + sl, r, mask=ok)
-        if tl.program_id(0) == 0:
+        if HAS_SHARED and tl.program_id(0) == 0:
             tl.store(counts_ptr, T)
 
     @triton.jit
@@ -437,7 +450,7 @@ if HAS_TRITON:
     @triton.jit
     def _route_small_kernel(idx_ptr, blk_exp_ptr, blk_rows_ptr, slots_ptr, T, k, n_exp,
                             n_blocks, BT: tl.constexpr, S2: tl.constexpr, EP2: tl.constexpr,
-                            PDL: tl.constexpr = False):
+                            HAS_SHARED: tl.constexpr = True, PDL: tl.constexpr = False):
         """The whole plan of a small batch (up to S2 slots) in one program: a slot's rank is the
         number of earlier slots of its expert, an expert's count the number of its slots."""
         pdl_start(PDL)
@@ -446,6 +459,8 @@ if HAS_TRITON:
         ok = sl < T * k1
         j = sl % k1
         e = tl.load(idx_ptr + (sl // k1) * k + j - 1, mask=ok & (j > 0), other=-1) + 1
+        if not HAS_SHARED:  # the shared expert's slots go nowhere
+            e = tl.where(j == 0, n_exp, e)
         e = tl.where(ok, e, n_exp).to(tl.int32)  # padding lanes count for no expert
         rank = tl.sum(((e[:, None] == e[None, :]) & (sl[None, :] < sl[:, None])).to(tl.int32), 1)
         ee = tl.arange(0, EP2)
@@ -787,7 +802,7 @@ if HAS_TRITON:
     def _combine_kernel(ys_ptr, out_ptr, D, part_stride, pos_ptr, idx_ptr, n_routed,
                         K1: tl.constexpr, SPLIT: tl.constexpr, ROUND: tl.constexpr,
                         BD: tl.constexpr, HAS_POS: tl.constexpr = False,
-                        PDL: tl.constexpr = False):
+                        HAS_SHARED: tl.constexpr = True, PDL: tl.constexpr = False):
         """out[t] = sum over the token's K1 slots of y_slot (= the sum of its K-split partials,
         rounded to the working dtype as the expert's output is when ROUND); slot s's row of ys
         is s, or pos[s] when HAS_POS. Slots of another rank's expert (idx = n_routed) have no
@@ -800,6 +815,8 @@ if HAS_TRITON:
         for j in tl.static_range(K1):
             y = tl.zeros((BD,), dtype=tl.float32)
             keep = ok
+            if j == 0 and not HAS_SHARED:
+                keep = ok & False
             if j > 0:
                 keep = ok & (tl.load(idx_ptr + t.to(tl.int64) * (K1 - 1) + j - 1) < n_routed)
             if HAS_POS:

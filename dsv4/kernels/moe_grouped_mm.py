@@ -123,13 +123,14 @@ def moe_grouped_mm(u, idx, wgt, experts, shared, main, extra) -> torch.Tensor:
     limit = float(experts[0].limit)
 
     idx = idx.contiguous()
-    (slots, blk_exp, blk_rows), counts, n_blocks, _, _ = km.route_plan(idx, t, n_routed, BT)
+    (slots, blk_exp, blk_rows), counts, n_blocks, _, _ = km.route_plan(idx, t, n_routed, BT,
+                                                                       shared is not None)
     n_pos = n_blocks * BT
     if counts is None:  # the one-program plan of small batches: count the slots here
         # (entries n_routed: another rank's expert, counted past the end and dropped)
         counts = torch.bincount(idx.reshape(-1).long() + 1, minlength=n_exp + 1)[:n_exp]
         counts = counts.to(torch.int32)
-        counts[0] = t
+        counts[0] = t if shared is not None else 0
     offs = ((counts + BT - 1) // BT * BT).cumsum(0).to(torch.int32)
     pos = torch.arange(n_pos, device=dev)
     pos_ok = (pos % BT) < blk_rows.repeat_interleave(BT)
@@ -155,7 +156,8 @@ def moe_grouped_mm(u, idx, wgt, experts, shared, main, extra) -> torch.Tensor:
     out = torch.empty_like(u)
     km._combine_kernel[(t, triton.cdiv(d, 1024))](y2, out, d, 0, at, idx, n_routed, K1=k1,
                                                   SPLIT=1, ROUND=False, BD=1024, HAS_POS=True,
-                                                  num_warps=4, **pdl())
+                                                  HAS_SHARED=shared is not None, num_warps=4,
+                                                  **pdl())
     return out
 
 

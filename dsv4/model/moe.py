@@ -83,10 +83,13 @@ class MoE(nn.Module):
 
     def forward(self, u: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         idx, wgt = self.gate(u, input_ids)  # [T, k]
+        if self.tp.size == 1:
+            return moe_forward(u, idx, wgt, self._local, self.shared_experts)
+        # other ranks' experts: marked n_local, computed nowhere here; this rank's slice of
+        # the shared expert (narrower than a routed expert) runs on its own linears
         n_local = len(self._local)
-        if self.tp.size > 1:  # other ranks' experts: marked n_local, computed nowhere here
-            local = (idx >= self.first) & (idx < self.first + n_local)
-            idx = torch.where(local, idx - self.first, n_local)
-            wgt = torch.where(local, wgt, 0.0)
-        return self.tp.all_reduce(moe_forward(u, idx, wgt, self._local, self.shared_experts,
-                                              total_experts=n_local * self.tp.size))
+        local = (idx >= self.first) & (idx < self.first + n_local)
+        idx = torch.where(local, idx - self.first, n_local)
+        wgt = torch.where(local, wgt, 0.0)
+        y = moe_forward(u, idx, wgt, self._local, None, total_experts=n_local * self.tp.size)
+        return self.tp.all_reduce((y.float() + self.shared_experts(u).float()).to(u.dtype))

@@ -319,20 +319,24 @@ def test_moe_other_ranks_slots_add_nothing(fmt, monkeypatch):
     """Expert parallelism: the slots of another rank's experts (idx = len(experts)) are left
     out of the routing plan and add nothing, on the fused kernels (small and large plans) and
     the grouped GEMMs, against the reference; a token with no local expert keeps its shared
-    expert's output."""
+    expert's output; without the shared expert (left to the model) likewise."""
     experts, shared = _random_moe(32, 4096, 2048, fmt, "fp8", torch.bfloat16, seed=5)
     for t in (1, 7, 64, 700, 3000):
         u = torch.randn(t, 4096, device=DEV).bfloat16()
         idx, wgt = _routing(t, 256, 6, "uniform", seed=t)  # 256 experts, 32 of them here
         idx = torch.where(idx < 32, idx, 32)
         idx[0] = 32
-        with monkeypatch.context() as mp:
-            mp.setenv("DSV4_DISABLE_TRITON", "1")
-            want = moe_forward_ref(u, idx, wgt, experts, shared)
-        cfgs = [None, dict(grouped_mm=True)] if t >= 64 else [None]
-        for cfg in cfgs:
-            got = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, cfg, total_experts=256)
-            assert rel_err(got, want) < 2e-2, f"T={t} {cfg}: rel err {rel_err(got, want):.2e}"
+        for sh in (shared, None):  # None: the shared expert left to the model (tensor parallel)
+            with monkeypatch.context() as mp:
+                mp.setenv("DSV4_DISABLE_TRITON", "1")
+                want = moe_forward_ref(u, idx, wgt, experts, sh)
+            cfgs = [None, dict(grouped_mm=True)] if t >= 64 else [None]
+            for cfg in cfgs:
+                got = moe_kernels._moe_cuda(u, idx, wgt, experts, sh, cfg, total_experts=256)
+                assert torch.equal(got[0], want[0]) or sh is not None  # no expert here: 0
+                if t > 1 or sh is not None:
+                    assert rel_err(got, want) < 2e-2, \
+                        f"T={t} {cfg} shared {sh is not None}: rel err {rel_err(got, want):.2e}"
 
 
 @pytest.mark.parametrize("fmt", ["fp4", "nvfp4"])
