@@ -72,6 +72,14 @@ def print_kernels(p, steps: int, top: int) -> None:
         print(f"{us:9.1f} us {n:6.1f}x  {name[:110]}")
 
 
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """--preset, --layers, --format of the dummy-weight model (`dummy_model`), and --top."""
+    ap.add_argument("--preset", default="flash")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--format", default="fp4")
+    ap.add_argument("--top", type=int, default=40, help="kernels listed")
+
+
 def dummy_model(preset: str, layers: int, fmt: str):
     """The dummy-weight model of engine_gpu.py, built on the GPU."""
     cfg = tiny_config(fmt, preset, layers)
@@ -82,13 +90,10 @@ def dummy_model(preset: str, layers: int, fmt: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="flash")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--format", default="fp4")
+    add_model_args(ap)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--input-len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--cprofile", action="store_true", help="also cProfile the graph steps")
     ap.add_argument("--graphs-only", action="store_true", help="skip the eager run")
     a = ap.parse_args()

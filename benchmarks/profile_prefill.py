@@ -20,7 +20,7 @@ from dsv4.config import EngineConfig
 from dsv4.engine.llm_engine import LLMEngine
 from dsv4.engine.sampler import SamplingParams
 
-from profile_decode import dummy_model, print_kernels
+from profile_decode import add_model_args, dummy_model, print_kernels
 
 
 def prefill(engine: LLMEngine, tokens: int, seed: int) -> None:
@@ -34,12 +34,9 @@ def prefill(engine: LLMEngine, tokens: int, seed: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="flash")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--format", default="fp4")
+    add_model_args(ap)
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--top", type=int, default=40)
     a = ap.parse_args()
     loaded = dummy_model(a.preset, a.layers, a.format)
     ec = EngineConfig(dtype="bfloat16", max_num_seqs=8, max_num_batched_tokens=a.tokens,

@@ -204,6 +204,8 @@ class LLMEngine:
         n = min(budget, self.max_model_len - 2)
         if n < 8 or self.requests:
             return
+        logger.info("warming up: two prefill steps of %d tokens (Triton compiles their kernels "
+                    "on first use: minutes on a machine that never has, seconds after)", budget)
         t0 = time.perf_counter()
         params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
         vocab = self.model_config.vocab_size
