@@ -32,11 +32,24 @@ def prefill(engine: LLMEngine, tokens: int, seed: int) -> None:
         engine.step()
 
 
+def print_ops(p, steps: int, top: int) -> None:
+    """torch ops by the GPU time of the kernels they launch themselves, per input shapes: which
+    call site a copy, gather or GEMM of the kernel list comes from."""
+    rows = [(ev.self_device_time_total / steps, ev.count / steps, ev.key, ev.input_shapes)
+            for ev in p.key_averages(group_by_input_shape=True) if ev.self_device_time_total > 0]
+    rows.sort(key=lambda r: -r[0])
+    print("\ntorch ops by their own GPU time per step:")
+    for us, n, name, shapes in rows[:top]:
+        print(f"{us:9.1f} us {n:6.1f}x  {name[:40]:40s} {str(shapes)[:150]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     add_model_args(ap)
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--ops", type=int, default=0,
+                    help="also list this many torch ops (with input shapes) by their own GPU time")
     a = ap.parse_args()
     loaded = dummy_model(a.preset, a.layers, a.format)
     ec = EngineConfig(dtype="bfloat16", max_num_seqs=8, max_num_batched_tokens=a.tokens,
@@ -45,7 +58,8 @@ def main() -> None:
     e = LLMEngine(loaded.model, loaded.config, loaded.tokenizer, ec, loaded.generation_config)
     prefill(e, a.tokens, 0)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as p:
+    acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if a.ops else [])
+    with profile(activities=acts, record_shapes=bool(a.ops)) as p:
         t = time.perf_counter()
         for i in range(a.iters):
             prefill(e, a.tokens, i + 1)
@@ -53,6 +67,8 @@ def main() -> None:
         dt = (time.perf_counter() - t) / a.iters
     print(f"\n== prefill of {a.tokens} tokens: {dt * 1e3:.2f} ms (wall, under the profiler)")
     print_kernels(p, a.iters, a.top)
+    if a.ops:
+        print_ops(p, a.iters, a.ops)
     t = time.perf_counter()
     for i in range(a.iters):
         prefill(e, a.tokens, 100 + i)

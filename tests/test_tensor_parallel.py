@@ -23,36 +23,40 @@ def _cfg():
     return ModelConfig.preset("tiny")  # 4 heads, 2 groups, 2 indexer heads, 8 experts: all split
 
 
-def _run(model, prompt):
-    """Prefill then greedy decode; logits [1 + STEPS, V] and the generated tokens."""
+def _run(model, prompt, device="cpu"):
+    """Prefill then greedy decode; logits [1 + STEPS, V] (on the CPU) and the generated tokens."""
     cfg = model.cfg
-    cache = ModelCache(cfg, num_slots=1, num_blocks=4, margin=8, dtype=model.dtype)
+    cache = ModelCache(cfg, num_slots=1, num_blocks=4, margin=8, dtype=model.dtype, device=device)
     chunk, pos, logits, toks = list(prompt), 0, [], []
     with torch.inference_mode():
         for _ in range(STEPS + 1):
             b = ForwardBatch([SeqChunk(chunk, pos, 0, [0, 1])], cfg.sliding_window,
-                             cache.window_rows, cache.num_slots)
+                             cache.window_rows, cache.num_slots, device=device)
             x = model(b, cache)
             lg = model.logits(x[b.logits_indices])[0]
-            mtp = model.mtp_logits(model.mtp_forward(x, torch.tensor(chunk[1:] + [int(lg.argmax())]),
-                                                     b, cache))
-            logits.append(torch.cat([lg, mtp[-1]]))
+            nxt = torch.tensor(chunk[1:] + [int(lg.argmax())], device=device)
+            mtp = model.mtp_logits(model.mtp_forward(x, nxt, b, cache))
+            logits.append(torch.cat([lg, mtp[-1]]).float().cpu())
             pos += len(chunk)
             chunk = [int(lg.argmax())]
             toks.append(chunk[0])
     return torch.stack(logits), toks
 
 
-def _worker(rank, port, prompt, q):
+def _worker(rank, port, prompt, q, backend="gloo"):
+    """One rank of a 2-way tensor-parallel model; on "nccl", rank r runs on cuda:r."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    device = f"cuda:{rank}" if backend == "nccl" else "cpu"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=2)
     torch.set_num_threads(1)
     cfg = _cfg()
     full = init_random_(DeepseekV4Model(cfg, dtype="float32"), seed=4).state_dict()
     tp = ParallelGroup(rank, 2)
     model = DeepseekV4Model(cfg, dtype="float32", tp=tp).eval()
     model.load_state_dict(shard_state_dict(full, cfg, tp))
-    logits, toks = _run(model, prompt)
+    logits, toks = _run(model.to(device), prompt, device)
     if rank == 0:
         q.put((logits, toks))
     dist.destroy_process_group()
@@ -64,21 +68,30 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_gloo_ranks_match_one_process():
-    cfg = _cfg()
-    prompt = torch.randint(16, 512, (21,), generator=torch.Generator().manual_seed(2)).tolist()
-    ref_model = init_random_(DeepseekV4Model(cfg, dtype="float32"), seed=4).eval()
-    ref_logits, ref_toks = _run(ref_model, prompt)
+def run_two_ranks(prompt, backend="gloo"):
+    """Logits and greedy tokens of the 2-rank model, from rank 0."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, prompt, q)) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, port, prompt, q, backend)) for r in range(2)]
     for p in procs:
         p.start()
-    logits, toks = q.get(timeout=120)
+    logits, toks = q.get(timeout=300)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
+    return logits, toks
+
+
+def run_one_process(prompt, device="cpu"):
+    model = init_random_(DeepseekV4Model(_cfg(), dtype="float32"), seed=4).eval()
+    return _run(model.to(device), prompt, device)
+
+
+def test_two_gloo_ranks_match_one_process():
+    prompt = torch.randint(16, 512, (21,), generator=torch.Generator().manual_seed(2)).tolist()
+    ref_logits, ref_toks = run_one_process(prompt)
+    logits, toks = run_two_ranks(prompt)
     assert toks == ref_toks
     diff = (logits - ref_logits).abs().max()
     assert diff < 1e-3, f"TP=2 logits differ from one process by {diff:.2e}"

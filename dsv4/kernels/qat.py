@@ -56,7 +56,7 @@ def hadamard_fp4(x: torch.Tensor, qat: bool) -> torch.Tensor:
         rows = x2.numel() // c
         out = torch.empty_like(x2)
         h = hadamard_matrix(c, torch.float32, x.device)
-        br = 16
+        br = 64 if x.dtype == torch.bfloat16 else 16  # the MMA path takes the larger tile
         _hadamard_fp4_kernel[(triton.cdiv(rows, br),)](x2, h, out, rows, C=c, QAT=qat, BR=br,
                                                         num_warps=4, **pdl())
         return out
@@ -98,9 +98,23 @@ if HAS_TRITON:
 
     @triton.jit
     def _hadamard_rows(x_ptr, h_ptr, rows, ok, C: tl.constexpr, BR: tl.constexpr):
-        """fp32 [BR, C] = rows of x (C wide, read from memory) @ H, in 32-deep slices (which
-        keep H's registers small)."""
+        """fp32 [BR, C] = rows of x (C wide, read from memory) @ H. bf16 rows: one bf16 MMA
+        with the signs of H (Sylvester's: (-1)^popcount(i & j), made here), whose products
+        are exact and summed in fp32, then H's scale C^-0.5 (h[0, 0], as the reference's
+        fp32 matrix holds it). fp32 rows: FMA dots over H in 32-deep slices (which keep H's
+        registers small)."""
         c = tl.arange(0, C)
+        if x_ptr.dtype.element_ty == tl.bfloat16:
+            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * C + c[None, :], mask=ok[:, None],
+                        other=0.0)
+            v = c[:, None] & c[None, :]
+            v = v ^ (v >> 16)
+            v = v ^ (v >> 8)
+            v = v ^ (v >> 4)
+            v = v ^ (v >> 2)
+            v = v ^ (v >> 1)
+            sign = tl.where((v & 1) == 0, 1.0, -1.0).to(tl.bfloat16)
+            return tl.dot(x, sign) * tl.load(h_ptr)
         kc = tl.arange(0, 32)
         y = tl.zeros((BR, C), dtype=tl.float32)
         for k0 in tl.static_range(0, C, 32):

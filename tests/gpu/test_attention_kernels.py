@@ -634,7 +634,10 @@ def test_rmsnorm_matches_reference(shape, dtype):
     ((5, 64, 128), False, False),     # indexer q
     ((3, 64), False, False),          # rope dims only
     ((4, 3, 512), True, True),        # a head count that leaves a partial head block
-], ids=["q-flash", "q-pro", "kv", "o-inverse", "indexer-q", "rope-only", "odd-heads"])
+    ((4099, 64, 512), True, False),   # Flash q, prefill: one warp a CTA
+    ((4099, 64, 512), False, True),   # inverse RoPE, prefill
+], ids=["q-flash", "q-pro", "kv", "o-inverse", "indexer-q", "rope-only", "odd-heads",
+        "q-prefill", "o-prefill"])
 def test_rope_matches_reference(shape, norm, inverse, dtype):
     """In-place RoPE (and the per-head q normalisation) against the torch composition: the
     same fp32 formula and the same working-dtype roundings, so at most one rounding step apart
@@ -673,7 +676,7 @@ def test_fp8_round_is_bit_exact(shape, width, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("qat", [True, False])
-@pytest.mark.parametrize("shape", [(1, 64, 128), (37, 64, 128), (300, 128)])
+@pytest.mark.parametrize("shape", [(1, 64, 128), (37, 64, 128), (300, 128), (1025, 64, 128)])
 def test_hadamard_fp4_matches_reference(shape, qat, dtype):
     """Same formulas; the fp32 Hadamard sums in another order, which can move a value across a
     rounding boundary: rare, and then by one rounding step."""

@@ -400,10 +400,11 @@ def test_moe_module_kernels_equal_torch_path(layer, monkeypatch):
 
 # ------------------------------------------------------------------------------- wo_a
 @pytest.mark.parametrize("groups,inputs", [(8, 4096), (16, 4096), (4, 256)])  # Flash, Pro, tiny
-@pytest.mark.parametrize("t", [1, 2, 15, 16, 17, 33, 64, 65])
+@pytest.mark.parametrize("t", [1, 2, 15, 16, 17, 33, 64, 65, 1000])
 def test_grouped_fp8_linear_matches_dequantised_einsum(groups, inputs, t):
     """wo_a kept in FP8 gives the bf16 einsum of its dequantised weight (SPEC.md 5.5) up to
-    fp32 summation order; beyond SMALL_T tokens it is that einsum on a kernel-dequantised copy."""
+    fp32 summation order; beyond SMALL_T tokens it is that bf16 GEMM on a kernel-dequantised
+    copy (written token-major, so cuBLAS may tile, and sum, otherwise than the einsum)."""
     from dsv4.kernels.grouped_linear import SMALL_T, grouped_linear, grouped_linear_ref
     o_lora = 1024 if inputs > 256 else 128
     g = torch.Generator(device=DEV).manual_seed(t)
@@ -419,8 +420,8 @@ def test_grouped_fp8_linear_matches_dequantised_einsum(groups, inputs, t):
           f"bf16 einsum {ref_err:.2e}")
     assert got.shape == (t, groups, o_lora) and got.dtype == torch.bfloat16
     assert err < 4e-3 and err < 2 * ref_err + 1e-3
-    if t > SMALL_T:  # a bf16 copy dequantised by the kernel: the einsum's bits exactly
-        assert torch.equal(got, ref)
+    if t > SMALL_T:  # a bf16 copy dequantised by the kernel: the einsum up to summation order
+        assert rel_err(got, ref) < 1e-3
     if t <= 2:  # the CUDA-core path ran; the MMA kernel must agree too
         from dsv4.kernels.grouped_linear import _grouped_fp8_cuda
         mma = rel_err(_grouped_fp8_cuda(x, q, s, o_lora, dict(gemv=False)), want)

@@ -1,36 +1,75 @@
-"""Two H200s (kind nvidia-h200-x2): tensor-parallel attention + expert-parallel MoE over NCCL
-give the greedy tokens of one GPU on a Flash-shaped 4-layer FP4 model (dummy weights).
-Skipped with fewer than 2 GPUs."""
+"""Two H200s (kind nvidia-h200-x2, NCCL_NVLS_ENABLE=0): tensor-parallel attention and
+expert-parallel MoE over NCCL against one GPU. Skipped with fewer than 2 GPUs.
+
+SPEC.md 10: the exact comparison runs the tiny model in float32 (logits of prefill, decode and
+MTP steps); the Flash-shaped bf16 engine run compares teacher-forced log-probabilities, since
+a random bf16 model's greedy tokens part at its first near-tie."""
 import json
+import statistics
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from test_tensor_parallel import run_one_process, run_two_ranks
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_two_gpus_generate_what_one_gpu_generates():
+def test_two_nccl_ranks_give_the_logits_of_one_gpu():
+    """Tiny model, float32, the GPU kernels on both sides: each rank's MoE computes only its
+    own experts (others' slots left out of the routing plan) and its slice of the shared
+    expert outside the kernels. A real error shows on every prompt; a rounding flip at an FP8
+    boundary on one at most."""
+    clean, report = 0, []
+    for seed in (1, 2, 3):
+        prompt = torch.randint(16, 512, (40,), generator=torch.Generator().manual_seed(seed)).tolist()
+        want, want_toks = run_one_process(prompt, "cuda:0")
+        got, toks = run_two_ranks(prompt, "nccl")
+        diff = (got - want).abs().amax(-1)
+        report.append(f"prompt {seed}: tokens {'agree' if toks == want_toks else 'differ'}, "
+                      f"max |dlogit| per step {[f'{d:.1e}' for d in diff.tolist()]}")
+        clean += bool(toks == want_toks and diff.max() < 5e-3)
+    print("\n".join(report))
+    assert clean >= 2, report
+
+
+def test_two_gpus_serve_flash_shapes_like_one_gpu():
+    """Flash-shaped 4-layer FP4 model (dummy weights), bf16, through `LLM`: greedy on one GPU,
+    then both engines score prompt + that continuation (prompt_logprobs). Rank r holds experts
+    [128 r, 128 r + 128) and half the heads, as on a real pair of GPUs. The exact check is the
+    float32 test above; this one bounds the bf16 spread (2026-11-29 on two H200s: median 0.056,
+    max 0.39 over 480 positions, 77% within 0.1) so that a split that drops or doubles a part
+    of the sum, which moves every position, fails."""
     from dsv4 import LLM, SamplingParams
     from dsv4.loader import tiny_config
     d = Path(tempfile.mkdtemp())
     (d / "config.json").write_text(json.dumps(tiny_config("fp4", "flash", 4).to_dict()))
     prompts = [[100 + (i * 7 + j) % 5000 for j in range(n)] for i, n in enumerate((5, 130, 300))]
-    params = SamplingParams(temperature=0, max_tokens=16)
-    kw = dict(model=str(d), load_format="dummy", device="cuda", max_num_seqs=4,
-              max_model_len=1024, gpu_memory_utilization=0.6)
-    one = LLM(**kw, enforce_eager=True)
-    want = [o.outputs[0].token_ids for o in one.generate(prompts, params, use_tqdm=False)]
+    greedy = SamplingParams(temperature=0, max_tokens=16)
+    score = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    kw = {"model": str(d), "load_format": "dummy", "device": "cuda", "max_num_seqs": 4,
+          "max_model_len": 1024, "gpu_memory_utilization": 0.6, "warmup": False}
+
+    def scored(llm, texts):
+        outs = llm.generate([{"prompt_token_ids": t} for t in texts], score, use_tqdm=False)
+        return [[next(iter(p.values())).logprob for p in o.prompt_logprobs[1:]] for o in outs]
+
+    one = LLM(**kw)
+    cont = [p + o.outputs[0].token_ids
+            for p, o in zip(prompts, one.generate(prompts, greedy, use_tqdm=False))]
+    want = scored(one, cont)
+    one.llm_engine.close()
     del one
     torch.cuda.empty_cache()
     two = LLM(**kw, tensor_parallel_size=2)
     try:
-        got = [o.outputs[0].token_ids for o in two.generate(prompts, params, use_tqdm=False)]
+        got = scored(two, cont)
     finally:
         two.llm_engine.close()
-    agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
-             for x, y in zip(want, got)]
-    print(f"TP=2 vs 1 GPU: greedy tokens agree on {agree} of {params.max_tokens}")
-    assert min(agree) >= 4, agree
+    diffs = [abs(a - b) for w, g in zip(want, got) for a, b in zip(w, g)]
+    close = sum(d < 0.1 for d in diffs) / len(diffs)
+    print(f"TP=2 vs 1 GPU, teacher-forced log-probs over {len(diffs)} positions: median |d| "
+          f"{statistics.median(diffs):.3f}, max {max(diffs):.3f}, {close:.1%} within 0.1")
+    assert statistics.median(diffs) < 0.15 and max(diffs) < 1.0 and close > 0.5
