@@ -134,7 +134,7 @@ def moe_grouped_mm(u, idx, wgt, experts, shared, main, extra) -> torch.Tensor:
     offs = ((counts + BT - 1) // BT * BT).cumsum(0).to(torch.int32)
     pos = torch.arange(n_pos, device=dev)
     pos_ok = (pos % BT) < blk_rows.repeat_interleave(BT)
-    x = act_quant_values(u.contiguous()).index_select(0, torch.where(pos_ok, slots // k1, 0))
+    x = act_quant_values(u, torch.where(pos_ok, slots // k1, 0))  # [n_pos, d], gathered
 
     # one layer's bf16 w1|w3, then its w2: the second dequantised copy reuses the first's memory
     w13 = dequantize(main, extra, ("w1", "w3"), n_exp, inter, d, dev, into_workspace=True)

@@ -105,18 +105,20 @@ def _kernel_shape_ok(x: torch.Tensor, k: int) -> bool:
 _SCALED_MM_OK: dict = {}
 
 
-def act_quant_values(x: torch.Tensor) -> torch.Tensor:
+def act_quant_values(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] -> the exact values e4m3 * scale of its FP8 quantisation (SPEC.md 3), in bf16:
     a power-of-two scale times an e4m3 value is a bf16 value, so the tensor cores can take the
-    quantised activations without their scales. CUDA only (the MoE kernels' large batches)."""
-    return _act_quant_cuda(x, values=True)[0]
+    quantised activations without their scales. `rows` [R] (integer): output row i is x's row
+    rows[i] (the gather fused into the pass). CUDA only (the MoE kernels' large batches)."""
+    return _act_quant_cuda(x, values=True, rows=rows)[0]
 
 
-def _act_quant_cuda(x: torch.Tensor, values: bool = False, pad_to: int = 1):
-    """Codes and scales of x [M, K] (or their products, `values`), with the rows padded with
-    zeros (code 0, a finite scale) to a multiple of `pad_to`."""
+def _act_quant_cuda(x: torch.Tensor, values: bool = False, pad_to: int = 1,
+                    rows: torch.Tensor | None = None):
+    """Codes and scales of x [M, K] (or of x[rows]) (or their products, `values`), with the
+    rows padded with zeros (code 0, a finite scale) to a multiple of `pad_to`."""
     x = x.contiguous()
-    m, k = x.shape
+    m, k = x.shape if rows is None else (rows.numel(), x.shape[1])
     if k % 128:
         raise ValueError(f"act_quant needs K % 128 == 0, got {k}")
     mo = -(-m // pad_to) * pad_to
@@ -124,8 +126,10 @@ def _act_quant_cuda(x: torch.Tensor, values: bool = False, pad_to: int = 1):
                     device=x.device)
     s = torch.empty(mo, 0 if values else k // 128, dtype=torch.float32, device=x.device)
     if mo:
-        _act_quant_kernel[(triton.cdiv(mo, 32), k // 128)](x, q, s, m, mo, k, BR=32,
-                                                           VALUES=values, num_warps=4, **pdl())
+        src = rows.contiguous() if rows is not None else x.new_empty(0, dtype=torch.int64)
+        _act_quant_kernel[(triton.cdiv(mo, 32), k // 128)](
+            x, q, s, src, m, mo, k, BR=32, VALUES=values, GATHER=rows is not None, num_warps=4,
+            **pdl())
     return q, s
 
 
@@ -418,14 +422,18 @@ if HAS_TRITON:
         tl.store(y_ptr + i, tl.sum(v, 0).to(y_ptr.dtype.element_ty), mask=i < numel)
 
     @triton.jit
-    def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, MO, K, BR: tl.constexpr,
-                          VALUES: tl.constexpr = False, PDL: tl.constexpr = False):
-        """e4m3 codes and scales, or (VALUES) their exact products in bf16, of rows < M;
-        rows M .. MO-1 (padding) get the codes of zeros."""
+    def _act_quant_kernel(x_ptr, q_ptr, s_ptr, src_ptr, M, MO, K, BR: tl.constexpr,
+                          VALUES: tl.constexpr = False, GATHER: tl.constexpr = False,
+                          PDL: tl.constexpr = False):
+        """e4m3 codes and scales, or (VALUES) their exact products in bf16, of rows < M (of
+        x's rows src[row] with GATHER); rows M .. MO-1 (padding) get the codes of zeros."""
         pdl_start(PDL)
         rows = tl.program_id(0) * BR + tl.arange(0, BR)
         kb = tl.program_id(1)
-        q, s = _quant_block(_act_tile(x_ptr, rows, rows < M, kb, K, True).to(tl.float32))
+        src = rows
+        if GATHER:
+            src = tl.load(src_ptr + rows, mask=rows < M, other=0)
+        q, s = _quant_block(_act_tile(x_ptr, src, rows < M, kb, K, True).to(tl.float32))
         k = kb * 128 + tl.arange(0, 128)
         ok = rows < MO
         if VALUES:
