@@ -68,12 +68,72 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def run_two_ranks(prompt, backend="gloo"):
-    """Logits and greedy tokens of the 2-rank model, from rank 0."""
+class EagerGraphs:
+    """`CUDAGraphRunner`'s interface, run eagerly: the lockstep protocol of graph steps on CPU."""
+
+    def __init__(self, model, cache, max_num_seqs, tokens_per_seq, max_model_len, pad_slot,
+                 pad_block, with_logits=True):
+        self.model, self.cache, self.with_logits = model, cache, with_logits
+
+    def run(self, batch, fill=None):
+        x = self.model(batch, self.cache)
+        return x, (self.model.logits(x) if self.with_logits else None)
+
+
+def _lockstep_worker(rank, port, prompt, q, backend="gloo"):
+    """Rank 0 drives the workers as the engine does (`LockstepModel`): the prefill eagerly,
+    the decode steps through graphs captured on every rank (`capture_graphs`; `EagerGraphs`
+    on gloo, real CUDA graphs on NCCL). Logits [1 + STEPS, V] and tokens, from rank 0."""
+    from dsv4.engine import cuda_graph
+    from dsv4.engine.parallel_workers import LockstepModel, worker_loop
+    if backend == "gloo":
+        cuda_graph.CUDAGraphRunner = EagerGraphs
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device = f"cuda:{rank}" if backend == "nccl" else "cpu"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    cfg = _cfg()
+    full = init_random_(DeepseekV4Model(cfg, dtype="float32"), seed=4).state_dict()
+    tp = ParallelGroup(rank, 2)
+    model = DeepseekV4Model(cfg, dtype="float32", tp=tp).eval()
+    model.load_state_dict(shard_state_dict(full, cfg, tp))
+    model = model.to(device)
+    cache = ModelCache(cfg, num_slots=2, num_blocks=8, margin=8, dtype=model.dtype, device=device)
+    if rank:
+        worker_loop(model, cache)
+        dist.destroy_process_group()
+        return
+    lm = LockstepModel(model)
+    graphs = lm.capture_graphs(cache, max_num_seqs=1, tokens_per_seq=1, max_model_len=64,
+                               pad_slot=1, pad_block=7)
+    logits, toks = [], []
+    with torch.inference_mode():
+        b = ForwardBatch([SeqChunk(list(prompt), 0, 0, [0, 1])], cfg.sliding_window,
+                         cache.window_rows, cache.num_slots, device=device)
+        lg = model.logits(lm(b, cache)[b.logits_indices])[0]
+        for pos in range(len(prompt), len(prompt) + STEPS):
+            logits.append(lg.float().cpu())
+            toks.append(int(lg.argmax()))
+            b = ForwardBatch([SeqChunk([toks[-1]], pos, 0, [0, 1])], cfg.sliding_window,
+                             cache.window_rows, cache.num_slots, "cpu", logits_indices=[0])
+            lg = graphs.run(b)[1][0]
+        logits.append(lg.float().cpu())
+        toks.append(int(lg.argmax()))
+    lm.stop()
+    q.put((torch.stack(logits), toks))
+    dist.destroy_process_group()
+
+
+def run_two_ranks(prompt, backend="gloo", lockstep=False):
+    """Logits and greedy tokens of the 2-rank model, from rank 0 (`lockstep`: driven as the
+    engine drives it, decode steps through graphs)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, prompt, q, backend)) for r in range(2)]
+    target = _lockstep_worker if lockstep else _worker
+    procs = [ctx.Process(target=target, args=(r, port, prompt, q, backend)) for r in range(2)]
     for p in procs:
         p.start()
     logits, toks = q.get(timeout=300)
@@ -95,6 +155,17 @@ def test_two_gloo_ranks_match_one_process():
     assert toks == ref_toks
     diff = (logits - ref_logits).abs().max()
     assert diff < 1e-3, f"TP=2 logits differ from one process by {diff:.2e}"
+
+
+def test_graph_steps_replay_in_lockstep():
+    """The workers capture their graphs when rank 0 does and replay one per rank-0 replay
+    (graphs stand-in run eagerly on gloo; the CUDA graphs themselves: tests/gpu)."""
+    prompt = torch.randint(16, 512, (21,), generator=torch.Generator().manual_seed(2)).tolist()
+    ref_logits, ref_toks = run_one_process(prompt)
+    logits, toks = run_two_ranks(prompt, lockstep=True)
+    assert toks == ref_toks
+    diff = (logits - ref_logits[:, :logits.shape[1]]).abs().max()
+    assert diff < 1e-3, f"lockstep graph steps differ from one process by {diff:.2e}"
 
 
 def test_sizes_that_do_not_divide_are_refused_with_the_split_to_use():

@@ -58,10 +58,12 @@ def fit_graph_len(ratios, tokens: tuple[int, int], max_len: int, budget: int) ->
 
 class CUDAGraphRunner:
     def __init__(self, model, cache, max_num_seqs: int, tokens_per_seq: int, max_model_len: int,
-                 pad_slot: int, pad_block: int):
+                 pad_slot: int, pad_block: int, with_logits: bool = True):
         """`max_model_len` bounds the context a graph serves: CSA candidate lists are sized for
-        it, so longer contexts than the graphs were built for run eagerly."""
+        it, so longer contexts than the graphs were built for run eagerly. Without
+        `with_logits` (tensor-parallel workers: rank 0 samples) the graphs stop at X."""
         self.model, self.cache, self.tokens_per_seq = model, cache, tokens_per_seq
+        self.with_logits = with_logits
         self.max_len = max_model_len
         cfg = model.cfg
         self.sizes = capture_sizes(max_num_seqs)
@@ -97,13 +99,14 @@ class CUDAGraphRunner:
             for _ in range(2):  # warm-up: compile kernels, build weight tables
                 sb.prepare()
                 x = self.model(sb, self.cache)
-                self.model.logits(x)
+                if self.with_logits:
+                    self.model.logits(x)
         torch.cuda.current_stream().wait_stream(stream)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self.pool):
             sb.prepare()
             x = self.model(sb, self.cache)
-            logits = self.model.logits(x)
+            logits = self.model.logits(x) if self.with_logits else None
         self.pool = g.pool()
         self.graphs[bs] = (g, sb, x, logits)
 
@@ -127,4 +130,5 @@ class CUDAGraphRunner:
         if fill is not None:
             fill(sb.input_ids)
         g.replay()
-        return x[:batch.num_tokens], logits[:batch.num_tokens]
+        n = batch.num_tokens
+        return x[:n], (logits[:n] if logits is not None else None)

@@ -148,10 +148,11 @@ class LLMEngine:
         if self.device.type == "cuda" and not ec.enforce_eager:
             from .cuda_graph import CUDAGraphRunner
             graph_len = self._graph_len(cfg, ec)
-            try:
-                graphs = CUDAGraphRunner(model, self.cache, ec.max_num_seqs,
-                                         1 + ec.speculative_tokens, graph_len,
-                                         pad_slot=num_slots, pad_block=self.num_blocks)
+            args = dict(max_num_seqs=ec.max_num_seqs, tokens_per_seq=1 + ec.speculative_tokens,
+                        max_model_len=graph_len, pad_slot=num_slots, pad_block=self.num_blocks)
+            try:  # tensor parallel: every rank captures its own (`LockstepModel`)
+                graphs = (model.capture_graphs(self.cache, **args) if hasattr(model, "stop")
+                          else CUDAGraphRunner(model, self.cache, **args))
             except Exception as e:
                 # A failed capture leaves the CUDA generator unusable, so no silent fallback.
                 raise RuntimeError(
@@ -160,7 +161,7 @@ class LLMEngine:
                     f"{graph_len}), max_num_seqs or gpu_memory_utilization") from e
         self.runner = ModelRunner(model, self.cache, sampler, self.device,
                                   ec.speculative_tokens, self.max_model_len, graphs)
-        if graphs is not None and ec.speculative_tokens:
+        if graphs is not None and ec.speculative_tokens and not hasattr(model, "stop"):
             from .draft_graph import DraftGraphs
             try:  # greedy MTP drafting after a graph step: one more replay
                 self.runner.draft_graphs = DraftGraphs(graphs, ec.speculative_tokens)
@@ -277,7 +278,8 @@ class LLMEngine:
             if dev.type == "cuda":
                 dev = torch.device("cuda", 0)
             tp = pw.init_group(0, size, port, dev.type)
-        ec.enforce_eager = True  # graphs would capture the broadcasts; workers replay eagerly
+        if os.environ.get("DSV4_TP_CUDA_GRAPHS") != "1":  # opt-in until tested on GPUs
+            ec.enforce_eager = True
         net, cfg, tokenizer, gen = load_model(model, ec.dtype, dev, ec.seed, skip_tokenizer_init,
                                               load_format, tp)
         engine = cls(pw.LockstepModel(net.eval()), cfg, tokenizer, ec, gen)

@@ -32,10 +32,11 @@ def _describe(batch: ForwardBatch) -> tuple:
             batch.logits_indices.tolist())
 
 
-def _rebuild(desc: tuple, model, cache: ModelCache) -> ForwardBatch:
+def _rebuild(desc: tuple, model, cache: ModelCache, device=None) -> ForwardBatch:
     chunks, logits = desc
     return ForwardBatch([SeqChunk(*c) for c in chunks], model.cfg.sliding_window,
-                        cache.window_rows, cache.num_slots, cache.device, logits_indices=logits)
+                        cache.window_rows, cache.num_slots, device or cache.device,
+                        logits_indices=logits)
 
 
 def _bcast(obj):
@@ -64,17 +65,49 @@ class LockstepModel:
         dist.broadcast(h.contiguous(), src=0)
         return self._model.mtp_forward(h, next_ids, batch, cache, j)
 
+    def capture_graphs(self, cache: ModelCache, **graph_args) -> "LockstepGraphs":
+        """CUDA graphs of decode steps on every rank (`CUDAGraphRunner` arguments): the ranks
+        capture the same sizes in the same order, so the all-reduces recorded in each rank's
+        graphs meet when the graphs replay."""
+        from .cuda_graph import CUDAGraphRunner
+        _bcast(("graphs", graph_args))
+        return LockstepGraphs(CUDAGraphRunner(self._model, cache, **graph_args))
+
     def stop(self) -> None:
         _bcast(("stop",))
 
 
+class LockstepGraphs:
+    """Rank 0's CUDA graphs: each replay is announced to the workers, which replay theirs."""
+
+    def __init__(self, graphs):
+        self._graphs = graphs
+
+    def __getattr__(self, name):
+        return getattr(self._graphs, name)
+
+    def run(self, batch: ForwardBatch, fill=None):
+        if fill is not None:  # the workers would replay the ids uploaded, not the filled ones
+            raise RuntimeError("tensor-parallel graphs replay steps whose tokens are on the host")
+        _bcast(("graph", _describe(batch)))
+        return self._graphs.run(batch)
+
+
 def worker_loop(model, cache: ModelCache) -> None:
-    """Replay rank 0's model calls until it says stop."""
+    """Replay rank 0's model calls (and its CUDA graphs) until it says stop."""
+    graphs = None
     with torch.inference_mode():
         while True:
             cmd = _bcast(None)
             if cmd[0] == "stop":
                 return
+            if cmd[0] == "graphs":
+                from .cuda_graph import CUDAGraphRunner
+                graphs = CUDAGraphRunner(model, cache, **cmd[1], with_logits=False)
+                continue
+            if cmd[0] == "graph":  # a graph step's indices are built on the host
+                graphs.run(_rebuild(cmd[1], model, cache, "cpu"))
+                continue
             batch = _rebuild(cmd[1], model, cache)
             if cmd[0] == "forward":
                 model(batch, cache)
