@@ -43,8 +43,8 @@ def _run(model, prompt, device="cpu"):
     return torch.stack(logits), toks
 
 
-def _worker(rank, port, prompt, q, backend="gloo"):
-    """One rank of a 2-way tensor-parallel model; on "nccl", rank r runs on cuda:r."""
+def _join(rank, port, backend):
+    """This rank's slice of the seed-4 tiny model, in a 2-rank group; on "nccl" on cuda:rank."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     device = f"cuda:{rank}" if backend == "nccl" else "cpu"
     if backend == "nccl":
@@ -56,7 +56,13 @@ def _worker(rank, port, prompt, q, backend="gloo"):
     tp = ParallelGroup(rank, 2)
     model = DeepseekV4Model(cfg, dtype="float32", tp=tp).eval()
     model.load_state_dict(shard_state_dict(full, cfg, tp))
-    logits, toks = _run(model.to(device), prompt, device)
+    return model.to(device), device
+
+
+def _worker(rank, port, prompt, q, backend="gloo"):
+    """One rank of a 2-way tensor-parallel model, every rank running `_run` itself."""
+    model, device = _join(rank, port, backend)
+    logits, toks = _run(model, prompt, device)
     if rank == 0:
         q.put((logits, toks))
     dist.destroy_process_group()
@@ -88,18 +94,8 @@ def _lockstep_worker(rank, port, prompt, q, backend="gloo"):
     from dsv4.engine.parallel_workers import LockstepModel, worker_loop
     if backend == "gloo":
         cuda_graph.CUDAGraphRunner = EagerGraphs
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    device = f"cuda:{rank}" if backend == "nccl" else "cpu"
-    if backend == "nccl":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(backend, rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    cfg = _cfg()
-    full = init_random_(DeepseekV4Model(cfg, dtype="float32"), seed=4).state_dict()
-    tp = ParallelGroup(rank, 2)
-    model = DeepseekV4Model(cfg, dtype="float32", tp=tp).eval()
-    model.load_state_dict(shard_state_dict(full, cfg, tp))
-    model = model.to(device)
+    model, device = _join(rank, port, backend)
+    cfg = model.cfg
     cache = ModelCache(cfg, num_slots=2, num_blocks=8, margin=8, dtype=model.dtype, device=device)
     if rank:
         worker_loop(model, cache)
