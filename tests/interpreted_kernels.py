@@ -519,6 +519,76 @@ def _grouped_out_of_memory(km, gm, u, idx, wgt, experts, shared, cfg) -> None:
             os.environ["DSV4_MOE_GROUPED_MM"] = env
 
 
+def check_moe_fp8_gemm() -> None:
+    """`DSV4_MOE_FP8_GEMM=1`: the grouped FP8 GEMM against its reference (ragged and empty
+    groups, a last tile past every group); the experts' FP8 copies (`to_fp8`) exact, codes
+    times scales, for MXFP4 and FP8 experts; the MoE through them against the torch
+    reference; a layer whose MXFP4 scales spread beyond 2^8 in a block falls back to bf16."""
+    from dsv4.kernels import grouped_fp8_gemm as gfg
+    from dsv4.kernels import moe as km
+    from dsv4.kernels import moe_grouped_mm as gm
+    from dsv4.model.moe import Expert
+    gfg.use_triton = lambda t: True
+    a = (torch.randn(90, 256, generator=G) * 3).to(torch.float8_e4m3fn)
+    sa = 2.0 ** torch.randint(-3, 3, (90, 2), generator=G).float()
+    b = (torch.randn(4, 128, 256, generator=G) * 3).to(torch.float8_e4m3fn)
+    sb = 2.0 ** torch.randint(-9, -4, (4, 128, 2), generator=G).float()
+    ends = torch.tensor([20, 20, 85, 90], dtype=torch.int32)  # group 1 empty
+    want = gfg.grouped_fp8_gemm_ref(a, sa, b, sb, ends).float()
+    for cfg in (dict(bm=16, bn=64), dict(bm=64, bn=128)):
+        got = gfg.grouped_fp8_gemm(a, sa, b, sb, ends, dict(cfg, warps=4, stages=1)).float()
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < 4e-3, f"grouped FP8 GEMM {cfg}: rel err {err:.2e}"
+
+    d, inter, n_exp, k = 128, 256, 6, 2
+    os.environ["DSV4_MOE_FP8_GEMM"] = "1"
+    try:
+        for fmt, shared_fmt in (("fp4", "fp8"), ("fp8", "fp8"), ("fp4", "fp4")):
+            experts = torch.nn.ModuleList(Expert(d, inter, fmt, 10.0, torch.bfloat16)
+                                          for _ in range(n_exp))
+            shared = Expert(d, inter, shared_fmt, 10.0, torch.bfloat16)
+            for m in [*experts, shared]:
+                for lin in (m.w1, m.w2, m.w3):
+                    lin.set_float(torch.randn(lin.out_features, lin.in_features, generator=G)
+                                  * 3 / lin.in_features ** 0.5)
+            main, extra = km._tables(experts, shared, torch.device("cpu"))
+            flag = torch.zeros(1, dtype=torch.int32)
+            q, sc = gm.to_fp8(main, extra, ("w1", "w3"), n_exp + 1, inter, d,
+                              torch.device("cpu"), flag)
+            w13 = (q.float().unflatten(2, (-1, 128)) * sc[..., None]).flatten(2)
+            for e, m in enumerate([shared, *experts]):
+                assert torch.equal(w13[e, :inter], m.w1.dequantize()), f"{fmt} FP8 w1 of {e}"
+                assert torch.equal(w13[e, inter:], m.w3.dequantize()), f"{fmt} FP8 w3 of {e}"
+            assert int(flag) == 0, f"{fmt}: exact experts flagged"
+            for t in (5, 70, 300):
+                u = torch.randn(t, d, generator=G).bfloat16()
+                idx = torch.stack([torch.randperm(n_exp, generator=G)[:k] for _ in range(t)])
+                if t == 70:
+                    idx[:, 0] = 2  # one expert takes every token, two take none
+                wgt = torch.rand(t, k, generator=G) + 0.1
+                want = km.moe_forward_ref(u, idx, wgt, experts, shared).float()
+                got = km._moe_cuda(u, idx, wgt, experts, shared, dict(grouped_mm=True)).float()
+                err = ((got - want).norm() / want.norm()).item()
+                assert err < 1e-3, f"{fmt}/{shared_fmt} T={t} FP8 GEMMs: rel err {err:.2e}"
+            assert main.fp8_exact, "an exact layer left the FP8 path"
+        # a row whose 32-column blocks' scales differ by 2^13 within 128 columns
+        w = torch.randn(inter, d, generator=G) / d ** 0.5
+        w[:, 32:64] *= 2.0 ** -13
+        experts[3].w1.set_float(w)
+        km._TABLES.clear()
+        main, extra = km._tables(experts, shared, torch.device("cpu"))
+        u = torch.randn(40, d, generator=G).bfloat16()
+        idx = torch.stack([torch.randperm(n_exp, generator=G)[:k] for _ in range(40)])
+        wgt = torch.rand(40, k, generator=G) + 0.1
+        want = km.moe_forward_ref(u, idx, wgt, experts, shared).float()
+        got = km._moe_cuda(u, idx, wgt, experts, shared, dict(grouped_mm=True)).float()
+        assert main.fp8_exact is False, "scales 2^13 apart were not flagged"
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < 1e-3, f"the bf16 fallback: rel err {err:.2e}"
+    finally:
+        del os.environ["DSV4_MOE_FP8_GEMM"]
+
+
 def check_model() -> None:
     """The tiny model (every attention kind, hash and dense MoE) with every op that has a
     Triton kernel taking it, against the same model on torch ops: prefill of 150 tokens (past
@@ -546,6 +616,7 @@ CHECKS = {f.__name__[len("check_"):]: f for f in (check_topk, check_candidates,
                                                   check_attention_cmp_len,
                                                   check_mhc, check_grouped_fp8_linear,
                                                   check_quant_linear, check_moe,
+                                                  check_moe_fp8_gemm,
                                                   check_small_ops, check_model)}
 
 if __name__ == "__main__":

@@ -714,14 +714,21 @@ if HAS_TRITON:
         block scales folded in, from the rows' 4 scale bytes sw (int32, loaded one block
         ahead) instead of a scale load per chunk."""
         p = tl.load(w_ptr + c * (KC // 2), mask=row_ok[:, None], other=0)
-        lo, hi = _e2m1_f32(p)
         NS: tl.constexpr = KC // 32
         si = c * NS + tl.arange(0, NS)
-        f = _e8m0_f32((sw[:, None] >> (8 * si[None, :])) & 0xFF)
+        return _mxfp4_scaled(p, _e8m0_f32((sw[:, None] >> (8 * si[None, :])) & 0xFF),
+                             tl.bfloat16)
+
+    @triton.jit
+    def _mxfp4_scaled(p, f, DT: tl.constexpr):
+        """Packed MXFP4 codes p [R, KC/2] in the kernels' layout times one factor per 32-code
+        block f [R, KC/32] (fp32) -> DT [R, KC] in code order."""
+        lo, hi = _e2m1_f32(p)
         R: tl.constexpr = p.shape[0]
-        f = tl.reshape(tl.broadcast_to(f[:, :, None], (R, NS, 16)), (R, KC // 2))
-        lo = (lo * f).to(tl.bfloat16)
-        hi = (hi * f).to(tl.bfloat16)
+        KC: tl.constexpr = 2 * p.shape[1]
+        f = tl.reshape(tl.broadcast_to(f[:, :, None], (R, KC // 32, 16)), (R, KC // 2))
+        lo = (lo * f).to(DT)
+        hi = (hi * f).to(DT)
         # byte b of each 16 holds codes b and b + 16 of the 32-block (fp4_to_halves)
         w = tl.reshape(tl.join(lo, hi), (R, KC // 32, 16, 2))
         return tl.reshape(tl.permute(w, (0, 1, 3, 2)), (R, KC))

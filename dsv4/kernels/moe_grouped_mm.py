@@ -42,7 +42,8 @@ import torch
 
 from . import HAS_TRITON
 from .pdl import pdl
-from .quant_linear import FMT_FP8, FMT_MXFP4, act_quant_values
+from .grouped_fp8_gemm import grouped_fp8_gemm
+from .quant_linear import FMT_FP8, FMT_MXFP4, _act_quant_cuda, act_quant_values
 
 logger = logging.getLogger(__name__)
 
@@ -116,11 +117,9 @@ def moe_grouped_mm(u, idx, wgt, experts, shared, main, extra) -> torch.Tensor:
     t, d = u.shape
     k = idx.shape[1]
     n_routed = len(experts)
-    inter = experts[0].w1.out_features
     n_exp, k1 = n_routed + 1, k + 1
     n_slots = t * k1
     dev = u.device
-    limit = float(experts[0].limit)
 
     idx = idx.contiguous()
     (slots, blk_exp, blk_rows), counts, n_blocks, _, _ = km.route_plan(idx, t, n_routed, BT,
@@ -134,21 +133,14 @@ def moe_grouped_mm(u, idx, wgt, experts, shared, main, extra) -> torch.Tensor:
     offs = ((counts + BT - 1) // BT * BT).cumsum(0).to(torch.int32)
     pos = torch.arange(n_pos, device=dev)
     pos_ok = (pos % BT) < blk_rows.repeat_interleave(BT)
-    x = act_quant_values(u, torch.where(pos_ok, slots // k1, 0))  # [n_pos, d], gathered
-
-    # one layer's bf16 w1|w3, then its w2: the second dequantised copy reuses the first's memory
-    w13 = dequantize(main, extra, ("w1", "w3"), n_exp, inter, d, dev, into_workspace=True)
-    y13 = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)  # [n_pos, 2I]: g then v
-    del w13
-    h = torch.empty(n_pos, inter, dtype=torch.bfloat16, device=dev)
-    km._swiglu_kernel[(inter // 128, n_blocks)](
-        y13, slots, blk_exp, blk_rows, wgt.float().contiguous(), h, h.new_empty(0), inter,
-        n_exp, k1, limit, 0, ROUND=True, HAS_LIMIT=limit > 0, BT=BT, SPLIT=1, HBF=True,
-        num_warps=4, **pdl())
-    del y13
-    w2 = dequantize(main, extra, ("w2",), n_exp, d, inter, dev, into_workspace=True)
-    y2 = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # [n_pos, d]
-    del w2
+    src = torch.where(pos_ok, slots // k1, 0)  # each padded position's token
+    plan = (slots, blk_exp, blk_rows, n_blocks, wgt.float().contiguous(), offs, src)
+    y2 = None
+    tabs = [tab for tab in (main, extra) if tab is not None]
+    if fp8_gemm_on() and all(getattr(tab, "fp8_exact", True) for tab in tabs):
+        y2 = _experts_fp8(u, experts, main, extra, plan, tabs)
+    if y2 is None:
+        y2 = _experts_bf16(u, experts, main, extra, plan)
     # slot -> its padded position (padding positions all land on the extra last entry); the
     # combine reads each slot's row of y2 there
     at = torch.empty(n_slots + 1, dtype=torch.int64, device=dev)
@@ -159,6 +151,91 @@ def moe_grouped_mm(u, idx, wgt, experts, shared, main, extra) -> torch.Tensor:
                                                   HAS_SHARED=shared is not None, num_warps=4,
                                                   **pdl())
     return out
+
+
+def _swiglu(y13, experts, plan) -> torch.Tensor:
+    """h [n_pos, I] bf16: clamped SwiGLU of g|v times the routing weight, the exact values of
+    its FP8 quantisation (`moe._swiglu_kernel`)."""
+    from . import moe as km
+    slots, blk_exp, blk_rows, n_blocks, wgt, _, _ = plan
+    inter = experts[0].w1.out_features
+    limit = float(experts[0].limit)
+    h = torch.empty(n_blocks * BT, inter, dtype=torch.bfloat16, device=y13.device)
+    km._swiglu_kernel[(inter // 128, n_blocks)](
+        y13, slots, blk_exp, blk_rows, wgt, h, h.new_empty(0), inter, len(experts) + 1,
+        wgt.shape[1] + 1, limit, 0, ROUND=True, HAS_LIMIT=limit > 0, BT=BT, SPLIT=1, HBF=True,
+        num_warps=4, **pdl())
+    return h
+
+
+def _experts_bf16(u, experts, main, extra, plan) -> torch.Tensor:
+    """y2 [n_pos, d]: every padded position through its expert, on bf16 copies of the
+    experts and torch's grouped GEMM."""
+    d, inter, n_exp = u.shape[1], experts[0].w1.out_features, len(experts) + 1
+    offs, src = plan[5], plan[6]
+    x = act_quant_values(u, src)  # [n_pos, d], gathered
+    # one layer's bf16 w1|w3, then its w2: the second dequantised copy reuses the first's memory
+    w13 = dequantize(main, extra, ("w1", "w3"), n_exp, inter, d, u.device, into_workspace=True)
+    y13 = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)  # [n_pos, 2I]: g then v
+    del w13, x
+    h = _swiglu(y13, experts, plan)
+    del y13
+    w2 = dequantize(main, extra, ("w2",), n_exp, d, inter, u.device, into_workspace=True)
+    return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # [n_pos, d]
+
+
+def fp8_gemm_on() -> bool:
+    """`DSV4_MOE_FP8_GEMM=1`: the grouped GEMMs in FP8 on FP8 copies of the experts
+    (experimental, `_experts_fp8`)."""
+    return os.environ.get("DSV4_MOE_FP8_GEMM", "") == "1"
+
+
+def _experts_fp8(u, experts, main, extra, plan, tabs) -> torch.Tensor | None:
+    """`_experts_bf16` with FP8 GEMMs (`grouped_fp8_gemm`): the activations' FP8 codes and
+    scales, and e4m3 copies of the experts with a scale per row and 128 columns (`to_fp8`:
+    MXFP4's 4 per-32 scales of a block folded into its largest, exact while they are within
+    2^8 of it). Half the bytes of the bf16 copy, and the FP8 tensor cores. A layer's first
+    call reads back whether its experts were exact (one host synchronisation a layer); if not,
+    that layer stays on the bf16 path (None)."""
+    d, inter, n_exp = u.shape[1], experts[0].w1.out_features, len(experts) + 1
+    offs, src = plan[5], plan[6]
+    flag = torch.zeros(1, dtype=torch.int32, device=u.device)
+    xq, xs = _act_quant_cuda(u, rows=src)
+    w13, s13 = to_fp8(main, extra, ("w1", "w3"), n_exp, inter, d, u.device, flag)
+    y13 = grouped_fp8_gemm(xq, xs, w13, s13, offs)
+    del w13, s13, xq, xs
+    h = _swiglu(y13, experts, plan)
+    del y13
+    hq, hs = _act_quant_cuda(h)
+    del h
+    w2, s2 = to_fp8(main, extra, ("w2",), n_exp, d, inter, u.device, flag)
+    y2 = grouped_fp8_gemm(hq, hs, w2, s2, offs)
+    if any(not hasattr(tab, "fp8_exact") for tab in tabs):
+        exact = int(flag.item()) == 0
+        for tab in tabs:
+            tab.fp8_exact = exact
+        if not exact:
+            logger.warning("MoE FP8 GEMM: a layer's MXFP4 scales differ by more than 2^8 within "
+                           "128 columns (not exact in e4m3): that layer runs on bf16 copies")
+            return None
+    return y2
+
+
+def to_fp8(main, extra, names, n_exp: int, rows: int, cols: int, dev, flag: torch.Tensor):
+    """e4m3 codes [n_exp, len(names) * rows, cols] and fp32 scales [.., cols / 128] (one per
+    row and 128 columns) of the linears `names` of every plan expert, in the workspace; sets
+    flag[0] where a value is not exact (module docstring of `_to_fp8_kernel`)."""
+    r = len(names) * rows
+    n_codes, n_scales = n_exp * r * cols, n_exp * r * (cols // 128)
+    buf = workspace((n_codes + 4 * n_scales + 1) // 2, dev).view(torch.uint8)
+    q = buf[:n_codes].view(torch.float8_e4m3fn).view(n_exp, r, cols)
+    sc = buf[n_codes:n_codes + 4 * n_scales].view(torch.float32).view(n_exp, r, cols // 128)
+    for tab, e0 in [(main, 0)] if extra is None else [(extra, 0), (main, 1)]:
+        for j, name in enumerate(names):
+            _to_fp8_kernel[(rows // 64, cols // 128, len(tab.ptrs[name + "w"]))](
+                tab.ptrs[name + "w"], tab.ptrs[name + "s"], q, sc, flag, cols, e0, q.stride(0),
+                sc.stride(0), j * rows, W_FMT=tab.fmt, num_warps=4, **pdl())
+    return q, sc
 
 
 def workspace(numel: int, dev: torch.device) -> torch.Tensor:
@@ -206,7 +283,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .moe import _mxfp4_bf16
+    from .moe import _mxfp4_bf16, _mxfp4_scaled
     from .pdl import pdl_start
     from .quant_linear import _e8m0_f32
 
@@ -241,3 +318,46 @@ if HAS_TRITON:
         dst = out_ptr + (e0 + wi).to(tl.int64) * e_stride \
             + (row0 + rows).to(tl.int64)[:, None] * K + kb * 128 + cols[None, :]
         tl.store(dst, wc)
+
+    @triton.jit
+    def _to_fp8_kernel(w_tab, s_tab, q_ptr, sc_ptr, flag_ptr, K, e0, q_stride, s_stride, row0,
+                       W_FMT: tl.constexpr, PDL: tl.constexpr = False):
+        """Rows [64 tile] x K-block kb of expert program_id(2) of a pointer table -> e4m3 codes
+        at q[e0 + e, row0 + rows, kb*128:] and each row's block scale at sc[.., kb]. MXFP4:
+        the block's 4 per-32 scales 2^s_j become 2^S (S their largest) times 2^(s_j - S) folded
+        into the codes; e2m1 values times 2^-8 .. 1 are e4m3 values, so a block whose codes are
+        nonzero only where s_j >= S - 8 is exact, and any other sets flag[0]. FP8: the codes as
+        they are and the 128 x 128 block's scale on each row."""
+        pdl_start(PDL)
+        tile = tl.program_id(0)
+        kb = tl.program_id(1)
+        wi = tl.program_id(2)
+        rows = tile * 64 + tl.arange(0, 64)
+        cols = tl.arange(0, 128)
+        ws = tl.multiple_of(tl.load(s_tab + wi).to(tl.pointer_type(tl.uint8)), 16)
+        if W_FMT == 1:
+            w = tl.multiple_of(tl.load(w_tab + wi).to(tl.pointer_type(tl.uint8)), 16)
+            w_row = w + tile.to(tl.int64) * (32 * K) + (rows % 64)[:, None] * 64 \
+                + tl.arange(0, 64)[None, :]
+            s_row = (ws + tile.to(tl.int64) * (2 * K) + (rows % 64) * 4).to(
+                tl.pointer_type(tl.int32))
+            sw = tl.load(s_row + kb * 64)
+            s = (sw[:, None] >> (8 * tl.arange(0, 4)[None, :])) & 0xFF  # [64, 4]
+            top = tl.max(s, 1)
+            dd = s - top[:, None]  # <= 0
+            f = tl.where(dd > -127, ((dd + 127) << 23).to(tl.float32, bitcast=True), 0.0)
+            p = tl.load(w_row + kb * 4096)
+            nz = tl.max(tl.reshape((p & 0x77).to(tl.int32), (64, 4, 16)), 2) > 0
+            if tl.max(tl.where(nz & (dd < -8), 1, 0)) > 0:
+                tl.atomic_max(flag_ptr, 1)
+            wc = _mxfp4_scaled(p, f, tl.float32).to(tl.float8e4nv)
+            scale = _e8m0_f32(top)
+        else:
+            w = tl.multiple_of(tl.load(w_tab + wi).to(tl.pointer_type(tl.float8e4nv)), 16)
+            wc = tl.load(w + rows.to(tl.int64)[:, None] * K + kb * 128 + cols[None, :])
+            sb = tl.load(ws + (tile // 2) * (K // 128) + kb).to(tl.int32)
+            scale = tl.zeros((64,), dtype=tl.float32) + _e8m0_f32(sb)
+        e = (e0 + wi).to(tl.int64)
+        tl.store(q_ptr + e * q_stride + (row0 + rows).to(tl.int64)[:, None] * K + kb * 128
+                 + cols[None, :], wc)
+        tl.store(sc_ptr + e * s_stride + (row0 + rows).to(tl.int64) * (K // 128) + kb, scale)
