@@ -32,11 +32,17 @@ the routed slots per expert and the copy's cost does not, so the break-even is a
 from 10240): with chunked prefill, steps of `max_num_batched_tokens` 8192 or more.
 `DSV4_MOE_GROUPED_MM=n` sets a token threshold instead (0: never). If the copy does not fit
 in free memory, the first failure logs a warning and the fused kernels serve every later call.
+
+`DSV4_MOE_FP8_GEMM=1` (experimental) copies the experts to e4m3 instead (`to_fp8`: a scale
+per row and 128 columns) and runs `grouped_fp8_gemm` on the activations' FP8 codes: half the
+copy's bytes and the FP8 tensor cores, exact unless a layer's MXFP4 scales spread beyond 2^8
+within 128 columns (that layer then stays on bf16).
 """
 from __future__ import annotations
 
 import logging
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -134,7 +140,7 @@ def moe_grouped_mm(u, idx, wgt, experts, shared, main, extra) -> torch.Tensor:
     pos = torch.arange(n_pos, device=dev)
     pos_ok = (pos % BT) < blk_rows.repeat_interleave(BT)
     src = torch.where(pos_ok, slots // k1, 0)  # each padded position's token
-    plan = (slots, blk_exp, blk_rows, n_blocks, wgt.float().contiguous(), offs, src)
+    plan = _Plan(slots, blk_exp, blk_rows, n_blocks, wgt.float().contiguous(), offs, src)
     y2 = None
     tabs = [tab for tab in (main, extra) if tab is not None]
     if fp8_gemm_on() and all(getattr(tab, "fp8_exact", True) for tab in tabs):
@@ -153,17 +159,28 @@ def moe_grouped_mm(u, idx, wgt, experts, shared, main, extra) -> torch.Tensor:
     return out
 
 
-def _swiglu(y13, experts, plan) -> torch.Tensor:
+class _Plan(NamedTuple):
+    """A call's routing plan (`moe.route_plan`, BT-row blocks) and what the GEMMs take from it:
+    the groups' padded ends `offs` and each padded position's token `src`."""
+    slots: torch.Tensor
+    blk_exp: torch.Tensor
+    blk_rows: torch.Tensor
+    n_blocks: int
+    wgt: torch.Tensor
+    offs: torch.Tensor
+    src: torch.Tensor
+
+
+def _swiglu(y13, experts, plan: _Plan) -> torch.Tensor:
     """h [n_pos, I] bf16: clamped SwiGLU of g|v times the routing weight, the exact values of
     its FP8 quantisation (`moe._swiglu_kernel`)."""
     from . import moe as km
-    slots, blk_exp, blk_rows, n_blocks, wgt, _, _ = plan
     inter = experts[0].w1.out_features
     limit = float(experts[0].limit)
-    h = torch.empty(n_blocks * BT, inter, dtype=torch.bfloat16, device=y13.device)
-    km._swiglu_kernel[(inter // 128, n_blocks)](
-        y13, slots, blk_exp, blk_rows, wgt, h, h.new_empty(0), inter, len(experts) + 1,
-        wgt.shape[1] + 1, limit, 0, ROUND=True, HAS_LIMIT=limit > 0, BT=BT, SPLIT=1, HBF=True,
+    h = torch.empty(plan.n_blocks * BT, inter, dtype=torch.bfloat16, device=y13.device)
+    km._swiglu_kernel[(inter // 128, plan.n_blocks)](
+        y13, plan.slots, plan.blk_exp, plan.blk_rows, plan.wgt, h, h.new_empty(0), inter,
+        len(experts) + 1, plan.wgt.shape[1] + 1, limit, 0, ROUND=True, HAS_LIMIT=limit > 0, BT=BT, SPLIT=1, HBF=True,
         num_warps=4, **pdl())
     return h
 
@@ -172,8 +189,8 @@ def _experts_bf16(u, experts, main, extra, plan) -> torch.Tensor:
     """y2 [n_pos, d]: every padded position through its expert, on bf16 copies of the
     experts and torch's grouped GEMM."""
     d, inter, n_exp = u.shape[1], experts[0].w1.out_features, len(experts) + 1
-    offs, src = plan[5], plan[6]
-    x = act_quant_values(u, src)  # [n_pos, d], gathered
+    offs = plan.offs
+    x = act_quant_values(u, plan.src)  # [n_pos, d], gathered
     # one layer's bf16 w1|w3, then its w2: the second dequantised copy reuses the first's memory
     w13 = dequantize(main, extra, ("w1", "w3"), n_exp, inter, d, u.device, into_workspace=True)
     y13 = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)  # [n_pos, 2I]: g then v
@@ -198,9 +215,9 @@ def _experts_fp8(u, experts, main, extra, plan, tabs) -> torch.Tensor | None:
     call reads back whether its experts were exact (one host synchronisation a layer); if not,
     that layer stays on the bf16 path (None)."""
     d, inter, n_exp = u.shape[1], experts[0].w1.out_features, len(experts) + 1
-    offs, src = plan[5], plan[6]
+    offs = plan.offs
     flag = torch.zeros(1, dtype=torch.int32, device=u.device)
-    xq, xs = _act_quant_cuda(u, rows=src)
+    xq, xs = _act_quant_cuda(u, rows=plan.src)
     w13, s13 = to_fp8(main, extra, ("w1", "w3"), n_exp, inter, d, u.device, flag)
     y13 = grouped_fp8_gemm(xq, xs, w13, s13, offs)
     del w13, s13, xq, xs
