@@ -49,7 +49,7 @@ import torch
 from . import HAS_TRITON
 from .pdl import pdl
 from .grouped_fp8_gemm import grouped_fp8_gemm
-from .quant_linear import FMT_FP8, FMT_MXFP4, _act_quant_cuda, act_quant_values
+from .quant_linear import FMT_FP8, FMT_MXFP4, act_quant_fp8, act_quant_values
 
 logger = logging.getLogger(__name__)
 
@@ -217,13 +217,13 @@ def _experts_fp8(u, experts, main, extra, plan, tabs) -> torch.Tensor | None:
     d, inter, n_exp = u.shape[1], experts[0].w1.out_features, len(experts) + 1
     offs = plan.offs
     flag = torch.zeros(1, dtype=torch.int32, device=u.device)
-    xq, xs = _act_quant_cuda(u, rows=plan.src)
+    xq, xs = act_quant_fp8(u, plan.src)
     w13, s13 = to_fp8(main, extra, ("w1", "w3"), n_exp, inter, d, u.device, flag)
     y13 = grouped_fp8_gemm(xq, xs, w13, s13, offs)
     del w13, s13, xq, xs
     h = _swiglu(y13, experts, plan)
     del y13
-    hq, hs = _act_quant_cuda(h)
+    hq, hs = act_quant_fp8(h)
     del h
     w2, s2 = to_fp8(main, extra, ("w2",), n_exp, d, inter, u.device, flag)
     y2 = grouped_fp8_gemm(hq, hs, w2, s2, offs)

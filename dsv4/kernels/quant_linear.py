@@ -66,11 +66,13 @@ def nvfp4_linear_ref(x, weight, weight_scale, weight_scale_2):
 
 
 # ------------------------------------------------------------------------------- public ops
-def act_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (e4m3 [M, K], fp32 scales [M, K/128]) exactly as SPEC.md 3."""
+def act_quant_fp8(x: torch.Tensor, rows: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], fp32 scales [M, K/128]) exactly as SPEC.md 3; of x[rows]
+    when `rows` is given (the gather fused into the pass on the GPU)."""
     if use_triton(x):
-        return _act_quant_cuda(x)
-    return act_quant(x)
+        return _act_quant_cuda(x, rows=rows)
+    return act_quant(x if rows is None else x[rows])
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
