@@ -411,3 +411,35 @@ def test_moe_grouped_mm_switch(monkeypatch, caplog):
     assert gm.applies(u, tab(FMT_MXFP4), tab(FMT_FP8)) and gm.applies(u, tab(FMT_FP8), None)
     assert not gm.applies(u, tab(FMT_NVFP4), tab(FMT_FP8))
     assert not gm.applies(u.float(), tab(FMT_MXFP4), None)
+
+
+@pytest.mark.parametrize("sizes,bm", [([0, 130, 1, 0, 256, 127], 64), ([128, 128], 128),
+                                      ([5], 16), ([0, 0, 0], 32)])
+def test_grouped_fp8_gemm_tile_map_covers_each_group_once(sizes, bm):
+    """Row tiles of the grouped FP8 GEMM, built on the device from the groups' ends: every row
+    of every group in exactly one tile of that group, no tile crossing a group's end, the rest
+    of the launched bound empty."""
+    from dsv4.kernels.grouped_fp8_gemm import _tile_map
+    ends = torch.tensor(sizes).cumsum(0).to(torch.int32)
+    m = int(ends[-1])
+    grp, first, end = _tile_map(ends, m, bm).long()
+    assert grp.numel() == m // bm + len(sizes)
+    covered = torch.zeros(m, dtype=torch.long)
+    starts = [0] + ends.tolist()[:-1]
+    for g, f, e in zip(grp.tolist(), first.tolist(), end.tolist()):
+        if f >= e:
+            continue
+        assert starts[g] <= f < ends[g] and e == ends[g], (g, f, e)
+        covered[f:min(f + bm, e)] += 1
+    assert torch.equal(covered, torch.ones(m, dtype=torch.long))
+
+
+def test_grouped_fp8_gemm_rejects_mismatched_shapes():
+    from dsv4.kernels.grouped_fp8_gemm import grouped_fp8_gemm
+    a = torch.zeros(10, 256, dtype=torch.float8_e4m3fn)
+    b = torch.zeros(2, 128, 256, dtype=torch.float8_e4m3fn)
+    ends = torch.tensor([4, 10], dtype=torch.int32)
+    with pytest.raises(ValueError, match="do not fit"):
+        grouped_fp8_gemm(a, torch.ones(10, 1), b, torch.ones(2, 128, 2), ends)
+    y = grouped_fp8_gemm(a, torch.ones(10, 2), b, torch.ones(2, 128, 2), ends)  # the reference
+    assert y.shape == (10, 128) and y.dtype == torch.bfloat16
