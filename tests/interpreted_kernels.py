@@ -392,6 +392,20 @@ def check_quant_linear() -> None:
                 assert err < 1e-3, f"format {fmt} M={m} {path} {cfg}: rel err {err:.2e}"
 
 
+def _random_experts(fmt, shared_fmt, d, inter, n_exp):
+    """n_exp routed experts of format fmt and a shared one, random weights of unit-scale
+    outputs."""
+    from dsv4.model.moe import Expert
+    experts = torch.nn.ModuleList(Expert(d, inter, fmt, 10.0, torch.bfloat16)
+                                  for _ in range(n_exp))
+    shared = Expert(d, inter, shared_fmt, 10.0, torch.bfloat16)
+    for m in [*experts, shared]:
+        for lin in (m.w1, m.w2, m.w3):
+            lin.set_float(torch.randn(lin.out_features, lin.in_features, generator=G)
+                          * 3 / lin.in_features ** 0.5)
+    return experts, shared
+
+
 def check_moe() -> None:
     """The MoE kernels (`moe.py`'s fused GEMMs with each of their decodes, and the grouped-GEMM
     path of `moe_grouped_mm.py`, whose dequantised experts must be the modules' exact weights)
@@ -400,20 +414,13 @@ def check_moe() -> None:
     none, a token sent to one expert twice, slots marked for another rank's expert."""
     from dsv4.kernels import moe as km
     from dsv4.kernels import moe_grouped_mm as gm
-    from dsv4.model.moe import Expert
     d, inter, n_exp, k = 128, 256, 6, 2
     fused = [dict(bt=16, bw1=64, bw2=64, kc=64, split1=2, split2=2, warps=4, stages=1, dec=1),
              dict(bt=16, bw1=128, bw2=64, kc=64, split1=1, split2=1, warps=4, stages=1, dec=0),
              dict(bt=64, bw1=128, bw2=128, kc=64, split1=1, split2=1, warps=4, stages=1, dec=0,
                   abf=True)]
     for fmt, shared_fmt in (("fp4", "fp8"), ("fp8", "fp8"), ("fp4", "fp4"), ("nvfp4", "fp8")):
-        experts = torch.nn.ModuleList(Expert(d, inter, fmt, 10.0, torch.bfloat16)
-                                      for _ in range(n_exp))
-        shared = Expert(d, inter, shared_fmt, 10.0, torch.bfloat16)
-        for m in [*experts, shared]:
-            for lin in (m.w1, m.w2, m.w3):
-                lin.set_float(torch.randn(lin.out_features, lin.in_features, generator=G)
-                              * 3 / lin.in_features ** 0.5)
+        experts, shared = _random_experts(fmt, shared_fmt, d, inter, n_exp)
         main, extra = km._tables(experts, shared, torch.device("cpu"))
         grouped = gm.applies(torch.zeros(1, d, dtype=torch.bfloat16), main, extra)
         assert grouped == (fmt != "nvfp4")  # NVFP4's scaled weights are not bf16 values
@@ -527,7 +534,6 @@ def check_moe_fp8_gemm() -> None:
     from dsv4.kernels import grouped_fp8_gemm as gfg
     from dsv4.kernels import moe as km
     from dsv4.kernels import moe_grouped_mm as gm
-    from dsv4.model.moe import Expert
     gfg.use_triton = lambda t: True
     a = (torch.randn(90, 256, generator=G) * 3).to(torch.float8_e4m3fn)
     sa = 2.0 ** torch.randint(-3, 3, (90, 2), generator=G).float()
@@ -544,13 +550,7 @@ def check_moe_fp8_gemm() -> None:
     os.environ["DSV4_MOE_FP8_GEMM"] = "1"
     try:
         for fmt, shared_fmt in (("fp4", "fp8"), ("fp8", "fp8"), ("fp4", "fp4")):
-            experts = torch.nn.ModuleList(Expert(d, inter, fmt, 10.0, torch.bfloat16)
-                                          for _ in range(n_exp))
-            shared = Expert(d, inter, shared_fmt, 10.0, torch.bfloat16)
-            for m in [*experts, shared]:
-                for lin in (m.w1, m.w2, m.w3):
-                    lin.set_float(torch.randn(lin.out_features, lin.in_features, generator=G)
-                                  * 3 / lin.in_features ** 0.5)
+            experts, shared = _random_experts(fmt, shared_fmt, d, inter, n_exp)
             main, extra = km._tables(experts, shared, torch.device("cpu"))
             flag = torch.zeros(1, dtype=torch.int32)
             q, sc = gm.to_fp8(main, extra, ("w1", "w3"), n_exp + 1, inter, d,

@@ -305,6 +305,28 @@ if HAS_TRITON:
     from .quant_linear import _e8m0_f32
 
     @triton.jit
+    def _mxfp4_block(w_tab, s_tab, wi, tile, kb, K):
+        """MXFP4 weight wi of a pointer table, rows tile*64 .. +64, K-block kb, in the kernels'
+        layout (64-row groups: per K-block 64 rows x 64 bytes, the rows' 4 scale bytes a word):
+        the pointers of its packed bytes [64, 64] and its scale words (int32 [64])."""
+        w = tl.multiple_of(tl.load(w_tab + wi).to(tl.pointer_type(tl.uint8)), 16)
+        ws = tl.multiple_of(tl.load(s_tab + wi).to(tl.pointer_type(tl.uint8)), 16)
+        r = tl.arange(0, 64)
+        w_row = w + tile.to(tl.int64) * (32 * K) + r[:, None] * 64 + tl.arange(0, 64)[None, :]
+        s_row = (ws + tile.to(tl.int64) * (2 * K) + r * 4).to(tl.pointer_type(tl.int32))
+        return w_row + kb * 4096, tl.load(s_row + kb * 64)
+
+    @triton.jit
+    def _fp8_block(w_tab, s_tab, wi, tile, kb, K):
+        """FP8 weight wi of a pointer table (row-major, 128 x 128 e8m0 scales), rows tile*64 ..
+        +64, K-block kb: its e4m3 codes [64, 128] and its block's scale byte (int32)."""
+        w = tl.multiple_of(tl.load(w_tab + wi).to(tl.pointer_type(tl.float8e4nv)), 16)
+        ws = tl.multiple_of(tl.load(s_tab + wi).to(tl.pointer_type(tl.uint8)), 16)
+        rows = tile * 64 + tl.arange(0, 64)
+        q = tl.load(w + rows.to(tl.int64)[:, None] * K + kb * 128 + tl.arange(0, 128)[None, :])
+        return q, tl.load(ws + (tile // 2) * (K // 128) + kb).to(tl.int32)
+
+    @triton.jit
     def _dequant_kernel(w_tab, s_tab, out_ptr, K, e0, e_stride, row0,
                         W_FMT: tl.constexpr, PDL: tl.constexpr = False):
         """Rows [64 tile] x K-block kb of expert program_id(2) of a pointer table -> exact bf16
@@ -316,21 +338,11 @@ if HAS_TRITON:
         wi = tl.program_id(2)
         rows = tile * 64 + tl.arange(0, 64)
         cols = tl.arange(0, 128)
-        row_ok = rows >= 0
-        ws = tl.multiple_of(tl.load(s_tab + wi).to(tl.pointer_type(tl.uint8)), 16)
         if W_FMT == 1:
-            w = tl.multiple_of(tl.load(w_tab + wi).to(tl.pointer_type(tl.uint8)), 16)
-            # one 64-row group: per K-block 64 rows x 64 bytes, the rows' 4 scale bytes a word
-            w_row = w + tile.to(tl.int64) * (32 * K) + (rows % 64)[:, None] * 64 \
-                + tl.arange(0, 64)[None, :]
-            s_row = (ws + tile.to(tl.int64) * (2 * K) + (rows % 64) * 4).to(
-                tl.pointer_type(tl.int32))
-            sw = tl.load(s_row + kb * 64)
-            wc = _mxfp4_bf16(w_row + kb * 4096, sw, 0, row_ok, 128)
+            p, sw = _mxfp4_block(w_tab, s_tab, wi, tile, kb, K)
+            wc = _mxfp4_bf16(p, sw, 0, rows >= 0, 128)
         else:
-            w = tl.multiple_of(tl.load(w_tab + wi).to(tl.pointer_type(tl.float8e4nv)), 16)
-            q = tl.load(w + rows.to(tl.int64)[:, None] * K + kb * 128 + cols[None, :])
-            sb = tl.load(ws + (tile // 2) * (K // 128) + kb).to(tl.int32)
+            q, sb = _fp8_block(w_tab, s_tab, wi, tile, kb, K)
             wc = (q.to(tl.float32) * _e8m0_f32(sb)).to(tl.bfloat16)
         dst = out_ptr + (e0 + wi).to(tl.int64) * e_stride \
             + (row0 + rows).to(tl.int64)[:, None] * K + kb * 128 + cols[None, :]
@@ -351,28 +363,20 @@ if HAS_TRITON:
         wi = tl.program_id(2)
         rows = tile * 64 + tl.arange(0, 64)
         cols = tl.arange(0, 128)
-        ws = tl.multiple_of(tl.load(s_tab + wi).to(tl.pointer_type(tl.uint8)), 16)
         if W_FMT == 1:
-            w = tl.multiple_of(tl.load(w_tab + wi).to(tl.pointer_type(tl.uint8)), 16)
-            w_row = w + tile.to(tl.int64) * (32 * K) + (rows % 64)[:, None] * 64 \
-                + tl.arange(0, 64)[None, :]
-            s_row = (ws + tile.to(tl.int64) * (2 * K) + (rows % 64) * 4).to(
-                tl.pointer_type(tl.int32))
-            sw = tl.load(s_row + kb * 64)
+            p_ptr, sw = _mxfp4_block(w_tab, s_tab, wi, tile, kb, K)
             s = (sw[:, None] >> (8 * tl.arange(0, 4)[None, :])) & 0xFF  # [64, 4]
             top = tl.max(s, 1)
             dd = s - top[:, None]  # <= 0
             f = tl.where(dd > -127, ((dd + 127) << 23).to(tl.float32, bitcast=True), 0.0)
-            p = tl.load(w_row + kb * 4096)
+            p = tl.load(p_ptr)
             nz = tl.max(tl.reshape((p & 0x77).to(tl.int32), (64, 4, 16)), 2) > 0
             if tl.max(tl.where(nz & (dd < -8), 1, 0)) > 0:
                 tl.atomic_max(flag_ptr, 1)
             wc = _mxfp4_scaled(p, f, tl.float32).to(tl.float8e4nv)
             scale = _e8m0_f32(top)
         else:
-            w = tl.multiple_of(tl.load(w_tab + wi).to(tl.pointer_type(tl.float8e4nv)), 16)
-            wc = tl.load(w + rows.to(tl.int64)[:, None] * K + kb * 128 + cols[None, :])
-            sb = tl.load(ws + (tile // 2) * (K // 128) + kb).to(tl.int32)
+            wc, sb = _fp8_block(w_tab, s_tab, wi, tile, kb, K)
             scale = tl.zeros((64,), dtype=tl.float32) + _e8m0_f32(sb)
         e = (e0 + wi).to(tl.int64)
         tl.store(q_ptr + e * q_stride + (row0 + rows).to(tl.int64)[:, None] * K + kb * 128
