@@ -391,6 +391,10 @@ def test_moe_grouped_mm_switch(monkeypatch, caplog):
     assert gm.takes(6827, 6, 256) and not gm.takes(6826, 6, 256)
     assert gm.takes(10240, 6, 384) and not gm.takes(8192, 6, 384)
     assert gm.policy(256, 6).endswith("from 6827 tokens a step")
+    assert "dequantised experts" in gm.policy(256, 6)
+    monkeypatch.setenv("DSV4_MOE_FP8_GEMM", "1")
+    assert "e4m3 copies of the experts and FP8 grouped GEMMs" in gm.policy(256, 6)
+    monkeypatch.delenv("DSV4_MOE_FP8_GEMM")
     monkeypatch.setenv("DSV4_MOE_GROUPED_MM", "2048")
     assert gm.grouped_mm_min_tokens() == 2048
     assert gm.takes(2048, 6, 256) and not gm.takes(2047, 6, 256)

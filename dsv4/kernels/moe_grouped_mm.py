@@ -94,8 +94,8 @@ def policy(n_routed: int, k: int) -> str:
     n = grouped_mm_min_tokens()
     if n is None:
         n = -(-MIN_SLOTS_PER_EXPERT * n_routed // k)
-    return (f"MXFP4 / FP8 MoE on dequantised experts and grouped GEMMs from {n} tokens a step"
-            if n else "")
+    copy = "e4m3 copies of the experts and FP8" if fp8_gemm_on() else "dequantised experts and"
+    return f"MXFP4 / FP8 MoE on {copy} grouped GEMMs from {n} tokens a step" if n else ""
 
 
 def out_of_memory(err: Exception) -> None:
