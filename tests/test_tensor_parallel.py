@@ -91,7 +91,7 @@ def _lockstep_worker(rank, port, prompt, q, backend="gloo"):
     the decode steps through graphs captured on every rank (`capture_graphs`; `EagerGraphs`
     on gloo, real CUDA graphs on NCCL). Logits [1 + STEPS, V] and tokens, from rank 0."""
     from dsv4.engine import cuda_graph
-    from dsv4.engine.parallel_workers import LockstepModel, worker_loop
+    from dsv4.engine.parallel_workers import LockstepModel, leave_group, worker_loop
     if backend == "gloo":
         cuda_graph.CUDAGraphRunner = EagerGraphs
     model, device = _join(rank, port, backend)
@@ -99,10 +99,10 @@ def _lockstep_worker(rank, port, prompt, q, backend="gloo"):
     cache = ModelCache(cfg, num_slots=2, num_blocks=8, margin=8, dtype=model.dtype, device=device)
     if rank:
         worker_loop(model, cache)
-        dist.destroy_process_group()
+        leave_group()
         return
     lm = LockstepModel(model)
-    graphs = lm.capture_graphs(cache, max_num_seqs=1, tokens_per_seq=1, max_model_len=64,
+    graphs = lm.capture_graphs(cache, max_num_seqs=1, tokens_per_seq=1, max_model_len=256,
                                pad_slot=1, pad_block=7)
     logits, toks = [], []
     with torch.inference_mode():
@@ -119,7 +119,8 @@ def _lockstep_worker(rank, port, prompt, q, backend="gloo"):
         toks.append(int(lg.argmax()))
     lm.stop()
     q.put((torch.stack(logits), toks))
-    dist.destroy_process_group()
+    del graphs
+    leave_group()
 
 
 def run_two_ranks(prompt, backend="gloo", lockstep=False):

@@ -298,11 +298,11 @@ class LLMEngine:
         if stop is not None and not getattr(self, "_closed", False):
             self._closed = True
             stop()
+            self.runner.graphs = self.runner.draft_graphs = None
+            from .parallel_workers import leave_group
+            leave_group()
             for p in getattr(self, "_workers", []):
                 p.join(timeout=30)
-            import torch.distributed as dist
-            if dist.is_initialized():
-                dist.destroy_process_group()
 
     def _fp8_rows_by_default(self, model, cfg) -> bool:
         """kv_cache_dtype auto: packed FP8 attention rows on CUDA wherever they are lossless

@@ -13,9 +13,11 @@ rank runs the same command and ranks other than 0 become workers (`dsv4.cli`).
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
+import threading
 
 import torch
 import torch.distributed as dist
@@ -93,6 +95,23 @@ class LockstepGraphs:
         return self._graphs.run(batch)
 
 
+def leave_group(timeout: float = 60.0) -> None:
+    """Destroy the process group once this rank's CUDA graphs are gone: NCCL does not tear down
+    a communicator while graphs that recorded its collectives live, and waits for them forever
+    (measured on two H200s: every rank stuck in destroy_process_group). Drop the references to
+    the graphs first; if the group still does not go within `timeout`, warn and leave it."""
+    if not dist.is_initialized():
+        return
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    done = threading.Thread(target=dist.destroy_process_group, daemon=True)
+    done.start()
+    done.join(timeout)
+    if done.is_alive():
+        logger.warning("the process group did not shut down within %.0f s; leaving it", timeout)
+
+
 def worker_loop(model, cache: ModelCache) -> None:
     """Replay rank 0's model calls (and its CUDA graphs) until it says stop."""
     graphs = None
@@ -158,7 +177,7 @@ def run_worker(model_name: str, kwargs: dict, device, tp: ParallelGroup, load) -
     cache = ModelCache(cfg, num_slots, num_blocks, margin, model.dtype, device, kv_fp8=kv_fp8,
                        index_fp4=model.qat)
     worker_loop(model, cache)
-    dist.destroy_process_group()
+    leave_group()
 
 
 def spawn_workers(world: int, model_name: str, kwargs: dict) -> tuple[list, int]:
