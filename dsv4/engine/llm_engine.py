@@ -278,14 +278,6 @@ class LLMEngine:
             if dev.type == "cuda":
                 dev = torch.device("cuda", 0)
             tp = pw.init_group(0, size, port, dev.type)
-        if os.environ.get("DSV4_TP_CUDA_GRAPHS") != "1" and not ec.enforce_eager:
-            # opt-in until tested on GPUs
-            ec.enforce_eager = True
-            if dev.type == "cuda":
-                logger.warning("tensor-parallel decode steps run eagerly, bound by Python's "
-                               "kernel launches (Flash on two H200s: ~25 ms a token at batch "
-                               "1); DSV4_TP_CUDA_GRAPHS=1 captures CUDA graphs on every rank "
-                               "(experimental)")
         net, cfg, tokenizer, gen = load_model(model, ec.dtype, dev, ec.seed, skip_tokenizer_init,
                                               load_format, tp)
         engine = cls(pw.LockstepModel(net.eval()), cfg, tokenizer, ec, gen)
