@@ -82,6 +82,8 @@ class EagerGraphs:
         self.model, self.cache, self.with_logits = model, cache, with_logits
 
     def run(self, batch, fill=None):
+        if fill is not None:
+            fill(batch.input_ids)
         x = self.model(batch, self.cache)
         return x, (self.model.logits(x) if self.with_logits else None)
 
@@ -89,7 +91,8 @@ class EagerGraphs:
 def _lockstep_worker(rank, port, prompt, q, backend="gloo"):
     """Rank 0 drives the workers as the engine does (`LockstepModel`): the prefill eagerly,
     the decode steps through graphs captured on every rank (`capture_graphs`; `EagerGraphs`
-    on gloo, real CUDA graphs on NCCL). Logits [1 + STEPS, V] and tokens, from rank 0."""
+    on gloo, real CUDA graphs on NCCL), every other one with its token written on the device
+    as async scheduling does. Logits [1 + STEPS, V] and tokens, from rank 0."""
     from dsv4.engine import cuda_graph
     from dsv4.engine.parallel_workers import LockstepModel, leave_group, worker_loop
     if backend == "gloo":
@@ -112,9 +115,14 @@ def _lockstep_worker(rank, port, prompt, q, backend="gloo"):
         for pos in range(len(prompt), len(prompt) + STEPS):
             logits.append(lg.float().cpu())
             toks.append(int(lg.argmax()))
-            b = ForwardBatch([SeqChunk([toks[-1]], pos, 0, [0, 1])], cfg.sliding_window,
-                             cache.window_rows, cache.num_slots, "cpu", logits_indices=[0])
-            lg = graphs.run(b)[1][0]
+            # odd steps as async scheduling launches them: the token reaches the ids on the
+            # device (`fill`), the host's chunk holds a placeholder
+            filled = pos % 2 == 1
+            b = ForwardBatch([SeqChunk([0 if filled else toks[-1]], pos, 0, [0, 1])],
+                             cfg.sliding_window, cache.window_rows, cache.num_slots, "cpu",
+                             logits_indices=[0])
+            fill = (lambda ids, t=toks[-1]: ids[:1].fill_(t)) if filled else None
+            lg = graphs.run(b, fill)[1][0]
         logits.append(lg.float().cpu())
         toks.append(int(lg.argmax()))
     lm.stop()

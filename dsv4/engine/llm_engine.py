@@ -170,9 +170,10 @@ class LLMEngine:
                                "runs eagerly", e)
 
         self.requests: dict[str, Request] = {}
-        # Async scheduling (not with tensor parallelism: its workers replay eagerly in lockstep).
+        # Async scheduling; under tensor parallelism only with CUDA graphs (`overlappable`).
         # May be switched between steps (benchmarks compare both on one engine).
-        self.async_scheduling = ec.async_scheduling and not hasattr(model, "stop")
+        self.async_scheduling = ec.async_scheduling and (not self.runner.lockstep
+                                                         or graphs is not None)
         self._pending = None  # the decode step launched ahead of the host (StepHandle)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0

@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import threading
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -41,10 +42,31 @@ def _rebuild(desc: tuple, model, cache: ModelCache, device=None) -> ForwardBatch
                         logits_indices=logits)
 
 
+_commands = None  # the process group commands travel in (`_command_group`)
+
+
+def _command_group():
+    """Commands travel over gloo, on the CPUs, even between GPUs: an NCCL broadcast of a pickled
+    command reaches a worker's host only once its GPU has finished the previous step, which would
+    put the worker's host work (building the step's batch) between its GPU steps instead of
+    under them. Created at the first command, which every rank sends or awaits; its timeout is
+    a year, as workers of an idle server wait for the next command as long as it idles."""
+    global _commands
+    if _commands is None:
+        _commands = dist.new_group(backend="gloo", timeout=timedelta(days=365))
+    return _commands
+
+
 def _bcast(obj):
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_command_group())
     return box[0]
+
+
+def _share_ids(ids: torch.Tensor) -> None:
+    """Rank 0's input ids of a step whose tokens were sampled on the device (async scheduling)
+    reach the workers on the device too, in stream order."""
+    dist.broadcast(ids, src=0)
 
 
 class LockstepModel:
@@ -89,10 +111,15 @@ class LockstepGraphs:
         return getattr(self._graphs, name)
 
     def run(self, batch: ForwardBatch, fill=None):
-        if fill is not None:  # the workers would replay the ids uploaded, not the filled ones
-            raise RuntimeError("tensor-parallel graphs replay steps whose tokens are on the host")
-        _bcast(("graph", _describe(batch)))
-        return self._graphs.run(batch)
+        """`fill` (a step launched before its tokens reached the host) writes rank 0's ids;
+        the workers then take them from rank 0 (`_share_ids`) before their replays."""
+        _bcast(("graph", _describe(batch), fill is not None))
+        share = None
+        if fill is not None:
+            def share(ids):
+                fill(ids)
+                _share_ids(ids)
+        return self._graphs.run(batch, share)
 
 
 def leave_group(timeout: float = 60.0) -> None:
@@ -100,8 +127,10 @@ def leave_group(timeout: float = 60.0) -> None:
     a communicator while graphs that recorded its collectives live, and waits for them forever
     (measured on two H200s: every rank stuck in destroy_process_group). Drop the references to
     the graphs first; if the group still does not go within `timeout`, warn and leave it."""
+    global _commands
     if not dist.is_initialized():
         return
+    _commands = None
     gc.collect()
     if torch.cuda.is_initialized():
         torch.cuda.synchronize()
@@ -125,7 +154,8 @@ def worker_loop(model, cache: ModelCache) -> None:
                 graphs = CUDAGraphRunner(model, cache, **cmd[1], with_logits=False)
                 continue
             if cmd[0] == "graph":  # a graph step's indices are built on the host
-                graphs.run(_rebuild(cmd[1], model, cache, "cpu"))
+                batch = _rebuild(cmd[1], model, cache, "cpu")
+                graphs.run(batch, _share_ids if cmd[2] else None)
                 continue
             batch = _rebuild(cmd[1], model, cache)
             if cmd[0] == "forward":

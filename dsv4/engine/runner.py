@@ -69,6 +69,7 @@ class ModelRunner:
         self.model, self.cache, self.sampler, self.device = model, cache, sampler, device
         self.window = model.cfg.sliding_window
         self.graphs = graphs  # CUDAGraphRunner for decode steps, or None (eager)
+        self.lockstep = hasattr(model, "stop")  # tensor parallel (`LockstepModel`)
         self.draft_graphs = None  # DraftGraphs (MTP drafting), set by the engine with graphs
         self.graph_bs: int | None = None  # batch size of the graph the last step replayed
         self.proposer = (MTPProposer(self, speculative_tokens, max_model_len)
@@ -162,9 +163,13 @@ class ModelRunner:
         """Whether a step may be launched before the previous step's tokens reach the host:
         one sampled token per chunk, no drafts, and sampling that reads no host-side history
         (penalties, min_tokens, logprobs) or runs MTP drafting."""
-        return self.proposer is None and all(
-            c.num_tokens == 1 and c.samples and not c.num_drafts and _plain(c.seq)
-            for c in chunks)
+        if self.proposer is not None or not all(
+                c.num_tokens == 1 and c.samples and not c.num_drafts and _plain(c.seq)
+                for c in chunks):
+            return False
+        # Tensor parallel: the workers take device-sampled tokens only in graph replays.
+        return not self.lockstep or (self.graphs is not None and self.graphs.fits(
+            [SeqChunk(c.tokens, c.start, c.slot, c.block_table) for c in chunks]))
 
     @torch.inference_mode()
     def launch(self, chunks: list[ScheduledChunk], feed: StepHandle | None = None) -> StepHandle:
