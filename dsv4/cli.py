@@ -50,6 +50,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="launch each decode step before the previous step's tokens reach the "
                         "host, overlapping host work with the GPU (on by default)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=False,
+                   help="cache each prompt's state at its last 128-token boundary and resume "
+                        "later prompts that start with it there (repeated prompts, the next "
+                        "turn of a conversation)")
     g.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="on a GPU, run two full-budget prefill steps at start-up so their "
                         "kernels compile before the first request (on by default)")
@@ -105,7 +110,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 enforce_eager=args.enforce_eager, load_format=args.load_format,
                 kv_cache_dtype=args.kv_cache_dtype, cuda_graph_max_len=args.cuda_graph_max_len,
                 tensor_parallel_size=args.tensor_parallel_size,
-                async_scheduling=args.async_scheduling, warmup=args.warmup)
+                async_scheduling=args.async_scheduling, warmup=args.warmup,
+                enable_prefix_caching=args.enable_prefix_caching)
 
 
 # ---------------------------------------------------------------------------- generate

@@ -632,3 +632,20 @@ def test_speculative_decoding_metrics_are_exported() -> None:
         assert 0 <= m[("dsv4:spec_decode_acceptance_rate", (("position", j),))] <= 1
     assert m[("dsv4:spec_decode_mean_accepted_length", ())] >= 1
     assert m[("dsv4:spec_decode_num_drafts_total", ())] > 0
+
+
+def test_prefix_cached_prompts_report_cached_tokens_in_usage_and_metrics() -> None:
+    """`--enable-prefix-caching`: the second identical chat resumes from the cache; its usage
+    says how many prompt tokens did, and so do the Prometheus counters."""
+    with serve(LLMEngine.from_args(MODEL, enable_prefix_caching=True, **ENGINE_ARGS)) as s:
+        body = {"model": MODEL, "max_tokens": 4, "temperature": 0,
+                "messages": [{"role": "user", "content": "Tell me about caches. " * 30}]}
+        first = s.post("/v1/chat/completions", body).json()
+        second = s.post("/v1/chat/completions", body).json()
+        assert "prompt_tokens_details" not in first["usage"]
+        cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached > 0 and cached % 128 == 0 and cached < second["usage"]["prompt_tokens"]
+        assert second["choices"][0]["message"] == first["choices"][0]["message"]
+        m = s.wait_idle()
+        assert m[("dsv4:prefix_cache_hits_total", ())] == cached
+        assert m[("dsv4:prefix_cache_queries_total", ())] == 2 * second["usage"]["prompt_tokens"]

@@ -183,13 +183,18 @@ def test_engine_with_two_ranks_generates_what_one_process_generates():
     MTP speculative decoding run unchanged on top."""
     from dsv4 import LLM, SamplingParams
     prompts = [[20 + i for i in range(n)] for n in (3, 9, 17)]
+    long = [20 + (7 * i) % 300 for i in range(150)]  # resumed from the prefix cache at 128
     params = SamplingParams(temperature=0, max_tokens=8)
     ref = LLM(model="tiny", dtype="float32", device="cpu")
-    want = [o.outputs[0].token_ids for o in ref.generate(prompts, params, use_tqdm=False)]
+    want = [o.outputs[0].token_ids for o in ref.generate(prompts + [long], params,
+                                                         use_tqdm=False)]
     tp = LLM(model="tiny", dtype="float32", device="cpu", tensor_parallel_size=2,
-             speculative_tokens=2)
+             speculative_tokens=2, enable_prefix_caching=True)
     try:
-        got = [o.outputs[0].token_ids for o in tp.generate(prompts, params, use_tqdm=False)]
+        got = [o.outputs[0].token_ids for o in tp.generate(prompts + [long], params,
+                                                           use_tqdm=False)]
+        again = tp.generate([long], params, use_tqdm=False)[0]
     finally:
         tp.llm_engine.close()
     assert got == want
+    assert again.num_cached_tokens == 128 and again.outputs[0].token_ids == want[-1]

@@ -5,11 +5,17 @@ block ``b`` of a sequence holds that sequence's compressed rows for tokens
 ``[b * block_size, (b + 1) * block_size)`` in every layer. Every running sequence
 also holds exactly one *slot*: a row index into per-sequence fixed-size buffers
 (sliding-window ring, compressor state).
+
+Blocks are reference-counted: a full block of a cached prompt prefix (`prefix_cache.py`) is
+held by the cache and by every sequence that resumed from it, and goes back to the free list
+when the last of them lets go. Slots may also be held outside sequences (the prefix cache's
+state snapshots). When blocks or slots run short, `reclaim` (set by the prefix cache) is asked
+to let go of something before an allocation is refused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 __all__ = ["BlockManager", "OutOfBlocks", "OutOfSlots"]
 
@@ -28,11 +34,12 @@ class OutOfSlots(OutOfBlocks):
 class BlockManager:
     """Allocates cache blocks and per-sequence slots to sequences.
 
-    Invariants: a block or slot is owned by at most one live sequence; every id in
-    ``range(num_blocks)`` / ``range(num_slots)`` is either free or owned; a sequence's
-    block table only changes by appending (``allocate``) or dropping a suffix
-    (``truncate``), so earlier entries are stable while the sequence lives.
-    Freed ids are reused LIFO (most recently freed first).
+    Invariants: a slot is owned by at most one live sequence (or `take_slot` holder); a
+    block is owned by one sequence unless it was shared (``adopt``, ``hold``), and it is free
+    exactly when nothing references it; every id in ``range(num_blocks)`` /
+    ``range(num_slots)`` is either free or referenced; a sequence's block table only changes by
+    appending (``allocate``) or dropping a suffix (``truncate``), so earlier entries are stable
+    while the sequence lives. Freed ids are reused LIFO (most recently freed first).
     """
 
     def __init__(self, num_blocks: int, num_slots: int, block_size: int = 128) -> None:
@@ -50,6 +57,9 @@ class BlockManager:
         self._free_slots: list[int] = list(range(num_slots - 1, -1, -1))
         self._tables: dict[Hashable, list[int]] = {}
         self._slots: dict[Hashable, int] = {}
+        self._refs = [0] * num_blocks
+        # Asked to free something when blocks or slots run short; returns False when it cannot.
+        self.reclaim: Callable[[], bool] | None = None
 
     # ------------------------------------------------------------------ queries
     def blocks_needed(self, num_tokens: int) -> int:
@@ -100,11 +110,18 @@ class BlockManager:
         return max(0, self.blocks_needed(new_total_tokens) - held)
 
     # ------------------------------------------------------------------ mutation
+    def _make_room(self, blocks: int, slot: bool) -> bool:
+        """Whether `blocks` free blocks (and a free slot) exist, after asking `reclaim`."""
+        while len(self._free_blocks) < blocks or (slot and not self._free_slots):
+            if self.reclaim is None or not self.reclaim():
+                return False
+        return True
+
     def can_allocate(self, seq_id: Hashable, new_total_tokens: int) -> bool:
-        """Whether ``allocate(seq_id, new_total_tokens)`` would succeed."""
-        if seq_id not in self._tables and not self._free_slots:
-            return False
-        return self._extra_blocks(seq_id, new_total_tokens) <= len(self._free_blocks)
+        """Whether ``allocate(seq_id, new_total_tokens)`` would succeed (reclaiming what
+        `reclaim` lets go of to make it so)."""
+        return self._make_room(self._extra_blocks(seq_id, new_total_tokens),
+                               seq_id not in self._tables)
 
     def allocate(self, seq_id: Hashable, new_total_tokens: int) -> list[int]:
         """Grow ``seq_id``'s block table to cover ``new_total_tokens`` tokens.
@@ -118,9 +135,10 @@ class BlockManager:
         :class:`OutOfBlocks` (leaving all state unchanged) if resources are short.
         """
         new = seq_id not in self._tables
+        extra = self._extra_blocks(seq_id, new_total_tokens)
+        self._make_room(extra, new)
         if new and not self._free_slots:
             raise OutOfSlots(f"no free slot for sequence {seq_id!r} (all {self.num_slots} slots in use)")
-        extra = self._extra_blocks(seq_id, new_total_tokens)
         if extra > len(self._free_blocks):
             raise OutOfBlocks(
                 f"sequence {seq_id!r} needs {extra} more block(s) for {new_total_tokens} tokens, "
@@ -131,26 +149,61 @@ class BlockManager:
             self._tables[seq_id] = []
         table = self._tables[seq_id]
         for _ in range(extra):
-            table.append(self._free_blocks.pop())
+            b = self._free_blocks.pop()
+            self._refs[b] = 1
+            table.append(b)
         return list(table)
+
+    def adopt(self, seq_id: Hashable, blocks: list[int]) -> list[int]:
+        """Register a new sequence whose table starts with `blocks`, which others hold too
+        (a cached prefix); it takes a slot. Raises :class:`OutOfSlots` if none can be freed."""
+        if seq_id in self._tables:
+            raise ValueError(f"sequence {seq_id!r} already holds blocks")
+        if not self._make_room(0, True):
+            raise OutOfSlots(f"no free slot for sequence {seq_id!r} (all {self.num_slots} slots in use)")
+        self.hold(blocks)
+        self._slots[seq_id] = self._free_slots.pop()
+        self._tables[seq_id] = list(blocks)
+        return list(blocks)
+
+    def hold(self, blocks: list[int]) -> None:
+        """One more reference to each of these referenced blocks."""
+        for b in blocks:
+            if self._refs[b] < 1:
+                raise ValueError(f"block {b} is free: only referenced blocks can be shared")
+            self._refs[b] += 1
+
+    def release(self, blocks: list[int]) -> None:
+        """Drop one reference to each block; a block nothing references is free again."""
+        for b in reversed(blocks):
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                self._free_blocks.append(b)
+
+    def take_slot(self) -> int | None:
+        """A free slot held outside any sequence (None when none is free)."""
+        return self._free_slots.pop() if self._free_slots else None
+
+    def give_slot(self, slot: int) -> None:
+        self._free_slots.append(slot)
 
     def truncate(self, seq_id: Hashable, num_tokens: int) -> list[int]:
         """Give back blocks beyond ``blocks_needed(num_tokens)`` (e.g. rejected speculative tokens).
 
         Keeps the table's prefix and the slot; a ``num_tokens`` at or beyond the current
-        coverage is a no-op. Returns the freed block ids.
+        coverage is a no-op. Returns the block ids dropped from the table.
         """
         table = self._table(seq_id)
         keep = self.blocks_needed(num_tokens)
-        freed = table[keep:]
+        dropped = table[keep:]
         del table[keep:]
-        self._free_blocks.extend(reversed(freed))
-        return freed
+        self.release(dropped)
+        return dropped
 
     def free(self, seq_id: Hashable) -> None:
         """Return every block and the slot of ``seq_id`` and forget it (KeyError if unknown/double free)."""
         table = self._table(seq_id)
-        self._free_blocks.extend(reversed(table))
+        self.release(table)
         self._free_slots.append(self._slots.pop(seq_id))
         del self._tables[seq_id]
 

@@ -159,3 +159,17 @@ class ModelCache:
 
     def state_rows(self, ratio: int) -> int:
         return overlap_factor(ratio) * ratio + self.margin
+
+    def copy_slots(self, pairs: list[tuple[int, int]]) -> None:
+        """Slot `to` takes slot `src`'s window ring and compressor states in every layer, for
+        each (src, to) (prefix caching: snapshots of a sequence's state, and resuming from
+        one)."""
+        src = torch.tensor([a for a, _ in pairs], device=self.device)
+        to = torch.tensor([b for _, b in pairs], device=self.device)
+        for layer in self.layers:
+            bufs = [layer.win]
+            for st in (layer.state, layer.idx_state):
+                if st is not None:
+                    bufs += [st.kv, st.score]
+            for buf in bufs:
+                buf.index_copy_(0, to, buf.index_select(0, src))

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..cache.block_manager import BlockManager
+from ..cache.prefix_cache import PrefixCache
 from ..cache.kv_cache import BLOCK_TOKENS, ModelCache, block_bytes, slot_bytes
 from ..config import ConfigError, EngineConfig, ModelConfig, PRESETS, resolved_batched_tokens
 from ..distributed import SINGLE, ParallelGroup, check_parallel_config
@@ -107,7 +108,9 @@ class LLMEngine:
         index_fp4 = model.qat
         per_block = block_bytes(cfg, model.dtype, kv_fp8, index_fp4)
         budget = self._cache_budget()
-        num_slots = ec.max_num_seqs
+        # running sequences, then the prefix cache's snapshots
+        snapshots = ec.max_num_seqs if ec.enable_prefix_caching else 0
+        num_slots = ec.max_num_seqs + snapshots
         fit = (budget - num_slots * per_slot) // max(per_block, 1)
         # More blocks than max_num_seqs sequences of the longest length can never be in use at
         # once: do not take that memory (a tiny model on a big GPU would take it all).
@@ -136,9 +139,10 @@ class LLMEngine:
             from .parallel_workers import share_cache_geometry
             share_cache_geometry(num_slots + 1, self.num_blocks + 1, margin, kv_fp8)
         self.block_manager = BlockManager(self.num_blocks, num_slots, BLOCK_TOKENS)
+        self.prefix_cache = PrefixCache(self.block_manager, snapshots) if snapshots else None
         self.scheduler = Scheduler(self.block_manager, ec.max_num_seqs,
                                    resolved_batched_tokens(ec, self.device),
-                                   lookahead=ec.speculative_tokens)
+                                   lookahead=ec.speculative_tokens, prefix_cache=self.prefix_cache)
         self.eos_token_ids = _eos_token_ids(cfg, generation_config)
         sampler = Sampler(sorted(self.eos_token_ids), make_generator(ec.seed, self.device))
         if ec.speculative_tokens and not model.mtp:
@@ -224,6 +228,9 @@ class LLMEngine:
                 f"max_num_batched_tokens or gpu_memory_utilization") from e
         self.prompt_tokens_total = self.generation_tokens_total = 0
         self.scheduler.num_preemptions = 0
+        if self.prefix_cache is not None:  # the warm-up prompts are nobody's prefixes
+            self.prefix_cache.clear()
+            self.prefix_cache.queries = self.prefix_cache.hits = 0
         if self.runner.proposer is not None:
             self.runner.proposer.reset_stats()
         logger.info("warmed up prefill steps of %d tokens in %.1f s", budget,
@@ -238,14 +245,16 @@ class LLMEngine:
                   speculative_tokens: int = 0, enforce_eager: bool = False,
                   load_format: str = "auto", kv_cache_dtype: str = "auto",
                   cuda_graph_max_len: int | None = None, tensor_parallel_size: int = 1,
-                  async_scheduling: bool = True, warmup: bool = True) -> "LLMEngine":
+                  async_scheduling: bool = True, warmup: bool = True,
+                  enable_prefix_caching: bool = False) -> "LLMEngine":
         ec = EngineConfig(dtype=dtype, device=device, max_model_len=max_model_len,
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           gpu_memory_utilization=gpu_memory_utilization,
                           cpu_cache_bytes=cpu_cache_bytes, speculative_tokens=speculative_tokens,
                           enforce_eager=enforce_eager, seed=seed, kv_cache_dtype=kv_cache_dtype,
                           cuda_graph_max_len=cuda_graph_max_len,
-                          async_scheduling=async_scheduling, warmup=warmup)
+                          async_scheduling=async_scheduling, warmup=warmup,
+                          enable_prefix_caching=enable_prefix_caching)
         ec.validate()  # before the (possibly long) model load
         dev = torch.device(device) if device else default_device()
         if tensor_parallel_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -418,14 +427,41 @@ class LLMEngine:
         if not sched.chunks:
             return []
         start = time.time()
-        return self._process(sched.chunks, self.runner.run(sched.chunks), start)
+        return self._process(sched.chunks, self._run(sched.chunks), start)
 
     def _schedule(self):
         sched = self.scheduler.schedule()
         if not sched.chunks and self.scheduler.has_unfinished():
             # cannot happen: an empty cache fits any request
             raise RuntimeError("the scheduler could not schedule any of the queued requests")
+        if sched.copies:  # resumed prefixes: their snapshots into the sequences' slots
+            self._copy_slots(sched.copies)
         return sched
+
+    def _run(self, chunks):
+        """Run a step on the host's tokens; then snapshot the sequences it brought to their
+        cache points (prefix caching), before any later step moves their slots on."""
+        out = self.runner.run(chunks)
+        if self.prefix_cache is not None:
+            copies = []
+            for c in chunks:
+                seq = c.seq
+                if seq.cache_point is not None and c.start + c.num_tokens == seq.cache_point:
+                    to = self.prefix_cache.insert(seq.cache_name,
+                                                  c.block_table[:seq.cache_point // BLOCK_TOKENS],
+                                                  c.slot)
+                    if to is not None:
+                        copies.append((c.slot, to))
+                    seq.cache_point = None
+            if copies:
+                self._copy_slots(copies)
+        return out
+
+    def _copy_slots(self, pairs: list[tuple[int, int]]) -> None:
+        if self.runner.lockstep:
+            self.model.copy_slots(self.cache, pairs)
+        else:
+            self.cache.copy_slots(pairs)
 
     def _step_async(self) -> list[RequestOutput]:
         """Async scheduling. While a launched decode step runs, the next one is scheduled and
@@ -442,7 +478,7 @@ class LLMEngine:
             start = time.time()
             if (self.scheduler.waiting or not self.runner.overlappable(sched.chunks)
                     or all(self._ends_by_length(c.seq) for c in sched.chunks)):
-                return self._process(sched.chunks, self.runner.run(sched.chunks), start)
+                return self._process(sched.chunks, self._run(sched.chunks), start)
             self._launch(sched.chunks, None, start)
             return []
         nxt = self._schedule_ahead(pending)
@@ -558,6 +594,8 @@ class LLMEngine:
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=self.prefix_cache.queries if self.prefix_cache else 0,
+            prefix_cache_hits=self.prefix_cache.hits if self.prefix_cache else 0,
             **self._spec_counts())
 
     def _spec_counts(self) -> dict:

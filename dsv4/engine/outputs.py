@@ -66,6 +66,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    num_cached_tokens: int = 0  # prompt tokens resumed from the prefix cache (first sequence)
 
 
 @dataclass
@@ -79,6 +80,9 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     num_preemptions: int
+    # Prefix caching: prompt tokens of admitted sequences, and of those resumed from the cache.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
     # Speculative decoding (empty when off): per draft position, drafts verified and accepted.
     spec_proposed: tuple[int, ...] = ()
     spec_accepted: tuple[int, ...] = ()

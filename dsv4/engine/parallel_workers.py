@@ -97,6 +97,11 @@ class LockstepModel:
         _bcast(("graphs", graph_args))
         return LockstepGraphs(CUDAGraphRunner(self._model, cache, **graph_args))
 
+    def copy_slots(self, cache: ModelCache, pairs: list[tuple[int, int]]) -> None:
+        """`ModelCache.copy_slots` on every rank (each holds a full copy of the caches)."""
+        _bcast(("copy", pairs))
+        cache.copy_slots(pairs)
+
     def stop(self) -> None:
         _bcast(("stop",))
 
@@ -149,6 +154,9 @@ def worker_loop(model, cache: ModelCache) -> None:
             cmd = _bcast(None)
             if cmd[0] == "stop":
                 return
+            if cmd[0] == "copy":
+                cache.copy_slots(cmd[1])
+                continue
             if cmd[0] == "graphs":
                 from .cuda_graph import CUDAGraphRunner
                 graphs = CUDAGraphRunner(model, cache, **cmd[1], with_logits=False)

@@ -10,6 +10,11 @@ When a running sequence cannot get the blocks for its chunk, the newest running 
 preempted: its blocks and slot are freed and it goes back to the front of the queue with all its
 tokens so far, to be recomputed later as a longer prompt. Preempting from the back of `running`
 never touches a sequence already scheduled in this step.
+
+With a prefix cache (`cache/prefix_cache.py`), a sequence admitted with a cached prefix starts
+at its end (the step first copies the prefix's state snapshot into the sequence's slot:
+`SchedulerOutput.copies`), and a prefill chunk never runs past the sequence's cache point (its
+last block boundary before its last token), where the engine takes the snapshot.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..cache.block_manager import BlockManager
+from ..cache.prefix_cache import PrefixCache, prefix_hashes
 from .sequence import Sequence, SequenceStatus
 
 
@@ -46,6 +52,7 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (from, to) slots, run first
 
     @property
     def num_tokens(self) -> int:
@@ -56,10 +63,11 @@ class Scheduler:
     """FCFS continuous batching under `max_num_batched_tokens` and `max_num_seqs`."""
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 lookahead: int = 0):
+                 lookahead: int = 0, prefix_cache: PrefixCache | None = None):
         """`lookahead`: extra positions each sequence's blocks must cover beyond its chunk (the
         MTP layer writes its K-1 chained drafts there)."""
         self.block_manager = block_manager
+        self.prefix_cache = prefix_cache
         self.lookahead = lookahead
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -81,7 +89,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_uncomputed, budget)
+            n = self._upto_cache_point(seq, min(seq.num_uncomputed, budget))
             drafts = len(seq.drafts) if n == seq.num_uncomputed else 0
             if n + drafts > budget:
                 drafts = 0
@@ -99,9 +107,18 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed, budget)
-            if not bm.can_allocate(seq.seq_id, n + self.lookahead):
+            copy = self._resume(seq) if self.prefix_cache is not None else None
+            n = self._upto_cache_point(seq, min(seq.num_uncomputed, budget))
+            if not bm.can_allocate(seq.seq_id, seq.num_computed + n + self.lookahead):
+                if copy is not None:  # give the prefix back; it is looked up again next time
+                    bm.free(seq.seq_id)
+                    seq.num_computed = seq.num_cached_tokens = 0
                 break  # wait for blocks to be freed; never preempt to admit
+            if copy is not None:
+                out.copies.append(copy)
+            if self.prefix_cache is not None:
+                self.prefix_cache.queries += len(seq.token_ids)
+                self.prefix_cache.hits += seq.num_cached_tokens
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -117,6 +134,35 @@ class Scheduler:
         if not all(bm.can_allocate(s.seq_id, s.num_computed + 1 + self.lookahead) for s in seqs):
             return None
         return [self._chunk(s, 1) for s in seqs]
+
+    def _resume(self, seq: Sequence) -> tuple[int, int] | None:
+        """Look `seq` up in the prefix cache and set its cache point. On a hit the sequence
+        takes the prefix's blocks and a slot and starts at the prefix's end: returns the
+        (snapshot, slot) copy to run before its first chunk."""
+        seq.cache_point, seq.cache_name, seq.num_cached_tokens = None, None, 0
+        if seq.request.params.prompt_logprobs is not None:
+            return None  # every prompt position must be computed to be scored
+        size = self.block_manager.block_size
+        point = (len(seq.token_ids) - 1) // size  # blocks before the last token
+        if point == 0:
+            return None
+        names = prefix_hashes(seq.token_ids, size, point)
+        hit = self.prefix_cache.lookup(names)
+        copy = None
+        if hit is not None:
+            self.block_manager.adopt(seq.seq_id, hit.blocks)
+            seq.num_computed = seq.num_cached_tokens = hit.num_tokens
+            copy = (hit.slot, self.block_manager.slot(seq.seq_id))
+        if point * size > seq.num_computed:
+            seq.cache_point, seq.cache_name = point * size, names[-1]
+        return copy
+
+    @staticmethod
+    def _upto_cache_point(seq: Sequence, n: int) -> int:
+        """A prefill chunk stops at the sequence's cache point (the engine snapshots it there)."""
+        if seq.cache_point is not None and seq.num_computed < seq.cache_point:
+            return min(n, seq.cache_point - seq.num_computed)
+        return n
 
     def _chunk(self, seq: Sequence, n: int, drafts: int = 0) -> ScheduledChunk:
         if not drafts:

@@ -1,8 +1,8 @@
 """Requests and their sequences: the engine's per-request state.
 
 A `Request` is one submitted prompt with its `SamplingParams`; it owns `n` `Sequence`s, one per
-completion. Each sequence has its own cache slot and blocks (no prefix sharing), so the
-scheduler treats sequences, not requests, as the unit of work.
+completion. Each sequence has its own cache slot and blocks (blocks of a cached prompt prefix
+are shared), so the scheduler treats sequences, not requests, as the unit of work.
 
 A sequence is `token_ids` (prompt + output so far) of which the first `num_computed` have their
 kv in the cache. One rule covers prefill, chunked prefill, decode and recompute after
@@ -59,6 +59,11 @@ class Sequence:
         # the sequence) and the distributions they were drawn from [K, V].
         self.drafts: list[int] = []
         self.draft_probs: torch.Tensor | None = None
+        # Prefix caching (scheduler.py): tokens resumed from a cached prefix at admission, and
+        # the block boundary where this sequence's state is to be cached, with its name.
+        self.num_cached_tokens = 0
+        self.cache_point: int | None = None
+        self.cache_name: bytes | None = None
 
     @property
     def params(self) -> SamplingParams:
@@ -189,4 +194,5 @@ class Request:
             prompt_token_ids=self.prompt_token_ids,  # shared, not copied: every step's output
             prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
             outputs=[s.output() for s in self.seqs], finished=self.finished,
-            metrics=RequestMetrics(**vars(self.metrics)))
+            metrics=RequestMetrics(**vars(self.metrics)),
+            num_cached_tokens=self.seqs[0].num_cached_tokens)

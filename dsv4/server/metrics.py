@@ -49,6 +49,10 @@ class _EngineStatsCollector(Collector):
             ("dsv4:generation_tokens", "Tokens generated.", s.generation_tokens_total),
             ("dsv4:num_preemptions", "Requests preempted for lack of KV-cache blocks.",
              s.num_preemptions),
+            ("dsv4:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+             s.prefix_cache_queries),
+            ("dsv4:prefix_cache_hits", "Prompt tokens resumed from the prefix cache.",
+             s.prefix_cache_hits),
         ]
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=float(value))

@@ -180,7 +180,7 @@ class OpenAIServingChat(OpenAIServing):
         return {
             "id": request_id, "object": "chat.completion", "created": now(),
             "model": self.model_name, "choices": choices,
-            "usage": usage(len(final.prompt_token_ids), completion_tokens),
+            "usage": usage(len(final.prompt_token_ids), completion_tokens, final.num_cached_tokens),
         }
 
     async def _stream(self, request: ChatCompletionRequest, request_id: str,
@@ -226,5 +226,6 @@ class OpenAIServingChat(OpenAIServing):
             completion_tokens = sum(len(o.token_ids) for o in final.outputs)
             yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
                        "model": self.model_name, "choices": [],
-                       "usage": usage(len(final.prompt_token_ids), completion_tokens)})
+                       "usage": usage(len(final.prompt_token_ids), completion_tokens,
+                                      final.num_cached_tokens)})
         yield SSE_DONE

@@ -118,7 +118,8 @@ class OpenAIServingCompletion(OpenAIServing):
             "id": base, "object": "text_completion", "created": now(), "model": self.model_name,
             "choices": choices,
             "usage": usage(sum(len(f.prompt_token_ids) for f in finals),
-                           sum(len(o.token_ids) for f in finals for o in f.outputs)),
+                           sum(len(o.token_ids) for f in finals for o in f.outputs),
+                           sum(f.num_cached_tokens for f in finals)),
         }
 
     async def _stream(self, request: CompletionRequest, base: str, streams: list[AsyncIterator[Any]],
@@ -133,6 +134,7 @@ class OpenAIServingCompletion(OpenAIServing):
         base_offset = [0] * (len(streams) * n)  # text offsets after an echoed prompt's tokens
         prompt_tokens = [0] * len(streams)
         completion_tokens = [0] * len(streams)
+        cached_tokens = [0] * len(streams)
 
         def chunk(index: int, text: str, finish_reason: str | None, logprobs: Any) -> str:
             return sse({"id": base, "object": "text_completion", "created": created,
@@ -143,6 +145,7 @@ class OpenAIServingCompletion(OpenAIServing):
         try:
             async for p, output in merge(streams):
                 prompt_tokens[p] = len(output.prompt_token_ids)
+                cached_tokens[p] = output.num_cached_tokens
                 completion_tokens[p] = sum(len(o.token_ids) for o in output.outputs)
                 for o in output.outputs:
                     i = p * n + o.index
@@ -172,5 +175,6 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.include_usage:
             yield sse({"id": base, "object": "text_completion", "created": created,
                        "model": self.model_name, "choices": [],
-                       "usage": usage(sum(prompt_tokens), sum(completion_tokens))})
+                       "usage": usage(sum(prompt_tokens), sum(completion_tokens),
+                                      sum(cached_tokens))})
         yield SSE_DONE

@@ -1,0 +1,103 @@
+"""Prompt-prefix caching for DeepSeek-V4's caches (CPU bookkeeping, no torch).
+
+Resuming a sequence at token position P needs two things. Its compressed rows and indexer keys
+before P live in paged blocks, which other sequences can share by reference. Its slot's state
+at P (the sliding-window ring and the compressors' open windows, `kv_cache.py`) is overwritten
+by the tokens after P, so it has to be copied out when a sequence has computed exactly P tokens.
+A cached prefix is therefore a block-aligned P, the blocks before it and a *snapshot*: a slot
+holding a copy of that state. The scheduler ends a prefill chunk at P so that the copy can be
+taken; a later prompt that starts with those P tokens (and goes on past them) copies the
+snapshot into its own slot, takes the blocks and starts computing at P.
+
+Each prompt is cached at one point, its last block boundary: a repeated prompt, or a
+conversation's next turn (whose prompt starts with the previous one), resumes there. Prompts
+that share only a shorter prefix (a common system prompt followed by different questions) do
+not meet: a snapshot at every boundary would cost about forty blocks' memory each (Flash: 17
+MiB a slot, 0.44 MiB a block). Prefixes are named by a SHA-256 chain over their blocks' token
+ids; the least recently used entry goes when blocks or slots run short.
+"""
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .block_manager import BlockManager
+
+__all__ = ["CachedPrefix", "PrefixCache", "prefix_hashes"]
+
+
+def prefix_hashes(tokens: list[int], block_size: int, num_blocks: int) -> list[bytes]:
+    """h[j]: the name of tokens[:(j + 1) * block_size], chained block by block."""
+    out, h = [], b""
+    for j in range(num_blocks):
+        block = tokens[j * block_size:(j + 1) * block_size]
+        h = hashlib.sha256(h + array("q", block).tobytes()).digest()
+        out.append(h)
+    return out
+
+
+@dataclass
+class CachedPrefix:
+    num_tokens: int  # P, a multiple of the block size
+    blocks: list[int]  # the P / block_size blocks before P
+    slot: int  # the snapshot of a slot at P
+
+
+class PrefixCache:
+    """Cached prefixes by name, least recently used first; holds a reference to each entry's
+    blocks and owns its snapshot slot. At most `max_entries` entries."""
+
+    def __init__(self, block_manager: BlockManager, max_entries: int):
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self.bm, self.max_entries = block_manager, max_entries
+        self.block_size = block_manager.block_size
+        self._entries: OrderedDict[bytes, CachedPrefix] = OrderedDict()
+        block_manager.reclaim = self.evict_one
+        self.queries = 0  # prompt tokens looked up
+        self.hits = 0  # of which found cached
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, hashes: list[bytes]) -> CachedPrefix | None:
+        """The longest cached prefix among these names (`prefix_hashes`), marked as used."""
+        for h in reversed(hashes):
+            entry = self._entries.get(h)
+            if entry is not None:
+                self._entries.move_to_end(h)
+                return entry
+        return None
+
+    def insert(self, name: bytes, blocks: list[int], slot: int) -> int | None:
+        """Cache the prefix `name` made of `blocks`, whose state is in `slot` now: returns the
+        slot to copy that state into (the caller copies it before the slot changes), or None
+        when the prefix is cached already or no slot can be had."""
+        if name in self._entries:
+            self._entries.move_to_end(name)
+            return None
+        while len(self._entries) >= self.max_entries:
+            self.evict_one()
+        snapshot = self.bm.take_slot()
+        if snapshot is None and self.evict_one():
+            snapshot = self.bm.take_slot()
+        if snapshot is None:
+            return None
+        self.bm.hold(blocks)
+        self._entries[name] = CachedPrefix(len(blocks) * self.block_size, list(blocks), snapshot)
+        return snapshot
+
+    def evict_one(self) -> bool:
+        """Drop the least recently used entry; False when there is none."""
+        if not self._entries:
+            return False
+        _, entry = self._entries.popitem(last=False)
+        self.bm.release(entry.blocks)
+        self.bm.give_slot(entry.slot)
+        return True
+
+    def clear(self) -> None:
+        while self.evict_one():
+            pass
