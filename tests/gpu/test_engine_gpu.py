@@ -88,3 +88,21 @@ def test_fp8_rows_are_the_cuda_default_and_give_the_bf16_rows_logprobs():
         f"prompt logprobs differ: mean {diff.mean():.4f}, 98th percentile " \
         f"{diff.quantile(0.98):.4f}, max {diff.max():.4f}"
     assert len(toks["auto"]) == 8
+
+
+def test_prefix_caching_resumes_prompts_with_the_full_prefills_tokens():
+    """`enable_prefix_caching`: prompts resumed from snapshots (slot copies on the GPU, graph
+    decoding after them) give the tokens of an engine that prefills them in full."""
+    long = [[16 + (i * 53 + j * 7) % 490 for j in range(n)] for i, n in enumerate([300, 140])]
+    prompts = long + [long[0][:256] + [20, 21, 22], long[1] + [30] * 130]
+    params = SamplingParams(temperature=0, max_tokens=24)
+    kw = dict(model="tiny", dtype="float32", device="cuda", max_num_seqs=8,
+              gpu_memory_utilization=0.2)
+    want = [o.outputs[0].token_ids for o in LLM(**kw).generate(prompts, params, use_tqdm=False)]
+    llm = LLM(enable_prefix_caching=True, **kw)
+    first = llm.generate(long, params, use_tqdm=False)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in first] == want[:2]
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert [o.num_cached_tokens for o in outs] == [256, 128, 256, 128]
+    torch.cuda.empty_cache()
