@@ -44,9 +44,11 @@ def test_cache_evicts_least_recently_used_entries_for_blocks_and_slots():
     assert pc.insert(names[1], t, bm.slot("s")) is None  # cached already
     bm.free("s")
     assert bm.num_free_blocks == 2 and bm.num_free_slots == 2  # the entry holds 2 and 1
-    hit = pc.lookup(names)
+    hit, shared = pc.lookup(names)
     assert hit.num_tokens == 8 and hit.blocks == t
-    assert pc.lookup(prefix_hashes([7] * 12, 4, 3)) is None
+    assert shared is None  # names[2] was never looked up before
+    assert pc.lookup(names) == (hit, 3)  # now it was, without a snapshot there
+    assert pc.lookup(prefix_hashes([7] * 12, 4, 3)) == (None, None)
     # an allocation that needs the entry's blocks evicts it
     assert bm.can_allocate("x", 16) and len(pc) == 0
     bm.allocate("x", 16)
@@ -55,7 +57,8 @@ def test_cache_evicts_least_recently_used_entries_for_blocks_and_slots():
     u = bm.block_table("x")
     for j in range(3):
         pc.insert(bytes([j]), u[:1], bm.slot("x"))
-    assert len(pc) == 2 and pc.lookup([bytes([0])]) is None and pc.lookup([bytes([2])]) is not None
+    assert len(pc) == 2 and pc.lookup([bytes([0])])[0] is None
+    assert pc.lookup([bytes([2])])[0] is not None
 
 
 def _engine(**kw) -> LLMEngine:
@@ -135,6 +138,19 @@ def test_cache_under_memory_pressure_evicts_and_preempts_without_changing_output
     again = [_run(pc, [prompts[3]], params)[0] for _ in range(2)]
     assert again[1].num_cached_tokens == 256
     _same(again, got[3:4] * 2, tol=1e-3)
+
+
+def test_prompts_sharing_a_system_prompt_meet_from_the_third_on():
+    """S + q1, S + q2, S + q3 (S 300 tokens, different 200-token questions): the second sees
+    that the first shared its first 256 tokens and snapshots there; the third resumes."""
+    rng = random.Random(3)
+    tok = lambda n: [rng.randrange(3, CFG.vocab_size) for _ in range(n)]  # noqa: E731
+    system = tok(300)
+    prompts = [system + tok(200) for _ in range(3)]
+    pc, ref = _engine(enable_prefix_caching=True), _engine()
+    got = [_run(pc, [p])[0] for p in prompts]
+    _same(got, _run(ref, prompts))
+    assert [o.num_cached_tokens for o in got] == [0, 0, 256]
 
 
 def test_prompt_logprobs_requests_compute_every_position():

@@ -9,12 +9,14 @@ holding a copy of that state. The scheduler ends a prefill chunk at P so that th
 taken; a later prompt that starts with those P tokens (and goes on past them) copies the
 snapshot into its own slot, takes the blocks and starts computing at P.
 
-Each prompt is cached at one point, its last block boundary: a repeated prompt, or a
-conversation's next turn (whose prompt starts with the previous one), resumes there. Prompts
-that share only a shorter prefix (a common system prompt followed by different questions) do
-not meet: a snapshot at every boundary would cost about forty blocks' memory each (Flash: 17
-MiB a slot, 0.44 MiB a block). Prefixes are named by a SHA-256 chain over their blocks' token
-ids; the least recently used entry goes when blocks or slots run short.
+A snapshot at every boundary would cost about forty blocks' memory each (Flash: 17 MiB a slot,
+0.44 MiB a block), so a prompt is cached at its last block boundary (a repeated prompt, or a
+conversation's next turn, whose prompt starts with the previous one, resumes there) and at the
+longest boundary up to which an earlier prompt was the same: prompts that share a system
+prompt and go different ways meet from the third on (the second takes the snapshot). Prefixes
+are named by a SHA-256 chain over their blocks' token ids; the cache remembers the names it
+was asked about lately, and drops its least recently used entry when blocks or slots run
+short.
 """
 from __future__ import annotations
 
@@ -55,6 +57,9 @@ class PrefixCache:
         self.bm, self.max_entries = block_manager, max_entries
         self.block_size = block_manager.block_size
         self._entries: OrderedDict[bytes, CachedPrefix] = OrderedDict()
+        # names of prefixes looked up lately, cached or not (`lookup`'s shared boundary)
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self.max_seen = 1 << 16
         block_manager.reclaim = self.evict_one
         self.queries = 0  # prompt tokens looked up
         self.hits = 0  # of which found cached
@@ -62,14 +67,26 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, hashes: list[bytes]) -> CachedPrefix | None:
-        """The longest cached prefix among these names (`prefix_hashes`), marked as used."""
-        for h in reversed(hashes):
-            entry = self._entries.get(h)
+    def lookup(self, names: list[bytes]) -> tuple[CachedPrefix | None, int | None]:
+        """The longest cached prefix among a prompt's prefix names (`prefix_hashes`), marked as
+        used; and the most blocks, beyond that prefix's, up to which an earlier prompt looked
+        up was the same (a boundary worth a snapshot: a shared system prompt), or None. Notes
+        these names as seen."""
+        hit, shared = None, None
+        for j in range(len(names), 0, -1):
+            entry = self._entries.get(names[j - 1])
             if entry is not None:
-                self._entries.move_to_end(h)
-                return entry
-        return None
+                self._entries.move_to_end(names[j - 1])
+                hit = entry
+                break
+            if shared is None and names[j - 1] in self._seen:
+                shared = j
+        for name in names:
+            self._seen[name] = None
+            self._seen.move_to_end(name)
+        while len(self._seen) > self.max_seen:
+            self._seen.popitem(last=False)
+        return hit, shared
 
     def insert(self, name: bytes, blocks: list[int], slot: int) -> int | None:
         """Cache the prefix `name` made of `blocks`, whose state is in `slot` now: returns the

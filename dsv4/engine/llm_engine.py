@@ -446,13 +446,12 @@ class LLMEngine:
             copies = []
             for c in chunks:
                 seq = c.seq
-                if seq.cache_point is not None and c.start + c.num_tokens == seq.cache_point:
-                    to = self.prefix_cache.insert(seq.cache_name,
-                                                  c.block_table[:seq.cache_point // BLOCK_TOKENS],
+                if seq.cache_points and c.start + c.num_tokens == seq.cache_points[0][0]:
+                    point, name = seq.cache_points.pop(0)
+                    to = self.prefix_cache.insert(name, c.block_table[:point // BLOCK_TOKENS],
                                                   c.slot)
                     if to is not None:
                         copies.append((c.slot, to))
-                    seq.cache_point = None
             if copies:
                 self._copy_slots(copies)
         return out

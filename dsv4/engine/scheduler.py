@@ -13,8 +13,9 @@ never touches a sequence already scheduled in this step.
 
 With a prefix cache (`cache/prefix_cache.py`), a sequence admitted with a cached prefix starts
 at its end (the step first copies the prefix's state snapshot into the sequence's slot:
-`SchedulerOutput.copies`), and a prefill chunk never runs past the sequence's cache point (its
-last block boundary before its last token), where the engine takes the snapshot.
+`SchedulerOutput.copies`), and a prefill chunk never runs past the sequence's next cache point
+(its last block boundary before its last token, and the boundary up to which an earlier prompt
+was the same), where the engine takes a snapshot.
 """
 from __future__ import annotations
 
@@ -136,32 +137,34 @@ class Scheduler:
         return [self._chunk(s, 1) for s in seqs]
 
     def _resume(self, seq: Sequence) -> tuple[int, int] | None:
-        """Look `seq` up in the prefix cache and set its cache point. On a hit the sequence
+        """Look `seq` up in the prefix cache and set its cache points. On a hit the sequence
         takes the prefix's blocks and a slot and starts at the prefix's end: returns the
         (snapshot, slot) copy to run before its first chunk."""
-        seq.cache_point, seq.cache_name, seq.num_cached_tokens = None, None, 0
+        seq.cache_points, seq.num_cached_tokens = [], 0
         if seq.request.params.prompt_logprobs is not None:
             return None  # every prompt position must be computed to be scored
         size = self.block_manager.block_size
-        point = (len(seq.token_ids) - 1) // size  # blocks before the last token
-        if point == 0:
+        last = (len(seq.token_ids) - 1) // size  # blocks before the last token
+        if last == 0:
             return None
-        names = prefix_hashes(seq.token_ids, size, point)
-        hit = self.prefix_cache.lookup(names)
+        names = prefix_hashes(seq.token_ids, size, last)
+        hit, shared = self.prefix_cache.lookup(names)
         copy = None
         if hit is not None:
             self.block_manager.adopt(seq.seq_id, hit.blocks)
             seq.num_computed = seq.num_cached_tokens = hit.num_tokens
             copy = (hit.slot, self.block_manager.slot(seq.seq_id))
-        if point * size > seq.num_computed:
-            seq.cache_point, seq.cache_name = point * size, names[-1]
+        # its own last boundary, and one that an earlier prompt shared without a snapshot there
+        points = {last} | ({shared} if shared else set())
+        seq.cache_points = [(j * size, names[j - 1]) for j in sorted(points)
+                            if j * size > seq.num_computed]
         return copy
 
     @staticmethod
     def _upto_cache_point(seq: Sequence, n: int) -> int:
-        """A prefill chunk stops at the sequence's cache point (the engine snapshots it there)."""
-        if seq.cache_point is not None and seq.num_computed < seq.cache_point:
-            return min(n, seq.cache_point - seq.num_computed)
+        """A prefill chunk stops at the sequence's next cache point (snapshotted there)."""
+        if seq.cache_points and seq.num_computed < seq.cache_points[0][0]:
+            return min(n, seq.cache_points[0][0] - seq.num_computed)
         return n
 
     def _chunk(self, seq: Sequence, n: int, drafts: int = 0) -> ScheduledChunk:

@@ -60,10 +60,10 @@ class Sequence:
         self.drafts: list[int] = []
         self.draft_probs: torch.Tensor | None = None
         # Prefix caching (scheduler.py): tokens resumed from a cached prefix at admission, and
-        # the block boundary where this sequence's state is to be cached, with its name.
+        # the block boundaries still ahead where this sequence's state is to be cached, with
+        # the names of the prefixes there, in order.
         self.num_cached_tokens = 0
-        self.cache_point: int | None = None
-        self.cache_name: bytes | None = None
+        self.cache_points: list[tuple[int, bytes]] = []
 
     @property
     def params(self) -> SamplingParams:
