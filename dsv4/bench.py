@@ -61,11 +61,12 @@ def _engine(args):
     return LLMEngine.from_args(**engine_kwargs(args))
 
 
-def _prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]]:
+def _prompts(vocab: int, n: int, length: int, seed: int, prefix: list[int] = ()
+             ) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     # Leave the special-token ids (the low ids of our tokenizers) out of random prompts.
     lo = min(16, vocab - 1)
-    return torch.randint(lo, vocab, (n, length), generator=g).tolist()
+    return [list(prefix) + p for p in torch.randint(lo, vocab, (n, length), generator=g).tolist()]
 
 
 def _sync():
@@ -78,18 +79,21 @@ def run_bench(args) -> dict:
     n = args.batch_size if args.mode == "latency" else args.num_prompts
     try:
         return measure(engine, args.mode, n, args.input_len, args.output_len, args.seed, args.model,
-                       iters=args.num_iters)
+                       iters=args.num_iters, prefix_len=args.prefix_len)
     finally:
         engine.close()
 
 
 def measure(engine, mode: str, n: int, input_len: int, output_len: int, seed: int = 0,
-            label: str = "", iters: int = 1) -> dict:
+            label: str = "", iters: int = 1, prefix_len: int = 0) -> dict:
     """Submit n random prompts of input_len tokens at once, generate output_len tokens each;
     `iters` times (new prompts each time). Prefill rate: from the median iteration's prefill
-    time (its last first token); TTFT and decode step: medians over every request and step."""
+    time (its last first token); TTFT and decode step: medians over every request and step.
+    `prefix_len`: every prompt, warm-up included, starts with the same prefix_len random tokens
+    (a shared system prompt; vLLM's `--random-prefix-len`)."""
     from .engine.sampler import SamplingParams
     cfg = engine.model_config
+    prefix = _prompts(cfg.vocab_size, 1, prefix_len, seed + 10_000)[0] if prefix_len else []
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     # Warm-up with the measured shapes (other prompts, a few tokens each; at most one full
     # batch): Triton compiles a kernel per shape class on first use (prefill chunks, MoE batch
@@ -97,7 +101,7 @@ def measure(engine, mode: str, n: int, input_len: int, output_len: int, seed: in
     n_warm = min(n, getattr(engine, "max_num_seqs", n))
     warm = SamplingParams(temperature=0.0, ignore_eos=True,
                           max_tokens=warmup_tokens(engine, n_warm, input_len, output_len))
-    for i, p in enumerate(_prompts(cfg.vocab_size, n_warm, input_len, seed + 1)):
+    for i, p in enumerate(_prompts(cfg.vocab_size, n_warm, input_len, seed + 1, prefix)):
         engine.add_request(f"warmup-{i}-{time.monotonic_ns()}", p, warm)
     while engine.has_unfinished_requests():
         engine.step()
@@ -107,8 +111,11 @@ def measure(engine, mode: str, n: int, input_len: int, output_len: int, seed: in
     prefill_times: list[float] = []
     decode_steps: list[float] = []  # steps in which every request was already decoding
     elapsed = 0.0
+    pc = getattr(engine, "prefix_cache", None)
+    pc_before = (pc.queries, pc.hits) if pc is not None else None
     for it in range(iters):
-        prompts = _prompts(cfg.vocab_size, n, input_len, seed if it == 0 else seed + 1 + it)
+        prompts = _prompts(cfg.vocab_size, n, input_len, seed if it == 0 else seed + 1 + it,
+                           prefix)
         first, steps, dt = _one_pass(engine, prompts, params)
         ttft += first
         prefill_times.append(max(first) if first else float("nan"))
@@ -121,13 +128,13 @@ def measure(engine, mode: str, n: int, input_len: int, output_len: int, seed: in
     per_step = spec["mean_accepted_length"] if spec and spec["mean_accepted_length"] else 1.0
     tpot = step / per_step
     batch = min(n, engine.max_num_seqs)
-    ctx = input_len + output_len // 2
+    ctx = prefix_len + input_len + output_len // 2
     step_bytes = decode_bytes_per_step(engine.model, batch, ctx,
                                        getattr(getattr(engine, "cache", None), "kv_fp8", False))
     result = {
         "mode": mode, "model": label, "requests": n, "input_len": input_len,
         "output_len": output_len,
-        "prefill_tokens_per_s": n * input_len / prefill_time,
+        "prefill_tokens_per_s": n * (prefix_len + input_len) / prefill_time,
         "ttft_ms_median": 1e3 * ttft[len(ttft) // 2] if ttft else None,
         "tpot_ms_median": 1e3 * tpot,
         "decode_step_ms_median": 1e3 * step,
@@ -140,7 +147,13 @@ def measure(engine, mode: str, n: int, input_len: int, output_len: int, seed: in
     }
     if iters > 1:
         result["iterations"] = iters
-        result["prefill_tokens_per_s_per_iteration"] = [n * input_len / t for t in prefill_times]
+        result["prefill_tokens_per_s_per_iteration"] = [n * (prefix_len + input_len) / t
+                                                        for t in prefill_times]
+    if prefix_len:
+        result["prefix_len"] = prefix_len
+    if pc is not None:
+        queries, hits = pc.queries - pc_before[0], pc.hits - pc_before[1]
+        result["prefix_cache_hit_rate"] = hits / queries if queries else 0.0
     if spec:
         result["speculative"] = spec
     return result
@@ -188,8 +201,9 @@ def print_result(r: dict) -> None:
     def f(v, fmt):
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
     iters = f", {r['iterations']} passes" if r.get("iterations") else ""
+    prefix = f"{r['prefix_len']} shared + " if r.get("prefix_len") else ""
     print(f"== dsv4 bench {r['mode']}: {r['model']}, {r['requests']} requests, "
-          f"{r['input_len']} in / {r['output_len']} out{iters}")
+          f"{prefix}{r['input_len']} in / {r['output_len']} out{iters}")
     print(f"prefill throughput      {f(r['prefill_tokens_per_s'], '.1f')} tok/s")
     print(f"time to first token     {f(r['ttft_ms_median'], '.2f')} ms (median)")
     print(f"time per output token   {f(r['tpot_ms_median'], '.3f')} ms (median decode step)")
@@ -198,6 +212,8 @@ def print_result(r: dict) -> None:
     print(f"peak GPU memory         {f(r['peak_gpu_memory_gb'], '.2f')} GB")
     print(f"decode bytes per step   {f(r['decode_bytes_per_step_gb'], '.4f')} GB; "
           f"roofline fraction {f(r['decode_roofline_fraction'], '.1%')} of 4.8 TB/s")
+    if r.get("prefix_cache_hit_rate") is not None:
+        print(f"prefix cache hit rate   {r['prefix_cache_hit_rate']:.1%} of prompt tokens")
     if r.get("speculative"):
         print(f"speculative decoding    {json.dumps(r['speculative'])}")
 
@@ -211,6 +227,9 @@ def add_bench_cli(subparsers) -> None:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--prefix-len", type=int, default=0,
+                   help="every prompt starts with the same PREFIX_LEN random tokens (a shared "
+                        "system prompt; with --enable-prefix-caching they resume from the cache)")
     p.add_argument("--num-iters", type=int, default=1,
                    help="measured passes, each with new prompts; medians over all of them")
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
@@ -221,6 +240,8 @@ def _main(args: argparse.Namespace) -> int:
     for name in ("input_len", "output_len", "batch_size", "num_prompts", "num_iters"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    if args.prefix_len < 0:
+        raise SystemExit("--prefix-len must be >= 0")
     r = run_bench(args)
     print_result(r)
     if args.json:

@@ -69,3 +69,19 @@ def test_bench_warmup_runs_the_measured_passes_step_shapes():
     half = len(shapes) // 2
     assert half > 2 and any(len(s) > 1 and 1 in s for s in shapes), shapes
     assert shapes[:half] == shapes[half:], "the warm-up's prefill steps differ from the pass's"
+
+
+def test_bench_with_a_shared_prefix_reports_the_prefix_cache_hit_rate(tmp_path):
+    """--prefix-len: every prompt starts with the same tokens; with --enable-prefix-caching
+    the warm-up leaves them cached and the measured prompts resume from them."""
+    out = tmp_path / "r.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsv4.cli", "bench", "throughput", "--model", "tiny", "--device",
+         "cpu", "--prefix-len", "256", "--input-len", "20", "--output-len", "3", "--num-prompts",
+         "3", "--enable-prefix-caching", "--max-num-batched-tokens", "128", "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "256 shared + 20 in" in proc.stdout and "prefix cache hit rate" in proc.stdout
+    r = json.loads(out.read_text())
+    assert r["prefix_len"] == 256
+    assert abs(r["prefix_cache_hit_rate"] - 256 / 276) < 1e-9  # every prompt resumed at 256
