@@ -17,34 +17,22 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
 
 
-def test_two_nccl_ranks_give_the_logits_of_one_gpu():
+@pytest.mark.parametrize("lockstep", [False, True], ids=["eager", "graphs"])
+def test_two_nccl_ranks_give_the_logits_of_one_gpu(lockstep):
     """Tiny model, float32, the GPU kernels on both sides: each rank's MoE computes only its
     own experts (others' slots left out of the routing plan) and its slice of the shared
-    expert outside the kernels. A real error shows on every prompt; a rounding flip at an FP8
+    expert outside the kernels. `graphs`: rank 0 drives the worker as the engine does, the
+    prefill eagerly and the decode steps through CUDA graphs captured on both ranks with their
+    all-reduces inside (`LockstepModel.capture_graphs`), every other one with its token
+    written on the device. A real error shows on every prompt; a rounding flip at an FP8
     boundary on one at most."""
     clean, report = 0, []
     for seed in (1, 2, 3):
         prompt = torch.randint(16, 512, (40,), generator=torch.Generator().manual_seed(seed)).tolist()
         want, want_toks = run_one_process(prompt, "cuda:0")
-        got, toks = run_two_ranks(prompt, "nccl")
-        diff = (got - want).abs().amax(-1)
-        report.append(f"prompt {seed}: tokens {'agree' if toks == want_toks else 'differ'}, "
-                      f"max |dlogit| per step {[f'{d:.1e}' for d in diff.tolist()]}")
-        clean += bool(toks == want_toks and diff.max() < 5e-3)
-    print("\n".join(report))
-    assert clean >= 2, report
-
-
-def test_two_nccl_ranks_replay_cuda_graphs_like_one_gpu():
-    """Rank 0 drives the worker as the engine does: prefill eagerly, decode steps through CUDA
-    graphs captured on both ranks with their all-reduces inside (`LockstepModel.capture_graphs`)."""
-    clean, report = 0, []
-    for seed in (1, 2, 3):
-        prompt = torch.randint(16, 512, (40,), generator=torch.Generator().manual_seed(seed)).tolist()
-        want, want_toks = run_one_process(prompt, "cuda:0")
-        got, toks = run_two_ranks(prompt, "nccl", lockstep=True)
+        got, toks = run_two_ranks(prompt, "nccl", lockstep=lockstep)
         diff = (got - want[:, :got.shape[1]]).abs().amax(-1)
-        report.append(f"prompt {seed} (graphs): tokens {'agree' if toks == want_toks else 'differ'}, "
+        report.append(f"prompt {seed}: tokens {'agree' if toks == want_toks else 'differ'}, "
                       f"max |dlogit| per step {[f'{d:.1e}' for d in diff.tolist()]}")
         clean += bool(toks == want_toks and diff.max() < 5e-3)
     print("\n".join(report))
