@@ -136,8 +136,12 @@ class LLMEngine:
         self.cache = ModelCache(cfg, num_slots + 1, self.num_blocks + 1, margin, model.dtype,
                                 self.device, kv_fp8=kv_fp8, index_fp4=index_fp4)
         if hasattr(model, "stop"):  # tensor parallel: the workers allocate the same cache
+            from ..distributed import enable_one_shot_all_reduce
             from .parallel_workers import share_cache_geometry
             share_cache_geometry(num_slots + 1, self.num_blocks + 1, margin, kv_fp8)
+            if enable_one_shot_all_reduce(model.dtype, self.device):
+                logger.info("tensor parallel: all-reduces up to 1 MiB through the symmetric-"
+                            "memory one-shot kernel (DSV4_TP_ALLREDUCE=one-shot)")
         self.block_manager = BlockManager(self.num_blocks, num_slots, BLOCK_TOKENS)
         self.prefix_cache = PrefixCache(self.block_manager, snapshots) if snapshots else None
         self.scheduler = Scheduler(self.block_manager, ec.max_num_seqs,

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..cache.kv_cache import ModelCache
-from ..distributed import ParallelGroup
+from ..distributed import ParallelGroup, disable_one_shot_all_reduce, enable_one_shot_all_reduce
 from ..model.batch import ForwardBatch, SeqChunk
 
 logger = logging.getLogger(__name__)
@@ -136,6 +136,7 @@ def leave_group(timeout: float = 60.0) -> None:
     if not dist.is_initialized():
         return
     _commands = None
+    disable_one_shot_all_reduce()
     gc.collect()
     if torch.cuda.is_initialized():
         torch.cuda.synchronize()
@@ -214,6 +215,7 @@ def run_worker(model_name: str, kwargs: dict, device, tp: ParallelGroup, load) -
     num_slots, num_blocks, margin, kv_fp8 = share_cache_geometry()
     cache = ModelCache(cfg, num_slots, num_blocks, margin, model.dtype, device, kv_fp8=kv_fp8,
                        index_fp4=model.qat)
+    enable_one_shot_all_reduce(model.dtype, device)
     worker_loop(model, cache)
     leave_group()
 

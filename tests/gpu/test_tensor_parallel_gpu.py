@@ -39,9 +39,15 @@ def test_two_nccl_ranks_give_the_logits_of_one_gpu(lockstep):
     assert clean >= 2, report
 
 
-def test_engine_with_tp_graphs_generates_what_one_gpu_generates():
-    """The tensor-parallel engine decodes through CUDA graphs captured on every rank."""
+@pytest.mark.parametrize("allreduce", ["nccl", "one-shot"])
+def test_engine_with_tp_graphs_generates_what_one_gpu_generates(allreduce, monkeypatch):
+    """The tensor-parallel engine decodes through CUDA graphs captured on every rank, with
+    async scheduling (device-sampled ids broadcast to the workers); `one-shot`: small
+    all-reduces through torch's symmetric-memory kernel (DSV4_TP_ALLREDUCE=one-shot)."""
     from dsv4 import LLM, SamplingParams
+    from dsv4.distributed import _one_shot
+    if allreduce == "one-shot":
+        monkeypatch.setenv("DSV4_TP_ALLREDUCE", "one-shot")
     prompts = [[20 + (i * 7 + j) % 400 for j in range(n)] for i, n in enumerate((3, 40, 130))]
     params = SamplingParams(temperature=0, max_tokens=12)
     kw = {"model": "tiny", "dtype": "float32", "device": "cuda", "max_num_seqs": 4,
@@ -53,10 +59,13 @@ def test_engine_with_tp_graphs_generates_what_one_gpu_generates():
     two = LLM(**kw, tensor_parallel_size=2)
     try:
         assert two.llm_engine.runner.graphs is not None, "no CUDA graphs under TP"
+        assert two.llm_engine.async_scheduling
+        assert bool(_one_shot) == (allreduce == "one-shot")
         got = [o.outputs[0].token_ids for o in two.generate(prompts, params, use_tqdm=False)]
     finally:
         two.llm_engine.close()
-    print(f"TP=2 with graphs: {sum(a == b for a, b in zip(want, got))} of 3 prompts agree")
+    print(f"TP=2 with graphs, {allreduce}: {sum(a == b for a, b in zip(want, got))} of 3 "
+          "prompts agree")
     assert sum(a == b for a, b in zip(want, got)) >= 2, (want, got)
 
 
