@@ -193,6 +193,10 @@ class LLMEngine:
         used = num_slots * per_slot + self.num_blocks * per_block
         logger.info("%s (%s attention rows; %.1f MiB of a %.1f MiB budget on %s)", self.capacity,
                     self.kv_cache_dtype, used / 2**20, budget / 2**20, self.device)
+        if snapshots:
+            logger.info("prefix caching: up to %d cached prompt prefixes (snapshots of %.1f MiB "
+                        "each, %.1f MiB in all)", snapshots, per_slot / 2**20,
+                        snapshots * per_slot / 2**20)
         if self.device.type == "cuda":
             from ..kernels.moe_grouped_mm import policy
             from ..kernels.pdl import launch_policy
