@@ -162,3 +162,24 @@ def test_prompt_logprobs_requests_compute_every_position():
     got, want = _run(pc, [a], params)[0], _run(ref, [a], params)[0]
     assert got.num_cached_tokens == 0 and len(got.prompt_logprobs) == len(a)
     assert got.outputs[0].token_ids == want.outputs[0].token_ids
+
+
+def test_aborts_and_finishes_leak_no_blocks_or_slots():
+    """A request aborted mid-prefill after resuming from a cached prefix gives back its own
+    blocks and its references; once the cache is cleared every block and slot is free."""
+    rng = random.Random(4)
+    a = [rng.randrange(3, CFG.vocab_size) for _ in range(600)]
+    pc = _engine(enable_prefix_caching=True, max_num_batched_tokens=64)
+    _run(pc, [a])  # cached at 512
+    bm = pc.block_manager
+    held = bm.num_free_blocks
+    pc.add_request("x", a + [5] * 300, GREEDY)
+    pc.step()
+    pc.step()  # resumed at 512, two 64-token chunks in
+    assert pc.requests["x"].seqs[0].num_computed == 512 + 128
+    pc.abort_request("x")
+    assert bm.num_free_blocks == held and bm.num_seqs == 0
+    again = _run(pc, [a + [5] * 300])[0]
+    assert again.num_cached_tokens == 512
+    pc.prefix_cache.clear()
+    assert bm.num_free_blocks == bm.num_blocks and bm.num_free_slots == bm.num_slots
