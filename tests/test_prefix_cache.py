@@ -183,3 +183,16 @@ def test_aborts_and_finishes_leak_no_blocks_or_slots():
     assert again.num_cached_tokens == 512
     pc.prefix_cache.clear()
     assert bm.num_free_blocks == bm.num_blocks and bm.num_free_slots == bm.num_slots
+
+
+def test_parallel_samples_compute_their_prompt_once():
+    """n = 4 with prefix caching: the first completion prefills the prompt and snapshots it,
+    the other three wait for it and resume (seeded sampling: the same tokens as without)."""
+    rng = random.Random(5)
+    a = [rng.randrange(3, CFG.vocab_size) for _ in range(300)]
+    params = SamplingParams(n=4, temperature=0.8, seed=7, max_tokens=8, ignore_eos=True)
+    pc, ref = _engine(enable_prefix_caching=True), _engine()
+    got, want = _run(pc, [a], params)[0], _run(ref, [a], params)[0]
+    assert [o.token_ids for o in got.outputs] == [o.token_ids for o in want.outputs]
+    assert len({tuple(o.token_ids) for o in got.outputs}) > 1  # really four samples
+    assert pc.prefix_cache.hits == 3 * 256

@@ -108,6 +108,8 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if self.prefix_cache is not None and _sibling_ahead(seq):
+                break  # it resumes from the snapshot its sibling is computing
             copy = self._resume(seq) if self.prefix_cache is not None else None
             n = self._upto_cache_point(seq, min(seq.num_uncomputed, budget))
             if not bm.can_allocate(seq.seq_id, seq.num_computed + n + self.lookahead):
@@ -190,3 +192,10 @@ class Scheduler:
             self.waiting.remove(seq)
         if seq.seq_id in self.block_manager:
             self.block_manager.free(seq.seq_id)
+
+
+def _sibling_ahead(seq: Sequence) -> bool:
+    """Whether another completion of seq's request (n > 1) is prefilling the same prompt and
+    will snapshot it: parallel samples then compute their shared prompt once."""
+    return any(s is not seq and s.status is SequenceStatus.RUNNING and s.cache_points
+               for s in seq.request.seqs)
