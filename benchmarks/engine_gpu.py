@@ -7,9 +7,11 @@ Builds the model from its config with seeded random weights directly on the GPU
 decode latency at batch 1, decode throughput at batch 64 and 256 (batch 1 and 64 also without
 async scheduling, the "sync" rows), prefill tokens/s for 8K and 32K prompts, and MTP
 speculative decoding (K = 1..3) with the real (random) MTP drafts and with drafts forced to be
-accepted. Prints one table; every number comes from `dsv4.bench.measure`. The attention rows are
-packed FP8 (the CUDA default); `--kv-cache-dtype bfloat16` runs the same rows with plain bf16
-rows; `--no-mtp` skips the speculative rows and `--only decode,prefill,mtp` picks row groups.
+accepted; `--only prefix` adds 32 prompts of 512 tokens after a shared 4096-token prefix with
+and without prefix caching. Prints one table; every number comes from `dsv4.bench.measure`.
+The attention rows are packed FP8 (the CUDA default); `--kv-cache-dtype bfloat16` runs the
+same rows with plain bf16 rows; `--no-mtp` skips the speculative rows and `--only
+decode,prefill,mtp,prefix` picks row groups (default: all but prefix).
 """
 from __future__ import annotations
 
@@ -46,11 +48,11 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192,
                     help="the decode and prefill rows' chunked-prefill budget")
     ap.add_argument("--only", default="decode,prefill,mtp",
-                    help="comma list of the row groups to run: decode, prefill, mtp")
+                    help="comma list of the row groups to run: decode, prefill, mtp, prefix")
     a = ap.parse_args()
     only = set(a.only.split(","))
-    if only - {"decode", "prefill", "mtp"}:
-        ap.error(f"--only takes decode, prefill, mtp; got {a.only}")
+    if only - {"decode", "prefill", "mtp", "prefix"}:
+        ap.error(f"--only takes decode, prefill, mtp, prefix; got {a.only}")
     if a.no_mtp:
         only.discard("mtp")
     cfg = tiny_config(a.format, a.preset, a.layers)
@@ -66,8 +68,8 @@ def main() -> None:
           flush=True)
     rows = []
 
-    def run(label, engine, mode, n, inp, out, iters=1):
-        r = measure(engine, mode, n, inp, out, label=label, iters=iters)
+    def run(label, engine, mode, n, inp, out, iters=1, prefix_len=0):
+        r = measure(engine, mode, n, inp, out, label=label, iters=iters, prefix_len=prefix_len)
         r["label"] = label
         rows.append(r)
         print(json.dumps(r), flush=True)
@@ -95,6 +97,15 @@ def main() -> None:
     del e
     gc.collect()
     torch.cuda.empty_cache()
+    for cached in (False, True) if "prefix" in only else ():
+        e = engine_for(loaded, a.kv_cache_dtype, max_num_seqs=64,
+                       max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=8192,
+                       gpu_memory_utilization=0.85, enable_prefix_caching=cached)
+        run(f"4K shared prefix + 512, 32 prompts, prefix cache {'on' if cached else 'off'}", e,
+            "throughput", 32, 512, 32, prefix_len=4096)
+        del e
+        gc.collect()
+        torch.cuda.empty_cache()
     for k in (1, 2, 3) if "mtp" in only else ():
         e = engine_for(loaded, a.kv_cache_dtype, max_num_seqs=8, max_num_batched_tokens=8192,
                        max_model_len=min(8192, cfg.max_position_embeddings),
