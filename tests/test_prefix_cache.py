@@ -196,3 +196,23 @@ def test_parallel_samples_compute_their_prompt_once():
     assert [o.token_ids for o in got.outputs] == [o.token_ids for o in want.outputs]
     assert len({tuple(o.token_ids) for o in got.outputs}) > 1  # really four samples
     assert pc.prefix_cache.hits == 3 * 256
+
+
+@pytest.mark.parametrize("kw", [{}, {"async_scheduling": False}, {"speculative_tokens": 2}])
+def test_next_turn_resumes_after_the_previous_answer(kw):
+    """A sequence keeps an entry at the last boundary its generated tokens crossed: the next
+    turn (prompt + answer + more) resumes there, not at the previous prompt's boundary, with
+    the full computation's outputs; each sequence keeps one such entry."""
+    rng = random.Random(6)
+    a = [rng.randrange(3, CFG.vocab_size) for _ in range(300)]
+    params = SamplingParams(temperature=0.0, max_tokens=250, ignore_eos=True, logprobs=0)
+    pc, ref = _engine(enable_prefix_caching=True, **kw), _engine(**kw)
+    first = _run(pc, [a], params)[0]
+    _same([first], _run(ref, [a], params), tol=1e-3)
+    # the prompt's boundary (256) and the answer's last (512; 384 was replaced)
+    assert len(pc.prefix_cache) == 2
+    turn = a + list(first.outputs[0].token_ids) + [rng.randrange(3, CFG.vocab_size)
+                                                   for _ in range(30)]
+    got = _run(pc, [turn], GREEDY)
+    _same(got, _run(ref, [turn], GREEDY))
+    assert got[0].num_cached_tokens == 512

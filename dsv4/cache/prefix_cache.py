@@ -17,6 +17,12 @@ prompt and go different ways meet from the third on (the second takes the snapsh
 are named by a SHA-256 chain over their blocks' token ids; the cache remembers the names it
 was asked about lately, and drops its least recently used entry when blocks or slots run
 short.
+
+Generated text is cached too: a running sequence keeps one entry at the last boundary its
+tokens crossed, so a conversation's next turn, whose prompt holds the previous answer, resumes
+near its end. That snapshot is taken when the step's tokens reach the host, a step or two after
+the crossing, which is exact because the rings keep `margin` positions beyond what a position
+needs (`kv_cache.py`): the state at a boundary P is intact in the slot until P + margin.
 """
 from __future__ import annotations
 
@@ -30,13 +36,15 @@ from .block_manager import BlockManager
 __all__ = ["CachedPrefix", "PrefixCache", "prefix_hashes"]
 
 
-def prefix_hashes(tokens: list[int], block_size: int, num_blocks: int) -> list[bytes]:
-    """h[j]: the name of tokens[:(j + 1) * block_size], chained block by block."""
-    out, h = [], b""
-    for j in range(num_blocks):
+def prefix_hashes(tokens: list[int], block_size: int, num_blocks: int, start: int = 0,
+                  name: bytes = b"") -> list[bytes]:
+    """h[j - start]: the name of tokens[:(j + 1) * block_size] for j in [start, num_blocks),
+    chained block by block from `name`, the name of the first `start` blocks."""
+    out = []
+    for j in range(start, num_blocks):
         block = tokens[j * block_size:(j + 1) * block_size]
-        h = hashlib.sha256(h + array("q", block).tobytes()).digest()
-        out.append(h)
+        name = hashlib.sha256(name + array("q", block).tobytes()).digest()
+        out.append(name)
     return out
 
 
@@ -105,6 +113,13 @@ class PrefixCache:
         self.bm.hold(blocks)
         self._entries[name] = CachedPrefix(len(blocks) * self.block_size, list(blocks), snapshot)
         return snapshot
+
+    def remove(self, name: bytes) -> None:
+        """Drop the entry of this name, if cached."""
+        entry = self._entries.pop(name, None)
+        if entry is not None:
+            self.bm.release(entry.blocks)
+            self.bm.give_slot(entry.slot)
 
     def evict_one(self) -> bool:
         """Drop the least recently used entry; False when there is none."""

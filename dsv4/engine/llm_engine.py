@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..cache.block_manager import BlockManager
-from ..cache.prefix_cache import PrefixCache
+from ..cache.prefix_cache import PrefixCache, prefix_hashes
 from ..cache.kv_cache import BLOCK_TOKENS, ModelCache, block_bytes, slot_bytes
 from ..config import ConfigError, EngineConfig, ModelConfig, PRESETS, resolved_batched_tokens
 from ..distributed import SINGLE, ParallelGroup, check_parallel_config
@@ -464,6 +464,30 @@ class LLMEngine:
                 self._copy_slots(copies)
         return out
 
+    def _cache_tail(self, seq) -> None:
+        """Prefix caching of generated text: once a sequence's computed tokens cross a block
+        boundary P beyond its prompt's, it keeps an entry at P (replacing its previous one).
+        Taken now, with the tokens on the host, while the slot still holds P's state (within
+        the rings' margin; `prefix_cache.py`)."""
+        if seq.chain is None or seq.cache_points:
+            return
+        done, name = seq.chain
+        j = seq.num_computed // BLOCK_TOKENS
+        if j <= done or PENDING_TOKEN in seq.token_ids[done * BLOCK_TOKENS:j * BLOCK_TOKENS]:
+            return
+        seq.chain = (j, prefix_hashes(seq.token_ids, BLOCK_TOKENS, j, done, name)[-1])
+        if seq.num_computed - j * BLOCK_TOKENS >= self.cache.margin:
+            return  # moved on too far (cannot happen one or two steps after the crossing)
+        to = self.prefix_cache.insert(seq.chain[1],
+                                      self.block_manager.block_table(seq.seq_id)[:j],
+                                      self.block_manager.slot(seq.seq_id))
+        if to is None:
+            return
+        self._copy_slots([(self.block_manager.slot(seq.seq_id), to)])
+        if seq.tail_name is not None:
+            self.prefix_cache.remove(seq.tail_name)
+        seq.tail_name = seq.chain[1]
+
     def _copy_slots(self, pairs: list[tuple[int, int]]) -> None:
         if self.runner.lockstep:
             self.model.copy_slots(self.cache, pairs)
@@ -561,6 +585,8 @@ class LLMEngine:
             req.metrics.first_token_time = req.metrics.first_token_time or now
             req.metrics.last_token_time = now
             touched[req.request_id] = req
+            if self.prefix_cache is not None:
+                self._cache_tail(seq)
             if seq.is_finished:
                 self.scheduler.finish(seq)
         outputs = []

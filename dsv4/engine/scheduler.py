@@ -142,14 +142,16 @@ class Scheduler:
         """Look `seq` up in the prefix cache and set its cache points. On a hit the sequence
         takes the prefix's blocks and a slot and starts at the prefix's end: returns the
         (snapshot, slot) copy to run before its first chunk."""
-        seq.cache_points, seq.num_cached_tokens = [], 0
+        seq.cache_points, seq.num_cached_tokens, seq.chain = [], 0, None
         if seq.request.params.prompt_logprobs is not None:
             return None  # every prompt position must be computed to be scored
         size = self.block_manager.block_size
         last = (len(seq.token_ids) - 1) // size  # blocks before the last token
         if last == 0:
+            seq.chain = (0, b"")
             return None
         names = prefix_hashes(seq.token_ids, size, last)
+        seq.chain = (last, names[-1])
         hit, shared = self.prefix_cache.lookup(names)
         copy = None
         if hit is not None:

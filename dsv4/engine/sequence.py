@@ -64,6 +64,10 @@ class Sequence:
         # the names of the prefixes there, in order.
         self.num_cached_tokens = 0
         self.cache_points: list[tuple[int, bytes]] = []
+        # the name of the first `chain[0]` blocks of token_ids (None: not cached), and the
+        # entry this sequence keeps at the last boundary its generated tokens crossed
+        self.chain: tuple[int, bytes] | None = None
+        self.tail_name: bytes | None = None
 
     @property
     def params(self) -> SamplingParams:
