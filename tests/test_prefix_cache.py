@@ -216,3 +216,20 @@ def test_next_turn_resumes_after_the_previous_answer(kw):
     got = _run(pc, [turn], GREEDY)
     _same(got, _run(ref, [turn], GREEDY))
     assert got[0].num_cached_tokens == 512
+
+
+def test_slot_copies_run_in_order():
+    """`ModelCache.copy_slots` batches its pairs into multi-tensor copies, but a pair that
+    reads a slot an earlier pair writes sees the written state."""
+    import torch
+    from dsv4.cache.kv_cache import ModelCache
+    cache = ModelCache(CFG, num_slots=5, num_blocks=4)
+    for layer in cache.layers:
+        layer.win.copy_(torch.arange(5.0).view(5, 1, 1).expand_as(layer.win))
+        if layer.state is not None:
+            layer.state.score.copy_(torch.arange(5.0).view(5, 1, 1).expand_as(layer.state.score))
+    cache.copy_slots([(0, 1), (1, 2), (3, 0)])  # 1 <- 0, then 2 <- 1 (now 0's), 0 <- 3
+    for layer in cache.layers:
+        assert layer.win[:, 0, 0].tolist() == [3, 0, 0, 3, 4]
+        if layer.state is not None:
+            assert layer.state.score[:, -1, -1].tolist() == [3, 0, 0, 3, 4]

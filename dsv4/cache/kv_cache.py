@@ -162,14 +162,22 @@ class ModelCache:
 
     def copy_slots(self, pairs: list[tuple[int, int]]) -> None:
         """Slot `to` takes slot `src`'s window ring and compressor states in every layer, for
-        each (src, to) (prefix caching: snapshots of a sequence's state, and resuming from
-        one)."""
-        src = torch.tensor([a for a, _ in pairs], device=self.device)
-        to = torch.tensor([b for _, b in pairs], device=self.device)
+        each (src, to) in order (prefix caching: snapshots of a sequence's state, and resuming
+        from one). One multi-tensor copy per run of pairs that neither reads a slot an earlier
+        pair of the run writes nor writes one it reads; no index upload, no host sync."""
+        bufs = []
         for layer in self.layers:
-            bufs = [layer.win]
+            bufs.append(layer.win)
             for st in (layer.state, layer.idx_state):
                 if st is not None:
                     bufs += [st.kv, st.score]
-            for buf in bufs:
-                buf.index_copy_(0, to, buf.index_select(0, src))
+        runs: list[list[tuple[int, int]]] = [[]]
+        for a, b in pairs:
+            run = runs[-1]
+            if any(a == t or b == f for f, t in run):
+                runs.append(run := [])
+            run.append((a, b))
+        for run in runs:
+            if run:
+                torch._foreach_copy_([buf[t] for buf in bufs for _, t in run],
+                                     [buf[f] for buf in bufs for f, _ in run])

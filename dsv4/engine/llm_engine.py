@@ -464,11 +464,12 @@ class LLMEngine:
                 self._copy_slots(copies)
         return out
 
-    def _cache_tail(self, seq) -> None:
+    def _cache_tail(self, seq, copies: list[tuple[int, int]]) -> None:
         """Prefix caching of generated text: once a sequence's computed tokens cross a block
         boundary P beyond its prompt's, it keeps an entry at P (replacing its previous one).
         Taken now, with the tokens on the host, while the slot still holds P's state (within
-        the rings' margin; `prefix_cache.py`)."""
+        the rings' margin; `prefix_cache.py`): appends the copy into the entry's slot, which
+        the caller runs before any slot changes hands."""
         if seq.chain is None or seq.cache_points:
             return
         done, name = seq.chain
@@ -483,7 +484,7 @@ class LLMEngine:
                                       self.block_manager.slot(seq.seq_id))
         if to is None:
             return
-        self._copy_slots([(self.block_manager.slot(seq.seq_id), to)])
+        copies.append((self.block_manager.slot(seq.seq_id), to))
         if seq.tail_name is not None:
             self.prefix_cache.remove(seq.tail_name)
         seq.tail_name = seq.chain[1]
@@ -557,6 +558,7 @@ class LLMEngine:
         computed when the step was launched."""
         now = time.time()
         touched: dict[str, Request] = {}
+        tails: list[tuple[int, int]] = []  # snapshot copies of generated prefixes
         for chunk, toks, plp in zip(chunks, result.sampled, result.prompt_logprobs):
             seq, req = chunk.seq, chunk.seq.request
             if seq.is_finished:  # finished or aborted while this step ran ahead
@@ -586,9 +588,11 @@ class LLMEngine:
             req.metrics.last_token_time = now
             touched[req.request_id] = req
             if self.prefix_cache is not None:
-                self._cache_tail(seq)
+                self._cache_tail(seq, tails)
             if seq.is_finished:
                 self.scheduler.finish(seq)
+        if tails:
+            self._copy_slots(tails)
         outputs = []
         for req in touched.values():
             if req.finished:
