@@ -178,10 +178,12 @@ class LLMEngine:
                                "runs eagerly", e)
 
         self.requests: dict[str, Request] = {}
-        # Async scheduling; under tensor parallelism only with CUDA graphs (`overlappable`).
+        # Async scheduling; under tensor parallelism only with CUDA graphs (`overlappable`), and
+        # for now only with DSV4_TP_ASYNC=1 (its device-side id broadcast has not run on GPUs).
         # May be switched between steps (benchmarks compare both on one engine).
-        self.async_scheduling = ec.async_scheduling and (not self.runner.lockstep
-                                                         or graphs is not None)
+        self.async_scheduling = ec.async_scheduling and (
+            not self.runner.lockstep
+            or (graphs is not None and os.environ.get("DSV4_TP_ASYNC") == "1"))
         self._pending = None  # the decode step launched ahead of the host (StepHandle)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0

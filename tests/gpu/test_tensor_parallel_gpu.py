@@ -46,6 +46,7 @@ def test_engine_with_tp_graphs_generates_what_one_gpu_generates(allreduce, monke
     all-reduces through torch's symmetric-memory kernel (DSV4_TP_ALLREDUCE=one-shot)."""
     from dsv4 import LLM, SamplingParams
     from dsv4.distributed import _one_shot
+    monkeypatch.setenv("DSV4_TP_ASYNC", "1")
     if allreduce == "one-shot":
         monkeypatch.setenv("DSV4_TP_ALLREDUCE", "one-shot")
     prompts = [[20 + (i * 7 + j) % 400 for j in range(n)] for i, n in enumerate((3, 40, 130))]
