@@ -160,7 +160,8 @@ class BlockManager:
         if seq_id in self._tables:
             raise ValueError(f"sequence {seq_id!r} already holds blocks")
         if not self._make_room(0, True):
-            raise OutOfSlots(f"no free slot for sequence {seq_id!r} (all {self.num_slots} slots in use)")
+            raise OutOfSlots(f"no free slot for sequence {seq_id!r} (all {self.num_slots} "
+                             "slots in use)")
         self.hold(blocks)
         self._slots[seq_id] = self._free_slots.pop()
         self._tables[seq_id] = list(blocks)

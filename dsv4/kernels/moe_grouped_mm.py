@@ -180,8 +180,8 @@ def _swiglu(y13, experts, plan: _Plan) -> torch.Tensor:
     h = torch.empty(plan.n_blocks * BT, inter, dtype=torch.bfloat16, device=y13.device)
     km._swiglu_kernel[(inter // 128, plan.n_blocks)](
         y13, plan.slots, plan.blk_exp, plan.blk_rows, plan.wgt, h, h.new_empty(0), inter,
-        len(experts) + 1, plan.wgt.shape[1] + 1, limit, 0, ROUND=True, HAS_LIMIT=limit > 0, BT=BT, SPLIT=1, HBF=True,
-        num_warps=4, **pdl())
+        len(experts) + 1, plan.wgt.shape[1] + 1, limit, 0, ROUND=True, HAS_LIMIT=limit > 0,
+        BT=BT, SPLIT=1, HBF=True, num_warps=4, **pdl())
     return h
 
 
