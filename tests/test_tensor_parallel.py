@@ -178,6 +178,16 @@ def test_sizes_that_do_not_divide_are_refused_with_the_split_to_use():
         check_parallel_config(_cfg(), 3)
 
 
+def test_one_shot_all_reduce_is_the_default_on_gpus_of_one_host(monkeypatch):
+    from dsv4.distributed import enable_one_shot_all_reduce
+    monkeypatch.setenv("DSV4_TP_ALLREDUCE", "ring")
+    with pytest.raises(ValueError, match="DSV4_TP_ALLREDUCE='ring': use one-shot or nccl"):
+        enable_one_shot_all_reduce(torch.bfloat16, torch.device("cpu"))
+    for mode in ("one-shot", "nccl"):  # CPU, no process group: NCCL's path (a no-op at size 1)
+        monkeypatch.setenv("DSV4_TP_ALLREDUCE", mode)
+        assert not enable_one_shot_all_reduce(torch.bfloat16, torch.device("cpu"))
+
+
 def test_engine_with_two_ranks_generates_what_one_process_generates():
     """`LLM(..., tensor_parallel_size=2)` spawns its worker rank itself; scheduler, sampler and
     MTP speculative decoding run unchanged on top."""

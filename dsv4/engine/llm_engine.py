@@ -141,7 +141,7 @@ class LLMEngine:
             share_cache_geometry(num_slots + 1, self.num_blocks + 1, margin, kv_fp8)
             if enable_one_shot_all_reduce(model.dtype, self.device):
                 logger.info("tensor parallel: all-reduces up to 1 MiB through the symmetric-"
-                            "memory one-shot kernel (DSV4_TP_ALLREDUCE=one-shot)")
+                            "memory one-shot kernel (DSV4_TP_ALLREDUCE=nccl: NCCL's ring)")
         self.block_manager = BlockManager(self.num_blocks, num_slots, BLOCK_TOKENS)
         self.prefix_cache = PrefixCache(self.block_manager, snapshots) if snapshots else None
         self.scheduler = Scheduler(self.block_manager, ec.max_num_seqs,
@@ -178,12 +178,11 @@ class LLMEngine:
                                "runs eagerly", e)
 
         self.requests: dict[str, Request] = {}
-        # Async scheduling; under tensor parallelism only with CUDA graphs (`overlappable`), and
-        # for now only with DSV4_TP_ASYNC=1 (its device-side id broadcast has not run on GPUs).
-        # May be switched between steps (benchmarks compare both on one engine).
-        self.async_scheduling = ec.async_scheduling and (
-            not self.runner.lockstep
-            or (graphs is not None and os.environ.get("DSV4_TP_ASYNC") == "1"))
+        # Async scheduling; under tensor parallelism only with CUDA graphs (`overlappable`: the
+        # workers replay with rank 0's device-sampled ids). May be switched between steps
+        # (benchmarks compare both on one engine).
+        self.async_scheduling = ec.async_scheduling and (not self.runner.lockstep
+                                                         or graphs is not None)
         self._pending = None  # the decode step launched ahead of the host (StepHandle)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0

@@ -42,13 +42,11 @@ def test_two_nccl_ranks_give_the_logits_of_one_gpu(lockstep):
 @pytest.mark.parametrize("allreduce", ["nccl", "one-shot"])
 def test_engine_with_tp_graphs_generates_what_one_gpu_generates(allreduce, monkeypatch):
     """The tensor-parallel engine decodes through CUDA graphs captured on every rank, with
-    async scheduling (device-sampled ids broadcast to the workers); `one-shot`: small
-    all-reduces through torch's symmetric-memory kernel (DSV4_TP_ALLREDUCE=one-shot)."""
+    async scheduling (device-sampled ids broadcast to the workers), by default; small
+    all-reduces through torch's symmetric-memory kernel (the default) or NCCL's ring."""
     from dsv4 import LLM, SamplingParams
     from dsv4.distributed import _one_shot
-    monkeypatch.setenv("DSV4_TP_ASYNC", "1")
-    if allreduce == "one-shot":
-        monkeypatch.setenv("DSV4_TP_ALLREDUCE", "one-shot")
+    monkeypatch.setenv("DSV4_TP_ALLREDUCE", allreduce)
     prompts = [[20 + (i * 7 + j) % 400 for j in range(n)] for i, n in enumerate((3, 40, 130))]
     params = SamplingParams(temperature=0, max_tokens=12)
     kw = {"model": "tiny", "dtype": "float32", "device": "cuda", "max_num_seqs": 4,
