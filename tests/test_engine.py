@@ -13,7 +13,7 @@ import torch
 
 from dsv4.cache.kv_cache import BLOCK_TOKENS, ModelCache, block_bytes, slot_bytes
 from dsv4.config import ConfigError, ModelConfig
-from dsv4.engine.llm_engine import LLMEngine
+from dsv4.engine.llm_engine import LLMEngine, warm_up_lengths
 from dsv4.engine.sampler import SamplingParams
 from dsv4.model.batch import ForwardBatch, SeqChunk
 
@@ -382,23 +382,38 @@ def test_streamed_text_only_grows_even_while_a_stop_string_could_still_match(eng
 
 def test_warm_up_leaves_no_trace():
     """`LLMEngine.warm_up` (run at startup on CUDA): two prompts that fill the step budget go
-    through and leave nothing behind: no request, every block free, zeroed counters, and the
-    next request's tokens are those of a fresh engine."""
+    through, then one prompt at a time of each ladder length, and leave nothing behind: no
+    request, every block free, zeroed counters, and the next request's tokens are those of a
+    fresh engine."""
     p = prompts([20], seed=5)[0]
     fresh = tokens(run(make_engine(max_num_batched_tokens=16), [(p, GREEDY)]))
     eng = make_engine(max_num_batched_tokens=16)
     free = eng.block_manager.num_free_blocks
-    steps = []
-    real_step = eng.step
-    eng.step = lambda: steps.append(1) or real_step()
+    steps, lengths = [], []
+    real_step, real_add = eng.step, eng.add_request
+    eng.step = lambda: steps.append(len(eng.requests)) or real_step()
+    eng.add_request = lambda rid, ids, params: lengths.append(len(ids)) or real_add(rid, ids,
+                                                                                 params)
     eng.warm_up()
-    eng.step = real_step
-    assert len(steps) >= 3  # a full-budget prefill, the rest beside a decode, decodes
+    eng.step, eng.add_request = real_step, real_add
+    assert lengths == [13, 16] + warm_up_lengths(16) == [13, 16, 5, 7, 9, 13]
+    assert len(steps) >= 3 + 4  # a full-budget prefill, the rest beside a decode, decodes
+    assert steps[-4:] == [1, 1, 1, 1]  # the ladder's prompts one at a time, one step each
     assert not eng.requests and not eng.has_unfinished_requests()
     assert eng.block_manager.num_free_blocks == free
     stats = eng.get_stats()
     assert stats.prompt_tokens_total == stats.generation_tokens_total == 0
     assert tokens(run(eng, [(p, GREEDY)])) == fresh
+
+
+def test_warm_up_lengths_meet_both_sides_of_every_power_of_two():
+    for budget in (16, 100, 2048, 8192):
+        ladder = warm_up_lengths(budget)
+        assert all(x % 2 and x < budget for x in ladder)
+        for k in range(3, budget.bit_length()):
+            if 2 ** k < budget - 1:
+                assert any(2 ** (k - 1) < x <= 2 ** k for x in ladder), (budget, k)
+                assert any(2 ** k < x < 2 ** (k + 1) for x in ladder), (budget, k)
 
 
 def test_warm_up_out_of_memory_names_the_fix(monkeypatch):

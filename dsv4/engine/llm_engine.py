@@ -85,6 +85,18 @@ def _eos_token_ids(cfg: ModelConfig, generation_config: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
+
+def warm_up_lengths(budget: int) -> list[int]:
+    """Prompt lengths the warm-up serves one at a time: 2^k + 1 and 3 * 2^(k-1) + 1 below the
+    step budget (two per octave, so a launch parameter that changes at a power of two, or
+    half-way between two, meets a step on each side of its edge; odd, as most prompts are)."""
+    out = set()
+    k = 2
+    while 2 ** k + 1 < budget:
+        out.update(x for x in (2 ** k + 1, 3 * 2 ** (k - 1) + 1) if x < budget)
+        k += 1
+    return sorted(out)
+
 class LLMEngine:
     """Continuous-batching engine over a paged KV cache sized once, at start-up."""
 
@@ -210,26 +222,36 @@ class LLMEngine:
                 self.warm_up()
 
     def warm_up(self) -> None:
-        """Serve two prompts that fill the step budget (one of budget - 3 tokens and one of
-        budget, 2 tokens each: a full prefill step, then the rest of the second prompt beside
-        the first one's decode, then decodes), and forget them: Triton compiles the kernels of
-        those step shapes here rather than inside the first requests (seconds each on a cold
-        cache), and a step of `max_num_batched_tokens` is known to fit beside the KV cache."""
+        """Compile the Triton kernels of the step shapes serving will meet, before the first
+        request rather than inside it (each new shape costs a compile of 0.2-3 s a kernel on a
+        cold cache; a first request could wait 10 s). Serves and forgets: two prompts that fill
+        the step budget (one of budget - 3 tokens and one of budget, 2 tokens each: a full
+        prefill step, then the rest of the second prompt beside the first one's decode, then
+        decodes; a step of `max_num_batched_tokens` is thus known to fit beside the KV cache),
+        then one prompt at a time of each length on `warm_up_lengths`: the kernels' launch
+        parameters follow the tokens of a step in power-of-two bands. Decode steps are CUDA
+        graphs, captured already; prefill contexts beyond the budget compile on first use."""
         budget = self.scheduler.max_num_batched_tokens
         n = min(budget, self.max_model_len - 2)
         if n < 8 or self.requests:
             return
-        logger.info("warming up: two prefill steps of %d tokens (Triton compiles their kernels "
+        logger.info("warming up: prefill steps of up to %d tokens (Triton compiles their kernels "
                     "on first use: minutes on a machine that never has, seconds after)", budget)
         t0 = time.perf_counter()
-        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
         vocab = self.model_config.vocab_size
-        try:
-            for i, length in enumerate((n - 3, n)):
-                self.add_request(f"__warmup-{i}", [(7 * j + i) % (vocab - 3) + 3
-                                                   for j in range(length)], params)
+
+        def serve(prompts, max_tokens):
+            params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+            for i, length in enumerate(prompts):
+                self.add_request(f"__warmup-{length}-{i}", [(7 * j + i + length) % (vocab - 3) + 3
+                                                            for j in range(length)], params)
             while self.has_unfinished_requests():
                 self.step()
+
+        try:
+            serve((n - 3, n), 2)
+            for length in warm_up_lengths(n):
+                serve((length,), 1)
         except torch.OutOfMemoryError as e:
             raise ConfigError(
                 f"a prefill step of {budget} tokens does not fit in the GPU memory left beside "
@@ -242,7 +264,7 @@ class LLMEngine:
             self.prefix_cache.queries = self.prefix_cache.hits = 0
         if self.runner.proposer is not None:
             self.runner.proposer.reset_stats()
-        logger.info("warmed up prefill steps of %d tokens in %.1f s", budget,
+        logger.info("warmed up prefill steps of up to %d tokens in %.1f s", budget,
                     time.perf_counter() - t0)
 
     @classmethod

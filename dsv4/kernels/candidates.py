@@ -58,7 +58,7 @@ if HAS_TRITON:
 
     from .pdl import pdl_start
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N", "max_blocks"])
     def _candidates_kernel(rows_ptr, avail_ptr, bt_ptr, tok_seq_ptr, pos_ptr, N, max_blocks, m,
                            rpb, stride_r, stride_bs, stride_bb, PAD: tl.constexpr,
                            BLOCK: tl.constexpr, PDL: tl.constexpr = False):

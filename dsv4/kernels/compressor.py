@@ -45,7 +45,7 @@ if HAS_TRITON:
     from .pdl import pdl_start
     from .qat import _fp4_sim, _fp8_sim, _hadamard_rows
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["ITEMS"])
     def _compress_pool_kernel(kv_ptr, score_ptr, valid_ptr, out_ptr, ITEMS, C,
                               BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
                               PDL: tl.constexpr = False):
@@ -62,7 +62,7 @@ if HAS_TRITON:
         out = tl.sum(p * a, 0) / tl.sum(p, 0)
         tl.store(out_ptr + w.to(tl.int64) * C + c, out, mask=c < C)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["ITEMS"])
     def _compress_windows_kernel(a_ptr, g_ptr, ape_ptr, kv_ptr, sc_ptr, new_ptr, nidx_ptr,
                                  sidx_ptr, valid_ptr, out_ptr, ITEMS, C, m, K: tl.constexpr,
                                  BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -95,7 +95,7 @@ if HAS_TRITON:
         out = tl.sum(p * x, 0) / tl.sum(p, 0)
         tl.store(out_ptr + w.to(tl.int64) * C + c, out, mask=c < C)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N"])
     def _ring_write_kernel(a_ptr, g_ptr, ape_ptr, pos_ptr, tok_ptr, dst_ptr, kv_ptr, sc_ptr, N,
                            W, m, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
                            PDL: tl.constexpr = False):
@@ -114,7 +114,7 @@ if HAS_TRITON:
         tl.store(sc_ptr + dst, g + tl.load(ape_ptr + j[:, None] * W + c[None, :], mask=ok,
                                            other=0.0), mask=ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["R"])
     def _compress_finish_kernel(x_ptr, w_ptr, idx_ptr, f_ptr, h_ptr, out_ptr, R, m, eps,
                                 C: tl.constexpr, NOPE: tl.constexpr, INDEX: tl.constexpr,
                                 QAT: tl.constexpr, BR: tl.constexpr, PDL: tl.constexpr = False):

@@ -107,7 +107,7 @@ if HAS_TRITON:
 
     from .pdl import pdl_start
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, w2_ptr, y2_ptr, NB, M, N, K, BN: tl.constexpr,
                      BK: tl.constexpr, PDL: tl.constexpr = False):
         """y[:, rows] = x.float() @ w[rows].float()^T for BN whole weight rows (K <= BK), every

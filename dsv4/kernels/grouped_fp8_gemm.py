@@ -78,7 +78,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_tiles"])
     def _grouped_fp8_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, y_ptr, tile_ptr, n_tiles, N, K,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """Row tile program_id // (N / BN), column tile program_id % (N / BN)."""

@@ -107,7 +107,7 @@ if HAS_TRITON:
     from .pdl import pdl_start
     from .quant_linear import _e8m0_f32
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "kb_per_split"])
     def _grouped_fp8_kernel(x_ptr, w_ptr, s_ptr, y_ptr, T, N, O, I, kb_per_split,
                             BW: tl.constexpr, BT: tl.constexpr, PDL: tl.constexpr = False):
         """y[split, t, rows] for BW weight rows (one group, one 128-row scale block), BT tokens
@@ -141,7 +141,7 @@ if HAS_TRITON:
              + rows[:, None])
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=tok_ok[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])
     def _grouped_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, T, N, O, I, BW: tl.constexpr,
                              NKB: tl.constexpr, TM: tl.constexpr, PDL: tl.constexpr = False):
         """One token (TM > 1 works, but re-reduces per token: slower than the MMA kernel from

@@ -72,7 +72,7 @@ if HAS_TRITON:
 
     from .pdl import pdl_start
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["W"])
     def _store_kernel(rows_ptr, dst_ptr, cache_ptr, W, row_bytes, C: tl.constexpr,
                       BR: tl.constexpr, PDL: tl.constexpr = False):
         """BR rows: per 32-block, scale = 2^ceil(log2(max(amax, 6 * 2^-126) / 6)) from the fp32

@@ -65,7 +65,7 @@ if HAS_TRITON:
             n_end = tl.minimum(N, tl.load(avail_ptr + t).to(tl.int32))
         return first, tl.minimum(first + blocks_per_cta, tl.cdiv(n_end, BLOCK_N))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N", "blocks_per_cta"])
     def _indexer_scores_kernel(q_ptr, w_ptr, keys_ptr, cand_ptr, avail_ptr, out_ptr, N, NI,
                                blocks_per_cta, stride_qt, stride_qh, stride_wt, stride_kn,
                                stride_ct, stride_ot, C: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -144,7 +144,7 @@ if HAS_TRITON:
         v = tl.join(lo * f, hi * f)  # [BN, C/2, 2]: element 2j from the low nibble of byte j
         return tl.reshape(v, (v.shape[0], C))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N", "blocks_per_cta"])
     def _indexer_scores_fp8_kernel(q_ptr, w_ptr, keys_ptr, cand_ptr, avail_ptr, out_ptr, N, NI,
                                    blocks_per_cta, stride_qt, stride_qh, stride_wt, stride_kn,
                                    stride_ct, stride_ot, BLOCK_H: tl.constexpr,

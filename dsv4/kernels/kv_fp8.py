@@ -85,7 +85,7 @@ if HAS_TRITON:
     from .pdl import pdl_start
     from .quant_linear import _pow2ceil
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n"])
     def _store_kv_fp8_kernel(buf_ptr, dst_ptr, rows_ptr, src_ptr, n, stride_row,
                              ROW_BYTES: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr,
                              G: tl.constexpr, BG: tl.constexpr, PAD: tl.constexpr,

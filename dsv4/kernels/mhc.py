@@ -50,7 +50,7 @@ if HAS_TRITON:
 
     from .pdl import pdl_start
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])
     def _hc_mix_kernel(x_ptr, fn_ptr, part_ptr, sq_ptr, T, K, NOUT, k_per_split,
                        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, NPAD: tl.constexpr,
                        X_BF16: tl.constexpr, PARTS: tl.constexpr = False,
@@ -136,7 +136,7 @@ if HAS_TRITON:
                     other=0.0)
         return tl.sum(v, 0)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "S"])
     def _hc_pre_kernel(x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
                        T, D, S, norm_eps, hc_eps, iters,
                        N: tl.constexpr, NPAD: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -185,7 +185,7 @@ if HAS_TRITON:
                 tl.store(comb_ptr + t[:, None] * (N * N) + jk[None, :],
                          tl.reshape(c, (BLOCK_T, N * N)), mask=tmask[:, None])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])
     def _hc_post_kernel(x_ptr, f_ptr, post_ptr, comb_ptr, out_ptr, T, D,
                         N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                         PDL: tl.constexpr = False):

@@ -395,7 +395,7 @@ if HAS_TRITON:
                                _e8m0_f32, _fp4_chunk, _fp8_act, _fp8_scales, _fp8_wscale,
                                _mma_fp8, _quant_block)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])
     def _route_count_kernel(idx_ptr, counts_ptr, expert_ptr, rank_ptr, T, k, n_exp,
                             BLOCK: tl.constexpr, HAS_SHARED: tl.constexpr = True,
                             PDL: tl.constexpr = False):
@@ -447,7 +447,7 @@ if HAS_TRITON:
             tl.store(blk_rows_ptr + bb, 0, mask=bb < n_blocks)
         return end - nb
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "n_blocks"])
     def _route_small_kernel(idx_ptr, blk_exp_ptr, blk_rows_ptr, slots_ptr, T, k, n_exp,
                             n_blocks, BT: tl.constexpr, S2: tl.constexpr, EP2: tl.constexpr,
                             HAS_SHARED: tl.constexpr = True, PDL: tl.constexpr = False):
@@ -470,7 +470,7 @@ if HAS_TRITON:
         tl.store(slots_ptr + tl.gather(start, tl.minimum(e, n_exp - 1), 0) * BT + rank, sl,
                  mask=live)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_slots", "n_blocks"])
     def _route_scatter_kernel(expert_ptr, rank_ptr, counts_ptr, blk_exp_ptr, blk_rows_ptr,
                               slots_ptr, n_slots, n_exp, n_blocks, BT: tl.constexpr,
                               BLOCK: tl.constexpr, EP2: tl.constexpr, PDL: tl.constexpr = False):
@@ -523,7 +523,7 @@ if HAS_TRITON:
         j = slot % k1
         return tl.load(wgt_ptr + (slot // k1) * (k1 - 1) + j - 1, mask=ok & (j > 0), other=1.0)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["e_lo", "e_hi", "blk_lo"])
     def _moe_gemm_kernel(a_ptr, sa_ptr, slots_ptr, blk_exp_ptr, blk_rows_ptr,
                          w_tab, s_tab, g_tab, w3_tab, s3_tab, g3_tab, wgt_ptr,
                          out_ptr, out_s_ptr, N, K, n_exp, e_lo, e_hi, blk_lo, k1, limit,

@@ -326,7 +326,7 @@ if HAS_TRITON:
         q = tl.load(w + rows.to(tl.int64)[:, None] * K + kb * 128 + tl.arange(0, 128)[None, :])
         return q, tl.load(ws + (tile // 2) * (K // 128) + kb).to(tl.int32)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["e0", "row0"])
     def _dequant_kernel(w_tab, s_tab, out_ptr, K, e0, e_stride, row0,
                         W_FMT: tl.constexpr, PDL: tl.constexpr = False):
         """Rows [64 tile] x K-block kb of expert program_id(2) of a pointer table -> exact bf16
@@ -348,7 +348,7 @@ if HAS_TRITON:
             + (row0 + rows).to(tl.int64)[:, None] * K + kb * 128 + cols[None, :]
         tl.store(dst, wc)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["e0", "row0"])
     def _to_fp8_kernel(w_tab, s_tab, q_ptr, sc_ptr, flag_ptr, K, e0, q_stride, s_stride, row0,
                        W_FMT: tl.constexpr, PDL: tl.constexpr = False):
         """Rows [64 tile] x K-block kb of expert program_id(2) of a pointer table -> e4m3 codes

@@ -124,7 +124,7 @@ if HAS_TRITON:
             y = tl.dot(x, h, y, input_precision="ieee")
         return y
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["R"])
     def _fp8_round_kernel(x_ptr, R, D, nb, BR: tl.constexpr, NB: tl.constexpr,
                           PDL: tl.constexpr = False):
         pdl_start(PDL)
@@ -138,7 +138,7 @@ if HAS_TRITON:
         x = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
         tl.store(ptr, _fp8_sim(x).to(dt), mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["R"])
     def _hadamard_fp4_kernel(x_ptr, h_ptr, out_ptr, R, C: tl.constexpr, QAT: tl.constexpr,
                              BR: tl.constexpr, PDL: tl.constexpr = False):
         pdl_start(PDL)

@@ -411,7 +411,7 @@ if HAS_TRITON:
                     other=0.0)
         return acc + tl.dot(w, tl.trans(q)) * (ws[:, None] * s[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["numel", "S"])
     def _sum_splits_kernel(part_ptr, y_ptr, numel, S, BLOCK: tl.constexpr, SP: tl.constexpr,
                            PDL: tl.constexpr = False):
         """y = the fp32 sum of the S split-K partials [S, numel], rounded once to y's dtype
@@ -423,7 +423,7 @@ if HAS_TRITON:
                     mask=(sp < S)[:, None] & (i < numel)[None, :], other=0.0)
         tl.store(y_ptr + i, tl.sum(v, 0).to(y_ptr.dtype.element_ty), mask=i < numel)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "MO"])
     def _act_quant_kernel(x_ptr, q_ptr, s_ptr, src_ptr, M, MO, K, BR: tl.constexpr,
                           VALUES: tl.constexpr = False, GATHER: tl.constexpr = False,
                           PDL: tl.constexpr = False):
@@ -445,7 +445,7 @@ if HAS_TRITON:
             tl.store(q_ptr + rows[:, None].to(tl.int64) * K + k[None, :], q, mask=ok[:, None])
             tl.store(s_ptr + rows.to(tl.int64) * (K // 128) + kb, s, mask=ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "kb_per_split"])
     def _qlinear_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, g_ptr, y_ptr, M, N, K, kb_per_split,
                         W_FMT: tl.constexpr, QUANT_X: tl.constexpr,
                         BW: tl.constexpr, BT: tl.constexpr, KC: tl.constexpr = 32,

@@ -212,7 +212,8 @@ if HAS_TRITON:
             acc = tl.dot(p.to(k.dtype), k, acc * alpha[:, None])
         return m_new, l_i, acc
 
-    @triton.jit
+    @triton.jit(do_not_specialize=[
+        "T", "Kc", "n_win_tiles", "n_tiles", "tiles_per_split"])
     def _sparse_attn_kernel(q_ptr, sink_ptr, o_ptr, part_o_ptr, part_ml_ptr,
                             win_cache_ptr, win_new_ptr, win_idx_ptr, cmp_cache_ptr, cmp_idx_ptr,
                             cmp_len_ptr, T, H, Nw, Kw, Kc, n_win_tiles, n_tiles, tiles_per_split,
@@ -279,7 +280,7 @@ if HAS_TRITON:
             tl.store(o_ptr + t * stride_ot + h[:, None] * stride_oh + d[None, :],
                      o.to(o_ptr.dtype.element_ty), mask=hmask[:, None] & dmask[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])
     def _combine_kernel(sink_ptr, part_o_ptr, part_ml_ptr, o_ptr, T, H, S,
                         stride_ot, stride_oh, D: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):

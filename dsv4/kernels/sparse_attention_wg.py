@@ -116,7 +116,8 @@ if HAS_GLUON:
         p_op = gl.convert_layout(p.to(gl.bfloat16), P_OP)
         return p_op, gl.convert_layout(alpha, HEADS_PV), m_new, l_i
 
-    @gluon.jit
+    @gluon.jit(do_not_specialize=[
+        "T", "Kc", "n_win_tiles", "n_tiles", "tiles_per_split"])
     def _sparse_attn_wg_kernel(q_ptr, sink_ptr, o_ptr, part_o_ptr, part_ml_ptr,
                                win_cache_ptr, win_new_ptr, win_idx_ptr, cmp_cache_ptr, cmp_idx_ptr,
                                cmp_len_ptr, T, H, Nw, Kw, Kc, n_win_tiles, n_tiles,

@@ -267,7 +267,7 @@ if HAS_TRITON:
         tl.atomic_add(work_row + PASS * 256 + tl.arange(0, 256), hist, mask=hist > 0,
                       sem="relaxed")
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_chunks"])
     def _topk_write_kernel(score_ptr, cand_ptr, avail_ptr, out_ptr, work_ptr, N, K, stride_w,
                            n_chunks, COUNT: tl.constexpr, NCP: tl.constexpr,
                            HAS_AVAIL: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr = False):
