@@ -6,12 +6,16 @@ call is a no-op, so the single-process path is unchanged.
 """
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,10 +65,19 @@ def enable_one_shot_all_reduce(dtype: torch.dtype, device: torch.device) -> bool
     if (mode != "one-shot" or device.type != "cuda" or not dist.is_initialized()
             or dist.get_world_size() == 1 or not _one_host()):
         return False
+    # every rank must take the same path: agree on whether all of them reach their peers
+    ok = torch.tensor([int(_peers_reachable(device))], device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not ok.item():
+        logger.warning("tensor parallel: the GPUs cannot read each other's memory (no P2P): "
+                       "all-reduces stay on NCCL")
+        return False
     import torch.distributed._symmetric_memory as symm_mem
     name = dist.group.WORLD.group_name
-    if hasattr(symm_mem, "enable_symm_mem_for_group"):
-        symm_mem.enable_symm_mem_for_group(name)
+    if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before torch 2.11
+        with warnings.catch_warnings():  # 2.11 warns that it no longer is
+            warnings.simplefilter("ignore", FutureWarning)
+            symm_mem.enable_symm_mem_for_group(name)
     itemsize = torch.empty((), dtype=dtype).element_size()
     buf = symm_mem.empty(ONE_SHOT_MAX_BYTES // itemsize, dtype=dtype, device=device)
     symm_mem.rendezvous(buf, name)
@@ -77,6 +90,15 @@ def _one_host() -> bool:
     the engine's own worker processes, and under torchrun when its local world is the world."""
     local = os.environ.get("LOCAL_WORLD_SIZE")
     return local is None or int(local) == dist.get_world_size()
+
+
+def _peers_reachable(device: torch.device) -> bool:
+    """Whether this rank's GPU can read every other visible GPU's memory (NVLink or PCIe P2P;
+    not in some VMs and PCIe topologies). Where a rank sees only its own GPU, symmetric memory
+    itself decides."""
+    me = device.index if device.index is not None else torch.cuda.current_device()
+    return all(torch.cuda.can_device_access_peer(me, j)
+               for j in range(torch.cuda.device_count()) if j != me)
 
 
 def disable_one_shot_all_reduce() -> None:
