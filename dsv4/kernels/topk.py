@@ -90,10 +90,12 @@ def _topk_split_cuda(score, cand, k, avail=None, chunk: int = 4096,
     grid = (T, min(n_chunks, programs or max(1, 4 * num_sms(score.device) // T)))
     for p in range(4):
         _topk_hist_kernel[grid](score, av, work, N, kk, work.stride(0), PASS=p, **common, **pdl())
+    # one compiled variant for every width up to 64 chunks (a million tokens at ratio 4), not
+    # one a power of two of context met on the way
+    ncp = max(64, triton.next_power_of_2(n_chunks))
     for count in (True, False):
         _topk_write_kernel[grid](score, cand, av, out, work, N, kk, work.stride(0), n_chunks,
-                                 COUNT=count, NCP=triton.next_power_of_2(n_chunks), **common,
-                                 **pdl())
+                                 COUNT=count, NCP=ncp, **common, **pdl())
     return out
 
 
