@@ -396,9 +396,10 @@ def test_warm_up_leaves_no_trace():
                                                                                  params)
     eng.warm_up()
     eng.step, eng.add_request = real_step, real_add
-    assert lengths == [13, 16] + warm_up_lengths(16) == [13, 16, 5, 7, 9, 13]
-    assert len(steps) >= 3 + 4  # a full-budget prefill, the rest beside a decode, decodes
-    assert steps[-4:] == [1, 1, 1, 1]  # the ladder's prompts one at a time, one step each
+    # two full-budget prompts, the ladder, one long prompt of 5 x the budget
+    assert lengths == [13, 16] + warm_up_lengths(16) + [81] == [13, 16, 5, 7, 9, 13, 81]
+    assert len(steps) >= 3 + 4 + 6  # a full-budget prefill, the rest beside a decode, decodes
+    assert steps[-10:] == [1] * 10  # then one prompt at a time: 4 of one step, 81 in 6 chunks
     assert not eng.requests and not eng.has_unfinished_requests()
     assert eng.block_manager.num_free_blocks == free
     stats = eng.get_stats()

@@ -229,8 +229,10 @@ class LLMEngine:
         prefill step, then the rest of the second prompt beside the first one's decode, then
         decodes; a step of `max_num_batched_tokens` is thus known to fit beside the KV cache),
         then one prompt at a time of each length on `warm_up_lengths`: the kernels' launch
-        parameters follow the tokens of a step in power-of-two bands. Decode steps are CUDA
-        graphs, captured already; prefill contexts beyond the budget compile on first use."""
+        parameters follow the tokens of a step in power-of-two bands; last, one long prompt
+        (5 x the budget where the context and the blocks allow: 40961 tokens at a budget of
+        8192), whose later chunks meet the widths of long contexts (top-k over more than 8192
+        candidates). Decode steps are CUDA graphs, captured already."""
         budget = self.scheduler.max_num_batched_tokens
         n = min(budget, self.max_model_len - 2)
         if n < 8 or self.requests:
@@ -252,6 +254,10 @@ class LLMEngine:
             serve((n - 3, n), 2)
             for length in warm_up_lengths(n):
                 serve((length,), 1)
+            longest = min(5 * n + 1, self.max_model_len - 1,
+                          self.block_manager.num_free_blocks * BLOCK_TOKENS - 1)
+            if longest > n:
+                serve((longest,), 1)
         except torch.OutOfMemoryError as e:
             raise ConfigError(
                 f"a prefill step of {budget} tokens does not fit in the GPU memory left beside "
