@@ -17,58 +17,20 @@ import argparse
 import json
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
-import triton
 
 from dsv4.engine.llm_engine import LLMEngine
+from dsv4.kernels.compile_watch import Compile, CompileWatch
 from dsv4.engine.sampler import SamplingParams
 from dsv4.loader import tiny_config
 
 
-class CompileLog:
-    """Every Triton compile: kernel, seconds, and its launch arguments (constexpr values, and
-    for the others the type with `/16` where Triton specialised on divisibility by 16)."""
-
-    def __init__(self):
-        self.events: list[tuple[str, float, dict | str]] = []
-        self._variants: dict[str, list[dict]] = defaultdict(list)
-        self._start: dict[str, float] = {}
-        triton.knobs.runtime.jit_cache_hook = self._before
-        triton.knobs.runtime.jit_post_compile_hook = self._after
-
-    def _before(self, *, key, **_):
-        self._start[str(key)] = time.perf_counter()
-        return False  # compile
-
-    def _after(self, *, key, fn, compile, **_):
-        seconds = time.perf_counter() - self._start.pop(str(key), time.perf_counter())
-        args = {}
-        attrs = compile["configs"][0]
-        for i, name in enumerate(fn.jit_function.arg_names):
-            if (i,) in compile["constants"]:
-                value = compile["constants"][(i,)]
-                args[name] = getattr(value, "value", value)
-            else:
-                div16 = any(a[0] == "tt.divisibility" for a in attrs.get((i,), []))
-                args[name] = compile["signature"].get(name, "?") + ("/16" if div16 else "")
-        args["num_warps"], args["num_stages"] = compile["num_warps"], compile["num_stages"]
-        seen = self._variants[fn.name]
-        if seen:
-            near = min(seen, key=lambda v: sum(v.get(k) != x for k, x in args.items()))
-            what = {k: f"{near.get(k)} -> {x}" for k, x in args.items() if near.get(k) != x}
-        else:
-            what = "first variant"
-        seen.append(args)
-        self.events.append((fn.name, seconds, what))
-
-
-def serve(engine: LLMEngine, log: CompileLog, tag: str, prompts: list[list[int]],
+def serve(engine: LLMEngine, log: list[Compile], tag: str, prompts: list[list[int]],
           max_tokens: int = 2) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    first = len(log.events)
+    first = len(log)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for i, prompt in enumerate(prompts):
@@ -76,11 +38,11 @@ def serve(engine: LLMEngine, log: CompileLog, tag: str, prompts: list[list[int]]
     while engine.has_unfinished_requests():
         engine.step()
     torch.cuda.synchronize()
-    new = log.events[first:]
+    new = log[first:]
     print(f"{tag:24s} {time.perf_counter() - t0:7.2f} s, {len(new)} compiles "
-          f"({sum(e[1] for e in new):.2f} s)", flush=True)
-    for name, seconds, what in new:
-        print(f"    {name:32s} {seconds:5.2f} s  {what}", flush=True)
+          f"({sum(c.seconds for c in new):.2f} s)", flush=True)
+    for c in new:
+        print(f"    {c.kernel:32s} {c.seconds:5.2f} s  {c.new or 'first variant'}", flush=True)
 
 
 def main() -> None:
@@ -94,7 +56,8 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("jit_compiles.py measures Triton compiles: it needs a CUDA GPU")
-    log = CompileLog()
+    log: list[Compile] = []
+    CompileWatch(log.append)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = tiny_config(args.format, args.preset, args.layers)
         (Path(tmp) / "config.json").write_text(json.dumps(cfg.to_dict()))
@@ -103,8 +66,8 @@ def main() -> None:
                                      max_num_batched_tokens=args.budget,
                                      enable_prefix_caching=args.prefix_caching,
                                      gpu_memory_utilization=0.8)
-        print(f"{'start-up':24s} {time.perf_counter() - t0:7.2f} s, {len(log.events)} compiles "
-              f"({sum(e[1] for e in log.events):.1f} s)", flush=True)
+        print(f"{'start-up':24s} {time.perf_counter() - t0:7.2f} s, {len(log)} compiles "
+              f"({sum(c.seconds for c in log):.1f} s)", flush=True)
 
         def tokens(n, seed):
             return [100 + (seed * 13 + 7 * i) % 5000 for i in range(n)]

@@ -487,6 +487,8 @@ def test_health_and_metrics_need_no_api_key(server: Server) -> None:
         assert m[(name, ())] >= 1, name
     assert m[("dsv4:prompt_tokens_total", ())] > 0 and m[("dsv4:generation_tokens_total", ())] >= 3
     assert 0 <= m[("dsv4:kv_cache_usage_perc", ())] <= 1
+    assert m[("dsv4:triton_compiles_total", ())] == 0  # CPU: nothing compiles
+    assert m[("dsv4:triton_compile_seconds_total", ())] == 0
     ok = m[("dsv4:http_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))]
     assert ok >= 1
 

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from ..cache.prefix_cache import PrefixCache, prefix_hashes
 from ..cache.kv_cache import BLOCK_TOKENS, ModelCache, block_bytes, slot_bytes
 from ..config import ConfigError, EngineConfig, ModelConfig, PRESETS, resolved_batched_tokens
 from ..distributed import SINGLE, ParallelGroup, check_parallel_config
+from ..kernels.compile_watch import CompileWatch
 from ..model.init import init_random_
 from ..model.parallel import shard_state_dict
 from ..model.model import DeepseekV4Model
@@ -84,6 +86,25 @@ def _eos_token_ids(cfg: ModelConfig, generation_config: Any) -> frozenset[int]:
         ids.update(int(t) for t in eos)
     return frozenset(ids)
 
+
+
+def watch_compiles(engine: "LLMEngine") -> CompileWatch | None:
+    """After the warm-up, every Triton compile is a step shape it did not meet, paid inside
+    a request: count it (`dsv4:triton_compiles` in /metrics) and log what made it new. The
+    watch holds the engine weakly (engines that are dropped unclosed stay collectable)."""
+    ref = weakref.ref(engine)
+
+    def seen(c) -> None:
+        eng = ref()
+        if eng is None:
+            return
+        eng.triton_compiles += 1
+        eng.triton_compile_seconds += c.seconds
+        logger.warning("Triton compiled %s in %.2f s inside a step (%s): a shape the warm-up "
+                       "did not meet", c.kernel, c.seconds, c.new or "its first variant")
+
+    watch = CompileWatch(seen)
+    return watch if watch.active else None
 
 
 def warm_up_lengths(budget: int) -> list[int]:
@@ -198,6 +219,8 @@ class LLMEngine:
         self._pending = None  # the decode step launched ahead of the host (StepHandle)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.triton_compiles, self.triton_compile_seconds = 0, 0.0
+        self._compile_watch = None
         self._token_text: dict[int, str] = {}
 
         concurrent = min(ec.max_num_seqs, self.num_blocks // math.ceil(self.max_model_len / BLOCK_TOKENS))
@@ -220,6 +243,7 @@ class LLMEngine:
                         f"; {moe}" if moe else "")
             if ec.warmup:
                 self.warm_up()
+                self._compile_watch = watch_compiles(self)
 
     def warm_up(self) -> None:
         """Compile the Triton kernels of the step shapes serving will meet, before the first
@@ -332,7 +356,9 @@ class LLMEngine:
         return engine
 
     def close(self) -> None:
-        """Stop the worker ranks of a tensor-parallel engine (no-op otherwise)."""
+        """Stop the worker ranks of a tensor-parallel engine, and the compile watch."""
+        if getattr(self, "_compile_watch", None) is not None:
+            self._compile_watch.close()
         stop = getattr(self.model, "stop", None)
         if stop is not None and not getattr(self, "_closed", False):
             self._closed = True
@@ -662,6 +688,8 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=self.prefix_cache.queries if self.prefix_cache else 0,
             prefix_cache_hits=self.prefix_cache.hits if self.prefix_cache else 0,
+            triton_compiles=self.triton_compiles,
+            triton_compile_seconds=self.triton_compile_seconds,
             **self._spec_counts())
 
     def _spec_counts(self) -> dict:

@@ -87,3 +87,6 @@ class EngineStats:
     spec_proposed: tuple[int, ...] = ()
     spec_accepted: tuple[int, ...] = ()
     spec_verify_steps: int = 0
+    # Triton compiles after the warm-up (each one delayed the step that met its shape).
+    triton_compiles: int = 0
+    triton_compile_seconds: float = 0.0

@@ -53,6 +53,10 @@ class _EngineStatsCollector(Collector):
              s.prefix_cache_queries),
             ("dsv4:prefix_cache_hits", "Prompt tokens resumed from the prefix cache.",
              s.prefix_cache_hits),
+            ("dsv4:triton_compiles", "Triton kernel compiles after the warm-up (each one "
+             "delays the step that met its shape).", s.triton_compiles),
+            ("dsv4:triton_compile_seconds", "Seconds spent in those compiles.",
+             s.triton_compile_seconds),
         ]
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=float(value))
