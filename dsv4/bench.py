@@ -113,6 +113,8 @@ def measure(engine, mode: str, n: int, input_len: int, output_len: int, seed: in
     elapsed = 0.0
     pc = getattr(engine, "prefix_cache", None)
     pc_before = (pc.queries, pc.hits) if pc is not None else None
+    compiles_before = (getattr(engine, "triton_compiles", 0),
+                       getattr(engine, "triton_compile_seconds", 0.0))
     for it in range(iters):
         prompts = _prompts(cfg.vocab_size, n, input_len, seed if it == 0 else seed + 1 + it,
                            prefix)
@@ -156,6 +158,10 @@ def measure(engine, mode: str, n: int, input_len: int, output_len: int, seed: in
         result["prefix_cache_hit_rate"] = hits / queries if queries else 0.0
     if spec:
         result["speculative"] = spec
+    compiles = getattr(engine, "triton_compiles", 0) - compiles_before[0]
+    if compiles:  # the warm-up above missed a shape: those passes include its compile
+        result["triton_compiles"] = compiles
+        result["triton_compile_seconds"] = engine.triton_compile_seconds - compiles_before[1]
     return result
 
 
@@ -212,6 +218,9 @@ def print_result(r: dict) -> None:
     print(f"peak GPU memory         {f(r['peak_gpu_memory_gb'], '.2f')} GB")
     print(f"decode bytes per step   {f(r['decode_bytes_per_step_gb'], '.4f')} GB; "
           f"roofline fraction {f(r['decode_roofline_fraction'], '.1%')} of 4.8 TB/s")
+    if r.get("triton_compiles"):
+        print(f"Triton compiles         {r['triton_compiles']} in the measured passes "
+              f"({r['triton_compile_seconds']:.2f} s): the times above include them")
     if r.get("prefix_cache_hit_rate") is not None:
         print(f"prefix cache hit rate   {r['prefix_cache_hit_rate']:.1%} of prompt tokens")
     if r.get("speculative"):

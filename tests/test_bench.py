@@ -85,3 +85,29 @@ def test_bench_with_a_shared_prefix_reports_the_prefix_cache_hit_rate(tmp_path):
     r = json.loads(out.read_text())
     assert r["prefix_len"] == 256
     assert abs(r["prefix_cache_hit_rate"] - 256 / 276) < 1e-9  # every prompt resumed at 256
+
+
+def test_bench_reports_triton_compiles_inside_the_measured_passes(capsys):
+    """A compile the warm-ups missed lands inside the measured passes: the result counts it
+    and the report says the times include it (none on CPU, so compiles are simulated)."""
+    from dsv4.bench import measure, print_result
+    from dsv4.engine.llm_engine import LLMEngine
+    engine = LLMEngine.from_args("tiny", dtype="float32", device="cpu", max_num_seqs=2,
+                                 cpu_cache_bytes=16 << 20)
+    r = measure(engine, "latency", 1, 8, 3)
+    assert "triton_compiles" not in r
+    real_run, calls = engine.runner.run, []
+
+    def run(chunks):  # every step from now on "compiles" for a quarter of a second
+        calls.append(1)
+        engine.triton_compiles += 1
+        engine.triton_compile_seconds += 0.25
+        return real_run(chunks)
+
+    engine.runner.run = run
+    r = measure(engine, "latency", 1, 8, 3)
+    assert 0 < r["triton_compiles"] < len(calls)  # the warm-up's own are not counted
+    assert abs(r["triton_compile_seconds"] - 0.25 * r["triton_compiles"]) < 1e-9
+    print_result(r)
+    assert f"Triton compiles         {r['triton_compiles']} in the measured passes" in (
+        capsys.readouterr().out)
