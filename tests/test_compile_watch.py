@@ -78,3 +78,13 @@ def test_engine_counts_and_logs_compiles_after_warm_up(monkeypatch, caplog):
     assert "{'T': 'i32/16 -> i32'}" in caplog.text
     eng.close()  # the hooks from before the engine come back
     assert rt.jit_cache_hook is None and rt.jit_post_compile_hook is None
+
+
+def test_unexpected_hook_arguments_never_fail_a_compile():
+    """A later Triton that calls the hooks differently: the watch records nothing, and the
+    compile goes on (the hooks return what Triton expects)."""
+    rt, seen = _runtime(), []
+    CompileWatch(seen.append, runtime=rt)
+    assert rt.jit_cache_hook(key="k", something_else=1) is False
+    assert rt.jit_post_compile_hook(key="k", fn=None) is None
+    assert seen == []

@@ -278,8 +278,8 @@ class LLMEngine:
             serve((n - 3, n), 2)
             for length in warm_up_lengths(n):
                 serve((length,), 1)
-            longest = min(5 * n + 1, self.max_model_len - 1,
-                          self.block_manager.num_free_blocks * BLOCK_TOKENS - 1)
+            longest = min(5 * n + 1, self.max_model_len - 1,  # in half the free blocks
+                          self.block_manager.num_free_blocks // 2 * BLOCK_TOKENS - 1)
             if longest > n:
                 serve((longest,), 1)
         except torch.OutOfMemoryError as e:

@@ -8,10 +8,13 @@ serving). `benchmarks/jit_compiles.py` lists them with the argument that made ea
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,15 +66,21 @@ class CompileWatch:
 
     def _before(self, **kw):
         if not self._closed:
-            self._start[str(kw["key"])] = time.perf_counter()
+            self._start[str(kw.get("key"))] = time.perf_counter()
         prev = self._prev[0]
         return prev(**kw) if prev is not None else False  # False: compile
 
     def _after(self, **kw):
-        if self._closed:
-            prev = self._prev[1]
-            return prev(**kw) if prev is not None else None
-        seconds = time.perf_counter() - self._start.pop(str(kw["key"]), time.perf_counter())
+        if not self._closed:
+            try:
+                self._record(kw)
+            except Exception as e:  # noqa: BLE001 - a watch must never fail a compile
+                logger.debug("compile watch: unexpected hook arguments (%s)", e)
+        prev = self._prev[1]
+        return prev(**kw) if prev is not None else None
+
+    def _record(self, kw: dict) -> None:
+        seconds = time.perf_counter() - self._start.pop(str(kw.get("key")), time.perf_counter())
         name = kw["fn"].name
         args = launch_args(kw["fn"].jit_function.arg_names, kw["compile"])
         seen = self._variants[name]
@@ -81,8 +90,6 @@ class CompileWatch:
             new = {k: f"{near.get(k)} -> {x}" for k, x in args.items() if near.get(k) != x}
         seen.append(args)
         self.on_compile(Compile(name, seconds, args, new))
-        prev = self._prev[1]
-        return prev(**kw) if prev is not None else None
 
 
 def launch_args(names: list[str], compile: dict) -> dict[str, Any]:
