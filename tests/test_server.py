@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -440,10 +441,17 @@ def _error_cases(max_model_len: int) -> list[tuple[str, Any, str | None, int, st
         ("bad role", {**GOOD_CHAT, "messages": [{"role": "robot", "content": "x"}]}, API_KEY, 400, "role"),
         ("bad top_p", {**GOOD_CHAT, "top_p": 1.5}, API_KEY, 400, "top_p"),
         ("bad logit_bias", {**GOOD_CHAT, "logit_bias": {"5": 500}}, API_KEY, 400, "logit_bias"),
-        ("json mode", {**GOOD_CHAT, "response_format": {"type": "json_object"}}, API_KEY, 400,
-         "response_format"),
-        ("guided decoding", {**GOOD_CHAT, "guided_choice": ["a", "b"]}, API_KEY, 400,
-         "guided_choice"),
+        ("unknown response_format", {**GOOD_CHAT, "response_format": {"type": "xml"}}, API_KEY,
+         400, "response_format type must be text, json_object or json_schema"),
+        ("json_schema without a schema", {**GOOD_CHAT, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x"}}}, API_KEY, 400,
+         "json_schema.schema"),
+        ("a regex that does not compile", {**GOOD_CHAT, "guided_regex": "a(b"}, API_KEY, 400,
+         "unclosed group"),
+        ("two structured formats", {**GOOD_CHAT, "guided_choice": ["a"], "guided_regex": "a"},
+         API_KEY, 400, "at most one of"),
+        ("an unknown structured_outputs key", {**GOOD_CHAT, "structured_outputs": {"xml": 1}},
+         API_KEY, 400, "xml"),
         ("logit_bias past the vocabulary", {**GOOD_CHAT, "logit_bias": {"99999999": 1}}, API_KEY,
          400, "logit_bias"),
         ("unknown model", {**GOOD_CHAT, "model": "gpt-5"}, API_KEY, 404, "gpt-5"),
@@ -651,3 +659,54 @@ def test_prefix_cached_prompts_report_cached_tokens_in_usage_and_metrics() -> No
         m = s.wait_idle()
         assert m[("dsv4:prefix_cache_hits_total", ())] == cached
         assert m[("dsv4:prefix_cache_queries_total", ())] == 2 * second["usage"]["prompt_tokens"]
+
+
+# --------------------------------------------------------------------------- structured outputs
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer"}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_response_format_json_schema_gives_json_that_fits_the_schema(server: Server) -> None:
+    """The random tiny model writes garbage, yet the content parses and fits the schema."""
+    client = server.client()
+    for seed in (1, 2):
+        r = client.chat.completions.create(
+            model=MODEL, messages=user("A person, as JSON"), max_tokens=200, seed=seed,
+            temperature=1.0, response_format={"type": "json_schema", "json_schema": {
+                "name": "person", "schema": PERSON, "strict": True}})
+        choice = r.choices[0]
+        assert choice.finish_reason == "stop", choice
+        value = json.loads(choice.message.content)
+        assert set(value) == {"name", "age"} and isinstance(value["age"], int)
+        assert isinstance(value["name"], str) and len(value["name"]) <= 12
+    r = client.chat.completions.create(model=MODEL, messages=user("Anything"), max_tokens=200,
+                                       seed=3, temperature=1.0,
+                                       response_format={"type": "json_object"})
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_completions_take_vllms_guided_fields_and_structured_outputs(server: Server) -> None:
+    client = server.client()
+    r = client.completions.create(model=MODEL, prompt="Pick one:", max_tokens=10, n=3, seed=4,
+                                  temperature=1.0, extra_body={"guided_choice": ["red", "blue"]})
+    assert {c.text for c in r.choices} <= {"red", "blue"}
+    r = client.completions.create(model=MODEL, prompt="A date:", max_tokens=20, seed=5,
+                                  temperature=1.0,
+                                  extra_body={"structured_outputs": {"regex": "[0-9]{4}-[0-9]{2}"}})
+    assert re.fullmatch("[0-9]{4}-[0-9]{2}", r.choices[0].text), r.choices[0].text
+
+
+def test_thinking_mode_constrains_only_the_answer(server: Server) -> None:
+    """With thinking on, the grammar starts after </think>: the reasoning is free text (here
+    empty: a logit bias makes </think> the first token) and the content fits the schema."""
+    tok = server.app.state.engine.engine.tokenizer
+    end = tok.token_to_id("</think>")
+    r = server.client().chat.completions.create(
+        model=MODEL, messages=user("A person"), max_tokens=200, seed=6, temperature=1.0,
+        logit_bias={str(end): 100}, response_format={"type": "json_schema", "json_schema": {
+            "name": "person", "schema": PERSON}},
+        extra_body={"chat_template_kwargs": {"thinking": True}})
+    message = r.choices[0].message
+    assert set(json.loads(message.content)) == {"name", "age"}

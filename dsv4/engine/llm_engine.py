@@ -33,6 +33,7 @@ from .runner import ModelRunner
 from .sampler import Sampler, SamplingParams, make_generator, truncate_prompt
 from .scheduler import Scheduler
 from .sequence import PENDING_TOKEN, Request
+from .structured import GrammarCompiler, GrammarState, StructuredOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -221,6 +222,7 @@ class LLMEngine:
         self.generation_tokens_total = 0
         self.triton_compiles, self.triton_compile_seconds = 0, 0.0
         self._compile_watch = None
+        self._grammars: GrammarCompiler | None = None  # structured outputs, on first use
         self._token_text: dict[int, str] = {}
 
         concurrent = min(ec.max_num_seqs, self.num_blocks // math.ceil(self.max_model_len / BLOCK_TOKENS))
@@ -459,10 +461,29 @@ class LLMEngine:
             bad = [t for t in getattr(params, name) or () if t >= V]
             if bad:
                 raise ValueError(f"{name} token ids out of the vocabulary [0, {V}): {bad[:8]}")
+        grammar = self._grammar(params.structured_outputs) if params.structured_outputs else None
         req = Request(request_id, text, ids, params, arrival_time, self.tokenizer, self.device)
+        if grammar is not None:
+            for i, seq in enumerate(req.seqs):
+                seq.grammar = grammar if i == 0 else grammar.copy()
         self.requests[request_id] = req
         for seq in req.seqs:
             self.scheduler.add(seq)
+
+    def _grammar(self, spec: StructuredOutputs) -> GrammarState:
+        """A structured-output request's matcher (ValueError naming the problem: no tokenizer,
+        speculative decoding, a grammar that does not compile)."""
+        if self.tokenizer is None:
+            raise ValueError("structured outputs need a tokenizer (the engine was started "
+                             "with skip_tokenizer_init)")
+        if self.runner.proposer is not None:
+            raise ValueError("structured outputs are not supported with speculative decoding "
+                             "yet (start the engine without speculative_tokens)")
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer.backend.to_str(),
+                                             self.model_config.vocab_size,
+                                             sorted(self.eos_token_ids))
+        return GrammarState(self._grammars.matcher(spec), spec.start_after)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its cache; an unknown or finished id is ignored."""

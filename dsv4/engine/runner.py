@@ -199,9 +199,11 @@ class ModelRunner:
         return StepHandle(chunks, out.token_ids, host, event)
 
     def _sample(self, seqs, logits: torch.Tensor):
+        grammars = [s.grammar for s in seqs]
         return self.sampler(logits, [s.params for s in seqs], [s.output_token_ids for s in seqs],
                             [s.request.prompt_token_ids for s in seqs],
-                            [s.generator for s in seqs])
+                            [s.generator for s in seqs],
+                            grammars if any(g is not None for g in grammars) else None)
 
     def _fusable(self, chunks: list[ScheduledChunk]) -> bool:
         """A graph step that verifies one greedy draft per sequence (K = 1, every chunk its
@@ -337,7 +339,7 @@ def _packed(out) -> torch.Tensor:
 
 def _plain(seq) -> bool:
     p = seq.params
-    return (p.logprobs is None and not p.needs_penalties
+    return (p.logprobs is None and not p.needs_penalties and seq.grammar is None
             and seq.num_output_tokens >= p.min_tokens)
 
 

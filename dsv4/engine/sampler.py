@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.greedy import greedy_logprob
+from .structured import StructuredOutputs, mask_logits
 from .upload import upload
 
 __all__ = [
@@ -70,6 +71,8 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None  # keep the last k prompt tokens (-1: what fits)
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    # vLLM's `structured_outputs`: a StructuredOutputs, or a dict of its fields
+    structured_outputs: StructuredOutputs | dict | None = None
 
     def __post_init__(self) -> None:
         def bad(field: str, cond: str) -> ValueError:
@@ -138,6 +141,14 @@ class SamplingParams:
             if not allowed or allowed[0] < 0:
                 raise bad("allowed_token_ids", "a non-empty list of token ids >= 0")
             self.allowed_token_ids = allowed
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputs(**self.structured_outputs)
+            except TypeError as e:  # an unknown key
+                raise ValueError(f"structured_outputs: {e}") from None
+        elif self.structured_outputs is not None and not isinstance(self.structured_outputs,
+                                                                    StructuredOutputs):
+            raise bad("structured_outputs", "a StructuredOutputs, a dict or None")
 
     @property
     def is_greedy(self) -> bool:
@@ -149,9 +160,10 @@ class SamplingParams:
 
     @property
     def needs_logits_processing(self) -> bool:
-        """Whether the logits change before sampling (penalties, a logit bias or an allowed
-        set): then the token is not the raw argmax."""
-        return self.needs_penalties or bool(self.logit_bias) or self.allowed_token_ids is not None
+        """Whether the logits change before sampling (penalties, a logit bias, an allowed set
+        or structured outputs): then the token is not the raw argmax."""
+        return (self.needs_penalties or bool(self.logit_bias) or self.allowed_token_ids is not None
+                or self.structured_outputs is not None)
 
     @property
     def needs_penalties(self) -> bool:
@@ -375,11 +387,12 @@ class Sampler:
         params: Sequence[SamplingParams],
         output_token_ids: Sequence[Sequence[int]],
         prompt_token_ids: Sequence[Sequence[int]],
+        grammars: Sequence | None = None,
     ) -> Tensor:
         """The distribution each row samples from [B, V] (fp32): penalties, temperature, top-k,
         top-p and min-p applied; a greedy row is one-hot on its argmax. Speculative decoding
         verifies drafts against these."""
-        x = self._processed(logits, params, output_token_ids, prompt_token_ids)
+        x = self._processed(logits, params, output_token_ids, prompt_token_ids, grammars)
         greedy = [i for i, p in enumerate(params) if p.is_greedy]
         rand = [i for i, p in enumerate(params) if not p.is_greedy]
         dev = x.device
@@ -396,12 +409,17 @@ class Sampler:
             out[r_idx] = torch.softmax(self._filter(x[r_idx] / temp, ps), dim=-1)
         return out
 
-    def _processed(self, logits: Tensor, params, output_token_ids, prompt_token_ids) -> Tensor:
-        """fp32 logits after min_tokens masking, the penalties, the logit biases and the
-        allowed sets (what greedy maximises)."""
+    def _processed(self, logits: Tensor, params, output_token_ids, prompt_token_ids,
+                   grammars=None) -> Tensor:
+        """fp32 logits after min_tokens masking, the penalties, the logit biases, the
+        allowed sets and the structured outputs' grammars (what greedy maximises)."""
         x = self._apply_min_tokens(logits.float(), params, output_token_ids)
         x = apply_penalties(x, params, output_token_ids, prompt_token_ids)
-        return apply_logit_bias(x, params)
+        x = apply_logit_bias(x, params)
+        if grammars is not None and any(g is not None for g in grammars):
+            x = mask_logits(x if x.data_ptr() != logits.data_ptr() else x.clone(), grammars,
+                            self.eos_token_ids)
+        return x
 
     def draw(self, probs: Tensor, rows: Sequence[int], generators) -> Tensor:
         """Sample one token per row of `probs` [R, V]; row j draws from generators[rows[j]]."""
@@ -415,7 +433,9 @@ class Sampler:
         output_token_ids: Sequence[Sequence[int]],
         prompt_token_ids: Sequence[Sequence[int]],
         generators: Sequence[torch.Generator | None],
+        grammars: Sequence | None = None,
     ) -> SamplerOutput:
+        """`grammars`: per row, a structured-output `GrammarState` or None."""
         B, V = logits.shape
         if not len(params) == len(output_token_ids) == len(prompt_token_ids) == len(generators) == B:
             raise ValueError(
@@ -435,9 +455,9 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1)
         if not rand:  # all greedy: the argmax, without building the one-hot distributions
             token_ids = self._processed(logits, params, output_token_ids,
-                                        prompt_token_ids).argmax(dim=-1)
+                                        prompt_token_ids, grammars).argmax(dim=-1)
         else:
-            probs = self.probs(logits, params, output_token_ids, prompt_token_ids)
+            probs = self.probs(logits, params, output_token_ids, prompt_token_ids, grammars)
             token_ids = probs.argmax(dim=-1)  # greedy rows are one-hot on their argmax
         if len(rand) == B:
             token_ids = self.draw(probs, rand, generators)

@@ -68,6 +68,8 @@ class Sequence:
         # entry this sequence keeps at the last boundary its generated tokens crossed
         self.chain: tuple[int, bytes] | None = None
         self.tail_name: bytes | None = None
+        # Structured outputs (`structured.py`): the matcher the sampled tokens advance
+        self.grammar = None
 
     @property
     def params(self) -> SamplingParams:
@@ -110,6 +112,9 @@ class Sequence:
             self.text += self.decoder.add(token_id)
 
         p = self.params
+        if self.grammar is not None and token_id not in eos_token_ids \
+                and token_id not in p.stop_token_ids:
+            self.grammar.advance(token_id)
         if not p.ignore_eos and token_id in eos_token_ids:
             self.finish("stop")
         elif token_id in p.stop_token_ids:

@@ -14,11 +14,15 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from dsv4.engine.sampler import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+# Request fields that ask for structured outputs (OpenAI's, then vLLM's).
+STRUCTURED_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex",
+                     "guided_choice", "guided_grammar")
 
 # OpenAI caps top_logprobs at 20; vLLM keeps the same limit by default.
 MAX_LOGPROBS = 20
@@ -107,24 +111,49 @@ class _SamplingRequest(BaseModel):
     allowed_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: int | None = None
+    _structured: dict[str, Any] | None = PrivateAttr(default=None)
 
     def _check_common(self) -> None:
-        # Constrained decoding is not implemented: refuse it rather than return unconstrained
-        # text as if it were (unknown fields are otherwise ignored, as OpenAI's may grow).
         extra = self.model_extra or {}
-        fmt = extra.get("response_format")
-        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-            raise bad_request("response_format other than {'type': 'text'} is not supported "
-                              "(no constrained decoding)", "response_format")
-        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                     "structured_outputs"):
-            if extra.get(name) is not None:
-                raise bad_request(f"{name} is not supported (no constrained decoding)", name)
-        ignored = sorted(k for k in extra if k != "response_format")
+        self._structured = self._structured_outputs(extra)
+        ignored = sorted(k for k in extra if k not in STRUCTURED_FIELDS)
         if ignored:  # as vLLM: accepted (clients send newer fields), but said
             logger.warning("request fields ignored (not supported): %s", ", ".join(ignored))
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+
+    @staticmethod
+    def _structured_outputs(extra: dict[str, Any]) -> dict[str, Any] | None:
+        """The `structured_outputs` of SamplingParams from OpenAI's `response_format`
+        (`json_object`, `json_schema`), vLLM's `structured_outputs` or its older `guided_json`,
+        `guided_regex`, `guided_choice` and `guided_grammar`; at most one of them."""
+        given = [k for k in STRUCTURED_FIELDS if extra.get(k) is not None]
+        fmt = extra.get("response_format")
+        if fmt is not None and isinstance(fmt, dict) and fmt.get("type") == "text":
+            given.remove("response_format")
+        if not given:
+            return None
+        if len(given) > 1:
+            raise bad_request(f"give at most one of {', '.join(given)}", given[1])
+        name, value = given[0], extra[given[0]]
+        if name == "response_format":
+            kind = value.get("type") if isinstance(value, dict) else None
+            if kind == "json_object":
+                return {"json_object": True}
+            if kind == "json_schema":
+                spec = value.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                    raise bad_request("response_format json_schema needs json_schema.schema, a "
+                                      "JSON schema object", "response_format")
+                return {"json": spec["schema"]}
+            raise bad_request("response_format type must be text, json_object or json_schema, "
+                              f"got {kind!r}", "response_format")
+        if name == "structured_outputs":
+            if not isinstance(value, dict):
+                raise bad_request("structured_outputs must be an object", name)
+            return dict(value)
+        return {{"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                 "guided_grammar": "grammar"}[name]: value}
 
     def _sampling_params(self, max_tokens: int, logprobs: int | None,
                          skip_special_tokens: bool, prompt_logprobs: int | None = None) -> SamplingParams:
@@ -144,6 +173,7 @@ class _SamplingRequest(BaseModel):
                 allowed_token_ids=self.allowed_token_ids,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 truncate_prompt_tokens=self.truncate_prompt_tokens,
+                structured_outputs=self._structured,
                 **{k: v for k, v in given.items() if v is not None},
             )
         except (ValueError, TypeError) as exc:

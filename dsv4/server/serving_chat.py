@@ -9,8 +9,8 @@ Reasoning and tool calls are split out of the completion the way vLLM's DeepSeek
 * ``auto`` (the default with tools): the tools are in the prompt and calls are parsed.
 * ``none``: as vLLM, the model must not call tools: they are left out of the prompt and any
   DSML text the model writes anyway stays in ``content``.
-* ``required`` / named: there is no constrained decoding, so the call is forced by the prompt
-  instead: the assistant turn is started with the opening of a tool-call block (and, for a
+* ``required`` / named: tool calls are not grammar-constrained (structured outputs cover
+  ``response_format`` only), so the call is forced by the prompt instead: the assistant turn is started with the opening of a tool-call block (and, for a
   named choice, ``<｜DSML｜invoke name="NAME">``), which the model then completes. In thinking
   mode this prefix first closes the thinking, so ``reasoning_content`` is empty. The prefix is
   part of the prompt (and of ``prompt_tokens``) but is parsed as the start of the completion.
@@ -135,6 +135,10 @@ class OpenAIServingChat(OpenAIServing):
         prompt_ids, mode, prefix, tools = await self.prompt_ids(request)
         max_tokens = self.max_tokens_for(len(prompt_ids), request.requested_max_tokens)
         params = request.to_sampling_params(max_tokens)
+        so = params.structured_outputs
+        if so is not None and mode == "thinking" and not prefix and self.engine.tokenizer:
+            # the reasoning is free; the answer after </think> follows the format
+            so.start_after = self.engine.tokenizer.token_to_id(THINK_END)
         request_id = random_id("chatcmpl")
         outputs = await self.submit(request_id, prompt_ids, params)
         parse_tools = bool(tools)
