@@ -106,3 +106,24 @@ def test_prefix_caching_resumes_prompts_with_the_full_prefills_tokens():
     assert [o.outputs[0].token_ids for o in outs] == want
     assert [o.num_cached_tokens for o in outs] == [256, 128, 256, 128]
     torch.cuda.empty_cache()
+
+
+def test_structured_outputs_on_the_gpu_beside_graph_decoding():
+    """Constrained sequences (masks applied to the graphs' logits on the device) fit their
+    schema, and the free requests of the same batch keep the tokens they get alone."""
+    pytest.importorskip("llguidance")  # the device has no network: install its wheel first
+    import json
+    schema = {"type": "object", "properties": {"a": {"type": "integer"},
+                                               "b": {"enum": ["x", "y"]}},
+              "required": ["a", "b"], "additionalProperties": False}
+    alone, llm = _greedy()
+    assert llm.llm_engine.runner.graphs is not None
+    free = SamplingParams(temperature=0, max_tokens=24)
+    params = [free] * len(PROMPTS) + [
+        SamplingParams(temperature=t, seed=s, max_tokens=64, structured_outputs={"json": schema})
+        for t, s in ((0.0, None), (1.0, 1), (1.0, 2))]
+    outs = llm.generate(PROMPTS + PROMPTS[:3], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs[:len(PROMPTS)]] == alone
+    for o in outs[len(PROMPTS):]:
+        value = json.loads(o.outputs[0].text)
+        assert set(value) == {"a", "b"} and value["b"] in ("x", "y"), o.outputs[0].text
