@@ -92,15 +92,29 @@ def test_bad_specs_fail_at_submission_and_the_engine_goes_on(llm):
         "choice": ["ok"]})) == ["ok"]
 
 
-def test_engines_that_cannot_constrain_say_why():
+def test_an_engine_without_a_tokenizer_says_why():
     no_tok = LLM(model="tiny", dtype="float32", device="cpu", skip_tokenizer_init=True)
     with pytest.raises(ValueError, match="need a tokenizer"):
         no_tok.llm_engine.add_request("r", [5, 6], SamplingParams(
             structured_outputs={"choice": ["a"]}))
-    spec = LLM(model="tiny", dtype="float32", device="cpu", speculative_tokens=1)
-    with pytest.raises(ValueError, match="not supported with speculative decoding"):
-        spec.llm_engine.add_request("r", [5, 6], SamplingParams(
-            structured_outputs={"choice": ["a"]}))
+
+
+def test_with_speculative_decoding_constrained_sequences_decode_without_drafts(llm):
+    """MTP drafts for the others; the constrained ones fit their schema, and the free ones
+    keep the tokens of plain greedy decoding."""
+    spec = LLM(model="tiny", dtype="float32", device="cpu", speculative_tokens=2)
+    free = SamplingParams(temperature=0.0, max_tokens=16)
+    want = _texts(llm, ["The weather", "Hello there"], free)
+    outs = spec.generate(["The weather", "A person:", "Hello there", "Another:"],
+                         [free, SamplingParams(temperature=0.0, max_tokens=100,
+                                               structured_outputs={"json": PERSON}),
+                          free, SamplingParams(temperature=1.0, seed=4, max_tokens=100,
+                                               structured_outputs={"json": PERSON})],
+                         use_tqdm=False)
+    assert [outs[0].outputs[0].text, outs[2].outputs[0].text] == want
+    for o in (outs[1], outs[3]):
+        assert {"name", "age"} <= set(json.loads(o.outputs[0].text))
+    assert spec.llm_engine.runner.proposer.verify_steps > 0  # the free ones drafted
 
 
 class _Matcher:

@@ -472,13 +472,11 @@ class LLMEngine:
 
     def _grammar(self, spec: StructuredOutputs) -> GrammarState:
         """A structured-output request's matcher (ValueError naming the problem: no tokenizer,
-        speculative decoding, a grammar that does not compile)."""
+        a grammar that does not compile). With speculative decoding its sequences decode
+        without drafts (`ModelRunner.run`)."""
         if self.tokenizer is None:
             raise ValueError("structured outputs need a tokenizer (the engine was started "
                              "with skip_tokenizer_init)")
-        if self.runner.proposer is not None:
-            raise ValueError("structured outputs are not supported with speculative decoding "
-                             "yet (start the engine without speculative_tokens)")
         if self._grammars is None:
             self._grammars = GrammarCompiler(self.tokenizer.backend.to_str(),
                                              self.model_config.vocab_size,

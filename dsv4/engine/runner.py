@@ -156,6 +156,9 @@ class ModelRunner:
             at += len(span)
         if self.proposer is not None:
             self.proposer.propose(chunks, x_all, [[t.token_id for t in s] for s in sampled])
+            for c in chunks:  # structured outputs: drafts would need the grammar's masks
+                if c.seq.grammar is not None:
+                    c.seq.drafts, c.seq.draft_probs = [], None
         return RunnerOutput(sampled, prompt_logprobs, hidden)
 
     # ------------------------------------------------------------------ running ahead
