@@ -150,3 +150,18 @@ def test_masks_start_after_the_token_and_never_leave_a_row_empty():
     assert torch.isfinite(out[1]).nonzero().flatten().tolist() == [3]
     waiting.advance(3)
     assert waiting.matcher.consumed == [3]
+
+
+def test_a_grammar_compiled_ahead_is_taken_once(llm):
+    """The server compiles off the engine's thread (`compile_structured`) and hands the
+    matcher over in the spec; the engine takes it instead of compiling again."""
+    engine = llm.llm_engine
+    spec = StructuredOutputs(choice=["left", "right"])
+    state = engine.compile_structured(spec)
+    spec.compiled = state
+    engine.add_request("ahead", [5, 6, 7], SamplingParams(max_tokens=12, structured_outputs=spec))
+    seq = engine.requests["ahead"].seqs[0]
+    assert seq.grammar is state and spec.compiled is None
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert seq.text in ("left", "right")

@@ -461,7 +461,10 @@ class LLMEngine:
             bad = [t for t in getattr(params, name) or () if t >= V]
             if bad:
                 raise ValueError(f"{name} token ids out of the vocabulary [0, {V}): {bad[:8]}")
-        grammar = self._grammar(params.structured_outputs) if params.structured_outputs else None
+        grammar = None
+        if params.structured_outputs is not None:
+            so = params.structured_outputs
+            grammar, so.compiled = so.compiled or self.compile_structured(so), None
         req = Request(request_id, text, ids, params, arrival_time, self.tokenizer, self.device)
         if grammar is not None:
             for i, seq in enumerate(req.seqs):
@@ -470,10 +473,12 @@ class LLMEngine:
         for seq in req.seqs:
             self.scheduler.add(seq)
 
-    def _grammar(self, spec: StructuredOutputs) -> GrammarState:
+    def compile_structured(self, spec: StructuredOutputs) -> GrammarState:
         """A structured-output request's matcher (ValueError naming the problem: no tokenizer,
-        a grammar that does not compile). With speculative decoding its sequences decode
-        without drafts (`ModelRunner.run`)."""
+        a grammar that does not compile). Safe to call from another thread (llguidance
+        compiles without the GIL): the server compiles there and hands the result over in
+        `spec.compiled`, so a large schema does not stall the engine's steps. With speculative
+        decoding the constrained sequences decode without drafts (`ModelRunner.run`)."""
         if self.tokenizer is None:
             raise ValueError("structured outputs need a tokenizer (the engine was started "
                              "with skip_tokenizer_init)")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -38,6 +38,8 @@ class StructuredOutputs:
     whitespace_flexible: bool = False
     disable_any_whitespace: bool | None = None  # vLLM's name: whitespace_flexible = not this
     start_after: int | None = None  # a token id: constrain only what follows it
+    # a GrammarState compiled ahead (the server compiles off the engine's thread); taken once
+    compiled: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         given = [name for name in ("json", "regex", "choice", "grammar")

@@ -91,6 +91,10 @@ class AsyncLLMEngine:
         The iterator ends after the finished output; if its consumer stops early (a client
         disconnect cancels the task) the request is aborted and its cache blocks freed.
         """
+        so = getattr(params, "structured_outputs", None)
+        if so is not None and so.compiled is None:  # off the engine's thread (it steps)
+            so.compiled = await asyncio.get_running_loop().run_in_executor(
+                None, self.engine.compile_structured, so)
         stream = _Stream()
         self._streams[request_id] = stream
         try:
