@@ -165,3 +165,14 @@ def test_a_grammar_compiled_ahead_is_taken_once(llm):
     while engine.has_unfinished_requests():
         engine.step()
     assert seq.text in ("left", "right")
+
+
+def test_a_failing_mask_lifts_that_constraint_only():
+    class Broken(_Matcher):
+        def compute_bitmask(self):
+            raise RuntimeError("internal")
+    V = 40
+    broken, fine = GrammarState(Broken([], V)), GrammarState(_Matcher([5], V))
+    out = mask_logits(torch.zeros(2, V), [broken, fine], fallback_ids=[1])
+    assert torch.isfinite(out[0]).all() and not broken.active
+    assert torch.isfinite(out[1]).nonzero().flatten().tolist() == [5]

@@ -151,10 +151,15 @@ def mask_logits(logits: torch.Tensor, grammars: Sequence[GrammarState | None],
         return logits
     V = logits.shape[1]
     words = (V + 31) // 32
-    bits = torch.empty(len(rows), words, dtype=torch.int32)
+    bits = torch.full((len(rows), words), -1, dtype=torch.int32)  # -1: every token allowed
     for j, i in enumerate(rows):
-        mask = grammars[i].matcher.compute_bitmask()
-        bits[j] = torch.frombuffer(bytearray(mask), dtype=torch.int32)[:words]
+        try:
+            mask = grammars[i].matcher.compute_bitmask()
+            bits[j] = torch.frombuffer(bytearray(mask), dtype=torch.int32)[:words]
+        except Exception as e:  # noqa: BLE001 - one request's grammar must not fail the step
+            logger.warning("structured outputs: the grammar's mask failed (%s); the sequence "
+                           "goes on unconstrained", e)
+            grammars[i].active, grammars[i].start_after = False, -1
     bits = bits.to(logits.device, non_blocking=True)
     shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
     allowed = ((bits[:, :, None] >> shifts) & 1).bool().view(len(rows), -1)[:, :V]
