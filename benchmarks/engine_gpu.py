@@ -7,8 +7,8 @@ Builds the model from its config with seeded random weights directly on the GPU
 decode latency at batch 1, decode throughput at batch 64 and 256 (batch 1 and 64 also without
 async scheduling, the "sync" rows), prefill tokens/s for 8K and 32K prompts, and MTP
 speculative decoding (K = 1..3) with the real (random) MTP drafts and with drafts forced to be
-accepted; `--only prefix` adds 32 prompts of 512 tokens after a shared 4096-token prefix with
-and without prefix caching. Prints one table; every number comes from `dsv4.bench.measure`.
+accepted; `--only prefix` adds 32 prompts of 512 tokens after a shared 4096-token prefix, and
+one prompt of 128 tokens after 8064 an earlier prompt had, with and without prefix caching. Prints one table; every number comes from `dsv4.bench.measure`.
 The attention rows are packed FP8 (the CUDA default); `--kv-cache-dtype bfloat16` runs the
 same rows with plain bf16 rows; `--no-mtp` skips the speculative rows and `--only
 decode,prefill,mtp,prefix` picks row groups (default: all but prefix).
@@ -101,8 +101,12 @@ def main() -> None:
         e = engine_for(loaded, a.kv_cache_dtype, max_num_seqs=64,
                        max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=8192,
                        gpu_memory_utilization=0.85, enable_prefix_caching=cached)
-        run(f"4K shared prefix + 512, 32 prompts, prefix cache {'on' if cached else 'off'}", e,
+        state = 'on' if cached else 'off'
+        run(f"4K shared prefix + 512, 32 prompts, prefix cache {state}", e,
             "throughput", 32, 512, 32, prefix_len=4096)
+        # a conversation's next turn: an 8K prompt whose first 8064 tokens an earlier one had
+        run(f"8064 shared + 128, one prompt, prefix cache {state}", e, "latency", 1, 128, 2,
+            iters=3, prefix_len=8064)
         del e
         gc.collect()
         torch.cuda.empty_cache()
