@@ -35,11 +35,13 @@ from dsv4.server.protocol import (
 )
 from dsv4.server.serving_chat import OpenAIServingChat
 from dsv4.server.serving_completion import OpenAIServingCompletion
+from dsv4.server.serving_responses import OpenAIServingResponses, ResponsesRequest
 from dsv4.server.serving_tokens import OpenAIServingTokens
 
 logger = logging.getLogger(__name__)
 
-_ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+_ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/responses",
+              "/health", "/metrics")
 
 
 def _error_response(exc: OpenAIError) -> JSONResponse:
@@ -104,6 +106,7 @@ def build_app(engine: Any, served_model_name: str, api_key: str | None = None) -
     metrics = ServerMetrics(lambda: async_engine.stats)
     chat = OpenAIServingChat(async_engine, served_model_name, metrics)
     completion = OpenAIServingCompletion(async_engine, served_model_name, metrics)
+    responses = OpenAIServingResponses(async_engine, served_model_name, metrics)
     tokens = OpenAIServingTokens(chat)
 
     @contextlib.asynccontextmanager
@@ -179,6 +182,11 @@ def build_app(engine: Any, served_model_name: str, api_key: str | None = None) -
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, raw_request: Request) -> Response:
         result = await chat.create(request, raw_request)
+        return result if isinstance(result, Response) else JSONResponse(result)
+
+    @app.post("/v1/responses")
+    async def create_response(request: ResponsesRequest, raw_request: Request) -> Response:
+        result = await responses.create_response(request, raw_request)
         return result if isinstance(result, Response) else JSONResponse(result)
 
     @app.post("/tokenize")
