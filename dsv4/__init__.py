@@ -9,11 +9,12 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputs", "RequestOutput", "CompletionOutput"]
 
 _EXPORTS = {
     "LLM": "dsv4.llm",
     "SamplingParams": "dsv4.engine.sampler",
+    "StructuredOutputs": "dsv4.engine.structured",
     "RequestOutput": "dsv4.engine.outputs",
     "CompletionOutput": "dsv4.engine.outputs",
 }
@@ -21,6 +22,7 @@ _EXPORTS = {
 if TYPE_CHECKING:
     from .engine.outputs import CompletionOutput, RequestOutput
     from .engine.sampler import SamplingParams
+    from .engine.structured import StructuredOutputs
     from .llm import LLM
 
 

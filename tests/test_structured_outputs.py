@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-from dsv4 import LLM, SamplingParams
-from dsv4.engine.structured import GrammarState, StructuredOutputs, mask_logits
+from dsv4 import LLM, SamplingParams, StructuredOutputs
+from dsv4.engine.structured import GrammarState, mask_logits
 
 PERSON = {"type": "object",
           "properties": {"name": {"type": "string", "maxLength": 10},
