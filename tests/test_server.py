@@ -710,3 +710,57 @@ def test_thinking_mode_constrains_only_the_answer(server: Server) -> None:
         extra_body={"chat_template_kwargs": {"thinking": True}})
     message = r.choices[0].message
     assert set(json.loads(message.content)) == {"name", "age"}
+
+
+FORECAST_TOOL = {"type": "function", "function": {
+    "name": "forecast", "parameters": {
+        "type": "object", "required": ["unit", "days"],
+        "properties": {"unit": {"type": "string", "enum": ["C", "F"]},
+                       "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}}
+CLOCK_TOOL = {"type": "function", "function": {
+    "name": "clock", "parameters": {"type": "object", "properties": {}}}}
+
+
+def _check_calls(calls, names) -> None:
+    assert calls, "no tool call"
+    for call in calls:
+        args = json.loads(call.function.arguments)
+        assert call.function.name in names, call
+        if call.function.name == "forecast":
+            assert args["unit"] in ("C", "F") and 1 <= args["days"] <= 7, args
+        else:
+            assert args == {}, args
+
+
+def test_forced_tool_calls_are_well_formed_calls_of_the_offered_functions(server: Server) -> None:
+    """tool_choice required / named: whatever the random weights prefer, the answer parses
+    into calls of the offered functions with arguments that fit their schemas."""
+    client = server.client()
+    for seed in (1, 2, 3):
+        r = client.chat.completions.create(
+            model=MODEL, messages=user("Plan my week"), tools=[FORECAST_TOOL, CLOCK_TOOL],
+            tool_choice="required", max_tokens=1000, temperature=1.0, seed=seed)
+        # (random weights rarely pick the block's end over another call: up to ~20 calls)
+        assert r.choices[0].finish_reason == "tool_calls", (seed, r.choices[0])
+        _check_calls(r.choices[0].message.tool_calls, {"forecast", "clock"})
+    r = client.chat.completions.create(
+        model=MODEL, messages=user("Forecast"), tools=[FORECAST_TOOL, CLOCK_TOOL],
+        tool_choice={"type": "function", "function": {"name": "forecast"}}, max_tokens=200,
+        temperature=1.0, seed=4)
+    calls = r.choices[0].message.tool_calls
+    assert [c.function.name for c in calls] == ["forecast"]
+    _check_calls(calls, {"forecast"})
+    r = client.chat.completions.create(
+        model=MODEL, messages=user("One call"), tools=[FORECAST_TOOL, CLOCK_TOOL],
+        tool_choice="required", parallel_tool_calls=False, max_tokens=200, temperature=1.0,
+        seed=5)
+    assert len(r.choices[0].message.tool_calls) == 1
+    with pytest.raises(openai.BadRequestError, match="response_format cannot be combined"):
+        client.chat.completions.create(
+            model=MODEL, messages=user("x"), tools=[FORECAST_TOOL], tool_choice="required",
+            response_format={"type": "json_object"}, max_tokens=5)
+    out = client.responses.create(
+        model=MODEL, input="Plan", max_output_tokens=1000, temperature=1.0,
+        tools=[{"type": "function", **FORECAST_TOOL["function"]}], tool_choice="required")
+    assert {item.type for item in out.output} == {"function_call"}
+    assert all(item.name == "forecast" for item in out.output)

@@ -9,9 +9,10 @@ Reasoning and tool calls are split out of the completion the way vLLM's DeepSeek
 * ``auto`` (the default with tools): the tools are in the prompt and calls are parsed.
 * ``none``: as vLLM, the model must not call tools: they are left out of the prompt and any
   DSML text the model writes anyway stays in ``content``.
-* ``required`` / named: tool calls are not grammar-constrained (structured outputs cover
-  ``response_format`` only), so the call is forced by the prompt instead: the assistant turn is started with the opening of a tool-call block (and, for a
-  named choice, ``<｜DSML｜invoke name="NAME">``), which the model then completes. In thinking
+* ``required`` / named: the call is forced by the prompt and held to well-formed calls of the
+  offered functions by a grammar (``tool_grammar.py``): the assistant turn is started with
+  the opening of a tool-call block (and, for a named choice, ``<｜DSML｜invoke
+  name="NAME">``), which the model then completes. In thinking
   mode this prefix first closes the thinking, so ``reasoning_content`` is empty. The prefix is
   part of the prompt (and of ``prompt_tokens``) but is parsed as the start of the completion.
 """
@@ -33,6 +34,7 @@ from dsv4.chat import (
     parse_completion,
 )
 from dsv4.engine.sampler import truncate_prompt
+from dsv4.engine.structured import StructuredOutputs
 from dsv4.server.logprobs import chat_logprobs
 from dsv4.server.protocol import (
     ChatCompletionRequest,
@@ -51,6 +53,7 @@ from dsv4.server.serving import (
     sse,
     usage,
 )
+from dsv4.server.tool_grammar import tool_call_grammar
 
 
 def forced_prefix(request: ChatCompletionRequest, thinking_mode: str) -> str:
@@ -135,10 +138,7 @@ class OpenAIServingChat(OpenAIServing):
         prompt_ids, mode, prefix, tools = await self.prompt_ids(request)
         max_tokens = self.max_tokens_for(len(prompt_ids), request.requested_max_tokens)
         params = request.to_sampling_params(max_tokens)
-        so = params.structured_outputs
-        if so is not None and mode == "thinking" and not prefix and self.engine.tokenizer:
-            # the reasoning is free; the answer after </think> follows the format
-            so.start_after = self.engine.tokenizer.token_to_id(THINK_END)
+        self.constrain(request, params, mode, prefix, tools)
         request_id = random_id("chatcmpl")
         outputs = await self.submit(request_id, prompt_ids, params)
         parse_tools = bool(tools)
@@ -150,6 +150,30 @@ class OpenAIServingChat(OpenAIServing):
                 raw_request, self._full(request, request_id, outputs, mode, prefix, parse_tools))
         finally:
             self.abort([request_id])
+
+    def constrain(self, request: ChatCompletionRequest, params: Any, mode: str, prefix: str,
+                  tools: Any) -> None:
+        """Structured outputs for the answer: in thinking mode `response_format` starts after
+        `</think>`; a forced tool call (`required` / named) is held to well-formed calls of the
+        offered functions (`tool_grammar.py`)."""
+        tok = self.engine.tokenizer
+        so = params.structured_outputs
+        if tok is None:
+            return
+        if prefix and tools:
+            if so is not None:
+                raise bad_request("response_format cannot be combined with tool_choice "
+                                  "'required' or a named function", "response_format")
+            choice = request.tool_choice
+            grammar = tool_call_grammar(
+                tools, tok.token_to_id,
+                named=choice.function.name if isinstance(choice, NamedToolChoice) else None,
+                single=request.parallel_tool_calls is False)
+            if grammar is not None:
+                params.structured_outputs = StructuredOutputs(grammar=grammar)
+        elif so is not None and mode == "thinking":
+            # the reasoning is free; the answer after </think> follows the format
+            so.start_after = tok.token_to_id(THINK_END)
 
     def _logprobs(self, request: ChatCompletionRequest, o: Any, start: int = 0) -> dict[str, Any] | None:
         if not request.logprobs or o.logprobs is None:

@@ -173,9 +173,7 @@ class OpenAIServingResponses(OpenAIServingChat):
         prompt_ids, mode, prefix, tools = await self.prompt_ids(chat)
         max_tokens = self.max_tokens_for(len(prompt_ids), chat.requested_max_tokens, "input")
         params = chat.to_sampling_params(max_tokens)
-        so = params.structured_outputs
-        if so is not None and mode == "thinking" and not prefix and self.engine.tokenizer:
-            so.start_after = self.engine.tokenizer.token_to_id("</think>")
+        self.constrain(chat, params, mode, prefix, tools)
         response_id = random_id("resp")
         outputs = await self.submit(response_id, prompt_ids, params)
         shell = self._shell(request, response_id, max_tokens)
