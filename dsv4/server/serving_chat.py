@@ -19,6 +19,7 @@ Reasoning and tool calls are split out of the completion the way vLLM's DeepSeek
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -54,6 +55,8 @@ from dsv4.server.serving import (
     usage,
 )
 from dsv4.server.tool_grammar import tool_call_grammar
+
+_HAS_LLGUIDANCE = importlib.util.find_spec("llguidance") is not None
 
 
 def forced_prefix(request: ChatCompletionRequest, thinking_mode: str) -> str:
@@ -160,7 +163,7 @@ class OpenAIServingChat(OpenAIServing):
         so = params.structured_outputs
         if tok is None:
             return
-        if prefix and tools:
+        if prefix and tools and _HAS_LLGUIDANCE:  # without it: the prompt's opening only
             if so is not None:
                 raise bad_request("response_format cannot be combined with tool_choice "
                                   "'required' or a named function", "response_format")
