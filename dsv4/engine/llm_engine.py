@@ -88,7 +88,6 @@ def _eos_token_ids(cfg: ModelConfig, generation_config: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-
 def watch_compiles(engine: "LLMEngine") -> CompileWatch | None:
     """After the warm-up, every Triton compile is a step shape it did not meet, paid inside
     a request: count it (`dsv4:triton_compiles` in /metrics) and log what made it new. The
@@ -118,6 +117,7 @@ def warm_up_lengths(budget: int) -> list[int]:
         out.update(x for x in (2 ** k + 1, 3 * 2 ** (k - 1) + 1) if x < budget)
         k += 1
     return sorted(out)
+
 
 class LLMEngine:
     """Continuous-batching engine over a paged KV cache sized once, at start-up."""
