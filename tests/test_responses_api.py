@@ -113,7 +113,7 @@ def test_parsed_tool_calls_become_function_call_items() -> None:
 
 
 @pytest.mark.parametrize("body, needle", [
-    ({"input": "x", "previous_response_id": "resp_1"}, "not stored"),
+    ({"input": "x", "previous_response_id": "resp_1"}, "previous response 'resp_1' not found"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
      "input_image"),
     ({"input": [{"type": "file_search_call"}]}, "file_search_call"),
@@ -124,3 +124,28 @@ def test_parsed_tool_calls_become_function_call_items() -> None:
 def test_what_is_not_supported_is_a_400_naming_it(server: Server, body, needle) -> None:
     with pytest.raises(openai.BadRequestError, match=needle):
         server.client().responses.create(model=MODEL, **body)
+
+
+def test_previous_response_id_continues_a_stored_conversation(server: Server) -> None:
+    """The second turn's prompt is the chat of both turns, the first answer included;
+    GET returns a stored response, DELETE drops it, store=false keeps nothing."""
+    client = server.client()
+    first = client.responses.create(model=MODEL, input="My name is Ada.", instructions="Be nice.",
+                                    max_output_tokens=6, temperature=0)
+    second = client.responses.create(model=MODEL, input="What is my name?",
+                                     previous_response_id=first.id, max_output_tokens=6,
+                                     temperature=0)
+    chat = client.chat.completions.create(
+        model=MODEL, max_tokens=6, temperature=0,
+        messages=user("My name is Ada.") + [{"role": "assistant", "content": first.output_text}]
+        + user("What is my name?"))
+    assert second.previous_response_id == first.id
+    assert second.usage.input_tokens == chat.usage.prompt_tokens  # instructions do not carry
+    assert second.output_text == chat.choices[0].message.content
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    third = client.responses.create(model=MODEL, input="x", max_output_tokens=2, store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(third.id)

@@ -189,6 +189,14 @@ def build_app(engine: Any, served_model_name: str, api_key: str | None = None) -
         result = await responses.create_response(request, raw_request)
         return result if isinstance(result, Response) else JSONResponse(result)
 
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str) -> JSONResponse:
+        return JSONResponse(responses.stored(response_id))
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> JSONResponse:
+        return JSONResponse(responses.delete(response_id))
+
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest) -> JSONResponse:
         return JSONResponse(await tokens.create_tokenize(request))

@@ -16,12 +16,15 @@ becomes the response's output items:
   the length ran out. Streams send the API's events (``response.created`` ...
   ``response.output_text.delta`` ... ``response.completed``).
 
-Nothing is stored: ``previous_response_id`` is refused (send the conversation in ``input``)
-and ``store`` is ignored.
+Responses are kept in memory (``store``, true by default as in OpenAI's API; the last
+``STORE_SIZE`` of them, lost on restart): ``previous_response_id`` continues a stored
+conversation (its messages and answer come before this request's input, its
+``instructions`` do not carry over), ``GET`` / ``DELETE /v1/responses/{id}`` read and drop one.
 """
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -51,16 +54,15 @@ class ResponsesRequest(BaseModel):
     text: dict[str, Any] | None = None
     stream: bool = False
     previous_response_id: str | None = None
+    store: bool = True
     metadata: dict[str, Any] | None = None
     user: str | None = None
 
-    def chat_request(self) -> ChatCompletionRequest:
-        """The chat completion this request describes (a 400 naming what does not fit)."""
-        if self.previous_response_id is not None:
-            raise bad_request("previous_response_id is not supported: responses are not "
-                              "stored, send the conversation in input", "previous_response_id")
+    def chat_request(self, history: list[dict[str, Any]] = ()) -> ChatCompletionRequest:
+        """The chat completion this request describes, after `history` (the messages of a
+        previous response); a 400 naming what does not fit."""
         messages = ([{"role": "system", "content": self.instructions}]
-                    if self.instructions else []) + _messages(self.input)
+                    if self.instructions else []) + list(history) + _messages(self.input)
         fields: dict[str, Any] = {
             "model": self.model, "messages": messages, "max_tokens": self.max_output_tokens,
             "temperature": self.temperature, "top_p": self.top_p, "stream": self.stream,
@@ -163,11 +165,57 @@ def _chat_format(fmt: dict[str, Any]) -> dict[str, Any]:
     return {"type": kind}
 
 
+STORE_SIZE = 1024  # responses kept for previous_response_id and GET, least recent dropped
+
+
 class OpenAIServingResponses(OpenAIServingChat):
     """Handler of ``/v1/responses``."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # id -> (the conversation's messages, answer included; the response object)
+        self._store: OrderedDict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = OrderedDict()
+
+    def stored(self, response_id: str) -> dict[str, Any]:
+        if response_id not in self._store:
+            raise OpenAIError(404, f"no stored response {response_id!r} (not stored, dropped "
+                              "as older than the last 1024, or from before a restart)",
+                              "invalid_request_error", "response_id")
+        self._store.move_to_end(response_id)
+        return self._store[response_id][1]
+
+    def delete(self, response_id: str) -> dict[str, Any]:
+        self.stored(response_id)
+        del self._store[response_id]
+        return {"id": response_id, "object": "response", "deleted": True}
+
+    def _keep(self, request: ResponsesRequest, history: list[dict[str, Any]],
+              done: dict) -> None:
+        if not request.store:
+            return
+        answer = {"role": "assistant", "content": "", "tool_calls": []}
+        for item in done["output"]:
+            if item["type"] == "message":
+                answer["content"] = item["content"][0]["text"]
+            elif item["type"] == "function_call":
+                answer["tool_calls"].append({"id": item["call_id"], "type": "function",
+                                             "function": {"name": item["name"],
+                                                          "arguments": item["arguments"]}})
+        conversation = list(history) + _messages(request.input)  # instructions do not carry
+        self._store[done["id"]] = (conversation + [answer], done)
+        while len(self._store) > STORE_SIZE:
+            self._store.popitem(last=False)
+
     async def create_response(self, request: ResponsesRequest, raw_request: Request) -> Any:
-        chat = request.chat_request()
+        history: list[dict[str, Any]] = []
+        if request.previous_response_id is not None:
+            if request.previous_response_id not in self._store:
+                raise bad_request(f"previous response {request.previous_response_id!r} not "
+                                  "found (not stored, dropped, or from before a restart)",
+                                  "previous_response_id")
+            self._store.move_to_end(request.previous_response_id)
+            history = self._store[request.previous_response_id][0]
+        chat = request.chat_request(history)
         self.check_model(chat.model)
         chat.check()
         prompt_ids, mode, prefix, tools = await self.prompt_ids(chat)
@@ -177,12 +225,15 @@ class OpenAIServingResponses(OpenAIServingChat):
         response_id = random_id("resp")
         outputs = await self.submit(response_id, prompt_ids, params)
         shell = self._shell(request, response_id, max_tokens)
+        keep = lambda done: self._keep(request, history, done)  # noqa: E731
         if request.stream:
-            body = self._events(shell, outputs, mode, prefix, bool(tools))
+            body = self._events(shell, outputs, mode, prefix, bool(tools), keep)
             return EngineStreamingResponse(body, self, [response_id])
         try:
-            return await cancel_on_disconnect(
+            done = await cancel_on_disconnect(
                 raw_request, self._full(shell, outputs, mode, prefix, bool(tools)))
+            keep(done)
+            return done
         finally:
             self.abort([response_id])
 
@@ -198,7 +249,8 @@ class OpenAIServingResponses(OpenAIServingChat):
             "temperature": request.temperature, "top_p": request.top_p,
             "tool_choice": request.tool_choice or "auto", "tools": request.tools or [],
             "reasoning": request.reasoning, "text": request.text or {"format": {"type": "text"}},
-            "previous_response_id": None, "store": False, "usage": None,
+            "previous_response_id": request.previous_response_id, "store": request.store,
+            "usage": None,
         }
 
     def _finish(self, shell: dict, final: Any, items: list[dict]) -> dict:
@@ -250,7 +302,7 @@ class OpenAIServingResponses(OpenAIServingChat):
         return self._finish(shell, final, self._items(parsed, {}))
 
     async def _events(self, shell: dict, outputs: AsyncIterator[Any], mode: str, prefix: str,
-                      parse_tools: bool) -> AsyncIterator[str]:
+                      parse_tools: bool, keep) -> AsyncIterator[str]:
         """The stream: an item a kind of text as it starts (reasoning, then the message),
         each closed when the next starts or the answer ends, then the function calls."""
         seq = iter(range(1 << 62))
@@ -345,5 +397,6 @@ class OpenAIServingResponses(OpenAIServingChat):
                         output_index=index, arguments=item["arguments"])
             yield event("response.output_item.done", output_index=index, item=item)
         done = self._finish(shell, final, items)
+        keep(done)
         yield event("response.completed" if done["status"] == "completed"
                     else "response.incomplete", response=done)
