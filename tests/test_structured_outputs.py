@@ -176,3 +176,19 @@ def test_a_failing_mask_lifts_that_constraint_only():
     out = mask_logits(torch.zeros(2, V), [broken, fine], fallback_ids=[1])
     assert torch.isfinite(out[0]).all() and not broken.active
     assert torch.isfinite(out[1]).nonzero().flatten().tolist() == [5]
+
+
+def test_the_dummy_presets_placeholder_vocabulary_builds_fast_and_is_never_allowed():
+    """The tiny tokenizer padded to DeepSeek-V4's 129280 ids with placeholders: llguidance's
+    tokenizer leaves them out (a minute to build with them), so no mask allows one."""
+    import time
+    from dsv4.engine.structured import GrammarCompiler
+    from dsv4.tokenizer import Tokenizer
+    tok = Tokenizer.tiny(129280)
+    compiler = GrammarCompiler(tok.backend.to_str(), 129280, [tok.eos_token_id])
+    t0 = time.perf_counter()
+    state = GrammarState(compiler.matcher(StructuredOutputs(json_object=True)))
+    assert time.perf_counter() - t0 < 10
+    out = mask_logits(torch.zeros(1, 129280), [state], fallback_ids=[1])
+    allowed = torch.isfinite(out[0]).nonzero().flatten()
+    assert 0 < len(allowed) and int(allowed.max()) < 1001  # ids past 1000 are placeholders
