@@ -766,3 +766,18 @@ def test_forced_tool_calls_are_well_formed_calls_of_the_offered_functions(server
     assert [item.type for item in out.output] == ["function_call"]
     assert out.output[0].name == "forecast"
     assert json.loads(out.output[0].arguments)["unit"] in ("C", "F")
+
+
+def test_tool_schemas_with_refs_compile_and_broken_ones_leave_calls_unconstrained() -> None:
+    from dsv4.server.tool_grammar import tool_call_grammar
+    from dsv4.tokenizer import Tokenizer
+    tok = Tokenizer.tiny()
+    refs = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "$defs": {"P": {"type": "object",
+                                         "properties": {"x": {"type": "integer"}}}},
+        "properties": {"p": {"$ref": "#/$defs/P"}}, "required": ["p"]}}}
+    assert "$defs" in tool_call_grammar([refs], tok.token_to_id)
+    broken = {"type": "function", "function": {"name": "g", "parameters": {
+        "type": "object", "properties": {"p": {"$ref": "#/nowhere"}}}}}
+    assert tool_call_grammar([broken], tok.token_to_id) is None  # the prompt's opening only
+    assert tool_call_grammar([refs], lambda text: None) is None  # no DSML special tokens

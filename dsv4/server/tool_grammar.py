@@ -12,9 +12,12 @@ written ``<[id]>`` in llguidance's Lark.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from dsv4.chat import DSML, INVOKE_END, PARAMETER_END, TOOL_CALLS_END
+
+logger = logging.getLogger(__name__)
 
 
 STRING_OPEN, JSON_OPEN = ' string="true">', ' string="false">'
@@ -42,8 +45,10 @@ def tool_call_grammar(tools: list[dict[str, Any]], token_id, named: str | None =
         params = []
         decl = fn.get("parameters") or {}
         required = set(decl.get("required") or [])
+        # a property's "$ref"s point into the parameters' definitions: carry them along
+        defs = {k: decl[k] for k in ("$defs", "definitions") if isinstance(decl.get(k), dict)}
         for pname, schema in (decl.get("properties") or {}).items():
-            schema = schema if isinstance(schema, dict) else {}
+            schema = {**schema, **defs} if isinstance(schema, dict) else {}
             head = '"<" ' + dsml + " " + _lit("parameter name=" + json.dumps(pname,
                                                                             ensure_ascii=False))
             if schema.get("type") == "string":
@@ -68,4 +73,10 @@ def tool_call_grammar(tools: list[dict[str, Any]], token_id, named: str | None =
         rules.append("invoke: " + " | ".join(f"invoke_{k}" for _, k in invokes))
         start = ('start: invoke "\\n" ' if single else
                  'start: invoke ("\\n" invoke)* "\\n" ') + calls_end
-    return "\n".join([start, *rules, "STRING: /(?s:.*)/"])
+    grammar = "\n".join([start, *rules, "STRING: /(?s:.*)/"])
+    from llguidance import LLMatcher
+    error = LLMatcher.validate_grammar(LLMatcher.grammar_from_lark(grammar))
+    if error:  # a schema llguidance cannot compile: the prompt's opening alone holds the call
+        logger.warning("tool calls left unconstrained: %s", error.strip().splitlines()[0])
+        return None
+    return grammar
