@@ -189,8 +189,8 @@ def test_one_shot_all_reduce_is_the_default_on_gpus_of_one_host(monkeypatch):
 
 
 def test_engine_with_two_ranks_generates_what_one_process_generates():
-    """`LLM(..., tensor_parallel_size=2)` spawns its worker rank itself; scheduler, sampler and
-    MTP speculative decoding run unchanged on top."""
+    """`LLM(..., tensor_parallel_size=2)` spawns its worker rank itself; scheduler, sampler,
+    MTP speculative decoding, prefix caching and structured outputs run unchanged on top."""
     from dsv4 import LLM, SamplingParams
     prompts = [[20 + i for i in range(n)] for n in (3, 9, 17)]
     long = [20 + (7 * i) % 300 for i in range(150)]  # resumed from the prefix cache at 128
@@ -204,7 +204,12 @@ def test_engine_with_two_ranks_generates_what_one_process_generates():
         got = [o.outputs[0].token_ids for o in tp.generate(prompts + [long], params,
                                                            use_tqdm=False)]
         again = tp.generate([long], params, use_tqdm=False)[0]
+        constrained = SamplingParams(temperature=0, max_tokens=12,
+                                     structured_outputs={"choice": ["alpha", "beta"]})
+        choice = tp.generate([prompts[1]], constrained, use_tqdm=False)[0].outputs[0].text
     finally:
         tp.llm_engine.close()
     assert got == want
     assert again.num_cached_tokens == 128 and again.outputs[0].token_ids == want[-1]
+    want_choice = ref.generate([prompts[1]], constrained, use_tqdm=False)[0].outputs[0].text
+    assert choice == want_choice and choice in ("alpha", "beta")  # rank 0 masks and samples
