@@ -229,9 +229,21 @@ def print_result(r: dict) -> None:
 
 def add_bench_cli(subparsers) -> None:
     from .cli import add_engine_args
-    p = subparsers.add_parser("bench", help="measure latency or throughput")
-    p.add_argument("mode", choices=["latency", "throughput"])
+    p = subparsers.add_parser(
+        "bench", help="measure latency or throughput (an engine in this process), or a "
+                      "running OpenAI-compatible server (serve)")
+    p.add_argument("mode", choices=["latency", "throughput", "serve"])
     add_engine_args(p)
+    s = p.add_argument_group("serve (`dsv4 bench serve --base-url URL --model NAME`; any "
+                             "OpenAI-compatible server: dsv4, vLLM, SGLang)")
+    s.add_argument("--base-url", default="http://127.0.0.1:8000")
+    s.add_argument("--request-rate", type=float, default=math.inf,
+                   help="requests a second, Poisson arrivals (default inf: all at once)")
+    s.add_argument("--max-concurrency", type=int, default=None,
+                   help="requests in flight at most (default: no limit)")
+    s.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
+    s.add_argument("--vocab-size", type=int, default=32000,
+                   help="random prompt ids are drawn below this (default 32000)")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=1)
@@ -251,9 +263,33 @@ def _main(args: argparse.Namespace) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if args.prefix_len < 0:
         raise SystemExit("--prefix-len must be >= 0")
+    if args.mode == "serve":
+        return _serve(args)
     r = run_bench(args)
     print_result(r)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(r, fh, indent=2)
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from . import bench_serve
+    if not args.request_rate > 0:
+        raise SystemExit("--request-rate must be > 0 (inf: all at once)")
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise SystemExit("--max-concurrency must be >= 1")
+    if args.vocab_size <= 16:
+        raise SystemExit("--vocab-size must be > 16")
+    prompts = bench_serve.random_prompts(args.num_prompts, args.input_len, args.vocab_size,
+                                         args.seed)
+    r = asyncio.run(bench_serve.run(args.base_url, args.model, prompts, args.output_len,
+                                    args.request_rate, args.max_concurrency, args.api_key,
+                                    args.seed))
+    bench_serve.print_summary(r, args.base_url)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(r, fh, indent=2)
+    return 0 if r["completed"] else 1

@@ -1,0 +1,51 @@
+"""`dsv4 bench serve` against the OpenAI server on the tiny model: every request streams its
+tokens, the summary counts them, and a bad key shows up as failed requests."""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from dsv4.bench_serve import random_prompts, run
+from dsv4.engine.llm_engine import LLMEngine
+from test_server import API_KEY, ENGINE_ARGS, MODEL, Server, serve
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    with serve(LLMEngine.from_args(MODEL, **ENGINE_ARGS)) as s:
+        yield s
+
+
+@pytest.mark.parametrize("rate, concurrency", [(math.inf, None), (50.0, 2)])
+def test_every_request_streams_its_tokens_and_is_counted(server: Server, rate,
+                                                         concurrency) -> None:
+    prompts = random_prompts(6, 12, 500, seed=1)
+    s = asyncio.run(run(server.base_url, MODEL, prompts, 8, rate, concurrency, API_KEY))
+    assert s["completed"] == 6 and s["failed"] == 0, s["errors"]
+    assert s["total_input_tokens"] == 6 * 12 and s["total_output_tokens"] == 6 * 8
+    assert s["median_ttft_ms"] > 0 and s["median_tpot_ms"] > 0 and s["median_itl_ms"] > 0
+    assert s["mean_e2el_ms"] >= s["mean_ttft_ms"]
+    assert math.isclose(s["output_throughput"], 48 / s["duration_s"])
+
+
+def test_the_cli_prints_and_writes_the_summary_and_fails_on_a_bad_key(server: Server,
+                                                                       tmp_path) -> None:
+    out = tmp_path / "r.json"
+    base = [sys.executable, "-m", "dsv4.cli", "bench", "serve", "--base-url", server.base_url,
+            "--model", MODEL, "--num-prompts", "4", "--input-len", "10", "--output-len", "5",
+            "--vocab-size", "500"]
+    proc = subprocess.run(base + ["--api-key", API_KEY, "--json", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "successful requests     4 (0 failed)" in proc.stdout
+    assert "time per output token" in proc.stdout
+    assert json.loads(out.read_text())["total_output_tokens"] == 20
+    bad = subprocess.run(base + ["--api-key", "wrong"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 1 and "0 (4 failed)" in bad.stdout and "HTTP 401" in bad.stdout
