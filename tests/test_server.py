@@ -491,8 +491,12 @@ def test_health_and_metrics_need_no_api_key(server: Server) -> None:
     server.client().completions.create(model=MODEL, prompt="Hi", max_tokens=3, temperature=0)
     m = server.metrics()
     for name in ("dsv4:time_to_first_token_seconds_count", "dsv4:time_per_output_token_seconds_count",
-                 "dsv4:e2e_request_latency_seconds_count"):
+                 "dsv4:e2e_request_latency_seconds_count", "dsv4:request_queue_time_seconds_count",
+                 "dsv4:request_prefill_time_seconds_count",
+                 "dsv4:request_decode_time_seconds_count", "dsv4:request_prompt_tokens_count",
+                 "dsv4:request_generation_tokens_count"):
         assert m[(name, ())] >= 1, name
+    assert m[("dsv4:request_generation_tokens_sum", ())] >= 3
     assert m[("dsv4:prompt_tokens_total", ())] > 0 and m[("dsv4:generation_tokens_total", ())] >= 3
     assert 0 <= m[("dsv4:kv_cache_usage_perc", ())] <= 1
     assert m[("dsv4:triton_compiles_total", ())] == 0  # CPU: nothing compiles

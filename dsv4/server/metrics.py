@@ -22,6 +22,8 @@ _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.7
                  7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
                  0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000,
+                  100000, 200000, 500000, 1000000)
 _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
@@ -100,12 +102,40 @@ class ServerMetrics:
         self.e2e_latency = Histogram(
             "dsv4:e2e_request_latency_seconds", "Time from arrival to the last token.",
             buckets=_E2E_BUCKETS, registry=r)
+        # the engine's side of a request (vLLM's request_*_time): waiting, prefill, decode
+        self.queue_time = Histogram(
+            "dsv4:request_queue_time_seconds", "Time from arrival to the first step that "
+            "scheduled the request.", buckets=_TTFT_BUCKETS, registry=r)
+        self.prefill_time = Histogram(
+            "dsv4:request_prefill_time_seconds", "Time from the first step that scheduled the "
+            "request to its first token.", buckets=_TTFT_BUCKETS, registry=r)
+        self.decode_time = Histogram(
+            "dsv4:request_decode_time_seconds", "Time from the first token to the last.",
+            buckets=_E2E_BUCKETS, registry=r)
+        self.prompt_tokens = Histogram(
+            "dsv4:request_prompt_tokens", "Prompt tokens of finished requests.",
+            buckets=_TOKEN_BUCKETS, registry=r)
+        self.generation_tokens = Histogram(
+            "dsv4:request_generation_tokens", "Generated tokens of finished requests.",
+            buckets=_TOKEN_BUCKETS, registry=r)
         r.register(_EngineStatsCollector(stats))
 
     def observe_request(self, arrival: float, first_token: float | None, finish: float,
-                        num_tokens: int, finished_reason: str) -> None:
-        """Record one finished (or aborted) request; times are ``time.monotonic()`` values."""
+                        num_tokens: int, finished_reason: str, prompt_tokens: int = 0,
+                        engine_times: Any = None) -> None:
+        """Record one finished (or aborted) request; times are ``time.monotonic()`` values;
+        `engine_times`: the engine's `RequestMetrics` (wall-clock times of its life)."""
         self.request_finished.labels(finished_reason).inc()
+        if finished_reason != "abort":
+            self.prompt_tokens.observe(prompt_tokens)
+            self.generation_tokens.observe(num_tokens)
+        e = engine_times
+        if e is not None and e.first_scheduled_time is not None:
+            self.queue_time.observe(max(0.0, e.first_scheduled_time - e.arrival_time))
+            if e.first_token_time is not None:
+                self.prefill_time.observe(max(0.0, e.first_token_time - e.first_scheduled_time))
+                if e.last_token_time is not None:
+                    self.decode_time.observe(max(0.0, e.last_token_time - e.first_token_time))
         if first_token is None:
             return
         self.time_to_first_token.observe(first_token - arrival)

@@ -123,7 +123,9 @@ class OpenAIServing:
             finished = last is not None and last.finished
             reason = (last.outputs[0].finish_reason or "stop") if finished else "abort"
             tokens = max((len(o.token_ids) for o in last.outputs), default=0) if last else 0
-            self.metrics.observe_request(arrival, first_token, time.monotonic(), tokens, reason)
+            self.metrics.observe_request(
+                arrival, first_token, time.monotonic(), tokens, reason,
+                len(last.prompt_token_ids) if last else 0, getattr(last, "metrics", None))
 
     async def submit_all(self, request_ids: list[str], prompts: list[list[int]],
                          params: Any) -> list[AsyncIterator[Any]]:
