@@ -11,12 +11,14 @@ import gc
 import logging
 import math
 import os
+import sys
 import time
 import weakref
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..cache.block_manager import BlockManager
 from ..cache.prefix_cache import PrefixCache, prefix_hashes
@@ -276,14 +278,15 @@ class LLMEngine:
             while self.has_unfinished_requests():
                 self.step()
 
+        longest = min(5 * n + 1, self.max_model_len - 1,  # in half the free blocks
+                      self.block_manager.num_free_blocks // 2 * BLOCK_TOKENS - 1)
+        stages = [((n - 3, n), 2)] + [((length,), 1) for length in warm_up_lengths(n)] + (
+            [((longest,), 1)] if longest > n else [])
         try:
-            serve((n - 3, n), 2)
-            for length in warm_up_lengths(n):
-                serve((length,), 1)
-            longest = min(5 * n + 1, self.max_model_len - 1,  # in half the free blocks
-                          self.block_manager.num_free_blocks // 2 * BLOCK_TOKENS - 1)
-            if longest > n:
-                serve((longest,), 1)
+            # minutes on a cold Triton cache: a progress bar where stderr is a terminal
+            for prompts, max_tokens in tqdm(stages, desc="warm-up", unit="shape",
+                                            disable=not sys.stderr.isatty(), leave=False):
+                serve(prompts, max_tokens)
         except torch.OutOfMemoryError as e:
             raise ConfigError(
                 f"a prefill step of {budget} tokens does not fit in the GPU memory left beside "
