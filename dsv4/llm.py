@@ -1,6 +1,7 @@
 """The offline API: `LLM(model=...).generate(prompts, SamplingParams(...))`, as in vLLM."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -86,4 +87,20 @@ class LLM:
         # The encoded text starts with BOS itself, so no special tokens are added.
         prompts = [{"prompt": text, "prompt_token_ids": tokenizer.encode(text)}
                    for text in (encode_messages(c, mode, tools) for c in convs)]
+        if thinking:  # structured outputs hold the answer, after </think>, not the reasoning
+            end = tokenizer.token_to_id("</think>")
+            one = sampling_params is None or isinstance(sampling_params, SamplingParams)
+            given = [sampling_params] if one else list(sampling_params)
+            given = [_answer_only(p, end) for p in given]
+            sampling_params = given[0] if one else given
         return self.generate(prompts, sampling_params, use_tqdm)
+
+
+def _answer_only(params: SamplingParams | None, think_end: int | None):
+    """`params` with its structured outputs starting after `</think>` (a copy; as given when
+    there are none or they already say where to start)."""
+    so = None if params is None else params.structured_outputs
+    if so is None or so.start_after is not None or think_end is None:
+        return params
+    return dataclasses.replace(params, structured_outputs=dataclasses.replace(
+        so, start_after=think_end, compiled=None))

@@ -192,3 +192,16 @@ def test_the_dummy_presets_placeholder_vocabulary_builds_fast_and_is_never_allow
     out = mask_logits(torch.zeros(1, 129280), [state], fallback_ids=[1])
     allowed = torch.isfinite(out[0]).nonzero().flatten()
     assert 0 < len(allowed) and int(allowed.max()) < 1001  # ids past 1000 are placeholders
+
+
+def test_offline_chat_in_thinking_mode_constrains_the_answer_only(llm):
+    """LLM.chat(thinking=True): the constraint starts after </think> (a logit bias makes it the
+    first token here), on a copy of the caller's params."""
+    end = llm.get_tokenizer().token_to_id("</think>")
+    params = SamplingParams(temperature=1.0, seed=11, max_tokens=120, logit_bias={end: 100},
+                            structured_outputs={"json": PERSON})
+    out = llm.chat([{"role": "user", "content": "A person"}], params, thinking=True,
+                   use_tqdm=False)[0].outputs[0]
+    assert out.token_ids[0] == end
+    assert {"name", "age"} <= set(json.loads(out.text))
+    assert params.structured_outputs.start_after is None  # the caller's object is untouched
