@@ -785,3 +785,37 @@ def test_tool_schemas_with_refs_compile_and_broken_ones_leave_calls_unconstraine
         "type": "object", "properties": {"p": {"$ref": "#/nowhere"}}}}}
     assert tool_call_grammar([broken], tok.token_to_id) is None  # the prompt's opening only
     assert tool_call_grammar([refs], lambda text: None) is None  # no DSML special tokens
+
+
+def test_strict_tools_under_auto_hold_any_call_to_its_schema(server: Server) -> None:
+    """`strict: true` on a function (OpenAI's guarantee): under `auto` the answer is free text
+    or text then a tool-call block whose calls fit the offered schemas."""
+    import llguidance as llg
+
+    from dsv4.server.tool_grammar import tool_call_grammar
+    from dsv4.tokenizer import Tokenizer
+    tok = Tokenizer.tiny()
+    strict = {"type": "function", "function": {**FORECAST_TOOL["function"], "strict": True}}
+    grammar = tool_call_grammar([strict], tok.token_to_id, auto=True)
+    llt = llg.LLTokenizer(tok.backend.to_str(), n_vocab=tok.vocab_size,
+                          eos_token=tok.eos_token_id)
+
+    def fits(text: str) -> bool:
+        m = llg.LLMatcher(llt, llg.LLMatcher.grammar_from_lark(grammar), log_level=0)
+        return m.consume_tokens(tok.encode(text)) and m.is_accepting()
+
+    call = (f"Checking.\n\n{TOOL_CALLS_START}\n{INVOKE_START} name=\"forecast\">\n"
+            f"{PARAMETER_START} name=\"unit\" string=\"true\">C{PARAMETER_END}\n"
+            f"{PARAMETER_START} name=\"days\" string=\"false\">3{PARAMETER_END}\n"
+            f"{INVOKE_END}\n{TOOL_CALLS_END}")
+    assert fits("Just an answer.") and fits(call)
+    assert not fits(call.replace(">3<", ">12<"))  # days out of its range
+    assert not fits(call.replace('"unit" string="true">C', '"unit" string="true">K'))  # enum
+    r = server.client().chat.completions.create(
+        model=MODEL, messages=user("Weather?"), tools=[strict], max_tokens=40, seed=7,
+        temperature=1.0)
+    choice = r.choices[0]
+    if choice.message.tool_calls:
+        _check_calls(choice.message.tool_calls, {"forecast"})
+    else:
+        assert choice.finish_reason in ("stop", "length")

@@ -156,14 +156,16 @@ class OpenAIServingChat(OpenAIServing):
 
     def constrain(self, request: ChatCompletionRequest, params: Any, mode: str, prefix: str,
                   tools: Any) -> None:
-        """Structured outputs for the answer: in thinking mode `response_format` starts after
-        `</think>`; a forced tool call (`required` / named) is held to well-formed calls of the
-        offered functions (`tool_grammar.py`)."""
+        """Structured outputs for the answer: in thinking mode they start after `</think>`; a
+        forced tool call (`required` / named) is held to well-formed calls of the offered
+        functions (`tool_grammar.py`), and so is any call under `auto` when a function is
+        `strict` (OpenAI's guarantee that calls fit their schemas)."""
         tok = self.engine.tokenizer
         so = params.structured_outputs
         if tok is None:
             return
-        if prefix and tools and _HAS_LLGUIDANCE:  # without it: the prompt's opening only
+        strict = any((t.get("function") or {}).get("strict") for t in tools or ())
+        if tools and _HAS_LLGUIDANCE and (prefix or (strict and so is None)):
             if so is not None:
                 raise bad_request("response_format cannot be combined with tool_choice "
                                   "'required' or a named function", "response_format")
@@ -171,10 +173,14 @@ class OpenAIServingChat(OpenAIServing):
             grammar = tool_call_grammar(
                 tools, tok.token_to_id,
                 named=choice.function.name if isinstance(choice, NamedToolChoice) else None,
-                single=request.parallel_tool_calls is False)
+                single=request.parallel_tool_calls is False, auto=not prefix)
             if grammar is not None:
-                params.structured_outputs = StructuredOutputs(grammar=grammar)
-        elif so is not None and mode == "thinking":
+                so = params.structured_outputs = StructuredOutputs(grammar=grammar)
+                if prefix:  # the block is already open: the grammar holds from the start
+                    return
+            else:
+                return
+        if so is not None and mode == "thinking":
             # the reasoning is free; the answer after </think> follows the format
             so.start_after = tok.token_to_id(THINK_END)
 
