@@ -93,31 +93,31 @@ class ServerMetrics:
             "dsv4:request_success", "Generation requests finished, by finish reason "
             "(abort: the client went away or the server shut down).",
             ["finished_reason"], registry=r)
-        self.time_to_first_token = Histogram(
-            "dsv4:time_to_first_token_seconds", "Time from arrival to the first generated token.",
-            buckets=_TTFT_BUCKETS, registry=r)
-        self.time_per_output_token = Histogram(
-            "dsv4:time_per_output_token_seconds", "Mean time between generated tokens, per request.",
-            buckets=_TPOT_BUCKETS, registry=r)
-        self.e2e_latency = Histogram(
-            "dsv4:e2e_request_latency_seconds", "Time from arrival to the last token.",
-            buckets=_E2E_BUCKETS, registry=r)
+
+        def histogram(name: str, doc: str, buckets: tuple) -> Histogram:
+            return Histogram(f"dsv4:{name}", doc, buckets=buckets, registry=r)
+
+        self.time_to_first_token = histogram(
+            "time_to_first_token_seconds", "Time from arrival to the first generated token.",
+            _TTFT_BUCKETS)
+        self.time_per_output_token = histogram(
+            "time_per_output_token_seconds", "Mean time between generated tokens, per request.",
+            _TPOT_BUCKETS)
+        self.e2e_latency = histogram(
+            "e2e_request_latency_seconds", "Time from arrival to the last token.", _E2E_BUCKETS)
         # the engine's side of a request (vLLM's request_*_time): waiting, prefill, decode
-        self.queue_time = Histogram(
-            "dsv4:request_queue_time_seconds", "Time from arrival to the first step that "
-            "scheduled the request.", buckets=_TTFT_BUCKETS, registry=r)
-        self.prefill_time = Histogram(
-            "dsv4:request_prefill_time_seconds", "Time from the first step that scheduled the "
-            "request to its first token.", buckets=_TTFT_BUCKETS, registry=r)
-        self.decode_time = Histogram(
-            "dsv4:request_decode_time_seconds", "Time from the first token to the last.",
-            buckets=_E2E_BUCKETS, registry=r)
-        self.prompt_tokens = Histogram(
-            "dsv4:request_prompt_tokens", "Prompt tokens of finished requests.",
-            buckets=_TOKEN_BUCKETS, registry=r)
-        self.generation_tokens = Histogram(
-            "dsv4:request_generation_tokens", "Generated tokens of finished requests.",
-            buckets=_TOKEN_BUCKETS, registry=r)
+        self.queue_time = histogram(
+            "request_queue_time_seconds", "Time from arrival to the first step that scheduled "
+            "the request.", _TTFT_BUCKETS)
+        self.prefill_time = histogram(
+            "request_prefill_time_seconds", "Time from the first step that scheduled the "
+            "request to its first token.", _TTFT_BUCKETS)
+        self.decode_time = histogram(
+            "request_decode_time_seconds", "Time from the first token to the last.", _E2E_BUCKETS)
+        self.prompt_tokens = histogram(
+            "request_prompt_tokens", "Prompt tokens of finished requests.", _TOKEN_BUCKETS)
+        self.generation_tokens = histogram(
+            "request_generation_tokens", "Generated tokens of finished requests.", _TOKEN_BUCKETS)
         r.register(_EngineStatsCollector(stats))
 
     def observe_request(self, arrival: float, first_token: float | None, finish: float,
