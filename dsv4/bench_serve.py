@@ -14,11 +14,13 @@ import asyncio
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 
 @dataclass
@@ -75,9 +77,14 @@ async def run(base_url: str, model: str, prompts: list[list[int]], output_len: i
     gaps = random.Random(seed)
     limit = asyncio.Semaphore(max_concurrency or len(prompts))
 
+    bar = tqdm(total=len(prompts), desc="requests", unit="req",
+               disable=not sys.stderr.isatty())
+
     async def limited(client, body):
         async with limit:
-            return await _one(client, url, body, headers)
+            result = await _one(client, url, body, headers)
+        bar.update()
+        return result
 
     timeout = httpx.Timeout(None, connect=30.0)
     async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None)) as c:
@@ -92,6 +99,7 @@ async def run(base_url: str, model: str, prompts: list[list[int]], output_len: i
                 await asyncio.sleep(gaps.expovariate(request_rate))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - t0
+    bar.close()
     return summarize(results, duration)
 
 

@@ -178,7 +178,9 @@ def test_sizes_that_do_not_divide_are_refused_with_the_split_to_use():
         check_parallel_config(_cfg(), 3)
 
 
-def test_one_shot_all_reduce_is_the_default_on_gpus_of_one_host(monkeypatch):
+def test_tp_allreduce_setting_is_validated_and_off_gpus_stays_on_the_group(monkeypatch):
+    """A bad DSV4_TP_ALLREDUCE names the choices; without CUDA the one-shot kernel stays off
+    (its default-on path on two GPUs is tests/gpu/test_tensor_parallel_gpu.py's)."""
     from dsv4.distributed import enable_one_shot_all_reduce
     monkeypatch.setenv("DSV4_TP_ALLREDUCE", "ring")
     with pytest.raises(ValueError, match="DSV4_TP_ALLREDUCE='ring': use one-shot or nccl"):
