@@ -42,7 +42,7 @@ def serve(engine: LLMEngine, log: list[Compile], tag: str, prompts: list[list[in
     print(f"{tag:24s} {time.perf_counter() - t0:7.2f} s, {len(new)} compiles "
           f"({sum(c.seconds for c in new):.2f} s)", flush=True)
     for c in new:
-        print(f"    {c.kernel:32s} {c.seconds:5.2f} s  {c.new or 'first variant'}", flush=True)
+        print(f"    {c.kernel:32s} {c.seconds:5.2f} s  {c.new or c.constants()}", flush=True)
 
 
 def main() -> None:

@@ -51,7 +51,7 @@ async def _one(client, url: str, body: dict[str, Any], headers: dict[str, str]) 
                 chunk = json.loads(data)
                 if chunk.get("usage"):
                     out.output_tokens = chunk["usage"]["completion_tokens"]
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                if chunk.get("choices"):  # a step's tokens, whether or not they end text
                     now = time.perf_counter()
                     if out.ttft == 0.0:
                         out.ttft = now - start

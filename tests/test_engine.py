@@ -382,7 +382,8 @@ def test_streamed_text_only_grows_even_while_a_stop_string_could_still_match(eng
 
 def test_warm_up_leaves_no_trace():
     """`LLMEngine.warm_up` (run at startup on CUDA): two prompts that fill the step budget go
-    through, then one prompt at a time of each ladder length, and leave nothing behind: no
+    through, then one prompt at a time of each ladder length, alone and after a full chunk,
+    and leave nothing behind: no
     request, every block free, zeroed counters, and the next request's tokens are those of a
     fresh engine."""
     p = prompts([20], seed=5)[0]
@@ -396,10 +397,11 @@ def test_warm_up_leaves_no_trace():
                                                                                  params)
     eng.warm_up()
     eng.step, eng.add_request = real_step, real_add
-    # two full-budget prompts, the ladder, one long prompt of 5 x the budget
-    assert lengths == [13, 16] + warm_up_lengths(16) + [81] == [13, 16, 5, 7, 9, 13, 81]
-    assert len(steps) >= 3 + 4 + 6  # a full-budget prefill, the rest beside a decode, decodes
-    assert steps[-10:] == [1] * 10  # then one prompt at a time: 4 of one step, 81 in 6 chunks
+    # two full-budget prompts, the ladder, the ladder as second chunks, 5 x the budget
+    assert lengths == [13, 16] + warm_up_lengths(16) + [16 + x for x in warm_up_lengths(16)] + [
+        81] == [13, 16, 5, 7, 9, 13, 21, 23, 25, 29, 81]
+    assert len(steps) >= 3 + 4 + 8 + 6  # a full-budget prefill, the rest beside a decode, ...
+    assert steps[-18:] == [1] * 18  # one prompt at a time: 4 of 2 steps, 81 in 6 chunks
     assert not eng.requests and not eng.has_unfinished_requests()
     assert eng.block_manager.num_free_blocks == free
     stats = eng.get_stats()

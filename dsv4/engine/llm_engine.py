@@ -103,7 +103,7 @@ def watch_compiles(engine: "LLMEngine") -> CompileWatch | None:
         eng.triton_compiles += 1
         eng.triton_compile_seconds += c.seconds
         logger.warning("Triton compiled %s in %.2f s inside a step (%s): a shape the warm-up "
-                       "did not meet", c.kernel, c.seconds, c.new or "its first variant")
+                       "did not meet", c.kernel, c.seconds, c.new or f"its first variant: {c.constants()}")
 
     watch = CompileWatch(seen)
     return watch if watch.active else None
@@ -257,7 +257,10 @@ class LLMEngine:
         prefill step, then the rest of the second prompt beside the first one's decode, then
         decodes; a step of `max_num_batched_tokens` is thus known to fit beside the KV cache),
         then one prompt at a time of each length on `warm_up_lengths`: the kernels' launch
-        parameters follow the tokens of a step in power-of-two bands; last, one long prompt
+        parameters follow the tokens of a step in power-of-two bands; then each of those
+        lengths again as the second chunk of a prompt (budget + length tokens): the same bands
+        of tokens at a context of a full chunk (top-k over more candidates than it keeps,
+        the few-token steps of a conversation's next turn); last, one long prompt
         (5 x the budget where the context and the blocks allow: 40961 tokens at a budget of
         8192), whose later chunks meet the widths of long contexts (top-k over more than 8192
         candidates). Decode steps are CUDA graphs, captured already."""
@@ -278,10 +281,13 @@ class LLMEngine:
             while self.has_unfinished_requests():
                 self.step()
 
-        longest = min(5 * n + 1, self.max_model_len - 1,  # in half the free blocks
-                      self.block_manager.num_free_blocks // 2 * BLOCK_TOKENS - 1)
-        stages = [((n - 3, n), 2)] + [((length,), 1) for length in warm_up_lengths(n)] + (
-            [((longest,), 1)] if longest > n else [])
+        cap = min(self.max_model_len - 1,  # in half the free blocks
+                  self.block_manager.num_free_blocks // 2 * BLOCK_TOKENS - 1)
+        longest = min(5 * n + 1, cap)
+        lengths = warm_up_lengths(n)
+        stages = ([((n - 3, n), 2)] + [((length,), 1) for length in lengths]
+                  + [((n + length,), 1) for length in lengths if n + length <= cap]
+                  + ([((longest,), 1)] if longest > n else []))
         try:
             # minutes on a cold Triton cache: a progress bar where stderr is a terminal
             for prompts, max_tokens in tqdm(stages, desc="warm-up", unit="shape",

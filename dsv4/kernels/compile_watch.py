@@ -24,6 +24,10 @@ class Compile:
     args: dict[str, Any]  # constexpr values; other arguments as their type, "/16" if aligned
     new: dict[str, str] | None  # what differs from the closest earlier variant (None: first)
 
+    def constants(self) -> dict[str, Any]:
+        """The launch arguments that are values (constexprs, warps, stages), not types."""
+        return {k: v for k, v in self.args.items() if not isinstance(v, str)}
+
 
 class CompileWatch:
     """Calls `on_compile(Compile)` after every Triton compile in this process until `close()`;

@@ -104,14 +104,13 @@ def _topk_cuda(score, cand, k, avail=None):
     kk = min(k, N)
     score, cand = score.contiguous(), cand.contiguous()
     out = torch.empty(T, kk, dtype=cand.dtype, device=cand.device)
-    block = min(4096, max(256, triton.next_power_of_2(N)))
-    warps = 8 if block >= 2048 else 4
-    if T >= 4 * num_sms(score.device):
-        # prefill-sized calls: small programs, several resident an SM, beat one wide program
-        # a row (H200, `benchmarks/bench_topk.py --only prefill`: 2048 rows of 8K 394 -> 240 us, 8192 rows of
-        # 8K 1493 -> 811 us, 2048 rows of 2K 106 -> 69 us; 64 rows of 8K keep 4096: 38 us
-        # against 57)
-        block, warps = min(block, 512), 4
+    # Two compiled variants whatever the width (a new width band met inside a request is a
+    # compile of a second or two there): prefill-sized calls take small programs, several
+    # resident an SM, which beat one wide program a row (H200, `benchmarks/bench_topk.py
+    # --only prefill`: 2048 rows of 8K 394 -> 240 us, 8192 rows of 8K 1493 -> 811 us, 2048
+    # rows of 2K 106 -> 69 us); fewer rows one wide program each (64 rows of 8K: 38 us against
+    # 57 with 512-column blocks).
+    block, warps = (512, 4) if T >= 4 * num_sms(score.device) else (4096, 8)
     _topk_kernel[(T,)](score, cand, cand if avail is None else avail.contiguous(), out, N, kk,
                        HAS_AVAIL=avail is not None, BLOCK=block, num_warps=warps, **pdl())
     return out
@@ -133,7 +132,7 @@ if HAS_TRITON:
         key = (b ^ ((b >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
         return key, (n < N) & (s > float("-inf"))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N", "K"])
     def _topk_kernel(score_ptr, cand_ptr, avail_ptr, out_ptr, N, K, HAS_AVAIL: tl.constexpr,
                      BLOCK: tl.constexpr, PDL: tl.constexpr = False):
         pdl_start(PDL)

@@ -163,7 +163,9 @@ class OpenAIServingCompletion(OpenAIServing):
                         done[i] = finished
                         yield chunk(i, echo[p] + delta, o.finish_reason if finished else None,
                                     logprobs if head is None else _joined(head, logprobs))
-                    elif delta or finished:
+                    elif delta or finished or len(o.token_ids) > tokens_sent[i]:
+                        # a chunk for every step's tokens, as vLLM streams (an empty text
+                        # while they end inside a character), so clients can time them
                         logprobs = self._logprobs(request, o, tokens_sent[i], offset)
                         tokens_sent[i] = len(o.token_ids)
                         done[i] = finished
