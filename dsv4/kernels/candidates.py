@@ -58,7 +58,11 @@ if HAS_TRITON:
 
     from .pdl import pdl_start
 
-    @triton.jit(do_not_specialize=["N", "max_blocks"])
+    # one compiled variant for every context, ratio, block table and slice of the positions
+    # (a sliced `positions` starts anywhere): the kernel is a few integer ops a column
+    @triton.jit(do_not_specialize=["N", "max_blocks", "m", "rpb", "stride_r", "stride_bs",
+                                   "stride_bb"],
+                do_not_specialize_on_alignment=["pos_ptr"])
     def _candidates_kernel(rows_ptr, avail_ptr, bt_ptr, tok_seq_ptr, pos_ptr, N, max_blocks, m,
                            rpb, stride_r, stride_bs, stride_bb, PAD: tl.constexpr,
                            BLOCK: tl.constexpr, PDL: tl.constexpr = False):
