@@ -49,3 +49,28 @@ def test_the_cli_prints_and_writes_the_summary_and_fails_on_a_bad_key(server: Se
     bad = subprocess.run(base + ["--api-key", "wrong"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 1 and "0 (4 failed)" in bad.stdout and "HTTP 401" in bad.stdout
+
+
+def test_chunks_without_text_count_as_token_arrivals() -> None:
+    """A step's tokens can end inside a character (or be placeholders that print nothing):
+    their chunk has an empty text but still times the tokens' arrival, as in vLLM's client."""
+    import httpx
+
+    from dsv4.bench_serve import _one
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    body = "".join([sse({"choices": [{"index": 0, "text": t}]}) for t in ("", "", "a")]
+                   + [sse({"choices": [], "usage": {"completion_tokens": 3}}), "data: [DONE]\n\n"])
+
+    async def main():
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, text=body))
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await _one(client, "http://test/v1/completions",
+                              {"prompt": [1, 2, 3], "max_tokens": 3}, {})
+
+    r = asyncio.run(main())
+    assert r.ok and r.error == "" and r.ttft > 0
+    assert r.output_tokens == 3 and r.prompt_tokens == 3
+    assert len(r.itl) == 2  # three chunks: the first token, then two gaps
