@@ -234,11 +234,14 @@ class OpenAIServingChat(OpenAIServing):
                                      "finish_reason": finish_reason}], **extra})
 
         states = [_ChoiceStream(prefix, mode, parse_tools) for _ in range(params.n)]
-        for i in range(params.n):
-            yield chunk(i, {"role": "assistant", "content": ""})
-        final = None
+        first, final = True, None
         try:
             async for final in outputs:
+                if first:  # the role chunks come with the first tokens, as vLLM's do: a
+                    # client timing its first chunk measures the time to the first token
+                    first = False
+                    for i in range(params.n):
+                        yield chunk(i, {"role": "assistant", "content": ""})
                 for o in final.outputs:
                     state = states[o.index]
                     if state.done:
