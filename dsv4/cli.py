@@ -18,7 +18,14 @@ from typing import Any, TextIO
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("engine")
     g.add_argument("--model", default="tiny",
-                   help="model directory, or a preset with random weights: tiny, flash, pro")
+                   help="model directory, Hugging Face Hub repository (owner/name, downloaded "
+                        "into its cache on first use), or a preset with random weights: tiny, "
+                        "flash, pro")
+    g.add_argument("--revision", default=None,
+                   help="branch, tag or commit of a Hub repository (default: main)")
+    g.add_argument("--download-dir", default=None,
+                   help="where Hub repositories are downloaded (default: the Hub's cache, "
+                        "$HF_HOME/hub)")
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="working dtype (auto = bfloat16)")
     g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
@@ -111,7 +118,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 kv_cache_dtype=args.kv_cache_dtype, cuda_graph_max_len=args.cuda_graph_max_len,
                 tensor_parallel_size=args.tensor_parallel_size,
                 async_scheduling=args.async_scheduling, warmup=args.warmup,
-                enable_prefix_caching=args.enable_prefix_caching)
+                enable_prefix_caching=args.enable_prefix_caching, revision=args.revision,
+                download_dir=args.download_dir)
 
 
 # ---------------------------------------------------------------------------- generate

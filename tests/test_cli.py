@@ -125,3 +125,38 @@ def test_vllm_style_speculative_config_sets_the_draft_count(capsys):
         with pytest.raises(SystemExit):
             parser.parse_args(["--speculative-config", bad])
         assert why in capsys.readouterr().err
+
+
+def test_serve_takes_vllm_command_lines():
+    """`dsv4 serve MODEL` with vLLM's DeepSeek flags parses as `--model MODEL`; a parser of
+    another model family, or two different models, is refused with the flag named."""
+    import argparse
+
+    from dsv4.server.cli import add_serve_args, check_serve_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+
+    def parsed(*argv):
+        args = parser.parse_args(list(argv))
+        check_serve_args(args)
+        return args
+
+    args = parsed("deepseek-ai/DeepSeek-V4-Flash", "--trust-remote-code", "-tp", "8",
+                  "--tool-call-parser", "deepseek_v4", "--enable-auto-tool-choice",
+                  "--reasoning-parser", "deepseek_v4")
+    assert args.model == "deepseek-ai/DeepSeek-V4-Flash" and args.tensor_parallel_size == 8
+    assert engine_kwargs(args)["model"] == "deepseek-ai/DeepSeek-V4-Flash"
+    assert parsed("--model", "/m").model == "/m" and parsed().model == "tiny"
+    assert parsed("/m", "--model", "/m").model == "/m"
+    with pytest.raises(ValueError, match="--tool-call-parser 'hermes'"):
+        parsed("tiny", "--tool-call-parser", "hermes")
+    with pytest.raises(ValueError, match="--reasoning-parser 'qwen3'"):
+        parsed("--reasoning-parser", "qwen3")
+    with pytest.raises(ValueError, match="given twice"):
+        parsed("/a", "--model", "/b")
+
+
+def test_serve_errors_exit_with_the_message(capsys):
+    assert main(["serve", "tiny", "--tool-call-parser", "hermes"]) == 1
+    assert "hermes" in capsys.readouterr().err

@@ -67,7 +67,8 @@ def load_model(model: str, dtype: str, device: torch.device, seed: int, skip_tok
         return net.eval(), cfg, tokenizer, None
     if model not in PRESETS and not Path(model).exists():
         raise FileNotFoundError(
-            f"model {model!r}: no such file or directory, and not a preset ({', '.join(PRESETS)})")
+            f"model {model!r}: no such file or directory, not a preset ({', '.join(PRESETS)}) "
+            f"and not a Hugging Face Hub repository (owner/name)")
     try:
         from ..loader import load_model as load_checkpoint
     except ImportError as e:
@@ -318,7 +319,10 @@ class LLMEngine:
                   load_format: str = "auto", kv_cache_dtype: str = "auto",
                   cuda_graph_max_len: int | None = None, tensor_parallel_size: int = 1,
                   async_scheduling: bool = True, warmup: bool = True,
-                  enable_prefix_caching: bool = False) -> "LLMEngine":
+                  enable_prefix_caching: bool = False, revision: str | None = None,
+                  download_dir: str | None = None) -> "LLMEngine":
+        """`model`: a preset (random weights), a checkpoint directory, or a Hugging Face Hub
+        repository `owner/name` (at `revision`, cached in `download_dir`: `loader/hub.py`)."""
         ec = EngineConfig(dtype=dtype, device=device, max_model_len=max_model_len,
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           gpu_memory_utilization=gpu_memory_utilization,
@@ -328,6 +332,8 @@ class LLMEngine:
                           async_scheduling=async_scheduling, warmup=warmup,
                           enable_prefix_caching=enable_prefix_caching)
         ec.validate()  # before the (possibly long) model load
+        from ..loader.hub import resolve_model
+        model = resolve_model(model, revision, download_dir)  # a Hub name -> its directory
         dev = torch.device(device) if device else default_device()
         if tensor_parallel_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
             return cls._from_args_parallel(model, ec, dev, skip_tokenizer_init, load_format,

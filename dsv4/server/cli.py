@@ -11,6 +11,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     """The engine flags of ``dsv4 generate`` plus the server's own."""
     from dsv4.cli import add_engine_args
 
+    parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                        help="the model, as `vllm serve MODEL` takes it (same as --model)")
     add_engine_args(parser)
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
@@ -24,6 +26,31 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help="on SIGTERM, seconds to let in-flight requests finish before aborting them")
     g.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
+    v = parser.add_argument_group(
+        "vLLM compatibility", "accepted so that vLLM command lines for DeepSeek-V4 run as they "
+        "are: dsv4 implements the model itself and always parses its tool calls (DSML) and "
+        "reasoning (<think>), and tool_choice 'auto' needs no switch")
+    v.add_argument("--trust-remote-code", action="store_true", help="no effect")
+    v.add_argument("--enable-auto-tool-choice", action="store_true", help="no effect")
+    v.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                   help="a DeepSeek parser name (deepseek_v4, ...); others are refused")
+    v.add_argument("--reasoning-parser", default=None, metavar="NAME",
+                   help="a DeepSeek parser name (deepseek_v4, ...); others are refused")
+
+
+def check_serve_args(args: argparse.Namespace) -> None:
+    """The positional MODEL into --model; vLLM's parser names must be DeepSeek's."""
+    if args.model_tag is not None:
+        if args.model not in ("tiny", args.model_tag):  # --model given too, and different
+            raise ValueError(f"the model is given twice: {args.model_tag!r} and --model "
+                             f"{args.model!r}")
+        args.model = args.model_tag
+    for flag in ("tool_call_parser", "reasoning_parser"):
+        name = getattr(args, flag)
+        if name is not None and not name.lower().startswith("deepseek"):
+            raise ValueError(f"--{flag.replace('_', '-')} {name!r}: dsv4 serves DeepSeek-V4 and "
+                             f"parses its own format only (leave the flag out, or name "
+                             f"deepseek_v4)")
 
 
 def add_serve_cli(subparsers: Any) -> None:
@@ -39,6 +66,7 @@ def serve(args: argparse.Namespace) -> int:
     from dsv4.engine.llm_engine import LLMEngine
     from dsv4.server.api_server import build_app, run_server
 
+    check_serve_args(args)
     # The engine logs its capacity line through the "dsv4" logger (set up by dsv4/__init__).
     engine = LLMEngine.from_args(**engine_kwargs(args))
     app = build_app(engine, args.served_model_name or args.model, args.api_key)
