@@ -7,6 +7,7 @@ second ``LLMEngine`` with the same seed (hence the same weights) running one req
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -819,3 +820,40 @@ def test_strict_tools_under_auto_hold_any_call_to_its_schema(server: Server) -> 
         _check_calls(choice.message.tool_calls, {"forecast"})
     else:
         assert choice.finish_reason in ("stop", "length")
+
+
+def test_version_ping_and_cors_as_vllm_serves_them(server: Server) -> None:
+    """`/version`, `/ping` (GET and POST, SageMaker's health route) and CORS: preflights
+    answered before the key check, every origin allowed by default."""
+    assert httpx.get(server.base_url + "/version").json()["version"]
+    assert httpx.get(server.base_url + "/ping").status_code == 200
+    assert httpx.post(server.base_url + "/ping").status_code == 200
+    pre = httpx.options(server.base_url + "/v1/chat/completions",
+                        headers={"Origin": "http://ui.example", "Access-Control-Request-Method":
+                                 "POST", "Access-Control-Request-Headers": "authorization"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "*"
+    r = httpx.get(server.base_url + "/v1/models", headers={
+        "Origin": "http://ui.example", "Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+
+
+def test_cors_can_be_restricted_to_some_origins() -> None:
+    from starlette.testclient import TestClient
+
+    from dsv4.server.cli import add_serve_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+    args = parser.parse_args(["--allowed-origins", '["http://ok.example"]'])
+    assert args.allowed_origins == ["http://ok.example"] and args.allowed_methods == ["*"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--allowed-origins", "http://ok.example"])  # not JSON
+    app = build_app(LLMEngine.from_args(MODEL, **ENGINE_ARGS), MODEL, API_KEY,
+                    {"allow_origins": args.allowed_origins})
+    client = TestClient(app)  # no lifespan: the preflight never reaches the engine
+    ask = {"Access-Control-Request-Method": "POST"}
+    ok = client.options("/v1/completions", headers={"Origin": "http://ok.example", **ask})
+    assert ok.status_code == 200
+    assert ok.headers["access-control-allow-origin"] == "http://ok.example"
+    bad = client.options("/v1/completions", headers={"Origin": "http://evil.example", **ask})
+    assert bad.status_code == 400 and "access-control-allow-origin" not in bad.headers

@@ -11,6 +11,7 @@ would send as 422) and unknown routes, is returned in OpenAI's shape
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import logging
 import secrets
 import signal
@@ -19,6 +20,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -96,11 +98,17 @@ class _RequestCounterMiddleware:
             self._metrics.http_requests.labels(endpoint, str(status)).inc()
 
 
-def build_app(engine: Any, served_model_name: str, api_key: str | None = None) -> FastAPI:
+CORS_DEFAULTS = {"allow_origins": ["*"], "allow_methods": ["*"], "allow_headers": ["*"],
+                 "allow_credentials": False}
+
+
+def build_app(engine: Any, served_model_name: str, api_key: str | None = None,
+              cors: dict[str, Any] | None = None) -> FastAPI:
     """The FastAPI app serving ``engine`` (an ``LLMEngine``) as ``served_model_name``.
 
     The engine thread starts with the app's lifespan and stops (aborting what is left) when
-    the server shuts down.
+    the server shuts down. ``cors``: Starlette ``CORSMiddleware`` arguments (default, as
+    vLLM's: every origin, method and header, no credentials).
     """
     async_engine = AsyncLLMEngine(engine)
     metrics = ServerMetrics(lambda: async_engine.stats)
@@ -161,6 +169,14 @@ def build_app(engine: Any, served_model_name: str, api_key: str | None = None) -
             return _error_response(OpenAIError(503, str(async_engine.dead), "ServiceUnavailableError"))
         return Response(status_code=200)
 
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": _version()})
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:  # SageMaker's health route, as vLLM serves it
+        return await health()
+
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
@@ -207,14 +223,25 @@ def build_app(engine: Any, served_model_name: str, api_key: str | None = None) -
 
     if api_key:
         app.add_middleware(_ApiKeyMiddleware, api_key=api_key)
+    # outside the key check: browsers send their CORS preflights without the key
+    app.add_middleware(CORSMiddleware, **{**CORS_DEFAULTS, **(cors or {})})
     # Added last, so outermost: it also counts the key check's 401s.
     app.add_middleware(_RequestCounterMiddleware, metrics=metrics)
     return app
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("dsv4")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "unknown"
+
+
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
-               graceful_shutdown_timeout: float = 30.0, log_level: str = "info") -> None:
+               graceful_shutdown_timeout: float = 30.0, log_level: str = "info",
+               **uvicorn_kw: Any) -> None:
     """Serve ``app`` until SIGTERM or SIGINT, then shut down gracefully and return.
+    ``uvicorn_kw``: more ``uvicorn.Config`` arguments (``ssl_keyfile``, ``root_path``, ...).
 
     On the signal uvicorn stops accepting connections, lets in-flight requests finish for up
     to ``graceful_shutdown_timeout`` seconds (then cancels them, which aborts their engine
@@ -223,7 +250,7 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
     import uvicorn
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=graceful_shutdown_timeout)
+                            timeout_graceful_shutdown=graceful_shutdown_timeout, **uvicorn_kw)
     server = uvicorn.Server(config)
     # uvicorn re-raises the captured signal after its shutdown, with the handler it found at
     # start; with the default handler that would kill the process with -SIGTERM instead of a

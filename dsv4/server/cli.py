@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from typing import Any
 
@@ -26,6 +27,15 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help="on SIGTERM, seconds to let in-flight requests finish before aborting them")
     g.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
+    g.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this key ...")
+    g.add_argument("--ssl-certfile", default=None, help="... and this certificate")
+    g.add_argument("--root-path", default=None,
+                   help="the path prefix a proxy serves this server under (FastAPI root_path)")
+    for name, default in (("origins", '["*"]'), ("methods", '["*"]'), ("headers", '["*"]')):
+        g.add_argument(f"--allowed-{name}", type=_json_list, default=json.loads(default),
+                       metavar="JSON", help=f"CORS: allowed {name}, a JSON list (default "
+                                            f"{default}, as vLLM)")
+    g.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     v = parser.add_argument_group(
         "vLLM compatibility", "accepted so that vLLM command lines for DeepSeek-V4 run as they "
         "are: dsv4 implements the model itself and always parses its tool calls (DSML) and "
@@ -36,6 +46,16 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help="a DeepSeek parser name (deepseek_v4, ...); others are refused")
     v.add_argument("--reasoning-parser", default=None, metavar="NAME",
                    help="a DeepSeek parser name (deepseek_v4, ...); others are refused")
+
+
+def _json_list(text: str) -> list[str]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from e
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise argparse.ArgumentTypeError(f"a JSON list of strings, got {text!r}")
+    return value
 
 
 def check_serve_args(args: argparse.Namespace) -> None:
@@ -69,8 +89,13 @@ def serve(args: argparse.Namespace) -> int:
     check_serve_args(args)
     # The engine logs its capacity line through the "dsv4" logger (set up by dsv4/__init__).
     engine = LLMEngine.from_args(**engine_kwargs(args))
-    app = build_app(engine, args.served_model_name or args.model, args.api_key)
-    run_server(app, args.host, args.port, args.graceful_shutdown_timeout, args.log_level)
+    cors = {"allow_origins": args.allowed_origins, "allow_methods": args.allowed_methods,
+            "allow_headers": args.allowed_headers, "allow_credentials": args.allow_credentials}
+    app = build_app(engine, args.served_model_name or args.model, args.api_key, cors)
+    extra = {k: v for k, v in (("ssl_keyfile", args.ssl_keyfile),
+                               ("ssl_certfile", args.ssl_certfile),
+                               ("root_path", args.root_path)) if v is not None}
+    run_server(app, args.host, args.port, args.graceful_shutdown_timeout, args.log_level, **extra)
     return 0
 
 
