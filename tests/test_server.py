@@ -296,6 +296,26 @@ def test_streamed_chat_equals_non_streamed_chat(server: Server, thinking: bool) 
     assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
 
 
+def test_continuous_usage_stats_count_the_tokens_so_far_in_every_chunk(server: Server) -> None:
+    """vLLM's `stream_options.continuous_usage_stats`: each chunk's usage has the prompt and
+    the tokens generated up to it; the last content chunk's equals the final usage."""
+    client = server.client()
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    chat = list(client.chat.completions.create(model=MODEL, messages=user("Hi"), max_tokens=8,
+                                               temperature=0, stream=True, stream_options=opts))
+    text = list(client.completions.create(model=MODEL, prompt="Hello", max_tokens=8,
+                                          temperature=0, stream=True, stream_options=opts))
+    for chunks in (chat, text):
+        final = chunks[-1].usage
+        assert chunks[-1].choices == [] and final.completion_tokens == 8
+        counts = [c.usage.completion_tokens for c in chunks[:-1]]
+        assert all(c.usage.prompt_tokens == final.prompt_tokens for c in chunks[:-1])
+        assert counts == sorted(counts) and counts[-1] == 8 and counts[0] < 8
+    plain = list(client.completions.create(model=MODEL, prompt="Hello", max_tokens=4,
+                                           stream=True, stream_options={"include_usage": True}))
+    assert all(c.usage is None for c in plain[:-1]) and plain[-1].usage.completion_tokens == 4
+
+
 def test_reasoning_effort_switches_on_thinking_mode(server: Server, reference: LLMEngine) -> None:
     r = server.client().chat.completions.create(model=MODEL, messages=user("Hi"), max_tokens=6,
                                                 temperature=0, reasoning_effort="high")

@@ -54,10 +54,12 @@ def now() -> int:
 
 
 class StreamOptions(BaseModel):
-    """``stream_options``: a final chunk with ``usage`` (and ``choices: []``) when asked."""
+    """``stream_options``: a final chunk with ``usage`` (and ``choices: []``) when asked;
+    vLLM's ``continuous_usage_stats`` adds the usage so far to every chunk."""
 
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
 class FunctionDefinition(BaseModel):
@@ -182,6 +184,10 @@ class _SamplingRequest(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
 
 class CompletionRequest(_SamplingRequest):

@@ -227,7 +227,9 @@ class OpenAIServingChat(OpenAIServing):
         extra = {"usage": None} if request.include_usage else {}
 
         def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None,
-                  logprobs: dict[str, Any] | None = None) -> str:
+                  logprobs: dict[str, Any] | None = None, tokens: int = 0) -> str:
+            if request.continuous_usage:  # the prompt and this choice's tokens so far (vLLM)
+                extra["usage"] = usage(len(final.prompt_token_ids), tokens)
             return sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
                         "model": self.model_name,
                         "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
@@ -249,7 +251,8 @@ class OpenAIServingChat(OpenAIServing):
                     finished = o.finish_reason is not None
                     deltas, parsed = state.deltas(o.text, finished)
                     for delta in deltas:
-                        yield chunk(o.index, delta, logprobs=self._logprobs(request, o, state.tokens_sent))
+                        yield chunk(o.index, delta, logprobs=self._logprobs(request, o, state.tokens_sent),
+                                    tokens=len(o.token_ids))
                         state.tokens_sent = len(o.token_ids)
                     if finished:
                         state.done = True
@@ -257,7 +260,7 @@ class OpenAIServingChat(OpenAIServing):
                         rest = self._logprobs(request, o, state.tokens_sent)
                         if rest is not None and not rest["content"]:
                             rest = None
-                        yield chunk(o.index, {}, reason, rest)
+                        yield chunk(o.index, {}, reason, rest, tokens=len(o.token_ids))
         except OpenAIError as exc:
             yield sse(exc.body())
             yield SSE_DONE

@@ -137,6 +137,9 @@ class OpenAIServingCompletion(OpenAIServing):
         cached_tokens = [0] * len(streams)
 
         def chunk(index: int, text: str, finish_reason: str | None, logprobs: Any) -> str:
+            if request.continuous_usage:  # this choice's prompt and tokens so far (as vLLM)
+                p = index // n
+                extra["usage"] = usage(prompt_tokens[p], tokens_sent[index])
             return sse({"id": base, "object": "text_completion", "created": created,
                         "model": self.model_name,
                         "choices": [{"index": index, "text": text, "logprobs": logprobs,
