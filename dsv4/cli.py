@@ -21,6 +21,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="model directory, Hugging Face Hub repository (owner/name, downloaded "
                         "into its cache on first use), or a preset with random weights: tiny, "
                         "flash, pro")
+    g.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
+                   help="auto: requests without temperature, top_p, top_k, min_p, "
+                        "repetition_penalty or max_tokens take the model's "
+                        "generation_config.json values (as vLLM); vllm: ignore that file")
     g.add_argument("--revision", default=None,
                    help="branch, tag or commit of a Hub repository (default: main)")
     g.add_argument("--download-dir", default=None,
@@ -119,7 +123,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 tensor_parallel_size=args.tensor_parallel_size,
                 async_scheduling=args.async_scheduling, warmup=args.warmup,
                 enable_prefix_caching=args.enable_prefix_caching, revision=args.revision,
-                download_dir=args.download_dir)
+                download_dir=args.download_dir, generation_config=args.generation_config)
 
 
 # ---------------------------------------------------------------------------- generate

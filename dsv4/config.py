@@ -281,6 +281,10 @@ class EngineConfig:
     # CUDA: run full-budget prefill steps at startup (`LLMEngine.warm_up`), so Triton compiles
     # their kernels before the first request and a step that large is known to fit in memory
     warmup: bool = True
+    # "auto": requests that leave temperature, top_p, top_k, min_p, repetition_penalty or
+    # max_tokens out take the model's generation_config.json values (vLLM's default);
+    # "vllm": the library's own defaults (temperature 1, ...)
+    generation_config: str = "auto"
 
     def validate(self) -> None:
         if self.dtype not in ("bfloat16", "float32"):
@@ -296,6 +300,9 @@ class EngineConfig:
             raise ConfigError(f"speculative_tokens {self.speculative_tokens}: must be in 0..8")
         if self.kv_cache_dtype not in ("auto", "bfloat16", "fp8"):
             raise ConfigError(f"kv_cache_dtype {self.kv_cache_dtype!r}: must be auto, bfloat16 or fp8")
+        if self.generation_config not in ("auto", "vllm"):
+            raise ConfigError(f"generation_config {self.generation_config!r}: must be 'auto' "
+                              "(the model's generation_config.json) or 'vllm' (ignore it)")
         if self.cuda_graph_max_len is not None and self.cuda_graph_max_len < 1:
             raise ConfigError(f"cuda_graph_max_len {self.cuda_graph_max_len}: must be >= 1 "
                               "(or None for max_model_len)")

@@ -32,7 +32,8 @@ from ..model.model import DeepseekV4Model
 from ..tokenizer import Tokenizer
 from .outputs import EngineStats, Logprob, PositionLogprobs, RequestOutput
 from .runner import ModelRunner
-from .sampler import Sampler, SamplingParams, make_generator, truncate_prompt
+from .sampler import (Sampler, SamplingParams, generation_defaults, make_generator,
+                      truncate_prompt)
 from .scheduler import Scheduler
 from .sequence import PENDING_TOKEN, Request
 from .structured import GrammarCompiler, GrammarState, StructuredOutputs
@@ -185,6 +186,12 @@ class LLMEngine:
                                    resolved_batched_tokens(ec, self.device),
                                    lookahead=ec.speculative_tokens, prefix_cache=self.prefix_cache)
         self.eos_token_ids = _eos_token_ids(cfg, generation_config)
+        # what requests that leave sampling fields out get (vLLM's --generation-config auto)
+        self.default_sampling: dict[str, Any] = (
+            generation_defaults(generation_config) if ec.generation_config == "auto" else {})
+        if self.default_sampling:
+            logger.info("default sampling parameters from the model's generation_config.json: "
+                        "%s (--generation-config vllm ignores them)", self.default_sampling)
         sampler = Sampler(sorted(self.eos_token_ids), make_generator(ec.seed, self.device))
         if ec.speculative_tokens and not model.mtp:
             raise ConfigError("speculative_tokens needs the model's MTP layer "
@@ -320,7 +327,8 @@ class LLMEngine:
                   cuda_graph_max_len: int | None = None, tensor_parallel_size: int = 1,
                   async_scheduling: bool = True, warmup: bool = True,
                   enable_prefix_caching: bool = False, revision: str | None = None,
-                  download_dir: str | None = None) -> "LLMEngine":
+                  download_dir: str | None = None,
+                  generation_config: str = "auto") -> "LLMEngine":
         """`model`: a preset (random weights), a checkpoint directory, or a Hugging Face Hub
         repository `owner/name` (at `revision`, cached in `download_dir`: `loader/hub.py`)."""
         ec = EngineConfig(dtype=dtype, device=device, max_model_len=max_model_len,
@@ -330,7 +338,8 @@ class LLMEngine:
                           enforce_eager=enforce_eager, seed=seed, kv_cache_dtype=kv_cache_dtype,
                           cuda_graph_max_len=cuda_graph_max_len,
                           async_scheduling=async_scheduling, warmup=warmup,
-                          enable_prefix_caching=enable_prefix_caching)
+                          enable_prefix_caching=enable_prefix_caching,
+                          generation_config=generation_config)
         ec.validate()  # before the (possibly long) model load
         from ..loader.hub import resolve_model
         model = resolve_model(model, revision, download_dir)  # a Hub name -> its directory

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -469,3 +470,25 @@ class Sampler:
         ranks = (raw_logprobs > tok_lp).sum(dim=-1) + 1
         top = _top_lists(raw_logprobs, [p.logprobs for p in params])
         return SamplerOutput(token_ids=token_ids, logprobs=tok_lp[:, 0], ranks=ranks, top_logprobs=top)
+
+
+# generation_config.json keys that become request defaults (vLLM's `--generation-config auto`)
+GENERATION_DEFAULT_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                           "min_p": "min_p", "repetition_penalty": "repetition_penalty",
+                           "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(generation_config: Any) -> dict[str, Any]:
+    """The SamplingParams defaults a model's generation config sets: its temperature, top_p,
+    top_k, min_p and repetition_penalty, and max_new_tokens as max_tokens (not do_sample, as
+    vLLM). Values SamplingParams refuses are a ValueError naming the file's key."""
+    gen = generation_config or {}
+    if not isinstance(gen, dict):
+        gen = {k: getattr(gen, k) for k in GENERATION_DEFAULT_KEYS if hasattr(gen, k)}
+    out = {ours: gen[key] for key, ours in GENERATION_DEFAULT_KEYS.items()
+           if gen.get(key) is not None}
+    try:
+        SamplingParams(**out)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"generation_config.json: {e}") from e
+    return out

@@ -45,6 +45,7 @@ class AsyncLLMEngine:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.max_model_len: int = engine.max_model_len
+        self.default_sampling: dict = getattr(engine, "default_sampling", {})
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future]] = \
             queue.SimpleQueue()
         self._wake = threading.Event()

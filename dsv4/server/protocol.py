@@ -158,14 +158,18 @@ class _SamplingRequest(BaseModel):
                  "guided_grammar": "grammar"}[name]: value}
 
     def _sampling_params(self, max_tokens: int, logprobs: int | None,
-                         skip_special_tokens: bool, prompt_logprobs: int | None = None) -> SamplingParams:
-        """The engine's SamplingParams; its ValueError (naming the field) becomes a 400."""
+                         skip_special_tokens: bool, prompt_logprobs: int | None = None,
+                         defaults: dict | None = None) -> SamplingParams:
+        """The engine's SamplingParams; its ValueError (naming the field) becomes a 400.
+        `defaults` (the model's generation config) fill the sampling fields left out."""
         given = {
             "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
             "min_p": self.min_p, "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty,
         }
+        given = {**{k: v for k, v in (defaults or {}).items() if k in given},
+                 **{k: v for k, v in given.items() if v is not None}}
         try:
             return SamplingParams(
                 n=self.n, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
@@ -175,8 +179,7 @@ class _SamplingRequest(BaseModel):
                 allowed_token_ids=self.allowed_token_ids,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 truncate_prompt_tokens=self.truncate_prompt_tokens,
-                structured_outputs=self._structured,
-                **{k: v for k, v in given.items() if v is not None},
+                structured_outputs=self._structured, **given,
             )
         except (ValueError, TypeError) as exc:
             raise bad_request(str(exc)) from None
@@ -222,13 +225,13 @@ class CompletionRequest(_SamplingRequest):
             return [p]
         return list(p)
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int, defaults: dict | None = None) -> SamplingParams:
         # `echo` with `logprobs` reports the prompt's tokens too: their logprobs and top-N
         prompt_logprobs = self.prompt_logprobs
         if self.echo and self.logprobs is not None:
             prompt_logprobs = max(prompt_logprobs or 0, self.logprobs)
         return self._sampling_params(max_tokens, self.logprobs, self.skip_special_tokens,
-                                     prompt_logprobs)
+                                     prompt_logprobs, defaults)
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -298,11 +301,12 @@ class ChatCompletionRequest(_SamplingRequest):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int, defaults: dict | None = None) -> SamplingParams:
         # The chat parsers need </think> and the DSML markers in the text, and those are
         # special tokens: they must survive detokenisation.
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs, skip_special_tokens=False)
+        return self._sampling_params(max_tokens, logprobs, skip_special_tokens=False,
+                                     defaults=defaults)
 
 
 class TokenizeRequest(BaseModel):

@@ -82,7 +82,8 @@ class OpenAIServing:
         return await asyncio.to_thread(self.engine.tokenizer.encode, text, add_special_tokens=True)
 
     def max_tokens_for(self, prompt_len: int, requested: int | None, what: str = "messages") -> int:
-        """``requested``, or all the context left; a 400 naming the numbers when it won't fit."""
+        """``requested``, or all the context left (at most the generation config's
+        max_new_tokens); a 400 naming the numbers when it won't fit."""
         limit = self.engine.max_model_len
         if requested is not None and requested < 1:
             raise bad_request(f"max_tokens must be at least 1, got {requested}", "max_tokens")
@@ -92,7 +93,9 @@ class OpenAIServing:
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{want} tokens ({prompt_len} in the {what}, {requested or 1} in the completion). "
                 f"Please reduce the length of the {what} or completion.", "max_tokens")
-        return requested if requested is not None else limit - prompt_len
+        if requested is None:  # all the context left, or the generation config's default
+            return min(limit - prompt_len, self.engine.default_sampling.get("max_tokens", limit))
+        return requested
 
     async def submit(self, request_id: str, prompt_ids: list[int], params: Any) -> AsyncIterator[Any]:
         """Add one request to the engine; return its cumulative outputs, metrics recorded.

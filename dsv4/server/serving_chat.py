@@ -140,7 +140,7 @@ class OpenAIServingChat(OpenAIServing):
         request.check()
         prompt_ids, mode, prefix, tools = await self.prompt_ids(request)
         max_tokens = self.max_tokens_for(len(prompt_ids), request.requested_max_tokens)
-        params = request.to_sampling_params(max_tokens)
+        params = request.to_sampling_params(max_tokens, self.engine.default_sampling)
         self.constrain(request, params, mode, prefix, tools)
         request_id = random_id("chatcmpl")
         outputs = await self.submit(request_id, prompt_ids, params)

@@ -57,7 +57,7 @@ class OpenAIServingCompletion(OpenAIServing):
             raise OpenAIError(400, "prompt must not be empty", param="prompt")
         # One SamplingParams for the batch: max_tokens must fit the longest prompt.
         max_tokens = min(self.max_tokens_for(len(p), request.max_tokens, "prompt") for p in prompts)
-        params = request.to_sampling_params(max_tokens)
+        params = request.to_sampling_params(max_tokens, self.engine.default_sampling)
         base = random_id("cmpl")
         request_ids = [f"{base}-{i}" for i in range(len(prompts))]
         echo = None

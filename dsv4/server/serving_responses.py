@@ -220,7 +220,7 @@ class OpenAIServingResponses(OpenAIServingChat):
         chat.check()
         prompt_ids, mode, prefix, tools = await self.prompt_ids(chat)
         max_tokens = self.max_tokens_for(len(prompt_ids), chat.requested_max_tokens, "input")
-        params = chat.to_sampling_params(max_tokens)
+        params = chat.to_sampling_params(max_tokens, self.engine.default_sampling)
         self.constrain(chat, params, mode, prefix, tools)
         response_id = random_id("resp")
         outputs = await self.submit(response_id, prompt_ids, params)
