@@ -153,6 +153,21 @@ def test_prompts_sharing_a_system_prompt_meet_from_the_third_on():
     assert [o.num_cached_tokens for o in got] == [0, 0, 256]
 
 
+def test_cache_salt_keeps_prefixes_apart():
+    """vLLM's `cache_salt` (a dict prompt's key; `cache_salt` in a request body): a prompt
+    resumes only from prefixes cached under its own salt, generated text included."""
+    rng = random.Random(5)
+    a = [rng.randrange(3, CFG.vocab_size) for _ in range(300)]
+    pc, ref = _engine(enable_prefix_caching=True), _engine()
+    salted = lambda salt: {"prompt_token_ids": a, "cache_salt": salt}  # noqa: E731
+    got = [_run(pc, [p])[0] for p in (salted("alice"), a, salted("bob"), salted("alice"), a)]
+    assert [o.num_cached_tokens for o in got] == [0, 0, 0, 256, 256]
+    _same(got, _run(ref, [a]) * 5)
+    with pytest.raises(ValueError, match="cache_salt"):
+        pc.add_request("bad", {"prompt_token_ids": a, "cache_salt": ""}, GREEDY)
+    assert not pc.has_unfinished_requests()
+
+
 def test_prompt_logprobs_requests_compute_every_position():
     rng = random.Random(2)
     a = [rng.randrange(3, CFG.vocab_size) for _ in range(200)]

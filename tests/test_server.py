@@ -877,3 +877,12 @@ def test_cors_can_be_restricted_to_some_origins() -> None:
     assert ok.headers["access-control-allow-origin"] == "http://ok.example"
     bad = client.options("/v1/completions", headers={"Origin": "http://evil.example", **ask})
     assert bad.status_code == 400 and "access-control-allow-origin" not in bad.headers
+
+
+def test_cache_salt_is_taken_and_checked(server: Server) -> None:
+    ok = server.post("/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 2,
+                                         "cache_salt": "tenant-1"})
+    assert ok.status_code == 200, ok.text
+    bad = server.post("/v1/chat/completions", {"model": MODEL, "messages": user("Hi"),
+                                               "max_tokens": 2, "cache_salt": ""})
+    assert bad.status_code == 400 and "cache_salt" in bad.json()["error"]["message"]

@@ -81,6 +81,17 @@ def load_model(model: str, dtype: str, device: torch.device, seed: int, skip_tok
     return loaded.model.eval(), loaded.config, loaded.tokenizer, loaded.generation_config
 
 
+def _cache_salt(prompt: PromptType) -> bytes:
+    """A dict prompt's `cache_salt` (vLLM's): prompts resume only from prefixes cached under
+    the same salt (tenants that must not learn what others sent, by timing)."""
+    salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+    if salt is None:
+        return b""
+    if not isinstance(salt, str) or not salt:
+        raise ValueError(f"cache_salt must be a non-empty string, got {salt!r}")
+    return b"salt:" + salt.encode()
+
+
 def _eos_token_ids(cfg: ModelConfig, generation_config: Any) -> frozenset[int]:
     ids = {cfg.eos_token_id}
     gen = generation_config or {}
@@ -461,6 +472,7 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         text, ids = self._prompt_ids(prompt)
+        salt = _cache_salt(prompt)
         if params.truncate_prompt_tokens is not None:
             kept = truncate_prompt(ids, params.truncate_prompt_tokens, self.max_model_len)
             text, ids = (text if len(kept) == len(ids) else None), kept
@@ -490,6 +502,7 @@ class LLMEngine:
             so = params.structured_outputs
             grammar, so.compiled = so.compiled or self.compile_structured(so), None
         req = Request(request_id, text, ids, params, arrival_time, self.tokenizer, self.device)
+        req.cache_salt = salt
         if grammar is not None:
             for i, seq in enumerate(req.seqs):
                 seq.grammar = grammar if i == 0 else grammar.copy()

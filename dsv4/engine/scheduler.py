@@ -147,10 +147,11 @@ class Scheduler:
             return None  # every prompt position must be computed to be scored
         size = self.block_manager.block_size
         last = (len(seq.token_ids) - 1) // size  # blocks before the last token
+        salt = seq.request.cache_salt
         if last == 0:
-            seq.chain = (0, b"")
+            seq.chain = (0, salt)
             return None
-        names = prefix_hashes(seq.token_ids, size, last)
+        names = prefix_hashes(seq.token_ids, size, last, name=salt)
         seq.chain = (last, names[-1])
         hit, shared = self.prefix_cache.lookup(names)
         copy = None

@@ -113,6 +113,7 @@ class _SamplingRequest(BaseModel):
     allowed_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: int | None = None
+    cache_salt: str | None = None  # prefix-cache isolation (vLLM's)
     _structured: dict[str, Any] | None = PrivateAttr(default=None)
 
     def _check_common(self) -> None:

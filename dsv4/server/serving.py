@@ -97,14 +97,18 @@ class OpenAIServing:
             return min(limit - prompt_len, self.engine.default_sampling.get("max_tokens", limit))
         return requested
 
-    async def submit(self, request_id: str, prompt_ids: list[int], params: Any) -> AsyncIterator[Any]:
+    async def submit(self, request_id: str, prompt_ids: list[int], params: Any,
+                     cache_salt: str | None = None) -> AsyncIterator[Any]:
         """Add one request to the engine; return its cumulative outputs, metrics recorded.
+        `cache_salt`: it resumes only from prefixes cached under the same salt.
 
         Engine validation errors become a 400 here, before any response starts.
         """
         arrival = time.monotonic()
+        prompt = (prompt_ids if cache_salt is None
+                  else {"prompt_token_ids": prompt_ids, "cache_salt": cache_salt})
         try:
-            outputs = await self.engine.add_request(request_id, prompt_ids, params)
+            outputs = await self.engine.add_request(request_id, prompt, params)
         except ValueError as exc:
             raise bad_request(str(exc)) from None
         except EngineDeadError as exc:
@@ -131,12 +135,12 @@ class OpenAIServing:
                 len(last.prompt_token_ids) if last else 0, getattr(last, "metrics", None))
 
     async def submit_all(self, request_ids: list[str], prompts: list[list[int]],
-                         params: Any) -> list[AsyncIterator[Any]]:
+                         params: Any, cache_salt: str | None = None) -> list[AsyncIterator[Any]]:
         """``submit`` several prompts; if one is rejected, the ones already added are aborted."""
         streams = []
         try:
             for request_id, prompt_ids in zip(request_ids, prompts):
-                streams.append(await self.submit(request_id, prompt_ids, params))
+                streams.append(await self.submit(request_id, prompt_ids, params, cache_salt))
         except BaseException:
             self.abort(request_ids)
             raise
