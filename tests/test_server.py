@@ -886,3 +886,21 @@ def test_cache_salt_is_taken_and_checked(server: Server) -> None:
     bad = server.post("/v1/chat/completions", {"model": MODEL, "messages": user("Hi"),
                                                "max_tokens": 2, "cache_salt": ""})
     assert bad.status_code == 400 and "cache_salt" in bad.json()["error"]["message"]
+
+
+def test_several_served_names_are_aliases() -> None:
+    """`--served-model-name a b`: requests may name either, responses and the model cards'
+    root say the first, any other name is a 404."""
+    from starlette.testclient import TestClient
+
+    app = build_app(LLMEngine.from_args(MODEL, **ENGINE_ARGS), ["dsv4-a", "dsv4-b"])
+    with TestClient(app) as client:
+        cards = client.get("/v1/models").json()["data"]
+        assert [c["id"] for c in cards] == ["dsv4-a", "dsv4-b"]
+        assert {c["root"] for c in cards} == {"dsv4-a"}
+        assert client.get("/v1/models/dsv4-b").json()["id"] == "dsv4-b"
+        r = client.post("/v1/completions", json={"model": "dsv4-b", "prompt": "Hi",
+                                                 "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["model"] == "dsv4-a"
+        assert client.post("/v1/completions", json={"model": "other", "prompt": "Hi"}
+                           ).status_code == 404

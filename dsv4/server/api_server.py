@@ -102,9 +102,10 @@ CORS_DEFAULTS = {"allow_origins": ["*"], "allow_methods": ["*"], "allow_headers"
                  "allow_credentials": False}
 
 
-def build_app(engine: Any, served_model_name: str, api_key: str | None = None,
+def build_app(engine: Any, served_model_name: str | list[str], api_key: str | None = None,
               cors: dict[str, Any] | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine`` (an ``LLMEngine``) as ``served_model_name``.
+    """The FastAPI app serving ``engine`` (an ``LLMEngine``) as ``served_model_name`` (or as
+    each of several names, the first in responses).
 
     The engine thread starts with the app's lifespan and stops (aborting what is left) when
     the server shuts down. ``cors``: Starlette ``CORSMiddleware`` arguments (default, as
@@ -159,9 +160,11 @@ def build_app(engine: Any, served_model_name: str, api_key: str | None = None,
         logger.exception("request failed")
         return _error_response(OpenAIError(500, f"internal error: {exc!r}", "InternalServerError"))
 
-    def model_card() -> dict[str, Any]:
-        return {"id": served_model_name, "object": "model", "created": now(), "owned_by": "dsv4",
-                "root": served_model_name, "max_model_len": async_engine.max_model_len}
+    names = chat.model_names
+
+    def model_card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": now(), "owned_by": "dsv4",
+                "root": names[0], "max_model_len": async_engine.max_model_len}
 
     @app.get("/health")
     async def health() -> Response:
@@ -183,12 +186,12 @@ def build_app(engine: Any, served_model_name: str, api_key: str | None = None,
 
     @app.get("/v1/models")
     async def list_models() -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [model_card()]})
+        return JSONResponse({"object": "list", "data": [model_card(n) for n in names]})
 
     @app.get("/v1/models/{model:path}")
     async def retrieve_model(model: str) -> JSONResponse:
         chat.check_model(model)
-        return JSONResponse(model_card())
+        return JSONResponse(model_card(model))
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, raw_request: Request) -> Response:

@@ -21,8 +21,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key", default=os.environ.get("DSV4_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* "
                         "(default: $DSV4_API_KEY, else no key)")
-    g.add_argument("--served-model-name", default=None,
-                   help="the model name clients send and /v1/models lists (default: --model)")
+    g.add_argument("--served-model-name", default=None, nargs="+", metavar="NAME",
+                   help="the model name clients send and /v1/models lists (default: --model); "
+                        "several are aliases, the first named in responses")
     g.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let in-flight requests finish before aborting them")
     g.add_argument("--log-level", default="info",

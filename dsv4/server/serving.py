@@ -63,13 +63,17 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 class OpenAIServing:
     """Base of the endpoint handlers: one served model name, one engine, one metrics set."""
 
-    def __init__(self, engine: AsyncLLMEngine, model_name: str, metrics: ServerMetrics) -> None:
+    def __init__(self, engine: AsyncLLMEngine, model_name: str | list[str],
+                 metrics: ServerMetrics) -> None:
+        """`model_name`: the served name, or several (vLLM's aliases): requests may name any
+        of them, responses carry the first."""
         self.engine = engine
-        self.model_name = model_name
+        self.model_names = [model_name] if isinstance(model_name, str) else list(model_name)
+        self.model_name = self.model_names[0]
         self.metrics = metrics
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
+        if model is not None and model not in self.model_names:
             raise OpenAIError(404, f"The model `{model}` does not exist.", "NotFoundError",
                               "model", "model_not_found")
 

@@ -16,7 +16,7 @@ class OpenAIServingTokens(OpenAIServing):
     encoding, so the ids are those a chat completion would feed the model."""
 
     def __init__(self, chat: OpenAIServingChat) -> None:
-        super().__init__(chat.engine, chat.model_name, chat.metrics)
+        super().__init__(chat.engine, chat.model_names, chat.metrics)
         self.chat = chat
 
     def _tokenizer(self, param: str) -> Any:
