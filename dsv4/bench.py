@@ -244,6 +244,12 @@ def add_bench_cli(subparsers) -> None:
     s.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
     s.add_argument("--vocab-size", type=int, default=32000,
                    help="random prompt ids are drawn below this (default 32000)")
+    s.add_argument("--backend", default="openai", choices=["openai", "openai-chat"],
+                   help="openai: token-id prompts to /v1/completions; openai-chat: messages "
+                        "of random words to /v1/chat/completions")
+    s.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="each request's input and output lengths uniform within +-R of "
+                        "--input-len / --output-len (vLLM's; default 0)")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=1)
@@ -283,11 +289,19 @@ def _serve(args: argparse.Namespace) -> int:
         raise SystemExit("--max-concurrency must be >= 1")
     if args.vocab_size <= 16:
         raise SystemExit("--vocab-size must be > 16")
-    prompts = bench_serve.random_prompts(args.num_prompts, args.input_len, args.vocab_size,
-                                         args.seed)
-    r = asyncio.run(bench_serve.run(args.base_url, args.model, prompts, args.output_len,
+    try:
+        ins = bench_serve.random_lengths(args.num_prompts, args.input_len,
+                                         args.random_range_ratio, args.seed)
+        outs = bench_serve.random_lengths(args.num_prompts, args.output_len,
+                                          args.random_range_ratio, args.seed + 1)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    prompts = (bench_serve.random_texts(args.num_prompts, ins, args.seed)
+               if args.backend == "openai-chat"
+               else bench_serve.random_prompts(args.num_prompts, ins, args.vocab_size, args.seed))
+    r = asyncio.run(bench_serve.run(args.base_url, args.model, prompts, outs,
                                     args.request_rate, args.max_concurrency, args.api_key,
-                                    args.seed))
+                                    args.seed, args.backend))
     bench_serve.print_summary(r, args.base_url)
     if args.json:
         with open(args.json, "w") as fh:

@@ -6,7 +6,9 @@ Sends `--num-prompts` random prompts of `--input-len` token ids to any OpenAI-co
 `--max-concurrency` in flight, each streaming exactly `--output-len` tokens (`ignore_eos`),
 and reports request and token throughput, and mean / median / p99 of the time to first token,
 the time per output token (after the first), the inter-token latency (between stream chunks)
-and the end-to-end latency.
+and the end-to-end latency. `--random-range-ratio R` draws each request's lengths uniformly
+within +-R of them (vLLM's); `--backend openai-chat` sends chat messages of random words to
+`/v1/chat/completions` instead (their token count is the server's: `usage.prompt_tokens`).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ class RequestResult:
 
 
 async def _one(client, url: str, body: dict[str, Any], headers: dict[str, str]) -> RequestResult:
-    out = RequestResult(prompt_tokens=len(body["prompt"]))
+    out = RequestResult(prompt_tokens=len(body.get("prompt", ())))
     start = last = time.perf_counter()
     try:
         async with client.stream("POST", url, json=body, headers=headers) as resp:
@@ -51,6 +53,7 @@ async def _one(client, url: str, body: dict[str, Any], headers: dict[str, str]) 
                 chunk = json.loads(data)
                 if chunk.get("usage"):
                     out.output_tokens = chunk["usage"]["completion_tokens"]
+                    out.prompt_tokens = chunk["usage"].get("prompt_tokens", out.prompt_tokens)
                 if chunk.get("choices"):  # a step's tokens, whether or not they end text
                     now = time.perf_counter()
                     if out.ttft == 0.0:
@@ -67,12 +70,28 @@ async def _one(client, url: str, body: dict[str, Any], headers: dict[str, str]) 
     return out
 
 
-async def run(base_url: str, model: str, prompts: list[list[int]], output_len: int,
-              request_rate: float = math.inf, max_concurrency: int | None = None,
-              api_key: str | None = None, seed: int = 0) -> dict[str, Any]:
-    """Send the prompts and return the summary (`summarize`)."""
+BACKENDS = {"openai": "/v1/completions", "openai-chat": "/v1/chat/completions"}
+
+
+def request_body(model: str, prompt: list[int] | str, output_len: int, backend: str) -> dict:
+    """One streamed greedy request of exactly `output_len` tokens (`ignore_eos`)."""
+    body = {"model": model, "temperature": 0.0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if backend == "openai-chat":
+        return {**body, "messages": [{"role": "user", "content": prompt}],
+                "max_completion_tokens": output_len}
+    return {**body, "prompt": prompt, "max_tokens": output_len}
+
+
+async def run(base_url: str, model: str, prompts: list[list[int]] | list[str],
+              output_len: int | list[int], request_rate: float = math.inf,
+              max_concurrency: int | None = None, api_key: str | None = None, seed: int = 0,
+              backend: str = "openai") -> dict[str, Any]:
+    """Send the prompts (token ids for `openai`, text for `openai-chat`), each with its
+    output length, and return the summary (`summarize`)."""
     import httpx
-    url = base_url.rstrip("/") + "/v1/completions"
+    url = base_url.rstrip("/") + BACKENDS[backend]
+    lens = [output_len] * len(prompts) if isinstance(output_len, int) else list(output_len)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     gaps = random.Random(seed)
     limit = asyncio.Semaphore(max_concurrency or len(prompts))
@@ -90,11 +109,8 @@ async def run(base_url: str, model: str, prompts: list[list[int]], output_len: i
     async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None)) as c:
         tasks = []
         t0 = time.perf_counter()
-        for p in prompts:
-            body = {"model": model, "prompt": p, "max_tokens": output_len, "temperature": 0.0,
-                    "ignore_eos": True, "stream": True,
-                    "stream_options": {"include_usage": True}}
-            tasks.append(asyncio.create_task(limited(c, body)))
+        for p, n in zip(prompts, lens):
+            tasks.append(asyncio.create_task(limited(c, request_body(model, p, n, backend))))
             if request_rate != math.inf:
                 await asyncio.sleep(gaps.expovariate(request_rate))
         results = await asyncio.gather(*tasks)
@@ -145,7 +161,31 @@ def print_summary(s: dict[str, Any], base_url: str) -> None:
               f"{s[f'median_{name}_ms']:.2f} ms, p99 {s[f'p99_{name}_ms']:.2f} ms")
 
 
-def random_prompts(n: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
-    """Token-id prompts, ids in [16, vocab_size) (the low ids are special tokens)."""
+def random_lengths(n: int, length: int, range_ratio: float, seed: int) -> list[int]:
+    """n lengths uniform in [length (1 - r), length (1 + r)] (at least 1), as vLLM's random
+    dataset draws them; all `length` for r = 0."""
+    if not 0 <= range_ratio < 1:
+        raise ValueError(f"--random-range-ratio must be in [0, 1), got {range_ratio}")
     g = random.Random(seed)
-    return [[g.randrange(16, vocab_size) for _ in range(length)] for _ in range(n)]
+    lo, hi = max(1, math.floor(length * (1 - range_ratio))), math.ceil(length * (1 + range_ratio))
+    return [g.randint(lo, hi) for _ in range(n)]
+
+
+def random_prompts(n: int, length: int | list[int], vocab_size: int,
+                   seed: int) -> list[list[int]]:
+    """Token-id prompts (of `length` ids, or one length each), ids in [16, vocab_size) (the
+    low ids are special tokens)."""
+    g = random.Random(seed)
+    lens = [length] * n if isinstance(length, int) else length
+    return [[g.randrange(16, vocab_size) for _ in range(m)] for m in lens]
+
+
+_WORDS = ("time person year way day thing man world life hand part child eye woman place work "
+          "week case point government company number group problem fact").split()
+
+
+def random_texts(n: int, length: int | list[int], seed: int) -> list[str]:
+    """Chat prompts of `length` random common English words (about a token each)."""
+    g = random.Random(seed)
+    lens = [length] * n if isinstance(length, int) else length
+    return [" ".join(g.choice(_WORDS) for _ in range(m)) for m in lens]

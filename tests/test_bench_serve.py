@@ -74,3 +74,21 @@ def test_chunks_without_text_count_as_token_arrivals() -> None:
     assert r.ok and r.error == "" and r.ttft > 0
     assert r.output_tokens == 3 and r.prompt_tokens == 3
     assert len(r.itl) == 2  # three chunks: the first token, then two gaps
+
+
+def test_chat_backend_and_ranged_lengths(server: Server) -> None:
+    """`--backend openai-chat`: messages of random words to /v1/chat/completions, prompt
+    tokens as the server counts them; `--random-range-ratio`: per-request lengths."""
+    from dsv4.bench_serve import random_lengths, random_texts
+
+    outs = random_lengths(5, 8, 0.5, seed=2)
+    assert all(4 <= n <= 12 for n in outs) and len(set(outs)) > 1
+    assert random_lengths(3, 8, 0.0, seed=2) == [8, 8, 8]
+    with pytest.raises(ValueError, match="range-ratio"):
+        random_lengths(3, 8, 1.0, seed=2)
+    texts = random_texts(5, random_lengths(5, 10, 0.5, seed=3), seed=4)
+    s = asyncio.run(run(server.base_url, MODEL, texts, outs, math.inf, None, API_KEY,
+                        backend="openai-chat"))
+    assert s["completed"] == 5 and s["failed"] == 0, s["errors"]
+    assert s["total_output_tokens"] == sum(outs)
+    assert s["total_input_tokens"] > sum(len(t.split()) for t in texts)  # + the chat template
