@@ -35,7 +35,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="context limit (default: what the config and the KV cache allow)")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one step")
+    g.add_argument("--max-num-seqs", type=int, default=None,
+                   help="sequences in one step (default: 256 on a GPU of 70 GiB or more, "
+                        "else 64)")
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens in one step (default: 8192 on a GPU of 70 GiB or more, else 2048)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,

@@ -259,7 +259,9 @@ class EngineConfig:
     dtype: str = "bfloat16"
     device: str | None = None
     max_model_len: int | None = None
-    max_num_seqs: int = 64
+    # sequences in one step; None: 256 on a GPU with at least 70 GiB, else 64
+    # (`resolved_max_num_seqs`)
+    max_num_seqs: int | None = None
     # tokens in one step (the chunked-prefill budget); None: 8192 on a GPU with at least 70 GiB
     # (as vLLM's server on H100 / H200), else 2048 (`resolved_batched_tokens`)
     max_num_batched_tokens: int | None = None
@@ -289,7 +291,7 @@ class EngineConfig:
     def validate(self) -> None:
         if self.dtype not in ("bfloat16", "float32"):
             raise ConfigError(f"dtype {self.dtype!r}: must be 'bfloat16' or 'float32'")
-        if self.max_num_seqs < 1:
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs {self.max_num_seqs}: must be >= 1")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ConfigError(f"max_num_batched_tokens {self.max_num_batched_tokens}: must be >= 1")
@@ -308,14 +310,27 @@ class EngineConfig:
                               "(or None for max_model_len)")
 
 
+def _big_gpu(device) -> bool:
+    """A CUDA device with at least 70 GiB (H100 / H200 class)."""
+    if getattr(device, "type", device) != "cuda":
+        return False
+    import torch
+    return torch.cuda.get_device_properties(device).total_memory >= 70 * 2**30
+
+
 def resolved_batched_tokens(ec: EngineConfig, device) -> int:
     """EngineConfig.max_num_batched_tokens, or its default for this device: 8192 on a GPU with
     at least 70 GiB, where prefill steps that large run the MoE on grouped GEMMs (from ~6.8K
     tokens for Flash), else 2048."""
     if ec.max_num_batched_tokens is not None:
         return ec.max_num_batched_tokens
-    if getattr(device, "type", device) == "cuda":
-        import torch
-        if torch.cuda.get_device_properties(device).total_memory >= 70 * 2**30:
-            return 8192
-    return 2048
+    return 8192 if _big_gpu(device) else 2048
+
+
+def resolved_max_num_seqs(ec: EngineConfig, device) -> int:
+    """EngineConfig.max_num_seqs, or its default for this device: 256 on a GPU with at least
+    70 GiB (decode throughput grows with the batch: on an H200, Flash-shaped, 11.6K tok/s at
+    64 sequences, 28.6K at 256; vLLM's server defaults higher still), else 64."""
+    if ec.max_num_seqs is not None:
+        return ec.max_num_seqs
+    return 256 if _big_gpu(device) else 64

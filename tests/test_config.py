@@ -88,13 +88,17 @@ def test_batched_tokens_default_follows_the_device(monkeypatch):
 
     import torch
 
-    from dsv4.config import EngineConfig, resolved_batched_tokens
+    from dsv4.config import EngineConfig, resolved_batched_tokens, resolved_max_num_seqs
     assert EngineConfig().max_num_batched_tokens is None
+    assert resolved_max_num_seqs(EngineConfig(), torch.device("cpu")) == 64
+    assert resolved_max_num_seqs(EngineConfig(max_num_seqs=3), torch.device("cpu")) == 3
     assert resolved_batched_tokens(EngineConfig(), torch.device("cpu")) == 2048
     assert resolved_batched_tokens(EngineConfig(max_num_batched_tokens=96), torch.device("cpu")) == 96
     for gib, want in ((141, 8192), (80, 8192), (48, 2048)):
         monkeypatch.setattr(torch.cuda, "get_device_properties",
                             lambda dev, g=gib: SimpleNamespace(total_memory=g * 2**30))
         assert resolved_batched_tokens(EngineConfig(), torch.device("cuda:0")) == want
+        assert resolved_max_num_seqs(EngineConfig(), torch.device("cuda:0")) == (
+            256 if want == 8192 else 64)
     with pytest.raises(ConfigError, match="max_num_batched_tokens 0: must be >= 1"):
         EngineConfig(max_num_batched_tokens=0).validate()

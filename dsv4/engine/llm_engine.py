@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from ..cache.block_manager import BlockManager
 from ..cache.prefix_cache import PrefixCache, prefix_hashes
 from ..cache.kv_cache import BLOCK_TOKENS, ModelCache, block_bytes, slot_bytes
-from ..config import ConfigError, EngineConfig, ModelConfig, PRESETS, resolved_batched_tokens
+from ..config import (ConfigError, EngineConfig, ModelConfig, PRESETS, resolved_batched_tokens,
+                      resolved_max_num_seqs)
 from ..distributed import SINGLE, ParallelGroup, check_parallel_config
 from ..kernels.compile_watch import CompileWatch
 from ..model.init import init_random_
@@ -142,8 +143,8 @@ class LLMEngine:
         engine_config.validate()
         self.model, self.model_config, self.tokenizer = model, model_config, tokenizer
         self.engine_config = ec = engine_config
-        self.max_num_seqs = ec.max_num_seqs
         self.device = next(model.parameters()).device
+        ec.max_num_seqs = self.max_num_seqs = resolved_max_num_seqs(ec, self.device)
         cfg = model_config
 
         # Memory: every running sequence holds one slot (window ring + compressor state); the
@@ -329,7 +330,7 @@ class LLMEngine:
 
     @classmethod
     def from_args(cls, model: str, *, dtype: str = "bfloat16", device: str | None = None,
-                  max_model_len: int | None = None, max_num_seqs: int = 64,
+                  max_model_len: int | None = None, max_num_seqs: int | None = None,
                   max_num_batched_tokens: int | None = None,
                   gpu_memory_utilization: float = 0.9,
                   cpu_cache_bytes: int = 256 << 20, skip_tokenizer_init: bool = False, seed: int = 0,
