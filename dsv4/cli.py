@@ -25,6 +25,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="auto: requests without temperature, top_p, top_k, min_p, "
                         "repetition_penalty or max_tokens take the model's "
                         "generation_config.json values (as vLLM); vllm: ignore that file")
+    g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+                   help="priority: requests run by their `priority` (lower first), then "
+                        "arrival; preemption takes the lowest priority first")
     g.add_argument("--revision", default=None,
                    help="branch, tag or commit of a Hub repository (default: main)")
     g.add_argument("--download-dir", default=None,
@@ -125,7 +128,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 tensor_parallel_size=args.tensor_parallel_size,
                 async_scheduling=args.async_scheduling, warmup=args.warmup,
                 enable_prefix_caching=args.enable_prefix_caching, revision=args.revision,
-                download_dir=args.download_dir, generation_config=args.generation_config)
+                download_dir=args.download_dir, generation_config=args.generation_config,
+                scheduling_policy=args.scheduling_policy)
 
 
 # ---------------------------------------------------------------------------- generate

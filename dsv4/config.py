@@ -287,6 +287,9 @@ class EngineConfig:
     # max_tokens out take the model's generation_config.json values (vLLM's default);
     # "vllm": the library's own defaults (temperature 1, ...)
     generation_config: str = "auto"
+    # "fcfs", or "priority": requests run by their priority (lower first), then arrival, and
+    # the lowest-priority running sequence is the one preempted (vLLM's --scheduling-policy)
+    scheduling_policy: str = "fcfs"
 
     def validate(self) -> None:
         if self.dtype not in ("bfloat16", "float32"):
@@ -302,6 +305,9 @@ class EngineConfig:
             raise ConfigError(f"speculative_tokens {self.speculative_tokens}: must be in 0..8")
         if self.kv_cache_dtype not in ("auto", "bfloat16", "fp8"):
             raise ConfigError(f"kv_cache_dtype {self.kv_cache_dtype!r}: must be auto, bfloat16 or fp8")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ConfigError(f"scheduling_policy {self.scheduling_policy!r}: must be 'fcfs' "
+                              "or 'priority'")
         if self.generation_config not in ("auto", "vllm"):
             raise ConfigError(f"generation_config {self.generation_config!r}: must be 'auto' "
                               "(the model's generation_config.json) or 'vllm' (ignore it)")

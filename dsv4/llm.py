@@ -40,11 +40,13 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None
+                 ) -> list[RequestOutput]:
         """One finished `RequestOutput` per prompt, in input order.
 
         A prompt is a string, a list of token ids or `{"prompt_token_ids": [...]}`; one prompt
-        may be passed on its own. `sampling_params` is one for all prompts or one per prompt.
+        may be passed on its own. `sampling_params` is one for all prompts or one per prompt;
+        `priority` one per prompt (scheduling_policy="priority": lower runs first).
         """
         if _is_single_prompt(prompts):
             prompts = [prompts]
@@ -58,11 +60,14 @@ class LLM:
             if len(params) != len(prompts):
                 raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
 
+        priority = [0] * len(prompts) if priority is None else list(priority)
+        if len(priority) != len(prompts):
+            raise ValueError(f"{len(priority)} priorities for {len(prompts)} prompts")
         engine = self.llm_engine
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
         try:
-            for rid, prompt, p in zip(ids, prompts, params):
-                engine.add_request(rid, prompt, p)
+            for rid, prompt, p, rank in zip(ids, prompts, params, priority):
+                engine.add_request(rid, prompt, p, priority=rank)
         except Exception:
             for rid in ids:  # all or nothing: a bad prompt leaves no half-submitted batch behind
                 engine.abort_request(rid)

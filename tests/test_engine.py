@@ -88,6 +88,51 @@ def test_chunked_prefill_gives_the_same_outputs_as_no_chunking(alone, budget):
         assert g == a, f"budget {budget}, request {i}: chunked {g} != unchunked {a}"
 
 
+def test_priority_policy_admits_by_priority_and_preempts_the_lowest():
+    """scheduling_policy="priority" (vLLM's): waiting requests start by priority (lower
+    first), then arrival; under memory pressure the lowest-priority running sequence is
+    preempted, not the newest; outputs stay those of each request alone."""
+    one = make_engine(max_num_seqs=1, scheduling_policy="priority")
+    order = []
+    for i, rank in enumerate([5, 0, 5, -2]):
+        one.add_request(str(i), prompts([6], seed=i)[0], GREEDY, priority=rank)
+    while one.has_unfinished_requests():
+        order += [o.request_id for o in one.step() if o.finished]
+    assert order == ["3", "1", "0", "2"]
+
+    num_blocks, seqs = 3, 4
+    budget = seqs * slot_bytes(CFG, 8, torch.float32) + num_blocks * block_bytes(CFG, torch.float32, index_fp4=True)
+    reqs = [(p, GREEDY) for p in prompts([120, 118, 121, 119], seed=1)]
+    small = make_engine(max_num_seqs=seqs, cpu_cache_bytes=budget, scheduling_policy="priority")
+    victims = []
+    preempt = small.scheduler._preempt
+    small.scheduler._preempt = lambda seq: victims.append(seq.request.request_id) or preempt(seq)
+    ranks = [3, 1, 2, 0]  # the last to arrive comes first
+    for i, ((prompt, params), rank) in enumerate(zip(reqs, ranks)):
+        small.add_request(str(i), prompt, params, priority=rank)
+    done = {}
+    while small.has_unfinished_requests():
+        done.update({o.request_id: o for o in small.step() if o.finished})
+    # 3, 1 and 2 start (0, the lowest, waits); the first to lose its blocks is 2, the lowest
+    # running, not 3, the newest; 3, the first in priority, never does
+    assert victims[0] == "2" and "3" not in victims
+    big = make_engine()
+    for i, r in enumerate(reqs):
+        assert done[str(i)].outputs[0].token_ids == tokens(run(big, [r]))[0]
+    assert small.block_manager.num_free_blocks == num_blocks
+
+
+def test_priority_needs_the_priority_policy():
+    eng = make_engine()
+    with pytest.raises(ValueError, match="priority 1 needs the priority scheduling policy"):
+        eng.add_request("a", [5, 6], GREEDY, priority=1)
+    with pytest.raises(ValueError, match="priority must be an integer"):
+        eng.add_request("b", [5, 6], GREEDY, priority=0.5)
+    assert not eng.has_unfinished_requests()
+    with pytest.raises(ConfigError, match="scheduling_policy 'lifo'"):
+        make_engine(scheduling_policy="lifo")
+
+
 def test_preemption_keeps_every_output_and_frees_every_block():
     # Three blocks for four prompts of 120 tokens: three start, and crossing position 128 each
     # needs a second block, so the newest running sequences are preempted and recomputed.

@@ -904,3 +904,11 @@ def test_several_served_names_are_aliases() -> None:
         assert r.status_code == 200 and r.json()["model"] == "dsv4-a"
         assert client.post("/v1/completions", json={"model": "other", "prompt": "Hi"}
                            ).status_code == 404
+
+
+def test_priority_without_the_priority_policy_is_a_400(server: Server) -> None:
+    r = server.post("/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 2,
+                                        "priority": 3})
+    assert r.status_code == 400 and "scheduling-policy priority" in r.json()["error"]["message"]
+    assert server.post("/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 2,
+                                           "priority": 0}).status_code == 200

@@ -196,7 +196,8 @@ class LLMEngine:
         self.prefix_cache = PrefixCache(self.block_manager, snapshots) if snapshots else None
         self.scheduler = Scheduler(self.block_manager, ec.max_num_seqs,
                                    resolved_batched_tokens(ec, self.device),
-                                   lookahead=ec.speculative_tokens, prefix_cache=self.prefix_cache)
+                                   lookahead=ec.speculative_tokens, prefix_cache=self.prefix_cache,
+                                   policy=ec.scheduling_policy)
         self.eos_token_ids = _eos_token_ids(cfg, generation_config)
         # what requests that leave sampling fields out get (vLLM's --generation-config auto)
         self.default_sampling: dict[str, Any] = (
@@ -339,8 +340,8 @@ class LLMEngine:
                   cuda_graph_max_len: int | None = None, tensor_parallel_size: int = 1,
                   async_scheduling: bool = True, warmup: bool = True,
                   enable_prefix_caching: bool = False, revision: str | None = None,
-                  download_dir: str | None = None,
-                  generation_config: str = "auto") -> "LLMEngine":
+                  download_dir: str | None = None, generation_config: str = "auto",
+                  scheduling_policy: str = "fcfs") -> "LLMEngine":
         """`model`: a preset (random weights), a checkpoint directory, or a Hugging Face Hub
         repository `owner/name` (at `revision`, cached in `download_dir`: `loader/hub.py`)."""
         ec = EngineConfig(dtype=dtype, device=device, max_model_len=max_model_len,
@@ -351,7 +352,8 @@ class LLMEngine:
                           cuda_graph_max_len=cuda_graph_max_len,
                           async_scheduling=async_scheduling, warmup=warmup,
                           enable_prefix_caching=enable_prefix_caching,
-                          generation_config=generation_config)
+                          generation_config=generation_config,
+                          scheduling_policy=scheduling_policy)
         ec.validate()  # before the (possibly long) model load
         from ..loader.hub import resolve_model
         model = resolve_model(model, revision, download_dir)  # a Hub name -> its directory
@@ -465,13 +467,20 @@ class LLMEngine:
                          f"got {type(prompt).__name__}")
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, priority: int = 0) -> None:
         """Queue a request. Everything is validated here, before the engine's state is touched:
-        a bad request raises ValueError and leaves the other requests running."""
+        a bad request raises ValueError and leaves the other requests running. `priority`
+        (scheduling_policy "priority" only): lower runs first."""
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        if priority and self.engine_config.scheduling_policy != "priority":
+            raise ValueError(f"priority {priority} needs the priority scheduling policy "
+                             f"(--scheduling-policy priority); this engine serves first come "
+                             f"first served")
         text, ids = self._prompt_ids(prompt)
         salt = _cache_salt(prompt)
         if params.truncate_prompt_tokens is not None:
@@ -503,7 +512,7 @@ class LLMEngine:
             so = params.structured_outputs
             grammar, so.compiled = so.compiled or self.compile_structured(so), None
         req = Request(request_id, text, ids, params, arrival_time, self.tokenizer, self.device)
-        req.cache_salt = salt
+        req.cache_salt, req.priority = salt, priority
         if grammar is not None:
             for i, seq in enumerate(req.seqs):
                 seq.grammar = grammar if i == 0 else grammar.copy()

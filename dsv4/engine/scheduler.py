@@ -6,8 +6,8 @@ sequences are admitted first-come-first-served while the budget, the sequence ca
 blocks allow. Admission order makes the newest running sequence the only one that can be
 mid-prefill, so "decodes first, then prefill chunks" is simply the order of `running`.
 
-When a running sequence cannot get the blocks for its chunk, the newest running sequence is
-preempted: its blocks and slot are freed and it goes back to the front of the queue with all its
+When a running sequence cannot get the blocks for its chunk, the newest running sequence (with
+the priority policy: the lowest-priority one) is preempted: its blocks and slot are freed and it goes back to the front of the queue with all its
 tokens so far, to be recomputed later as a longer prompt. Preempting from the back of `running`
 never touches a sequence already scheduled in this step.
 
@@ -19,6 +19,7 @@ was the same), where the engine takes a snapshot.
 """
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -60,11 +61,21 @@ class SchedulerOutput:
         return sum(c.num_tokens for c in self.chunks)
 
 
+def _priority_key(seq: Sequence) -> tuple[int, int]:
+    """Lower first: the request's priority, then arrival (sequence ids grow with it)."""
+    return seq.request.priority, seq.seq_id
+
+
 class Scheduler:
-    """FCFS continuous batching under `max_num_batched_tokens` and `max_num_seqs`."""
+    """Continuous batching under `max_num_batched_tokens` and `max_num_seqs`: first come first
+    served, or (`policy="priority"`, vLLM's) by each request's priority, lower first, then
+    arrival: the waiting queue is kept in that order, and the sequence preempted for blocks is
+    the running one that comes last in it (one already scheduled in the step gives its chunk
+    back)."""
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 lookahead: int = 0, prefix_cache: PrefixCache | None = None):
+                 lookahead: int = 0, prefix_cache: PrefixCache | None = None,
+                 policy: str = "fcfs"):
         """`lookahead`: extra positions each sequence's blocks must cover beyond its chunk (the
         MTP layer writes its K-1 chained drafts there)."""
         self.block_manager = block_manager
@@ -72,12 +83,16 @@ class Scheduler:
         self.lookahead = lookahead
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.priority = policy == "priority"
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        if self.priority:
+            bisect.insort(self.waiting, seq, key=_priority_key)
+        else:
+            self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -96,7 +111,13 @@ class Scheduler:
                 drafts = 0
             n += drafts
             while not bm.can_allocate(seq.seq_id, seq.num_computed + n + self.lookahead):
-                victim = self.running.pop()
+                j = (max(range(len(self.running)), key=lambda k: _priority_key(self.running[k]))
+                     if self.priority else len(self.running) - 1)
+                victim = self.running.pop(j)
+                if j < i:  # scheduled already in this step: its chunk goes back
+                    k = next(k for k, c in enumerate(out.chunks) if c.seq is victim)
+                    budget += out.chunks.pop(k).num_tokens
+                    i -= 1
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
@@ -184,7 +205,10 @@ class Scheduler:
         seq.num_computed = 0
         seq.drafts, seq.draft_probs = [], None
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        if self.priority:
+            bisect.insort(self.waiting, seq, key=_priority_key)
+        else:
+            self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence) -> None:

@@ -177,6 +177,7 @@ class Request:
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
         self.cache_salt = b""  # the prefix cache's names start from it (`_cache_salt`)
+        self.priority = 0  # lower first, with the priority scheduling policy
         self.metrics = RequestMetrics(arrival_time if arrival_time is not None else time.time())
         self.max_stop_len = max((len(s) for s in params.stop), default=0)
         # Entry i scores prompt token i; nothing predicts token 0. Filled by sequence 0.

@@ -85,7 +85,8 @@ class AsyncLLMEngine:
 
     # ------------------------------------------------------------------ requests
 
-    async def add_request(self, request_id: str, prompt: str | list[int], params: Any) -> AsyncIterator[Any]:
+    async def add_request(self, request_id: str, prompt: str | list[int] | dict, params: Any,
+                          priority: int = 0) -> AsyncIterator[Any]:
         """Add a request; return an iterator over its cumulative ``RequestOutput`` objects.
 
         The engine's validation ``ValueError`` is raised here, before anything is streamed.
@@ -99,7 +100,7 @@ class AsyncLLMEngine:
         stream = _Stream()
         self._streams[request_id] = stream
         try:
-            await self._call(lambda: self._add(request_id, prompt, params))
+            await self._call(lambda: self._add(request_id, prompt, params, priority))
         except BaseException:
             self._streams.pop(request_id, None)
             self.abort(request_id)  # in case a cancellation raced with a successful add
@@ -145,8 +146,9 @@ class AsyncLLMEngine:
     async def _call(self, fn: Callable[[], Any]) -> Any:
         return await asyncio.wrap_future(self._submit(fn))
 
-    def _add(self, request_id: str, prompt: str | list[int], params: Any) -> None:
-        self.engine.add_request(request_id, prompt, params)
+    def _add(self, request_id: str, prompt: str | list[int] | dict, params: Any,
+             priority: int = 0) -> None:
+        self.engine.add_request(request_id, prompt, params, priority=priority)
         self._live.add(request_id)
 
     def _abort(self, request_id: str) -> None:

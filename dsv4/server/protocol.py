@@ -114,6 +114,7 @@ class _SamplingRequest(BaseModel):
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: int | None = None
     cache_salt: str | None = None  # prefix-cache isolation (vLLM's)
+    priority: int = 0  # lower first under --scheduling-policy priority (vLLM's)
     _structured: dict[str, Any] | None = PrivateAttr(default=None)
 
     def _check_common(self) -> None:

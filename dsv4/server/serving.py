@@ -102,9 +102,10 @@ class OpenAIServing:
         return requested
 
     async def submit(self, request_id: str, prompt_ids: list[int], params: Any,
-                     cache_salt: str | None = None) -> AsyncIterator[Any]:
+                     cache_salt: str | None = None, priority: int = 0) -> AsyncIterator[Any]:
         """Add one request to the engine; return its cumulative outputs, metrics recorded.
-        `cache_salt`: it resumes only from prefixes cached under the same salt.
+        `cache_salt`: it resumes only from prefixes cached under the same salt; `priority`:
+        lower first under the priority scheduling policy.
 
         Engine validation errors become a 400 here, before any response starts.
         """
@@ -112,7 +113,7 @@ class OpenAIServing:
         prompt = (prompt_ids if cache_salt is None
                   else {"prompt_token_ids": prompt_ids, "cache_salt": cache_salt})
         try:
-            outputs = await self.engine.add_request(request_id, prompt, params)
+            outputs = await self.engine.add_request(request_id, prompt, params, priority)
         except ValueError as exc:
             raise bad_request(str(exc)) from None
         except EngineDeadError as exc:
@@ -138,13 +139,15 @@ class OpenAIServing:
                 arrival, first_token, time.monotonic(), tokens, reason,
                 len(last.prompt_token_ids) if last else 0, getattr(last, "metrics", None))
 
-    async def submit_all(self, request_ids: list[str], prompts: list[list[int]],
-                         params: Any, cache_salt: str | None = None) -> list[AsyncIterator[Any]]:
+    async def submit_all(self, request_ids: list[str], prompts: list[list[int]], params: Any,
+                         cache_salt: str | None = None, priority: int = 0
+                         ) -> list[AsyncIterator[Any]]:
         """``submit`` several prompts; if one is rejected, the ones already added are aborted."""
         streams = []
         try:
             for request_id, prompt_ids in zip(request_ids, prompts):
-                streams.append(await self.submit(request_id, prompt_ids, params, cache_salt))
+                streams.append(await self.submit(request_id, prompt_ids, params, cache_salt,
+                                                 priority))
         except BaseException:
             self.abort(request_ids)
             raise

@@ -143,7 +143,8 @@ class OpenAIServingChat(OpenAIServing):
         params = request.to_sampling_params(max_tokens, self.engine.default_sampling)
         self.constrain(request, params, mode, prefix, tools)
         request_id = random_id("chatcmpl")
-        outputs = await self.submit(request_id, prompt_ids, params, request.cache_salt)
+        outputs = await self.submit(request_id, prompt_ids, params, request.cache_salt,
+                                    request.priority)
         parse_tools = bool(tools)
         if request.stream:
             body = self._stream(request, request_id, outputs, mode, prefix, parse_tools, params)

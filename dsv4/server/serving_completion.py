@@ -64,7 +64,8 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.echo:  # the prompts' texts as given, or decoded from their ids
             echo = [p if isinstance(p, str) else self._decode_ids(ids)
                     for p, ids in zip(request.prompts(), prompts)]
-        streams = await self.submit_all(request_ids, prompts, params, request.cache_salt)
+        streams = await self.submit_all(request_ids, prompts, params, request.cache_salt,
+                                        request.priority)
         if request.stream:
             body = self._stream(request, base, streams, params, echo)
             return EngineStreamingResponse(body, self, request_ids)
