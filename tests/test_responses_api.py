@@ -149,3 +149,13 @@ def test_previous_response_id_continues_a_stored_conversation(server: Server) ->
     third = client.responses.create(model=MODEL, input="x", max_output_tokens=2, store=False)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(third.id)
+
+
+def test_vllm_extensions_reach_the_engine(server) -> None:
+    """`cache_salt` and `priority` (vLLM's) are taken as on the chat endpoint."""
+    ok = server.post("/v1/responses", {"model": MODEL, "input": "Hi", "max_output_tokens": 2,
+                                       "cache_salt": "tenant-1"})
+    assert ok.status_code == 200, ok.text
+    bad = server.post("/v1/responses", {"model": MODEL, "input": "Hi", "max_output_tokens": 2,
+                                        "priority": 2})
+    assert bad.status_code == 400 and "priority" in bad.json()["error"]["message"]

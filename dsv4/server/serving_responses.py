@@ -57,6 +57,8 @@ class ResponsesRequest(BaseModel):
     store: bool = True
     metadata: dict[str, Any] | None = None
     user: str | None = None
+    cache_salt: str | None = None  # vLLM's extensions, as on the chat endpoint
+    priority: int = 0
 
     def chat_request(self, history: list[dict[str, Any]] = ()) -> ChatCompletionRequest:
         """The chat completion this request describes, after `history` (the messages of a
@@ -66,7 +68,8 @@ class ResponsesRequest(BaseModel):
         fields: dict[str, Any] = {
             "model": self.model, "messages": messages, "max_tokens": self.max_output_tokens,
             "temperature": self.temperature, "top_p": self.top_p, "stream": self.stream,
-            "parallel_tool_calls": self.parallel_tool_calls,
+            "parallel_tool_calls": self.parallel_tool_calls, "cache_salt": self.cache_salt,
+            "priority": self.priority,
         }
         if self.tools:
             fields["tools"] = [_chat_tool(t) for t in self.tools]
@@ -223,7 +226,8 @@ class OpenAIServingResponses(OpenAIServingChat):
         params = chat.to_sampling_params(max_tokens, self.engine.default_sampling)
         self.constrain(chat, params, mode, prefix, tools)
         response_id = random_id("resp")
-        outputs = await self.submit(response_id, prompt_ids, params)
+        outputs = await self.submit(response_id, prompt_ids, params, chat.cache_salt,
+                                    chat.priority)
         shell = self._shell(request, response_id, max_tokens)
         keep = lambda done: self._keep(request, history, done)  # noqa: E731
         if request.stream:
