@@ -2,14 +2,17 @@
 
 Each step, in admission order, every running sequence gets its next chunk: one token for a
 decode, as much of the remaining prompt as the token budget allows for a prefill. Then waiting
-sequences are admitted first-come-first-served while the budget, the sequence cap and the free
-blocks allow. Admission order makes the newest running sequence the only one that can be
-mid-prefill, so "decodes first, then prefill chunks" is simply the order of `running`.
+sequences are admitted first-come-first-served (or, with the priority policy, by priority and
+then arrival) while the budget, the sequence cap and the free blocks allow. Admission order
+makes the newest running sequence the only one that can be mid-prefill, so "decodes first,
+then prefill chunks" is simply the order of `running`.
 
-When a running sequence cannot get the blocks for its chunk, the newest running sequence (with
-the priority policy: the lowest-priority one) is preempted: its blocks and slot are freed and it goes back to the front of the queue with all its
+When a running sequence cannot get the blocks for its chunk, the newest running sequence is
+preempted: its blocks and slot are freed and it goes back to the front of the queue with all its
 tokens so far, to be recomputed later as a longer prompt. Preempting from the back of `running`
-never touches a sequence already scheduled in this step.
+never touches a sequence already scheduled in this step. With the priority policy the victim
+is the lowest-priority running sequence, which goes back to its place in the queue; if it was
+scheduled already in this step, its chunk is taken back.
 
 With a prefix cache (`cache/prefix_cache.py`), a sequence admitted with a cached prefix starts
 at its end (the step first copies the prefix's state snapshot into the sequence's slot:

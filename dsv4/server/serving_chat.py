@@ -252,7 +252,8 @@ class OpenAIServingChat(OpenAIServing):
                     finished = o.finish_reason is not None
                     deltas, parsed = state.deltas(o.text, finished)
                     for delta in deltas:
-                        yield chunk(o.index, delta, logprobs=self._logprobs(request, o, state.tokens_sent),
+                        yield chunk(o.index, delta,
+                                    logprobs=self._logprobs(request, o, state.tokens_sent),
                                     tokens=len(o.token_ids))
                         state.tokens_sent = len(o.token_ids)
                     if finished:
