@@ -117,7 +117,8 @@ def watch_compiles(engine: "LLMEngine") -> CompileWatch | None:
         eng.triton_compiles += 1
         eng.triton_compile_seconds += c.seconds
         logger.warning("Triton compiled %s in %.2f s inside a step (%s): a shape the warm-up "
-                       "did not meet", c.kernel, c.seconds, c.new or f"its first variant: {c.constants()}")
+                       "did not meet", c.kernel, c.seconds,
+                       c.new or f"its first variant: {c.constants()}")
 
     watch = CompileWatch(seen)
     return watch if watch.active else None
