@@ -912,3 +912,21 @@ def test_priority_without_the_priority_policy_is_a_400(server: Server) -> None:
     assert r.status_code == 400 and "scheduling-policy priority" in r.json()["error"]["message"]
     assert server.post("/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 2,
                                            "priority": 0}).status_code == 200
+
+
+def test_request_log_shows_the_prompt_ids_and_params(caplog) -> None:
+    """`--enable-log-requests` (and `--max-log-len`): one INFO line a request, its prompt ids
+    cut to the limit, and its sampling parameters."""
+    import logging
+
+    from starlette.testclient import TestClient
+
+    app = build_app(LLMEngine.from_args(MODEL, **ENGINE_ARGS), MODEL, log_requests=True,
+                    max_log_len=3)
+    with TestClient(app) as client, caplog.at_level(logging.INFO, "dsv4.server.serving"):
+        r = client.post("/v1/completions", json={"prompt": [11, 12, 13, 14, 15],
+                                                 "max_tokens": 2, "temperature": 0.5})
+        assert r.status_code == 200
+    lines = [m for m in caplog.messages if m.startswith("request cmpl")]
+    assert len(lines) == 1 and "5 prompt tokens [11, 12, 13] ..." in lines[0]
+    assert "temperature=0.5" in lines[0] and "max_tokens=2" in lines[0]

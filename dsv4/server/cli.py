@@ -28,6 +28,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help="on SIGTERM, seconds to let in-flight requests finish before aborting them")
     g.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
+    g.add_argument("--enable-log-requests", action="store_true",
+                   help="log each request's prompt token ids and sampling parameters")
+    g.add_argument("--max-log-len", type=int, default=None,
+                   help="with --enable-log-requests: at most this many prompt token ids")
     g.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this key ...")
     g.add_argument("--ssl-certfile", default=None, help="... and this certificate")
     g.add_argument("--root-path", default=None,
@@ -92,7 +96,8 @@ def serve(args: argparse.Namespace) -> int:
     engine = LLMEngine.from_args(**engine_kwargs(args))
     cors = {"allow_origins": args.allowed_origins, "allow_methods": args.allowed_methods,
             "allow_headers": args.allowed_headers, "allow_credentials": args.allow_credentials}
-    app = build_app(engine, args.served_model_name or args.model, args.api_key, cors)
+    app = build_app(engine, args.served_model_name or args.model, args.api_key, cors,
+                    args.enable_log_requests, args.max_log_len)
     extra = {k: v for k, v in (("ssl_keyfile", args.ssl_keyfile),
                                ("ssl_certfile", args.ssl_certfile),
                                ("root_path", args.root_path)) if v is not None}

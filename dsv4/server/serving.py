@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
@@ -21,6 +22,8 @@ from starlette.responses import StreamingResponse
 from dsv4.server.async_engine import AsyncLLMEngine, EngineDeadError
 from dsv4.server.metrics import ServerMetrics
 from dsv4.server.protocol import OpenAIError, bad_request
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -71,6 +74,9 @@ class OpenAIServing:
         self.model_names = [model_name] if isinstance(model_name, str) else list(model_name)
         self.model_name = self.model_names[0]
         self.metrics = metrics
+        # --enable-log-requests: each request's prompt and parameters at INFO, the prompt's
+        # token ids cut to max_log_len (None: all)
+        self.log_requests, self.max_log_len = False, None
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.model_names:
@@ -110,6 +116,11 @@ class OpenAIServing:
         Engine validation errors become a 400 here, before any response starts.
         """
         arrival = time.monotonic()
+        if self.log_requests:
+            shown = prompt_ids if self.max_log_len is None else prompt_ids[:self.max_log_len]
+            logger.info("request %s: %d prompt tokens %s%s, %s%s", request_id, len(prompt_ids),
+                        shown, "" if len(shown) == len(prompt_ids) else " ...", params,
+                        f", priority {priority}" if priority else "")
         prompt = (prompt_ids if cache_salt is None
                   else {"prompt_token_ids": prompt_ids, "cache_salt": cache_salt})
         try:
