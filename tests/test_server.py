@@ -73,8 +73,9 @@ class Server:
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
         text = httpx.get(self.base_url + "/metrics", timeout=10).text
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for fam in text_string_to_metric_families(text) for s in fam.samples}
+        # keyed without the model_name label (`test_health_and_metrics_need_no_api_key`)
+        return {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))):
+                s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
 
     def wait_idle(self, timeout: float = 10.0) -> dict[tuple[str, tuple], float]:
         """Metrics once nothing runs or waits and every KV block is free (aborts are async)."""
@@ -524,6 +525,11 @@ def test_health_and_metrics_need_no_api_key(server: Server) -> None:
     assert m[("dsv4:triton_compile_seconds_total", ())] == 0
     ok = m[("dsv4:http_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))]
     assert ok >= 1
+    # every generation metric carries vLLM's model_name label: the served name
+    text = httpx.get(server.base_url + "/metrics", timeout=10).text
+    labels = {s.name: s.labels.get("model_name") for fam in text_string_to_metric_families(text)
+              for s in fam.samples if not s.name.startswith("dsv4:http_requests")}
+    assert len(labels) > 20 and set(labels.values()) == {MODEL}, labels
 
 
 def test_metrics_count_requests_by_status(server: Server) -> None:

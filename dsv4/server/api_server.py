@@ -114,7 +114,8 @@ def build_app(engine: Any, served_model_name: str | list[str], api_key: str | No
     request's prompt (its first ``max_log_len`` token ids) and sampling parameters.
     """
     async_engine = AsyncLLMEngine(engine)
-    metrics = ServerMetrics(lambda: async_engine.stats)
+    names = [served_model_name] if isinstance(served_model_name, str) else served_model_name
+    metrics = ServerMetrics(lambda: async_engine.stats, names[0])
     chat = OpenAIServingChat(async_engine, served_model_name, metrics)
     completion = OpenAIServingCompletion(async_engine, served_model_name, metrics)
     responses = OpenAIServingResponses(async_engine, served_model_name, metrics)
@@ -163,8 +164,6 @@ def build_app(engine: Any, served_model_name: str | list[str], api_key: str | No
     async def internal_error(_: Request, exc: Exception) -> JSONResponse:
         logger.exception("request failed")
         return _error_response(OpenAIError(500, f"internal error: {exc!r}", "InternalServerError"))
-
-    names = chat.model_names
 
     def model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": now(), "owned_by": "dsv4",

@@ -4,7 +4,8 @@ A per-app ``CollectorRegistry`` (not the global one) lets several servers live i
 as the tests do. Engine-wide numbers (running/waiting requests, KV-cache usage, token totals)
 are read from the engine's latest stats snapshot at scrape time; per-request latencies are
 measured by the serving code as outputs reach it. Names follow vLLM's ``vllm:`` metrics with a
-``dsv4:`` prefix, so existing dashboards need only the prefix changed.
+``dsv4:`` prefix, and carry its ``model_name`` label (the served name), so existing dashboards
+need only the prefix changed.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
 class _EngineStatsCollector(Collector):
     """Gauges and counters read from ``stats()`` (the engine's ``get_stats()`` snapshot)."""
 
-    def __init__(self, stats: Callable[[], Any]) -> None:
-        self._stats = stats
+    def __init__(self, stats: Callable[[], Any], model_name: str) -> None:
+        self._stats, self._model = stats, model_name
 
     def collect(self) -> Iterator[Any]:
         s = self._stats()
+        model = [self._model]
         gauges = [
             ("dsv4:num_requests_running", "Requests in the running batch.", s.num_running),
             ("dsv4:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting),
@@ -45,7 +47,9 @@ class _EngineStatsCollector(Collector):
             ("dsv4:kv_cache_blocks", "KV-cache blocks in total.", s.num_blocks),
         ]
         for name, doc, value in gauges:
-            yield GaugeMetricFamily(name, doc, value=float(value))
+            family = GaugeMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric(model, float(value))
+            yield family
         counters = [
             ("dsv4:prompt_tokens", "Prompt tokens processed.", s.prompt_tokens_total),
             ("dsv4:generation_tokens", "Tokens generated.", s.generation_tokens_total),
@@ -60,30 +64,36 @@ class _EngineStatsCollector(Collector):
             ("dsv4:triton_compile_seconds", "Seconds spent in those compiles.",
              s.triton_compile_seconds),
         ]
-        for name, doc, value in counters:
-            yield CounterMetricFamily(name, doc, value=float(value))
-        if s.spec_proposed:  # speculative decoding: acceptance per draft position
+        if s.spec_proposed:  # speculative decoding
+            steps = s.spec_verify_steps
+            gauges = [("dsv4:spec_decode_mean_accepted_length",
+                       "Tokens emitted per verification step (accepted drafts + 1).",
+                       (sum(s.spec_accepted) / steps + 1) if steps else 0.0)]
+            counters += [
+                ("dsv4:spec_decode_num_drafts", "Draft tokens verified.", sum(s.spec_proposed)),
+                ("dsv4:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                 sum(s.spec_accepted))]
+            for name, doc, value in gauges:
+                family = GaugeMetricFamily(name, doc, labels=["model_name"])
+                family.add_metric(model, float(value))
+                yield family
             rate = GaugeMetricFamily("dsv4:spec_decode_acceptance_rate",
                                      "Fraction of drafts accepted, per draft position.",
-                                     labels=["position"])
+                                     labels=["model_name", "position"])
             for j, (p, a) in enumerate(zip(s.spec_proposed, s.spec_accepted)):
-                rate.add_metric([str(j)], a / p if p else 0.0)
+                rate.add_metric(model + [str(j)], a / p if p else 0.0)
             yield rate
-            steps = s.spec_verify_steps
-            yield GaugeMetricFamily(
-                "dsv4:spec_decode_mean_accepted_length",
-                "Tokens emitted per verification step (accepted drafts + 1).",
-                value=(sum(s.spec_accepted) / steps + 1) if steps else 0.0)
-            yield CounterMetricFamily("dsv4:spec_decode_num_drafts", "Draft tokens verified.",
-                                      value=float(sum(s.spec_proposed)))
-            yield CounterMetricFamily("dsv4:spec_decode_num_accepted_tokens",
-                                      "Draft tokens accepted.", value=float(sum(s.spec_accepted)))
+        for name, doc, value in counters:
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric(model, float(value))
+            yield family
 
 
 class ServerMetrics:
     """The metrics of one server; ``render()`` is the body of ``GET /metrics``."""
 
-    def __init__(self, stats: Callable[[], Any]) -> None:
+    def __init__(self, stats: Callable[[], Any], model_name: str = "") -> None:
+        """`model_name`: the served name, every generation metric's `model_name` label."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.http_requests = Counter(
@@ -92,10 +102,12 @@ class ServerMetrics:
         self.request_finished = Counter(
             "dsv4:request_success", "Generation requests finished, by finish reason "
             "(abort: the client went away or the server shut down).",
-            ["finished_reason"], registry=r)
+            ["model_name", "finished_reason"], registry=r)
+        self.model_name = model_name
 
-        def histogram(name: str, doc: str, buckets: tuple) -> Histogram:
-            return Histogram(f"dsv4:{name}", doc, buckets=buckets, registry=r)
+        def histogram(name: str, doc: str, buckets: tuple) -> Any:
+            return Histogram(f"dsv4:{name}", doc, ["model_name"], buckets=buckets,
+                             registry=r).labels(model_name)
 
         self.time_to_first_token = histogram(
             "time_to_first_token_seconds", "Time from arrival to the first generated token.",
@@ -118,14 +130,14 @@ class ServerMetrics:
             "request_prompt_tokens", "Prompt tokens of finished requests.", _TOKEN_BUCKETS)
         self.generation_tokens = histogram(
             "request_generation_tokens", "Generated tokens of finished requests.", _TOKEN_BUCKETS)
-        r.register(_EngineStatsCollector(stats))
+        r.register(_EngineStatsCollector(stats, model_name))
 
     def observe_request(self, arrival: float, first_token: float | None, finish: float,
                         num_tokens: int, finished_reason: str, prompt_tokens: int = 0,
                         engine_times: Any = None) -> None:
         """Record one finished (or aborted) request; times are ``time.monotonic()`` values;
         `engine_times`: the engine's `RequestMetrics` (wall-clock times of its life)."""
-        self.request_finished.labels(finished_reason).inc()
+        self.request_finished.labels(self.model_name, finished_reason).inc()
         if finished_reason != "abort":
             self.prompt_tokens.observe(prompt_tokens)
             self.generation_tokens.observe(num_tokens)
