@@ -85,9 +85,15 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              thinking: bool = False, tools: list[dict] | None = None,
-             use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate replies to one conversation or a list of them (DeepSeek-V4 chat encoding)."""
+             use_tqdm: bool = True, chat_template_kwargs: dict | None = None
+             ) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them (DeepSeek-V4 chat encoding).
+        Thinking mode: `thinking=True`, or vLLM's `chat_template_kwargs={"thinking": True}`
+        (or `"enable_thinking"`), as the server takes it."""
         from .chat import encode_messages
+
+        kw = chat_template_kwargs or {}
+        thinking = bool(thinking or kw.get("thinking", kw.get("enable_thinking", False)))
 
         tokenizer = self.get_tokenizer()
         if tokenizer is None:

@@ -59,6 +59,10 @@ def test_chat_applies_the_deepseek_v4_chat_encoding(llm):
                                           {"role": "user", "content": "And 3+3?"}]],
                    GREEDY, thinking=True, use_tqdm=False)
     assert len(two) == 2 and two[0].prompt.endswith("<think>")
+    # vLLM's spelling of the same switch
+    (vllm_style,) = llm.chat(messages, GREEDY, use_tqdm=False,
+                             chat_template_kwargs={"enable_thinking": True})
+    assert vllm_style.prompt == two[0].prompt
 
 
 def test_without_tokenizer_token_ids_are_served_and_text_is_refused():
