@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -22,11 +23,17 @@ def _is_single_prompt(prompts: Any) -> bool:
 class LLM:
     """A thin synchronous wrapper over `LLMEngine`: submit a batch, step until it is done.
 
-    `model` is a model directory or a preset ("tiny", "flash", "pro": random weights, no files);
-    the keyword arguments are `LLMEngine.from_args`'s (dtype, device, max_model_len, ...).
+    `model` is a model directory, a Hugging Face Hub name or a preset ("tiny", "flash", "pro":
+    random weights, no files); the keyword arguments are `LLMEngine.from_args`'s (dtype,
+    device, max_model_len, ...), and vLLM's `trust_remote_code`, which changes nothing here.
     """
 
     def __init__(self, model: str, **engine_args: Any):
+        engine_args.pop("trust_remote_code", None)  # dsv4 implements the model itself
+        unknown = sorted(set(engine_args) - set(inspect.signature(LLMEngine.from_args).parameters))
+        if unknown:
+            raise TypeError(f"LLM: unknown engine arguments {unknown}; see "
+                            f"LLMEngine.from_args for the ones dsv4 takes")
         self.llm_engine = LLMEngine.from_args(model, **engine_args)
         self._ids = itertools.count()
 

@@ -78,3 +78,11 @@ def test_without_tokenizer_token_ids_are_served_and_text_is_refused():
 def test_unknown_model_raises_file_not_found():
     with pytest.raises(FileNotFoundError, match="not-a-model"):
         LLM("./not-a-model", device="cpu")
+
+
+def test_vllm_constructor_arguments():
+    """vLLM's `trust_remote_code` is taken (and changes nothing); an argument dsv4 does not
+    know is a TypeError naming it, before any model is built."""
+    LLM("tiny", dtype="float32", device="cpu", max_num_seqs=2, trust_remote_code=True)
+    with pytest.raises(TypeError, match="unknown engine arguments \\['swap_space'\\]"):
+        LLM("tiny", device="cpu", swap_space=4)
