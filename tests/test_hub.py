@@ -63,3 +63,21 @@ def test_missing_repository_or_revision_names_the_model(hub_cache, offline, caps
     assert main(["generate", "--model", "dsv4-test/absent", "--download-dir", str(hub_cache),
                  "--device", "cpu", "--prompt", "x"]) == 1
     assert "dsv4-test/absent" in capsys.readouterr().err
+
+
+def test_dummy_weights_fetch_no_weight_files(monkeypatch):
+    """`--load-format dummy` with a Hub name asks the Hub for config and tokenizer files only
+    (a real checkpoint's weights are hundreds of GB)."""
+    import huggingface_hub
+
+    asked = {}
+
+    def fake(repo_id, **kw):
+        asked[repo_id] = kw["allow_patterns"]
+        return "/nowhere"
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    resolve_model("owner/a", weights=False)
+    resolve_model("owner/b")
+    assert "*.safetensors" not in asked["owner/a"] and "*.json" in asked["owner/a"]
+    assert "*.safetensors" in asked["owner/b"]

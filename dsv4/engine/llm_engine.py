@@ -357,7 +357,8 @@ class LLMEngine:
                           scheduling_policy=scheduling_policy)
         ec.validate()  # before the (possibly long) model load
         from ..loader.hub import resolve_model
-        model = resolve_model(model, revision, download_dir)  # a Hub name -> its directory
+        # a Hub name -> its directory (for dummy weights without the weight files)
+        model = resolve_model(model, revision, download_dir, weights=load_format != "dummy")
         dev = torch.device(device) if device else default_device()
         if tensor_parallel_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
             return cls._from_args_parallel(model, ec, dev, skip_tokenizer_init, load_format,

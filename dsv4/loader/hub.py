@@ -18,11 +18,12 @@ def is_repo_id(model: str) -> bool:
     return bool(_REPO_ID.match(model)) and not Path(model).exists()
 
 
-def resolve_model(model: str, revision: str | None = None,
-                  download_dir: str | None = None) -> str:
+def resolve_model(model: str, revision: str | None = None, download_dir: str | None = None,
+                  weights: bool = True) -> str:
     """`model` itself when it is a local path (or anything but `owner/name`); else the local
     directory of the Hub repository `model` at `revision` (a branch, tag or commit; default
-    main), downloaded into `download_dir` (default: the Hub's cache) where missing."""
+    main), downloaded into `download_dir` (default: the Hub's cache) where missing; without
+    `weights` (`--load-format dummy`) its config and tokenizer files only."""
     if not is_repo_id(model):
         if revision is not None:
             raise ValueError(f"--revision {revision!r} names a version of a Hugging Face Hub "
@@ -35,8 +36,9 @@ def resolve_model(model: str, revision: str | None = None,
         raise RuntimeError(f"model {model!r} is no local directory; to fetch it from the "
                            f"Hugging Face Hub install huggingface_hub ({e})") from e
     try:
+        patterns = [p for p in ALLOW_PATTERNS if weights or p != "*.safetensors"]
         path = snapshot_download(model, revision=revision, cache_dir=download_dir,
-                                 allow_patterns=ALLOW_PATTERNS)
+                                 allow_patterns=patterns)
     except LocalEntryNotFoundError as e:
         raise FileNotFoundError(
             f"model {model!r}: no such directory, and not in the Hugging Face Hub cache "
