@@ -122,6 +122,37 @@ def test_priority_policy_admits_by_priority_and_preempts_the_lowest():
     assert small.block_manager.num_free_blocks == num_blocks
 
 
+def test_bad_words_never_end_the_output():
+    """vLLM's bad_words on the engine: greedy decoding with a word that the plain output
+    contains banned never produces its token sequences, and leaves the tokens before the
+    first place the word would have been unchanged."""
+    from dsv4.engine.sampler import tokenize_bad_words
+
+    eng = make_engine()
+    tok = eng.tokenizer
+    prompt = prompts([9], seed=4)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    plain = tokens(run(eng, [(prompt, params)]))[0]
+    # a word the plain output says: the text of one of its tokens that has letters
+    at, word = next((i, tok.decode([t]).strip()) for i, t in enumerate(plain)
+                    if tok.decode([t]).strip().isalpha())
+    banned = tokenize_bad_words([word], lambda t: tok.encode(t, add_special_tokens=False))
+    got = tokens(run(eng, [(prompt, SamplingParams(temperature=0.0, max_tokens=24,
+                                                   ignore_eos=True, bad_words=[word]))]))[0]
+    for ids in banned:
+        assert not any(got[j:j + len(ids)] == ids for j in range(len(got))), (word, ids, got)
+    first = min((j for ids in banned for j in range(len(plain))
+                 if plain[j:j + len(ids)] == ids), default=at)
+    assert got[:first] == plain[:first] and got != plain
+    # with MTP drafts (not drafted for such sequences: their masks follow the output)
+    spec = make_engine(speculative_tokens=2)
+    assert tokens(run(spec, [(prompt, SamplingParams(temperature=0.0, max_tokens=24,
+                                                     ignore_eos=True, bad_words=[word]))]))[0] == got
+    with pytest.raises(ValueError, match="bad_words need a tokenizer"):
+        make_engine(skip_tokenizer_init=True).add_request(
+            "x", [5, 6], SamplingParams(bad_words=["a"]))
+
+
 def test_priority_needs_the_priority_policy():
     eng = make_engine()
     with pytest.raises(ValueError, match="priority 1 needs the priority scheduling policy"):

@@ -350,3 +350,24 @@ def test_seeded_rows_follow_softmax(device):
 def test_batch_size_mismatch():
     with pytest.raises(ValueError, match="batch size"):
         Sampler()(torch.zeros(2, 4), [SamplingParams()], [[]], [[]], [None])
+
+
+def test_bad_words_ban_the_last_token_after_the_rest():
+    """vLLM's bad_words: a one-token word is never sampled; a longer one's last token is
+    excluded only where the output ends with its other tokens."""
+    from dsv4.engine.sampler import apply_bad_words, tokenize_bad_words
+
+    vocab = {"cat": [7], " cat": [8], "hot dog": [3, 4], " hot dog": [5, 4], "x": [9],
+             " x": [9]}
+    ids = tokenize_bad_words(["cat", "  hot dog", "x"], lambda t: vocab[t])
+    assert ids == [[7], [8], [3, 4], [5, 4], [9]]
+    p = SamplingParams(bad_words=["cat"])
+    p.bad_words_token_ids = ids
+    logits = torch.zeros(3, 10)
+    out = apply_bad_words(logits, [p, p, SamplingParams()], [[1, 3], [2], [3]])
+    banned = [set(torch.nonzero(torch.isinf(row)).flatten().tolist()) for row in out]
+    assert banned == [{7, 8, 9, 4}, {7, 8, 9}, set()]
+    with pytest.raises(ValueError, match="bad_words"):
+        SamplingParams(bad_words="cat")
+    with pytest.raises(ValueError, match="bad_words"):
+        SamplingParams(bad_words=["ok", " "])

@@ -34,7 +34,7 @@ from ..tokenizer import Tokenizer
 from .outputs import EngineStats, Logprob, PositionLogprobs, RequestOutput
 from .runner import ModelRunner
 from .sampler import (Sampler, SamplingParams, generation_defaults, make_generator,
-                      truncate_prompt)
+                      tokenize_bad_words, truncate_prompt)
 from .scheduler import Scheduler
 from .sequence import PENDING_TOKEN, Request
 from .structured import GrammarCompiler, GrammarState, StructuredOutputs
@@ -501,6 +501,11 @@ class LLMEngine:
                              f"(and the prompt shorter than {L})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids instead")
+        if params.bad_words:
+            if self.tokenizer is None:
+                raise ValueError("bad_words need a tokenizer; use logit_bias instead")
+            params.bad_words_token_ids = tokenize_bad_words(
+                params.bad_words, lambda t: self.tokenizer.encode(t, add_special_tokens=False))
         for name in ("logprobs", "prompt_logprobs"):
             n = getattr(params, name)
             if n is not None and n > V:

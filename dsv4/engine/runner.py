@@ -156,8 +156,8 @@ class ModelRunner:
             at += len(span)
         if self.proposer is not None:
             self.proposer.propose(chunks, x_all, [[t.token_id for t in s] for s in sampled])
-            for c in chunks:  # structured outputs: drafts would need the grammar's masks
-                if c.seq.grammar is not None:
+            for c in chunks:  # structured outputs and bad words: drafts would need masks
+                if c.seq.grammar is not None or c.seq.params.bad_words is not None:
                     c.seq.drafts, c.seq.draft_probs = [], None
         return RunnerOutput(sampled, prompt_logprobs, hidden)
 
@@ -343,7 +343,7 @@ def _packed(out) -> torch.Tensor:
 def _plain(seq) -> bool:
     p = seq.params
     return (p.logprobs is None and not p.needs_penalties and seq.grammar is None
-            and seq.num_output_tokens >= p.min_tokens)
+            and p.bad_words is None and seq.num_output_tokens >= p.min_tokens)
 
 
 def _feeder(chunks: list[ScheduledChunk], prev: StepHandle):

@@ -17,7 +17,7 @@ share the sampler's default generator (the global torch RNG unless one is given)
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -48,7 +48,9 @@ class SamplingParams:
     ``stop`` is normalised to a list of strings, ``stop_token_ids`` to a list of ints;
     ``logit_bias`` (OpenAI's: token id -> a bias in [-100, 100] added to its logit before
     sampling, after the penalties) to a dict of ints to floats; ``allowed_token_ids`` (vLLM's)
-    restricts sampling to those tokens.
+    restricts sampling to those tokens; ``bad_words`` (vLLM's) are words the output never
+    ends with: the last token of each word's tokenisation (with and without a leading space)
+    is excluded where the output ends with the tokens before it.
     """
 
     n: int = 1
@@ -74,6 +76,10 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     # vLLM's `structured_outputs`: a StructuredOutputs, or a dict of its fields
     structured_outputs: StructuredOutputs | dict | None = None
+    bad_words: list[str] | None = None
+    # bad_words tokenised by the engine that takes the request (`tokenize_bad_words`)
+    bad_words_token_ids: list[list[int]] | None = field(default=None, init=False, repr=False,
+                                                         compare=False)
 
     def __post_init__(self) -> None:
         def bad(field: str, cond: str) -> ValueError:
@@ -142,6 +148,11 @@ class SamplingParams:
             if not allowed or allowed[0] < 0:
                 raise bad("allowed_token_ids", "a non-empty list of token ids >= 0")
             self.allowed_token_ids = allowed
+        if self.bad_words is not None:
+            if isinstance(self.bad_words, str) or not all(
+                    isinstance(w, str) and w.strip() for w in self.bad_words):
+                raise bad("bad_words", "a list of non-empty strings")
+            self.bad_words = list(self.bad_words) or None
         if isinstance(self.structured_outputs, dict):
             try:
                 self.structured_outputs = StructuredOutputs(**self.structured_outputs)
@@ -164,7 +175,7 @@ class SamplingParams:
         """Whether the logits change before sampling (penalties, a logit bias, an allowed set
         or structured outputs): then the token is not the raw argmax."""
         return (self.needs_penalties or bool(self.logit_bias) or self.allowed_token_ids is not None
-                or self.structured_outputs is not None)
+                or self.structured_outputs is not None or self.bad_words is not None)
 
     @property
     def needs_penalties(self) -> bool:
@@ -253,6 +264,39 @@ def apply_penalties(
     pres = upload([p.presence_penalty for p in params], dev, logits.dtype)[:, None]
     out = out - freq * counts - pres * (counts > 0).to(logits.dtype)
     return out
+
+
+def tokenize_bad_words(words: Sequence[str], encode) -> list[list[int]]:
+    """The token sequences of `words` as vLLM bans them: each word (leading spaces dropped)
+    alone, and after a space where that makes a different first token of as many tokens (a
+    word inside the text); `encode(text)` gives ids without special tokens."""
+    out: list[list[int]] = []
+    for word in words:
+        alone = encode(word.lstrip())
+        spaced = encode(" " + word.lstrip())
+        for ids in (alone, spaced if spaced and alone and spaced[0] != alone[0]
+                    and len(spaced) == len(alone) else None):
+            if ids and ids not in out:
+                out.append(ids)
+    return out
+
+
+def apply_bad_words(logits: Tensor, params: Sequence[SamplingParams],
+                    output_token_ids: Sequence[Sequence[int]]) -> Tensor:
+    """Exclude (-inf) the last token of every bad word whose other tokens end the row's
+    output (a one-token word: always); a new tensor when any row bans something."""
+    r, c = [], []
+    for i, p in enumerate(params):
+        for ids in p.bad_words_token_ids or ():
+            head = ids[:-1]
+            if not head or list(output_token_ids[i][-len(head):]) == head:
+                r.append(i)
+                c.append(ids[-1])
+    if not r:
+        return logits
+    dev = logits.device
+    return logits.index_put((upload(r, dev), upload(c, dev)),
+                            torch.tensor(float("-inf"), dtype=logits.dtype, device=dev))
 
 
 def apply_logit_bias(logits: Tensor, params: Sequence[SamplingParams]) -> Tensor:
@@ -417,6 +461,7 @@ class Sampler:
         x = self._apply_min_tokens(logits.float(), params, output_token_ids)
         x = apply_penalties(x, params, output_token_ids, prompt_token_ids)
         x = apply_logit_bias(x, params)
+        x = apply_bad_words(x, params, output_token_ids)
         if grammars is not None and any(g is not None for g in grammars):
             x = mask_logits(x if x.data_ptr() != logits.data_ptr() else x.clone(), grammars,
                             self.eos_token_ids)

@@ -113,6 +113,7 @@ class _SamplingRequest(BaseModel):
     allowed_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: int | None = None
+    bad_words: list[str] | None = None
     cache_salt: str | None = None  # prefix-cache isolation (vLLM's)
     priority: int = 0  # lower first under --scheduling-policy priority (vLLM's)
     _structured: dict[str, Any] | None = PrivateAttr(default=None)
@@ -181,7 +182,7 @@ class _SamplingRequest(BaseModel):
                 allowed_token_ids=self.allowed_token_ids,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 truncate_prompt_tokens=self.truncate_prompt_tokens,
-                structured_outputs=self._structured, **given,
+                structured_outputs=self._structured, bad_words=self.bad_words, **given,
             )
         except (ValueError, TypeError) as exc:
             raise bad_request(str(exc)) from None
