@@ -936,3 +936,22 @@ def test_request_log_shows_the_prompt_ids_and_params(caplog) -> None:
     lines = [m for m in caplog.messages if m.startswith("request cmpl")]
     assert len(lines) == 1 and "5 prompt tokens [11, 12, 13] ..." in lines[0]
     assert "temperature=0.5" in lines[0] and "max_tokens=2" in lines[0]
+
+
+def test_logprob_tokens_as_token_ids(server: Server) -> None:
+    """vLLM's `return_tokens_as_token_ids`: the logprobs name tokens `token_id:N`, the
+    sampled ones those the plain request's text came from."""
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 4, "temperature": 0,
+            "logprobs": 2}
+    plain = server.post("/v1/completions", body).json()["choices"][0]["logprobs"]
+    ids = server.post("/v1/completions", {**body, "return_tokens_as_token_ids": True}
+                      ).json()["choices"][0]["logprobs"]
+    assert all(re.fullmatch(r"token_id:\d+", t) for t in ids["tokens"])
+    assert ids["token_logprobs"] == plain["token_logprobs"]
+    assert all(len(top) == 2 and all(k.startswith("token_id:") for k in top)
+               for top in ids["top_logprobs"])
+    chat = server.post("/v1/chat/completions", {
+        "model": MODEL, "messages": user("Hi"), "max_tokens": 3, "logprobs": True,
+        "top_logprobs": 1, "return_tokens_as_token_ids": True}).json()
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert len(content) == 3 and all(c["token"].startswith("token_id:") for c in content)

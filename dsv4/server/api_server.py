@@ -104,14 +104,15 @@ CORS_DEFAULTS = {"allow_origins": ["*"], "allow_methods": ["*"], "allow_headers"
 
 def build_app(engine: Any, served_model_name: str | list[str], api_key: str | None = None,
               cors: dict[str, Any] | None = None, log_requests: bool = False,
-              max_log_len: int | None = None) -> FastAPI:
+              max_log_len: int | None = None, tokens_as_ids: bool = False) -> FastAPI:
     """The FastAPI app serving ``engine`` (an ``LLMEngine``) as ``served_model_name`` (or as
     each of several names, the first in responses).
 
     The engine thread starts with the app's lifespan and stops (aborting what is left) when
     the server shuts down. ``cors``: Starlette ``CORSMiddleware`` arguments (default, as
     vLLM's: every origin, method and header, no credentials). ``log_requests``: log each
-    request's prompt (its first ``max_log_len`` token ids) and sampling parameters.
+    request's prompt (its first ``max_log_len`` token ids) and sampling parameters;
+    ``tokens_as_ids``: logprobs name tokens as ``token_id:N`` for every request.
     """
     async_engine = AsyncLLMEngine(engine)
     names = [served_model_name] if isinstance(served_model_name, str) else served_model_name
@@ -122,6 +123,7 @@ def build_app(engine: Any, served_model_name: str | list[str], api_key: str | No
     tokens = OpenAIServingTokens(chat)
     for handler in (chat, completion, responses):
         handler.log_requests, handler.max_log_len = log_requests, max_log_len
+        handler.tokens_as_ids = tokens_as_ids
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

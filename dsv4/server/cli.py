@@ -32,6 +32,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help="log each request's prompt token ids and sampling parameters")
     g.add_argument("--max-log-len", type=int, default=None,
                    help="with --enable-log-requests: at most this many prompt token ids")
+    g.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help="logprobs name tokens as 'token_id:N' (for every request; a request "
+                        "can also ask with return_tokens_as_token_ids)")
     g.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this key ...")
     g.add_argument("--ssl-certfile", default=None, help="... and this certificate")
     g.add_argument("--root-path", default=None,
@@ -97,7 +100,7 @@ def serve(args: argparse.Namespace) -> int:
     cors = {"allow_origins": args.allowed_origins, "allow_methods": args.allowed_methods,
             "allow_headers": args.allowed_headers, "allow_credentials": args.allow_credentials}
     app = build_app(engine, args.served_model_name or args.model, args.api_key, cors,
-                    args.enable_log_requests, args.max_log_len)
+                    args.enable_log_requests, args.max_log_len, args.return_tokens_as_token_ids)
     extra = {k: v for k, v in (("ssl_keyfile", args.ssl_keyfile),
                                ("ssl_certfile", args.ssl_certfile),
                                ("root_path", args.root_path)) if v is not None}

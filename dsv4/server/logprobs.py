@@ -25,8 +25,14 @@ def _top(entry: dict[int, Any], n: int) -> list[tuple[int, Any]]:
     return ranked[:n]
 
 
+def token_id_text(token_id: int) -> str:
+    """vLLM's `return_tokens_as_token_ids` spelling of a token: exact even where a token's
+    text is not (part of a character, a byte that is not UTF-8 alone)."""
+    return f"token_id:{token_id}"
+
+
 def _token(token_id: int, lp: Any, decode: Decode) -> str:
-    decoded = getattr(lp, "decoded_token", None)
+    decoded = getattr(lp, "decoded_token", None) if decode is not token_id_text else None
     return decoded if decoded is not None else decode(token_id)
 
 

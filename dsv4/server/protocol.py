@@ -114,6 +114,7 @@ class _SamplingRequest(BaseModel):
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: int | None = None
     bad_words: list[str] | None = None
+    return_tokens_as_token_ids: bool = False  # logprobs' tokens as "token_id:N" (vLLM's)
     cache_salt: str | None = None  # prefix-cache isolation (vLLM's)
     priority: int = 0  # lower first under --scheduling-policy priority (vLLM's)
     _structured: dict[str, Any] | None = PrivateAttr(default=None)

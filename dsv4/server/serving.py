@@ -21,6 +21,7 @@ from starlette.responses import StreamingResponse
 
 from dsv4.server.async_engine import AsyncLLMEngine, EngineDeadError
 from dsv4.server.metrics import ServerMetrics
+from dsv4.server.logprobs import token_id_text
 from dsv4.server.protocol import OpenAIError, bad_request
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,15 @@ class OpenAIServing:
         # --enable-log-requests: each request's prompt and parameters at INFO, the prompt's
         # token ids cut to max_log_len (None: all)
         self.log_requests, self.max_log_len = False, None
+        self.tokens_as_ids = False  # --return-tokens-as-token-ids
+
+    def decoder(self, request: Any):
+        """How a token reads in this request's logprobs: its text, or `token_id:N` (vLLM's
+        `return_tokens_as_token_ids`, per request or for the server)."""
+        if self.tokens_as_ids or getattr(request, "return_tokens_as_token_ids", False):
+            return token_id_text
+        tok = self.engine.tokenizer
+        return (lambda t: tok.decode([t])) if tok is not None else str
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.model_names:

@@ -189,10 +189,7 @@ class OpenAIServingChat(OpenAIServing):
         if not request.logprobs or o.logprobs is None:
             return None
         return chat_logprobs(o.token_ids[start:], o.logprobs[start:], request.top_logprobs or 0,
-                             self._decode)
-
-    def _decode(self, token_id: int) -> str:
-        return self.engine.tokenizer.decode([token_id]) if self.engine.tokenizer else str(token_id)
+                             self.decoder(request))
 
     async def _full(self, request: ChatCompletionRequest, request_id: str, outputs: AsyncIterator[Any],
                     mode: str, prefix: str, parse_tools: bool) -> dict[str, Any]:

@@ -75,9 +75,6 @@ class OpenAIServingCompletion(OpenAIServing):
         finally:
             self.abort(request_ids)
 
-    def _decode(self, token_id: int) -> str:
-        return self.engine.tokenizer.decode([token_id]) if self.engine.tokenizer else str(token_id)
-
     def _decode_ids(self, ids: list[int]) -> str:
         return self.engine.tokenizer.decode(ids) if self.engine.tokenizer else ""
 
@@ -86,14 +83,15 @@ class OpenAIServingCompletion(OpenAIServing):
         plp = getattr(final, "prompt_logprobs", None)
         if request.logprobs is None or plp is None:
             return None
-        return completion_logprobs(final.prompt_token_ids, plp, request.logprobs, self._decode)
+        return completion_logprobs(final.prompt_token_ids, plp, request.logprobs,
+                                   self.decoder(request))
 
     def _logprobs(self, request: CompletionRequest, o: Any, start: int = 0,
                   text_offset: int = 0) -> dict[str, Any] | None:
         if request.logprobs is None or o.logprobs is None:
             return None
         return completion_logprobs(o.token_ids[start:], o.logprobs[start:], request.logprobs,
-                                   self._decode, text_offset)
+                                   self.decoder(request), text_offset)
 
     async def _full(self, request: CompletionRequest, base: str, streams: list[AsyncIterator[Any]],
                     params: Any, echo: list[str] | None) -> dict[str, Any]:
