@@ -155,6 +155,10 @@ def test_serve_takes_vllm_command_lines():
         parsed("--reasoning-parser", "qwen3")
     with pytest.raises(ValueError, match="given twice"):
         parsed("/a", "--model", "/b")
+    # argparse gives a model after --served-model-name's names to them: refused, not "tiny"
+    with pytest.raises(ValueError, match="looks like the model: put MODEL first"):
+        parsed("--served-model-name", "alias", "deepseek-ai/DeepSeek-V4-Flash")
+    assert parsed("--served-model-name", "a", "b").served_model_name == ["a", "b"]
 
 
 def test_serve_errors_exit_with_the_message(capsys):

@@ -68,6 +68,15 @@ def _json_list(text: str) -> list[str]:
 
 def check_serve_args(args: argparse.Namespace) -> None:
     """The positional MODEL into --model; vLLM's parser names must be DeepSeek's."""
+    names = args.served_model_name or []
+    if args.model_tag is None and args.model == "tiny" and len(names) > 1:
+        from pathlib import Path
+
+        from dsv4.loader.hub import is_repo_id
+        if is_repo_id(names[-1]) or Path(names[-1]).exists():  # `--served-model-name a MODEL`
+            raise ValueError(f"--served-model-name took {names[-1]!r}, which looks like the "
+                             f"model: put MODEL first (dsv4 serve MODEL --served-model-name "
+                             f"...) or pass --model")
     if args.model_tag is not None:
         if args.model not in ("tiny", args.model_tag):  # --model given too, and different
             raise ValueError(f"the model is given twice: {args.model_tag!r} and --model "
