@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("huggingface_hub")
-import huggingface_hub.constants  # noqa: E402
+import huggingface_hub.constants
 
-from dsv4 import LLM, SamplingParams  # noqa: E402
-from dsv4.cli import main  # noqa: E402
-from dsv4.loader import write_tiny_checkpoint  # noqa: E402
-from dsv4.loader.hub import is_repo_id, resolve_model  # noqa: E402
+from dsv4 import LLM, SamplingParams
+from dsv4.cli import main
+from dsv4.loader import write_tiny_checkpoint
+from dsv4.loader.hub import is_repo_id, resolve_model
 
 REPO = "dsv4-test/tiny-v4"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
