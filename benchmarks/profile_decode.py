@@ -97,12 +97,15 @@ def main() -> None:
     ap.add_argument("--cprofile", action="store_true",
                     help="also cProfile the steps (host time per Python function)")
     ap.add_argument("--graphs-only", action="store_true", help="skip the eager run")
+    ap.add_argument("--enable-prefix-caching", action="store_true",
+                    help="profile an engine with prefix caching on (vLLM's default)")
     a = ap.parse_args()
     loaded = dummy_model(a.preset, a.layers, a.format)
     for eager in ((False,) if a.graphs_only else (True, False)):
         ec = EngineConfig(dtype="bfloat16", max_num_seqs=max(8, a.batch), max_num_batched_tokens=8192,
                           max_model_len=4096, gpu_memory_utilization=0.8, enforce_eager=eager,
-                          cuda_graph_max_len=4096)
+                          cuda_graph_max_len=4096,
+                          enable_prefix_caching=a.enable_prefix_caching)
         e = LLMEngine(loaded.model, loaded.config, loaded.tokenizer, ec, loaded.generation_config)
         dt, p = decode_steps(e, a.batch, a.input_len, a.steps, prof=True)
         print(f"\n== {'eager' if eager else 'CUDA graphs'}: batch {a.batch}, "

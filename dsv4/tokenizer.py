@@ -165,6 +165,7 @@ class Tokenizer:
         # get_vocab_size(with_added_tokens=True) builds the whole vocabulary (7 ms at 129K
         # entries): read it once, not on every decode of every generated token.
         self._vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self._special_ids: frozenset[int] | None = None
         self._bos_id = self._lookup(bos_token)
         self._eos_id = self._lookup(eos_token)
 
@@ -259,6 +260,14 @@ class Tokenizer:
             raise ValueError(f"token ids out of range [0, {n}): {bad[:8]}")
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the special tokens (those ``skip_special_tokens`` drops); built once."""
+        if self._special_ids is None:
+            self._special_ids = frozenset(
+                i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+        return self._special_ids
+
     def token_to_id(self, token: str) -> int | None:
         """Id of ``token``, or None if it is not in the vocabulary."""
         return self._tok.token_to_id(token)
@@ -275,15 +284,23 @@ class IncrementalDecoder:
     trailing U+FFFD is held back until a later token completes it. ``"".join(deltas) +
     flush()`` equals ``tokenizer.decode(all_ids)``; ``flush()`` is empty unless the stream
     ends in genuinely invalid or truncated UTF-8.
+
+    Cost: two backend decodes of a short window a token. With ``skip_special_tokens`` a
+    special token adds no text (the backend drops special ids before its decoder runs), so it
+    never enters the window and costs no decode: a run of them (a random model's placeholder
+    tokens) would otherwise grow the window, and each token's decodes, without bound.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
         self._tok = tokenizer
         self._skip = skip_special_tokens
+        self._special = tokenizer.special_ids if skip_special_tokens else frozenset()
         self._ids: list[int] = []
-        # ids[_prefix:_read] is already-emitted context re-decoded together with new tokens:
+        # The decode window: the ids that produce text (all but skipped specials).
+        # win[_prefix:_read] is already-emitted context re-decoded together with new tokens:
         # decoding only the new tokens alone could split a character. Both offsets only move
         # to points right after complete text, where lossy UTF-8 decoding restarts cleanly.
+        self._win: list[int] = []
         self._prefix = 0
         self._read = 0
 
@@ -292,15 +309,23 @@ class IncrementalDecoder:
         """All token ids added so far."""
         return list(self._ids)
 
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok._tok.decode(ids, skip_special_tokens=self._skip)
+
     def add(self, token_id: int) -> str:
         """Append one token id and return the newly completed text (possibly empty)."""
+        if not 0 <= token_id < self._tok.vocab_size:  # the backend would drop it silently
+            raise ValueError(f"token id out of range [0, {self._tok.vocab_size}): {token_id}")
         self._ids.append(token_id)
-        prefix_text = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
-        new_text = self._tok.decode(self._ids[self._prefix :], self._skip)
+        if token_id in self._special:
+            return ""
+        self._win.append(token_id)
+        prefix_text = self._decode(self._win[self._prefix:self._read])
+        new_text = self._decode(self._win[self._prefix:])
         if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
             return ""  # nothing new, or an incomplete character: wait for more bytes
-        self._prefix, self._read = self._read, len(self._ids)
-        return new_text[len(prefix_text) :]
+        self._prefix, self._read = self._read, len(self._win)
+        return new_text[len(prefix_text):]
 
     def add_many(self, token_ids: Iterable[int]) -> str:
         """Add several ids; return the concatenated deltas."""
@@ -308,7 +333,7 @@ class IncrementalDecoder:
 
     def flush(self) -> str:
         """Return any held-back text (a trailing U+FFFD that was never completed)."""
-        prefix_text = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
-        new_text = self._tok.decode(self._ids[self._prefix :], self._skip)
-        self._prefix = self._read = len(self._ids)
-        return new_text[len(prefix_text) :]
+        prefix_text = self._decode(self._win[self._prefix:self._read])
+        new_text = self._decode(self._win[self._prefix:])
+        self._prefix = self._read = len(self._win)
+        return new_text[len(prefix_text):]

@@ -287,3 +287,32 @@ def test_incremental_flush_returns_truncated_character(tok: Tokenizer) -> None:
     dec = IncrementalDecoder(tok)
     assert dec.add(lead) == ""
     assert dec.flush() == tok.decode([lead])
+
+
+def test_incremental_skips_special_tokens_without_decoding(tok: Tokenizer) -> None:
+    """Skipped special tokens add no text, even inside a split character, and never enter the
+    decode window: a long run of them (a random model's placeholders) costs no decode."""
+    pieces = tok.encode("😀中")
+    specials = sorted(tok.special_ids)
+    assert len(pieces) > 2 and specials
+    rng = random.Random(3)
+    ids = []
+    for p in pieces:  # special ids between the pieces of multi-byte characters
+        ids += [rng.choice(specials) for _ in range(rng.randrange(0, 4))] + [p]
+    for skip in (False, True):
+        dec = IncrementalDecoder(tok, skip_special_tokens=skip)
+        assert dec.add_many(ids) + dec.flush() == tok.decode(ids, skip_special_tokens=skip)
+    dec = IncrementalDecoder(tok, skip_special_tokens=True)
+    calls = []
+    backend = dec._decode
+    dec._decode = lambda window: calls.append(len(window)) or backend(window)
+    assert dec.add_many([specials[0]] * 1000) == ""
+    assert calls == []
+    assert dec.add_many(tok.encode("ok")) == "ok"
+    assert max(calls) <= 2  # the window holds the text's ids only
+    assert dec.ids[:1000] == [specials[0]] * 1000
+
+
+def test_incremental_rejects_out_of_range_ids(tok: Tokenizer) -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        IncrementalDecoder(tok).add(tok.vocab_size)
