@@ -67,7 +67,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="launch each decode step before the previous step's tokens reach the "
                         "host, overlapping host work with the GPU (on by default)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                   default=False,
+                   default=True,
                    help="cache each prompt's state at its last 128-token boundary and resume "
                         "later prompts that start with it there (repeated prompts, the next "
                         "turn of a conversation)")

@@ -279,7 +279,7 @@ class EngineConfig:
     async_scheduling: bool = True
     # Cache each prompt's state at its last 128-token boundary; a later prompt that starts with
     # it resumes there (`cache/prefix_cache.py`). Takes max_num_seqs more slots of memory.
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool = True
     # CUDA: run full-budget prefill steps at startup (`LLMEngine.warm_up`), so Triton compiles
     # their kernels before the first request and a step that large is known to fit in memory
     warmup: bool = True

@@ -24,9 +24,12 @@ LENGTHS = (3, 9, 17, 25, 40, 12, 33, 5)
 
 def make_engine(**kw) -> LLMEngine:
     # async scheduling is the default; test_async_scheduling.py runs this whole file again
-    # with it off
+    # with it off. Prefix caching (the default) is off here: this suite's accounting (every
+    # block and slot free after a run, prefill chunks) is that of full prefills; the prefix
+    # cache has its own suite (test_prefix_cache.py)
     args = dict(dtype="float32", device="cpu", max_num_seqs=8, cpu_cache_bytes=16 << 20,
-                async_scheduling=os.environ.get("DSV4_TEST_ASYNC_SCHEDULING", "1") == "1")
+                async_scheduling=os.environ.get("DSV4_TEST_ASYNC_SCHEDULING", "1") == "1",
+                enable_prefix_caching=False)
     args.update(kw)
     return LLMEngine.from_args("tiny", **args)
 

@@ -62,7 +62,9 @@ def test_cache_evicts_least_recently_used_entries_for_blocks_and_slots():
 
 
 def _engine(**kw) -> LLMEngine:
-    args = dict(dtype="float32", device="cpu", max_num_seqs=4, cpu_cache_bytes=32 << 20)
+    # the references prefill in full: prefix caching is on only where a test asks for it
+    args = dict(dtype="float32", device="cpu", max_num_seqs=4, cpu_cache_bytes=32 << 20,
+                enable_prefix_caching=False)
     args.update(kw)
     return LLMEngine.from_args("tiny", **args)
 
@@ -248,3 +250,18 @@ def test_slot_copies_run_in_order():
         assert layer.win[:, 0, 0].tolist() == [3, 0, 0, 3, 4]
         if layer.state is not None:
             assert layer.state.score[:, -1, -1].tolist() == [3, 0, 0, 3, 4]
+
+
+def test_prefix_caching_is_on_by_default_and_sized_to_leave_the_running_sequences_room():
+    """On by default (as in vLLM): up to max_num_seqs snapshots in at most a quarter of what
+    the running sequences' slots leave; a budget with no room for one starts without it."""
+    from dsv4.engine.llm_engine import LLMEngine
+    on = LLMEngine.from_args("tiny", dtype="float32", device="cpu", max_num_seqs=4,
+                             cpu_cache_bytes=32 << 20)
+    assert on.prefix_cache is not None
+    assert on.prefix_cache.max_entries == 4 and on.block_manager.num_slots == 8
+    tight = _engine(enable_prefix_caching=True, max_num_seqs=8, cpu_cache_bytes=4 << 20)
+    assert tight.prefix_cache is None and tight.block_manager.num_slots == 8
+    out = _run(tight, [[20 + i for i in range(140)]] * 2)  # runs without it
+    assert out[0].outputs[0].token_ids == out[1].outputs[0].token_ids
+    assert out[1].num_cached_tokens == 0

@@ -159,8 +159,17 @@ class LLMEngine:
         index_fp4 = model.qat
         per_block = block_bytes(cfg, model.dtype, kv_fp8, index_fp4)
         budget = self._cache_budget()
-        # running sequences, then the prefix cache's snapshots
-        snapshots = ec.max_num_seqs if ec.enable_prefix_caching else 0
+        # running sequences, then the prefix cache's snapshots: up to max_num_seqs of them, in
+        # at most a quarter of what the running sequences' slots leave, so that prefix caching
+        # (on by default) never takes the blocks that sequences need to run
+        snapshots = 0
+        if ec.enable_prefix_caching:
+            spare = max(0, budget - ec.max_num_seqs * per_slot)
+            snapshots = min(ec.max_num_seqs, spare // 4 // max(per_slot, 1))
+            if not snapshots:
+                logger.info("prefix caching off: a snapshot slot (%.1f MiB) does not fit in a "
+                            "quarter of the %.1f MiB the running sequences' slots leave of the "
+                            "KV cache budget", per_slot / 2**20, spare / 2**20)
         num_slots = ec.max_num_seqs + snapshots
         fit = (budget - num_slots * per_slot) // max(per_block, 1)
         # More blocks than max_num_seqs sequences of the longest length can never be in use at
@@ -340,7 +349,7 @@ class LLMEngine:
                   load_format: str = "auto", kv_cache_dtype: str = "auto",
                   cuda_graph_max_len: int | None = None, tensor_parallel_size: int = 1,
                   async_scheduling: bool = True, warmup: bool = True,
-                  enable_prefix_caching: bool = False, revision: str | None = None,
+                  enable_prefix_caching: bool = True, revision: str | None = None,
                   download_dir: str | None = None, generation_config: str = "auto",
                   scheduling_policy: str = "fcfs") -> "LLMEngine":
         """`model`: a preset (random weights), a checkpoint directory, or a Hugging Face Hub

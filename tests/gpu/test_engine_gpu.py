@@ -98,7 +98,7 @@ def test_prefix_caching_resumes_prompts_with_the_full_prefills_tokens():
     params = SamplingParams(temperature=0, max_tokens=24)
     kw = dict(model="tiny", dtype="float32", device="cuda", max_num_seqs=8,
               gpu_memory_utilization=0.2)
-    want = [o.outputs[0].token_ids for o in LLM(**kw).generate(prompts, params, use_tqdm=False)]
+    want = [o.outputs[0].token_ids for o in LLM(enable_prefix_caching=False, **kw).generate(prompts, params, use_tqdm=False)]
     llm = LLM(enable_prefix_caching=True, **kw)
     first = llm.generate(long, params, use_tqdm=False)
     outs = llm.generate(prompts, params, use_tqdm=False)
