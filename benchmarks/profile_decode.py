@@ -98,7 +98,7 @@ def main() -> None:
                     help="also cProfile the steps (host time per Python function)")
     ap.add_argument("--graphs-only", action="store_true", help="skip the eager run")
     ap.add_argument("--enable-prefix-caching", action="store_true",
-                    help="profile an engine with prefix caching on (vLLM's default)")
+                    help="prefix caching on, as the engine's default (off here unless given)")
     a = ap.parse_args()
     loaded = dummy_model(a.preset, a.layers, a.format)
     for eager in ((False,) if a.graphs_only else (True, False)):
