@@ -1,7 +1,7 @@
 """Which Triton kernels compile after the engine's warm-up, for which request shapes, and for how
 long each first request of a new shape waits on them.
 
-    python benchmarks/jit_compiles.py --preset flash --layers 4 [--budget 8192] [--prefix-caching]
+    python benchmarks/jit_compiles.py --preset flash --layers 4 [--budget 8192] [--no-prefix-caching]
 
 Builds a Flash- (or Pro-) shaped model cut to a few layers with dummy weights (the warm-up runs
 as in `dsv4 serve`), then serves requests of assorted shapes one group at a time (a long prompt,
@@ -52,7 +52,8 @@ def main() -> None:
     ap.add_argument("--format", default="fp4")
     ap.add_argument("--budget", type=int, default=8192, help="max_num_batched_tokens")
     ap.add_argument("--max-model-len", type=int, default=32768)
-    ap.add_argument("--prefix-caching", action="store_true")
+    ap.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                    help="prefix caching, on as in the engine's default")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("jit_compiles.py measures Triton compiles: it needs a CUDA GPU")
