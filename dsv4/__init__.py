@@ -9,7 +9,8 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["LLM", "SamplingParams", "StructuredOutputs", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputs", "RequestOutput", "CompletionOutput",
+           "RequestOutputKind"]
 
 _EXPORTS = {
     "LLM": "dsv4.llm",
@@ -17,10 +18,11 @@ _EXPORTS = {
     "StructuredOutputs": "dsv4.engine.structured",
     "RequestOutput": "dsv4.engine.outputs",
     "CompletionOutput": "dsv4.engine.outputs",
+    "RequestOutputKind": "dsv4.engine.outputs",
 }
 
 if TYPE_CHECKING:
-    from .engine.outputs import CompletionOutput, RequestOutput
+    from .engine.outputs import CompletionOutput, RequestOutput, RequestOutputKind
     from .engine.sampler import SamplingParams
     from .engine.structured import StructuredOutputs
     from .llm import LLM

@@ -10,7 +10,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .engine.llm_engine import LLMEngine, PromptType
-from .engine.outputs import RequestOutput
+from .engine.outputs import RequestOutput, RequestOutputKind
 from .engine.sampler import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -67,6 +67,12 @@ class LLM:
             if len(params) != len(prompts):
                 raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
 
+        # one output a request, when it finishes (vLLM's LLM does the same); the caller's
+        # params are left as they were
+        final = {id(p): p if p.output_kind == RequestOutputKind.FINAL_ONLY
+                 else dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
+                 for p in params}
+        params = [final[id(p)] for p in params]
         priority = [0] * len(prompts) if priority is None else list(priority)
         if len(priority) != len(prompts):
             raise ValueError(f"{len(priority)} priorities for {len(prompts)} prompts")

@@ -509,3 +509,47 @@ def test_warm_up_out_of_memory_names_the_fix(monkeypatch):
     with pytest.raises(ConfigError, match=r"a prefill step of 16 tokens does not fit .*Tried "
                                           r"to allocate 2.00 GiB\): lower max_num_batched_tokens"):
         eng.warm_up()
+
+
+# ------------------------------------------------------------------ output kinds
+
+def _all_outputs(engine, prompt, params) -> list:
+    engine.add_request("k", prompt, params)
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += [o for o in engine.step() if o.request_id == "k"]
+    return outs
+
+
+def test_delta_outputs_join_to_the_cumulative_ones_and_final_only_is_one(engine):
+    """vLLM's output_kind: DELTA hands out each step's new tokens, text, logprobs and prompt
+    logprobs (joined, the CUMULATIVE final output); FINAL_ONLY one output, the final one."""
+    from dsv4 import RequestOutputKind
+    prompt = prompts([40], seed=11)[0]
+    kw = dict(n=2, temperature=0.8, seed=3, max_tokens=20, ignore_eos=True, logprobs=2,
+              prompt_logprobs=1, stop=["never printed \u2603"])
+    cumulative = _all_outputs(engine, prompt, SamplingParams(**kw))
+    assert len(cumulative) > 3
+    want = cumulative[-1]
+    deltas = _all_outputs(engine, prompt, SamplingParams(**kw, output_kind=RequestOutputKind.DELTA))
+    assert len(deltas) == len(cumulative) and deltas[-1].finished
+    assert sum((d.prompt_logprobs for d in deltas), []) == want.prompt_logprobs
+    for i, w in enumerate(want.outputs):
+        parts = [d.outputs[i] for d in deltas]
+        assert sum((p.token_ids for p in parts), []) == w.token_ids
+        assert "".join(p.text for p in parts) == w.text
+        assert sum((p.logprobs for p in parts), []) == w.logprobs
+        assert parts[-1].finish_reason == w.finish_reason == "length"
+        assert parts[-1].cumulative_logprob == w.cumulative_logprob
+    assert all(len(d.outputs[0].token_ids) <= 1 for d in deltas)  # one step's tokens each
+    final = _all_outputs(engine, prompt,
+                         SamplingParams(**kw, output_kind=RequestOutputKind.FINAL_ONLY))
+    assert len(final) == 1 and final[0].finished
+    assert final[0].outputs == want.outputs and final[0].prompt_logprobs == want.prompt_logprobs
+
+
+def test_output_kind_must_be_one_of_vllms():
+    with pytest.raises(ValueError, match="output_kind"):
+        SamplingParams(output_kind=7)
+    with pytest.raises(ValueError, match="output_kind"):
+        SamplingParams(output_kind="delta")

@@ -40,6 +40,29 @@ def test_one_sampling_params_per_prompt(llm):
         llm.generate([[5], [6], [7]], [GREEDY, GREEDY], use_tqdm=False)
 
 
+def test_generate_asks_for_final_outputs_only_and_leaves_the_callers_params(llm):
+    """As vLLM's LLM: requests run with output_kind FINAL_ONLY (no per-step copies); the
+    results are those of cumulative outputs and the caller's params are not modified."""
+    from dsv4 import RequestOutputKind
+    engine = llm.llm_engine
+    engine.add_request("cumulative", [5, 6, 7], GREEDY)
+    steps = []
+    while engine.has_unfinished_requests():
+        steps.append(engine.step())
+    assert sum(len(s) for s in steps) > 1
+    want = [o for s in steps for o in s][-1]
+    seen = []
+    add = engine.add_request
+    engine.add_request = lambda rid, p, params, **kw: seen.append(params) or add(rid, p, params, **kw)
+    try:
+        (got,) = llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)
+    finally:
+        del engine.add_request
+    assert [p.output_kind for p in seen] == [RequestOutputKind.FINAL_ONLY]
+    assert GREEDY.output_kind == RequestOutputKind.CUMULATIVE
+    assert got.outputs == want.outputs
+
+
 def test_a_bad_prompt_rejects_the_batch_and_leaves_the_engine_empty(llm):
     with pytest.raises(ValueError, match="empty"):
         llm.generate([[5, 6], []], GREEDY, use_tqdm=False)

@@ -5,7 +5,21 @@ Every object returned by the engine is a snapshot: later steps never mutate it.
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What a request's outputs carry (vLLM's `SamplingParams.output_kind`, same values).
+
+    CUMULATIVE: after every step, everything so far. DELTA: only what the step added (token
+    ids, text, logprobs, prompt logprobs; `cumulative_logprob` stays cumulative), so a
+    consumer joins the pieces. FINAL_ONLY: one output, when the request finishes (what
+    `LLM.generate` and non-streaming HTTP requests use: no per-step copies of a long output).
+    """
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.greedy import greedy_logprob
+from .outputs import RequestOutputKind
 from .structured import StructuredOutputs, mask_logits
 from .upload import upload
 
@@ -77,6 +78,8 @@ class SamplingParams:
     # vLLM's `structured_outputs`: a StructuredOutputs, or a dict of its fields
     structured_outputs: StructuredOutputs | dict | None = None
     bad_words: list[str] | None = None
+    # vLLM's: every step's cumulative output, only its new part, or only the final one
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # bad_words tokenised by the engine that takes the request (`tokenize_bad_words`)
     bad_words_token_ids: list[list[int]] | None = field(default=None, init=False, repr=False,
                                                          compare=False)
@@ -153,6 +156,11 @@ class SamplingParams:
                     isinstance(w, str) and w.strip() for w in self.bad_words):
                 raise bad("bad_words", "a list of non-empty strings")
             self.bad_words = list(self.bad_words) or None
+        try:
+            self.output_kind = RequestOutputKind(self.output_kind)
+        except (ValueError, TypeError):
+            raise bad("output_kind", "a RequestOutputKind (0 cumulative, 1 delta, 2 final "
+                      "only)") from None
         if isinstance(self.structured_outputs, dict):
             try:
                 self.structured_outputs = StructuredOutputs(**self.structured_outputs)

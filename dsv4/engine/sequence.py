@@ -18,7 +18,8 @@ import time
 import torch
 
 from ..tokenizer import IncrementalDecoder, Tokenizer
-from .outputs import CompletionOutput, PositionLogprobs, RequestMetrics, RequestOutput
+from .outputs import (CompletionOutput, PositionLogprobs, RequestMetrics, RequestOutput,
+                      RequestOutputKind)
 from .sampler import SamplingParams, make_generator
 
 
@@ -70,6 +71,8 @@ class Sequence:
         self.tail_name: bytes | None = None
         # Structured outputs (`structured.py`): the matcher the sampled tokens advance
         self.grammar = None
+        # output_kind DELTA: output tokens and visible characters already handed out
+        self._sent_tokens = self._sent_text = 0
 
     @property
     def params(self) -> SamplingParams:
@@ -158,11 +161,17 @@ class Sequence:
             return self.text
         return self.text[:max(0, len(self.text) - hold)]
 
-    def output(self) -> CompletionOutput:
+    def output(self, delta: bool = False) -> CompletionOutput:
+        """Everything so far, or with `delta` only what came since the last delta output."""
+        text, n_prompt = self.visible_text, self.num_prompt_tokens
+        tok0 = txt0 = 0
+        if delta:
+            tok0, txt0 = self._sent_tokens, self._sent_text
+            self._sent_tokens, self._sent_text = len(self.token_ids) - n_prompt, len(text)
         return CompletionOutput(
-            index=self.index, text=self.visible_text, token_ids=self.output_token_ids,
+            index=self.index, text=text[txt0:], token_ids=self.token_ids[n_prompt + tok0:],
             cumulative_logprob=self.cumulative_logprob,
-            logprobs=list(self.logprobs) if self.logprobs is not None else None,
+            logprobs=self.logprobs[tok0:] if self.logprobs is not None else None,
             finish_reason=self.finish_reason, stop_reason=self.stop_reason)
 
 
@@ -183,6 +192,7 @@ class Request:
         # Entry i scores prompt token i; nothing predicts token 0. Filled by sequence 0.
         self.prompt_logprobs: list[PositionLogprobs | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
+        self._sent_prompt_logprobs = 0  # output_kind DELTA: entries already handed out
         self.seqs = [
             Sequence(self, i,
                      make_generator(None if params.seed is None else params.seed + i, device),
@@ -200,10 +210,17 @@ class Request:
                 and len(self.prompt_logprobs) < len(self.prompt_token_ids))
 
     def output(self) -> RequestOutput:
+        """This step's output, as `params.output_kind` asks (DELTA: the new part only)."""
+        delta = self.params.output_kind == RequestOutputKind.DELTA
+        plp = self.prompt_logprobs
+        if plp is not None:
+            p0 = self._sent_prompt_logprobs if delta else 0
+            self._sent_prompt_logprobs = len(plp)
+            plp = plp[p0:]
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,  # shared, not copied: every step's output
-            prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
-            outputs=[s.output() for s in self.seqs], finished=self.finished,
+            prompt_logprobs=plp, outputs=[s.output(delta) for s in self.seqs],
+            finished=self.finished,
             metrics=RequestMetrics(**vars(self.metrics)),
             num_cached_tokens=self.seqs[0].num_cached_tokens)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from dsv4.engine.outputs import RequestOutputKind
 from dsv4.engine.sampler import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -183,7 +184,10 @@ class _SamplingRequest(BaseModel):
                 allowed_token_ids=self.allowed_token_ids,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 truncate_prompt_tokens=self.truncate_prompt_tokens,
-                structured_outputs=self._structured, bad_words=self.bad_words, **given,
+                structured_outputs=self._structured, bad_words=self.bad_words,
+                # a response built from the final output needs no per-step copies
+                output_kind=(RequestOutputKind.CUMULATIVE if self.stream
+                             else RequestOutputKind.FINAL_ONLY), **given,
             )
         except (ValueError, TypeError) as exc:
             raise bad_request(str(exc)) from None

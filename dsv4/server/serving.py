@@ -154,11 +154,16 @@ class OpenAIServing:
             raise OpenAIError(503, str(exc), "ServiceUnavailableError") from None
         finally:
             finished = last is not None and last.finished
+            times = getattr(last, "metrics", None)
+            if first_token is None and getattr(times, "first_token_time", None) is not None:
+                # final-only outputs (non-streaming): the engine's wall-clock time of it
+                first_token = max(arrival, time.monotonic()
+                                  - max(0.0, time.time() - times.first_token_time))
             reason = (last.outputs[0].finish_reason or "stop") if finished else "abort"
             tokens = max((len(o.token_ids) for o in last.outputs), default=0) if last else 0
             self.metrics.observe_request(
                 arrival, first_token, time.monotonic(), tokens, reason,
-                len(last.prompt_token_ids) if last else 0, getattr(last, "metrics", None))
+                len(last.prompt_token_ids) if last else 0, times)
 
     async def submit_all(self, request_ids: list[str], prompts: list[list[int]], params: Any,
                          cache_salt: str | None = None, priority: int = 0
