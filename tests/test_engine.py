@@ -4,6 +4,7 @@ Everything runs the tiny preset in float32 on CPU. Equivalence tests compare tok
 a request's greedy output must not depend on what else is batched with it, on how its prompt is
 chunked, or on whether it was preempted and recomputed.
 """
+import dataclasses
 import math
 import os
 import random
@@ -553,3 +554,35 @@ def test_output_kind_must_be_one_of_vllms():
         SamplingParams(output_kind=7)
     with pytest.raises(ValueError, match="output_kind"):
         SamplingParams(output_kind="delta")
+
+
+def test_async_engine_streams_cumulative_outputs_from_engine_deltas(engine):
+    """The server's engine thread asks the engine for DELTA outputs and rebuilds the
+    cumulative ones a request asked for (`async_engine._Stream`): every yielded output is the
+    engine's cumulative output of that step, the last one its final output."""
+    import asyncio
+
+    from dsv4.server.async_engine import AsyncLLMEngine
+    prompt = prompts([40], seed=12)[0]
+    params = SamplingParams(n=2, temperature=0.8, seed=4, max_tokens=12, ignore_eos=True,
+                            logprobs=1, prompt_logprobs=1)
+    want = _all_outputs(engine, prompt, params)
+
+    async def stream():
+        a = AsyncLLMEngine(engine)
+        a.start()
+        got = []
+        async for out in await a.add_request("k", prompt, params):
+            got.append((out.finished, [dataclasses.replace(o, token_ids=list(o.token_ids),
+                                                           logprobs=list(o.logprobs))
+                                       for o in out.outputs], list(out.prompt_logprobs)))
+        await a.shutdown()
+        return got
+
+    got = asyncio.run(stream())
+    assert got[-1][0] and got[-1][1] == want[-1].outputs
+    assert got[-1][2] == want[-1].prompt_logprobs
+    cumulative = {len(w.outputs[0].token_ids): w.outputs for w in want}
+    for finished, outs, _ in got:  # each a cumulative state the engine went through
+        assert outs == cumulative[len(outs[0].token_ids)]
+    assert params.output_kind == 0  # the caller's params are left alone

@@ -358,16 +358,29 @@ class ScriptedText:
 
     def __init__(self, engine: LLMEngine, script: str) -> None:
         self._engine, self._script = engine, script
+        self._shown: dict[tuple[str, int], int] = {}  # DELTA outputs: tokens handed out so far
+        self._delta: dict[str, bool] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
     def step(self) -> list[Any]:
+        from dsv4 import RequestOutputKind
         outs = []
         for out in self._engine.step():
-            completions = [dataclasses.replace(
-                c, text=self._script if c.finish_reason else self._script[:9 * len(c.token_ids)],
-                finish_reason="stop" if c.finish_reason else None) for c in out.outputs]
+            req = self._engine.requests.get(out.request_id)  # None once finished
+            if req is not None:
+                self._delta[out.request_id] = req.params.output_kind == RequestOutputKind.DELTA
+            delta = self._delta.get(out.request_id, False)
+            completions = []
+            for c in out.outputs:
+                key = (out.request_id, c.index)
+                before = self._shown.get(key, 0) if delta else 0
+                self._shown[key] = before + len(c.token_ids)
+                end = None if c.finish_reason else 9 * (before + len(c.token_ids))
+                completions.append(dataclasses.replace(
+                    c, text=self._script[9 * before:end],
+                    finish_reason="stop" if c.finish_reason else None))
             outs.append(dataclasses.replace(out, outputs=completions))
         return outs
 
