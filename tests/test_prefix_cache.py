@@ -128,7 +128,8 @@ def test_cache_under_memory_pressure_evicts_and_preempts_without_changing_output
     base = [[rng.randrange(3, CFG.vocab_size) for _ in range(260)] for _ in range(5)]
     prompts = [base[i % 5][:256 + 4 * i] for i in range(10)]
     params = SamplingParams(temperature=0.0, max_tokens=150, ignore_eos=True, logprobs=0)
-    kw = dict(max_num_seqs=4, cpu_cache_bytes=8 * 376832 + 14 * 57344)  # 14 blocks with caching
+    # with caching 2 snapshots (half of what the 4 running slots leave) and 13 blocks
+    kw = dict(max_num_seqs=4, cpu_cache_bytes=8 * 376832)
     ref, pc = _engine(**kw), _engine(enable_prefix_caching=True, **kw)
     got = _run(pc, prompts, params)
     # preempted sequences are recomputed in other chunks than the reference's: over 150
@@ -253,14 +254,16 @@ def test_slot_copies_run_in_order():
 
 
 def test_prefix_caching_is_on_by_default_and_sized_to_leave_the_running_sequences_room():
-    """On by default (as in vLLM): up to max_num_seqs snapshots in at most a quarter of what
-    the running sequences' slots leave; a budget with no room for one starts without it."""
+    """On by default (as in vLLM): up to max_num_seqs snapshots in at most half of what the
+    running sequences' slots leave; a budget with no room for one starts without it."""
     from dsv4.engine.llm_engine import LLMEngine
     on = LLMEngine.from_args("tiny", dtype="float32", device="cpu", max_num_seqs=4,
                              cpu_cache_bytes=32 << 20)
     assert on.prefix_cache is not None
     assert on.prefix_cache.max_entries == 4 and on.block_manager.num_slots == 8
-    tight = _engine(enable_prefix_caching=True, max_num_seqs=8, cpu_cache_bytes=4 << 20)
+    # 8 running slots of 376832 bytes, then 11 blocks of 57344: less than 2 slots spare
+    tight = _engine(enable_prefix_caching=True, max_num_seqs=8,
+                    cpu_cache_bytes=8 * 376832 + 11 * 57344)
     assert tight.prefix_cache is None and tight.block_manager.num_slots == 8
     out = _run(tight, [[20 + i for i in range(140)]] * 2)  # runs without it
     assert out[0].outputs[0].token_ids == out[1].outputs[0].token_ids

@@ -163,15 +163,15 @@ class LLMEngine:
         per_block = block_bytes(cfg, model.dtype, kv_fp8, index_fp4)
         budget = self._cache_budget()
         # running sequences, then the prefix cache's snapshots: up to max_num_seqs of them, in
-        # at most a quarter of what the running sequences' slots leave, so that prefix caching
-        # (on by default) never takes the blocks that sequences need to run
+        # at most half of what the running sequences' slots leave, so that prefix caching (on
+        # by default) never takes most of the blocks that sequences need to run
         snapshots = 0
         if ec.enable_prefix_caching:
             spare = max(0, budget - ec.max_num_seqs * per_slot)
-            snapshots = min(ec.max_num_seqs, spare // 4 // max(per_slot, 1))
+            snapshots = min(ec.max_num_seqs, spare // 2 // max(per_slot, 1))
             if not snapshots:
-                logger.info("prefix caching off: a snapshot slot (%.1f MiB) does not fit in a "
-                            "quarter of the %.1f MiB the running sequences' slots leave of the "
+                logger.info("prefix caching off: a snapshot slot (%.1f MiB) does not fit in "
+                            "half of the %.1f MiB the running sequences' slots leave of the "
                             "KV cache budget", per_slot / 2**20, spare / 2**20)
         num_slots = ec.max_num_seqs + snapshots
         fit = (budget - num_slots * per_slot) // max(per_block, 1)
