@@ -28,6 +28,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
                    help="priority: requests run by their `priority` (lower first), then "
                         "arrival; preemption takes the lowest priority first")
+    g.add_argument("--max-logprobs", type=int, default=20,
+                   help="the most logprobs / prompt_logprobs a request may ask for (vLLM's "
+                        "default 20; -1: the vocabulary)")
     g.add_argument("--revision", default=None,
                    help="branch, tag or commit of a Hub repository (default: main)")
     g.add_argument("--download-dir", default=None,
@@ -129,7 +132,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 async_scheduling=args.async_scheduling, warmup=args.warmup,
                 enable_prefix_caching=args.enable_prefix_caching, revision=args.revision,
                 download_dir=args.download_dir, generation_config=args.generation_config,
-                scheduling_policy=args.scheduling_policy)
+                scheduling_policy=args.scheduling_policy, max_logprobs=args.max_logprobs)
 
 
 # ---------------------------------------------------------------------------- generate

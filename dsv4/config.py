@@ -290,10 +290,16 @@ class EngineConfig:
     # "fcfs", or "priority": requests run by their priority (lower first), then arrival, and
     # the lowest-priority running sequence is the one preempted (vLLM's --scheduling-policy)
     scheduling_policy: str = "fcfs"
+    # the most logprobs / prompt_logprobs a request may ask for (vLLM's --max-logprobs, same
+    # default); -1: the vocabulary
+    max_logprobs: int = 20
 
     def validate(self) -> None:
         if self.dtype not in ("bfloat16", "float32"):
             raise ConfigError(f"dtype {self.dtype!r}: must be 'bfloat16' or 'float32'")
+        if self.max_logprobs < -1:
+            raise ConfigError(f"max_logprobs {self.max_logprobs}: must be >= 0, or -1 (the "
+                              f"vocabulary)")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs {self.max_num_seqs}: must be >= 1")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:

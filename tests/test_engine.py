@@ -586,3 +586,16 @@ def test_async_engine_streams_cumulative_outputs_from_engine_deltas(engine):
     for finished, outs, _ in got:  # each a cumulative state the engine went through
         assert outs == cumulative[len(outs[0].token_ids)]
     assert params.output_kind == 0  # the caller's params are left alone
+
+
+def test_max_logprobs_bounds_what_a_request_may_ask_for(engine):
+    """vLLM's max_logprobs: 20 by default; -1 allows up to the vocabulary."""
+    for field in ("logprobs", "prompt_logprobs"):
+        with pytest.raises(ValueError, match="max_logprobs=20"):
+            engine.add_request("x", [5, 6], SamplingParams(max_tokens=2, **{field: 21}))
+    assert not engine.has_unfinished_requests()
+    wide = make_engine(max_logprobs=-1)
+    (out,) = run(wide, [([5, 6, 7], SamplingParams(max_tokens=2, logprobs=50, prompt_logprobs=30))])
+    assert len(out.outputs[0].logprobs[0]) >= 50 and len(out.prompt_logprobs[1]) >= 30
+    with pytest.raises(ConfigError, match="max_logprobs"):
+        make_engine(max_logprobs=-2)

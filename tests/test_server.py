@@ -968,3 +968,15 @@ def test_logprob_tokens_as_token_ids(server: Server) -> None:
         "top_logprobs": 1, "return_tokens_as_token_ids": True}).json()
     content = chat["choices"][0]["logprobs"]["content"]
     assert len(content) == 3 and all(c["token"].startswith("token_id:") for c in content)
+
+
+def test_logprobs_above_max_logprobs_are_a_400_naming_the_limit(server: Server) -> None:
+    """vLLM's --max-logprobs (20 by default, OpenAI's cap): more is a 400 that names it."""
+    for path, body in (("/v1/chat/completions", {"messages": user("Hi"), "logprobs": True,
+                                                 "top_logprobs": 21}),
+                       ("/v1/completions", {"prompt": "Hi", "logprobs": 21})):
+        bad = server.post(path, {"model": MODEL, "max_tokens": 2, **body})
+        assert bad.status_code == 400 and "max_logprobs=20" in bad.json()["error"]["message"]
+        ok = server.post(path, {"model": MODEL, "max_tokens": 2,
+                                **{k: (20 if v == 21 else v) for k, v in body.items()}})
+        assert ok.status_code == 200, ok.text

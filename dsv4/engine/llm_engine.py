@@ -354,7 +354,7 @@ class LLMEngine:
                   async_scheduling: bool = True, warmup: bool = True,
                   enable_prefix_caching: bool = True, revision: str | None = None,
                   download_dir: str | None = None, generation_config: str = "auto",
-                  scheduling_policy: str = "fcfs") -> "LLMEngine":
+                  scheduling_policy: str = "fcfs", max_logprobs: int = 20) -> "LLMEngine":
         """`model`: a preset (random weights), a checkpoint directory, or a Hugging Face Hub
         repository `owner/name` (at `revision`, cached in `download_dir`: `loader/hub.py`)."""
         ec = EngineConfig(dtype=dtype, device=device, max_model_len=max_model_len,
@@ -366,7 +366,7 @@ class LLMEngine:
                           async_scheduling=async_scheduling, warmup=warmup,
                           enable_prefix_caching=enable_prefix_caching,
                           generation_config=generation_config,
-                          scheduling_policy=scheduling_policy)
+                          scheduling_policy=scheduling_policy, max_logprobs=max_logprobs)
         ec.validate()  # before the (possibly long) model load
         from ..loader.hub import resolve_model
         # a Hub name -> its directory (for dummy weights without the weight files)
@@ -518,10 +518,14 @@ class LLMEngine:
                 raise ValueError("bad_words need a tokenizer; use logit_bias instead")
             params.bad_words_token_ids = tokenize_bad_words(
                 params.bad_words, lambda t: self.tokenizer.encode(t, add_special_tokens=False))
+        most = self.engine_config.max_logprobs
         for name in ("logprobs", "prompt_logprobs"):
             n = getattr(params, name)
             if n is not None and n > V:
                 raise ValueError(f"{name}={n} exceeds the vocabulary size {V}")
+            if n is not None and most >= 0 and n > most:
+                raise ValueError(f"{name}={n} exceeds max_logprobs={most} (the engine's "
+                                 f"--max-logprobs; -1 allows up to the vocabulary)")
         for name in ("logit_bias", "allowed_token_ids"):
             bad = [t for t in getattr(params, name) or () if t >= V]
             if bad:

@@ -25,10 +25,6 @@ logger = logging.getLogger(__name__)
 STRUCTURED_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex",
                      "guided_choice", "guided_grammar")
 
-# OpenAI caps top_logprobs at 20; vLLM keeps the same limit by default.
-MAX_LOGPROBS = 20
-
-
 class OpenAIError(Exception):
     """An error to return as ``{"error": {"message", "type", "param", "code"}}`` with a status."""
 
@@ -220,9 +216,9 @@ class CompletionRequest(_SamplingRequest):
             raise bad_request("suffix is not supported", "suffix")
         if self.best_of not in (None, self.n):
             raise bad_request("best_of is not supported (it must equal n)", "best_of")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise bad_request(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}",
-                              "logprobs")
+        # the upper limit is the engine's max_logprobs (20 by default, as OpenAI's and vLLM's)
+        if self.logprobs is not None and self.logprobs < 0:
+            raise bad_request(f"logprobs must be >= 0, got {self.logprobs}", "logprobs")
         if isinstance(self.prompt, list) and not self.prompt:
             raise bad_request("prompt must not be empty", "prompt")
 
@@ -266,9 +262,9 @@ class ChatCompletionRequest(_SamplingRequest):
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
-            if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
-                raise bad_request(f"top_logprobs must be in [0, {MAX_LOGPROBS}], "
-                                  f"got {self.top_logprobs}", "top_logprobs")
+            if self.top_logprobs < 0:  # above: the engine's max_logprobs
+                raise bad_request(f"top_logprobs must be >= 0, got {self.top_logprobs}",
+                                  "top_logprobs")
         choice = self.tool_choice
         if choice == "required" and not self.tools:
             raise bad_request("tool_choice 'required' needs tools", "tool_choice")
