@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import itertools
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -87,11 +88,19 @@ class LLM:
             raise
 
         done: dict[str, RequestOutput] = {}
-        with tqdm(total=len(prompts), desc="Generating", unit="req", disable=not use_tqdm) as bar:
+        start, prompt_toks, out_toks = time.perf_counter(), 0, 0
+        with tqdm(total=len(prompts), desc="Processed prompts", unit="req",
+                  disable=not use_tqdm) as bar:
             while len(done) < len(ids):
                 for out in engine.step():
                     if out.finished:
                         done[out.request_id] = out
+                        # vLLM's estimate: tokens of the finished requests over the time so far
+                        prompt_toks += len(out.prompt_token_ids)
+                        out_toks += sum(len(o.token_ids) for o in out.outputs)
+                        dt = time.perf_counter() - start
+                        bar.set_postfix_str(f"est. speed input: {prompt_toks / dt:.2f} toks/s, "
+                                            f"output: {out_toks / dt:.2f} toks/s", refresh=False)
                         bar.update(1)
         return [done[rid] for rid in ids]
 
