@@ -91,10 +91,13 @@ def measure(engine, mode: str, n: int, input_len: int, output_len: int, seed: in
     time (its last first token); TTFT and decode step: medians over every request and step.
     `prefix_len`: every prompt, warm-up included, starts with the same prefix_len random tokens
     (a shared system prompt; vLLM's `--random-prefix-len`)."""
+    from .engine.outputs import RequestOutputKind
     from .engine.sampler import SamplingParams
     cfg = engine.model_config
     prefix = _prompts(cfg.vocab_size, 1, prefix_len, seed + 10_000)[0] if prefix_len else []
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    # DELTA outputs: the first token's arrival shows without a per-step copy of every output
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True,
+                            output_kind=RequestOutputKind.DELTA)
     # Warm-up with the measured shapes (other prompts, a few tokens each; at most one full
     # batch): Triton compiles a kernel per shape class on first use (prefill chunks, MoE batch
     # sizes), which a short warm-up prompt would leave inside the measured prefill.
