@@ -262,7 +262,7 @@ class ChatCompletionRequest(_SamplingRequest):
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
-            if self.top_logprobs < 0:  # above: the engine's max_logprobs
+            if self.top_logprobs < 0:  # the upper bound is the engine's max_logprobs
                 raise bad_request(f"top_logprobs must be >= 0, got {self.top_logprobs}",
                                   "top_logprobs")
         choice = self.tool_choice
