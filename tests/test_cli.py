@@ -161,6 +161,46 @@ def test_serve_takes_vllm_command_lines():
     assert parsed("--served-model-name", "a", "b").served_model_name == ["a", "b"]
 
 
+def test_serve_accepts_vllms_deployment_flags(caplog, monkeypatch):
+    """A vLLM deployment line for DeepSeek-V4 runs: flags that mean nothing here are ignored
+    (with a warning where a user might expect an effect), --disable-custom-all-reduce keeps
+    NCCL's ring; flags that would change what is served and cannot are refused, reason named."""
+    import argparse
+    import logging
+    import os
+
+    from dsv4.server.cli import add_serve_args, check_serve_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+
+    def parsed(*argv):
+        args = parser.parse_args(list(argv))
+        check_serve_args(args)
+        return args
+
+    monkeypatch.setenv("DSV4_TP_ALLREDUCE", "one-shot")  # restored after the test
+    with caplog.at_level(logging.WARNING, logger="dsv4.server"):
+        args = parsed("deepseek-ai/DeepSeek-V4-Flash", "-tp", "8", "--enable-expert-parallel",
+                      "--enable-chunked-prefill", "--block-size", "256", "--swap-space", "16",
+                      "--disable-log-requests", "--disable-custom-all-reduce",
+                      "--uvicorn-log-level", "warning", "--max-model-len", "65536",
+                      "--gpu-memory-utilization", "0.9", "--block-size", "256")
+    assert args.model == "deepseek-ai/DeepSeek-V4-Flash" and args.log_level == "warning"
+    assert os.environ["DSV4_TP_ALLREDUCE"] == "nccl"
+    logged = caplog.text
+    assert "--block-size 256 ignored" in logged and "--swap-space ignored" in logged
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dsv4.server"):
+        parsed("tiny", "--block-size", "128")
+    assert caplog.text == ""
+    for argv, needle in ((["--no-enable-chunked-prefill"], "always prefills in chunks"),
+                         (["--chat-template", "t.jinja"], "own format"),
+                         (["-dp", "2"], "one dsv4 serve per replica")):
+        with pytest.raises(ValueError, match=needle):
+            parsed("tiny", *argv)
+
+
 def test_serve_errors_exit_with_the_message(capsys):
     assert main(["serve", "tiny", "--tool-call-parser", "hermes"]) == 1
     assert "hermes" in capsys.readouterr().err

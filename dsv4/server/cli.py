@@ -54,6 +54,28 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help="a DeepSeek parser name (deepseek_v4, ...); others are refused")
     v.add_argument("--reasoning-parser", default=None, metavar="NAME",
                    help="a DeepSeek parser name (deepseek_v4, ...); others are refused")
+    v.add_argument("--enable-expert-parallel", action="store_true",
+                   help="no effect: under --tensor-parallel-size the MoE is split by experts")
+    v.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+                   default=None, help="prefill is always chunked (--max-num-batched-tokens); "
+                                      "--no-enable-chunked-prefill is refused")
+    v.add_argument("--disable-log-requests", action="store_true",
+                   help="no effect: requests are logged only with --enable-log-requests")
+    v.add_argument("--disable-custom-all-reduce", action="store_true",
+                   help="tensor parallel all-reduces through NCCL only (DSV4_TP_ALLREDUCE=nccl)")
+    v.add_argument("--uvicorn-log-level", default=None,
+                   choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="the same as --log-level")
+    for flag, why in (("--block-size", "the cache's blocks are 128 tokens"),
+                      ("--swap-space", "preempted sequences are recomputed, not swapped"),
+                      ("--quantization", "the checkpoint's own formats are used"),
+                      ("--compilation-config", "CUDA graphs are captured without torch.compile"),
+                      ("--tokenizer-mode", "the tokenizer is tokenizer.json's")):
+        v.add_argument(flag, default=None, metavar="X", help=f"ignored with a warning: {why}")
+    v.add_argument("--chat-template", default=None, metavar="X",
+                   help="refused: the DeepSeek-V4 chat encoding is built in")
+    v.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="1 only: run a dsv4 serve per replica behind a load balancer")
 
 
 def _json_list(text: str) -> list[str]:
@@ -88,6 +110,39 @@ def check_serve_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} {name!r}: dsv4 serves DeepSeek-V4 and "
                              f"parses its own format only (leave the flag out, or name "
                              f"deepseek_v4)")
+    _check_vllm_flags(args)
+
+
+def _check_vllm_flags(args: argparse.Namespace) -> None:
+    """vLLM flags that mean nothing here are ignored with a warning; those that would change
+    what is served, and cannot, are refused with the reason."""
+    import logging
+
+    log = logging.getLogger("dsv4.server")
+    if args.enable_chunked_prefill is False:
+        raise ValueError("--no-enable-chunked-prefill: dsv4 always prefills in chunks of "
+                         "--max-num-batched-tokens (as vLLM V1); set that to --max-model-len "
+                         "to prefill whole prompts in one step")
+    if args.chat_template is not None:
+        raise ValueError("--chat-template: dsv4 encodes chats with DeepSeek-V4's own format "
+                         "(dsv4/chat); a custom template is not supported")
+    if args.data_parallel_size != 1:
+        raise ValueError(f"--data-parallel-size {args.data_parallel_size}: not supported; run "
+                         f"one dsv4 serve per replica (each with its --tensor-parallel-size) "
+                         f"behind a load balancer")
+    if args.block_size is not None and args.block_size != "128":
+        log.warning("--block-size %s ignored: dsv4's cache blocks are 128 tokens (DeepSeek-V4's "
+                    "compression ratios 4 and 128)", args.block_size)
+    for flag, why in (("swap_space", "preempted sequences are recomputed, not swapped"),
+                      ("quantization", "the checkpoint's own formats (config.json) are used"),
+                      ("compilation_config", "CUDA graphs are captured without torch.compile"),
+                      ("tokenizer_mode", "the tokenizer is the model's tokenizer.json")):
+        if getattr(args, flag) is not None:
+            log.warning("--%s ignored: %s", flag.replace("_", "-"), why)
+    if args.disable_custom_all_reduce:
+        os.environ["DSV4_TP_ALLREDUCE"] = "nccl"
+    if args.uvicorn_log_level is not None:
+        args.log_level = "debug" if args.uvicorn_log_level == "trace" else args.uvicorn_log_level
 
 
 def add_serve_cli(subparsers: Any) -> None:
