@@ -268,3 +268,26 @@ def test_prefix_caching_is_on_by_default_and_sized_to_leave_the_running_sequence
     out = _run(tight, [[20 + i for i in range(140)]] * 2)  # runs without it
     assert out[0].outputs[0].token_ids == out[1].outputs[0].token_ids
     assert out[1].num_cached_tokens == 0
+
+
+def test_a_prompt_is_cached_without_an_extra_step():
+    """The snapshot at a prompt's last block boundary is written by the step that crosses it
+    (`SeqChunk.snapshots`): a lone 300-token prompt prefills in one step, as without the
+    cache, and the same prompt again resumes at 256 with the full prefill's tokens."""
+    prompt = [20 + (7 * i) % 300 for i in range(300)]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=0)
+    steps = {}
+    for cached in (False, True):
+        eng = _engine(enable_prefix_caching=cached, async_scheduling=False)
+        eng.add_request("a", prompt, params)
+        n = 1
+        while not any(o.outputs[0].token_ids for o in eng.step()):
+            n += 1
+        steps[cached] = n
+        while eng.has_unfinished_requests():
+            eng.step()
+        if cached:
+            again = _run(eng, [prompt], params)[0]
+            assert again.num_cached_tokens == 256
+            _same([again], _run(_engine(), [prompt], params))
+    assert steps == {False: 1, True: 1}

@@ -5,9 +5,11 @@ before P live in paged blocks, which other sequences can share by reference. Its
 at P (the sliding-window ring and the compressors' open windows, `kv_cache.py`) is overwritten
 by the tokens after P, so it has to be copied out when a sequence has computed exactly P tokens.
 A cached prefix is therefore a block-aligned P, the blocks before it and a *snapshot*: a slot
-holding a copy of that state. The scheduler ends a prefill chunk at P so that the copy can be
-taken; a later prompt that starts with those P tokens (and goes on past them) copies the
-snapshot into its own slot, takes the blocks and starts computing at P.
+holding a copy of that state. The step whose chunk crosses P writes it (`LLMEngine.
+_take_snapshots`): the snapshot slot takes a copy of the sequence's slot before the step, and
+the step's ring writes add the chunk's rows up to P there too (`SeqChunk.snapshots`); a later
+prompt that starts with those P tokens (and goes on past them) copies the snapshot into its
+own slot, takes the blocks and starts computing at P.
 
 A snapshot at every boundary would cost about forty blocks' memory each (Flash: 17 MiB a slot,
 0.44 MiB a block), so a prompt is cached at its last block boundary (a repeated prompt, or a

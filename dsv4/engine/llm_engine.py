@@ -593,25 +593,30 @@ class LLMEngine:
             raise RuntimeError("the scheduler could not schedule any of the queued requests")
         if sched.copies:  # resumed prefixes: their snapshots into the sequences' slots
             self._copy_slots(sched.copies)
+        if self.prefix_cache is not None:
+            self._take_snapshots(sched.chunks)
         return sched
 
     def _run(self, chunks):
-        """Run a step on the host's tokens; then snapshot the sequences it brought to their
-        cache points (prefix caching), before any later step moves their slots on."""
-        out = self.runner.run(chunks)
-        if self.prefix_cache is not None:
-            copies = []
-            for c in chunks:
-                seq = c.seq
-                if seq.cache_points and c.start + c.num_tokens == seq.cache_points[0][0]:
-                    point, name = seq.cache_points.pop(0)
-                    to = self.prefix_cache.insert(name, c.block_table[:point // BLOCK_TOKENS],
-                                                  c.slot)
-                    if to is not None:
-                        copies.append((c.slot, to))
-            if copies:
-                self._copy_slots(copies)
-        return out
+        """Run a step on the host's tokens."""
+        return self.runner.run(chunks)
+
+    def _take_snapshots(self, chunks) -> None:
+        """Prefix caching: a chunk that crosses cache points of its sequence caches the prefix
+        at each, P: the entry's snapshot slot takes a copy of the sequence's slot now, before
+        the step, and the step's ring writes add the chunk's rows up to P (`SeqChunk.snapshots`),
+        so the slot holds the state at P without the chunk having to end there."""
+        copies = []
+        for c in chunks:
+            seq, end = c.seq, c.start + c.num_tokens - c.num_drafts
+            while seq.cache_points and seq.cache_points[0][0] <= end:
+                point, name = seq.cache_points.pop(0)
+                to = self.prefix_cache.insert(name, c.block_table[:point // BLOCK_TOKENS], c.slot)
+                if to is not None:
+                    copies.append((c.slot, to))
+                    c.snapshots.append((point, to))
+        if copies:
+            self._copy_slots(copies)
 
     def _cache_tail(self, seq, copies: list[tuple[int, int]]) -> None:
         """Prefix caching of generated text: once a sequence's computed tokens cross a block

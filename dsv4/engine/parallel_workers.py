@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 
 def _describe(batch: ForwardBatch) -> tuple:
-    return ([(c.tokens, c.start_pos, c.slot, c.block_table) for c in batch.chunks],
+    return ([(c.tokens, c.start_pos, c.slot, c.block_table, c.snapshots) for c in batch.chunks],
             batch.logits_indices.tolist())
 
 

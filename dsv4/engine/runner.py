@@ -99,8 +99,10 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> RunnerOutput:
         plp_rows, plp_spans, sample_rows = self._rows(chunks)
-        seq_chunks = [SeqChunk(c.tokens, c.start, c.slot, c.block_table) for c in chunks]
-        graph = self.graphs is not None and not plp_rows and self.graphs.fits(seq_chunks)
+        seq_chunks = [c.seq_chunk() for c in chunks]
+        # snapshots (prefix caching) are written by an eager step's ring writes
+        graph = (self.graphs is not None and not plp_rows and self.graphs.fits(seq_chunks)
+                 and not any(c.snapshots for c in chunks))
         self.graph_bs = self.graphs.size_for(len(chunks)) if graph else None
         # A graph step builds its indices on the host (one upload); an eager step where it runs.
         batch = ForwardBatch(seq_chunks, self.window, self.cache.window_rows, self.cache.num_slots,
@@ -178,9 +180,10 @@ class ModelRunner:
     def launch(self, chunks: list[ScheduledChunk], feed: StepHandle | None = None) -> StepHandle:
         """Run an `overlappable` step without waiting for it. With `feed`, chunks whose token
         is not yet known on the host take it from `feed`'s sampled ids on the device."""
-        seq_chunks = [SeqChunk(c.tokens, c.start, c.slot, c.block_table) for c in chunks]
+        seq_chunks = [c.seq_chunk() for c in chunks]
         fill = _feeder(chunks, feed) if feed is not None else None
-        graph = self.graphs is not None and self.graphs.fits(seq_chunks)
+        graph = (self.graphs is not None and self.graphs.fits(seq_chunks)
+                 and not any(c.snapshots for c in chunks))
         rows = list(range(len(chunks)))
         batch = ForwardBatch(seq_chunks, self.window, self.cache.window_rows, self.cache.num_slots,
                              "cpu" if graph else self.device, logits_indices=rows)

@@ -16,9 +16,9 @@ scheduled already in this step, its chunk is taken back.
 
 With a prefix cache (`cache/prefix_cache.py`), a sequence admitted with a cached prefix starts
 at its end (the step first copies the prefix's state snapshot into the sequence's slot:
-`SchedulerOutput.copies`), and a prefill chunk never runs past the sequence's next cache point
-(its last block boundary before its last token, and the boundary up to which an earlier prompt
-was the same), where the engine takes a snapshot.
+`SchedulerOutput.copies`). Its cache points (its last block boundary before its last token,
+and the boundary up to which an earlier prompt was the same) do not end chunks: the chunk that
+crosses one also writes the state there into a snapshot (`LLMEngine._take_snapshots`).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
+from ..model.batch import SeqChunk
 from ..cache.block_manager import BlockManager
 from ..cache.prefix_cache import PrefixCache, prefix_hashes
 from .sequence import Sequence, SequenceStatus
@@ -41,6 +42,14 @@ class ScheduledChunk:
     slot: int
     block_table: list[int]
     num_drafts: int = 0
+    # prefix caching: (P, slot) snapshots of the state at P this step also writes
+    # (`LLMEngine._take_snapshots`, `SeqChunk.snapshots`)
+    snapshots: list[tuple[int, int]] = field(default_factory=list)
+
+    def seq_chunk(self) -> SeqChunk:
+        """The model's view of this chunk."""
+        return SeqChunk(self.tokens, self.start, self.slot, self.block_table,
+                        tuple(self.snapshots))
 
     @property
     def tokens(self) -> list[int]:
@@ -108,7 +117,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = self._upto_cache_point(seq, min(seq.num_uncomputed, budget))
+            n = min(seq.num_uncomputed, budget)
             drafts = len(seq.drafts) if n == seq.num_uncomputed else 0
             if n + drafts > budget:
                 drafts = 0
@@ -135,7 +144,7 @@ class Scheduler:
             if self.prefix_cache is not None and _sibling_ahead(seq):
                 break  # it resumes from the snapshot its sibling is computing
             copy = self._resume(seq) if self.prefix_cache is not None else None
-            n = self._upto_cache_point(seq, min(seq.num_uncomputed, budget))
+            n = min(seq.num_uncomputed, budget)
             if not bm.can_allocate(seq.seq_id, seq.num_computed + n + self.lookahead):
                 if copy is not None:  # give the prefix back; it is looked up again next time
                     bm.free(seq.seq_id)
@@ -188,13 +197,6 @@ class Scheduler:
         seq.cache_points = [(j * size, names[j - 1]) for j in sorted(points)
                             if j * size > seq.num_computed]
         return copy
-
-    @staticmethod
-    def _upto_cache_point(seq: Sequence, n: int) -> int:
-        """A prefill chunk stops at the sequence's next cache point (snapshotted there)."""
-        if seq.cache_points and seq.num_computed < seq.cache_points[0][0]:
-            return min(n, seq.cache_points[0][0] - seq.num_computed)
-        return n
 
     def _chunk(self, seq: Sequence, n: int, drafts: int = 0) -> ScheduledChunk:
         if not drafts:

@@ -120,7 +120,9 @@ class MTPProposer:
             mtp_chunks, rows, last_rows, drafting = [], [], [], []
             cu = cu_mtp = 0
             for c, em, (nxt, valid, post) in zip(chunks, emitted, plan):
-                mtp_chunks.append(SeqChunk(nxt, c.start, c.slot, c.block_table))
+                # the MTP layer's rows at a snapshot too (`SeqChunk.snapshots`), those it has
+                snaps = tuple((p, s) for p, s in c.snapshots if p <= c.start + valid)
+                mtp_chunks.append(SeqChunk(nxt, c.start, c.slot, c.block_table, snaps))
                 rows.extend(range(cu, cu + valid))
                 cu_mtp += valid
                 if em:

@@ -21,11 +21,16 @@ from ..kernels.candidates import candidates_
 
 @dataclass
 class SeqChunk:
-    """One sequence's part of a step: `tokens` at positions start_pos, start_pos+1, ..."""
+    """One sequence's part of a step: `tokens` at positions start_pos, start_pos+1, ...
+
+    `snapshots` (prefix caching): (P, slot) pairs, start_pos < P <= the chunk's end; the step
+    also writes the state the sequence has at position P into `slot`, which holds a copy of
+    the sequence's slot from before the step (`ForwardBatch.ring_writes_host`)."""
     tokens: list[int]
     start_pos: int
     slot: int
     block_table: list[int]
+    snapshots: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -143,11 +148,26 @@ class ForwardBatch:
         return torch.where(p >= 0, idx, -1)
 
     def ring_writes_host(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
-        """(token indices, flat ring rows) for the last `rows` tokens of every sequence."""
+        """(token indices, flat ring rows) for the last `rows` tokens of every sequence; and,
+        for a chunk's snapshot (P, s), its tokens among the `rows` positions before P into
+        slot s's ring. A ring holds the rows of the last `rows` positions at their position
+        modulo `rows`, so s, a copy of the slot from before the step, then holds the state at
+        P: the rows before the chunk from the copy, the chunk's from these writes."""
         key = ("ring", rows)
         if key not in self._host:
             tok = np.nonzero(self._pos >= self._ends[self._tok_seq] - rows)[0].astype(np.int64)
             dst = self._slots[self._tok_seq[tok]] * rows + self._pos[tok] % rows
+            extra_tok, extra_dst = [tok], [dst]
+            for b, c in enumerate(self.chunks):
+                for point, slot in c.snapshots:
+                    if not self.starts[b] < point <= self._ends[b]:
+                        raise ValueError(f"snapshot at {point} outside the chunk "
+                                         f"({self.starts[b]}, {self._ends[b]}]")
+                    pos = np.arange(max(self.starts[b], point - rows), point, dtype=np.int64)
+                    extra_tok.append(self._cu0[b] + pos - self.starts[b])
+                    extra_dst.append(slot * rows + pos % rows)
+            if len(extra_tok) > 1:
+                tok, dst = np.concatenate(extra_tok), np.concatenate(extra_dst)
             self._host[key] = (tok, dst)
         return self._host[key]
 
