@@ -31,6 +31,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-logprobs", type=int, default=20,
                    help="the most logprobs / prompt_logprobs a request may ask for (vLLM's "
                         "default 20; -1: the vocabulary)")
+    g.add_argument("--tokenizer", default=None,
+                   help="directory or Hub repository to take the tokenizer files from "
+                        "(default: the model's)")
     g.add_argument("--revision", default=None,
                    help="branch, tag or commit of a Hub repository (default: main)")
     g.add_argument("--download-dir", default=None,
@@ -132,7 +135,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 async_scheduling=args.async_scheduling, warmup=args.warmup,
                 enable_prefix_caching=args.enable_prefix_caching, revision=args.revision,
                 download_dir=args.download_dir, generation_config=args.generation_config,
-                scheduling_policy=args.scheduling_policy, max_logprobs=args.max_logprobs)
+                scheduling_policy=args.scheduling_policy, max_logprobs=args.max_logprobs,
+                tokenizer=args.tokenizer)
 
 
 # ---------------------------------------------------------------------------- generate

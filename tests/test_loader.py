@@ -453,3 +453,25 @@ def test_layers_cut_keeps_the_schedule_head_and_the_mtp_ratio(preset, schedule):
     assert cfg.num_hidden_layers == 4 and cfg.compress_ratios == schedule
     assert cfg.num_hash_layers == 3 and cfg.expert_dtype == "fp4"
     assert cfg.weight_format == "fp8" and cfg.hidden_size in (4096, 7168)
+
+
+def test_tokenizer_from_another_directory(tmp_path):
+    """vLLM's --tokenizer: weights without tokenizer files take them from another directory
+    (or Hub repository); a tokenizer larger than the model's vocabulary is refused."""
+
+    from dsv4 import LLM, SamplingParams
+    from dsv4.tokenizer import build_tiny_tokenizer, save_tokenizer_files
+    model = write_tiny_checkpoint(tmp_path / "weights")
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.move(model / f, tok_dir / f)
+    kw = dict(dtype="float32", device="cpu", cpu_cache_bytes=16 << 20, max_num_seqs=2)
+    assert LLM(str(model), **kw).get_tokenizer() is None
+    llm = LLM(str(model), tokenizer=str(tok_dir), **kw)
+    out = llm.generate("Hello", SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert out[0].prompt_token_ids == llm.get_tokenizer().encode("Hello", add_special_tokens=True)
+    big = tmp_path / "big"
+    save_tokenizer_files(big, build_tiny_tokenizer(100_000), model_max_length=4096)
+    with pytest.raises(CheckpointError, match="more than the model's vocab_size"):
+        LLM(str(model), tokenizer=str(big), **kw)

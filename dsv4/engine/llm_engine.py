@@ -354,9 +354,12 @@ class LLMEngine:
                   async_scheduling: bool = True, warmup: bool = True,
                   enable_prefix_caching: bool = True, revision: str | None = None,
                   download_dir: str | None = None, generation_config: str = "auto",
-                  scheduling_policy: str = "fcfs", max_logprobs: int = 20) -> "LLMEngine":
+                  scheduling_policy: str = "fcfs", max_logprobs: int = 20,
+                  tokenizer: str | None = None) -> "LLMEngine":
         """`model`: a preset (random weights), a checkpoint directory, or a Hugging Face Hub
-        repository `owner/name` (at `revision`, cached in `download_dir`: `loader/hub.py`)."""
+        repository `owner/name` (at `revision`, cached in `download_dir`: `loader/hub.py`).
+        `tokenizer`: a directory or Hub repository to take the tokenizer files from instead
+        of the model's (vLLM's `--tokenizer`)."""
         ec = EngineConfig(dtype=dtype, device=device, max_model_len=max_model_len,
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           gpu_memory_utilization=gpu_memory_utilization,
@@ -372,15 +375,22 @@ class LLMEngine:
         # a Hub name -> its directory (for dummy weights without the weight files)
         model = resolve_model(model, revision, download_dir, weights=load_format != "dummy")
         dev = torch.device(device) if device else default_device()
+        tok_dir = None
+        if tokenizer is not None and not skip_tokenizer_init:
+            tok_dir = resolve_model(tokenizer, None, download_dir, weights=False)
         if tensor_parallel_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
             return cls._from_args_parallel(model, ec, dev, skip_tokenizer_init, load_format,
-                                           tensor_parallel_size)
-        net, cfg, tokenizer, gen = load_model(model, dtype, dev, seed, skip_tokenizer_init, load_format)
-        return cls(net, cfg, tokenizer, ec, gen)
+                                           tensor_parallel_size, tok_dir)
+        net, cfg, tok, gen = load_model(model, dtype, dev, seed, skip_tokenizer_init, load_format)
+        if tok_dir:
+            from ..loader import load_tokenizer
+            tok = load_tokenizer(tok_dir, cfg)
+        return cls(net, cfg, tok, ec, gen)
 
     @classmethod
     def _from_args_parallel(cls, model: str, ec: EngineConfig, dev: torch.device,
-                            skip_tokenizer_init: bool, load_format: str, size: int) -> "LLMEngine":
+                            skip_tokenizer_init: bool, load_format: str, size: int,
+                            tok_dir: str | None = None) -> "LLMEngine":
         """Tensor-parallel attention + expert-parallel MoE over `size` ranks; this process is
         rank 0 (parallel_workers.py). Under torchrun, ranks > 0 serve as workers and never
         return."""
@@ -405,6 +415,9 @@ class LLMEngine:
             tp = pw.init_group(0, size, port, dev.type)
         net, cfg, tokenizer, gen = load_model(model, ec.dtype, dev, ec.seed, skip_tokenizer_init,
                                               load_format, tp)
+        if tok_dir:
+            from ..loader import load_tokenizer
+            tokenizer = load_tokenizer(tok_dir, cfg)
         engine = cls(pw.LockstepModel(net.eval()), cfg, tokenizer, ec, gen)
         engine._workers = procs
         return engine

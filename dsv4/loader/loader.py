@@ -168,14 +168,21 @@ def _dummy(cfg: ModelConfig, p: Path | None, dtype: str, device: torch.device, q
     return LoadedModel(model.eval(), cfg, tok, gen, p)
 
 
-def _tokenizer(p: Path, cfg: ModelConfig, skip: bool) -> Tokenizer | None:
-    if skip or not (p / "tokenizer.json").is_file():
-        return None
+def load_tokenizer(path: str | Path, cfg: ModelConfig) -> Tokenizer:
+    """The tokenizer files of a directory (a model's, or vLLM's `--tokenizer`), checked
+    against the model's vocabulary."""
+    p = Path(path)
     tok = Tokenizer.from_dir(p)
     if tok.vocab_size > cfg.vocab_size:
         raise CheckpointError(p, [f"file tokenizer.json: {tok.vocab_size} tokens, more than the "
                                   f"model's vocab_size {cfg.vocab_size}"])
     return tok
+
+
+def _tokenizer(p: Path, cfg: ModelConfig, skip: bool) -> Tokenizer | None:
+    if skip or not (p / "tokenizer.json").is_file():
+        return None
+    return load_tokenizer(p, cfg)
 
 
 def _generation_config(p: Path) -> dict:
