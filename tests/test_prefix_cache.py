@@ -291,3 +291,25 @@ def test_a_prompt_is_cached_without_an_extra_step():
             assert again.num_cached_tokens == 256
             _same([again], _run(_engine(), [prompt], params))
     assert steps == {False: 1, True: 1}
+
+
+@pytest.mark.parametrize("budget", [64, 100, 128, 200, 2048])
+def test_snapshots_written_inside_chunks_resume_exactly(budget):
+    """Wherever the chunks fall around the cache points (a chunk ending at one, one starting
+    within the ring's rows before it and taking the rows before it from the slot copy, one
+    crossing two), a resumed prompt gives the full prefill's tokens and log-probabilities."""
+    rng = random.Random(budget)
+    shared = [rng.randrange(3, CFG.vocab_size) for _ in range(290)]
+    prompts = [shared + [rng.randrange(3, CFG.vocab_size) for _ in range(n)] for n in (110, 200)]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=0)
+    pc = _engine(enable_prefix_caching=True, max_num_batched_tokens=budget)
+    ref = _engine(max_num_batched_tokens=2048)
+    # the second snapshots the shared 256 and its own 384 (one chunk crosses both at 2048)
+    first = [_run(pc, [p], params)[0] for p in prompts]
+    third = _run(pc, [shared + [7] * 50], params)[0]     # resumes at the shared boundary
+    again = [_run(pc, [p], params)[0] for p in prompts]  # resume at their last boundaries
+    assert third.num_cached_tokens == 256
+    assert [o.num_cached_tokens for o in again] == [384, 384]
+    want = _run(ref, prompts + [shared + [7] * 50], params)
+    _same(first + [third], want)
+    _same(again, want[:2])
