@@ -34,35 +34,47 @@ class _Stream:
     Outputs are cumulative, so a slow consumer only needs the newest one: keeping one object
     instead of a queue bounds memory whatever the client's speed. A request the engine runs
     with output_kind DELTA (what `add_request` asks for a CUMULATIVE one) hands out only each
-    step's new part, which `merge` appends here: a step costs what it added, not a copy of a
-    long output's every token for every request (at 256 streams of 8K tokens, ~21 ms of host
-    time a step on a slow CPU against ~1 ms).
+    step's new part: the parts wait in `pending` and the consumer appends them to the
+    cumulative state when it takes it (`take`), so a step costs what it added, not a copy of
+    a long output's every token for every request (at 256 streams of 8K tokens, ~21 ms of
+    host time a step on a slow CPU against ~1 ms), and the state never changes while the
+    consumer works on it.
     """
 
     def __init__(self, delta: bool = False) -> None:
         self.latest: Any = None
         self.delta = delta
+        self.pending: list[Any] = []
         self.error: BaseException | None = None
         self.event = asyncio.Event()
 
-    def merge(self, output: Any) -> None:
-        """Take a step's output: the new cumulative state, or (delta) its new part. Runs on
-        the event loop, between the consumer's awaits: the consumer never sees half of it."""
-        if not self.delta or self.latest is None:
+    def put(self, output: Any) -> None:
+        """A step's output: the new cumulative state, or (delta) its new part."""
+        if self.delta:
+            self.pending.append(output)
+        else:
             self.latest = output
-            return
-        acc = self.latest
-        for c, d in zip(acc.outputs, output.outputs):
-            c.token_ids.extend(d.token_ids)
-            c.text += d.text
-            if d.logprobs is not None:
-                c.logprobs.extend(d.logprobs)
-            c.cumulative_logprob, c.finish_reason, c.stop_reason = (
-                d.cumulative_logprob, d.finish_reason, d.stop_reason)
-        if output.prompt_logprobs:
-            acc.prompt_logprobs.extend(output.prompt_logprobs)
-        acc.finished, acc.metrics = output.finished, output.metrics
-        acc.num_cached_tokens = output.num_cached_tokens
+
+    def take(self) -> Any:
+        """The cumulative state, with the parts that came since the last call appended."""
+        parts, self.pending = self.pending, []
+        for output in parts:
+            if self.latest is None:
+                self.latest = output
+                continue
+            acc = self.latest
+            for c, d in zip(acc.outputs, output.outputs):
+                c.token_ids.extend(d.token_ids)
+                c.text += d.text
+                if d.logprobs is not None:
+                    c.logprobs.extend(d.logprobs)
+                c.cumulative_logprob, c.finish_reason, c.stop_reason = (
+                    d.cumulative_logprob, d.finish_reason, d.stop_reason)
+            if output.prompt_logprobs:
+                acc.prompt_logprobs.extend(output.prompt_logprobs)
+            acc.finished, acc.metrics = output.finished, output.metrics
+            acc.num_cached_tokens = output.num_cached_tokens
+        return self.latest
 
 
 class AsyncLLMEngine:
@@ -145,7 +157,7 @@ class AsyncLLMEngine:
                 stream.event.clear()
                 if stream.error is not None:
                     raise stream.error
-                output = stream.latest
+                output = stream.take()
                 finished = output.finished
                 yield output
                 if finished:
@@ -253,5 +265,5 @@ class AsyncLLMEngine:
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is not None:  # None: aborted while this step ran
-                stream.merge(output)
+                stream.put(output)
                 stream.event.set()
