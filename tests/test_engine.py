@@ -573,6 +573,9 @@ def test_async_engine_streams_cumulative_outputs_from_engine_deltas(engine):
         a.start()
         got = []
         async for out in await a.add_request("k", prompt, params):
+            seen = len(out.outputs[0].token_ids)
+            await asyncio.sleep(0.05)  # the engine steps on meanwhile
+            assert len(out.outputs[0].token_ids) == seen  # what was yielded does not change
             got.append((out.finished, [dataclasses.replace(o, token_ids=list(o.token_ids),
                                                            logprobs=list(o.logprobs))
                                        for o in out.outputs], list(out.prompt_logprobs)))
