@@ -371,3 +371,21 @@ def test_bad_words_ban_the_last_token_after_the_rest():
         SamplingParams(bad_words="cat")
     with pytest.raises(ValueError, match="bad_words"):
         SamplingParams(bad_words=["ok", " "])
+
+
+def test_output_ids_view_reads_like_the_list_it_views():
+    """`Sequence.output_ids_view` (what the sampler reads every step, without a copy)."""
+    from dsv4.engine.sequence import OutputIds
+    ids = list(range(100, 130))
+    for start in (0, 5, 30):
+        view, want = OutputIds(ids, start), ids[start:]
+        assert len(view) == len(want) and list(view) == want
+        for sl in (slice(None), slice(-3, None), slice(-100, None), slice(2, 7), slice(7, 2),
+                   slice(None, -1), slice(None, None, 2), slice(None, None, -1)):
+            assert view[sl] == want[sl], sl
+        for i in range(-len(want), len(want)):
+            assert view[i] == want[i]
+        with pytest.raises(IndexError):
+            view[len(want)]
+    ids.append(7)  # a view follows its list
+    assert OutputIds(ids, 28)[-1] == 7 and len(OutputIds(ids, 28)) == 3

@@ -206,7 +206,7 @@ class ModelRunner:
 
     def _sample(self, seqs, logits: torch.Tensor):
         grammars = [s.grammar for s in seqs]
-        return self.sampler(logits, [s.params for s in seqs], [s.output_token_ids for s in seqs],
+        return self.sampler(logits, [s.params for s in seqs], [s.output_ids_view for s in seqs],
                             [s.request.prompt_token_ids for s in seqs],
                             [s.generator for s in seqs],
                             grammars if any(g is not None for g in grammars) else None)

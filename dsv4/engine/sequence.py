@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from collections import abc
 
 import torch
 
@@ -33,6 +34,32 @@ class SequenceStatus(enum.Enum):
     WAITING = "waiting"    # holds no cache: not started, or preempted (recomputed later)
     RUNNING = "running"    # holds a slot and blocks for its first num_computed tokens
     FINISHED = "finished"  # done; its cache has been freed
+
+
+class OutputIds(abc.Sequence):
+    """A read-only view of a token list from `start` on: its length, items, slices and
+    iteration, without copying a long output at every step."""
+    __slots__ = ("_ids", "_start")
+
+    def __init__(self, ids: list[int], start: int) -> None:
+        self._ids, self._start = ids, start
+
+    def __len__(self) -> int:
+        return len(self._ids) - self._start
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            a, b, step = i.indices(len(self))
+            if step != 1:
+                return list(self)[i]
+            return self._ids[self._start + a:self._start + max(a, b)]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError("output index out of range")
+        return self._ids[self._start + (i + n if i < 0 else i)]
+
+    def __iter__(self):
+        return itertools.islice(self._ids, self._start, None)
 
 
 class Sequence:
@@ -85,6 +112,11 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def output_ids_view(self) -> OutputIds:
+        """The generated ids without a copy (what the sampler reads every step)."""
+        return OutputIds(self.token_ids, self.num_prompt_tokens)
 
     @property
     def num_output_tokens(self) -> int:
