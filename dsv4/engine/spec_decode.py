@@ -58,6 +58,26 @@ def accept_drafts(target: torch.Tensor, draft: torch.Tensor, drafts: list[int],
     return drafts[:n] + [last]
 
 
+class _Post:
+    """A sequence's tokens after a step: its tokens before `cut`, then the step's emitted
+    ones. Drafting reads its length and a few of its last tokens, so the whole list (a copy
+    of a long context, for every sequence at every step) is built only where asked for."""
+    __slots__ = ("seq", "cut", "em")
+
+    def __init__(self, seq, cut: int, em: list[int]) -> None:
+        self.seq, self.cut, self.em = seq, cut, em
+
+    def __len__(self) -> int:
+        return self.cut + len(self.em)
+
+    def tail(self, start: int) -> list[int]:
+        """The tokens from position `start` on (start <= cut)."""
+        return self.seq.token_ids[start:self.cut] + self.em
+
+    def list(self) -> list[int]:
+        return self.tail(0)
+
+
 class MTPProposer:
     """Drafts K tokens per sequence with the model's MTP layer (SPEC.md 8), after each step.
 
@@ -107,8 +127,8 @@ class MTPProposer:
             if c.num_drafts:
                 self.record(c.num_drafts, len(em) - 1)
             valid = c.num_tokens - c.num_drafts + (len(em) - 1 if c.num_drafts else 0)
-            post = seq.token_ids[:c.start + c.num_tokens - c.num_drafts] + em
-            nxt = post[c.start + 1:c.start + 1 + valid]
+            post = _Post(seq, c.start + c.num_tokens - c.num_drafts, em)
+            nxt = post.tail(c.start + 1)[:valid]
             if len(nxt) < valid:  # the prompt continues past this chunk
                 nxt = seq.token_ids[c.start + 1:c.start + 1 + valid]
             plan.append((nxt, valid, post))
@@ -150,7 +170,7 @@ class MTPProposer:
         posts = []
         for c, em, row in zip(chunks, emitted, drafts):
             self.record(c.num_drafts, len(em) - 1)
-            posts.append(c.seq.token_ids[:c.start + c.num_tokens - c.num_drafts] + em)
+            posts.append(_Post(c.seq, c.start + c.num_tokens - c.num_drafts, em))
             c.seq.drafts, c.seq.draft_probs = row[:self._limit(posts[-1])], None
         self._override(chunks, emitted, posts)
 
@@ -161,12 +181,12 @@ class MTPProposer:
         for c, em, post in zip(chunks, emitted, posts):
             s = c.seq
             if em and s.drafts:
-                forced = list(self.override(s, post))[:len(s.drafts)]
+                forced = list(self.override(s, post.list()))[:len(s.drafts)]
                 s.drafts = forced
                 s.draft_probs = torch.nn.functional.one_hot(
                     upload(forced, self.runner.device), self.runner.model.cfg.vocab_size).float()
 
-    def _limit(self, post: list[int]) -> int:
+    def _limit(self, post: _Post) -> int:
         """Drafts that fit before max_model_len."""
         return max(0, min(self.k, self.max_model_len - len(post) - 1))
 
@@ -225,7 +245,8 @@ class MTPProposer:
         drafts: list[list[int]] = [[] for _ in drafting]
         toks, qs = [], []
         for j in range(self.k):
-            hist = [post[s.num_prompt_tokens:] + d for (_, post, _), s, d in zip(drafting, seqs, drafts)]
+            hist = [post.tail(s.num_prompt_tokens) + d
+                    for (_, post, _), s, d in zip(drafting, seqs, drafts)]
             q = r.sampler.probs(model.mtp_logits(x), [s.params for s in seqs], hist,
                                 [s.request.prompt_token_ids for s in seqs])
             tok = r.sampler.draw(q, range(len(seqs)), [s.generator for s in seqs])
