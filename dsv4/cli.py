@@ -42,8 +42,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="working dtype (auto = bfloat16)")
     g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if present)")
-    g.add_argument("--max-model-len", type=int, default=None,
-                   help="context limit (default: what the config and the KV cache allow)")
+    g.add_argument("--max-model-len", type=_token_count, default=None,
+                   help="context limit, e.g. 65536, 64k or 1m (default: what the config and "
+                        "the KV cache allow)")
     g.add_argument("--max-num-seqs", type=int, default=None,
                    help="sequences in one step (default: 256 on a GPU of 70 GiB or more, "
                         "else 64)")
@@ -62,7 +63,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="ranks for tensor-parallel attention and expert-parallel MoE "
                         "(started by this command; under torchrun, the launcher's world size)")
     g.add_argument("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
-    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "fp8"],
+    g.add_argument("--kv-cache-dtype", default="auto", type=_kv_cache_dtype,
+                   choices=["auto", "bfloat16", "fp8"],
                    help="attention cache rows: packed FP8 (584 bytes a row instead of 1024, "
                         "lossless given the model's QAT), or the working dtype (bfloat16); "
                         "auto = fp8 on CUDA with bf16 weights and QAT, the working dtype otherwise")
@@ -119,6 +121,31 @@ def _speculative_tokens(args: argparse.Namespace) -> int:
         raise ValueError(f"--speculative-tokens {k} and --speculative-config "
                          f"num_speculative_tokens {cfg} disagree")
     return cfg
+
+
+def _token_count(text: str) -> int:
+    """A token count as vLLM takes one: 65536, 64k or 64K (x1024), 1m or 1M (x1024^2)."""
+    t = text.strip().lower()
+    scale = {"k": 1 << 10, "m": 1 << 20}.get(t[-1:], 1)
+    try:
+        n = int(t[:-1] if scale > 1 else t) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a token count such as 65536, 64k or 1m, got {text!r}"
+                                         ) from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return n
+
+
+def _kv_cache_dtype(text: str) -> str:
+    """vLLM's names too: fp8_e4m3 is dsv4's fp8 rows; e5m2 rows would not hold the model's
+    values exactly, so they are not offered."""
+    if text == "fp8_e4m3":
+        return "fp8"
+    if text == "fp8_e5m2":
+        raise argparse.ArgumentTypeError("fp8_e5m2 rows would round the model's e4m3 values; "
+                                         "use fp8 (e4m3, lossless here) or bfloat16")
+    return text
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -204,3 +204,21 @@ def test_serve_accepts_vllms_deployment_flags(caplog, monkeypatch):
 def test_serve_errors_exit_with_the_message(capsys):
     assert main(["serve", "tiny", "--tool-call-parser", "hermes"]) == 1
     assert "hermes" in capsys.readouterr().err
+
+
+def test_vllm_style_lengths_and_cache_dtypes_parse():
+    """--max-model-len 64k / 1m (vLLM's suffixes), --kv-cache-dtype fp8_e4m3 (vLLM's name for
+    dsv4's fp8 rows); a malformed length or e5m2 rows are refused by the parser."""
+    import argparse
+
+    from dsv4.cli import add_engine_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    for text, n in (("65536", 65536), ("64k", 65536), ("64K", 65536), ("1m", 1 << 20)):
+        assert parser.parse_args(["--max-model-len", text]).max_model_len == n
+    assert parser.parse_args(["--kv-cache-dtype", "fp8_e4m3"]).kv_cache_dtype == "fp8"
+    for argv in (["--max-model-len", "lots"], ["--max-model-len", "0"],
+                 ["--kv-cache-dtype", "fp8_e5m2"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
