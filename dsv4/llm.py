@@ -48,14 +48,17 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, priority: Sequence[int] | None = None
-                 ) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None,
+                 lora_request: Any = None) -> list[RequestOutput]:
         """One finished `RequestOutput` per prompt, in input order.
 
         A prompt is a string, a list of token ids or `{"prompt_token_ids": [...]}`; one prompt
         may be passed on its own. `sampling_params` is one for all prompts or one per prompt;
         `priority` one per prompt (scheduling_policy="priority": lower runs first).
         """
+        if lora_request is not None:
+            raise ValueError("LoRA adapters are not supported: dsv4 serves DeepSeek-V4's own "
+                             "weights (lora_request must be None)")
         if _is_single_prompt(prompts):
             prompts = [prompts]
         prompts = list(prompts)
@@ -107,8 +110,8 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              thinking: bool = False, tools: list[dict] | None = None,
-             use_tqdm: bool = True, chat_template_kwargs: dict | None = None
-             ) -> list[RequestOutput]:
+             use_tqdm: bool = True, chat_template_kwargs: dict | None = None,
+             lora_request: Any = None) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them (DeepSeek-V4 chat encoding).
         Thinking mode: `thinking=True`, or vLLM's `chat_template_kwargs={"thinking": True}`
         (or `"enable_thinking"`), as the server takes it."""
@@ -131,7 +134,7 @@ class LLM:
             given = [sampling_params] if one else list(sampling_params)
             given = [_answer_only(p, end) for p in given]
             sampling_params = given[0] if one else given
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request=lora_request)
 
 
 def _answer_only(params: SamplingParams | None, think_end: int | None):

@@ -109,3 +109,19 @@ def test_vllm_constructor_arguments():
     LLM("tiny", dtype="float32", device="cpu", max_num_seqs=2, trust_remote_code=True)
     with pytest.raises(TypeError, match="unknown engine arguments \\['swap_space'\\]"):
         LLM("tiny", device="cpu", swap_space=4)
+
+
+def test_detokenize_false_and_lora_request_as_vllm_takes_them(llm):
+    """SamplingParams(detokenize=False): the same tokens, no text, logprobs without decoded
+    tokens; stop strings then refused. lora_request=None is accepted, an adapter refused."""
+    kw = dict(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=1)
+    (plain,) = llm.generate([[5, 6, 7]], SamplingParams(**kw), use_tqdm=False, lora_request=None)
+    (raw,) = llm.generate([[5, 6, 7]], SamplingParams(**kw, detokenize=False), use_tqdm=False)
+    assert raw.outputs[0].token_ids == plain.outputs[0].token_ids and raw.outputs[0].text == ""
+    assert all(lp.decoded_token is None for pos in raw.outputs[0].logprobs for lp in pos.values())
+    assert any(lp.decoded_token for pos in plain.outputs[0].logprobs for lp in pos.values())
+    with pytest.raises(ValueError, match="detokenize"):
+        llm.generate([[5, 6]], SamplingParams(stop=["x"], detokenize=False), use_tqdm=False)
+    with pytest.raises(ValueError, match="LoRA"):
+        llm.generate([[5, 6]], GREEDY, use_tqdm=False, lora_request=object())
+    assert not llm.llm_engine.has_unfinished_requests()

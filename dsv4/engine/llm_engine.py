@@ -526,6 +526,9 @@ class LLMEngine:
                              f"(and the prompt shorter than {L})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids instead")
+        if params.stop and not params.detokenize:
+            raise ValueError("stop strings need detokenize=True (they match the text); use "
+                             "stop_token_ids instead")
         if params.bad_words:
             if self.tokenizer is None:
                 raise ValueError("bad_words need a tokenizer; use logit_bias instead")
@@ -738,13 +741,15 @@ class LLMEngine:
             if not accounted:
                 seq.num_computed += chunk.num_tokens - chunk.num_drafts + (
                     len(toks) - 1 if chunk.num_drafts else 0)
+            text = req.params.detokenize
             if plp:
                 req.prompt_logprobs.extend(
-                    self._position_logprobs(t.token_id, t.logprob, t.rank, t.top) for t in plp)
+                    self._position_logprobs(t.token_id, t.logprob, t.rank, t.top, text)
+                    for t in plp)
             if not toks:
                 continue
             for tok in toks:
-                top = (self._position_logprobs(tok.token_id, tok.logprob, tok.rank, tok.top)
+                top = (self._position_logprobs(tok.token_id, tok.logprob, tok.rank, tok.top, text)
                        if seq.logprobs is not None else None)
                 seq.append_token(tok.token_id, tok.logprob, top, self.eos_token_ids,
                                  self.max_model_len)
@@ -778,12 +783,15 @@ class LLMEngine:
         return self._token_text[token_id]
 
     def _position_logprobs(self, token_id: int, logprob: float, rank: int,
-                           top: list[tuple[int, float]] | None) -> PositionLogprobs:
-        """vLLM's per-position dict: the chosen token first, then the top-N by rank."""
-        d = {token_id: Logprob(logprob, rank, self._decode_token(token_id))}
+                           top: list[tuple[int, float]] | None,
+                           text: bool = True) -> PositionLogprobs:
+        """vLLM's per-position dict: the chosen token first, then the top-N by rank (their
+        `decoded_token` None without `text`: detokenize=False)."""
+        name = self._decode_token if text else (lambda t: None)
+        d = {token_id: Logprob(logprob, rank, name(token_id))}
         for r, (t, lp) in enumerate(top or [], 1):
             if t not in d:
-                d[t] = Logprob(lp, r, self._decode_token(t))
+                d[t] = Logprob(lp, r, name(t))
         return d
 
     def spec_stats(self) -> dict | None:

@@ -71,6 +71,9 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # vLLM's: False leaves the text empty and logprobs' decoded tokens None (no
+    # detokenisation work; stop strings then cannot be used)
+    detokenize: bool = True
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: int | None = None  # keep the last k prompt tokens (-1: what fits)
     logit_bias: dict[int, float] | None = None

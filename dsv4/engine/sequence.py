@@ -229,7 +229,7 @@ class Request:
             Sequence(self, i,
                      make_generator(None if params.seed is None else params.seed + i, device),
                      IncrementalDecoder(tokenizer, params.skip_special_tokens)
-                     if tokenizer is not None else None)
+                     if tokenizer is not None and params.detokenize else None)
             for i in range(params.n)]
 
     @property
