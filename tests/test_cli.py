@@ -127,21 +127,21 @@ def test_vllm_style_speculative_config_sets_the_draft_count(capsys):
         assert why in capsys.readouterr().err
 
 
-def test_serve_takes_vllm_command_lines():
-    """`dsv4 serve MODEL` with vLLM's DeepSeek flags parses as `--model MODEL`; a parser of
-    another model family, or two different models, is refused with the flag named."""
+def parsed(*argv):
+    """`dsv4 serve` arguments as its parser and its checks leave them."""
     import argparse
 
     from dsv4.server.cli import add_serve_args, check_serve_args
-
     parser = argparse.ArgumentParser()
     add_serve_args(parser)
+    args = parser.parse_args(list(argv))
+    check_serve_args(args)
+    return args
 
-    def parsed(*argv):
-        args = parser.parse_args(list(argv))
-        check_serve_args(args)
-        return args
 
+def test_serve_takes_vllm_command_lines():
+    """`dsv4 serve MODEL` with vLLM's DeepSeek flags parses as `--model MODEL`; a parser of
+    another model family, or two different models, is refused with the flag named."""
     args = parsed("deepseek-ai/DeepSeek-V4-Flash", "--trust-remote-code", "-tp", "8",
                   "--tool-call-parser", "deepseek_v4", "--enable-auto-tool-choice",
                   "--reasoning-parser", "deepseek_v4")
@@ -165,19 +165,8 @@ def test_serve_accepts_vllms_deployment_flags(caplog, monkeypatch):
     """A vLLM deployment line for DeepSeek-V4 runs: flags that mean nothing here are ignored
     (with a warning where a user might expect an effect), --disable-custom-all-reduce keeps
     NCCL's ring; flags that would change what is served and cannot are refused, reason named."""
-    import argparse
     import logging
     import os
-
-    from dsv4.server.cli import add_serve_args, check_serve_args
-
-    parser = argparse.ArgumentParser()
-    add_serve_args(parser)
-
-    def parsed(*argv):
-        args = parser.parse_args(list(argv))
-        check_serve_args(args)
-        return args
 
     monkeypatch.setenv("DSV4_TP_ALLREDUCE", "one-shot")  # restored after the test
     with caplog.at_level(logging.WARNING, logger="dsv4.server"):
