@@ -39,7 +39,7 @@ def test_padded_static_batch_gives_the_same_logits_and_cache(tiny):
             assert torch.allclose(a.win[:3], b.win[:3], atol=1e-5)
             if a.cmp is not None:
                 assert torch.allclose(a.cmp[:3], b.cmp[:3], atol=1e-5)
-    assert not sb.fits([SeqChunk([1, 2, 3], 0, 0, [0])])  # more tokens than captured
+    assert not sb.fits([SeqChunk([1] * 9, 0, 0, [0])])  # more tokens than captured
 
 
 def test_fp8_kv_cache_gives_the_same_logits_as_bf16_rows():
@@ -171,3 +171,85 @@ def test_static_batches_share_their_lists():
     rows = big.candidates(4)[0]
     assert rows.data_ptr() == shared[(4, 512)][0].data_ptr() == small.candidates(4)[0].data_ptr()
     assert len(shared["outgrown"]) == 2  # the small batch's first buffers (ratios 4 and 128)
+
+
+def _cache_tensors(cache):
+    """Every per-slot and per-block buffer of a cache (windows, compressed rows, states)."""
+    out = []
+    for layer in cache.layers:
+        out.append(layer.win)
+        for buf in (layer.cmp, layer.idx):
+            if buf is not None:
+                out.append(buf)
+        for st in (layer.state, layer.idx_state):
+            if st is not None:
+                out.extend((st.kv, st.score))
+    return out
+
+
+def test_ragged_steps_replay_a_static_batch(tiny):
+    """A graph's StaticBatch also replays ragged steps that fit its capacities (CUDA graphs
+    for short prefills): a prefill chunk beside decode tokens, then a chunk writing a prefix
+    snapshot into a copied slot, give the logits and caches of their ForwardBatch forwards;
+    steps over the token, window or ring-write capacity do not fit."""
+    cfg = tiny.cfg
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (20, 7, 15)]
+    starts = (11, 6, 14)  # tokens already in the cache
+    caches = [make_cache(tiny, num_slots=6, num_blocks=8) for _ in range(2)]
+    for cache in caches:
+        for s, (ids, p) in enumerate(zip(prompts, starts)):
+            run_chunks(tiny, cache, ids[:p], [p], slot=s, blocks=[s])
+    ratios = {m for m in cfg.compress_ratios if m}
+    sb = StaticBatch(num_seqs=4, tokens_per_seq=4, ratios=ratios,
+                     state_rows={m: caches[1].state_rows(m) for m in ratios},
+                     window=cfg.sliding_window, window_rows=caches[1].window_rows, num_slots=6,
+                     max_model_len=512, pad_slot=5, pad_block=7, device="cpu")
+    ragged = [SeqChunk(ids[p:p + n], p, s, [s])
+              for s, (ids, p, n) in enumerate(zip(prompts, starts, (9, 1, 1)))]
+    # seq 0 continues to 20 with a snapshot at 16 into slot 3, a copy of its slot
+    snap = [SeqChunk(prompts[0][11:20], 11, 0, [0], ((16, 3),))]
+    for chunks in (ragged, snap):
+        assert sb.fits(chunks) and max(len(c.tokens) for c in chunks) > sb.tokens_per_seq
+        n = sum(len(c.tokens) for c in chunks)
+        outs = []
+        for cache, b in zip(caches, (ForwardBatch, ForwardBatch)):
+            if chunks is snap:
+                cache.copy_slots([(0, 3)])
+            fb = b(chunks, cfg.sliding_window, cache.window_rows, 6, logits_indices=list(range(n)))
+            if cache is caches[1]:
+                sb.load(fb)
+                sb.prepare()
+                fb = sb
+            with torch.inference_mode():
+                outs.append(tiny.logits(tiny(fb, cache)[fb.logits_indices])[:n])
+        assert (outs[0] - outs[1]).abs().max() < 1e-4
+        for a, b in zip(_cache_tensors(caches[0]), _cache_tensors(caches[1])):
+            assert torch.allclose(a[:5], b[:5], atol=1e-5)  # all but the padding's slot/block
+        if chunks is ragged:  # the next step continues from this one
+            for cache in caches:
+                cache.copy_slots([(0, 4)])  # (keeps seq 0 before the snapshot step in slot 4)
+    # over capacity: 17 tokens; 5 windows of ratio 4 (4 fit); ring writes past 16 entries
+    assert not sb.fits([SeqChunk([1] * 17, 0, 0, [0])])
+    assert not sb.fits([SeqChunk([1] * 13, 3, 0, [0]), SeqChunk([1], 7, 1, [1])])
+    assert sb.fits([SeqChunk([1] * 12, 3, 0, [0])])
+    assert not sb.fits([SeqChunk([1] * 12, 0, 0, [0], ((12, 3), (8, 4)))])
+
+
+def test_graph_runner_picks_the_smallest_graph_a_step_fits():
+    """Decode steps take the next batch size up; a ragged step the smallest graph whose token,
+    window and ring capacities hold it; a step no graph holds, none (it runs eagerly)."""
+    from dsv4.engine.cuda_graph import CUDAGraphRunner
+    kw = dict(ratios={4, 128}, state_rows={4: 16, 128: 136}, window=128, window_rows=136,
+              num_slots=9, max_model_len=4096, pad_slot=8, pad_block=99, device="cpu")
+    r = CUDAGraphRunner.__new__(CUDAGraphRunner)
+    r.tokens_per_seq, r.max_len, r.sizes = 1, 4096, [1, 2, 4, 8]
+    r.graphs = {b: (None, StaticBatch(b, 1, **kw), None, None) for b in r.sizes}
+    dec = [SeqChunk([0], 300 + s, s, [0, 1, 2]) for s in range(3)]
+    assert r.pick([c.start_pos for c in dec], [1] * 3) == 4
+    assert r.fits(dec)
+    short = [SeqChunk([0] * 5, 0, 3, [3])] + dec  # a 5-token prompt beside 3 decodes
+    assert r.fits(short)
+    assert r.pick([c.start_pos for c in short], [len(c.tokens) for c in short]) == 8
+    assert not r.fits([SeqChunk([0] * 9, 0, 3, [3])])  # 9 tokens: more than any graph holds
+    assert not r.fits([SeqChunk([0] * 8, 4090, 3, list(range(33)))])  # past max_len

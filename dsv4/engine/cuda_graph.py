@@ -3,8 +3,10 @@
 A graph captures the main model's forward and head over a `StaticBatch`: fixed-shape index
 buffers that each step overwrites with its own (`StaticBatch.load`). Padding rows write only
 into a slot and a block reserved for them, and attend to nothing. Captured: steps in which every
-sequence feeds at most `1 + speculative_tokens` tokens (decode and draft verification).
-Prefill chunks and prompt-logprob requests run eagerly.
+sequence feeds at most `1 + speculative_tokens` tokens (decode and draft verification), and
+ragged steps that fit a graph's token capacity (a short prompt's prefill, alone or beside
+decodes: `StaticBatch.fits`), which replay the smallest graph they fit. Longer steps and
+prompt-logprob requests run eagerly.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import logging
 
 import torch
 
-from ..model.batch import ForwardBatch, SeqChunk, StaticBatch
+from ..model.batch import ForwardBatch, SeqChunk, StaticBatch, snapshot_spans
 
 logger = logging.getLogger(__name__)
 
@@ -114,17 +116,27 @@ class CUDAGraphRunner:
         """Whether a step of these chunks can replay a graph (checked before its batch is built:
         a graph step builds its indices on the host)."""
         return (max(c.start_pos + len(c.tokens) for c in chunks) <= self.max_len
-                and self.graphs[self.sizes[-1]][1].fits(chunks))
+                and self.graphs[self.sizes[-1]][1].fits(chunks)
+                and self.pick([c.start_pos for c in chunks], [len(c.tokens) for c in chunks],
+                              snapshot_spans(chunks)) is not None)
 
     def size_for(self, num_seqs: int) -> int:
-        """The batch size of the graph that replays a step of num_seqs sequences."""
+        """The batch size of the graph that replays a decode step of num_seqs sequences."""
         return next(b for b in self.sizes if b >= num_seqs)
+
+    def pick(self, starts: list[int], lens: list[int], snapshots=()) -> int | None:
+        """The batch size of the smallest graph that holds a step of chunks of these lengths
+        (decode steps: the next size up from their count), or None."""
+        if max(lens) <= self.tokens_per_seq and not snapshots:
+            return self.size_for(len(lens)) if len(lens) <= self.sizes[-1] else None
+        return next((b for b in self.sizes
+                     if self.graphs[b][1].fits_tokens(starts, lens, snapshots)), None)
 
     def run(self, batch: ForwardBatch, fill=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Replay the smallest graph that holds `batch`: (X [T, n, d], logits [T, V]) of its rows.
         `fill(input_ids)` may then rewrite the uploaded token ids on the device (a step
         launched before its tokens reached the host)."""
-        bs = self.size_for(batch.num_seqs)
+        bs = self.pick(batch.starts, batch.lens, snapshot_spans(batch.chunks))
         g, sb, x, logits = self.graphs[bs]
         sb.load(batch)
         if fill is not None:

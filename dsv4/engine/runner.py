@@ -16,7 +16,7 @@ import torch
 
 from ..cache.kv_cache import ModelCache
 from ..kernels.greedy import greedy_logprob
-from ..model.batch import ForwardBatch, SeqChunk
+from ..model.batch import ForwardBatch, SeqChunk, snapshot_spans
 from ..model.model import DeepseekV4Model
 from .sampler import Sampler, TokenLogprob, compute_logprobs_topn
 from .scheduler import ScheduledChunk
@@ -100,10 +100,10 @@ class ModelRunner:
     def run(self, chunks: list[ScheduledChunk]) -> RunnerOutput:
         plp_rows, plp_spans, sample_rows = self._rows(chunks)
         seq_chunks = [c.seq_chunk() for c in chunks]
-        # snapshots (prefix caching) are written by an eager step's ring writes
-        graph = (self.graphs is not None and not plp_rows and self.graphs.fits(seq_chunks)
-                 and not any(c.snapshots for c in chunks))
-        self.graph_bs = self.graphs.size_for(len(chunks)) if graph else None
+        graph = self.graphs is not None and not plp_rows and self.graphs.fits(seq_chunks)
+        self.graph_bs = (self.graphs.pick([c.start_pos for c in seq_chunks],
+                                          [len(c.tokens) for c in seq_chunks],
+                                          snapshot_spans(seq_chunks)) if graph else None)
         # A graph step builds its indices on the host (one upload); an eager step where it runs.
         batch = ForwardBatch(seq_chunks, self.window, self.cache.window_rows, self.cache.num_slots,
                              "cpu" if graph else self.device,
@@ -182,8 +182,7 @@ class ModelRunner:
         is not yet known on the host take it from `feed`'s sampled ids on the device."""
         seq_chunks = [c.seq_chunk() for c in chunks]
         fill = _feeder(chunks, feed) if feed is not None else None
-        graph = (self.graphs is not None and self.graphs.fits(seq_chunks)
-                 and not any(c.snapshots for c in chunks))
+        graph = self.graphs is not None and self.graphs.fits(seq_chunks)
         rows = list(range(len(chunks)))
         batch = ForwardBatch(seq_chunks, self.window, self.cache.window_rows, self.cache.num_slots,
                              "cpu" if graph else self.device, logits_indices=rows)

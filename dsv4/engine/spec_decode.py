@@ -133,8 +133,11 @@ class MTPProposer:
                 nxt = seq.token_ids[c.start + 1:c.start + 1 + valid]
             plan.append((nxt, valid, post))
         graphs = getattr(r, "draft_graphs", None)
+        # the drafting graphs take decode-shaped steps (a graph replay may also have been a
+        # short prefill, `StaticBatch.fits`) without prefix-caching snapshots
         if (graphs is not None and r.graph_bs is not None and all(emitted)
-                and all(greedy_plain(c.seq) for c in chunks)):
+                and all(greedy_plain(c.seq) and c.num_tokens <= 1 + self.k and not c.snapshots
+                        for c in chunks)):
             self._draft_graph(chunks, plan)
         else:
             mtp_chunks, rows, last_rows, drafting = [], [], [], []

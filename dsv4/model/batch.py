@@ -251,6 +251,11 @@ class ForwardBatch:
         return rows, avail
 
 
+def snapshot_spans(chunks: list[SeqChunk]) -> list[int]:
+    """Per snapshot (P, slot) of these chunks: its chunk's tokens before P."""
+    return [p - c.start_pos for c in chunks for p, _ in c.snapshots]
+
+
 def _empty_plan(items: int) -> dict[str, np.ndarray]:
     ints = np.zeros(0, dtype=np.int64)
     return dict(seq=ints, index=ints, is_new=np.zeros((0, items), dtype=bool),
@@ -303,8 +308,12 @@ class _Arena:
 class StaticBatch:
     """Fixed-shape, persistent device copies of a ForwardBatch's indices (for CUDA graphs).
 
-    A graph captured on a StaticBatch replays any ForwardBatch with at most `num_seqs` sequences
-    of at most `tokens_per_seq` tokens each, after `load(batch)` copies its indices in. Padding
+    A graph captured on a StaticBatch replays any ForwardBatch that `fits`: at most `num_seqs`
+    sequences and `num_tokens` tokens (by default `num_seqs * tokens_per_seq`), shared out in
+    any way (a prefill chunk beside decode tokens), after `load(batch)` copies its indices in;
+    the windows its chunks complete must fit the plans (a sequence of `tokens_per_seq` tokens
+    completes at most its share) and its ring writes `num_tokens + ring_extra` entries
+    (prefix-caching snapshots add some: `ForwardBatch.ring_writes_host`). Padding
     tokens see nothing, write into the reserved `pad_slot` and `pad_block`, and are never read.
     `load` takes a batch built on the host (device "cpu"): its indices are written into pinned
     buffers and uploaded in two asynchronous copies (int64, bool). The CSA candidate lists, which
@@ -313,14 +322,16 @@ class StaticBatch:
 
     def __init__(self, num_seqs: int, tokens_per_seq: int, ratios, state_rows: dict,
                  window: int, window_rows: int, num_slots: int, max_model_len: int,
-                 pad_slot: int, pad_block: int, device, lists: dict | None = None):
+                 pad_slot: int, pad_block: int, device, lists: dict | None = None,
+                 num_tokens: int | None = None, ring_extra: int = 0):
         d = torch.device(device)
         self.device, self.window, self.window_rows, self.num_slots = d, window, window_rows, num_slots
         self.num_seqs, self.tokens_per_seq = num_seqs, tokens_per_seq
         self.pad_slot, self.pad_block = pad_slot, pad_block
-        T = num_seqs * tokens_per_seq
+        T = num_seqs * tokens_per_seq if num_tokens is None else num_tokens
         self.num_tokens = T
-        self.max_blocks = max(1, -(-(max_model_len + tokens_per_seq) // BLOCK_TOKENS))
+        self.ring_entries = T + ring_extra
+        self.max_blocks = max(1, -(-(max_model_len + T) // BLOCK_TOKENS))
         ints, bools = _Arena(torch.long, d), _Arena(torch.bool, d)
         self._arenas = (ints, bools)
         # (arena, field, fill) per index tensor, in load order
@@ -336,11 +347,15 @@ class StaticBatch:
         field("window_index", ints, -1, T, window)
         self._rows = sorted({window_rows, *state_rows.values()})
         for r in self._rows:
-            field(("ring_tok", r), ints, T - 1, T)
-            field(("ring_dst", r), ints, pad_slot * r, T)
+            field(("ring_tok", r), ints, T - 1, self.ring_entries)
+            field(("ring_dst", r), ints, pad_slot * r, self.ring_entries)
         self._plan_keys = [(m, state_rows[m]) for m in sorted(ratios)]
+        # completed windows a step may hold per ratio: a sequence's chunk of n tokens completes
+        # at most ceil(n / m), and every completion takes one of the T tokens
+        self.windows = {m: (num_seqs * -(-tokens_per_seq // m) if num_tokens is None
+                            else min(T, T // m + num_seqs)) for m in sorted(ratios)}
         for m, rows in self._plan_keys:
-            W = num_seqs * -(-tokens_per_seq // m)
+            W = self.windows[m]
             km = overlap_factor(m) * m
             rpb = BLOCK_TOKENS // m
             for name, arena, fill, shape in (
@@ -372,9 +387,29 @@ class StaticBatch:
         self._lists = lists
 
     def fits(self, chunks: list[SeqChunk]) -> bool:
-        return (len(chunks) <= self.num_seqs
-                and all(len(c.tokens) <= self.tokens_per_seq
-                        and len(c.block_table) <= self.max_blocks for c in chunks))
+        if len(chunks) > self.num_seqs or any(len(c.block_table) > self.max_blocks
+                                              for c in chunks):
+            return False
+        return self.fits_tokens([c.start_pos for c in chunks], [len(c.tokens) for c in chunks],
+                                snapshot_spans(chunks))
+
+    def fits_tokens(self, starts: list[int], lens: list[int], snapshots=()) -> bool:
+        """Whether chunks of these lengths (at these start positions; `snapshots`: the tokens
+        of its chunk before each snapshot point) fit the token, window and ring-write
+        capacities. Chunks of at most `tokens_per_seq` tokens without snapshots (decode steps)
+        fit by construction."""
+        if len(lens) > self.num_seqs or sum(lens) > self.num_tokens:
+            return False
+        if max(lens) <= self.tokens_per_seq and not snapshots:
+            return True
+        for m, w in self.windows.items():
+            if sum((s + n) // m - s // m for s, n in zip(starts, lens)) > w:
+                return False
+        # ring writes: each sequence's last `rows` tokens, and per snapshot up to `rows` more
+        for r in self._rows:
+            if sum(min(n, r) for n in (*lens, *snapshots)) > self.ring_entries:
+                return False
+        return True
 
     def ring_writes(self, rows: int):
         return self._ring[rows]
@@ -434,7 +469,7 @@ class StaticBatch:
     def load(self, b: ForwardBatch) -> None:
         """Copy the indices of `b` (best built on the host) in, padding the rest; no host
         synchronisation."""
-        if b.num_seqs > self.num_seqs or max(b.lens) > self.tokens_per_seq:
+        if not self.fits_tokens(b.starts, b.lens, snapshot_spans(b.chunks)):
             raise ValueError("batch larger than the captured graph")
         for arena in self._arenas:
             arena.wait_upload()

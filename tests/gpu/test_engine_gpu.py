@@ -25,6 +25,44 @@ def test_graph_decoding_equals_eager():
     assert graph == eager
 
 
+def _staggered(prompts, **kw):
+    """Greedy tokens of prompts arriving one every two steps (short prefills beside running
+    decodes), and the lengths of the steps that replayed a graph."""
+    llm = LLM(model="tiny", dtype="float32", device="cuda", max_num_seqs=32,
+              max_num_batched_tokens=8, gpu_memory_utilization=0.2, **kw)
+    eng, replayed = llm.llm_engine, []
+    graphs = eng.runner.graphs
+    if graphs is not None:
+        run = graphs.run
+        graphs.run = lambda b, *a: replayed.append((b.lens, b.chunks)) or run(b, *a)
+    params = SamplingParams(temperature=0, max_tokens=12)
+    out, pending = {}, list(enumerate(prompts))
+    while pending or eng.has_unfinished_requests():
+        if pending:
+            i, p = pending.pop(0)
+            eng.add_request(str(i), {"prompt_token_ids": p}, params)
+        for _ in range(2):
+            for o in eng.step():
+                if o.finished:
+                    out[int(o.request_id)] = o.outputs[0].token_ids
+    return [out[i] for i in range(len(prompts))], replayed
+
+
+def test_short_prefills_replay_graphs_with_the_eager_tokens():
+    """Ragged steps that fit a decode graph's capacity (a short prompt's chunk beside running
+    decodes, a chunk that writes a prefix-caching snapshot) replay it (`StaticBatch.fits`)
+    and give the eager engine's greedy tokens."""
+    prompts = [[16 + (i * 29 + j * 13) % 490 for j in range(n)]
+               for i, n in enumerate([5, 3, 12, 2, 140, 7, 16, 1])]
+    want, _ = _staggered(prompts, enforce_eager=True)
+    got, replayed = _staggered(prompts)
+    assert got == want
+    ragged = [lens for lens, _ in replayed if max(lens) > 1]
+    snaps = [lens for lens, chunks in replayed if any(c.snapshots for c in chunks)]
+    print(f"{len(replayed)} graph steps, {len(ragged)} ragged, {len(snaps)} with snapshots")
+    assert ragged and snaps
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_speculative_greedy_with_graphs_equals_plain_greedy(k):
     plain, _ = _greedy()
