@@ -237,19 +237,32 @@ def test_ragged_steps_replay_a_static_batch(tiny):
 
 
 def test_graph_runner_picks_the_smallest_graph_a_step_fits():
-    """Decode steps take the next batch size up; a ragged step the smallest graph whose token,
-    window and ring capacities hold it; a step no graph holds, none (it runs eagerly)."""
-    from dsv4.engine.cuda_graph import CUDAGraphRunner
+    """Decode steps take the next batch size up; a ragged step the smallest decode graph whose
+    token, window and ring capacities hold it, else the smallest prefill graph (contexts up to
+    its own length); a step no graph holds, none (it runs eagerly)."""
+    from dsv4.engine.cuda_graph import CUDAGraphRunner, prefill_sizes
     kw = dict(ratios={4, 128}, state_rows={4: 16, 128: 136}, window=128, window_rows=136,
-              num_slots=9, max_model_len=4096, pad_slot=8, pad_block=99, device="cpu")
+              num_slots=9, pad_slot=8, pad_block=99, device="cpu")
     r = CUDAGraphRunner.__new__(CUDAGraphRunner)
-    r.tokens_per_seq, r.max_len, r.sizes = 1, 4096, [1, 2, 4, 8]
-    r.graphs = {b: (None, StaticBatch(b, 1, **kw), None, None) for b in r.sizes}
+    r.tokens_per_seq, r.max_len, r.prefill_len, r.sizes = 1, 4096, 1024, [1, 2, 4, 8]
+    r._memo = None
+    r.graphs = {b: (None, StaticBatch(b, 1, max_model_len=4096, **kw), None, None)
+                for b in r.sizes}
+    r.prefill = {t: (None, StaticBatch(8, 1, max_model_len=1024, num_tokens=t, ring_extra=t,
+                                       **kw), None, None) for t in (16, 32)}
     dec = [SeqChunk([0], 300 + s, s, [0, 1, 2]) for s in range(3)]
-    assert r.pick([c.start_pos for c in dec], [1] * 3) == 4
-    assert r.fits(dec)
+    assert r._select(dec) == (r.graphs, 4) and r.batch_size(dec) == 4
     short = [SeqChunk([0] * 5, 0, 3, [3])] + dec  # a 5-token prompt beside 3 decodes
-    assert r.fits(short)
-    assert r.pick([c.start_pos for c in short], [len(c.tokens) for c in short]) == 8
-    assert not r.fits([SeqChunk([0] * 9, 0, 3, [3])])  # 9 tokens: more than any graph holds
+    assert r._select(short) == (r.graphs, 8) and r.batch_size(short) == 8
+    longer = [SeqChunk([0] * 20, 0, 3, [3])] + dec
+    assert r._select(longer) == (r.prefill, 32) and r.batch_size(longer) is None
+    snap = [SeqChunk([0] * 12, 120, 3, [3, 4], ((128, 5),))]  # a snapshot: 8 more ring rows
+    assert r._select(snap) == (r.prefill, 16)
+    assert not r.fits([SeqChunk([0] * 33, 0, 3, [3])])  # more tokens than any graph holds
+    assert not r.fits([SeqChunk([0] * 20, 1020, 3, list(range(9)))])  # past the prefill length
+    assert r.fits([SeqChunk([0] * 2, 1020, 3, list(range(9)))])  # a decode graph's is longer
     assert not r.fits([SeqChunk([0] * 8, 4090, 3, list(range(33)))])  # past max_len
+    # prefill graphs: past the decode graphs' tokens, up to the scheduler's step
+    assert prefill_sizes(256, 1, 8192) == [384, 512, 768, 1024, 1536, 2048]
+    assert prefill_sizes(256, 2, 1024) == [768, 1024]
+    assert prefill_sizes(8, 1, 300) == []

@@ -12,13 +12,21 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
-from ..model.batch import ForwardBatch, SeqChunk, StaticBatch, snapshot_spans
+from ..cache.kv_cache import BLOCK_TOKENS
+from ..model.batch import ForwardBatch, SeqChunk, StaticBatch
+from .upload import upload
 
 logger = logging.getLogger(__name__)
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+# Prefill graphs: token capacities past the decode graphs' (a step pads up to the next), and
+# the context they serve. An eager step costs ~3.5 ms of host time a layer whatever its size,
+# which the GPU work of a prefill outgrows around 2K tokens.
+PREFILL_TOKENS = (384, 512, 768, 1024, 1536, 2048)
+PREFILL_MAX_LEN = 32768
 MIN_AUTO_LEN = 16384  # the automatic graph length (`fit_graph_len`) stops halving here
 
 
@@ -58,12 +66,28 @@ def fit_graph_len(ratios, tokens: tuple[int, int], max_len: int, budget: int) ->
     return n
 
 
+def prefill_sizes(max_num_seqs: int, tokens_per_seq: int, max_num_batched_tokens: int
+                  ) -> list[int]:
+    """The token capacities that get a prefill graph: past the largest decode graph's, up to
+    the largest step the scheduler makes."""
+    return [t for t in PREFILL_TOKENS
+            if max_num_seqs * tokens_per_seq < t <= max(max_num_batched_tokens, 0)]
+
+
 class CUDAGraphRunner:
     def __init__(self, model, cache, max_num_seqs: int, tokens_per_seq: int, max_model_len: int,
-                 pad_slot: int, pad_block: int, with_logits: bool = True):
+                 pad_slot: int, pad_block: int, with_logits: bool = True,
+                 max_num_batched_tokens: int = 0):
         """`max_model_len` bounds the context a graph serves: CSA candidate lists are sized for
         it, so longer contexts than the graphs were built for run eagerly. Without
-        `with_logits` (tensor-parallel workers: rank 0 samples) the graphs stop at X."""
+        `with_logits` (tensor-parallel workers: rank 0 samples) the graphs stop at X.
+        Decode graphs (`sizes`: batch sizes of `tokens_per_seq` tokens a sequence) also
+        replay ragged steps that fit them; prefill graphs (`prefill`: token capacities up to
+        `max_num_batched_tokens`, any `max_num_seqs` sequences, contexts up to
+        PREFILL_MAX_LEN) take the longer ones. They stop at X: the head then runs eagerly on
+        the sample rows only (a few launches; in a graph it would cost as many rows as the
+        step may sample, 256 rows' fp32 head ~1 ms on an H200 for the one a lone prompt
+        needs)."""
         self.model, self.cache, self.tokens_per_seq = model, cache, tokens_per_seq
         self.with_logits = with_logits
         self.max_len = max_model_len
@@ -77,70 +101,120 @@ class CUDAGraphRunner:
                             lists={})  # one set of context-wide lists for every graph
         self.pad_slot, self.pad_block = pad_slot, pad_block
         self.graphs: dict[int, tuple] = {}
+        self.prefill: dict[int, tuple] = {}
+        self.prefill_len = min(max_model_len, PREFILL_MAX_LEN)
+        self._memo = None  # (chunks, `_select`'s answer) of the last step asked about
         self.pool = None
         before = torch.cuda.memory_reserved(cache.device)
-        for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its memory pool
+        # largest first: smaller graphs reuse its memory pool
+        prefill = prefill_sizes(self.sizes[-1], tokens_per_seq, max_num_batched_tokens)
+        for t in reversed(prefill):
+            self._capture_prefill(t)
+        for bs in reversed(self.sizes):
             self._capture(bs)
         logger.info("captured CUDA graphs for batch sizes %s (%d tokens per sequence, contexts "
-                    "up to %d tokens, %.2f GiB)", self.sizes, tokens_per_seq, max_model_len,
+                    "up to %d tokens) and prefill steps of up to %s tokens (contexts up to %d), "
+                    "%.2f GiB", self.sizes, tokens_per_seq, max_model_len, prefill,
+                    self.prefill_len,
                     (torch.cuda.memory_reserved(cache.device) - before) / 2**30)
 
-    def _dummy(self, bs: int) -> ForwardBatch:
-        chunks = [SeqChunk([0] * self.tokens_per_seq, 0, self.pad_slot, [self.pad_block])] * bs
+    def _dummy(self, bs: int, tokens_per_seq: int) -> ForwardBatch:
+        blocks = [self.pad_block] * -(-tokens_per_seq // BLOCK_TOKENS)
+        chunks = [SeqChunk([0] * tokens_per_seq, 0, self.pad_slot, blocks)] * bs
         return ForwardBatch(chunks, self.model.cfg.sliding_window, self.cache.window_rows,
                             self.cache.num_slots, "cpu",
-                            logits_indices=list(range(bs * self.tokens_per_seq)))
+                            logits_indices=list(range(bs * tokens_per_seq)))
 
-    @torch.inference_mode()
     def _capture(self, bs: int) -> None:
         sb = StaticBatch(bs, self.tokens_per_seq, **self._static)
-        sb.load(self._dummy(bs))
+        sb.load(self._dummy(bs, self.tokens_per_seq))
+        self.graphs[bs] = self._record(sb)
+
+    def _capture_prefill(self, t: int) -> None:
+        """A graph of up to t tokens in any max_num_seqs chunks (prefix-caching snapshots
+        writing up to t more ring rows), with lists of its own as wide as `prefill_len`."""
+        static = dict(self._static, max_model_len=self.prefill_len,
+                      lists=self._static["lists"].setdefault("prefill", {}))
+        sb = StaticBatch(self.sizes[-1], self.tokens_per_seq, num_tokens=t, ring_extra=t,
+                         **static)
+        sb.load(self._dummy(1, t))
+        self.prefill[t] = self._record(sb, False)
+
+    @torch.inference_mode()
+    def _record(self, sb: StaticBatch, logits: bool = True) -> tuple:
+        """Capture the forward over sb, and the logits of every row: (graph, sb, X, logits)."""
+        def body():
+            sb.prepare()
+            x = self.model(sb, self.cache)
+            return x, (self.model.logits(x) if logits and self.with_logits else None)
+
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up: compile kernels, build weight tables
-                sb.prepare()
-                x = self.model(sb, self.cache)
-                if self.with_logits:
-                    self.model.logits(x)
+                body()
         torch.cuda.current_stream().wait_stream(stream)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self.pool):
-            sb.prepare()
-            x = self.model(sb, self.cache)
-            logits = self.model.logits(x) if self.with_logits else None
+            x, logits = body()
         self.pool = g.pool()
-        self.graphs[bs] = (g, sb, x, logits)
+        return g, sb, x, logits
 
     def fits(self, chunks: list[SeqChunk]) -> bool:
         """Whether a step of these chunks can replay a graph (checked before its batch is built:
         a graph step builds its indices on the host)."""
-        return (max(c.start_pos + len(c.tokens) for c in chunks) <= self.max_len
-                and self.graphs[self.sizes[-1]][1].fits(chunks)
-                and self.pick([c.start_pos for c in chunks], [len(c.tokens) for c in chunks],
-                              snapshot_spans(chunks)) is not None)
+        return self._select(chunks) is not None
+
+    def batch_size(self, chunks: list[SeqChunk]) -> int | None:
+        """The batch size of the decode graph a step of these chunks replays (None: a prefill
+        graph, or none)."""
+        key = self._select(chunks)
+        return key[1] if key is not None and key[0] is self.graphs else None
 
     def size_for(self, num_seqs: int) -> int:
         """The batch size of the graph that replays a decode step of num_seqs sequences."""
         return next(b for b in self.sizes if b >= num_seqs)
 
-    def pick(self, starts: list[int], lens: list[int], snapshots=()) -> int | None:
-        """The batch size of the smallest graph that holds a step of chunks of these lengths
-        (decode steps: the next size up from their count), or None."""
-        if max(lens) <= self.tokens_per_seq and not snapshots:
-            return self.size_for(len(lens)) if len(lens) <= self.sizes[-1] else None
-        return next((b for b in self.sizes
-                     if self.graphs[b][1].fits_tokens(starts, lens, snapshots)), None)
+    def _select(self, chunks: list[SeqChunk]) -> tuple | None:
+        """(graphs dict, key) of the smallest graph that holds a step of these chunks: decode
+        steps the next batch size up from their count, ragged ones the first decode or
+        prefill graph whose capacities hold them; None if none does. A step asks several
+        times (the runner, then `run`) with one list: the last answer is kept."""
+        if self._memo is None or self._memo[0] is not chunks:
+            self._memo = (chunks, self._find(chunks))
+        return self._memo[1]
+
+    def _find(self, chunks: list[SeqChunk]) -> tuple | None:
+        end = max(c.start_pos + len(c.tokens) for c in chunks)
+        lens = [len(c.tokens) for c in chunks]
+        if end > self.max_len or len(chunks) > self.sizes[-1]:
+            return None
+        if max(lens) <= self.tokens_per_seq and not any(c.snapshots for c in chunks):
+            bs = self.size_for(len(chunks))
+            return (self.graphs, bs) if self.graphs[bs][1].fits(chunks) else None
+        for graphs in (self.graphs, self.prefill):
+            if graphs is self.prefill and end > self.prefill_len:
+                break
+            for key in sorted(graphs):
+                if graphs[key][1].fits(chunks):
+                    return graphs, key
+        return None
 
     def run(self, batch: ForwardBatch, fill=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replay the smallest graph that holds `batch`: (X [T, n, d], logits [T, V]) of its rows.
-        `fill(input_ids)` may then rewrite the uploaded token ids on the device (a step
-        launched before its tokens reached the host)."""
-        bs = self.pick(batch.starts, batch.lens, snapshot_spans(batch.chunks))
-        g, sb, x, logits = self.graphs[bs]
+        """Replay the smallest graph that holds `batch`: (X [T, n, d] of its rows, fp32
+        logits of its `logits_indices` rows). `fill(input_ids)` may then rewrite the uploaded
+        token ids on the device (a step launched before its tokens reached the host)."""
+        graphs, key = self._select(batch.chunks)
+        g, sb, x, logits = graphs[key]
         sb.load(batch)
         if fill is not None:
             fill(sb.input_ids)
         g.replay()
-        n = batch.num_tokens
-        return x[:n], (logits[:n] if logits is not None else None)
+        n, rows = batch.num_tokens, batch._logits
+        if not self.with_logits:
+            return x[:n], None
+        if logits is None:  # a prefill graph: the head on the sample rows, eagerly
+            return x[:n], self.model.logits(x[upload(rows.tolist(), x.device)])
+        if np.array_equal(rows, np.arange(len(rows))):
+            return x[:n], logits[:len(rows)]
+        return x[:n], logits[upload(rows.tolist(), logits.device)]

@@ -227,7 +227,8 @@ class LLMEngine:
             from .cuda_graph import CUDAGraphRunner
             graph_len = self._graph_len(cfg, ec)
             args = dict(max_num_seqs=ec.max_num_seqs, tokens_per_seq=1 + ec.speculative_tokens,
-                        max_model_len=graph_len, pad_slot=num_slots, pad_block=self.num_blocks)
+                        max_model_len=graph_len, pad_slot=num_slots, pad_block=self.num_blocks,
+                        max_num_batched_tokens=self.scheduler.max_num_batched_tokens)
             try:  # tensor parallel: every rank captures its own (`LockstepModel`)
                 graphs = (model.capture_graphs(self.cache, **args) if hasattr(model, "stop")
                           else CUDAGraphRunner(model, self.cache, **args))

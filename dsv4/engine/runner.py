@@ -16,7 +16,7 @@ import torch
 
 from ..cache.kv_cache import ModelCache
 from ..kernels.greedy import greedy_logprob
-from ..model.batch import ForwardBatch, SeqChunk, snapshot_spans
+from ..model.batch import ForwardBatch, SeqChunk
 from ..model.model import DeepseekV4Model
 from .sampler import Sampler, TokenLogprob, compute_logprobs_topn
 from .scheduler import ScheduledChunk
@@ -101,18 +101,16 @@ class ModelRunner:
         plp_rows, plp_spans, sample_rows = self._rows(chunks)
         seq_chunks = [c.seq_chunk() for c in chunks]
         graph = self.graphs is not None and not plp_rows and self.graphs.fits(seq_chunks)
-        self.graph_bs = (self.graphs.pick([c.start_pos for c in seq_chunks],
-                                          [len(c.tokens) for c in seq_chunks],
-                                          snapshot_spans(seq_chunks)) if graph else None)
+        self.graph_bs = self.graphs.batch_size(seq_chunks) if graph else None
         # A graph step builds its indices on the host (one upload); an eager step where it runs.
         batch = ForwardBatch(seq_chunks, self.window, self.cache.window_rows, self.cache.num_slots,
                              "cpu" if graph else self.device,
                              logits_indices=sample_rows + plp_rows)
         if graph:
-            x_all, logits_all = self.graphs.run(batch)  # [T, n, d], [T, V]
+            # [T, n, d], and [rows, V] of the sample rows (all rows in a decode step)
+            x_all, sample_logits = self.graphs.run(batch)
             if self._fusable(chunks):
-                return self._verify_and_draft(chunks, x_all, logits_all)
-            sample_logits = _take(logits_all, sample_rows)
+                return self._verify_and_draft(chunks, x_all, sample_logits)
         else:
             x_all, sample_logits = self.model(batch, self.cache), None  # [T, n, d]
         x = _take(x_all, sample_rows + plp_rows)
@@ -216,7 +214,7 @@ class ModelRunner:
         (`_verify_and_draft`). Longer drafts chain at positions that depend on the acceptance."""
         p = self.proposer
         return (p is not None and p.k == 1 and self.draft_graphs is not None
-                and all(c.samples and c.num_drafts == 1 and c.num_tokens == 2
+                and self.graph_bs is not None and all(c.samples and c.num_drafts == 1 and c.num_tokens == 2
                         and greedy_plain(c.seq) for c in chunks))
 
     def _verify_and_draft(self, chunks: list[ScheduledChunk], x_all: torch.Tensor,

@@ -25,11 +25,11 @@ def test_graph_decoding_equals_eager():
     assert graph == eager
 
 
-def _staggered(prompts, **kw):
+def _staggered(prompts, seqs=32, step_tokens=8, **kw):
     """Greedy tokens of prompts arriving one every two steps (short prefills beside running
     decodes), and the lengths of the steps that replayed a graph."""
-    llm = LLM(model="tiny", dtype="float32", device="cuda", max_num_seqs=32,
-              max_num_batched_tokens=8, gpu_memory_utilization=0.2, **kw)
+    llm = LLM(model="tiny", dtype="float32", device="cuda", max_num_seqs=seqs,
+              max_num_batched_tokens=step_tokens, gpu_memory_utilization=0.2, **kw)
     eng, replayed = llm.llm_engine, []
     graphs = eng.runner.graphs
     if graphs is not None:
@@ -61,6 +61,23 @@ def test_short_prefills_replay_graphs_with_the_eager_tokens():
     snaps = [lens for lens, chunks in replayed if any(c.snapshots for c in chunks)]
     print(f"{len(replayed)} graph steps, {len(ragged)} ragged, {len(snaps)} with snapshots")
     assert ragged and snaps
+
+
+def test_prefill_graphs_give_the_eager_tokens():
+    """Steps past the decode graphs' tokens replay prefill graphs (up to max_num_batched_tokens,
+    here 384 and 512 tokens) with the eager engine's greedy tokens: prompts of 100-500 tokens
+    (snapshots at 128, 256, 384) arriving beside decodes."""
+    prompts = [[16 + (i * 31 + j * 17) % 490 for j in range(n)]
+               for i, n in enumerate([300, 5, 140, 450, 2, 260, 100])]
+    kw = dict(seqs=8, step_tokens=512)
+    want, _ = _staggered(prompts, enforce_eager=True, **kw)
+    got, replayed = _staggered(prompts, **kw)
+    assert got == want
+    big = [lens for lens, _ in replayed if sum(lens) > 8]
+    snaps = [lens for lens, chunks in replayed if any(c.snapshots for c in chunks)]
+    print(f"{len(replayed)} graph steps, {len(big)} on prefill graphs, {len(snaps)} with "
+          f"snapshots")
+    assert big and snaps
 
 
 @pytest.mark.parametrize("k", [1, 3])
