@@ -331,7 +331,7 @@ class StaticBatch:
         T = num_seqs * tokens_per_seq if num_tokens is None else num_tokens
         self.num_tokens = T
         self.ring_entries = T + ring_extra
-        self.max_blocks = max(1, -(-(max_model_len + T) // BLOCK_TOKENS))
+        self.max_blocks = max(1, -(-(max_model_len + tokens_per_seq) // BLOCK_TOKENS))
         ints, bools = _Arena(torch.long, d), _Arena(torch.bool, d)
         self._arenas = (ints, bools)
         # (arena, field, fill) per index tensor, in load order
