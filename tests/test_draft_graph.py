@@ -7,51 +7,46 @@ import random
 import torch
 
 from dsv4 import LLM, SamplingParams
-from dsv4.engine.cuda_graph import BATCH_SIZES
+from dsv4.engine.cuda_graph import CUDAGraphRunner
 from dsv4.engine.draft_graph import DraftGraph, DraftGraphs
 from dsv4.model.batch import StaticBatch
 
 
-class EagerGraphs:
-    """CPU stand-in for CUDAGraphRunner: the same StaticBatch per batch size and persistent
-    output buffers, the forward run eagerly instead of replayed."""
+class _EagerGraph:
+    """A captured graph's stand-in: replay runs the forward again into the first run's
+    output buffers."""
 
-    def __init__(self, engine, tokens_per_seq: int):
+    def __init__(self, body):
+        self.body = body
+        self.x, self.logits = body()
+
+    def replay(self):
+        x, logits = self.body()
+        self.x.copy_(x)
+        if logits is not None:
+            self.logits.copy_(logits)
+
+
+class EagerGraphs(CUDAGraphRunner):
+    """CPU stand-in for CUDAGraphRunner: the same StaticBatches, step selection and output
+    buffers, each "graph" run eagerly instead of replayed (no prefill graphs)."""
+
+    def __init__(self, engine, tokens_per_seq: int, max_num_batched_tokens: int = 0):
         r = engine.runner
-        self.model, self.cache, self.tokens_per_seq = r.model, r.cache, tokens_per_seq
-        cfg, cache = r.model.cfg, r.cache
-        max_num_seqs = engine.scheduler.max_num_seqs
-        self.sizes = sorted({b for b in BATCH_SIZES if b < max_num_seqs} | {max_num_seqs})
-        self.pad_slot, self.pad_block = cache.num_slots - 1, cache.num_blocks - 1
-        ratios = {m for m in cfg.compress_ratios if m}
-        self._static = dict(ratios=ratios, state_rows={m: cache.state_rows(m) for m in ratios},
-                            window=cfg.sliding_window, window_rows=cache.window_rows,
-                            num_slots=cache.num_slots, max_model_len=engine.max_model_len,
-                            pad_slot=self.pad_slot, pad_block=self.pad_block, device="cpu")
-        self.pool = None
-        self.graphs = {}
-        d, n = cfg.hidden_size, cfg.hc_mult
-        for bs in self.sizes:
-            sb = StaticBatch(bs, tokens_per_seq, **self._static)
-            T = bs * tokens_per_seq
-            self.graphs[bs] = (None, sb, torch.zeros(T, n, d), torch.zeros(T, cfg.vocab_size))
-
-    def fits(self, chunks):
-        return self.graphs[self.sizes[-1]][1].fits(chunks)
-
-    def size_for(self, num_seqs):
-        return next(b for b in self.sizes if b >= num_seqs)
+        super().__init__(r.model, r.cache, engine.scheduler.max_num_seqs, tokens_per_seq,
+                         engine.max_model_len, pad_slot=r.cache.num_slots - 1,
+                         pad_block=r.cache.num_blocks - 1,
+                         max_num_batched_tokens=max_num_batched_tokens)
 
     @torch.inference_mode()
-    def run(self, batch, fill=None):
-        _, sb, x, logits = self.graphs[self.size_for(batch.num_seqs)]
-        sb.load(batch)
-        if fill is not None:
-            fill(sb.input_ids)
-        sb.prepare()
-        x.copy_(self.model(sb, self.cache))
-        logits.copy_(self.model.logits(x))
-        return x[:batch.num_tokens], logits[:batch.num_tokens]
+    def _record(self, sb, logits=True):
+        def body():
+            sb.prepare()
+            x = self.model(sb, self.cache)
+            return x, (self.model.logits(x) if logits else None)
+
+        g = _EagerGraph(body)
+        return g, sb, g.x, g.logits
 
 
 class EagerDraftGraphs(DraftGraphs):
@@ -146,3 +141,37 @@ def test_sampled_requests_keep_the_eager_drafting():
     assert not calls
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
     assert calls
+
+
+def test_ragged_steps_through_the_graph_runner_give_the_eager_tokens():
+    """The engine with (CPU stand-ins of) decode and prefill graphs: short prompts arriving
+    beside decodes replay decode graphs, longer chunks prefill graphs of 384 / 512 tokens,
+    snapshot chunks too; the greedy tokens are the eager engine's."""
+    from dsv4.engine.cuda_graph import CUDAGraphRunner
+    prompts = [[16 + (i * 31 + j * 17) % 490 for j in range(n)]
+               for i, n in enumerate([5, 3, 140, 2, 300, 9])]
+    params = SamplingParams(temperature=0, max_tokens=6)
+    outs = []
+    for graphs in (False, True):
+        llm = LLM(model="tiny", dtype="float32", device="cpu", max_num_seqs=4,
+                  max_num_batched_tokens=512)
+        eng, replayed = llm.llm_engine, []
+        if graphs:
+            eng.runner.graphs = EagerGraphs(eng, 1, max_num_batched_tokens=512)
+            assert sorted(eng.runner.graphs.prefill) == [384, 512]
+            run = eng.runner.graphs.run
+            eng.runner.graphs.run = lambda b, *a: replayed.append(b) or run(b, *a)
+        got, pending = {}, list(enumerate(prompts))
+        while pending or eng.has_unfinished_requests():
+            if pending:
+                i, p = pending.pop(0)
+                eng.add_request(str(i), {"prompt_token_ids": p}, params)
+            for o in eng.step():
+                if o.finished:
+                    got[int(o.request_id)] = o.outputs[0].token_ids
+        outs.append([got[i] for i in range(len(prompts))])
+    assert outs[0] == outs[1]
+    assert isinstance(eng.runner.graphs, CUDAGraphRunner)
+    assert any(max(b.lens) > 1 and b.num_tokens <= 4 for b in replayed)  # decode graphs
+    assert any(b.num_tokens > 4 for b in replayed)  # prefill graphs
+    assert any(c.snapshots for b in replayed for c in b.chunks)

@@ -105,7 +105,8 @@ class CUDAGraphRunner:
         self.prefill_len = min(max_model_len, PREFILL_MAX_LEN)
         self._memo = None  # (chunks, `_select`'s answer) of the last step asked about
         self.pool = None
-        before = torch.cuda.memory_reserved(cache.device)
+        cuda = torch.device(cache.device).type == "cuda"  # (tests replay eagerly on the CPU)
+        before = torch.cuda.memory_reserved(cache.device) if cuda else 0
         # largest first: smaller graphs reuse its memory pool
         prefill = prefill_sizes(self.sizes[-1], tokens_per_seq, max_num_batched_tokens)
         for t in reversed(prefill):
@@ -116,7 +117,7 @@ class CUDAGraphRunner:
                     "up to %d tokens) and prefill steps of up to %s tokens (contexts up to %d), "
                     "%.2f GiB", self.sizes, tokens_per_seq, max_model_len, prefill,
                     self.prefill_len,
-                    (torch.cuda.memory_reserved(cache.device) - before) / 2**30)
+                    ((torch.cuda.memory_reserved(cache.device) if cuda else 0) - before) / 2**30)
 
     def _dummy(self, bs: int, tokens_per_seq: int) -> ForwardBatch:
         blocks = [self.pad_block] * -(-tokens_per_seq // BLOCK_TOKENS)
