@@ -9,7 +9,6 @@ import torch
 from dsv4 import LLM, SamplingParams
 from dsv4.engine.cuda_graph import CUDAGraphRunner
 from dsv4.engine.draft_graph import DraftGraph, DraftGraphs
-from dsv4.model.batch import StaticBatch
 
 
 class _EagerGraph:
