@@ -71,6 +71,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cuda-graph-max-len", type=int, default=None,
                    help="decode steps up to this context length replay CUDA graphs (default: "
                         "max_model_len; longer contexts decode eagerly)")
+    g.add_argument("--max-cudagraph-capture-size", type=int, default=None, metavar="N",
+                   help="prefill steps of up to N tokens replay CUDA graphs (default 2048, or "
+                        "--max-num-batched-tokens if smaller; 0: only decode steps; vLLM's "
+                        "compilation-config key)")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="launch each decode step before the previous step's tokens reach the "
                         "host, overlapping host work with the GPU (on by default)")
@@ -158,6 +162,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 seed=args.seed, speculative_tokens=_speculative_tokens(args),
                 enforce_eager=args.enforce_eager, load_format=args.load_format,
                 kv_cache_dtype=args.kv_cache_dtype, cuda_graph_max_len=args.cuda_graph_max_len,
+                max_cudagraph_capture_size=args.max_cudagraph_capture_size,
                 tensor_parallel_size=args.tensor_parallel_size,
                 async_scheduling=args.async_scheduling, warmup=args.warmup,
                 enable_prefix_caching=args.enable_prefix_caching, revision=args.revision,

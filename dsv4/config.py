@@ -273,6 +273,9 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # fp8 = packed 584-byte rows; auto = fp8 on CUDA where lossless
     # decode steps up to this context replay CUDA graphs (None: max_model_len, so all of them)
     cuda_graph_max_len: int | None = None
+    # prefill steps of up to this many tokens replay CUDA graphs (vLLM's compilation config key;
+    # None: up to 2048 and max_num_batched_tokens; 0: none, only the decode graphs)
+    max_cudagraph_capture_size: int | None = None
     seed: int = 0
     # Launch each decode step before the previous step's tokens reach the host, so that the
     # host's work (outputs, stop checks, scheduling) overlaps the GPU's (llm_engine.py).
@@ -317,6 +320,9 @@ class EngineConfig:
         if self.generation_config not in ("auto", "vllm"):
             raise ConfigError(f"generation_config {self.generation_config!r}: must be 'auto' "
                               "(the model's generation_config.json) or 'vllm' (ignore it)")
+        if self.max_cudagraph_capture_size is not None and self.max_cudagraph_capture_size < 0:
+            raise ConfigError(f"max_cudagraph_capture_size {self.max_cudagraph_capture_size}: "
+                              f"must be >= 0 (0: no prefill graphs)")
         if self.cuda_graph_max_len is not None and self.cuda_graph_max_len < 1:
             raise ConfigError(f"cuda_graph_max_len {self.cuda_graph_max_len}: must be >= 1 "
                               "(or None for max_model_len)")

@@ -190,6 +190,40 @@ def test_serve_accepts_vllms_deployment_flags(caplog, monkeypatch):
             parsed("tiny", *argv)
 
 
+def test_compilation_config_sets_the_largest_graph_step(caplog):
+    """vLLM's --compilation-config (-O): max_cudagraph_capture_size, or the largest of
+    cudagraph_capture_sizes, becomes --max-cudagraph-capture-size (an explicit flag wins);
+    other keys are ignored with a warning; malformed JSON or sizes are refused."""
+    import logging
+
+    from dsv4.cli import engine_kwargs
+
+    args = parsed("tiny", "--compilation-config", '{"max_cudagraph_capture_size": 512}')
+    assert args.max_cudagraph_capture_size == 512
+    assert engine_kwargs(args)["max_cudagraph_capture_size"] == 512
+    assert parsed("tiny", "-O", '{"cudagraph_capture_sizes": [1, 8, 1024, 64]}'
+                  ).max_cudagraph_capture_size == 1024
+    assert parsed("tiny", "-O", '{"max_cudagraph_capture_size": 512}',
+                  "--max-cudagraph-capture-size", "0").max_cudagraph_capture_size == 0
+    assert parsed("tiny").max_cudagraph_capture_size is None
+    with caplog.at_level(logging.WARNING, logger="dsv4.server"):
+        parsed("tiny", "-O", '{"level": 3, "max_cudagraph_capture_size": 256}')
+    assert "['level'] ignored" in caplog.text
+    for bad, needle in (("{level: 3}", "not JSON"), ("[512]", "JSON object"),
+                        ('{"max_cudagraph_capture_size": -1}', "integer >= 0"),
+                        ('{"cudagraph_capture_sizes": "512"}', "list of integers")):
+        with pytest.raises(ValueError, match=needle):
+            parsed("tiny", "--compilation-config", bad)
+
+
+def test_max_cudagraph_capture_size_is_validated():
+    from dsv4.config import ConfigError, EngineConfig
+
+    EngineConfig(max_cudagraph_capture_size=0).validate()
+    with pytest.raises(ConfigError, match="max_cudagraph_capture_size -1"):
+        EngineConfig(max_cudagraph_capture_size=-1).validate()
+
+
 def test_serve_errors_exit_with_the_message(capsys):
     assert main(["serve", "tiny", "--tool-call-parser", "hermes"]) == 1
     assert "hermes" in capsys.readouterr().err

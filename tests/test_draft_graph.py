@@ -30,12 +30,12 @@ class EagerGraphs(CUDAGraphRunner):
     """CPU stand-in for CUDAGraphRunner: the same StaticBatches, step selection and output
     buffers, each "graph" run eagerly instead of replayed (no prefill graphs)."""
 
-    def __init__(self, engine, tokens_per_seq: int, max_num_batched_tokens: int = 0):
+    def __init__(self, engine, tokens_per_seq: int, max_prefill_tokens: int = 0):
         r = engine.runner
         super().__init__(r.model, r.cache, engine.scheduler.max_num_seqs, tokens_per_seq,
                          engine.max_model_len, pad_slot=r.cache.num_slots - 1,
                          pad_block=r.cache.num_blocks - 1,
-                         max_num_batched_tokens=max_num_batched_tokens)
+                         max_prefill_tokens=max_prefill_tokens)
 
     @torch.inference_mode()
     def _record(self, sb, logits=True):
@@ -156,7 +156,7 @@ def test_ragged_steps_through_the_graph_runner_give_the_eager_tokens():
                   max_num_batched_tokens=512)
         eng, replayed = llm.llm_engine, []
         if graphs:
-            eng.runner.graphs = EagerGraphs(eng, 1, max_num_batched_tokens=512)
+            eng.runner.graphs = EagerGraphs(eng, 1, max_prefill_tokens=512)
             assert sorted(eng.runner.graphs.prefill) == [384, 512]
             run = eng.runner.graphs.run
             eng.runner.graphs.run = lambda b, *a: replayed.append(b) or run(b, *a)

@@ -66,24 +66,22 @@ def fit_graph_len(ratios, tokens: tuple[int, int], max_len: int, budget: int) ->
     return n
 
 
-def prefill_sizes(max_num_seqs: int, tokens_per_seq: int, max_num_batched_tokens: int
-                  ) -> list[int]:
+def prefill_sizes(max_num_seqs: int, tokens_per_seq: int, max_tokens: int) -> list[int]:
     """The token capacities that get a prefill graph: past the largest decode graph's, up to
-    the largest step the scheduler makes."""
-    return [t for t in PREFILL_TOKENS
-            if max_num_seqs * tokens_per_seq < t <= max(max_num_batched_tokens, 0)]
+    max_tokens (the largest step the scheduler makes, or less)."""
+    return [t for t in PREFILL_TOKENS if max_num_seqs * tokens_per_seq < t <= max_tokens]
 
 
 class CUDAGraphRunner:
     def __init__(self, model, cache, max_num_seqs: int, tokens_per_seq: int, max_model_len: int,
                  pad_slot: int, pad_block: int, with_logits: bool = True,
-                 max_num_batched_tokens: int = 0):
+                 max_prefill_tokens: int = 0):
         """`max_model_len` bounds the context a graph serves: CSA candidate lists are sized for
         it, so longer contexts than the graphs were built for run eagerly. Without
         `with_logits` (tensor-parallel workers: rank 0 samples) the graphs stop at X.
         Decode graphs (`sizes`: batch sizes of `tokens_per_seq` tokens a sequence) also
         replay ragged steps that fit them; prefill graphs (`prefill`: token capacities up to
-        `max_num_batched_tokens`, any `max_num_seqs` sequences, contexts up to
+        `max_prefill_tokens`, any `max_num_seqs` sequences, contexts up to
         PREFILL_MAX_LEN) take the longer ones. They stop at X: the head then runs eagerly on
         the sample rows only (a few launches; in a graph it would cost as many rows as the
         step may sample, 256 rows' fp32 head ~1 ms on an H200 for the one a lone prompt
@@ -108,7 +106,7 @@ class CUDAGraphRunner:
         cuda = torch.device(cache.device).type == "cuda"  # (tests replay eagerly on the CPU)
         before = torch.cuda.memory_reserved(cache.device) if cuda else 0
         # largest first: smaller graphs reuse its memory pool
-        prefill = prefill_sizes(self.sizes[-1], tokens_per_seq, max_num_batched_tokens)
+        prefill = prefill_sizes(self.sizes[-1], tokens_per_seq, max_prefill_tokens)
         for t in reversed(prefill):
             self._capture_prefill(t)
         for bs in reversed(self.sizes):

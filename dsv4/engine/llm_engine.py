@@ -224,11 +224,14 @@ class LLMEngine:
                               "(num_nextn_predict_layers = 0 in this config)")
         graphs = None
         if self.device.type == "cuda" and not ec.enforce_eager:
-            from .cuda_graph import CUDAGraphRunner
+            from .cuda_graph import PREFILL_TOKENS, CUDAGraphRunner
             graph_len = self._graph_len(cfg, ec)
             args = dict(max_num_seqs=ec.max_num_seqs, tokens_per_seq=1 + ec.speculative_tokens,
                         max_model_len=graph_len, pad_slot=num_slots, pad_block=self.num_blocks,
-                        max_num_batched_tokens=self.scheduler.max_num_batched_tokens)
+                        max_prefill_tokens=min(
+                            self.scheduler.max_num_batched_tokens,
+                            PREFILL_TOKENS[-1] if ec.max_cudagraph_capture_size is None
+                            else ec.max_cudagraph_capture_size))
             try:  # tensor parallel: every rank captures its own (`LockstepModel`)
                 graphs = (model.capture_graphs(self.cache, **args) if hasattr(model, "stop")
                           else CUDAGraphRunner(model, self.cache, **args))
@@ -351,7 +354,8 @@ class LLMEngine:
                   cpu_cache_bytes: int = 256 << 20, skip_tokenizer_init: bool = False, seed: int = 0,
                   speculative_tokens: int = 0, enforce_eager: bool = False,
                   load_format: str = "auto", kv_cache_dtype: str = "auto",
-                  cuda_graph_max_len: int | None = None, tensor_parallel_size: int = 1,
+                  cuda_graph_max_len: int | None = None,
+                  max_cudagraph_capture_size: int | None = None, tensor_parallel_size: int = 1,
                   async_scheduling: bool = True, warmup: bool = True,
                   enable_prefix_caching: bool = True, revision: str | None = None,
                   download_dir: str | None = None, generation_config: str = "auto",
@@ -367,6 +371,7 @@ class LLMEngine:
                           cpu_cache_bytes=cpu_cache_bytes, speculative_tokens=speculative_tokens,
                           enforce_eager=enforce_eager, seed=seed, kv_cache_dtype=kv_cache_dtype,
                           cuda_graph_max_len=cuda_graph_max_len,
+                          max_cudagraph_capture_size=max_cudagraph_capture_size,
                           async_scheduling=async_scheduling, warmup=warmup,
                           enable_prefix_caching=enable_prefix_caching,
                           generation_config=generation_config,

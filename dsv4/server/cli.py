@@ -69,9 +69,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     for flag, why in (("--block-size", "the cache's blocks are 128 tokens"),
                       ("--swap-space", "preempted sequences are recomputed, not swapped"),
                       ("--quantization", "the checkpoint's own formats are used"),
-                      ("--compilation-config", "CUDA graphs are captured without torch.compile"),
                       ("--tokenizer-mode", "the tokenizer is tokenizer.json's")):
         v.add_argument(flag, default=None, metavar="X", help=f"ignored with a warning: {why}")
+    v.add_argument("--compilation-config", "-O", default=None, metavar="JSON",
+                   help="its max_cudagraph_capture_size (or the largest of "
+                        "cudagraph_capture_sizes) sets --max-cudagraph-capture-size; the rest is "
+                        "ignored with a warning (CUDA graphs are captured without torch.compile)")
     v.add_argument("--chat-template", default=None, metavar="X",
                    help="refused: the DeepSeek-V4 chat encoding is built in")
     v.add_argument("--data-parallel-size", "-dp", type=int, default=1,
@@ -113,6 +116,36 @@ def check_serve_args(args: argparse.Namespace) -> None:
     _check_vllm_flags(args)
 
 
+def _compilation_config(args: argparse.Namespace, log) -> None:
+    """vLLM's --compilation-config: the largest CUDA-graph capture size is honoured (as
+    --max-cudagraph-capture-size, unless that is given), every other key ignored."""
+    import json
+
+    try:
+        cc = json.loads(args.compilation_config)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--compilation-config {args.compilation_config!r}: not JSON ({e})")
+    if not isinstance(cc, dict):
+        raise ValueError(f"--compilation-config {args.compilation_config!r}: must be a JSON "
+                         f"object")
+    size = cc.pop("max_cudagraph_capture_size", None)
+    sizes = cc.pop("cudagraph_capture_sizes", None)
+    if size is None and sizes:
+        if not (isinstance(sizes, list) and all(isinstance(s, int) for s in sizes)):
+            raise ValueError(f"--compilation-config cudagraph_capture_sizes {sizes!r}: must be "
+                             f"a list of integers")
+        size = max(sizes)
+    if size is not None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"--compilation-config max_cudagraph_capture_size {size!r}: must "
+                             f"be an integer >= 0")
+        if args.max_cudagraph_capture_size is None:
+            args.max_cudagraph_capture_size = size
+    if cc:
+        log.warning("--compilation-config keys %s ignored: CUDA graphs are captured without "
+                    "torch.compile", sorted(cc))
+
+
 def _check_vllm_flags(args: argparse.Namespace) -> None:
     """vLLM flags that mean nothing here are ignored with a warning; those that would change
     what is served, and cannot, are refused with the reason."""
@@ -135,10 +168,11 @@ def _check_vllm_flags(args: argparse.Namespace) -> None:
                     "compression ratios 4 and 128)", args.block_size)
     for flag, why in (("swap_space", "preempted sequences are recomputed, not swapped"),
                       ("quantization", "the checkpoint's own formats (config.json) are used"),
-                      ("compilation_config", "CUDA graphs are captured without torch.compile"),
                       ("tokenizer_mode", "the tokenizer is the model's tokenizer.json")):
         if getattr(args, flag) is not None:
             log.warning("--%s ignored: %s", flag.replace("_", "-"), why)
+    if args.compilation_config is not None:
+        _compilation_config(args, log)
     if args.disable_custom_all_reduce:
         os.environ["DSV4_TP_ALLREDUCE"] = "nccl"
     if args.uvicorn_log_level is not None:

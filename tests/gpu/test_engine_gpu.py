@@ -78,6 +78,12 @@ def test_prefill_graphs_give_the_eager_tokens():
     print(f"{len(replayed)} graph steps, {len(big)} on prefill graphs, {len(snaps)} with "
           f"snapshots")
     assert big and snaps
+    # max_cudagraph_capture_size (vLLM's compilation-config key) bounds the prefill graphs
+    for cap, sizes in ((None, [384, 512]), (400, [384]), (0, [])):
+        llm = LLM(model="tiny", dtype="float32", device="cuda", max_num_seqs=8,
+                  max_num_batched_tokens=512, gpu_memory_utilization=0.2, warmup=False,
+                  max_cudagraph_capture_size=cap)
+        assert sorted(llm.llm_engine.runner.graphs.prefill) == sizes
 
 
 @pytest.mark.parametrize("k", [1, 3])
