@@ -263,6 +263,7 @@ def test_graph_runner_picks_the_smallest_graph_a_step_fits():
     assert r.fits([SeqChunk([0] * 2, 1020, 3, list(range(9)))])  # a decode graph's is longer
     assert not r.fits([SeqChunk([0] * 8, 4090, 3, list(range(33)))])  # past max_len
     # prefill graphs: past the decode graphs' tokens, up to the scheduler's step
-    assert prefill_sizes(256, 1, 8192) == [384, 512, 768, 1024, 1536, 2048]
-    assert prefill_sizes(256, 2, 1024) == [768, 1024]
+    assert prefill_sizes(256, 1, 8192) == [384, 512, 640, 768, 896, 1024, 1280, 1536, 1792,
+                                           2048]
+    assert prefill_sizes(256, 2, 1024) == [640, 768, 896, 1024]
     assert prefill_sizes(8, 1, 300) == []

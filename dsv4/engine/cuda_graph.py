@@ -22,10 +22,11 @@ from .upload import upload
 logger = logging.getLogger(__name__)
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-# Prefill graphs: token capacities past the decode graphs' (a step pads up to the next), and
-# the context they serve. An eager step costs ~3.5 ms of host time a layer whatever its size,
-# which the GPU work of a prefill outgrows around 2K tokens.
-PREFILL_TOKENS = (384, 512, 768, 1024, 1536, 2048)
+# Prefill graphs: token capacities past the decode graphs' (a step pads up to the next: at
+# most a third more tokens, mostly a fifth or less), and the context they serve. An eager step
+# costs ~3.5 ms of host time a layer whatever its size, which the GPU work of a prefill
+# outgrows around 2K tokens.
+PREFILL_TOKENS = (384, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048)
 PREFILL_MAX_LEN = 32768
 MIN_AUTO_LEN = 16384  # the automatic graph length (`fit_graph_len`) stops halving here
 
