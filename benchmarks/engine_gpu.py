@@ -5,7 +5,8 @@
 Builds the model from its config with seeded random weights directly on the GPU
 (`load_format="dummy"`, same formats as the official checkpoint), then, on one model:
 decode latency at batch 1, decode throughput at batch 64 and 256 (batch 1 and 64 also without
-async scheduling, the "sync" rows), prefill tokens/s for 8K and 32K prompts, and MTP
+async scheduling, the "sync" rows), prefill tokens/s for 8K and 32K prompts (and the time to
+first token of 300- and 1024-token prompts, which replay prefill graphs), and MTP
 speculative decoding (K = 1..3) with the real (random) MTP drafts and with drafts forced to be
 accepted; `--only prefix` adds 32 prompts of 512 tokens after a shared 4096-token prefix, and
 one prompt of 128 tokens after 8064 an earlier prompt had, with and without prefix caching. Prints one table; every number comes from `dsv4.bench.measure`.
@@ -78,7 +79,9 @@ def main() -> None:
                    max_num_batched_tokens=a.max_num_batched_tokens,
                    max_model_len=min(40960, cfg.max_position_embeddings),
                    gpu_memory_utilization=0.85, cuda_graph_max_len=4096)
-    print(e.capacity, "| CUDA graphs:", e.runner.graphs.sizes if e.runner.graphs else "off", flush=True)
+    g = e.runner.graphs
+    print(e.capacity, "| CUDA graphs:", f"{g.sizes}, prefill {sorted(g.prefill)}" if g else "off",
+          flush=True)
     # async scheduling (the default): each step launched before the previous one's tokens are
     # read; the "sync" rows switch it off on the same engine
     for b, mode in ((1, "latency"), (64, "throughput")) if "decode" in only else ():
@@ -94,6 +97,8 @@ def main() -> None:
         run("prefill 8K", e, "latency", 1, 8192 if not a.quick else 512, 2, iters=3)
     if not a.quick and "prefill" in only:
         run("prefill 32K", e, "latency", 1, 32768, 2, iters=3)
+        for n in (300, 1024):  # short prompts: their TTFT is a prefill graph's replay
+            run(f"prefill {n}", e, "latency", 1, n, 2, iters=3)
     del e
     gc.collect()
     torch.cuda.empty_cache()

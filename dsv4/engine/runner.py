@@ -214,7 +214,8 @@ class ModelRunner:
         (`_verify_and_draft`). Longer drafts chain at positions that depend on the acceptance."""
         p = self.proposer
         return (p is not None and p.k == 1 and self.draft_graphs is not None
-                and self.graph_bs is not None and all(c.samples and c.num_drafts == 1 and c.num_tokens == 2
+                and self.graph_bs is not None
+                and all(c.samples and c.num_drafts == 1 and c.num_tokens == 2
                         and greedy_plain(c.seq) for c in chunks))
 
     def _verify_and_draft(self, chunks: list[ScheduledChunk], x_all: torch.Tensor,
