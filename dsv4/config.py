@@ -328,6 +328,27 @@ class EngineConfig:
                               "(or None for max_model_len)")
 
 
+def graph_capture_size(compilation_config: dict) -> tuple[int | None, list[str]]:
+    """vLLM's compilation config as dsv4 reads it: (its max_cudagraph_capture_size, or the
+    largest of its cudagraph_capture_sizes, or None; the keys that mean nothing here, which
+    capture CUDA graphs without torch.compile). Malformed sizes raise ConfigError."""
+    if not isinstance(compilation_config, dict):
+        raise ConfigError(f"compilation_config {compilation_config!r}: must be a mapping")
+    cc = dict(compilation_config)
+    size = cc.pop("max_cudagraph_capture_size", None)
+    sizes = cc.pop("cudagraph_capture_sizes", None)
+    if size is None and sizes:
+        if not (isinstance(sizes, list)
+                and all(isinstance(s, int) and not isinstance(s, bool) for s in sizes)):
+            raise ConfigError(f"compilation_config cudagraph_capture_sizes {sizes!r}: must be "
+                              f"a list of integers")
+        size = max(sizes)
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+        raise ConfigError(f"compilation_config max_cudagraph_capture_size {size!r}: must be an "
+                          f"integer >= 0")
+    return size, sorted(cc)
+
+
 def _big_gpu(device) -> bool:
     """A CUDA device with at least 70 GiB (H100 / H200 class)."""
     if getattr(device, "type", device) != "cuda":

@@ -10,6 +10,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from .config import graph_capture_size
 from .engine.llm_engine import LLMEngine, PromptType
 from .engine.outputs import RequestOutput, RequestOutputKind
 from .engine.sampler import SamplingParams
@@ -26,11 +27,18 @@ class LLM:
 
     `model` is a model directory, a Hugging Face Hub name or a preset ("tiny", "flash", "pro":
     random weights, no files); the keyword arguments are `LLMEngine.from_args`'s (dtype,
-    device, max_model_len, ...), and vLLM's `trust_remote_code`, which changes nothing here.
+    device, max_model_len, ...), and vLLM's `trust_remote_code`, which changes nothing here,
+    and `compilation_config`: of a mapping, its largest CUDA-graph capture size is
+    `max_cudagraph_capture_size` (the rest, and an optimisation level, change nothing here).
     """
 
     def __init__(self, model: str, **engine_args: Any):
         engine_args.pop("trust_remote_code", None)  # dsv4 implements the model itself
+        cc = engine_args.pop("compilation_config", None)
+        if isinstance(cc, dict):
+            size, _ = graph_capture_size(cc)
+            if size is not None:
+                engine_args.setdefault("max_cudagraph_capture_size", size)
         unknown = sorted(set(engine_args) - set(inspect.signature(LLMEngine.from_args).parameters))
         if unknown:
             raise TypeError(f"LLM: unknown engine arguments {unknown}; see "

@@ -104,9 +104,15 @@ def test_unknown_model_raises_file_not_found():
 
 
 def test_vllm_constructor_arguments():
-    """vLLM's `trust_remote_code` is taken (and changes nothing); an argument dsv4 does not
-    know is a TypeError naming it, before any model is built."""
+    """vLLM's `trust_remote_code` is taken (and changes nothing), and `compilation_config`:
+    its largest CUDA-graph capture size bounds the prefill graphs, an optimisation level
+    changes nothing; an argument dsv4 does not know is a TypeError naming it, before any
+    model is built."""
     LLM("tiny", dtype="float32", device="cpu", max_num_seqs=2, trust_remote_code=True)
+    for cc, size in (({"cudagraph_capture_sizes": [1, 2, 640]}, 640), (3, None),
+                     ({"max_cudagraph_capture_size": 0, "level": 3}, 0)):
+        llm = LLM("tiny", dtype="float32", device="cpu", max_num_seqs=2, compilation_config=cc)
+        assert llm.llm_engine.engine_config.max_cudagraph_capture_size == size
     with pytest.raises(TypeError, match="unknown engine arguments \\['swap_space'\\]"):
         LLM("tiny", device="cpu", swap_space=4)
 

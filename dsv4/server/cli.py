@@ -121,6 +121,8 @@ def _compilation_config(args: argparse.Namespace, log) -> None:
     --max-cudagraph-capture-size, unless that is given), every other key ignored."""
     import json
 
+    from dsv4.config import graph_capture_size
+
     try:
         cc = json.loads(args.compilation_config)
     except json.JSONDecodeError as e:
@@ -128,22 +130,12 @@ def _compilation_config(args: argparse.Namespace, log) -> None:
     if not isinstance(cc, dict):
         raise ValueError(f"--compilation-config {args.compilation_config!r}: must be a JSON "
                          f"object")
-    size = cc.pop("max_cudagraph_capture_size", None)
-    sizes = cc.pop("cudagraph_capture_sizes", None)
-    if size is None and sizes:
-        if not (isinstance(sizes, list) and all(isinstance(s, int) for s in sizes)):
-            raise ValueError(f"--compilation-config cudagraph_capture_sizes {sizes!r}: must be "
-                             f"a list of integers")
-        size = max(sizes)
-    if size is not None:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise ValueError(f"--compilation-config max_cudagraph_capture_size {size!r}: must "
-                             f"be an integer >= 0")
-        if args.max_cudagraph_capture_size is None:
-            args.max_cudagraph_capture_size = size
-    if cc:
+    size, ignored = graph_capture_size(cc)
+    if size is not None and args.max_cudagraph_capture_size is None:
+        args.max_cudagraph_capture_size = size
+    if ignored:
         log.warning("--compilation-config keys %s ignored: CUDA graphs are captured without "
-                    "torch.compile", sorted(cc))
+                    "torch.compile", ignored)
 
 
 def _check_vllm_flags(args: argparse.Namespace) -> None:
