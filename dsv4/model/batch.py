@@ -117,15 +117,21 @@ class ForwardBatch:
         """[T, w] indices into cat(window ring rows [slots*R], this step's kv rows [T]); -1 = none.
 
         Positions before the chunk come from the ring (row slot*R + p mod R), the chunk's own
-        positions from this step's rows."""
+        positions from this step's rows. Offset j of a token at p with `off` chunk tokens
+        before it: this step's row j back if j <= off, else ring row (p - j) mod R, which is
+        p mod R - j, plus R where that wraps (no division over [T, w]: a prefill graph's
+        step waits for this index, 0.9 against 4 ms at 2048 tokens on a 2-core machine)."""
         s = self._tok_seq
-        p = self._pos[:, None] - np.arange(self.window)[None, :]  # [T, w]
-        p0 = self._starts[s][:, None]
         R = self.window_rows
-        new = self.num_slots * R + self._cu0[s][:, None] + (p - p0)
-        ring = self._slots[s][:, None] * R + np.mod(p, R)
-        idx = np.where(p >= p0, new, ring)
-        return np.where(p >= 0, idx, -1)
+        j = np.arange(self.window, dtype=np.int64)[None, :]
+        pos = self._pos
+        off = pos - self._starts[s]
+        q = pos % R
+        new = (self.num_slots * R + self._cu0[s] + off)[:, None]
+        ring = (self._slots[s] * R + q)[:, None]
+        idx = np.where(j <= off[:, None], new, ring + R * (j > q[:, None])) - j
+        idx[j > pos[:, None]] = -1
+        return idx
 
     @cached_property
     def window_index(self) -> torch.Tensor:
