@@ -4,6 +4,8 @@ through acceptances at every offset (so the catch-up over every row of a step, r
 included, leaves the MTP caches as the eager catch-up over the accepted rows does)."""
 import random
 
+import pytest
+
 import torch
 
 from dsv4 import LLM, SamplingParams
@@ -142,10 +144,12 @@ def test_sampled_requests_keep_the_eager_drafting():
     assert calls
 
 
-def test_ragged_steps_through_the_graph_runner_give_the_eager_tokens():
+@pytest.mark.parametrize("k", [0, 1])
+def test_ragged_steps_through_the_graph_runner_give_the_eager_tokens(k):
     """The engine with (CPU stand-ins of) decode and prefill graphs: short prompts arriving
     beside decodes replay decode graphs, longer chunks prefill graphs of 384 / 512 tokens,
-    snapshot chunks too; the greedy tokens are the eager engine's."""
+    snapshot chunks too; the greedy tokens are the eager engine's, with MTP drafts (k = 1:
+    drafting graphs after decode-shaped steps, eager drafting after the others) too."""
     from dsv4.engine.cuda_graph import CUDAGraphRunner
     prompts = [[16 + (i * 31 + j * 17) % 490 for j in range(n)]
                for i, n in enumerate([5, 3, 140, 2, 300, 9])]
@@ -153,11 +157,13 @@ def test_ragged_steps_through_the_graph_runner_give_the_eager_tokens():
     outs = []
     for graphs in (False, True):
         llm = LLM(model="tiny", dtype="float32", device="cpu", max_num_seqs=4,
-                  max_num_batched_tokens=512)
+                  max_num_batched_tokens=512, speculative_tokens=k)
         eng, replayed = llm.llm_engine, []
         if graphs:
-            eng.runner.graphs = EagerGraphs(eng, 1, max_prefill_tokens=512)
+            eng.runner.graphs = EagerGraphs(eng, 1 + k, max_prefill_tokens=512)
             assert sorted(eng.runner.graphs.prefill) == [384, 512]
+            if k:
+                eng.runner.draft_graphs = EagerDraftGraphs(eng.runner.graphs, k)
             run = eng.runner.graphs.run
             eng.runner.graphs.run = lambda b, *a: replayed.append(b) or run(b, *a)
         got, pending = {}, list(enumerate(prompts))
@@ -171,6 +177,7 @@ def test_ragged_steps_through_the_graph_runner_give_the_eager_tokens():
         outs.append([got[i] for i in range(len(prompts))])
     assert outs[0] == outs[1]
     assert isinstance(eng.runner.graphs, CUDAGraphRunner)
-    assert any(max(b.lens) > 1 and b.num_tokens <= 4 for b in replayed)  # decode graphs
-    assert any(b.num_tokens > 4 for b in replayed)  # prefill graphs
+    decode_tokens = 4 * (1 + k)
+    assert any(max(b.lens) > 1 + k and b.num_tokens <= decode_tokens for b in replayed)
+    assert any(b.num_tokens > decode_tokens for b in replayed)  # prefill graphs
     assert any(c.snapshots for b in replayed for c in b.chunks)
