@@ -471,12 +471,19 @@ def test_warm_up_leaves_no_trace():
     eng = make_engine(max_num_batched_tokens=16)
     free = eng.block_manager.num_free_blocks
     steps, lengths = [], []
+    # CUDA graphs (a stand-in here) are set aside: every warm-up step runs eagerly
+    graphs = eng.runner.graphs = object()
+    eager = []
+    real_run = eng.runner.run
+    eng.runner.run = lambda chunks: eager.append(eng.runner.graphs is None) or real_run(chunks)
     real_step, real_add = eng.step, eng.add_request
     eng.step = lambda: steps.append(len(eng.requests)) or real_step()
     eng.add_request = lambda rid, ids, params: lengths.append(len(ids)) or real_add(rid, ids,
                                                                                  params)
     eng.warm_up()
-    eng.step, eng.add_request = real_step, real_add
+    eng.step, eng.add_request, eng.runner.run = real_step, real_add, real_run
+    assert eager and all(eager) and eng.runner.graphs is graphs
+    eng.runner.graphs = None
     # two full-budget prompts, the ladder, the ladder as second chunks, 5 x the budget
     assert lengths == [13, 16] + warm_up_lengths(16) + [16 + x for x in warm_up_lengths(16)] + [
         81] == [13, 16, 5, 7, 9, 13, 21, 23, 25, 29, 81]

@@ -301,7 +301,10 @@ class LLMEngine:
         the few-token steps of a conversation's next turn); last, one long prompt
         (5 x the budget where the context and the blocks allow: 40961 tokens at a budget of
         8192), whose later chunks meet the widths of long contexts (top-k over more than 8192
-        candidates). Decode steps are CUDA graphs, captured already."""
+        candidates). Every stage runs eagerly, CUDA graphs set aside: the graphs compiled
+        their kernels when they were captured, and the eager kernels of the same token bands
+        serve the steps that do not replay a graph (prompt log-probs, a short turn past the
+        prefill graphs' context, contexts past the decode graphs')."""
         budget = self.scheduler.max_num_batched_tokens
         n = min(budget, self.max_model_len - 2)
         if n < 8 or self.requests:
@@ -326,6 +329,9 @@ class LLMEngine:
         stages = ([((n - 3, n), 2)] + [((length,), 1) for length in lengths]
                   + [((n + length,), 1) for length in lengths if n + length <= cap]
                   + ([((longest,), 1)] if longest > n else []))
+        runner = self.runner
+        graphs, drafts = runner.graphs, runner.draft_graphs
+        runner.graphs = runner.draft_graphs = None
         try:
             # minutes on a cold Triton cache: a progress bar where stderr is a terminal
             for prompts, max_tokens in tqdm(stages, desc="warm-up", unit="shape",
@@ -336,6 +342,8 @@ class LLMEngine:
                 f"a prefill step of {budget} tokens does not fit in the GPU memory left beside "
                 f"the model and the KV cache ({str(e).splitlines()[0]}): lower "
                 f"max_num_batched_tokens or gpu_memory_utilization") from e
+        finally:
+            runner.graphs, runner.draft_graphs = graphs, drafts
         self.prompt_tokens_total = self.generation_tokens_total = 0
         self.scheduler.num_preemptions = 0
         if self.prefix_cache is not None:  # the warm-up prompts are nobody's prefixes
