@@ -193,7 +193,8 @@ def test_serve_accepts_vllms_deployment_flags(caplog, monkeypatch):
 def test_compilation_config_sets_the_largest_graph_step(caplog):
     """vLLM's --compilation-config (-O): max_cudagraph_capture_size, or the largest of
     cudagraph_capture_sizes, becomes --max-cudagraph-capture-size (an explicit flag wins);
-    other keys are ignored with a warning; malformed JSON or sizes are refused."""
+    other keys are ignored with a warning; malformed JSON or sizes are refused. Older vLLM's
+    --cuda-graph-sizes and --max-seq-len-to-capture set the same settings."""
     import logging
 
     from dsv4.cli import engine_kwargs
@@ -206,6 +207,9 @@ def test_compilation_config_sets_the_largest_graph_step(caplog):
     assert parsed("tiny", "-O", '{"max_cudagraph_capture_size": 512}',
                   "--max-cudagraph-capture-size", "0").max_cudagraph_capture_size == 0
     assert parsed("tiny").max_cudagraph_capture_size is None
+    # older vLLM flags for the same settings
+    args = parsed("tiny", "--cuda-graph-sizes", "8", "640", "--max-seq-len-to-capture", "8192")
+    assert (args.max_cudagraph_capture_size, args.cuda_graph_max_len) == (640, 8192)
     with caplog.at_level(logging.WARNING, logger="dsv4.server"):
         parsed("tiny", "-O", '{"level": 3, "max_cudagraph_capture_size": 256}')
     assert "['level'] ignored" in caplog.text

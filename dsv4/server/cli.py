@@ -75,6 +75,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help="its max_cudagraph_capture_size (or the largest of "
                         "cudagraph_capture_sizes) sets --max-cudagraph-capture-size; the rest is "
                         "ignored with a warning (CUDA graphs are captured without torch.compile)")
+    v.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",
+                   help="the largest sets --max-cudagraph-capture-size")
+    v.add_argument("--max-seq-len-to-capture", type=int, default=None, metavar="N",
+                   help="the same as --cuda-graph-max-len")
     v.add_argument("--chat-template", default=None, metavar="X",
                    help="refused: the DeepSeek-V4 chat encoding is built in")
     v.add_argument("--data-parallel-size", "-dp", type=int, default=1,
@@ -165,6 +169,10 @@ def _check_vllm_flags(args: argparse.Namespace) -> None:
             log.warning("--%s ignored: %s", flag.replace("_", "-"), why)
     if args.compilation_config is not None:
         _compilation_config(args, log)
+    if args.cuda_graph_sizes and args.max_cudagraph_capture_size is None:
+        args.max_cudagraph_capture_size = max(args.cuda_graph_sizes)
+    if args.max_seq_len_to_capture is not None and args.cuda_graph_max_len is None:
+        args.cuda_graph_max_len = args.max_seq_len_to_capture
     if args.disable_custom_all_reduce:
         os.environ["DSV4_TP_ALLREDUCE"] = "nccl"
     if args.uvicorn_log_level is not None:
