@@ -210,7 +210,7 @@ class CUDAGraphRunner:
         if fill is not None:
             fill(sb.input_ids)
         g.replay()
-        n, rows = batch.num_tokens, batch._logits
+        n, rows = batch.num_tokens, batch.logits_rows
         if not self.with_logits:
             return x[:n], None
         if logits is None:  # a prefill graph: the head on the sample rows, eagerly

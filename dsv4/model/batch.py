@@ -98,6 +98,7 @@ class ForwardBatch:
     block_tables = cached_property(lambda self: self._to_dev(self._bt))
     logits_indices = cached_property(lambda self: self._to_dev(self._logits))
     block_tables_cpu = property(lambda self: torch.from_numpy(self._bt))
+    logits_rows = property(lambda self: self._logits)  # the logits_indices on the host
 
     def _to_dev(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(a))
