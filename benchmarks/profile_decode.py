@@ -72,6 +72,19 @@ def print_kernels(p, steps: int, top: int) -> None:
         print(f"{us:9.1f} us {n:6.1f}x  {name[:110]}")
 
 
+def print_sequence(p, steps: int) -> None:
+    """One step's kernels in launch order with their GPU times (the profiled steps' kernels
+    split evenly: the last step's share), for spotting what could be fused."""
+    evs = [ev for ev in p.events() if ev.device_time_total > 0 and ev.device_type.name == "CUDA"]
+    evs.sort(key=lambda ev: ev.time_range.start)
+    per = len(evs) // max(steps, 1)
+    print(f"\n-- one step's {per} kernels in order (start offset, duration)")
+    last = evs[-per:] if per else []
+    t0 = last[0].time_range.start if last else 0
+    for ev in last:
+        print(f"{ev.time_range.start - t0:9.1f} {ev.device_time_total:7.1f} us  {ev.name[:100]}")
+
+
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     """--preset, --layers, --format of the dummy-weight model (`dummy_model`), and --top."""
     ap.add_argument("--preset", default="flash")
@@ -97,6 +110,8 @@ def main() -> None:
     ap.add_argument("--cprofile", action="store_true",
                     help="also cProfile the steps (host time per Python function)")
     ap.add_argument("--graphs-only", action="store_true", help="skip the eager run")
+    ap.add_argument("--sequence", action="store_true",
+                    help="also list one step's kernels in launch order")
     ap.add_argument("--enable-prefix-caching", action="store_true",
                     help="prefix caching on, as the engine's default (off here unless given)")
     a = ap.parse_args()
@@ -111,6 +126,8 @@ def main() -> None:
         print(f"\n== {'eager' if eager else 'CUDA graphs'}: batch {a.batch}, "
               f"{dt * 1e3:.2f} ms per decode step (wall, under the profiler)")
         print_kernels(p, a.steps, a.top)
+        if a.sequence:
+            print_sequence(p, a.steps)
         dt2, _ = decode_steps(e, a.batch, a.input_len, a.steps, prof=False)
         print(f"without the profiler: {dt2 * 1e3:.2f} ms per decode step")
         if a.cprofile:  # host time per Python function (eager steps: the launches' cost)

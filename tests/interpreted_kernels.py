@@ -278,7 +278,24 @@ def check_small_ops() -> None:
     assert ((mods["rmsnorm"].rmsnorm(x, w, 1e-6).float() - ref).abs()
             <= ref.abs() * 2.0 ** -7 + 1e-6).all(), "rmsnorm"
 
+    # the split-K linear's partials summed, normalised, rotated and FP8-rounded (the kv row)
     freqs = rope_frequencies(ModelConfig.preset("flash"), 4)
+    rn = mods["rmsnorm"]
+    for S, T, N, rope, fp8w in ((3, 5, 512, True, 448), (1, 4, 512, True, 448),
+                                (4, 3, 1024, False, 0), (2, 2, 256, True, 0)):
+        parts = torch.randn(S, T, N, generator=G) * 3
+        if S == 1:
+            parts = parts.bfloat16()
+        rp = (torch.randint(0, 131072, (T,), generator=G), freqs, 64) if rope else None
+        wn = torch.rand(N, generator=G) + 0.5
+        got = rn.rmsnorm_split(parts, wn, 1e-6, torch.bfloat16, rp, fp8w).float()
+        want = rn.rmsnorm_split_ref(parts, wn, 1e-6, torch.bfloat16, rp, fp8w).float()
+        # within a bf16 ulp, or one FP8 step where a rounding tipped
+        tol = want.abs() * (2.0 ** -3 if fp8w else 2.0 ** -7) + 2e-5
+        assert ((got - want).abs() <= tol).all(), f"rmsnorm_split {S} {N}"
+        close = (got - want).abs() <= want.abs() * 2.0 ** -7 + 2e-5
+        assert close.float().mean() > 0.99, f"rmsnorm_split {S} {N}: too many differ"
+
     for shape, norm, inverse in (((3, 64, 512), True, False), ((37, 512), False, True)):
         q = (torch.randn(*shape, generator=G) * 3).bfloat16()
         pos = torch.randint(0, 131072, (shape[0],), generator=G)
@@ -344,6 +361,10 @@ def check_small_ops() -> None:
     xf = torch.randn(2, 512, generator=G)
     if fl._gemv_applies(xf, wf):
         assert (fl.linear_f32(xf, wf) - xf.double() @ wf.double().t()).abs().max() < 1e-5
+    wh = (torch.randn(fl.GEMV_MAX_N + 40, 256, generator=G) / 16).bfloat16()  # a head, 1 row
+    xh1 = torch.randn(1, 256, generator=G)
+    assert fl._gemv_applies(xh1, wh) and not fl._gemv_applies(xh1.expand(2, -1), wh)
+    assert (fl.linear_f32(xh1, wh) - xh1.double() @ wh.double().t()).abs().max() < 1e-5
 
     kvm = mods["kv_fp8"]
     rows_in = torch.randn(11, 512, generator=G).bfloat16()
@@ -364,6 +385,12 @@ def check_small_ops() -> None:
     want = mods["mhc"].hc_post_ref(xh, f, post, comb).float()
     got = mods["mhc"].hc_post(xh, f, post, comb).float()
     assert ((got - want).abs() <= want.abs() * 2.0 ** -7 + 1e-6).all(), "hc_post"
+    fp = torch.randn(3, 7, 256, generator=G)  # wo_b's split-K partials
+    want = mods["mhc"].hc_post_ref(xh, fp, post, comb).float()
+    got = mods["mhc"].hc_post(xh, fp, post, comb).float()
+    assert ((got - want).abs() <= want.abs() * 2.0 ** -7 + 1e-6).all(), "hc_post partials"
+    assert torch.equal(mods["mhc"].hc_post_ref(xh, fp, post, comb),
+                       mods["mhc"].hc_post_ref(xh, mods["mhc"].summed(fp, xh.dtype), post, comb))
 
 
 def check_quant_linear() -> None:

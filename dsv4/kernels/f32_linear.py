@@ -15,7 +15,8 @@ max |error| 7-9e-5 on logits up to 16, against 2e-6 to 6e-5; tests/gpu). The wei
 once. A bf16 x needs no split (one part).
 
 Decode-sized calls (up to GEMV_MAX_M rows, N up to GEMV_MAX_N: the MoE gate, the compressors'
-wkv / wgate, those two in one launch by `linear_f32_pair`) take `_gemv_kernel` instead: fp32
+wkv / wgate, those two in one launch by `linear_f32_pair`; one row at any N: the head at batch
+1) take `_gemv_kernel` instead: fp32
 CUDA-core products and sums, as the reference, each CTA reading a few whole weight rows in one
 go (cuBLAS picks a split-K GEMM and a separate reduction for these shapes, ~7 us for the 2 MB
 gate against 4 us).
@@ -78,7 +79,11 @@ def linear_f32_pair(x: torch.Tensor, w1: torch.Tensor,
 
 
 def _gemv_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
-    return (use_triton(x) and 0 < x.shape[0] <= GEMV_MAX_M and w.shape[0] <= GEMV_MAX_N
+    """Up to GEMV_MAX_M rows for N up to GEMV_MAX_N; one row at any N (the vocabulary head of a
+    batch-1 decode step: H200, 129280 x 4096, 264.5 us against 268.8 for the three-part GEMM
+    with its split and sum, and exact fp32 products)."""
+    return (use_triton(x) and 0 < x.shape[0] <= GEMV_MAX_M
+            and (w.shape[0] <= GEMV_MAX_N or x.shape[0] == 1)
             and x.shape[1] <= GEMV_MAX_K and w.dtype in (torch.bfloat16, torch.float32))
 
 

@@ -38,8 +38,18 @@ def hc_pre_ref(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: tor
     return y, post, comb
 
 
+def summed(f: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """f [T, d], or a split-K linear's partials [S, T, d] (`Linear.split_k`): their fp32 sum
+    rounded to dtype."""
+    if f.dim() == 2:
+        return f
+    return f[0].to(dtype) if f.shape[0] == 1 else f.float().sum(0).to(dtype)
+
+
 def hc_post_ref(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torch.Tensor):
-    """X'[:, k] = post[k] * f + sum_j comb[j, k] * X[:, j]  -> [T, n, d] in x's dtype."""
+    """X'[:, k] = post[k] * f + sum_j comb[j, k] * X[:, j]  -> [T, n, d] in x's dtype. f may be
+    the partials of a split-K linear [S, T, d] (`summed`)."""
+    f = summed(f, x.dtype)
     out = post[:, :, None] * f.float()[:, None, :] + torch.einsum("tjk,tjd->tkd", comb, x.float())
     return out.to(x.dtype)
 
@@ -185,11 +195,13 @@ if HAS_TRITON:
                 tl.store(comb_ptr + t[:, None] * (N * N) + jk[None, :],
                          tl.reshape(c, (BLOCK_T, N * N)), mask=tmask[:, None])
 
-    @triton.jit(do_not_specialize=["T"])
-    def _hc_post_kernel(x_ptr, f_ptr, post_ptr, comb_ptr, out_ptr, T, D,
+    @triton.jit(do_not_specialize=["T", "S"])
+    def _hc_post_kernel(x_ptr, f_ptr, post_ptr, comb_ptr, out_ptr, T, D, S,
                         N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                        SP: tl.constexpr = 1, ROUND_F: tl.constexpr = False,
                         PDL: tl.constexpr = False):
-        """out[:, k] = post[k] * f + sum_j comb[j, k] * X[:, j]: one read of X and f."""
+        """out[:, k] = post[k] * f + sum_j comb[j, k] * X[:, j]: one read of X and f. f: S
+        partials [S, T, D] summed in fp32, rounded to out's dtype with ROUND_F."""
         pdl_start(PDL)
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         dcol = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -204,7 +216,12 @@ if HAS_TRITON:
             cj = tl.load(comb_ptr + t[:, None] * (N * N) + j * N + kk[None, :],
                          mask=tmask[:, None], other=0.0)  # [BT, N]: comb[t, j, :]
             mix += cj[:, :, None] * xj[:, None, :]
-        f = tl.load(f_ptr + t64[:, None] * D + dcol[None, :], mask=mask2, other=0.0).to(tl.float32)
+        sp = tl.arange(0, SP)  # every partial's load in flight at once
+        f = tl.sum(tl.load(f_ptr + (sp[:, None, None] * T + t64[None, :, None]) * D
+                           + dcol[None, None, :], mask=(sp < S)[:, None, None] & mask2[None],
+                           other=0.0).to(tl.float32), 0)
+        if ROUND_F:
+            f = f.to(out_ptr.dtype.element_ty).to(tl.float32)
         post = tl.load(post_ptr + t[:, None] * N + kk[None, :], mask=tmask[:, None], other=0.0)
         out = post[:, :, None] * f[:, None, :] + mix
         tl.store(out_ptr + t64[:, None, None] * (N * D) + kk[None, :, None] * D
@@ -276,9 +293,13 @@ if HAS_TRITON:
         return y, post, comb
 
     def hc_post_triton(x, f, post, comb):
-        """Launcher: X' [T, n, d] in x's dtype."""
+        """Launcher: X' [T, n, d] in x's dtype; f [T, d] or partials [S, T, d]."""
         T, n, d = x.shape
-        if f.shape != (T, d) or post.shape != (T, n) or comb.shape != (T, n, n) or n & (n - 1):
+        round_f = f.dim() == 3 and (f.shape[0] > 1 or f.dtype != x.dtype)
+        if f.dim() == 2:
+            f = f[None]
+        if (f.dim() != 3 or f.shape[1:] != (T, d) or post.shape != (T, n)
+                or comb.shape != (T, n, n) or n & (n - 1)):
             raise ValueError(f"x {tuple(x.shape)}, f {tuple(f.shape)}, post {tuple(post.shape)}, "
                              f"comb {tuple(comb.shape)} do not fit")
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -286,8 +307,8 @@ if HAS_TRITON:
             bt, bd = 2, 512
             _hc_post_kernel[(triton.cdiv(T, bt), triton.cdiv(d, bd))](
                 x.contiguous(), f.contiguous(), post.float().contiguous(),
-                comb.float().contiguous(), out, T, d, N=n, BLOCK_T=bt, BLOCK_D=bd, num_warps=4,
-                **pdl())
+                comb.float().contiguous(), out, T, d, f.shape[0], N=n, BLOCK_T=bt, BLOCK_D=bd,
+                SP=triton.next_power_of_2(f.shape[0]), ROUND_F=round_f, num_warps=4, **pdl())
         return out
 
 

@@ -75,11 +75,18 @@ def act_quant_fp8(x: torch.Tensor, rows: torch.Tensor | None = None
     return act_quant(x if rows is None else x[rows])
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., K] (working dtype), weight e4m3 [N, K], scale e8m0 [N/128, K/128] -> [..., N]."""
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+               parts: bool = False) -> torch.Tensor:
+    """x [..., K] (working dtype), weight e4m3 [N, K], scale e8m0 [N/128, K/128] -> [..., N].
+
+    `parts`: the product as split-K partial sums [S, ..., N] instead, fp32 when S > 1 (x's
+    dtype when S = 1, which is every path but the small-M kernel's): their fp32 sum rounded
+    to x's dtype is the product. A consumer that sums them itself (`rmsnorm_split`, `hc_post`)
+    saves the summing launch."""
     if use_triton(x) and _kernel_shape_ok(x, weight.shape[1]):
-        return _qlinear_cuda(x, FMT_FP8, weight, scale.view(torch.uint8), None)
-    return fp8_linear_ref(x, weight, scale)
+        return _qlinear_cuda(x, FMT_FP8, weight, scale.view(torch.uint8), None, parts=parts)
+    y = fp8_linear_ref(x, weight, scale)
+    return y[None] if parts else y
 
 
 def mxfp4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -146,17 +153,28 @@ def _small_m_config(m: int, n: int) -> tuple[int, int, int, int]:
 
 
 def _qlinear_cuda(x, fmt: int, weight, scale, gscale, path: str = "auto",
-                  cfg: dict | None = None) -> torch.Tensor:
+                  cfg: dict | None = None, parts: bool = False) -> torch.Tensor:
     """Launcher for every quantised linear. `path` (auto | fused | triton | scaled_mm) and
     `cfg` (launch overrides: bw, bt, warps, split, stages, kc) exist for the tests and
-    benchmarks that compare paths and launch shapes; the model always uses the defaults."""
+    benchmarks that compare paths and launch shapes; the model always uses the defaults.
+    `parts`: the unsummed split-K partials [S, ..., N] (`fp8_linear`)."""
+    y = _qlinear_parts(x, fmt, weight, scale, gscale, path, cfg)
+    if parts:
+        return y
+    if y.shape[0] == 1:
+        return y[0]
+    return sum_splits_(y, torch.empty(y.shape[1:], dtype=x.dtype, device=x.device))
+
+
+def _qlinear_parts(x, fmt: int, weight, scale, gscale, path: str = "auto",
+                   cfg: dict | None = None) -> torch.Tensor:
     k = x.shape[-1]
     n = weight.shape[0]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     if m == 0:
-        return x.new_empty(*lead, n)
+        return x.new_empty(1, *lead, n)
     if path == "auto":
         if m <= FUSED_QUANT_MAX_M:
             path = "fused"
@@ -170,7 +188,7 @@ def _qlinear_cuda(x, fmt: int, weight, scale, gscale, path: str = "auto",
         q, s = _act_quant_cuda(x2, pad_to=4)
         try:
             y = _scaled_mm_blockwise(q, s, weight, scale, x.dtype)
-            return y[:m].reshape(*lead, n)
+            return y[:m].reshape(1, *lead, n)
         except torch.cuda.OutOfMemoryError:  # transient: must not switch the path for good
             raise
         except (RuntimeError, NotImplementedError) as exc:  # cuBLAS < 12.9, say
@@ -209,10 +227,7 @@ def _qlinear_cuda(x, fmt: int, weight, scale, gscale, path: str = "auto",
                           PREFETCH=(bool(c["prefetch"]) and weight.data_ptr() % 16 == 0
                                     and not _INTERPRET),
                           num_warps=warps, num_stages=c["stages"], **pdl())
-    if split == 1:
-        return out[0].reshape(*lead, n)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    return sum_splits_(out, y).reshape(*lead, n)
+    return out.view(split, *lead, n)
 
 
 def sum_splits_(part: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from torch import nn
 
 from ..distributed import SINGLE, ParallelGroup
 from ..kernels.grouped_linear import grouped_linear
-from ..kernels.qat import fp8_round_
+from ..kernels.rmsnorm import rmsnorm_split
 from ..kernels.side_stream import SideBranch
 from ..kernels.sparse_attention import sparse_attention
 from ..quant.linear import BF16Linear, make_linear
@@ -63,6 +63,8 @@ class DeepseekV4Attention(nn.Module):
                                    qat, tp)
 
     def forward(self, u: torch.Tensor, batch: ForwardBatch, cache) -> torch.Tensor:
+        """u [T, d] -> the output [T, d], or without tensor parallelism wo_b's split-K
+        partials [S, T, d], which the hyper-connection's post update sums (`hc_post`)."""
         T, H, D = u.shape[0], self.n_heads, self.head_dim
         nope = D - self.rope_dim
         pos, rd = batch.positions, self.rope_dim
@@ -77,14 +79,15 @@ class DeepseekV4Attention(nn.Module):
             if self.ratio == 4:
                 self.indexer.compressor.prepare(batch, cache.idx_state)
         with side.run():
-            kv = rope_(self.kv_norm(self.wkv(u)), pos, self.freqs, rd)  # [T, D]
-            if self.qat:
-                kv = fp8_round_(kv, nope)
+            # kv = rope(kv_norm(wkv u)), then the FP8 rounding of its no-rope dims: one op
+            kv = rmsnorm_split(self.wkv.split_k(u), self.kv_norm.weight, self.kv_norm.eps,
+                               u.dtype, rope=(pos, self.freqs, rd),
+                               fp8_width=nope if self.qat else 0)  # [T, D]
             if self.ratio:
                 self.compressor(u, batch, cache.state, cache.store_cmp)
             if self.ratio == 4:
                 self.indexer.compress(u, batch, cache)
-        qr = self.q_norm(self.wq_a(u))
+        qr = rmsnorm_split(self.wq_a.split_k(u), self.q_norm.weight, self.q_norm.eps, u.dtype)
         # per-head q normalisation and RoPE, in place on fresh tensors
         q = rope_(self.wq_b(qr).view(T, H, D), pos, self.freqs, rd, norm_eps=self.eps)
         cmp_idx = cmp_rows = cmp_len = None
@@ -105,4 +108,6 @@ class DeepseekV4Attention(nn.Module):
         o = o.reshape(T, self.groups, H * D // self.groups)
         scale = self.wo_a.scale if self.wo_a.fmt == "fp8" else None
         z = grouped_linear(o, self.wo_a.weight, scale)  # [T, G, o_lora]
-        return self.tp.all_reduce(self.wo_b(z.flatten(1)))
+        if self.tp.size > 1:
+            return self.tp.all_reduce(self.wo_b(z.flatten(1)))
+        return self.wo_b.split_k(z.flatten(1))  # partials [S, T, d]: hc_post sums them

@@ -1,6 +1,7 @@
 """Linear layers, one class per checkpoint storage format, behind one interface.
 
-Every class has `in_features`, `out_features`, `forward(x)` and `dequantize()` (fp32 [N, K]),
+Every class has `in_features`, `out_features`, `forward(x)`, `split_k(x)` (the product as
+partial sums for a consumer that adds them itself) and `dequantize()` (fp32 [N, K]),
 and parameter names equal to the checkpoint's tensor names, so loading is a lookup. The format
 decides the arithmetic (SPEC.md 3): quantised weights get per-token FP8 activations, bf16 weights
 a plain matmul in the working dtype.
@@ -32,6 +33,11 @@ class Linear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def split_k(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T as partial sums [S, ..., N] whose fp32 sum, rounded to x's dtype, is
+        `forward(x)` (`kernels.quant_linear.fp8_linear(parts=True)`); here S = 1."""
+        return self(x)[None]
 
     @torch.no_grad()
     def set_float(self, w: torch.Tensor) -> None:
@@ -73,6 +79,9 @@ class FP8Linear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quant_linear.fp8_linear(x, self.weight, self.scale)
+
+    def split_k(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_linear.fp8_linear(x, self.weight, self.scale, parts=True)
 
     def dequantize(self) -> torch.Tensor:
         return dequant_fp8(self.weight, self.scale)

@@ -598,16 +598,89 @@ def test_hc_head_matches_reference(T, d, dtype):
     assert bad == 0, f"{bad} elements of y differ by more than one bf16 ulp + fp32 noise"
 
 
+@pytest.mark.parametrize("S", [0, 1, 3])
 @pytest.mark.parametrize("T,d", [(1, 4096), (300, 7168)])
-def test_hc_post_matches_reference(T, d):
-    from dsv4.kernels.mhc import hc_post, hc_post_ref
+def test_hc_post_matches_reference(T, d, S):
+    """f as a tensor (S = 0) or as wo_b's split-K partials [S, T, d], summed by the kernel."""
+    from dsv4.kernels.mhc import hc_post, hc_post_ref, summed
     gen = torch.Generator(device=DEV).manual_seed(T + 1)
     n = 4
     x = torch.randn(T, n, d, generator=gen, device=DEV).bfloat16()
     f = torch.randn(T, d, generator=gen, device=DEV).bfloat16()
+    if S:
+        f = torch.randn(S, T, d, generator=gen, device=DEV)
+        f = f.bfloat16() if S == 1 else f
     post = torch.rand(T, n, generator=gen, device=DEV) * 2
     comb = torch.rand(T, n, n, generator=gen, device=DEV)
-    assert_within_one_bf16_ulp(hc_post(x, f, post, comb), hc_post_ref(x, f, post, comb))
+    got = hc_post(x, f, post, comb)
+    assert_within_one_bf16_ulp(got, hc_post_ref(x, f, post, comb))
+    if S:  # the same as summing first (sum_splits' rounding), then the plain update
+        assert_within_one_bf16_ulp(got, hc_post(x, summed(f, x.dtype), post, comb))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("S,T,N,rope,fp8w", [
+    (1, 1, 512, True, 448),     # the kv row, one decode token, unsplit linear
+    (4, 1, 512, True, 448),     # the kv row of a split-K decode product
+    (3, 37, 512, True, 448),    # ragged
+    (1, 300, 512, True, 448),   # prefill (cuBLAS path: one part)
+    (2, 5, 1024, False, 0),     # Flash q latent
+    (6, 3, 1536, False, 0),     # Pro q latent
+    (1, 4099, 1024, False, 0),  # prefill q latent
+])
+def test_rmsnorm_split_matches_reference(S, T, N, rope, fp8w, dtype):
+    """The partials' sum, RMSNorm, RoPE and the FP8 rounding in one kernel against the torch
+    composition: one rounding step apart at most, where fp32 noise (the split sum's order,
+    rsqrt, cos / sin) tips a rounding; then by an FP8 step in the rounded channels."""
+    from dsv4.config import ModelConfig
+    from dsv4.kernels.rmsnorm import rmsnorm_split, rmsnorm_split_ref
+    from dsv4.model.rope import rope_frequencies
+    gen = torch.Generator(device=DEV).manual_seed(S * T + N)
+    parts = torch.randn(S, T, N, generator=gen, device=DEV) * 3
+    if S == 1:
+        parts = parts.to(dtype)
+    w = torch.rand(N, generator=gen, device=DEV) + 0.5
+    pos = torch.randint(0, 131072, (T,), generator=gen, device=DEV)
+    rp = (pos, rope_frequencies(ModelConfig.preset("flash"), 4), 64) if rope else None
+    got = rmsnorm_split(parts, w, 1e-6, dtype, rp, fp8w).float()
+    want = rmsnorm_split_ref(parts, w, 1e-6, dtype, rp, fp8w).float()
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -21
+    diff = (got - want).abs()
+    tipped = diff > want.abs() * ulp * 1.01 + 2e-5
+    assert (diff[..., fp8w:] <= want[..., fp8w:].abs() * ulp * 1.01 + 2e-5).all(), diff.max()
+    assert (diff <= want.abs() * 2.0 ** -3 + 2e-5).all()
+    assert tipped.float().mean().item() < 0.01
+
+
+def test_kv_row_in_one_kernel_equals_the_separate_ops():
+    """The model's kv row and q latent: an FP8 linear's split-K partials through
+    `rmsnorm_split` give the separate kernels' result (sum, RMSNorm, RoPE, FP8 rounding)
+    bit for bit, or a rounding step apart where the sum's order differs."""
+    from dsv4.config import ModelConfig
+    from dsv4.kernels.qat import fp8_round_
+    from dsv4.kernels.rmsnorm import rmsnorm, rmsnorm_split
+    from dsv4.kernels.rope import rope_
+    from dsv4.model.rope import rope_frequencies
+    from dsv4.quant.linear import FP8Linear
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    freqs = rope_frequencies(ModelConfig.preset("flash"), 4)
+    for T in (1, 3, 64, 300):
+        for n_out in (512, 1024):
+            lin = FP8Linear(4096, n_out).to(DEV)
+            lin.set_float(torch.randn(n_out, 4096, generator=gen, device=DEV) / 64)
+            u = torch.randn(T, 4096, generator=gen, device=DEV).bfloat16()
+            w = torch.rand(n_out, generator=gen, device=DEV) + 0.5
+            pos = torch.randint(0, 131072, (T,), generator=gen, device=DEV)
+            parts = lin.split_k(u)
+            assert parts.dim() == 3 and parts.shape[1:] == (T, n_out)
+            if n_out == 512:
+                got = rmsnorm_split(parts, w, 1e-6, u.dtype, (pos, freqs, 64), 448)
+                want = fp8_round_(rope_(rmsnorm(lin(u), w, 1e-6), pos, freqs, 64), 448)
+            else:
+                got, want = rmsnorm_split(parts, w, 1e-6, u.dtype), rmsnorm(lin(u), w, 1e-6)
+            same = (got == want).float().mean().item()
+            assert same > 0.99, f"T={T} N={n_out}: {same:.4f} of the elements equal"
+            assert ((got.float() - want.float()).abs() <= want.float().abs() * 2.0 ** -3 + 1e-5).all()
 
 
 # ------------------------------------------------------------------------------------ RMSNorm

@@ -514,6 +514,20 @@ def test_linear_f32_gemv_equals_fp32_reference(m, n, k, wdtype):
         assert torch.equal(a, got) and torch.equal(b, f32_linear.linear_f32(x, w2))
 
 
+def test_head_gemv_for_one_row_equals_fp32_reference():
+    """A batch-1 step's vocabulary head (one row, 129280 x 4096) takes the GEMV kernel: fp32
+    products and sums, as close to float64 as torch's fp32 GEMM."""
+    from dsv4.kernels import f32_linear
+    g = torch.Generator(device=DEV).manual_seed(5)
+    w = (torch.randn(129280, 4096, device=DEV, generator=g) / 64).bfloat16()
+    x = torch.randn(1, 4096, device=DEV, generator=g) * 3
+    assert f32_linear._gemv_applies(x, w)
+    got, want = f32_linear.linear_f32(x, w), x.double() @ w.double().t()
+    ref_err = (f32_linear.linear_f32_ref(x, w) - want).abs().max().item()
+    err = (got - want).abs().max().item()
+    assert got.shape == (1, 129280) and err <= 4 * ref_err + 1e-6, (err, ref_err)
+
+
 @pytest.mark.parametrize("func", ["sqrtsoftplus", "sigmoid", "softmax"])
 @pytest.mark.parametrize("e,k,t", [(256, 6, 1), (256, 6, 300), (384, 6, 64), (16, 4, 7)])
 def test_route_kernel_matches_reference(func, e, k, t):
