@@ -206,6 +206,12 @@ def moe_config(t: int, k: int, n_routed: int, d: int, inter: int, sms: int) -> d
     small = t * k <= 4 * n_routed
     if not small and bt <= 16:  # T = 512 Flash: 4.3 ms, against 7.4 with the fused epilogue
         return dict(bt=bt, bw1=64, bw2=64, kc=128, split1=1, split2=1, warps=4, stages=3, dec=2)
+    if not small and bt == 32:  # 16-32 slots an expert (Flash: 683-1365 tokens): the e4m3
+        # decode, no K split, 4 warps. H200, Flash, same run (`--only sweep --tokens 1024`, then
+        # an A/B): T = 768 / 1024 3180 / 3423 -> 2249 / 2412 us against the bf16-MMA
+        # launch below; at T = 2048 (bt = 64) the same launch is slower (4257 -> 5856 us)
+        return dict(bt=bt, bw1=128, bw2=128, kc=64, split1=1, split2=1, warps=4, stages=3,
+                    dec=2, prefetch=0)
     if not small:  # Flash, H200 (scratch A/Bs, same run): T = 8192 13.8 ms with abf, against
         # 18.4 without (8 warps; 13.6 with 4 warps), and 12.7 with the fused epilogue (split1
         # 1, which is 8% slower at T = 2048); T = 2048 4.2 against 4.5 ms
