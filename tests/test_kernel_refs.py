@@ -447,3 +447,49 @@ def test_grouped_fp8_gemm_rejects_mismatched_shapes():
         grouped_fp8_gemm(a, torch.ones(10, 1), b, torch.ones(2, 128, 2), ends)
     y = grouped_fp8_gemm(a, torch.ones(10, 2), b, torch.ones(2, 128, 2), ends)  # the reference
     assert y.shape == (10, 128) and y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "fp4", "nvfp4"])
+def test_split_k_partials_sum_to_the_linear(fmt):
+    """`Linear.split_k` on the CPU: one part, equal to forward (the GPU's split-K partials sum
+    to it, tests/gpu); the kv row from it is the separate ops' chain exactly."""
+    from dsv4.kernels.mhc import hc_post_ref, summed
+    from dsv4.kernels.qat import fp8_round_ref_
+    from dsv4.kernels.rmsnorm import rmsnorm_ref, rmsnorm_split, rmsnorm_split_ref
+    from dsv4.kernels.rope import rope_ref_
+    from dsv4.quant.linear import make_linear
+    g = torch.Generator().manual_seed(1)
+    lin = make_linear(256, 512, fmt, torch.bfloat16)
+    lin.set_float(torch.randn(512, 256, generator=g) / 16)
+    u = torch.randn(5, 256, generator=g).bfloat16()
+    parts = lin.split_k(u)
+    assert parts.shape == (1, 5, 512) and torch.equal(parts[0], lin(u))
+    w = torch.rand(512, generator=g) + 0.5
+    pos = torch.tensor([0, 1, 7, 100, 65535])
+    freqs = torch.rand(32, generator=g)
+    want = fp8_round_ref_(rope_ref_(rmsnorm_ref(lin(u), w, 1e-6), pos, freqs, 64), 448)
+    assert torch.equal(rmsnorm_split(parts, w, 1e-6, torch.bfloat16, (pos, freqs, 64), 448), want)
+    # several fp32 partials: summed in fp32, rounded once to the working dtype
+    many = torch.randn(3, 5, 512, generator=g)
+    assert torch.equal(rmsnorm_split_ref(many, w, 1e-6, torch.bfloat16),
+                       rmsnorm_ref(many.sum(0).bfloat16(), w, 1e-6))
+    x = torch.randn(5, 4, 512, generator=g).bfloat16()
+    post, comb = torch.rand(5, 4, generator=g), torch.rand(5, 4, 4, generator=g)
+    assert torch.equal(hc_post_ref(x, many, post, comb),
+                       hc_post_ref(x, summed(many, x.dtype), post, comb))
+
+
+def test_rmsnorm_split_rejects_what_does_not_fit():
+    from dsv4.kernels.rmsnorm import rmsnorm_split
+    parts, w = torch.randn(2, 3, 512), torch.ones(512)
+    pos, freqs = torch.arange(3), torch.ones(32)
+    with pytest.raises(ValueError, match="do not fit"):
+        rmsnorm_split(parts[0], w, 1e-6, torch.float32)
+    with pytest.raises(ValueError, match="do not fit"):
+        rmsnorm_split(parts, torch.ones(256), 1e-6, torch.float32)
+    with pytest.raises(ValueError, match="rope"):
+        rmsnorm_split(parts, w, 1e-6, torch.float32, (torch.arange(4), freqs, 64))
+    with pytest.raises(ValueError, match="rope"):
+        rmsnorm_split(parts, w, 1e-6, torch.float32, (pos, torch.ones(16), 64))
+    with pytest.raises(ValueError, match="fp8_width"):
+        rmsnorm_split(parts, w, 1e-6, torch.float32, fp8_width=100)
