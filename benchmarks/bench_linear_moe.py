@@ -28,6 +28,7 @@ from dsv4.quant.formats import dequant_fp8, quantize_fp8
 
 HBM, FP8_PEAK, BF16_PEAK = 4.8e12, 1979e12, 989e12
 SWEEP_TOKENS: list[int] = []  # --tokens
+SWEEP_MODEL = ["flash"]  # --sweep-model
 GROUPED_MM = [False]  # --grouped-mm
 MOE_TOKENS: list[int] = []  # --moe-tokens
 DEV = "cuda"
@@ -248,9 +249,10 @@ def moe_sweep(quick: bool) -> None:
     coordinate search from moe_config's choice, CUDA-graph timed as in the table."""
     from dsv4.kernels import moe as km
     from dsv4.kernels import num_sms
-    n_exp, d, inter, k = 256, 4096, 2048, 6
+    n_exp, d, inter = (384, 7168, 3072) if SWEEP_MODEL[0] == "pro" else (256, 4096, 2048)
+    k = 6
     experts, shared = random_experts(n_exp, d, inter)
-    print("\n## MoE launch sweep (Flash, MXFP4 + FP8 shared)\n")
+    print(f"\n## MoE launch sweep ({SWEEP_MODEL[0].title()}, MXFP4 + FP8 shared)\n")
     for t in SWEEP_TOKENS or ((1, 8, 64) if quick else (1, 8, 64, 4096)):
         u = torch.randn(t, d, device=DEV).bfloat16()
         routes = []
@@ -372,6 +374,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", choices=["linear", "wo_a", "moe", "sweep", "linear-sweep"], default=None)
     ap.add_argument("--tokens", type=int, nargs="*", default=[], help="MoE sweep batch sizes")
+    ap.add_argument("--sweep-model", choices=["flash", "pro"], default="flash",
+                    help="MoE sweep shapes (Flash 256 x 4096 x 2048, Pro 384 x 7168 x 3072)")
     ap.add_argument("--moe-tokens", type=int, nargs="*", default=[],
                     help="MoE table batch sizes (default 1 8 64 512 4096 32768)")
     ap.add_argument("--grouped-mm", action="store_true",
@@ -381,6 +385,7 @@ def main() -> None:
                     help="routed experts' format in the MoE table and sweep")
     args = ap.parse_args()
     SWEEP_TOKENS.extend(args.tokens)
+    SWEEP_MODEL[0] = args.sweep_model
     GROUPED_MM[0] = args.grouped_mm
     MOE_TOKENS.extend(args.moe_tokens)
     EXPERT_FORMAT[0] = args.experts
