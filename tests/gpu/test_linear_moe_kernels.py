@@ -217,7 +217,10 @@ def test_moe_pro_fp4(monkeypatch):
     dict(bw1=64, bw2=64, kc=64, split1=4, split2=2),       # split K, partial sums
     dict(bw1=128, bw2=32, kc=128, split1=1, split2=8),      # fused SwiGLU epilogue, split down
     dict(bw1=64, bw2=128, kc=32, split1=1, split2=1, bt=32, warps=8, stages=2),
-], ids=["split", "fused-gate", "unsplit"])
+    # moe_config's launch for 16-32 slots an expert (Flash 683-1365 tokens)
+    dict(bw1=128, bw2=128, kc=64, split1=1, split2=1, bt=32, warps=4, stages=3, dec=2,
+         prefetch=0),
+], ids=["split", "fused-gate", "unsplit", "e4m3-unsplit"])
 @pytest.mark.parametrize("fmt", ["fp4", "nvfp4", "fp8"])
 def test_moe_launch_configs(fmt, cfg, monkeypatch):
     """Every launch shape the config chooser (or the benchmark sweep) may pick is exact."""
