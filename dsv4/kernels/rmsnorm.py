@@ -38,6 +38,14 @@ def rmsnorm_split_ref(parts: torch.Tensor, weight: torch.Tensor, eps: float,
     return y
 
 
+def _split_warps(block: int, s: int) -> int:
+    """A warp per 256 channels, and enough that the [S, N] partials stay within 128 values a
+    thread: Pro's kv row (32 partials of 512, 2 warps) spilled (255 registers, ptxas -v of an
+    offline sm_90 compile); 16 x 512 and 16 x 1024 / 2048 fit in ~145 registers."""
+    sp = triton.next_power_of_2(s)
+    return min(16, max(1, block // 256, sp * block // 4096))
+
+
 def rmsnorm_split(parts: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype,
                   rope: tuple | None = None, fp8_width: int = 0) -> torch.Tensor:
     """parts [S, T, N] -> [T, N] in `dtype` (module docstring). rope: (pos [T], freqs [r/2],
@@ -63,8 +71,7 @@ def rmsnorm_split(parts: torch.Tensor, weight: torch.Tensor, eps: float, dtype: 
             else (parts, parts)
         _rmsnorm_split_kernel[(T,)](parts, weight.contiguous(), out, pos, freqs, S, T, N, eps,
                                     BLOCK=block, SP=triton.next_power_of_2(S), ROPE=r,
-                                    FP8=fp8_width,
-                                    num_warps=min(16, max(1, block // 256)), **pdl())
+                                    FP8=fp8_width, num_warps=_split_warps(block, S), **pdl())
     return out
 
 
