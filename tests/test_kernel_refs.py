@@ -453,7 +453,7 @@ def test_grouped_fp8_gemm_rejects_mismatched_shapes():
 def test_split_k_partials_sum_to_the_linear(fmt):
     """`Linear.split_k` on the CPU: one part, equal to forward (the GPU's split-K partials sum
     to it, tests/gpu); the kv row from it is the separate ops' chain exactly."""
-    from dsv4.kernels.mhc import hc_post_ref, summed
+    from dsv4.kernels.mhc import hc_post_ref
     from dsv4.kernels.qat import fp8_round_ref_
     from dsv4.kernels.rmsnorm import rmsnorm_ref, rmsnorm_split, rmsnorm_split_ref
     from dsv4.kernels.rope import rope_ref_
@@ -476,7 +476,7 @@ def test_split_k_partials_sum_to_the_linear(fmt):
     x = torch.randn(5, 4, 512, generator=g).bfloat16()
     post, comb = torch.rand(5, 4, generator=g), torch.rand(5, 4, 4, generator=g)
     assert torch.equal(hc_post_ref(x, many, post, comb),
-                       hc_post_ref(x, summed(many, x.dtype), post, comb))
+                       hc_post_ref(x, many.sum(0).bfloat16(), post, comb))
 
 
 def test_rmsnorm_split_rejects_what_does_not_fit():

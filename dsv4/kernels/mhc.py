@@ -12,6 +12,7 @@ import torch
 from . import HAS_TRITON, use_triton
 from .f32_linear import split_bf16
 from .pdl import pdl
+from .quant_linear import sum_parts
 
 
 def sinkhorn(c: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -38,18 +39,10 @@ def hc_pre_ref(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: tor
     return y, post, comb
 
 
-def summed(f: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """f [T, d], or a split-K linear's partials [S, T, d] (`Linear.split_k`): their fp32 sum
-    rounded to dtype."""
-    if f.dim() == 2:
-        return f
-    return f[0].to(dtype) if f.shape[0] == 1 else f.float().sum(0).to(dtype)
-
-
 def hc_post_ref(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torch.Tensor):
     """X'[:, k] = post[k] * f + sum_j comb[j, k] * X[:, j]  -> [T, n, d] in x's dtype. f may be
-    the partials of a split-K linear [S, T, d] (`summed`)."""
-    f = summed(f, x.dtype)
+    the partials of a split-K linear [S, T, d] (`quant_linear.sum_parts`)."""
+    f = sum_parts(f, x.dtype) if f.dim() == 3 else f
     out = post[:, :, None] * f.float()[:, None, :] + torch.einsum("tjk,tjd->tkd", comb, x.float())
     return out.to(x.dtype)
 

@@ -230,6 +230,13 @@ def _qlinear_parts(x, fmt: int, weight, scale, gscale, path: str = "auto",
     return out.view(split, *lead, n)
 
 
+def sum_parts(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The product that split-K partials [S, ...] stand for (`fp8_linear(parts=True)`): their
+    fp32 sum rounded once to `dtype` (a tensor without the S dimension passes through). The
+    references of the ops that take partials (`rmsnorm_split`, `hc_post`)."""
+    return parts[0].to(dtype) if parts.shape[0] == 1 else parts.float().sum(0).to(dtype)
+
+
 def sum_splits_(part: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """y = the fp32 sum of split-K partials part [S, *y.shape] (contiguous), rounded once to
     y's dtype (also the grouped wo_a kernel's, grouped_linear.py). CUDA only."""

@@ -16,6 +16,7 @@ import torch
 from . import HAS_TRITON, use_triton
 from .pdl import pdl
 from .qat import fp8_round_ref_
+from .quant_linear import sum_parts
 from .rope import rope_ref_
 
 MAX_TRITON_WIDTH = 16384
@@ -28,8 +29,7 @@ def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tens
 
 def rmsnorm_split_ref(parts: torch.Tensor, weight: torch.Tensor, eps: float,
                       dtype: torch.dtype, rope=None, fp8_width: int = 0) -> torch.Tensor:
-    x = parts[0].to(dtype) if parts.shape[0] == 1 else parts.float().sum(0).to(dtype)
-    y = rmsnorm_ref(x, weight, eps)
+    y = rmsnorm_ref(sum_parts(parts, dtype), weight, eps)
     if rope is not None:
         pos, freqs, rope_dim = rope
         rope_ref_(y, pos, freqs, rope_dim)
