@@ -181,3 +181,29 @@ def test_ragged_steps_through_the_graph_runner_give_the_eager_tokens(k):
     assert any(max(b.lens) > 1 + k and b.num_tokens <= decode_tokens for b in replayed)
     assert any(b.num_tokens > decode_tokens for b in replayed)  # prefill graphs
     assert any(c.snapshots for b in replayed for c in b.chunks)
+
+
+def test_prefill_graphs_larger_than_the_context_are_captured_as_several_chunks():
+    """max_model_len below a prefill graph's token capacity (seen on two H200s: 1024-token
+    contexts, graphs up to 2048 tokens): the capture batch splits the capacity into chunks of
+    at most the context (one chunk of t tokens did not fit the graph's block tables), no
+    capacity exceeds what max_num_seqs such chunks hold, and the graphs replay the eager
+    engine's tokens."""
+    prompts = [[16 + (i * 31 + j * 17) % 490 for j in range(n)]
+               for i, n in enumerate([5, 140, 300, 9, 250])]
+    params = SamplingParams(temperature=0, max_tokens=6)
+    outs = []
+    for graphs in (False, True):
+        llm = LLM(model="tiny", dtype="float32", device="cpu", max_num_seqs=2,
+                  max_model_len=320, max_num_batched_tokens=768)
+        eng, replayed = llm.llm_engine, []
+        if graphs:
+            eng.runner.graphs = EagerGraphs(eng, 1, max_prefill_tokens=768)
+            # 2 sequences of at most 320 tokens: 640 at most
+            assert sorted(eng.runner.graphs.prefill) == [384, 512, 640]
+            run = eng.runner.graphs.run
+            eng.runner.graphs.run = lambda b, *a: replayed.append(b) or run(b, *a)
+        outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params,
+                                                                   use_tqdm=False)])
+    assert outs[0] == outs[1]
+    assert any(b.num_tokens > 2 for b in replayed)  # prefill graphs replayed

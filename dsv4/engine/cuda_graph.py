@@ -107,7 +107,9 @@ class CUDAGraphRunner:
         cuda = torch.device(cache.device).type == "cuda"  # (tests replay eagerly on the CPU)
         before = torch.cuda.memory_reserved(cache.device) if cuda else 0
         # largest first: smaller graphs reuse its memory pool
-        prefill = prefill_sizes(self.sizes[-1], tokens_per_seq, max_prefill_tokens)
+        # (no capacity past what max_num_seqs chunks of at most prefill_len tokens can fill)
+        prefill = prefill_sizes(self.sizes[-1], tokens_per_seq,
+                                min(max_prefill_tokens, self.sizes[-1] * self.prefill_len))
         for t in reversed(prefill):
             self._capture_prefill(t)
         for bs in reversed(self.sizes):
@@ -118,12 +120,15 @@ class CUDAGraphRunner:
                     self.prefill_len,
                     ((torch.cuda.memory_reserved(cache.device) if cuda else 0) - before) / 2**30)
 
-    def _dummy(self, bs: int, tokens_per_seq: int) -> ForwardBatch:
-        blocks = [self.pad_block] * -(-tokens_per_seq // BLOCK_TOKENS)
-        chunks = [SeqChunk([0] * tokens_per_seq, 0, self.pad_slot, blocks)] * bs
+    def _dummy(self, bs: int, tokens_per_seq: int, lens: list[int] | None = None
+               ) -> ForwardBatch:
+        """A batch of bs chunks of tokens_per_seq pad tokens (or chunks of `lens` tokens) at
+        position 0, for capture."""
+        lens = lens or [tokens_per_seq] * bs
+        chunks = [SeqChunk([0] * n, 0, self.pad_slot, [self.pad_block] * -(-n // BLOCK_TOKENS))
+                  for n in lens]
         return ForwardBatch(chunks, self.model.cfg.sliding_window, self.cache.window_rows,
-                            self.cache.num_slots, "cpu",
-                            logits_indices=list(range(bs * tokens_per_seq)))
+                            self.cache.num_slots, "cpu", logits_indices=list(range(sum(lens))))
 
     def _capture(self, bs: int) -> None:
         sb = StaticBatch(bs, self.tokens_per_seq, **self._static)
@@ -137,7 +142,9 @@ class CUDAGraphRunner:
                       lists=self._static["lists"].setdefault("prefill", {}))
         sb = StaticBatch(self.sizes[-1], self.tokens_per_seq, num_tokens=t, ring_extra=t,
                          **static)
-        sb.load(self._dummy(1, t))
+        # chunks no longer than the graph's contexts (one chunk of t tokens when they allow)
+        n = self.prefill_len
+        sb.load(self._dummy(0, 0, [n] * (t // n) + ([t % n] if t % n else [])))
         self.prefill[t] = self._record(sb, False)
 
     @torch.inference_mode()
