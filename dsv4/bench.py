@@ -63,7 +63,9 @@ def _engine(args):
 
 def _prompts(vocab: int, n: int, length: int, seed: int, prefix: list[int] = ()
              ) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
+    # seeded by the length and count too: another run's prompts (an 8K row's before a 32K
+    # row's, say) must not be a prefix of these, or the prefix cache serves part of them
+    g = torch.Generator().manual_seed(seed + 1_000_003 * length + 7_919 * n)
     # Leave the special-token ids (the low ids of our tokenizers) out of random prompts.
     lo = min(16, vocab - 1)
     return [list(prefix) + p for p in torch.randint(lo, vocab, (n, length), generator=g).tolist()]

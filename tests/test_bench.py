@@ -111,3 +111,18 @@ def test_bench_reports_triton_compiles_inside_the_measured_passes(capsys):
     print_result(r)
     assert f"Triton compiles         {r['triton_compiles']} in the measured passes" in (
         capsys.readouterr().out)
+
+
+def test_runs_of_other_lengths_share_no_prefix_with_earlier_runs():
+    """Random prompts of a longer run do not start with an earlier run's prompts (with the
+    prefix cache on, a 32K row after an 8K row resumed a quarter of every prompt from it)."""
+    from dsv4.bench import measure
+    from dsv4.engine.llm_engine import LLMEngine
+    engine = LLMEngine.from_args("tiny", dtype="float32", device="cpu", max_num_seqs=8,
+                                 enable_prefix_caching=True, cpu_cache_bytes=128 << 20)
+    assert engine.prefix_cache is not None
+    measure(engine, "latency", 1, 256, 2, iters=2)
+    r = measure(engine, "latency", 1, 512, 2, iters=2)
+    assert r["prefix_cache_hit_rate"] == 0.0
+    r = measure(engine, "throughput", 2, 256, 2)  # same length, another batch size
+    assert r["prefix_cache_hit_rate"] == 0.0
