@@ -391,6 +391,14 @@ def check_small_ops() -> None:
     assert ((got - want).abs() <= want.abs() * 2.0 ** -7 + 1e-6).all(), "hc_post partials"
     assert torch.equal(mods["mhc"].hc_post_ref(xh, fp, post, comb),
                        mods["mhc"].hc_post_ref(xh, fp.sum(0).to(xh.dtype), post, comb))
+    for rows in (torch.randn(1, 7, 5, 256, generator=G).bfloat16(),  # the MoE's slot rows
+                 torch.randn(2, 7, 5, 256, generator=G)):  # each slot as split-K partials
+        want = mods["mhc"].hc_post_ref(xh, rows, post, comb).float()
+        got = mods["mhc"].hc_post(xh, rows, post, comb).float()
+        assert ((got - want).abs() <= want.abs() * 2.0 ** -7 + 1e-6).all(), "hc_post slots"
+        f = rows.float().sum(0).to(xh.dtype).float().sum(1).to(xh.dtype)  # per slot, then all
+        assert torch.equal(mods["mhc"].hc_post_ref(xh, rows, post, comb),
+                           mods["mhc"].hc_post_ref(xh, f, post, comb))
 
 
 def check_quant_linear() -> None:
@@ -468,9 +476,15 @@ def check_moe() -> None:
             # (the interpreter runs a fused launch's programs one by one: those stop at 70)
             for cfg in [dict(grouped_mm=True)] * grouped + [dict(c, grouped_mm=False)
                                                             for c in fused if t <= 70]:
-                got = km._moe_cuda(u, idx, wgt, experts, shared, cfg).float()
-                err = ((got - want).norm() / want.norm()).item()
+                got = km._moe_cuda(u, idx, wgt, experts, shared, cfg)
+                err = ((got.float() - want).norm() / want.norm()).item()
                 assert err < 1e-3, f"{fmt}/{shared_fmt} T={t} {cfg}: rel err {err:.2e}"
+                if not cfg["grouped_mm"]:  # the slot rows stand for the combine's sum
+                    rows = km._moe_cuda(u, idx, wgt, experts, shared, cfg, parts=True)
+                    assert rows.shape == (cfg["split2"], t, k + 1, d), rows.shape
+                    summed = km.sum_slots(rows, u.dtype).float()
+                    assert ((summed - got.float()).abs()
+                            <= got.float().abs() * 2.0 ** -8 + 1e-6).all(), f"slot rows {cfg}"
             if grouped and t == 5:  # out of memory on the way: the fused kernels serve
                 _grouped_out_of_memory(km, gm, u, idx, wgt, experts, shared, fused[0])
         if fmt == "fp8":

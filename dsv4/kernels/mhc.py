@@ -11,6 +11,7 @@ import torch
 
 from . import HAS_TRITON, use_triton
 from .f32_linear import split_bf16
+from .moe import sum_slots
 from .pdl import pdl
 from .quant_linear import sum_parts
 
@@ -41,8 +42,9 @@ def hc_pre_ref(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: tor
 
 def hc_post_ref(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torch.Tensor):
     """X'[:, k] = post[k] * f + sum_j comb[j, k] * X[:, j]  -> [T, n, d] in x's dtype. f may be
-    the partials of a split-K linear [S, T, d] (`quant_linear.sum_parts`)."""
-    f = sum_parts(f, x.dtype) if f.dim() == 3 else f
+    the partials of a split-K linear [S, T, d] (`quant_linear.sum_parts`), or the MoE's slot
+    rows [S, T, J, d] (`moe_forward(parts=True)`, `moe.sum_slots`)."""
+    f = sum_slots(f, x.dtype) if f.dim() == 4 else sum_parts(f, x.dtype) if f.dim() == 3 else f
     out = post[:, :, None] * f.float()[:, None, :] + torch.einsum("tjk,tjd->tkd", comb, x.float())
     return out.to(x.dtype)
 
@@ -192,9 +194,10 @@ if HAS_TRITON:
     def _hc_post_kernel(x_ptr, f_ptr, post_ptr, comb_ptr, out_ptr, T, D, S,
                         N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                         SP: tl.constexpr = 1, ROUND_F: tl.constexpr = False,
-                        PDL: tl.constexpr = False):
-        """out[:, k] = post[k] * f + sum_j comb[j, k] * X[:, j]: one read of X and f. f: S
-        partials [S, T, D] summed in fp32, rounded to out's dtype with ROUND_F."""
+                        J: tl.constexpr = 1, PDL: tl.constexpr = False):
+        """out[:, k] = post[k] * f + sum_j comb[j, k] * X[:, j]: one read of X and f. f: J rows
+        a token of S partials [S, T, J, D]: each row's partials summed in fp32 (rounded to out's
+        dtype with ROUND_F), the J rows summed in fp32 and rounded (J > 1: the MoE's slots)."""
         pdl_start(PDL)
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         dcol = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -209,11 +212,16 @@ if HAS_TRITON:
             cj = tl.load(comb_ptr + t[:, None] * (N * N) + j * N + kk[None, :],
                          mask=tmask[:, None], other=0.0)  # [BT, N]: comb[t, j, :]
             mix += cj[:, :, None] * xj[:, None, :]
-        sp = tl.arange(0, SP)  # every partial's load in flight at once
-        f = tl.sum(tl.load(f_ptr + (sp[:, None, None] * T + t64[None, :, None]) * D
-                           + dcol[None, None, :], mask=(sp < S)[:, None, None] & mask2[None],
-                           other=0.0).to(tl.float32), 0)
-        if ROUND_F:
+        sp = tl.arange(0, SP)  # every partial's load of a row in flight at once
+        f = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        for j in tl.static_range(J):
+            fj = tl.sum(tl.load(f_ptr + ((sp[:, None, None] * T + t64[None, :, None]) * J + j) * D
+                                + dcol[None, None, :], mask=(sp < S)[:, None, None] & mask2[None],
+                                other=0.0).to(tl.float32), 0)
+            if ROUND_F:
+                fj = fj.to(out_ptr.dtype.element_ty).to(tl.float32)
+            f += fj
+        if J > 1:
             f = f.to(out_ptr.dtype.element_ty).to(tl.float32)
         post = tl.load(post_ptr + t[:, None] * N + kk[None, :], mask=tmask[:, None], other=0.0)
         out = post[:, :, None] * f[:, None, :] + mix
@@ -286,12 +294,15 @@ if HAS_TRITON:
         return y, post, comb
 
     def hc_post_triton(x, f, post, comb):
-        """Launcher: X' [T, n, d] in x's dtype; f [T, d] or partials [S, T, d]."""
+        """Launcher: X' [T, n, d] in x's dtype; f [T, d], partials [S, T, d] or slot rows
+        [S, T, J, d] (`hc_post_ref`)."""
         T, n, d = x.shape
-        round_f = f.dim() == 3 and (f.shape[0] > 1 or f.dtype != x.dtype)
+        round_f = f.dim() >= 3 and (f.shape[0] > 1 or f.dtype != x.dtype)
         if f.dim() == 2:
             f = f[None]
-        if (f.dim() != 3 or f.shape[1:] != (T, d) or post.shape != (T, n)
+        if f.dim() == 3:
+            f = f[:, :, None]
+        if (f.dim() != 4 or f.shape[1] != T or f.shape[3] != d or post.shape != (T, n)
                 or comb.shape != (T, n, n) or n & (n - 1)):
             raise ValueError(f"x {tuple(x.shape)}, f {tuple(f.shape)}, post {tuple(post.shape)}, "
                              f"comb {tuple(comb.shape)} do not fit")
@@ -301,7 +312,8 @@ if HAS_TRITON:
             _hc_post_kernel[(triton.cdiv(T, bt), triton.cdiv(d, bd))](
                 x.contiguous(), f.contiguous(), post.float().contiguous(),
                 comb.float().contiguous(), out, T, d, f.shape[0], N=n, BLOCK_T=bt, BLOCK_D=bd,
-                SP=triton.next_power_of_2(f.shape[0]), ROUND_F=round_f, num_warps=4, **pdl())
+                SP=triton.next_power_of_2(f.shape[0]), ROUND_F=round_f, J=f.shape[2],
+                num_warps=4, **pdl())
         return out
 
 

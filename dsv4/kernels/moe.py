@@ -43,7 +43,8 @@ GPU (no host synchronisation, a fixed number of launches whatever the routing):
 4. `_moe_gemm_kernel` DOWN: y_slot = w2 h, written to the slot's own row (the un-permute);
    small batches split K here too (fp32 partials).
 5. `_combine_kernel`: out[t] = sum over the token's k+1 slot rows (each the sum of its K-split
-   partials, rounded to the working dtype) in fp32, cast once.
+   partials, rounded to the working dtype) in fp32, cast once; or, with `parts`, the slot
+   rows themselves for the hyper-connection's post update to sum in its own pass.
 Partial sums are reduced in a fixed order, so results do not depend on scheduling. The GEMM
 loops load each K-block's scales one block ahead (Triton's pipeliner prefetches only the loads
 that feed a dot: the weight and activation bytes).
@@ -67,7 +68,8 @@ import torch
 
 from . import HAS_TRITON, num_sms, use_triton
 from .pdl import l2_prefetch_depth, pdl
-from .quant_linear import FMT_FP8, FMT_MXFP4, FMT_NVFP4, act_quant_fp8, act_quant_values
+from .quant_linear import (FMT_FP8, FMT_MXFP4, FMT_NVFP4, act_quant_fp8, act_quant_values,
+                           sum_parts)
 
 _FMT_CODES = {"fp8": FMT_FP8, "fp4": FMT_MXFP4, "nvfp4": FMT_NVFP4}
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -103,13 +105,26 @@ def moe_forward_ref(u: torch.Tensor, idx: torch.Tensor, wgt: torch.Tensor,
     return finish(y)
 
 
+def sum_slots(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The output [T, d] that `moe_forward(parts=True)` stands for: y [T, d] passes through;
+    slot rows [S, T, k+1, d] are summed as the combine step sums them (each slot's S partials
+    in fp32, rounded to dtype; the token's slots in fp32, rounded)."""
+    if y.dim() == 2:
+        return y
+    return sum_parts(y, dtype).float().sum(1).to(dtype)
+
+
 def moe_forward(u: torch.Tensor, idx: torch.Tensor, wgt: torch.Tensor,
                 experts: Sequence[ExpertLike], shared: ExpertLike | None,
-                total_experts: int | None = None) -> torch.Tensor:
+                total_experts: int | None = None, parts: bool = False) -> torch.Tensor:
     """The MoE layer's expert part; see the module docstring. total_experts: the routed
-    experts of all ranks (default len(experts)), for the grouped-GEMM rule."""
+    experts of all ranks (default len(experts)), for the grouped-GEMM rule. `parts` (with the
+    shared expert, one rank): the GPU kernels may return the slot rows [S, T, k+1, d] (each
+    slot's output as S split-K partials) instead of their sum, for a consumer that sums them
+    as the combine step would (`mhc.hc_post`); otherwise the output [T, d]."""
     if use_triton(u) and _kernel_supported(u, experts, shared):
-        return _moe_cuda(u, idx, wgt, experts, shared, total_experts=total_experts)
+        return _moe_cuda(u, idx, wgt, experts, shared, total_experts=total_experts,
+                         parts=parts and shared is not None and total_experts is None)
     return moe_forward_ref(u, idx, wgt, experts, shared)
 
 
@@ -286,7 +301,7 @@ def route_plan(idx: torch.Tensor, t: int, n_routed: int, bt: int, shared: bool =
 
 
 def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
-              total_experts: int | None = None) -> torch.Tensor:
+              total_experts: int | None = None, parts: bool = False) -> torch.Tensor:
     t, d = u.shape
     k = idx.shape[1]
     n_routed = len(experts)
@@ -381,6 +396,8 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
             W_FMT=tab.fmt, GATE_UP=False, SPLIT=split2 > 1, TWO=False, BW=c["bw2"], **common,
             **pdl())
     _run_groups(groups, down, overlap)
+    if parts:  # step 5 left to the consumer: every slot row is written (one rank, shared)
+        return ys.view(split2, t, k1, d)
     # 5. sum the slots of each token (and the K-splits of each slot)
     out = torch.empty_like(u)
     bd = 256 if t <= 16 else 1024  # small batches: more CTAs, each with its loads in flight

@@ -62,7 +62,9 @@ class MoE(nn.Module):
     """Routed experts + shared expert. With expert parallelism each rank holds a contiguous
     range of the routed experts (keyed by their global id, as in the checkpoint) and a slice of
     the shared expert's intermediate channels; every rank sees every token (attention output is
-    replicated), computes its part, and one all-reduce sums the parts."""
+    replicated), computes its part, and one all-reduce sums the parts. On one rank the GPU
+    kernels may return the slot rows [S, T, k+1, d] (`moe_forward(parts=True)`) instead of
+    their sum: the block's hyper-connection post update sums them in its own pass."""
 
     def __init__(self, cfg, layer: int, scheme, prefix: str, dtype: torch.dtype,
                  tp: ParallelGroup = SINGLE):
@@ -83,8 +85,8 @@ class MoE(nn.Module):
 
     def forward(self, u: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         idx, wgt = self.gate(u, input_ids)  # [T, k]
-        if self.tp.size == 1:
-            return moe_forward(u, idx, wgt, self._local, self.shared_experts)
+        if self.tp.size == 1:  # on the GPU kernels possibly the slot rows, which hc_post sums
+            return moe_forward(u, idx, wgt, self._local, self.shared_experts, parts=True)
         # other ranks' experts: marked n_local, computed nowhere here; this rank's slice of
         # the shared expert (narrower than a routed expert) runs on its own linears
         n_local = len(self._local)

@@ -598,17 +598,20 @@ def test_hc_head_matches_reference(T, d, dtype):
     assert bad == 0, f"{bad} elements of y differ by more than one bf16 ulp + fp32 noise"
 
 
-@pytest.mark.parametrize("S", [0, 1, 3])
+@pytest.mark.parametrize("S,J", [(0, 1), (1, 1), (3, 1), (1, 7), (2, 7), (4, 9)])
 @pytest.mark.parametrize("T,d", [(1, 4096), (300, 7168)])
-def test_hc_post_matches_reference(T, d, S):
-    """f as a tensor (S = 0) or as wo_b's split-K partials [S, T, d], summed by the kernel."""
+def test_hc_post_matches_reference(T, d, S, J):
+    """f as a tensor (S = 0), as wo_b's split-K partials [S, T, d], or as the MoE's slot rows
+    [S, T, J, d] (Flash / Pro: k + 1 = 7 / 9 slots), summed by the kernel."""
     from dsv4.kernels.mhc import hc_post, hc_post_ref
+    from dsv4.kernels.moe import sum_slots
     gen = torch.Generator(device=DEV).manual_seed(T + 1)
     n = 4
     x = torch.randn(T, n, d, generator=gen, device=DEV).bfloat16()
     f = torch.randn(T, d, generator=gen, device=DEV).bfloat16()
     if S:
-        f = torch.randn(S, T, d, generator=gen, device=DEV)
+        f = torch.randn(S, T, J, d, generator=gen, device=DEV) if J > 1 else \
+            torch.randn(S, T, d, generator=gen, device=DEV)
         f = f.bfloat16() if S == 1 else f
     post = torch.rand(T, n, generator=gen, device=DEV) * 2
     comb = torch.rand(T, n, n, generator=gen, device=DEV)
@@ -616,6 +619,9 @@ def test_hc_post_matches_reference(T, d, S):
     assert_within_one_bf16_ulp(got, hc_post_ref(x, f, post, comb))
     if S:  # the same as summing first (sum_splits' rounding), then the plain update
         plain = f[0] if S == 1 else f.sum(0).to(x.dtype)  # sum_splits' fp32 sum, one rounding
+        if J > 1:  # the combine's: each slot rounded, the slots summed in fp32, rounded
+            plain = plain.float().sum(1).to(x.dtype)
+            assert torch.equal(plain, sum_slots(f, x.dtype)) or S > 2
         assert_within_one_bf16_ulp(got, hc_post(x, plain, post, comb))
 
 

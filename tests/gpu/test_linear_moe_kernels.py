@@ -196,6 +196,12 @@ def _check_moe(experts, shared, tokens, kinds, monkeypatch, dtype=torch.bfloat16
             print(f"MoE E={len(experts)} d={d} {experts[0].w1.fmt}+{shared.w1.fmt} T={t} {kind} "
                   f"{dtype}: rel err {err:.2e}")
             assert err < tol, f"T={t} {kind}: rel err {err:.2e}"
+            # the slot rows the model's hc_post sums stand for the same output (the combine's
+            # sums; the reference's order of the token's slots may round otherwise)
+            rows = (moe_forward(u, idx, wgt, experts, shared, parts=True) if cfg is None
+                    else moe_kernels._moe_cuda(u, idx, wgt, experts, shared, cfg, parts=True))
+            assert rows.dim() == 2 or rows.shape[1:] == (t, k + 1, d), rows.shape
+            assert rel_err(moe_kernels.sum_slots(rows, dtype), got) < 1e-3, f"T={t} {kind} slots"
 
 
 @pytest.fixture(scope="module")
@@ -433,7 +439,10 @@ def test_moe_module_kernels_equal_torch_path(layer, monkeypatch):
         moe.gate.tid2eid.copy_(torch.randint_like(moe.gate.tid2eid, 0, 32))
     u = torch.randn(50, 4096, device=DEV).bfloat16()
     ids = torch.randint(0, cfg.vocab_size, (50,), device=DEV)
-    got = moe(u, ids)
+    from dsv4.kernels.moe import sum_slots
+    rows = moe(u, ids)  # one rank: the slot rows, which the block's hc_post sums
+    assert rows.shape[1:] == (50, cfg.num_experts_per_tok + 1, 4096), rows.shape
+    got = sum_slots(rows, u.dtype)
     monkeypatch.setenv("DSV4_DISABLE_TRITON", "1")
     err = rel_err(got, moe(u, ids))
     print(f"MoE module layer {layer}: rel err {err:.2e}")
