@@ -120,11 +120,8 @@ class CUDAGraphRunner:
                     self.prefill_len,
                     ((torch.cuda.memory_reserved(cache.device) if cuda else 0) - before) / 2**30)
 
-    def _dummy(self, bs: int, tokens_per_seq: int, lens: list[int] | None = None
-               ) -> ForwardBatch:
-        """A batch of bs chunks of tokens_per_seq pad tokens (or chunks of `lens` tokens) at
-        position 0, for capture."""
-        lens = lens or [tokens_per_seq] * bs
+    def _dummy(self, lens: list[int]) -> ForwardBatch:
+        """A capture batch: chunks of `lens` pad tokens at position 0."""
         chunks = [SeqChunk([0] * n, 0, self.pad_slot, [self.pad_block] * -(-n // BLOCK_TOKENS))
                   for n in lens]
         return ForwardBatch(chunks, self.model.cfg.sliding_window, self.cache.window_rows,
@@ -132,7 +129,7 @@ class CUDAGraphRunner:
 
     def _capture(self, bs: int) -> None:
         sb = StaticBatch(bs, self.tokens_per_seq, **self._static)
-        sb.load(self._dummy(bs, self.tokens_per_seq))
+        sb.load(self._dummy([self.tokens_per_seq] * bs))
         self.graphs[bs] = self._record(sb)
 
     def _capture_prefill(self, t: int) -> None:
@@ -144,7 +141,7 @@ class CUDAGraphRunner:
                          **static)
         # chunks no longer than the graph's contexts (one chunk of t tokens when they allow)
         n = self.prefill_len
-        sb.load(self._dummy(0, 0, [n] * (t // n) + ([t % n] if t % n else [])))
+        sb.load(self._dummy([n] * (t // n) + ([t % n] if t % n else [])))
         self.prefill[t] = self._record(sb, False)
 
     @torch.inference_mode()

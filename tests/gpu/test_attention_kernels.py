@@ -621,7 +621,8 @@ def test_hc_post_matches_reference(T, d, S, J):
         plain = f[0] if S == 1 else f.sum(0).to(x.dtype)  # sum_splits' fp32 sum, one rounding
         if J > 1:  # the combine's: each slot rounded, the slots summed in fp32, rounded
             plain = plain.float().sum(1).to(x.dtype)
-            assert torch.equal(plain, sum_slots(f, x.dtype)) or S > 2
+            if S <= 2:  # sum_slots adds the same fp32 terms in the same order
+                assert torch.equal(plain, sum_slots(f, x.dtype))
         assert_within_one_bf16_ulp(got, hc_post(x, plain, post, comb))
 
 
