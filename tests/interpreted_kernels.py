@@ -359,11 +359,11 @@ def check_small_ops() -> None:
     fl = mods["f32_linear"]
     wf = (torch.randn(256, 512, generator=G) / 512 ** 0.5).bfloat16()
     xf = torch.randn(2, 512, generator=G)
-    if fl._gemv_applies(xf, wf):
+    if fl.gemv_applies(xf, wf):
         assert (fl.linear_f32(xf, wf) - xf.double() @ wf.double().t()).abs().max() < 1e-5
     wh = (torch.randn(fl.GEMV_MAX_N + 40, 256, generator=G) / 16).bfloat16()  # a head, 1 row
     xh1 = torch.randn(1, 256, generator=G)
-    assert fl._gemv_applies(xh1, wh) and not fl._gemv_applies(xh1.expand(2, -1), wh)
+    assert fl.gemv_applies(xh1, wh) and not fl.gemv_applies(xh1.expand(2, -1), wh)
     assert (fl.linear_f32(xh1, wh) - xh1.double() @ wh.double().t()).abs().max() < 1e-5
 
     kvm = mods["kv_fp8"]
@@ -378,27 +378,32 @@ def check_small_ops() -> None:
     ifp.store_index_fp4_(kbuf, dst, keys)
     assert torch.equal(kbuf[dst], ifp.pack_index_fp4(keys)), "store_index_fp4_"
 
+    for T in (7, 20):  # decode batches' row kernel, then the 2-D kernel
+        check_hc_post(mods["mhc"], T)
+
+
+def check_hc_post(mhc, T: int) -> None:
     n = 4
-    xh = torch.randn(7, n, 256, generator=G).bfloat16()
-    f = torch.randn(7, 256, generator=G).bfloat16()
-    post, comb = torch.rand(7, n, generator=G) * 2, torch.rand(7, n, n, generator=G)
-    want = mods["mhc"].hc_post_ref(xh, f, post, comb).float()
-    got = mods["mhc"].hc_post(xh, f, post, comb).float()
+    xh = torch.randn(T, n, 256, generator=G).bfloat16()
+    f = torch.randn(T, 256, generator=G).bfloat16()
+    post, comb = torch.rand(T, n, generator=G) * 2, torch.rand(T, n, n, generator=G)
+    want = mhc.hc_post_ref(xh, f, post, comb).float()
+    got = mhc.hc_post(xh, f, post, comb).float()
     assert ((got - want).abs() <= want.abs() * 2.0 ** -7 + 1e-6).all(), "hc_post"
-    fp = torch.randn(3, 7, 256, generator=G)  # wo_b's split-K partials
-    want = mods["mhc"].hc_post_ref(xh, fp, post, comb).float()
-    got = mods["mhc"].hc_post(xh, fp, post, comb).float()
+    fp = torch.randn(3, T, 256, generator=G)  # wo_b's split-K partials
+    want = mhc.hc_post_ref(xh, fp, post, comb).float()
+    got = mhc.hc_post(xh, fp, post, comb).float()
     assert ((got - want).abs() <= want.abs() * 2.0 ** -7 + 1e-6).all(), "hc_post partials"
-    assert torch.equal(mods["mhc"].hc_post_ref(xh, fp, post, comb),
-                       mods["mhc"].hc_post_ref(xh, fp.sum(0).to(xh.dtype), post, comb))
-    for rows in (torch.randn(1, 7, 5, 256, generator=G).bfloat16(),  # the MoE's slot rows
-                 torch.randn(2, 7, 5, 256, generator=G)):  # each slot as split-K partials
-        want = mods["mhc"].hc_post_ref(xh, rows, post, comb).float()
-        got = mods["mhc"].hc_post(xh, rows, post, comb).float()
+    assert torch.equal(mhc.hc_post_ref(xh, fp, post, comb),
+                       mhc.hc_post_ref(xh, fp.sum(0).to(xh.dtype), post, comb))
+    for rows in (torch.randn(1, T, 5, 256, generator=G).bfloat16(),  # the MoE's slot rows
+                 torch.randn(2, T, 5, 256, generator=G)):  # each slot as split-K partials
+        want = mhc.hc_post_ref(xh, rows, post, comb).float()
+        got = mhc.hc_post(xh, rows, post, comb).float()
         assert ((got - want).abs() <= want.abs() * 2.0 ** -7 + 1e-6).all(), "hc_post slots"
         f = rows.float().sum(0).to(xh.dtype).float().sum(1).to(xh.dtype)  # per slot, then all
-        assert torch.equal(mods["mhc"].hc_post_ref(xh, rows, post, comb),
-                           mods["mhc"].hc_post_ref(xh, f, post, comb))
+        assert torch.equal(mhc.hc_post_ref(xh, rows, post, comb),
+                           mhc.hc_post_ref(xh, f, post, comb))
 
 
 def check_quant_linear() -> None:

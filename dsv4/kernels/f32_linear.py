@@ -50,7 +50,7 @@ def split_bf16(x: torch.Tensor) -> torch.Tensor:
 
 def linear_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [T, K] (any float dtype), w [N, K] -> fp32 [T, N]."""
-    if _gemv_applies(x, w):
+    if gemv_applies(x, w):
         return _gemv(x, w)
     if not (use_triton(x) and w.dtype == torch.bfloat16 and _MM_DTYPE_OK.get(x.device, True)):
         return linear_f32_ref(x, w)
@@ -73,12 +73,12 @@ def linear_f32_pair(x: torch.Tensor, w1: torch.Tensor,
                     w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(linear_f32(x, w1), linear_f32(x, w2)); one launch for decode-sized x (the compressors'
     wkv and wgate)."""
-    if w1.shape == w2.shape and w1.dtype == w2.dtype and _gemv_applies(x, w1):
+    if w1.shape == w2.shape and w1.dtype == w2.dtype and gemv_applies(x, w1):
         return _gemv(x, w1, w2)
     return linear_f32(x, w1), linear_f32(x, w2)
 
 
-def _gemv_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+def gemv_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Up to GEMV_MAX_M rows for N up to GEMV_MAX_N; one row at any N (the vocabulary head of a
     batch-1 decode step: H200, 129280 x 4096, 264.5 us against 268.8 for the three-part GEMM
     with its split and sum, and exact fp32 products)."""

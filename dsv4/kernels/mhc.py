@@ -229,6 +229,37 @@ if HAS_TRITON:
                  + dcol[None, None, :], out.to(out_ptr.dtype.element_ty),
                  mask=tmask[:, None, None] & (dcol < D)[None, None, :])
 
+    @triton.jit(do_not_specialize=["T", "S"])
+    def _hc_post_row_kernel(x_ptr, f_ptr, post_ptr, comb_ptr, out_ptr, T, D, S,
+                            N: tl.constexpr, BLOCK_D: tl.constexpr, SMAX: tl.constexpr,
+                            ROUND_F: tl.constexpr, J: tl.constexpr, PDL: tl.constexpr = False):
+        """`_hc_post_kernel`'s sums for one token a CTA with every value a row of BLOCK_D
+        channels, so no value changes layout between its load and its sum (decode batches:
+        the 2-D kernel's broadcasts and partial reductions cost more than the bytes). The
+        same fp32 operations in the same order; S <= SMAX partials."""
+        pdl_start(PDL)
+        t = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        ok = c < D
+        f = tl.zeros([BLOCK_D], tl.float32)
+        for j in tl.static_range(J):
+            fj = tl.zeros([BLOCK_D], tl.float32)
+            for s in tl.static_range(SMAX):  # unrolled: every row's load in flight at once
+                fj += tl.load(f_ptr + ((s * T + t) * J + j) * D + c, mask=ok & (s < S),
+                              other=0.0).to(tl.float32)
+            if ROUND_F:
+                fj = fj.to(out_ptr.dtype.element_ty).to(tl.float32)
+            f += fj
+        if J > 1:
+            f = f.to(out_ptr.dtype.element_ty).to(tl.float32)
+        for k in tl.static_range(N):
+            mix = tl.zeros([BLOCK_D], tl.float32)
+            for j in tl.static_range(N):  # X's rows: read from memory once, then from L1
+                xj = tl.load(x_ptr + (t * N + j) * D + c, mask=ok, other=0.0).to(tl.float32)
+                mix += tl.load(comb_ptr + t * (N * N) + j * N + k) * xj
+            out = tl.load(post_ptr + t * N + k) * f + mix
+            tl.store(out_ptr + (t * N + k) * D + c, out.to(out_ptr.dtype.element_ty), mask=ok)
+
     def fn_parts(fn: torch.Tensor) -> torch.Tensor:
         """fn's exact split into three bf16 parts [3, *fn.shape] (hi + mid + lo == fn in fp32:
         `f32_linear.split_bf16`), built once per parameter and kept with it while its data and
@@ -308,15 +339,21 @@ if HAS_TRITON:
                              f"comb {tuple(comb.shape)} do not fit")
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         if T:
-            # the MoE's slot rows at decode batches: k+1 rows (x S partials) a token to sum,
-            # spread over more CTAs (at 8 CTAs a token the sum cost more than the combine
-            # kernel it replaces: 5.2 against 1.6 + 1.8 us at batch 1, H200)
-            bt, bd = (1, 128) if f.shape[2] > 1 and T <= 16 else (2, 512)
-            _hc_post_kernel[(triton.cdiv(T, bt), triton.cdiv(d, bd))](
-                x.contiguous(), f.contiguous(), post.float().contiguous(),
-                comb.float().contiguous(), out, T, d, f.shape[0], N=n, BLOCK_T=bt, BLOCK_D=bd,
-                SP=triton.next_power_of_2(f.shape[0]), ROUND_F=round_f, J=f.shape[2],
-                num_warps=4, **pdl())
+            args = (x.contiguous(), f.contiguous(), post.float().contiguous(),
+                    comb.float().contiguous(), out, T, d, f.shape[0])
+            if T <= 16 and f.shape[2] > 1:
+                # the MoE's slot rows at decode batches: one token a CTA, 1-D rows (batch 1,
+                # 7 slots x 4 partials, H200, the kernel alone in a CUDA-graph loop: 2.95 us
+                # against 3.79 / 3.90 for the 2-D kernel at 32 / 8 CTAs a token; in a decode
+                # step 4.0 against 4.4 us). One row of f a token: the 2-D kernel (1.34 us
+                # against 1.51)
+                _hc_post_row_kernel[(T, triton.cdiv(d, 256))](
+                    *args, N=n, BLOCK_D=256, SMAX=f.shape[0], ROUND_F=round_f, J=f.shape[2],
+                    num_warps=4, **pdl())
+            else:
+                _hc_post_kernel[(triton.cdiv(T, 2), triton.cdiv(d, 512))](
+                    *args, N=n, BLOCK_T=2, BLOCK_D=512, SP=triton.next_power_of_2(f.shape[0]),
+                    ROUND_F=round_f, J=f.shape[2], num_warps=4, **pdl())
         return out
 
 

@@ -104,13 +104,17 @@ def _topk_cuda(score, cand, k, avail=None):
     kk = min(k, N)
     score, cand = score.contiguous(), cand.contiguous()
     out = torch.empty(T, kk, dtype=cand.dtype, device=cand.device)
-    # Two compiled variants whatever the width (a new width band met inside a request is a
-    # compile of a second or two there): prefill-sized calls take small programs, several
-    # resident an SM, which beat one wide program a row (H200, `benchmarks/bench_topk.py
-    # --only prefill`: 2048 rows of 8K 394 -> 240 us, 8192 rows of 8K 1493 -> 811 us, 2048
-    # rows of 2K 106 -> 69 us); fewer rows one wide program each (64 rows of 8K: 38 us against
-    # 57 with 512-column blocks).
-    block, warps = (512, 4) if T >= 4 * num_sms(score.device) else (4096, 8)
+    # Prefill-sized calls take small programs, several resident an SM, which beat one wide
+    # program a row (H200, `benchmarks/bench_topk.py --only prefill`: 2048 rows of 8K 394 ->
+    # 240 us, 8192 rows of 8K 1493 -> 811 us, 2048 rows of 2K 106 -> 69 us); fewer rows one
+    # wide program each (64 rows of 8K: 38 us against 57 with 512-column blocks), its blocks
+    # no wider than the row, at least 1024 (H200, one row, CUDA-graph loop: 1024 columns 7.3 /
+    # 10.3 us with 4096-wide blocks against 4.6 / 6.0 with 1024, for 261 / 1000 visible
+    # entries; 2048 columns 13.2 against 9.0 with 2048; 8192 columns 28.4 with 4096, 33.3 with
+    # 2048). Under CUDA graphs the width is static; eager steps compile at most four variants
+    # (a new band met inside a request is a compile of a second or two there).
+    block, warps = ((512, 4) if T >= 4 * num_sms(score.device)
+                    else (min(4096, max(1024, triton.next_power_of_2(N))), 8))
     _topk_kernel[(T,)](score, cand, cand if avail is None else avail.contiguous(), out, N, kk,
                        HAS_AVAIL=avail is not None, BLOCK=block, num_warps=warps, **pdl())
     return out

@@ -533,11 +533,32 @@ def test_head_gemv_for_one_row_equals_fp32_reference():
     g = torch.Generator(device=DEV).manual_seed(5)
     w = (torch.randn(129280, 4096, device=DEV, generator=g) / 64).bfloat16()
     x = torch.randn(1, 4096, device=DEV, generator=g) * 3
-    assert f32_linear._gemv_applies(x, w)
+    assert f32_linear.gemv_applies(x, w)
     got, want = f32_linear.linear_f32(x, w), x.double() @ w.double().t()
     ref_err = (f32_linear.linear_f32_ref(x, w) - want).abs().max().item()
     err = (got - want).abs().max().item()
     assert got.shape == (1, 129280) and err <= 4 * ref_err + 1e-6, (err, ref_err)
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 5])
+def test_bf16_linear_decode_rows_take_the_gemv(m):
+    """BF16Linear (the indexer's weights_proj, 4096 -> 64) at up to GEMV_MAX_M bf16 rows is
+    the GEMV kernel rounded to bf16: within one bf16 ulp of cuBLAS's GEMM, whose fp32 sums it
+    rounds once as well; past GEMV_MAX_M rows it is cuBLAS's."""
+    from dsv4.kernels import f32_linear
+    from dsv4.quant.linear import BF16Linear
+    g = torch.Generator(device=DEV).manual_seed(m)
+    lin = BF16Linear(4096, 64).to(DEV)
+    lin.set_float(torch.randn(64, 4096, device=DEV, generator=g) / 64)
+    x = torch.randn(m, 4096, device=DEV, generator=g).bfloat16()
+    got = lin(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, 64)
+    if m <= f32_linear.GEMV_MAX_M:
+        assert torch.equal(got, f32_linear.linear_f32(x, lin.weight).bfloat16())
+    else:
+        assert torch.equal(got, torch.nn.functional.linear(x, lin.weight))
+    want = (x.double() @ lin.weight.double().t())
+    assert ((got.double() - want).abs() <= want.abs() * 2.0 ** -8 + 1e-6).all()
 
 
 @pytest.mark.parametrize("func", ["sqrtsoftplus", "sigmoid", "softmax"])
