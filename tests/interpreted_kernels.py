@@ -355,6 +355,9 @@ def check_small_ops() -> None:
     want_ids, want_lp = mods["greedy"].greedy_logprob_ref(logits)
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(lp, want_lp, rtol=1e-5, atol=1e-4)
+    ids2, lp2, rows = mods["greedy"].greedy_logprob(logits, packed=True)
+    assert torch.equal(ids2, ids) and torch.equal(lp2, lp), "greedy packed"
+    assert torch.equal(rows, torch.stack([ids.double(), lp.double(), torch.ones(3).double()]))
 
     fl = mods["f32_linear"]
     wf = (torch.randn(256, 512, generator=G) / 512 ** 0.5).bfloat16()

@@ -156,6 +156,8 @@ def test_greedy_logprob_reference_and_its_errors():
     ids, lp = greedy_logprob(x)
     assert ids.tolist() == [1, 1]  # the lowest id among equal maxima
     assert torch.allclose(lp, torch.log_softmax(x, -1)[[0, 1], [1, 1]])
+    _, _, rows = greedy_logprob(x, packed=True)  # ids, logprobs, ranks for one host copy
+    assert rows.dtype == torch.float64 and rows.tolist() == [[1, 1], lp.double().tolist(), [1, 1]]
     with pytest.raises(ValueError, match=r"\[B, V\]"):
         greedy_logprob(torch.zeros(3))
 

@@ -338,6 +338,8 @@ class ModelRunner:
 def _packed(out) -> torch.Tensor:
     """[3, B] float64 ids, logprobs and ranks (ids and ranks are exact in float64): one copy
     to the host for the three."""
+    if out.packed is not None:
+        return out.packed
     return torch.stack([out.token_ids.double(), out.logprobs.double(), out.ranks.double()])
 
 

@@ -212,8 +212,11 @@ class SamplerOutput:
 
     token_ids: Tensor  # [B] int64
     logprobs: Tensor  # [B] float32, raw logprob of the sampled token
-    ranks: Tensor  # [B] int64, rank of the sampled token
+    ranks: Tensor  # [B] rank of the sampled token (int64, or float64 as a row of `packed`)
     top_logprobs: list[list[tuple[int, float]] | None]  # per row; None where params.logprobs is None
+    # [3, B] float64 ids, logprobs and ranks for one copy to the host, where the sampler
+    # made them in one go (plain greedy on the GPU); else None
+    packed: Tensor | None = None
 
 
 def truncate_prompt(ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
@@ -504,10 +507,10 @@ class Sampler:
                                 or len(out) < p.min_tokens
                                 for p, out in zip(params, output_token_ids)):
             # plain greedy: the raw argmax is the token, rank 1, one fused pass on the GPU
-            token_ids, tok_lp = greedy_logprob(logits)
-            return SamplerOutput(token_ids=token_ids, logprobs=tok_lp,
-                                 ranks=torch.ones_like(token_ids),
-                                 top_logprobs=[None if p.logprobs is None else [] for p in params])
+            token_ids, tok_lp, packed = greedy_logprob(logits, packed=True)
+            return SamplerOutput(token_ids=token_ids, logprobs=tok_lp, ranks=packed[2],
+                                 top_logprobs=[None if p.logprobs is None else [] for p in params],
+                                 packed=packed)
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1)
         if not rand:  # all greedy: the argmax, without building the one-hot distributions

@@ -23,3 +23,6 @@ def test_greedy_logprob_matches_torch(b, v):
     want_ids, want_lp = greedy_logprob_ref(x)
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(lp, want_lp, rtol=1e-5, atol=1e-4)
+    ids2, lp2, rows = greedy_logprob(x, packed=True)  # the engine's one copy to the host
+    assert torch.equal(ids2, ids) and torch.equal(lp2, lp)
+    assert torch.equal(rows, torch.stack([ids.double(), lp.double(), torch.ones_like(rows[2])]))
