@@ -74,7 +74,7 @@ if HAS_TRITON:
         tl.store(s_ptr + row * ns + sl, s)
         tl.store(i_ptr + row * ns + sl, first)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["B"])  # one variant whatever the batch size
     def _merge_kernel(m_ptr, s_ptr, i_ptr, ids_ptr, lp_ptr, rows_ptr, B, ns, NS: tl.constexpr,
                       PACKED: tl.constexpr, PDL: tl.constexpr = False):
         pdl_start(PDL)
