@@ -34,14 +34,13 @@ def decode_steps(engine: LLMEngine, batch: int, input_len: int, steps: int, prof
     g = torch.Generator().manual_seed(0)
     # tokens enough for every sequence to decode through the profiled steps: a large batch's
     # prompts start decoding over several prefill steps, and a sequence that finished early
-    # would shrink the measured batch (aborted below instead of run to the end)
+    # would shrink the measured batch
     params = SamplingParams(temperature=0.0, ignore_eos=True,
                             max_tokens=min(steps + 8 + batch * input_len // 1024,
                                            engine.max_model_len - input_len))
-    names = [f"p{i}-{time.monotonic_ns()}" for i in range(batch)]
-    for name in names:
+    for i in range(batch):
         ids = torch.randint(0, engine.model_config.vocab_size, (input_len,), generator=g).tolist()
-        engine.add_request(name, {"prompt_token_ids": ids}, params)
+        engine.add_request(f"p{i}-{time.monotonic_ns()}", {"prompt_token_ids": ids}, params)
     # until every prompt is prefilled (a sequence decodes once only its last token is new)
     while (engine.scheduler.waiting
            or any(s.num_uncomputed > 1 for s in engine.scheduler.running)):
@@ -62,8 +61,6 @@ def decode_steps(engine: LLMEngine, batch: int, input_len: int, steps: int, prof
     if len(engine.scheduler.running) != batch:
         print(f"note: {len(engine.scheduler.running)} of {batch} sequences decoding at the end "
               f"of the measured steps (preempted or finished): a smaller batch was measured")
-    for name in names:
-        engine.abort_request(name)
     while engine.has_unfinished_requests():
         engine.step()
     return dt, p
