@@ -127,6 +127,27 @@ def test_qat_roundings_match_the_simulations():
     assert torch.equal(hadamard_fp4(q, False), hadamard(q.float()).bfloat16())
 
 
+def test_rope_hadamard_fp4_is_the_three_steps():
+    """The indexer's queries from wq_b's split-K partials: sum rounded, RoPE, Hadamard + FP4."""
+    from dsv4.kernels.qat import hadamard_fp4, rope_hadamard_fp4
+    from dsv4.kernels.rope import rope_
+    g = torch.Generator().manual_seed(2)
+    parts = torch.randn(3, 4, 2 * 128, generator=g)
+    pos, f = torch.tensor([0, 5, 77, 4096]), torch.rand(32, generator=g)
+    q = rope_(parts.sum(0).bfloat16().view(4, 2, 128), pos, f, 64)
+    got = rope_hadamard_fp4(parts, 2, pos, f, 64, True, torch.bfloat16)
+    assert torch.equal(got, hadamard_fp4(q, True))
+    one = parts[:1].bfloat16()  # S = 1 in the working dtype: the product itself, kept intact
+    kept = one.clone()
+    got = rope_hadamard_fp4(one, 2, pos, f, 64, False, torch.bfloat16)
+    assert torch.equal(one, kept)
+    assert torch.equal(got, hadamard_fp4(rope_(kept[0].view(4, 2, 128), pos, f, 64), False))
+    with pytest.raises(ValueError, match="heads"):
+        rope_hadamard_fp4(parts, 3, pos, f, 64, True, torch.bfloat16)
+    with pytest.raises(ValueError, match="rope_dim"):
+        rope_hadamard_fp4(parts, 2, pos, f, 48, True, torch.bfloat16)
+
+
 @pytest.mark.parametrize("func", ["sqrtsoftplus", "sigmoid", "softmax"])
 def test_routing_reference_and_its_errors(func):
     from dsv4.kernels.routing import route

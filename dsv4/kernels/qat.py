@@ -5,6 +5,10 @@
 - `hadamard_fp4(x, qat)`: the indexer's rotation x @ H_C * C^-0.5 in fp32, rounded to x's dtype,
   then (with `qat`) the FP4 e2m1 round trip with a power-of-two scale per 32 (indexer queries
   and keys).
+- `rope_hadamard_fp4(parts, heads, pos, freqs, rope_dim, qat, dtype)`: the indexer's queries
+  from its `wq_b`'s split-K partials: their sum rounded to `dtype` (`sum_parts`), RoPE on the
+  last `rope_dim` channels of each head (`rope_`), then `hadamard_fp4`; on the GPU one launch
+  instead of three (the partials' sum, the RoPE, the rotation).
 
 References: `dsv4.quant.sim` (fp8_sim, fp4_sim, hadamard), a few dozen small torch ops per call.
 GPU: one Triton launch per call with the same fp32 formulas (IEEE division for the scales,
@@ -18,6 +22,8 @@ import torch
 from ..quant.sim import fp4_sim, fp8_sim, hadamard, hadamard_matrix
 from . import HAS_TRITON, use_triton
 from .pdl import pdl
+from .quant_linear import sum_parts
+from .rope import rope_, rope_ref_
 
 FP8_BLOCK, FP4_BLOCK = 64, 32
 
@@ -66,6 +72,47 @@ def hadamard_fp4(x: torch.Tensor, qat: bool) -> torch.Tensor:
     return hadamard_fp4_ref(x, qat)
 
 
+def rope_hadamard_fp4_ref(parts: torch.Tensor, heads: int, pos: torch.Tensor,
+                          freqs: torch.Tensor, rope_dim: int, qat: bool,
+                          dtype: torch.dtype) -> torch.Tensor:
+    q = _summed(parts, dtype)
+    q = rope_ref_(q.view(q.shape[0], heads, -1), pos, freqs, rope_dim)
+    return hadamard_fp4_ref(q, qat)
+
+
+def _summed(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`sum_parts`, never a view of the partials (the RoPE after it works in place)."""
+    q = sum_parts(parts, dtype)
+    return q.clone() if q.data_ptr() == parts.data_ptr() else q
+
+
+def rope_hadamard_fp4(parts: torch.Tensor, heads: int, pos: torch.Tensor, freqs: torch.Tensor,
+                      rope_dim: int, qat: bool, dtype: torch.dtype) -> torch.Tensor:
+    """parts [S, T, heads * C] (`Linear.split_k`; S = 1: the product itself) -> [T, heads, C]
+    in `dtype` (module docstring)."""
+    if parts.dim() != 3 or parts.shape[2] % heads:
+        raise ValueError(f"rope_hadamard_fp4: partials {tuple(parts.shape)} are not "
+                         f"[S, T, {heads} heads x C]")
+    S, T, N = parts.shape
+    c = N // heads
+    if (pos.shape != (T,) or rope_dim % 2 or not 0 < rope_dim <= c
+            or freqs.numel() != rope_dim // 2):
+        raise ValueError(f"rope_hadamard_fp4: {tuple(pos.shape)} positions, rope_dim {rope_dim} "
+                         f"and {freqs.numel()} frequencies do not fit [{T}, {heads}, {c}]")
+    if (use_triton(parts) and dtype == torch.bfloat16 and T and 32 <= c <= 256
+            and c & (c - 1) == 0):
+        rows = T * heads
+        out = torch.empty(T, heads, c, dtype=dtype, device=parts.device)
+        br = 64 if rows > 4096 and S == 1 else 16  # as hadamard_fp4's bf16 tiles
+        _rope_hadamard_fp4_kernel[(triton.cdiv(rows, br),)](
+            parts.contiguous(), pos, freqs.to(device=parts.device, dtype=torch.float32),
+            hadamard_matrix(c, torch.float32, parts.device), out, S, rows, heads, C=c,
+            ROPE=rope_dim, QAT=qat, BR=br, SP=triton.next_power_of_2(S), num_warps=4, **pdl())
+        return out
+    q = _summed(parts, dtype)
+    return hadamard_fp4(rope_(q.view(T, heads, c), pos, freqs, rope_dim), qat)
+
+
 if HAS_TRITON:
     import triton
     import triton.language as tl
@@ -110,14 +157,7 @@ if HAS_TRITON:
         if x_ptr.dtype.element_ty == tl.bfloat16:
             x = tl.load(x_ptr + rows[:, None].to(tl.int64) * C + c[None, :], mask=ok[:, None],
                         other=0.0)
-            v = c[:, None] & c[None, :]
-            v = v ^ (v >> 16)
-            v = v ^ (v >> 8)
-            v = v ^ (v >> 4)
-            v = v ^ (v >> 2)
-            v = v ^ (v >> 1)
-            sign = tl.where((v & 1) == 0, 1.0, -1.0).to(tl.bfloat16)
-            return tl.dot(x, sign) * tl.load(h_ptr)
+            return tl.dot(x, _hadamard_signs(C)) * tl.load(h_ptr)
         kc = tl.arange(0, 32)
         y = tl.zeros((BR, C), dtype=tl.float32)
         for k0 in tl.static_range(0, C, 32):
@@ -126,6 +166,51 @@ if HAS_TRITON:
             h = tl.load(h_ptr + (k0 + kc[:, None]) * C + c[None, :])
             y = tl.dot(x, h, y, input_precision="ieee")
         return y
+
+    @triton.jit
+    def _hadamard_signs(C: tl.constexpr):
+        """Sylvester's H_C without its scale: (-1)^popcount(i & j), bf16 [C, C]."""
+        c = tl.arange(0, C)
+        v = c[:, None] & c[None, :]
+        v = v ^ (v >> 16)
+        v = v ^ (v >> 8)
+        v = v ^ (v >> 4)
+        v = v ^ (v >> 2)
+        v = v ^ (v >> 1)
+        return tl.where((v & 1) == 0, 1.0, -1.0).to(tl.bfloat16)
+
+    @triton.jit(do_not_specialize=["S", "R", "HEADS"])
+    def _rope_hadamard_fp4_kernel(p_ptr, pos_ptr, f_ptr, h_ptr, out_ptr, S, R, HEADS,
+                                  C: tl.constexpr, ROPE: tl.constexpr, QAT: tl.constexpr,
+                                  BR: tl.constexpr, SP: tl.constexpr,
+                                  PDL: tl.constexpr = False):
+        """BR rows (token, head) of `rope_hadamard_fp4`: the S partials' fp32 sum rounded to
+        out's dtype, RoPE on the last ROPE channels (fp32, rounded), the bf16 MMA with H's
+        signs (`_hadamard_rows`), rounded, and the FP4 round trip with QAT."""
+        pdl_start(PDL)
+        dt = out_ptr.dtype.element_ty
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)
+        ok = rows < R
+        c = tl.arange(0, C)
+        sp = tl.arange(0, SP)  # every partial's load in flight at once
+        x = tl.load(p_ptr + (sp[:, None, None] * R + rows[None, :, None]).to(tl.int64) * C
+                    + c[None, None, :], mask=(sp < S)[:, None, None] & ok[None, :, None],
+                    other=0.0).to(tl.float32)
+        x = tl.sum(x, 0).to(dt).to(tl.float32)  # the linear's output
+        e, o = tl.split(tl.reshape(x, (BR, C // 2, 2)))  # pairs (2i, 2i+1)
+        j = tl.arange(0, C // 2)
+        fi = j - (C - ROPE) // 2
+        rot = fi >= 0
+        pos = tl.load(pos_ptr + rows // HEADS, mask=ok, other=0).to(tl.float32)
+        ang = pos[:, None] * tl.load(f_ptr + fi, mask=rot, other=0.0)[None, :]
+        cs = tl.where(rot[None, :], tl.cos(ang), 1.0)
+        sn = tl.where(rot[None, :], tl.sin(ang), 0.0)
+        x = tl.reshape(tl.join(e * cs - o * sn, e * sn + o * cs), (BR, C)).to(tl.bfloat16)
+        y = (tl.dot(x, _hadamard_signs(C)) * tl.load(h_ptr)).to(dt).to(tl.float32)
+        if QAT:
+            y = _fp4_sim(y, BR, C)
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * C + c[None, :], y.to(dt),
+                 mask=ok[:, None])
 
     @triton.jit(do_not_specialize=["R"])
     def _fp8_round_kernel(x_ptr, R, D, nb, BR: tl.constexpr, NB: tl.constexpr,

@@ -6,11 +6,10 @@ from torch import nn
 
 from ..distributed import SINGLE, ParallelGroup
 from ..kernels.indexer import indexer_topk
-from ..kernels.qat import hadamard_fp4
+from ..kernels.qat import rope_hadamard_fp4
 from ..quant.linear import BF16Linear, make_linear
 from .batch import ForwardBatch
 from .compressor import Compressor
-from .rope import rope_
 
 # candidate-list entries (tokens x compressed entries) scored at once: 2^26, so a slice's int64
 # lists and fp32 scores take 0.5 + 0.25 GB (prefill at 128K context: 2048 tokens a slice)
@@ -44,8 +43,10 @@ class Indexer(nn.Module):
         if not compressed:
             self.compress(u, batch, cache)
         T, c, r = u.shape[0], self.head_dim, self.rope_dim
-        q = rope_(self.wq_b(qr).view(T, self.n_heads, c), batch.positions, self.freqs, r)
-        q = hadamard_fp4(q, self.qat)
+        # wq_b's product (from its split-K partials), RoPE, Hadamard and the FP4 rounding:
+        # one launch on the GPU
+        q = rope_hadamard_fp4(self.wq_b.split_k(qr), self.n_heads, batch.positions,
+                              self.freqs, r, self.qat, qr.dtype)
         w = self.weights_proj(u) * (c ** -0.5 * self.total_heads ** -0.5)  # [T, nI]
         reduce = self.tp.all_reduce if self.tp.size > 1 else None  # heads' partial scores
         keys = cache.idx.view(-1, cache.idx.shape[-1])  # [rows, c], or packed FP4 bytes
