@@ -325,7 +325,7 @@ def test_out_of_memory_does_not_switch_gemm_paths_for_good(monkeypatch):
     assert fl._MM_DTYPE_OK == {}
 
     monkeypatch.setattr(ql, "_SCALED_MM_OK", {})
-    monkeypatch.setattr(ql, "_act_quant_cuda", lambda x, values=False, pad_to=1: (x, x))
+    monkeypatch.setattr(ql, "_act_quant_cuda", lambda x, values=False, pad_to=1, **kw: (x, x))
     monkeypatch.setattr(ql, "_scaled_mm_blockwise", oom)
     x = torch.randn(ql.SCALED_MM_MIN_M, 128)
     w = torch.zeros(4, 128, dtype=torch.float8_e4m3fn)
@@ -516,3 +516,21 @@ def test_rmsnorm_split_rejects_what_does_not_fit():
         rmsnorm_split(parts, w, 1e-6, torch.float32, (pos, torch.ones(16), 64))
     with pytest.raises(ValueError, match="fp8_width"):
         rmsnorm_split(parts, w, 1e-6, torch.float32, fp8_width=100)
+
+
+def test_fp32_weight_scales_are_converted_once_per_weight_and_version():
+    """cuBLAS's block-scaled GEMM takes fp32 weight scales: converted once and kept on the
+    parameter, redone into the same buffer after an in-place change (graphs read it)."""
+    from dsv4.kernels.quant_linear import _fp32_scales
+    p = torch.nn.Parameter(torch.tensor([[1.0, 0.5], [4.0, 2.0 ** -3]]).to(torch.float8_e8m0fnu),
+                           requires_grad=False)
+    a = _fp32_scales(p)
+    assert a.tolist() == [[1.0, 0.5], [4.0, 0.125]]
+    assert _fp32_scales(p) is a
+    assert torch.equal(_fp32_scales(p.view(torch.uint8)), a)  # bytes: converted, not kept
+    with torch.no_grad():
+        p.copy_(torch.tensor([[2.0, 2.0], [2.0, 2.0]]).to(torch.float8_e8m0fnu))
+    b = _fp32_scales(p)
+    assert b is a and b.tolist() == [[2.0, 2.0], [2.0, 2.0]]
+    q = torch.nn.Parameter(p.detach().clone(), requires_grad=False)  # another weight
+    assert _fp32_scales(q) is not a

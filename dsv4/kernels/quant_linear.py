@@ -84,7 +84,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     to x's dtype is the product. A consumer that sums them itself (`rmsnorm_split`, `hc_post`)
     saves the summing launch."""
     if use_triton(x) and _kernel_shape_ok(x, weight.shape[1]):
-        return _qlinear_cuda(x, FMT_FP8, weight, scale.view(torch.uint8), None, parts=parts)
+        return _qlinear_cuda(x, FMT_FP8, weight, scale, None, parts=parts)
     y = fp8_linear_ref(x, weight, scale)
     return y[None] if parts else y
 
@@ -123,9 +123,11 @@ def act_quant_values(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch
 
 
 def _act_quant_cuda(x: torch.Tensor, values: bool = False, pad_to: int = 1,
-                    rows: torch.Tensor | None = None):
+                    rows: torch.Tensor | None = None, scales_t: bool = False):
     """Codes and scales of x [M, K] (or of x[rows]) (or their products, `values`), with the
-    rows padded with zeros (code 0, a finite scale) to a multiple of `pad_to`."""
+    rows padded with zeros (code 0, a finite scale) to a multiple of `pad_to`. `scales_t`:
+    the scales [M, K/128] column-major (the transpose of a contiguous [K/128, M]), as cuBLAS's
+    block-scaled GEMM takes them."""
     x = x.contiguous()
     m, k = x.shape if rows is None else (rows.numel(), x.shape[1])
     if k % 128:
@@ -134,11 +136,13 @@ def _act_quant_cuda(x: torch.Tensor, values: bool = False, pad_to: int = 1,
     q = torch.empty(mo, k, dtype=torch.bfloat16 if values else torch.float8_e4m3fn,
                     device=x.device)
     s = torch.empty(mo, 0 if values else k // 128, dtype=torch.float32, device=x.device)
+    if scales_t and not values:
+        s = torch.empty(k // 128, mo, dtype=torch.float32, device=x.device).t()
     if mo:
         src = rows.contiguous() if rows is not None else x.new_empty(0, dtype=torch.int64)
         _act_quant_kernel[(triton.cdiv(mo, 32), k // 128)](
-            x, q, s, src, m, mo, k, BR=32, VALUES=values, GATHER=rows is not None, num_warps=4,
-            **pdl())
+            x, q, s, src, m, mo, k, BR=32, VALUES=values, GATHER=rows is not None,
+            S_T=scales_t, num_warps=4, **pdl())
     return q, s
 
 
@@ -168,6 +172,10 @@ def _qlinear_cuda(x, fmt: int, weight, scale, gscale, path: str = "auto",
 
 def _qlinear_parts(x, fmt: int, weight, scale, gscale, path: str = "auto",
                    cfg: dict | None = None) -> torch.Tensor:
+    """`scale`: the block scales as uint8 bytes, or (FP8) the e8m0 tensor itself, on which
+    `_fp32_scales` keeps cuBLAS's fp32 copy."""
+    owner = scale
+    scale = scale.view(torch.uint8)
     k = x.shape[-1]
     n = weight.shape[0]
     lead = x.shape[:-1]
@@ -185,9 +193,9 @@ def _qlinear_parts(x, fmt: int, weight, scale, gscale, path: str = "auto",
     if path == "scaled_mm":
         # cuBLAS's block-scaled GEMM needs M % 4 == 0 (CUBLAS_STATUS_NOT_SUPPORTED otherwise,
         # H200, torch 2.11): pad the activation rows, drop the extra outputs
-        q, s = _act_quant_cuda(x2, pad_to=4)
+        q, s = _act_quant_cuda(x2, pad_to=4, scales_t=True)
         try:
-            y = _scaled_mm_blockwise(q, s, weight, scale, x.dtype)
+            y = _scaled_mm_blockwise(q, s, weight, owner, x.dtype)
             return y[:m].reshape(1, *lead, n)
         except torch.cuda.OutOfMemoryError:  # transient: must not switch the path for good
             raise
@@ -246,11 +254,31 @@ def sum_splits_(part: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _scaled_mm_blockwise(q, s, weight, scale_e8m0_u8, out_dtype) -> torch.Tensor:
-    """cuBLAS block-scaled FP8 GEMM: scales 1x128 (activations, outer-dim-major) x 128x128."""
-    sw = scale_e8m0_u8.view(torch.float8_e8m0fnu).float()  # [N/128, K/128]
-    return torch._scaled_mm(q, weight.t(), scale_a=s.t().contiguous().t(), scale_b=sw.t(),
-                            out_dtype=out_dtype)
+def _scaled_mm_blockwise(q, s, weight, scale, out_dtype) -> torch.Tensor:
+    """cuBLAS block-scaled FP8 GEMM: scales 1x128 (activations, outer-dim-major: no copy when
+    `_act_quant_cuda(scales_t=True)` wrote them) x 128x128 (e8m0 or its uint8 bytes, as fp32:
+    `_fp32_scales`)."""
+    return torch._scaled_mm(q, weight.t(), scale_a=s.t().contiguous().t(),
+                            scale_b=_fp32_scales(scale).t(), out_dtype=out_dtype)
+
+
+def _fp32_scales(scale: torch.Tensor) -> torch.Tensor:
+    """A weight's e8m0 block scales [N/128, K/128] (or their uint8 bytes) as fp32, converted
+    once per tensor and version and kept on it (the layer's parameter: gone with it) instead
+    of once per call, a small kernel before every GEMM (17 a decode step). Under CUDA graph
+    capture a conversion not made before is made in the graph, not kept."""
+    key = (scale.data_ptr(), scale._version, tuple(scale.shape), scale.dtype)
+    hit = getattr(scale, "_dsv4_fp32_scales", None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    sw = scale.view(torch.float8_e8m0fnu).float()
+    if hit is not None and (hit[0][0], hit[0][2:]) == (key[0], key[2:]):
+        # the weight changed in place: the same buffer again (graphs captured earlier read it)
+        hit[1].copy_(sw)
+        sw = hit[1]
+    if not (sw.is_cuda and torch.cuda.is_current_stream_capturing()):
+        scale._dsv4_fp32_scales = (key, sw)
+    return sw
 
 
 # ------------------------------------------------------------------------------- kernels
@@ -448,9 +476,10 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["M", "MO"])
     def _act_quant_kernel(x_ptr, q_ptr, s_ptr, src_ptr, M, MO, K, BR: tl.constexpr,
                           VALUES: tl.constexpr = False, GATHER: tl.constexpr = False,
-                          PDL: tl.constexpr = False):
+                          S_T: tl.constexpr = False, PDL: tl.constexpr = False):
         """e4m3 codes and scales, or (VALUES) their exact products in bf16, of rows < M (of
-        x's rows src[row] with GATHER); rows M .. MO-1 (padding) get the codes of zeros."""
+        x's rows src[row] with GATHER); rows M .. MO-1 (padding) get the codes of zeros.
+        S_T: the scales stored [K/128, MO] (column-major [MO, K/128])."""
         pdl_start(PDL)
         rows = tl.program_id(0) * BR + tl.arange(0, BR)
         kb = tl.program_id(1)
@@ -465,7 +494,10 @@ if HAS_TRITON:
                      (q.to(tl.float32) * s[:, None]).to(tl.bfloat16), mask=ok[:, None])
         else:
             tl.store(q_ptr + rows[:, None].to(tl.int64) * K + k[None, :], q, mask=ok[:, None])
-            tl.store(s_ptr + rows.to(tl.int64) * (K // 128) + kb, s, mask=ok)
+            if S_T:
+                tl.store(s_ptr + kb * MO + rows, s, mask=ok)
+            else:
+                tl.store(s_ptr + rows.to(tl.int64) * (K // 128) + kb, s, mask=ok)
 
     @triton.jit(do_not_specialize=["M", "kb_per_split"])
     def _qlinear_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, g_ptr, y_ptr, M, N, K, kb_per_split,

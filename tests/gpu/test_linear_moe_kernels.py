@@ -116,6 +116,9 @@ def test_fp8_scaled_mm_takes_any_m(monkeypatch):
     assert torch.equal(qp[:5].view(torch.uint8), q0.view(torch.uint8))
     assert torch.equal(sp[:5], s0) and not qp[5:].view(torch.uint8).any()
     assert torch.isfinite(sp[5:]).all()
+    qt, st = ql._act_quant_cuda(x, pad_to=4, scales_t=True)  # cuBLAS's layout: no copy
+    assert st.stride() == (1, 8) and torch.equal(st, sp)
+    assert torch.equal(qt.view(torch.uint8), qp.view(torch.uint8))
 
 
 @pytest.mark.parametrize("k,n", LINEAR_SHAPES[:2])
@@ -130,6 +133,9 @@ def test_fp8_scaled_mm_blockwise_matches_reference(k, n):
     err = rel_err(got, ql.fp8_linear_ref(x, w, s))
     print(f"_scaled_mm K={k} N={n}: rel err {err:.2e}")
     assert err < 3e-3
+    xq, xs = ql._act_quant_cuda(x, pad_to=4, scales_t=True)  # the dispatch's column-major scales
+    again = ql._scaled_mm_blockwise(xq, xs, w, s.view(torch.uint8), torch.bfloat16)
+    assert torch.equal(again, got)
 
 
 @pytest.mark.parametrize("fmt", ["fp4", "nvfp4"])
