@@ -379,6 +379,8 @@ def check_small_ops() -> None:
     xh1 = torch.randn(1, 256, generator=G)
     assert fl.gemv_applies(xh1, wh) and not fl.gemv_applies(xh1.expand(2, -1), wh)
     assert (fl.linear_f32(xh1, wh) - xh1.double() @ wh.double().t()).abs().max() < 1e-5
+    xb = xf.bfloat16()  # a bf16 linear's decode rows: rounded in the GEMV's store
+    assert torch.equal(fl.gemv_rounded(xb, wf), fl.linear_f32(xb, wf).bfloat16())
 
     kvm = mods["kv_fp8"]
     rows_in = torch.randn(11, 512, generator=G).bfloat16()

@@ -87,14 +87,21 @@ def gemv_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
             and x.shape[1] <= GEMV_MAX_K and w.dtype in (torch.bfloat16, torch.float32))
 
 
-def _gemv(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None = None):
-    """x @ w^T (and x @ w2^T, same shape, in the same launch) in fp32."""
+def gemv_rounded(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`linear_f32(x, w)` rounded once to x's dtype, in the GEMV's own store (no cast kernel
+    after it): a bf16 linear's decode rows (`BF16Linear`); requires `gemv_applies`."""
+    return _gemv(x, w, out_dtype=x.dtype)
+
+
+def _gemv(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None = None,
+          out_dtype: torch.dtype = torch.float32):
+    """x @ w^T (and x @ w2^T, same shape, in the same launch) in fp32, stored as out_dtype."""
     m, k = x.shape
     n = w.shape[0]
     if w.shape[1] != k:
         raise ValueError(f"linear_f32: x [{m}, {k}] does not fit weight {tuple(w.shape)}")
     x, w = x.contiguous(), w.contiguous()
-    y = torch.empty(m, n, dtype=torch.float32, device=x.device)
+    y = torch.empty(m, n, dtype=out_dtype, device=x.device)
     y2 = torch.empty_like(y) if w2 is not None else y
     bk = triton.next_power_of_2(k)
     bn = 2 if n <= 512 else 4  # at least ~128 CTAs for the gate (N=256) and wkv (N=1024)
@@ -129,4 +136,5 @@ if HAS_TRITON:
                     mask=(rows < N)[:, None] & kok[None, :], other=0.0).to(tl.float32)
         for m in range(M):
             xm = tl.load(x_ptr + m * K + k, mask=kok, other=0.0).to(tl.float32)
-            tl.store(y_ptr + m * N + rows, tl.sum(w * xm[None, :], 1), mask=rows < N)
+            tl.store(y_ptr + m * N + rows, tl.sum(w * xm[None, :], 1).to(y_ptr.dtype.element_ty),
+                     mask=rows < N)

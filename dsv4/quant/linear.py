@@ -62,7 +62,7 @@ class BF16Linear(Linear):
             # decode rows: one GEMV launch (fp32 sums rounded once, as the GEMM's) instead of
             # cuBLAS's split-K GEMM and its reduction (the indexer's weights_proj at batch 1,
             # H200: 4.2 + 1.6 us)
-            return f32_linear.linear_f32(x, self.weight).to(x.dtype)
+            return f32_linear.gemv_rounded(x, self.weight)
         return torch.nn.functional.linear(x, self.weight.to(x.dtype))
 
     def dequantize(self) -> torch.Tensor:

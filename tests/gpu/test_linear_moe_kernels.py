@@ -549,8 +549,9 @@ def test_head_gemv_for_one_row_equals_fp32_reference():
 @pytest.mark.parametrize("m", [1, 3, 4, 5])
 def test_bf16_linear_decode_rows_take_the_gemv(m):
     """BF16Linear (the indexer's weights_proj, 4096 -> 64) at up to GEMV_MAX_M bf16 rows is
-    the GEMV kernel rounded to bf16: within one bf16 ulp of cuBLAS's GEMM, whose fp32 sums it
-    rounds once as well; past GEMV_MAX_M rows it is cuBLAS's."""
+    the GEMV kernel rounded to bf16 in its store: within one bf16 ulp of the exact product,
+    as cuBLAS's GEMM, whose fp32 sums it rounds once as well; past GEMV_MAX_M rows it is
+    cuBLAS's."""
     from dsv4.kernels import f32_linear
     from dsv4.quant.linear import BF16Linear
     g = torch.Generator(device=DEV).manual_seed(m)
