@@ -3,8 +3,9 @@
 `greedy_logprob(logits [B, V])` -> (ids int64 [B], logprob fp32 [B]): the argmax of each row
 (the lowest id among equal maxima, as torch.argmax) and its raw log-softmax value,
 max - logsumexp. `packed=True` adds a third result, [3, B] float64 rows of the ids, the
-logprobs and the ranks (1), which the engine copies to the host in one go. Reference: torch's log_softmax and argmax (two full passes, each one CTA per
-row: about 30 us for one 129K-vocabulary row on an H200). GPU: the row is split across CTAs,
+logprobs and the ranks (1), which the engine copies to the host in one go. Reference: torch's
+log_softmax and argmax (two full passes, each one CTA per row: about 30 us for one
+129K-vocabulary row on an H200). GPU: the row is split across CTAs,
 each writes (max, first argmax, sum of exp(x - max)) of its slice, and a second launch merges
 the slices of each row.
 """
