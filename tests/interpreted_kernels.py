@@ -447,7 +447,8 @@ def check_quant_linear() -> None:
                 err = ((got - want).norm() / want.norm()).item()
                 assert err < 1e-3, f"format {fmt} M={m} {path} {cfg}: rel err {err:.2e}"
     x = torch.randn(5, k, generator=G).bfloat16()  # cuBLAS's scale layout, written directly
-    (q0, s0), (qt, st) = ql._act_quant_cuda(x, pad_to=4), ql._act_quant_cuda(x, pad_to=4, scales_t=True)
+    q0, s0 = ql._act_quant_cuda(x, pad_to=4)
+    qt, st = ql._act_quant_cuda(x, pad_to=4, scales_t=True)
     assert st.shape == (8, k // 128) and st.stride() == (1, 8)
     assert torch.equal(q0.view(torch.uint8), qt.view(torch.uint8)) and torch.equal(s0, st)
 

@@ -33,7 +33,8 @@ def greedy_logprob(logits: torch.Tensor, packed: bool = False) -> tuple[torch.Te
     ids, lp = greedy_logprob_ref(logits)
     if not packed:
         return ids, lp
-    return ids, lp, torch.stack([ids.double(), lp.double(), torch.ones_like(lp, dtype=torch.float64)])
+    ranks = torch.ones_like(lp, dtype=torch.float64)
+    return ids, lp, torch.stack([ids.double(), lp.double(), ranks])
 
 
 def _greedy_cuda(logits, packed: bool = False):
