@@ -312,16 +312,16 @@ def check_small_ops() -> None:
     for on in (True, False):
         got, want = qat.hadamard_fp4(h, on), qat.hadamard_fp4_ref(h, on)
         assert rel(got, want) < (2e-2 if on else 5e-3), f"hadamard_fp4 qat={on}"
-    for S, T in ((1, 5), (3, 2)):  # the indexer's queries from wq_b's partials, one launch
-        parts = torch.randn(S, T, 4 * 128, generator=G) * 2
+    for S, T, nh in ((1, 5, 4), (3, 2, 4), (2, 3, 16)):  # the indexer's queries, one launch
+        parts = torch.randn(S, T, nh * 128, generator=G) * 2  # 16 heads: a token a program
         parts = parts.bfloat16() if S == 1 else parts
         pos = torch.randint(0, 131072, (T,), generator=G)
         before = parts.clone()
         for on in (True, False):
-            got = qat.rope_hadamard_fp4(parts, 4, pos, freqs, 64, on, torch.bfloat16)
-            want = qat.rope_hadamard_fp4_ref(parts, 4, pos, freqs, 64, on, torch.bfloat16)
+            got = qat.rope_hadamard_fp4(parts, nh, pos, freqs, 64, on, torch.bfloat16)
+            want = qat.rope_hadamard_fp4_ref(parts, nh, pos, freqs, 64, on, torch.bfloat16)
             assert torch.equal(parts, before), "rope_hadamard_fp4 changed its input"
-            assert got.shape == (T, 4, 128) and got.dtype == torch.bfloat16
+            assert got.shape == (T, nh, 128) and got.dtype == torch.bfloat16
             assert rel(got, want) < (2e-2 if on else 5e-3), f"rope_hadamard_fp4 {S} {on}"
 
     cm = mods["compressor"]

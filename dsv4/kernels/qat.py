@@ -107,7 +107,8 @@ def rope_hadamard_fp4(parts: torch.Tensor, heads: int, pos: torch.Tensor, freqs:
         _rope_hadamard_fp4_kernel[(triton.cdiv(rows, br),)](
             parts.contiguous(), pos, freqs.to(device=parts.device, dtype=torch.float32),
             hadamard_matrix(c, torch.float32, parts.device), out, S, rows, heads, C=c,
-            ROPE=rope_dim, QAT=qat, BR=br, SP=triton.next_power_of_2(S), num_warps=4, **pdl())
+            ROPE=rope_dim, QAT=qat, BR=br, SP=triton.next_power_of_2(S),
+            ONE_TOKEN=heads % br == 0, num_warps=4, **pdl())
         return out
     q = _summed(parts, dtype)
     return hadamard_fp4(rope_(q.view(T, heads, c), pos, freqs, rope_dim), qat)
@@ -182,7 +183,7 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["S", "R", "HEADS"])
     def _rope_hadamard_fp4_kernel(p_ptr, pos_ptr, f_ptr, h_ptr, out_ptr, S, R, HEADS,
                                   C: tl.constexpr, ROPE: tl.constexpr, QAT: tl.constexpr,
-                                  BR: tl.constexpr, SP: tl.constexpr,
+                                  BR: tl.constexpr, SP: tl.constexpr, ONE_TOKEN: tl.constexpr,
                                   PDL: tl.constexpr = False):
         """BR rows (token, head) of `rope_hadamard_fp4`: the S partials' fp32 sum rounded to
         out's dtype, RoPE on the last ROPE channels (fp32, rounded), the bf16 MMA with H's
@@ -201,10 +202,15 @@ if HAS_TRITON:
         j = tl.arange(0, C // 2)
         fi = j - (C - ROPE) // 2
         rot = fi >= 0
-        pos = tl.load(pos_ptr + rows // HEADS, mask=ok, other=0).to(tl.float32)
-        ang = pos[:, None] * tl.load(f_ptr + fi, mask=rot, other=0.0)[None, :]
-        cs = tl.where(rot[None, :], tl.cos(ang), 1.0)
-        sn = tl.where(rot[None, :], tl.sin(ang), 0.0)
+        f = tl.load(f_ptr + fi, mask=rot, other=0.0)
+        if ONE_TOKEN:  # the program's rows are one token's heads: cos and sin once
+            p0 = tl.load(pos_ptr + (tl.program_id(0) * BR) // HEADS).to(tl.float32)
+            cs = tl.where(rot, tl.cos(p0 * f), 1.0)[None, :]
+            sn = tl.where(rot, tl.sin(p0 * f), 0.0)[None, :]
+        else:
+            pos = tl.load(pos_ptr + rows // HEADS, mask=ok, other=0).to(tl.float32)
+            cs = tl.where(rot[None, :], tl.cos(pos[:, None] * f[None, :]), 1.0)
+            sn = tl.where(rot[None, :], tl.sin(pos[:, None] * f[None, :]), 0.0)
         x = tl.reshape(tl.join(e * cs - o * sn, e * sn + o * cs), (BR, C)).to(tl.bfloat16)
         y = (tl.dot(x, _hadamard_signs(C)) * tl.load(h_ptr)).to(dt).to(tl.float32)
         if QAT:

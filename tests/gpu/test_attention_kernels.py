@@ -772,26 +772,28 @@ def test_hadamard_fp4_matches_reference(shape, qat, dtype):
 
 
 @pytest.mark.parametrize("qat", [True, False])
-@pytest.mark.parametrize("S,T", [(1, 1), (4, 1), (2, 37), (1, 300)])
-def test_rope_hadamard_fp4_matches_reference(S, T, qat):
+@pytest.mark.parametrize("S,T,heads", [(1, 1, 64), (4, 1, 64), (2, 37, 64), (1, 300, 64),
+                                       (1, 1, 8), (2, 37, 24)])
+def test_rope_hadamard_fp4_matches_reference(S, T, heads, qat):
     """The indexer's queries in one launch (Flash: 64 heads x 128, RoPE on the last 64) from
     wq_b's split-K partials (S = 1: the bf16 product; 300 tokens: the 64-row tiles) against
-    the sum, RoPE and Hadamard references, and against the three GPU kernels it replaces.
+    the sum, RoPE and Hadamard references, and against the three GPU kernels it replaces;
+    8 and 24 heads (tensor parallel ranks): programs whose rows are not one token's.
     Only summation orders differ: rare values one rounding step apart."""
     from dsv4.kernels.qat import hadamard_fp4, rope_hadamard_fp4, rope_hadamard_fp4_ref
     from dsv4.kernels.quant_linear import sum_parts
     from dsv4.kernels.rope import rope_
     gen = torch.Generator(device=DEV).manual_seed(S * 1000 + T)
-    parts = torch.randn(S, T, 64 * 128, generator=gen, device=DEV) * 2
+    parts = torch.randn(S, T, heads * 128, generator=gen, device=DEV) * 2
     parts = parts.bfloat16() if S == 1 else parts
     pos = torch.randint(0, 131072, (T,), generator=gen, device=DEV)
     freqs = torch.rand(32, generator=gen, device=DEV)
     kept = parts.clone()
-    got = rope_hadamard_fp4(parts, 64, pos, freqs, 64, qat, torch.bfloat16)
+    got = rope_hadamard_fp4(parts, heads, pos, freqs, 64, qat, torch.bfloat16)
     assert torch.equal(parts, kept)
-    for want in (rope_hadamard_fp4_ref(parts, 64, pos, freqs, 64, qat, torch.bfloat16),
-                 hadamard_fp4(rope_(sum_parts(parts, torch.bfloat16).clone().view(T, 64, 128),
+    for want in (rope_hadamard_fp4_ref(parts, heads, pos, freqs, 64, qat, torch.bfloat16),
+                 hadamard_fp4(rope_(sum_parts(parts, torch.bfloat16).clone().view(T, heads, 128),
                                     pos, freqs, 64), qat)):
-        assert got.shape == want.shape == (T, 64, 128) and got.dtype == torch.bfloat16
+        assert got.shape == want.shape == (T, heads, 128) and got.dtype == torch.bfloat16
         assert rel_err(got, want) < (2e-2 if qat else 5e-3)
         assert (got != want).float().mean().item() < 0.01
