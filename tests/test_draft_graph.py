@@ -32,12 +32,13 @@ class EagerGraphs(CUDAGraphRunner):
     """CPU stand-in for CUDAGraphRunner: the same StaticBatches, step selection and output
     buffers, each "graph" run eagerly instead of replayed (no prefill graphs)."""
 
-    def __init__(self, engine, tokens_per_seq: int, max_prefill_tokens: int = 0):
+    def __init__(self, engine, tokens_per_seq: int, max_prefill_tokens: int = 0,
+                 short_len: int = 0):
         r = engine.runner
         super().__init__(r.model, r.cache, engine.scheduler.max_num_seqs, tokens_per_seq,
                          engine.max_model_len, pad_slot=r.cache.num_slots - 1,
                          pad_block=r.cache.num_blocks - 1,
-                         max_prefill_tokens=max_prefill_tokens)
+                         max_prefill_tokens=max_prefill_tokens, short_len=short_len)
 
     @torch.inference_mode()
     def _record(self, sb, logits=True):
@@ -51,11 +52,12 @@ class EagerGraphs(CUDAGraphRunner):
 
 
 class EagerDraftGraphs(DraftGraphs):
-    def _capture(self, bs):
+    def _capture(self, key):
         r = self.runner
-        dg = DraftGraph(r.model, r.cache, r.graphs[bs][2], bs, self.k, r._static)
+        band, bs = key
+        dg = DraftGraph(r.model, r.cache, r.graphs[key][2], bs, self.k, r.static_args(band))
         self._dummy(dg, bs)
-        self.graphs[bs] = (None, dg)
+        self.graphs[key] = (None, dg)
 
     @torch.inference_mode()
     def _replay(self, g, dg):
@@ -71,8 +73,8 @@ def _run(k: int, graphs: bool, prompts, seed: int, ref=None, force: bool = False
     if force:
         eng.runner.proposer.force_accept = True
     eng.graph_drafts, eng.fused_drafts = [], []
-    if graphs:
-        eng.runner.graphs = EagerGraphs(eng, 1 + k)
+    if graphs:  # a short context band of 14 tokens: sequences cross it while decoding
+        eng.runner.graphs = EagerGraphs(eng, 1 + k, short_len=14)
         eng.runner.draft_graphs = dg = EagerDraftGraphs(eng.runner.graphs, k)
         run, run_verified = dg.run, dg.run_verified
         dg.run = lambda *a: eng.graph_drafts.append(a[0]) or run(*a)
@@ -108,7 +110,8 @@ def test_graph_drafting_drafts_what_eager_drafting_drafts():
         # draft, verification and drafting ran together (the verified tokens stayed on the
         # device: `ModelRunner._verify_and_draft`) on every step that verified
         used = eng.fused_drafts if k == 1 else eng.graph_drafts
-        assert len(used) >= 3 and len(set(used)) >= 2
+        assert len(used) >= 3 and len({bs for _, bs in used}) >= 2
+        assert {band for band, _ in used} == {14, eng.max_model_len}, used  # both bands
         if k > 1:
             assert not eng.fused_drafts
         accepted = eng.runner.proposer.stats()["acceptance_rate_per_position"]
@@ -147,8 +150,8 @@ def test_sampled_requests_keep_the_eager_drafting():
 @pytest.mark.parametrize("k", [0, 1])
 def test_ragged_steps_through_the_graph_runner_give_the_eager_tokens(k):
     """The engine with (CPU stand-ins of) decode and prefill graphs: short prompts arriving
-    beside decodes replay decode graphs, longer chunks prefill graphs of 384 / 512 tokens,
-    snapshot chunks too; the greedy tokens are the eager engine's, with MTP drafts (k = 1:
+    beside decodes replay decode graphs (of a 64-token context band and of the full one),
+    longer chunks prefill graphs of 384 / 512 tokens, snapshot chunks too; the greedy tokens are the eager engine's, with MTP drafts (k = 1:
     drafting graphs after decode-shaped steps, eager drafting after the others) too."""
     from dsv4.engine.cuda_graph import CUDAGraphRunner
     prompts = [[16 + (i * 31 + j * 17) % 490 for j in range(n)]
@@ -160,7 +163,7 @@ def test_ragged_steps_through_the_graph_runner_give_the_eager_tokens(k):
                   max_num_batched_tokens=512, speculative_tokens=k)
         eng, replayed = llm.llm_engine, []
         if graphs:
-            eng.runner.graphs = EagerGraphs(eng, 1 + k, max_prefill_tokens=512)
+            eng.runner.graphs = EagerGraphs(eng, 1 + k, max_prefill_tokens=512, short_len=64)
             assert sorted(eng.runner.graphs.prefill) == [384, 512]
             if k:
                 eng.runner.draft_graphs = EagerDraftGraphs(eng.runner.graphs, k)
@@ -181,6 +184,9 @@ def test_ragged_steps_through_the_graph_runner_give_the_eager_tokens(k):
     assert any(max(b.lens) > 1 + k and b.num_tokens <= decode_tokens for b in replayed)
     assert any(b.num_tokens > decode_tokens for b in replayed)  # prefill graphs
     assert any(c.snapshots for b in replayed for c in b.chunks)
+    ends = [max(c.start_pos + len(c.tokens) for c in b.chunks) for b in replayed
+            if b.num_tokens <= decode_tokens]  # decode graphs of both context bands
+    assert min(ends) <= 64 < max(ends)
 
 
 def test_prefill_graphs_larger_than_the_context_are_captured_as_several_chunks():

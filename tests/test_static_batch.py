@@ -86,10 +86,15 @@ def test_graph_length_fits_the_lists_into_the_memory_left():
     """With cuda_graph_max_len unset the graphs serve all of max_model_len unless their
     context-wide lists (int64 rows per ratio, fp32 indexer scores) would take more than the
     budget: then the length halves, not below 16384 (or max_model_len if smaller)."""
-    from dsv4.engine.cuda_graph import MIN_AUTO_LEN, fit_graph_len, graph_list_bytes
+    from dsv4.engine.cuda_graph import (MIN_AUTO_LEN, SHORT_LEN, fit_graph_len,
+                                        graph_list_bytes)
     ratios = [0, 0, 4, 128, 4, 0]
     assert graph_list_bytes(ratios, (2, 3), 1024) == 2 * (8 * 256 + 8 * 8) + 3 * 4 * 256
     assert graph_list_bytes([0, 0], (64, 64), 1 << 20) == 0  # no compressed layers, no lists
+    # past SHORT_LEN the short context band's lists come on top
+    assert graph_list_bytes(ratios, (2, 3), 1 << 16) == (
+        2 * (8 * (1 << 14) + 8 * (1 << 9)) + 3 * 4 * (1 << 14)
+        + 2 * (8 * -(-SHORT_LEN // 4) + 8 * -(-SHORT_LEN // 128)))
     one_m, t64 = 1 << 20, (64, 64)
     per_64 = graph_list_bytes(ratios, t64, one_m)
     assert fit_graph_len(ratios, t64, one_m, per_64) == one_m
@@ -117,7 +122,8 @@ def test_engine_picks_the_graph_length_from_the_free_memory(monkeypatch, caplog)
     ec = EngineConfig(max_num_seqs=64)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * need, 4 * need))
     assert LLMEngine._graph_len(eng, cfg, ec) == 1 << 20
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (need, 4 * need))
+    half = graph_list_bytes(cfg.compress_ratios, graph_tokens(64, 0), 1 << 19)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * half, 4 * need))
     with caplog.at_level("WARNING"):
         assert LLMEngine._graph_len(eng, cfg, ec) == 1 << 19
     assert "cuda_graph_max_len" in caplog.text and "decode eagerly" in caplog.text
@@ -239,29 +245,41 @@ def test_ragged_steps_replay_a_static_batch(tiny):
 def test_graph_runner_picks_the_smallest_graph_a_step_fits():
     """Decode steps take the next batch size up; a ragged step the smallest decode graph whose
     token, window and ring capacities hold it, else the smallest prefill graph (contexts up to
-    its own length); a step no graph holds, none (it runs eagerly)."""
+    its own length); a step no graph holds, none (it runs eagerly). With a short context band,
+    steps whose longest context fits it replay its graphs."""
     from dsv4.engine.cuda_graph import CUDAGraphRunner, prefill_sizes
     kw = dict(ratios={4, 128}, state_rows={4: 16, 128: 136}, window=128, window_rows=136,
               num_slots=9, pad_slot=8, pad_block=99, device="cpu")
     r = CUDAGraphRunner.__new__(CUDAGraphRunner)
     r.tokens_per_seq, r.max_len, r.prefill_len, r.sizes = 1, 4096, 1024, [1, 2, 4, 8]
-    r._memo = None
-    r.graphs = {b: (None, StaticBatch(b, 1, max_model_len=4096, **kw), None, None)
+    r._memo, r.bands = None, [4096]
+    r.graphs = {(4096, b): (None, StaticBatch(b, 1, max_model_len=4096, **kw), None, None)
                 for b in r.sizes}
     r.prefill = {t: (None, StaticBatch(8, 1, max_model_len=1024, num_tokens=t, ring_extra=t,
                                        **kw), None, None) for t in (16, 32)}
     dec = [SeqChunk([0], 300 + s, s, [0, 1, 2]) for s in range(3)]
-    assert r._select(dec) == (r.graphs, 4) and r.batch_size(dec) == 4
+    assert r._select(dec) == (r.graphs, (4096, 4)) and r.decode_key(dec) == (4096, 4)
     short = [SeqChunk([0] * 5, 0, 3, [3])] + dec  # a 5-token prompt beside 3 decodes
-    assert r._select(short) == (r.graphs, 8) and r.batch_size(short) == 8
+    assert r._select(short) == (r.graphs, (4096, 8)) and r.decode_key(short) == (4096, 8)
     longer = [SeqChunk([0] * 20, 0, 3, [3])] + dec
-    assert r._select(longer) == (r.prefill, 32) and r.batch_size(longer) is None
+    assert r._select(longer) == (r.prefill, 32) and r.decode_key(longer) is None
     snap = [SeqChunk([0] * 12, 120, 3, [3, 4], ((128, 5),))]  # a snapshot: 8 more ring rows
     assert r._select(snap) == (r.prefill, 16)
     assert not r.fits([SeqChunk([0] * 33, 0, 3, [3])])  # more tokens than any graph holds
     assert not r.fits([SeqChunk([0] * 20, 1020, 3, list(range(9)))])  # past the prefill length
     assert r.fits([SeqChunk([0] * 2, 1020, 3, list(range(9)))])  # a decode graph's is longer
     assert not r.fits([SeqChunk([0] * 8, 4090, 3, list(range(33)))])  # past max_len
+    # a short context band: steps whose longest context it holds replay its graphs
+    r.bands, r._memo = [512, 4096], None
+    r.graphs.update({(512, b): (None, StaticBatch(b, 1, max_model_len=512, **kw), None, None)
+                     for b in r.sizes})
+    assert r._select(dec) == (r.graphs, (512, 4))
+    assert r._select(short) == (r.graphs, (512, 8))
+    far = dec + [SeqChunk([0], 600, 3, list(range(5)))]  # one context past the band
+    assert r._select(far) == (r.graphs, (4096, 4))
+    at = [SeqChunk([0], 511, 3, list(range(4)))]  # ends at 512: the band still holds it
+    assert r.decode_key(at) == (512, 1)
+    assert r._select(longer) == (r.prefill, 32)  # ragged past the decode graphs: prefill
     # prefill graphs: past the decode graphs' tokens, up to the scheduler's step
     assert prefill_sizes(256, 1, 8192) == [384, 512, 640, 768, 896, 1024, 1280, 1536, 1792,
                                            2048]

@@ -1,4 +1,5 @@
-"""Decode steps replayed from CUDA graphs, one graph per batch size (padded up to the next).
+"""Decode steps replayed from CUDA graphs, one graph per batch size (padded up to the next)
+and context band.
 
 A graph captures the main model's forward and head over a `StaticBatch`: fixed-shape index
 buffers that each step overwrites with its own (`StaticBatch.load`). Padding rows write only
@@ -7,6 +8,14 @@ sequence feeds at most `1 + speculative_tokens` tokens (decode and draft verific
 ragged steps that fit a graph's token capacity (a short prompt's prefill, alone or beside
 decodes: `StaticBatch.fits`), which replay the smallest graph they fit. Longer steps and
 prompt-logprob requests run eagerly.
+
+Context bands: a graph's CSA candidate lists are as wide as the longest context it serves /
+4, and the indexer's top-k picks its kernels by that static width: past `topk.MAX_KERNEL_N`
+columns the 7-launch split select, whose floor (~18 us a CSA layer at batch 1 on an H200)
+is paid at every context. When the graphs serve more than SHORT_LEN tokens, each batch size
+also gets a graph for contexts up to SHORT_LEN (lists of at most MAX_KERNEL_N columns: the
+one-program select, ~7 us at short contexts), and a step replays the narrowest band its
+longest context fits.
 """
 from __future__ import annotations
 
@@ -16,6 +25,7 @@ import numpy as np
 import torch
 
 from ..cache.kv_cache import BLOCK_TOKENS
+from ..kernels.topk import MAX_KERNEL_N
 from ..model.batch import ForwardBatch, SeqChunk, StaticBatch
 from .upload import upload
 
@@ -29,6 +39,9 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 PREFILL_TOKENS = (384, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048)
 PREFILL_MAX_LEN = 32768
 MIN_AUTO_LEN = 16384  # the automatic graph length (`fit_graph_len`) stops halving here
+# the short context band's length (module docstring): CSA lists of MAX_KERNEL_N columns, less
+# room for the MTP drafting graphs' chained steps (up to 8 positions past the band)
+SHORT_LEN = 4 * (MAX_KERNEL_N - 8)
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -50,9 +63,12 @@ def graph_tokens(max_num_seqs: int, speculative_tokens: int) -> tuple[int, int]:
 def graph_list_bytes(ratios, tokens: tuple[int, int], max_len: int) -> int:
     """Device bytes the graphs hold for their context-wide buffers at graph length max_len,
     `tokens` = (list tokens, score tokens) from `graph_tokens`: per compressed ratio m a row
-    list (int64, max_len / m wide), and for the indexer's ratio 4 its fp32 scores."""
+    list (int64, max_len / m wide; and SHORT_LEN / m for the short band when there is one),
+    and for the indexer's ratio 4 its fp32 scores."""
     list_tokens, score_tokens = tokens
     per_list = sum(8 * -(-max_len // m) for m in set(ratios) if m)
+    if SHORT_LEN < max_len:  # the short band's own lists (its scores share the graphs' pool)
+        per_list += sum(8 * -(-SHORT_LEN // m) for m in set(ratios) if m)
     per_score = 4 * -(-max_len // 4) if 4 in ratios else 0
     return list_tokens * per_list + score_tokens * per_score
 
@@ -76,7 +92,7 @@ def prefill_sizes(max_num_seqs: int, tokens_per_seq: int, max_tokens: int) -> li
 class CUDAGraphRunner:
     def __init__(self, model, cache, max_num_seqs: int, tokens_per_seq: int, max_model_len: int,
                  pad_slot: int, pad_block: int, with_logits: bool = True,
-                 max_prefill_tokens: int = 0):
+                 max_prefill_tokens: int = 0, short_len: int | None = None):
         """`max_model_len` bounds the context a graph serves: CSA candidate lists are sized for
         it, so longer contexts than the graphs were built for run eagerly. Without
         `with_logits` (tensor-parallel workers: rank 0 samples) the graphs stop at X.
@@ -86,7 +102,8 @@ class CUDAGraphRunner:
         PREFILL_MAX_LEN) take the longer ones. They stop at X: the head then runs eagerly on
         the sample rows only (a few launches; in a graph it would cost as many rows as the
         step may sample, 256 rows' fp32 head ~1 ms on an H200 for the one a lone prompt
-        needs)."""
+        needs). Decode graphs come in context bands (module docstring): `short_len`
+        (default SHORT_LEN; 0: none) and max_model_len; `graphs` is keyed (band, batch size)."""
         self.model, self.cache, self.tokens_per_seq = model, cache, tokens_per_seq
         self.with_logits = with_logits
         self.max_len = max_model_len
@@ -99,7 +116,9 @@ class CUDAGraphRunner:
                             pad_slot=pad_slot, pad_block=pad_block, device=cache.device,
                             lists={})  # one set of context-wide lists for every graph
         self.pad_slot, self.pad_block = pad_slot, pad_block
-        self.graphs: dict[int, tuple] = {}
+        short = SHORT_LEN if short_len is None else short_len
+        self.bands = sorted({max_model_len} | ({short} if 0 < short < max_model_len else set()))
+        self.graphs: dict[tuple[int, int], tuple] = {}
         self.prefill: dict[int, tuple] = {}
         self.prefill_len = min(max_model_len, PREFILL_MAX_LEN)
         self._memo = None  # (chunks, `_select`'s answer) of the last step asked about
@@ -112,12 +131,13 @@ class CUDAGraphRunner:
                                 min(max_prefill_tokens, self.sizes[-1] * self.prefill_len))
         for t in reversed(prefill):
             self._capture_prefill(t)
-        for bs in reversed(self.sizes):
-            self._capture(bs)
+        for band in reversed(self.bands):
+            for bs in reversed(self.sizes):
+                self._capture(band, bs)
         logger.info("captured CUDA graphs for batch sizes %s (%d tokens per sequence, contexts "
-                    "up to %d tokens) and prefill steps of up to %s tokens (contexts up to %d), "
-                    "%.2f GiB", self.sizes, tokens_per_seq, max_model_len, prefill,
-                    self.prefill_len,
+                    "up to %s tokens) and prefill steps of up to %s tokens (contexts up to %d), "
+                    "%.2f GiB", self.sizes, tokens_per_seq, " / ".join(map(str, self.bands)),
+                    prefill, self.prefill_len,
                     ((torch.cuda.memory_reserved(cache.device) if cuda else 0) - before) / 2**30)
 
     def _dummy(self, lens: list[int]) -> ForwardBatch:
@@ -127,10 +147,18 @@ class CUDAGraphRunner:
         return ForwardBatch(chunks, self.model.cfg.sliding_window, self.cache.window_rows,
                             self.cache.num_slots, "cpu", logits_indices=list(range(sum(lens))))
 
-    def _capture(self, bs: int) -> None:
-        sb = StaticBatch(bs, self.tokens_per_seq, **self._static)
+    def static_args(self, band: int) -> dict:
+        """`StaticBatch` arguments of the decode graphs of a context band (its lists shared by
+        the band's graphs)."""
+        if band == self.max_len:
+            return self._static
+        return dict(self._static, max_model_len=band,
+                    lists=self._static["lists"].setdefault(("band", band), {}))
+
+    def _capture(self, band: int, bs: int) -> None:
+        sb = StaticBatch(bs, self.tokens_per_seq, **self.static_args(band))
         sb.load(self._dummy([self.tokens_per_seq] * bs))
-        self.graphs[bs] = self._record(sb)
+        self.graphs[band, bs] = self._record(sb)
 
     def _capture_prefill(self, t: int) -> None:
         """A graph of up to t tokens in any max_num_seqs chunks (prefix-caching snapshots
@@ -169,9 +197,9 @@ class CUDAGraphRunner:
         a graph step builds its indices on the host)."""
         return self._select(chunks) is not None
 
-    def batch_size(self, chunks: list[SeqChunk]) -> int | None:
-        """The batch size of the decode graph a step of these chunks replays (None: a prefill
-        graph, or none)."""
+    def decode_key(self, chunks: list[SeqChunk]) -> tuple[int, int] | None:
+        """(band, batch size) of the decode graph a step of these chunks replays (None: a
+        prefill graph, or none)."""
         key = self._select(chunks)
         return key[1] if key is not None and key[0] is self.graphs else None
 
@@ -181,7 +209,8 @@ class CUDAGraphRunner:
 
     def _select(self, chunks: list[SeqChunk]) -> tuple | None:
         """(graphs dict, key) of the smallest graph that holds a step of these chunks: decode
-        steps the next batch size up from their count, ragged ones the first decode or
+        steps the next batch size up from their count in the narrowest context band that
+        holds their longest context, ragged ones the first decode graph of that band or
         prefill graph whose capacities hold them; None if none does. A step asks several
         times (the runner, then `run`) with one list: the last answer is kept."""
         if self._memo is None or self._memo[0] is not chunks:
@@ -193,15 +222,17 @@ class CUDAGraphRunner:
         lens = [len(c.tokens) for c in chunks]
         if end > self.max_len or len(chunks) > self.sizes[-1]:
             return None
+        band = next(b for b in self.bands if b >= end)
         if max(lens) <= self.tokens_per_seq and not any(c.snapshots for c in chunks):
-            bs = self.size_for(len(chunks))
-            return (self.graphs, bs) if self.graphs[bs][1].fits(chunks) else None
-        for graphs in (self.graphs, self.prefill):
-            if graphs is self.prefill and end > self.prefill_len:
-                break
-            for key in sorted(graphs):
-                if graphs[key][1].fits(chunks):
-                    return graphs, key
+            key = (band, self.size_for(len(chunks)))
+            return (self.graphs, key) if self.graphs[key][1].fits(chunks) else None
+        for key in sorted(k for k in self.graphs if k[0] == band):
+            if self.graphs[key][1].fits(chunks):
+                return self.graphs, key
+        if end <= self.prefill_len:
+            for key in sorted(self.prefill):
+                if self.prefill[key][1].fits(chunks):
+                    return self.prefill, key
         return None
 
     def run(self, batch: ForwardBatch, fill=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,14 +63,15 @@ class DraftGraph:
 
 
 class DraftGraphs:
-    """One captured `DraftGraph` per batch size of the main model's graphs (`CUDAGraphRunner`),
-    sharing their memory pool and reading their output buffers."""
+    """One captured `DraftGraph` per decode graph of the main model (`CUDAGraphRunner`: keyed
+    (context band, batch size)), sharing their memory pool and reading their output
+    buffers."""
 
     def __init__(self, runner, k: int):
         self.runner, self.k = runner, k
-        self.graphs: dict[int, tuple] = {}
-        for bs in reversed(runner.sizes):
-            self._capture(bs)
+        self.graphs: dict[tuple[int, int], tuple] = {}
+        for key in sorted(runner.graphs, reverse=True):
+            self._capture(key)
         logger.info("captured MTP drafting graphs for batch sizes %s (%d drafts)", runner.sizes, k)
 
     def _dummy(self, dg: DraftGraph, bs: int) -> None:
@@ -81,9 +82,10 @@ class DraftGraphs:
                 [ForwardBatch(pad(1), window, rows, slots, "cpu") for _ in dg.chain], [0] * bs)
 
     @torch.inference_mode()
-    def _capture(self, bs: int) -> None:
+    def _capture(self, key: tuple[int, int]) -> None:
         r = self.runner
-        dg = DraftGraph(r.model, r.cache, r.graphs[bs][2], bs, self.k, r._static)
+        band, bs = key
+        dg = DraftGraph(r.model, r.cache, r.graphs[key][2], bs, self.k, r.static_args(band))
         self._dummy(dg, bs)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -94,9 +96,9 @@ class DraftGraphs:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=r.pool):
             dg.body()
-        self.graphs[bs] = (g, dg)
+        self.graphs[key] = (g, dg)
 
-    def run_verified(self, bs: int, chunks: list[SeqChunk], ids: torch.Tensor,
+    def run_verified(self, key: tuple[int, int], chunks: list[SeqChunk], ids: torch.Tensor,
                      inputs: torch.Tensor, force: bool = False) -> torch.Tensor:
         """Drafts [n, K] (device) after a main-graph step that verified K = 1 draft for each of
         the n sequences of `chunks` (rows: token, draft), drawn before the verified tokens
@@ -106,7 +108,7 @@ class DraftGraphs:
         start + 1 and start + 2 (the accepted draft, else the first argmax; then the second
         argmax, a filler when the draft was rejected), and its last accepted row is row 0 or 1.
         Only the tokens and `last` differ from the host-built catch-up of `run`."""
-        g, dg = self.graphs[bs]
+        g, dg = self.graphs[key]
         n, k = len(chunks), self.k
         if k != 1:
             raise ValueError("drafting on verified tokens on the device needs K = 1")
@@ -126,11 +128,11 @@ class DraftGraphs:
     def _replay(self, g, dg: DraftGraph) -> None:
         g.replay()
 
-    def run(self, bs: int, catch: ForwardBatch, chain: list[ForwardBatch],
+    def run(self, key: tuple[int, int], catch: ForwardBatch, chain: list[ForwardBatch],
             last: list[int]) -> torch.Tensor:
-        """Drafts [n, K] (device) of the n sequences of a step that replayed the main graph of
-        batch size bs."""
-        g, dg = self.graphs[bs]
+        """Drafts [n, K] (device) of the n sequences of a step that replayed the main model's
+        decode graph `key` (context band, batch size)."""
+        g, dg = self.graphs[key]
         dg.load(catch, chain, last)
         self._replay(g, dg)
         return dg.drafts[:len(last)]

@@ -71,7 +71,8 @@ class ModelRunner:
         self.graphs = graphs  # CUDAGraphRunner for decode steps, or None (eager)
         self.lockstep = hasattr(model, "stop")  # tensor parallel (`LockstepModel`)
         self.draft_graphs = None  # DraftGraphs (MTP drafting), set by the engine with graphs
-        self.graph_bs: int | None = None  # batch size of the graph the last step replayed
+        # (context band, batch size) of the decode graph the last step replayed
+        self.graph_key: tuple[int, int] | None = None
         self.proposer = (MTPProposer(self, speculative_tokens, max_model_len)
                          if speculative_tokens else None)
 
@@ -101,7 +102,7 @@ class ModelRunner:
         plp_rows, plp_spans, sample_rows = self._rows(chunks)
         seq_chunks = [c.seq_chunk() for c in chunks]
         graph = self.graphs is not None and not plp_rows and self.graphs.fits(seq_chunks)
-        self.graph_bs = self.graphs.batch_size(seq_chunks) if graph else None
+        self.graph_key = self.graphs.decode_key(seq_chunks) if graph else None
         # A graph step builds its indices on the host (one upload); an eager step where it runs.
         batch = ForwardBatch(seq_chunks, self.window, self.cache.window_rows, self.cache.num_slots,
                              "cpu" if graph else self.device,
@@ -214,7 +215,7 @@ class ModelRunner:
         (`_verify_and_draft`). Longer drafts chain at positions that depend on the acceptance."""
         p = self.proposer
         return (p is not None and p.k == 1 and self.draft_graphs is not None
-                and self.graph_bs is not None
+                and self.graph_key is not None
                 and all(c.samples and c.num_drafts == 1 and c.num_tokens == 2
                         and greedy_plain(c.seq) for c in chunks))
 
@@ -228,9 +229,9 @@ class ModelRunner:
         k = self.proposer.k
         t = len(chunks) * (k + 1)
         rows = self._greedy_rows(chunks, logits[:t])
-        inputs = self.graphs.graphs[self.graph_bs][1].input_ids[:t]  # tokens, then drafts
+        inputs = self.graphs.graphs[self.graph_key][1].input_ids[:t]  # tokens, then drafts
         drafts = self.draft_graphs.run_verified(
-            self.graph_bs, [SeqChunk(c.tokens, c.start, c.slot, c.block_table) for c in chunks],
+            self.graph_key, [SeqChunk(c.tokens, c.start, c.slot, c.block_table) for c in chunks],
             rows[0].long(), inputs, self.proposer.force_accept)
         flat = torch.cat([torch.stack(rows).flatten(), drafts.double().flatten()]).tolist()
         packed = [flat[i * t:(i + 1) * t] for i in range(len(rows))]

@@ -135,7 +135,7 @@ class MTPProposer:
         graphs = getattr(r, "draft_graphs", None)
         # the drafting graphs take decode-shaped steps (a graph replay may also have been a
         # short prefill, `StaticBatch.fits`) without prefix-caching snapshots
-        if (graphs is not None and r.graph_bs is not None and all(emitted)
+        if (graphs is not None and r.graph_key is not None and all(emitted)
                 and all(greedy_plain(c.seq) and c.num_tokens <= 1 + self.k and not c.snapshots
                         for c in chunks)):
             self._draft_graph(chunks, plan)
@@ -209,7 +209,7 @@ class MTPProposer:
         chain = [ForwardBatch([SeqChunk([0], c.start + valid + j, c.slot, c.block_table)
                                for c, (_, valid, _) in zip(chunks, plan)], *geo)
                  for j in range(self.k - 1)]
-        ids = r.draft_graphs.run(r.graph_bs, ForwardBatch(catch, *geo), chain, last).tolist()
+        ids = r.draft_graphs.run(r.graph_key, ForwardBatch(catch, *geo), chain, last).tolist()
         for c, (_, _, post), row in zip(chunks, plan, ids):
             c.seq.drafts, c.seq.draft_probs = row[:self._limit(post)], None
 

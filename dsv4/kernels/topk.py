@@ -26,9 +26,10 @@ from .pdl import pdl
 # 36.0 against 34.4, 16K 68.9 against 35.6 (torch.topk 21.0 / 53.5 / 47.9). Wider rows go to
 # `_topk_split_cuda`, which spreads each row over programs of 4096 columns. Under CUDA graphs
 # the width is the static one (the graphs' context length / 4): with a wide graph every row
-# takes the split select, whose launches then cost ~33 us at short contexts against ~21 for
-# one program (taking the rows with a short visible prefix in one program and the others in
-# the split launches, which skip them, measured within 2 us of the split alone: not kept).
+# takes the split select, whose launches then cost ~18-33 us at short contexts against ~7-21
+# for one program (taking the rows with a short visible prefix in one program and the others
+# in the split launches, which skip them, measured within 2 us of the split alone: not kept;
+# the engine instead captures a graph band of contexts up to 4 x MAX_KERNEL_N, `cuda_graph`).
 MAX_KERNEL_N = 8192
 
 

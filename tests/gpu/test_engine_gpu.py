@@ -25,6 +25,26 @@ def test_graph_decoding_equals_eager():
     assert graph == eager
 
 
+@pytest.mark.parametrize("k", [0, 1])
+def test_context_bands_give_the_eager_tokens(monkeypatch, k):
+    """Decode graphs of a short context band (here 136 tokens: the 127- and 130-token prompts
+    cross it while decoding; the engine's is 32736) beside the full-length ones: the steps
+    replay both and give the eager tokens, with MTP drafting graphs per band too."""
+    from dsv4.engine import cuda_graph
+    eager, _ = _greedy(enforce_eager=True)
+    monkeypatch.setattr(cuda_graph, "SHORT_LEN", 136)
+    graph, llm = _greedy(speculative_tokens=k)
+    runner = llm.llm_engine.runner.graphs
+    assert runner.bands == [136, llm.llm_engine.max_model_len]
+    keys = []
+    run = runner.run
+    runner.run = lambda b, *a: keys.append(runner.decode_key(b.chunks)) or run(b, *a)
+    again = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+    assert graph == [o.outputs[0].token_ids for o in again] == eager
+    assert {key[0] for key in keys if key} == set(runner.bands)
+    torch.cuda.empty_cache()
+
+
 def _staggered(prompts, seqs=32, step_tokens=8, **kw):
     """Greedy tokens of prompts arriving one every two steps (short prefills beside running
     decodes), and the lengths of the steps that replayed a graph."""
@@ -95,7 +115,7 @@ def test_speculative_greedy_with_graphs_equals_plain_greedy(k):
     # the greedy drafting replayed its own graphs (tests/test_draft_graph.py checks on the CPU
     # that the same computation drafts what eager drafting drafts)
     dg = llm.llm_engine.runner.draft_graphs
-    assert dg is not None and set(dg.graphs) == set(llm.llm_engine.runner.graphs.sizes)
+    assert dg is not None and set(dg.graphs) == set(llm.llm_engine.runner.graphs.graphs)
     calls = []
     run, run_verified = dg.run, dg.run_verified
     dg.run = lambda *a: calls.append(a[0]) or run(*a)
