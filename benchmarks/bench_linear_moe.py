@@ -189,13 +189,15 @@ def expert_bytes(lin) -> int:
 
 
 def coordinate_search(base: dict, choices: dict, timed, label: str) -> dict:
-    """Greedy coordinate search over launch parameters from `base`; prints base and best."""
+    """Greedy coordinate search over launch parameters from `base`; prints base and best. A
+    choice that is a dict sets several parameters at once (parameters that only work
+    together, such as the bf16 decode and its exact bf16 inputs)."""
     best = dict(base)
     print(f"{label} default {base}: {timed(best):.1f} us", flush=True)
     for _ in range(2):
         for name, vals in choices.items():
             for v in vals:
-                cand = dict(best, **{name: v})
+                cand = dict(best, **(v if isinstance(v, dict) else {name: v}))
                 if timed(cand) < timed(best):
                     best = cand
     print(f"{label} best {best}: {timed(best):.1f} us", flush=True)
@@ -269,11 +271,14 @@ def moe_sweep(quick: bool) -> None:
                 lambda: km._moe_cuda(u, *routes[0], experts, shared, cfg)), f"T={t}")
         # the decode first: it changes which tile shapes pay; then the tiles, the pipeline,
         # the L2 prefetch depth (`DSV4_L2_PREFETCH`) and, for large batches, the token tile
-        space = dict(dec=[0, 1, 2], abf=[False, True], kc=[32, 64, 128], bw1=[64, 128],
+        # (`abf` needs the bf16 decode: the pair is one choice; with KC = 128 its MMAs
+        # pipeline, 7 in flight, where the e4m3 decode waits for each 32-deep MMA)
+        space = dict(dec=[dict(dec=0, abf=False), dict(dec=0, abf=True), dict(dec=1, abf=False),
+                          dict(dec=2, abf=False)], kc=[32, 64, 128], bw1=[64, 128],
                      bw2=[32, 64, 128], stages=[2, 3, 4, 5], warps=[2, 4, 8],
                      split1=[1, 2, 4, 8, 16], split2=[1, 2, 4, 8], prefetch=[0, 2, 4, 8])
         if t > 64:
-            space["bt"] = [64, 128, 256]
+            space["bt"] = [16, 32, 64, 128, 256]
         coordinate_search(base, space, timed, f"MoE T={t}")
     del experts, shared
     torch.cuda.empty_cache()

@@ -282,7 +282,8 @@ def test_l2_prefetch_changes_no_result(fmt):
 @pytest.mark.parametrize("base", [
     dict(bw1=128, bw2=128, kc=64, split1=2, split2=1, bt=64, warps=8),
     dict(bw1=128, bw2=64, kc=32, split1=1, split2=2, bt=32, warps=4),
-], ids=["split-gate", "fused-gate"])
+    dict(bw1=64, bw2=64, kc=128, split1=1, split2=1, bt=16, warps=4),  # batch 64-256 decode
+], ids=["split-gate", "fused-gate", "bt16-kc128"])
 def test_moe_exact_bf16_activation_values(fmt, shared_fmt, base, monkeypatch):
     """`abf` (large batches, bf16 MMA decode): the GEMMs take the exact bf16 values of the FP8
     activations and of h instead of codes and scales, and the FP8 shared expert quantises them
