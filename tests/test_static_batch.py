@@ -91,6 +91,11 @@ def test_graph_length_fits_the_lists_into_the_memory_left():
     ratios = [0, 0, 4, 128, 4, 0]
     assert graph_list_bytes(ratios, (2, 3), 1024) == 2 * (8 * 256 + 8 * 8) + 3 * 4 * 256
     assert graph_list_bytes([0, 0], (64, 64), 1 << 20) == 0  # no compressed layers, no lists
+    # the short band's lists, its MTP drafting graphs' chained steps (up to 8 positions past
+    # it) included, stay within the top-k's one-program width, and the band is no shorter
+    # than that needs
+    from dsv4.kernels.topk import MAX_KERNEL_N
+    assert -(-(SHORT_LEN + 8) // 4) <= MAX_KERNEL_N < -(-(SHORT_LEN + 8 + 4 * 8) // 4)
     # past SHORT_LEN the short context band's lists come on top
     assert graph_list_bytes(ratios, (2, 3), 1 << 16) == (
         2 * (8 * (1 << 14) + 8 * (1 << 9)) + 3 * 4 * (1 << 14)
