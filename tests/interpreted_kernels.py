@@ -514,7 +514,7 @@ def check_moe() -> None:
             if grouped and t == 5:  # out of memory on the way: the fused kernels serve
                 _grouped_out_of_memory(km, gm, u, idx, wgt, experts, shared, fused[0])
         if fmt == "fp8":
-            _check_route_plan(km)
+            _check_route_plan()
         if fmt == "fp4" and shared_fmt == "fp8":  # expert parallelism: other ranks' slots
             for t in (5, 70, 300):
                 u = torch.randn(t, d, generator=G).bfloat16()
@@ -538,17 +538,18 @@ def check_moe() -> None:
                                             f"{sh is not None}: rel err {err:.2e}")
 
 
-def _check_route_plan(km) -> None:
+def _check_route_plan() -> None:
     """The routing plan (one-program and two-kernel forms) against one built in torch: each
     block's expert and valid rows, each expert's slots in its rows (in any order), blocks past
     the end empty, other ranks' slots (idx = n_routed) nowhere, and the shared expert's too
     when the plan leaves it out; a shared expert with more blocks than one plan-writing pass
     covers (17000 tokens, 16-row blocks)."""
+    from dsv4.kernels.moe_plan import route_plan
     n_routed, k, bt = 6, 2, 16
     for t, shared in ((5, True), (40, True), (17000, True), (5, False), (300, False)):
         idx = torch.stack([torch.randperm(n_routed, generator=G)[:k] for _ in range(t)])
         idx[torch.rand(t, k, generator=G) < 0.2] = n_routed
-        (slots, blk_exp, blk_rows), _, n_blocks, _, _ = km.route_plan(idx, t, n_routed, bt, shared)
+        (slots, blk_exp, blk_rows), _, n_blocks, _, _ = route_plan(idx, t, n_routed, bt, shared)
         k1 = k + 1
         plan_exp = torch.cat([torch.full((t, 1), 0 if shared else n_routed + 1),
                               idx.long() + 1], 1).reshape(-1)

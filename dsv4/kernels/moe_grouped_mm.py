@@ -49,6 +49,7 @@ import torch
 from . import HAS_TRITON
 from .pdl import pdl
 from .grouped_fp8_gemm import grouped_fp8_gemm
+from .moe_plan import route_plan
 from .quant_linear import FMT_FP8, FMT_MXFP4, act_quant_fp8, act_quant_values
 
 logger = logging.getLogger(__name__)
@@ -128,8 +129,8 @@ def moe_grouped_mm(u, idx, wgt, experts, shared, main, extra) -> torch.Tensor:
     dev = u.device
 
     idx = idx.contiguous()
-    (slots, blk_exp, blk_rows), counts, n_blocks, _, _ = km.route_plan(idx, t, n_routed, BT,
-                                                                       shared is not None)
+    (slots, blk_exp, blk_rows), counts, n_blocks, _, _ = route_plan(idx, t, n_routed, BT,
+                                                                    shared is not None)
     n_pos = n_blocks * BT
     if counts is None:  # the one-program plan of small batches: count the slots here
         # (entries n_routed: another rank's expert, counted past the end and dropped)
@@ -160,7 +161,7 @@ def moe_grouped_mm(u, idx, wgt, experts, shared, main, extra) -> torch.Tensor:
 
 
 class _Plan(NamedTuple):
-    """A call's routing plan (`moe.route_plan`, BT-row blocks) and what the GEMMs take from it:
+    """A call's routing plan (`moe_plan.route_plan`, BT-row blocks) and what the GEMMs take from it:
     the groups' padded ends `offs` and each padded position's token `src`."""
     slots: torch.Tensor
     blk_exp: torch.Tensor
