@@ -23,6 +23,7 @@ import logging
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..cache.kv_cache import BLOCK_TOKENS
 from ..kernels.topk import MAX_KERNEL_N
@@ -129,11 +130,17 @@ class CUDAGraphRunner:
         # (no capacity past what max_num_seqs chunks of at most prefill_len tokens can fill)
         prefill = prefill_sizes(self.sizes[-1], tokens_per_seq,
                                 min(max_prefill_tokens, self.sizes[-1] * self.prefill_len))
-        for t in reversed(prefill):
-            self._capture_prefill(t)
-        for band in reversed(self.bands):
-            for bs in reversed(self.sizes):
-                self._capture(band, bs)
+        # (a progress bar on the GPU: a full model's graphs take a while; tensor-parallel
+        # workers, which stop at X, capture theirs silently beside rank 0's)
+        with tqdm(total=len(prefill) + len(self.bands) * len(self.sizes), unit="graph",
+                  desc="capturing CUDA graphs", disable=not (cuda and with_logits)) as bar:
+            for t in reversed(prefill):
+                self._capture_prefill(t)
+                bar.update()
+            for band in reversed(self.bands):
+                for bs in reversed(self.sizes):
+                    self._capture(band, bs)
+                    bar.update()
         logger.info("captured CUDA graphs for batch sizes %s (%d tokens per sequence, contexts "
                     "up to %s tokens) and prefill steps of up to %s tokens (contexts up to %d), "
                     "%.2f GiB", self.sizes, tokens_per_seq, " / ".join(map(str, self.bands)),
