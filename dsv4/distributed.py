@@ -50,6 +50,10 @@ SINGLE = ParallelGroup()
 
 # dtype -> (symmetric buffer, group name): all-reduces that fit go through the one-shot kernel
 _one_shot: dict[torch.dtype, tuple[torch.Tensor, str]] = {}
+# group names this process has set symmetric memory up for: torch keeps a name's store for the
+# life of the process, so a later process group of the same name (a second tensor-parallel
+# engine in one process) would rendezvous through the first one's store and wait forever
+_rendezvoused: set[str] = set()
 ONE_SHOT_MAX_BYTES = 1 << 20
 
 
@@ -65,21 +69,29 @@ def enable_one_shot_all_reduce(dtype: torch.dtype, device: torch.device) -> bool
     if (mode != "one-shot" or device.type != "cuda" or not dist.is_initialized()
             or dist.get_world_size() == 1 or not _one_host()):
         return False
-    # every rank must take the same path: agree on whether all of them reach their peers
-    ok = torch.tensor([int(_peers_reachable(device))], device=device)
+    import torch.distributed._symmetric_memory as symm_mem
+    name = dist.group.WORLD.group_name
+    # every rank must take the same path: agree on whether all of them reach their peers and
+    # none has set this group name up before
+    ok = torch.tensor([int(_peers_reachable(device)), int(name not in _rendezvoused)],
+                      device=device)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if not ok.item():
+    if not ok[0].item():
         logger.warning("tensor parallel: the GPUs cannot read each other's memory (no P2P): "
                        "all-reduces stay on NCCL")
         return False
-    import torch.distributed._symmetric_memory as symm_mem
-    name = dist.group.WORLD.group_name
+    if not ok[1].item():
+        logger.warning("tensor parallel: a rank's process set symmetric memory up for an "
+                       "earlier engine (torch keeps it until the process exits): this engine's "
+                       "all-reduces stay on NCCL")
+        return False
     if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before torch 2.11
         with warnings.catch_warnings():  # 2.11 warns that it no longer is
             warnings.simplefilter("ignore", FutureWarning)
             symm_mem.enable_symm_mem_for_group(name)
     itemsize = torch.empty((), dtype=dtype).element_size()
     buf = symm_mem.empty(ONE_SHOT_MAX_BYTES // itemsize, dtype=dtype, device=device)
+    _rendezvoused.add(name)
     symm_mem.rendezvous(buf, name)
     _one_shot[dtype] = (buf, name)
     return True

@@ -224,10 +224,13 @@ class LLMEngine:
                               "(num_nextn_predict_layers = 0 in this config)")
         graphs = None
         if self.device.type == "cuda" and not ec.enforce_eager:
+            from . import cuda_graph
             from .cuda_graph import PREFILL_TOKENS, CUDAGraphRunner
             graph_len = self._graph_len(cfg, ec)
+            # the context bands are rank 0's: tensor-parallel workers capture the same ones
             args = dict(max_num_seqs=ec.max_num_seqs, tokens_per_seq=1 + ec.speculative_tokens,
-                        max_model_len=graph_len, pad_slot=num_slots, pad_block=self.num_blocks,
+                        max_model_len=graph_len, short_len=cuda_graph.SHORT_LEN,
+                        pad_slot=num_slots, pad_block=self.num_blocks,
                         max_prefill_tokens=min(
                             self.scheduler.max_num_batched_tokens,
                             PREFILL_TOKENS[-1] if ec.max_cudagraph_capture_size is None

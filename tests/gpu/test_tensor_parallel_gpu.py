@@ -39,14 +39,20 @@ def test_two_nccl_ranks_give_the_logits_of_one_gpu(lockstep):
     assert clean >= 2, report
 
 
-@pytest.mark.parametrize("allreduce", ["nccl", "one-shot"])
-def test_engine_with_tp_graphs_generates_what_one_gpu_generates(allreduce, monkeypatch):
+@pytest.mark.parametrize("allreduce,bands", [("nccl", False), ("one-shot", False),
+                                              ("one-shot", True)])
+def test_engine_with_tp_graphs_generates_what_one_gpu_generates(allreduce, bands, monkeypatch):
     """The tensor-parallel engine decodes through CUDA graphs captured on every rank, with
     async scheduling (device-sampled ids broadcast to the workers), by default; small
-    all-reduces through torch's symmetric-memory kernel (the default) or NCCL's ring."""
+    all-reduces through torch's symmetric-memory kernel (the default) or NCCL's ring.
+    `bands`: decode graphs in two context bands (136 tokens, which the 130-token prompt
+    crosses while decoding, and the full length), rank 0's bands on every rank."""
     from dsv4 import LLM, SamplingParams
-    from dsv4.distributed import _one_shot
+    from dsv4.distributed import _one_shot, _rendezvoused
+    from dsv4.engine import cuda_graph
     monkeypatch.setenv("DSV4_TP_ALLREDUCE", allreduce)
+    if bands:
+        monkeypatch.setattr(cuda_graph, "SHORT_LEN", 136)
     prompts = [[20 + (i * 7 + j) % 400 for j in range(n)] for i, n in enumerate((3, 40, 130))]
     params = SamplingParams(temperature=0, max_tokens=12)
     kw = {"model": "tiny", "dtype": "float32", "device": "cuda", "max_num_seqs": 4,
@@ -55,15 +61,18 @@ def test_engine_with_tp_graphs_generates_what_one_gpu_generates(allreduce, monke
     want = [o.outputs[0].token_ids for o in one.generate(prompts, params, use_tqdm=False)]
     del one
     torch.cuda.empty_cache()
+    # a second one-shot engine in this process keeps NCCL (`enable_one_shot_all_reduce`)
+    one_shot = allreduce == "one-shot" and not _rendezvoused
     two = LLM(**kw, tensor_parallel_size=2)
     try:
         assert two.llm_engine.runner.graphs is not None, "no CUDA graphs under TP"
+        assert len(two.llm_engine.runner.graphs.bands) == (2 if bands else 1)
         assert two.llm_engine.async_scheduling
-        assert bool(_one_shot) == (allreduce == "one-shot")
+        assert bool(_one_shot) == one_shot
         got = [o.outputs[0].token_ids for o in two.generate(prompts, params, use_tqdm=False)]
     finally:
         two.llm_engine.close()
-    print(f"TP=2 with graphs, {allreduce}: {sum(a == b for a, b in zip(want, got))} of 3 "
+    print(f"TP=2 with graphs, {allreduce}, bands {bands}: {sum(a == b for a, b in zip(want, got))} of 3 "
           "prompts agree")
     assert sum(a == b for a, b in zip(want, got)) >= 2, (want, got)
 
