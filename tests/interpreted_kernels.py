@@ -179,6 +179,13 @@ def check_indexer_fp8() -> None:
     scale = ref[fin].abs().max()
     err = (got[fin] - ref[fin]).abs().max() / scale
     assert err < 1e-6, f"FP8 indexer scores differ from the reference: {err:.2e}"
+    # folded query scales: bit-identical where the token's queries fold (token 0: a zero block;
+    # 2: plain), by 16 heads with per-block scales where they do not (1: 2^-40)
+    folded = indexer_scores_triton(q, w, packed, cand, q_fp4=True, block_n=64, fold=True)
+    assert torch.equal(folded[0], got[0]) and torch.equal(folded[2], got[2])
+    assert torch.equal(torch.isfinite(folded), fin)
+    err = (folded[fin] - ref[fin]).abs().max() / scale
+    assert err < 1e-6, f"folded FP8 indexer scores differ from the reference: {err:.2e}"
     avail = torch.tensor([100, 150, 150])
     got = indexer_scores_triton(q, w, packed, cand, avail, q_fp4=True, block_n=64)
     assert torch.equal(got[0, :100], indexer_scores_triton(q, w, packed, cand, q_fp4=True,

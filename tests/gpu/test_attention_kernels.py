@@ -280,12 +280,15 @@ def test_indexer_scores_match_reference(dtype):
     assert rel_err(out[fin], ref[fin]) < 1e-5, f"rel err {rel_err(out[fin], ref[fin]):.2e}"
 
 
+@pytest.mark.parametrize("fold", [False, True], ids=["per_block", "folded"])
 @pytest.mark.parametrize("block_n,num_warps", [(64, 8), (64, 4), (128, 8)])
 @pytest.mark.parametrize("nI", [64, 32])
-def test_indexer_fp8_path_matches_reference(block_n, num_warps, nI):
+def test_indexer_fp8_path_matches_reference(block_n, num_warps, nI, fold):
     """Packed keys and FP4-grid queries on FP8 tensor cores (`q_fp4`): the reference's scores
     up to fp32 summation order (every product is exact), keys and query blocks of extreme
-    magnitudes and all-zero ones, invisible candidates, `avail`; heads of one TP rank (32)."""
+    magnitudes and all-zero ones, invisible candidates, `avail`; heads of one TP rank (32).
+    `folded`: one query scale per head where a token's blocks allow (bit-identical to the
+    per-block scales there), 16 heads at a time where not (token 1's 2^-90 block)."""
     from dsv4.kernels.index_fp4 import pack_index_fp4
     from dsv4.kernels.indexer import indexer_scores_ref, indexer_scores_triton
     q, w, keys, cand = indexer_inputs(DECODE_EDGES + [(9000, 3)], torch.bfloat16, seed=7, nI=nI)
@@ -297,13 +300,17 @@ def test_indexer_fp8_path_matches_reference(block_n, num_warps, nI):
     packed = pack_index_fp4(keys)
     ref = indexer_scores_ref(q, w, packed, cand)
     got = indexer_scores_triton(q, w, packed, cand, q_fp4=True, block_n=block_n,
-                                num_warps=num_warps)
+                                num_warps=num_warps, fold=fold)
     fin = torch.isfinite(ref)
     assert torch.equal(fin, torch.isfinite(got)), "visibility pattern differs"
     assert rel_err(got[fin], ref[fin]) < 1e-6, f"rel err {rel_err(got[fin], ref[fin]):.2e}"
+    if fold:
+        per_block = indexer_scores_triton(q, w, packed, cand, q_fp4=True, block_n=block_n,
+                                          num_warps=num_warps, fold=False)
+        assert torch.equal(got[0], per_block[0]) and torch.equal(got[2:], per_block[2:])
     avail = (cand >= 0).sum(1)
     bounded = indexer_scores_triton(q, w, packed, cand, avail, q_fp4=True, block_n=block_n,
-                                    num_warps=num_warps)
+                                    num_warps=num_warps, fold=fold)
     for t in range(cand.shape[0]):
         end = min(cand.shape[1], -(-int(avail[t]) // block_n) * block_n)
         assert torch.equal(bounded[t, :end], got[t, :end]), f"token {t}"
