@@ -81,9 +81,10 @@ def enable_one_shot_all_reduce(dtype: torch.dtype, device: torch.device) -> bool
                        "all-reduces stay on NCCL")
         return False
     if not ok[1].item():
-        logger.warning("tensor parallel: a rank's process set symmetric memory up for an "
-                       "earlier engine (torch keeps it until the process exits): this engine's "
-                       "all-reduces stay on NCCL")
+        if dist.get_rank() == 0:
+            logger.warning("tensor parallel: symmetric memory was set up for an earlier engine "
+                           "in this process (torch keeps it until the process exits): this "
+                           "engine's all-reduces stay on NCCL")
         return False
     if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before torch 2.11
         with warnings.catch_warnings():  # 2.11 warns that it no longer is
