@@ -162,10 +162,15 @@ def bench_indexer(ctx: int, B: int, topk: int, with_ref: bool) -> None:
     ms = bench([lambda a=a: indexer_scores_triton(a[0], a[1], packed, a[2]) for a in inputs])
     report(f"indexer scores ctx={ctx // 1024}K B={B} packed keys", ms, None, pbytes, flops)
     # the same on FP8 tensor cores (queries on the FP4 grid, as the model's QAT makes them)
-    ms = bench([lambda a=a: indexer_scores_triton(a[0], a[1], packed, a[2], q_fp4=True)
-                for a in inputs])
+    ms = bench([lambda a=a: indexer_scores_triton(a[0], a[1], packed, a[2], q_fp4=True,
+                                                   fold=False) for a in inputs])
     report(f"indexer scores ctx={ctx // 1024}K B={B} packed keys, FP8 MMA", ms, None, pbytes,
            flops)
+    # the same with each head's query scales folded into one (`indexer.py`, `fold`)
+    ms = bench([lambda a=a: indexer_scores_triton(a[0], a[1], packed, a[2], q_fp4=True,
+                                                   fold=True) for a in inputs])
+    report(f"indexer scores ctx={ctx // 1024}K B={B} packed keys, FP8 MMA, folded queries", ms,
+           None, pbytes, flops)
 
 
 # ------------------------------------------------------------------------------ compressor
