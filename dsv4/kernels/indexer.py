@@ -176,8 +176,8 @@ if HAS_TRITON:
             q0, q1, q2, q3, sq, ok = _q_folded(q_row, hmask)
             if ok:  # one power of two per head, taken out of the relu into w
                 w = tl.load(w_ptr + t * stride_wt + h, mask=hmask, other=0.0).to(tl.float32)
-                _scores_folded(q0, q1, q2, q3, w * sq, cand_row, keys_ptr, stride_kn, N,
-                               out_row, first, last, BLOCK_H, BLOCK_N, ASM)
+                _scores(q0, q1, q2, q3, sq, sq, sq, sq, w * sq, cand_row, keys_ptr, stride_kn,
+                        N, out_row, first, last, BLOCK_H, BLOCK_N, ASM, True)
             else:
                 _scores_by_16_heads(q_ptr + t * stride_qt, stride_qh, NI,
                                     w_ptr + t * stride_wt, cand_row, keys_ptr, stride_kn, N,
@@ -188,21 +188,8 @@ if HAS_TRITON:
         q2, s2 = _q_block_e4m3(q_row, hmask, 2)
         q3, s3 = _q_block_e4m3(q_row, hmask, 3)
         w = tl.load(w_ptr + t * stride_wt + h, mask=hmask, other=0.0).to(tl.float32)
-        # block b+1's bytes are loaded before block b is decoded (as in the bf16 decode path)
-        n, vis, p0, p1, p2, p3, e = _packed_block8(cand_row, keys_ptr, stride_kn, N,
-                                                   first * BLOCK_N, first < last, BLOCK_N)
-        for blk in range(first, last):
-            n_cur, vis_cur, c0, c1, c2, c3, e_cur = n, vis, p0, p1, p2, p3, e
-            n, vis, p0, p1, p2, p3, e = _packed_block8(cand_row, keys_ptr, stride_kn, N,
-                                                       (blk + 1) * BLOCK_N, blk + 1 < last,
-                                                       BLOCK_N)
-            acc = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
-            acc = _key_block_mma8(acc, c0, e_cur, q0, s0, 0, ASM)
-            acc = _key_block_mma8(acc, c1, e_cur, q1, s1, 1, ASM)
-            acc = _key_block_mma8(acc, c2, e_cur, q2, s2, 2, ASM)
-            acc = _key_block_mma8(acc, c3, e_cur, q3, s3, 3, ASM)
-            score = tl.sum(tl.maximum(acc, 0.0) * w[None, :], 1)  # [BN]
-            tl.store(out_row + n_cur, tl.where(vis_cur, score, float("-inf")), mask=n_cur < N)
+        _scores(q0, q1, q2, q3, s0, s1, s2, s3, w, cand_row, keys_ptr, stride_kn, N, out_row,
+                first, last, BLOCK_H, BLOCK_N, ASM, False)
 
     @triton.jit
     def _q_folded(q_row, hmask):
@@ -240,10 +227,13 @@ if HAS_TRITON:
         return (tl.max(tl.abs(x), 1).to(tl.int32, bitcast=True) >> 23) & 0xFF
 
     @triton.jit
-    def _scores_folded(q0, q1, q2, q3, w, cand_row, keys_ptr, stride_kn, N, out_row, first,
-                       last, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
-        """Key blocks [first, last) of one token with `_q_folded` queries and w times their
-        scales; block b+1's bytes loaded before block b is decoded."""
+    def _scores(q0, q1, q2, q3, s0, s1, s2, s3, w, cand_row, keys_ptr, stride_kn, N, out_row,
+                first, last, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr,
+                FOLDED: tl.constexpr):
+        """Scores of key blocks [first, last) of one token: the queries' 4 e4m3 blocks q0..q3
+        with their per-head scales s0..s3, or (FOLDED) `_q_folded` queries and w times their
+        scales (s0..s3 unused). Block b+1's bytes are loaded before block b is decoded (as in
+        the bf16 decode path)."""
         n, vis, p0, p1, p2, p3, e = _packed_block8(cand_row, keys_ptr, stride_kn, N,
                                                    first * BLOCK_N, first < last, BLOCK_N)
         for blk in range(first, last):
@@ -252,18 +242,18 @@ if HAS_TRITON:
                                                        (blk + 1) * BLOCK_N, blk + 1 < last,
                                                        BLOCK_N)
             acc = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
-            acc = _key_block_mma8_folded(acc, c0, e_cur, q0, 0, ASM)
-            acc = _key_block_mma8_folded(acc, c1, e_cur, q1, 1, ASM)
-            acc = _key_block_mma8_folded(acc, c2, e_cur, q2, 2, ASM)
-            acc = _key_block_mma8_folded(acc, c3, e_cur, q3, 3, ASM)
-            score = tl.sum(tl.maximum(acc, 0.0) * w[None, :], 1)
+            acc = _key_block_mma8(acc, c0, e_cur, q0, s0, 0, ASM, FOLDED)
+            acc = _key_block_mma8(acc, c1, e_cur, q1, s1, 1, ASM, FOLDED)
+            acc = _key_block_mma8(acc, c2, e_cur, q2, s2, 2, ASM, FOLDED)
+            acc = _key_block_mma8(acc, c3, e_cur, q3, s3, 3, ASM, FOLDED)
+            score = tl.sum(tl.maximum(acc, 0.0) * w[None, :], 1)  # [BN]
             tl.store(out_row + n_cur, tl.where(vis_cur, score, float("-inf")), mask=n_cur < N)
 
     @triton.jit
     def _scores_by_16_heads(q_tok, stride_qh, NI, w_tok, cand_row, keys_ptr, stride_kn, N,
                             out_row, first, last, BLOCK_H: tl.constexpr,
                             BLOCK_N: tl.constexpr, ASM: tl.constexpr):
-        """`_scores_folded` for a token whose queries do not fold: per-block scales, 16 heads
+        """`_scores` for a token whose queries do not fold: per-block scales, 16 heads
         at a time (few registers; the keys are decoded once per group). Rare: a head's query
         blocks more than 14 binades apart."""
         for blk in range(first, last):
@@ -320,23 +310,19 @@ if HAS_TRITON:
         return n, vis, p0, p1, p2, p3, e
 
     @triton.jit
-    def _key_block_mma8(acc, p, e, q8, sq, b: tl.constexpr, ASM: tl.constexpr):
+    def _key_block_mma8(acc, p, e, q8, sq, b: tl.constexpr, ASM: tl.constexpr,
+                        FOLDED: tl.constexpr = False):
         """acc [BN, BH] += scale block b of the keys (codes p [BN, 16]: byte j holds dims 2j
         and 2j + 1; scale byte b of e) times the queries' block (q8 [BH, 32], sq [BH]): one
-        FP8 MMA of exact products (keys decoded as value * 2^-6), then both scales in fp32."""
+        FP8 MMA of exact products (keys decoded as value * 2^-6), then both scales in fp32
+        (FOLDED: the keys' only; the queries' is applied after the relu)."""
         lo, hi = _e2m1_e4m3_nibbles(p, ASM)
         k8 = tl.reshape(tl.join(lo, hi), (p.shape[0], 32)).to(tl.float8e4nv, bitcast=True)
         sk = ((((e >> (8 * b)) & 0xFF) + 6) << 23).to(tl.float32, bitcast=True)  # 2^6 x scale
         s = tl.dot(k8, tl.trans(q8))  # [BN, BH]
+        if FOLDED:
+            return acc + s * sk[:, None]
         return acc + s * sk[:, None] * sq[None, :]
-
-    @triton.jit
-    def _key_block_mma8_folded(acc, p, e, q8, b: tl.constexpr, ASM: tl.constexpr):
-        """`_key_block_mma8` for `_q_folded` queries, whose scale is applied after the relu."""
-        lo, hi = _e2m1_e4m3_nibbles(p, ASM)
-        k8 = tl.reshape(tl.join(lo, hi), (p.shape[0], 32)).to(tl.float8e4nv, bitcast=True)
-        sk = ((((e >> (8 * b)) & 0xFF) + 6) << 23).to(tl.float32, bitcast=True)  # 2^6 x scale
-        return acc + tl.dot(k8, tl.trans(q8)) * sk[:, None]
 
     def indexer_scores_triton(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
                               cand: torch.Tensor, avail: torch.Tensor | None = None,
