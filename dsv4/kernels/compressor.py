@@ -44,6 +44,7 @@ if HAS_TRITON:
 
     from .pdl import pdl_start
     from .qat import _fp4_sim, _fp8_sim, _hadamard_rows
+    from .rope import cos_sin, turn
 
     @triton.jit(do_not_specialize=["ITEMS"])
     def _compress_pool_kernel(kv_ptr, score_ptr, valid_ptr, out_ptr, ITEMS, C,
@@ -136,9 +137,8 @@ if HAS_TRITON:
         fi = tl.arange(0, C // 2) - NOPE // 2
         rot = fi >= 0
         ang = p[:, None] * tl.load(f_ptr + fi, mask=rot, other=0.0)[None, :]
-        cs = tl.where(rot[None, :], tl.cos(ang), 1.0)
-        sn = tl.where(rot[None, :], tl.sin(ang), 0.0)
-        y = tl.reshape(tl.join(e * cs - o * sn, e * sn + o * cs), (BR, C)).to(dt).to(tl.float32)
+        cs, sn = cos_sin(ang, rot[None, :])
+        y = tl.reshape(tl.join(*turn(e, o, cs, sn)), (BR, C)).to(dt).to(tl.float32)
         if INDEX:  # Hadamard rows read back from memory in slices, then FP4
             tl.store(out, y.to(dt), mask=ok[:, None])
             tl.debug_barrier()

@@ -120,6 +120,7 @@ if HAS_TRITON:
 
     from .pdl import pdl_start
     from .quant_linear import _pow2ceil
+    from .rope import cos_sin, turn
 
     @triton.jit
     def _fp8_sim(x):
@@ -205,13 +206,12 @@ if HAS_TRITON:
         f = tl.load(f_ptr + fi, mask=rot, other=0.0)
         if ONE_TOKEN:  # the program's rows are one token's heads: cos and sin once
             p0 = tl.load(pos_ptr + (tl.program_id(0) * BR) // HEADS).to(tl.float32)
-            cs = tl.where(rot, tl.cos(p0 * f), 1.0)[None, :]
-            sn = tl.where(rot, tl.sin(p0 * f), 0.0)[None, :]
+            cs, sn = cos_sin(p0 * f, rot)
+            cs, sn = cs[None, :], sn[None, :]
         else:
             pos = tl.load(pos_ptr + rows // HEADS, mask=ok, other=0).to(tl.float32)
-            cs = tl.where(rot[None, :], tl.cos(pos[:, None] * f[None, :]), 1.0)
-            sn = tl.where(rot[None, :], tl.sin(pos[:, None] * f[None, :]), 0.0)
-        x = tl.reshape(tl.join(e * cs - o * sn, e * sn + o * cs), (BR, C)).to(tl.bfloat16)
+            cs, sn = cos_sin(pos[:, None] * f[None, :], rot[None, :])
+        x = tl.reshape(tl.join(*turn(e, o, cs, sn)), (BR, C)).to(tl.bfloat16)
         y = (tl.dot(x, _hadamard_signs(C)) * tl.load(h_ptr)).to(dt).to(tl.float32)
         if QAT:
             y = _fp4_sim(y, BR, C)

@@ -81,6 +81,7 @@ if HAS_TRITON:
 
     from .pdl import pdl_start
     from .qat import _fp8_sim
+    from .rope import cos_sin, turn
 
     @triton.jit(do_not_specialize=["S", "T"])
     def _rmsnorm_split_kernel(p_ptr, w_ptr, out_ptr, pos_ptr, f_ptr, S, T, N, eps,
@@ -107,9 +108,8 @@ if HAS_TRITON:
             fi = j - (N - ROPE) // 2
             rot = (fi >= 0) & (j < N // 2)
             ang = tl.load(pos_ptr + row).to(tl.float32) * tl.load(f_ptr + fi, mask=rot, other=0.0)
-            cs = tl.where(rot, tl.cos(ang), 1.0)
-            sn = tl.where(rot, tl.sin(ang), 0.0)
-            y = tl.reshape(tl.join(e * cs - o * sn, e * sn + o * cs), (BLOCK,))
+            cs, sn = cos_sin(ang, rot)
+            y = tl.reshape(tl.join(*turn(e, o, cs, sn)), (BLOCK,))
             y = y.to(dt).to(tl.float32)
         if FP8 > 0:
             q = tl.reshape(_fp8_sim(tl.reshape(y, (1, BLOCK // 64, 64))), (BLOCK,))

@@ -81,6 +81,16 @@ if HAS_TRITON:
     from .pdl import pdl_start
 
     @triton.jit
+    def cos_sin(ang, rot):
+        """cos and sin of the angles where rot, else 1 and 0 (pairs that do not turn)."""
+        return tl.where(rot, tl.cos(ang), 1.0), tl.where(rot, tl.sin(ang), 0.0)
+
+    @triton.jit
+    def turn(e, o, cs, sn):
+        """Pairs (e, o) turned by the angles of cs, sn: (e cos - o sin, e sin + o cos), fp32."""
+        return e * cs - o * sn, e * sn + o * cs
+
+    @triton.jit
     def _rope_kernel(x_ptr, pos_ptr, f_ptr, heads, eps, D: tl.constexpr, NOPE: tl.constexpr,
                      NORM: tl.constexpr, INV: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr,
                      PDL: tl.constexpr = False):
@@ -98,8 +108,8 @@ if HAS_TRITON:
         fi = j - NOPE // 2
         rot = (fi >= 0) & (j < D // 2)
         ang = tl.load(pos_ptr + t).to(tl.float32) * tl.load(f_ptr + fi, mask=rot, other=0.0)
-        c = tl.where(rot, tl.cos(ang), 1.0)[None, :]
-        s = tl.where(rot, tl.sin(ang), 0.0)[None, :]
+        c, s = cos_sin(ang, rot)
+        c, s = c[None, :], s[None, :]
         if INV:
             s = -s
         m = ok[:, None] & (j < D // 2)[None, :]
@@ -114,5 +124,5 @@ if HAS_TRITON:
             r = r.to(dt).to(tl.float32)
             e = (e * r[:, None]).to(dt).to(tl.float32)
             o = (o * r[:, None]).to(dt).to(tl.float32)
-        y = tl.join(e * c - o * s, e * s + o * c)
-        tl.store(ptr, y.to(dt), mask=m3)
+        e, o = turn(e, o, c, s)
+        tl.store(ptr, tl.join(e, o).to(dt), mask=m3)
