@@ -180,9 +180,18 @@ def check_indexer_fp8() -> None:
     err = (got[fin] - ref[fin]).abs().max() / scale
     assert err < 1e-6, f"FP8 indexer scores differ from the reference: {err:.2e}"
     # folded query scales: bit-identical where the token's queries fold (token 0: a zero block;
-    # 2: plain), by 16 heads with per-block scales where they do not (1: 2^-40)
+    # 2: plain), by 16 heads with per-block scales where they do not (1: 2^-40; 2 again with a
+    # block of amax 2^-125, which the per-block path rounds to zero codes)
     folded = indexer_scores_triton(q, w, packed, cand, q_fp4=True, block_n=64, fold=True)
     assert torch.equal(folded[0], got[0]) and torch.equal(folded[2], got[2])
+    q2 = q.clone()  # token 2's heads scaled to amax 2^-113, one block of each to 2^-125
+    x = q[2].float()
+    q2[2] = (x * 2.0 ** -113 / x.abs().amax(1, keepdim=True).clamp_min(1e-30)).bfloat16()
+    q2[2, :, 64:96] = q2[2, :, 64:96].float().sign().bfloat16() * 2.0 ** -125
+    tiny = indexer_scores_triton(q2, w, packed, cand, q_fp4=True, block_n=64, fold=True)
+    plain = indexer_scores_triton(q2, w, packed, cand, q_fp4=True, block_n=64, fold=False)
+    assert torch.allclose(tiny[2][fin[2]], plain[2][fin[2]], rtol=1e-6, atol=0), \
+        "a head with a block under 2^-124 must take the per-block scales"
     assert torch.equal(torch.isfinite(folded), fin)
     err = (folded[fin] - ref[fin]).abs().max() / scale
     assert err < 1e-6, f"folded FP8 indexer scores differ from the reference: {err:.2e}"

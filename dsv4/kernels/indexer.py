@@ -198,7 +198,9 @@ if HAS_TRITON:
         head (ok): the head's largest block has its amax at 256-384 (2^(floor(log2 amax) - 8)),
         and a block k binades lower keeps every e2m1 value of its grid (down to 0.5 x 2^(e - 2),
         e its amax exponent) on e4m3's grid while k <= 14 (its smallest step, 2^-9, is then
-        still a step of that grid). Zero blocks do not count."""
+        still a step of that grid). Zero blocks do not count; a head with a nonzero block of
+        amax below 2^-124 (zero codes in `_q_block_e4m3`) does not fold, so that both paths
+        give the same codes."""
         x0 = _q_dims(q_row, hmask, 0)
         x1 = _q_dims(q_row, hmask, 1)
         x2 = _q_dims(q_row, hmask, 2)
@@ -208,7 +210,8 @@ if HAS_TRITON:
         lo = tl.minimum(tl.minimum(tl.where(e0 > 0, e0, 255), tl.where(e1 > 0, e1, 255)),
                         tl.minimum(tl.where(e2 > 0, e2, 255), tl.where(e3 > 0, e3, 255)))
         live = eb >= 9  # else zero codes (heads of amax 2^-124 to 2^-118 take the other path)
-        ok = tl.max(tl.where(live, eb - lo, tl.where(eb >= 3, 15, 0))) <= 14
+        tiny = _tiny(x0) | _tiny(x1) | _tiny(x2) | _tiny(x3)
+        ok = tl.max(tl.where(live & ~tiny, eb - lo, tl.where((eb >= 3) | tiny, 15, 0))) <= 14
         sq = tl.where(live, ((eb - 8) << 23).to(tl.float32, bitcast=True), 0.0)
         inv = tl.where(live, ((262 - eb) << 23).to(tl.float32, bitcast=True), 0.0)  # 1 / sq
         return ((x0 * inv[:, None]).to(tl.float8e4nv), (x1 * inv[:, None]).to(tl.float8e4nv),
@@ -220,6 +223,12 @@ if HAS_TRITON:
         """Dims 32b..32b+31 of the heads' queries, fp32 [BH, 32]."""
         return tl.load(q_row + b * 32 + tl.arange(0, 32)[None, :], mask=hmask[:, None],
                        other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _tiny(x):
+        """Rows with a nonzero amax below 2^-124 (biased exponent under 3)."""
+        a = tl.max(tl.abs(x), 1)
+        return (a > 0.0) & (_amax_exp(x) < 3)
 
     @triton.jit
     def _amax_exp(x):
