@@ -162,6 +162,8 @@ def check_indexer_fp8() -> None:
     T, N, nI, c = 3, 150, 16, 128
     keys = fp4_sim(torch.randn(200, c, generator=G) * torch.rand(200, 1, generator=G) * 4, 32)
     keys[5, :32] = 0.0  # an all-zero scale block
+    keys[7, 96:] *= 2.0 ** -20  # blocks 20 binades apart, and keys far from 1 (folded keys:
+    keys[9:] *= torch.exp2(torch.randint(-30, 30, (191, 1), generator=G).float())  # neither)
     packed = pack_index_fp4(keys)
     q = torch.randn(T, nI, c, generator=G) * torch.exp2(torch.randint(-12, 8, (T, nI, 1),
                                                                       generator=G).float())
@@ -179,9 +181,10 @@ def check_indexer_fp8() -> None:
     scale = ref[fin].abs().max()
     err = (got[fin] - ref[fin]).abs().max() / scale
     assert err < 1e-6, f"FP8 indexer scores differ from the reference: {err:.2e}"
-    # folded query scales: bit-identical where the token's queries fold (token 0: a zero block;
-    # 2: plain), by 16 heads with per-block scales where they do not (1: 2^-40; 2 again with a
-    # block of amax 2^-125, which the per-block path rounds to zero codes)
+    # folded query and key scales: bit-identical where the token's queries fold (token 0: a
+    # zero block; 2: plain), by 16 heads with per-block scales where they do not (1: 2^-40; 2
+    # again with a block of amax 2^-125, which the per-block path rounds to zero codes), and
+    # for the keys that do not fold (5: a zero block, 7: blocks 20 binades apart)
     folded = indexer_scores_triton(q, w, packed, cand, q_fp4=True, block_n=64, fold=True)
     assert torch.equal(folded[0], got[0]) and torch.equal(folded[2], got[2])
     q2 = q.clone()  # token 2's heads scaled to amax 2^-113, one block of each to 2^-125

@@ -54,9 +54,12 @@ if HAS_TRITON:
     from .quant_linear import _e2m1_e4m3_nibbles, _e2m1_f32
 
     _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # runs no inline PTX
-    # tokens from which the FP8 scores kernel folds the query scales by default: at 1 token
-    # the per-block loop is faster (3.7 against 4.3 us at 32K context), from 8 the fold pays
-    FOLD_FROM_TOKENS = 8
+    # candidate columns (tokens x width) from which the FP8 scores kernel folds the query and
+    # key scales by default (H200, `scratch`-style A/B): under 256 key blocks of 64 a CTA has
+    # one block and the fold's query preparation shows (1 token at 32K context 3.7 against
+    # 4.4 us, 8 tokens at 8K 4.3 against 5.0); from 512 it pays (1 token at 128K 7.4 -> 6.3,
+    # 4 at 32K 7.4 -> 6.3, 32 at 32K 33.3 -> 24.4, 32 at 128K 100.3 -> 66.6)
+    FOLD_FROM_COLUMNS = 32768
 
     @triton.jit
     def _cta_blocks(t, avail_ptr, N, blocks_per_cta, HAS_AVAIL: tl.constexpr,
@@ -156,10 +159,14 @@ if HAS_TRITON:
                                    PDL: tl.constexpr = False):
         """Packed keys (C = 128: 4 scale blocks) and FP4-grid queries on FP8 tensor cores.
         FOLD: each head's 4 query blocks share one power of two (`_q_folded`) when they can,
-        which takes the per-head scales out of the MMA loop: the products and the fp32 sums
-        are the per-block path's scaled by powers of two, so the scores are bit-identical,
-        without the per-head scale multiplies (64 heads: 128 FMUL of a 653-instruction loop
-        per 64 keys) and their registers (sm_90 offline: 187 a thread instead of 254)."""
+        and so do each key's 4 blocks (`_key_fold`): the 4 MMAs of a key block then chain in
+        one accumulator and both scales leave the loop (the query's into w, the key's after
+        the head sum). The products and the fp32 sums are the per-block path's scaled by
+        powers of two, so the scores are bit-identical, with fewer instructions and registers
+        (sm_90 offline: the loop 421 instructions for 64 keys and 96 registers against 488 and
+        136 with only the queries folded, 653 and 254 with neither). Keys that do not fold
+        are left to a second pass over the CTA's blocks (`_scores_by_16_heads`), which runs
+        only when there is one."""
         pdl_start(PDL)
         t = tl.program_id(0).to(tl.int64)
         first, last = _cta_blocks(t, avail_ptr, N, blocks_per_cta, HAS_AVAIL, BLOCK_N)
@@ -172,14 +179,15 @@ if HAS_TRITON:
         out_row = out_ptr + t * stride_ot
         if FOLD:
             q0, q1, q2, q3, sq, ok = _q_folded(q_row, hmask)
+            left = ~ok  # keys left to the per-block pass: all of them if q does not fold
             if ok:  # one power of two per head, taken out of the relu into w
                 w = tl.load(w_ptr + t * stride_wt + h, mask=hmask, other=0.0).to(tl.float32)
-                _scores(q0, q1, q2, q3, sq, sq, sq, sq, w * sq, cand_row, keys_ptr, stride_kn,
-                        N, out_row, first, last, BLOCK_H, BLOCK_N, ASM, True)
-            else:
+                left = _scores(q0, q1, q2, q3, sq, sq, sq, sq, w * sq, cand_row, keys_ptr,
+                               stride_kn, N, out_row, first, last, BLOCK_H, BLOCK_N, ASM, True)
+            if left:
                 _scores_by_16_heads(q_ptr + t * stride_qt, stride_qh, NI,
                                     w_ptr + t * stride_wt, cand_row, keys_ptr, stride_kn, N,
-                                    out_row, first, last, BLOCK_H, BLOCK_N, ASM)
+                                    out_row, first, last, BLOCK_H, BLOCK_N, ASM, ok)
             return
         q0, s0 = _q_block_e4m3(q_row, hmask, 0)
         q1, s1 = _q_block_e4m3(q_row, hmask, 1)
@@ -239,50 +247,125 @@ if HAS_TRITON:
                 FOLDED: tl.constexpr):
         """Scores of key blocks [first, last) of one token: the queries' 4 e4m3 blocks q0..q3
         with their per-head scales s0..s3, or (FOLDED) `_q_folded` queries and w times their
-        scales (s0..s3 unused). Block b+1's bytes are loaded before block b is decoded (as in
-        the bf16 decode path)."""
+        scales (s0..s3 unused) with the keys folded too (`_key_fold`); returns whether a
+        visible key did not fold (its score is not written). Block b+1's bytes are loaded
+        before block b is decoded (as in the bf16 decode path)."""
         n, vis, p0, p1, p2, p3, e = _packed_block8(cand_row, keys_ptr, stride_kn, N,
                                                    first * BLOCK_N, first < last, BLOCK_N)
+        left = tl.zeros((BLOCK_N,), dtype=tl.int32)
         for blk in range(first, last):
             n_cur, vis_cur, c0, c1, c2, c3, e_cur = n, vis, p0, p1, p2, p3, e
             n, vis, p0, p1, p2, p3, e = _packed_block8(cand_row, keys_ptr, stride_kn, N,
                                                        (blk + 1) * BLOCK_N, blk + 1 < last,
                                                        BLOCK_N)
             acc = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
-            acc = _key_block_mma8(acc, c0, e_cur, q0, s0, 0, ASM, FOLDED)
-            acc = _key_block_mma8(acc, c1, e_cur, q1, s1, 1, ASM, FOLDED)
-            acc = _key_block_mma8(acc, c2, e_cur, q2, s2, 2, ASM, FOLDED)
-            acc = _key_block_mma8(acc, c3, e_cur, q3, s3, 3, ASM, FOLDED)
-            score = tl.sum(tl.maximum(acc, 0.0) * w[None, :], 1)  # [BN]
-            tl.store(out_row + n_cur, tl.where(vis_cur, score, float("-inf")), mask=n_cur < N)
+            if FOLDED:
+                emax, kok = _key_fold(e_cur)
+                acc = tl.dot(_keys_folded(c0, e_cur, emax, 0, ASM), tl.trans(q0), acc)
+                acc = tl.dot(_keys_folded(c1, e_cur, emax, 1, ASM), tl.trans(q1), acc)
+                acc = tl.dot(_keys_folded(c2, e_cur, emax, 2, ASM), tl.trans(q2), acc)
+                acc = tl.dot(_keys_folded(c3, e_cur, emax, 3, ASM), tl.trans(q3), acc)
+                sk = ((emax - 6) << 23).to(tl.float32, bitcast=True)  # 2^(emax - 127 - 6)
+                score = tl.sum(tl.maximum(acc, 0.0) * w[None, :], 1) * sk  # [BN]
+                keep = kok | ~vis_cur
+                left = left | (~keep).to(tl.int32)
+            else:
+                acc = _key_block_mma8(acc, c0, e_cur, q0, s0, 0, ASM)
+                acc = _key_block_mma8(acc, c1, e_cur, q1, s1, 1, ASM)
+                acc = _key_block_mma8(acc, c2, e_cur, q2, s2, 2, ASM)
+                acc = _key_block_mma8(acc, c3, e_cur, q3, s3, 3, ASM)
+                score = tl.sum(tl.maximum(acc, 0.0) * w[None, :], 1)  # [BN]
+                keep = vis_cur | ~vis_cur
+            tl.store(out_row + n_cur, tl.where(vis_cur, score, float("-inf")),
+                     mask=(n_cur < N) & keep)
+        return tl.max(left) > 0
+
+    @triton.jit
+    def _key_fold(e):
+        """Per key (e [BN]: its 4 e8m0 scale bytes as one int32): the largest scale byte emax,
+        and whether the key folds (kok): each block's e2m1 values times 2^(e_b - emax + 6),
+        down to 0.5 x 2^-5, are normal e4m3 numbers while e_b >= emax - 11, and the key's
+        remaining scale 2^(emax - 133) a normal fp32 while emax >= 7. Zero blocks (e_b = 1)
+        of a larger key do not fold: rare, the keys come out of a Hadamard."""
+        b0, b1 = e & 0xFF, (e >> 8) & 0xFF
+        b2, b3 = (e >> 16) & 0xFF, (e >> 24) & 0xFF
+        emax = tl.maximum(tl.maximum(b0, b1), tl.maximum(b2, b3))
+        lo = tl.minimum(tl.minimum(b0, b1), tl.minimum(b2, b3))
+        return emax, (emax - lo <= 11) & (emax >= 7)
+
+    @triton.jit
+    def _keys_folded(p, e, emax, b: tl.constexpr, ASM: tl.constexpr):
+        """Scale block b of folding keys (codes p [BN, 16]: byte j holds dims 2j and 2j + 1)
+        -> e4m3 [BN, 32]: value x 2^(6 - emax + e_b) through two byte tables a key (the e4m3
+        codes of the magnitudes 0, 0.5, 1, 1.5 and 2, 3, 4, 6 times 2^(d - 6), d = e_b -
+        emax + 12 in 1..12: their exponent fields are d's plus a constant), one `prmt` for
+        every 2 codes on the GPU; the sign bit is copied."""
+        d = ((e >> (8 * b)) & 0xFF) - emax + 12
+        t0 = 0x0C080000 + d * 0x08080800
+        t1 = 0x1C181410 + d * 0x08080808
+        BN: tl.constexpr = p.shape[0]
+        if ASM:  # pack=4: the 4 bytes of a register lie in one key row (its tables: $3, $7)
+            a, c = tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 m, s, q;
+                and.b32 m, $2, 0x77777777;
+                prmt.b32 $0, $3, $7, m;
+                shr.b32 m, m, 16;
+                prmt.b32 $1, $3, $7, m;
+                shr.b32 s, $2, 3;
+                and.b32 s, s, 0x1111;
+                prmt.b32 q, 0x8000, 0, s;
+                or.b32 $0, $0, q;
+                shr.b32 s, $2, 19;
+                and.b32 s, s, 0x1111;
+                prmt.b32 q, 0x8000, 0, s;
+                or.b32 $1, $1, q;
+                }""",
+                constraints="=r,=r,r,r,r,r,r,r,r,r,r",
+                args=[p, tl.broadcast_to(t0[:, None], p.shape),
+                      tl.broadcast_to(t1[:, None], p.shape)],
+                dtype=(tl.uint8, tl.uint8), is_pure=True, pack=4)
+            # a: codes of bytes 4i, 4i + 1 (4 dims), c: of bytes 4i + 2, 4i + 3
+            x = tl.reshape(tl.permute(tl.join(tl.reshape(a, (BN, 4, 4)),
+                                              tl.reshape(c, (BN, 4, 4))), (0, 1, 3, 2)),
+                           (BN, 32))
+        else:
+            code = tl.reshape(tl.join(p & 0xF, p >> 4), (BN, 32)).to(tl.int32)
+            m = code & 7
+            tab = tl.where(m < 4, t0[:, None], t1[:, None])
+            x = (((tab >> (8 * (m & 3))) & 0xFF) | ((code & 8) << 4)).to(tl.uint8)
+        return x.to(tl.float8e4nv, bitcast=True)
 
     @triton.jit
     def _scores_by_16_heads(q_tok, stride_qh, NI, w_tok, cand_row, keys_ptr, stride_kn, N,
                             out_row, first, last, BLOCK_H: tl.constexpr,
-                            BLOCK_N: tl.constexpr, ASM: tl.constexpr):
-        """`_scores` for a token whose queries do not fold: per-block scales, 16 heads
-        at a time (few registers; the keys are decoded once per group). Rare: a head's query
-        blocks more than 14 binades apart."""
+                            BLOCK_N: tl.constexpr, ASM: tl.constexpr, only_left):
+        """`_scores` with per-block scales, 16 heads at a time (few registers; the keys are
+        decoded once per group), for a token whose queries do not fold (a head's blocks more
+        than 14 binades apart), or (only_left) for the keys that did not fold. Rare: a block
+        is skipped unless one of its keys needs it."""
         for blk in range(first, last):
             n, vis, c0, c1, c2, c3, e = _packed_block8(cand_row, keys_ptr, stride_kn, N,
                                                        blk * BLOCK_N, True, BLOCK_N)
-            score = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for g in range(BLOCK_H // 16):
-                h = g * 16 + tl.arange(0, 16)
-                hmask = h < NI
-                q_row = q_tok + h[:, None] * stride_qh
-                acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
-                q8, sq = _q_block_e4m3(q_row, hmask, 0)
-                acc = _key_block_mma8(acc, c0, e, q8, sq, 0, ASM)
-                q8, sq = _q_block_e4m3(q_row, hmask, 1)
-                acc = _key_block_mma8(acc, c1, e, q8, sq, 1, ASM)
-                q8, sq = _q_block_e4m3(q_row, hmask, 2)
-                acc = _key_block_mma8(acc, c2, e, q8, sq, 2, ASM)
-                q8, sq = _q_block_e4m3(q_row, hmask, 3)
-                acc = _key_block_mma8(acc, c3, e, q8, sq, 3, ASM)
-                w = tl.load(w_tok + h, mask=hmask, other=0.0).to(tl.float32)
-                score += tl.sum(tl.maximum(acc, 0.0) * w[None, :], 1)
-            tl.store(out_row + n, tl.where(vis, score, float("-inf")), mask=n < N)
+            todo = (n < N) & (~only_left | (vis & ~_key_fold(e)[1]))
+            if tl.max(todo.to(tl.int32)) > 0:
+                score = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for g in range(BLOCK_H // 16):
+                    h = g * 16 + tl.arange(0, 16)
+                    hmask = h < NI
+                    q_row = q_tok + h[:, None] * stride_qh
+                    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+                    q8, sq = _q_block_e4m3(q_row, hmask, 0)
+                    acc = _key_block_mma8(acc, c0, e, q8, sq, 0, ASM)
+                    q8, sq = _q_block_e4m3(q_row, hmask, 1)
+                    acc = _key_block_mma8(acc, c1, e, q8, sq, 1, ASM)
+                    q8, sq = _q_block_e4m3(q_row, hmask, 2)
+                    acc = _key_block_mma8(acc, c2, e, q8, sq, 2, ASM)
+                    q8, sq = _q_block_e4m3(q_row, hmask, 3)
+                    acc = _key_block_mma8(acc, c3, e, q8, sq, 3, ASM)
+                    w = tl.load(w_tok + h, mask=hmask, other=0.0).to(tl.float32)
+                    score += tl.sum(tl.maximum(acc, 0.0) * w[None, :], 1)
+                tl.store(out_row + n, tl.where(vis, score, float("-inf")), mask=todo)
 
     @triton.jit
     def _q_block_e4m3(q_row, hmask, b: tl.constexpr):
@@ -317,18 +400,14 @@ if HAS_TRITON:
         return n, vis, p0, p1, p2, p3, e
 
     @triton.jit
-    def _key_block_mma8(acc, p, e, q8, sq, b: tl.constexpr, ASM: tl.constexpr,
-                        FOLDED: tl.constexpr = False):
+    def _key_block_mma8(acc, p, e, q8, sq, b: tl.constexpr, ASM: tl.constexpr):
         """acc [BN, BH] += scale block b of the keys (codes p [BN, 16]: byte j holds dims 2j
         and 2j + 1; scale byte b of e) times the queries' block (q8 [BH, 32], sq [BH]): one
-        FP8 MMA of exact products (keys decoded as value * 2^-6), then both scales in fp32
-        (FOLDED: the keys' only; the queries' is applied after the relu)."""
+        FP8 MMA of exact products (keys decoded as value * 2^-6), then both scales in fp32."""
         lo, hi = _e2m1_e4m3_nibbles(p, ASM)
         k8 = tl.reshape(tl.join(lo, hi), (p.shape[0], 32)).to(tl.float8e4nv, bitcast=True)
         sk = ((((e >> (8 * b)) & 0xFF) + 6) << 23).to(tl.float32, bitcast=True)  # 2^6 x scale
         s = tl.dot(k8, tl.trans(q8))  # [BN, BH]
-        if FOLDED:
-            return acc + s * sk[:, None]
         return acc + s * sk[:, None] * sq[None, :]
 
     def indexer_scores_triton(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
@@ -343,11 +422,12 @@ if HAS_TRITON:
         the context. `q_fp4`: q is on the FP4 grid (e2m1 x a power of two per 32 dims), so
         packed keys of C = 128 may take the FP8 kernel (exact products; only the fp32 sums
         of the 4 blocks' partial products round, in another order than the bf16 MMA's).
-        `fold` (FP8 kernel; None: from FOLD_FROM_TOKENS tokens): the per-head query scales
-        taken out of the MMA loop (`_q_folded`; the same scores with fewer instructions and
-        registers). Its prototype (`scratch`, bit-equal scores) on an H200, 32 tokens, 64
-        heads: 8K / 32K / 128K context 13.4 / 33.4 / 100.0 -> 11.0 / 24.6 / 88.4 us; one token
-        at 32K 3.7 -> 4.3 us (one key block a CTA: the longer query preparation shows)."""
+        `fold` (FP8 kernel; None: from FOLD_FROM_COLUMNS columns T x N): the query and key
+        scales taken out of the MMA loop (`_q_folded`, `_key_fold`; the same scores with fewer
+        instructions and registers): on an H200, 32 tokens, 64 heads, 8K / 32K / 128K context
+        13.4 / 33.3 / 100.3 -> 10.9 / 24.4 / 66.6 us; one token at 32K 3.7 -> 4.4 us (one key
+        block a CTA: the longer query preparation shows). Under CUDA graphs N is the graph's
+        width, so the choice follows the captured context band, not the batch's context."""
         T, NI, C = q.shape
         N = cand.shape[1]
         packed = keys.dtype == torch.uint8
@@ -384,7 +464,7 @@ if HAS_TRITON:
                 bpc, q.stride(0), q.stride(1), w.stride(0), keys.stride(0), cand.stride(0),
                 out.stride(0), BLOCK_H=bh, BLOCK_N=block_n, HAS_AVAIL=avail is not None,
                 ASM=not _INTERPRET,
-                FOLD=0 < FOLD_FROM_TOKENS <= T if fold is None else fold,
+                FOLD=T * N >= FOLD_FROM_COLUMNS if fold is None else fold,
                 num_warps=num_warps, num_stages=num_stages, **pdl())
             return out
         _indexer_scores_kernel[(T, triton.cdiv(n_blocks, bpc))](

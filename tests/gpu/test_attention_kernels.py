@@ -287,14 +287,18 @@ def test_indexer_fp8_path_matches_reference(block_n, num_warps, nI, fold):
     """Packed keys and FP4-grid queries on FP8 tensor cores (`q_fp4`): the reference's scores
     up to fp32 summation order (every product is exact), keys and query blocks of extreme
     magnitudes and all-zero ones, invisible candidates, `avail`; heads of one TP rank (32).
-    `folded`: one query scale per head where a token's blocks allow (bit-identical to the
-    per-block scales there), 16 heads at a time where not (token 1's 2^-90 block)."""
+    `folded`: one query scale per head where a token's blocks allow and one key scale per
+    key (bit-identical to the per-block scales there), per-block scales 16 heads at a time
+    where not (token 1's 2^-90 block; keys 0, 2, 3: zero, blocks 60 and 12 binades apart);
+    keys at powers of two from 2^-30 to 2^29 (each key row has its own decode tables)."""
     from dsv4.kernels.index_fp4 import pack_index_fp4
     from dsv4.kernels.indexer import indexer_scores_ref, indexer_scores_triton
     q, w, keys, cand = indexer_inputs(DECODE_EDGES + [(9000, 3)], torch.bfloat16, seed=7, nI=nI)
+    keys *= torch.exp2(torch.randint(-30, 30, (keys.shape[0], 1), device=DEV).float())
     keys[0] = 0.0
     keys[1] *= 2.0 ** -100
     keys[2, :32] *= 2.0 ** 60
+    keys[3, 96:] *= 2.0 ** -12
     q[0, 1] = 0.0
     q[1, 2, 32:64] *= 2.0 ** -90
     packed = pack_index_fp4(keys)
