@@ -241,6 +241,7 @@ def check_attention_cmp_len() -> None:
 
 def check_mhc() -> None:
     from dsv4.kernels import mhc
+    from dsv4.kernels.rmsnorm import rmsnorm_ref
     n = 4
     for T, d, dt in ((3, 256, torch.bfloat16), (70, 128, torch.float32)):
         x = torch.randn(T, n, d, generator=G).to(dt)
@@ -254,6 +255,20 @@ def check_mhc() -> None:
         yh = mhc.hc_pre_triton(x, fn[:n], scale[:1], base[:n], 1e-6, 1e-6, 0, head=True)[0]
         yhr = mhc.hc_head_ref(x, fn[:n], scale[:1], base[:n], 1e-6, 1e-6)
         assert ((yh.float() - yhr.float()).abs() <= tol).all()
+        # the RMSNorm that follows, fused (whole rows a CTA): the kernel's own y, normalised;
+        # post and comb unchanged
+        w = torch.rand(d, generator=G) + 0.5
+        for head in (False, True):
+            f, sc, b = (fn[:n], scale[:1], base[:n]) if head else (fn, scale, base)
+            y0, p0, c0 = mhc.hc_pre_triton(x, f, sc, b, 1e-6, 1e-6, 20, head=head)
+            yn, pn, cn = mhc.hc_pre_triton(x, f, sc, b, 1e-6, 1e-6, 20, head=head,
+                                           norm=(w, 1e-6))
+            want = rmsnorm_ref(y0, w, 1e-6).float()
+            if dt == torch.bfloat16:  # r may round differently, rarely visible in bf16
+                assert (yn.float() == want).float().mean() > 0.99
+            assert ((yn.float() - want).abs() <= 1e-6 * want.abs()).float().mean() > 0.99
+            assert ((yn.float() - want).abs() <= 2.0 ** -8 * want.abs()).all()
+            assert torch.equal(pn, p0) and torch.equal(cn, c0)
 
 
 def check_grouped_fp8_linear() -> None:

@@ -14,6 +14,7 @@ from .f32_linear import split_bf16
 from .moe import sum_slots
 from .pdl import pdl
 from .quant_linear import sum_parts
+from .rmsnorm import rmsnorm, rmsnorm_ref
 
 
 def sinkhorn(c: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -54,6 +55,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from .pdl import pdl_start
+
 
     @triton.jit(do_not_specialize=["T"])
     def _hc_mix_kernel(x_ptr, fn_ptr, part_ptr, sq_ptr, T, K, NOUT, k_per_split,
@@ -143,13 +145,14 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["T", "S"])
     def _hc_pre_kernel(x_ptr, part_ptr, sq_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
-                       T, D, S, norm_eps, hc_eps, iters,
+                       nw_ptr, T, D, S, norm_eps, hc_eps, iters, y_eps,
                        N: tl.constexpr, NPAD: tl.constexpr, BLOCK_T: tl.constexpr,
                        BLOCK_D: tl.constexpr, SP: tl.constexpr, HEAD: tl.constexpr = False,
-                       PDL: tl.constexpr = False):
+                       NORM: tl.constexpr = False, PDL: tl.constexpr = False):
         """Finish the mix (sum of partials, RMS scale), y = sum_j pre_j X_j; the d-block-0 CTAs
         also write post and the Sinkhorn-normalised comb (not for HEAD, `hc_head`'s mix of
-        n columns only)."""
+        n columns only). NORM (BLOCK_D >= D: whole rows): y rounded to its dtype, then the
+        RMSNorm of weight nw and epsilon y_eps that follows it in the model."""
         pdl_start(PDL)
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         db = tl.program_id(1)
@@ -168,6 +171,10 @@ if HAS_TRITON:
                     + dcol[None, None, :], mask=tmask[:, None, None] & dmask[None, None, :],
                     other=0.0)  # [BT, N, BD]
         y = tl.sum(x.to(tl.float32) * pre[:, :, None], 1)
+        if NORM:  # as `rmsnorm_ref` on the rounded y
+            y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+            r = tl.rsqrt(tl.sum(y * y, 1) / D + y_eps)
+            y = y * r[:, None] * tl.load(nw_ptr + dcol, mask=dmask, other=0.0)[None, :]
         tl.store(y_ptr + t[:, None].to(tl.int64) * D + dcol[None, :],
                  y.to(y_ptr.dtype.element_ty), mask=tmask[:, None] & dmask[None, :])
         if not HEAD:  # hc_head has no post / comb (and base holds only n entries)
@@ -280,12 +287,14 @@ if HAS_TRITON:
 
     def hc_pre_triton(x, fn, scale, base, norm_eps: float, hc_eps: float, iters: int,
                       splits: int = 0, pre_cfg: tuple[int, int, int] | None = None,
-                      head: bool = False):
+                      head: bool = False, norm: tuple[torch.Tensor, float] | None = None):
         """Launcher: x [T, n, d] -> (y [T, d], post [T, n], comb [T, n, n]).
 
         Two kernels: the mix product (split along n*d when few tokens, so that the GPU fills),
         then y, post and comb. fn [(2+n)n, n*d] is read once per 64 tokens. `head`: the
-        `hc_head` reduction (fn [n, n*d], one scale): y only, post and comb empty."""
+        `hc_head` reduction (fn [n, n*d], one scale): y only, post and comb empty. `norm`
+        (weight [d] fp32, eps): y comes out RMS-normalised (`rmsnorm_ref` of the rounded y),
+        each CTA of the second kernel then taking whole rows."""
         T, n, d = x.shape
         K = n * d
         nout = n if head else (2 + n) * n
@@ -317,12 +326,27 @@ if HAS_TRITON:
         # token on one warp keeps the Sinkhorn's reductions in shuffles (T=1: 9.2 against
         # 14.4 us, T=64: 12.0 against 17.6); 4 tokens on 4 warps for prefill (T=8192: the
         # alternatives re-measured in the seventh session were within 2%)
-        bt2, bd2, warps2 = pre_cfg or ((1, 256, 1) if T <= 64 else (4, 512, 4))
+        if norm is None:
+            bt2, bd2, warps2 = pre_cfg or ((1, 256, 1) if T <= 64 else (4, 512, 4))
+        else:
+            if norm[0].shape != (d,):
+                raise ValueError(f"norm weight {tuple(norm[0].shape)} does not fit d = {d}")
+            bt2, bd2, warps2 = pre_cfg or norm_cfg(T, d)
+            bd2 = max(bd2, triton.next_power_of_2(d))
         _hc_pre_kernel[(triton.cdiv(T, bt2), triton.cdiv(d, bd2))](
             x, part, sq, scale.float().contiguous(), base.float().contiguous(), y, post, comb,
-            T, d, splits, norm_eps, hc_eps, iters, N=n, NPAD=npad, BLOCK_T=bt2, BLOCK_D=bd2,
-            SP=triton.next_power_of_2(splits), HEAD=head, num_warps=warps2, **pdl())
+            y if norm is None else norm[0].float().contiguous(), T, d, splits, norm_eps, hc_eps,
+            iters, 0.0 if norm is None else norm[1], N=n, NPAD=npad, BLOCK_T=bt2,
+            BLOCK_D=bd2, SP=triton.next_power_of_2(splits), HEAD=head, NORM=norm is not None,
+            num_warps=warps2, **pdl())
         return y, post, comb
+
+    def norm_cfg(T: int, d: int) -> tuple[int, int, int]:
+        """(tokens, channels, warps) a CTA of the pre kernel with the RMSNorm fused: one whole
+        row; H200, hc_pre + RMSNorm (`scratch`-style A/B, graph-timed): 8192 tokens, d = 4096,
+        4 warps 205.6 us (8: 215.4; separate launches 215.4), d = 7168, 8 warps 359.0 (4:
+        421.4; separate 368.5); 64 tokens, 4 warps 10.8 / 13.4 us (separate 13.5 / 14.2)."""
+        return 1, triton.next_power_of_2(d), 4 if T <= 64 or d <= 4096 else 8
 
     def hc_post_triton(x, f, post, comb):
         """Launcher: X' [T, n, d] in x's dtype; f [T, d], partials [S, T, d] or slot rows
@@ -357,10 +381,22 @@ if HAS_TRITON:
         return out
 
 
-def hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters):
+# tokens from which the GPU fuses the RMSNorm after hc_pre / hc_head into its kernel; under
+# them whole-row CTAs are too few (H200, d = 4096: 1 token 9.3 us fused against 8.6 for the
+# split-row kernel and a norm launch, 8 tokens 9.8 against 9.9, 64 tokens 10.8 against 13.5)
+FUSE_NORM_FROM = 16
+
+
+def hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters, norm=None):
+    """(y, post, comb); `norm` (weight, eps): y through the RMSNorm that follows it in the
+    model (SPEC.md 4), fused into the kernel on the GPU from FUSE_NORM_FROM tokens."""
     if use_triton(x) and x.dtype in (torch.bfloat16, torch.float32) and _pow2(x.shape[1]):
-        return hc_pre_triton(x, fn, scale, base, norm_eps, hc_eps, iters)
-    return hc_pre_ref(x, fn, scale, base, norm_eps, hc_eps, iters)
+        fuse = norm is not None and x.shape[0] >= FUSE_NORM_FROM
+        y, post, comb = hc_pre_triton(x, fn, scale, base, norm_eps, hc_eps, iters,
+                                      norm=norm if fuse else None)
+        return (rmsnorm(y, *norm) if norm is not None and not fuse else y), post, comb
+    y, post, comb = hc_pre_ref(x, fn, scale, base, norm_eps, hc_eps, iters)
+    return (y if norm is None else rmsnorm_ref(y, *norm)), post, comb
 
 
 def hc_head_ref(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
@@ -373,12 +409,16 @@ def hc_head_ref(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: to
     return (pre[:, :, None] * x.float()).sum(1).to(x.dtype)
 
 
-def hc_head(x, fn, scale, base, norm_eps, hc_eps):
+def hc_head(x, fn, scale, base, norm_eps, hc_eps, norm=None):
     """hc_pre's two kernels with the n mix columns of the head (one launch pair instead of
-    a matmul, a mean, a sigmoid and a sum)."""
+    a matmul, a mean, a sigmoid and a sum); `norm` as in `hc_pre` (the final norm)."""
     if use_triton(x) and x.dtype in (torch.bfloat16, torch.float32) and _pow2(x.shape[1]):
-        return hc_pre_triton(x, fn, scale, base, norm_eps, hc_eps, 0, head=True)[0]
-    return hc_head_ref(x, fn, scale, base, norm_eps, hc_eps)
+        fuse = norm is not None and x.shape[0] >= FUSE_NORM_FROM
+        y = hc_pre_triton(x, fn, scale, base, norm_eps, hc_eps, 0, head=True,
+                          norm=norm if fuse else None)[0]
+        return rmsnorm(y, *norm) if norm is not None and not fuse else y
+    y = hc_head_ref(x, fn, scale, base, norm_eps, hc_eps)
+    return y if norm is None else rmsnorm_ref(y, *norm)
 
 
 def hc_post(x, f, post, comb):

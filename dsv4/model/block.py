@@ -31,7 +31,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache, input_ids: torch.Tensor):
         """x [T, n, d] -> [T, n, d]."""
-        y, ctx = self._hc_attn.pre(x)
-        x = self._hc_attn.post(x, self.attn(self.attn_norm(y), batch, cache), ctx)
-        y, ctx = self._hc_ffn.pre(x)
-        return self._hc_ffn.post(x, self.ffn(self.ffn_norm(y), input_ids), ctx)
+        y, ctx = self._hc_attn.pre(x, self.attn_norm)
+        x = self._hc_attn.post(x, self.attn(y, batch, cache), ctx)
+        y, ctx = self._hc_ffn.pre(x, self.ffn_norm)
+        return self._hc_ffn.post(x, self.ffn(y, input_ids), ctx)

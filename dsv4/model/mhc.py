@@ -16,16 +16,20 @@ def hc_params(module: nn.Module, prefix: str, n: int, d: int, outputs: int) -> N
 
 
 class HyperConnection:
-    """Binds one sub-layer's mHC parameters: `pre(X) -> (y, ctx)`, `post(X, f, ctx) -> X'`."""
+    """Binds one sub-layer's mHC parameters: `pre(X, norm) -> (norm(y), ctx)`,
+    `post(X, f, ctx) -> X'`."""
 
     def __init__(self, module: nn.Module, prefix: str, cfg):
         self.m, self.prefix = module, prefix
         self.norm_eps, self.hc_eps, self.iters = cfg.rms_norm_eps, cfg.hc_eps, cfg.hc_sinkhorn_iters
 
-    def pre(self, x: torch.Tensor):
+    def pre(self, x: torch.Tensor, norm: nn.Module):
+        """The sub-layer's input, y through `norm` (the RMSNorm that follows in SPEC.md 4;
+        fused into the kernel on the GPU), and the context of `post`."""
         p = self.prefix
         y, post, comb = hc_pre(x, getattr(self.m, f"{p}_fn"), getattr(self.m, f"{p}_scale"),
-                               getattr(self.m, f"{p}_base"), self.norm_eps, self.hc_eps, self.iters)
+                               getattr(self.m, f"{p}_base"), self.norm_eps, self.hc_eps, self.iters,
+                               norm=(norm.weight, norm.eps))
         return y, (post, comb)
 
     @staticmethod

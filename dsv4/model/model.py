@@ -98,11 +98,11 @@ class DeepseekV4Model(nn.Module):
         o = head_owner if head_owner is not None else self
         with for_tokens(x.shape[0]):
             y = hc_head(x, o.hc_head_fn, o.hc_head_scale, o.hc_head_base, self.cfg.rms_norm_eps,
-                        self.cfg.hc_eps)
+                        self.cfg.hc_eps, norm=(o.norm.weight, o.norm.eps))
             # the fp32 head (SPEC.md 8) of the normed rows in the working dtype: bf16 rows
             # are one exact part for `linear_f32` (a .float() copy was split into three, two
             # of them zeros: 3x the GEMM and a sum, 0.9 of an 8.8 ms batch-256 step, H200)
-            return linear_f32(o.norm(y), self.head.weight)
+            return linear_f32(y, self.head.weight)
 
     def mtp_forward(self, h: torch.Tensor, next_ids: torch.Tensor, batch: ForwardBatch,
                     cache: ModelCache, j: int = 0) -> torch.Tensor:

@@ -609,6 +609,52 @@ def test_hc_head_matches_reference(T, d, dtype):
     assert bad == 0, f"{bad} elements of y differ by more than one bf16 ulp + fp32 noise"
 
 
+@pytest.mark.parametrize("head", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T,d", [(1, 4096), (37, 4096), (1, 7168), (300, 7168), (2048, 4096)])
+def test_hc_pre_with_the_rmsnorm_fused(T, d, dtype, head):
+    """`norm=`: y comes out through the RMSNorm that follows it (whole rows a CTA): the
+    unfused kernel's y at the same launch shape normalised by `rmsnorm_ref`, up to fp32
+    rounding; post and comb as without it (hc_pre and hc_head). And the dispatch
+    (`hc_pre`, fused from FUSE_NORM_FROM tokens) against the reference ops."""
+    from dsv4.kernels.mhc import (hc_head, hc_head_ref, hc_pre, hc_pre_ref, hc_pre_triton,
+                                  norm_cfg)
+    from dsv4.kernels.rmsnorm import rmsnorm_ref
+    gen = torch.Generator(device=DEV).manual_seed(T + 3)
+    n = 4
+    nout = n if head else (2 + n) * n
+    x = torch.randn(T, n, d, generator=gen, device=DEV).to(dtype)
+    fn = torch.randn(nout, n * d, generator=gen, device=DEV) * (n * d) ** -0.5
+    scale = torch.rand(1 if head else 3, generator=gen, device=DEV) + 0.5
+    base = torch.randn(nout, generator=gen, device=DEV)
+    w = torch.rand(d, generator=gen, device=DEV) + 0.5
+    args = (x, fn, scale, base, 1e-6, 1e-6, 0 if head else 20)
+    cfg = norm_cfg(T, d)
+    y0, p0, c0 = hc_pre_triton(*args, head=head, pre_cfg=cfg)
+    yn, pn, cn = hc_pre_triton(*args, head=head, pre_cfg=cfg, norm=(w, 1e-6))
+    # the two kernels may sum the mix's split partials in another order (their layouts
+    # follow their register use): post and comb agree to fp32 rounding
+    torch.testing.assert_close(pn, p0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cn, c0, rtol=1e-6, atol=1e-6)
+    # y = sum_j pre_j X_j can cancel, and the fused kernel may contract its products into
+    # FMAs otherwise: a tolerance on the terms (as in test_hc_pre_matches_reference) times the
+    # norm's scale; and a bf16 y or output may round to the neighbouring value (2 ulps)
+    r = torch.rsqrt(y0.float().square().mean(-1, keepdim=True) + 1e-6)
+    terms = (x.float().abs() * 2).sum(1) * r * w
+    want = rmsnorm_ref(y0, w, 1e-6).float()
+    err = (yn.float() - want).abs()
+    assert (err <= want.abs() * 2.0 ** -6 + terms * 1e-5).all(), "off the unfused ops"
+    assert (err <= want.abs() * (0 if dtype == torch.bfloat16 else 1e-6)).float().mean() > 0.99
+    # the dispatch against the reference ops
+    if head:
+        yd, yr = hc_head(*args[:6], norm=(w, 1e-6)), hc_head_ref(*args[:6])
+    else:
+        yd, yr = hc_pre(*args, norm=(w, 1e-6))[0], hc_pre_ref(*args)[0]
+    ref = rmsnorm_ref(yr, w, 1e-6).float()
+    bad = ((yd.float() - ref).abs() > terms * 1e-5 + ref.abs() * 2.0 ** -6).sum().item()
+    assert bad == 0, f"{bad} elements of norm(y) off the reference"
+
+
 @pytest.mark.parametrize("S,J", [(0, 1), (1, 1), (3, 1), (1, 7), (2, 7), (4, 9)])
 @pytest.mark.parametrize("T,d", [(1, 4096), (300, 7168)])
 def test_hc_post_matches_reference(T, d, S, J):
