@@ -501,6 +501,31 @@ def _random_experts(fmt, shared_fmt, d, inter, n_exp):
     return experts, shared
 
 
+def _finish_swiglu_same(km, fmt, shared_fmt, cfg) -> None:
+    """With K split (d = 256: 2 K-blocks), the gate/up's SwiGLU in the GEMM launch
+    (`moe.FINISH_SWIGLU`, BW 64 and 128) gives the `_swiglu_kernel` launch's output bit for bit
+    and leaves the counters at zero."""
+    d, inter, n_exp, k = 256, 256, 6, 2
+    experts, shared = _random_experts(fmt, shared_fmt, d, inter, n_exp)
+    saved = km.FINISH_SWIGLU
+    try:
+        for t in (1, 5):
+            u = torch.randn(t, d, generator=G).bfloat16()
+            idx = torch.stack([torch.randperm(n_exp, generator=G)[:k] for _ in range(t)])
+            wgt = torch.rand(t, k, generator=G) + 0.1
+            for bw1 in (64, 128):
+                c = dict(cfg, bw1=bw1, grouped_mm=False, split1=2)
+                km.FINISH_SWIGLU = False
+                want = km._moe_cuda(u, idx, wgt, experts, shared, c)
+                km._COUNTS.clear()
+                km.FINISH_SWIGLU = True
+                got = km._moe_cuda(u, idx, wgt, experts, shared, c)
+                assert torch.equal(got, want), f"finished in the GEMM launch, bw1 {bw1}: differs"
+                assert not km._COUNTS[u.device].any(), "counters left non-zero"
+    finally:
+        km.FINISH_SWIGLU = saved
+
+
 def check_moe() -> None:
     """The MoE kernels (`moe.py`'s fused GEMMs with each of their decodes, and the grouped-GEMM
     path of `moe_grouped_mm.py`, whose dequantised experts must be the modules' exact weights)
@@ -547,6 +572,7 @@ def check_moe() -> None:
                             <= got.float().abs() * 2.0 ** -8 + 1e-6).all(), f"slot rows {cfg}"
             if grouped and t == 5:  # out of memory on the way: the fused kernels serve
                 _grouped_out_of_memory(km, gm, u, idx, wgt, experts, shared, fused[0])
+        _finish_swiglu_same(km, fmt, shared_fmt, fused[0])  # split gate/up, last CTAs
         if fmt == "fp8":
             _check_route_plan()
         if fmt == "fp4" and shared_fmt == "fp8":  # expert parallelism: other ranks' slots

@@ -32,7 +32,8 @@ GPU (no host synchronisation, a fixed number of launches whatever the routing):
    of h that w2's input needs (per token, per 128). Otherwise (small batches, which are
    memory-bound and would leave most SMs idle, and the largest, where it measured faster) g and
    v go to separate CTAs, K may be split across CTAs, each writes fp32 partial sums, and
-   `_swiglu_kernel` sums them and applies the same epilogue.
+   `_swiglu_kernel` sums them and applies the same epilogue; with K splits, the last CTA of
+   each 128 channels does that instead (`FINISH_SWIGLU`, one launch fewer).
 4. `_moe_gemm_kernel` DOWN: y_slot = w2 h, written to the slot's own row (the un-permute);
    small batches split K here too (fp32 partials).
 5. `_combine_kernel`: out[t] = sum over the token's k+1 slot rows (each the sum of its K-split
@@ -237,6 +238,30 @@ def moe_config(t: int, k: int, n_routed: int, d: int, inter: int, sms: int) -> d
                 warps=4 if bt <= 16 else 8, stages=3, dec=2, overlap=t <= 32)
 
 
+# K-split gate/up partials finished (SwiGLU, FP8 h) by the last CTA of each 128 channels in
+# the GEMM launch instead of a `_swiglu_kernel` launch (DSV4_MOE_FINISH=0 turns it off). H200,
+# Flash layer (`scratch`-style A/B, graph-timed, bit-equal outputs): 1 token 67.3 -> 65.0 us,
+# 8 tokens 234.9 -> 234.2; unsplit 64-wide tiles (64 tokens) 431.4 -> 433.1, so only K splits
+FINISH_SWIGLU = os.environ.get("DSV4_MOE_FINISH", "1") != "0"
+_COUNTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counts(dev: torch.device, n: int) -> torch.Tensor | None:
+    """The device's zeroed int32 counters for `_finish_swiglu` (at least n; the kernels put
+    them back to zero), or None when they would have to be allocated during a CUDA graph
+    capture (whose memset would not run before eager calls)."""
+    have = _COUNTS.get(dev)
+    if have is not None and have.numel() >= n:
+        return have
+    if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    if have is not None:  # still referenced by the graphs that captured it: kept alive
+        _KEEP.append(have)
+    _COUNTS[dev] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=dev)
+    return _COUNTS[dev]
+
+
+_KEEP: list = []
 _SIDE: dict[torch.device, torch.cuda.Stream] = {}
 
 
@@ -328,16 +353,22 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
              if partial1 else hq)
     overlap = c.get("overlap", False) and u.is_cuda
 
+    # the SwiGLU of split partials in the gate/up launch's last CTA of each 128 channels
+    # (allocated by any eager call, so that the CUDA graphs captured later find them)
+    counts = _counts(dev, n_blocks * (inter // 128)) if FINISH_SWIGLU else None
+    finish = counts is not None and split1 > 1 and c["bw1"] <= 128
+    counts = hs if counts is None else counts
+
     def gate_up(tab, e_lo, e_hi, b_lo, nb):
         p = tab.ptrs
         _moe_gemm_kernel[((2 if partial1 else 1) * inter // c["bw1"], nb, split1)](
             q, s, *plan, p["w1w"], p["w1s"], p["w1g"], p["w3w"], p["w3s"], p["w3g"], wgt,
-            part1, hs, inter, d, n_exp, e_lo, e_hi, b_lo, k1, limit, per1,
+            part1, hs, hq, counts, inter, d, n_exp, e_lo, e_hi, b_lo, k1, limit, per1,
             n_pos * 2 * inter, W_FMT=tab.fmt, GATE_UP=True, SPLIT=partial1, TWO=not partial1,
-            BW=c["bw1"],
+            BW=c["bw1"], FINISH=finish,
             **common, **pdl())
     _run_groups(groups, gate_up, overlap)
-    if partial1:
+    if partial1 and not finish:
         _swiglu_kernel[(inter // 128, n_blocks)](
             part1, *plan, wgt, hq, hs, inter, n_exp, k1, limit, n_pos * 2 * inter,
             ROUND=common["ROUND"], HAS_LIMIT=limit > 0, BT=bt, SPLIT=split1, HBF=abf,
@@ -352,7 +383,7 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
         p = tab.ptrs
         _moe_gemm_kernel[(triton.cdiv(d, c["bw2"]), nb, split2)](
             hq, hs, *plan, p["w2w"], p["w2s"], p["w2g"], p["w2w"], p["w2s"], p["w2g"], wgt,
-            ys, hs, d, inter, n_exp, e_lo, e_hi, b_lo, k1, limit, per2, n_slots * d,
+            ys, hs, ys, hs, d, inter, n_exp, e_lo, e_hi, b_lo, k1, limit, per2, n_slots * d,
             W_FMT=tab.fmt, GATE_UP=False, SPLIT=split2 > 1, TWO=False, BW=c["bw2"], **common,
             **pdl())
     _run_groups(groups, down, overlap)
@@ -404,13 +435,14 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["e_lo", "e_hi", "blk_lo"])
     def _moe_gemm_kernel(a_ptr, sa_ptr, slots_ptr, blk_exp_ptr, blk_rows_ptr,
                          w_tab, s_tab, g_tab, w3_tab, s3_tab, g3_tab, wgt_ptr,
-                         out_ptr, out_s_ptr, N, K, n_exp, e_lo, e_hi, blk_lo, k1, limit,
-                         kb_per, part_stride,
+                         out_ptr, out_s_ptr, h_ptr, count_ptr, N, K, n_exp, e_lo, e_hi,
+                         blk_lo, k1, limit, kb_per, part_stride,
                          W_FMT: tl.constexpr, GATE_UP: tl.constexpr, SPLIT: tl.constexpr,
                          ROUND: tl.constexpr, HAS_LIMIT: tl.constexpr, BW: tl.constexpr,
                          BT: tl.constexpr, KC: tl.constexpr,
                          TWO: tl.constexpr, DEC: tl.constexpr = 0, ABF: tl.constexpr = False,
-                         PREFETCH: tl.constexpr = 0, PDL: tl.constexpr = False):
+                         PREFETCH: tl.constexpr = 0, FINISH: tl.constexpr = False,
+                         PDL: tl.constexpr = False):
         """One (weight tile, block, K-split) of a grouped GEMM; grid (N/BW, blocks of this
         launch, splits). Without SPLIT the tile is finished here (GATE_UP: SwiGLU + FP8 h;
         else y in the working dtype); with SPLIT it writes fp32 partial sums. ABF (bf16 MMA
@@ -418,7 +450,10 @@ if HAS_TRITON:
         scales, loads that feed the MMA directly) and GATE_UP writes h that way too.
         PREFETCH (n > 0): once its expert is known, the CTA keeps n K-blocks of its weights
         requested into L2 ahead of the pipeline's loads (`pdl.l2_prefetch`), n at first and
-        then one a step."""
+        then one a step. FINISH (GATE_UP and SPLIT, BW <= 128): the last CTA to write a
+        partial of a (block, 128 channels) finishes it as `_swiglu_kernel` would (h into h_ptr
+        and out_s_ptr), counted in count_ptr [blocks, N / 128] (zero between launches: the
+        last CTA puts it back), which saves that kernel's launch."""
         pdl_start(PDL)
         b = blk_lo + tl.program_id(1)
         e, ok, pos, slot = _block_rows(b, slots_ptr, blk_exp_ptr, blk_rows_ptr, BT)
@@ -548,6 +583,10 @@ if HAS_TRITON:
             if GATE_UP:  # rows [pos, 2N]: g then v
                 col = rows + up.to(tl.int32) * N
                 tl.store(part + pos[None, :].to(tl.int64) * (2 * N) + col[:, None], acc, mask=mask)
+                if FINISH:
+                    _finish_swiglu(out_ptr, count_ptr, h_ptr, out_s_ptr, wgt_ptr, b, tile, pos,
+                                   ok, slot, N, k1, limit, part_stride, ROUND, HAS_LIMIT, BW,
+                                   BT, ABF)
             else:
                 tl.store(part + slot[None, :].to(tl.int64) * N + rows[:, None], acc, mask=mask)
         elif GATE_UP:
@@ -658,6 +697,32 @@ if HAS_TRITON:
             f = ((((sw >> (8 * c)) & 0xFF) + 6) << 23).to(tl.float32, bitcast=True)
             blk += tl.dot(w8, tl.trans(q)) * f[:, None]
         return acc + blk * s[None, :]
+
+    @triton.jit
+    def _finish_swiglu(part_ptr, count_ptr, h_ptr, hs_ptr, wgt_ptr, b, tile, pos, ok, slot, N,
+                       k1, limit, part_stride, ROUND: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                       BW: tl.constexpr, BT: tl.constexpr, HBF: tl.constexpr):
+        """After a CTA's partial of block b: count it for its 128 channels (g and v tiles of
+        every K split); the last one sums the partials (in split order, as `_swiglu_kernel`)
+        and writes h. The partial stores are released by the barrier and the counter's
+        acq_rel atomic, and read back past L1 (`.cg`)."""
+        cb = tile * BW // 128
+        cnt = count_ptr + b * (N // 128) + cb
+        splits = tl.num_programs(2)
+        tl.debug_barrier()
+        if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == 2 * (128 // BW) * splits - 1:
+            tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+            cols = cb * 128 + tl.arange(0, 128)
+            p = part_ptr + pos[:, None].to(tl.int64) * (2 * N) + cols[None, :]
+            g = tl.zeros((BT, 128), dtype=tl.float32)
+            v = tl.zeros((BT, 128), dtype=tl.float32)
+            for sp in range(splits):
+                off = part_stride.to(tl.int64) * sp
+                g += tl.load(p + off, mask=ok[:, None], other=0.0, cache_modifier=".cg")
+                v += tl.load(p + off + N, mask=ok[:, None], other=0.0, cache_modifier=".cg")
+            hq, hs = _swiglu_quant(g, v, _routing_weight(wgt_ptr, slot, ok, k1), limit, ROUND,
+                                   HAS_LIMIT)
+            _store_h(h_ptr, hs_ptr, pos, ok, cols, cb, N, hq, hs, HBF)
 
     @triton.jit
     def _swiglu_kernel(part_ptr, slots_ptr, blk_exp_ptr, blk_rows_ptr, wgt_ptr, hq_ptr, hs_ptr,

@@ -242,6 +242,34 @@ def test_moe_launch_configs(fmt, cfg, monkeypatch):
     _check_moe(experts, shared, [1, 5, 18, 19, 40], ["uniform", "skewed"], monkeypatch, cfg=cfg)
 
 
+@pytest.mark.parametrize("cfg", [dict(bw1=64, split1=4), dict(bw1=128, split1=2)],
+                         ids=["bw64-split4", "bw128-split2"])
+@pytest.mark.parametrize("fmt", ["fp4", "nvfp4", "fp8"])
+def test_moe_swiglu_finished_in_the_gate_up_launch(fmt, cfg, monkeypatch):
+    """`moe.FINISH_SWIGLU`: the last CTA of each (block, 128 channels) sums the split gate/up
+    partials and writes h: bit-equal to the `_swiglu_kernel` launch, under CUDA graphs too
+    (counters allocated before the capture), counters back at zero."""
+    experts, shared = _random_moe(32, 4096, 2048, fmt, "fp8" if fmt == "fp4" else fmt,
+                                  torch.bfloat16, seed=6)
+    base = dict(bw2=64, kc=128, split2=2, bt=16, warps=4, stages=3, dec=2)
+    for t in (1, 5, 19, 40):
+        u = torch.randn(t, 4096, device=DEV).bfloat16()
+        idx, wgt = _routing(t, len(experts), 6, "uniform", seed=t)
+        c = dict(base, **cfg)
+        monkeypatch.setattr(moe_kernels, "FINISH_SWIGLU", False)
+        want = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, c)
+        monkeypatch.setattr(moe_kernels, "FINISH_SWIGLU", True)
+        got = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, c)
+        assert torch.equal(got, want), f"T={t}"
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, c)
+        for _ in range(3):
+            graph.replay()
+            assert torch.equal(out, want), f"T={t}, graph replay"
+        assert not moe_kernels._COUNTS[u.device].any()
+
+
 @pytest.mark.parametrize("dec", [0, 1, 2], ids=["bf16", "e4m3-ops", "e4m3-asm"])
 @pytest.mark.parametrize("base", [
     dict(bw1=64, bw2=64, kc=128, split1=8, split2=4),
