@@ -200,6 +200,15 @@ def bench_mhc(T: int, d: int) -> None:
     ref_ms = bench([lambda x=x: hc_pre_ref(x, fn, scale, base, 1e-6, 1e-6, 20) for x in xs[:2]], rep=30)
     ms = bench([lambda x=x: hc_pre_triton(x, fn, scale, base, 1e-6, 1e-6, 20) for x in xs])
     report(f"hc_pre {T} tok d={d}", ms, ref_ms, pre_bytes, 2.0 * T * n * d * (2 + n) * n)
+    # with the RMSNorm after y fused (the model's path from mhc.FUSE_NORM_FROM tokens), against
+    # the pre kernel and a norm launch
+    w = torch.rand(d, generator=gen, device=DEV) + 0.5
+    ms_apart = bench([lambda x=x: rmsnorm_triton(hc_pre_triton(x, fn, scale, base, 1e-6, 1e-6,
+                                                               20)[0], w, 1e-6) for x in xs])
+    ms = bench([lambda x=x: hc_pre_triton(x, fn, scale, base, 1e-6, 1e-6, 20,
+                                          norm=(w, 1e-6)) for x in xs])
+    report(f"hc_pre + rmsnorm fused {T} tok d={d} (ref: apart)", ms, ms_apart, pre_bytes,
+           2.0 * T * n * d * (2 + n) * n)
     f = torch.randn(T, d, generator=gen, device=DEV).bfloat16()
     post, comb = torch.rand(T, n, device=DEV), torch.rand(T, n, n, device=DEV)
     post_bytes = 2 * T * n * d * 2 + T * d * 2

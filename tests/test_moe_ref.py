@@ -158,3 +158,21 @@ def test_linear_in_kernel_layout_is_the_same_linear(fmt):
         at = 64 * (k // 16) + kb * 64 * 8 + (row % 64) * 8
         assert torch.equal(s.view(torch.uint8).flatten()[at:at + 8],
                            sd[scale].view(torch.uint8)[row, kb * 8:(kb + 1) * 8])
+
+
+def test_finish_counters_are_zero_and_outlive_growth(monkeypatch):
+    """`moe._counts`: the split gate/up's counters start at zero, grow on demand, keep the
+    smaller buffer alive (graphs captured with it still point at it), and are not allocated
+    during a CUDA graph capture (its memset would not run before eager calls)."""
+    from dsv4.kernels import moe as km
+    dev = torch.device("cpu")
+    monkeypatch.setattr(km, "_COUNTS", {})
+    monkeypatch.setattr(km, "_KEEP", [])
+    small = km._counts(dev, 10)
+    assert small.dtype == torch.int32 and small.numel() >= 10 and not small.any()
+    assert km._counts(dev, small.numel()) is small
+    big = km._counts(dev, small.numel() + 1)
+    assert big.numel() > small.numel() and not big.any() and km._KEEP == [small]
+    capturing = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert km._counts(capturing, 10) is None and capturing not in km._COUNTS
