@@ -514,7 +514,7 @@ def _finish_swiglu_same(km, fmt, shared_fmt, cfg) -> None:
             idx = torch.stack([torch.randperm(n_exp, generator=G)[:k] for _ in range(t)])
             wgt = torch.rand(t, k, generator=G) + 0.1
             for bw1 in (64, 128):
-                c = dict(cfg, bw1=bw1, grouped_mm=False, split1=2)
+                c = dict(cfg, bw1=bw1, grouped_mm=False, split1=2, finish=True)
                 km.FINISH_SWIGLU = False
                 want = km._moe_cuda(u, idx, wgt, experts, shared, c)
                 km._COUNTS.clear()

@@ -232,10 +232,12 @@ def moe_config(t: int, k: int, n_routed: int, d: int, inter: int, sms: int) -> d
     split1, split2 = (4, 4) if t <= 2 else (2, 2) if t <= 16 else (1, 1)
     # `overlap`: a separate shared-expert launch (FP8 beside FP4 experts) runs on a side
     # stream; H200, Flash, same run: T = 1 72.5 -> 64.8 us, 8: 283 -> 273, 64: 1101 -> 1115
+    # `finish`: the K-split gate/up's SwiGLU in its own launch's last CTAs (FINISH_SWIGLU,
+    # measured at these batches only)
     return dict(bt=bt, bw1=64, bw2=64, kc=128,
                 split1=max(1, min(d // 256, round(split1 * scale))),
                 split2=max(1, min(inter // 256, round(split2 * scale))),
-                warps=4 if bt <= 16 else 8, stages=3, dec=2, overlap=t <= 32)
+                warps=4 if bt <= 16 else 8, stages=3, dec=2, overlap=t <= 32, finish=True)
 
 
 # K-split gate/up partials finished (SwiGLU, FP8 h) by the last CTA of each 128 channels in
@@ -356,7 +358,7 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
     # the SwiGLU of split partials in the gate/up launch's last CTA of each 128 channels
     # (allocated by any eager call, so that the CUDA graphs captured later find them)
     counts = _counts(dev, n_blocks * (inter // 128)) if FINISH_SWIGLU else None
-    finish = counts is not None and split1 > 1 and c["bw1"] <= 128
+    finish = counts is not None and c.get("finish", False) and split1 > 1 and c["bw1"] <= 128
     counts = hs if counts is None else counts
 
     def gate_up(tab, e_lo, e_hi, b_lo, nb):

@@ -251,7 +251,7 @@ def test_moe_swiglu_finished_in_the_gate_up_launch(fmt, cfg, monkeypatch):
     (counters allocated before the capture), counters back at zero."""
     experts, shared = _random_moe(32, 4096, 2048, fmt, "fp8" if fmt == "fp4" else fmt,
                                   torch.bfloat16, seed=6)
-    base = dict(bw2=64, kc=128, split2=2, bt=16, warps=4, stages=3, dec=2)
+    base = dict(bw2=64, kc=128, split2=2, bt=16, warps=4, stages=3, dec=2, finish=True)
     for t in (1, 5, 19, 40):
         u = torch.randn(t, 4096, device=DEV).bfloat16()
         idx, wgt = _routing(t, len(experts), 6, "uniform", seed=t)
