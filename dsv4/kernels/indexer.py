@@ -268,17 +268,16 @@ if HAS_TRITON:
                 acc = tl.dot(_keys_folded(c3, e_cur, emax, 3, ASM), tl.trans(q3), acc)
                 sk = ((emax - 6) << 23).to(tl.float32, bitcast=True)  # 2^(emax - 127 - 6)
                 score = tl.sum(tl.maximum(acc, 0.0) * w[None, :], 1) * sk  # [BN]
-                keep = kok | ~vis_cur
-                left = left | (~keep).to(tl.int32)
+                store = (n_cur < N) & (kok | ~vis_cur)  # a visible key that did not fold: later
+                left = left | (vis_cur & ~kok).to(tl.int32)
             else:
                 acc = _key_block_mma8(acc, c0, e_cur, q0, s0, 0, ASM)
                 acc = _key_block_mma8(acc, c1, e_cur, q1, s1, 1, ASM)
                 acc = _key_block_mma8(acc, c2, e_cur, q2, s2, 2, ASM)
                 acc = _key_block_mma8(acc, c3, e_cur, q3, s3, 3, ASM)
                 score = tl.sum(tl.maximum(acc, 0.0) * w[None, :], 1)  # [BN]
-                keep = vis_cur | ~vis_cur
-            tl.store(out_row + n_cur, tl.where(vis_cur, score, float("-inf")),
-                     mask=(n_cur < N) & keep)
+                store = n_cur < N
+            tl.store(out_row + n_cur, tl.where(vis_cur, score, float("-inf")), mask=store)
         return tl.max(left) > 0
 
     @triton.jit
