@@ -329,6 +329,17 @@ def check_small_ops() -> None:
         assert ((got - want).abs() <= tol).all(), f"rmsnorm_split {S} {N}"
         close = (got - want).abs() <= want.abs() * 2.0 ** -7 + 2e-5
         assert close.float().mean() > 0.99, f"rmsnorm_split {S} {N}: too many differ"
+    # two norms in one launch (the kv row with RoPE and FP8 rounding, the q latent): each as
+    # its own launch computes it
+    T = 3
+    a = (torch.randn(4, T, 512, generator=G) * 3, torch.rand(512, generator=G) + 0.5, 1e-6,
+         (torch.randint(0, 131072, (T,), generator=G), freqs, 64), 448)
+    b = (torch.randn(4, T, 1024, generator=G) * 3, torch.rand(1024, generator=G) + 0.5, 1e-5,
+         None, 0)
+    got = rn.rmsnorm_split_pair(a, b, torch.bfloat16)
+    for g, (p, wn, eps, rp, fp8w) in zip(got, (a, b)):
+        want = rn.rmsnorm_split(p, wn, eps, torch.bfloat16, rp, fp8w)
+        assert torch.equal(g, want), "rmsnorm_split_pair"
 
     for shape, norm, inverse in (((3, 64, 512), True, False), ((37, 512), False, True)):
         q = (torch.randn(*shape, generator=G) * 3).bfloat16()
@@ -480,6 +491,16 @@ def check_quant_linear() -> None:
                 got = ql._qlinear_cuda(x, fmt, weight, scale, gscale, path, cfg).float()
                 err = ((got - want).norm() / want.norm()).item()
                 assert err < 1e-3, f"format {fmt} M={m} {path} {cfg}: rel err {err:.2e}"
+    # two FP8 products of one x in one launch (different N, same launch shape): bit for bit
+    w2 = quantize_fp8(torch.randn(128, k, generator=G) / k ** 0.5)
+    ql.use_triton = lambda t: True
+    for m in (1, 5):
+        x = torch.randn(m, k, generator=G).bfloat16()
+        got = ql.fp8_linear_pair(x, fp8[0], fp8[1], w2[0], w2[1])
+        assert got is not None, "fp8_linear_pair did not apply"
+        for g, (wq, ws) in zip(got, (fp8, w2)):
+            want = ql._qlinear_cuda(x, ql.FMT_FP8, wq, ws.view(torch.uint8), None, parts=True)
+            assert torch.equal(g, want), f"fp8_linear_pair M={m}"
     x = torch.randn(5, k, generator=G).bfloat16()  # cuBLAS's scale layout, written directly
     q0, s0 = ql._act_quant_cuda(x, pad_to=4)
     qt, st = ql._act_quant_cuda(x, pad_to=4, scales_t=True)

@@ -206,6 +206,23 @@ def _qlinear_parts(x, fmt: int, weight, scale, gscale, path: str = "auto",
                          str(exc).splitlines()[0][:200])
             path = "triton"
     g = gscale if gscale is not None else x2  # the global scale is read for NVFP4 only
+    path, a, sa, c = _launch_shape(x2, fmt, n, k, path, cfg)
+    out = torch.empty(c["split"], m, n, dtype=torch.float32 if c["split"] > 1 else x.dtype,
+                      device=x.device)
+    grid = (triton.cdiv(n, c["bw"]), triton.cdiv(m, c["bt"]), c["split"])
+    _qlinear_kernel[grid](a, sa, weight, scale, g, out, m, n, k, c["per"],
+                          weight, scale, out, n, grid[0],
+                          W_FMT=fmt, QUANT_X=path == "fused", BW=c["bw"], BT=c["bt"], KC=c["kc"],
+                          PREFETCH=(bool(c["prefetch"]) and weight.data_ptr() % 16 == 0
+                                    and not _INTERPRET),
+                          num_warps=c["warps"], num_stages=c["stages"], **pdl())
+    return out.view(c["split"], *lead, n)
+
+
+def _launch_shape(x2, fmt: int, n: int, k: int, path: str, cfg: dict | None):
+    """(path, kernel input, its scales, launch parameters) of `_qlinear_kernel` for x2 [M, K]
+    (path "fused" or "triton" here; "fused" quantises x in the kernel)."""
+    m = x2.shape[0]
     nkb = k // 128
     if path == "fused" and m > SMALL_M:  # fusion is a small-M tool only
         path = "triton"
@@ -221,21 +238,42 @@ def _qlinear_parts(x, fmt: int, weight, scale, gscale, path: str = "auto",
     c = dict(bw=bw, bt=bt, warps=warps, split=split, stages=stages, kc=32,
              prefetch=m <= SMALL_M and l2_prefetch_depth() > 0)
     c.update(cfg or {})
-    bw, bt, warps = c["bw"], c["bt"], c["warps"]
     split = c["split"]
     if split is None:
-        tiles = triton.cdiv(n, bw) * triton.cdiv(m, bt)
-        split = max(1, min(nkb // 2, (2 * num_sms(x.device)) // tiles))
-    per = triton.cdiv(nkb, split)
-    split = triton.cdiv(nkb, per)
-    out = torch.empty(split, m, n, dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
-    grid = (triton.cdiv(n, bw), triton.cdiv(m, bt), split)
-    _qlinear_kernel[grid](a, sa, weight, scale, g, out, m, n, k, per,
-                          W_FMT=fmt, QUANT_X=path == "fused", BW=bw, BT=bt, KC=c["kc"],
-                          PREFETCH=(bool(c["prefetch"]) and weight.data_ptr() % 16 == 0
-                                    and not _INTERPRET),
-                          num_warps=warps, num_stages=c["stages"], **pdl())
-    return out.view(split, *lead, n)
+        tiles = triton.cdiv(n, c["bw"]) * triton.cdiv(m, c["bt"])
+        split = max(1, min(nkb // 2, (2 * num_sms(x2.device)) // tiles))
+    c["per"] = triton.cdiv(nkb, split)
+    c["split"] = triton.cdiv(nkb, c["per"])
+    return path, a, sa, c
+
+
+def fp8_linear_pair(x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor, w2: torch.Tensor,
+                    s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(fp8_linear(x, w1, s1, parts=True), fp8_linear(x, w2, s2, parts=True)), bit for bit,
+    in one launch, for decode-sized x (up to FUSED_QUANT_MAX_M rows) when both products take
+    the same launch shape (the attention's wkv and wq_a: one kernel fewer a layer); None when
+    they would not (the caller makes two calls)."""
+    if not (use_triton(x) and x.dim() == 2 and 0 < x.shape[0] <= FUSED_QUANT_MAX_M
+            and w1.shape[1] == w2.shape[1] == x.shape[1] and _kernel_shape_ok(x, x.shape[1])
+            and w1.data_ptr() % 16 == 0 and w2.data_ptr() % 16 == 0):
+        return None
+    x2 = x.contiguous()
+    m, k = x2.shape
+    (n1, _), (n2, _) = w1.shape, w2.shape
+    _, a, sa, c = _launch_shape(x2, FMT_FP8, n1, k, "fused", None)
+    if _launch_shape(x2, FMT_FP8, n2, k, "fused", None)[3] != c:
+        return None
+    s1, s2 = s1.view(torch.uint8), s2.view(torch.uint8)
+    dt = torch.float32 if c["split"] > 1 else x.dtype
+    out1 = torch.empty(c["split"], m, n1, dtype=dt, device=x.device)
+    out2 = torch.empty(c["split"], m, n2, dtype=dt, device=x.device)
+    t1 = triton.cdiv(n1, c["bw"])
+    grid = (t1 + triton.cdiv(n2, c["bw"]), triton.cdiv(m, c["bt"]), c["split"])
+    _qlinear_kernel[grid](a, sa, w1, s1, x2, out1, m, n1, k, c["per"], w2, s2, out2, n2, t1,
+                          W_FMT=FMT_FP8, QUANT_X=True, BW=c["bw"], BT=c["bt"], KC=c["kc"],
+                          PREFETCH=bool(c["prefetch"]) and not _INTERPRET, PAIR=True,
+                          num_warps=c["warps"], num_stages=c["stages"], **pdl())
+    return out1, out2
 
 
 def sum_parts(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -501,13 +539,20 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["M", "kb_per_split"])
     def _qlinear_kernel(x_ptr, sx_ptr, w_ptr, ws_ptr, g_ptr, y_ptr, M, N, K, kb_per_split,
+                        w2_ptr, ws2_ptr, y2_ptr, N2, NT1,
                         W_FMT: tl.constexpr, QUANT_X: tl.constexpr,
                         BW: tl.constexpr, BT: tl.constexpr, KC: tl.constexpr = 32,
-                        PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False):
+                        PREFETCH: tl.constexpr = False, PAIR: tl.constexpr = False,
+                        PDL: tl.constexpr = False):
         """y[split, tok, row] = sum over this split's K-blocks; grid (N/BW, M/BT, splits).
         PREFETCH: the CTA's weight bytes are requested into L2 before it waits for the previous
-        kernel (`pdl.l2_prefetch`)."""
-        rows = tl.program_id(0) * BW + tl.arange(0, BW)
+        kernel (`pdl.l2_prefetch`). PAIR (FP8): weight tiles NT1 and up are a second product
+        of the same x, w2 [N2, K] (scales ws2) into y2 (`fp8_linear_pair`)."""
+        tile = tl.program_id(0)
+        if PAIR:
+            if tile >= NT1:
+                w_ptr, ws_ptr, y_ptr, N, tile = w2_ptr, ws2_ptr, y2_ptr, N2, tile - NT1
+        rows = tile * BW + tl.arange(0, BW)
         toks = tl.program_id(1) * BT + tl.arange(0, BT)
         split = tl.program_id(2)
         row_ok = rows < N

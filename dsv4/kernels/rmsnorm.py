@@ -46,14 +46,11 @@ def _split_warps(block: int, s: int) -> int:
     return min(16, max(1, block // 256, sp * block // 4096))
 
 
-def rmsnorm_split(parts: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype,
-                  rope: tuple | None = None, fp8_width: int = 0) -> torch.Tensor:
-    """parts [S, T, N] -> [T, N] in `dtype` (module docstring). rope: (pos [T], freqs [r/2],
-    rope_dim r); fp8_width: a multiple of 64 (0: none)."""
+def _check_split(parts, weight, rope, fp8_width) -> None:
     if parts.dim() != 3 or weight.shape != parts.shape[2:]:
         raise ValueError(f"rmsnorm_split: partials {tuple(parts.shape)} and weight "
                          f"{tuple(weight.shape)} do not fit [S, T, N] and [N]")
-    S, T, N = parts.shape
+    _, T, N = parts.shape
     r = rope[2] if rope is not None else 0
     if rope is not None and (rope[0].shape != (T,) or not 0 < r <= N or r % 2
                              or rope[1].numel() != r // 2):
@@ -61,18 +58,63 @@ def rmsnorm_split(parts: torch.Tensor, weight: torch.Tensor, eps: float, dtype: 
                          f"and {rope[1].numel()} frequencies do not fit [{T}, {N}]")
     if fp8_width % 64 or not 0 <= fp8_width <= N:
         raise ValueError(f"rmsnorm_split: fp8_width {fp8_width} is not a multiple of 64 within {N}")
-    if not (use_triton(parts) and N <= MAX_TRITON_WIDTH and (N - r) % 2 == 0):
+
+
+def _triton_ok(parts, rope) -> bool:
+    r = rope[2] if rope is not None else 0
+    return use_triton(parts) and parts.shape[2] <= MAX_TRITON_WIDTH and (parts.shape[2] - r) % 2 == 0
+
+
+def _row_args(parts, weight, rope):
+    """The kernel arguments of one norm: partials, weight, positions, frequencies, S, N."""
+    pos, freqs = (rope[0], rope[1].to(device=parts.device, dtype=torch.float32)) if rope \
+        else (parts, parts)
+    return parts.contiguous(), weight.contiguous(), pos, freqs, parts.shape[0], parts.shape[2]
+
+
+def rmsnorm_split(parts: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype,
+                  rope: tuple | None = None, fp8_width: int = 0) -> torch.Tensor:
+    """parts [S, T, N] -> [T, N] in `dtype` (module docstring). rope: (pos [T], freqs [r/2],
+    rope_dim r); fp8_width: a multiple of 64 (0: none)."""
+    _check_split(parts, weight, rope, fp8_width)
+    if not _triton_ok(parts, rope):
         return rmsnorm_split_ref(parts, weight, eps, dtype, rope, fp8_width)
-    parts = parts.contiguous()
+    S, T, N = parts.shape
     out = torch.empty(T, N, dtype=dtype, device=parts.device)
     if T:
+        p, w, pos, freqs, _, _ = _row_args(parts, weight, rope)
         block = triton.next_power_of_2(N)
-        pos, freqs = (rope[0], rope[1].to(device=parts.device, dtype=torch.float32)) if rope \
-            else (parts, parts)
-        _rmsnorm_split_kernel[(T,)](parts, weight.contiguous(), out, pos, freqs, S, T, N, eps,
-                                    BLOCK=block, SP=triton.next_power_of_2(S), ROPE=r,
-                                    FP8=fp8_width, num_warps=_split_warps(block, S), **pdl())
+        _rmsnorm_split_kernel[(T,)](p, w, out, pos, freqs, S, T, N, eps,
+                                    BLOCK=block, SP=triton.next_power_of_2(S),
+                                    ROPE=rope[2] if rope else 0, FP8=fp8_width,
+                                    num_warps=_split_warps(block, S), **pdl())
     return out
+
+
+def rmsnorm_split_pair(a: tuple, b: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rmsnorm_split(*a, dtype, ...), rmsnorm_split(*b, dtype, ...)) in one launch: a and b
+    are (parts [S, T, N], weight, eps, rope, fp8_width) of the same T (the attention's kv row
+    and q latent: one kernel fewer a layer). Each row is computed as `rmsnorm_split` computes
+    it, on the larger of the two launches' warp counts (the fp32 sums may take another order:
+    equal to the reference within its rounding, not always bit for bit to the single launch)."""
+    for p, w, _, rope, f8 in (a, b):
+        _check_split(p, w, rope, f8)
+    if (a[0].shape[1] != b[0].shape[1] or not (_triton_ok(a[0], a[3]) and _triton_ok(b[0], b[3]))
+            or a[0].device != b[0].device):
+        return (rmsnorm_split(*a[:2], a[2], dtype, a[3], a[4]),
+                rmsnorm_split(*b[:2], b[2], dtype, b[3], b[4]))
+    T = a[0].shape[1]
+    outs = [torch.empty(T, x[0].shape[2], dtype=dtype, device=x[0].device) for x in (a, b)]
+    if T:
+        pa, pb = _row_args(a[0], a[1], a[3]), _row_args(b[0], b[1], b[3])
+        blocks = [triton.next_power_of_2(x[5]) for x in (pa, pb)]
+        warps = max(_split_warps(blocks[0], pa[4]), _split_warps(blocks[1], pb[4]))
+        _rmsnorm_split_pair_kernel[(T, 2)](
+            *pa[:4], outs[0], pa[4], pa[5], a[2], *pb[:4], outs[1], pb[4], pb[5], b[2], T,
+            BLOCK_A=blocks[0], SP_A=triton.next_power_of_2(pa[4]), ROPE_A=a[3][2] if a[3] else 0,
+            FP8_A=a[4], BLOCK_B=blocks[1], SP_B=triton.next_power_of_2(pb[4]),
+            ROPE_B=b[3][2] if b[3] else 0, FP8_B=b[4], num_warps=warps, **pdl())
+    return outs[0], outs[1]
 
 
 if HAS_TRITON:
@@ -87,11 +129,35 @@ if HAS_TRITON:
     def _rmsnorm_split_kernel(p_ptr, w_ptr, out_ptr, pos_ptr, f_ptr, S, T, N, eps,
                               BLOCK: tl.constexpr, SP: tl.constexpr, ROPE: tl.constexpr,
                               FP8: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_start(PDL)
+        _split_row(p_ptr, w_ptr, out_ptr, pos_ptr, f_ptr, S, T, N, eps,
+                   tl.program_id(0).to(tl.int64), BLOCK, SP, ROPE, FP8)
+
+    @triton.jit(do_not_specialize=["S_A", "S_B", "T"])
+    def _rmsnorm_split_pair_kernel(pa_ptr, wa_ptr, pos_a, fa_ptr, out_a, S_A, N_A, eps_a,
+                                   pb_ptr, wb_ptr, pos_b, fb_ptr, out_b, S_B, N_B, eps_b, T,
+                                   BLOCK_A: tl.constexpr, SP_A: tl.constexpr,
+                                   ROPE_A: tl.constexpr, FP8_A: tl.constexpr,
+                                   BLOCK_B: tl.constexpr, SP_B: tl.constexpr,
+                                   ROPE_B: tl.constexpr, FP8_B: tl.constexpr,
+                                   PDL: tl.constexpr = False):
+        """Two `_rmsnorm_split_kernel` launches in one: grid (T, 2), norm a then norm b."""
+        pdl_start(PDL)
+        row = tl.program_id(0).to(tl.int64)
+        if tl.program_id(1) == 0:
+            _split_row(pa_ptr, wa_ptr, out_a, pos_a, fa_ptr, S_A, T, N_A, eps_a, row, BLOCK_A,
+                       SP_A, ROPE_A, FP8_A)
+        else:
+            _split_row(pb_ptr, wb_ptr, out_b, pos_b, fb_ptr, S_B, T, N_B, eps_b, row, BLOCK_B,
+                       SP_B, ROPE_B, FP8_B)
+
+    @triton.jit
+    def _split_row(p_ptr, w_ptr, out_ptr, pos_ptr, f_ptr, S, T, N, eps, row,
+                   BLOCK: tl.constexpr, SP: tl.constexpr, ROPE: tl.constexpr,
+                   FP8: tl.constexpr):
         """One row: the partials' sum, RMSNorm, then RoPE on the last ROPE channels and the
         FP8 round trip of the first FP8 (0: none), each rounded to out's dtype."""
-        pdl_start(PDL)
         dt = out_ptr.dtype.element_ty
-        row = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, BLOCK)
         mask = c < N
         sp = tl.arange(0, SP)  # every partial's load in flight at once (a loop would wait

@@ -6,10 +6,10 @@ from torch import nn
 
 from ..distributed import SINGLE, ParallelGroup
 from ..kernels.grouped_linear import grouped_linear
-from ..kernels.rmsnorm import rmsnorm_split
+from ..kernels.rmsnorm import rmsnorm_split, rmsnorm_split_pair
 from ..kernels.side_stream import SideBranch
 from ..kernels.sparse_attention import sparse_attention
-from ..quant.linear import BF16Linear, make_linear
+from ..quant.linear import BF16Linear, make_linear, split_k_pair
 from .batch import ForwardBatch
 from .compressor import Compressor
 from .indexer import Indexer
@@ -62,6 +62,12 @@ class DeepseekV4Attention(nn.Module):
             self.indexer = Indexer(cfg, freqs, scheme.format_for(f"{prefix}.indexer.wq_b"), dtype,
                                    qat, tp)
 
+    def _compress(self, u: torch.Tensor, batch: ForwardBatch, cache) -> None:
+        if self.ratio:
+            self.compressor(u, batch, cache.state, cache.store_cmp)
+        if self.ratio == 4:
+            self.indexer.compress(u, batch, cache)
+
     def forward(self, u: torch.Tensor, batch: ForwardBatch, cache) -> torch.Tensor:
         """u [T, d] -> the output [T, d], or without tensor parallelism wo_b's split-K
         partials [S, T, d], which the hyper-connection's post update sums (`hc_post`)."""
@@ -78,16 +84,22 @@ class DeepseekV4Attention(nn.Module):
             self.compressor.prepare(batch, cache.state)
             if self.ratio == 4:
                 self.indexer.compressor.prepare(batch, cache.idx_state)
-        with side.run():
-            # kv = rope(kv_norm(wkv u)), then the FP8 rounding of its no-rope dims: one op
-            kv = rmsnorm_split(self.wkv.split_k(u), self.kv_norm.weight, self.kv_norm.eps,
-                               u.dtype, rope=(pos, self.freqs, rd),
-                               fp8_width=nope if self.qat else 0)  # [T, D]
-            if self.ratio:
-                self.compressor(u, batch, cache.state, cache.store_cmp)
-            if self.ratio == 4:
-                self.indexer.compress(u, batch, cache)
-        qr = rmsnorm_split(self.wq_a.split_k(u), self.q_norm.weight, self.q_norm.eps, u.dtype)
+        # kv = rope(kv_norm(wkv u)), then the FP8 rounding of its no-rope dims: one op
+        kv_norm = (self.kv_norm.weight, self.kv_norm.eps, (pos, self.freqs, rd),
+                   nope if self.qat else 0)
+        if side.on:
+            with side.run():
+                kv = rmsnorm_split(self.wkv.split_k(u), self.kv_norm.weight, self.kv_norm.eps,
+                                   u.dtype, rope=kv_norm[2], fp8_width=kv_norm[3])  # [T, D]
+                self._compress(u, batch, cache)
+            qr = rmsnorm_split(self.wq_a.split_k(u), self.q_norm.weight, self.q_norm.eps,
+                               u.dtype)
+        else:  # one-stream order: wkv and wq_a in one launch, their norms in another
+            kv_p, q_p = split_k_pair(self.wkv, self.wq_a, u)
+            kv, qr = rmsnorm_split_pair((kv_p, *kv_norm),
+                                        (q_p, self.q_norm.weight, self.q_norm.eps, None, 0),
+                                        u.dtype)
+            self._compress(u, batch, cache)
         # per-head q normalisation and RoPE, in place on fresh tensors
         q = rope_(self.wq_b(qr).view(T, H, D), pos, self.freqs, rd, norm_eps=self.eps)
         cmp_idx = cmp_rows = cmp_len = None

@@ -201,6 +201,16 @@ class NVFP4Linear(_KernelLayout):
 _CLASSES = {"bf16": BF16Linear, "fp8": FP8Linear, "fp4": FP4Linear, "nvfp4": NVFP4Linear}
 
 
+def split_k_pair(a: Linear, b: Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a.split_k(x), b.split_k(x)): two FP8 linears of the same decode-sized x in one kernel
+    launch where they take the same launch shape (`quant_linear.fp8_linear_pair`)."""
+    if isinstance(a, FP8Linear) and isinstance(b, FP8Linear):
+        got = quant_linear.fp8_linear_pair(x, a.weight, a.scale, b.weight, b.scale)
+        if got is not None:
+            return got
+    return a.split_k(x), b.split_k(x)
+
+
 def make_linear(in_features: int, out_features: int, fmt: str, dtype=torch.bfloat16) -> Linear:
     """A linear layer in storage format `fmt` (bf16 | fp8 | fp4 | nvfp4)."""
     if fmt not in _CLASSES:

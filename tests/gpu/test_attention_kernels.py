@@ -748,6 +748,33 @@ def test_kv_row_in_one_kernel_equals_the_separate_ops():
             assert ((got.float() - want.float()).abs() <= want.float().abs() * 2.0 ** -3 + 1e-5).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("S,T,nq", [(16, 1, 1024), (16, 4, 1024), (3, 5, 1536), (1, 16, 1024)])
+def test_rmsnorm_split_pair_matches_two_launches(S, T, nq, dtype):
+    """The kv row (RoPE, FP8 rounding) and the q latent in one launch: each what its own
+    `rmsnorm_split` launch gives, up to a rounding step where the fp32 sums' order differs
+    (the pair runs on the larger launch's warps), and within the reference's tolerance."""
+    from dsv4.config import ModelConfig
+    from dsv4.kernels.rmsnorm import rmsnorm_split, rmsnorm_split_pair, rmsnorm_split_ref
+    from dsv4.model.rope import rope_frequencies
+    gen = torch.Generator(device=DEV).manual_seed(S * T + nq)
+    pos = torch.randint(0, 131072, (T,), generator=gen, device=DEV)
+    rp = (pos, rope_frequencies(ModelConfig.preset("flash"), 4), 64)
+    a = (torch.randn(S, T, 512, generator=gen, device=DEV) * 3,
+         torch.rand(512, generator=gen, device=DEV) + 0.5, 1e-6, rp, 448)
+    b = (torch.randn(S, T, nq, generator=gen, device=DEV) * 3,
+         torch.rand(nq, generator=gen, device=DEV) + 0.5, 1e-6, None, 0)
+    got = rmsnorm_split_pair(a, b, dtype)
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -21
+    for g, (p, w, eps, rope, fp8w) in zip(got, (a, b)):
+        one = rmsnorm_split(p, w, eps, dtype, rope, fp8w).float()
+        want = rmsnorm_split_ref(p, w, eps, dtype, rope, fp8w).float()
+        g = g.float()
+        assert (g == one).float().mean().item() > 0.99
+        assert ((g - want).abs() <= want.abs() * 2.0 ** -3 + 2e-5).all()
+        assert ((g - want).abs()[..., fp8w:] <= want.abs()[..., fp8w:] * ulp * 1.01 + 2e-5).all()
+
+
 # ------------------------------------------------------------------------------------ RMSNorm
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(3, 4096), (5, 7168), (1, 512), (2, 3, 1536), (4, 128)])

@@ -96,6 +96,26 @@ def test_fp8_linear_large_m_and_public_dispatch():
         assert err < 3e-3
 
 
+@pytest.mark.parametrize("d,n1,n2", [(4096, 512, 1024), (4096, 1024, 1024)])
+def test_fp8_linear_pair_is_two_launches_in_one(d, n1, n2):
+    """The attention's wkv and wq_a of one decode batch in one launch (`fp8_linear_pair`,
+    Flash shapes): every split-K partial bit for bit what each linear's own launch writes.
+    Pro's (512 and 1536 rows of 7168) take different K splits alone: no pair, two launches."""
+    pro = [quantize_fp8(torch.randn(n, 7168, device=DEV) / 64) for n in (512, 1536)]
+    assert ql.fp8_linear_pair(torch.randn(1, 7168, device=DEV).bfloat16(), *pro[0], *pro[1]) is None
+    gen = torch.Generator(device=DEV).manual_seed(d + n2)
+    w1 = quantize_fp8(torch.randn(n1, d, device=DEV, generator=gen) / 64)
+    w2 = quantize_fp8(torch.randn(n2, d, device=DEV, generator=gen) / 64)
+    for m in (1, 2, 5, 16):
+        x = torch.randn(m, d, device=DEV, generator=gen).bfloat16()
+        got = ql.fp8_linear_pair(x, w1[0], w1[1], w2[0], w2[1])
+        assert got is not None, f"M={m}: the pair did not apply"
+        for g, (q, s) in zip(got, (w1, w2)):
+            want = ql.fp8_linear(x, q, s, parts=True)
+            assert g.shape == want.shape and torch.equal(g, want), f"M={m}"
+    assert ql.fp8_linear_pair(torch.randn(17, d, device=DEV).bfloat16(), *w1, *w2) is None
+
+
 def test_fp8_scaled_mm_takes_any_m(monkeypatch):
     """cuBLAS's block-scaled GEMM rejects M % 4 != 0; the dispatch pads the rows instead of
     failing over. A failure used to switch that weight shape to the slow Triton path for good:
