@@ -619,6 +619,56 @@ def check_moe() -> None:
                                             f"{sh is not None}: rel err {err:.2e}")
 
 
+def check_moe_gate() -> None:
+    """The MoE gate of a decode batch in one launch (`moe_gate.gate_route_plan`) against the
+    separate launches (the GEMV, the routing, the one-program plan, the activation
+    quantisation), bit for bit: biased and hashed routing, each scoring function, 1-4 tokens,
+    with and without the shared expert; the counter back at zero; then `moe_gate_forward`
+    through the MoE kernels against the reference."""
+    from dsv4.kernels import f32_linear, moe as km, moe_gate as mg, quant_linear as ql, routing
+    from dsv4.kernels.moe_plan import route_plan
+    mg.use_triton = km.use_triton = f32_linear.use_triton = routing.use_triton = lambda t: True
+    d, e, k, bt = 256, 16, 3, 16
+    w = (torch.randn(e, d, generator=G) / 16).bfloat16()
+    bias = torch.randn(e, generator=G) * 0.1
+    table = torch.stack([torch.randperm(e, generator=G)[:k] for _ in range(50)]).int()
+    for func in ("sqrtsoftplus", "sigmoid", "softmax"):
+        for hashed in (False, True):
+            for t, shared in ((1, True), (3, False), (4, True)):
+                u = torch.randn(t, d, generator=G).bfloat16()
+                ids = torch.randint(0, 50, (t,), generator=G)
+                gate = mg.GateArgs(w, func, k, 2.5, None if hashed else bias,
+                                   table if hashed else None, ids if hashed else None)
+                got = mg.gate_route_plan(u, gate, e, bt, shared)
+                assert got is not None, "gate_route_plan did not apply"
+                idx, wgt, (plan, nb, sb, rb, q, sc) = got
+                z = f32_linear._gemv(u, w)
+                idx0, wgt0 = routing.route(z, func, k, 2.5, gate.bias, gate.table, gate.ids)
+                plan0, _, nb0, sb0, rb0 = route_plan(idx0, t, e, bt, shared)
+                q0, s0 = ql._act_quant_cuda(u)
+                what = f"{func} hashed={hashed} T={t}"
+                assert torch.equal(idx, idx0) and torch.equal(wgt, wgt0), f"routing {what}"
+                assert (nb, sb, rb) == (nb0, sb0, rb0), f"block counts {what}"
+                assert torch.equal(plan[1], plan0[1]) and torch.equal(plan[2], plan0[2]), \
+                    f"blocks {what}"
+                valid = (torch.arange(nb * bt) % bt) < plan[2].repeat_interleave(bt)
+                assert torch.equal(plan[0][valid], plan0[0][valid]), f"slots {what}"
+                assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)), f"codes {what}"
+                assert torch.equal(sc, s0), f"scales {what}"
+                assert mg._COUNTER[u.device].item() == 0, "counter left non-zero"
+    experts, shared = _random_experts("fp4", "fp8", 128, 256, 6)
+    w6 = (torch.randn(6, 128, generator=G) / 16).bfloat16()
+    for t in (1, 4):
+        u = torch.randn(t, 128, generator=G).bfloat16()
+        gate = mg.GateArgs(w6, "sqrtsoftplus", 2, 1.5, torch.zeros(6))
+        idx, wgt = routing.route_ref(f32_linear.linear_f32_ref(u, w6), "sqrtsoftplus", 2, 1.5,
+                                     torch.zeros(6))
+        want = km.moe_forward_ref(u, idx, wgt, experts, shared).float()
+        got = km.moe_gate_forward(u, gate, experts, shared).float()
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < 1e-3, f"moe_gate_forward T={t}: rel err {err:.2e}"
+
+
 def _check_route_plan() -> None:
     """The routing plan (one-program and two-kernel forms) against one built in torch: each
     block's expert and valid rows, each expert's slots in its rows (in any order), blocks past
@@ -765,6 +815,7 @@ CHECKS = {f.__name__[len("check_"):]: f for f in (check_topk, check_candidates,
                                                   check_attention_cmp_len,
                                                   check_mhc, check_grouped_fp8_linear,
                                                   check_quant_linear, check_moe,
+                                                  check_moe_gate,
                                                   check_moe_fp8_gemm,
                                                   check_small_ops, check_model)}
 

@@ -129,6 +129,11 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         if pid >= NB:
             w_ptr, y_ptr, pid = w2_ptr, y2_ptr, pid - NB
+        _gemv_rows(x_ptr, w_ptr, y_ptr, pid, M, N, K, BN, BK)
+
+    @triton.jit
+    def _gemv_rows(x_ptr, w_ptr, y_ptr, pid, M, N, K, BN: tl.constexpr, BK: tl.constexpr):
+        """Row block pid of `_gemv_kernel` (also the MoE gate's, `moe_gate.py`)."""
         rows = pid * BN + tl.arange(0, BN)
         k = tl.arange(0, BK)
         kok = k < K

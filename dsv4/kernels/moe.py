@@ -62,9 +62,11 @@ import torch
 
 from . import HAS_TRITON, num_sms, use_triton
 from .pdl import l2_prefetch_depth, pdl
+from .f32_linear import linear_f32
 from .moe_plan import route_plan
 from .quant_linear import (FMT_FP8, FMT_MXFP4, FMT_NVFP4, act_quant_fp8, act_quant_values,
                            sum_parts)
+from .routing import route
 
 _FMT_CODES = {"fp8": FMT_FP8, "fp4": FMT_MXFP4, "nvfp4": FMT_NVFP4}
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -287,8 +289,30 @@ def _run_groups(groups, launch, overlap: bool) -> None:
     cur.wait_stream(side)
 
 
+def moe_gate_forward(u: torch.Tensor, gate, experts: Sequence[ExpertLike],
+                     shared: ExpertLike | None, parts: bool = False) -> torch.Tensor:
+    """The gate's routing (`moe_gate.GateArgs`: fp32 logits u W^T, then `routing.route`) and
+    `moe_forward` on one rank. Decode batches take the gate, the routing, the routing plan and
+    the activation quantisation in one launch (`moe_gate.py`)."""
+    from . import moe_gate
+    if use_triton(u) and moe_gate.applies(u, gate) and _kernel_supported(u, experts, shared):
+        d, inter = u.shape[1], experts[0].w1.out_features
+        c = moe_config(u.shape[0], gate.topk, len(experts), d, inter, num_sms(u.device))
+        got = moe_gate.gate_route_plan(u, gate, len(experts), c["bt"], shared is not None)
+        if got is not None:
+            idx, wgt, pre = got
+            return _moe_cuda(u, idx, wgt, experts, shared,
+                             parts=parts and shared is not None, pre=pre)
+    z = linear_f32(u, gate.weight)
+    idx, wgt = route(z, gate.func, gate.topk, gate.scaling, gate.bias, gate.table, gate.ids)
+    return moe_forward(u, idx, wgt, experts, shared, parts=parts)
+
+
 def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
-              total_experts: int | None = None, parts: bool = False) -> torch.Tensor:
+              total_experts: int | None = None, parts: bool = False,
+              pre: tuple | None = None) -> torch.Tensor:
+    """`pre`: the routing plan (tensors, blocks, shared-expert blocks, routed blocks) and u's
+    FP8 codes and scales, made by `moe_gate.gate_route_plan` (small batches only)."""
     t, d = u.shape
     k = idx.shape[1]
     n_routed = len(experts)
@@ -303,8 +327,8 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
     # (`moe_grouped_mm.py`, which uses this module's kernels); `grouped_mm` in cfg forces the
     # choice either way
     from . import moe_grouped_mm as gm
-    if c.get("grouped_mm", None) or ("grouped_mm" not in c
-                                     and gm.takes(t, k, total_experts or n_routed)):
+    if pre is None and (c.get("grouped_mm", None) or (
+            "grouped_mm" not in c and gm.takes(t, k, total_experts or n_routed))):
         main, extra = _tables(experts, shared, dev)
         if gm.applies(u, main, extra):
             try:
@@ -321,8 +345,11 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
     n_exp, k1 = n_routed + 1, k + 1
     n_slots = t * k1
     bt = c["bt"]
-    plan, _, n_blocks, shared_blocks, routed_blocks = route_plan(idx, t, n_routed, bt,
-                                                                 shared is not None)
+    if pre is None:
+        plan, _, n_blocks, shared_blocks, routed_blocks = route_plan(idx, t, n_routed, bt,
+                                                                     shared is not None)
+    else:
+        plan, n_blocks, shared_blocks, routed_blocks = pre[:4]
     n_pos = n_blocks * bt
 
     # 1. and 3. gate/up with the SwiGLU epilogue: h in FP8, rows = padded positions. With
@@ -333,6 +360,8 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
     abf = bool(c.get("abf")) and c["dec"] == 0 and main.fmt != FMT_FP8
     if abf:
         q, s = act_quant_values(u), u.new_empty(0, dtype=torch.float32)
+    elif pre is not None:
+        q, s = pre[4:]
     else:
         q, s = act_quant_fp8(u)
     hq = torch.empty(n_pos, inter, dtype=torch.bfloat16 if abf else torch.float8_e4m3fn,

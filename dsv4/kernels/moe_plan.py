@@ -21,6 +21,18 @@ from .pdl import pdl
 SMALL_PLAN_SLOTS = 128  # up to this many slots (T * (k+1)) the plan is one single-program launch
 
 
+def plan_buffers(t: int, k: int, n_routed: int, bt: int, shared: bool, dev: torch.device):
+    """The plan's tensors (slots, blk_exp, blk_rows) for t tokens of k routed slots in blocks
+    of bt rows, and its block counts (blocks, shared-expert blocks, routed blocks)."""
+    shared_blocks = -(-t // bt) if shared else 0
+    routed_blocks = min(t * k, -(-(t * k) // bt) + n_routed)
+    n_blocks = shared_blocks + routed_blocks
+    tensors = (torch.empty(n_blocks * bt, dtype=torch.int32, device=dev),
+               torch.empty(n_blocks, dtype=torch.int32, device=dev),
+               torch.empty(n_blocks, dtype=torch.int32, device=dev))
+    return tensors, n_blocks, shared_blocks, routed_blocks
+
+
 def route_plan(idx: torch.Tensor, t: int, n_routed: int, bt: int, shared: bool = True):
     """The routing plan (module docstring) for blocks of bt rows: ((slots, blk_exp,
     blk_rows), the slot counts per plan expert (int32 [n_routed + 1], on the device; None for
@@ -30,13 +42,9 @@ def route_plan(idx: torch.Tensor, t: int, n_routed: int, bt: int, shared: bool =
     dev = idx.device
     n_exp, k1 = n_routed + 1, k + 1
     n_slots = t * k1
-    shared_blocks = triton.cdiv(t, bt) if shared else 0
-    routed_blocks = min(t * k, triton.cdiv(t * k, bt) + n_routed)
-    n_blocks = shared_blocks + routed_blocks
+    (slots, blk_exp, blk_rows), n_blocks, shared_blocks, routed_blocks = plan_buffers(
+        t, k, n_routed, bt, shared, dev)
     ep2 = triton.next_power_of_2(n_exp)
-    blk_exp = torch.empty(n_blocks, dtype=torch.int32, device=dev)
-    blk_rows = torch.empty(n_blocks, dtype=torch.int32, device=dev)
-    slots = torch.empty(n_blocks * bt, dtype=torch.int32, device=dev)
     counts = None
     if n_slots <= SMALL_PLAN_SLOTS:  # one launch: counts and ranks by comparison, no atomics
         _route_small_kernel[(1,)](idx, blk_exp, blk_rows, slots, t, k, n_exp, n_blocks, BT=bt,
@@ -120,6 +128,14 @@ if HAS_TRITON:
         """The whole plan of a small batch (up to S2 slots) in one program: a slot's rank is the
         number of earlier slots of its expert, an expert's count the number of its slots."""
         pdl_start(PDL)
+        _plan_small(idx_ptr, blk_exp_ptr, blk_rows_ptr, slots_ptr, T, k, n_exp, n_blocks, BT,
+                    S2, EP2, HAS_SHARED)
+
+    @triton.jit
+    def _plan_small(idx_ptr, blk_exp_ptr, blk_rows_ptr, slots_ptr, T, k, n_exp, n_blocks,
+                    BT: tl.constexpr, S2: tl.constexpr, EP2: tl.constexpr,
+                    HAS_SHARED: tl.constexpr):
+        """`_route_small_kernel`'s program (also the MoE gate's last CTA, `moe_gate.py`)."""
         k1 = k + 1
         sl = tl.arange(0, S2)
         ok = sl < T * k1

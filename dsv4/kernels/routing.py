@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from . import HAS_TRITON, use_triton
 from .pdl import pdl
 
-_FUNCS = {"sqrtsoftplus": 0, "sigmoid": 1, "softmax": 2}
+FUNCS = {"sqrtsoftplus": 0, "sigmoid": 1, "softmax": 2}
 # Scores use CUDA's expf / log1pf and correctly rounded sqrt and division, as torch's CUDA ops
 # do: a routing near-tie then resolves as it did with them. Triton's CPU interpreter has no
 # libdevice, so it gets portable formulas.
@@ -48,13 +48,13 @@ def route_ref(z, func, topk, scaling, bias=None, table=None, ids=None):
 
 def route(z: torch.Tensor, func: str, topk: int, scaling: float, bias=None, table=None,
           ids=None) -> tuple[torch.Tensor, torch.Tensor]:
-    if func not in _FUNCS:
-        raise ValueError(f"unknown scoring function {func!r}; expected one of {sorted(_FUNCS)}")
+    if func not in FUNCS:
+        raise ValueError(f"unknown scoring function {func!r}; expected one of {sorted(FUNCS)}")
     if (table is None) == (bias is None):
         raise ValueError("route needs either a hash table (with token ids) or a bias")
     t, e = z.shape
     if use_triton(z) and t and z.dtype == torch.float32 and e <= 1024 and topk <= e:
-        return _route_cuda(z.contiguous(), _FUNCS[func], topk, float(scaling), bias, table, ids)
+        return _route_cuda(z.contiguous(), FUNCS[func], topk, float(scaling), bias, table, ids)
     return route_ref(z, func, topk, scaling, bias, table, ids)
 
 
@@ -91,10 +91,18 @@ if HAS_TRITON:
                       EP2: tl.constexpr, HASH: tl.constexpr, PRECISE: tl.constexpr,
                       PDL: tl.constexpr = False):
         pdl_start(PDL)
-        row = tl.program_id(0).to(tl.int64)
+        _route_row(z_ptr, bias_ptr, table_ptr, ids_ptr, idx_ptr, wgt_ptr, E, scaling,
+                   tl.program_id(0).to(tl.int64), FUNC, K, KP2, EP2, HASH, PRECISE)
+
+    @triton.jit
+    def _route_row(z_ptr, bias_ptr, table_ptr, ids_ptr, idx_ptr, wgt_ptr, E, scaling, row,
+                   FUNC: tl.constexpr, K: tl.constexpr, KP2: tl.constexpr, EP2: tl.constexpr,
+                   HASH: tl.constexpr, PRECISE: tl.constexpr, Z_CACHE: tl.constexpr = ""):
+        """Token row's experts and weights (also the MoE gate's last CTA, `moe_gate.py`, which
+        reads z past L1: Z_CACHE ".cg")."""
         e = tl.arange(0, EP2)
         ok = e < E
-        z = tl.load(z_ptr + row * E + e, mask=ok, other=0.0)
+        z = tl.load(z_ptr + row * E + e, mask=ok, other=0.0, cache_modifier=Z_CACHE)
         if FUNC == 0:  # torch's softplus: x above its threshold 20, else log1p(exp(x))
             if PRECISE:
                 sp = libdevice.log1p(libdevice.exp(z))

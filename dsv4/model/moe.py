@@ -8,7 +8,8 @@ from torch import nn
 
 from ..distributed import SINGLE, ParallelGroup
 from ..kernels.f32_linear import linear_f32
-from ..kernels.moe import moe_forward
+from ..kernels.moe import moe_forward, moe_gate_forward
+from ..kernels.moe_gate import GateArgs
 from ..kernels.routing import route
 from ..quant.linear import make_linear
 
@@ -30,11 +31,16 @@ class Gate(nn.Module):
         else:
             self.bias = nn.Parameter(torch.zeros(cfg.n_routed_experts), requires_grad=False)
 
-    def forward(self, u: torch.Tensor, input_ids: torch.Tensor):
-        z = linear_f32(u, self.weight)  # [T, E], fp32
+    def args(self, input_ids: torch.Tensor) -> GateArgs:
         if self.hash:
-            return route(z, self.func, self.topk, self.scaling, table=self.tid2eid, ids=input_ids)
-        return route(z, self.func, self.topk, self.scaling, bias=self.bias)
+            return GateArgs(self.weight, self.func, self.topk, self.scaling, table=self.tid2eid,
+                            ids=input_ids)
+        return GateArgs(self.weight, self.func, self.topk, self.scaling, bias=self.bias)
+
+    def forward(self, u: torch.Tensor, input_ids: torch.Tensor):
+        a = self.args(input_ids)
+        z = linear_f32(u, self.weight)  # [T, E], fp32
+        return route(z, a.func, a.topk, a.scaling, a.bias, a.table, a.ids)
 
 
 class Expert(nn.Module):
@@ -84,9 +90,10 @@ class MoE(nn.Module):
         self._local = list(self.experts.values())
 
     def forward(self, u: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        idx, wgt = self.gate(u, input_ids)  # [T, k]
         if self.tp.size == 1:  # on the GPU kernels possibly the slot rows, which hc_post sums
-            return moe_forward(u, idx, wgt, self._local, self.shared_experts, parts=True)
+            return moe_gate_forward(u, self.gate.args(input_ids), self._local,
+                                    self.shared_experts, parts=True)
+        idx, wgt = self.gate(u, input_ids)  # [T, k]
         # other ranks' experts: marked n_local, computed nowhere here; this rank's slice of
         # the shared expert (narrower than a routed expert) runs on its own linears
         n_local = len(self._local)

@@ -96,6 +96,47 @@ def test_fp8_linear_large_m_and_public_dispatch():
         assert err < 3e-3
 
 
+@pytest.mark.parametrize("d,e,hashed", [(4096, 256, False), (4096, 256, True),
+                                         (7168, 384, False)])  # Flash, Flash hash layer, Pro
+def test_moe_gate_in_one_launch_equals_four(d, e, hashed):
+    """The gate's logits, the routing, the routing plan and the experts' FP8 input of a
+    decode batch in one launch (`moe_gate.gate_route_plan`): bit for bit the four launches',
+    eagerly and in CUDA-graph replays (the counter goes back to zero each time)."""
+    from dsv4.kernels import f32_linear, moe_gate as mg, routing
+    from dsv4.kernels.moe_plan import route_plan
+    gen = torch.Generator(device=DEV).manual_seed(d + e + hashed)
+    w = (torch.randn(e, d, device=DEV, generator=gen) / 64).bfloat16()
+    bias = torch.randn(e, device=DEV, generator=gen) * 0.1
+    table = torch.stack([torch.randperm(e, device=DEV, generator=gen)[:6]
+                         for _ in range(1000)]).int()
+    for t in (1, 2, 3, 4):
+        u = torch.randn(t, d, device=DEV, generator=gen).bfloat16()
+        ids = torch.randint(0, 1000, (t,), device=DEV, generator=gen)
+        gate = mg.GateArgs(w, "sqrtsoftplus", 6, 2.5, None if hashed else bias,
+                           table if hashed else None, ids if hashed else None)
+        z = f32_linear.linear_f32(u, w)
+        idx0, wgt0 = routing.route(z, gate.func, 6, 2.5, gate.bias, gate.table, gate.ids)
+        plan0, _, nb0, _, _ = route_plan(idx0, t, e, 16, True)
+        q0, s0 = ql.act_quant_fp8(u)
+
+        def fused():
+            return mg.gate_route_plan(u, gate, e, 16, True)
+        got = fused()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            in_graph = fused()
+        for _ in range(3):
+            g.replay()
+        torch.cuda.synchronize()
+        for idx, wgt, (plan, nb, _, _, q, s) in (got, in_graph):
+            assert torch.equal(idx, idx0) and torch.equal(wgt, wgt0), f"T={t}: routing"
+            assert nb == nb0 and torch.equal(plan[1], plan0[1]) and torch.equal(plan[2], plan0[2])
+            valid = (torch.arange(nb * 16, device=DEV) % 16) < plan[2].repeat_interleave(16)
+            assert torch.equal(plan[0][valid], plan0[0][valid]), f"T={t}: slots"
+            assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)) and torch.equal(s, s0)
+        assert mg._COUNTER[u.device].item() == 0
+
+
 @pytest.mark.parametrize("d,n1,n2", [(4096, 512, 1024), (4096, 1024, 1024)])
 def test_fp8_linear_pair_is_two_launches_in_one(d, n1, n2):
     """The attention's wkv and wq_a of one decode batch in one launch (`fp8_linear_pair`,
