@@ -132,7 +132,7 @@ if HAS_TRITON:
             tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")  # ready for the next launch
             for row in range(T):
                 _route_row(z_ptr, bias_ptr, table_ptr, ids_ptr, idx_ptr, wgt_ptr, E, scaling,
-                           row, FUNC, K, KP2, EP2, HASH, PRECISE, ".cg")
+                           row, FUNC, K, KP2, EP2, HASH, PRECISE, True)
             tl.debug_barrier()  # the experts written above, read back by the plan
             _plan_small(idx_ptr, blk_exp_ptr, blk_rows_ptr, slots_ptr, T, k, n_exp, n_blocks, BT,
                         S2, PEP2, HAS_SHARED)

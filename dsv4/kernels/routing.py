@@ -92,17 +92,20 @@ if HAS_TRITON:
                       PDL: tl.constexpr = False):
         pdl_start(PDL)
         _route_row(z_ptr, bias_ptr, table_ptr, ids_ptr, idx_ptr, wgt_ptr, E, scaling,
-                   tl.program_id(0).to(tl.int64), FUNC, K, KP2, EP2, HASH, PRECISE)
+                   tl.program_id(0).to(tl.int64), FUNC, K, KP2, EP2, HASH, PRECISE, False)
 
     @triton.jit
     def _route_row(z_ptr, bias_ptr, table_ptr, ids_ptr, idx_ptr, wgt_ptr, E, scaling, row,
                    FUNC: tl.constexpr, K: tl.constexpr, KP2: tl.constexpr, EP2: tl.constexpr,
-                   HASH: tl.constexpr, PRECISE: tl.constexpr, Z_CACHE: tl.constexpr = ""):
+                   HASH: tl.constexpr, PRECISE: tl.constexpr, Z_CG: tl.constexpr):
         """Token row's experts and weights (also the MoE gate's last CTA, `moe_gate.py`, which
-        reads z past L1: Z_CACHE ".cg")."""
+        reads z past L1: Z_CG)."""
         e = tl.arange(0, EP2)
         ok = e < E
-        z = tl.load(z_ptr + row * E + e, mask=ok, other=0.0, cache_modifier=Z_CACHE)
+        if Z_CG:
+            z = tl.load(z_ptr + row * E + e, mask=ok, other=0.0, cache_modifier=".cg")
+        else:
+            z = tl.load(z_ptr + row * E + e, mask=ok, other=0.0)
         if FUNC == 0:  # torch's softplus: x above its threshold 20, else log1p(exp(x))
             if PRECISE:
                 sp = libdevice.log1p(libdevice.exp(z))

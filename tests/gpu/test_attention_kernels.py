@@ -770,7 +770,7 @@ def test_rmsnorm_split_pair_matches_two_launches(S, T, nq, dtype):
         one = rmsnorm_split(p, w, eps, dtype, rope, fp8w).float()
         want = rmsnorm_split_ref(p, w, eps, dtype, rope, fp8w).float()
         g = g.float()
-        assert (g == one).float().mean().item() > 0.99
+        assert ((g - one).abs() <= one.abs() * ulp * 1.01 + 2e-5).float().mean().item() > 0.99
         assert ((g - want).abs() <= want.abs() * 2.0 ** -3 + 2e-5).all()
         assert ((g - want).abs()[..., fp8w:] <= want.abs()[..., fp8w:] * ulp * 1.01 + 2e-5).all()
 
