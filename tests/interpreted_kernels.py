@@ -205,6 +205,7 @@ def check_indexer_fp8() -> None:
 
 
 def check_attention_cmp_len() -> None:
+    from dsv4.kernels import rope
     from dsv4.kernels.sparse_attention import (AttnConfig, sparse_attention_ref,
                                                sparse_attention_triton)
     T, H, D, r, Nw, Nc, Kw, Kc, BK = 4, 16, 128, 64, 40, 300, 20, 96, 16
@@ -235,6 +236,13 @@ def check_attention_cmp_len() -> None:
                                         cmp_len=n)
             assert torch.equal(a, b), "rows past cmp_len changed the output"
             assert (a.float() - ref.float()).abs().max() < 3e-2
+            # the inverse RoPE of the output, in the split merge or by rope_ after it
+            pos, freqs = torch.randint(0, 131072, (T,), generator=G), torch.rand(r // 2) * 0.5
+            c = sparse_attention_triton(q, sink, 0.1, win, new, widx, cmp, clean, r, cfg,
+                                        out_rope=(pos, freqs))
+            rope.use_triton = lambda t: True
+            want = rope.rope_(a.clone(), pos, freqs, r, inverse=True)
+            assert torch.equal(c, want), f"out_rope, {splits} splits"
     finally:
         torch.empty = empty
 

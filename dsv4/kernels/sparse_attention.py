@@ -25,6 +25,7 @@ import torch
 from . import HAS_TRITON, num_sms, use_triton
 from .pdl import pdl
 from .kv_fp8 import unpack_kv_fp8
+from .rope import rope_
 
 _log = logging.getLogger(__name__)
 _WG_FAILED: list[str] = []  # set once the Gluon kernel failed to build here: Triton from then on
@@ -137,6 +138,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from .pdl import pdl_start
+    from .rope import cos_sin, turn
 
     _LOG2E = 1.4426950408889634
 
@@ -281,12 +283,13 @@ if HAS_TRITON:
                      o.to(o_ptr.dtype.element_ty), mask=hmask[:, None] & dmask[None, :])
 
     @triton.jit(do_not_specialize=["T"])
-    def _combine_kernel(sink_ptr, part_o_ptr, part_ml_ptr, o_ptr, T, H, S,
+    def _combine_kernel(sink_ptr, part_o_ptr, part_ml_ptr, o_ptr, pos_ptr, f_ptr, T, H, S,
                         stride_ot, stride_oh, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
+                        BLOCK_H: tl.constexpr, ROPE: tl.constexpr = 0, PDL: tl.constexpr = False):
         """Merge S partial softmaxes (unnormalised acc, max m, sum l, log2 units) and the sink,
         for one token, BLOCK_H heads and BLOCK_D of the D dims (a slice per CTA: at decode batch
-        1 whole rows would leave all but a few SMs idle)."""
+        1 whole rows would leave all but a few SMs idle). ROPE > 0: then the inverse RoPE of
+        the last ROPE dims (`out_rope`), as `rope._rope_kernel` computes it."""
         pdl_start(PDL)
         t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -314,13 +317,25 @@ if HAS_TRITON:
                 acc = acc * alpha[:, None] + a * beta[:, None]
                 m = m_new
         o = acc / l_i[:, None]
+        if ROPE > 0:  # the output rounded, pairs (2i, 2i+1) of the last ROPE dims turned back
+            o = o.to(o_ptr.dtype.element_ty).to(tl.float32)
+            e, od = tl.split(tl.reshape(o, (BLOCK_H, BLOCK_D // 2, 2)))
+            j = tl.program_id(2) * (BLOCK_D // 2) + tl.arange(0, BLOCK_D // 2)
+            fi = j - (D - ROPE) // 2
+            rot = (fi >= 0) & (j < D // 2)
+            ang = tl.load(pos_ptr + t).to(tl.float32) * tl.load(f_ptr + fi, mask=rot, other=0.0)
+            cs, sn = cos_sin(ang, rot)
+            e2, o2 = turn(e, od, cs[None, :], -sn[None, :])
+            o = tl.reshape(tl.join(tl.where(rot[None, :], e2, e), tl.where(rot[None, :], o2, od)),
+                           (BLOCK_H, BLOCK_D))
         tl.store(o_ptr + t * stride_ot + h[:, None] * stride_oh + d[None, :],
                  o.to(o_ptr.dtype.element_ty), mask=mask2)
 
     def sparse_attention_triton(q, sink, scale, win_cache, win_new, win_idx, cmp_cache=None,
                                 cmp_idx=None, rope_dim: int = 64,
                                 config: AttnConfig | None = None,
-                                cmp_len: torch.Tensor | None = None) -> torch.Tensor:
+                                cmp_len: torch.Tensor | None = None,
+                                out_rope: tuple | None = None) -> torch.Tensor:
         """Launcher: checks shapes and dtypes once, chooses the split, runs 1 or 2 kernels.
         `cmp_len` [T] (optional): token t's valid compressed rows are the first cmp_len[t]
         entries of its cmp_idx row (-1 after them): the kernels stop there."""
@@ -366,8 +381,11 @@ if HAS_TRITON:
             raise ValueError(f"cmp_len {tuple(cmp_len.shape)} does not fit {T} tokens")
         cmp_len = cmp_len.contiguous() if cmp_len is not None and Kc else None
         sink = sink.float().contiguous()
+        if out_rope is not None:
+            out_rope = (out_rope[0].contiguous(),
+                        out_rope[1].to(device=q.device, dtype=torch.float32).contiguous())
         inputs = (q, sink, o, win_cache, win_new, win_idx, cmp_cache, cmp_idx, cmp_len, Kw, Kc,
-                  scale * _LOG2E, rope_dim)
+                  scale * _LOG2E, rope_dim, out_rope)
         if wg_applies(q, fp8, rope_dim, cfg):
             try:
                 return _launch(cfg, True, *inputs)
@@ -384,8 +402,9 @@ if HAS_TRITON:
 
     def _launch(cfg: AttnConfig, wg: bool, q, sink, o, win_cache, win_new, win_idx, cmp_cache,
                 cmp_idx, cmp_len, Kw: int, Kc: int, qk_scale: float,
-                rope_dim: int) -> torch.Tensor:
-        """Split the row lists, run the Gluon (wg) or Triton kernel, merge the splits."""
+                rope_dim: int, out_rope: tuple | None = None) -> torch.Tensor:
+        """Split the row lists, run the Gluon (wg) or Triton kernel, merge the splits (and turn
+        the output back by its RoPE: in the merge, or by `rope_` when there is none)."""
         T, H, D = q.shape
         fp8 = win_cache.dtype == torch.uint8
         BK, BH = cfg.block_k, min(cfg.block_h, max(16, triton.next_power_of_2(H)))
@@ -443,19 +462,28 @@ if HAS_TRITON:
                 num_stages=cfg.num_stages, **pdl())
         if splits > 1:
             cd = min(BD, 128)
+            pos, freqs = out_rope if out_rope is not None else (o, o)
             _combine_kernel[(T, triton.cdiv(H, 16), triton.cdiv(D, cd))](
-                sink, part_o, part_ml, o, T, H, splits, o.stride(0), o.stride(1),
-                D=D, BLOCK_D=cd, BLOCK_H=16, num_warps=4, **pdl())
+                sink, part_o, part_ml, o, pos, freqs, T, H, splits, o.stride(0), o.stride(1),
+                D=D, BLOCK_D=cd, BLOCK_H=16, ROPE=rope_dim if out_rope is not None else 0,
+                num_warps=4, **pdl())
+        elif out_rope is not None:
+            rope_(o, out_rope[0], out_rope[1], rope_dim, inverse=True)
         return o
 
 
 def sparse_attention(q, sink, scale, win_cache, win_new, win_idx, cmp_cache=None, cmp_idx=None,
-                     rope_dim: int = 64, cmp_len=None):
+                     rope_dim: int = 64, cmp_len=None, out_rope: tuple | None = None):
     """`cmp_len` [T] (optional, GPU kernels only): the valid entries of each cmp_idx row are
     its first cmp_len[t] (-1 after): under CUDA graphs the rows are as wide as the graphs'
-    context length allows, and the kernels' work then follows the context."""
+    context length allows, and the kernels' work then follows the context. `out_rope` (pos
+    [T], freqs [r/2]): the output's last rope_dim dims turned back by `rope_(..., inverse=True)`
+    (SPEC.md 5.4), inside the split merge when there is one."""
     if use_triton(q) and q.dtype in (torch.bfloat16, torch.float32):
         return sparse_attention_triton(q, sink, scale, win_cache, win_new, win_idx, cmp_cache,
-                                       cmp_idx, rope_dim, cmp_len=cmp_len)
-    return sparse_attention_ref(q, sink, scale, win_cache, win_new, win_idx, cmp_cache, cmp_idx,
-                                rope_dim)
+                                       cmp_idx, rope_dim, cmp_len=cmp_len, out_rope=out_rope)
+    o = sparse_attention_ref(q, sink, scale, win_cache, win_new, win_idx, cmp_cache, cmp_idx,
+                             rope_dim)
+    if out_rope is not None:
+        o = rope_(o.contiguous(), out_rope[0], out_rope[1], rope_dim, inverse=True)
+    return o

@@ -111,12 +111,13 @@ class DeepseekV4Attention(nn.Module):
             cmp_idx = (self.indexer(qr, u, batch, cache, compressed=True, ready=side.join)
                        if self.ratio == 4 else cand)
         side.join()
+        # the output's rope dims turned back (inverse RoPE) by the attention op itself
         o = sparse_attention(q, self.attn_sink, D ** -0.5, cache.flat(cache.win), kv,
-                             batch.window_index, cmp_rows, cmp_idx, self.rope_dim, cmp_len)
+                             batch.window_index, cmp_rows, cmp_idx, self.rope_dim, cmp_len,
+                             out_rope=(pos, self.freqs))
         tok, dst = batch.ring_writes(cache.window_rows)
         cache.store_win(dst, kv, tok)  # kv[tok], gathered by the store
 
-        o = rope_(o.contiguous(), pos, self.freqs, rd, inverse=True)
         o = o.reshape(T, self.groups, H * D // self.groups)
         scale = self.wo_a.scale if self.wo_a.fmt == "fp8" else None
         z = grouped_linear(o, self.wo_a.weight, scale)  # [T, G, o_lora]

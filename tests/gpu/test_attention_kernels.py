@@ -182,6 +182,32 @@ def test_sparse_attention_gluon_kernel_matches_reference(H, topk, block_k, stage
     assert rel_err(out, tri) < 1e-2, f"rel err against Triton {rel_err(out, tri):.2e}"
 
 
+@pytest.mark.parametrize("kernel", ["gluon", "triton"])
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16_rows", "fp8_rows"])
+@pytest.mark.parametrize("H,splits", [(64, 0), (64, 5), (128, 1), (128, 3)])
+def test_sparse_attention_out_rope_is_rope_after(H, splits, fp8, kernel):
+    """The output's inverse RoPE inside the attention op (`out_rope`: in the split merge, or
+    `rope_` after an unsplit launch) is bit for bit `rope_(inverse=True)` on its output."""
+    from dsv4.config import ModelConfig
+    from dsv4.kernels.kv_fp8 import pack_kv_fp8
+    from dsv4.kernels.rope import rope_
+    from dsv4.kernels.sparse_attention import AttnConfig, sparse_attention_triton
+    from dsv4.model.rope import rope_frequencies
+    batch = make_batch([(5000, 1), (3, 1), (W + 1, 1), (300, 1)])
+    q, sink, wc, wn, wi, cc, ci = attention_inputs(batch, H, 4, 512, torch.bfloat16, seed=H)
+    if fp8:
+        wc, cc = pack_kv_fp8(wc), pack_kv_fp8(cc)
+    pos = torch.randint(0, 131072, (q.shape[0],), device=DEV)
+    freqs = rope_frequencies(ModelConfig.preset("flash"), 4)
+    for qq in (q, q[:1]):  # batch 4 and batch 1
+        cfg = AttnConfig(block_k=32, num_stages=2, splits=splits, kernel=kernel)
+        plain = sparse_attention_triton(qq, sink, D ** -0.5, wc, wn[:len(qq)], wi[:len(qq)], cc,
+                                        ci[:len(qq)], config=cfg)
+        got = sparse_attention_triton(qq, sink, D ** -0.5, wc, wn[:len(qq)], wi[:len(qq)], cc,
+                                      ci[:len(qq)], config=cfg, out_rope=(pos[:len(qq)], freqs))
+        assert torch.equal(got, rope_(plain, pos[:len(qq)], freqs, R, inverse=True))
+
+
 def test_sparse_attention_split_matches_unsplit():
     from dsv4.kernels.sparse_attention import AttnConfig, sparse_attention_triton
     batch = make_batch([(5000, 1), (3, 1)])
