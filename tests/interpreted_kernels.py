@@ -434,6 +434,8 @@ def check_small_ops() -> None:
     assert (fl.linear_f32(xh1, wh) - xh1.double() @ wh.double().t()).abs().max() < 1e-5
     xb = xf.bfloat16()  # a bf16 linear's decode rows: rounded in the GEMV's store
     assert torch.equal(fl.gemv_rounded(xb, wf), fl.linear_f32(xb, wf).bfloat16())
+    y = fl.gemv_rounded(xb, wf)  # the indexer's head weights: (x W^T) * c, each rounded
+    assert torch.equal(fl.gemv_rounded(xb, wf, 0.0123), y * 0.0123), "scaled GEMV"
 
     kvm = mods["kv_fp8"]
     rows_in = torch.randn(11, 512, generator=G).bfloat16()

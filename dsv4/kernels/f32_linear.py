@@ -87,15 +87,17 @@ def gemv_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
             and x.shape[1] <= GEMV_MAX_K and w.dtype in (torch.bfloat16, torch.float32))
 
 
-def gemv_rounded(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def gemv_rounded(x: torch.Tensor, w: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """`linear_f32(x, w)` rounded once to x's dtype, in the GEMV's own store (no cast kernel
-    after it): a bf16 linear's decode rows (`BF16Linear`); requires `gemv_applies`."""
-    return _gemv(x, w, out_dtype=x.dtype)
+    after it): a bf16 linear's decode rows (`BF16Linear`); requires `gemv_applies`. `scale`:
+    then times scale in fp32, rounded again, as `y * scale` on the rounded y computes it."""
+    return _gemv(x, w, out_dtype=x.dtype, scale=scale)
 
 
 def _gemv(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None = None,
-          out_dtype: torch.dtype = torch.float32):
-    """x @ w^T (and x @ w2^T, same shape, in the same launch) in fp32, stored as out_dtype."""
+          out_dtype: torch.dtype = torch.float32, scale: float | None = None):
+    """x @ w^T (and x @ w2^T, same shape, in the same launch) in fp32, stored as out_dtype
+    (and with `scale`, multiplied by it in fp32 and stored again as out_dtype)."""
     m, k = x.shape
     n = w.shape[0]
     if w.shape[1] != k:
@@ -108,7 +110,8 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None = None,
     warps = max(1, min(16, bn * bk // 2048))  # 64 weight elements a thread
     nb = triton.cdiv(n, bn)
     _gemv_kernel[(nb * (2 if w2 is not None else 1),)](
-        x, w, y, w2.contiguous() if w2 is not None else w, y2, nb, m, n, k, BN=bn, BK=bk,
+        x, w, y, w2.contiguous() if w2 is not None else w, y2, nb, m, n, k,
+        float(scale) if scale is not None else 1.0, BN=bn, BK=bk, SCALED=scale is not None,
         num_warps=warps, **pdl())
     return y if w2 is None else (y, y2)
 
@@ -120,8 +123,9 @@ if HAS_TRITON:
     from .pdl import pdl_start
 
     @triton.jit(do_not_specialize=["M"])
-    def _gemv_kernel(x_ptr, w_ptr, y_ptr, w2_ptr, y2_ptr, NB, M, N, K, BN: tl.constexpr,
-                     BK: tl.constexpr, PDL: tl.constexpr = False):
+    def _gemv_kernel(x_ptr, w_ptr, y_ptr, w2_ptr, y2_ptr, NB, M, N, K, scale,
+                     BN: tl.constexpr, BK: tl.constexpr, SCALED: tl.constexpr = False,
+                     PDL: tl.constexpr = False):
         """y[:, rows] = x.float() @ w[rows].float()^T for BN whole weight rows (K <= BK), every
         weight byte loaded at once; the few x rows come from L2. Row blocks NB and up belong
         to the second weight (w2 -> y2)."""
@@ -129,11 +133,13 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         if pid >= NB:
             w_ptr, y_ptr, pid = w2_ptr, y2_ptr, pid - NB
-        _gemv_rows(x_ptr, w_ptr, y_ptr, pid, M, N, K, BN, BK)
+        _gemv_rows(x_ptr, w_ptr, y_ptr, pid, M, N, K, BN, BK, scale, SCALED)
 
     @triton.jit
-    def _gemv_rows(x_ptr, w_ptr, y_ptr, pid, M, N, K, BN: tl.constexpr, BK: tl.constexpr):
-        """Row block pid of `_gemv_kernel` (also the MoE gate's, `moe_gate.py`)."""
+    def _gemv_rows(x_ptr, w_ptr, y_ptr, pid, M, N, K, BN: tl.constexpr, BK: tl.constexpr,
+                   scale, SCALED: tl.constexpr):
+        """Row block pid of `_gemv_kernel` (also the MoE gate's, `moe_gate.py`); SCALED: the
+        stored y times scale in fp32, stored again."""
         rows = pid * BN + tl.arange(0, BN)
         k = tl.arange(0, BK)
         kok = k < K
@@ -141,5 +147,7 @@ if HAS_TRITON:
                     mask=(rows < N)[:, None] & kok[None, :], other=0.0).to(tl.float32)
         for m in range(M):
             xm = tl.load(x_ptr + m * K + k, mask=kok, other=0.0).to(tl.float32)
-            tl.store(y_ptr + m * N + rows, tl.sum(w * xm[None, :], 1).to(y_ptr.dtype.element_ty),
-                     mask=rows < N)
+            y = tl.sum(w * xm[None, :], 1).to(y_ptr.dtype.element_ty)
+            if SCALED:
+                y = (y.to(tl.float32) * scale).to(y_ptr.dtype.element_ty)
+            tl.store(y_ptr + m * N + rows, y, mask=rows < N)

@@ -119,7 +119,7 @@ if HAS_TRITON:
         ... as e4m3 codes and scales; the last CTA routes every token and writes the plan."""
         pdl_start(PDL)
         pid = tl.program_id(0)
-        _gemv_rows(u_ptr, w_ptr, z_ptr, pid, T, E, D, BN, BK)
+        _gemv_rows(u_ptr, w_ptr, z_ptr, pid, T, E, D, BN, BK, 1.0, False)
         rows = tl.arange(0, TP)
         row_ok = rows < T
         c = tl.arange(0, 128)

@@ -47,7 +47,7 @@ class Indexer(nn.Module):
         # one launch on the GPU
         q = rope_hadamard_fp4(self.wq_b.split_k(qr), self.n_heads, batch.positions,
                               self.freqs, r, self.qat, qr.dtype)
-        w = self.weights_proj(u) * (c ** -0.5 * self.total_heads ** -0.5)  # [T, nI]
+        w = self.weights_proj.scaled(u, c ** -0.5 * self.total_heads ** -0.5)  # [T, nI]
         reduce = self.tp.all_reduce if self.tp.size > 1 else None  # heads' partial scores
         keys = cache.idx.view(-1, cache.idx.shape[-1])  # [rows, c], or packed FP4 bytes
         if ready is not None:

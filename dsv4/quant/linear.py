@@ -65,6 +65,13 @@ class BF16Linear(Linear):
             return f32_linear.gemv_rounded(x, self.weight)
         return torch.nn.functional.linear(x, self.weight.to(x.dtype))
 
+    def scaled(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """`self(x) * scale` (each rounded to x's dtype); decode rows in one GEMV launch."""
+        if (x.dim() == 2 and x.dtype == self.weight.dtype == torch.bfloat16
+                and f32_linear.gemv_applies(x, self.weight)):
+            return f32_linear.gemv_rounded(x, self.weight, scale)
+        return self(x) * scale
+
     def dequantize(self) -> torch.Tensor:
         return self.weight.float()
 

@@ -656,6 +656,8 @@ def test_bf16_linear_decode_rows_take_the_gemv(m):
         assert torch.equal(got, torch.nn.functional.linear(x, lin.weight))
     want = (x.double() @ lin.weight.double().t())
     assert ((got.double() - want).abs() <= want.abs() * 2.0 ** -8 + 1e-6).all()
+    scale = 128 ** -0.5 * 64 ** -0.5  # the indexer's head weights: scaled in the GEMV's store
+    assert torch.equal(lin.scaled(x, scale), got * scale)
 
 
 @pytest.mark.parametrize("func", ["sqrtsoftplus", "sigmoid", "softmax"])
