@@ -187,7 +187,9 @@ def test_sparse_attention_gluon_kernel_matches_reference(H, topk, block_k, stage
 @pytest.mark.parametrize("H,splits", [(64, 0), (64, 5), (128, 1), (128, 3)])
 def test_sparse_attention_out_rope_is_rope_after(H, splits, fp8, kernel):
     """The output's inverse RoPE inside the attention op (`out_rope`: in the split merge, or
-    `rope_` after an unsplit launch) is bit for bit `rope_(inverse=True)` on its output."""
+    `rope_` after an unsplit launch) is `rope_(inverse=True)` on its output: the same fp32
+    operations, equal but where the two kernels' compiled FMAs round a pair differently (a
+    bf16 step at most; 4 of these 16 cases had such elements on the H200)."""
     from dsv4.config import ModelConfig
     from dsv4.kernels.kv_fp8 import pack_kv_fp8
     from dsv4.kernels.rope import rope_
@@ -205,7 +207,11 @@ def test_sparse_attention_out_rope_is_rope_after(H, splits, fp8, kernel):
                                         ci[:len(qq)], config=cfg)
         got = sparse_attention_triton(qq, sink, D ** -0.5, wc, wn[:len(qq)], wi[:len(qq)], cc,
                                       ci[:len(qq)], config=cfg, out_rope=(pos[:len(qq)], freqs))
-        assert torch.equal(got, rope_(plain, pos[:len(qq)], freqs, R, inverse=True))
+        want = rope_(plain, pos[:len(qq)], freqs, R, inverse=True).float()
+        got = got.float()
+        assert torch.equal(got[..., :D - R], want[..., :D - R])  # the other dims untouched
+        assert ((got - want).abs() <= want.abs() * 2.0 ** -7 + 1e-6).all()
+        assert (got == want).float().mean().item() > 0.99
 
 
 def test_sparse_attention_split_matches_unsplit():
