@@ -13,7 +13,9 @@ Reference (CPU and tests): loop over the experts that received tokens, as the mo
 GPU (no host synchronisation, a fixed number of launches whatever the routing):
 1. `act_quant_fp8(u)`: every expert's w1/w3 sees the same per-token FP8 input.
 2. The routing plan (`moe_plan.py`): slots grouped by expert into blocks of BT rows, so
-   every GEMM CTA learns its expert from one load.
+   every GEMM CTA learns its expert from one load. (`moe_gate_forward`, the model's entry on
+   one rank, starts from the gate instead: for 1-4 tokens the gate, the routing, this plan
+   and step 1 are one launch, `moe_gate.py`.)
 3. `_moe_gemm_kernel` GATE_UP: per block, g = w1 x and v = w3 x for BW intermediate channels
    (FP4 decoded in the kernel, or FP8). MXFP4 decodes either to bf16 with the scale folded in
    (one bf16 MMA per chunk) or, by default for up to 16 tokens per expert, to e4m3 for FP8
