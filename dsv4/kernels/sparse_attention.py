@@ -382,6 +382,10 @@ if HAS_TRITON:
         cmp_len = cmp_len.contiguous() if cmp_len is not None and Kc else None
         sink = sink.float().contiguous()
         if out_rope is not None:
+            if out_rope[0].shape != (T,) or out_rope[1].numel() != rope_dim // 2:
+                raise ValueError(f"out_rope: {tuple(out_rope[0].shape)} positions and "
+                                 f"{out_rope[1].numel()} frequencies do not fit {T} tokens and "
+                                 f"rope_dim {rope_dim}")
             out_rope = (out_rope[0].contiguous(),
                         out_rope[1].to(device=q.device, dtype=torch.float32).contiguous())
         inputs = (q, sink, o, win_cache, win_new, win_idx, cmp_cache, cmp_idx, cmp_len, Kw, Kc,
@@ -478,7 +482,7 @@ def sparse_attention(q, sink, scale, win_cache, win_new, win_idx, cmp_cache=None
     its first cmp_len[t] (-1 after): under CUDA graphs the rows are as wide as the graphs'
     context length allows, and the kernels' work then follows the context. `out_rope` (pos
     [T], freqs [r/2]): the output's last rope_dim dims turned back by `rope_(..., inverse=True)`
-    (SPEC.md 5.4), inside the split merge when there is one."""
+    (SPEC.md 5, step 5), inside the split merge when there is one."""
     if use_triton(q) and q.dtype in (torch.bfloat16, torch.float32):
         return sparse_attention_triton(q, sink, scale, win_cache, win_new, win_idx, cmp_cache,
                                        cmp_idx, rope_dim, cmp_len=cmp_len, out_rope=out_rope)
