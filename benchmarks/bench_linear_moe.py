@@ -161,13 +161,13 @@ EXPERT_FORMAT = ["fp4"]  # --experts: the routed experts' format (fp4 = official
 
 
 def random_experts(n_exp: int, d: int, inter: int):
-    """Official layout: MXFP4 routed experts (or `--experts`), FP8 shared expert, random codes
-    and scales."""
+    """Official layout: MXFP4 routed experts (or `--experts`), FP8 shared expert (bf16 beside
+    bf16 experts, as in a bf16 checkpoint), random codes and scales."""
     fmt = EXPERT_FORMAT[0]
     with torch.device(DEV):
         experts = torch.nn.ModuleList(Expert(d, inter, fmt, 10.0, torch.bfloat16)
                                       for _ in range(n_exp))
-        shared = Expert(d, inter, "fp8", 10.0, torch.bfloat16)
+        shared = Expert(d, inter, shared_format(), 10.0, torch.bfloat16)
     for m in experts:
         for lin in (m.w1, m.w2, m.w3):
             if fmt == "fp4":
@@ -178,10 +178,18 @@ def random_experts(n_exp: int, d: int, inter: int):
                 w = torch.randn(lin.out_features, lin.in_features, device=DEV)
                 lin.set_float(w / lin.in_features ** 0.5)
     for lin in (shared.w1, shared.w2, shared.w3):
+        if shared_format() == "bf16":
+            lin.set_float(torch.randn(lin.out_features, lin.in_features, device=DEV)
+                          / lin.in_features ** 0.5)
+            continue
         w, s = quantize_fp8(torch.randn(lin.out_features, lin.in_features, device=DEV)
                             / lin.in_features ** 0.5)
         lin.weight.copy_(w), lin.scale.copy_(s)
     return experts, shared
+
+
+def shared_format() -> str:
+    return "bf16" if EXPERT_FORMAT[0] == "bf16" else "fp8"
 
 
 def expert_bytes(lin) -> int:
@@ -290,8 +298,8 @@ def moe_table(quick: bool) -> None:
     cfgs = [("Flash", 256, 4096, 2048), ("Pro", 384, 7168, 3072)]
     tokens = MOE_TOKENS or [1, 8, 64, 512, 4096, 32768]
     k = 6
-    print(f"\n## MoE layer (top-6 {EXPERT_FORMAT[0]} experts + FP8 shared expert, bf16, routing "
-          "given)\n")
+    print(f"\n## MoE layer (top-6 {EXPERT_FORMAT[0]} experts + {shared_format()} shared expert, "
+          "bf16, routing given)\n")
     print("| model | tokens | dsv4 us | TFLOP/s | %bf16 peak | expert GB/s | %HBM | experts read | "
           "torch reference us |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -386,7 +394,7 @@ def main() -> None:
     ap.add_argument("--grouped-mm", action="store_true",
                     help="MoE table: also time the dequantise + torch grouped GEMM path "
                          "(DSV4_MOE_GROUPED_MM) from 512 tokens")
-    ap.add_argument("--experts", choices=["fp4", "nvfp4", "fp8"], default="fp4",
+    ap.add_argument("--experts", choices=["fp4", "nvfp4", "fp8", "bf16"], default="fp4",
                     help="routed experts' format in the MoE table and sweep")
     args = ap.parse_args()
     SWEEP_TOKENS.extend(args.tokens)

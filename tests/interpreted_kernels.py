@@ -570,11 +570,13 @@ def check_moe() -> None:
              dict(bt=16, bw1=128, bw2=64, kc=64, split1=1, split2=1, warps=4, stages=1, dec=0),
              dict(bt=64, bw1=128, bw2=128, kc=64, split1=1, split2=1, warps=4, stages=1, dec=0,
                   abf=True)]
-    for fmt, shared_fmt in (("fp4", "fp8"), ("fp8", "fp8"), ("fp4", "fp4"), ("nvfp4", "fp8")):
+    for fmt, shared_fmt in (("fp4", "fp8"), ("fp8", "fp8"), ("fp4", "fp4"), ("nvfp4", "fp8"),
+                            ("bf16", "bf16")):
         experts, shared = _random_experts(fmt, shared_fmt, d, inter, n_exp)
         main, extra = km._tables(experts, shared, torch.device("cpu"))
         grouped = gm.applies(torch.zeros(1, d, dtype=torch.bfloat16), main, extra)
-        assert grouped == (fmt != "nvfp4")  # NVFP4's scaled weights are not bf16 values
+        # NVFP4's scaled weights are not bf16 values; bf16 experts run the fused kernels
+        assert grouped == (fmt in ("fp4", "fp8"))
         w13, w2 = (gm.dequantize_experts(main, extra, n_exp + 1, d, inter, torch.device("cpu"))
                    if grouped else (None, None))
         for e, m in enumerate([shared, *experts] if grouped else []):

@@ -50,6 +50,9 @@ in FP8, so each GEMM is then launched twice, once per format, over disjoint bloc
 batches the shared expert's launch runs on a side stream, beside the routed experts' launch.
 Rounding follows the reference: each linear's output is rounded to the working dtype before
 the fp32 SwiGLU / sum, h is rounded before its quantisation.
+bf16 experts (bf16 checkpoints, in the bf16 working dtype) take the same launches with bf16
+weights (`FMT_BF16`): their linears quantise nothing, so the GEMMs read u and h as they are
+(the `abf` loads) and h is stored unquantised. In float32 mode they keep the torch path.
 Prefill-sized calls can instead run on dequantised bf16 experts and torch's grouped GEMM
 (from ~160 routed slots per expert: `moe_grouped_mm.py`), with this routing plan and the SwiGLU
 and combine kernels.
@@ -66,11 +69,11 @@ from . import HAS_TRITON, num_sms, use_triton
 from .pdl import l2_prefetch_depth, pdl
 from .f32_linear import linear_f32
 from .moe_plan import route_plan
-from .quant_linear import (FMT_FP8, FMT_MXFP4, FMT_NVFP4, act_quant_fp8, act_quant_values,
-                           sum_parts)
+from .quant_linear import (FMT_BF16, FMT_FP8, FMT_MXFP4, FMT_NVFP4, act_quant_fp8,
+                           act_quant_values, sum_parts)
 from .routing import route
 
-_FMT_CODES = {"fp8": FMT_FP8, "fp4": FMT_MXFP4, "nvfp4": FMT_NVFP4}
+_FMT_CODES = {"fp8": FMT_FP8, "fp4": FMT_MXFP4, "nvfp4": FMT_NVFP4, "bf16": FMT_BF16}
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -135,10 +138,12 @@ def _kernel_supported(u, experts, shared) -> bool:
 
 
 def _tensors(lin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(weight, block scale, global scale) of one linear; FP8/MXFP4 have no global scale, the
-    weight stands in (never read)."""
+    """(weight, block scale, global scale) of one linear; FP8/MXFP4 have no global scale, bf16
+    no scale at all: the weight stands in (never read)."""
     if lin.fmt == "nvfp4":
         return lin.weight, lin.weight_scale, lin.weight_scale_2
+    if lin.fmt == "bf16":
+        return lin.weight, lin.weight, lin.weight
     return lin.weight, lin.scale, lin.weight
 
 
@@ -152,7 +157,7 @@ class _Tables:
         self.fmt = _FMT_CODES[mods[0].w1.fmt]
         self.ptrs = {}
         for name in ("w1", "w3", "w2"):
-            if self.fmt != FMT_FP8:  # FP4: the kernels' layout, in place (to_kernel_layout)
+            if self.fmt in (FMT_MXFP4, FMT_NVFP4):  # the kernels' layout, in place
                 for m in mods:
                     getattr(m, name).to_kernel_layout()
             ts = [_tensors(getattr(m, name)) for m in mods]
@@ -167,8 +172,9 @@ _TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def _tables(experts, shared, device) -> tuple[_Tables, _Tables | None] | None:
     """Pointer tables for the kernels, cached per expert list: (plan experts [shared,
     routed...], None) when all share one format, else (routed, shared); None when the kernels
-    do not cover these experts (bf16 weights, sizes not multiples of 128, mixed routed formats,
-    weights not 16-byte aligned)."""
+    do not cover these experts (sizes not multiples of 128, mixed routed formats, bf16 experts
+    beside quantised ones or held in another dtype (float32 mode), weights not 16-byte
+    aligned)."""
     # Keyed by the shared expert: one per MoE layer, and a module (the routed experts may come
     # as a plain list).
     # without a shared expert, routed expert 0 stands in as plan expert 0 (it gets no slots)
@@ -185,7 +191,11 @@ def _tables(experts, shared, device) -> tuple[_Tables, _Tables | None] | None:
     d, inter = experts[0].w1.in_features, experts[0].w1.out_features
     fmts = {lin.fmt for m in experts for lin in (m.w1, m.w2, m.w3)}
     shared_fmts = {lin.fmt for lin in (lead.w1, lead.w2, lead.w3)}
+    unquantised = "bf16" in fmts | shared_fmts
     if (len(fmts) != 1 or len(shared_fmts) != 1 or not (fmts | shared_fmts) <= set(_FMT_CODES)
+            or (unquantised and (fmts != shared_fmts or any(
+                getattr(m, n).weight.dtype != torch.bfloat16 for m in (lead, *experts)
+                for n in ("w1", "w3", "w2"))))
             or d % 128 or inter % 128 or lead.w1.out_features != inter
             or any(t.data_ptr() % 16 for m in (lead, *experts) for n in ("w1", "w3", "w2")
                    for t in _tensors(getattr(m, n))[:2])):  # the kernel assumes 16-byte rows
@@ -213,7 +223,7 @@ def moe_config(t: int, k: int, n_routed: int, d: int, inter: int, sms: int) -> d
     GPU idle with one CTA per (weight tile, expert): they split K across CTAs (fp32 partial
     sums, reduced by the SwiGLU and combine kernels, so results stay deterministic). The
     splits are the best of a sweep on an H200 (`bench_linear_moe.py --only sweep`, Flash
-    shapes: T = 1 -> 4/4, 8 -> 2/2, 64 -> 1/1 with the e4m3 decode), scaled by the SM count.
+    shapes: T = 1 -> 4/4, 2-16 -> 2/1, 64 -> 1/1 with the e4m3 decode), scaled by the SM count.
     `dec` picks the MXFP4 decode (`_mxfp4_mma8`): 0 bf16 MMA, 1-2 e4m3 MMA per 32-block (2 =
     4 bytes per instruction: 18-20% faster than 0 at T = 1-64 on the H200)."""
     bt = _block_tokens(t, k, n_routed)
@@ -233,7 +243,10 @@ def moe_config(t: int, k: int, n_routed: int, d: int, inter: int, sms: int) -> d
                     split1=1 if bt >= 128 else 2, split2=1, warps=4 if bt <= 16 else 8,
                     stages=3, dec=0, abf=True)
     scale = sms / 132
-    split1, split2 = (4, 4) if t <= 2 else (2, 2) if t <= 16 else (1, 1)
+    # T = 2 and 8 (H200, `--only sweep --tokens 1 2 8`, twenty-fifth session): split 2 / 1
+    # 96.6 / 267.8 us against 102.0 / 278.6 for 4 / 4 and 2 / 2; T = 1 keeps 4 / 4 (63.6 us,
+    # the sweep's best 61.4, within its noise)
+    split1, split2 = (4, 4) if t <= 1 else (2, 1) if t <= 16 else (1, 1)
     # `overlap`: a separate shared-expert launch (FP8 beside FP4 experts) runs on a side
     # stream; H200, Flash, same run: T = 1 72.5 -> 64.8 us, 8: 283 -> 273, 64: 1101 -> 1115
     # `finish`: the K-split gate/up's SwiGLU in its own launch's last CTAs (FINISH_SWIGLU,
@@ -359,8 +372,13 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
     # the inputs reach the tensor cores straight from memory instead of being scaled per chunk
     limit = float(experts[0].limit)
     main, extra = _tables(experts, shared, dev)
-    abf = bool(c.get("abf")) and c["dec"] == 0 and main.fmt != FMT_FP8
-    if abf:
+    # bf16 experts (bf16 checkpoints) take the working-dtype activations and h as they are:
+    # their linears quantise nothing (SPEC.md 3 applies to FP8 / FP4 weights)
+    unq = main.fmt == FMT_BF16
+    abf = unq or (bool(c.get("abf")) and c["dec"] == 0 and main.fmt != FMT_FP8)
+    if unq:
+        q, s = u, u.new_empty(0, dtype=torch.float32)
+    elif abf:
         q, s = act_quant_values(u), u.new_empty(0, dtype=torch.float32)
     elif pre is not None:
         q, s = pre[4:]
@@ -375,7 +393,7 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
     else:
         groups = [(extra, 0, 1, 0, shared_blocks), (main, 1, n_exp, shared_blocks, routed_blocks)]
     common = dict(ROUND=u.dtype == torch.bfloat16, HAS_LIMIT=limit > 0, BT=bt,
-                  KC=c["kc"], DEC=c["dec"], ABF=abf, num_warps=c["warps"],
+                  KC=c["kc"], DEC=c["dec"], ABF=abf, QH=not unq, num_warps=c["warps"],
                   num_stages=c["stages"], PREFETCH=int(c.get("prefetch", l2_prefetch_depth())))
     split1, split2 = c["split1"], c["split2"]
     per1 = triton.cdiv(d // 128, split1)
@@ -385,6 +403,10 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
     part1 = (torch.empty(split1, n_pos, 2 * inter, dtype=torch.float32, device=dev)
              if partial1 else hq)
     overlap = c.get("overlap", False) and u.is_cuda
+    if unq:  # a K-block of bf16 weights and inputs is 4x MXFP4's bytes: the pipeline's stages
+        # (each the 128-deep K-block's tiles) must fit in shared memory (227 KB a CTA on an H200)
+        per_stage = 256 * max((1 if partial1 else 2) * c["bw1"] + bt, c["bw2"] + bt)
+        common["num_stages"] = max(1, min(common["num_stages"], (192 << 10) // per_stage))
 
     # the SwiGLU of split partials in the gate/up launch's last CTA of each 128 channels
     # (allocated by any eager call, so that the CUDA graphs captured later find them)
@@ -405,7 +427,7 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
         _swiglu_kernel[(inter // 128, n_blocks)](
             part1, *plan, wgt, hq, hs, inter, n_exp, k1, limit, n_pos * 2 * inter,
             ROUND=common["ROUND"], HAS_LIMIT=limit > 0, BT=bt, SPLIT=split1, HBF=abf,
-            num_warps=4, **pdl())
+            QH=not unq, num_warps=4, **pdl())
     # 4. down: y rows = slots (split K: fp32 partial sums per split)
     per2 = triton.cdiv(inter // 128, split2)
     split2 = triton.cdiv(inter // 128, per2)
@@ -444,10 +466,12 @@ if HAS_TRITON:
                                _mma_fp8, _quant_block)
 
     @triton.jit
-    def _swiglu_quant(g, v, rw, limit, ROUND: tl.constexpr, HAS_LIMIT: tl.constexpr):
+    def _swiglu_quant(g, v, rw, limit, ROUND: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                      QH: tl.constexpr = True):
         """g = w1 x, v = w3 x [R, 128] fp32, routing weights rw [R] -> w2's FP8 input
         (e4m3 [R, 128], scale [R]): the clamped SwiGLU of SPEC.md 7, rounded as the reference
-        rounds (the linears return the working dtype, h is rounded before its quantisation)."""
+        rounds (the linears return the working dtype, h is rounded before its quantisation).
+        Without QH (bf16 experts) h itself (fp32, rounded when ROUND) and scales of 1."""
         if ROUND:
             g = g.to(tl.bfloat16).to(tl.float32)
             v = v.to(tl.bfloat16).to(tl.float32)
@@ -457,7 +481,11 @@ if HAS_TRITON:
         h = g / (1.0 + tl.exp(-g)) * v * rw[:, None]
         if ROUND:
             h = h.to(tl.bfloat16).to(tl.float32)
-        return _quant_block(h)
+        if QH:
+            hq, hs = _quant_block(h)
+        else:
+            hq, hs = h, tl.full((h.shape[0],), 1.0, tl.float32)
+        return hq, hs
 
     @triton.jit
     def _routing_weight(wgt_ptr, slot, ok, k1):
@@ -475,7 +503,7 @@ if HAS_TRITON:
                          BT: tl.constexpr, KC: tl.constexpr,
                          TWO: tl.constexpr, DEC: tl.constexpr = 0, ABF: tl.constexpr = False,
                          PREFETCH: tl.constexpr = 0, FINISH: tl.constexpr = False,
-                         PDL: tl.constexpr = False):
+                         QH: tl.constexpr = True, PDL: tl.constexpr = False):
         """One (weight tile, block, K-split) of a grouped GEMM; grid (N/BW, blocks of this
         launch, splits). Without SPLIT the tile is finished here (GATE_UP: SwiGLU + FP8 h;
         else y in the working dtype); with SPLIT it writes fp32 partial sums. ABF (bf16 MMA
@@ -486,7 +514,8 @@ if HAS_TRITON:
         then one a step. FINISH (GATE_UP and SPLIT, BW <= 128): the last CTA to write a
         partial of a (block, 128 channels) finishes it as `_swiglu_kernel` would (h into h_ptr
         and out_s_ptr), counted in count_ptr [blocks, N / 128] (zero between launches: the
-        last CTA puts it back), which saves that kernel's launch."""
+        last CTA puts it back), which saves that kernel's launch. W_FMT 3 (FMT_BF16, with ABF
+        and not QH): bf16 weights [N, K] and inputs, h written unquantised."""
         pdl_start(PDL)
         b = blk_lo + tl.program_id(1)
         e, ok, pos, slot = _block_rows(b, slots_ptr, blk_exp_ptr, blk_rows_ptr, BT)
@@ -513,7 +542,7 @@ if HAS_TRITON:
         # is its own load instruction (the tables hold torch allocations, 256-byte aligned)
         ws = tl.multiple_of(s_addr.to(tl.pointer_type(tl.uint8)), 16)
         ws3 = tl.multiple_of(tl.load(s3_tab + wi).to(tl.pointer_type(tl.uint8)), 16)
-        ty = tl.float8e4nv if W_FMT == 0 else tl.uint8
+        ty = tl.float8e4nv if W_FMT == 0 else (tl.bfloat16 if W_FMT == 3 else tl.uint8)
         w = tl.multiple_of(w_addr.to(tl.pointer_type(ty)), 16)
         w3 = tl.multiple_of(tl.load(w3_tab + wi).to(tl.pointer_type(ty)), 16)
         if GATE_UP:
@@ -597,12 +626,16 @@ if HAS_TRITON:
                     # FP4 experts hold the kernels' layout (mxfp4_to_kernel_layout)
                     if W_FMT == 1:
                         wc = _mxfp4_bf16(w_row + kb * 4096, cw, c, row_ok, KC)
+                    elif W_FMT == 3:
+                        wc = _bf16_chunk(w, rows, row_ok, kb * 128 + c * KC, K, KC)
                     else:
                         wc = _fp4_chunk(w, ws, rows, row_ok, kb, c, K, True, KC, True)
                     acc = tl.dot(wc, a, acc)
                     if TWO:
                         if W_FMT == 1:
                             wc = _mxfp4_bf16(w3_row + kb * 4096, cw3, c, row_ok, KC)
+                        elif W_FMT == 3:
+                            wc = _bf16_chunk(w3, rows, row_ok, kb * 128 + c * KC, K, KC)
                         else:
                             wc = _fp4_chunk(w3, ws3, rows, row_ok, kb, c, K, True, KC, True)
                         acc3 = tl.dot(wc, a, acc3)
@@ -619,12 +652,13 @@ if HAS_TRITON:
                 if FINISH:
                     _finish_swiglu(out_ptr, count_ptr, h_ptr, out_s_ptr, wgt_ptr, b, tile, pos,
                                    ok, slot, N, k1, limit, part_stride, ROUND, HAS_LIMIT, BW,
-                                   BT, ABF)
+                                   BT, ABF, QH)
             else:
                 tl.store(part + slot[None, :].to(tl.int64) * N + rows[:, None], acc, mask=mask)
         elif GATE_UP:
             rw = _routing_weight(wgt_ptr, slot, ok, k1)
-            hq, hs = _swiglu_quant(tl.trans(acc), tl.trans(acc3), rw, limit, ROUND, HAS_LIMIT)
+            hq, hs = _swiglu_quant(tl.trans(acc), tl.trans(acc3), rw, limit, ROUND, HAS_LIMIT,
+                                   QH)
             _store_h(out_ptr, out_s_ptr, pos, ok, rows, tl.program_id(0), N, hq, hs, ABF)
         else:
             tl.store(out_ptr + slot[None, :].to(tl.int64) * N + rows[:, None], acc, mask=mask)
@@ -633,17 +667,25 @@ if HAS_TRITON:
     def _prefetch_w(w, w3, tile, rows, N, K, kb, n, W_FMT: tl.constexpr, BW: tl.constexpr,
                     TWO: tl.constexpr):
         """Request K-blocks kb .. kb+n-1 of this CTA's weight tile (and w3's) into L2."""
-        if W_FMT == 0:  # [N, K] rows: a run of n * 128 bytes a row
+        if W_FMT == 0 or W_FMT == 3:  # [N, K] rows: a run of n * 128 elements a row
             r = tl.minimum(rows, N - 1).to(tl.int64) * K + kb * 128
-            l2_prefetch(w + r, n * 128, True)
+            nbytes = n * 128 * (2 if W_FMT == 3 else 1)
+            l2_prefetch(w + r, nbytes, True)
             if TWO:
-                l2_prefetch(w3 + r, n * 128, True)
+                l2_prefetch(w3 + r, nbytes, True)
         else:  # the kernels' layout: a 64-row group's K-blocks are one run of bytes
             for g in tl.static_range(BW // 64):
                 at = (tile * (BW // 64) + g).to(tl.int64) * (32 * K) + kb * 4096
                 l2_prefetch_one(w + at, n * 4096, True)
                 if TWO:
                     l2_prefetch_one(w3 + at, n * 4096, True)
+
+    @triton.jit
+    def _bf16_chunk(w, rows, row_ok, k0, K, KC: tl.constexpr):
+        """Columns k0 .. k0+KC of bf16 weight rows [N, K] (rows [BW]) -> [BW, KC]."""
+        k = k0 + tl.arange(0, KC)
+        return tl.load(w + rows[:, None].to(tl.int64) * K + k[None, :], mask=row_ok[:, None],
+                       other=0.0)
 
     @triton.jit
     def _store_h(h_ptr, hs_ptr, pos, ok, cols, cb, N, hq, hs, BF: tl.constexpr):
@@ -734,7 +776,8 @@ if HAS_TRITON:
     @triton.jit
     def _finish_swiglu(part_ptr, count_ptr, h_ptr, hs_ptr, wgt_ptr, b, tile, pos, ok, slot, N,
                        k1, limit, part_stride, ROUND: tl.constexpr, HAS_LIMIT: tl.constexpr,
-                       BW: tl.constexpr, BT: tl.constexpr, HBF: tl.constexpr):
+                       BW: tl.constexpr, BT: tl.constexpr, HBF: tl.constexpr,
+                       QH: tl.constexpr):
         """After a CTA's partial of block b: count it for its 128 channels (g and v tiles of
         every K split); the last one sums the partials (in split order, as `_swiglu_kernel`)
         and writes h. The partial stores are released by the barrier and the counter's
@@ -754,14 +797,15 @@ if HAS_TRITON:
                 g += tl.load(p + off, mask=ok[:, None], other=0.0, cache_modifier=".cg")
                 v += tl.load(p + off + N, mask=ok[:, None], other=0.0, cache_modifier=".cg")
             hq, hs = _swiglu_quant(g, v, _routing_weight(wgt_ptr, slot, ok, k1), limit, ROUND,
-                                   HAS_LIMIT)
+                                   HAS_LIMIT, QH)
             _store_h(h_ptr, hs_ptr, pos, ok, cols, cb, N, hq, hs, HBF)
 
     @triton.jit
     def _swiglu_kernel(part_ptr, slots_ptr, blk_exp_ptr, blk_rows_ptr, wgt_ptr, hq_ptr, hs_ptr,
                        N, n_exp, k1, limit, part_stride, ROUND: tl.constexpr,
                        HAS_LIMIT: tl.constexpr, BT: tl.constexpr, SPLIT: tl.constexpr,
-                       HBF: tl.constexpr = False, PDL: tl.constexpr = False):
+                       HBF: tl.constexpr = False, QH: tl.constexpr = True,
+                       PDL: tl.constexpr = False):
         """Split-K gate/up: sum the partial g, v of one (128 channels, block), then SwiGLU and
         FP8 h as the unsplit kernel's epilogue; grid (N/128, blocks)."""
         pdl_start(PDL)
@@ -778,7 +822,7 @@ if HAS_TRITON:
             g += tl.load(p + off, mask=ok[:, None], other=0.0)
             v += tl.load(p + off + N, mask=ok[:, None], other=0.0)
         hq, hs = _swiglu_quant(g, v, _routing_weight(wgt_ptr, slot, ok, k1), limit, ROUND,
-                               HAS_LIMIT)
+                               HAS_LIMIT, QH)
         _store_h(hq_ptr, hs_ptr, pos, ok, cols, tl.program_id(0), N, hq, hs, HBF)
 
     @triton.jit

@@ -36,6 +36,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Weight formats as the kernels know them (constexpr W_FMT).
 FMT_FP8, FMT_MXFP4, FMT_NVFP4 = 0, 1, 2
+FMT_BF16 = 3  # unquantised bf16 weights (bf16 checkpoints' experts, `moe.py`)
 # Up to SMALL_M tokens the GEMM is memory-bound: narrow token tiles and split K. Up to
 # FUSED_QUANT_MAX_M tokens it also quantises x itself (one launch fewer); by M = 128 the
 # redundant per-tile quantisation costs more than the act_quant launch (H200: 15.2 vs 13.3 us,

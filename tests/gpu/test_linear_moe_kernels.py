@@ -228,6 +228,8 @@ def _random_moe(n_exp, d, inter, fmt, shared_fmt, dtype, seed=0):
                 lin.weight.view(torch.uint8).copy_(torch.randint_like(lin.weight, 0, 256, dtype=torch.uint8))
                 e = 127 - 2 - (kk.bit_length() - 1) // 2
                 lin.scale.view(torch.uint8).copy_(torch.randint_like(lin.scale, e - 1, e + 2, dtype=torch.uint8))
+            elif lin.fmt == "bf16":
+                lin.weight.copy_(torch.randn_like(lin.weight) * 2 / kk ** 0.5)
             else:
                 lin.weight.copy_(torch.randint_like(lin.weight, 0, 256))
                 lin.weight_scale.copy_(torch.rand_like(lin.weight_scale, dtype=torch.float32) * 3.5 + 0.5)
@@ -503,6 +505,23 @@ def test_moe_same_format_shared_expert_rides_along(fmt, monkeypatch):
     _check_moe(experts, shared, [1, 200], ["uniform", "hash"], monkeypatch)
 
 
+@pytest.mark.parametrize("cfg", [None, dict(bw1=64, bw2=64, kc=64, split1=4, split2=2),
+                                 dict(bw1=128, bw2=32, kc=128, split1=1, split2=8),
+                                 dict(bw1=64, bw2=64, kc=128, split1=2, split2=1, finish=False)],
+                         ids=["default", "split", "fused-gate", "swiglu-launch"])
+def test_moe_bf16_experts_take_the_kernels(cfg, monkeypatch):
+    """bf16 checkpoints' experts (and shared expert) run the grouped kernels with bf16 inputs,
+    weights and h, nothing quantised, as their reference linears; the float32 model keeps the
+    torch path."""
+    experts, shared = _random_moe(64, 4096, 2048, "bf16", "bf16", torch.bfloat16, seed=13)
+    assert moe_kernels._tables(experts, shared, torch.device(DEV)) is not None
+    tokens = [1, 2, 7, 16, 64, 700, 1500] if cfg is None else [1, 7, 64]
+    _check_moe(experts, shared, tokens, ["uniform", "skewed", "hash"], monkeypatch,
+               tol=1e-2, cfg=cfg)
+    f32, sh32 = _random_moe(4, 1024, 512, "bf16", "bf16", torch.float32, seed=14)
+    assert moe_kernels._tables(f32, sh32, torch.device(DEV)) is None
+
+
 def test_moe_float32_mode(monkeypatch):
     experts, shared = _random_moe(16, 1024, 512, "fp4", "fp8", torch.float32, seed=3)
     _check_moe(experts, shared, [5, 100], ["uniform"], monkeypatch, dtype=torch.float32, tol=5e-3)
@@ -521,13 +540,15 @@ def test_moe_runs_without_host_synchronisation(flash_fp4):
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.parametrize("fmt", ["fp4", "bf16"])
 @pytest.mark.parametrize("layer", [0, 5], ids=["hash", "dense"])
-def test_moe_module_kernels_equal_torch_path(layer, monkeypatch):
+def test_moe_module_kernels_equal_torch_path(layer, fmt, monkeypatch):
     cfg = ModelConfig.preset("flash").replace(n_routed_experts=32)
+    linear = "fp8" if fmt == "fp4" else fmt
     with torch.device(DEV):
-        moe = MoE(cfg, layer, QuantScheme(linear="fp8", experts="fp4"), f"layers.{layer}.ffn",
+        moe = MoE(cfg, layer, QuantScheme(linear=linear, experts=fmt), f"layers.{layer}.ffn",
                   torch.bfloat16)
-    fresh, shared = _random_moe(32, 4096, 2048, "fp4", "fp8", torch.bfloat16, seed=4)
+    fresh, shared = _random_moe(32, 4096, 2048, fmt, linear, torch.bfloat16, seed=4)
     moe.experts.load_state_dict(fresh.state_dict())
     moe.shared_experts.load_state_dict(shared.state_dict())
     moe.gate.weight.copy_(torch.randn_like(moe.gate.weight) / 64)
@@ -541,7 +562,7 @@ def test_moe_module_kernels_equal_torch_path(layer, monkeypatch):
     got = sum_slots(rows, u.dtype)
     monkeypatch.setenv("DSV4_DISABLE_TRITON", "1")
     err = rel_err(got, moe(u, ids))
-    print(f"MoE module layer {layer}: rel err {err:.2e}")
+    print(f"MoE module layer {layer} {fmt}: rel err {err:.2e}")
     assert err < 1e-2
 
 
