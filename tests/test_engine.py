@@ -496,6 +496,26 @@ def test_warm_up_leaves_no_trace():
     assert tokens(run(eng, [(p, GREEDY)])) == fresh
 
 
+def test_warm_up_fills_the_step_budget_with_several_prompts_under_a_short_context():
+    """With max_model_len under the step budget no one prompt makes a large step: the warm-up
+    makes the full-budget step and the ladder's larger steps out of several prompts of the
+    longest allowed length, so serving's batched prefills meet warmed-up shapes."""
+    eng = make_engine(max_num_batched_tokens=16, max_model_len=10)
+    chunks, lengths = [], []
+    real_run, real_add = eng.runner.run, eng.add_request
+    eng.runner.run = lambda c: chunks.append(sum(len(x.tokens) for x in c)) or real_run(c)
+    eng.add_request = lambda rid, ids, params: lengths.append(len(ids)) or real_add(rid, ids,
+                                                                                 params)
+    eng.warm_up()
+    eng.runner.run, eng.add_request = real_run, real_add
+    # prompts of at most 8 tokens: the budget as 8 + 8, the ladder 5, 7, 9 = 8 + 1,
+    # 13 = 8 + 5, then the longest prompt the context allows (9)
+    assert lengths == [8, 8, 5, 7, 8, 1, 8, 5, 9], lengths
+    for total in (16, 9, 13):
+        assert total in chunks, (total, chunks)
+    assert not eng.requests and eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
 def test_warm_up_lengths_meet_both_sides_of_every_power_of_two():
     for budget in (16, 100, 2048, 8192):
         ladder = warm_up_lengths(budget)

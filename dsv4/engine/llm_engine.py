@@ -298,7 +298,9 @@ class LLMEngine:
         prefill step, then the rest of the second prompt beside the first one's decode, then
         decodes; a step of `max_num_batched_tokens` is thus known to fit beside the KV cache),
         then one prompt at a time of each length on `warm_up_lengths`: the kernels' launch
-        parameters follow the tokens of a step in power-of-two bands; then each of those
+        parameters follow the tokens of a step in power-of-two bands (where `max_model_len`
+        is shorter than the step budget, those steps are made of several prompts, as serving
+        will make them: the full-budget step too); then each of those
         lengths again as the second chunk of a prompt (budget + length tokens): the same bands
         of tokens at a context of a full chunk (top-k over more candidates than it keeps,
         the few-token steps of a conversation's next turn); last, one long prompt
@@ -328,9 +330,18 @@ class LLMEngine:
         cap = min(self.max_model_len - 1,  # in half the free blocks
                   self.block_manager.num_free_blocks // 2 * BLOCK_TOKENS - 1)
         longest = min(5 * n + 1, cap)
-        lengths = warm_up_lengths(n)
-        stages = ([((n - 3, n), 2)] + [((length,), 1) for length in lengths]
-                  + [((n + length,), 1) for length in lengths if n + length <= cap]
+        seqs = self.scheduler.max_num_seqs
+
+        def prompts_of(total: int) -> tuple[int, ...]:
+            # a step of `total` tokens: one prompt, or, past the longest prompt the context
+            # allows, as many of those as it takes (and max_num_seqs allows) in one step
+            if total <= n:
+                return (total,)
+            return tuple(([n] * (total // n) + ([total % n] if total % n else []))[:seqs])
+
+        full = ((n - 3, n) if n == budget else prompts_of(budget), 2)
+        stages = ([full] + [(prompts_of(length), 1) for length in warm_up_lengths(budget)]
+                  + [((n + length,), 1) for length in warm_up_lengths(n) if n + length <= cap]
                   + ([((longest,), 1)] if longest > n else []))
         runner = self.runner
         graphs, drafts = runner.graphs, runner.draft_graphs
