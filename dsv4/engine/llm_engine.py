@@ -332,15 +332,20 @@ class LLMEngine:
         longest = min(5 * n + 1, cap)
         seqs = self.scheduler.max_num_seqs
 
-        def prompts_of(total: int) -> tuple[int, ...]:
-            # a step of `total` tokens: one prompt, or, past the longest prompt the context
-            # allows, as many of those as it takes (and max_num_seqs allows) in one step
+        def prompts_of(total: int, most: int) -> tuple[int, ...]:
+            # a step of `total` tokens: one prompt, or, past `most` tokens, as many prompts of
+            # `most` as it takes (and max_num_seqs allows) in one step
             if total <= n:
                 return (total,)
-            return tuple(([n] * (total // n) + ([total % n] if total % n else []))[:seqs])
+            return tuple(([most] * (total // most) + ([total % most] if total % most else []))
+                         [:seqs])
 
-        full = ((n - 3, n) if n == budget else prompts_of(budget), 2)
-        stages = ([full] + [(prompts_of(length), 1) for length in warm_up_lengths(budget)]
+        # several prompts a step: the full one of the longest prompts, the ladder's of prompts
+        # of a multiple of 64 tokens (as benchmarks send: their lists' widths, a multiple of
+        # 16, are launch arguments Triton compiles variants for)
+        filler = n - n % 64 if n >= 64 else n
+        full = ((n - 3, n) if n == budget else prompts_of(budget, n), 2)
+        stages = ([full] + [(prompts_of(length, filler), 1) for length in warm_up_lengths(budget)]
                   + [((n + length,), 1) for length in warm_up_lengths(n) if n + length <= cap]
                   + ([((longest,), 1)] if longest > n else []))
         runner = self.runner
