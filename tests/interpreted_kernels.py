@@ -561,7 +561,7 @@ def check_moe() -> None:
     """The MoE kernels (`moe.py`'s fused GEMMs with each of their decodes, and the grouped-GEMM
     path of `moe_grouped_mm.py`, whose dequantised experts must be the modules' exact weights)
     against the torch reference: MXFP4 experts with an FP8 or MXFP4 shared expert, FP8 experts,
-    NVFP4 experts (fused kernels only), small and large routing plans, an expert that takes every token and experts that take
+    NVFP4 and bf16 experts (fused kernels only), small and large routing plans, an expert that takes every token and experts that take
     none, a token sent to one expert twice, slots marked for another rank's expert."""
     from dsv4.kernels import moe as km
     from dsv4.kernels import moe_grouped_mm as gm
@@ -608,7 +608,8 @@ def check_moe() -> None:
         _finish_swiglu_same(km, fmt, shared_fmt, fused[0])  # split gate/up, last CTAs
         if fmt == "fp8":
             _check_route_plan()
-        if fmt == "fp4" and shared_fmt == "fp8":  # expert parallelism: other ranks' slots
+        # expert parallelism: other ranks' slots
+        if (fmt, shared_fmt) in (("fp4", "fp8"), ("bf16", "bf16")):
             for t in (5, 70, 300):
                 u = torch.randn(t, d, generator=G).bfloat16()
                 idx = torch.stack([torch.randperm(n_exp, generator=G)[:k] for _ in range(t)])
