@@ -561,7 +561,8 @@ def check_moe() -> None:
     """The MoE kernels (`moe.py`'s fused GEMMs with each of their decodes, and the grouped-GEMM
     path of `moe_grouped_mm.py`, whose dequantised experts must be the modules' exact weights)
     against the torch reference: MXFP4 experts with an FP8 or MXFP4 shared expert, FP8 experts,
-    NVFP4 and bf16 experts (fused kernels only), small and large routing plans, an expert that takes every token and experts that take
+    NVFP4 and bf16 experts (fused kernels only), MXFP4 and NVFP4 experts beside a bf16 shared
+    expert, small and large routing plans, an expert that takes every token and experts that take
     none, a token sent to one expert twice, slots marked for another rank's expert."""
     from dsv4.kernels import moe as km
     from dsv4.kernels import moe_grouped_mm as gm
@@ -570,13 +571,16 @@ def check_moe() -> None:
              dict(bt=16, bw1=128, bw2=64, kc=64, split1=1, split2=1, warps=4, stages=1, dec=0),
              dict(bt=64, bw1=128, bw2=128, kc=64, split1=1, split2=1, warps=4, stages=1, dec=0,
                   abf=True)]
+    # bf16 routed experts beside a quantised shared one stay on the torch path
+    assert km._tables(*_random_experts("bf16", "fp8", d, inter, 2), torch.device("cpu")) is None
     for fmt, shared_fmt in (("fp4", "fp8"), ("fp8", "fp8"), ("fp4", "fp4"), ("nvfp4", "fp8"),
-                            ("bf16", "bf16")):
+                            ("bf16", "bf16"), ("nvfp4", "bf16"), ("fp4", "bf16")):
         experts, shared = _random_experts(fmt, shared_fmt, d, inter, n_exp)
         main, extra = km._tables(experts, shared, torch.device("cpu"))
         grouped = gm.applies(torch.zeros(1, d, dtype=torch.bfloat16), main, extra)
-        # NVFP4's scaled weights are not bf16 values; bf16 experts run the fused kernels
-        assert grouped == (fmt in ("fp4", "fp8"))
+        # NVFP4's scaled weights are not bf16 values; bf16 experts, and a bf16 shared expert
+        # (computed by its own linears), run the fused kernels
+        assert grouped == (fmt in ("fp4", "fp8") and shared_fmt != "bf16")
         w13, w2 = (gm.dequantize_experts(main, extra, n_exp + 1, d, inter, torch.device("cpu"))
                    if grouped else (None, None))
         for e, m in enumerate([shared, *experts] if grouped else []):

@@ -48,6 +48,9 @@ The shared expert is plan expert 0 and rides in the same launches when its weigh
 the routed experts' (FP8 or NVFP4 checkpoints); official FP4 checkpoints keep the shared expert
 in FP8, so each GEMM is then launched twice, once per format, over disjoint blocks; for small
 batches the shared expert's launch runs on a side stream, beside the routed experts' launch.
+A bf16 shared expert beside quantised routed experts (NVFP4 checkpoints whose exclude list
+names `shared_experts`) runs through its own linears instead, its output (bf16, as the
+reference's) written into each token's slot-0 row for the combine or the slot rows.
 Rounding follows the reference: each linear's output is rounded to the working dtype before
 the fp32 SwiGLU / sum, h is rounded before its quantisation.
 bf16 experts (bf16 checkpoints, in the bf16 working dtype) take the same launches with bf16
@@ -172,9 +175,11 @@ _TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def _tables(experts, shared, device) -> tuple[_Tables, _Tables | None] | None:
     """Pointer tables for the kernels, cached per expert list: (plan experts [shared,
     routed...], None) when all share one format, else (routed, shared); None when the kernels
-    do not cover these experts (sizes not multiples of 128, mixed routed formats, bf16 experts
-    beside quantised ones or held in another dtype (float32 mode), weights not 16-byte
-    aligned)."""
+    do not cover these experts (sizes not multiples of 128, mixed routed formats, bf16 routed
+    experts beside a quantised shared one, bf16 weights held in another dtype (float32 mode),
+    weights not 16-byte aligned). A bf16 shared expert beside quantised routed ones (NVFP4
+    checkpoints that leave `shared_experts` unquantised) gets a table of format FMT_BF16:
+    `_moe_cuda` runs it through its own linears."""
     # Keyed by the shared expert: one per MoE layer, and a module (the routed experts may come
     # as a plain list).
     # without a shared expert, routed expert 0 stands in as plan expert 0 (it gets no slots)
@@ -191,11 +196,11 @@ def _tables(experts, shared, device) -> tuple[_Tables, _Tables | None] | None:
     d, inter = experts[0].w1.in_features, experts[0].w1.out_features
     fmts = {lin.fmt for m in experts for lin in (m.w1, m.w2, m.w3)}
     shared_fmts = {lin.fmt for lin in (lead.w1, lead.w2, lead.w3)}
-    unquantised = "bf16" in fmts | shared_fmts
+    bf16_off = ((fmts == {"bf16"} and shared_fmts != fmts)
+                or any(lin.fmt == "bf16" and lin.weight.dtype != torch.bfloat16
+                       for m in (lead, *experts) for lin in (m.w1, m.w3, m.w2)))
     if (len(fmts) != 1 or len(shared_fmts) != 1 or not (fmts | shared_fmts) <= set(_FMT_CODES)
-            or (unquantised and (fmts != shared_fmts or any(
-                getattr(m, n).weight.dtype != torch.bfloat16 for m in (lead, *experts)
-                for n in ("w1", "w3", "w2"))))
+            or bf16_off
             or d % 128 or inter % 128 or lead.w1.out_features != inter
             or any(t.data_ptr() % 16 for m in (lead, *experts) for n in ("w1", "w3", "w2")
                    for t in _tensors(getattr(m, n))[:2])):  # the kernel assumes 16-byte rows
@@ -388,8 +393,13 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
                      device=dev)
     hs = torch.empty(n_pos, 0 if abf else inter // 128, dtype=torch.float32, device=dev)
     # launches: (tables, first plan expert, end plan expert, first block, blocks)
+    # a bf16 shared expert beside quantised routed experts: its own linears (below), its
+    # plan blocks left to them
+    own_shared = extra is not None and extra.fmt == FMT_BF16
     if extra is None:
         groups = [(main, 0, n_exp, 0, n_blocks)]
+    elif own_shared:
+        groups = [(main, 1, n_exp, shared_blocks, routed_blocks)]
     else:
         groups = [(extra, 0, 1, 0, shared_blocks), (main, 1, n_exp, shared_blocks, routed_blocks)]
     common = dict(ROUND=u.dtype == torch.bfloat16, HAS_LIMIT=limit > 0, BT=bt,
@@ -442,6 +452,12 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
             W_FMT=tab.fmt, GATE_UP=False, SPLIT=split2 > 1, TWO=False, BW=c["bw2"], **common,
             **pdl())
     _run_groups(groups, down, overlap)
+    if own_shared:  # slot 0 of each token: the shared expert's output (bf16, as its reference
+        # returns it), in the first K split's row (the others zero)
+        rows = ys.view(split2, t, k1, d)[:, :, 0]
+        rows[0] = shared(u)
+        if split2 > 1:
+            rows[1:] = 0
     if parts:  # step 5 left to the consumer: every slot row is written (one rank, shared)
         return ys.view(split2, t, k1, d)
     # 5. sum the slots of each token (and the K-splits of each slot)

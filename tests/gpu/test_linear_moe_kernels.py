@@ -522,6 +522,25 @@ def test_moe_bf16_experts_take_the_kernels(cfg, monkeypatch):
     assert moe_kernels._tables(f32, sh32, torch.device(DEV)) is None
 
 
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp4"])
+def test_moe_bf16_shared_expert_beside_quantised_experts(fmt, monkeypatch):
+    """NVFP4 checkpoints that leave `shared_experts` unquantised (their exclude list): the
+    routed experts take the kernels, the bf16 shared expert its own linears, summed as the
+    reference sums them (and as slot rows for hc_post), eager and under CUDA graphs."""
+    experts, shared = _random_moe(32, 4096, 2048, fmt, "bf16", torch.bfloat16, seed=15)
+    main, extra = moe_kernels._tables(experts, shared, torch.device(DEV))
+    assert extra is not None and extra.fmt == moe_kernels.FMT_BF16
+    _check_moe(experts, shared, [1, 2, 7, 64, 300], ["uniform", "skewed", "hash"], monkeypatch)
+    u = torch.randn(4, 4096, device=DEV).bfloat16()
+    idx, wgt = _routing(4, 32, 6, "uniform")
+    eager = moe_forward(u, idx, wgt, experts, shared)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = moe_forward(u, idx, wgt, experts, shared)
+    g.replay()
+    assert torch.equal(out, eager)
+
+
 def test_moe_float32_mode(monkeypatch):
     experts, shared = _random_moe(16, 1024, 512, "fp4", "fp8", torch.float32, seed=3)
     _check_moe(experts, shared, [5, 100], ["uniform"], monkeypatch, dtype=torch.float32, tol=5e-3)
