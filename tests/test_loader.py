@@ -22,7 +22,8 @@ from dsv4.loader import (CheckpointError, add_make_tiny_cli, load_model, tiny_co
 from dsv4.loader.cli import main as make_tiny_main
 from dsv4.model.model import DeepseekV4Model
 from dsv4.model.parallel import shard_state_dict
-from dsv4.quant.formats import dequant_mxfp4, mxfp4_to_fp8, quantize_fp8, quantize_nvfp4
+from dsv4.quant.formats import (dequant_mxfp4, dequant_nvfp4, mxfp4_to_fp8, quantize_fp8,
+                                 quantize_nvfp4)
 from dsv4.quant.linear import FP4Linear, Linear
 from dsv4.quant.scheme import QuantScheme
 from model_helpers import prefill_logits  # noqa: E402
@@ -277,6 +278,34 @@ def test_nvfp4_excluded_modules_may_keep_the_official_fp8(checkpoints, tmp_path)
     loaded = load_model(path, dtype="float32")
     assert loaded.model.get_submodule("layers.1.attn.wq_b").fmt == "fp8"
     assert loaded.model.get_submodule("layers.1.attn.indexer.wq_b").fmt == "fp8"
+    want = logits(spec_reference(path, loaded.config))
+    assert (logits(loaded.model) - want).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("pattern", ["*.ffn.shared_experts.*", "*.shared_experts"])
+def test_nvfp4_shared_experts_on_the_exclude_list_load_in_bf16(checkpoints, tmp_path, pattern):
+    # ModelOpt's NVFP4 exports of DeepSeek-V4 leave the shared experts unquantised, with
+    # patterns that name their linears ("*.ffn.shared_experts.*") or the module
+    path = Path(shutil.copytree(checkpoints["nvfp4"], tmp_path / "nv"))
+
+    def shared_to_bf16(tensors):
+        for name in [n for n in tensors if ".shared_experts." in n and n.endswith(".weight")]:
+            stem = name[:-len("weight")]
+            w = dequant_nvfp4(tensors[name], tensors.pop(stem + "weight_scale"),
+                              tensors.pop(stem + "weight_scale_2"))
+            tensors.pop(stem + "input_scale", None)
+            tensors[name] = w.bfloat16()
+    edit_tensors(path, shared_to_bf16)
+    for file, key in (("config.json", "quantization_config"),
+                      ("hf_quant_config.json", "quantization")):
+        if (path / file).exists():
+            cfg = json.loads((path / file).read_text())
+            cfg[key]["exclude_modules"] = cfg[key]["exclude_modules"] + [pattern]
+            (path / file).write_text(json.dumps(cfg))
+    loaded = load_model(path, dtype="float32")
+    shared = loaded.model.get_submodule("layers.1.ffn.shared_experts")
+    assert {lin.fmt for lin in (shared.w1, shared.w2, shared.w3)} == {"bf16"}
+    assert loaded.model.get_submodule("layers.1.ffn.experts.0.w1").fmt == "nvfp4"
     want = logits(spec_reference(path, loaded.config))
     assert (logits(loaded.model) - want).abs().max() < 1e-4
 

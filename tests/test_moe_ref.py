@@ -176,3 +176,23 @@ def test_finish_counters_are_zero_and_outlive_growth(monkeypatch):
     capturing = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert km._counts(capturing, 10) is None and capturing not in km._COUNTS
+
+
+def test_expert_format_reads_exclude_patterns_for_the_module_or_its_linears():
+    from dsv4.config import ConfigError
+    from dsv4.loader.layout import LoaderScheme
+    from dsv4.model.moe import expert_format
+    for pat in ("*.ffn.shared_experts.*", "*.shared_experts", "layers.*.ffn.shared_experts*"):
+        scheme = QuantScheme(linear="nvfp4", experts="nvfp4", exclude=[pat])
+        assert expert_format(scheme, "layers.3.ffn.shared_experts") == "bf16", pat
+        assert expert_format(scheme, "layers.3.ffn.experts.7", expert=True) == "nvfp4", pat
+    mtp = QuantScheme(linear="nvfp4", experts="nvfp4", exclude=["mtp.*"])
+    assert expert_format(mtp, "mtp.0.ffn.experts.1", expert=True) == "bf16"
+    assert expert_format(QuantScheme(linear="fp8", experts="fp4"), "layers.0.ffn.experts.0",
+                         expert=True) == "fp4"
+    # a loader that finds one linear stored in FP8 and the others not: named, not guessed
+    odd = LoaderScheme(QuantScheme(linear="nvfp4", experts="nvfp4", exclude=["*.shared_experts.*"]),
+                       {"layers.0.ffn.shared_experts.w1": "fp8"})
+    with pytest.raises(ConfigError, match="shared_experts: its linears w1, w2, w3 come in "
+                                          "different formats"):
+        expert_format(odd, "layers.0.ffn.shared_experts")

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ConfigError
 from ..distributed import SINGLE, ParallelGroup
 from ..kernels.f32_linear import linear_f32
 from ..kernels.moe import moe_forward, moe_gate_forward
@@ -64,6 +65,19 @@ class Expert(nn.Module):
         return self.w2(h.to(u.dtype))
 
 
+def expert_format(scheme, name: str, expert: bool = False) -> str:
+    """One storage format for the expert module `name` and its linears w1, w2, w3. Exclude
+    patterns (NVFP4 checkpoints) may name the linears (`*.ffn.shared_experts.*`, ModelOpt's
+    way) or the module (`*.shared_experts`), and a loader may override each linear."""
+    default = scheme.experts if expert else scheme.linear
+    per_linear = {scheme.format_for(f"{name}.{w}", expert) for w in ("w1", "w2", "w3")}
+    if len(per_linear) > 1:
+        raise ConfigError(f"{name}: its linears w1, w2, w3 come in different formats "
+                          f"({', '.join(sorted(per_linear))}); an expert takes one")
+    fmt = per_linear.pop()
+    return fmt if fmt != default else scheme.format_for(name, expert)
+
+
 class MoE(nn.Module):
     """Routed experts + shared expert. With expert parallelism each rank holds a contiguous
     range of the routed experts (keyed by their global id, as in the checkpoint) and a slice of
@@ -81,11 +95,11 @@ class MoE(nn.Module):
         self.first, n_local = tp.split(cfg.n_routed_experts, "n_routed_experts")
         self.experts = nn.ModuleDict({
             str(e): Expert(d, cfg.moe_intermediate_size,
-                           scheme.format_for(f"{prefix}.experts.{e}", expert=True),
+                           expert_format(scheme, f"{prefix}.experts.{e}", expert=True),
                            cfg.swiglu_limit, dtype)
             for e in range(self.first, self.first + n_local)})
         _, inter = tp.split(cfg.moe_intermediate_size, "moe_intermediate_size")
-        self.shared_experts = Expert(d, inter, scheme.format_for(f"{prefix}.shared_experts"),
+        self.shared_experts = Expert(d, inter, expert_format(scheme, f"{prefix}.shared_experts"),
                                      cfg.swiglu_limit, dtype)
         self._local = list(self.experts.values())
 
