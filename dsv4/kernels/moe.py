@@ -196,9 +196,13 @@ def _tables(experts, shared, device) -> tuple[_Tables, _Tables | None] | None:
     d, inter = experts[0].w1.in_features, experts[0].w1.out_features
     fmts = {lin.fmt for m in experts for lin in (m.w1, m.w2, m.w3)}
     shared_fmts = {lin.fmt for lin in (lead.w1, lead.w2, lead.w3)}
+    # a bf16 shared expert beside quantised routed ones runs its own linears (any dtype); the
+    # kernels read bf16 weights only as bf16
+    own_shared = shared_fmts == {"bf16"} and fmts != shared_fmts
+    read = list(experts) + ([] if own_shared else [lead])
     bf16_off = ((fmts == {"bf16"} and shared_fmts != fmts)
                 or any(lin.fmt == "bf16" and lin.weight.dtype != torch.bfloat16
-                       for m in (lead, *experts) for lin in (m.w1, m.w3, m.w2)))
+                       for m in read for lin in (m.w1, m.w3, m.w2)))
     if (len(fmts) != 1 or len(shared_fmts) != 1 or not (fmts | shared_fmts) <= set(_FMT_CODES)
             or bf16_off
             or d % 128 or inter % 128 or lead.w1.out_features != inter

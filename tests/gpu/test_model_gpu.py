@@ -21,6 +21,11 @@ FORMATS = {
                 expert_dtype="fp4"),
     "nvfp4": dict(quantization_config={"quant_method": "modelopt", "quant_algo": "NVFP4",
                                        "exclude_modules": ["*.attn.*"]}, expert_dtype=None),
+    # ModelOpt's exports leave the shared experts unquantised: the routed experts take the
+    # kernels, the bf16 shared expert its own linears
+    "nvfp4-bf16-shared": dict(quantization_config={
+        "quant_method": "modelopt", "quant_algo": "NVFP4",
+        "exclude_modules": ["*.attn.*", "*.ffn.shared_experts.*"]}, expert_dtype=None),
 }
 
 
