@@ -262,7 +262,8 @@ def moe_sweep(quick: bool) -> None:
     n_exp, d, inter = (384, 7168, 3072) if SWEEP_MODEL[0] == "pro" else (256, 4096, 2048)
     k = 6
     experts, shared = random_experts(n_exp, d, inter)
-    print(f"\n## MoE launch sweep ({SWEEP_MODEL[0].title()}, MXFP4 + FP8 shared)\n")
+    print(f"\n## MoE launch sweep ({SWEEP_MODEL[0].title()}, {EXPERT_FORMAT[0]} experts + "
+          f"{shared_format()} shared)\n")
     for t in SWEEP_TOKENS or ((1, 8, 64) if quick else (1, 8, 64, 4096)):
         u = torch.randn(t, d, device=DEV).bfloat16()
         routes = []
@@ -287,6 +288,8 @@ def moe_sweep(quick: bool) -> None:
                      split1=[1, 2, 4, 8, 16], split2=[1, 2, 4, 8], prefetch=[0, 2, 4, 8])
         if t > 64:
             space["bt"] = [16, 32, 64, 128, 256]
+        if EXPERT_FORMAT[0] != "fp4":  # the decode choice is MXFP4's
+            del space["dec"]
         coordinate_search(base, space, timed, f"MoE T={t}")
     del experts, shared
     torch.cuda.empty_cache()
