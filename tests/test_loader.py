@@ -287,15 +287,7 @@ def test_nvfp4_shared_experts_on_the_exclude_list_load_in_bf16(checkpoints, tmp_
     # ModelOpt's NVFP4 exports of DeepSeek-V4 leave the shared experts unquantised, with
     # patterns that name their linears ("*.ffn.shared_experts.*") or the module
     path = Path(shutil.copytree(checkpoints["nvfp4"], tmp_path / "nv"))
-
-    def shared_to_bf16(tensors):
-        for name in [n for n in tensors if ".shared_experts." in n and n.endswith(".weight")]:
-            stem = name[:-len("weight")]
-            w = dequant_nvfp4(tensors[name], tensors.pop(stem + "weight_scale"),
-                              tensors.pop(stem + "weight_scale_2"))
-            tensors.pop(stem + "input_scale", None)
-            tensors[name] = w.bfloat16()
-    edit_tensors(path, shared_to_bf16)
+    edit_tensors(path, _shared_experts_to_bf16)
     for file, key in (("config.json", "quantization_config"),
                       ("hf_quant_config.json", "quantization")):
         if (path / file).exists():
@@ -308,6 +300,45 @@ def test_nvfp4_shared_experts_on_the_exclude_list_load_in_bf16(checkpoints, tmp_
     assert loaded.model.get_submodule("layers.1.ffn.experts.0.w1").fmt == "nvfp4"
     want = logits(spec_reference(path, loaded.config))
     assert (logits(loaded.model) - want).abs().max() < 1e-4
+
+
+def _shared_experts_to_bf16(tensors):
+    for name in [n for n in tensors if ".shared_experts." in n and n.endswith(".weight")]:
+        stem = name[:-len("weight")]
+        w = dequant_nvfp4(tensors[name], tensors.pop(stem + "weight_scale"),
+                          tensors.pop(stem + "weight_scale_2"))
+        tensors.pop(stem + "input_scale", None)
+        tensors[name] = w.bfloat16()
+
+
+@pytest.mark.parametrize("shared_bf16", [False, True], ids=["as-written", "shared-bf16"])
+def test_modelopt_mixed_precision_lists_the_nvfp4_layers(checkpoints, tmp_path, shared_bf16):
+    # ModelOpt's MIXED_PRECISION exports name each NVFP4 linear in `quantized_layers` (with or
+    # without a "model." prefix); every other linear keeps its original format
+    path = Path(shutil.copytree(checkpoints["nvfp4"], tmp_path / "nv"))
+    plain = load_model(path, dtype="float32").model
+    listed = sorted(n for n, m in plain.named_modules()
+                    if isinstance(m, Linear) and m.fmt == "nvfp4")
+    if shared_bf16:
+        edit_tensors(path, _shared_experts_to_bf16)
+        listed = [n for n in listed if ".shared_experts." not in n]
+    mixed = {"quant_method": "modelopt", "quant_algo": "MIXED_PRECISION", "quantized_layers": {
+        ("model." if i % 2 else "") + n: {"quant_algo": "NVFP4", "group_size": 16}
+        for i, n in enumerate(listed)}}
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = mixed
+    (path / "config.json").write_text(json.dumps(cfg))
+    loaded = load_model(path, dtype="float32")
+    fmts = {n: m.fmt for n, m in loaded.model.named_modules() if isinstance(m, Linear)}
+    assert {n for n, f in fmts.items() if f == "nvfp4"} == set(listed)
+    assert fmts["layers.1.attn.wq_a"] == "bf16"
+    want = logits(spec_reference(path, loaded.config))
+    assert (logits(loaded.model) - want).abs().max() < 1e-4
+    # a layer in a format dsv4 does not read is named at load
+    mixed["quantized_layers"]["layers.1.attn.wq_a"] = {"quant_algo": "FP8"}
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"quantized_layers\['layers.1.attn.wq_a'\].*NVFP4"):
+        load_model(path, dtype="float32")
 
 
 def test_an_nvfp4_wo_a_is_held_dequantised_and_an_fp8_one_stays_fp8(checkpoints, tmp_path):

@@ -190,6 +190,11 @@ def test_expert_format_reads_exclude_patterns_for_the_module_or_its_linears():
     assert expert_format(mtp, "mtp.0.ffn.experts.1", expert=True) == "bf16"
     assert expert_format(QuantScheme(linear="fp8", experts="fp4"), "layers.0.ffn.experts.0",
                          expert=True) == "fp4"
+    # ModelOpt MIXED_PRECISION: the listed linears are NVFP4, the rest keep their format
+    listed = frozenset(f"layers.0.ffn.experts.0.{w}" for w in ("w1", "w2", "w3"))
+    mixed = QuantScheme(linear="nvfp4", experts="nvfp4", quantized=listed)
+    assert expert_format(mixed, "layers.0.ffn.experts.0", expert=True) == "nvfp4"
+    assert expert_format(mixed, "layers.0.ffn.shared_experts") == "bf16"
     # a loader that finds one linear stored in FP8 and the others not: named, not guessed
     odd = LoaderScheme(QuantScheme(linear="nvfp4", experts="nvfp4", exclude=["*.shared_experts.*"]),
                        {"layers.0.ffn.shared_experts.w1": "fp8"})

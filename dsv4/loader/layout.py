@@ -9,7 +9,6 @@ checkpoints) stays FP8: its dequantised values are exactly bf16.
 """
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 
 import torch
@@ -73,14 +72,12 @@ class LoaderScheme(QuantScheme):
     from the official release, FP8. The checkpoint's own tensors tell which."""
 
     def __init__(self, base: QuantScheme, overrides: dict[str, str] | None = None):
-        super().__init__(linear=base.linear, experts=base.experts, exclude=list(base.exclude))
+        super().__init__(linear=base.linear, experts=base.experts, exclude=list(base.exclude),
+                         quantized=base.quantized)
         self.overrides = dict(overrides or {})
 
     def format_for(self, name: str, expert: bool = False) -> str:
         return self.overrides.get(name) or super().format_for(name, expert)
-
-    def excludes(self, name: str) -> bool:
-        return any(fnmatch.fnmatch(name, pat) for pat in self.exclude)
 
 
 def stored_dtype(name: str, p: torch.Tensor) -> torch.dtype:

@@ -89,7 +89,7 @@ def _scheme(cfg: ModelConfig, found: dict[str, TensorInfo]) -> LoaderScheme:
     """The config's scheme, plus FP8 for excluded modules that the checkpoint stores in FP8."""
     base = QuantScheme.from_config(cfg)
     scheme = LoaderScheme(base)
-    if base.exclude:
+    if base.exclude or base.quantized is not None:
         for name, info in found.items():
             if name.endswith(".scale") and info.dtype == torch.float8_e8m0fnu:
                 prefix = name[: -len(".scale")]

@@ -75,7 +75,9 @@ def expert_format(scheme, name: str, expert: bool = False) -> str:
         raise ConfigError(f"{name}: its linears w1, w2, w3 come in different formats "
                           f"({', '.join(sorted(per_linear))}); an expert takes one")
     fmt = per_linear.pop()
-    return fmt if fmt != default else scheme.format_for(name, expert)
+    if fmt == default and scheme.quantized is None:  # a pattern may name the module itself
+        return scheme.format_for(name, expert)
+    return fmt
 
 
 class MoE(nn.Module):
