@@ -498,8 +498,9 @@ def test_warm_up_leaves_no_trace():
 
 def test_warm_up_fills_the_step_budget_with_several_prompts_under_a_short_context():
     """With max_model_len under the step budget no one prompt makes a large step: the warm-up
-    makes the full-budget step and the ladder's larger steps out of several prompts of the
-    longest allowed length, so serving's batched prefills meet warmed-up shapes."""
+    makes the full-budget step out of several prompts of the longest allowed length and the
+    ladder's larger steps out of several prompts, so serving's batched prefills meet
+    warmed-up shapes."""
     eng = make_engine(max_num_batched_tokens=16, max_model_len=10)
     chunks, lengths = [], []
     real_run, real_add = eng.runner.run, eng.add_request
@@ -514,6 +515,14 @@ def test_warm_up_fills_the_step_budget_with_several_prompts_under_a_short_contex
     for total in (16, 9, 13):
         assert total in chunks, (total, chunks)
     assert not eng.requests and eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+    # from 64 tokens on, the ladder's several-prompt steps use prompts of a multiple of 64
+    # (benchmarks' lengths; list widths Triton specialises on): stages planned, not served
+    eng = make_engine(max_num_batched_tokens=256, max_model_len=100)
+    lengths = []
+    eng.add_request = lambda rid, ids, params: lengths.append(len(ids))
+    eng.warm_up()
+    ladder = [x for x in warm_up_lengths(256) if x <= 98]
+    assert lengths == [98, 98, 60] + ladder + [64, 64, 1] + [64, 64, 64, 1] + [99], lengths
 
 
 def test_warm_up_lengths_meet_both_sides_of_every_power_of_two():
