@@ -125,7 +125,7 @@ def wo_a_table(quick: bool) -> None:
         wts = [quantize_fp8(torch.randn(g * o, i, device=DEV) / i ** 0.5)
                for _ in range(copies_for(g * o * i))]
         wbs = [dequant_fp8(w, s).bfloat16().view(g, o, i) for w, s in wts[:copies_for(2 * g * o * i)]]
-        for t in [1, 2, 16, 64] if quick else [1, 2, 4, 16, 32, 64]:
+        for t in [1, 2, 16, 64, 256] if quick else [1, 2, 4, 16, 32, 64, 128, 256]:
             x = torch.randn(t, g, i, device=DEV).bfloat16()
             fp8 = t_graph_us([lambda w=w: grouped_linear(x, *w) for w in wts])
             variants = [dict(gemv=False), dict(gemv=False, split=1), dict(gemv=False, stages=4)]

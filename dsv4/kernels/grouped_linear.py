@@ -17,10 +17,11 @@ power-of-two scale ("swap AB": weight rows fill the MMA's wide side, tokens the 
 split across CTAs until about four share an SM (fp32 partials, summed in split order by
 `quant_linear.sum_splits_`). Products are the reference's; only the fp32 summation order
 differs.
-H200, Flash wo_a (8 x 1024 x 4096): 14.3 us at T = 1, 18.7 us at T = 4-16, 26.4 us at T = 64,
-against 22.6-24.4 us for the bf16 einsum on a bf16 copy (benchmarks/bench_linear_moe.py --only
-wo_a). Beyond SMALL_T tokens (large decode batches, prefill) `_dequant_kernel` writes a
-transient bf16 copy (read 1 byte, write 2 a weight) for cuBLAS's batched bf16 GEMM.
+H200, Flash wo_a (8 x 1024 x 4096): 14.3 us at T = 1, 18.7 us at T = 4-16, 22.3 us at T = 64,
+51.1 us at T = 256, against 22.6-24.4 us for the bf16 einsum on a bf16 copy at T <= 64 and
+59.4 us for the dequantised copy and bmm at T = 256 (benchmarks/bench_linear_moe.py --only
+wo_a; `launch_cfg`). Beyond SMALL_T tokens (prefill) `_dequant_kernel` writes a transient bf16
+copy (read 1 byte, write 2 a weight) for cuBLAS's batched bf16 GEMM.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from .pdl import pdl
 from ..quant.formats import dequant_fp8
 from .quant_linear import sum_splits_
 
-SMALL_T = 64
+SMALL_T = 256  # past it the dequantised copy and cuBLAS's bmm win (H200, Flash wo_a: 384 tokens
+# 107.0 against 70.7 us; 256 tokens 51.1 against 59.4)
 GEMV_MAX_T = 1  # CUDA cores for one token (no MMA tile to fill), GEMV_ROWS weight rows a CTA
 GEMV_ROWS = 8
 
@@ -64,6 +66,21 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor,
     return grouped_linear_ref(x, weight, scale)
 
 
+def launch_cfg(T: int, N: int, I: int, sms: int) -> dict:
+    """`_grouped_fp8_kernel`'s launch past 32 tokens, from a sweep on an H200 (`scratch`,
+    graph-timed; tiles of 64 weight rows and 16-32 tokens, ~4 CTAs an SM, stay best up to 32
+    tokens). 33-64 tokens: 128-row tiles and K in two, 4 stages when that makes about one CTA
+    an SM (Flash wo_a 26.7-27.6 -> 21.3-22.3 us), else 3 (Pro: 44.7-47.3 -> 33.0-34.3 us); past
+    64, 128 tokens a tile on 8 warps and K split to about one CTA an SM (Flash / Pro, 128
+    tokens 46.1 -> 29.4 / 98.9 -> 51.1 us, 256 tokens 98.4 -> 51.1 / 155.2 -> 100.1 us)."""
+    if T <= 32:
+        return {}
+    if T <= 64:
+        return dict(bw=128, split=2, stages=4 if 2 * (N // 128) <= sms else 3)
+    tiles = N // 128 * -(-T // 128)
+    return dict(bw=128, bt=128, warps=8, split=max(1, min(I // 512, sms // tiles)))
+
+
 def _dequant_bf16(weight, scale):
     n, k = weight.shape
     w = torch.empty(n, k, dtype=torch.bfloat16, device=weight.device)
@@ -73,19 +90,21 @@ def _dequant_bf16(weight, scale):
 
 
 def _grouped_fp8_cuda(x, weight, scale, O, cfg: dict | None = None):
-    """`cfg` (gemv, bw, stages, split) overrides the launch for tests and benchmarks."""
+    """`cfg` (gemv, bw, bt, stages, warps, split) overrides the launch for tests and
+    benchmarks."""
     T, G, I = x.shape
     x = x.contiguous()
     y = torch.empty(T, G, O, dtype=x.dtype, device=x.device)
     nkb = I // 128
-    c = dict(gemv=T <= GEMV_MAX_T and I <= 8192, bw=64, stages=3, split=None)
+    c = dict(gemv=T <= GEMV_MAX_T and I <= 8192, bw=64, bt=None, stages=3, warps=4, split=None)
+    c.update(launch_cfg(T, G * O, I, num_sms(x.device)))
     c.update(cfg or {})
     if c["gemv"]:
         _grouped_gemv_kernel[(G * O // GEMV_ROWS,)](
             x, weight, scale.view(torch.uint8), y, T, G * O, O, I, BW=GEMV_ROWS,
             NKB=triton.next_power_of_2(nkb), TM=triton.next_power_of_2(T), num_warps=8, **pdl())
         return y
-    bt = 16 if T <= 16 else 32 if T <= 32 else 64
+    bt = c["bt"] or (16 if T <= 16 else 32 if T <= 32 else 64 if T <= 64 else 128)
     tiles = G * O // c["bw"] * triton.cdiv(T, bt)
     # split K until ~4 CTAs an SM: one CTA an SM leaves each K-block waiting on memory
     split = c["split"] or max(1, min(nkb // 4, 4 * num_sms(x.device) // tiles))
@@ -94,7 +113,7 @@ def _grouped_fp8_cuda(x, weight, scale, O, cfg: dict | None = None):
     part = torch.empty(split, T, G * O, dtype=torch.float32, device=x.device) if split > 1 else y
     _grouped_fp8_kernel[(G * O // c["bw"], triton.cdiv(T, bt), split)](
         x, weight, scale.view(torch.uint8), part, T, G * O, O, I, per, BW=c["bw"], BT=bt,
-        num_warps=4, num_stages=c["stages"], **pdl())
+        num_warps=c["warps"], num_stages=c["stages"], **pdl())
     if split > 1:
         sum_splits_(part, y)
     return y
