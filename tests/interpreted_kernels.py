@@ -284,7 +284,7 @@ def check_grouped_fp8_linear() -> None:
     from dsv4.quant.formats import quantize_fp8
     groups, O, I = 2, 128, 384
     w, sc = quantize_fp8(torch.randn(groups * O, I, generator=G) / I ** 0.5)
-    for T in (1, 3, 17):
+    for T in (1, 3, 17, 40, 70):  # 40, 70: `launch_cfg`'s 128-row and 128-token tiles
         x = torch.randn(T, groups, I, generator=G).bfloat16()
         want = gl.grouped_linear_ref(x.double(), w, sc).float()
         for cfg in (dict(gemv=False), dict(gemv=False, split=3), dict(gemv=True)):
