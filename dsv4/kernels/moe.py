@@ -849,11 +849,13 @@ if HAS_TRITON:
     def _combine_kernel(ys_ptr, out_ptr, D, part_stride, pos_ptr, idx_ptr, n_routed,
                         K1: tl.constexpr, SPLIT: tl.constexpr, ROUND: tl.constexpr,
                         BD: tl.constexpr, HAS_POS: tl.constexpr = False,
-                        HAS_SHARED: tl.constexpr = True, PDL: tl.constexpr = False):
+                        HAS_SHARED: tl.constexpr = True, sh_ptr=None,
+                        SH_ROWS: tl.constexpr = False, PDL: tl.constexpr = False):
         """out[t] = sum over the token's K1 slots of y_slot (= the sum of its K-split partials,
         rounded to the working dtype as the expert's output is when ROUND); slot s's row of ys
         is s, or pos[s] when HAS_POS. Slots of another rank's expert (idx = n_routed) have no
-        row and add nothing."""
+        row and add nothing. SH_ROWS: the shared expert's slot (j = 0) is row t of sh_ptr
+        (its own [T, D] output, computed apart) instead."""
         pdl_start(PDL)
         t = tl.program_id(0)
         c = tl.program_id(1) * BD + tl.arange(0, BD)
@@ -866,13 +868,16 @@ if HAS_TRITON:
                 keep = ok & False
             if j > 0:
                 keep = ok & (tl.load(idx_ptr + t.to(tl.int64) * (K1 - 1) + j - 1) < n_routed)
-            if HAS_POS:
-                slot_row = tl.load(pos_ptr + t * K1 + j).to(tl.int64)
+            if j == 0 and SH_ROWS:
+                y += tl.load(sh_ptr + t.to(tl.int64) * D + c, mask=keep, other=0.0).to(tl.float32)
             else:
-                slot_row = (t * K1 + j).to(tl.int64)
-            for sp in tl.static_range(SPLIT):  # unrolled: all K1 x SPLIT loads in flight
-                row = part_stride.to(tl.int64) * sp + slot_row * D
-                y += tl.load(ys_ptr + row + c, mask=keep, other=0.0).to(tl.float32)
+                if HAS_POS:
+                    slot_row = tl.load(pos_ptr + t * K1 + j).to(tl.int64)
+                else:
+                    slot_row = (t * K1 + j).to(tl.int64)
+                for sp in tl.static_range(SPLIT):  # unrolled: all K1 x SPLIT loads in flight
+                    row = part_stride.to(tl.int64) * sp + slot_row * D
+                    y += tl.load(ys_ptr + row + c, mask=keep, other=0.0).to(tl.float32)
             if ROUND:
                 y = y.to(tl.bfloat16).to(tl.float32)
             acc += y

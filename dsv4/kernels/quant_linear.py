@@ -296,9 +296,10 @@ def sum_splits_(part: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _scaled_mm_blockwise(q, s, weight, scale, out_dtype) -> torch.Tensor:
     """cuBLAS block-scaled FP8 GEMM: scales 1x128 (activations, outer-dim-major: no copy when
     `_act_quant_cuda(scales_t=True)` wrote them) x 128x128 (e8m0 or its uint8 bytes, as fp32:
-    `_fp32_scales`)."""
-    return torch._scaled_mm(q, weight.t(), scale_a=s.t().contiguous().t(),
-                            scale_b=_fp32_scales(scale).t(), out_dtype=out_dtype)
+    `_fp32_scales`; or already fp32)."""
+    sb = scale if scale.dtype == torch.float32 else _fp32_scales(scale)
+    return torch._scaled_mm(q, weight.t(), scale_a=s.t().contiguous().t(), scale_b=sb.t(),
+                            out_dtype=out_dtype)
 
 
 def _fp32_scales(scale: torch.Tensor) -> torch.Tensor:

@@ -421,6 +421,44 @@ def test_moe_grouped_mm_path(fmt, shared_fmt, monkeypatch):
     assert not gm.applies(u, main, extra)
 
 
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+def test_moe_grouped_mm_shared_expert_apart(fmt, monkeypatch, caplog):
+    """The grouped path's FP8 shared expert on cuBLAS's block-scaled GEMM, out of the plan
+    (`moe_grouped_mm._shared_fp8`), against the same expert inside the grouped GEMMs (the same
+    products in another summation order) and the reference; MXFP4 routed experts (the shared
+    one in its own table) and FP8 ones (one table, the shared expert's entry skipped); and
+    the fallback when cuBLAS fails."""
+    from dsv4.kernels import moe_grouped_mm as gm
+    experts, shared = _random_moe(64, 4096, 2048, fmt, "fp8", torch.bfloat16, seed=13)
+    calls = []
+    real = gm._shared_fp8
+    monkeypatch.setattr(gm, "_shared_fp8", lambda *a: calls.append(1) or real(*a))
+    for t in (1, 5, 700, 3001):
+        u = torch.randn(t, 4096, device=DEV).bfloat16()
+        idx, wgt = _routing(t, 64, 6, "skewed" if t == 700 else "uniform", seed=t)
+        monkeypatch.setattr(gm, "_CUBLAS_FAILED", [True])
+        inside = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, dict(grouped_mm=True))
+        assert not calls
+        monkeypatch.setattr(gm, "_CUBLAS_FAILED", [False])
+        with torch.inference_mode():  # as the engine runs it (no version counters there)
+            apart = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, dict(grouped_mm=True))
+        assert calls, "the shared expert did not run apart"
+        calls.clear()
+        want = moe_forward_ref(u, idx, wgt, experts, shared)
+        # (FP8 roundings of h flip where the two summation orders' bf16 g, v differ, as
+        # between the FP8 and bf16 grouped paths: 2.6-5.0e-3 measured)
+        assert rel_err(apart, inside) < 1e-2, f"T={t}"
+        assert rel_err(apart, want) < 1e-2, f"T={t}"
+
+    def broken(*a, **k):
+        raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED")
+    monkeypatch.setattr(gm, "_scaled_mm_blockwise", broken)
+    with caplog.at_level("WARNING", logger="dsv4.kernels.moe_grouped_mm"):
+        got = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, dict(grouped_mm=True))
+    assert gm._CUBLAS_FAILED[0] and "cuBLAS block-scaled FP8 GEMM failed" in caplog.text
+    assert torch.equal(got, inside)
+
+
 @pytest.mark.parametrize("m,groups", [(4099, [0, 1000, 1, 3000, 98]), (61440, None)])
 def test_grouped_fp8_gemm_matches_reference(m, groups):
     """The grouped FP8 GEMM (1 x 128 scales both sides) against fp32 dequantisation and a
