@@ -746,7 +746,7 @@ def check_moe_fp8_gemm() -> None:
     """`DSV4_MOE_FP8_GEMM=1`: the grouped FP8 GEMM against its reference (ragged and empty
     groups, a last tile past every group); the experts' FP8 copies (`to_fp8`) exact, codes
     times scales, for MXFP4 and FP8 experts; the MoE through them against the torch
-    reference; a layer whose MXFP4 scales spread beyond 2^8 in a block falls back to bf16."""
+    reference; a layer whose MXFP4 scales spread beyond 2^11 in a block falls back to bf16."""
     from dsv4.kernels import grouped_fp8_gemm as gfg
     from dsv4.kernels import moe as km
     from dsv4.kernels import moe_grouped_mm as gm
@@ -787,9 +787,20 @@ def check_moe_fp8_gemm() -> None:
                 err = ((got - want).norm() / want.norm()).item()
                 assert err < 1e-3, f"{fmt}/{shared_fmt} T={t} FP8 GEMMs: rel err {err:.2e}"
             assert main.fp8_exact, "an exact layer left the FP8 path"
-        # a row whose 32-column blocks' scales differ by 2^13 within 128 columns
+        # blocks ~2^9 below their row's largest within 128 columns (scale bytes 8-11 apart:
+        # the bf16 path before) fold exactly (the copy takes e2m1 values times 2^-5 .. 2^6);
+        # ~2^14 apart (12 or more) do not
         w = torch.randn(inter, d, generator=G) / d ** 0.5
-        w[:, 32:64] *= 2.0 ** -13
+        w[:, 32:64] *= 2.0 ** -8
+        experts[3].w1.set_float(w)
+        km._TABLES.clear()
+        main, extra = km._tables(experts, shared, torch.device("cpu"))
+        flag = torch.zeros(1, dtype=torch.int32)
+        q, sc = gm.to_fp8(main, extra, ("w1",), n_exp + 1, inter, d, torch.device("cpu"), flag)
+        w1 = (q.float().unflatten(2, (-1, 128)) * sc[..., None]).flatten(2)
+        assert int(flag) == 0 and torch.equal(w1[4], experts[3].w1.dequantize()), \
+            "scales 2^8 apart: not exact"
+        w[:, 32:64] *= 2.0 ** -6
         experts[3].w1.set_float(w)
         km._TABLES.clear()
         main, extra = km._tables(experts, shared, torch.device("cpu"))
@@ -798,7 +809,7 @@ def check_moe_fp8_gemm() -> None:
         wgt = torch.rand(40, k, generator=G) + 0.1
         want = km.moe_forward_ref(u, idx, wgt, experts, shared).float()
         got = km._moe_cuda(u, idx, wgt, experts, shared, dict(grouped_mm=True)).float()
-        assert main.fp8_exact is False, "scales 2^13 apart were not flagged"
+        assert main.fp8_exact is False, "scales 2^14 apart were not flagged"
         err = ((got - want).norm() / want.norm()).item()
         assert err < 1e-3, f"the bf16 fallback: rel err {err:.2e}"
     finally:

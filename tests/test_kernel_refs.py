@@ -400,8 +400,8 @@ def test_topk_reference_breaks_ties_toward_older_entries_and_rejects_bad_input()
 
 
 def test_moe_grouped_mm_switch(monkeypatch, caplog):
-    """When MoE calls take the grouped-GEMM path: by default from 160 routed slots per expert
-    (Flash: 6827 tokens), DSV4_MOE_GROUPED_MM=n from n tokens (0: never), a clear error for
+    """When MoE calls take the grouped-GEMM path: by default from 72 routed slots per expert
+    (Flash: 3072 tokens), DSV4_MOE_GROUPED_MM=n from n tokens (0: never), a clear error for
     anything else; after a call ran out of memory, never (with one warning). The path takes
     bf16 MXFP4 / FP8 experts only."""
     from types import SimpleNamespace
@@ -411,17 +411,28 @@ def test_moe_grouped_mm_switch(monkeypatch, caplog):
     monkeypatch.delenv("DSV4_MOE_GROUPED_MM", raising=False)
     monkeypatch.setattr(gm, "_OUT_OF_MEMORY", [False])
     assert gm.grouped_mm_min_tokens() is None
-    assert gm.takes(6827, 6, 256) and not gm.takes(6826, 6, 256)
-    assert gm.takes(10240, 6, 384) and not gm.takes(8192, 6, 384)
-    assert gm.policy(256, 6).endswith("from 6827 tokens a step")
-    assert "dequantised experts" in gm.policy(256, 6)
+    assert gm.takes(3072, 6, 256) and not gm.takes(3071, 6, 256)
+    assert gm.takes(4608, 6, 384) and not gm.takes(4607, 6, 384)
+    # up to 256 routed slots an expert on e4m3 copies and FP8 GEMMs, bf16 beyond
+    assert gm.policy(256, 6) == ("MXFP4 / FP8 MoE on e4m3 copies of the experts and FP8 grouped "
+                                 "GEMMs from 3072 tokens a step, on dequantised experts and bf16 "
+                                 "grouped GEMMs from 10923")
+    assert gm.fp8_gemm_for(256) and not gm.fp8_gemm_for(256.1)
     monkeypatch.setenv("DSV4_MOE_FP8_GEMM", "1")
-    assert "e4m3 copies of the experts and FP8 grouped GEMMs" in gm.policy(256, 6)
+    assert gm.policy(256, 6).endswith("e4m3 copies of the experts and FP8 grouped GEMMs from "
+                                      "3072 tokens a step")
+    assert gm.fp8_gemm_for(1000)
+    monkeypatch.setenv("DSV4_MOE_FP8_GEMM", "0")
+    assert "dequantised experts and grouped GEMMs from 3072" in gm.policy(256, 6)
+    assert not gm.fp8_gemm_for(10)
+    monkeypatch.setenv("DSV4_MOE_FP8_GEMM", "yes")
+    with pytest.raises(ValueError, match="DSV4_MOE_FP8_GEMM must be"):
+        gm.fp8_gemm_for(10)
     monkeypatch.delenv("DSV4_MOE_FP8_GEMM")
     monkeypatch.setenv("DSV4_MOE_GROUPED_MM", "2048")
     assert gm.grouped_mm_min_tokens() == 2048
     assert gm.takes(2048, 6, 256) and not gm.takes(2047, 6, 256)
-    assert gm.policy(256, 6).endswith("from 2048 tokens a step")
+    assert "from 2048 tokens a step, " in gm.policy(256, 6)
     monkeypatch.setenv("DSV4_MOE_GROUPED_MM", "0")
     assert not gm.takes(10**6, 6, 256) and gm.policy(256, 6) == ""
     monkeypatch.setenv("DSV4_MOE_GROUPED_MM", "many")

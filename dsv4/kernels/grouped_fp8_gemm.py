@@ -7,11 +7,12 @@ quantisation of SPEC.md 3), b [G, N, K] e4m3 and sb [G, N, K/128] fp32 (each wei
 scale per 128 columns), fp32 accumulation promoted once per block, y [M, N] bf16. `ends` is
 int32 on the device (a group may be empty): nothing is read back to the host.
 
-Reference: `grouped_fp8_gemm_ref` (fp32 dequantisation, a matmul per group). GPU: one Triton
-kernel over (row tile, column tile) programs, column tiles fastest, so the programs running
-together share their activation tile and their group's weight tiles through L2. The row tiles
-come from `ends` on the device (`_tile_map`): a bound of M / BM + G tiles is launched and the
-ones past the last group's end return at once.
+Reference: `grouped_fp8_gemm_ref` (fp32 dequantisation, a matmul per group). GPU: a Triton
+kernel over (row tile, column tile) pairs, column tiles fastest, so the programs running
+together share their activation tile and their group's weight tiles through L2; tiles of
+64 x 256 split over clusters of two CTAs (`CONFIG`). The row tiles come from `ends` on the
+device (`_tile_map`): a bound of M / BM + G tiles, the ones past the last group's end empty.
+From K = 4096 a persistent variant loads the tiles through TMA descriptors.
 """
 from __future__ import annotations
 
@@ -20,9 +21,16 @@ import torch
 from . import HAS_TRITON, use_triton
 
 BK = 128  # the scales' block: one promotion of the fp32 accumulator per block
-# Measured at Flash 8192-token shapes on an H200 (scratch sweep, thirteenth session): 64 x 128
-# tiles, 4 warps, 4 stages: w13 455, w2 497 TFLOP/s; 128 x 128, 8 warps: 365 and 338.
-CONFIG = {"bm": 64, "bn": 128, "warps": 4, "stages": 4}
+# Launches (H200, Flash 8192-token shapes, M = 50976 routed rows over 256 groups, `scratch`
+# sweep of the twenty-seventh session): 64 x 256 tiles split over a cluster of 2 CTAs (each a
+# 64 x 128 half: the accumulator and the promoted block fit in registers, which a 64 x 256
+# tile on one CTA spills), 4 warps, 4 stages; K >= 4096 (w1|w3) with TMA descriptors in a
+# persistent loop: 527 TFLOP/s (440 with the one-CTA 64 x 128 tiles before, 509 for torch's
+# bf16 grouped GEMM); K = 2048 (w2) with pointer loads: 479 (472 before, the TMA kernel 388,
+# bf16 483). A 64 x 128 tile reads (64 + 128) x 128 bytes per 64 x 128 x 128 MACs from L2,
+# about what the L2 can feed at this rate: larger tiles are what pays.
+CONFIG = {"bm": 64, "bn": 256, "warps": 4, "stages": 4, "ctas": 2}
+TMA_MIN_K = 4096
 
 
 def grouped_fp8_gemm_ref(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
@@ -39,7 +47,9 @@ def grouped_fp8_gemm_ref(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb:
 
 def grouped_fp8_gemm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
                      ends: torch.Tensor, cfg: dict | None = None) -> torch.Tensor:
-    """See the module docstring; `cfg` (bm, bn, warps, stages) overrides the launch."""
+    """See the module docstring; `cfg` (bm, bn, warps, stages, ctas, tma) overrides the launch.
+    sa and sb may be strided views (e.g. of [K/128, M] and [G, K/128, N] storage: each
+    block's scales contiguous, as `_act_quant_cuda(scales_t=True)` and `to_fp8` write them)."""
     m, k = a.shape
     g, n, kb = b.shape
     if (kb != k or k % BK or sa.shape != (m, k // BK) or sb.shape != (g, n, k // BK)
@@ -47,15 +57,40 @@ def grouped_fp8_gemm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: tor
         raise ValueError(f"grouped FP8 GEMM: a {tuple(a.shape)}, sa {tuple(sa.shape)}, b "
                          f"{tuple(b.shape)}, sb {tuple(sb.shape)}, ends {tuple(ends.shape)} "
                          f"do not fit (K a multiple of {BK}, one scale per {BK} columns)")
-    c = dict(CONFIG, **(cfg or {}))
+    c = dict(CONFIG, tma=k >= TMA_MIN_K)
+    if n % c["bn"]:  # (small test shapes) one-CTA 64 x 128 tiles
+        c.update(bn=128, ctas=1, tma=False)
+    c.update(cfg or {})
     if not (use_triton(a) and n % c["bn"] == 0 and m):
         return grouped_fp8_gemm_ref(a, sa, b, sb, ends)
+    a, b = a.contiguous(), b.contiguous()
     y = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
     tiles = _tile_map(ends, m, c["bm"])
-    grid = (tiles.shape[1] * (n // c["bn"]),)
-    _grouped_fp8_kernel[grid](a, sa, b, sb, y, tiles, tiles.shape[1], n, k, BM=c["bm"],
-                              BN=c["bn"], BK=BK, num_warps=c["warps"], num_stages=c["stages"])
+    launch = dict(BM=c["bm"], BN=c["bn"], BK=BK, num_warps=c["warps"], num_ctas=c["ctas"])
+    strides = (sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1), sb.stride(2))
+    if c["tma"]:
+        _set_allocator()
+        progs = num_sms(a.device)  # (programs of c["ctas"] CTAs: as measured)
+        _grouped_fp8_tma_kernel[(progs,)](a, sa, b, sb, y, tiles, tiles.shape[1], m, n, k, g,
+                                          *strides, NUM_PROGS=progs, STAGES=c["stages"],
+                                          **launch)
+    else:
+        grid = (tiles.shape[1] * (n // c["bn"]),)
+        _grouped_fp8_kernel[grid](a, sa, b, sb, y, tiles, tiles.shape[1], n, k, *strides,
+                                  num_stages=c["stages"], **launch)
     return y
+
+
+_ALLOCATOR_SET = [False]
+
+
+def _set_allocator() -> None:
+    """The TMA kernel makes its descriptors on the device, in scratch memory Triton asks the
+    process's allocator for: torch's caching allocator (set once)."""
+    if not _ALLOCATOR_SET[0]:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8,
+                                                                     device="cuda"))
+        _ALLOCATOR_SET[0] = True
 
 
 def _tile_map(ends: torch.Tensor, m: int, bm: int) -> torch.Tensor:
@@ -78,8 +113,11 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from . import num_sms
+
     @triton.jit(do_not_specialize=["n_tiles"])
     def _grouped_fp8_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, y_ptr, tile_ptr, n_tiles, N, K,
+                            sa_m, sa_k, sb_g, sb_n, sb_k,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """Row tile program_id // (N / BN), column tile program_id % (N / BN)."""
         pid = tl.program_id(0)
@@ -98,14 +136,49 @@ if HAS_TRITON:
         nkb = K // BK
         a_row = a_ptr + rows.to(tl.int64)[:, None] * K + kk[None, :]
         b_row = b_ptr + (g * N + cols).to(tl.int64)[:, None] * K + kk[None, :]
-        sa_row = sa_ptr + rows.to(tl.int64) * nkb
-        sb_row = sb_ptr + (g * N + cols).to(tl.int64) * nkb
+        sa_row = sa_ptr + rows.to(tl.int64) * sa_m
+        sb_row = sb_ptr + g * sb_g + cols.to(tl.int64) * sb_n
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for kb in range(0, nkb):
             a = tl.load(a_row + kb * BK, mask=rok[:, None], other=0.0)
             b = tl.load(b_row + kb * BK)
-            sa = tl.load(sa_row + kb, mask=rok, other=0.0)
-            sb = tl.load(sb_row + kb)
+            sa = tl.load(sa_row + kb * sa_k, mask=rok, other=0.0)
+            sb = tl.load(sb_row + kb * sb_k)
             acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb[None, :]
         tl.store(y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], acc.to(tl.bfloat16),
                  mask=rok[:, None])
+
+    @triton.jit(do_not_specialize=["n_tiles", "M"])
+    def _grouped_fp8_tma_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, y_ptr, tile_ptr, n_tiles, M, N,
+                                K, G, sa_m, sa_k, sb_g, sb_n, sb_k, NUM_PROGS: tl.constexpr,
+                                STAGES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                BK: tl.constexpr):
+        """`_grouped_fp8_kernel` with the a and b tiles through TMA descriptors, persistent:
+        each program loops over (row tile, column tile) pairs, column tiles fastest. A row
+        tile's rows past its group's end are loaded (the next group's, or zeros past M) and
+        not stored; tiles past the last group run no K-block."""
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1],
+                                           block_shape=[BM, BK])
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[G * N, K], strides=[K, 1],
+                                           block_shape=[BN, BK])
+        n_col = N // BN
+        nkb = K // BK
+        for t in tl.range(tl.program_id(0), n_tiles * n_col, NUM_PROGS):
+            tm = t // n_col
+            pn = t % n_col
+            g = tl.load(tile_ptr + tm)
+            r0 = tl.load(tile_ptr + n_tiles + tm)
+            r1 = tl.load(tile_ptr + 2 * n_tiles + tm)
+            rows = r0 + tl.arange(0, BM)
+            cols = pn * BN + tl.arange(0, BN)
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for kb in tl.range(0, tl.where(r0 < r1, nkb, 0), num_stages=STAGES):
+                a = a_desc.load([r0, kb * BK])
+                b = b_desc.load([g * N + pn * BN, kb * BK])
+                sa = tl.load(sa_ptr + rows.to(tl.int64) * sa_m + kb * sa_k, mask=rows < M,
+                             other=0.0)
+                sb = tl.load(sb_ptr + g.to(tl.int64) * sb_g + cols.to(tl.int64) * sb_n
+                             + kb * sb_k)
+                acc += tl.dot(a, b.T) * sa[:, None] * sb[None, :]
+            tl.store(y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], acc.to(tl.bfloat16),
+                     mask=(rows < r1)[:, None])

@@ -57,7 +57,7 @@ bf16 experts (bf16 checkpoints, in the bf16 working dtype) take the same launche
 weights (`FMT_BF16`): their linears quantise nothing, so the GEMMs read u and h as they are
 (the `abf` loads) and h is stored unquantised. In float32 mode they keep the torch path.
 Prefill-sized calls can instead run on dequantised bf16 experts and torch's grouped GEMM
-(from ~160 routed slots per expert: `moe_grouped_mm.py`), with this routing plan and the SwiGLU
+(from 72 routed slots per expert: `moe_grouped_mm.py`), with this routing plan and the SwiGLU
 and combine kernels.
 """
 from __future__ import annotations
@@ -356,7 +356,8 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
         main, extra = _tables(experts, shared, dev)
         if gm.applies(u, main, extra):
             try:
-                return gm.moe_grouped_mm(u, idx, wgt, experts, shared, main, extra)
+                return gm.moe_grouped_mm(u, idx, wgt, experts, shared, main, extra,
+                                         total_experts)
             except torch.OutOfMemoryError as err:
                 if "grouped_mm" in c:
                     raise

@@ -30,16 +30,22 @@ Measured (`bench_linear_moe.py --only moe --grouped-mm --moe-tokens 2048 8192 16
 against grouped: Flash 2048 / 8192 / 16384 tokens 4.2 / 12.8 / 22.5 ms against 8.5 / 9.9 /
 15.4 ms; Pro 8192 / 16384 tokens 34.9 / 60.0 ms against 35.7 / 47.0 ms. The saving grows with
 the routed slots per expert and the copy's cost does not, so the break-even is a slot count:
-~130 slots per expert (Pro 8192 tokens: 128). By default calls with at least
-`MIN_SLOTS_PER_EXPERT` (160) slots per expert come here (Flash from 6827 tokens a step, Pro
-from 10240): with chunked prefill, steps of `max_num_batched_tokens` 8192 or more.
+~130 slots per expert (Pro 8192 tokens: 128) with bf16 copies; with the e4m3 copies (below)
+between 48 and 96 (H200, fused against grouped on e4m3 copies, `scratch/s27k.py`: Flash 2048 /
+4096 / 6144 tokens 4.16 / 8.2 / 11.8 ms against 4.98 / 6.05 / 7.38 ms, Pro 4096 / 8192 21.9 /
+34.5 against 21.2-21.5 / 28.7 ms). By default calls with at least `MIN_SLOTS_PER_EXPERT` (72)
+slots per expert come here (Flash from 3072 tokens a step, Pro from 4608): prefill chunks.
 `DSV4_MOE_GROUPED_MM=n` sets a token threshold instead (0: never). If the copy does not fit
 in free memory, the first failure logs a warning and the fused kernels serve every later call.
 
-`DSV4_MOE_FP8_GEMM=1` (experimental) copies the experts to e4m3 instead (`to_fp8`: a scale
-per row and 128 columns) and runs `grouped_fp8_gemm` on the activations' FP8 codes: half the
-copy's bytes and the FP8 tensor cores, exact unless a layer's MXFP4 scales spread beyond 2^8
-within 128 columns (that layer then stays on bf16).
+Calls of up to `FP8_MAX_SLOTS` (256) routed slots per expert (Flash and Pro prefill steps of
+8192 tokens) copy the experts to e4m3 instead (`to_fp8`: a scale per row and 128 columns, the
+MXFP4 block's four per-32 scales folded into it) and run `grouped_fp8_gemm` on the
+activations' FP8 codes: half the copy's bytes (Flash 2.6 against 4.1 ms a layer) at about the
+bf16 GEMM's rate, exact unless a layer's MXFP4 scales spread beyond 2^11 within 128 columns
+(a layer's first call reads a flag back; such a layer stays on bf16, with a warning). Larger
+calls keep the bf16 copies, where CUTLASS's GEMM is the larger part and faster at Pro's shapes.
+`DSV4_MOE_FP8_GEMM=1` / `0` forces either copy.
 """
 from __future__ import annotations
 
@@ -54,9 +60,10 @@ from .pdl import pdl
 from .grouped_fp8_gemm import grouped_fp8_gemm
 from .moe_plan import route_plan
 from .quant_linear import (FMT_FP8, FMT_MXFP4, _act_quant_cuda, _fp32_scales,
-                           _scaled_mm_blockwise, act_quant_fp8, act_quant_values)
+                           _scaled_mm_blockwise, act_quant_values)
 
 logger = logging.getLogger(__name__)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # runs no inline PTX
 
 # plan block rows: each expert's group is padded to a multiple of this, and the grouped GEMMs
 # compute the padding too (128-row blocks would add ~28% to the FLOPs at 8192 Flash tokens)
@@ -65,7 +72,13 @@ BT = 16
 
 # average routed slots per expert from which a call takes this path (module docstring); with
 # expert parallelism, of all ranks' experts (a rank's experts see t * k / all of them each)
-MIN_SLOTS_PER_EXPERT = 160
+MIN_SLOTS_PER_EXPERT = 72
+# routed slots per expert up to which a call runs on e4m3 copies of the experts and the grouped
+# FP8 GEMM (`fp8_gemm_for`). H200 (`scratch/s27i.py`, layer A/B in one process, bf16 copies ->
+# e4m3 copies): Flash 8192 tokens (192 slots an expert) 9454 -> 8265 us, Pro 8192 (128) 34.9
+# -> 29.7 ms, Flash 32768 (768) 23.9 -> 23.3 ms, Pro 32768 (512) 65.7 -> 73.3 ms (the FP8 GEMM's
+# launches were tuned at Flash's shapes)
+FP8_MAX_SLOTS = 256
 # set after a call ran out of memory: the fused kernels serve the rest of the process
 _OUT_OF_MEMORY = [False]
 # set after cuBLAS's block-scaled FP8 GEMM failed: the shared expert joins the grouped GEMMs
@@ -101,8 +114,17 @@ def policy(n_routed: int, k: int) -> str:
     n = grouped_mm_min_tokens()
     if n is None:
         n = -(-MIN_SLOTS_PER_EXPERT * n_routed // k)
-    copy = "e4m3 copies of the experts and FP8" if fp8_gemm_on() else "dequantised experts and"
-    return f"MXFP4 / FP8 MoE on {copy} grouped GEMMs from {n} tokens a step" if n else ""
+    if not n:
+        return ""
+    env = _fp8_env()
+    if env is None:  # by size
+        m = FP8_MAX_SLOTS * n_routed // k + 1
+        if m <= n:
+            return f"MXFP4 / FP8 MoE on dequantised experts and grouped GEMMs from {n} tokens a step"
+        return (f"MXFP4 / FP8 MoE on e4m3 copies of the experts and FP8 grouped GEMMs from {n} "
+                f"tokens a step, on dequantised experts and bf16 grouped GEMMs from {m}")
+    copy = "e4m3 copies of the experts and FP8" if env else "dequantised experts and"
+    return f"MXFP4 / FP8 MoE on {copy} grouped GEMMs from {n} tokens a step"
 
 
 def out_of_memory(err: Exception) -> None:
@@ -123,9 +145,10 @@ def applies(u: torch.Tensor, main, extra) -> bool:
             and not (u.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
-def moe_grouped_mm(u, idx, wgt, experts, shared, main, extra) -> torch.Tensor:
+def moe_grouped_mm(u, idx, wgt, experts, shared, main, extra,
+                   total_experts: int | None = None) -> torch.Tensor:
     """The MoE layer (`moe.moe_forward`'s contract) for a large batch; main / extra: the
-    pointer tables of `moe._tables`."""
+    pointer tables of `moe._tables`; total_experts: all ranks' routed experts."""
     from . import moe as km
     t, d = u.shape
     k = idx.shape[1]
@@ -163,8 +186,9 @@ def moe_grouped_mm(u, idx, wgt, experts, shared, main, extra) -> torch.Tensor:
     plan = _Plan(slots, blk_exp, blk_rows, n_blocks, wgt, offs, src)
     y2 = None
     tabs = [tab for tab in (main, extra) if tab is not None]
-    if fp8_gemm_on() and all(getattr(tab, "fp8_exact", True) for tab in tabs):
-        y2 = _experts_fp8(u, experts, main, extra, plan, tabs)
+    if (fp8_gemm_for(t * k / (total_experts or n_routed))
+            and all(getattr(tab, "fp8_exact", True) for tab in tabs)):
+        y2 = _experts_fp8(u, experts, main, extra, plan, tabs, skip_shared=sh_apart)
     if y2 is None:
         y2 = _experts_bf16(u, experts, main, extra, plan, skip_shared=sh_apart)
     # slot -> its padded position (padding positions all land on the extra last entry); the
@@ -273,58 +297,83 @@ def _experts_bf16(u, experts, main, extra, plan, skip_shared: bool = False) -> t
     return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # [n_pos, d]
 
 
-def fp8_gemm_on() -> bool:
-    """`DSV4_MOE_FP8_GEMM=1`: the grouped GEMMs in FP8 on FP8 copies of the experts
-    (experimental, `_experts_fp8`)."""
-    return os.environ.get("DSV4_MOE_FP8_GEMM", "") == "1"
+def _fp8_env() -> bool | None:
+    """`DSV4_MOE_FP8_GEMM`: 1 / 0 forces the FP8 copies and GEMMs on / off; unset, by size."""
+    env = os.environ.get("DSV4_MOE_FP8_GEMM", "")
+    if env not in ("", "0", "1"):
+        raise ValueError("DSV4_MOE_FP8_GEMM must be 1 (FP8 grouped GEMMs), 0 (bf16) or unset "
+                         "(by the call's size)")
+    return None if env == "" else env == "1"
 
 
-def _experts_fp8(u, experts, main, extra, plan, tabs) -> torch.Tensor | None:
+def fp8_gemm_for(slots_per_expert: float) -> bool:
+    """Whether a call with this many routed slots per expert (all ranks') runs on e4m3 copies
+    of the experts and the grouped FP8 GEMM (`_experts_fp8`): by default up to FP8_MAX_SLOTS,
+    where the copy's bytes dominate the call; beyond, the bf16 copies and CUTLASS's bf16
+    grouped GEMM, faster than the Triton FP8 GEMM at Pro's shapes."""
+    env = _fp8_env()
+    return slots_per_expert <= FP8_MAX_SLOTS if env is None else env
+
+
+def _experts_fp8(u, experts, main, extra, plan, tabs, skip_shared: bool = False
+                 ) -> torch.Tensor | None:
     """`_experts_bf16` with FP8 GEMMs (`grouped_fp8_gemm`): the activations' FP8 codes and
     scales, and e4m3 copies of the experts with a scale per row and 128 columns (`to_fp8`:
     MXFP4's 4 per-32 scales of a block folded into its largest, exact while they are within
-    2^8 of it). Half the bytes of the bf16 copy, and the FP8 tensor cores. A layer's first
+    2^11 of it). Half the bytes of the bf16 copy, and the FP8 tensor cores. A layer's first
     call reads back whether its experts were exact (one host synchronisation a layer); if not,
     that layer stays on the bf16 path (None)."""
     d, inter, n_exp = u.shape[1], experts[0].w1.out_features, len(experts) + 1
     offs = plan.offs
     flag = torch.zeros(1, dtype=torch.int32, device=u.device)
-    xq, xs = act_quant_fp8(u, plan.src)
-    w13, s13 = to_fp8(main, extra, ("w1", "w3"), n_exp, inter, d, u.device, flag)
+    # (scales of a 128-column block contiguous over the rows, as the GEMM reads them)
+    xq, xs = _act_quant_cuda(u, rows=plan.src, scales_t=True)
+    w13, s13 = to_fp8(main, extra, ("w1", "w3"), n_exp, inter, d, u.device, flag, skip_shared)
     y13 = grouped_fp8_gemm(xq, xs, w13, s13, offs)
     del w13, s13, xq, xs
     h = _swiglu(y13, experts, plan)
     del y13
-    hq, hs = act_quant_fp8(h)
+    hq, hs = _act_quant_cuda(h, scales_t=True)
     del h
-    w2, s2 = to_fp8(main, extra, ("w2",), n_exp, d, inter, u.device, flag)
+    w2, s2 = to_fp8(main, extra, ("w2",), n_exp, d, inter, u.device, flag, skip_shared)
     y2 = grouped_fp8_gemm(hq, hs, w2, s2, offs)
     if any(not hasattr(tab, "fp8_exact") for tab in tabs):
         exact = int(flag.item()) == 0
         for tab in tabs:
             tab.fp8_exact = exact
         if not exact:
-            logger.warning("MoE FP8 GEMM: a layer's MXFP4 scales differ by more than 2^8 within "
+            logger.warning("MoE FP8 GEMM: a layer's MXFP4 scales differ by more than 2^11 within "
                            "128 columns (not exact in e4m3): that layer runs on bf16 copies")
             return None
     return y2
 
 
-def to_fp8(main, extra, names, n_exp: int, rows: int, cols: int, dev, flag: torch.Tensor):
+def to_fp8(main, extra, names, n_exp: int, rows: int, cols: int, dev, flag: torch.Tensor,
+           skip_shared: bool = False):
     """e4m3 codes [n_exp, len(names) * rows, cols] and fp32 scales [.., cols / 128] (one per
-    row and 128 columns) of the linears `names` of every plan expert, in the workspace; sets
-    flag[0] where a value is not exact (module docstring of `_to_fp8_kernel`)."""
+    row and 128 columns; a view of [n_exp, cols / 128, len(names) * rows] storage) of the
+    linears `names` of every plan expert, in the workspace; sets flag[0] where a value is not
+    exact (`_to_fp8_kernel`). `skip_shared`: plan expert 0 is left unwritten."""
     r = len(names) * rows
     n_codes, n_scales = n_exp * r * cols, n_exp * r * (cols // 128)
     buf = workspace((n_codes + 4 * n_scales + 1) // 2, dev).view(torch.uint8)
     q = buf[:n_codes].view(torch.float8_e4m3fn).view(n_exp, r, cols)
-    sc = buf[n_codes:n_codes + 4 * n_scales].view(torch.float32).view(n_exp, r, cols // 128)
-    for tab, e0 in [(main, 0)] if extra is None else [(extra, 0), (main, 1)]:
+    sc = buf[n_codes:n_codes + 4 * n_scales].view(torch.float32).view(n_exp, cols // 128, r)
+    for tab, first, e0 in _parts(main, extra, skip_shared):
         for j, name in enumerate(names):
-            _to_fp8_kernel[(rows // 64, cols // 128, len(tab.ptrs[name + "w"]))](
-                tab.ptrs[name + "w"], tab.ptrs[name + "s"], q, sc, flag, cols, e0, q.stride(0),
-                sc.stride(0), j * rows, W_FMT=tab.fmt, num_warps=4, **pdl())
-    return q, sc
+            ws, ss = tab.ptrs[name + "w"][first:], tab.ptrs[name + "s"][first:]
+            if len(ws):
+                _to_fp8_kernel[(rows // 64, cols // 128, len(ws))](
+                    ws, ss, q, sc, flag, cols, e0, q.stride(0), sc.stride(0), j * rows, r,
+                    W_FMT=tab.fmt, ASM=not _INTERPRET, num_warps=4, **pdl())
+    return q, sc.transpose(1, 2)
+
+
+def _parts(main, extra, skip_shared: bool):
+    """(table, its first entry, where that entry goes) of the plan experts to copy."""
+    if skip_shared:
+        return [(main, 1, 1)] if extra is None else [(main, 0, 1)]
+    return [(main, 0, 0)] if extra is None else [(extra, 0, 0), (main, 0, 1)]
 
 
 def workspace(numel: int, dev: torch.device) -> torch.Tensor:
@@ -354,11 +403,7 @@ def dequantize(main, extra, names, n_exp: int, rows: int, cols: int, dev,
     shape = (n_exp, len(names) * rows, cols)
     out = (workspace(n_exp * len(names) * rows * cols, dev).view(shape) if into_workspace
            else torch.empty(shape, dtype=torch.bfloat16, device=dev))
-    # (table, its first entry, where that entry goes)
-    parts = [(main, 0, 0)] if extra is None else [(extra, 0, 0), (main, 0, 1)]
-    if skip_shared:
-        parts = [(main, 1, 1)] if extra is None else [(main, 0, 1)]
-    for tab, first, e0 in parts:
+    for tab, first, e0 in _parts(main, extra, skip_shared):
         for j, name in enumerate(names):
             ws, ss = tab.ptrs[name + "w"][first:], tab.ptrs[name + "s"][first:]
             if len(ws):
@@ -379,7 +424,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .moe import _mxfp4_bf16, _mxfp4_scaled
+    from .moe import _mxfp4_bf16
     from .pdl import pdl_start
     from .quant_linear import _e8m0_f32
 
@@ -429,13 +474,16 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["e0", "row0"])
     def _to_fp8_kernel(w_tab, s_tab, q_ptr, sc_ptr, flag_ptr, K, e0, q_stride, s_stride, row0,
-                       W_FMT: tl.constexpr, PDL: tl.constexpr = False):
+                       n_rows, W_FMT: tl.constexpr, ASM: tl.constexpr = False,
+                       PDL: tl.constexpr = False):
         """Rows [64 tile] x K-block kb of expert program_id(2) of a pointer table -> e4m3 codes
-        at q[e0 + e, row0 + rows, kb*128:] and each row's block scale at sc[.., kb]. MXFP4:
-        the block's 4 per-32 scales 2^s_j become 2^S (S their largest) times 2^(s_j - S) folded
-        into the codes; e2m1 values times 2^-8 .. 1 are e4m3 values, so a block whose codes are
-        nonzero only where s_j >= S - 8 is exact, and any other sets flag[0]. FP8: the codes as
-        they are and the 128 x 128 block's scale on each row."""
+        at q[e0 + e, row0 + rows, kb*128:] and each row's block scale at sc[e0 + e, kb, row0 +
+        rows] (the scales [K/128, n_rows] of an expert: a block's scales are one contiguous
+        vector). MXFP4: the block's 4 per-32 scales 2^s_j become 2^(S - 6) (S their largest)
+        times 2^(s_j - S + 6) folded into the codes (`_mxfp4_e4m3_folded`): e2m1 values times
+        2^-5 .. 2^6 are e4m3 values, so a block whose codes are nonzero only where s_j >= S - 11
+        (and S >= 7: 2^(S - 133) a normal fp32) is exact, and any other sets flag[0]. FP8: the
+        codes as they are and the 128 x 128 block's scale on each row."""
         pdl_start(PDL)
         tile = tl.program_id(0)
         kb = tl.program_id(1)
@@ -446,18 +494,66 @@ if HAS_TRITON:
             p_ptr, sw = _mxfp4_block(w_tab, s_tab, wi, tile, kb, K)
             s = (sw[:, None] >> (8 * tl.arange(0, 4)[None, :])) & 0xFF  # [64, 4]
             top = tl.max(s, 1)
-            dd = s - top[:, None]  # <= 0
-            f = tl.where(dd > -127, ((dd + 127) << 23).to(tl.float32, bitcast=True), 0.0)
+            d = s - top[:, None] + 12  # <= 12
             p = tl.load(p_ptr)
             nz = tl.max(tl.reshape((p & 0x77).to(tl.int32), (64, 4, 16)), 2) > 0
-            if tl.max(tl.where(nz & (dd < -8), 1, 0)) > 0:
+            if tl.max(tl.where(nz & ((d < 1) | (top[:, None] < 7)), 1, 0)) > 0:
                 tl.atomic_max(flag_ptr, 1)
-            wc = _mxfp4_scaled(p, f, tl.float32).to(tl.float8e4nv)
-            scale = _e8m0_f32(top)
+            wc = _mxfp4_e4m3_folded(p, tl.maximum(d, 1), ASM)
+            scale = ((tl.maximum(top, 7) - 6) << 23).to(tl.float32, bitcast=True)
         else:
             wc, sb = _fp8_block(w_tab, s_tab, wi, tile, kb, K)
             scale = tl.zeros((64,), dtype=tl.float32) + _e8m0_f32(sb)
         e = (e0 + wi).to(tl.int64)
         tl.store(q_ptr + e * q_stride + (row0 + rows).to(tl.int64)[:, None] * K + kb * 128
                  + cols[None, :], wc)
-        tl.store(sc_ptr + e * s_stride + (row0 + rows).to(tl.int64) * (K // 128) + kb, scale)
+        tl.store(sc_ptr + e * s_stride + kb * n_rows + row0 + rows, scale)
+
+    @triton.jit
+    def _mxfp4_e4m3_folded(p, d, ASM: tl.constexpr):
+        """One K-block of MXFP4 rows in the kernels' layout (p [R, 64] bytes: byte b of each 16
+        holds codes b and b + 16 of its 32-block) -> e4m3 [R, 128] in code order, each code's
+        value times 2^(d - 6) for its block's d [R, 4] in 1..12, through two byte tables per
+        block (the e4m3 codes of the magnitudes 0, 0.5, 1, 1.5 and 2, 3, 4, 6 times 2^(d - 6):
+        their exponent fields are d's plus a constant) and `prmt`: one for every 4 codes, one
+        more to put the low and the high nibbles' codes in their own registers; the sign bit is
+        copied (the indexer's keys, `indexer._keys_folded`, take the same tables)."""
+        R: tl.constexpr = p.shape[0]
+        t0 = 0x0C080000 + d * 0x08080800
+        t1 = 0x1C181410 + d * 0x08080808
+        t0 = tl.reshape(tl.broadcast_to(t0[:, :, None], (R, 4, 16)), (R, 64))
+        t1 = tl.reshape(tl.broadcast_to(t1[:, :, None], (R, 4, 16)), (R, 64))
+        if ASM:  # pack=4: a register's 4 bytes lie in one 32-block (its tables: $3, $7)
+            lo, hi = tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 m, s, q, a, c;
+                and.b32 m, $2, 0x77777777;
+                prmt.b32 a, $3, $7, m;
+                shr.b32 m, m, 16;
+                prmt.b32 c, $3, $7, m;
+                shr.b32 s, $2, 3;
+                and.b32 s, s, 0x1111;
+                prmt.b32 q, 0x8000, 0, s;
+                or.b32 a, a, q;
+                shr.b32 s, $2, 19;
+                and.b32 s, s, 0x1111;
+                prmt.b32 q, 0x8000, 0, s;
+                or.b32 c, c, q;
+                prmt.b32 $0, a, c, 0x6420;
+                prmt.b32 $1, a, c, 0x7531;
+                }""",
+                constraints="=r,=r,r,r,r,r,r,r,r,r,r", args=[p, t0, t1],
+                dtype=(tl.uint8, tl.uint8), is_pure=True, pack=4)
+        else:
+            lo = _table_code((p & 0xF).to(tl.int32), t0, t1)
+            hi = _table_code((p >> 4).to(tl.int32), t0, t1)
+        w = tl.join(tl.reshape(lo, (R, 4, 16)), tl.reshape(hi, (R, 4, 16)))  # [R, 4, 16, 2]
+        w = tl.reshape(tl.permute(w, (0, 1, 3, 2)), (R, 128))
+        return w.to(tl.float8e4nv, bitcast=True)
+
+    @triton.jit
+    def _table_code(code, t0, t1):
+        """e2m1 codes (int32 0..15) -> their e4m3 bytes from the block's tables t0, t1."""
+        m = code & 7
+        tab = tl.where(m < 4, t0, t1)
+        return (((tab >> (8 * (m & 3))) & 0xFF) | ((code & 8) << 4)).to(tl.uint8)

@@ -409,11 +409,11 @@ def test_moe_grouped_mm_path(fmt, shared_fmt, monkeypatch):
     assert rel_err(got, fused) < 1e-2
     assert torch.equal(got, moe_kernels._moe_cuda(u, idx, wgt, experts, shared,
                                                   dict(grouped_mm=True)))
-    # the default: from 160 routed slots per expert (64 experts, top-6: 1707 tokens)
+    # the default: from 72 routed slots per expert (64 experts, top-6: 768 tokens)
     monkeypatch.delenv("DSV4_MOE_GROUPED_MM")
-    u = torch.randn(1707, 4096, device=DEV).bfloat16()
-    idx, wgt = _routing(1707, 64, 6, "uniform", seed=2)
-    assert gm.takes(1707, 6, 64) and not gm.takes(1706, 6, 64)
+    u = torch.randn(768, 4096, device=DEV).bfloat16()
+    idx, wgt = _routing(768, 64, 6, "uniform", seed=2)
+    assert gm.takes(768, 6, 64) and not gm.takes(767, 6, 64)
     assert torch.equal(moe_forward(u, idx, wgt, experts, shared),
                        moe_kernels._moe_cuda(u, idx, wgt, experts, shared, dict(grouped_mm=True)))
     nv, nv_shared = _random_moe(16, 1024, 512, "nvfp4", "fp8", torch.bfloat16, seed=2)
@@ -459,13 +459,16 @@ def test_moe_grouped_mm_shared_expert_apart(fmt, monkeypatch, caplog):
     assert torch.equal(got, inside)
 
 
-@pytest.mark.parametrize("m,groups", [(4099, [0, 1000, 1, 3000, 98]), (61440, None)])
-def test_grouped_fp8_gemm_matches_reference(m, groups):
+@pytest.mark.parametrize("m,groups,k", [(4099, [0, 1000, 1, 3000, 98], 4096),
+                                         (4099, [0, 1000, 1, 3000, 98], 2048),
+                                         (61440, None, 4096)])
+def test_grouped_fp8_gemm_matches_reference(m, groups, k):
     """The grouped FP8 GEMM (1 x 128 scales both sides) against fp32 dequantisation and a
-    matmul per group: ragged and empty groups, rows past every group; Flash's w13 shape."""
+    matmul per group: ragged and empty groups, rows past every group; Flash's w13 shape (the
+    TMA kernel) and w2's depth (the pointer kernel), with scales as strided views too."""
     from dsv4.kernels.grouped_fp8_gemm import grouped_fp8_gemm, grouped_fp8_gemm_ref
     g = torch.Generator(device=DEV).manual_seed(m)
-    n, k = 4096, 4096
+    n = 4096
     sizes = torch.tensor(groups) if groups else torch.full((16,), m // 16)
     ends = sizes.cumsum(0).to(torch.int32).to(DEV)
     a = (torch.randn(m, k, device=DEV, generator=g) * 3).to(torch.float8_e4m3fn)
@@ -476,6 +479,9 @@ def test_grouped_fp8_gemm_matches_reference(m, groups):
     want = grouped_fp8_gemm_ref(a, sa, b, sb, ends)
     rows = int(ends[-1])
     assert rel_err(got[:rows], want[:rows]) < 4e-3
+    # block-major scales (as `_act_quant_cuda(scales_t=True)` and `to_fp8` write them)
+    sa_t, sb_t = sa.t().contiguous().t(), sb.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.equal(grouped_fp8_gemm(a, sa_t, b, sb_t, ends)[:rows], got[:rows])
 
 
 @pytest.mark.parametrize("fmt,shared_fmt", [("fp4", "fp8"), ("fp8", "fp8")])
@@ -491,8 +497,12 @@ def test_moe_fp8_gemm_path(fmt, shared_fmt, monkeypatch):
     got = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, dict(grouped_mm=True))
     main, _ = moe_kernels._tables(experts, shared, u.device)
     assert main.fp8_exact
-    monkeypatch.delenv("DSV4_MOE_FP8_GEMM")
+    monkeypatch.setenv("DSV4_MOE_FP8_GEMM", "0")
     bf16 = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, dict(grouped_mm=True))
+    # unset: by size (3000 tokens over 64 experts: 281 slots an expert, past 256: bf16)
+    monkeypatch.delenv("DSV4_MOE_FP8_GEMM")
+    assert torch.equal(moe_kernels._moe_cuda(u, idx, wgt, experts, shared,
+                                             dict(grouped_mm=True)), bf16)
     # both paths sit ~5e-3 from the reference (FP8 roundings of the SwiGLU output flip where
     # bf16 sums differ); measured between them: 4.7-4.9e-3
     assert rel_err(got, bf16) < 1e-2
