@@ -787,6 +787,36 @@ def check_moe_fp8_gemm() -> None:
                 err = ((got - want).norm() / want.norm()).item()
                 assert err < 1e-3, f"{fmt}/{shared_fmt} T={t} FP8 GEMMs: rel err {err:.2e}"
             assert main.fp8_exact, "an exact layer left the FP8 path"
+            if fmt == "fp4":  # the weights decoded in the GEMM (DSV4_MOE_FP4_GEMM): the copies'
+                # products, plan expert g from table entry g - g_off (group 0 empty with
+                # an FP8 shared expert apart)
+                g_off = 0 if extra is None else 1
+                a = (torch.randn(90, d, generator=G) * 3).to(torch.float8_e4m3fn)
+                sa = 2.0 ** torch.randint(-3, 3, (90, d // 128), generator=G).float()
+                ends = torch.tensor([0, 20, 20, 50, 60, 85, 90], dtype=torch.int32)
+                q, sc = gm.to_fp8(main, extra, ("w1", "w3"), n_exp + 1, inter, d,
+                                  torch.device("cpu"), flag)
+                want = gfg.grouped_fp8_gemm(a, sa, q, sc, ends,
+                                            dict(bm=64, bn=128, warps=4, stages=1)).float()
+                pt = main.ptrs
+                got = gm.grouped_mxfp4_gemm(a, sa, (pt["w1w"], pt["w3w"]), (pt["w1s"], pt["w3s"]),
+                                            inter, ends, g_off, stages=1).float()
+                err = ((got - want).norm() / want.norm()).item()
+                assert err < 1e-6, f"{fmt}/{shared_fmt} MXFP4-decoding GEMM: rel err {err:.2e}"
+                if extra is None:  # the MoE through it
+                    os.environ["DSV4_MOE_FP4_GEMM"] = "1"
+                    try:
+                        u = torch.randn(300, d, generator=G).bfloat16()
+                        idx = torch.stack([torch.randperm(n_exp, generator=G)[:k]
+                                           for _ in range(300)])
+                        wgt = torch.rand(300, k, generator=G) + 0.1
+                        want = km.moe_forward_ref(u, idx, wgt, experts, shared).float()
+                        got = km._moe_cuda(u, idx, wgt, experts, shared,
+                                           dict(grouped_mm=True)).float()
+                        err = ((got - want).norm() / want.norm()).item()
+                        assert err < 1e-3, f"MoE on the MXFP4-decoding GEMM: rel err {err:.2e}"
+                    finally:
+                        del os.environ["DSV4_MOE_FP4_GEMM"]
         # blocks ~2^9 below their row's largest within 128 columns (scale bytes 8-11 apart:
         # the bf16 path before) fold exactly (the copy takes e2m1 values times 2^-5 .. 2^6);
         # ~2^14 apart (12 or more) do not

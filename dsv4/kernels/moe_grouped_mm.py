@@ -57,7 +57,7 @@ import torch
 
 from . import HAS_TRITON
 from .pdl import pdl
-from .grouped_fp8_gemm import grouped_fp8_gemm
+from .grouped_fp8_gemm import _tile_map, grouped_fp8_gemm
 from .moe_plan import route_plan
 from .quant_linear import (FMT_FP8, FMT_MXFP4, _act_quant_cuda, _fp32_scales,
                            _scaled_mm_blockwise, act_quant_values)
@@ -188,7 +188,10 @@ def moe_grouped_mm(u, idx, wgt, experts, shared, main, extra,
     tabs = [tab for tab in (main, extra) if tab is not None]
     if (fp8_gemm_for(t * k / (total_experts or n_routed))
             and all(getattr(tab, "fp8_exact", True) for tab in tabs)):
-        y2 = _experts_fp8(u, experts, main, extra, plan, tabs, skip_shared=sh_apart)
+        if fp4_gemm_on() and _fp4_gemm_applies(main, extra, sh_apart, tabs):
+            y2 = _experts_fp4(u, experts, main, extra, plan)
+        else:
+            y2 = _experts_fp8(u, experts, main, extra, plan, tabs, skip_shared=sh_apart)
     if y2 is None:
         y2 = _experts_bf16(u, experts, main, extra, plan, skip_shared=sh_apart)
     # slot -> its padded position (padding positions all land on the extra last entry); the
@@ -346,6 +349,66 @@ def _experts_fp8(u, experts, main, extra, plan, tabs, skip_shared: bool = False
                            "128 columns (not exact in e4m3): that layer runs on bf16 copies")
             return None
     return y2
+
+
+def fp4_gemm_on() -> bool:
+    """`DSV4_MOE_FP4_GEMM=1` (experimental, not yet run on a GPU): `_experts_fp4` instead of
+    the e4m3 copies."""
+    return os.environ.get("DSV4_MOE_FP4_GEMM", "") == "1"
+
+
+def _fp4_gemm_applies(main, extra, sh_apart: bool, tabs) -> bool:
+    """MXFP4 routed experts known to fold exactly into e4m3 (an earlier call's copy found
+    them so: `fp8_exact`), and no FP8 shared expert in the plan (apart, or none beside them)."""
+    return (main.fmt == FMT_MXFP4 and (extra is None or sh_apart)
+            and all(getattr(tab, "fp8_exact", None) is True for tab in tabs))
+
+
+def _experts_fp4(u, experts, main, extra, plan) -> torch.Tensor:
+    """`_experts_fp8` without the e4m3 copies: the grouped FP8 GEMM decodes the MXFP4 weights
+    where they lie (`grouped_mxfp4_gemm`: the same folded e4m3 codes and scales as `to_fp8`,
+    the same products and sums). Plan expert g is entry g of main's tables when main holds the
+    shared expert too (extra None), else entry g - 1 (plan expert 0, the shared one, is apart
+    and has no rows)."""
+    d, inter = u.shape[1], experts[0].w1.out_features
+    g_off = 0 if extra is None else 1
+    p = main.ptrs
+    xq, xs = _act_quant_cuda(u, rows=plan.src, scales_t=True)
+    y13 = grouped_mxfp4_gemm(xq, xs, (p["w1w"], p["w3w"]), (p["w1s"], p["w3s"]), inter,
+                             plan.offs, g_off)
+    del xq, xs
+    h = _swiglu(y13, experts, plan)
+    del y13
+    hq, hs = _act_quant_cuda(h, scales_t=True)
+    del h
+    return grouped_mxfp4_gemm(hq, hs, (p["w2w"],), (p["w2s"],), d, plan.offs, g_off)
+
+
+def grouped_mxfp4_gemm(a: torch.Tensor, sa: torch.Tensor, w_tabs, s_tabs, n_half: int,
+                       ends: torch.Tensor, g_off: int, bm: int = 64, bn: int = 128,
+                       warps: int = 4, stages: int = 3) -> torch.Tensor:
+    """`grouped_fp8_gemm` with MXFP4 weights decoded in the kernel: y [M, len(w_tabs) *
+    n_half] bf16, rows ends[g-1] .. ends[g] of a (e4m3 codes, sa their 1 x 128 scales, any
+    strides) times the weights of table entry g - g_off of each pointer table in w_tabs
+    (weights in the kernels' layout, `FP4Linear.to_kernel_layout`; s_tabs their scales), the
+    tables' rows side by side (w1 then w3). Each K-block of a weight row decodes to e4m3 with
+    its 4 per-32 scales folded into one (`_mxfp4_e4m3_folded`, as `to_fp8` copies them): exact
+    only for weights whose copy was (`fp8_exact`), which the caller checks."""
+    m, k = a.shape
+    n = len(w_tabs) * n_half
+    y = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
+    if m == 0:
+        return y
+    if n_half % bn or k % 128:
+        raise ValueError(f"grouped MXFP4 GEMM: {n_half} rows a table / K {k} do not fit "
+                         f"{bn}-row tiles and 128-deep blocks")
+    tiles = _tile_map(ends, m, bm)
+    w3, s3 = (w_tabs[1], s_tabs[1]) if len(w_tabs) > 1 else (w_tabs[0], s_tabs[0])
+    _grouped_mx_kernel[(tiles.shape[1] * (n // bn),)](
+        a, sa, w_tabs[0], s_tabs[0], w3, s3, y, tiles, tiles.shape[1], n_half, k, g_off,
+        sa.stride(0), sa.stride(1), TWO=len(w_tabs) > 1, BM=bm, BN=bn, ASM=not _INTERPRET,
+        num_warps=warps, num_stages=stages)
+    return y
 
 
 def to_fp8(main, extra, names, n_exp: int, rows: int, cols: int, dev, flag: torch.Tensor,
@@ -557,3 +620,55 @@ if HAS_TRITON:
         m = code & 7
         tab = tl.where(m < 4, t0, t1)
         return (((tab >> (8 * (m & 3))) & 0xFF) | ((code & 8) << 4)).to(tl.uint8)
+
+    @triton.jit(do_not_specialize=["n_tiles", "g_off"])
+    def _grouped_mx_kernel(a_ptr, sa_ptr, w_tab, s_tab, w3_tab, s3_tab, y_ptr, tile_ptr,
+                           n_tiles, N1, K, g_off, sa_m, sa_k, TWO: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr, ASM: tl.constexpr):
+        """`grouped_fp8_gemm._grouped_fp8_kernel` whose weight tile is MXFP4 in the kernels'
+        layout, decoded to folded e4m3 each K-block (`grouped_mxfp4_gemm`); row tile
+        program_id // (N / BN), column tile program_id % (N / BN), N = N1 (x 2 with TWO: the
+        columns past N1 are w3's rows)."""
+        pid = tl.program_id(0)
+        n_col = (2 * N1 if TWO else N1) // BN
+        tm = pid // n_col
+        pn = pid % n_col
+        g = tl.load(tile_ptr + tm)
+        r0 = tl.load(tile_ptr + n_tiles + tm)
+        r1 = tl.load(tile_ptr + 2 * n_tiles + tm)
+        if r0 >= r1:
+            return
+        rows = r0 + tl.arange(0, BM)
+        rok = rows < r1
+        cols = pn * BN + tl.arange(0, BN)
+        wrow = cols  # the weight rows of this tile in its table's weight
+        wi = g - g_off
+        w_addr = tl.load(w_tab + wi)
+        s_addr = tl.load(s_tab + wi)
+        if TWO:
+            up = pn * BN >= N1
+            wrow = cols - up.to(tl.int32) * N1
+            w_addr = tl.where(up, tl.load(w3_tab + wi), w_addr)
+            s_addr = tl.where(up, tl.load(s3_tab + wi), s_addr)
+        w = tl.multiple_of(w_addr.to(tl.pointer_type(tl.uint8)), 16)
+        ws = tl.multiple_of(s_addr.to(tl.pointer_type(tl.uint8)), 16)
+        grp = (wrow // 64).to(tl.int64)
+        r64 = wrow % 64
+        w_row = w + grp[:, None] * (32 * K) + r64[:, None] * 64 + tl.arange(0, 64)[None, :]
+        s_row = (ws + grp * (2 * K) + r64 * 4).to(tl.pointer_type(tl.int32))
+        kk = tl.arange(0, 128)
+        a_row = a_ptr + rows.to(tl.int64)[:, None] * K + kk[None, :]
+        sa_row = sa_ptr + rows.to(tl.int64) * sa_m
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for kb in range(0, K // 128):
+            a = tl.load(a_row + kb * 128, mask=rok[:, None], other=0.0)
+            p = tl.load(w_row + kb * 4096)
+            sw = tl.load(s_row + kb * 64)
+            sa = tl.load(sa_row + kb * sa_k, mask=rok, other=0.0)
+            s4 = (sw[:, None] >> (8 * tl.arange(0, 4)[None, :])) & 0xFF  # [BN, 4]
+            top = tl.max(s4, 1)
+            w8 = _mxfp4_e4m3_folded(p, tl.maximum(s4 - top[:, None] + 12, 1), ASM)
+            sb = ((tl.maximum(top, 7) - 6) << 23).to(tl.float32, bitcast=True)
+            acc += tl.dot(a, tl.trans(w8)) * sa[:, None] * sb[None, :]
+        tl.store(y_ptr + rows.to(tl.int64)[:, None] * (2 * N1 if TWO else N1) + cols[None, :],
+                 acc.to(tl.bfloat16), mask=rok[:, None])

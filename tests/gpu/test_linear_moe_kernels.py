@@ -508,6 +508,44 @@ def test_moe_fp8_gemm_path(fmt, shared_fmt, monkeypatch):
     assert rel_err(got, bf16) < 1e-2
 
 
+def test_moe_fp4_gemm_path(monkeypatch):
+    """DSV4_MOE_FP4_GEMM=1 (experimental): the grouped FP8 GEMM decoding the MXFP4 weights in
+    place gives the products of the e4m3 copies' GEMM (each weight row's K-block the same
+    folded codes and scale), and the MoE through it (after a first call on the copies found
+    the layer exact) agrees with the reference and the copies' path."""
+    from dsv4.kernels import moe_grouped_mm as gm
+    from dsv4.kernels.grouped_fp8_gemm import grouped_fp8_gemm
+    experts, shared = _random_moe(64, 4096, 2048, "fp4", "fp8", torch.bfloat16, seed=14)
+    u = torch.randn(3000, 4096, device=DEV).bfloat16()
+    main, extra = moe_kernels._tables(experts, shared, u.device)  # (the kernels' key: cuda:0)
+    g = torch.Generator(device=DEV).manual_seed(14)
+    counts = torch.tensor([0] + [48] * 30 + [0] + [17] * 33, dtype=torch.int32)  # 65 groups
+    ends = counts.cumsum(0).to(torch.int32).to(DEV)
+    m = int(ends[-1])
+    a = (torch.randn(m, 4096, device=DEV, generator=g) * 3).to(torch.float8_e4m3fn)
+    sa = 2.0 ** torch.randint(-4, 4, (4096 // 128, m), device=DEV, generator=g).float()
+    flag = torch.zeros(1, dtype=torch.int32, device=DEV)
+    q, sc = gm.to_fp8(main, extra, ("w1", "w3"), 65, 2048, 4096, u.device, flag)
+    assert int(flag) == 0
+    want = grouped_fp8_gemm(a, sa.t(), q, sc, ends)
+    pt = main.ptrs
+    got = gm.grouped_mxfp4_gemm(a, sa.t(), (pt["w1w"], pt["w3w"]), (pt["w1s"], pt["w3s"]), 2048,
+                                ends, 1)
+    assert rel_err(got, want) < 1e-3
+    idx, wgt = _routing(3000, 64, 6, "skewed", seed=4)
+    monkeypatch.setenv("DSV4_MOE_FP8_GEMM", "1")
+    copies = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, dict(grouped_mm=True))
+    assert main.fp8_exact
+    calls = []
+    real = gm._experts_fp4
+    monkeypatch.setattr(gm, "_experts_fp4", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("DSV4_MOE_FP4_GEMM", "1")
+    got = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, dict(grouped_mm=True))
+    assert calls, "the MXFP4-decoding GEMM did not run"
+    assert rel_err(got, copies) < 1e-2
+    assert rel_err(got, moe_forward_ref(u, idx, wgt, experts, shared)) < 2e-2
+
+
 @pytest.mark.parametrize("fmt", ["fp4", "fp8"])
 def test_moe_other_ranks_slots_add_nothing(fmt, monkeypatch):
     """Expert parallelism: the slots of another rank's experts (idx = len(experts)) are left
