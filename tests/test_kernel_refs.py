@@ -429,6 +429,13 @@ def test_moe_grouped_mm_switch(monkeypatch, caplog):
     with pytest.raises(ValueError, match="DSV4_MOE_FP8_GEMM must be"):
         gm.fp8_gemm_for(10)
     monkeypatch.delenv("DSV4_MOE_FP8_GEMM")
+    assert not gm.fp4_gemm_on()  # the MXFP4-decoding GEMM: opt-in
+    monkeypatch.setenv("DSV4_MOE_FP4_GEMM", "1")
+    assert gm.fp4_gemm_on()
+    monkeypatch.setenv("DSV4_MOE_FP4_GEMM", "on")
+    with pytest.raises(ValueError, match="DSV4_MOE_FP4_GEMM must be"):
+        gm.fp4_gemm_on()
+    monkeypatch.delenv("DSV4_MOE_FP4_GEMM")
     monkeypatch.setenv("DSV4_MOE_GROUPED_MM", "2048")
     assert gm.grouped_mm_min_tokens() == 2048
     assert gm.takes(2048, 6, 256) and not gm.takes(2047, 6, 256)

@@ -354,7 +354,11 @@ def _experts_fp8(u, experts, main, extra, plan, tabs, skip_shared: bool = False
 def fp4_gemm_on() -> bool:
     """`DSV4_MOE_FP4_GEMM=1` (experimental, not yet run on a GPU): `_experts_fp4` instead of
     the e4m3 copies."""
-    return os.environ.get("DSV4_MOE_FP4_GEMM", "") == "1"
+    env = os.environ.get("DSV4_MOE_FP4_GEMM", "")
+    if env not in ("", "0", "1"):
+        raise ValueError("DSV4_MOE_FP4_GEMM must be 1 (decode MXFP4 in the grouped GEMM), 0 or "
+                         "unset (e4m3 copies)")
+    return env == "1"
 
 
 def _fp4_gemm_applies(main, extra, sh_apart: bool, tabs) -> bool:
