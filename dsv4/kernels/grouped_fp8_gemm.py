@@ -115,6 +115,12 @@ if HAS_TRITON:
 
     from . import num_sms
 
+    @triton.jit
+    def _row_tile(tile_ptr, n_tiles, tm):
+        """Row tile tm of `_tile_map`: (its group, first row, end row; first >= end: empty)."""
+        return (tl.load(tile_ptr + tm), tl.load(tile_ptr + n_tiles + tm),
+                tl.load(tile_ptr + 2 * n_tiles + tm))
+
     @triton.jit(do_not_specialize=["n_tiles"])
     def _grouped_fp8_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, y_ptr, tile_ptr, n_tiles, N, K,
                             sa_m, sa_k, sb_g, sb_n, sb_k,
@@ -124,9 +130,8 @@ if HAS_TRITON:
         n_col = N // BN
         tm = pid // n_col
         pn = pid % n_col
-        g = tl.load(tile_ptr + tm).to(tl.int64)
-        r0 = tl.load(tile_ptr + n_tiles + tm)
-        r1 = tl.load(tile_ptr + 2 * n_tiles + tm)
+        g, r0, r1 = _row_tile(tile_ptr, n_tiles, tm)
+        g = g.to(tl.int64)
         if r0 >= r1:
             return
         rows = r0 + tl.arange(0, BM)
@@ -166,9 +171,7 @@ if HAS_TRITON:
         for t in tl.range(tl.program_id(0), n_tiles * n_col, NUM_PROGS):
             tm = t // n_col
             pn = t % n_col
-            g = tl.load(tile_ptr + tm)
-            r0 = tl.load(tile_ptr + n_tiles + tm)
-            r1 = tl.load(tile_ptr + 2 * n_tiles + tm)
+            g, r0, r1 = _row_tile(tile_ptr, n_tiles, tm)
             rows = r0 + tl.arange(0, BM)
             cols = pn * BN + tl.arange(0, BN)
             acc = tl.zeros((BM, BN), dtype=tl.float32)

@@ -491,6 +491,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .grouped_fp8_gemm import _row_tile
     from .moe import _mxfp4_bf16
     from .pdl import pdl_start
     from .quant_linear import _e8m0_f32
@@ -637,9 +638,7 @@ if HAS_TRITON:
         n_col = (2 * N1 if TWO else N1) // BN
         tm = pid // n_col
         pn = pid % n_col
-        g = tl.load(tile_ptr + tm)
-        r0 = tl.load(tile_ptr + n_tiles + tm)
-        r1 = tl.load(tile_ptr + 2 * n_tiles + tm)
+        g, r0, r1 = _row_tile(tile_ptr, n_tiles, tm)
         if r0 >= r1:
             return
         rows = r0 + tl.arange(0, BM)
