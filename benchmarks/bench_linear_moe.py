@@ -12,6 +12,7 @@ experts that received tokens plus the shared expert (what must be read at least 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
@@ -337,11 +338,14 @@ def moe_table(quick: bool) -> None:
                   f"{100 * nbytes / us / 1e-6 / HBM:.0f}% | {used:.0f}+1 | {ref} |", flush=True)
             if GROUPED_MM[0] and t >= 512:  # dequantised experts + torch's grouped GEMM
                 try:
-                    gus = t_us(lambda: km._moe_cuda(u, idx, wgt, experts, shared,
-                                                    dict(grouped_mm=True)))
-                    print(f"| {name} grouped_mm | {t} | {gus:.1f} | {flops / gus / 1e6:.1f} | "
-                          f"{100 * flops / gus / 1e-6 / BF16_PEAK:.0f}% | - | - | all | - |",
-                          flush=True)
+                    for label, env in GROUPED_VARIANTS[0]:
+                        with _environ(env):
+                            gus = t_us(lambda: km._moe_cuda(u, idx, wgt, experts, shared,
+                                                            dict(grouped_mm=True)))
+                        print(f"| {name} grouped_mm{label} | {t} | {gus:.1f} | "
+                              f"{flops / gus / 1e6:.1f} | "
+                              f"{100 * flops / gus / 1e-6 / BF16_PEAK:.0f}% | - | - | all | - |",
+                              flush=True)
                     if t in (4096, 8192):
                         profile(lambda: km._moe_cuda(u, idx, wgt, experts, shared,
                                                      dict(grouped_mm=True)),
@@ -354,6 +358,29 @@ def moe_table(quick: bool) -> None:
         del experts, shared
         gm.release_workspace()
         torch.cuda.empty_cache()
+
+
+# --grouped-variants: the grouped path's copies A/B in one process, each (label, environment)
+GROUPED_VARIANTS: list = [[("", {})]]
+_VARIANTS = [(" bf16 copies", {"DSV4_MOE_FP8_GEMM": "0"}),
+             (" e4m3 copies", {"DSV4_MOE_FP8_GEMM": "1"}),
+             # (after the e4m3 copies: the in-place decode needs a layer's copy found exact)
+             (" MXFP4 in place", {"DSV4_MOE_FP8_GEMM": "1", "DSV4_MOE_FP4_GEMM": "1"})]
+
+
+@contextlib.contextmanager
+def _environ(env: dict):
+    """Set these environment variables for the block (the MoE reads them per call)."""
+    old = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, val in old.items():
+            if val is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = val
 
 
 _PROFILES: list[str] = []
@@ -397,12 +424,18 @@ def main() -> None:
     ap.add_argument("--grouped-mm", action="store_true",
                     help="MoE table: also time the dequantise + torch grouped GEMM path "
                          "(DSV4_MOE_GROUPED_MM) from 512 tokens")
+    ap.add_argument("--grouped-variants", action="store_true",
+                    help="with --grouped-mm: time the grouped path on bf16 copies, e4m3 copies "
+                         "and MXFP4 decoded in place (DSV4_MOE_FP8_GEMM / DSV4_MOE_FP4_GEMM), "
+                         "in one process")
     ap.add_argument("--experts", choices=["fp4", "nvfp4", "fp8", "bf16"], default="fp4",
                     help="routed experts' format in the MoE table and sweep")
     args = ap.parse_args()
     SWEEP_TOKENS.extend(args.tokens)
     SWEEP_MODEL[0] = args.sweep_model
-    GROUPED_MM[0] = args.grouped_mm
+    GROUPED_MM[0] = args.grouped_mm or args.grouped_variants
+    if args.grouped_variants:
+        GROUPED_VARIANTS[0] = _VARIANTS
     MOE_TOKENS.extend(args.moe_tokens)
     EXPERT_FORMAT[0] = args.experts
     p = torch.cuda.get_device_properties(0)
