@@ -51,6 +51,45 @@ def test_unpack_rejects_a_wrong_row_width():
         unpack_kv_fp8(torch.zeros(2, 576, dtype=torch.uint8), D, R)
 
 
+def _prmt(a: torch.Tensor, sel: int) -> torch.Tensor:
+    """PTX `prmt.b32 d, a, 0, sel` (default mode) on int64-held 32-bit words: byte i of d is
+    byte (sel >> 4i) & 7 of the 8 bytes {a, 0} (bit 3 of the nibble, sign replication, unused)."""
+    out = torch.zeros_like(a)
+    for i in range(4):
+        src = (sel >> (4 * i)) & 0xF
+        assert src < 8
+        byte = (a >> (8 * src)) & 0xFF if src < 4 else torch.zeros_like(a)
+        out |= byte << (8 * i)
+    return out
+
+
+def test_gluon_fp8_row_decode_arithmetic_is_exact():
+    """The Gluon attention kernel's FP8-row decode (`sparse_attention_wg._e4m3_bf16`), its PTX
+    emulated op by op: 4 e4m3 codes a register -> two bf16 pairs (each code's value times
+    2^-120), then two bf16 products by powers of two. Every code but NaN's, every scale byte:
+    the same bf16 bits as the reference unpacking (`unpack_kv_fp8`: code times 2^(byte-127));
+    byte 255 (2^128, past fp32, e8m0's NaN) is never written: a scale comes from a finite amax."""
+    codes = torch.arange(256, dtype=torch.int64)
+    words = codes.view(64, 4)
+    x = words[:, 0] | words[:, 1] << 8 | words[:, 2] << 16 | words[:, 3] << 24
+    halves = []
+    for sel in (0x1404, 0x3424):  # codes 0, 1 then 2, 3 of each register
+        y = _prmt(x, sel)
+        h = ((y >> 4) & 0x07F007F0) | (y & 0x80008000)
+        halves += [h & 0xFFFF, h >> 16]
+    bits = torch.stack([halves[0], halves[1], halves[2], halves[3]], 1).reshape(256)
+    h = bits.to(torch.int16).view(torch.bfloat16)  # (values in 0..65535 wrap to int16 bits)
+    s = torch.arange(255, dtype=torch.int64)[:, None]
+    s1 = s.clamp(max=134)
+    m1 = ((s1 + 120) << 7).to(torch.int16).view(torch.bfloat16)
+    m2 = ((s - s1 + 127) << 7).to(torch.int16).view(torch.bfloat16)
+    got = h[None, :] * m1 * m2  # [scale byte, code], bf16 products
+    ref = (codes.to(torch.uint8).view(torch.float8_e4m3fn).float()[None, :]
+           * torch.ldexp(torch.ones(255, 1), s - 127)).to(torch.bfloat16)
+    finite = (codes & 0x7F) != 0x7F  # e4m3fn's NaN codes: never stored (codes are clamped)
+    assert torch.equal(got[:, finite].view(torch.int16), ref[:, finite].view(torch.int16))
+
+
 def test_reference_attention_reads_packed_caches_like_float_ones():
     g = torch.Generator().manual_seed(1)
     T, H = 3, 4

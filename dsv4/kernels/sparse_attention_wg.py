@@ -8,7 +8,9 @@ explicit: each warpgroup computes the logits of half the tile's rows, the row st
 reduced across the two, and each warpgroup then accumulates half of the D output dims from the
 whole P tile (the FlashMLA split). Rows arrive by cp.async gathers into a ring of NUM_BUF shared
 buffers; each tile's row slots are read one iteration ahead of their copies. Packed FP8 rows
-(`kv_fp8.py`) are staged as bytes and decoded into one bf16 tile before the products.
+(`kv_fp8.py`) are staged as bytes and decoded into one bf16 tile before the products, by
+integer bit placement and bf16 products by powers of two (`_e4m3_bf16`: no conversion-unit
+instructions, which at 16 lanes a clock bound the FP8-row tiles).
 
 Each step takes turns: Q K^T, the softmax, P V (and for FP8 rows the decode first). Overlapping
 them with the P V product (the next tile's decode into a second bf16 tile, or the next tile's
@@ -89,8 +91,7 @@ if HAS_GLUON:
         win_tile = tile < n_win_tiles  # only window tiles can hold new rows
         for g in gl.static_range(NOPE // 64):
             code = cbuf.slice(64 * g, 64, dim=1).load(DEC)
-            sc = gl.exp2(sbuf.slice(g, 1, dim=1).load(DEC).to(gl.float32) - 127.0)
-            v = code.to(gl.float8e4nv, bitcast=True).to(gl.bfloat16) * sc.to(gl.bfloat16)
+            v = _e4m3_bf16(code, sbuf.slice(g, 1, dim=1).load(DEC).to(gl.int32))
             if win_tile:
                 kn = gl.load(new_row[:, None] + (64 * g) + d[None, :], mask=is_new[:, None],
                              other=0.0)
@@ -103,6 +104,36 @@ if HAS_GLUON:
                              mask=is_new[:, None], other=0.0)
                 r = gl.where(is_new[:, None], kn, r)
             kbuf.slice(NOPE + 64 * g, 64, dim=1).store(r)
+
+    @gluon.jit
+    def _e4m3_bf16(code, sbyte):
+        """e4m3 codes (uint8) times 2^(sbyte - 127) (sbyte int32, broadcast) -> exact bf16, on
+        the integer and bf16 pipes rather than the conversion unit (whose F2F per value bound
+        the FP8-row tiles): the 7 magnitude bits go into a bf16's exponent and mantissa (the
+        value times 2^-120; e4m3 subnormals land on bf16 subnormals), the sign into bit 15;
+        then two products by powers of two, 2^(min(s, 134) - 7) and 2^(max(s, 134) - 134),
+        each a normal bf16 for every scale byte (`kv_fp8.e4m3_bf16_bits`, the same in torch)."""
+        # 4 codes a register -> 2 bf16 pairs: prmt puts code i in the high byte of half i
+        # (zeros below), then (y >> 4) & 0x07F007F0 keeps its magnitude, y & 0x80008000 its sign
+        h = gl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 y, t;
+            prmt.b32 y, $2, 0, 0x1404;
+            shr.b32 t, y, 4;
+            and.b32 t, t, 0x07F007F0;
+            and.b32 y, y, 0x80008000;
+            or.b32 $0, t, y;
+            prmt.b32 y, $2, 0, 0x3424;
+            shr.b32 t, y, 4;
+            and.b32 t, t, 0x07F007F0;
+            and.b32 y, y, 0x80008000;
+            or.b32 $1, t, y;
+            }""",
+            constraints="=r,=r,r", args=[code], dtype=gl.bfloat16, is_pure=True, pack=4)
+        s1 = gl.minimum(sbyte, 134)
+        m1 = ((s1 + 120) << 7).to(gl.uint16).to(gl.bfloat16, bitcast=True)
+        m2 = ((sbyte - s1 + 127) << 7).to(gl.uint16).to(gl.bfloat16, bitcast=True)
+        return h * m1 * m2
 
     @gluon.jit
     def _softmax_step(s, valid, qk_scale, m_i, l_i, P_OP: gl.constexpr, HEADS_PV: gl.constexpr):

@@ -248,6 +248,48 @@ def test_store_kv_fp8_packs_and_scatters_as_torch(d, n):
         assert torch.equal(buf, want), f"gathered: {(buf != want).sum().item()} bytes differ"
 
 
+try:  # the Gluon attention kernel's FP8-row decode, alone (`_e4m3_bf16`)
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+
+    from dsv4.kernels.sparse_attention_wg import HAS_GLUON, _e4m3_bf16
+except Exception:  # noqa: BLE001 - no Gluon: the test below skips
+    HAS_GLUON = False
+
+if HAS_GLUON:
+    @gluon.jit
+    def _e4m3_decode_kernel(code_ptr, s_ptr, out_ptr, R, L: gl.constexpr):
+        """out[r, c] = _e4m3_bf16(code[r, c], s[r]) over [R, 256] codes, 32 x 64 a program."""
+        r = gl.program_id(0) * 32 + gl.arange(0, 32, gl.SliceLayout(1, L))
+        c = gl.program_id(1) * 64 + gl.arange(0, 64, gl.SliceLayout(0, L))
+        ok = (r < R)[:, None] & (c < 256)[None, :]
+        code = gl.load(code_ptr + r[:, None] * 256 + c[None, :], mask=ok, other=0)
+        sb = gl.load(s_ptr + r, mask=r < R, other=127)
+        gl.store(out_ptr + r[:, None] * 256 + c[None, :], _e4m3_bf16(code, sb[:, None]), mask=ok)
+
+
+@pytest.mark.skipif(not HAS_GLUON, reason="needs Gluon")
+def test_gluon_fp8_row_decode_is_exact_for_every_code_and_scale():
+    """Every e4m3 code (but NaN's) times every scale byte 0..254 through the Gluon kernel's
+    decode (integer bit placement + two bf16 products, subnormals included): the bits of the
+    reference unpacking (`unpack_kv_fp8`), as the CPU emulation of its PTX found
+    (tests/test_kernel_refs.py)."""
+    codes = torch.arange(256, device=DEV).to(torch.uint8).repeat(255, 1)  # [scale byte, code]
+    s = torch.arange(255, device=DEV, dtype=torch.int32)
+    out = torch.empty(255, 256, dtype=torch.bfloat16, device=DEV)
+    L = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    _e4m3_decode_kernel[(triton_cdiv(255, 32), 4)](codes, s, out, 255, L, num_warps=4)
+    ref = (codes.view(torch.float8_e4m3fn).float()
+           * torch.ldexp(torch.ones(255, 1, device=DEV), s[:, None].float() - 127)).bfloat16()
+    finite = (torch.arange(256, device=DEV) & 0x7F) != 0x7F
+    bad = (out.view(torch.int16) != ref.view(torch.int16)) & finite[None, :]
+    assert not bad.any(), f"{bad.sum().item()} values differ, first at {bad.nonzero()[0].tolist()}"
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def test_kv_fp8_round_trip_is_exact_on_model_rows():
     from dsv4.kernels.kv_fp8 import pack_kv_fp8, unpack_kv_fp8
     rows = kv_rows(4096, torch.bfloat16, torch.Generator(device=DEV).manual_seed(3))
