@@ -591,3 +591,14 @@ def test_fp32_weight_scales_are_converted_once_per_weight_and_version():
     assert b is a and b.tolist() == [[2.0, 2.0], [2.0, 2.0]]
     q = torch.nn.Parameter(p.detach().clone(), requires_grad=False)  # another weight
     assert _fp32_scales(q) is not a
+
+
+def test_fp8_row_decode_switch(monkeypatch):
+    from dsv4.kernels.sparse_attention import fp8_int_decode
+    monkeypatch.delenv("DSV4_ATTN_FP8_DECODE", raising=False)
+    assert not fp8_int_decode()
+    monkeypatch.setenv("DSV4_ATTN_FP8_DECODE", "int")
+    assert fp8_int_decode()
+    monkeypatch.setenv("DSV4_ATTN_FP8_DECODE", "fast")
+    with pytest.raises(ValueError, match="DSV4_ATTN_FP8_DECODE"):
+        fp8_int_decode()

@@ -18,6 +18,7 @@ do not repeat Q K^T in both warpgroups, as this kernel's do (1.6-1.9x faster at 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +102,16 @@ class AttnConfig:
     num_stages: int = 2
     splits: int = 0
     kernel: str = "auto"
+
+
+def fp8_int_decode() -> bool:
+    """`DSV4_ATTN_FP8_DECODE`: "int" decodes the Gluon kernel's FP8 rows by integer bit placement
+    (`sparse_attention_wg._e4m3_bf16`; written without a GPU, not yet measured), "cvt" or unset
+    by the conversion unit."""
+    env = os.environ.get("DSV4_ATTN_FP8_DECODE", "cvt")
+    if env not in ("int", "cvt"):
+        raise ValueError(f"DSV4_ATTN_FP8_DECODE must be int or cvt, got {env!r}")
+    return env == "int"
 
 
 def default_config(q: torch.Tensor, fp8: bool = False) -> AttnConfig:
@@ -445,7 +456,8 @@ if HAS_TRITON:
                 _sparse_attn_wg_kernel[(T * n_hb, splits)](
                     *args, D=D, BLOCK_H=BH, BLOCK_K=BK, NUM_BUF=max(2, cfg.num_stages),
                     SPLIT=splits > 1, FP8=fp8, NOPE=D - rope_dim, ROPE=rope_dim,
-                    HAS_LEN=cmp_len is not None, num_warps=8, **kw)
+                    HAS_LEN=cmp_len is not None, INT_DEC=fp8 and fp8_int_decode(), num_warps=8,
+                    **kw)
             kw = pdl() if _WG_PDL_OK else {}
             try:
                 wg_launch(**kw)

@@ -9,8 +9,9 @@ reduced across the two, and each warpgroup then accumulates half of the D output
 whole P tile (the FlashMLA split). Rows arrive by cp.async gathers into a ring of NUM_BUF shared
 buffers; each tile's row slots are read one iteration ahead of their copies. Packed FP8 rows
 (`kv_fp8.py`) are staged as bytes and decoded into one bf16 tile before the products, by
-integer bit placement and bf16 products by powers of two (`_e4m3_bf16`: no conversion-unit
-instructions, which at 16 lanes a clock bound the FP8-row tiles).
+integer bit placement and bf16 products by powers of two with `INT_DEC` (`_e4m3_bf16`: no
+conversion-unit instructions, which at 16 lanes a clock are the suspected bound of the FP8-row
+tiles; opt-in, `DSV4_ATTN_FP8_DECODE=int`, until measured), else by conversions.
 
 Each step takes turns: Q K^T, the softmax, P V (and for FP8 rows the decode first). Overlapping
 them with the P V product (the next tile's decode into a second bf16 tile, or the next tile's
@@ -82,7 +83,8 @@ if HAS_GLUON:
 
     @gluon.jit
     def _decode_fp8(kbuf, cbuf, rbuf, sbuf, idx, tile, n_win_tiles, win_new_ptr, Nw,
-                    D: gl.constexpr, NOPE: gl.constexpr, ROPE: gl.constexpr, DEC: gl.constexpr):
+                    D: gl.constexpr, NOPE: gl.constexpr, ROPE: gl.constexpr, DEC: gl.constexpr,
+                    INT_DEC: gl.constexpr):
         """Staged FP8 rows -> bf16 rows in kbuf [BK, D], exactly (an e4m3 value times a power of
         two); this step's new rows come from win_new instead."""
         is_new = (tile < n_win_tiles) & (idx >= Nw)
@@ -91,7 +93,11 @@ if HAS_GLUON:
         win_tile = tile < n_win_tiles  # only window tiles can hold new rows
         for g in gl.static_range(NOPE // 64):
             code = cbuf.slice(64 * g, 64, dim=1).load(DEC)
-            v = _e4m3_bf16(code, sbuf.slice(g, 1, dim=1).load(DEC).to(gl.int32))
+            if INT_DEC:
+                v = _e4m3_bf16(code, sbuf.slice(g, 1, dim=1).load(DEC).to(gl.int32))
+            else:  # the conversion unit: e4m3 -> f16 -> bf16, times the scale
+                sc = gl.exp2(sbuf.slice(g, 1, dim=1).load(DEC).to(gl.float32) - 127.0)
+                v = code.to(gl.float8e4nv, bitcast=True).to(gl.bfloat16) * sc.to(gl.bfloat16)
             if win_tile:
                 kn = gl.load(new_row[:, None] + (64 * g) + d[None, :], mask=is_new[:, None],
                              other=0.0)
@@ -158,7 +164,8 @@ if HAS_GLUON:
                                D: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr,
                                NUM_BUF: gl.constexpr, SPLIT: gl.constexpr, FP8: gl.constexpr,
                                NOPE: gl.constexpr, ROPE: gl.constexpr,
-                               HAS_LEN: gl.constexpr, PDL: gl.constexpr = False):
+                               HAS_LEN: gl.constexpr, PDL: gl.constexpr = False,
+                               INT_DEC: gl.constexpr = False):
         # 8 warps: warpgroup w computes logits of rows [w*BK/2, (w+1)*BK/2) of each tile and
         # output dims [w*D/2, (w+1)*D/2)
         LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [8, 1], [1, 0])
@@ -262,7 +269,7 @@ if HAS_GLUON:
                 _decode_fp8(kb, c_smem.index(b), r_smem.index(b), s_smem.index(b),
                             _slots(tile, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles,
                                    BLOCK_K, gl.SliceLayout(1, LC)),
-                            tile, n_win_tiles, win_new_ptr, Nw, D, NOPE, ROPE, LC)
+                            tile, n_win_tiles, win_new_ptr, Nw, D, NOPE, ROPE, LC, INT_DEC)
             else:
                 kb = k_smem.index(i % NUM_BUF)
             s = warpgroup_mma(q_smem, kb.permute((1, 0)), s0, use_acc=False, is_async=True)

@@ -92,6 +92,24 @@ def test_sparse_attention_matches_reference(H, ratio, topk, chunks, fp8):
         f"rel err {err:.2e}, max abs err {max_err:.2e} (ref max {ref.abs().max().item():.3f})"
 
 
+@pytest.mark.parametrize("H,topk,block_k,splits", [
+    (64, 512, 64, 0), (64, 512, 32, 1), (128, 1024, 32, 3), (128, 1024, 64, 5)])
+def test_gluon_fp8_int_decode_is_bit_identical(H, topk, block_k, splits, monkeypatch):
+    """`DSV4_ATTN_FP8_DECODE=int` (bit placement + bf16 products) decodes the packed rows to
+    the same bf16 tile as the conversions: the same outputs, bit for bit."""
+    from dsv4.kernels.kv_fp8 import pack_kv_fp8
+    from dsv4.kernels.sparse_attention import AttnConfig, sparse_attention_triton
+    batch = make_batch(DECODE_EDGES + [(300, 9), (127, 3)])
+    q, sink, wc, wn, wi, cc, ci = attention_inputs(batch, H, 4, topk, torch.bfloat16, seed=7)
+    wc, cc = pack_kv_fp8(wc), pack_kv_fp8(cc)
+    cfg = AttnConfig(block_k=block_k, num_stages=2, splits=splits, kernel="gluon")
+    outs = []
+    for mode in ("cvt", "int"):
+        monkeypatch.setenv("DSV4_ATTN_FP8_DECODE", mode)
+        outs.append(sparse_attention_triton(q, sink, D ** -0.5, wc, wn, wi, cc, ci, config=cfg))
+    assert torch.equal(outs[0], outs[1]), f"max diff {(outs[0] - outs[1]).abs().max().item()}"
+
+
 @pytest.mark.parametrize("kernel", ["gluon", "triton"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16_rows", "fp8_rows"])
 @pytest.mark.parametrize("ratio,splits", [(4, 0), (4, 3), (128, 0), (128, 5), (128, 16)])
