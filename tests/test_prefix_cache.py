@@ -133,14 +133,16 @@ def test_cache_under_memory_pressure_evicts_and_preempts_without_changing_output
     ref, pc = _engine(**kw), _engine(enable_prefix_caching=True, **kw)
     got = _run(pc, prompts, params)
     # preempted sequences are recomputed in other chunks than the reference's: over 150
-    # tokens their float32 log-probabilities drift apart by up to 1.5e-4 (measured)
-    _same(got, _run(ref, prompts, params), tol=1e-3)
+    # tokens their float32 log-probabilities drift apart (the tokens stay equal) by up to
+    # 1.5e-4 on one CI machine and 1.6e-3 on another (its CPU's float32 kernels round
+    # differently, and an FP8 / FP4 rounding flip persists through the caches: SPEC.md 10)
+    _same(got, _run(ref, prompts, params), tol=5e-3)
     assert pc.block_manager.num_blocks < 4 * 3 + 5 * 2  # too few to cache everything
     assert pc.scheduler.num_preemptions > 0
     # after the churn the cache still serves: a prompt run twice resumes the second time
     again = [_run(pc, [prompts[3]], params)[0] for _ in range(2)]
     assert again[1].num_cached_tokens == 256
-    _same(again, got[3:4] * 2, tol=1e-3)
+    _same(again, got[3:4] * 2, tol=5e-3)
 
 
 def test_prompts_sharing_a_system_prompt_meet_from_the_third_on():
