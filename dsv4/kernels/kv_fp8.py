@@ -22,6 +22,26 @@ from .pdl import pdl
 
 FP8_GROUP = 64  # no-rope dims sharing one e8m0 scale
 
+# The attention kernels' decode of 4 e4m3 codes (one register) into 2 bf16 pairs, each value
+# times 2^-120 (`sparse_attention_wg._e4m3_bf16`, `sparse_attention._e4m3_bf16`): `prmt` puts
+# code i in the high byte of half i (zeros below), then (y >> 4) & 0x07F007F0 keeps its
+# magnitude bits (e4m3's exponent and mantissa in a bf16's low exponent and high mantissa
+# bits; its subnormals on bf16's) and y & 0x80008000 its sign. Integer pipes only: the
+# conversion unit (e4m3 -> f16 -> bf16) runs 16 lanes a clock an SM.
+E4M3_BF16_PTX = """{
+.reg .b32 y, t;
+prmt.b32 y, $2, 0, 0x1404;
+shr.b32 t, y, 4;
+and.b32 t, t, 0x07F007F0;
+and.b32 y, y, 0x80008000;
+or.b32 $0, t, y;
+prmt.b32 y, $2, 0, 0x3424;
+shr.b32 t, y, 4;
+and.b32 t, t, 0x07F007F0;
+and.b32 y, y, 0x80008000;
+or.b32 $1, t, y;
+}"""
+
 
 def kv_fp8_row_bytes(head_dim: int, rope_dim: int) -> int:
     """Bytes of one packed row (584 for D=512, r=64)."""

@@ -25,10 +25,11 @@ import torch
 
 from . import HAS_TRITON, num_sms, use_triton
 from .pdl import pdl
-from .kv_fp8 import unpack_kv_fp8
+from .kv_fp8 import E4M3_BF16_PTX, unpack_kv_fp8
 from .rope import rope_
 
 _log = logging.getLogger(__name__)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # runs no inline PTX
 _WG_FAILED: list[str] = []  # set once the Gluon kernel failed to build here: Triton from then on
 _WG_PDL_OK = [True]  # emptied if the Gluon kernel cannot be launched with PDL (`pdl.py`)
 
@@ -105,9 +106,9 @@ class AttnConfig:
 
 
 def fp8_int_decode() -> bool:
-    """`DSV4_ATTN_FP8_DECODE`: "int" decodes the Gluon kernel's FP8 rows by integer bit placement
-    (`sparse_attention_wg._e4m3_bf16`; written without a GPU, not yet measured), "cvt" or unset
-    by the conversion unit."""
+    """`DSV4_ATTN_FP8_DECODE`: "int" decodes FP8 rows (bf16 queries) by integer bit placement
+    and bf16 products (`kv_fp8.E4M3_BF16_PTX`; written without a GPU, not yet measured), "cvt"
+    or unset by the conversion unit; both kernels."""
     env = os.environ.get("DSV4_ATTN_FP8_DECODE", "cvt")
     if env not in ("int", "cvt"):
         raise ValueError(f"DSV4_ATTN_FP8_DECODE must be int or cvt, got {env!r}")
@@ -152,6 +153,7 @@ if HAS_TRITON:
     from .rope import cos_sin, turn
 
     _LOG2E = 1.4426950408889634
+    _E4M3_BF16_PTX: tl.constexpr = tl.constexpr(E4M3_BF16_PTX)
 
     @triton.jit
     def _fp8_load(row_ptr, mask, d, D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr,
@@ -174,10 +176,22 @@ if HAS_TRITON:
 
     @triton.jit
     def _fp8_decode(code, sbyte, rope, d, NOPE: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCK_D: tl.constexpr, DT: tl.constexpr):
+                    BLOCK_D: tl.constexpr, DT: tl.constexpr, INT_DEC: tl.constexpr = False):
         """`_fp8_load`'s bytes -> rows [BK, BLOCK_D] in DT (bf16 or fp32), exactly: an e4m3
-        value times a power of two has at most 4 significant bits."""
+        value times a power of two has at most 4 significant bits. INT_DEC (bf16, GPU only):
+        by bit placement and bf16 products (`kv_fp8.E4M3_BF16_PTX`, as the Gluon kernel's
+        `_e4m3_bf16`) instead of the conversion unit."""
         G: tl.constexpr = BLOCK_D // 64
+        if INT_DEC:
+            s = sbyte.to(tl.int32)  # [BK, G]; two normal bf16 factors for every byte 0..254
+            s1 = tl.minimum(s, 134)
+            m1 = ((s1 + 120) << 7).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            m2 = ((s - s1 + 127) << 7).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            m1 = tl.reshape(tl.broadcast_to(m1[:, :, None], (BLOCK_K, G, 64)), (BLOCK_K, BLOCK_D))
+            m2 = tl.reshape(tl.broadcast_to(m2[:, :, None], (BLOCK_K, G, 64)), (BLOCK_K, BLOCK_D))
+            h = tl.inline_asm_elementwise(asm=_E4M3_BF16_PTX, constraints="=r,=r,r", args=[code],
+                                          dtype=tl.bfloat16, is_pure=True, pack=4)
+            return tl.where((d < NOPE)[None, :], h * m1 * m2, rope.to(DT))
         val = code.to(tl.float8e4nv, bitcast=True).to(DT)
         scale = tl.exp2(sbyte.to(tl.float32) - 127.0).to(DT)  # [BK, G], a power of two
         scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_K, G, 64)), (BLOCK_K, BLOCK_D))
@@ -235,7 +249,8 @@ if HAS_TRITON:
                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
                             BLOCK_K: tl.constexpr, FP8: tl.constexpr, NOPE: tl.constexpr,
                             ROPE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-                            HAS_LEN: tl.constexpr, PDL: tl.constexpr = False):
+                            HAS_LEN: tl.constexpr, PDL: tl.constexpr = False,
+                            INT_DEC: tl.constexpr = False):
         pdl_start(PDL)
         pid = tl.program_id(0)
         sid = tl.program_id(1)
@@ -271,7 +286,7 @@ if HAS_TRITON:
                 Kc, n_win_tiles, row_stride, D, BLOCK_K, FP8)
             if FP8:
                 code, sbyte, rope = _fp8_load(cache_row, valid & ~is_new, d, D, NOPE, ROPE, BLOCK_D)
-                kc = _fp8_decode(code, sbyte, rope, d, NOPE, BLOCK_K, BLOCK_D, q.dtype)
+                kc = _fp8_decode(code, sbyte, rope, d, NOPE, BLOCK_K, BLOCK_D, q.dtype, INT_DEC)
                 kn = tl.load(new_row[:, None] + d[None, :],
                              mask=(valid & is_new)[:, None] & nd, other=0.0)
                 k = tl.where(is_new[:, None], kn.to(q.dtype), kc)
@@ -475,7 +490,9 @@ if HAS_TRITON:
                 *args, D=D, BLOCK_D=BD, BLOCK_H=BH, BLOCK_K=BK, FP8=fp8, NOPE=D - rope_dim,
                 ROPE=rope_dim, SPLIT=splits > 1, IEEE=q.dtype == torch.float32,
                 HAS_LEN=cmp_len is not None, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages, **pdl())
+                num_stages=cfg.num_stages,
+                INT_DEC=fp8 and q.dtype == torch.bfloat16 and not _INTERPRET and fp8_int_decode(),
+                **pdl())
         if splits > 1:
             cd = min(BD, 128)
             pos, freqs = out_rope if out_rope is not None else (o, o)

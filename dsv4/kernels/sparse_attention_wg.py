@@ -30,6 +30,9 @@ except Exception:  # noqa: BLE001
     HAS_GLUON = False
 
 if HAS_GLUON:
+    from .kv_fp8 import E4M3_BF16_PTX
+
+    _E4M3_BF16_PTX: gl.constexpr = gl.constexpr(E4M3_BF16_PTX)
 
     @gluon.jit
     def _slots(tile, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles,
@@ -118,23 +121,9 @@ if HAS_GLUON:
         the FP8-row tiles): the 7 magnitude bits go into a bf16's exponent and mantissa (the
         value times 2^-120; e4m3 subnormals land on bf16 subnormals), the sign into bit 15;
         then two products by powers of two, 2^(min(s, 134) - 7) and 2^(max(s, 134) - 134),
-        each a normal bf16 for every scale byte (`kv_fp8.e4m3_bf16_bits`, the same in torch)."""
-        # 4 codes a register -> 2 bf16 pairs: prmt puts code i in the high byte of half i
-        # (zeros below), then (y >> 4) & 0x07F007F0 keeps its magnitude, y & 0x80008000 its sign
+        each a normal bf16 for every scale byte (`kv_fp8.E4M3_BF16_PTX`)."""
         h = gl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 y, t;
-            prmt.b32 y, $2, 0, 0x1404;
-            shr.b32 t, y, 4;
-            and.b32 t, t, 0x07F007F0;
-            and.b32 y, y, 0x80008000;
-            or.b32 $0, t, y;
-            prmt.b32 y, $2, 0, 0x3424;
-            shr.b32 t, y, 4;
-            and.b32 t, t, 0x07F007F0;
-            and.b32 y, y, 0x80008000;
-            or.b32 $1, t, y;
-            }""",
+            asm=_E4M3_BF16_PTX,
             constraints="=r,=r,r", args=[code], dtype=gl.bfloat16, is_pure=True, pack=4)
         s1 = gl.minimum(sbyte, 134)
         m1 = ((s1 + 120) << 7).to(gl.uint16).to(gl.bfloat16, bitcast=True)

@@ -92,17 +92,19 @@ def test_sparse_attention_matches_reference(H, ratio, topk, chunks, fp8):
         f"rel err {err:.2e}, max abs err {max_err:.2e} (ref max {ref.abs().max().item():.3f})"
 
 
-@pytest.mark.parametrize("H,topk,block_k,splits", [
-    (64, 512, 64, 0), (64, 512, 32, 1), (128, 1024, 32, 3), (128, 1024, 64, 5)])
-def test_gluon_fp8_int_decode_is_bit_identical(H, topk, block_k, splits, monkeypatch):
+@pytest.mark.parametrize("kernel,H,topk,block_k,splits", [
+    ("gluon", 64, 512, 64, 0), ("gluon", 64, 512, 32, 1), ("gluon", 128, 1024, 32, 3),
+    ("gluon", 128, 1024, 64, 5), ("triton", 32, 512, 32, 0), ("triton", 64, 512, 32, 2)])
+def test_fp8_int_decode_is_bit_identical(kernel, H, topk, block_k, splits, monkeypatch):
     """`DSV4_ATTN_FP8_DECODE=int` (bit placement + bf16 products) decodes the packed rows to
-    the same bf16 tile as the conversions: the same outputs, bit for bit."""
+    the same bf16 values as the conversions: the same outputs, bit for bit, in the Gluon
+    kernel and in the Triton one (32 heads: a tensor-parallel rank's share of Flash's)."""
     from dsv4.kernels.kv_fp8 import pack_kv_fp8
     from dsv4.kernels.sparse_attention import AttnConfig, sparse_attention_triton
     batch = make_batch(DECODE_EDGES + [(300, 9), (127, 3)])
     q, sink, wc, wn, wi, cc, ci = attention_inputs(batch, H, 4, topk, torch.bfloat16, seed=7)
     wc, cc = pack_kv_fp8(wc), pack_kv_fp8(cc)
-    cfg = AttnConfig(block_k=block_k, num_stages=2, splits=splits, kernel="gluon")
+    cfg = AttnConfig(block_k=block_k, num_stages=2, splits=splits, kernel=kernel)
     outs = []
     for mode in ("cvt", "int"):
         monkeypatch.setenv("DSV4_ATTN_FP8_DECODE", mode)
