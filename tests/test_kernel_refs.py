@@ -471,7 +471,10 @@ def test_moe_grouped_mm_switch(monkeypatch, caplog):
     assert not gm.fp4_gemm_on()  # the MXFP4-decoding GEMM: opt-in
     monkeypatch.setenv("DSV4_MOE_FP4_GEMM", "1")
     assert gm.fp4_gemm_on()
+    assert "MXFP4 experts decoded in place (DSV4_MOE_FP4_GEMM=1" in gm.policy(256, 6)
     monkeypatch.setenv("DSV4_MOE_FP4_GEMM", "on")
+    with pytest.raises(ValueError, match="DSV4_MOE_FP4_GEMM must be"):
+        gm.policy(256, 6)  # at start-up
     with pytest.raises(ValueError, match="DSV4_MOE_FP4_GEMM must be"):
         gm.fp4_gemm_on()
     monkeypatch.delenv("DSV4_MOE_FP4_GEMM")

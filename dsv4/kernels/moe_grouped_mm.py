@@ -117,13 +117,15 @@ def policy(n_routed: int, k: int) -> str:
     if not n:
         return ""
     env = _fp8_env()
+    fp8 = ("e4m3 copies of the experts and FP8" if not fp4_gemm_on() else  # (checks it too)
+           "MXFP4 experts decoded in place (DSV4_MOE_FP4_GEMM=1, experimental) and FP8")
     if env is None:  # by size
         m = FP8_MAX_SLOTS * n_routed // k + 1
         if m <= n:
             return f"MXFP4 / FP8 MoE on dequantised experts and grouped GEMMs from {n} tokens a step"
-        return (f"MXFP4 / FP8 MoE on e4m3 copies of the experts and FP8 grouped GEMMs from {n} "
-                f"tokens a step, on dequantised experts and bf16 grouped GEMMs from {m}")
-    copy = "e4m3 copies of the experts and FP8" if env else "dequantised experts and"
+        return (f"MXFP4 / FP8 MoE on {fp8} grouped GEMMs from {n} tokens a step, on dequantised "
+                f"experts and bf16 grouped GEMMs from {m}")
+    copy = fp8 if env else "dequantised experts and"
     return f"MXFP4 / FP8 MoE on {copy} grouped GEMMs from {n} tokens a step"
 
 
