@@ -1,6 +1,6 @@
 """Benchmark of the attention-path kernels against their torch references on one GPU.
 
-    PYTHONPATH=. python3 benchmarks/bench_attention.py [--quick] [--configs] [--triton]
+    PYTHONPATH=. python3 benchmarks/bench_attention.py [--quick] [--configs] [--triton] [--rank-heads]
 
 Prints, per case, the median time of the Triton kernel and of the torch reference (same inputs,
 same run, `triton.testing.do_bench`), the bytes the kernel must move (each input row read once,
@@ -238,6 +238,9 @@ def main() -> None:
     ap.add_argument("--triton", action="store_true",
                     help="also time the Triton attention kernel where the Gluon one runs")
     ap.add_argument("--only", default="", help="comma list of: attn,indexer,compressor,mhc")
+    ap.add_argument("--rank-heads", action="store_true",
+                    help="attention of a tensor-parallel rank's 16 / 32 heads: the Triton "
+                         "kernel (the default there) against the Gluon one forced on")
     args = ap.parse_args()
     parts = set(args.only.split(",")) if args.only else {"attn", "indexer", "compressor", "mhc"}
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
@@ -252,6 +255,12 @@ def main() -> None:
                         shape = (32, 2) if fp8 else ((64, 2) if H >= 128 else (32, 3))
                         tri = AttnConfig(64, shape[0], 8, shape[1], kernel="triton")
                         bench_attention(H, topk, B, fp8, [tri], False)
+        if args.rank_heads:  # Flash over 2 / 4 GPUs, Pro over 4 / 8: 32 / 16 heads a rank
+            for H, topk in ((32, 512), (16, 512), (32, 1024), (16, 1024)):
+                for fp8 in (False, True):
+                    for B in (1, 32, 128):
+                        bench_attention(H, topk, B, fp8, [None, AttnConfig(
+                            64, 32 if B * H <= 16 * 64 else 64, 8, 2, kernel="gluon")], False)
         if args.configs:
             alts = [AttnConfig(64, 16, 8, 3), AttnConfig(64, 32, 8, 2), AttnConfig(64, 32, 8, 3),
                     AttnConfig(64, 64, 8, 2), AttnConfig(64, 16, 8, 2), AttnConfig(64, 32, 4, 2)]

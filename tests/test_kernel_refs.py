@@ -390,6 +390,11 @@ def test_attention_kernel_choice_and_its_triton_fallback_shapes(monkeypatch):
     assert not sa.wg_applies(q(1, 64), cfg=sa.AttnConfig(kernel="triton"))
     assert not sa.wg_applies(q(1, 64), cfg=sa.AttnConfig(block_k=16))
     assert sa.wg_applies(q(1, 64), True, cfg=sa.AttnConfig(block_k=32, num_stages=4))
+    # a tensor-parallel rank's 16 / 32 heads: one masked 64-head block, only when asked for
+    gluon = sa.AttnConfig(kernel="gluon")
+    assert not sa.wg_applies(q(1, 32)) and not sa.wg_applies(q(1, 16), fp8=True)
+    assert sa.wg_applies(q(1, 32), cfg=gluon) and sa.wg_applies(q(4, 16), True, cfg=gluon)
+    assert not sa.wg_applies(q(1, 48), cfg=gluon)
     big, few = q(128, 128), q(1, 64)
     assert (sa.default_config(big).block_k, sa.default_config(big).num_stages) == (64, 2)
     assert (sa.default_config(big, fp8=True).block_k, sa.default_config(big, True).num_stages) == (64, 2)

@@ -120,7 +120,7 @@ def default_config(q: torch.Tensor, fp8: bool = False) -> AttnConfig:
     if q.dtype == torch.float32:  # exact-comparison mode: plain fp32 FMA, small tiles
         return AttnConfig(block_h=16, block_k=16, num_warps=4, num_stages=1)
     if wg_applies(q, fp8):  # the Gluon kernel: 64-row tiles, 32 when a few tokens must be split
-        if q.shape[0] * (q.shape[1] // 64) <= 16:
+        if q.shape[0] * -(-q.shape[1] // 64) <= 16:
             return AttnConfig(block_k=32, num_stages=2 if fp8 else 3)
         return AttnConfig(block_k=64, num_stages=2)
     if fp8:  # rows dequantised to bf16 in registers: 32-row tiles fit
@@ -134,9 +134,15 @@ def wg_applies(q: torch.Tensor, fp8: bool = False, rope_dim: int = 64,
                cfg: AttnConfig | None = None) -> bool:
     """Whether the Gluon warpgroup kernel (`sparse_attention_wg.py`) runs for q: bf16 queries
     with D = 512 and whole 64-head blocks, 8 warps, 32- or 64-row tiles, rope_dim 64 for FP8
-    rows, and a Gluon that built it (the first failure switches to Triton for good)."""
-    if (_WG_FAILED or q.dtype != torch.bfloat16 or q.shape[-1] != 512 or q.shape[1] % 64
-            or (fp8 and rope_dim != 64)):
+    rows, and a Gluon that built it (the first failure switches to Triton for good). 16 or 32
+    heads (a tensor-parallel rank's: Flash's 64 over 2 or 4 GPUs, Pro's 128 over 4 or 8) run
+    in one masked 64-head block when the config asks for the Gluon kernel (`kernel="gluon"`):
+    the Triton kernel's tiles of 16-32 heads are below wgmma's 64 rows (sm_90 offline: `HMMA`,
+    and 480 bytes of spills a thread at 32 heads with FP8 rows). Not yet the default: written
+    without a GPU."""
+    padded = q.shape[1] in (16, 32) and cfg is not None and cfg.kernel == "gluon"
+    if (_WG_FAILED or q.dtype != torch.bfloat16 or q.shape[-1] != 512
+            or (q.shape[1] % 64 and not padded) or (fp8 and rope_dim != 64)):
         return False
     if cfg is not None and (cfg.kernel == "triton" or cfg.block_h != 64 or cfg.num_warps != 8
                             or cfg.block_k not in (32, 64)):
@@ -438,6 +444,8 @@ if HAS_TRITON:
         T, H, D = q.shape
         fp8 = win_cache.dtype == torch.uint8
         BK, BH = cfg.block_k, min(cfg.block_h, max(16, triton.next_power_of_2(H)))
+        if wg:  # 64-head blocks (fewer heads: one block, masked)
+            BH = 64
         BD = max(64, triton.next_power_of_2(D))
         n_win_tiles = triton.cdiv(Kw, BK)
         n_tiles = n_win_tiles + triton.cdiv(Kc, BK)
