@@ -125,6 +125,8 @@ def bench_attention(H: int, topk: int, B: int, fp8: bool, configs: list[AttnConf
 
 
 # ------------------------------------------------------------------------------ indexer
+INDEXER_WAVES = [False]  # --indexer-waves
+
 def bench_indexer(ctx: int, B: int, topk: int, with_ref: bool) -> None:
     gen = torch.Generator(device=DEV).manual_seed(1)
     nI, c, N = 64, 128, ctx // 4
@@ -168,6 +170,17 @@ def bench_indexer(ctx: int, B: int, topk: int, with_ref: bool) -> None:
            flops)
     # the same with each head's query scales folded into one, and each key's (`indexer.py`,
     # `fold`; the default from 8 tokens)
+    if INDEXER_WAVES[0]:  # key blocks a CTA: the default rounds T x blocks / (4 x SMs) down,
+        # which can leave a second, short wave of CTAs; rounded up it fits one wave of 4 an SM
+        n_blocks = -(-N // 64)
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        for bpc in sorted({max(1, B * n_blocks // (4 * sms)), -(-B * n_blocks // (4 * sms)),
+                           -(-B * n_blocks // (3 * sms)), -(-B * n_blocks // (2 * sms))}):
+            ms = bench([lambda a=a: indexer_scores_triton(a[0], a[1], packed, a[2], q_fp4=True,
+                                                           blocks_per_cta=bpc) for a in inputs])
+            ctas = B * -(-n_blocks // bpc)
+            report(f"indexer scores ctx={ctx // 1024}K B={B} packed, FP8 MMA, {bpc} blocks a "
+                   f"CTA ({ctas} CTAs)", ms, None, pbytes, flops)
     ms = bench([lambda a=a: indexer_scores_triton(a[0], a[1], packed, a[2], q_fp4=True,
                                                    fold=True) for a in inputs])
     report(f"indexer scores ctx={ctx // 1024}K B={B} packed keys, FP8 MMA, folded", ms, None,
@@ -238,11 +251,14 @@ def main() -> None:
     ap.add_argument("--triton", action="store_true",
                     help="also time the Triton attention kernel where the Gluon one runs")
     ap.add_argument("--only", default="", help="comma list of: attn,indexer,compressor,mhc")
+    ap.add_argument("--indexer-waves", action="store_true",
+                    help="indexer: also time the FP8 kernel with other key blocks a CTA")
     ap.add_argument("--rank-heads", action="store_true",
                     help="attention of a tensor-parallel rank's 16 / 32 heads: the Triton "
                          "kernel (the default there) against the Gluon one forced on")
     args = ap.parse_args()
     parts = set(args.only.split(",")) if args.only else {"attn", "indexer", "compressor", "mhc"}
+    INDEXER_WAVES[0] = args.indexer_waves
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     copy_ceiling()
     print(header(), flush=True)

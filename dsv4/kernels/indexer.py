@@ -414,7 +414,8 @@ if HAS_TRITON:
                               cand: torch.Tensor, avail: torch.Tensor | None = None,
                               block_n: int | None = None, num_warps: int | None = None,
                               num_stages: int = 3, q_fp4: bool = False,
-                              fold: bool | None = None) -> torch.Tensor:
+                              fold: bool | None = None,
+                              blocks_per_cta: int | None = None) -> torch.Tensor:
         """Launcher: fp32 scores [T, N], -inf where cand < 0. With `avail` [T] (token t's
         visible candidates are its first avail[t] columns, as the batches build them) the
         columns from the end of the block holding column avail[t] on are left unwritten:
@@ -427,7 +428,8 @@ if HAS_TRITON:
         instructions and registers): on an H200, 32 tokens, 64 heads, 8K / 32K / 128K context
         13.4 / 33.3 / 100.3 -> 10.9 / 24.4 / 66.6 us; one token at 32K 3.7 -> 4.4 us (one key
         block a CTA: the longer query preparation shows). Under CUDA graphs N is the graph's
-        width, so the choice follows the captured context band, not the batch's context."""
+        width, so the choice follows the captured context band, not the batch's context.
+        `blocks_per_cta` overrides the key blocks a CTA scores (benchmarks' launch sweeps)."""
         T, NI, C = q.shape
         N = cand.shape[1]
         packed = keys.dtype == torch.uint8
@@ -456,7 +458,7 @@ if HAS_TRITON:
         n_blocks = triton.cdiv(N, block_n)
         sms = num_sms(q.device)
         # enough CTAs to fill the GPU, each long enough to amortise its query load
-        bpc = max(1, min(n_blocks, (T * n_blocks) // (4 * sms)))
+        bpc = blocks_per_cta or max(1, min(n_blocks, (T * n_blocks) // (4 * sms)))
         bh = max(16, triton.next_power_of_2(NI))
         if fp8:
             _indexer_scores_fp8_kernel[(T, triton.cdiv(n_blocks, bpc))](
