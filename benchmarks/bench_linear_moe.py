@@ -286,7 +286,10 @@ def moe_sweep(quick: bool) -> None:
         space = dict(dec=[dict(dec=0, abf=False), dict(dec=0, abf=True), dict(dec=1, abf=False),
                           dict(dec=2, abf=False)], kc=[32, 64, 128], bw1=[64, 128],
                      bw2=[32, 64, 128], stages=[2, 3, 4, 5], warps=[2, 4, 8],
-                     split1=[1, 2, 4, 8, 16], split2=[1, 2, 4, 8], prefetch=[0, 2, 4, 8])
+                     split1=[1, 2, 4, 8, 16], split2=[1, 2, 4, 8], prefetch=[0, 2, 4, 8],
+                     # a register cap: the e4m3-decode launch holds 80 registers (6 CTAs of 4
+                     # warps an SM); 64 makes 8, with one local load a K-block (sm_90 offline)
+                     maxnreg=[0, 64, 72])
         if t > 64:
             space["bt"] = [16, 32, 64, 128, 256]
         if EXPERT_FORMAT[0] != "fp4":  # the decode choice is MXFP4's

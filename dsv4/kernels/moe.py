@@ -410,6 +410,8 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
     common = dict(ROUND=u.dtype == torch.bfloat16, HAS_LIMIT=limit > 0, BT=bt,
                   KC=c["kc"], DEC=c["dec"], ABF=abf, QH=not unq, num_warps=c["warps"],
                   num_stages=c["stages"], PREFETCH=int(c.get("prefetch", l2_prefetch_depth())))
+    if c.get("maxnreg"):  # a register cap (launch sweeps: more CTAs an SM, a few spills)
+        common["maxnreg"] = c["maxnreg"]
     split1, split2 = c["split1"], c["split2"]
     per1 = triton.cdiv(d // 128, split1)
     split1 = triton.cdiv(d // 128, per1)
