@@ -299,6 +299,46 @@ def moe_sweep(quick: bool) -> None:
     torch.cuda.empty_cache()
 
 
+def gemm_sweep(quick: bool) -> None:
+    """Launch sweep of the grouped FP8 GEMM (`grouped_fp8_gemm`, the prefill MoE's on e4m3
+    copies) at the layer's shapes (--sweep-model flash|pro, --tokens, default 8192 and 32768):
+    w1|w3 (N = 2I, K = d) and w2 (N = d, K = I) over the routed experts, rows per expert as
+    top-6 routing of random tokens gives them, padded to the plan's 16-row blocks; scales
+    laid out as the path makes them (block-major)."""
+    from dsv4.kernels import grouped_fp8_gemm as gfg
+    n_exp, d, inter = (384, 7168, 3072) if SWEEP_MODEL[0] == "pro" else (256, 4096, 2048)
+    print(f"\n## Grouped FP8 GEMM launch sweep ({SWEEP_MODEL[0].title()}, {n_exp} experts)\n")
+
+    def codes(*shape):  # random finite e4m3 codes (no NaN), made as bytes
+        c = torch.randint(0, 0x7E, shape, dtype=torch.uint8, device=DEV)
+        c |= torch.randint(0, 2, shape, dtype=torch.uint8, device=DEV) << 7
+        return c.view(torch.float8_e4m3fn)
+
+    for t in SWEEP_TOKENS or (8192, 32768):
+        idx = torch.rand(t, n_exp, device=DEV).topk(6, dim=-1).indices
+        counts = torch.bincount(idx.flatten(), minlength=n_exp)
+        ends = ((counts + 15) // 16 * 16).cumsum(0).to(torch.int32)
+        m = int(ends[-1])
+        for name, n, k in (("w1|w3", 2 * inter, d), ("w2", d, inter)):
+            a = codes(m, k)
+            sa = (2.0 ** torch.randint(-8, 0, (k // 128, m), device=DEV).float()).t()
+            b = codes(n_exp, n, k)
+            sb = (2.0 ** torch.randint(-12, -6, (n_exp, k // 128, n), device=DEV).float()
+                  ).transpose(1, 2)
+            flops = 2.0 * m * n * k
+            label = f"{name} T={t} (M={m}, N={n}, K={k})"
+            timed = memo_timer(lambda cfg: t_us(
+                lambda: gfg.grouped_fp8_gemm(a, sa, b, sb, ends, cfg)), label)
+            base = dict(gfg.CONFIG, tma=k >= gfg.TMA_MIN_K)
+            best = coordinate_search(base, dict(
+                bm=[64, 128], bn=[128, 256], warps=[4, 8], stages=[3, 4, 5], ctas=[1, 2],
+                tma=[False, True]), timed, label)
+            for tag, cfg in (("default", base), ("best", best)):
+                print(f"   -> {tag}: {flops / timed(cfg) / 1e6:.0f} TFLOP/s", flush=True)
+            del a, b, sa, sb
+            torch.cuda.empty_cache()
+
+
 def moe_table(quick: bool) -> None:
     from dsv4.kernels import moe as km
     from dsv4.kernels import moe_grouped_mm as gm
@@ -418,10 +458,13 @@ def kernel_resources() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=["linear", "wo_a", "moe", "sweep", "linear-sweep"], default=None)
-    ap.add_argument("--tokens", type=int, nargs="*", default=[], help="MoE sweep batch sizes")
+    ap.add_argument("--only", choices=["linear", "wo_a", "moe", "sweep", "linear-sweep",
+                                       "gemm-sweep"], default=None)
+    ap.add_argument("--tokens", type=int, nargs="*", default=[],
+                    help="MoE / grouped GEMM sweep batch sizes")
     ap.add_argument("--sweep-model", choices=["flash", "pro"], default="flash",
-                    help="MoE sweep shapes (Flash 256 x 4096 x 2048, Pro 384 x 7168 x 3072)")
+                    help="MoE / grouped GEMM sweep shapes (Flash 256 x 4096 x 2048, Pro 384 x "
+                         "7168 x 3072)")
     ap.add_argument("--moe-tokens", type=int, nargs="*", default=[],
                     help="MoE table batch sizes (default 1 8 64 512 4096 32768)")
     ap.add_argument("--grouped-mm", action="store_true",
@@ -445,7 +488,7 @@ def main() -> None:
     print(f"# {p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}, "
           f"triton {triton.__version__}")
     for name, fn in [("linear", linear_table), ("wo_a", wo_a_table), ("moe", moe_table), ("sweep", moe_sweep),
-                     ("linear-sweep", linear_sweep)]:
+                     ("linear-sweep", linear_sweep), ("gemm-sweep", gemm_sweep)]:
         if args.only == name or (args.only is None and "sweep" not in name):
             try:
                 fn(args.quick)
