@@ -23,7 +23,7 @@ from .pdl import pdl
 FP8_GROUP = 64  # no-rope dims sharing one e8m0 scale
 
 # The attention kernels' decode of 4 e4m3 codes (one register) into 2 bf16 pairs, each value
-# times 2^-120 (`sparse_attention_wg._e4m3_bf16`, `sparse_attention._e4m3_bf16`): `prmt` puts
+# times 2^-120 (`sparse_attention_wg._e4m3_bf16`, `sparse_attention._fp8_decode`): `prmt` puts
 # code i in the high byte of half i (zeros below), then (y >> 4) & 0x07F007F0 keeps its
 # magnitude bits (e4m3's exponent and mantissa in a bf16's low exponent and high mantissa
 # bits; its subnormals on bf16's) and y & 0x80008000 its sign. Integer pipes only: the

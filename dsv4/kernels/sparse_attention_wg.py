@@ -121,9 +121,8 @@ if HAS_GLUON:
         lanes a clock: the suspected bound of the FP8-row tiles, 1.9x slower than bf16 rows
         on an H200; not yet measured): the 7 magnitude bits go into a bf16's exponent and
         mantissa (the value times 2^-120; e4m3 subnormals land on bf16 subnormals), the sign
-        into bit 15;
-        then two products by powers of two, 2^(min(s, 134) - 7) and 2^(max(s, 134) - 134),
-        each a normal bf16 for every scale byte (`kv_fp8.E4M3_BF16_PTX`)."""
+        into bit 15; then two products by powers of two, 2^(min(s, 134) - 7) and
+        2^(max(s, 134) - 134), each a normal bf16 for every scale byte (`kv_fp8.E4M3_BF16_PTX`)."""
         h = gl.inline_asm_elementwise(
             asm=_E4M3_BF16_PTX,
             constraints="=r,=r,r", args=[code], dtype=gl.bfloat16, is_pure=True, pack=4)
