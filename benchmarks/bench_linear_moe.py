@@ -329,7 +329,7 @@ def gemm_sweep(quick: bool) -> None:
             label = f"{name} T={t} (M={m}, N={n}, K={k})"
             timed = memo_timer(lambda cfg: t_us(
                 lambda: gfg.grouped_fp8_gemm(a, sa, b, sb, ends, cfg)), label)
-            base = dict(gfg.CONFIG, tma=k >= gfg.TMA_MIN_K)
+            base = gfg.launch_config(m, n, k)
             best = coordinate_search(base, dict(
                 bm=[64, 128], bn=[128, 256], warps=[4, 8], stages=[3, 4, 5], ctas=[1, 2],
                 tma=[False, True]), timed, label)

@@ -458,13 +458,16 @@ def test_moe_grouped_mm_switch(monkeypatch, caplog):
     assert gm.takes(3072, 6, 256) and not gm.takes(3071, 6, 256)
     assert gm.takes(4608, 6, 384) and not gm.takes(4607, 6, 384)
     # up to 256 routed slots an expert on e4m3 copies and FP8 GEMMs, bf16 beyond
-    assert gm.policy(256, 6) == ("MXFP4 / FP8 MoE on e4m3 copies of the experts and FP8 grouped "
-                                 "GEMMs from 3072 tokens a step, on dequantised experts and bf16 "
+    # up to 256 routed slots an expert on FP8 GEMMs (MXFP4 decoded in place up to 128, e4m3
+    # copies beyond), bf16 beyond
+    assert gm.policy(256, 6) == ("MXFP4 / FP8 MoE on e4m3 copies of the experts (MXFP4 experts "
+                                 "decoded in place up to 5461 tokens) and FP8 grouped GEMMs "
+                                 "from 3072 tokens a step, on dequantised experts and bf16 "
                                  "grouped GEMMs from 10923")
     assert gm.fp8_gemm_for(256) and not gm.fp8_gemm_for(256.1)
+    assert gm.fp4_gemm_for(128) and not gm.fp4_gemm_for(128.1)
     monkeypatch.setenv("DSV4_MOE_FP8_GEMM", "1")
-    assert gm.policy(256, 6).endswith("e4m3 copies of the experts and FP8 grouped GEMMs from "
-                                      "3072 tokens a step")
+    assert gm.policy(256, 6).endswith("and FP8 grouped GEMMs from 3072 tokens a step")
     assert gm.fp8_gemm_for(1000)
     monkeypatch.setenv("DSV4_MOE_FP8_GEMM", "0")
     assert "dequantised experts and grouped GEMMs from 3072" in gm.policy(256, 6)
@@ -473,15 +476,17 @@ def test_moe_grouped_mm_switch(monkeypatch, caplog):
     with pytest.raises(ValueError, match="DSV4_MOE_FP8_GEMM must be"):
         gm.fp8_gemm_for(10)
     monkeypatch.delenv("DSV4_MOE_FP8_GEMM")
-    assert not gm.fp4_gemm_on()  # the MXFP4-decoding GEMM: opt-in
     monkeypatch.setenv("DSV4_MOE_FP4_GEMM", "1")
-    assert gm.fp4_gemm_on()
-    assert "MXFP4 experts decoded in place (DSV4_MOE_FP4_GEMM=1" in gm.policy(256, 6)
+    assert gm.fp4_gemm_for(1000)
+    assert "(MXFP4 experts decoded in place: DSV4_MOE_FP4_GEMM=1)" in gm.policy(256, 6)
+    monkeypatch.setenv("DSV4_MOE_FP4_GEMM", "0")
+    assert not gm.fp4_gemm_for(10)
+    assert "e4m3 copies of the experts and FP8" in gm.policy(256, 6)
     monkeypatch.setenv("DSV4_MOE_FP4_GEMM", "on")
     with pytest.raises(ValueError, match="DSV4_MOE_FP4_GEMM must be"):
         gm.policy(256, 6)  # at start-up
     with pytest.raises(ValueError, match="DSV4_MOE_FP4_GEMM must be"):
-        gm.fp4_gemm_on()
+        gm.fp4_gemm_for(10)
     monkeypatch.delenv("DSV4_MOE_FP4_GEMM")
     monkeypatch.setenv("DSV4_MOE_GROUPED_MM", "2048")
     assert gm.grouped_mm_min_tokens() == 2048
@@ -599,14 +604,3 @@ def test_fp32_weight_scales_are_converted_once_per_weight_and_version():
     assert b is a and b.tolist() == [[2.0, 2.0], [2.0, 2.0]]
     q = torch.nn.Parameter(p.detach().clone(), requires_grad=False)  # another weight
     assert _fp32_scales(q) is not a
-
-
-def test_fp8_row_decode_switch(monkeypatch):
-    from dsv4.kernels.sparse_attention import fp8_int_decode
-    monkeypatch.delenv("DSV4_ATTN_FP8_DECODE", raising=False)
-    assert not fp8_int_decode()
-    monkeypatch.setenv("DSV4_ATTN_FP8_DECODE", "int")
-    assert fp8_int_decode()
-    monkeypatch.setenv("DSV4_ATTN_FP8_DECODE", "fast")
-    with pytest.raises(ValueError, match="DSV4_ATTN_FP8_DECODE"):
-        fp8_int_decode()

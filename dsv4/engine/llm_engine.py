@@ -282,14 +282,10 @@ class LLMEngine:
             from ..kernels.moe_grouped_mm import policy
             from ..kernels.pdl import launch_policy
             from ..kernels.side_stream import side_stream_on
-            from ..kernels.sparse_attention import fp8_int_decode
             moe = policy(cfg.n_routed_experts, cfg.num_experts_per_tok)
-            int_dec = fp8_int_decode() and self.kv_cache_dtype == "fp8"  # (checks the switch)
-            logger.info("GPU kernels: %s%s%s%s", launch_policy(),
+            logger.info("GPU kernels: %s%s%s", launch_policy(),
                         "; attention side stream" if side_stream_on(self.device) else "",
-                        f"; {moe}" if moe else "",
-                        "; FP8 attention rows decoded by bit placement (DSV4_ATTN_FP8_DECODE="
-                        "int, experimental)" if int_dec else "")
+                        f"; {moe}" if moe else "")
             if ec.warmup:
                 self.warm_up()
                 self._compile_watch = watch_compiles(self)

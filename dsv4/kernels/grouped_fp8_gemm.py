@@ -12,7 +12,7 @@ kernel over (row tile, column tile) pairs, column tiles fastest, so the programs
 together share their activation tile and their group's weight tiles through L2; tiles of
 64 x 256 split over clusters of two CTAs (`CONFIG`). The row tiles come from `ends` on the
 device (`_tile_map`): a bound of M / BM + G tiles, the ones past the last group's end empty.
-From K = 4096 a persistent variant loads the tiles through TMA descriptors.
+Up to 2^17 rows a persistent variant loads the tiles through TMA descriptors.
 """
 from __future__ import annotations
 
@@ -24,15 +24,16 @@ BK = 128  # the scales' block: one promotion of the fp32 accumulator per block
 # Launches (H200, Flash 8192-token shapes, M = 50976 routed rows over 256 groups, `scratch`
 # sweep of the twenty-seventh session): 64 x 256 tiles split over a cluster of 2 CTAs (each a
 # 64 x 128 half: the accumulator and the promoted block fit in registers, which a 64 x 256
-# tile on one CTA spills), 4 warps, 4 stages; K >= 4096 (w1|w3) with TMA descriptors in a
-# persistent loop: 527 TFLOP/s (440 with the one-CTA 64 x 128 tiles before, 509 for torch's
-# bf16 grouped GEMM); K = 2048 (w2) with pointer loads: 479 (472 before, the TMA kernel 388,
-# bf16 483). A 64 x 128 tile reads (64 + 128) x 128 bytes per 64 x 128 x 128 MACs from L2,
-# about what the L2 can feed at this rate: larger tiles are what pays.
+# tile on one CTA spills), 4 warps: 527 TFLOP/s at w1|w3 (440 with the one-CTA 64 x 128 tiles
+# before, 509 for torch's bf16 grouped GEMM). A 64 x 128 tile reads (64 + 128) x 128 bytes per
+# 64 x 128 x 128 MACs from L2, about what the L2 can feed at this rate: larger tiles pay.
 CONFIG = {"bm": 64, "bn": 256, "warps": 4, "stages": 4, "ctas": 2}
-TMA_MIN_K = 4096
-
-
+# The persistent TMA variant up to TMA_MAX_M rows, 3 stages for weights past 4096 x 4096 (Pro's).
+# H200, `bench_linear_moe.py --only gemm-sweep [--sweep-model pro]` (twenty-ninth session),
+# TFLOP/s before -> after: Flash w1|w3 / w2 at 8192 tokens (M ~ 51K) 526 / 486 -> 526 / 529,
+# at 32768 (M ~ 199K) 548 / 553 -> 576 / 553; Pro 8192 439 / 410 -> 471 / 468, Pro 32768
+# 464 / 528 -> 547 / ~530
+TMA_MAX_M = 1 << 17
 def grouped_fp8_gemm_ref(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
                          ends: torch.Tensor) -> torch.Tensor:
     af = (a.float().unflatten(1, (-1, BK)) * sa[..., None]).flatten(1)
@@ -43,6 +44,11 @@ def grouped_fp8_gemm_ref(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb:
         y[start:end] = af[start:end] @ bf[g].t()
         start = end
     return y.to(torch.bfloat16)
+
+
+def launch_config(m: int, n: int, k: int) -> dict:
+    """The default launch for M rows of N x K weights (see TMA_MAX_M)."""
+    return dict(CONFIG, tma=m <= TMA_MAX_M, stages=3 if n * k > 4096 * 4096 else 4)
 
 
 def grouped_fp8_gemm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
@@ -57,7 +63,7 @@ def grouped_fp8_gemm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: tor
         raise ValueError(f"grouped FP8 GEMM: a {tuple(a.shape)}, sa {tuple(sa.shape)}, b "
                          f"{tuple(b.shape)}, sb {tuple(sb.shape)}, ends {tuple(ends.shape)} "
                          f"do not fit (K a multiple of {BK}, one scale per {BK} columns)")
-    c = dict(CONFIG, tma=k >= TMA_MIN_K)
+    c = launch_config(m, n, k)
     if n % c["bn"]:  # (small test shapes) one-CTA 64 x 128 tiles
         c.update(bn=128, ctas=1, tma=False)
     c.update(cfg or {})

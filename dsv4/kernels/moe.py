@@ -232,7 +232,8 @@ def moe_config(t: int, k: int, n_routed: int, d: int, inter: int, sms: int) -> d
     GPU idle with one CTA per (weight tile, expert): they split K across CTAs (fp32 partial
     sums, reduced by the SwiGLU and combine kernels, so results stay deterministic). The
     splits are the best of a sweep on an H200 (`bench_linear_moe.py --only sweep`, Flash
-    shapes: T = 1 -> 4/4, 2-16 -> 2/1, 64 -> 1/1 with the e4m3 decode), scaled by the SM count.
+    shapes: T = 1 -> 2/2 with a register cap, 2-16 -> 2/1, 64 -> 1/1 with the e4m3 decode),
+    scaled by the SM count.
     `dec` picks the MXFP4 decode (`_mxfp4_mma8`): 0 bf16 MMA, 1-2 e4m3 MMA per 32-block (2 =
     4 bytes per instruction: 18-20% faster than 0 at T = 1-64 on the H200)."""
     bt = _block_tokens(t, k, n_routed)
@@ -253,9 +254,11 @@ def moe_config(t: int, k: int, n_routed: int, d: int, inter: int, sms: int) -> d
                     stages=3, dec=0, abf=True)
     scale = sms / 132
     # T = 2 and 8 (H200, `--only sweep --tokens 1 2 8`, twenty-fifth session): split 2 / 1
-    # 96.6 / 267.8 us against 102.0 / 278.6 for 4 / 4 and 2 / 2; T = 1 keeps 4 / 4 (63.6 us,
-    # the sweep's best 61.4, within its noise)
-    split1, split2 = (4, 4) if t <= 1 else (2, 1) if t <= 16 else (1, 1)
+    # 96.6 / 267.8 us against 102.0 / 278.6 for 4 / 4 and 2 / 2. T = 1 (twenty-ninth session,
+    # `--only sweep --tokens 1`): split 2 / 2 with registers capped at 72 (7 CTAs an SM, not
+    # 6) 54.7-54.8 us against 63.4 for 4 / 4 uncapped, 69.2 for 2 / 2 uncapped, 60.0 capped at
+    # 64 (spills); at T = 8 the cap changes nothing (272.0 against 271.8 us)
+    split1, split2 = (2, 2) if t <= 1 else (2, 1) if t <= 16 else (1, 1)
     # `overlap`: a separate shared-expert launch (FP8 beside FP4 experts) runs on a side
     # stream; H200, Flash, same run: T = 1 72.5 -> 64.8 us, 8: 283 -> 273, 64: 1101 -> 1115
     # `finish`: the K-split gate/up's SwiGLU in its own launch's last CTAs (FINISH_SWIGLU,
@@ -263,7 +266,8 @@ def moe_config(t: int, k: int, n_routed: int, d: int, inter: int, sms: int) -> d
     return dict(bt=bt, bw1=64, bw2=64, kc=128,
                 split1=max(1, min(d // 256, round(split1 * scale))),
                 split2=max(1, min(inter // 256, round(split2 * scale))),
-                warps=4 if bt <= 16 else 8, stages=3, dec=2, overlap=t <= 32, finish=True)
+                warps=4 if bt <= 16 else 8, stages=3, dec=2, overlap=t <= 32, finish=True,
+                **(dict(maxnreg=72) if t <= 1 else {}))
 
 
 # K-split gate/up partials finished (SwiGLU, FP8 h) by the last CTA of each 128 channels in

@@ -45,7 +45,10 @@ activations' FP8 codes: half the copy's bytes (Flash 2.6 against 4.1 ms a layer)
 bf16 GEMM's rate, exact unless a layer's MXFP4 scales spread beyond 2^11 within 128 columns
 (a layer's first call reads a flag back; such a layer stays on bf16, with a warning). Larger
 calls keep the bf16 copies, where CUTLASS's GEMM is the larger part and faster at Pro's shapes.
-`DSV4_MOE_FP8_GEMM=1` / `0` forces either copy.
+`DSV4_MOE_FP8_GEMM=1` / `0` forces either copy. Up to `FP4_MAX_SLOTS` (128) slots per expert
+(Flash 5461 tokens a step, Pro 8192) MXFP4 experts skip the copy: `grouped_mxfp4_gemm` decodes
+each K-block of their weights to the same folded e4m3 codes in the kernel, once a layer's first
+call (on the copy) has found it exact. `DSV4_MOE_FP4_GEMM=1` / `0` forces it on / off.
 """
 from __future__ import annotations
 
@@ -79,6 +82,12 @@ MIN_SLOTS_PER_EXPERT = 72
 # -> 29.7 ms, Flash 32768 (768) 23.9 -> 23.3 ms, Pro 32768 (512) 65.7 -> 73.3 ms (the FP8 GEMM's
 # launches were tuned at Flash's shapes)
 FP8_MAX_SLOTS = 256
+# routed slots per expert up to which MXFP4 experts skip the e4m3 copy: `grouped_mxfp4_gemm`
+# decodes them where they lie (`fp4_gemm_for`). H200, one process (`bench_linear_moe.py --only
+# moe --grouped-variants`, twenty-ninth session), e4m3 copies -> in place: Flash 4096 tokens
+# (96 slots an expert) 6.11 -> 5.12 ms, 8192 (192) 8.21 -> 8.71, 16384 13.2 -> 15.8; Pro 4096
+# (64) 21.5 -> 13.8, 8192 (128) 28.5 -> 23.9, 16384 (256) 44.5 -> 41.0, 32768 71.5 -> 76.3
+FP4_MAX_SLOTS = 128
 # set after a call ran out of memory: the fused kernels serve the rest of the process
 _OUT_OF_MEMORY = [False]
 # set after cuBLAS's block-scaled FP8 GEMM failed: the shared expert joins the grouped GEMMs
@@ -116,17 +125,20 @@ def policy(n_routed: int, k: int) -> str:
         n = -(-MIN_SLOTS_PER_EXPERT * n_routed // k)
     if not n:
         return ""
-    env = _fp8_env()
-    fp8 = ("e4m3 copies of the experts and FP8" if not fp4_gemm_on() else  # (checks it too)
-           "MXFP4 experts decoded in place (DSV4_MOE_FP4_GEMM=1, experimental) and FP8")
-    if env is None:  # by size
-        m = FP8_MAX_SLOTS * n_routed // k + 1
-        if m <= n:
-            return f"MXFP4 / FP8 MoE on dequantised experts and grouped GEMMs from {n} tokens a step"
-        return (f"MXFP4 / FP8 MoE on {fp8} grouped GEMMs from {n} tokens a step, on dequantised "
-                f"experts and bf16 grouped GEMMs from {m}")
-    copy = fp8 if env else "dequantised experts and"
-    return f"MXFP4 / FP8 MoE on {copy} grouped GEMMs from {n} tokens a step"
+    fp8_env, fp4_env = _fp8_env(), _fp4_env()
+    if fp8_env is False:
+        return f"MXFP4 / FP8 MoE on dequantised experts and grouped GEMMs from {n} tokens a step"
+    fp4 = {True: " (MXFP4 experts decoded in place: DSV4_MOE_FP4_GEMM=1)", False: "",
+           None: f" (MXFP4 experts decoded in place up to {FP4_MAX_SLOTS * n_routed // k} "
+                 "tokens)"}[fp4_env]
+    fp8 = f"e4m3 copies of the experts{fp4} and FP8"
+    if fp8_env:
+        return f"MXFP4 / FP8 MoE on {fp8} grouped GEMMs from {n} tokens a step"
+    m = FP8_MAX_SLOTS * n_routed // k + 1
+    if m <= n:
+        return f"MXFP4 / FP8 MoE on dequantised experts and grouped GEMMs from {n} tokens a step"
+    return (f"MXFP4 / FP8 MoE on {fp8} grouped GEMMs from {n} tokens a step, on dequantised "
+            f"experts and bf16 grouped GEMMs from {m}")
 
 
 def out_of_memory(err: Exception) -> None:
@@ -188,9 +200,9 @@ def moe_grouped_mm(u, idx, wgt, experts, shared, main, extra,
     plan = _Plan(slots, blk_exp, blk_rows, n_blocks, wgt, offs, src)
     y2 = None
     tabs = [tab for tab in (main, extra) if tab is not None]
-    if (fp8_gemm_for(t * k / (total_experts or n_routed))
-            and all(getattr(tab, "fp8_exact", True) for tab in tabs)):
-        if fp4_gemm_on() and _fp4_gemm_applies(main, extra, sh_apart, tabs):
+    per_expert = t * k / (total_experts or n_routed)
+    if fp8_gemm_for(per_expert) and all(getattr(tab, "fp8_exact", True) for tab in tabs):
+        if fp4_gemm_for(per_expert) and _fp4_gemm_applies(main, extra, sh_apart, tabs):
             y2 = _experts_fp4(u, experts, main, extra, plan)
         else:
             y2 = _experts_fp8(u, experts, main, extra, plan, tabs, skip_shared=sh_apart)
@@ -353,14 +365,21 @@ def _experts_fp8(u, experts, main, extra, plan, tabs, skip_shared: bool = False
     return y2
 
 
-def fp4_gemm_on() -> bool:
-    """`DSV4_MOE_FP4_GEMM=1` (experimental, not yet run on a GPU): `_experts_fp4` instead of
-    the e4m3 copies."""
+def _fp4_env() -> bool | None:
+    """`DSV4_MOE_FP4_GEMM`: 1 / 0 forces the in-place MXFP4 decode on / off; unset, by size."""
     env = os.environ.get("DSV4_MOE_FP4_GEMM", "")
     if env not in ("", "0", "1"):
-        raise ValueError("DSV4_MOE_FP4_GEMM must be 1 (decode MXFP4 in the grouped GEMM), 0 or "
-                         "unset (e4m3 copies)")
-    return env == "1"
+        raise ValueError("DSV4_MOE_FP4_GEMM must be 1 (decode MXFP4 in the grouped GEMM), 0 "
+                         "(e4m3 copies) or unset (by the call's size)")
+    return None if env == "" else env == "1"
+
+
+def fp4_gemm_for(slots_per_expert: float) -> bool:
+    """Whether a call on the FP8 GEMMs with this many routed slots per expert decodes its
+    MXFP4 experts in place (`_experts_fp4`) rather than copying them to e4m3: by default up to
+    FP4_MAX_SLOTS, where the copy's cost outweighs the in-kernel decode's."""
+    env = _fp4_env()
+    return slots_per_expert <= FP4_MAX_SLOTS if env is None else env
 
 
 def _fp4_gemm_applies(main, extra, sh_apart: bool, tabs) -> bool:

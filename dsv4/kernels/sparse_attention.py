@@ -18,18 +18,16 @@ do not repeat Q K^T in both warpgroups, as this kernel's do (1.6-1.9x faster at 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
 
 from . import HAS_TRITON, num_sms, use_triton
 from .pdl import pdl
-from .kv_fp8 import E4M3_BF16_PTX, unpack_kv_fp8
+from .kv_fp8 import unpack_kv_fp8
 from .rope import rope_
 
 _log = logging.getLogger(__name__)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # runs no inline PTX
 _WG_FAILED: list[str] = []  # set once the Gluon kernel failed to build here: Triton from then on
 _WG_PDL_OK = [True]  # emptied if the Gluon kernel cannot be launched with PDL (`pdl.py`)
 
@@ -105,22 +103,12 @@ class AttnConfig:
     kernel: str = "auto"
 
 
-def fp8_int_decode() -> bool:
-    """`DSV4_ATTN_FP8_DECODE`: "int" decodes FP8 rows (bf16 queries) by integer bit placement
-    and bf16 products (`kv_fp8.E4M3_BF16_PTX`; written without a GPU, not yet measured), "cvt"
-    or unset by the conversion unit; both kernels."""
-    env = os.environ.get("DSV4_ATTN_FP8_DECODE", "cvt")
-    if env not in ("int", "cvt"):
-        raise ValueError(f"DSV4_ATTN_FP8_DECODE must be int or cvt, got {env!r}")
-    return env == "int"
-
-
 def default_config(q: torch.Tensor, fp8: bool = False) -> AttnConfig:
     """Tile shapes measured on an H200 (benchmarks/bench_attention.py --configs)."""
     if q.dtype == torch.float32:  # exact-comparison mode: plain fp32 FMA, small tiles
         return AttnConfig(block_h=16, block_k=16, num_warps=4, num_stages=1)
     if wg_applies(q, fp8):  # the Gluon kernel: 64-row tiles, 32 when a few tokens must be split
-        if q.shape[0] * -(-q.shape[1] // 64) <= 16:
+        if q.shape[0] * q.shape[1] <= 16 * 64:  # (16 / 32 heads: counted as they are)
             return AttnConfig(block_k=32, num_stages=2 if fp8 else 3)
         return AttnConfig(block_k=64, num_stages=2)
     if fp8:  # rows dequantised to bf16 in registers: 32-row tiles fit
@@ -136,11 +124,10 @@ def wg_applies(q: torch.Tensor, fp8: bool = False, rope_dim: int = 64,
     with D = 512 and whole 64-head blocks, 8 warps, 32- or 64-row tiles, rope_dim 64 for FP8
     rows, and a Gluon that built it (the first failure switches to Triton for good). 16 or 32
     heads (a tensor-parallel rank's: Flash's 64 over 2 or 4 GPUs, Pro's 128 over 4 or 8) run
-    in one masked 64-head block when the config asks for the Gluon kernel (`kernel="gluon"`):
-    the Triton kernel's tiles of 16-32 heads are below wgmma's 64 rows (sm_90 offline: `HMMA`,
-    and 480 bytes of spills a thread at 32 heads with FP8 rows). Not yet the default: written
-    without a GPU."""
-    padded = q.shape[1] in (16, 32) and cfg is not None and cfg.kernel == "gluon"
+    in one masked 64-head block: the Triton kernel's tiles of 16-32 heads are below wgmma's
+    64 rows (`HMMA`, and 480 bytes of spills a thread at 32 heads with FP8 rows); on an H200
+    the masked block is 1.0-2.6x faster (performance log, `bench_attention.py --rank-heads`)."""
+    padded = q.shape[1] in (16, 32)
     if (_WG_FAILED or q.dtype != torch.bfloat16 or q.shape[-1] != 512
             or (q.shape[1] % 64 and not padded) or (fp8 and rope_dim != 64)):
         return False
@@ -159,7 +146,6 @@ if HAS_TRITON:
     from .rope import cos_sin, turn
 
     _LOG2E = 1.4426950408889634
-    _E4M3_BF16_PTX: tl.constexpr = tl.constexpr(E4M3_BF16_PTX)
 
     @triton.jit
     def _fp8_load(row_ptr, mask, d, D: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr,
@@ -182,22 +168,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _fp8_decode(code, sbyte, rope, d, NOPE: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCK_D: tl.constexpr, DT: tl.constexpr, INT_DEC: tl.constexpr = False):
+                    BLOCK_D: tl.constexpr, DT: tl.constexpr):
         """`_fp8_load`'s bytes -> rows [BK, BLOCK_D] in DT (bf16 or fp32), exactly: an e4m3
-        value times a power of two has at most 4 significant bits. INT_DEC (bf16, GPU only):
-        by bit placement and bf16 products (`kv_fp8.E4M3_BF16_PTX`, as the Gluon kernel's
-        `_e4m3_bf16`) instead of the conversion unit."""
+        value times a power of two has at most 4 significant bits. (The Gluon kernel decodes
+        by bit placement instead, `_e4m3_bf16`; here that measured no faster on an H200.)"""
         G: tl.constexpr = BLOCK_D // 64
-        if INT_DEC:
-            s = sbyte.to(tl.int32)  # [BK, G]; two normal bf16 factors for every byte 0..254
-            s1 = tl.minimum(s, 134)
-            m1 = ((s1 + 120) << 7).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-            m2 = ((s - s1 + 127) << 7).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-            m1 = tl.reshape(tl.broadcast_to(m1[:, :, None], (BLOCK_K, G, 64)), (BLOCK_K, BLOCK_D))
-            m2 = tl.reshape(tl.broadcast_to(m2[:, :, None], (BLOCK_K, G, 64)), (BLOCK_K, BLOCK_D))
-            h = tl.inline_asm_elementwise(asm=_E4M3_BF16_PTX, constraints="=r,=r,r", args=[code],
-                                          dtype=tl.bfloat16, is_pure=True, pack=4)
-            return tl.where((d < NOPE)[None, :], h * m1 * m2, rope.to(DT))
         val = code.to(tl.float8e4nv, bitcast=True).to(DT)
         scale = tl.exp2(sbyte.to(tl.float32) - 127.0).to(DT)  # [BK, G], a power of two
         scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_K, G, 64)), (BLOCK_K, BLOCK_D))
@@ -255,8 +230,7 @@ if HAS_TRITON:
                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
                             BLOCK_K: tl.constexpr, FP8: tl.constexpr, NOPE: tl.constexpr,
                             ROPE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-                            HAS_LEN: tl.constexpr, PDL: tl.constexpr = False,
-                            INT_DEC: tl.constexpr = False):
+                            HAS_LEN: tl.constexpr, PDL: tl.constexpr = False):
         pdl_start(PDL)
         pid = tl.program_id(0)
         sid = tl.program_id(1)
@@ -292,7 +266,7 @@ if HAS_TRITON:
                 Kc, n_win_tiles, row_stride, D, BLOCK_K, FP8)
             if FP8:
                 code, sbyte, rope = _fp8_load(cache_row, valid & ~is_new, d, D, NOPE, ROPE, BLOCK_D)
-                kc = _fp8_decode(code, sbyte, rope, d, NOPE, BLOCK_K, BLOCK_D, q.dtype, INT_DEC)
+                kc = _fp8_decode(code, sbyte, rope, d, NOPE, BLOCK_K, BLOCK_D, q.dtype)
                 kn = tl.load(new_row[:, None] + d[None, :],
                              mask=(valid & is_new)[:, None] & nd, other=0.0)
                 k = tl.where(is_new[:, None], kn.to(q.dtype), kc)
@@ -479,7 +453,7 @@ if HAS_TRITON:
                 _sparse_attn_wg_kernel[(T * n_hb, splits)](
                     *args, D=D, BLOCK_H=BH, BLOCK_K=BK, NUM_BUF=max(2, cfg.num_stages),
                     SPLIT=splits > 1, FP8=fp8, NOPE=D - rope_dim, ROPE=rope_dim,
-                    HAS_LEN=cmp_len is not None, INT_DEC=fp8 and fp8_int_decode(), num_warps=8,
+                    HAS_LEN=cmp_len is not None, num_warps=8,
                     **kw)
             kw = pdl() if _WG_PDL_OK else {}
             try:
@@ -498,9 +472,7 @@ if HAS_TRITON:
                 *args, D=D, BLOCK_D=BD, BLOCK_H=BH, BLOCK_K=BK, FP8=fp8, NOPE=D - rope_dim,
                 ROPE=rope_dim, SPLIT=splits > 1, IEEE=q.dtype == torch.float32,
                 HAS_LEN=cmp_len is not None, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages,
-                INT_DEC=fp8 and q.dtype == torch.bfloat16 and not _INTERPRET and fp8_int_decode(),
-                **pdl())
+                num_stages=cfg.num_stages, **pdl())
         if splits > 1:
             cd = min(BD, 128)
             pos, freqs = out_rope if out_rope is not None else (o, o)

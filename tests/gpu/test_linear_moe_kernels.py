@@ -464,8 +464,9 @@ def test_moe_grouped_mm_shared_expert_apart(fmt, monkeypatch, caplog):
                                          (61440, None, 4096)])
 def test_grouped_fp8_gemm_matches_reference(m, groups, k):
     """The grouped FP8 GEMM (1 x 128 scales both sides) against fp32 dequantisation and a
-    matmul per group: ragged and empty groups, rows past every group; Flash's w13 shape (the
-    TMA kernel) and w2's depth (the pointer kernel), with scales as strided views too."""
+    matmul per group: ragged and empty groups, rows past every group; Flash's w13 shape and
+    w2's depth, each through the default launch (the TMA kernel at these row counts), the
+    pointer kernel and 3 stages (Pro's), with scales as strided views too."""
     from dsv4.kernels.grouped_fp8_gemm import grouped_fp8_gemm, grouped_fp8_gemm_ref
     g = torch.Generator(device=DEV).manual_seed(m)
     n = 4096
@@ -475,10 +476,11 @@ def test_grouped_fp8_gemm_matches_reference(m, groups, k):
     sa = 2.0 ** torch.randint(-4, 4, (m, k // 128), device=DEV, generator=g).float()
     b = (torch.randn(len(sizes), n, k, device=DEV, generator=g) * 3).to(torch.float8_e4m3fn)
     sb = 2.0 ** torch.randint(-12, -6, (len(sizes), n, k // 128), device=DEV, generator=g).float()
-    got = grouped_fp8_gemm(a, sa, b, sb, ends)
     want = grouped_fp8_gemm_ref(a, sa, b, sb, ends)
     rows = int(ends[-1])
-    assert rel_err(got[:rows], want[:rows]) < 4e-3
+    for cfg in ({"tma": False}, {"tma": True, "stages": 3}, None):
+        got = grouped_fp8_gemm(a, sa, b, sb, ends, cfg)
+        assert rel_err(got[:rows], want[:rows]) < 4e-3, cfg
     # block-major scales (as `_act_quant_cuda(scales_t=True)` and `to_fp8` write them)
     sa_t, sb_t = sa.t().contiguous().t(), sb.transpose(1, 2).contiguous().transpose(1, 2)
     assert torch.equal(grouped_fp8_gemm(a, sa_t, b, sb_t, ends)[:rows], got[:rows])
@@ -509,8 +511,8 @@ def test_moe_fp8_gemm_path(fmt, shared_fmt, monkeypatch):
 
 
 def test_moe_fp4_gemm_path(monkeypatch):
-    """DSV4_MOE_FP4_GEMM=1 (experimental): the grouped FP8 GEMM decoding the MXFP4 weights in
-    place gives the products of the e4m3 copies' GEMM (each weight row's K-block the same
+    """The grouped FP8 GEMM decoding the MXFP4 weights in place (forced: DSV4_MOE_FP4_GEMM=1)
+    gives the products of the e4m3 copies' GEMM (each weight row's K-block the same
     folded codes and scale), and the MoE through it (after a first call on the copies found
     the layer exact) agrees with the reference and the copies' path."""
     from dsv4.kernels import moe_grouped_mm as gm
