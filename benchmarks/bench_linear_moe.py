@@ -406,7 +406,7 @@ def moe_table(quick: bool) -> None:
 # --grouped-variants: the grouped path's copies A/B in one process, each (label, environment)
 GROUPED_VARIANTS: list = [[("", {})]]
 _VARIANTS = [(" bf16 copies", {"DSV4_MOE_FP8_GEMM": "0"}),
-             (" e4m3 copies", {"DSV4_MOE_FP8_GEMM": "1"}),
+             (" e4m3 copies", {"DSV4_MOE_FP8_GEMM": "1", "DSV4_MOE_FP4_GEMM": "0"}),
              # (after the e4m3 copies: the in-place decode needs a layer's copy found exact)
              (" MXFP4 in place", {"DSV4_MOE_FP8_GEMM": "1", "DSV4_MOE_FP4_GEMM": "1"})]
 

@@ -390,11 +390,15 @@ def test_attention_kernel_choice_and_its_triton_fallback_shapes(monkeypatch):
     assert not sa.wg_applies(q(1, 64), cfg=sa.AttnConfig(kernel="triton"))
     assert not sa.wg_applies(q(1, 64), cfg=sa.AttnConfig(block_k=16))
     assert sa.wg_applies(q(1, 64), True, cfg=sa.AttnConfig(block_k=32, num_stages=4))
-    # a tensor-parallel rank's 16 / 32 heads: one masked 64-head block, only when asked for
+    # a tensor-parallel rank's 16 / 32 heads: one masked 64-head block (their tiles by their
+    # real heads: 32 rows up to 1024 token-heads), unless the Triton kernel is asked for
     gluon = sa.AttnConfig(kernel="gluon")
-    assert not sa.wg_applies(q(1, 32)) and not sa.wg_applies(q(1, 16), fp8=True)
-    assert sa.wg_applies(q(1, 32), cfg=gluon) and sa.wg_applies(q(4, 16), True, cfg=gluon)
-    assert not sa.wg_applies(q(1, 48), cfg=gluon)
+    assert sa.wg_applies(q(1, 32)) and sa.wg_applies(q(4, 16), fp8=True)
+    triton_cfg = sa.AttnConfig(kernel="triton")
+    assert sa.wg_applies(q(1, 32), cfg=gluon) and not sa.wg_applies(q(1, 32), cfg=triton_cfg)
+    assert not sa.wg_applies(q(1, 48), cfg=gluon) and not sa.wg_applies(q(1, 8))
+    assert sa.default_config(q(32, 32)).block_k == 32 and sa.default_config(q(33, 32)).block_k == 64
+    assert sa.default_config(q(64, 16), fp8=True).block_k == 32
     big, few = q(128, 128), q(1, 64)
     assert (sa.default_config(big).block_k, sa.default_config(big).num_stages) == (64, 2)
     assert (sa.default_config(big, fp8=True).block_k, sa.default_config(big, True).num_stages) == (64, 2)
@@ -445,9 +449,10 @@ def test_topk_reference_breaks_ties_toward_older_entries_and_rejects_bad_input()
 
 def test_moe_grouped_mm_switch(monkeypatch, caplog):
     """When MoE calls take the grouped-GEMM path: by default from 72 routed slots per expert
-    (Flash: 3072 tokens), DSV4_MOE_GROUPED_MM=n from n tokens (0: never), a clear error for
-    anything else; after a call ran out of memory, never (with one warning). The path takes
-    bf16 MXFP4 / FP8 experts only."""
+    (Flash: 3072 tokens), from 32 for MXFP4 experts the GEMM can decode in place (not known
+    inexact, an FP8 shared expert apart or none), DSV4_MOE_GROUPED_MM=n from n tokens (0:
+    never), a clear error for anything else; after a call ran out of memory, never (with one
+    warning). The path takes bf16 MXFP4 / FP8 experts only."""
     from types import SimpleNamespace
 
     from dsv4.kernels import moe_grouped_mm as gm
@@ -457,20 +462,31 @@ def test_moe_grouped_mm_switch(monkeypatch, caplog):
     assert gm.grouped_mm_min_tokens() is None
     assert gm.takes(3072, 6, 256) and not gm.takes(3071, 6, 256)
     assert gm.takes(4608, 6, 384) and not gm.takes(4607, 6, 384)
-    # up to 256 routed slots an expert on e4m3 copies and FP8 GEMMs, bf16 beyond
+    mx, fp8 = SimpleNamespace(fmt=FMT_MXFP4), SimpleNamespace(fmt=FMT_FP8)
+    assert gm.takes(1366, 6, 256, mx, fp8) and not gm.takes(1365, 6, 256, mx, fp8)
+    assert gm.takes(2048, 6, 384, mx, None) and not gm.takes(2047, 6, 384, mx, None)
+    assert not gm.takes(2048, 6, 256, fp8, None)  # FP8 experts: copies, from 72
+    assert not gm.takes(2048, 6, 256, mx, SimpleNamespace(fmt=FMT_NVFP4))
+    mx.fp8_exact = False  # a layer whose scales do not fold exactly: bf16 copies, from 72
+    assert not gm.takes(2048, 6, 256, mx, fp8) and gm.takes(3072, 6, 256, mx, fp8)
+    mx.fp8_exact = True
+    assert gm.takes(2048, 6, 256, mx, fp8)
+    monkeypatch.setenv("DSV4_MOE_FP4_GEMM", "0")
+    assert not gm.takes(2048, 6, 256, mx, fp8)
+    monkeypatch.delenv("DSV4_MOE_FP4_GEMM")
     # up to 256 routed slots an expert on FP8 GEMMs (MXFP4 decoded in place up to 128, e4m3
     # copies beyond), bf16 beyond
-    assert gm.policy(256, 6) == ("MXFP4 / FP8 MoE on e4m3 copies of the experts (MXFP4 experts "
-                                 "decoded in place up to 5461 tokens) and FP8 grouped GEMMs "
-                                 "from 3072 tokens a step, on dequantised experts and bf16 "
-                                 "grouped GEMMs from 10923")
+    assert gm.policy(256, 6) == ("MXFP4 / FP8 MoE on grouped GEMMs from 3072 tokens a step: FP8 "
+                                 "GEMMs on e4m3 copies (MXFP4 experts: decoded in place, from "
+                                 "1366 up to 5461 tokens), bf16 copies from 10923")
     assert gm.fp8_gemm_for(256) and not gm.fp8_gemm_for(256.1)
     assert gm.fp4_gemm_for(128) and not gm.fp4_gemm_for(128.1)
     monkeypatch.setenv("DSV4_MOE_FP8_GEMM", "1")
-    assert gm.policy(256, 6).endswith("and FP8 grouped GEMMs from 3072 tokens a step")
+    assert gm.policy(256, 6).endswith("5461 tokens)")  # no bf16 copies
     assert gm.fp8_gemm_for(1000)
     monkeypatch.setenv("DSV4_MOE_FP8_GEMM", "0")
-    assert "dequantised experts and grouped GEMMs from 3072" in gm.policy(256, 6)
+    assert gm.policy(256, 6) == ("MXFP4 / FP8 MoE on bf16 copies of the experts and grouped "
+                                 "GEMMs from 3072 tokens a step")
     assert not gm.fp8_gemm_for(10)
     monkeypatch.setenv("DSV4_MOE_FP8_GEMM", "yes")
     with pytest.raises(ValueError, match="DSV4_MOE_FP8_GEMM must be"):
@@ -478,10 +494,11 @@ def test_moe_grouped_mm_switch(monkeypatch, caplog):
     monkeypatch.delenv("DSV4_MOE_FP8_GEMM")
     monkeypatch.setenv("DSV4_MOE_FP4_GEMM", "1")
     assert gm.fp4_gemm_for(1000)
-    assert "(MXFP4 experts decoded in place: DSV4_MOE_FP4_GEMM=1)" in gm.policy(256, 6)
+    assert "(MXFP4 experts: decoded in place, from 1366 tokens, DSV4_MOE_FP4_GEMM=1)" in \
+        gm.policy(256, 6)
     monkeypatch.setenv("DSV4_MOE_FP4_GEMM", "0")
     assert not gm.fp4_gemm_for(10)
-    assert "e4m3 copies of the experts and FP8" in gm.policy(256, 6)
+    assert "FP8 GEMMs on e4m3 copies, bf16 copies from 10923" in gm.policy(256, 6)
     monkeypatch.setenv("DSV4_MOE_FP4_GEMM", "on")
     with pytest.raises(ValueError, match="DSV4_MOE_FP4_GEMM must be"):
         gm.policy(256, 6)  # at start-up
@@ -491,7 +508,8 @@ def test_moe_grouped_mm_switch(monkeypatch, caplog):
     monkeypatch.setenv("DSV4_MOE_GROUPED_MM", "2048")
     assert gm.grouped_mm_min_tokens() == 2048
     assert gm.takes(2048, 6, 256) and not gm.takes(2047, 6, 256)
-    assert "from 2048 tokens a step, " in gm.policy(256, 6)
+    assert "from 2048 tokens a step: " in gm.policy(256, 6)
+    assert "in place, from 2048 up to 5461 tokens" in gm.policy(256, 6)
     monkeypatch.setenv("DSV4_MOE_GROUPED_MM", "0")
     assert not gm.takes(10**6, 6, 256) and gm.policy(256, 6) == ""
     monkeypatch.setenv("DSV4_MOE_GROUPED_MM", "many")

@@ -355,9 +355,9 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
     # (`moe_grouped_mm.py`, which uses this module's kernels); `grouped_mm` in cfg forces the
     # choice either way
     from . import moe_grouped_mm as gm
+    main, extra = _tables(experts, shared, dev)
     if pre is None and (c.get("grouped_mm", None) or (
-            "grouped_mm" not in c and gm.takes(t, k, total_experts or n_routed))):
-        main, extra = _tables(experts, shared, dev)
+            "grouped_mm" not in c and gm.takes(t, k, total_experts or n_routed, main, extra))):
         if gm.applies(u, main, extra):
             try:
                 return gm.moe_grouped_mm(u, idx, wgt, experts, shared, main, extra,
@@ -385,7 +385,6 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
     # `abf` (FP4 experts, bf16 MMA decode) the activations and h are their exact bf16 values:
     # the inputs reach the tensor cores straight from memory instead of being scaled per chunk
     limit = float(experts[0].limit)
-    main, extra = _tables(experts, shared, dev)
     # bf16 experts (bf16 checkpoints) take the working-dtype activations and h as they are:
     # their linears quantise nothing (SPEC.md 3 applies to FP8 / FP4 weights)
     unq = main.fmt == FMT_BF16

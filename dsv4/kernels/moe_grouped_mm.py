@@ -76,6 +76,12 @@ BT = 16
 # average routed slots per expert from which a call takes this path (module docstring); with
 # expert parallelism, of all ranks' experts (a rank's experts see t * k / all of them each)
 MIN_SLOTS_PER_EXPERT = 72
+# the same for calls whose MXFP4 experts can be decoded in place (`in_place_ready`: no copy).
+# H200, one MoE layer (`bench_linear_moe.py --only moe --grouped-variants`, twenty-ninth
+# session), fused kernels -> in place: Flash 1024 tokens (24 slots an expert) 2.40 -> 2.72 ms,
+# 1536 (36) 3.96 -> 2.83, 2048 (48) 4.19 -> 2.92; Pro 1024 (16) 9.23 -> 9.31, 1536 (24) 8.73
+# -> 9.54, 2048 (32) 11.8 -> 9.71, 3072 (48) 15.4 -> 10.1
+FP4_MIN_SLOTS = 32
 # routed slots per expert up to which a call runs on e4m3 copies of the experts and the grouped
 # FP8 GEMM (`fp8_gemm_for`). H200 (`scratch/s27i.py`, layer A/B in one process, bf16 copies ->
 # e4m3 copies): Flash 8192 tokens (192 slots an expert) 9454 -> 8265 us, Pro 8192 (128) 34.9
@@ -108,37 +114,49 @@ def grouped_mm_min_tokens() -> int | None:
         raise ValueError("DSV4_MOE_GROUPED_MM must be a whole number of tokens (0: off)") from None
 
 
-def takes(t: int, k: int, n_routed: int) -> bool:
-    """Whether a call of t tokens, top-k of n_routed experts (all ranks'), takes this path."""
+def takes(t: int, k: int, n_routed: int, main=None, extra=None) -> bool:
+    """Whether a call of t tokens, top-k of n_routed experts (all ranks'), takes this path:
+    from MIN_SLOTS_PER_EXPERT routed slots per expert, from FP4_MIN_SLOTS when its experts
+    (the pointer tables main / extra) can be decoded in place."""
     if _OUT_OF_MEMORY[0]:
         return False
     n = grouped_mm_min_tokens()
     if n is None:
-        return t * k >= MIN_SLOTS_PER_EXPERT * n_routed
+        least = FP4_MIN_SLOTS if in_place_ready(main, extra) else MIN_SLOTS_PER_EXPERT
+        return t * k >= least * n_routed
     return n > 0 and t >= n
+
+
+def in_place_ready(main, extra) -> bool:
+    """MXFP4 routed experts the grouped FP8 GEMM may decode in place at small calls: not
+    forced off, and not found inexact in e4m3 (unknown until a layer's first call here, which
+    copies them to find out). An FP8 shared expert runs apart (CUDA); another format beside
+    them would need a copy of its own."""
+    if main is None or main.fmt != FMT_MXFP4 or _fp8_env() is False or _fp4_env() is False:
+        return False
+    return (getattr(main, "fp8_exact", None) is not False
+            and (extra is None or (extra.fmt == FMT_FP8 and not _CUBLAS_FAILED[0])))
 
 
 def policy(n_routed: int, k: int) -> str:
     """The startup log's words for when MoE calls come here."""
     n = grouped_mm_min_tokens()
-    if n is None:
+    by_size = n is None
+    if by_size:
         n = -(-MIN_SLOTS_PER_EXPERT * n_routed // k)
     if not n:
         return ""
     fp8_env, fp4_env = _fp8_env(), _fp4_env()
-    if fp8_env is False:
-        return f"MXFP4 / FP8 MoE on dequantised experts and grouped GEMMs from {n} tokens a step"
-    fp4 = {True: " (MXFP4 experts decoded in place: DSV4_MOE_FP4_GEMM=1)", False: "",
-           None: f" (MXFP4 experts decoded in place up to {FP4_MAX_SLOTS * n_routed // k} "
-                 "tokens)"}[fp4_env]
-    fp8 = f"e4m3 copies of the experts{fp4} and FP8"
-    if fp8_env:
-        return f"MXFP4 / FP8 MoE on {fp8} grouped GEMMs from {n} tokens a step"
-    m = FP8_MAX_SLOTS * n_routed // k + 1
-    if m <= n:
-        return f"MXFP4 / FP8 MoE on dequantised experts and grouped GEMMs from {n} tokens a step"
-    return (f"MXFP4 / FP8 MoE on {fp8} grouped GEMMs from {n} tokens a step, on dequantised "
-            f"experts and bf16 grouped GEMMs from {m}")
+    m = FP8_MAX_SLOTS * n_routed // k + 1 if fp8_env is None else None
+    if fp8_env is False or (m is not None and m <= n):
+        return f"MXFP4 / FP8 MoE on bf16 copies of the experts and grouped GEMMs from {n} tokens a step"
+    words = f"MXFP4 / FP8 MoE on grouped GEMMs from {n} tokens a step: FP8 GEMMs on e4m3 copies"
+    if fp4_env is not False:
+        first = -(-FP4_MIN_SLOTS * n_routed // k) if by_size else n
+        last = (f" up to {FP4_MAX_SLOTS * n_routed // k} tokens" if fp4_env is None
+                else " tokens, DSV4_MOE_FP4_GEMM=1")
+        words += f" (MXFP4 experts: decoded in place, from {first}{last})"
+    return words + (f", bf16 copies from {m}" if m is not None else "")
 
 
 def out_of_memory(err: Exception) -> None:

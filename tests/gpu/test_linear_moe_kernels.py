@@ -414,6 +414,10 @@ def test_moe_grouped_mm_path(fmt, shared_fmt, monkeypatch):
     u = torch.randn(768, 4096, device=DEV).bfloat16()
     idx, wgt = _routing(768, 64, 6, "uniform", seed=2)
     assert gm.takes(768, 6, 64) and not gm.takes(767, 6, 64)
+    # MXFP4 experts the GEMM decodes in place: from 32 slots per expert (342 tokens)
+    main, extra = moe_kernels._tables(experts, shared, u.device)
+    assert gm.takes(342, 6, 64, main, extra) == (fmt == "fp4")
+    assert not gm.takes(341, 6, 64, main, extra)
     assert torch.equal(moe_forward(u, idx, wgt, experts, shared),
                        moe_kernels._moe_cuda(u, idx, wgt, experts, shared, dict(grouped_mm=True)))
     nv, nv_shared = _random_moe(16, 1024, 512, "nvfp4", "fp8", torch.bfloat16, seed=2)
