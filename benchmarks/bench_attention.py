@@ -170,8 +170,8 @@ def bench_indexer(ctx: int, B: int, topk: int, with_ref: bool) -> None:
            flops)
     # the same with each head's query scales folded into one, and each key's (`indexer.py`,
     # `fold`; the default from 8 tokens)
-    if INDEXER_WAVES[0]:  # key blocks a CTA: the default rounds T x blocks / (4 x SMs) down,
-        # which can leave a second, short wave of CTAs; rounded up it fits one wave of 4 an SM
+    if INDEXER_WAVES[0]:  # key blocks a CTA: T x blocks / (4 x SMs) rounded up (the default:
+        # one wave of 4 CTAs an SM), rounded down (a second, short wave), for 3 and 2 an SM
         n_blocks = -(-N // 64)
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         for bpc in sorted({max(1, B * n_blocks // (4 * sms)), -(-B * n_blocks // (4 * sms)),
