@@ -30,6 +30,7 @@ from dsv4.quant.formats import dequant_fp8, quantize_fp8
 HBM, FP8_PEAK, BF16_PEAK = 4.8e12, 1979e12, 989e12
 SWEEP_TOKENS: list[int] = []  # --tokens
 SWEEP_MODEL = ["flash"]  # --sweep-model
+SWEEP_KERNEL = ["fp8"]  # --sweep-kernel
 GROUPED_MM = [False]  # --grouped-mm
 MOE_TOKENS: list[int] = []  # --moe-tokens
 DEV = "cuda"
@@ -307,6 +308,8 @@ def gemm_sweep(quick: bool) -> None:
     laid out as the path makes them (block-major)."""
     from dsv4.kernels import grouped_fp8_gemm as gfg
     n_exp, d, inter = (384, 7168, 3072) if SWEEP_MODEL[0] == "pro" else (256, 4096, 2048)
+    if SWEEP_KERNEL[0] == "mxfp4":
+        return mxfp4_gemm_sweep(n_exp, d, inter)
     print(f"\n## Grouped FP8 GEMM launch sweep ({SWEEP_MODEL[0].title()}, {n_exp} experts)\n")
 
     def codes(*shape):  # random finite e4m3 codes (no NaN), made as bytes
@@ -336,6 +339,44 @@ def gemm_sweep(quick: bool) -> None:
             for tag, cfg in (("default", base), ("best", best)):
                 print(f"   -> {tag}: {flops / timed(cfg) / 1e6:.0f} TFLOP/s", flush=True)
             del a, b, sa, sb
+            torch.cuda.empty_cache()
+
+
+def mxfp4_gemm_sweep(n_exp: int, d: int, inter: int) -> None:
+    """`--sweep-kernel mxfp4`: launch sweep of the grouped FP8 GEMM that decodes MXFP4 experts
+    in place (`moe_grouped_mm.grouped_mxfp4_gemm`) at the layer's shapes, random MXFP4
+    experts in the kernels' layout (FP8 shared expert apart: plan group 0 empty), rows per
+    expert as top-6 routing of random tokens gives them, padded to the plan's 16-row blocks.
+    A larger row tile amortises each K-block's decode of the weight tile over more rows."""
+    from dsv4.kernels import moe as km
+    from dsv4.kernels import moe_grouped_mm as gm
+    print(f"\n## In-place MXFP4 grouped GEMM launch sweep ({SWEEP_MODEL[0].title()}, {n_exp} "
+          "experts)\n")
+    experts, shared = random_experts(n_exp, d, inter)
+    main, extra = km._tables(experts, shared, torch.device(DEV))
+    pt, g_off = main.ptrs, 0 if extra is None else 1
+    for t in SWEEP_TOKENS or (4096, 8192, 32768):
+        idx = torch.rand(t, n_exp, device=DEV).topk(6, dim=-1).indices
+        counts = torch.bincount(idx.flatten(), minlength=n_exp)
+        counts = torch.cat([counts.new_zeros(g_off), counts])  # the shared expert's group
+        ends = ((counts + 15) // 16 * 16).cumsum(0).to(torch.int32)
+        m = int(ends[-1])
+        for name, k, tabs, n_half in (("w1|w3", d, (("w1w", "w3w"), ("w1s", "w3s")), inter),
+                                      ("w2", inter, (("w2w",), ("w2s",)), d)):
+            a = torch.randint(0, 0x7E, (m, k), dtype=torch.uint8, device=DEV).view(
+                torch.float8_e4m3fn)
+            sa = (2.0 ** torch.randint(-8, 0, (k // 128, m), device=DEV).float()).t()
+            w_tabs, s_tabs = (tuple(pt[n] for n in names) for names in tabs)
+            flops = 2.0 * m * len(w_tabs) * n_half * k
+            label = f"{name} T={t} (M={m}, N={len(w_tabs) * n_half}, K={k})"
+            timed = memo_timer(lambda cfg: t_us(lambda: gm.grouped_mxfp4_gemm(
+                a, sa, w_tabs, s_tabs, n_half, ends, g_off, **cfg)), label)
+            base = dict(bm=64, bn=128, warps=4, stages=3)
+            best = coordinate_search(base, dict(bm=[64, 128, 256], bn=[64, 128, 256],
+                                                warps=[4, 8], stages=[2, 3, 4]), timed, label)
+            for tag, cfg in (("default", base), ("best", best)):
+                print(f"   -> {tag}: {flops / timed(cfg) / 1e6:.0f} TFLOP/s", flush=True)
+            del a, sa
             torch.cuda.empty_cache()
 
 
@@ -465,6 +506,9 @@ def main() -> None:
     ap.add_argument("--sweep-model", choices=["flash", "pro"], default="flash",
                     help="MoE / grouped GEMM sweep shapes (Flash 256 x 4096 x 2048, Pro 384 x "
                          "7168 x 3072)")
+    ap.add_argument("--sweep-kernel", choices=["fp8", "mxfp4"], default="fp8",
+                    help="gemm-sweep: the grouped FP8 GEMM on e4m3 copies, or the one decoding "
+                         "MXFP4 experts in place")
     ap.add_argument("--moe-tokens", type=int, nargs="*", default=[],
                     help="MoE table batch sizes (default 1 8 64 512 4096 32768)")
     ap.add_argument("--grouped-mm", action="store_true",
@@ -479,6 +523,7 @@ def main() -> None:
     args = ap.parse_args()
     SWEEP_TOKENS.extend(args.tokens)
     SWEEP_MODEL[0] = args.sweep_model
+    SWEEP_KERNEL[0] = args.sweep_kernel
     GROUPED_MM[0] = args.grouped_mm or args.grouped_variants
     if args.grouped_variants:
         GROUPED_VARIANTS[0] = _VARIANTS
