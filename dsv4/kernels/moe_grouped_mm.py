@@ -34,7 +34,8 @@ the routed slots per expert and the copy's cost does not, so the break-even is a
 between 48 and 96 (H200, fused against grouped on e4m3 copies, `scratch/s27k.py`: Flash 2048 /
 4096 / 6144 tokens 4.16 / 8.2 / 11.8 ms against 4.98 / 6.05 / 7.38 ms, Pro 4096 / 8192 21.9 /
 34.5 against 21.2-21.5 / 28.7 ms). By default calls with at least `MIN_SLOTS_PER_EXPERT` (72)
-slots per expert come here (Flash from 3072 tokens a step, Pro from 4608): prefill chunks.
+slots per expert come here (Flash from 3072 tokens a step, Pro from 4608): prefill chunks;
+MXFP4 experts that need no copy (below) from `FP4_MIN_SLOTS` (32: Flash 1366, Pro 2048).
 `DSV4_MOE_GROUPED_MM=n` sets a token threshold instead (0: never). If the copy does not fit
 in free memory, the first failure logs a warning and the fused kernels serve every later call.
 
