@@ -333,13 +333,17 @@ def _experts_bf16(u, experts, main, extra, plan, skip_shared: bool = False) -> t
     return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # [n_pos, d]
 
 
+def _forced(name: str, on: str, off: str) -> bool | None:
+    """A 1 / 0 / unset switch: forced on, forced off, or None (by the call's size)."""
+    env = os.environ.get(name, "")
+    if env not in ("", "0", "1"):
+        raise ValueError(f"{name} must be 1 ({on}), 0 ({off}) or unset (by the call's size)")
+    return None if env == "" else env == "1"
+
+
 def _fp8_env() -> bool | None:
     """`DSV4_MOE_FP8_GEMM`: 1 / 0 forces the FP8 copies and GEMMs on / off; unset, by size."""
-    env = os.environ.get("DSV4_MOE_FP8_GEMM", "")
-    if env not in ("", "0", "1"):
-        raise ValueError("DSV4_MOE_FP8_GEMM must be 1 (FP8 grouped GEMMs), 0 (bf16) or unset "
-                         "(by the call's size)")
-    return None if env == "" else env == "1"
+    return _forced("DSV4_MOE_FP8_GEMM", "FP8 grouped GEMMs", "bf16")
 
 
 def fp8_gemm_for(slots_per_expert: float) -> bool:
@@ -386,11 +390,7 @@ def _experts_fp8(u, experts, main, extra, plan, tabs, skip_shared: bool = False
 
 def _fp4_env() -> bool | None:
     """`DSV4_MOE_FP4_GEMM`: 1 / 0 forces the in-place MXFP4 decode on / off; unset, by size."""
-    env = os.environ.get("DSV4_MOE_FP4_GEMM", "")
-    if env not in ("", "0", "1"):
-        raise ValueError("DSV4_MOE_FP4_GEMM must be 1 (decode MXFP4 in the grouped GEMM), 0 "
-                         "(e4m3 copies) or unset (by the call's size)")
-    return None if env == "" else env == "1"
+    return _forced("DSV4_MOE_FP4_GEMM", "decode MXFP4 in the grouped GEMM", "e4m3 copies")
 
 
 def fp4_gemm_for(slots_per_expert: float) -> bool:
