@@ -559,13 +559,13 @@ def _finish_swiglu_same(km, fmt, shared_fmt, cfg) -> None:
         km.FINISH_SWIGLU = saved
 
 
-def check_moe() -> None:
+def _check_moe(*pairs: tuple[str, str]) -> None:
     """The MoE kernels (`moe.py`'s fused GEMMs with each of their decodes, and the grouped-GEMM
     path of `moe_grouped_mm.py`, whose dequantised experts must be the modules' exact weights)
-    against the torch reference: MXFP4 experts with an FP8 or MXFP4 shared expert, FP8 experts,
-    NVFP4 and bf16 experts (fused kernels only), MXFP4 and NVFP4 experts beside a bf16 shared
-    expert, small and large routing plans, an expert that takes every token and experts that take
-    none, a token sent to one expert twice, slots marked for another rank's expert."""
+    against the torch reference for routed / shared expert formats `pairs`: small and large
+    routing plans, an expert that takes every token and experts that take none, a token sent to
+    one expert twice, slots marked for another rank's expert. The formats are spread over
+    several checks (each its own process: they run side by side under pytest -n)."""
     from dsv4.kernels import moe as km
     from dsv4.kernels import moe_grouped_mm as gm
     d, inter, n_exp, k = 128, 256, 6, 2
@@ -573,10 +573,7 @@ def check_moe() -> None:
              dict(bt=16, bw1=128, bw2=64, kc=64, split1=1, split2=1, warps=4, stages=1, dec=0),
              dict(bt=64, bw1=128, bw2=128, kc=64, split1=1, split2=1, warps=4, stages=1, dec=0,
                   abf=True)]
-    # bf16 routed experts beside a quantised shared one stay on the torch path
-    assert km._tables(*_random_experts("bf16", "fp8", d, inter, 2), torch.device("cpu")) is None
-    for fmt, shared_fmt in (("fp4", "fp8"), ("fp8", "fp8"), ("fp4", "fp4"), ("nvfp4", "fp8"),
-                            ("bf16", "bf16"), ("nvfp4", "bf16"), ("fp4", "bf16")):
+    for fmt, shared_fmt in pairs:
         experts, shared = _random_experts(fmt, shared_fmt, d, inter, n_exp)
         main, extra = km._tables(experts, shared, torch.device("cpu"))
         grouped = gm.applies(torch.zeros(1, d, dtype=torch.bfloat16), main, extra)
@@ -611,7 +608,8 @@ def check_moe() -> None:
                             <= got.float().abs() * 2.0 ** -8 + 1e-6).all(), f"slot rows {cfg}"
             if grouped and t == 5:  # out of memory on the way: the fused kernels serve
                 _grouped_out_of_memory(km, gm, u, idx, wgt, experts, shared, fused[0])
-        _finish_swiglu_same(km, fmt, shared_fmt, fused[0])  # split gate/up, last CTAs
+        if (fmt, shared_fmt) == pairs[0]:  # split gate/up, last CTAs: a format a check
+            _finish_swiglu_same(km, fmt, shared_fmt, fused[0])
         if fmt == "fp8":
             _check_route_plan()
         # expert parallelism: other ranks' slots
@@ -636,6 +634,24 @@ def check_moe() -> None:
                         err = ((got.float() - ref).norm() / ref.norm()).item()
                         assert err < 1e-3, (f"other ranks' slots T={t} {cfg} shared "
                                             f"{sh is not None}: rel err {err:.2e}")
+
+
+def check_moe_fp4() -> None:
+    """MXFP4 experts with an FP8 shared expert (the checkpoints' format)."""
+    _check_moe(("fp4", "fp8"))
+
+
+def check_moe_fp8() -> None:
+    """FP8 experts, and MXFP4 experts with an MXFP4 shared expert."""
+    _check_moe(("fp8", "fp8"), ("fp4", "fp4"))
+
+
+def check_moe_other() -> None:
+    """NVFP4 and bf16 experts (fused kernels only), MXFP4 and NVFP4 experts beside a bf16 shared
+    expert; bf16 routed experts beside a quantised shared one stay on the torch path."""
+    from dsv4.kernels import moe as km
+    assert km._tables(*_random_experts("bf16", "fp8", 128, 256, 2), torch.device("cpu")) is None
+    _check_moe(("nvfp4", "fp8"), ("bf16", "bf16"), ("nvfp4", "bf16"), ("fp4", "bf16"))
 
 
 def check_moe_gate() -> None:
@@ -874,7 +890,8 @@ CHECKS = {f.__name__[len("check_"):]: f for f in (check_topk, check_candidates,
                                                   check_indexer_avail, check_indexer_fp8,
                                                   check_attention_cmp_len,
                                                   check_mhc, check_grouped_fp8_linear,
-                                                  check_quant_linear, check_moe,
+                                                  check_quant_linear, check_moe_fp4,
+                                                  check_moe_fp8, check_moe_other,
                                                   check_moe_gate,
                                                   check_moe_fp8_gemm,
                                                   check_small_ops, check_model)}
