@@ -202,7 +202,13 @@ def bench_compressor(tokens: int, m: int, C: int) -> None:
 
 
 # ------------------------------------------------------------------------------ mHC, RMSNorm
-def bench_mhc(T: int, d: int) -> None:
+# (tokens, K columns, warps, stages) a CTA of hc_pre's mix kernel, for --mhc-sweep; sm_90
+# offline: 64/64/4/3 118 registers, 52 KB shared (4 CTAs an SM); 128/64/8/3 98 registers, 68 KB
+# (3 an SM); 128/64/4/3 180 registers
+MIX_CONFIGS = [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 3),
+               (256, 64, 8, 2), (64, 128, 4, 2)]
+
+def bench_mhc(T: int, d: int, mix_sweep: bool = False) -> None:
     gen = torch.Generator(device=DEV).manual_seed(3)
     n = 4
     sets = max(1, math.ceil(ROTATE_BYTES / (T * n * d * 2)))
@@ -213,6 +219,19 @@ def bench_mhc(T: int, d: int) -> None:
     ref_ms = bench([lambda x=x: hc_pre_ref(x, fn, scale, base, 1e-6, 1e-6, 20) for x in xs[:2]], rep=30)
     ms = bench([lambda x=x: hc_pre_triton(x, fn, scale, base, 1e-6, 1e-6, 20) for x in xs])
     report(f"hc_pre {T} tok d={d}", ms, ref_ms, pre_bytes, 2.0 * T * n * d * (2 + n) * n)
+    if mix_sweep:  # the mix kernel's tiles and K splits (its bytes from L2: fn's three bf16
+        # parts are 9 KB a K-block against 8 KB of X at 64 tokens a CTA)
+        for cfg in MIX_CONFIGS:
+            for splits in (0, 2, 3, 4, 6, 8):
+                try:
+                    alt = bench([lambda x=x: hc_pre_triton(x, fn, scale, base, 1e-6, 1e-6, 20,
+                                                           splits=splits, mix_cfg=cfg)
+                                 for x in xs])
+                except Exception as e:  # out of shared memory or registers: say so, go on
+                    print(f"# mix {cfg} splits {splits}: {type(e).__name__}", flush=True)
+                    continue
+                report(f"hc_pre {T} tok d={d} mix {cfg} splits {splits or 'auto'} (ref: default)",
+                       alt, ms, pre_bytes, 2.0 * T * n * d * (2 + n) * n)
     # with the RMSNorm after y fused (the model's path from mhc.FUSE_NORM_FROM tokens), against
     # the pre kernel and a norm launch
     w = torch.rand(d, generator=gen, device=DEV) + 0.5
@@ -253,6 +272,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma list of: attn,indexer,compressor,mhc")
     ap.add_argument("--indexer-waves", action="store_true",
                     help="indexer: also time the FP8 kernel with other key blocks a CTA")
+    ap.add_argument("--mhc-sweep", action="store_true",
+                    help="mhc: also time hc_pre's mix kernel over MIX_CONFIGS and K splits")
     ap.add_argument("--rank-heads", action="store_true",
                     help="attention of a tensor-parallel rank's 16 / 32 heads: the Gluon "
                          "kernel's masked 64-head block (the default) against the Triton kernel")
@@ -293,7 +314,7 @@ def main() -> None:
             bench_compressor(8192, m, C)
     if "mhc" in parts:
         for d in (4096, 7168):
-            bench_mhc(8192, d)
+            bench_mhc(8192, d, args.mhc_sweep)
     print("\n" + header())
     print("\n".join(ROWS))
 

@@ -287,14 +287,16 @@ if HAS_TRITON:
 
     def hc_pre_triton(x, fn, scale, base, norm_eps: float, hc_eps: float, iters: int,
                       splits: int = 0, pre_cfg: tuple[int, int, int] | None = None,
-                      head: bool = False, norm: tuple[torch.Tensor, float] | None = None):
+                      head: bool = False, norm: tuple[torch.Tensor, float] | None = None,
+                      mix_cfg: tuple[int, int, int, int] | None = None):
         """Launcher: x [T, n, d] -> (y [T, d], post [T, n], comb [T, n, n]).
 
         Two kernels: the mix product (split along n*d when few tokens, so that the GPU fills),
         then y, post and comb. fn [(2+n)n, n*d] is read once per 64 tokens. `head`: the
         `hc_head` reduction (fn [n, n*d], one scale): y only, post and comb empty. `norm`
         (weight [d] fp32, eps): y comes out RMS-normalised (`rmsnorm_ref` of the rounded y),
-        each CTA of the second kernel then taking whole rows."""
+        each CTA of the second kernel then taking whole rows. `mix_cfg` (tokens, K columns,
+        warps, stages) a CTA of the mix kernel: a benchmark's override (default 64, 64, 4, 3)."""
         T, n, d = x.shape
         K = n * d
         nout = n if head else (2 + n) * n
@@ -309,7 +311,7 @@ if HAS_TRITON:
         comb = torch.empty(0 if head else T, n, n, dtype=torch.float32, device=x.device)
         if T == 0:
             return y, post, comb
-        bt, bk = 64, 64
+        bt, bk, warps1, stages1 = mix_cfg or (64, 64, 4, 3)
         npad = max(16, triton.next_power_of_2(nout))
         t_blocks = triton.cdiv(T, bt)
         if not splits:  # ~512 CTAs, at least two K-blocks each (H200: 8192 tokens 225 -> 204
@@ -321,7 +323,7 @@ if HAS_TRITON:
         sq = torch.empty(splits, T, dtype=torch.float32, device=x.device)
         _hc_mix_kernel[(t_blocks, splits)](
             x, fn, part, sq, T, K, nout, kps, BLOCK_T=bt, BLOCK_K=bk, NPAD=npad,
-            X_BF16=parts, PARTS=parts, num_warps=4, num_stages=3, **pdl())
+            X_BF16=parts, PARTS=parts, num_warps=warps1, num_stages=stages1, **pdl())
         # (tokens, channels, warps) per CTA of the second kernel, measured on an H200: one
         # token on one warp keeps the Sinkhorn's reductions in shuffles (T=1: 9.2 against
         # 14.4 us, T=64: 12.0 against 17.6); 4 tokens on 4 warps for prefill (T=8192: the
