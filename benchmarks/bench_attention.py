@@ -259,7 +259,7 @@ def copy_ceiling() -> None:
     y = torch.empty_like(x)
     ms = bench([lambda: y.copy_(x)])
     print(f"# device-to-device copy: {2 * x.numel() / ms / 1e6:.0f} GB/s (read + write)", flush=True)
-    del x, y
+    x = y = None  # freed
     torch.cuda.empty_cache()
 
 

@@ -252,7 +252,7 @@ def linear_sweep(quick: bool) -> None:
                      split=[None, 1, 2, 4, 8, 16], prefetch=[False, True]), timed,
                 f"{k}x{n} M={m}")
             print(f"   -> {100 * nbytes / timed(best) / 1e-6 / HBM:.0f}% HBM on weight bytes")
-        del wts
+        wts = None  # freed (None, not del: the lambdas above name it)
         torch.cuda.empty_cache()
 
 
@@ -296,7 +296,7 @@ def moe_sweep(quick: bool) -> None:
         if EXPERT_FORMAT[0] != "fp4":  # the decode choice is MXFP4's
             del space["dec"]
         coordinate_search(base, space, timed, f"MoE T={t}")
-    del experts, shared
+    experts = shared = None  # freed
     torch.cuda.empty_cache()
 
 
@@ -338,7 +338,7 @@ def gemm_sweep(quick: bool) -> None:
                 tma=[False, True]), timed, label)
             for tag, cfg in (("default", base), ("best", best)):
                 print(f"   -> {tag}: {flops / timed(cfg) / 1e6:.0f} TFLOP/s", flush=True)
-            del a, b, sa, sb
+            a = b = sa = sb = None  # freed
             torch.cuda.empty_cache()
 
 
@@ -376,7 +376,7 @@ def mxfp4_gemm_sweep(n_exp: int, d: int, inter: int) -> None:
                                                 warps=[4, 8], stages=[2, 3, 4]), timed, label)
             for tag, cfg in (("default", base), ("best", best)):
                 print(f"   -> {tag}: {flops / timed(cfg) / 1e6:.0f} TFLOP/s", flush=True)
-            del a, sa
+            a = sa = None  # freed
             torch.cuda.empty_cache()
 
 
@@ -439,7 +439,7 @@ def moe_table(quick: bool) -> None:
                 torch.cuda.empty_cache()
             if t in (1, 4096):
                 profile(lambda: moe_forward(u, idx, wgt, experts, shared), f"{name} T={t}")
-        del experts, shared
+        experts = shared = None  # freed
         gm.release_workspace()
         torch.cuda.empty_cache()
 
