@@ -34,6 +34,8 @@ CONFIG = {"bm": 64, "bn": 256, "warps": 4, "stages": 4, "ctas": 2}
 # at 32768 (M ~ 199K) 548 / 553 -> 576 / 553; Pro 8192 439 / 410 -> 471 / 468, Pro 32768
 # 464 / 528 -> 547 / ~530
 TMA_MAX_M = 1 << 17
+
+
 def grouped_fp8_gemm_ref(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
                          ends: torch.Tensor) -> torch.Tensor:
     af = (a.float().unflatten(1, (-1, BK)) * sa[..., None]).flatten(1)
