@@ -335,10 +335,18 @@ def gemm_sweep(quick: bool) -> None:
             base = gfg.launch_config(m, n, k)
             best = coordinate_search(base, dict(
                 bm=[64, 128], bn=[128, 256], warps=[4, 8], stages=[3, 4, 5], ctas=[1, 2],
-                tma=[False, True]), timed, label)
+                tma=[False, True],
+                # 128-row tiles need 8 warps (two warpgroups) to hold their accumulators
+                tile=[dict(bm=128, bn=128, warps=8, ctas=1), dict(bm=128, bn=256, warps=8, ctas=2),
+                      dict(bm=128, bn=256, warps=8, ctas=1)]), timed, label)
             for tag, cfg in (("default", base), ("best", best)):
                 print(f"   -> {tag}: {flops / timed(cfg) / 1e6:.0f} TFLOP/s", flush=True)
-            a = b = sa = sb = None  # freed
+            sb_row = sb[..., 0].contiguous()  # one scale a weight row (the MXFP4 copies')
+            for tag, cfg in (("default", base), ("best", best)):
+                us = t_us(lambda: gfg.grouped_fp8_gemm(a, sa, b, sb_row, ends, cfg))
+                print(f"   -> {tag}, row scales: {us:.1f} us, {flops / us / 1e6:.0f} TFLOP/s",
+                      flush=True)
+            a = b = sa = sb = sb_row = None  # freed
             torch.cuda.empty_cache()
 
 

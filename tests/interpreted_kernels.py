@@ -764,7 +764,10 @@ def check_moe_fp8_gemm() -> None:
     """`DSV4_MOE_FP8_GEMM=1`: the grouped FP8 GEMM against its reference (ragged and empty
     groups, a last tile past every group); the experts' FP8 copies (`to_fp8`) exact, codes
     times scales, for MXFP4 and FP8 experts; the MoE through them against the torch
-    reference; a layer whose MXFP4 scales spread beyond 2^11 in a block falls back to bf16."""
+    reference; MXFP4 copies with one scale per row (`row=True`, the GEMM's row scales) exact
+    and the MoE on them (a layer's calls after its first) giving the block-scaled products;
+    a layer whose MXFP4 scales spread beyond 2^11 in a block falls back to bf16, one whose
+    rows' do (and not its blocks') stays on block scales."""
     from dsv4.kernels import grouped_fp8_gemm as gfg
     from dsv4.kernels import moe as km
     from dsv4.kernels import moe_grouped_mm as gm
@@ -779,6 +782,12 @@ def check_moe_fp8_gemm() -> None:
         got = gfg.grouped_fp8_gemm(a, sa, b, sb, ends, dict(cfg, warps=4, stages=1)).float()
         err = ((got - want).norm() / want.norm()).item()
         assert err < 4e-3, f"grouped FP8 GEMM {cfg}: rel err {err:.2e}"
+        # row scales: the same products with each row's block scales equal, applied once
+        sb_row = sb[..., 0]
+        got = gfg.grouped_fp8_gemm(a, sa, b, sb_row, ends, dict(cfg, warps=4, stages=1))
+        want_row = gfg.grouped_fp8_gemm_ref(a, sa, b, sb_row[..., None].expand_as(sb), ends)
+        err = ((got.float() - want_row.float()).norm() / want_row.float().norm()).item()
+        assert err < 4e-3, f"grouped FP8 GEMM {cfg}, row scales: rel err {err:.2e}"
 
     d, inter, n_exp, k = 128, 256, 6, 2
     os.environ["DSV4_MOE_FP8_GEMM"] = "1"
@@ -794,6 +803,13 @@ def check_moe_fp8_gemm() -> None:
                 assert torch.equal(w13[e, :inter], m.w1.dequantize()), f"{fmt} FP8 w1 of {e}"
                 assert torch.equal(w13[e, inter:], m.w3.dequantize()), f"{fmt} FP8 w3 of {e}"
             assert int(flag) == 0, f"{fmt}: exact experts flagged"
+            if fmt == "fp4" and shared_fmt == "fp4":  # row scales: the same weights
+                q, sc = gm.to_fp8(main, extra, ("w1", "w3"), n_exp + 1, inter, d,
+                                  torch.device("cpu"), flag, row=True)
+                assert sc.shape == (n_exp + 1, 2 * inter) and int(flag) == 0
+                assert torch.equal((q.float() * sc[..., None])[1:, :inter],
+                                   torch.stack([m.w1.dequantize() for m in experts])), \
+                    "row-scaled FP8 copies of w1"
             for t in (5, 70, 300):
                 u = torch.randn(t, d, generator=G).bfloat16()
                 idx = torch.stack([torch.randperm(n_exp, generator=G)[:k] for _ in range(t)])
@@ -805,6 +821,16 @@ def check_moe_fp8_gemm() -> None:
                 err = ((got - want).norm() / want.norm()).item()
                 assert err < 1e-3, f"{fmt}/{shared_fmt} T={t} FP8 GEMMs: rel err {err:.2e}"
             assert main.fp8_exact, "an exact layer left the FP8 path"
+            if fmt == "fp4" and shared_fmt == "fp4":  # calls after the first: row scales
+                assert main.fp8_row_exact and gm.row_scales(main, extra, False)
+                u = torch.randn(70, d, generator=G).bfloat16()
+                idx = torch.stack([torch.randperm(n_exp, generator=G)[:k] for _ in range(70)])
+                wgt = torch.rand(70, k, generator=G) + 0.1
+                row = km._moe_cuda(u, idx, wgt, experts, shared, dict(grouped_mm=True))
+                main.fp8_row_exact = False
+                block = km._moe_cuda(u, idx, wgt, experts, shared, dict(grouped_mm=True))
+                main.fp8_row_exact = True
+                assert torch.equal(row, block), "row and block scales: other products"
             if fmt == "fp4":  # the weights decoded in the GEMM (DSV4_MOE_FP4_GEMM): the copies'
                 # products, plan expert g from table entry g - g_off (group 0 empty with
                 # an FP8 shared expert apart)
@@ -821,6 +847,11 @@ def check_moe_fp8_gemm() -> None:
                                             inter, ends, g_off, stages=1).float()
                 err = ((got - want).norm() / want.norm()).item()
                 assert err < 1e-6, f"{fmt}/{shared_fmt} MXFP4-decoding GEMM: rel err {err:.2e}"
+                got = gm.grouped_mxfp4_gemm(a, sa, (pt["w1w"], pt["w3w"]), (pt["w1s"], pt["w3s"]),
+                                            inter, ends, g_off, stages=1, row=True).float()
+                err = ((got - want).norm() / want.norm()).item()
+                assert err < 1e-6, f"{fmt}/{shared_fmt} MXFP4-decoding GEMM, row scales: " \
+                    f"rel err {err:.2e}"
                 if extra is None:  # the MoE through it
                     os.environ["DSV4_MOE_FP4_GEMM"] = "1"
                     try:
@@ -860,6 +891,20 @@ def check_moe_fp8_gemm() -> None:
         assert main.fp8_exact is False, "scales 2^14 apart were not flagged"
         err = ((got - want).norm() / want.norm()).item()
         assert err < 1e-3, f"the bf16 fallback: rel err {err:.2e}"
+        # w2's two K-blocks 2^13 apart (each block's own scales close): blocks exact, rows not
+        experts[3].w1.set_float(torch.randn(inter, d, generator=G) / d ** 0.5)
+        w = torch.randn(d, inter, generator=G) / inter ** 0.5
+        w[:, 128:] *= 2.0 ** -13
+        experts[3].w2.set_float(w)
+        km._TABLES.clear()
+        main, extra = km._tables(experts, shared, torch.device("cpu"))
+        want = km.moe_forward_ref(u, idx, wgt, experts, shared).float()
+        for _ in range(2):  # the first call finds it out, the second stays on block scales
+            got = km._moe_cuda(u, idx, wgt, experts, shared, dict(grouped_mm=True)).float()
+            assert main.fp8_exact is True and main.fp8_row_exact is False, \
+                "rows with blocks 2^13 apart: not told from exact ones"
+            err = ((got - want).norm() / want.norm()).item()
+            assert err < 1e-3, f"block scales for a row-inexact layer: rel err {err:.2e}"
     finally:
         del os.environ["DSV4_MOE_FP8_GEMM"]
 

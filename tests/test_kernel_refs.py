@@ -478,8 +478,17 @@ def test_moe_grouped_mm_switch(monkeypatch, caplog):
     # copies beyond), bf16 beyond
     assert gm.policy(256, 6) == ("MXFP4 / FP8 MoE on grouped GEMMs from 3072 tokens a step: FP8 "
                                  "GEMMs on e4m3 copies (MXFP4 experts: decoded in place, from "
-                                 "1366 up to 5461 tokens), bf16 copies from 10923")
+                                 "1366 up to 5461 tokens), bf16 copies from 10923 for FP8 "
+                                 "experts and MXFP4 layers whose rows do not fold into e4m3")
     assert gm.fp8_gemm_for(256) and not gm.fp8_gemm_for(256.1)
+    # row scales (or MXFP4 experts not yet checked): e4m3 copies at any size
+    assert gm.fp8_gemm_for(10**4, True) and gm.fp8_gemm_for(10**4, None)
+    assert gm.row_scales(mx, None, False) is None  # MXFP4 experts not yet checked
+    assert gm.row_scales(mx, fp8, False) is False  # an FP8 shared expert in the copies
+    assert gm.row_scales(fp8, None, False) is False
+    mx.fp8_row_exact = True
+    assert gm.row_scales(mx, fp8, True) is True  # the FP8 shared expert apart
+    del mx.fp8_row_exact
     assert gm.fp4_gemm_for(128) and not gm.fp4_gemm_for(128.1)
     monkeypatch.setenv("DSV4_MOE_FP8_GEMM", "1")
     assert gm.policy(256, 6).endswith("5461 tokens)")  # no bf16 copies
@@ -558,6 +567,9 @@ def test_grouped_fp8_gemm_rejects_mismatched_shapes():
         grouped_fp8_gemm(a, torch.ones(10, 1), b, torch.ones(2, 128, 2), ends)
     y = grouped_fp8_gemm(a, torch.ones(10, 2), b, torch.ones(2, 128, 2), ends)  # the reference
     assert y.shape == (10, 128) and y.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="do not fit"):  # row scales: one a weight row
+        grouped_fp8_gemm(a, torch.ones(10, 2), b, torch.ones(2, 127), ends)
+    assert torch.equal(grouped_fp8_gemm(a, torch.ones(10, 2), b, torch.ones(2, 128), ends), y)
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "fp8", "fp4", "nvfp4"])

@@ -5,7 +5,12 @@ g's weight rows: y[r, n] = sum over 128-deep blocks kb of (a[r, kb] . b[g, n, kb
 * sb[g, n, kb], with a [M, K] e4m3 codes and sa [M, K/128] fp32 scales (the FP8 activation
 quantisation of SPEC.md 3), b [G, N, K] e4m3 and sb [G, N, K/128] fp32 (each weight row's
 scale per 128 columns), fp32 accumulation promoted once per block, y [M, N] bf16. `ends` is
-int32 on the device (a group may be empty): nothing is read back to the host.
+int32 on the device (a group may be empty): nothing is read back to the host. With sb [G, N]
+(one scale per weight row, "row scales") the weight scale leaves the K loop: each block's
+promotion is one multiply-add by sa instead of two multiplies and an add, which is what holds
+the block-scaled kernel below the plain FP8 one (H200, Pro shapes at M = 16384: ~830 against
+~560 TFLOP/s, `scratch` diagnostic of the thirty-first session). Row scales are the MoE's
+MXFP4 copies where a row's per-32 scales all fold into its largest (`moe_grouped_mm.to_fp8`).
 
 Reference: `grouped_fp8_gemm_ref` (fp32 dequantisation, a matmul per group). GPU: a Triton
 kernel over (row tile, column tile) pairs, column tiles fastest, so the programs running
@@ -39,7 +44,10 @@ TMA_MAX_M = 1 << 17
 def grouped_fp8_gemm_ref(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
                          ends: torch.Tensor) -> torch.Tensor:
     af = (a.float().unflatten(1, (-1, BK)) * sa[..., None]).flatten(1)
-    bf = (b.float().unflatten(2, (-1, BK)) * sb[..., None]).flatten(2)
+    if sb.dim() == 2:  # row scales
+        bf = b.float() * sb[..., None]
+    else:
+        bf = (b.float().unflatten(2, (-1, BK)) * sb[..., None]).flatten(2)
     y = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
     start = 0
     for g, end in enumerate(ends.tolist()):
@@ -57,14 +65,17 @@ def grouped_fp8_gemm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: tor
                      ends: torch.Tensor, cfg: dict | None = None) -> torch.Tensor:
     """See the module docstring; `cfg` (bm, bn, warps, stages, ctas, tma) overrides the launch.
     sa and sb may be strided views (e.g. of [K/128, M] and [G, K/128, N] storage: each
-    block's scales contiguous, as `_act_quant_cuda(scales_t=True)` and `to_fp8` write them)."""
+    block's scales contiguous, as `_act_quant_cuda(scales_t=True)` and `to_fp8` write them);
+    sb [G, N]: row scales."""
     m, k = a.shape
     g, n, kb = b.shape
-    if (kb != k or k % BK or sa.shape != (m, k // BK) or sb.shape != (g, n, k // BK)
-            or ends.shape != (g,)):
+    row = sb.dim() == 2
+    if (kb != k or k % BK or sa.shape != (m, k // BK) or ends.shape != (g,)
+            or sb.shape != ((g, n) if row else (g, n, k // BK))):
         raise ValueError(f"grouped FP8 GEMM: a {tuple(a.shape)}, sa {tuple(sa.shape)}, b "
                          f"{tuple(b.shape)}, sb {tuple(sb.shape)}, ends {tuple(ends.shape)} "
-                         f"do not fit (K a multiple of {BK}, one scale per {BK} columns)")
+                         f"do not fit (K a multiple of {BK}, one scale per {BK} columns of a, "
+                         f"per weight row or per {BK} of its columns)")
     c = launch_config(m, n, k)
     if n % c["bn"]:  # (small test shapes) one-CTA 64 x 128 tiles
         c.update(bn=128, ctas=1, tma=False)
@@ -74,8 +85,9 @@ def grouped_fp8_gemm(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: tor
     a, b = a.contiguous(), b.contiguous()
     y = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
     tiles = _tile_map(ends, m, c["bm"])
-    launch = dict(BM=c["bm"], BN=c["bn"], BK=BK, num_warps=c["warps"], num_ctas=c["ctas"])
-    strides = (sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1), sb.stride(2))
+    launch = dict(BM=c["bm"], BN=c["bn"], BK=BK, ROW=row, num_warps=c["warps"],
+                  num_ctas=c["ctas"])
+    strides = (sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1), 0 if row else sb.stride(2))
     if c["tma"]:
         _set_allocator()
         progs = num_sms(a.device)  # (programs of c["ctas"] CTAs: as measured)
@@ -132,8 +144,10 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["n_tiles"])
     def _grouped_fp8_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, y_ptr, tile_ptr, n_tiles, N, K,
                             sa_m, sa_k, sb_g, sb_n, sb_k,
-                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        """Row tile program_id // (N / BN), column tile program_id % (N / BN)."""
+                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                            ROW: tl.constexpr = False):
+        """Row tile program_id // (N / BN), column tile program_id % (N / BN). ROW: sb holds
+        one scale per weight row, applied once after the K loop."""
         pid = tl.program_id(0)
         n_col = N // BN
         tm = pid // n_col
@@ -156,8 +170,13 @@ if HAS_TRITON:
             a = tl.load(a_row + kb * BK, mask=rok[:, None], other=0.0)
             b = tl.load(b_row + kb * BK)
             sa = tl.load(sa_row + kb * sa_k, mask=rok, other=0.0)
-            sb = tl.load(sb_row + kb * sb_k)
-            acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb[None, :]
+            if ROW:
+                acc += tl.dot(a, tl.trans(b)) * sa[:, None]
+            else:
+                sb = tl.load(sb_row + kb * sb_k)
+                acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb[None, :]
+        if ROW:
+            acc = acc * tl.load(sb_row)[None, :]
         tl.store(y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], acc.to(tl.bfloat16),
                  mask=rok[:, None])
 
@@ -165,7 +184,7 @@ if HAS_TRITON:
     def _grouped_fp8_tma_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, y_ptr, tile_ptr, n_tiles, M, N,
                                 K, G, sa_m, sa_k, sb_g, sb_n, sb_k, NUM_PROGS: tl.constexpr,
                                 STAGES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                                BK: tl.constexpr):
+                                BK: tl.constexpr, ROW: tl.constexpr = False):
         """`_grouped_fp8_kernel` with the a and b tiles through TMA descriptors, persistent:
         each program loops over (row tile, column tile) pairs, column tiles fastest. A row
         tile's rows past its group's end are loaded (the next group's, or zeros past M) and
@@ -188,8 +207,14 @@ if HAS_TRITON:
                 b = b_desc.load([g * N + pn * BN, kb * BK])
                 sa = tl.load(sa_ptr + rows.to(tl.int64) * sa_m + kb * sa_k, mask=rows < M,
                              other=0.0)
-                sb = tl.load(sb_ptr + g.to(tl.int64) * sb_g + cols.to(tl.int64) * sb_n
-                             + kb * sb_k)
-                acc += tl.dot(a, b.T) * sa[:, None] * sb[None, :]
+                if ROW:
+                    acc += tl.dot(a, b.T) * sa[:, None]
+                else:
+                    sb = tl.load(sb_ptr + g.to(tl.int64) * sb_g + cols.to(tl.int64) * sb_n
+                                 + kb * sb_k)
+                    acc += tl.dot(a, b.T) * sa[:, None] * sb[None, :]
+            if ROW:
+                acc = acc * tl.load(sb_ptr + g.to(tl.int64) * sb_g
+                                    + cols.to(tl.int64) * sb_n)[None, :]
             tl.store(y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], acc.to(tl.bfloat16),
                      mask=(rows < r1)[:, None])

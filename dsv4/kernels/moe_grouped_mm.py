@@ -44,12 +44,16 @@ Calls of up to `FP8_MAX_SLOTS` (256) routed slots per expert (Flash and Pro pref
 MXFP4 block's four per-32 scales folded into it) and run `grouped_fp8_gemm` on the
 activations' FP8 codes: half the copy's bytes (Flash 2.6 against 4.1 ms a layer) at about the
 bf16 GEMM's rate, exact unless a layer's MXFP4 scales spread beyond 2^11 within 128 columns
-(a layer's first call reads a flag back; such a layer stays on bf16, with a warning). Larger
-calls keep the bf16 copies, where CUTLASS's GEMM is the larger part and faster at Pro's shapes.
-`DSV4_MOE_FP8_GEMM=1` / `0` forces either copy. Up to `FP4_MAX_SLOTS` (128) slots per expert
-(Flash 5461 tokens a step, Pro 8192) MXFP4 experts skip the copy: `grouped_mxfp4_gemm` decodes
-each K-block of their weights to the same folded e4m3 codes in the kernel, once a layer's first
-call (on the copy) has found it exact. `DSV4_MOE_FP4_GEMM=1` / `0` forces it on / off.
+(a layer's first call reads a flag back; such a layer stays on bf16, with a warning). That
+first call also finds whether each row's scales fold into the row's largest (within 2^11 of it
+across all the row's columns): then the copies take one scale per row, which the FP8 GEMM
+applies once after its K loop (~1.45x its block-scaled rate), and every size runs on them.
+Otherwise (and for FP8 experts) larger calls keep the bf16 copies, where CUTLASS's GEMM is the
+larger part and faster at Pro's shapes. `DSV4_MOE_FP8_GEMM=1` / `0` forces either copy.
+Up to `FP4_MAX_SLOTS` (128) slots per expert (Flash 5461 tokens a step, Pro 8192) MXFP4 experts
+skip the copy: `grouped_mxfp4_gemm` decodes each K-block of their weights to the same folded
+e4m3 codes in the kernel, once a layer's first call (on the copy) has found it exact.
+`DSV4_MOE_FP4_GEMM=1` / `0` forces it on / off.
 """
 from __future__ import annotations
 
@@ -83,11 +87,12 @@ MIN_SLOTS_PER_EXPERT = 72
 # 1536 (36) 3.96 -> 2.83, 2048 (48) 4.19 -> 2.92; Pro 1024 (16) 9.23 -> 9.31, 1536 (24) 8.73
 # -> 9.54, 2048 (32) 11.8 -> 9.71, 3072 (48) 15.4 -> 10.1
 FP4_MIN_SLOTS = 32
-# routed slots per expert up to which a call runs on e4m3 copies of the experts and the grouped
-# FP8 GEMM (`fp8_gemm_for`). H200 (`scratch/s27i.py`, layer A/B in one process, bf16 copies ->
-# e4m3 copies): Flash 8192 tokens (192 slots an expert) 9454 -> 8265 us, Pro 8192 (128) 34.9
-# -> 29.7 ms, Flash 32768 (768) 23.9 -> 23.3 ms, Pro 32768 (512) 65.7 -> 73.3 ms (the FP8 GEMM's
-# launches were tuned at Flash's shapes)
+# routed slots per expert up to which a call on block scales runs on e4m3 copies of the experts
+# and the grouped FP8 GEMM (`fp8_gemm_for`; on row scales: any). H200 (`scratch/s27i.py`,
+# layer A/B in one process, bf16 copies -> e4m3 copies on block scales): Flash 8192 tokens
+# (192 slots an expert) 9454 -> 8265 us, Pro 8192 (128) 34.9 -> 29.7 ms, Flash 32768 (768)
+# 23.9 -> 23.3 ms, Pro 32768 (512) 65.7 -> 73.3 ms (the FP8 GEMM's launches were tuned at
+# Flash's shapes)
 FP8_MAX_SLOTS = 256
 # routed slots per expert up to which MXFP4 experts skip the e4m3 copy: `grouped_mxfp4_gemm`
 # decodes them where they lie (`fp4_gemm_for`). H200, one process (`bench_linear_moe.py --only
@@ -158,7 +163,8 @@ def policy(n_routed: int, k: int) -> str:
         last = (f" up to {FP4_MAX_SLOTS * n_routed // k} tokens" if fp4_env is None
                 else " tokens, DSV4_MOE_FP4_GEMM=1")
         words += f" (MXFP4 experts: decoded in place, from {first}{last})"
-    return words + (f", bf16 copies from {m}" if m is not None else "")
+    return words + (f", bf16 copies from {m} for FP8 experts and MXFP4 layers whose rows do not "
+                     "fold into e4m3" if m is not None else "")
 
 
 def out_of_memory(err: Exception) -> None:
@@ -221,7 +227,8 @@ def moe_grouped_mm(u, idx, wgt, experts, shared, main, extra,
     y2 = None
     tabs = [tab for tab in (main, extra) if tab is not None]
     per_expert = t * k / (total_experts or n_routed)
-    if fp8_gemm_for(per_expert) and all(getattr(tab, "fp8_exact", True) for tab in tabs):
+    if (fp8_gemm_for(per_expert, row_scales(main, extra, sh_apart))
+            and all(getattr(tab, "fp8_exact", True) for tab in tabs)):
         if fp4_gemm_for(per_expert) and _fp4_gemm_applies(main, extra, sh_apart, tabs):
             y2 = _experts_fp4(u, experts, main, extra, plan)
         else:
@@ -347,13 +354,20 @@ def _fp8_env() -> bool | None:
     return _forced("DSV4_MOE_FP8_GEMM", "FP8 grouped GEMMs", "bf16")
 
 
-def fp8_gemm_for(slots_per_expert: float) -> bool:
+def fp8_gemm_for(slots_per_expert: float, rows: bool | None = False) -> bool:
     """Whether a call with this many routed slots per expert (all ranks') runs on e4m3 copies
-    of the experts and the grouped FP8 GEMM (`_experts_fp8`): by default up to FP8_MAX_SLOTS,
-    where the copy's bytes dominate the call; beyond, the bf16 copies and CUTLASS's bf16
-    grouped GEMM, faster than the Triton FP8 GEMM at Pro's shapes."""
+    of the experts and the grouped FP8 GEMM (`_experts_fp8`). By default: at any size on row
+    scales (`rows` True: `row_scales`) or while a layer's MXFP4 experts are unchecked (None:
+    its first call finds out); on block scales up to FP8_MAX_SLOTS, where the copy's bytes
+    dominate the call, and beyond that on the bf16 copies and CUTLASS's bf16 grouped GEMM,
+    faster than the block-scaled FP8 GEMM at Pro's shapes. H200, one MoE layer
+    (`bench_linear_moe.py --only moe --grouped-variants`, thirty-first session), bf16 copies ->
+    e4m3 copies on row scales: Flash 16384 / 32768 tokens 14.4 -> 12.3 / 26.5 -> 20.5 ms, Pro
+    16384 / 32768 45.9 -> 38.8 / 66.2 -> 57.9 ms."""
     env = _fp8_env()
-    return slots_per_expert <= FP8_MAX_SLOTS if env is None else env
+    if env is not None:
+        return env
+    return rows is not False or slots_per_expert <= FP8_MAX_SLOTS
 
 
 def _experts_fp8(u, experts, main, extra, plan, tabs, skip_shared: bool = False
@@ -361,32 +375,47 @@ def _experts_fp8(u, experts, main, extra, plan, tabs, skip_shared: bool = False
     """`_experts_bf16` with FP8 GEMMs (`grouped_fp8_gemm`): the activations' FP8 codes and
     scales, and e4m3 copies of the experts with a scale per row and 128 columns (`to_fp8`:
     MXFP4's 4 per-32 scales of a block folded into its largest, exact while they are within
-    2^11 of it). Half the bytes of the bf16 copy, and the FP8 tensor cores. A layer's first
-    call reads back whether its experts were exact (one host synchronisation a layer); if not,
-    that layer stays on the bf16 path (None)."""
+    2^11 of it), or one scale per row where every block of a row folds into the row's largest
+    (`row_scales`: the faster GEMM). Half the bytes of the bf16 copy, and the FP8 tensor cores.
+    A layer's first call (on block scales) reads back whether its experts were exact either
+    way (one host synchronisation a layer); if not even by blocks, that layer stays on the
+    bf16 path (None)."""
     d, inter, n_exp = u.shape[1], experts[0].w1.out_features, len(experts) + 1
     offs = plan.offs
+    row = row_scales(main, extra, skip_shared) is True
     flag = torch.zeros(1, dtype=torch.int32, device=u.device)
     # (scales of a 128-column block contiguous over the rows, as the GEMM reads them)
     xq, xs = _act_quant_cuda(u, rows=plan.src, scales_t=True)
-    w13, s13 = to_fp8(main, extra, ("w1", "w3"), n_exp, inter, d, u.device, flag, skip_shared)
+    w13, s13 = to_fp8(main, extra, ("w1", "w3"), n_exp, inter, d, u.device, flag, skip_shared,
+                      row)
     y13 = grouped_fp8_gemm(xq, xs, w13, s13, offs)
     del w13, s13, xq, xs
     h = _swiglu(y13, experts, plan)
     del y13
     hq, hs = _act_quant_cuda(h, scales_t=True)
     del h
-    w2, s2 = to_fp8(main, extra, ("w2",), n_exp, d, inter, u.device, flag, skip_shared)
+    w2, s2 = to_fp8(main, extra, ("w2",), n_exp, d, inter, u.device, flag, skip_shared, row)
     y2 = grouped_fp8_gemm(hq, hs, w2, s2, offs)
     if any(not hasattr(tab, "fp8_exact") for tab in tabs):
-        exact = int(flag.item()) == 0
+        bits = int(flag.item())
         for tab in tabs:
-            tab.fp8_exact = exact
-        if not exact:
+            tab.fp8_exact = not bits & 1
+            tab.fp8_row_exact = bits == 0
+        if bits & 1:
             logger.warning("MoE FP8 GEMM: a layer's MXFP4 scales differ by more than 2^11 within "
                            "128 columns (not exact in e4m3): that layer runs on bf16 copies")
             return None
     return y2
+
+
+def row_scales(main, extra, skip_shared: bool) -> bool | None:
+    """Whether a call's e4m3 experts take one scale per row (`to_fp8(row=True)`): every expert
+    copied is MXFP4 (an FP8 shared expert apart, or none beside them) and the layer's first
+    call found that each row's blocks fold into its largest scale exactly (`fp8_row_exact`).
+    None: such MXFP4 experts, not yet checked (the first call runs on block scales)."""
+    if main.fmt != FMT_MXFP4 or not (extra is None or skip_shared):
+        return False
+    return getattr(main, "fp8_row_exact", None)
 
 
 def _fp4_env() -> bool | None:
@@ -418,27 +447,29 @@ def _experts_fp4(u, experts, main, extra, plan) -> torch.Tensor:
     d, inter = u.shape[1], experts[0].w1.out_features
     g_off = 0 if extra is None else 1
     p = main.ptrs
+    row = getattr(main, "fp8_row_exact", None) is True
     xq, xs = _act_quant_cuda(u, rows=plan.src, scales_t=True)
     y13 = grouped_mxfp4_gemm(xq, xs, (p["w1w"], p["w3w"]), (p["w1s"], p["w3s"]), inter,
-                             plan.offs, g_off)
+                             plan.offs, g_off, row=row)
     del xq, xs
     h = _swiglu(y13, experts, plan)
     del y13
     hq, hs = _act_quant_cuda(h, scales_t=True)
     del h
-    return grouped_mxfp4_gemm(hq, hs, (p["w2w"],), (p["w2s"],), d, plan.offs, g_off)
+    return grouped_mxfp4_gemm(hq, hs, (p["w2w"],), (p["w2s"],), d, plan.offs, g_off, row=row)
 
 
 def grouped_mxfp4_gemm(a: torch.Tensor, sa: torch.Tensor, w_tabs, s_tabs, n_half: int,
                        ends: torch.Tensor, g_off: int, bm: int = 64, bn: int = 128,
-                       warps: int = 4, stages: int = 3) -> torch.Tensor:
+                       warps: int = 4, stages: int = 3, row: bool = False) -> torch.Tensor:
     """`grouped_fp8_gemm` with MXFP4 weights decoded in the kernel: y [M, len(w_tabs) *
     n_half] bf16, rows ends[g-1] .. ends[g] of a (e4m3 codes, sa their 1 x 128 scales, any
     strides) times the weights of table entry g - g_off of each pointer table in w_tabs
     (weights in the kernels' layout, `FP4Linear.to_kernel_layout`; s_tabs their scales), the
     tables' rows side by side (w1 then w3). Each K-block of a weight row decodes to e4m3 with
-    its 4 per-32 scales folded into one (`_mxfp4_e4m3_folded`, as `to_fp8` copies them): exact
-    only for weights whose copy was (`fp8_exact`), which the caller checks."""
+    its 4 per-32 scales folded into one (`_mxfp4_e4m3_folded`, as `to_fp8` copies them; `row`:
+    every block of a row folded into the row's largest scale, as `to_fp8(row=True)`): exact
+    only for weights whose copy was (`fp8_exact`, `fp8_row_exact`), which the caller checks."""
     m, k = a.shape
     n = len(w_tabs) * n_half
     y = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
@@ -452,29 +483,34 @@ def grouped_mxfp4_gemm(a: torch.Tensor, sa: torch.Tensor, w_tabs, s_tabs, n_half
     _grouped_mx_kernel[(tiles.shape[1] * (n // bn),)](
         a, sa, w_tabs[0], s_tabs[0], w3, s3, y, tiles, tiles.shape[1], n_half, k, g_off,
         sa.stride(0), sa.stride(1), TWO=len(w_tabs) > 1, BM=bm, BN=bn, ASM=not _INTERPRET,
-        num_warps=warps, num_stages=stages)
+        ROW=row, num_warps=warps, num_stages=stages)
     return y
 
 
 def to_fp8(main, extra, names, n_exp: int, rows: int, cols: int, dev, flag: torch.Tensor,
-           skip_shared: bool = False):
+           skip_shared: bool = False, row: bool = False):
     """e4m3 codes [n_exp, len(names) * rows, cols] and fp32 scales [.., cols / 128] (one per
     row and 128 columns; a view of [n_exp, cols / 128, len(names) * rows] storage) of the
-    linears `names` of every plan expert, in the workspace; sets flag[0] where a value is not
-    exact (`_to_fp8_kernel`). `skip_shared`: plan expert 0 is left unwritten."""
+    linears `names` of every plan expert, in the workspace; flag[0] gets bit 1 where a block's
+    values would not be exact, bit 2 where a row's would not (`_to_fp8_kernel`). `row` (MXFP4
+    experts only): scales [n_exp, len(names) * rows], each row's codes folded into its largest
+    scale (`grouped_fp8_gemm`'s row scales). `skip_shared`: plan expert 0 is left unwritten."""
     r = len(names) * rows
-    n_codes, n_scales = n_exp * r * cols, n_exp * r * (cols // 128)
+    n_codes, n_scales = n_exp * r * cols, n_exp * r * (1 if row else cols // 128)
     buf = workspace((n_codes + 4 * n_scales + 1) // 2, dev).view(torch.uint8)
     q = buf[:n_codes].view(torch.float8_e4m3fn).view(n_exp, r, cols)
-    sc = buf[n_codes:n_codes + 4 * n_scales].view(torch.float32).view(n_exp, cols // 128, r)
+    sc = buf[n_codes:n_codes + 4 * n_scales].view(torch.float32)
+    sc = sc.view(n_exp, r) if row else sc.view(n_exp, cols // 128, r)
     for tab, first, e0 in _parts(main, extra, skip_shared):
+        if row and tab.fmt != FMT_MXFP4:
+            raise ValueError("to_fp8: row scales are for MXFP4 experts only")
         for j, name in enumerate(names):
             ws, ss = tab.ptrs[name + "w"][first:], tab.ptrs[name + "s"][first:]
             if len(ws):
-                _to_fp8_kernel[(rows // 64, cols // 128, len(ws))](
+                _to_fp8_kernel[(rows // 64, len(ws))](
                     ws, ss, q, sc, flag, cols, e0, q.stride(0), sc.stride(0), j * rows, r,
-                    W_FMT=tab.fmt, ASM=not _INTERPRET, num_warps=4, **pdl())
-    return q, sc.transpose(1, 2)
+                    W_FMT=tab.fmt, ROW=row, ASM=not _INTERPRET, num_warps=4, **pdl())
+    return q, (sc if row else sc.transpose(1, 2))
 
 
 def _parts(main, extra, skip_shared: bool):
@@ -583,40 +619,68 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["e0", "row0"])
     def _to_fp8_kernel(w_tab, s_tab, q_ptr, sc_ptr, flag_ptr, K, e0, q_stride, s_stride, row0,
-                       n_rows, W_FMT: tl.constexpr, ASM: tl.constexpr = False,
-                       PDL: tl.constexpr = False):
-        """Rows [64 tile] x K-block kb of expert program_id(2) of a pointer table -> e4m3 codes
-        at q[e0 + e, row0 + rows, kb*128:] and each row's block scale at sc[e0 + e, kb, row0 +
-        rows] (the scales [K/128, n_rows] of an expert: a block's scales are one contiguous
-        vector). MXFP4: the block's 4 per-32 scales 2^s_j become 2^(S - 6) (S their largest)
-        times 2^(s_j - S + 6) folded into the codes (`_mxfp4_e4m3_folded`): e2m1 values times
-        2^-5 .. 2^6 are e4m3 values, so a block whose codes are nonzero only where s_j >= S - 11
-        (and S >= 7: 2^(S - 133) a normal fp32) is exact, and any other sets flag[0]. FP8: the
-        codes as they are and the 128 x 128 block's scale on each row."""
+                       n_rows, W_FMT: tl.constexpr, ROW: tl.constexpr = False,
+                       ASM: tl.constexpr = False, PDL: tl.constexpr = False):
+        """Rows [64 tile] of expert program_id(1) of a pointer table, every K-block kb -> e4m3
+        codes at q[e0 + e, row0 + rows, kb*128:] and the rows' scales: each block's at sc[e0 +
+        e, kb, row0 + rows] (the scales [K/128, n_rows] of an expert: a block's scales are one
+        contiguous vector), or with ROW one a row at sc[e0 + e, row0 + rows]. MXFP4: the 4
+        per-32 scales 2^s_j of a block become 2^(S - 6) (S their largest; with ROW, the row's
+        largest) times 2^(s_j - S + 6) folded into the codes (`_mxfp4_e4m3_folded`): e2m1
+        values times 2^-5 .. 2^6 are e4m3 values, so codes are exact where nonzero only for
+        s_j >= S - 11 (and S >= 7: 2^(S - 133) a normal fp32). flag[0] gets bit 1 where a
+        block's fold would not be exact, bit 2 where its row's would not (whichever is
+        written). FP8: the codes as they are and the 128 x 128 block's scale on each row."""
         pdl_start(PDL)
         tile = tl.program_id(0)
-        kb = tl.program_id(1)
-        wi = tl.program_id(2)
+        wi = tl.program_id(1)
         rows = tile * 64 + tl.arange(0, 64)
-        cols = tl.arange(0, 128)
-        if W_FMT == 1:
-            p_ptr, sw = _mxfp4_block(w_tab, s_tab, wi, tile, kb, K)
-            s = (sw[:, None] >> (8 * tl.arange(0, 4)[None, :])) & 0xFF  # [64, 4]
-            top = tl.max(s, 1)
-            d = s - top[:, None] + 12  # <= 12
-            p = tl.load(p_ptr)
-            nz = tl.max(tl.reshape((p & 0x77).to(tl.int32), (64, 4, 16)), 2) > 0
-            if tl.max(tl.where(nz & ((d < 1) | (top[:, None] < 7)), 1, 0)) > 0:
-                tl.atomic_max(flag_ptr, 1)
-            wc = _mxfp4_e4m3_folded(p, tl.maximum(d, 1), ASM)
-            scale = ((tl.maximum(top, 7) - 6) << 23).to(tl.float32, bitcast=True)
-        else:
-            wc, sb = _fp8_block(w_tab, s_tab, wi, tile, kb, K)
-            scale = tl.zeros((64,), dtype=tl.float32) + _e8m0_f32(sb)
         e = (e0 + wi).to(tl.int64)
-        tl.store(q_ptr + e * q_stride + (row0 + rows).to(tl.int64)[:, None] * K + kb * 128
-                 + cols[None, :], wc)
-        tl.store(sc_ptr + e * s_stride + kb * n_rows + row0 + rows, scale)
+        q_rows = q_ptr + e * q_stride + (row0 + rows).to(tl.int64)[:, None] * K \
+            + tl.arange(0, 128)[None, :]
+        s_rows = sc_ptr + e * s_stride + row0 + rows
+        if W_FMT == 1:
+            top_row = tl.zeros((64,), dtype=tl.int32)
+            for kb in range(0, K // 128):
+                _, sw = _mxfp4_block(w_tab, s_tab, wi, tile, kb, K)
+                top_row = tl.maximum(top_row, tl.max(_scale_bytes(sw), 1))
+            bad_block = 0
+            bad_row = 0
+            for kb in range(0, K // 128):
+                p_ptr, sw = _mxfp4_block(w_tab, s_tab, wi, tile, kb, K)
+                s = _scale_bytes(sw)  # [64, 4]
+                top = tl.max(s, 1)
+                p = tl.load(p_ptr)
+                nz = tl.max(tl.reshape((p & 0x77).to(tl.int32), (64, 4, 16)), 2) > 0
+                lost = nz & ((s - top[:, None] + 12 < 1) | (top[:, None] < 7))
+                bad_block = tl.maximum(bad_block, tl.max(tl.max(lost.to(tl.int32), 1), 0))
+                lost = nz & ((s - top_row[:, None] + 12 < 1) | (top_row[:, None] < 7))
+                bad_row = tl.maximum(bad_row, tl.max(tl.max(lost.to(tl.int32), 1), 0))
+                ref = top_row if ROW else top
+                tl.store(q_rows + kb * 128,
+                         _mxfp4_e4m3_folded(p, tl.maximum(s - ref[:, None] + 12, 1), ASM))
+                if not ROW:
+                    tl.store(s_rows + kb * n_rows, _fold_scale(top))
+            if ROW:
+                tl.store(s_rows, _fold_scale(top_row))
+            if bad_block + bad_row > 0:
+                tl.atomic_or(flag_ptr, bad_block + 2 * bad_row)
+        else:
+            for kb in range(0, K // 128):
+                wc, sb = _fp8_block(w_tab, s_tab, wi, tile, kb, K)
+                tl.store(q_rows + kb * 128, wc)
+                tl.store(s_rows + kb * n_rows, tl.zeros((64,), dtype=tl.float32) + _e8m0_f32(sb))
+
+    @triton.jit
+    def _scale_bytes(sw):
+        """A K-block's 4 scale bytes of each row (its scale word) -> int32 [R, 4]."""
+        return (sw[:, None] >> (8 * tl.arange(0, 4)[None, :])) & 0xFF
+
+    @triton.jit
+    def _fold_scale(top):
+        """The fp32 scale 2^(S - 6 - 127) of folded codes whose largest e8m0 scale byte is S
+        (`_to_fp8_kernel`; S below 7 is flagged there)."""
+        return ((tl.maximum(top, 7) - 6) << 23).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _mxfp4_e4m3_folded(p, d, ASM: tl.constexpr):
@@ -670,11 +734,13 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["n_tiles", "g_off"])
     def _grouped_mx_kernel(a_ptr, sa_ptr, w_tab, s_tab, w3_tab, s3_tab, y_ptr, tile_ptr,
                            n_tiles, N1, K, g_off, sa_m, sa_k, TWO: tl.constexpr,
-                           BM: tl.constexpr, BN: tl.constexpr, ASM: tl.constexpr):
+                           BM: tl.constexpr, BN: tl.constexpr, ASM: tl.constexpr,
+                           ROW: tl.constexpr = False):
         """`grouped_fp8_gemm._grouped_fp8_kernel` whose weight tile is MXFP4 in the kernels'
         layout, decoded to folded e4m3 each K-block (`grouped_mxfp4_gemm`); row tile
         program_id // (N / BN), column tile program_id % (N / BN), N = N1 (x 2 with TWO: the
-        columns past N1 are w3's rows)."""
+        columns past N1 are w3's rows). ROW: folded into each row's largest scale (found in a
+        first pass over the scale words), applied after the K loop."""
         pid = tl.program_id(0)
         n_col = (2 * N1 if TWO else N1) // BN
         tm = pid // n_col
@@ -703,16 +769,25 @@ if HAS_TRITON:
         kk = tl.arange(0, 128)
         a_row = a_ptr + rows.to(tl.int64)[:, None] * K + kk[None, :]
         sa_row = sa_ptr + rows.to(tl.int64) * sa_m
+        top_row = tl.zeros((BN,), dtype=tl.int32)
+        if ROW:
+            for kb in range(0, K // 128):
+                top_row = tl.maximum(top_row, tl.max(_scale_bytes(tl.load(s_row + kb * 64)), 1))
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for kb in range(0, K // 128):
             a = tl.load(a_row + kb * 128, mask=rok[:, None], other=0.0)
             p = tl.load(w_row + kb * 4096)
             sw = tl.load(s_row + kb * 64)
             sa = tl.load(sa_row + kb * sa_k, mask=rok, other=0.0)
-            s4 = (sw[:, None] >> (8 * tl.arange(0, 4)[None, :])) & 0xFF  # [BN, 4]
-            top = tl.max(s4, 1)
-            w8 = _mxfp4_e4m3_folded(p, tl.maximum(s4 - top[:, None] + 12, 1), ASM)
-            sb = ((tl.maximum(top, 7) - 6) << 23).to(tl.float32, bitcast=True)
-            acc += tl.dot(a, tl.trans(w8)) * sa[:, None] * sb[None, :]
+            s4 = _scale_bytes(sw)  # [BN, 4]
+            if ROW:
+                w8 = _mxfp4_e4m3_folded(p, tl.maximum(s4 - top_row[:, None] + 12, 1), ASM)
+                acc += tl.dot(a, tl.trans(w8)) * sa[:, None]
+            else:
+                top = tl.max(s4, 1)
+                w8 = _mxfp4_e4m3_folded(p, tl.maximum(s4 - top[:, None] + 12, 1), ASM)
+                acc += tl.dot(a, tl.trans(w8)) * sa[:, None] * _fold_scale(top)[None, :]
+        if ROW:
+            acc = acc * _fold_scale(top_row)[None, :]
         tl.store(y_ptr + rows.to(tl.int64)[:, None] * (2 * N1 if TWO else N1) + cols[None, :],
                  acc.to(tl.bfloat16), mask=rok[:, None])

@@ -488,6 +488,12 @@ def test_grouped_fp8_gemm_matches_reference(m, groups, k):
     # block-major scales (as `_act_quant_cuda(scales_t=True)` and `to_fp8` write them)
     sa_t, sb_t = sa.t().contiguous().t(), sb.transpose(1, 2).contiguous().transpose(1, 2)
     assert torch.equal(grouped_fp8_gemm(a, sa_t, b, sb_t, ends)[:rows], got[:rows])
+    # one scale a weight row (the MXFP4 copies' row scales), applied after the K loop
+    sb_row = sb[..., 0].contiguous()
+    want = grouped_fp8_gemm_ref(a, sa, b, sb_row, ends)
+    for cfg in ({"tma": False}, {"tma": True, "stages": 3}, None):
+        got = grouped_fp8_gemm(a, sa_t, b, sb_row, ends, cfg)
+        assert rel_err(got[:rows], want[:rows]) < 4e-3, ("row scales", cfg)
 
 
 @pytest.mark.parametrize("fmt,shared_fmt", [("fp4", "fp8"), ("fp8", "fp8")])
@@ -505,10 +511,12 @@ def test_moe_fp8_gemm_path(fmt, shared_fmt, monkeypatch):
     assert main.fp8_exact
     monkeypatch.setenv("DSV4_MOE_FP8_GEMM", "0")
     bf16 = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, dict(grouped_mm=True))
-    # unset: by size (3000 tokens over 64 experts: 281 slots an expert, past 256: bf16)
+    # unset: by size (3000 tokens over 64 experts: 281 slots an expert): FP8 experts past 256
+    # on bf16, MXFP4 ones (rows fold exactly: row scales) on FP8 GEMMs at any size
     monkeypatch.delenv("DSV4_MOE_FP8_GEMM")
+    assert main.fp8_row_exact is (fmt == "fp4")
     assert torch.equal(moe_kernels._moe_cuda(u, idx, wgt, experts, shared,
-                                             dict(grouped_mm=True)), bf16)
+                                             dict(grouped_mm=True)), got if fmt == "fp4" else bf16)
     # both paths sit ~5e-3 from the reference (FP8 roundings of the SwiGLU output flip where
     # bf16 sums differ); measured between them: 4.7-4.9e-3
     assert rel_err(got, bf16) < 1e-2
@@ -538,10 +546,20 @@ def test_moe_fp4_gemm_path(monkeypatch):
     got = gm.grouped_mxfp4_gemm(a, sa.t(), (pt["w1w"], pt["w3w"]), (pt["w1s"], pt["w3s"]), 2048,
                                 ends, 1)
     assert rel_err(got, want) < 1e-3
+    # each row folded into its largest scale: the same weights, so the same products
+    q, sc = gm.to_fp8(main, extra, ("w1", "w3"), 65, 2048, 4096, u.device, flag,
+                      skip_shared=True, row=True)  # (group 0, the FP8 shared expert's: empty)
+    assert int(flag) == 0 and sc.shape == (65, 4096)
+    want_row = grouped_fp8_gemm(a, sa.t(), q, sc, ends)
+    got_row = gm.grouped_mxfp4_gemm(a, sa.t(), (pt["w1w"], pt["w3w"]), (pt["w1s"], pt["w3s"]),
+                                    2048, ends, 1, row=True)
+    assert rel_err(want_row, want) < 1e-3 and rel_err(got_row, want_row) < 1e-3
     idx, wgt = _routing(3000, 64, 6, "skewed", seed=4)
     monkeypatch.setenv("DSV4_MOE_FP8_GEMM", "1")
     copies = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, dict(grouped_mm=True))
-    assert main.fp8_exact
+    assert main.fp8_exact and main.fp8_row_exact  # (later calls: row scales)
+    assert rel_err(moe_kernels._moe_cuda(u, idx, wgt, experts, shared, dict(grouped_mm=True)),
+                   copies) < 1e-3
     calls = []
     real = gm._experts_fp4
     monkeypatch.setattr(gm, "_experts_fp4", lambda *a: calls.append(1) or real(*a))
