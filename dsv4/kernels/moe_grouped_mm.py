@@ -400,7 +400,7 @@ def _experts_fp8(u, experts, main, extra, plan, tabs, skip_shared: bool = False
         bits = int(flag.item())
         for tab in tabs:
             tab.fp8_exact = not bits & 1
-            tab.fp8_row_exact = bits == 0
+            tab.fp8_row_exact = bits == 0 and tab.fmt == FMT_MXFP4
         if bits & 1:
             logger.warning("MoE FP8 GEMM: a layer's MXFP4 scales differ by more than 2^11 within "
                            "128 columns (not exact in e4m3): that layer runs on bf16 copies")
@@ -501,14 +501,20 @@ def to_fp8(main, extra, names, n_exp: int, rows: int, cols: int, dev, flag: torc
     q = buf[:n_codes].view(torch.float8_e4m3fn).view(n_exp, r, cols)
     sc = buf[n_codes:n_codes + 4 * n_scales].view(torch.float32)
     sc = sc.view(n_exp, r) if row else sc.view(n_exp, cols // 128, r)
+    # each MXFP4 row's largest scale byte (the row fold's reference; its exactness is flagged
+    # on block scales too); laid out as the row scales, [n_exp, r]
+    top = torch.empty(n_exp, r, dtype=torch.int32, device=dev)
     for tab, first, e0 in _parts(main, extra, skip_shared):
         if row and tab.fmt != FMT_MXFP4:
             raise ValueError("to_fp8: row scales are for MXFP4 experts only")
         for j, name in enumerate(names):
             ws, ss = tab.ptrs[name + "w"][first:], tab.ptrs[name + "s"][first:]
             if len(ws):
-                _to_fp8_kernel[(rows // 64, len(ws))](
-                    ws, ss, q, sc, flag, cols, e0, q.stride(0), sc.stride(0), j * rows, r,
+                if tab.fmt == FMT_MXFP4:
+                    _row_top_kernel[(rows // 64, len(ws))](ws, ss, top, cols, e0, r, j * rows,
+                                                           num_warps=4, **pdl())
+                _to_fp8_kernel[(rows // 64, cols // 128, len(ws))](
+                    ws, ss, q, sc, top, flag, cols, e0, q.stride(0), sc.stride(0), j * rows, r,
                     W_FMT=tab.fmt, ROW=row, ASM=not _INTERPRET, num_warps=4, **pdl())
     return q, (sc if row else sc.transpose(1, 2))
 
@@ -618,58 +624,68 @@ if HAS_TRITON:
         tl.store(dst, wc)
 
     @triton.jit(do_not_specialize=["e0", "row0"])
-    def _to_fp8_kernel(w_tab, s_tab, q_ptr, sc_ptr, flag_ptr, K, e0, q_stride, s_stride, row0,
-                       n_rows, W_FMT: tl.constexpr, ROW: tl.constexpr = False,
-                       ASM: tl.constexpr = False, PDL: tl.constexpr = False):
-        """Rows [64 tile] of expert program_id(1) of a pointer table, every K-block kb -> e4m3
-        codes at q[e0 + e, row0 + rows, kb*128:] and the rows' scales: each block's at sc[e0 +
-        e, kb, row0 + rows] (the scales [K/128, n_rows] of an expert: a block's scales are one
-        contiguous vector), or with ROW one a row at sc[e0 + e, row0 + rows]. MXFP4: the 4
-        per-32 scales 2^s_j of a block become 2^(S - 6) (S their largest; with ROW, the row's
-        largest) times 2^(s_j - S + 6) folded into the codes (`_mxfp4_e4m3_folded`): e2m1
-        values times 2^-5 .. 2^6 are e4m3 values, so codes are exact where nonzero only for
-        s_j >= S - 11 (and S >= 7: 2^(S - 133) a normal fp32). flag[0] gets bit 1 where a
-        block's fold would not be exact, bit 2 where its row's would not (whichever is
-        written). FP8: the codes as they are and the 128 x 128 block's scale on each row."""
+    def _row_top_kernel(w_tab, s_tab, top_ptr, K, e0, t_stride, row0, PDL: tl.constexpr = False):
+        """The largest e8m0 scale byte of each row of an MXFP4 weight (`_to_fp8_kernel`'s row
+        reference): rows [64 tile] of pointer-table entry program_id(1) -> top[e0 + e, row0 +
+        rows] (int32)."""
         pdl_start(PDL)
         tile = tl.program_id(0)
         wi = tl.program_id(1)
+        top = tl.zeros((64,), dtype=tl.int32)
+        for kb in range(0, K // 128):
+            _, sw = _mxfp4_block(w_tab, s_tab, wi, tile, kb, K)
+            top = tl.maximum(top, tl.max(_scale_bytes(sw), 1))
+        tl.store(top_ptr + (e0 + wi).to(tl.int64) * t_stride + row0 + tile * 64
+                 + tl.arange(0, 64), top)
+
+    @triton.jit(do_not_specialize=["e0", "row0"])
+    def _to_fp8_kernel(w_tab, s_tab, q_ptr, sc_ptr, top_ptr, flag_ptr, K, e0, q_stride,
+                       s_stride, row0, n_rows, W_FMT: tl.constexpr, ROW: tl.constexpr = False,
+                       ASM: tl.constexpr = False, PDL: tl.constexpr = False):
+        """Rows [64 tile] x K-block kb of expert program_id(2) of a pointer table -> e4m3 codes
+        at q[e0 + e, row0 + rows, kb*128:] and the rows' scales: the block's at sc[e0 + e, kb,
+        row0 + rows] (the scales [K/128, n_rows] of an expert: a block's scales are one
+        contiguous vector), or with ROW one a row at sc[e0 + e, row0 + rows] (written by the
+        first block). MXFP4: the 4 per-32 scales 2^s_j of a block become 2^(S - 6) (S their
+        largest; with ROW, the row's largest, top[e0 + e, row0 + rows] from `_row_top_kernel`)
+        times 2^(s_j - S + 6) folded into the codes (`_mxfp4_e4m3_folded`): e2m1 values times
+        2^-5 .. 2^6 are e4m3 values, so codes are exact where nonzero only for s_j >= S - 11
+        (and S >= 7: 2^(S - 133) a normal fp32). flag[0] gets bit 1 where the block's fold
+        would not be exact, bit 2 where the row's would not (whichever is written). FP8: the
+        codes as they are and the 128 x 128 block's scale on each row."""
+        pdl_start(PDL)
+        tile = tl.program_id(0)
+        kb = tl.program_id(1)
+        wi = tl.program_id(2)
         rows = tile * 64 + tl.arange(0, 64)
+        cols = tl.arange(0, 128)
         e = (e0 + wi).to(tl.int64)
-        q_rows = q_ptr + e * q_stride + (row0 + rows).to(tl.int64)[:, None] * K \
-            + tl.arange(0, 128)[None, :]
-        s_rows = sc_ptr + e * s_stride + row0 + rows
         if W_FMT == 1:
-            top_row = tl.zeros((64,), dtype=tl.int32)
-            for kb in range(0, K // 128):
-                _, sw = _mxfp4_block(w_tab, s_tab, wi, tile, kb, K)
-                top_row = tl.maximum(top_row, tl.max(_scale_bytes(sw), 1))
-            bad_block = 0
-            bad_row = 0
-            for kb in range(0, K // 128):
-                p_ptr, sw = _mxfp4_block(w_tab, s_tab, wi, tile, kb, K)
-                s = _scale_bytes(sw)  # [64, 4]
-                top = tl.max(s, 1)
-                p = tl.load(p_ptr)
-                nz = tl.max(tl.reshape((p & 0x77).to(tl.int32), (64, 4, 16)), 2) > 0
-                lost = nz & ((s - top[:, None] + 12 < 1) | (top[:, None] < 7))
-                bad_block = tl.maximum(bad_block, tl.max(tl.max(lost.to(tl.int32), 1), 0))
-                lost = nz & ((s - top_row[:, None] + 12 < 1) | (top_row[:, None] < 7))
-                bad_row = tl.maximum(bad_row, tl.max(tl.max(lost.to(tl.int32), 1), 0))
-                ref = top_row if ROW else top
-                tl.store(q_rows + kb * 128,
-                         _mxfp4_e4m3_folded(p, tl.maximum(s - ref[:, None] + 12, 1), ASM))
-                if not ROW:
-                    tl.store(s_rows + kb * n_rows, _fold_scale(top))
-            if ROW:
-                tl.store(s_rows, _fold_scale(top_row))
-            if bad_block + bad_row > 0:
-                tl.atomic_or(flag_ptr, bad_block + 2 * bad_row)
+            p_ptr, sw = _mxfp4_block(w_tab, s_tab, wi, tile, kb, K)
+            s = _scale_bytes(sw)  # [64, 4]
+            top = tl.max(s, 1)
+            top_row = tl.load(top_ptr + e * n_rows + row0 + rows)  # (top: [n_exp, n_rows])
+            p = tl.load(p_ptr)
+            nz = tl.max(tl.reshape((p & 0x77).to(tl.int32), (64, 4, 16)), 2) > 0
+            lost = nz & ((s - top[:, None] + 12 < 1) | (top[:, None] < 7))
+            bad = tl.max(tl.max(lost.to(tl.int32), 1), 0)
+            lost = nz & ((s - top_row[:, None] + 12 < 1) | (top_row[:, None] < 7))
+            bad += 2 * tl.max(tl.max(lost.to(tl.int32), 1), 0)
+            if bad > 0:
+                tl.atomic_or(flag_ptr, bad)
+            ref = top_row if ROW else top
+            wc = _mxfp4_e4m3_folded(p, tl.maximum(s - ref[:, None] + 12, 1), ASM)
+            scale = _fold_scale(ref)
         else:
-            for kb in range(0, K // 128):
-                wc, sb = _fp8_block(w_tab, s_tab, wi, tile, kb, K)
-                tl.store(q_rows + kb * 128, wc)
-                tl.store(s_rows + kb * n_rows, tl.zeros((64,), dtype=tl.float32) + _e8m0_f32(sb))
+            wc, sb = _fp8_block(w_tab, s_tab, wi, tile, kb, K)
+            scale = tl.zeros((64,), dtype=tl.float32) + _e8m0_f32(sb)
+        tl.store(q_ptr + e * q_stride + (row0 + rows).to(tl.int64)[:, None] * K + kb * 128
+                 + cols[None, :], wc)
+        if ROW:
+            if kb == 0:
+                tl.store(sc_ptr + e * s_stride + row0 + rows, scale)
+        else:
+            tl.store(sc_ptr + e * s_stride + kb * n_rows + row0 + rows, scale)
 
     @triton.jit
     def _scale_bytes(sw):
