@@ -511,8 +511,9 @@ def to_fp8(main, extra, names, n_exp: int, rows: int, cols: int, dev, flag: torc
             ws, ss = tab.ptrs[name + "w"][first:], tab.ptrs[name + "s"][first:]
             if len(ws):
                 if tab.fmt == FMT_MXFP4:
-                    _row_top_kernel[(rows // 64, len(ws))](ws, ss, top, cols, e0, r, j * rows,
-                                                           num_warps=4, **pdl())
+                    _row_top_kernel[(rows // 64, len(ws))](
+                        ws, ss, top, cols, e0, r, j * rows,
+                        NKB=triton.next_power_of_2(cols // 128), num_warps=4, **pdl())
                 _to_fp8_kernel[(rows // 64, cols // 128, len(ws))](
                     ws, ss, q, sc, top, flag, cols, e0, q.stride(0), sc.stride(0), j * rows, r,
                     W_FMT=tab.fmt, ROW=row, ASM=not _INTERPRET, num_warps=4, **pdl())
@@ -624,19 +625,23 @@ if HAS_TRITON:
         tl.store(dst, wc)
 
     @triton.jit(do_not_specialize=["e0", "row0"])
-    def _row_top_kernel(w_tab, s_tab, top_ptr, K, e0, t_stride, row0, PDL: tl.constexpr = False):
+    def _row_top_kernel(w_tab, s_tab, top_ptr, K, e0, t_stride, row0, NKB: tl.constexpr,
+                        PDL: tl.constexpr = False):
         """The largest e8m0 scale byte of each row of an MXFP4 weight (`_to_fp8_kernel`'s row
         reference): rows [64 tile] of pointer-table entry program_id(1) -> top[e0 + e, row0 +
-        rows] (int32)."""
+        rows] (int32); all the rows' scale words (K / 128 <= NKB of them) in one load."""
         pdl_start(PDL)
         tile = tl.program_id(0)
         wi = tl.program_id(1)
-        top = tl.zeros((64,), dtype=tl.int32)
-        for kb in range(0, K // 128):
-            _, sw = _mxfp4_block(w_tab, s_tab, wi, tile, kb, K)
-            top = tl.maximum(top, tl.max(_scale_bytes(sw), 1))
+        ws = tl.multiple_of(tl.load(s_tab + wi).to(tl.pointer_type(tl.uint8)), 16)
+        kbs = tl.arange(0, NKB)
+        s_row = (ws + tile.to(tl.int64) * (2 * K) + tl.arange(0, 64) * 4).to(
+            tl.pointer_type(tl.int32))
+        w = tl.load(s_row[:, None] + kbs[None, :] * 64, mask=kbs[None, :] < K // 128, other=0)
+        top = tl.maximum(tl.maximum(w & 0xFF, (w >> 8) & 0xFF),
+                         tl.maximum((w >> 16) & 0xFF, (w >> 24) & 0xFF))
         tl.store(top_ptr + (e0 + wi).to(tl.int64) * t_stride + row0 + tile * 64
-                 + tl.arange(0, 64), top)
+                 + tl.arange(0, 64), tl.max(top, 1))
 
     @triton.jit(do_not_specialize=["e0", "row0"])
     def _to_fp8_kernel(w_tab, s_tab, q_ptr, sc_ptr, top_ptr, flag_ptr, K, e0, q_stride,
