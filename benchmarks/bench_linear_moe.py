@@ -310,7 +310,9 @@ def gemm_sweep(quick: bool) -> None:
     n_exp, d, inter = (384, 7168, 3072) if SWEEP_MODEL[0] == "pro" else (256, 4096, 2048)
     if SWEEP_KERNEL[0] == "mxfp4":
         return mxfp4_gemm_sweep(n_exp, d, inter)
-    print(f"\n## Grouped FP8 GEMM launch sweep ({SWEEP_MODEL[0].title()}, {n_exp} experts)\n")
+    row = SWEEP_KERNEL[0] == "fp8-row"  # one scale a weight row (the MXFP4 copies')
+    print(f"\n## Grouped FP8 GEMM launch sweep ({SWEEP_MODEL[0].title()}, {n_exp} experts, "
+          f"{'row' if row else 'block'} scales)\n")
 
     def codes(*shape):  # random finite e4m3 codes (no NaN), made as bytes
         c = torch.randint(0, 0x7E, shape, dtype=torch.uint8, device=DEV)
@@ -328,6 +330,8 @@ def gemm_sweep(quick: bool) -> None:
             b = codes(n_exp, n, k)
             sb = (2.0 ** torch.randint(-12, -6, (n_exp, k // 128, n), device=DEV).float()
                   ).transpose(1, 2)
+            if row:
+                sb = sb[..., 0].contiguous()
             flops = 2.0 * m * n * k
             label = f"{name} T={t} (M={m}, N={n}, K={k})"
             timed = memo_timer(lambda cfg: t_us(
@@ -341,12 +345,7 @@ def gemm_sweep(quick: bool) -> None:
                       dict(bm=128, bn=256, warps=8, ctas=1)]), timed, label)
             for tag, cfg in (("default", base), ("best", best)):
                 print(f"   -> {tag}: {flops / timed(cfg) / 1e6:.0f} TFLOP/s", flush=True)
-            sb_row = sb[..., 0].contiguous()  # one scale a weight row (the MXFP4 copies')
-            for tag, cfg in (("default", base), ("best", best)):
-                us = t_us(lambda: gfg.grouped_fp8_gemm(a, sa, b, sb_row, ends, cfg))
-                print(f"   -> {tag}, row scales: {us:.1f} us, {flops / us / 1e6:.0f} TFLOP/s",
-                      flush=True)
-            a = b = sa = sb = sb_row = None  # freed
+            a = b = sa = sb = None  # freed
             torch.cuda.empty_cache()
 
 
@@ -514,9 +513,9 @@ def main() -> None:
     ap.add_argument("--sweep-model", choices=["flash", "pro"], default="flash",
                     help="MoE / grouped GEMM sweep shapes (Flash 256 x 4096 x 2048, Pro 384 x "
                          "7168 x 3072)")
-    ap.add_argument("--sweep-kernel", choices=["fp8", "mxfp4"], default="fp8",
-                    help="gemm-sweep: the grouped FP8 GEMM on e4m3 copies, or the one decoding "
-                         "MXFP4 experts in place")
+    ap.add_argument("--sweep-kernel", choices=["fp8", "fp8-row", "mxfp4"], default="fp8",
+                    help="gemm-sweep: the grouped FP8 GEMM on e4m3 copies (block or row "
+                         "scales), or the one decoding MXFP4 experts in place")
     ap.add_argument("--moe-tokens", type=int, nargs="*", default=[],
                     help="MoE table batch sizes (default 1 8 64 512 4096 32768)")
     ap.add_argument("--grouped-mm", action="store_true",
