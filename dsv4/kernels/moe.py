@@ -62,6 +62,7 @@ and combine kernels.
 """
 from __future__ import annotations
 
+import logging
 import os
 import weakref
 from typing import Protocol, Sequence
@@ -76,6 +77,7 @@ from .quant_linear import (FMT_BF16, FMT_FP8, FMT_MXFP4, FMT_NVFP4, act_quant_fp
                            act_quant_values, sum_parts)
 from .routing import route
 
+_log = logging.getLogger(__name__)
 _FMT_CODES = {"fp8": FMT_FP8, "fp4": FMT_MXFP4, "nvfp4": FMT_NVFP4, "bf16": FMT_BF16}
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -239,7 +241,9 @@ def moe_config(t: int, k: int, n_routed: int, d: int, inter: int, sms: int) -> d
     bt = _block_tokens(t, k, n_routed)
     small = t * k <= 4 * n_routed
     if not small and bt <= 16:  # T = 512 Flash: 4.3 ms, against 7.4 with the fused epilogue
-        return dict(bt=bt, bw1=64, bw2=64, kc=128, split1=1, split2=1, warps=4, stages=3, dec=2)
+        # (the Gluon kernel: T = 256 1262.9 us with 2 stages, the Triton kernel 1569.7)
+        return dict(bt=bt, bw1=64, bw2=64, kc=128, split1=1, split2=1, warps=4, stages=3, dec=2,
+                    gstages=2)
     if not small and bt == 32:  # 16-32 slots an expert (Flash: 683-1365 tokens): the e4m3
         # decode, no K split, 4 warps. H200, Flash, same run (`--only sweep --tokens 1024`, then
         # an A/B): T = 768 / 1024 3180 / 3423 -> 2249 / 2412 us against the bf16-MMA
@@ -259,6 +263,16 @@ def moe_config(t: int, k: int, n_routed: int, d: int, inter: int, sms: int) -> d
     # 6) 54.7-54.8 us against 63.4 for 4 / 4 uncapped, 69.2 for 2 / 2 uncapped, 60.0 capped at
     # 64 (spills); at T = 8 the cap changes nothing (272.0 against 271.8 us)
     split1, split2 = (2, 2) if t <= 1 else (2, 1) if t <= 16 else (1, 1)
+    # the Gluon kernel's (MXFP4 experts, `moe_mx_gluon.py`): K-blocks a CTA and the
+    # activations' ring depth from a sweep (`scratch`, H200, Flash, CUDA-graph timed, the SwiGLU
+    # in the launch): T = 1 46.7 us (split 2 / 2, 72 registers, 4 stages; the Triton kernel
+    # 54.1), T = 2 73.9 (1 / 1; 95.1), T = 8 207.3 (2 / 1, 72 registers; 273.4), T = 16
+    # 388.8 (2 / 1, 2 stages; 472.2), T = 64 931.7 (2 / 1; 1110.0). Pro at T = 1: 4 / 4
+    # (d = 7168: 14 K-blocks a gate/up CTA, as Flash's 16)
+    g1 = max(1, round(d / 2048)) if t <= 1 else 1 if t <= 2 else 2 if t <= 64 else 1
+    gluon = dict(gsplit1=max(1, min(d // 256, round(g1 * scale))),
+                 gsplit2=max(1, min(inter // 256, round((g1 if t <= 1 else 1) * scale))),
+                 gstages=4 if t <= 2 else 3 if t <= 8 else 2, gmaxnreg=72 if t <= 8 else 0)
     # `overlap`: a separate shared-expert launch (FP8 beside FP4 experts) runs on a side
     # stream; H200, Flash, same run: T = 1 72.5 -> 64.8 us, 8: 283 -> 273, 64: 1101 -> 1115
     # `finish`: the K-split gate/up's SwiGLU in its own launch's last CTAs (FINISH_SWIGLU,
@@ -267,7 +281,7 @@ def moe_config(t: int, k: int, n_routed: int, d: int, inter: int, sms: int) -> d
                 split1=max(1, min(d // 256, round(split1 * scale))),
                 split2=max(1, min(inter // 256, round(split2 * scale))),
                 warps=4 if bt <= 16 else 8, stages=3, dec=2, overlap=t <= 32, finish=True,
-                **(dict(maxnreg=72) if t <= 1 else {}))
+                **gluon, **(dict(maxnreg=72) if t <= 1 else {}))
 
 
 # K-split gate/up partials finished (SwiGLU, FP8 h) by the last CTA of each 128 channels in
@@ -275,6 +289,20 @@ def moe_config(t: int, k: int, n_routed: int, d: int, inter: int, sms: int) -> d
 # Flash layer (`scratch`-style A/B, graph-timed, bit-equal outputs): 1 token 67.3 -> 65.0 us,
 # 8 tokens 234.9 -> 234.2; unsplit 64-wide tiles (64 tokens) 431.4 -> 433.1, so only K splits
 FINISH_SWIGLU = os.environ.get("DSV4_MOE_FINISH", "1") != "0"
+# MXFP4 experts at decode batches (the e4m3 decode, 64-row tiles, 16-row blocks) on the Gluon
+# kernel (`moe_mx_gluon.py`) where it builds; DSV4_MOE_GLUON=0 keeps the Triton kernel
+MOE_GLUON = os.environ.get("DSV4_MOE_GLUON", "1") != "0"
+_GLUON_FAILED: list[str] = []  # set once the Gluon kernel failed to build: Triton from then on
+
+
+def _gluon_applies(c: dict, fmt: int) -> bool:
+    """Whether a launch of `c` over experts of format fmt runs `_moe_mx_wg_kernel`."""
+    if not (MOE_GLUON and not _GLUON_FAILED and not _INTERPRET and fmt == FMT_MXFP4
+            and c["dec"] == 2 and c["bt"] == 16 and c["bw1"] == 64 and c["bw2"] == 64
+            and not c.get("abf") and c.get("gluon", True)):
+        return False
+    from .moe_mx_gluon import HAS_GLUON
+    return HAS_GLUON
 _COUNTS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -315,6 +343,35 @@ def _run_groups(groups, launch, overlap: bool) -> None:
         launch(*groups[0])
     launch(*groups[1])
     cur.wait_stream(side)
+
+
+def _gluon_gemm(grid, a, sa, plan, w_tab, s_tab, w3_tab, s3_tab, out, n, k, e_lo, e_hi,
+                b_lo, k1, per, part_stride, gate_up: bool, split: bool, c: dict,
+                max8: bool, finish: tuple | None = None) -> bool:
+    """One `_moe_mx_wg_kernel` launch (`moe_mx_gluon.py`); False, after a warning, once the
+    Gluon kernel has failed to build (the caller then runs the Triton kernel). max8: no
+    block holds more than 8 rows. `c`: `gstages` (the activations' ring, default 3) and
+    `gmaxnreg` (a register cap) from the launch config. `finish`: (routing weights,
+    counters, h, h's scales, limit, ROUND) for the SwiGLU in the gate/up launch."""
+    from .moe_mx_gluon import _moe_mx_wg_kernel
+    if _GLUON_FAILED:
+        return False
+    opt = dict(maxnreg=c["gmaxnreg"]) if c.get("gmaxnreg") else {}
+    try:
+        wgt, counts, h, hs, limit, rnd = finish or (out, out, out, out, 0.0, True)
+        _moe_mx_wg_kernel[grid](a, sa, *plan, w_tab, s_tab, w3_tab, s3_tab, out, n, k, e_lo,
+                                e_hi, b_lo, k1, per, part_stride, wgt, counts, h, hs, limit,
+                                GATE_UP=gate_up, SPLIT=split, BT=16,
+                                NUM_BUF=c.get("gstages", 3), MAX8=max8, FINISH=finish is not None,
+                                ROUND=rnd, HAS_LIMIT=limit > 0, num_warps=4, **opt, **pdl())
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (Gluon is an experimental API)
+        _GLUON_FAILED.append(repr(exc))
+        _log.warning("Gluon MoE kernel unavailable (%s); using the Triton kernel",
+                     (str(exc).splitlines() or [type(exc).__name__])[0][:200])
+        return False
+    return True
 
 
 def moe_gate_forward(u: torch.Tensor, gate, experts: Sequence[ExpertLike],
@@ -415,7 +472,10 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
                   num_stages=c["stages"], PREFETCH=int(c.get("prefetch", l2_prefetch_depth())))
     if c.get("maxnreg"):  # a register cap (launch sweeps: more CTAs an SM, a few spills)
         common["maxnreg"] = c["maxnreg"]
-    split1, split2 = c["split1"], c["split2"]
+    # MXFP4 experts at decode batches: the Gluon kernel, with its own launch choices
+    gluon = _gluon_applies(c, main.fmt)
+    split1, split2 = ((c.get("gsplit1", c["split1"]), c.get("gsplit2", c["split2"])) if gluon
+                      else (c["split1"], c["split2"]))
     per1 = triton.cdiv(d // 128, split1)
     split1 = triton.cdiv(d // 128, per1)
     # the fused SwiGLU epilogue quantises h per 128 channels: it needs whole 128-wide tiles
@@ -434,8 +494,15 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
     finish = counts is not None and c.get("finish", False) and split1 > 1 and c["bw1"] <= 128
     counts = hs if counts is None else counts
 
+
     def gate_up(tab, e_lo, e_hi, b_lo, nb):
         p = tab.ptrs
+        if gluon and tab.fmt == FMT_MXFP4 and _gluon_gemm(
+                (2 * inter // 64, nb, split1), q, s, plan, p["w1w"], p["w1s"], p["w3w"],
+                p["w3s"], part1, inter, d, e_lo, e_hi, b_lo, k1, per1, n_pos * 2 * inter,
+                True, True, c, t <= 8,
+                (wgt, counts, hq, hs, limit, common["ROUND"]) if finish else None):
+            return
         _moe_gemm_kernel[((2 if partial1 else 1) * inter // c["bw1"], nb, split1)](
             q, s, *plan, p["w1w"], p["w1s"], p["w1g"], p["w3w"], p["w3s"], p["w3g"], wgt,
             part1, hs, hq, counts, inter, d, n_exp, e_lo, e_hi, b_lo, k1, limit, per1,
@@ -456,6 +523,11 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
 
     def down(tab, e_lo, e_hi, b_lo, nb):
         p = tab.ptrs
+        if gluon and tab.fmt == FMT_MXFP4 and _gluon_gemm(
+                (d // 64, nb, split2), hq, hs, plan, p["w2w"], p["w2s"], p["w2w"], p["w2s"], ys,
+                d, inter, e_lo, e_hi, b_lo, k1, per2, n_slots * d, False, split2 > 1, c,
+                t <= 8):
+            return
         _moe_gemm_kernel[(triton.cdiv(d, c["bw2"]), nb, split2)](
             hq, hs, *plan, p["w2w"], p["w2s"], p["w2g"], p["w2w"], p["w2s"], p["w2g"], wgt,
             ys, hs, ys, hs, d, inter, n_exp, e_lo, e_hi, b_lo, k1, limit, per2, n_slots * d,

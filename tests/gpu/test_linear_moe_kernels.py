@@ -314,7 +314,9 @@ def test_moe_swiglu_finished_in_the_gate_up_launch(fmt, cfg, monkeypatch):
     (counters allocated before the capture), counters back at zero."""
     experts, shared = _random_moe(32, 4096, 2048, fmt, "fp8" if fmt == "fp4" else fmt,
                                   torch.bfloat16, seed=6)
-    base = dict(bw2=64, kc=128, split2=2, bt=16, warps=4, stages=3, dec=2, finish=True)
+    # (gluon=False: MXFP4's 64-wide tiles would take the Gluon kernel, which writes partials)
+    base = dict(bw2=64, kc=128, split2=2, bt=16, warps=4, stages=3, dec=2, finish=True,
+                gluon=False)
     for t in (1, 5, 19, 40):
         u = torch.randn(t, 4096, device=DEV).bfloat16()
         idx, wgt = _routing(t, len(experts), 6, "uniform", seed=t)
@@ -345,6 +347,33 @@ def test_moe_mxfp4_fp8_tensor_core_decodes(dec, base, monkeypatch):
     experts, shared = _random_moe(32, 4096, 2048, "fp4", "fp8", torch.bfloat16, seed=6)
     _check_moe(experts, shared, [1, 5, 40, 300], ["uniform", "skewed"], monkeypatch,
                cfg=dict(base, dec=dec))
+
+
+@pytest.mark.parametrize("shape", [(32, 4096, 2048), (24, 7168, 3072)], ids=["flash", "pro"])
+def test_moe_gluon_kernel_equals_triton_kernel(shape, monkeypatch):
+    """`moe_mx_gluon._moe_mx_wg_kernel` (MXFP4 experts, decode launches: 8- or 16-column
+    products by the block's rows) computes what `_moe_gemm_kernel` does with the same launch,
+    bit for bit: the same 32-deep FP8 products, promoted in the same order; K splits, unsplit
+    down, blocks of 1-16 rows (skewed routing fills whole 16-row blocks), and the reference."""
+    experts, shared = _random_moe(*shape, "fp4", "fp8", torch.bfloat16, seed=7)
+    assert moe_kernels._gluon_applies(moe_kernels.moe_config(1, 6, shape[0], shape[1], shape[2],
+                                                             132), moe_kernels.FMT_MXFP4)
+    for t in (1, 2, 5, 8, 9, 16, 17, 40, 300):
+        for kind in ("uniform", "skewed", "hash"):
+            u = torch.randn(t, shape[1], device=DEV).bfloat16()
+            idx, wgt = _routing(t, len(experts), 6, kind, seed=t)
+            c = moe_kernels.moe_config(t, 6, shape[0], shape[1], shape[2], 132)
+            if not moe_kernels._gluon_applies(c, moe_kernels.FMT_MXFP4):
+                continue
+            for cfg in (dict(c, split1=c.get("gsplit1", 1), split2=c.get("gsplit2", 1)),
+                        dict(c, split1=3, split2=1, gsplit1=3, gsplit2=1),
+                        dict(c, split1=1, split2=4, gsplit1=1, gsplit2=4)):
+                got = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, cfg)
+                want = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, dict(cfg, gluon=False))
+                assert torch.equal(got, want), f"T={t} {kind} {cfg}: {rel_err(got, want):.2e}"
+    assert not moe_kernels._GLUON_FAILED
+    assert not any(c.any() for c in moe_kernels._COUNTS.values())
+    _check_moe(experts, shared, [1, 7, 40], ["uniform", "skewed"], monkeypatch)
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "fp4", "nvfp4"])

@@ -1,0 +1,267 @@
+"""The MoE's MXFP4 expert GEMM for decode batches, written in Gluon on `mma.sync` (sm_90).
+
+Same contract as `moe._moe_gemm_kernel` with W_FMT MXFP4, the e4m3 decode (DEC 2) and
+64-row weight tiles, in its two partial-sum forms: GATE_UP with SPLIT (one of g = w1 x or
+v = w3 x a tile, fp32 partials per K split, finished by `_swiglu_kernel`) and DOWN (fp32
+partials, or y in the working dtype when unsplit). Why a second kernel: with one to a few
+tokens an expert, the Triton kernel issues ~260 instructions a warp per 4 KB K-block of
+weights (its wgmma needs 16 token columns, a descriptor and a wait per 32-deep product, one
+cp.async and commit per 16-byte piece, and the scales' loads and predicates), which makes it
+issue-bound below half of HBM bandwidth (Nsight Compute: 8 cycles between a warp's
+instructions). Here a CTA's K-block of weights (4 KB, one contiguous run in the kernels'
+layout), of activations and of scale words arrives by 16-byte cp.async into a ring of NUM_BUF
+stages; each 32-code block decodes in registers straight into the `mma.sync` A fragment (the
+kernels' byte order puts codes b and b + 16 in byte b: a thread's 4 bytes of a row are its
+fragment's 8 codes) and meets BT = 8 or 16 token columns (one or two m16n8k32 products), then
+the fp32 promotion with the block scale, and with the token scale once per K-block: the same
+operations as the Triton kernel's `_mxfp4_mma8`.
+"""
+from __future__ import annotations
+
+try:  # Gluon is experimental; without it (or on an API change) the Triton kernel runs
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+    from triton.experimental.gluon.language.nvidia.hopper import (warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    HAS_GLUON = True
+except Exception:  # noqa: BLE001
+    HAS_GLUON = False
+
+
+if HAS_GLUON:
+    # the Triton kernel's epilogue helpers (no layouts of their own: Gluon inlines them)
+    from .moe import _routing_weight, _store_h, _swiglu_quant
+
+    # e2m1 -> e4m3 of a 32-bit word's 4 packed bytes (`quant_linear._e2m1_e4m3_nibbles`): the
+    # low nibbles' codes, then the high nibbles', each the code's value times 2^-6
+    _DECODE_PTX: gl.constexpr = gl.constexpr("""{
+        .reg .b32 t;
+        shl.b32 $0, $2, 2;
+        and.b32 $0, $0, 0x1C1C1C1C;
+        shl.b32 t, $2, 4;
+        and.b32 t, t, 0x80808080;
+        or.b32 $0, $0, t;
+        shr.b32 $1, $2, 2;
+        and.b32 $1, $1, 0x1C1C1C1C;
+        and.b32 t, $2, 0x80808080;
+        or.b32 $1, $1, t;
+        }""")
+
+    @gluon.jit
+    def _pdl_start(PDL: gl.constexpr):
+        if PDL:  # programmatic dependent launch (`kernels/pdl.py`): wait, then let the next go
+            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)
+            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
+                                      dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _acts(buf, a_rows, ok, kb, live, BT: gl.constexpr, LA: gl.constexpr):
+        """cp.async of K-block kb's activations into buf [4 BT, 32]: rows c BT .. c BT + BT - 1
+        are the block's BT rows' 32 e4m3 bytes of scale block c (nothing unless live)."""
+        rr = gl.arange(0, 4 * BT, gl.SliceLayout(1, LA))
+        k = gl.arange(0, 32, gl.SliceLayout(0, LA))
+        at = a_rows[:, None] + (kb * 128 + (rr // BT) * 32)[:, None] + k[None, :]
+        cp.async_copy_global_to_shared(buf, at, mask=(ok & live)[:, None] & (k >= 0)[None, :])
+
+    @gluon.jit
+    def _weights(w_at, kb, live):
+        """The packed weight bytes of K-block kb's 4 32-code blocks, each [64, 16] in the
+        fragment layout (zeros unless live)."""
+        p0 = gl.load(w_at + kb * 1024, mask=live, other=0)
+        p1 = gl.load(w_at + kb * 1024 + 4, mask=live, other=0)
+        p2 = gl.load(w_at + kb * 1024 + 8, mask=live, other=0)
+        p3 = gl.load(w_at + kb * 1024 + 12, mask=live, other=0)
+        return p0, p1, p2, p3
+
+    @gluon.jit
+    def _block(blk, p, buf, sw, c: gl.constexpr, zero, BT: gl.constexpr, P3: gl.constexpr,
+               DOT_A: gl.constexpr):
+        """blk += (decoded 32-code block c) @ (its activations)^T * 2^6 x the rows' block
+        scales: one FP8 wgmma, then the fp32 promotion. p [64, 4]: the rows' packed words."""
+        # each word as 4 byte elements (the same register 4 times: the asm reads the first)
+        p = gl.reshape(gl.broadcast(gl.expand_dims(p, 2), gl.full([64, 4, 4], 0, gl.int32, P3))[0], (64, 16))
+        lo, hi = gl.inline_asm_elementwise(
+            asm=_DECODE_PTX, constraints="=r,=r,r,r,r,r", args=[p], dtype=(gl.uint8, gl.uint8),
+            is_pure=True, pack=4)
+        # byte b holds codes b and b + 16: (lo, hi) in code order
+        w8 = gl.reshape(gl.permute(gl.join(lo, hi), (0, 2, 1)), (64, 32))
+        w8 = gl.convert_layout(w8.to(gl.float8e4nv, bitcast=True), DOT_A)
+        d = warpgroup_mma(w8, buf.slice(c * BT, BT).permute((1, 0)), zero, use_acc=False, is_async=True)
+        d = warpgroup_mma_wait(num_outstanding=0, deps=(d, ))
+        # 2^6 x the block scale 2^(byte-127), built as a float: exact for every byte
+        f = ((((sw >> (8 * c)) & 0xFF) + 6) << 23).to(gl.float32, bitcast=True)
+        return d * f[:, None] + blk
+
+    @gluon.jit
+    def _finish(part_ptr, count_ptr, h_ptr, hs_ptr, wgt_ptr, slots_ptr, b, tile, n_rows, N, k1,
+                limit, part_stride, ROUND: gl.constexpr, HAS_LIMIT: gl.constexpr,
+                BT: gl.constexpr):
+        """After a CTA's gate/up partial of block b: count it for its 128 channels (the g and
+        v tiles of every K split); the last one sums the partials in split order and writes
+        w2's input h, as `moe._finish_swiglu` (the same helpers: bit-equal results)."""
+        LF: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])
+        cb = tile // 2
+        cnt = count_ptr + b * (N // 128) + cb
+        splits = gl.num_programs(2)
+        gl.thread_barrier()
+        if gl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == 4 * splits - 1:
+            gl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+            offs = gl.arange(0, BT, gl.SliceLayout(1, LF))
+            ok = offs < n_rows
+            pos = b * BT + offs
+            slot = gl.load(slots_ptr + pos, mask=ok, other=0)
+            cols = cb * 128 + gl.arange(0, 128, gl.SliceLayout(0, LF))
+            p = part_ptr + pos[:, None].to(gl.int64) * (2 * N) + cols[None, :]
+            g = gl.zeros([BT, 128], gl.float32, LF)
+            v = gl.zeros([BT, 128], gl.float32, LF)
+            for sp in range(splits):
+                off = part_stride.to(gl.int64) * sp
+                g += gl.load(p + off, mask=ok[:, None], other=0.0, cache_modifier=".cg")
+                v += gl.load(p + off + N, mask=ok[:, None], other=0.0, cache_modifier=".cg")
+            hq, hs = _swiglu_quant(g, v, _routing_weight(wgt_ptr, slot, ok, k1), limit, ROUND,
+                                   HAS_LIMIT, True)
+            _store_h(h_ptr, hs_ptr, pos, ok, cols, cb, N, hq, hs, False)
+
+    @gluon.jit
+    def _run(a_ptr, sa_ptr, slots_ptr, w_addr, s_addr, out_ptr, b, tile, up, n_rows, N, K,
+             k1, kb0, kb1, part_stride, GATE_UP: gl.constexpr, SPLIT: gl.constexpr,
+             BT: gl.constexpr, NB: gl.constexpr, NUM_BUF: gl.constexpr):
+        """The CTA's product over K-blocks kb0 .. kb1 - 1 for the first NB (8 or 16, at least
+        n_rows) of the plan block's BT rows, and its store."""
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, NB, 32])
+        DOT_A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=4)
+        # a thread's packed words of one 32-code block: word l % 4 of rows l // 4 and
+        # l // 4 + 8 of its warp's 16 (lane l), each seen as 4 byte elements (one register:
+        # `_block`), which decode to exactly its A fragment's 16 codes
+        P3: gl.constexpr = gl.DistributedLinearLayout(
+            reg_bases=[[0, 0, 1], [0, 0, 2], [8, 0, 0]],
+            lane_bases=[[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+            warp_bases=[[16, 0, 0], [32, 0, 0]], block_bases=[], shape=[64, 4, 4])
+        PK: gl.constexpr = gl.SliceLayout(2, P3)  # [64 rows, 4 words]
+        LA: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
+        SA: gl.constexpr = gl.NVMMASharedLayout.get_default_for([NB, 32], gl.float8e4nv)
+        ROWS: gl.constexpr = gl.SliceLayout(1, MMA)
+        COLS: gl.constexpr = gl.SliceLayout(0, MMA)
+
+        # the kernels' layout (mxfp4_to_kernel_layout): per 64-row group and K-block 64 rows x
+        # 64 bytes contiguous (16 a row and 32-code block), then the rows' scale words
+        # (4 bytes a row, byte c block c's e8m0)
+        rp = gl.arange(0, 64, gl.SliceLayout(1, PK))
+        cpk = gl.arange(0, 4, gl.SliceLayout(0, PK))
+        w_at = (gl.multiple_of(w_addr.to(gl.pointer_type(gl.int32)), 16)
+                + tile.to(gl.int64) * (8 * K) + rp[:, None] * 16 + cpk[None, :])
+        r = gl.arange(0, 64, ROWS)
+        sw_at = (gl.multiple_of(s_addr.to(gl.pointer_type(gl.int32)), 16)
+                 + tile.to(gl.int64) * (K // 2) + r)
+
+        # the block's token rows, for the activation copies and for the accumulator columns
+        ta = gl.arange(0, 4 * NB, gl.SliceLayout(1, LA)) % NB
+        ok_a = ta < n_rows
+        slot_a = gl.load(slots_ptr + b * BT + ta, mask=ok_a, other=0)
+        if GATE_UP:
+            arow_a = slot_a // k1
+        else:
+            arow_a = b * BT + ta
+        a_rows = a_ptr + arow_a.to(gl.int64) * K
+        col = gl.arange(0, NB, COLS)
+        ok = col < n_rows
+        pos = b * BT + col
+        slot = gl.load(slots_ptr + pos, mask=ok, other=0)
+        if GATE_UP:
+            arow = slot // k1
+        else:
+            arow = pos
+        sa_at = sa_ptr + arow.to(gl.int64) * (K // 128)
+
+        a_smem = gl.allocate_shared_memory(gl.float8e4nv, [NUM_BUF, 4 * NB, 32], SA)
+        for j in gl.static_range(NUM_BUF - 1):  # prologue: NUM_BUF - 1 K-blocks in flight
+            _acts(a_smem.index(j), a_rows, ok_a, kb0 + j, kb0 + j < kb1, NB, LA)
+            cp.commit_group()
+        zero = gl.zeros([64, NB], gl.float32, MMA)
+        acc = zero
+        # registers one K-block ahead: the weight words, scale words, token scales
+        pn = _weights(w_at, kb0, kb0 < kb1)
+        swn = gl.load(sw_at + kb0 * 64, mask=kb0 < kb1, other=0)
+        san = gl.load(sa_at + kb0, mask=ok & (kb0 < kb1), other=0.0)
+        for i in range(0, kb1 - kb0):
+            kb = kb0 + i
+            p0, p1, p2, p3 = pn
+            sw = swn
+            sa = san
+            live = kb + 1 < kb1
+            pn = _weights(w_at, kb + 1, live)
+            swn = gl.load(sw_at + (kb + 1) * 64, mask=live, other=0)
+            san = gl.load(sa_at + kb + 1, mask=ok & live, other=0.0)
+            _acts(a_smem.index((i + NUM_BUF - 1) % NUM_BUF), a_rows, ok_a, kb + NUM_BUF - 1,
+                  kb + NUM_BUF - 1 < kb1, NB, LA)
+            cp.commit_group()
+            cp.wait_group(NUM_BUF - 1)
+            buf = a_smem.index(i % NUM_BUF)
+            blk = _block(zero, p0, buf, sw, 0, zero, NB, P3, DOT_A)
+            blk = _block(blk, p1, buf, sw, 1, zero, NB, P3, DOT_A)
+            blk = _block(blk, p2, buf, sw, 2, zero, NB, P3, DOT_A)
+            blk = _block(blk, p3, buf, sw, 3, zero, NB, P3, DOT_A)
+            acc = blk * sa[None, :] + acc
+        cp.wait_group(0)
+
+        rows = tile * 64 + r
+        mask = (rows < N)[:, None] & ok[None, :]
+        if SPLIT:
+            part = out_ptr + gl.program_id(2).to(gl.int64) * part_stride
+            if GATE_UP:  # rows [pos, 2N]: g then v
+                c2 = rows + up.to(gl.int32) * N
+                gl.store(part + pos[None, :].to(gl.int64) * (2 * N) + c2[:, None], acc,
+                         mask=mask)
+            else:
+                gl.store(part + slot[None, :].to(gl.int64) * N + rows[:, None], acc, mask=mask)
+        else:
+            gl.store(out_ptr + slot[None, :].to(gl.int64) * N + rows[:, None],
+                     acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @gluon.jit(do_not_specialize=["e_lo", "e_hi", "blk_lo", "kb_per"])
+    def _moe_mx_wg_kernel(a_ptr, sa_ptr, slots_ptr, blk_exp_ptr, blk_rows_ptr,
+                          w_tab, s_tab, w3_tab, s3_tab, out_ptr, N, K, e_lo, e_hi, blk_lo,
+                          k1, kb_per, part_stride, wgt_ptr, count_ptr, h_ptr, hs_ptr, limit,
+                          GATE_UP: gl.constexpr, SPLIT: gl.constexpr, BT: gl.constexpr,
+                          NUM_BUF: gl.constexpr, MAX8: gl.constexpr = False,
+                          FINISH: gl.constexpr = False, ROUND: gl.constexpr = True,
+                          HAS_LIMIT: gl.constexpr = True, PDL: gl.constexpr = False):
+        """One (64-row weight tile, plan block of BT = 16 rows, K split); grid (N/64 (x2 for
+        GATE_UP: tiles past N/64 are w3's), blocks of this launch, splits); 4 warps. Writes
+        acc [64, n] as fp32 partials (SPLIT: [split, pos, 2N] for GATE_UP, [split, slot, N]
+        for DOWN) or, DOWN unsplit, y rows [slot, N] in out's dtype. A block of up to 8 rows
+        takes 8-column products (half the accumulator registers to promote); MAX8 (no block
+        has more than 8 rows: batches of up to 8 tokens) compiles only those, which leaves
+        the kernel fewer registers. FINISH (GATE_UP, SPLIT): the last CTA of each (block,
+        128 channels) writes h and its scales (h_ptr, hs_ptr) from the partials, counted in
+        count_ptr, as the Triton kernel's FINISH (routing weights wgt_ptr, clamp `limit`)."""
+        _pdl_start(PDL)
+        b = blk_lo + gl.program_id(1)
+        e = gl.load(blk_exp_ptr + b)
+        if (e < e_lo) | (e >= e_hi):
+            return
+        n_rows = gl.load(blk_rows_ptr + b)
+        tile = gl.program_id(0)
+        wi = e - e_lo
+        w_addr = gl.load(w_tab + wi)
+        s_addr = gl.load(s_tab + wi)
+        up = False
+        if GATE_UP:
+            up = tile >= N // 64
+            tile = tile - up.to(gl.int32) * (N // 64)
+            w_addr = gl.where(up, gl.load(w3_tab + wi), w_addr)
+            s_addr = gl.where(up, gl.load(s3_tab + wi), s_addr)
+        kb0 = gl.program_id(2) * kb_per
+        kb1 = gl.minimum(kb0 + kb_per, K // 128)
+        if MAX8 or n_rows <= 8:
+            _run(a_ptr, sa_ptr, slots_ptr, w_addr, s_addr, out_ptr, b, tile, up, n_rows, N, K,
+                 k1, kb0, kb1, part_stride, GATE_UP, SPLIT, BT, 8, NUM_BUF)
+        else:
+            _run(a_ptr, sa_ptr, slots_ptr, w_addr, s_addr, out_ptr, b, tile, up, n_rows, N, K,
+                 k1, kb0, kb1, part_stride, GATE_UP, SPLIT, BT, BT, NUM_BUF)
+        if FINISH:
+            _finish(out_ptr, count_ptr, h_ptr, hs_ptr, wgt_ptr, slots_ptr, b, tile, n_rows, N,
+                    k1, limit, part_stride, ROUND, HAS_LIMIT, BT)
