@@ -36,6 +36,9 @@ GPU (no host synchronisation, a fixed number of launches whatever the routing):
    v go to separate CTAs, K may be split across CTAs, each writes fp32 partial sums, and
    `_swiglu_kernel` sums them and applies the same epilogue; with K splits, the last CTA of
    each 128 channels does that instead (`FINISH_SWIGLU`, one launch fewer).
+   On sm_90, MXFP4 experts at decode batches (the e4m3 decode with 64-row tiles and 16-row
+   blocks) run these launches on a Gluon kernel instead (`moe_mx_gluon.py`, bit-equal, fewer
+   instructions per weight byte; `DSV4_MOE_GLUON=0` keeps this one).
 4. `_moe_gemm_kernel` DOWN: y_slot = w2 h, written to the slot's own row (the un-permute);
    small batches split K here too (fp32 partials).
 5. `_combine_kernel`: out[t] = sum over the token's k+1 slot rows (each the sum of its K-split

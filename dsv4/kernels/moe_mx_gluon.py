@@ -1,22 +1,27 @@
-"""The MoE's MXFP4 expert GEMM for decode batches, written in Gluon on `mma.sync` (sm_90).
+"""The MoE's MXFP4 expert GEMM at decode batches, written in Gluon for sm_90's FP8 wgmma.
 
-Same contract as `moe._moe_gemm_kernel` with W_FMT MXFP4, the e4m3 decode (DEC 2) and
-64-row weight tiles, in its two partial-sum forms: GATE_UP with SPLIT (one of g = w1 x or
-v = w3 x a tile, fp32 partials per K split, finished by `_swiglu_kernel`) and DOWN (fp32
-partials, or y in the working dtype when unsplit). Why a second kernel: with one to a few
-tokens an expert, the Triton kernel issues ~260 instructions a warp per 4 KB K-block of
-weights (its wgmma needs 16 token columns, a descriptor and a wait per 32-deep product, one
-cp.async and commit per 16-byte piece, and the scales' loads and predicates), which makes it
-issue-bound below half of HBM bandwidth (Nsight Compute: 8 cycles between a warp's
-instructions). Here a CTA's K-block of weights (4 KB, one contiguous run in the kernels'
-layout), of activations and of scale words arrives by 16-byte cp.async into a ring of NUM_BUF
-stages; each 32-code block decodes in registers straight into the `mma.sync` A fragment (the
-kernels' byte order puts codes b and b + 16 in byte b: a thread's 4 bytes of a row are its
-fragment's 8 codes) and meets BT = 8 or 16 token columns (one or two m16n8k32 products), then
-the fp32 promotion with the block scale, and with the token scale once per K-block: the same
-operations as the Triton kernel's `_mxfp4_mma8`.
+Same contract and launch grid as `moe._moe_gemm_kernel` with W_FMT MXFP4, the e4m3 decode
+(DEC 2), 64-row weight tiles and 16-row plan blocks, in its partial-sum forms: GATE_UP with
+SPLIT (g = w1 x or v = w3 x a tile, fp32 partials per K split; FINISH: the last CTA of each
+128 channels writes w2's input h) and DOWN (fp32 partials, or y in the working dtype when
+unsplit). The results are the Triton kernel's bit for bit: the same 32-deep FP8 products,
+promoted to fp32 with each 32-code block's scale and once per K-block with the token scale, in
+the same order.
+
+Why a second kernel: at one to a few tokens an expert the Triton kernel is issue-bound (Nsight
+Compute: 8 cycles between a warp's instructions, under half of HBM), at ~263 instructions a warp
+per 4 KB K-block of weights: 16-column wgmmas, each with a descriptor and a wait, 8 cp.async
+pieces and commits, predicated scale loads. Here a thread's packed weight words go straight
+from memory into registers one K-block ahead (the kernels' byte order, codes b and b + 16 in
+byte b, makes word q of a row exactly the 8 codes of the thread's wgmma A fragment), only the
+activations take cp.async (a ring of NUM_BUF K-blocks), and a block of up to 8 tokens runs
+64 x 8 wgmmas, with half the accumulator registers to promote: ~213 instructions a K-block.
+`mma.sync` would need no shared memory at all, but its FP8 form is not native on sm_90 (ptxas
+converts to f16 and HMMA), so the B operand stays in shared memory for wgmma.
 """
 from __future__ import annotations
+
+from . import HAS_TRITON
 
 try:  # Gluon is experimental; without it (or on an API change) the Triton kernel runs
     from triton.experimental import gluon
@@ -24,7 +29,7 @@ try:  # Gluon is experimental; without it (or on an API change) the Triton kerne
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
     from triton.experimental.gluon.language.nvidia.hopper import (warpgroup_mma,
                                                                   warpgroup_mma_wait)
-    HAS_GLUON = True
+    HAS_GLUON = HAS_TRITON  # (the Triton kernels' helpers it reuses exist with Triton only)
 except Exception:  # noqa: BLE001
     HAS_GLUON = False
 
@@ -33,20 +38,9 @@ if HAS_GLUON:
     # the Triton kernel's epilogue helpers (no layouts of their own: Gluon inlines them)
     from .moe import _routing_weight, _store_h, _swiglu_quant
 
-    # e2m1 -> e4m3 of a 32-bit word's 4 packed bytes (`quant_linear._e2m1_e4m3_nibbles`): the
-    # low nibbles' codes, then the high nibbles', each the code's value times 2^-6
-    _DECODE_PTX: gl.constexpr = gl.constexpr("""{
-        .reg .b32 t;
-        shl.b32 $0, $2, 2;
-        and.b32 $0, $0, 0x1C1C1C1C;
-        shl.b32 t, $2, 4;
-        and.b32 t, t, 0x80808080;
-        or.b32 $0, $0, t;
-        shr.b32 $1, $2, 2;
-        and.b32 $1, $1, 0x1C1C1C1C;
-        and.b32 t, $2, 0x80808080;
-        or.b32 $1, $1, t;
-        }""")
+    from .quant_linear import E2M1_E4M3_PTX
+
+    _DECODE_PTX: gl.constexpr = gl.constexpr(E2M1_E4M3_PTX)
 
     @gluon.jit
     def _pdl_start(PDL: gl.constexpr):
@@ -67,8 +61,8 @@ if HAS_GLUON:
 
     @gluon.jit
     def _weights(w_at, kb, live):
-        """The packed weight bytes of K-block kb's 4 32-code blocks, each [64, 16] in the
-        fragment layout (zeros unless live)."""
+        """The packed weight words of K-block kb's 4 32-code blocks, each [64 rows, 4 words]
+        (zeros unless live)."""
         p0 = gl.load(w_at + kb * 1024, mask=live, other=0)
         p1 = gl.load(w_at + kb * 1024 + 4, mask=live, other=0)
         p2 = gl.load(w_at + kb * 1024 + 8, mask=live, other=0)
@@ -80,15 +74,18 @@ if HAS_GLUON:
                DOT_A: gl.constexpr):
         """blk += (decoded 32-code block c) @ (its activations)^T * 2^6 x the rows' block
         scales: one FP8 wgmma, then the fp32 promotion. p [64, 4]: the rows' packed words."""
-        # each word as 4 byte elements (the same register 4 times: the asm reads the first)
-        p = gl.reshape(gl.broadcast(gl.expand_dims(p, 2), gl.full([64, 4, 4], 0, gl.int32, P3))[0], (64, 16))
+        # each word as 4 byte elements (the same register 4 times: the asm reads the first; as
+        # uint8 loads the bytes would be unpacked and packed again, ~100 PRMTs a K-block)
+        p4 = gl.broadcast(gl.expand_dims(p, 2), gl.full([64, 4, 4], 0, gl.int32, P3))[0]
+        p = gl.reshape(p4, (64, 16))
         lo, hi = gl.inline_asm_elementwise(
             asm=_DECODE_PTX, constraints="=r,=r,r,r,r,r", args=[p], dtype=(gl.uint8, gl.uint8),
             is_pure=True, pack=4)
         # byte b holds codes b and b + 16: (lo, hi) in code order
         w8 = gl.reshape(gl.permute(gl.join(lo, hi), (0, 2, 1)), (64, 32))
         w8 = gl.convert_layout(w8.to(gl.float8e4nv, bitcast=True), DOT_A)
-        d = warpgroup_mma(w8, buf.slice(c * BT, BT).permute((1, 0)), zero, use_acc=False, is_async=True)
+        d = warpgroup_mma(w8, buf.slice(c * BT, BT).permute((1, 0)), zero, use_acc=False,
+                          is_async=True)
         d = warpgroup_mma_wait(num_outstanding=0, deps=(d, ))
         # 2^6 x the block scale 2^(byte-127), built as a float: exact for every byte
         f = ((((sw >> (8 * c)) & 0xFF) + 6) << 23).to(gl.float32, bitcast=True)

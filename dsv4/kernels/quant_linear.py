@@ -321,12 +321,30 @@ def _fp32_scales(scale: torch.Tensor) -> torch.Tensor:
     return sw
 
 
+# e2m1 -> e4m3 of a 32-bit word's 4 packed bytes: $0 the low nibbles' codes, $1 the high
+# nibbles', each byte the code's value times 2^-6 (`_e2m1_e4m3_nibbles`; the Gluon MoE kernel)
+E2M1_E4M3_PTX = """{
+    .reg .b32 t;
+    shl.b32 $0, $2, 2;
+    and.b32 $0, $0, 0x1C1C1C1C;
+    shl.b32 t, $2, 4;
+    and.b32 t, t, 0x80808080;
+    or.b32 $0, $0, t;
+    shr.b32 $1, $2, 2;
+    and.b32 $1, $1, 0x1C1C1C1C;
+    and.b32 t, $2, 0x80808080;
+    or.b32 $1, $1, t;
+    }"""
+
+
 # ------------------------------------------------------------------------------- kernels
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     from .pdl import l2_prefetch, pdl_start
+
+    _E2M1_E4M3_PTX = tl.constexpr(E2M1_E4M3_PTX)
 
     @triton.jit
     def _pow2ceil(v):
@@ -410,20 +428,8 @@ if HAS_TRITON:
         decodes 4 bytes per 32-bit instruction."""
         if ASM:
             lo, hi = tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t;
-                shl.b32 $0, $2, 2;
-                and.b32 $0, $0, 0x1C1C1C1C;
-                shl.b32 t, $2, 4;
-                and.b32 t, t, 0x80808080;
-                or.b32 $0, $0, t;
-                shr.b32 $1, $2, 2;
-                and.b32 $1, $1, 0x1C1C1C1C;
-                and.b32 t, $2, 0x80808080;
-                or.b32 $1, $1, t;
-                }""",
-                constraints="=r,=r,r", args=[p], dtype=(tl.uint8, tl.uint8), is_pure=True,
-                pack=4)
+                asm=_E2M1_E4M3_PTX, constraints="=r,=r,r", args=[p], dtype=(tl.uint8, tl.uint8),
+                is_pure=True, pack=4)
         else:
             lo = ((p << 2) & 0x1C) | ((p << 4) & 0x80)
             hi = ((p >> 2) & 0x1C) | (p & 0x80)
