@@ -244,9 +244,10 @@ def moe_config(t: int, k: int, n_routed: int, d: int, inter: int, sms: int) -> d
     bt = _block_tokens(t, k, n_routed)
     small = t * k <= 4 * n_routed
     if not small and bt <= 16:  # T = 512 Flash: 4.3 ms, against 7.4 with the fused epilogue
-        # (the Gluon kernel: T = 256 1262.9 us with 2 stages, the Triton kernel 1569.7)
+        # (the Gluon kernel: T = 256 1092.2 us with 128-row tiles, 128 registers and 2 stages;
+        # 1262.9 with 64-row tiles; the Triton kernel 1569.7)
         return dict(bt=bt, bw1=64, bw2=64, kc=128, split1=1, split2=1, warps=4, stages=3, dec=2,
-                    gstages=2)
+                    gstages=2, gbw1=128, gbw2=128, gmaxnreg=128)
     if not small and bt == 32:  # 16-32 slots an expert (Flash: 683-1365 tokens): the e4m3
         # decode, no K split, 4 warps. H200, Flash, same run (`--only sweep --tokens 1024`, then
         # an A/B): T = 768 / 1024 3180 / 3423 -> 2249 / 2412 us against the bf16-MMA
@@ -272,10 +273,15 @@ def moe_config(t: int, k: int, n_routed: int, d: int, inter: int, sms: int) -> d
     # 54.1), T = 2 73.9 (1 / 1; 95.1), T = 8 207.3 (2 / 1, 72 registers; 273.4), T = 16
     # 388.8 (2 / 1, 2 stages; 472.2), T = 64 931.7 (2 / 1; 1110.0). Pro at T = 1: 4 / 4
     # (d = 7168: 14 K-blocks a gate/up CTA, as Flash's 16)
+    # From 8 tokens 128-row tiles (two wgmmas sharing the activations, ~20% fewer instructions
+    # a weight byte; 128 registers): T = 8 204.0 -> 199.3 us, 64 907.6 -> 787.8, 256 1268.4 ->
+    # 1092.2; at T = 1 slower (45.4 -> 52.2: half the CTAs)
     g1 = max(1, round(d / 2048)) if t <= 1 else 1 if t <= 2 else 2 if t <= 64 else 1
+    wide = t >= 8
     gluon = dict(gsplit1=max(1, min(d // 256, round(g1 * scale))),
                  gsplit2=max(1, min(inter // 256, round((g1 if t <= 1 else 1) * scale))),
-                 gstages=4 if t <= 2 else 3 if t <= 8 else 2, gmaxnreg=72 if t <= 8 else 0)
+                 gstages=4 if t <= 2 else 3 if t < 8 else 2,
+                 gmaxnreg=128 if wide else 72, gbw1=128 if wide else 64, gbw2=128 if wide else 64)
     # `overlap`: a separate shared-expert launch (FP8 beside FP4 experts) runs on a side
     # stream; H200, Flash, same run: T = 1 72.5 -> 64.8 us, 8: 283 -> 273, 64: 1101 -> 1115
     # `finish`: the K-split gate/up's SwiGLU in its own launch's last CTAs (FINISH_SWIGLU,
@@ -353,18 +359,21 @@ def _gluon_gemm(grid, a, sa, plan, w_tab, s_tab, w3_tab, s3_tab, out, n, k, e_lo
                 max8: bool, finish: tuple | None = None) -> bool:
     """One `_moe_mx_wg_kernel` launch (`moe_mx_gluon.py`); False, after a warning, once the
     Gluon kernel has failed to build (the caller then runs the Triton kernel). max8: no
-    block holds more than 8 rows. `c`: `gstages` (the activations' ring, default 3) and
-    `gmaxnreg` (a register cap) from the launch config. `finish`: (routing weights,
+    block holds more than 8 rows. `c`: `gstages` (the activations' ring, default 3),
+    `gmaxnreg` (a register cap) and `gbw1` / `gbw2` (weight rows a CTA, 64 or 128) from the
+    launch config; the grid's first axis follows the rows. `finish`: (routing weights,
     counters, h, h's scales, limit, ROUND) for the SwiGLU in the gate/up launch."""
     from .moe_mx_gluon import _moe_mx_wg_kernel
     if _GLUON_FAILED:
         return False
     opt = dict(maxnreg=c["gmaxnreg"]) if c.get("gmaxnreg") else {}
+    bw = c.get("gbw1" if gate_up else "gbw2", 64)
+    grid = ((2 if gate_up else 1) * n // bw, *grid[1:])
     try:
         wgt, counts, h, hs, limit, rnd = finish or (out, out, out, out, 0.0, True)
         _moe_mx_wg_kernel[grid](a, sa, *plan, w_tab, s_tab, w3_tab, s3_tab, out, n, k, e_lo,
                                 e_hi, b_lo, k1, per, part_stride, wgt, counts, h, hs, limit,
-                                GATE_UP=gate_up, SPLIT=split, BT=16,
+                                GATE_UP=gate_up, SPLIT=split, BT=16, BW=bw,
                                 NUM_BUF=c.get("gstages", 3), MAX8=max8, FINISH=finish is not None,
                                 ROUND=rnd, HAS_LIMIT=limit > 0, num_warps=4, **opt, **pdl())
     except torch.OutOfMemoryError:

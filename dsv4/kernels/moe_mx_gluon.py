@@ -71,18 +71,18 @@ if HAS_GLUON:
 
     @gluon.jit
     def _block(blk, p, buf, sw, c: gl.constexpr, zero, BT: gl.constexpr, P3: gl.constexpr,
-               DOT_A: gl.constexpr):
+               DOT_A: gl.constexpr, BW: gl.constexpr):
         """blk += (decoded 32-code block c) @ (its activations)^T * 2^6 x the rows' block
-        scales: one FP8 wgmma, then the fp32 promotion. p [64, 4]: the rows' packed words."""
+        scales: one FP8 wgmma, then the fp32 promotion. p [BW, 4]: the rows' packed words."""
         # each word as 4 byte elements (the same register 4 times: the asm reads the first; as
         # uint8 loads the bytes would be unpacked and packed again, ~100 PRMTs a K-block)
-        p4 = gl.broadcast(gl.expand_dims(p, 2), gl.full([64, 4, 4], 0, gl.int32, P3))[0]
-        p = gl.reshape(p4, (64, 16))
+        p4 = gl.broadcast(gl.expand_dims(p, 2), gl.full([BW, 4, 4], 0, gl.int32, P3))[0]
+        p = gl.reshape(p4, (BW, 16))
         lo, hi = gl.inline_asm_elementwise(
             asm=_DECODE_PTX, constraints="=r,=r,r,r,r,r", args=[p], dtype=(gl.uint8, gl.uint8),
             is_pure=True, pack=4)
         # byte b holds codes b and b + 16: (lo, hi) in code order
-        w8 = gl.reshape(gl.permute(gl.join(lo, hi), (0, 2, 1)), (64, 32))
+        w8 = gl.reshape(gl.permute(gl.join(lo, hi), (0, 2, 1)), (BW, 32))
         w8 = gl.convert_layout(w8.to(gl.float8e4nv, bitcast=True), DOT_A)
         d = warpgroup_mma(w8, buf.slice(c * BT, BT).permute((1, 0)), zero, use_acc=False,
                           is_async=True)
@@ -94,16 +94,16 @@ if HAS_GLUON:
     @gluon.jit
     def _finish(part_ptr, count_ptr, h_ptr, hs_ptr, wgt_ptr, slots_ptr, b, tile, n_rows, N, k1,
                 limit, part_stride, ROUND: gl.constexpr, HAS_LIMIT: gl.constexpr,
-                BT: gl.constexpr):
+                BT: gl.constexpr, BW: gl.constexpr):
         """After a CTA's gate/up partial of block b: count it for its 128 channels (the g and
         v tiles of every K split); the last one sums the partials in split order and writes
         w2's input h, as `moe._finish_swiglu` (the same helpers: bit-equal results)."""
         LF: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])
-        cb = tile // 2
+        cb = tile * BW // 128
         cnt = count_ptr + b * (N // 128) + cb
         splits = gl.num_programs(2)
         gl.thread_barrier()
-        if gl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == 4 * splits - 1:
+        if gl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == 2 * (128 // BW) * splits - 1:
             gl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # ready for the next launch
             offs = gl.arange(0, BT, gl.SliceLayout(1, LF))
             ok = offs < n_rows
@@ -124,20 +124,23 @@ if HAS_GLUON:
     @gluon.jit
     def _run(a_ptr, sa_ptr, slots_ptr, w_addr, s_addr, out_ptr, b, tile, up, n_rows, N, K,
              k1, kb0, kb1, part_stride, GATE_UP: gl.constexpr, SPLIT: gl.constexpr,
-             BT: gl.constexpr, NB: gl.constexpr, NUM_BUF: gl.constexpr):
-        """The CTA's product over K-blocks kb0 .. kb1 - 1 for the first NB (8 or 16, at least
-        n_rows) of the plan block's BT rows, and its store."""
+             BT: gl.constexpr, NB: gl.constexpr, NUM_BUF: gl.constexpr, BW: gl.constexpr):
+        """The CTA's product over K-blocks kb0 .. kb1 - 1 of its BW (64 or 128) weight rows
+        with the first NB (8 or 16, at least n_rows) of the plan block's BT rows, and its
+        store."""
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, NB, 32])
         DOT_A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=4)
         # a thread's packed words of one 32-code block: word l % 4 of rows l // 4 and
-        # l // 4 + 8 of its warp's 16 (lane l), each seen as 4 byte elements (one register:
-        # `_block`), which decode to exactly its A fragment's 16 codes
+        # l // 4 + 8 of its warp's 16 (lane l; and 64 rows on, for 128-row tiles), each seen
+        # as 4 byte elements (one register: `_block`), which decode to exactly its A
+        # fragment's 16 codes
+        REG: gl.constexpr = ([[0, 0, 1], [0, 0, 2], [8, 0, 0]] if BW == 64
+                             else [[0, 0, 1], [0, 0, 2], [8, 0, 0], [64, 0, 0]])
         P3: gl.constexpr = gl.DistributedLinearLayout(
-            reg_bases=[[0, 0, 1], [0, 0, 2], [8, 0, 0]],
-            lane_bases=[[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
-            warp_bases=[[16, 0, 0], [32, 0, 0]], block_bases=[], shape=[64, 4, 4])
-        PK: gl.constexpr = gl.SliceLayout(2, P3)  # [64 rows, 4 words]
+            reg_bases=REG, lane_bases=[[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+            warp_bases=[[16, 0, 0], [32, 0, 0]], block_bases=[], shape=[BW, 4, 4])
+        PK: gl.constexpr = gl.SliceLayout(2, P3)  # [BW rows, 4 words]
         LA: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
         SA: gl.constexpr = gl.NVMMASharedLayout.get_default_for([NB, 32], gl.float8e4nv)
         ROWS: gl.constexpr = gl.SliceLayout(1, MMA)
@@ -146,13 +149,14 @@ if HAS_GLUON:
         # the kernels' layout (mxfp4_to_kernel_layout): per 64-row group and K-block 64 rows x
         # 64 bytes contiguous (16 a row and 32-code block), then the rows' scale words
         # (4 bytes a row, byte c block c's e8m0)
-        rp = gl.arange(0, 64, gl.SliceLayout(1, PK))
+        rp = gl.arange(0, BW, gl.SliceLayout(1, PK))
         cpk = gl.arange(0, 4, gl.SliceLayout(0, PK))
+        grp = tile.to(gl.int64) * (BW // 64)
         w_at = (gl.multiple_of(w_addr.to(gl.pointer_type(gl.int32)), 16)
-                + tile.to(gl.int64) * (8 * K) + rp[:, None] * 16 + cpk[None, :])
-        r = gl.arange(0, 64, ROWS)
+                + (grp + rp[:, None] // 64) * (8 * K) + (rp[:, None] % 64) * 16 + cpk[None, :])
+        r = gl.arange(0, BW, ROWS)
         sw_at = (gl.multiple_of(s_addr.to(gl.pointer_type(gl.int32)), 16)
-                 + tile.to(gl.int64) * (K // 2) + r)
+                 + (grp + r // 64) * (K // 2) + r % 64)
 
         # the block's token rows, for the activation copies and for the accumulator columns
         ta = gl.arange(0, 4 * NB, gl.SliceLayout(1, LA)) % NB
@@ -177,7 +181,7 @@ if HAS_GLUON:
         for j in gl.static_range(NUM_BUF - 1):  # prologue: NUM_BUF - 1 K-blocks in flight
             _acts(a_smem.index(j), a_rows, ok_a, kb0 + j, kb0 + j < kb1, NB, LA)
             cp.commit_group()
-        zero = gl.zeros([64, NB], gl.float32, MMA)
+        zero = gl.zeros([BW, NB], gl.float32, MMA)
         acc = zero
         # registers one K-block ahead: the weight words, scale words, token scales
         pn = _weights(w_at, kb0, kb0 < kb1)
@@ -197,14 +201,14 @@ if HAS_GLUON:
             cp.commit_group()
             cp.wait_group(NUM_BUF - 1)
             buf = a_smem.index(i % NUM_BUF)
-            blk = _block(zero, p0, buf, sw, 0, zero, NB, P3, DOT_A)
-            blk = _block(blk, p1, buf, sw, 1, zero, NB, P3, DOT_A)
-            blk = _block(blk, p2, buf, sw, 2, zero, NB, P3, DOT_A)
-            blk = _block(blk, p3, buf, sw, 3, zero, NB, P3, DOT_A)
+            blk = _block(zero, p0, buf, sw, 0, zero, NB, P3, DOT_A, BW)
+            blk = _block(blk, p1, buf, sw, 1, zero, NB, P3, DOT_A, BW)
+            blk = _block(blk, p2, buf, sw, 2, zero, NB, P3, DOT_A, BW)
+            blk = _block(blk, p3, buf, sw, 3, zero, NB, P3, DOT_A, BW)
             acc = blk * sa[None, :] + acc
         cp.wait_group(0)
 
-        rows = tile * 64 + r
+        rows = tile * BW + r
         mask = (rows < N)[:, None] & ok[None, :]
         if SPLIT:
             part = out_ptr + gl.program_id(2).to(gl.int64) * part_stride
@@ -224,11 +228,12 @@ if HAS_GLUON:
                           k1, kb_per, part_stride, wgt_ptr, count_ptr, h_ptr, hs_ptr, limit,
                           GATE_UP: gl.constexpr, SPLIT: gl.constexpr, BT: gl.constexpr,
                           NUM_BUF: gl.constexpr, MAX8: gl.constexpr = False,
-                          FINISH: gl.constexpr = False, ROUND: gl.constexpr = True,
+                          BW: gl.constexpr = 64, FINISH: gl.constexpr = False, ROUND: gl.constexpr = True,
                           HAS_LIMIT: gl.constexpr = True, PDL: gl.constexpr = False):
-        """One (64-row weight tile, plan block of BT = 16 rows, K split); grid (N/64 (x2 for
-        GATE_UP: tiles past N/64 are w3's), blocks of this launch, splits); 4 warps. Writes
-        acc [64, n] as fp32 partials (SPLIT: [split, pos, 2N] for GATE_UP, [split, slot, N]
+        """One (BW-row weight tile, plan block of BT = 16 rows, K split); grid (N/BW (x2 for
+        GATE_UP: tiles past N/BW are w3's), blocks of this launch, splits); 4 warps; BW 64 or
+        128 (two 64-row groups of the kernels' layout, two wgmmas a 32-code block sharing the
+        activations). Writes acc [BW, n] as fp32 partials (SPLIT: [split, pos, 2N] for GATE_UP, [split, slot, N]
         for DOWN) or, DOWN unsplit, y rows [slot, N] in out's dtype. A block of up to 8 rows
         takes 8-column products (half the accumulator registers to promote); MAX8 (no block
         has more than 8 rows: batches of up to 8 tokens) compiles only those, which leaves
@@ -247,18 +252,18 @@ if HAS_GLUON:
         s_addr = gl.load(s_tab + wi)
         up = False
         if GATE_UP:
-            up = tile >= N // 64
-            tile = tile - up.to(gl.int32) * (N // 64)
+            up = tile >= N // BW
+            tile = tile - up.to(gl.int32) * (N // BW)
             w_addr = gl.where(up, gl.load(w3_tab + wi), w_addr)
             s_addr = gl.where(up, gl.load(s3_tab + wi), s_addr)
         kb0 = gl.program_id(2) * kb_per
         kb1 = gl.minimum(kb0 + kb_per, K // 128)
         if MAX8 or n_rows <= 8:
             _run(a_ptr, sa_ptr, slots_ptr, w_addr, s_addr, out_ptr, b, tile, up, n_rows, N, K,
-                 k1, kb0, kb1, part_stride, GATE_UP, SPLIT, BT, 8, NUM_BUF)
+                 k1, kb0, kb1, part_stride, GATE_UP, SPLIT, BT, 8, NUM_BUF, BW)
         else:
             _run(a_ptr, sa_ptr, slots_ptr, w_addr, s_addr, out_ptr, b, tile, up, n_rows, N, K,
-                 k1, kb0, kb1, part_stride, GATE_UP, SPLIT, BT, BT, NUM_BUF)
+                 k1, kb0, kb1, part_stride, GATE_UP, SPLIT, BT, BT, NUM_BUF, BW)
         if FINISH:
             _finish(out_ptr, count_ptr, h_ptr, hs_ptr, wgt_ptr, slots_ptr, b, tile, n_rows, N,
-                    k1, limit, part_stride, ROUND, HAS_LIMIT, BT)
+                    k1, limit, part_stride, ROUND, HAS_LIMIT, BT, BW)
