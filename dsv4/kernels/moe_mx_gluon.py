@@ -124,10 +124,11 @@ if HAS_GLUON:
     @gluon.jit
     def _run(a_ptr, sa_ptr, slots_ptr, w_addr, s_addr, out_ptr, b, tile, up, n_rows, N, K,
              k1, kb0, kb1, part_stride, GATE_UP: gl.constexpr, SPLIT: gl.constexpr,
-             BT: gl.constexpr, NB: gl.constexpr, NUM_BUF: gl.constexpr, BW: gl.constexpr):
+             BT: gl.constexpr, NB: gl.constexpr, NUM_BUF: gl.constexpr, BW: gl.constexpr,
+             DEPTH: gl.constexpr):
         """The CTA's product over K-blocks kb0 .. kb1 - 1 of its BW (64 or 128) weight rows
         with the first NB (8 or 16, at least n_rows) of the plan block's BT rows, and its
-        store."""
+        store. The weight words and scales are loaded DEPTH (1 or 2) K-blocks ahead."""
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, NB, 32])
         DOT_A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=4)
@@ -187,15 +188,26 @@ if HAS_GLUON:
         pn = _weights(w_at, kb0, kb0 < kb1)
         swn = gl.load(sw_at + kb0 * 64, mask=kb0 < kb1, other=0)
         san = gl.load(sa_at + kb0, mask=ok & (kb0 < kb1), other=0.0)
+        if DEPTH == 2:  # and the K-block after it
+            pm = _weights(w_at, kb0 + 1, kb0 + 1 < kb1)
+            swm = gl.load(sw_at + (kb0 + 1) * 64, mask=kb0 + 1 < kb1, other=0)
+            sam = gl.load(sa_at + kb0 + 1, mask=ok & (kb0 + 1 < kb1), other=0.0)
         for i in range(0, kb1 - kb0):
             kb = kb0 + i
             p0, p1, p2, p3 = pn
             sw = swn
             sa = san
-            live = kb + 1 < kb1
-            pn = _weights(w_at, kb + 1, live)
-            swn = gl.load(sw_at + (kb + 1) * 64, mask=live, other=0)
-            san = gl.load(sa_at + kb + 1, mask=ok & live, other=0.0)
+            if DEPTH == 2:
+                pn, swn, san = pm, swm, sam
+                live = kb + 2 < kb1
+                pm = _weights(w_at, kb + 2, live)
+                swm = gl.load(sw_at + (kb + 2) * 64, mask=live, other=0)
+                sam = gl.load(sa_at + kb + 2, mask=ok & live, other=0.0)
+            else:
+                live = kb + 1 < kb1
+                pn = _weights(w_at, kb + 1, live)
+                swn = gl.load(sw_at + (kb + 1) * 64, mask=live, other=0)
+                san = gl.load(sa_at + kb + 1, mask=ok & live, other=0.0)
             _acts(a_smem.index((i + NUM_BUF - 1) % NUM_BUF), a_rows, ok_a, kb + NUM_BUF - 1,
                   kb + NUM_BUF - 1 < kb1, NB, LA)
             cp.commit_group()
@@ -228,7 +240,8 @@ if HAS_GLUON:
                           k1, kb_per, part_stride, wgt_ptr, count_ptr, h_ptr, hs_ptr, limit,
                           GATE_UP: gl.constexpr, SPLIT: gl.constexpr, BT: gl.constexpr,
                           NUM_BUF: gl.constexpr, MAX8: gl.constexpr = False,
-                          BW: gl.constexpr = 64, FINISH: gl.constexpr = False, ROUND: gl.constexpr = True,
+                          BW: gl.constexpr = 64, DEPTH: gl.constexpr = 1,
+                          FINISH: gl.constexpr = False, ROUND: gl.constexpr = True,
                           HAS_LIMIT: gl.constexpr = True, PDL: gl.constexpr = False):
         """One (BW-row weight tile, plan block of BT = 16 rows, K split); grid (N/BW (x2 for
         GATE_UP: tiles past N/BW are w3's), blocks of this launch, splits); 4 warps; BW 64 or
@@ -260,10 +273,10 @@ if HAS_GLUON:
         kb1 = gl.minimum(kb0 + kb_per, K // 128)
         if MAX8 or n_rows <= 8:
             _run(a_ptr, sa_ptr, slots_ptr, w_addr, s_addr, out_ptr, b, tile, up, n_rows, N, K,
-                 k1, kb0, kb1, part_stride, GATE_UP, SPLIT, BT, 8, NUM_BUF, BW)
+                 k1, kb0, kb1, part_stride, GATE_UP, SPLIT, BT, 8, NUM_BUF, BW, DEPTH)
         else:
             _run(a_ptr, sa_ptr, slots_ptr, w_addr, s_addr, out_ptr, b, tile, up, n_rows, N, K,
-                 k1, kb0, kb1, part_stride, GATE_UP, SPLIT, BT, BT, NUM_BUF, BW)
+                 k1, kb0, kb1, part_stride, GATE_UP, SPLIT, BT, BT, NUM_BUF, BW, DEPTH)
         if FINISH:
             _finish(out_ptr, count_ptr, h_ptr, hs_ptr, wgt_ptr, slots_ptr, b, tile, n_rows, N,
                     k1, limit, part_stride, ROUND, HAS_LIMIT, BT, BW)
