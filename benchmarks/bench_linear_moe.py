@@ -258,7 +258,9 @@ def linear_sweep(quick: bool) -> None:
 
 def moe_sweep(quick: bool) -> None:
     """Launch-parameter sweep of the MoE kernels at decode batch sizes (Flash shapes): a
-    coordinate search from moe_config's choice, CUDA-graph timed as in the table."""
+    coordinate search from moe_config's choice, CUDA-graph timed as in the table. MXFP4
+    experts on the Gluon kernel search its choices (tile rows, K splits, ring depth, register
+    cap, weights loaded ahead); `DSV4_MOE_GLUON=0` searches the Triton kernel's."""
     from dsv4.kernels import moe as km
     from dsv4.kernels import num_sms
     n_exp, d, inter = (384, 7168, 3072) if SWEEP_MODEL[0] == "pro" else (256, 4096, 2048)
@@ -295,6 +297,12 @@ def moe_sweep(quick: bool) -> None:
             space["bt"] = [16, 32, 64, 128, 256]
         if EXPERT_FORMAT[0] != "fp4":  # the decode choice is MXFP4's
             del space["dec"]
+        if EXPERT_FORMAT[0] == "fp4" and km._gluon_applies(base, km.FMT_MXFP4):
+            # the Gluon kernel takes these launches (`moe_mx_gluon.py`): its own choices
+            # (`DSV4_MOE_GLUON=0`: the Triton kernel's, above)
+            space = dict(gbw=[dict(gbw1=64, gbw2=64), dict(gbw1=128, gbw2=128)],
+                         gsplit1=[1, 2, 3, 4, 8], gsplit2=[1, 2, 4], gstages=[2, 3, 4],
+                         gmaxnreg=[0, 72, 96, 128], gdepth=[1, 2])
         coordinate_search(base, space, timed, f"MoE T={t}")
     experts = shared = None  # freed
     torch.cuda.empty_cache()

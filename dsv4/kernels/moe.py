@@ -268,8 +268,8 @@ def moe_config(t: int, k: int, n_routed: int, d: int, inter: int, sms: int) -> d
     # 64 (spills); at T = 8 the cap changes nothing (272.0 against 271.8 us)
     split1, split2 = (2, 2) if t <= 1 else (2, 1) if t <= 16 else (1, 1)
     # the Gluon kernel's (MXFP4 experts, `moe_mx_gluon.py`): K-blocks a CTA and the
-    # activations' ring depth from a sweep (`scratch`, H200, Flash, CUDA-graph timed, the SwiGLU
-    # in the launch): T = 1 46.7 us (split 2 / 2, 72 registers, 4 stages; the Triton kernel
+    # activations' ring depth from a grid sweep (H200, Flash, CUDA-graph timed, the SwiGLU in
+    # the launch; `bench_linear_moe.py --only sweep --tokens ...` searches the same choices): T = 1 46.7 us (split 2 / 2, 72 registers, 4 stages; the Triton kernel
     # 54.1), T = 2 73.9 (1 / 1; 95.1), T = 8 207.3 (2 / 1, 72 registers; 273.4), T = 16
     # 388.8 (2 / 1, 2 stages; 472.2), T = 64 931.7 (2 / 1; 1110.0). Pro at T = 1: 4 / 4
     # (d = 7168: 14 K-blocks a gate/up CTA, as Flash's 16)
