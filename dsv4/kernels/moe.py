@@ -900,17 +900,26 @@ if HAS_TRITON:
         tl.debug_barrier()
         if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == 2 * (128 // BW) * splits - 1:
             tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # ready for the next launch
-            cols = cb * 128 + tl.arange(0, 128)
-            p = part_ptr + pos[:, None].to(tl.int64) * (2 * N) + cols[None, :]
             g = tl.zeros((BT, 128), dtype=tl.float32)
-            v = tl.zeros((BT, 128), dtype=tl.float32)
-            for sp in range(splits):
-                off = part_stride.to(tl.int64) * sp
-                g += tl.load(p + off, mask=ok[:, None], other=0.0, cache_modifier=".cg")
-                v += tl.load(p + off + N, mask=ok[:, None], other=0.0, cache_modifier=".cg")
-            hq, hs = _swiglu_quant(g, v, _routing_weight(wgt_ptr, slot, ok, k1), limit, ROUND,
-                                   HAS_LIMIT, QH)
-            _store_h(h_ptr, hs_ptr, pos, ok, cols, cb, N, hq, hs, HBF)
+            _finish_rows(part_ptr, h_ptr, hs_ptr, wgt_ptr, pos, ok, slot,
+                         cb * 128 + tl.arange(0, 128), cb, g, g, N, k1, limit, part_stride,
+                         splits, ROUND, HAS_LIMIT, HBF, QH)
+
+    @triton.jit
+    def _finish_rows(part_ptr, h_ptr, hs_ptr, wgt_ptr, pos, ok, slot, cols, cb, g, v, N, k1,
+                     limit, part_stride, splits, ROUND: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                     HBF: tl.constexpr, QH: tl.constexpr):
+        """The finishing CTA's work (`_finish_swiglu`, and the Gluon kernel's `_finish`, which
+        passes tensors of its own layouts): g and v [R, 128] (zeros) += the partials of rows
+        pos, channels cols, in split order, read past L1 (`.cg`); then h into h_ptr, hs_ptr."""
+        p = part_ptr + pos[:, None].to(tl.int64) * (2 * N) + cols[None, :]
+        for sp in range(splits):
+            off = part_stride.to(tl.int64) * sp
+            g += tl.load(p + off, mask=ok[:, None], other=0.0, cache_modifier=".cg")
+            v += tl.load(p + off + N, mask=ok[:, None], other=0.0, cache_modifier=".cg")
+        hq, hs = _swiglu_quant(g, v, _routing_weight(wgt_ptr, slot, ok, k1), limit, ROUND,
+                               HAS_LIMIT, QH)
+        _store_h(h_ptr, hs_ptr, pos, ok, cols, cb, N, hq, hs, HBF)
 
     @triton.jit
     def _swiglu_kernel(part_ptr, slots_ptr, blk_exp_ptr, blk_rows_ptr, wgt_ptr, hq_ptr, hs_ptr,

@@ -35,8 +35,8 @@ except Exception:  # noqa: BLE001
 
 
 if HAS_GLUON:
-    # the Triton kernel's epilogue helpers (no layouts of their own: Gluon inlines them)
-    from .moe import _routing_weight, _store_h, _swiglu_quant
+    # the Triton kernel's epilogue (no layouts of its own: Gluon inlines it)
+    from .moe import _finish_rows
 
     from .quant_linear import E2M1_E4M3_PTX
 
@@ -97,7 +97,7 @@ if HAS_GLUON:
                 BT: gl.constexpr, BW: gl.constexpr):
         """After a CTA's gate/up partial of block b: count it for its 128 channels (the g and
         v tiles of every K split); the last one sums the partials in split order and writes
-        w2's input h, as `moe._finish_swiglu` (the same helpers: bit-equal results)."""
+        w2's input h, as `moe._finish_swiglu` (the same `_finish_rows`: bit-equal)."""
         LF: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])
         cb = tile * BW // 128
         cnt = count_ptr + b * (N // 128) + cb
@@ -109,17 +109,10 @@ if HAS_GLUON:
             ok = offs < n_rows
             pos = b * BT + offs
             slot = gl.load(slots_ptr + pos, mask=ok, other=0)
-            cols = cb * 128 + gl.arange(0, 128, gl.SliceLayout(0, LF))
-            p = part_ptr + pos[:, None].to(gl.int64) * (2 * N) + cols[None, :]
             g = gl.zeros([BT, 128], gl.float32, LF)
-            v = gl.zeros([BT, 128], gl.float32, LF)
-            for sp in range(splits):
-                off = part_stride.to(gl.int64) * sp
-                g += gl.load(p + off, mask=ok[:, None], other=0.0, cache_modifier=".cg")
-                v += gl.load(p + off + N, mask=ok[:, None], other=0.0, cache_modifier=".cg")
-            hq, hs = _swiglu_quant(g, v, _routing_weight(wgt_ptr, slot, ok, k1), limit, ROUND,
-                                   HAS_LIMIT, True)
-            _store_h(h_ptr, hs_ptr, pos, ok, cols, cb, N, hq, hs, False)
+            _finish_rows(part_ptr, h_ptr, hs_ptr, wgt_ptr, pos, ok, slot,
+                         cb * 128 + gl.arange(0, 128, gl.SliceLayout(0, LF)), cb, g, g, N, k1,
+                         limit, part_stride, splits, ROUND, HAS_LIMIT, False, True)
 
     @gluon.jit
     def _run(a_ptr, sa_ptr, slots_ptr, w_addr, s_addr, out_ptr, b, tile, up, n_rows, N, K,
