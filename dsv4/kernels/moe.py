@@ -269,10 +269,11 @@ def moe_config(t: int, k: int, n_routed: int, d: int, inter: int, sms: int) -> d
     split1, split2 = (2, 2) if t <= 1 else (2, 1) if t <= 16 else (1, 1)
     # the Gluon kernel's (MXFP4 experts, `moe_mx_gluon.py`): K-blocks a CTA and the
     # activations' ring depth from a grid sweep (H200, Flash, CUDA-graph timed, the SwiGLU in
-    # the launch; `bench_linear_moe.py --only sweep --tokens ...` searches the same choices): T = 1 46.7 us (split 2 / 2, 72 registers, 4 stages; the Triton kernel
-    # 54.1), T = 2 73.9 (1 / 1; 95.1), T = 8 207.3 (2 / 1, 72 registers; 273.4), T = 16
-    # 388.8 (2 / 1, 2 stages; 472.2), T = 64 931.7 (2 / 1; 1110.0). Pro at T = 1: 4 / 4
-    # (d = 7168: 14 K-blocks a gate/up CTA, as Flash's 16)
+    # the launch; `bench_linear_moe.py --only sweep --tokens ...` searches the same choices):
+    # T = 1 46.7 us (split 2 / 2, 72 registers, 4 stages; the Triton kernel 54.1), T = 2 73.9
+    # (1 / 1; 95.1), T = 8 207.3 (2 / 1, 72 registers; 273.4), T = 16 388.8 (2 / 1, 2 stages;
+    # 472.2), T = 64 931.7 (2 / 1; 1110.0). Pro at T = 1: 4 / 4 (d = 7168: 14 K-blocks a
+    # gate/up CTA, as Flash's 16)
     # From 8 tokens 128-row tiles (two wgmmas sharing the activations, ~20% fewer instructions
     # a weight byte; 128 registers): T = 8 204.0 -> 199.3 us, 64 907.6 -> 787.8, 256 1268.4 ->
     # 1092.2; at T = 1 slower (45.4 -> 52.2: half the CTAs)
@@ -312,6 +313,8 @@ def _gluon_applies(c: dict, fmt: int) -> bool:
         return False
     from .moe_mx_gluon import HAS_GLUON
     return HAS_GLUON
+
+
 _COUNTS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -354,22 +357,22 @@ def _run_groups(groups, launch, overlap: bool) -> None:
     cur.wait_stream(side)
 
 
-def _gluon_gemm(grid, a, sa, plan, w_tab, s_tab, w3_tab, s3_tab, out, n, k, e_lo, e_hi,
-                b_lo, k1, per, part_stride, gate_up: bool, split: bool, c: dict,
+def _gluon_gemm(blocks: int, splits: int, a, sa, plan, w_tab, s_tab, w3_tab, s3_tab, out, n,
+                k, e_lo, e_hi, b_lo, k1, per, part_stride, gate_up: bool, split: bool, c: dict,
                 max8: bool, finish: tuple | None = None) -> bool:
-    """One `_moe_mx_wg_kernel` launch (`moe_mx_gluon.py`); False, after a warning, once the
-    Gluon kernel has failed to build (the caller then runs the Triton kernel). max8: no
-    block holds more than 8 rows. `c`: `gstages` (the activations' ring, default 3),
-    `gmaxnreg` (a register cap), `gbw1` / `gbw2` (weight rows a CTA, 64 or 128) and `gdepth`
-    (K-blocks of weight words loaded ahead, 1 or 2) from the launch config; the grid's first
-    axis follows the rows. `finish`: (routing weights,
-    counters, h, h's scales, limit, ROUND) for the SwiGLU in the gate/up launch."""
+    """One `_moe_mx_wg_kernel` launch (`moe_mx_gluon.py`) over `blocks` plan blocks and
+    `splits` K splits; False, after a warning, once the Gluon kernel has failed to build (the
+    caller then runs the Triton kernel). max8: no block holds more than 8 rows. From the
+    launch config `c`: `gstages` (the activations' ring, default 3), `gmaxnreg` (a register
+    cap), `gbw1` / `gbw2` (weight rows a CTA, 64 or 128), `gdepth` (K-blocks of weight words
+    loaded ahead, 1 or 2). `finish`: (routing weights, counters, h, h's scales, limit, ROUND)
+    for the SwiGLU in the gate/up launch."""
     from .moe_mx_gluon import _moe_mx_wg_kernel
     if _GLUON_FAILED:
         return False
     opt = dict(maxnreg=c["gmaxnreg"]) if c.get("gmaxnreg") else {}
     bw = c.get("gbw1" if gate_up else "gbw2", 64)
-    grid = ((2 if gate_up else 1) * n // bw, *grid[1:])
+    grid = ((2 if gate_up else 1) * n // bw, blocks, splits)  # gate/up: w1's tiles, then w3's
     try:
         wgt, counts, h, hs, limit, rnd = finish or (out, out, out, out, 0.0, True)
         _moe_mx_wg_kernel[grid](a, sa, *plan, w_tab, s_tab, w3_tab, s3_tab, out, n, k, e_lo,
@@ -508,13 +511,11 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
     finish = counts is not None and c.get("finish", False) and split1 > 1 and c["bw1"] <= 128
     counts = hs if counts is None else counts
 
-
     def gate_up(tab, e_lo, e_hi, b_lo, nb):
         p = tab.ptrs
         if gluon and tab.fmt == FMT_MXFP4 and _gluon_gemm(
-                (2 * inter // 64, nb, split1), q, s, plan, p["w1w"], p["w1s"], p["w3w"],
-                p["w3s"], part1, inter, d, e_lo, e_hi, b_lo, k1, per1, n_pos * 2 * inter,
-                True, True, c, t <= 8,
+                nb, split1, q, s, plan, p["w1w"], p["w1s"], p["w3w"], p["w3s"], part1, inter, d,
+                e_lo, e_hi, b_lo, k1, per1, n_pos * 2 * inter, True, True, c, t <= 8,
                 (wgt, counts, hq, hs, limit, common["ROUND"]) if finish else None):
             return
         _moe_gemm_kernel[((2 if partial1 else 1) * inter // c["bw1"], nb, split1)](
@@ -538,9 +539,8 @@ def _moe_cuda(u, idx, wgt, experts, shared, cfg: dict | None = None,
     def down(tab, e_lo, e_hi, b_lo, nb):
         p = tab.ptrs
         if gluon and tab.fmt == FMT_MXFP4 and _gluon_gemm(
-                (d // 64, nb, split2), hq, hs, plan, p["w2w"], p["w2s"], p["w2w"], p["w2s"], ys,
-                d, inter, e_lo, e_hi, b_lo, k1, per2, n_slots * d, False, split2 > 1, c,
-                t <= 8):
+                nb, split2, hq, hs, plan, p["w2w"], p["w2s"], p["w2w"], p["w2s"], ys, d, inter,
+                e_lo, e_hi, b_lo, k1, per2, n_slots * d, False, split2 > 1, c, t <= 8):
             return
         _moe_gemm_kernel[(triton.cdiv(d, c["bw2"]), nb, split2)](
             hq, hs, *plan, p["w2w"], p["w2s"], p["w2g"], p["w2w"], p["w2s"], p["w2g"], wgt,

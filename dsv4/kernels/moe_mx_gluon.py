@@ -239,11 +239,12 @@ if HAS_GLUON:
         """One (BW-row weight tile, plan block of BT = 16 rows, K split); grid (N/BW (x2 for
         GATE_UP: tiles past N/BW are w3's), blocks of this launch, splits); 4 warps; BW 64 or
         128 (two 64-row groups of the kernels' layout, two wgmmas a 32-code block sharing the
-        activations). Writes acc [BW, n] as fp32 partials (SPLIT: [split, pos, 2N] for GATE_UP, [split, slot, N]
-        for DOWN) or, DOWN unsplit, y rows [slot, N] in out's dtype. A block of up to 8 rows
-        takes 8-column products (half the accumulator registers to promote); MAX8 (no block
-        has more than 8 rows: batches of up to 8 tokens) compiles only those, which leaves
-        the kernel fewer registers. FINISH (GATE_UP, SPLIT): the last CTA of each (block,
+        activations). Writes acc [BW, n] as fp32 partials (SPLIT: [split, pos, 2N] for
+        GATE_UP, [split, slot, N] for DOWN) or, DOWN unsplit, y rows [slot, N] in out's dtype.
+        A block of up to 8 rows takes 8-column products (half the accumulator registers to
+        promote); MAX8 (no block has more than 8 rows: batches of up to 8 tokens) compiles
+        only those, which leaves the kernel fewer registers. DEPTH: K-blocks of weight words
+        loaded ahead (1 or 2). FINISH (GATE_UP, SPLIT): the last CTA of each (block,
         128 channels) writes h and its scales (h_ptr, hs_ptr) from the partials, counted in
         count_ptr, as the Triton kernel's FINISH (routing weights wgt_ptr, clamp `limit`)."""
         _pdl_start(PDL)
