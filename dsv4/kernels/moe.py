@@ -894,16 +894,26 @@ if HAS_TRITON:
         every K split); the last one sums the partials (in split order, as `_swiglu_kernel`)
         and writes h. The partial stores are released by the barrier and the counter's
         acq_rel atomic, and read back past L1 (`.cg`)."""
-        cb = tile * BW // 128
-        cnt = count_ptr + b * (N // 128) + cb
-        splits = tl.num_programs(2)
-        tl.debug_barrier()
-        if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == 2 * (128 // BW) * splits - 1:
-            tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+        last, cb, splits = _last_partial(count_ptr, b, tile, N, BW)
+        if last:
             g = tl.zeros((BT, 128), dtype=tl.float32)
             _finish_rows(part_ptr, h_ptr, hs_ptr, wgt_ptr, pos, ok, slot,
                          cb * 128 + tl.arange(0, 128), cb, g, g, N, k1, limit, part_stride,
                          splits, ROUND, HAS_LIMIT, HBF, QH)
+
+    @triton.jit
+    def _last_partial(count_ptr, b, tile, N, BW: tl.constexpr):
+        """Count this CTA's partial of block b for its 128 channels (g and v tiles of every K
+        split, counters [blocks, N / 128]): (whether it was the last, the 128-channel block,
+        the splits). The last one puts the counter back to zero for the next launch."""
+        cb = tile * BW // 128
+        cnt = count_ptr + b * (N // 128) + cb
+        splits = tl.num_programs(2)
+        tl.debug_barrier()
+        last = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == 2 * (128 // BW) * splits - 1
+        if last:
+            tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
+        return last, cb, splits
 
     @triton.jit
     def _finish_rows(part_ptr, h_ptr, hs_ptr, wgt_ptr, pos, ok, slot, cols, cb, g, v, N, k1,

@@ -35,8 +35,8 @@ except Exception:  # noqa: BLE001
 
 
 if HAS_GLUON:
-    # the Triton kernel's epilogue (no layouts of its own: Gluon inlines it)
-    from .moe import _finish_rows
+    # the Triton kernel's finish (no layouts of its own: Gluon inlines it)
+    from .moe import _finish_rows, _last_partial
 
     from .quant_linear import E2M1_E4M3_PTX
 
@@ -99,12 +99,8 @@ if HAS_GLUON:
         v tiles of every K split); the last one sums the partials in split order and writes
         w2's input h, as `moe._finish_swiglu` (the same `_finish_rows`: bit-equal)."""
         LF: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])
-        cb = tile * BW // 128
-        cnt = count_ptr + b * (N // 128) + cb
-        splits = gl.num_programs(2)
-        gl.thread_barrier()
-        if gl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == 2 * (128 // BW) * splits - 1:
-            gl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+        last, cb, splits = _last_partial(count_ptr, b, tile, N, BW)
+        if last:
             offs = gl.arange(0, BT, gl.SliceLayout(1, LF))
             ok = offs < n_rows
             pos = b * BT + offs
