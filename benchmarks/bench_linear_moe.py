@@ -302,7 +302,7 @@ def moe_sweep(quick: bool) -> None:
             # (`DSV4_MOE_GLUON=0`: the Triton kernel's, above)
             space = dict(gbw=[dict(gbw1=64, gbw2=64), dict(gbw1=128, gbw2=128)],
                          gsplit1=[1, 2, 3, 4, 8], gsplit2=[1, 2, 4], gstages=[2, 3, 4],
-                         gmaxnreg=[0, 72, 96, 128], gdepth=[1, 2])
+                         gmaxnreg=[0, 72, 96, 128])
         coordinate_search(base, space, timed, f"MoE T={t}")
     experts = shared = None  # freed
     torch.cuda.empty_cache()

@@ -364,9 +364,8 @@ def _gluon_gemm(blocks: int, splits: int, a, sa, plan, w_tab, s_tab, w3_tab, s3_
     `splits` K splits; False, after a warning, once the Gluon kernel has failed to build (the
     caller then runs the Triton kernel). max8: no block holds more than 8 rows. From the
     launch config `c`: `gstages` (the activations' ring, default 3), `gmaxnreg` (a register
-    cap), `gbw1` / `gbw2` (weight rows a CTA, 64 or 128), `gdepth` (K-blocks of weight words
-    loaded ahead, 1 or 2). `finish`: (routing weights, counters, h, h's scales, limit, ROUND)
-    for the SwiGLU in the gate/up launch."""
+    cap), `gbw1` / `gbw2` (weight rows a CTA, 64 or 128). `finish`: (routing weights,
+    counters, h, h's scales, limit, ROUND) for the SwiGLU in the gate/up launch."""
     from .moe_mx_gluon import _moe_mx_wg_kernel
     if _GLUON_FAILED:
         return False
@@ -378,7 +377,6 @@ def _gluon_gemm(blocks: int, splits: int, a, sa, plan, w_tab, s_tab, w3_tab, s3_
         _moe_mx_wg_kernel[grid](a, sa, *plan, w_tab, s_tab, w3_tab, s3_tab, out, n, k, e_lo,
                                 e_hi, b_lo, k1, per, part_stride, wgt, counts, h, hs, limit,
                                 GATE_UP=gate_up, SPLIT=split, BT=16, BW=bw,
-                                DEPTH=c.get("gdepth", 1),
                                 NUM_BUF=c.get("gstages", 3), MAX8=max8, FINISH=finish is not None,
                                 ROUND=rnd, HAS_LIMIT=limit > 0, num_warps=4, **opt, **pdl())
     except torch.OutOfMemoryError:

@@ -369,9 +369,7 @@ def test_moe_gluon_kernel_equals_triton_kernel(shape, monkeypatch):
             for cfg in (dict(c, split1=c.get("gsplit1", 1), split2=c.get("gsplit2", 1)),
                         dict(c, split1=3, split2=1, gsplit1=3, gsplit2=1),
                         dict(c, split1=1, split2=4, gsplit1=1, gsplit2=4),
-                        dict(c, split1=2, split2=2, gsplit1=2, gsplit2=2, gbw1=128, gbw2=128),
-                        dict(c, split1=c.get("gsplit1", 1), split2=c.get("gsplit2", 1),
-                             gdepth=2)):
+                        dict(c, split1=2, split2=2, gsplit1=2, gsplit2=2, gbw1=128, gbw2=128)):
                 got = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, cfg)
                 want = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, dict(cfg, gluon=False))
                 assert torch.equal(got, want), f"T={t} {kind} {cfg}: {rel_err(got, want):.2e}"
