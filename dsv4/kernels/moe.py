@@ -276,8 +276,11 @@ def moe_config(t: int, k: int, n_routed: int, d: int, inter: int, sms: int) -> d
     # gate/up CTA, as Flash's 16)
     # From 8 tokens 128-row tiles (two wgmmas sharing the activations, ~20% fewer instructions
     # a weight byte; 128 registers): T = 8 204.0 -> 199.3 us, 64 907.6 -> 787.8, 256 1268.4 ->
-    # 1092.2; at T = 1 slower (45.4 -> 52.2: half the CTAs)
-    g1 = max(1, round(d / 2048)) if t <= 1 else 1 if t <= 2 else 2 if t <= 64 else 1
+    # 1092.2; at T = 1 slower (45.4 -> 52.2: half the CTAs). With them, no gate/up K split
+    # from 32 tokens (`--only sweep --tokens 2 4 8 16 32 64 128 256`, thirty-third session:
+    # Flash T = 32 543.6 -> 535.7 us, 64 794.1 -> 760.5, Pro 64 2466.9 -> 2368.5; at 16 slower,
+    # 332.9 -> 337.1)
+    g1 = max(1, round(d / 2048)) if t <= 1 else 1 if t <= 2 else 2 if t < 32 else 1
     wide = t >= 8
     gluon = dict(gsplit1=max(1, min(d // 256, round(g1 * scale))),
                  gsplit2=max(1, min(inter // 256, round((g1 if t <= 1 else 1) * scale))),
