@@ -260,7 +260,8 @@ def moe_sweep(quick: bool) -> None:
     """Launch-parameter sweep of the MoE kernels at decode batch sizes (Flash shapes): a
     coordinate search from moe_config's choice, CUDA-graph timed as in the table. MXFP4
     experts on the Gluon kernel search its choices (tile rows, K splits, ring depth, register
-    cap, weights loaded ahead); `DSV4_MOE_GLUON=0` searches the Triton kernel's."""
+    cap, the weights through registers or a shared ring); `DSV4_MOE_GLUON=0` searches the
+    Triton kernel's."""
     from dsv4.kernels import moe as km
     from dsv4.kernels import num_sms
     n_exp, d, inter = (384, 7168, 3072) if SWEEP_MODEL[0] == "pro" else (256, 4096, 2048)
@@ -302,7 +303,7 @@ def moe_sweep(quick: bool) -> None:
             # (`DSV4_MOE_GLUON=0`: the Triton kernel's, above)
             space = dict(gbw=[dict(gbw1=64, gbw2=64), dict(gbw1=128, gbw2=128)],
                          gsplit1=[1, 2, 3, 4, 8], gsplit2=[1, 2, 4], gstages=[2, 3, 4],
-                         gmaxnreg=[0, 72, 96, 128])
+                         gmaxnreg=[0, 72, 96, 128], gwsmem=[False, True])
         coordinate_search(base, space, timed, f"MoE T={t}")
     experts = shared = None  # freed
     torch.cuda.empty_cache()

@@ -245,9 +245,10 @@ def moe_config(t: int, k: int, n_routed: int, d: int, inter: int, sms: int) -> d
     small = t * k <= 4 * n_routed
     if not small and bt <= 16:  # T = 512 Flash: 4.3 ms, against 7.4 with the fused epilogue
         # (the Gluon kernel: T = 256 1092.2 us with 128-row tiles, 128 registers and 2 stages;
-        # 1262.9 with 64-row tiles; the Triton kernel 1569.7)
+        # 1262.9 with 64-row tiles; the Triton kernel 1569.7; 977.6 with the weights through
+        # the shared ring, 3 stages)
         return dict(bt=bt, bw1=64, bw2=64, kc=128, split1=1, split2=1, warps=4, stages=3, dec=2,
-                    gstages=2, gbw1=128, gbw2=128, gmaxnreg=128)
+                    gstages=3, gwsmem=True, gbw1=128, gbw2=128, gmaxnreg=128)
     if not small and bt == 32:  # 16-32 slots an expert (Flash: 683-1365 tokens): the e4m3
         # decode, no K split, 4 warps. H200, Flash, same run (`--only sweep --tokens 1024`, then
         # an A/B): T = 768 / 1024 3180 / 3423 -> 2249 / 2412 us against the bf16-MMA
@@ -280,11 +281,15 @@ def moe_config(t: int, k: int, n_routed: int, d: int, inter: int, sms: int) -> d
     # from 32 tokens (`--only sweep --tokens 2 4 8 16 32 64 128 256`, thirty-third session:
     # Flash T = 32 543.6 -> 535.7 us, 64 794.1 -> 760.5, Pro 64 2466.9 -> 2368.5; at 16 slower,
     # 332.9 -> 337.1)
+    # From 2 tokens the weight words travel through a 3-deep shared ring (`gwsmem`, bit-equal;
+    # `scratch/wsmem.py`-style A/B, thirty-third session, Flash T = 2 / 8 / 64 / 256 73.7 /
+    # 198.7 / 755.3 / 1083.7 -> 71.2 / 192.9 / 725.5 / 977.6 us, Pro 8 / 64 472.9 / 2279.0 ->
+    # 445.1 / 2127.6; T = 16 and Pro's 1 equal; at one token 44.9 -> 45.7, deeper rings slower)
     g1 = max(1, round(d / 2048)) if t <= 1 else 1 if t <= 2 else 2 if t < 32 else 1
     wide = t >= 8
     gluon = dict(gsplit1=max(1, min(d // 256, round(g1 * scale))),
                  gsplit2=max(1, min(inter // 256, round((g1 if t <= 1 else 1) * scale))),
-                 gstages=4 if t <= 2 else 3 if t < 8 else 2,
+                 gstages=4 if t <= 1 else 3, gwsmem=t >= 2,
                  gmaxnreg=128 if wide else 72, gbw1=128 if wide else 64, gbw2=128 if wide else 64)
     # `overlap`: a separate shared-expert launch (FP8 beside FP4 experts) runs on a side
     # stream; H200, Flash, same run: T = 1 72.5 -> 64.8 us, 8: 283 -> 273, 64: 1101 -> 1115
@@ -367,7 +372,8 @@ def _gluon_gemm(blocks: int, splits: int, a, sa, plan, w_tab, s_tab, w3_tab, s3_
     `splits` K splits; False, after a warning, once the Gluon kernel has failed to build (the
     caller then runs the Triton kernel). max8: no block holds more than 8 rows. From the
     launch config `c`: `gstages` (the activations' ring, default 3), `gmaxnreg` (a register
-    cap), `gbw1` / `gbw2` (weight rows a CTA, 64 or 128). `finish`: (routing weights,
+    cap), `gbw1` / `gbw2` (weight rows a CTA, 64 or 128), `gwsmem` (the weight words through
+    the shared ring instead of straight into registers). `finish`: (routing weights,
     counters, h, h's scales, limit, ROUND) for the SwiGLU in the gate/up launch."""
     from .moe_mx_gluon import _moe_mx_wg_kernel
     if _GLUON_FAILED:
@@ -380,6 +386,7 @@ def _gluon_gemm(blocks: int, splits: int, a, sa, plan, w_tab, s_tab, w3_tab, s3_
         _moe_mx_wg_kernel[grid](a, sa, *plan, w_tab, s_tab, w3_tab, s3_tab, out, n, k, e_lo,
                                 e_hi, b_lo, k1, per, part_stride, wgt, counts, h, hs, limit,
                                 GATE_UP=gate_up, SPLIT=split, BT=16, BW=bw,
+                                WSMEM=c.get("gwsmem", False),
                                 NUM_BUF=c.get("gstages", 3), MAX8=max8, FINISH=finish is not None,
                                 ROUND=rnd, HAS_LIMIT=limit > 0, num_warps=4, **opt, **pdl())
     except torch.OutOfMemoryError:

@@ -16,7 +16,11 @@ from memory into registers one K-block ahead (the kernels' byte order, codes b a
 byte b, makes word q of a row exactly the 8 codes of the thread's wgmma A fragment), only the
 activations take cp.async (a ring of NUM_BUF K-blocks), and a block of up to 8 tokens runs
 64 x 8 wgmmas, with half the accumulator registers to promote: ~213 instructions a K-block.
-`mma.sync` would need no shared memory at all, but its FP8 form is not native on sm_90 (ptxas
+From two tokens (`WSMEM`) the weight words take a 3-deep cp.async ring too, two 16-byte
+pieces a thread and K-block, and are read from it in the A fragments' layout (~200
+instructions a K-block): more bytes in flight than registers hold, 3-10% faster from 2 tokens
+(Nsight Compute at 1 token: 7 CTAs an SM by registers, 78% of cycles with SMs active; there
+the register path stays ahead). `mma.sync` would need no shared memory at all, but its FP8 form is not native on sm_90 (ptxas
 converts to f16 and HMMA), so the B operand stays in shared memory for wgmma.
 """
 from __future__ import annotations
@@ -70,6 +74,14 @@ if HAS_GLUON:
         return p0, p1, p2, p3
 
     @gluon.jit
+    def _wcopy(buf, w_src, kb, live, LW: gl.constexpr):
+        """cp.async of K-block kb's packed weight words [BW rows, 16] into buf (16-byte
+        pieces; nothing unless live)."""
+        cw = gl.arange(0, 16, gl.SliceLayout(0, LW))
+        cp.async_copy_global_to_shared(buf, w_src + kb * 1024,
+                                       mask=(cw < 16 * live.to(gl.int32))[None, :])
+
+    @gluon.jit
     def _block(blk, p, buf, sw, c: gl.constexpr, zero, BT: gl.constexpr, P3: gl.constexpr,
                DOT_A: gl.constexpr, BW: gl.constexpr):
         """blk += (decoded 32-code block c) @ (its activations)^T * 2^6 x the rows' block
@@ -113,7 +125,8 @@ if HAS_GLUON:
     @gluon.jit
     def _run(a_ptr, sa_ptr, slots_ptr, w_addr, s_addr, out_ptr, b, tile, up, n_rows, N, K,
              k1, kb0, kb1, part_stride, GATE_UP: gl.constexpr, SPLIT: gl.constexpr,
-             BT: gl.constexpr, NB: gl.constexpr, NUM_BUF: gl.constexpr, BW: gl.constexpr):
+             BT: gl.constexpr, NB: gl.constexpr, NUM_BUF: gl.constexpr, BW: gl.constexpr,
+             WSMEM: gl.constexpr):
         """The CTA's product over K-blocks kb0 .. kb1 - 1 of its BW (64 or 128) weight rows
         with the first NB (8 or 16, at least n_rows) of the plan block's BT rows, and its
         store. The weight words and scales are loaded one K-block ahead (two measured slower:
@@ -168,29 +181,53 @@ if HAS_GLUON:
         sa_at = sa_ptr + arow.to(gl.int64) * (K // 128)
 
         a_smem = gl.allocate_shared_memory(gl.float8e4nv, [NUM_BUF, 4 * NB, 32], SA)
+        if WSMEM:  # the weight words through a ring of shared buffers too (cp.async, 16-byte
+            # pieces: two a thread and 64 rows), read from it in the A fragments' layout
+            LW: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [4, 1], [1, 0])
+            rw = gl.arange(0, BW, gl.SliceLayout(1, LW))
+            cw = gl.arange(0, 16, gl.SliceLayout(0, LW))
+            w_src = (gl.multiple_of(w_addr.to(gl.pointer_type(gl.int32)), 16)
+                     + (grp + rw[:, None] // 64) * (8 * K) + (rw[:, None] % 64) * 16
+                     + cw[None, :])
+            w_smem = gl.allocate_shared_memory(
+                gl.int32, [NUM_BUF, BW, 16], gl.SwizzledSharedLayout(4, 1, 4, order=[1, 0]))
         for j in gl.static_range(NUM_BUF - 1):  # prologue: NUM_BUF - 1 K-blocks in flight
             _acts(a_smem.index(j), a_rows, ok_a, kb0 + j, kb0 + j < kb1, NB, LA)
+            if WSMEM:
+                _wcopy(w_smem.index(j), w_src, kb0 + j, kb0 + j < kb1, LW)
             cp.commit_group()
         zero = gl.zeros([BW, NB], gl.float32, MMA)
         acc = zero
         # registers one K-block ahead: the weight words, scale words, token scales
-        pn = _weights(w_at, kb0, kb0 < kb1)
+        if not WSMEM:
+            pn = _weights(w_at, kb0, kb0 < kb1)
         swn = gl.load(sw_at + kb0 * 64, mask=kb0 < kb1, other=0)
         san = gl.load(sa_at + kb0, mask=ok & (kb0 < kb1), other=0.0)
         for i in range(0, kb1 - kb0):
             kb = kb0 + i
-            p0, p1, p2, p3 = pn
+            if not WSMEM:
+                p0, p1, p2, p3 = pn
             sw = swn
             sa = san
             live = kb + 1 < kb1
-            pn = _weights(w_at, kb + 1, live)
+            if not WSMEM:
+                pn = _weights(w_at, kb + 1, live)
             swn = gl.load(sw_at + (kb + 1) * 64, mask=live, other=0)
             san = gl.load(sa_at + kb + 1, mask=ok & live, other=0.0)
             _acts(a_smem.index((i + NUM_BUF - 1) % NUM_BUF), a_rows, ok_a, kb + NUM_BUF - 1,
                   kb + NUM_BUF - 1 < kb1, NB, LA)
+            if WSMEM:
+                _wcopy(w_smem.index((i + NUM_BUF - 1) % NUM_BUF), w_src, kb + NUM_BUF - 1,
+                       kb + NUM_BUF - 1 < kb1, LW)
             cp.commit_group()
             cp.wait_group(NUM_BUF - 1)
             buf = a_smem.index(i % NUM_BUF)
+            if WSMEM:
+                wb = w_smem.index(i % NUM_BUF)
+                p0 = wb.slice(0, 4, 1).load(PK)
+                p1 = wb.slice(4, 4, 1).load(PK)
+                p2 = wb.slice(8, 4, 1).load(PK)
+                p3 = wb.slice(12, 4, 1).load(PK)
             blk = _block(zero, p0, buf, sw, 0, zero, NB, P3, DOT_A, BW)
             blk = _block(blk, p1, buf, sw, 1, zero, NB, P3, DOT_A, BW)
             blk = _block(blk, p2, buf, sw, 2, zero, NB, P3, DOT_A, BW)
@@ -218,7 +255,7 @@ if HAS_GLUON:
                           k1, kb_per, part_stride, wgt_ptr, count_ptr, h_ptr, hs_ptr, limit,
                           GATE_UP: gl.constexpr, SPLIT: gl.constexpr, BT: gl.constexpr,
                           NUM_BUF: gl.constexpr, MAX8: gl.constexpr = False,
-                          BW: gl.constexpr = 64,
+                          BW: gl.constexpr = 64, WSMEM: gl.constexpr = False,
                           FINISH: gl.constexpr = False, ROUND: gl.constexpr = True,
                           HAS_LIMIT: gl.constexpr = True, PDL: gl.constexpr = False):
         """One (BW-row weight tile, plan block of BT = 16 rows, K split); grid (N/BW (x2 for
@@ -228,9 +265,12 @@ if HAS_GLUON:
         GATE_UP, [split, slot, N] for DOWN) or, DOWN unsplit, y rows [slot, N] in out's dtype.
         A block of up to 8 rows takes 8-column products (half the accumulator registers to
         promote); MAX8 (no block has more than 8 rows: batches of up to 8 tokens) compiles
-        only those, which leaves the kernel fewer registers. FINISH (GATE_UP, SPLIT): the last CTA of each (block,
-        128 channels) writes h and its scales (h_ptr, hs_ptr) from the partials, counted in
-        count_ptr, as the Triton kernel's FINISH (routing weights wgt_ptr, clamp `limit`)."""
+        only those, which leaves the kernel fewer registers. WSMEM: the weight words reach the
+        registers through a ring of NUM_BUF shared buffers (cp.async, as the activations)
+        instead of loads one K-block ahead. FINISH (GATE_UP, SPLIT): the last CTA of each
+        (block, 128 channels) writes h and its scales (h_ptr, hs_ptr) from the partials,
+        counted in count_ptr, as the Triton kernel's FINISH (routing weights wgt_ptr, clamp
+        `limit`)."""
         _pdl_start(PDL)
         b = blk_lo + gl.program_id(1)
         e = gl.load(blk_exp_ptr + b)
@@ -251,10 +291,10 @@ if HAS_GLUON:
         kb1 = gl.minimum(kb0 + kb_per, K // 128)
         if MAX8 or n_rows <= 8:
             _run(a_ptr, sa_ptr, slots_ptr, w_addr, s_addr, out_ptr, b, tile, up, n_rows, N, K,
-                 k1, kb0, kb1, part_stride, GATE_UP, SPLIT, BT, 8, NUM_BUF, BW)
+                 k1, kb0, kb1, part_stride, GATE_UP, SPLIT, BT, 8, NUM_BUF, BW, WSMEM)
         else:
             _run(a_ptr, sa_ptr, slots_ptr, w_addr, s_addr, out_ptr, b, tile, up, n_rows, N, K,
-                 k1, kb0, kb1, part_stride, GATE_UP, SPLIT, BT, BT, NUM_BUF, BW)
+                 k1, kb0, kb1, part_stride, GATE_UP, SPLIT, BT, BT, NUM_BUF, BW, WSMEM)
         if FINISH:
             _finish(out_ptr, count_ptr, h_ptr, hs_ptr, wgt_ptr, slots_ptr, b, tile, n_rows, N,
                     k1, limit, part_stride, ROUND, HAS_LIMIT, BT, BW)

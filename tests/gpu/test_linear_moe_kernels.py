@@ -354,8 +354,8 @@ def test_moe_gluon_kernel_equals_triton_kernel(shape, monkeypatch):
     """`moe_mx_gluon._moe_mx_wg_kernel` (MXFP4 experts, decode launches: 8- or 16-column
     products by the block's rows) computes what `_moe_gemm_kernel` does with the same launch,
     bit for bit: the same 32-deep FP8 products, promoted in the same order; K splits, unsplit
-    down, 64- and 128-row tiles, weights loaded one or two K-blocks ahead, blocks of 1-16 rows
-    (skewed routing fills whole 16-row blocks), and the reference."""
+    down, 64- and 128-row tiles, weight words through registers or a shared ring, blocks of
+    1-16 rows (skewed routing fills whole 16-row blocks), and the reference."""
     experts, shared = _random_moe(*shape, "fp4", "fp8", torch.bfloat16, seed=7)
     assert moe_kernels._gluon_applies(moe_kernels.moe_config(1, 6, shape[0], shape[1], shape[2],
                                                              132), moe_kernels.FMT_MXFP4)
@@ -369,7 +369,11 @@ def test_moe_gluon_kernel_equals_triton_kernel(shape, monkeypatch):
             for cfg in (dict(c, split1=c.get("gsplit1", 1), split2=c.get("gsplit2", 1)),
                         dict(c, split1=3, split2=1, gsplit1=3, gsplit2=1),
                         dict(c, split1=1, split2=4, gsplit1=1, gsplit2=4),
-                        dict(c, split1=2, split2=2, gsplit1=2, gsplit2=2, gbw1=128, gbw2=128)):
+                        dict(c, split1=2, split2=2, gsplit1=2, gsplit2=2, gbw1=128, gbw2=128),
+                        # the weight words through registers or the shared ring: the other
+                        # path than the default's at this T
+                        dict(c, split1=c.get("gsplit1", 1), split2=c.get("gsplit2", 1),
+                             gwsmem=not c.get("gwsmem", False))):
                 got = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, cfg)
                 want = moe_kernels._moe_cuda(u, idx, wgt, experts, shared, dict(cfg, gluon=False))
                 assert torch.equal(got, want), f"T={t} {kind} {cfg}: {rel_err(got, want):.2e}"
