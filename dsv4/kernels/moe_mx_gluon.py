@@ -18,10 +18,11 @@ activations take cp.async (a ring of NUM_BUF K-blocks), and a block of up to 8 t
 64 x 8 wgmmas, with half the accumulator registers to promote: ~213 instructions a K-block.
 From two tokens (`WSMEM`) the weight words take a 3-deep cp.async ring too, two 16-byte
 pieces a thread and K-block, and are read from it in the A fragments' layout (~200
-instructions a K-block): more bytes in flight than registers hold, 3-10% faster from 2 tokens
-(Nsight Compute at 1 token: 7 CTAs an SM by registers, 78% of cycles with SMs active; there
-the register path stays ahead). `mma.sync` would need no shared memory at all, but its FP8 form is not native on sm_90 (ptxas
-converts to f16 and HMMA), so the B operand stays in shared memory for wgmma.
+instructions a K-block): more bytes in flight than registers hold (Nsight Compute at one
+token: 7 CTAs an SM by registers), up to 10% faster from 2 tokens; at one token the register
+path stays ahead. `mma.sync` would need no shared memory at all, but its FP8 form is not
+native on sm_90 (ptxas converts to f16 and HMMA), so the B operand stays in shared memory for
+wgmma.
 """
 from __future__ import annotations
 
@@ -129,8 +130,8 @@ if HAS_GLUON:
              WSMEM: gl.constexpr):
         """The CTA's product over K-blocks kb0 .. kb1 - 1 of its BW (64 or 128) weight rows
         with the first NB (8 or 16, at least n_rows) of the plan block's BT rows, and its
-        store. The weight words and scales are loaded one K-block ahead (two measured slower:
-        H200, Flash, 1 token 45.6 -> 49.2 us)."""
+        store. The scales, and without WSMEM the weight words, are loaded into registers one
+        K-block ahead (two measured slower: H200, Flash, 1 token 45.6 -> 49.2 us)."""
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, NB, 32])
         DOT_A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=4)
