@@ -1,5 +1,6 @@
-"""Benchmark: the fastest one kernel reads N bytes of HBM on this GPU, at the sizes our kernels
-read (the yardstick under the "% of HBM" columns of the other benchmarks).
+"""Benchmark: how fast one plain streaming kernel reads N bytes of HBM on this GPU, at the
+sizes our kernels read (a yardstick for the "% of HBM" columns of the other benchmarks; a
+floor of this kernel, not of the chip).
 
     PYTHONPATH=. python3 benchmarks/bench_hbm_floor.py [--sizes-mb 4.2 33.5 ...]
 
@@ -9,19 +10,20 @@ shape a size. Timed as the decode kernels are (`bench_linear_moe.t_graph_us`: a 
 launches over rotating buffers, > 200 MB, so the bytes come from HBM; the time a launch
 includes its ramp-up, its tail and the gap to the next). What a kernel cannot beat at a size:
 a few microseconds of ramp and tail weigh on reads of tens of MB (at 4.8 TB/s, 33.5 MB take
-7 us).
+7 us). Before timing, `check_reads_all` confirms every launch shape reads each word once.
 """
 from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from bench_linear_moe import HBM, t_graph_us
 
-DEV = "cuda"
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # (cpu: TRITON_INTERPRET=1 only)
 
 
 @triton.jit(do_not_specialize=["n_words", "PER"])
@@ -29,10 +31,30 @@ def _stream_kernel(x_ptr, out_ptr, n_words, PER, CH: tl.constexpr):
     """XOR of this CTA's PER words (CH a step) of x, stored per lane (kept, never read)."""
     base = tl.program_id(0).to(tl.int64) * PER
     acc = tl.zeros([CH], tl.int32)
-    for i in range(0, PER // CH):
+    for i in range(0, tl.cdiv(PER, CH)):
         offs = base + i * CH + tl.arange(0, CH)
         acc ^= tl.load(x_ptr + offs, mask=offs < n_words, other=0)
     tl.store(out_ptr + tl.program_id(0) * CH + tl.arange(0, CH), acc)
+
+
+PER_KB, STEP_WORDS = (8, 16, 32, 64, 128, 256), (1024, 2048)
+
+
+def check_reads_all(words: int = 786_437) -> None:
+    """Every launch shape of the sweep reads each word once: the XOR of the CTAs' outputs
+    is the XOR of the buffer (an odd length: the last CTA's mask is exercised). A timing of a
+    kernel that skipped bytes would be no floor."""
+    x = torch.randint(0, 2**30, (words,), dtype=torch.int32, device=DEV)
+    want = int(np.bitwise_xor.reduce(x.cpu().numpy()))
+    for per_kb in PER_KB:
+        for ch in STEP_WORDS:
+            ctas = triton.cdiv(words, per_kb * 256)
+            out = torch.empty(ctas * ch, dtype=torch.int32, device=DEV)
+            _stream_kernel[(ctas,)](x, out, words, per_kb * 256, CH=ch)
+            got = int(np.bitwise_xor.reduce(out.cpu().numpy()))
+            if got != want:
+                raise AssertionError(f"stream kernel, {per_kb} KB a CTA, {ch}-word steps: "
+                                     "does not read every word once")
 
 
 def floor_us(nbytes: int) -> tuple[float, str]:
@@ -42,12 +64,12 @@ def floor_us(nbytes: int) -> tuple[float, str]:
     bufs = [torch.randint(0, 2**30, (words,), dtype=torch.int32, device=DEV)
             for _ in range(copies)]
     best = (float("inf"), "")
-    for per_kb in (8, 16, 32, 64, 128, 256):
+    for per_kb in PER_KB:
         per = per_kb * 256  # words a CTA
         if per > words:
             continue
         ctas = triton.cdiv(words, per)
-        for ch in (1024, 2048):
+        for ch in STEP_WORDS:
             out = torch.empty(ctas * ch, dtype=torch.int32, device=DEV)
             for warps in (4, 8):
                 for stages in (2, 3, 4):
@@ -67,6 +89,7 @@ def main() -> None:
                          "a one-token MoE's routed gate/up and whole layer, a 64-token MoE "
                          "layer, the fp32 head's bf16 weight)")
     a = ap.parse_args()
+    check_reads_all()
     print("\n## One kernel reading N MB from HBM: the best launch (CUDA-graph timed)\n")
     print("| MB | us | TB/s | % of 4.8 TB/s | launch |")
     print("|---|---|---|---|---|")
