@@ -254,6 +254,42 @@ def bench_mhc(T: int, d: int, mix_sweep: bool = False) -> None:
     report(f"rmsnorm {T} tok d={d}", ms, ref_ms, 2 * T * d * 2, 0.0)
 
 
+# (channels, warps) a CTA of the one-launch mHC (`mhc_fused.py`), for --mhc-sweep
+STEP_CONFIGS = [(64, 1), (32, 1), (128, 1), (64, 2), (128, 2), (128, 4), (256, 4)]
+
+
+def bench_mhc_step(T: int, d: int, slots: bool, sweep: bool = False) -> None:
+    """The hyper-connection between two sub-layers of a decode batch: the post update of the
+    one that ended (f: wo_b's 4 split-K partials, or the MoE's 7 slot rows in 2 K splits) and
+    the pre + RMSNorm of the next, in one launch (`mhc_fused.hc_fused`) against the separate
+    kernels (hc_post, the mix and pre kernels, rmsnorm) as the model ran them before."""
+    from dsv4.kernels.mhc_fused import hc_fused
+    gen = torch.Generator(device=DEV).manual_seed(4)
+    n = 4
+    xs = [torch.randn(T, n, d, generator=gen, device=DEV).bfloat16() for _ in range(8)]
+    f = (torch.randn(2, T, 7, d, generator=gen, device=DEV) if slots
+         else torch.randn(4, T, d, generator=gen, device=DEV))
+    fn = torch.randn((2 + n) * n, n * d, generator=gen, device=DEV) * (n * d) ** -0.5
+    scale, base = torch.rand(3, device=DEV), torch.randn((2 + n) * n, device=DEV)
+    post, comb = torch.rand(T, n, device=DEV), torch.rand(T, n, n, device=DEV)
+    w = torch.rand(d, generator=gen, device=DEV) + 0.5
+    nbytes = 2 * T * n * d * 2 + f.numel() * f.element_size() + fn.numel() * 4 + T * d * 2
+    args = (fn, scale, base, 1e-6, 1e-6, 20)
+
+    def apart(x):
+        xo = hc_post_triton(x, f, post, comb)
+        return rmsnorm_triton(hc_pre_triton(xo, *args)[0], w, 1e-6)
+    ms_apart = bench([lambda x=x: apart(x) for x in xs])
+    what = "MoE slot rows" if slots else "wo_b partials"
+    # one eager call first: it allocates the counters, which a capture cannot
+    assert hc_fused(xs[0], *args, (f, post, comb), False, (w, 1e-6)) is not None
+    for cfg in (STEP_CONFIGS if sweep else STEP_CONFIGS[:1]):
+        ms = bench([lambda x=x: hc_fused(x, *args, (f, post, comb), False, (w, 1e-6), cfg=cfg)
+                    for x in xs])
+        report(f"mhc step {T} tok d={d} {what} {cfg} (ref: 4 launches)", ms, ms_apart, nbytes,
+               0.0)
+
+
 def copy_ceiling() -> None:
     x = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
     y = torch.empty_like(x)
@@ -269,16 +305,19 @@ def main() -> None:
     ap.add_argument("--configs", action="store_true", help="also try other attention tile shapes")
     ap.add_argument("--triton", action="store_true",
                     help="also time the Triton attention kernel where the Gluon one runs")
-    ap.add_argument("--only", default="", help="comma list of: attn,indexer,compressor,mhc")
+    ap.add_argument("--only", default="",
+                    help="comma list of: attn,indexer,compressor,mhc,mhc_step")
     ap.add_argument("--indexer-waves", action="store_true",
                     help="indexer: also time the FP8 kernel with other key blocks a CTA")
     ap.add_argument("--mhc-sweep", action="store_true",
-                    help="mhc: also time hc_pre's mix kernel over MIX_CONFIGS and K splits")
+                    help="mhc: also time hc_pre's mix kernel over MIX_CONFIGS and K splits; "
+                         "mhc_step: the one launch over STEP_CONFIGS")
     ap.add_argument("--rank-heads", action="store_true",
                     help="attention of a tensor-parallel rank's 16 / 32 heads: the Gluon "
                          "kernel's masked 64-head block (the default) against the Triton kernel")
     args = ap.parse_args()
-    parts = set(args.only.split(",")) if args.only else {"attn", "indexer", "compressor", "mhc"}
+    parts = set(args.only.split(",")) if args.only else {"attn", "indexer", "compressor", "mhc",
+                                                           "mhc_step"}
     INDEXER_WAVES[0] = args.indexer_waves
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     copy_ceiling()
@@ -315,6 +354,11 @@ def main() -> None:
     if "mhc" in parts:
         for d in (4096, 7168):
             bench_mhc(8192, d, args.mhc_sweep)
+    if "mhc_step" in parts:
+        for d in (4096, 7168):
+            for T in (1, 2, 4, 8, 16):
+                for slots in (False, True):
+                    bench_mhc_step(T, d, slots, args.mhc_sweep and T in (1, 8) and d == 4096)
     print("\n" + header())
     print("\n".join(ROWS))
 

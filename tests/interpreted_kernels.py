@@ -281,6 +281,48 @@ def check_mhc() -> None:
             assert torch.equal(pn, p0) and torch.equal(cn, c0)
 
 
+def check_mhc_fused() -> None:
+    """The one-launch mHC of decode batches (`mhc_fused.py`) against the separate kernels:
+    X' bit for bit, the mix's outputs to fp32 rounding (its products summed in another
+    order), with and without the post update, the norm and the head's mix."""
+    from dsv4.kernels import mhc
+    from dsv4.kernels.mhc_fused import hc_fused
+    n = 4
+    for T, d, dt, bc in ((1, 256, torch.bfloat16, 64), (3, 320, torch.float32, 32)):
+        x = torch.randn(T, n, d, generator=G).to(dt)
+        fn = torch.randn((2 + n) * n, n * d, generator=G) * (n * d) ** -0.5
+        scale, base = torch.rand(3, generator=G) + 0.5, torch.randn((2 + n) * n, generator=G)
+        w = torch.rand(d, generator=G) + 0.5
+        post, comb = torch.rand(T, n, generator=G) * 2, torch.rand(T, n, n, generator=G)
+        for f in (torch.randn(T, d, generator=G).to(dt), torch.randn(3, T, d, generator=G),
+                  torch.randn(2, T, 5, d, generator=G), None):
+            pa = None if f is None else (f, post, comb)
+            for head, norm in ((False, None), (False, (w, 1e-6)), (True, (w, 1e-6))):
+                fh, sh, bh = (fn[:n], scale[:1], base[:n]) if head else (fn, scale, base)
+                xo, y, p2, c2 = hc_fused(x, fh, sh, bh, 1e-6, 1e-6, 20, pa, head, norm,
+                                         cfg=(bc, 1))
+                xw = x if f is None else mhc.hc_post_triton(x, f, post, comb)
+                if f is None or f.dim() != 3:  # (3-D: the 2-D kernel sums partials as a tree)
+                    assert torch.equal(xo, xw), "X' off the post kernel's"
+                else:
+                    want = mhc.hc_post_ref(x, f, post, comb).float()
+                    assert ((xo.float() - want).abs() <= want.abs() * 2.0 ** -7 + 1e-6).all()
+                yw, pw, cw = (mhc.hc_head_ref(xw, fh, sh, bh, 1e-6, 1e-6), None, None) \
+                    if head else mhc.hc_pre_ref(xw, fh, sh, bh, 1e-6, 1e-6, 20)
+                if norm is not None:
+                    yw = mhc.rmsnorm_ref(yw, *norm)
+                tol = 2.0 ** -6 * yw.float().abs() + 1e-5 * xw.float().abs().sum(1) * 4
+                assert ((y.float() - yw.float()).abs() <= tol).all(), "y"
+                if not head:
+                    assert torch.allclose(p2, pw, atol=1e-5) and torch.allclose(c2, cw, atol=1e-5)
+                else:
+                    assert p2.numel() == 0 and c2.numel() == 0
+        # the counters are back to zero: a second launch gives the same
+        again = hc_fused(x, fn, scale, base, 1e-6, 1e-6, 20, None, False, (w, 1e-6), cfg=(bc, 1))
+        first = hc_fused(x, fn, scale, base, 1e-6, 1e-6, 20, None, False, (w, 1e-6), cfg=(bc, 1))
+        assert all(torch.equal(a, b) for a, b in zip(again, first))
+
+
 def check_grouped_fp8_linear() -> None:
     from dsv4.kernels import grouped_linear as gl
     from dsv4.quant.formats import quantize_fp8
@@ -934,7 +976,7 @@ def check_model() -> None:
 CHECKS = {f.__name__[len("check_"):]: f for f in (check_topk, check_candidates,
                                                   check_indexer_avail, check_indexer_fp8,
                                                   check_attention_cmp_len,
-                                                  check_mhc, check_grouped_fp8_linear,
+                                                  check_mhc, check_mhc_fused, check_grouped_fp8_linear,
                                                   check_quant_linear, check_moe_fp4,
                                                   check_moe_fp8, check_moe_other,
                                                   check_moe_gate,

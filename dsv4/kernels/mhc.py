@@ -11,6 +11,7 @@ import torch
 
 from . import HAS_TRITON, use_triton
 from .f32_linear import split_bf16
+from .mhc_fused import hc_fused, post_rows
 from .moe import sum_slots
 from .pdl import pdl
 from .quant_linear import sum_parts
@@ -354,15 +355,7 @@ if HAS_TRITON:
         """Launcher: X' [T, n, d] in x's dtype; f [T, d], partials [S, T, d] or slot rows
         [S, T, J, d] (`hc_post_ref`)."""
         T, n, d = x.shape
-        round_f = f.dim() >= 3 and (f.shape[0] > 1 or f.dtype != x.dtype)
-        if f.dim() == 2:
-            f = f[None]
-        if f.dim() == 3:
-            f = f[:, :, None]
-        if (f.dim() != 4 or f.shape[1] != T or f.shape[3] != d or post.shape != (T, n)
-                or comb.shape != (T, n, n) or n & (n - 1)):
-            raise ValueError(f"x {tuple(x.shape)}, f {tuple(f.shape)}, post {tuple(post.shape)}, "
-                             f"comb {tuple(comb.shape)} do not fit")
+        f, round_f = post_rows(x, f, post, comb)
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         if T:
             args = (x.contiguous(), f.contiguous(), post.float().contiguous(),
@@ -391,14 +384,37 @@ FUSE_NORM_FROM = 16
 
 def hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters, norm=None):
     """(y, post, comb); `norm` (weight, eps): y through the RMSNorm that follows it in the
-    model (SPEC.md 4), fused into the kernel on the GPU from FUSE_NORM_FROM tokens."""
-    if use_triton(x) and x.dtype in (torch.bfloat16, torch.float32) and _pow2(x.shape[1]):
-        fuse = norm is not None and x.shape[0] >= FUSE_NORM_FROM
-        y, post, comb = hc_pre_triton(x, fn, scale, base, norm_eps, hc_eps, iters,
+    model (SPEC.md 4), fused into the kernel on the GPU."""
+    return hc_post_pre(x, None, fn, scale, base, norm_eps, hc_eps, iters, norm)[1:]
+
+
+def hc_post_pre(x, post_args, fn, scale, base, norm_eps, hc_eps, iters, norm=None,
+                head: bool = False):
+    """The post update of the sub-layer that ended, then the pre of the next one: (X', y,
+    post', comb'). post_args: (f, post, comb) of `hc_post` (X' = post * f + comb^T X), or
+    None (X' is x). `norm` as in `hc_pre`; `head`: hc_head's mix (y only, post' and comb'
+    empty). On the GPU decode batches take one launch (`mhc_fused.py`); larger ones the post
+    kernel, the mix and pre kernels, and the RMSNorm, fused into the pre kernel from
+    FUSE_NORM_FROM tokens."""
+    T, n, d = x.shape
+    if use_triton(x) and x.dtype in (torch.bfloat16, torch.float32) and _pow2(n):
+        got = hc_fused(x, fn, scale, base, norm_eps, hc_eps, iters, post_args, head, norm)
+        if got is not None:
+            return got
+        if post_args is not None:
+            x = hc_post_triton(x, *post_args)
+        fuse = norm is not None and T >= FUSE_NORM_FROM
+        y, post, comb = hc_pre_triton(x, fn, scale, base, norm_eps, hc_eps, iters, head=head,
                                       norm=norm if fuse else None)
-        return (rmsnorm(y, *norm) if norm is not None and not fuse else y), post, comb
-    y, post, comb = hc_pre_ref(x, fn, scale, base, norm_eps, hc_eps, iters)
-    return (y if norm is None else rmsnorm_ref(y, *norm)), post, comb
+        return x, (rmsnorm(y, *norm) if norm is not None and not fuse else y), post, comb
+    if post_args is not None:
+        x = hc_post(x, *post_args)
+    if head:
+        y = hc_head_ref(x, fn, scale, base, norm_eps, hc_eps)
+        post, comb = x.new_empty(0, n, dtype=torch.float32), x.new_empty(0, n, n, dtype=torch.float32)
+    else:
+        y, post, comb = hc_pre_ref(x, fn, scale, base, norm_eps, hc_eps, iters)
+    return x, (y if norm is None else rmsnorm_ref(y, *norm)), post, comb
 
 
 def hc_head_ref(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
@@ -412,15 +428,10 @@ def hc_head_ref(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: to
 
 
 def hc_head(x, fn, scale, base, norm_eps, hc_eps, norm=None):
-    """hc_pre's two kernels with the n mix columns of the head (one launch pair instead of
-    a matmul, a mean, a sigmoid and a sum); `norm` as in `hc_pre` (the final norm)."""
-    if use_triton(x) and x.dtype in (torch.bfloat16, torch.float32) and _pow2(x.shape[1]):
-        fuse = norm is not None and x.shape[0] >= FUSE_NORM_FROM
-        y = hc_pre_triton(x, fn, scale, base, norm_eps, hc_eps, 0, head=True,
-                          norm=norm if fuse else None)[0]
-        return rmsnorm(y, *norm) if norm is not None and not fuse else y
-    y = hc_head_ref(x, fn, scale, base, norm_eps, hc_eps)
-    return y if norm is None else rmsnorm_ref(y, *norm)
+    """hc_pre's kernels with the n mix columns of the head (one launch pair, or one launch
+    for decode batches, instead of a matmul, a mean, a sigmoid and a sum); `norm` as in
+    `hc_pre` (the final norm)."""
+    return hc_post_pre(x, None, fn, scale, base, norm_eps, hc_eps, 0, norm, head=True)[1]
 
 
 def hc_post(x, f, post, comb):

@@ -7,7 +7,7 @@ from torch import nn
 from ..distributed import SINGLE
 from .attention import DeepseekV4Attention
 from .batch import ForwardBatch
-from .mhc import HyperConnection, hc_params
+from .mhc import HyperConnection, Pending, hc_params
 from .moe import MoE
 from .norm import RMSNorm
 
@@ -29,9 +29,11 @@ class Block(nn.Module):
         self._hc_attn = HyperConnection(self, "hc_attn", cfg)
         self._hc_ffn = HyperConnection(self, "hc_ffn", cfg)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache, input_ids: torch.Tensor):
-        """x [T, n, d] -> [T, n, d]."""
-        y, ctx = self._hc_attn.pre(x, self.attn_norm)
-        x = self._hc_attn.post(x, self.attn(y, batch, cache), ctx)
-        y, ctx = self._hc_ffn.pre(x, self.ffn_norm)
+    def forward(self, x: torch.Tensor | Pending, batch: ForwardBatch, cache,
+                input_ids: torch.Tensor) -> Pending:
+        """X [T, n, d] (or the previous block's Pending update) -> this block's Pending update
+        (`mhc.settle` forms it)."""
+        x, y, ctx = self._hc_attn.pre(x, self.attn_norm)
+        x, y, ctx = self._hc_ffn.pre(self._hc_attn.post(x, self.attn(y, batch, cache), ctx),
+                                     self.ffn_norm)
         return self._hc_ffn.post(x, self.ffn(y, input_ids), ctx)

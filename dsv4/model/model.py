@@ -13,7 +13,7 @@ from ..quant.linear import BF16Linear, make_linear
 from ..quant.scheme import QuantScheme
 from .batch import ForwardBatch
 from .block import Block
-from .mhc import hc_params
+from .mhc import hc_params, settle
 from .norm import RMSNorm
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -37,7 +37,8 @@ class MTPLayer(Block):
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, batch: ForwardBatch, cache,
                 input_ids: torch.Tensor) -> torch.Tensor:
-        """h [T, n, d] main-model state at p; emb [T, d] embedding of token p+1 -> [T, n, d]."""
+        """h [T, n, d] main-model state at p; emb [T, d] embedding of token p+1 -> the
+        block's Pending update of [T, n, d]."""
         x = self.e_proj(self.enorm(emb))[:, None, :] + self.h_proj(self.hnorm(h))
         return super().forward(x, batch, cache, input_ids)
 
@@ -83,7 +84,7 @@ class DeepseekV4Model(nn.Module):
             x = self.embed_tokens(ids)[:, None, :].expand(-1, self.cfg.hc_mult, -1).contiguous()
             for i, layer in enumerate(self.layers):
                 x = layer(x, batch, cache.layers[i], ids)
-        return x
+            return settle(x)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -111,8 +112,8 @@ class DeepseekV4Model(nn.Module):
         self._check(batch, cache)
         layer = self.mtp[j]
         with for_tokens(batch.num_tokens):
-            return layer(h, self.embed_tokens(next_ids), batch,
-                         cache.layers[self.cfg.num_hidden_layers + j], next_ids)
+            return settle(layer(h, self.embed_tokens(next_ids), batch,
+                                cache.layers[self.cfg.num_hidden_layers + j], next_ids))
 
     def mtp_logits(self, x: torch.Tensor, j: int = 0) -> torch.Tensor:
         return self.logits(x, self.mtp[j])

@@ -754,6 +754,97 @@ def test_hc_pre_with_the_rmsnorm_fused(T, d, dtype, head):
     assert bad == 0, f"{bad} elements of norm(y) off the reference"
 
 
+def _hc_step_inputs(T, d, kind, gen, n=4):
+    x = torch.randn(T, n, d, generator=gen, device=DEV).bfloat16()
+    f = {"none": None, "tensor": torch.randn(T, d, generator=gen, device=DEV).bfloat16(),
+         "partials": torch.randn(4, T, d, generator=gen, device=DEV),  # wo_b's split K
+         "slots": torch.randn(2, T, 7, d, generator=gen, device=DEV)}[kind]  # the MoE's rows
+    post = torch.rand(T, n, generator=gen, device=DEV) * 2
+    comb = torch.rand(T, n, n, generator=gen, device=DEV)
+    fn = torch.randn((2 + n) * n, n * d, generator=gen, device=DEV) * (n * d) ** -0.5
+    scale = torch.rand(3, generator=gen, device=DEV) + 0.5
+    base = torch.randn((2 + n) * n, generator=gen, device=DEV)
+    w = torch.rand(d, generator=gen, device=DEV) + 0.5
+    return x, None if f is None else (f, post, comb), (fn, scale, base), w
+
+
+@pytest.mark.parametrize("head", [False, True])
+@pytest.mark.parametrize("kind", ["none", "tensor", "partials", "slots"])
+@pytest.mark.parametrize("T,d", [(1, 4096), (2, 7168), (5, 4096), (16, 7168)])
+def test_hc_fused_matches_the_separate_kernels(T, d, kind, head):
+    """The one-launch mHC of decode batches (`mhc_fused.py`, up to MAX_TOKENS tokens): X'
+    as the post kernels form it (bit for bit where they sum f's rows in the same order),
+    y through the RMSNorm, post and comb as the reference ops of that X' give them."""
+    from dsv4.kernels.mhc import hc_head_ref, hc_post_ref, hc_post_triton, hc_pre_ref
+    from dsv4.kernels.mhc_fused import hc_fused
+    from dsv4.kernels.rmsnorm import rmsnorm_ref
+    gen = torch.Generator(device=DEV).manual_seed(T * 7 + d)
+    x, pa, (fn, scale, base), w = _hc_step_inputs(T, d, kind, gen)
+    n = x.shape[1]
+    if head:
+        fn, scale, base = fn[:n], scale[:1], base[:n]
+    xo, y, post, comb = hc_fused(x, fn, scale, base, 1e-6, 1e-6, 20, pa, head, (w, 1e-6))
+    if pa is None:
+        assert xo is x
+    elif kind == "partials":  # the 2-D post kernel sums the 4 partials as a tree
+        assert_within_one_bf16_ulp(xo, hc_post_ref(x, *pa))
+    else:
+        assert torch.equal(xo, hc_post_triton(x, *pa))
+    if head:
+        yr = hc_head_ref(xo, fn, scale, base, 1e-6, 1e-6)
+        assert post.numel() == 0 and comb.numel() == 0
+    else:
+        yr, postr, combr = hc_pre_ref(xo, fn, scale, base, 1e-6, 1e-6, 20)
+        torch.testing.assert_close(post, postr, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(comb, combr, atol=1e-5, rtol=1e-5)
+    ref = rmsnorm_ref(yr, w, 1e-6).float()
+    r = torch.rsqrt(yr.float().square().mean(-1, keepdim=True) + 1e-6)
+    terms = (xo.float().abs() * 2).sum(1) * r * w
+    bad = ((y.float() - ref).abs() > terms * 1e-5 + ref.abs() * 2.0 ** -6).sum().item()
+    assert bad == 0, f"{bad} elements of norm(y) off the reference"
+
+
+def test_hc_fused_in_a_cuda_graph_and_the_model_dispatch():
+    """The counters put themselves back: a captured launch replayed over new inputs gives the
+    eager results, and `hc_post_pre` takes the one launch up to MAX_TOKENS tokens (and the
+    separate kernels past it, with the same results to fp32 rounding)."""
+    from dsv4.kernels import mhc, mhc_fused
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    x, pa, prm, w = _hc_step_inputs(4, 4096, "slots", gen)
+    want = mhc_fused.hc_fused(x, *prm, 1e-6, 1e-6, 20, pa, False, (w, 1e-6))
+    xs, fs = x.clone(), pa[0].clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+        got = mhc_fused.hc_fused(xs, *prm, 1e-6, 1e-6, 20, (fs, *pa[1:]), False, (w, 1e-6))
+    assert got is not None
+    for _ in range(2):
+        xs.copy_(torch.randn(xs.shape, generator=gen, device=DEV))
+        fs.copy_(torch.randn(fs.shape, generator=gen, device=DEV))
+        g.replay()
+        torch.cuda.synchronize()
+        eager = mhc_fused.hc_fused(xs, *prm, 1e-6, 1e-6, 20, (fs, *pa[1:]), False, (w, 1e-6))
+        assert all(torch.equal(a, b) for a, b in zip(got, eager))
+    assert not all(torch.equal(a, b) for a, b in zip(got, want))
+    for T in (mhc_fused.MAX_TOKENS, mhc_fused.MAX_TOKENS + 1):
+        x, pa, prm, w = _hc_step_inputs(T, 4096, "partials", gen)
+        calls = []
+        real = mhc_fused._hc_fused_kernel
+        try:
+            mhc_fused._hc_fused_kernel = type("Spy", (), {"__getitem__": lambda _, grid: (
+                calls.append(grid), real[grid])[1]})()
+            xo, y, post, comb = mhc.hc_post_pre(x, pa, *prm, 1e-6, 1e-6, 20, (w, 1e-6))
+        finally:
+            mhc_fused._hc_fused_kernel = real
+        assert len(calls) == (T <= mhc_fused.MAX_TOKENS)
+        xo2 = mhc.hc_post_triton(x, *pa)
+        y2, post2, comb2 = mhc.hc_pre_triton(xo2, *prm, 1e-6, 1e-6, 20)
+        assert_within_one_bf16_ulp(xo, xo2)
+        torch.testing.assert_close(post, post2, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(comb, comb2, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("S,J", [(0, 1), (1, 1), (3, 1), (1, 7), (2, 7), (4, 9)])
 @pytest.mark.parametrize("T,d", [(1, 4096), (300, 7168)])
 def test_hc_post_matches_reference(T, d, S, J):
