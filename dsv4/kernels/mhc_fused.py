@@ -3,21 +3,31 @@
 At a few tokens mHC is four dependent launches, each a few microseconds of latency over a few
 kilobytes: the post update of the sub-layer that ended (`_hc_post*_kernel`), the mixing
 product of the one that starts (`_hc_mix_kernel`), its pre / post / Sinkhorn and y
-(`_hc_pre_kernel`) and the RMSNorm that follows. `hc_fused` does them in one: CTA (c, t)
-forms channels c of token t's X' = post * f + comb^T X (stores them) and their share of the
-mix (fn's columns of those channels in every stream, fp32) and of sum(X'^2); the last CTA of
-token t to finish, found with an acq_rel counter after a barrier (the pattern of
-`moe._finish_swiglu`), sums the shares in CTA order, forms pre, y = sum_j pre_j X'_j (reading
-the other CTAs' X' past L1), the RMSNorm of the rounded y, and post and the Sinkhorn-normalised
-comb. Without `f` the launch is hc_pre's (X' = X: the first layer), with `head` hc_head's (n
-mix columns, y only).
+(`_hc_pre_kernel`) and the RMSNorm that follows. `hc_fused` does them in one launch of
+(channel blocks + 1) x T CTAs in three phases, each token's CTAs meeting at a barrier
+between them:
+1. CTA (c, t) forms channels c of token t's X' = post * f + comb^T X (stores them) and their
+   share of the mix (fn's columns of those channels in every stream, fp32 products) and of
+   sum(X'^2);
+2. every channel CTA sums the shares (in CTA order), forms pre and its channels of y =
+   sum_j pre_j X'_j, rounded, and their share of sum(y^2); the extra CTA forms post and the
+   Sinkhorn-normalised comb, beside the others;
+3. each channel CTA scales its y by the RMSNorm's factor and weight.
+The barrier is a counter and a generation word a token (`_barrier`): the CTAs that arrive
+first spin until the last one bumps the generation. The grid is small (~65-120 CTAs a token
+of one warp) and every CTA of it has started before the next launch may place its own
+(programmatic dependent launch lets the next kernel go once every CTA has started), so the
+CTAs that spin never keep the ones they wait for from running. Under Triton's CPU interpreter,
+which runs CTAs one after another, the phases are three launches instead (STAGE 1, 2, 3).
 
-The values are those of the separate kernels (X' is `_hc_post_row_kernel`'s, bit for bit: the
-same fp32 operations in the same order), except that the mix sums its n*d products in another
-order (fp32 products of fp32 fn, not the tensor cores' three bf16 parts of fn) and the
-partials are fewer: ~1e-7 relative apart. The counters (int32 a token, put back to zero by
-the last CTA) are allocated by an eager call: a CUDA graph capture that would have to
-allocate them keeps the separate launches. `DSV4_MHC_FUSED=0` keeps them everywhere.
+Without `f` the launch is hc_pre's (X' = X: the first layer), with `head` hc_head's (n mix
+columns, y only). The values are those of the separate kernels (X' is
+`_hc_post_row_kernel`'s, bit for bit: the same fp32 operations in the same order), except
+that the mix sums its n*d products in another order (fp32 products of fp32 fn, not the tensor
+cores' three bf16 parts of fn): ~1e-7 relative apart. The barrier words (int32, two a token,
+left ready for the next launch) are allocated by an eager call: a CUDA graph capture that
+would have to allocate them keeps the separate launches. `DSV4_MHC_FUSED=0` keeps them
+everywhere.
 """
 from __future__ import annotations
 
@@ -31,6 +41,7 @@ from .pdl import pdl
 # decode batches up to this many tokens take the one launch (see `applies`)
 MAX_TOKENS = 16
 FUSED = os.environ.get("DSV4_MHC_FUSED", "1") != "0"
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _COUNTER: dict[torch.device, torch.Tensor] = {}
 
 
@@ -43,7 +54,7 @@ def applies(x: torch.Tensor) -> bool:
 def _counter(dev: torch.device) -> torch.Tensor | None:
     have = _COUNTER.get(dev)
     if have is None and not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        have = _COUNTER[dev] = torch.zeros(MAX_TOKENS, dtype=torch.int32, device=dev)
+        have = _COUNTER[dev] = torch.zeros(2 * MAX_TOKENS, dtype=torch.int32, device=dev)
     return have
 
 
@@ -92,21 +103,26 @@ def hc_fused(x, fn, scale, base, norm_eps: float, hc_eps: float, iters: int,
     nc = triton.cdiv(d, bc)
     npad = max(16, triton.next_power_of_2(nout))
     part = torch.empty(T, nc, npad, dtype=torch.float32, device=dev)
-    sq = torch.empty(T, nc, dtype=torch.float32, device=dev)
+    sq = torch.empty(2, T, nc, dtype=torch.float32, device=dev)  # sum(X'^2), sum(y^2) shares
     y = torch.empty(T, d, dtype=x.dtype, device=dev)
     post2 = torch.empty(0 if head else T, n, dtype=torch.float32, device=dev)
     comb2 = torch.empty(0 if head else T, n, n, dtype=torch.float32, device=dev)
     if norm is not None and norm[0].shape != (d,):
         raise ValueError(f"norm weight {tuple(norm[0].shape)} does not fit d = {d}")
     nw = y if norm is None else norm[0].float().contiguous()
-    _hc_fused_kernel[(nc, T)](
-        x, f, pp, cc, xo, fn.float().contiguous(), part, sq, cnt, scale.float().contiguous(),
-        base.float().contiguous(), y, post2, comb2, nw, T, d, f.shape[0], norm_eps, hc_eps,
-        iters, 0.0 if norm is None else norm[1], N=n, NOUT=nout, NPAD=npad, BC=bc,
-        CP2=triton.next_power_of_2(nc), HAS_POST=post_args is not None,
-        SMAX=f.shape[0] if post_args is not None else 1, ROUND_F=round_f,
-        J=f.shape[2] if post_args is not None else 1, HEAD=head, NORM=norm is not None,
-        BD=min(triton.next_power_of_2(d), 512 * warps), num_warps=warps, **pdl())
+    args = (x, f, pp, cc, xo, fn.float().contiguous(), part, sq, cnt, scale.float().contiguous(),
+            base.float().contiguous(), y, post2, comb2, nw, T, d, f.shape[0], nc, norm_eps,
+            hc_eps, iters, 0.0 if norm is None else norm[1])
+    meta = dict(N=n, NOUT=nout, NPAD=npad, BC=bc, CP2=triton.next_power_of_2(nc),
+                HAS_POST=post_args is not None, SMAX=f.shape[0] if post_args is not None else 1,
+                ROUND_F=round_f, J=f.shape[2] if post_args is not None else 1, HEAD=head,
+                NORM=norm is not None, num_warps=warps)
+    grid = (nc + (0 if head else 1), T)  # the extra CTA: post and comb
+    if _INTERPRET:  # CTAs run one after another: a launch a phase
+        for stage in (1, 2, 3):
+            _hc_fused_kernel[grid](*args, STAGE=stage, **meta)
+    else:
+        _hc_fused_kernel[grid](*args, STAGE=0, **meta, **pdl())
     return xo, y, post2, comb2
 
 
@@ -116,21 +132,74 @@ if HAS_TRITON:
 
     from .pdl import pdl_start
 
-    @triton.jit(do_not_specialize=["T", "S"])
+    @triton.jit(do_not_specialize=["T", "S", "NCH"])
     def _hc_fused_kernel(x_ptr, f_ptr, post_ptr, comb_ptr, xo_ptr, fn_ptr, part_ptr, sq_ptr,
-                         count_ptr, scale_ptr, base_ptr, y_ptr, post2_ptr, comb2_ptr, nw_ptr,
-                         T, D, S, norm_eps, hc_eps, iters, y_eps,
+                         bar_ptr, scale_ptr, base_ptr, y_ptr, post2_ptr, comb2_ptr, nw_ptr,
+                         T, D, S, NCH, norm_eps, hc_eps, iters, y_eps,
                          N: tl.constexpr, NOUT: tl.constexpr, NPAD: tl.constexpr,
                          BC: tl.constexpr, CP2: tl.constexpr, HAS_POST: tl.constexpr,
                          SMAX: tl.constexpr, ROUND_F: tl.constexpr, J: tl.constexpr,
-                         HEAD: tl.constexpr, NORM: tl.constexpr, BD: tl.constexpr,
+                         HEAD: tl.constexpr, NORM: tl.constexpr, STAGE: tl.constexpr,
                          PDL: tl.constexpr = False):
-        """Grid (channel blocks, T): X' of BC channels of one token and their mix and
-        sum-of-squares shares; the token's last CTA finishes it (module docstring)."""
+        """Grid (NCH channel blocks [+ 1 for post and comb], T): the three phases of the
+        module docstring, all of them (STAGE 0, with barriers) or one (STAGE 1, 2, 3)."""
         pdl_start(PDL)
         cb = tl.program_id(0)
-        nc = tl.num_programs(0)
         t = tl.program_id(1).to(tl.int64)
+        bar = bar_ptr + 2 * t
+        if STAGE <= 1:
+            if cb < NCH:
+                _phase_mix(x_ptr, f_ptr, post_ptr, comb_ptr, xo_ptr, fn_ptr, part_ptr, sq_ptr,
+                           t, cb, T, D, S, NCH, N, NOUT, NPAD, BC, HAS_POST, SMAX, ROUND_F, J)
+        if STAGE == 0:
+            _barrier(bar, NCH + (0 if HEAD else 1))
+        if STAGE == 0 or STAGE == 2:
+            rs = tl.rsqrt(_shares(sq_ptr, t, NCH, 0, 1, 1, CP2) / (N * D) + norm_eps)
+            if cb < NCH:
+                j = tl.arange(0, N)
+                pre = tl.sigmoid(_shares(part_ptr, t, NCH, 0, N, NPAD, CP2) * rs
+                                 * tl.load(scale_ptr) + tl.load(base_ptr + j)) + hc_eps
+                c = cb * BC + tl.arange(0, BC)
+                ok = c < D
+                xv = tl.load((xo_ptr if HAS_POST else x_ptr) + (t * N + j[:, None]) * D
+                             + c[None, :], mask=ok[None, :], other=0.0)
+                y = tl.sum(xv.to(tl.float32) * pre[:, None], 0).to(y_ptr.dtype.element_ty)
+                tl.store(y_ptr + t * D + c, y, mask=ok)
+                if NORM:
+                    yf = y.to(tl.float32)
+                    tl.store(sq_ptr + (T + t) * NCH + cb, tl.sum(yf * yf, 0))
+                    if STAGE == 0:
+                        _barrier(bar, NCH)
+                        _phase_norm(sq_ptr, y_ptr, nw_ptr, t, cb, T, D, NCH, y_eps, BC, CP2)
+            elif not HEAD:
+                _post_comb(part_ptr, scale_ptr, base_ptr, post2_ptr, comb2_ptr, rs, t, NCH,
+                           hc_eps, iters, N, NPAD, CP2)
+        if STAGE == 3 and NORM:
+            if cb < NCH:
+                _phase_norm(sq_ptr, y_ptr, nw_ptr, t, cb, T, D, NCH, y_eps, BC, CP2)
+
+    @triton.jit
+    def _barrier(bar, n):
+        """The n CTAs of a token meet: bar[0] counts the arrivals, the last one puts it back
+        to zero and bumps the generation bar[1], which the others wait for. Stores before it
+        are visible to loads after it (past L1: `.cg`) in every CTA."""
+        tl.debug_barrier()
+        g = tl.atomic_add(bar + 1, 0, sem="acquire", scope="gpu")
+        if tl.atomic_add(bar, 1, sem="acq_rel", scope="gpu") == n - 1:
+            tl.atomic_xchg(bar, 0, sem="relaxed", scope="gpu")
+            tl.atomic_add(bar + 1, 1, sem="release", scope="gpu")
+        else:
+            while tl.atomic_add(bar + 1, 0, sem="acquire", scope="gpu") == g:
+                pass
+        tl.debug_barrier()
+
+    @triton.jit
+    def _phase_mix(x_ptr, f_ptr, post_ptr, comb_ptr, xo_ptr, fn_ptr, part_ptr, sq_ptr, t, cb,
+                   T, D, S, NCH, N: tl.constexpr, NOUT: tl.constexpr, NPAD: tl.constexpr,
+                   BC: tl.constexpr, HAS_POST: tl.constexpr, SMAX: tl.constexpr,
+                   ROUND_F: tl.constexpr, J: tl.constexpr):
+        """Phase 1: channels cb of token t's X' (stored with HAS_POST) and their shares of the
+        mix and of sum(X'^2)."""
         c = cb * BC + tl.arange(0, BC)
         ok = c < D
         r = tl.arange(0, NPAD)
@@ -163,70 +232,48 @@ if HAS_TRITON:
             sq += xk * xk
             w = tl.load(fn_ptr + r[:, None] * (N * D) + k * D + c[None, :], mask=wmask, other=0.0)
             acc += tl.sum(w * xk[None, :], 1)
-        tl.store(part_ptr + (t * nc + cb) * NPAD + r, acc)
-        tl.store(sq_ptr + t * nc + cb, tl.sum(sq, 0))
-        tl.debug_barrier()
-        if tl.atomic_add(count_ptr + t, 1, sem="acq_rel", scope="gpu") == nc - 1:
-            tl.atomic_xchg(count_ptr + t, 0, sem="relaxed", scope="gpu")  # for the next launch
-            _finish_token(part_ptr, sq_ptr, xo_ptr if HAS_POST else x_ptr, scale_ptr, base_ptr,
-                          y_ptr, post2_ptr, comb2_ptr, nw_ptr, t, nc, D, norm_eps, hc_eps,
-                          iters, y_eps, N, NPAD, CP2, HEAD, NORM, BD)
+        tl.store(part_ptr + (t * NCH + cb) * NPAD + r, acc)
+        tl.store(sq_ptr + t * NCH + cb, tl.sum(sq, 0))
 
     @triton.jit
-    def _shares(part_ptr, t, nc, col0, W: tl.constexpr, NPAD: tl.constexpr, CP2: tl.constexpr):
-        """Columns col0 .. col0+W of token t's mix, its nc CTAs' shares summed (read past L1:
-        the other CTAs wrote them)."""
+    def _shares(ptr, t, nch, col0, W: tl.constexpr, NPAD: tl.constexpr, CP2: tl.constexpr):
+        """[W]: columns col0 .. col0+W of token t's rows [nch, NPAD], summed over the nch
+        CTAs' shares (read past L1: other CTAs wrote them)."""
         cc = tl.arange(0, CP2)
         w = tl.arange(0, W)
-        v = tl.load(part_ptr + (t * nc + cc[:, None]) * NPAD + col0 + w[None, :],
-                    mask=(cc < nc)[:, None], other=0.0, cache_modifier=".cg")
+        v = tl.load(ptr + (t * nch + cc[:, None]) * NPAD + col0 + w[None, :],
+                    mask=(cc < nch)[:, None], other=0.0, cache_modifier=".cg")
         return tl.sum(v, 0)
 
     @triton.jit
-    def _finish_token(part_ptr, sq_ptr, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
-                      nw_ptr, t, nc, D, norm_eps, hc_eps, iters, y_eps, N: tl.constexpr,
-                      NPAD: tl.constexpr, CP2: tl.constexpr, HEAD: tl.constexpr,
-                      NORM: tl.constexpr, BD: tl.constexpr):
-        """pre, y (rounded, then the RMSNorm of weight nw), post and comb of token t from
-        the shares of its mix and its X' (x_ptr) (`_hc_pre_kernel`'s operations)."""
-        cc = tl.arange(0, CP2)
-        sq = tl.sum(tl.load(sq_ptr + t * nc + cc, mask=cc < nc, other=0.0, cache_modifier=".cg"), 0)
-        rs = tl.rsqrt(sq / (N * D) + norm_eps)
+    def _phase_norm(sq_ptr, y_ptr, nw_ptr, t, cb, T, D, NCH, y_eps, BC: tl.constexpr,
+                    CP2: tl.constexpr):
+        """Phase 3: channels cb of y (this CTA's, rounded) times the RMSNorm's factor and
+        weight, as `rmsnorm_ref`."""
+        ss = _shares(sq_ptr + T * NCH, t, NCH, 0, 1, 1, CP2)
+        rr = tl.rsqrt(ss / D + y_eps)
+        c = cb * BC + tl.arange(0, BC)
+        ok = c < D
+        y = tl.load(y_ptr + t * D + c, mask=ok, other=0.0).to(tl.float32)
+        y = y * rr * tl.load(nw_ptr + c, mask=ok, other=0.0)
+        tl.store(y_ptr + t * D + c, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _post_comb(part_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr, rs, t, nch, hc_eps,
+                   iters, N: tl.constexpr, NPAD: tl.constexpr, CP2: tl.constexpr):
+        """post and the Sinkhorn-normalised comb of token t (`_hc_pre_kernel`'s operations)."""
         j = tl.arange(0, N)
-        pre = tl.sigmoid(_shares(part_ptr, t, nc, 0, N, NPAD, CP2) * rs * tl.load(scale_ptr)
-                         + tl.load(base_ptr + j)) + hc_eps
-        ss = tl.zeros([BD], tl.float32)
-        for d0 in range(0, D, BD):
-            dc = d0 + tl.arange(0, BD)
-            dm = dc < D
-            xv = tl.load(x_ptr + (t * N + j[:, None]) * D + dc[None, :], mask=dm[None, :],
-                         other=0.0, cache_modifier=".cg")
-            y = tl.sum(xv.to(tl.float32) * pre[:, None], 0)
-            if NORM:
-                y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
-                ss += y * y
-            tl.store(y_ptr + t * D + dc, y.to(y_ptr.dtype.element_ty), mask=dm)
-        if NORM:  # as `rmsnorm_ref` on the rounded y, which this CTA stored above
-            tl.debug_barrier()
-            rr = tl.rsqrt(tl.sum(ss, 0) / D + y_eps)
-            for d0 in range(0, D, BD):
-                dc = d0 + tl.arange(0, BD)
-                dm = dc < D
-                y = tl.load(y_ptr + t * D + dc, mask=dm, other=0.0).to(tl.float32)
-                y = y * rr * tl.load(nw_ptr + dc, mask=dm, other=0.0)
-                tl.store(y_ptr + t * D + dc, y.to(y_ptr.dtype.element_ty), mask=dm)
-        if not HEAD:
-            jk = tl.arange(0, N * N)
-            mix_post = _shares(part_ptr, t, nc, N, N, NPAD, CP2)
-            mix_comb = _shares(part_ptr, t, nc, 2 * N, N * N, NPAD, CP2)
-            post = 2 * tl.sigmoid(mix_post * rs * tl.load(scale_ptr + 1) + tl.load(base_ptr + N + j))
-            tl.store(post_ptr + t * N + j, post)
-            c = mix_comb * rs * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * N + jk)
-            c = tl.reshape(c, (N, N))  # [j (row), k (column)]
-            c = tl.exp(c - tl.max(c, 1)[:, None])
-            c = c / tl.sum(c, 1)[:, None] + hc_eps
+        jk = tl.arange(0, N * N)
+        post = 2 * tl.sigmoid(_shares(part_ptr, t, nch, N, N, NPAD, CP2) * rs
+                              * tl.load(scale_ptr + 1) + tl.load(base_ptr + N + j))
+        tl.store(post_ptr + t * N + j, post)
+        c = (_shares(part_ptr, t, nch, 2 * N, N * N, NPAD, CP2) * rs * tl.load(scale_ptr + 2)
+             + tl.load(base_ptr + 2 * N + jk))
+        c = tl.reshape(c, (N, N))  # [j (row), k (column)]
+        c = tl.exp(c - tl.max(c, 1)[:, None])
+        c = c / tl.sum(c, 1)[:, None] + hc_eps
+        c = c / (tl.sum(c, 0)[None, :] + hc_eps)
+        for _ in range(iters - 1):
+            c = c / (tl.sum(c, 1)[:, None] + hc_eps)
             c = c / (tl.sum(c, 0)[None, :] + hc_eps)
-            for _ in range(iters - 1):
-                c = c / (tl.sum(c, 1)[:, None] + hc_eps)
-                c = c / (tl.sum(c, 0)[None, :] + hc_eps)
-            tl.store(comb_ptr + t * (N * N) + jk, tl.reshape(c, (N * N,)))
+        tl.store(comb_ptr + t * (N * N) + jk, tl.reshape(c, (N * N,)))
