@@ -38,8 +38,16 @@ import torch
 from . import HAS_TRITON
 from .pdl import pdl
 
-# decode batches up to this many tokens take the one launch (see `applies`)
+# decode batches of up to MAX_TOKENS tokens and MAX_CTAS channel CTAs (BC channels each) take
+# the one launch. H200, the boundary of two sub-layers in a CUDA-graph loop over cold fn
+# (`bench_attention.py --only mhc_step`), against the four launches: d = 4096, 1 / 2 / 4 / 8
+# tokens 7.8 / 8.0 / 8.2 / 9.6 us against 10.6-11.1 / 11.1 / 11.2-11.4 / 11.4-13.3, 16 tokens
+# 17.1 against 11.8; d = 7168, 1 / 2 / 4 tokens 8.2 / 8.5 / 9.5 against 11.5-15.8, 8 tokens
+# 15.9 against 13.0-16.3. (channels, warps) a CTA: (32, 1) 7.4 us at 1 token, (128, 4) 7.9,
+# (64, 1) 9.1, (128, 2) 9.8: (64, 2) everywhere
 MAX_TOKENS = 16
+MAX_CTAS = 512
+BC, WARPS = 64, 2
 FUSED = os.environ.get("DSV4_MHC_FUSED", "1") != "0"
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _COUNTER: dict[torch.device, torch.Tensor] = {}
@@ -47,8 +55,9 @@ _COUNTER: dict[torch.device, torch.Tensor] = {}
 
 def applies(x: torch.Tensor) -> bool:
     T, n, d = x.shape
-    return (FUSED and HAS_TRITON and 0 < T <= MAX_TOKENS and n & (n - 1) == 0 and n <= 8
-            and x.dtype in (torch.bfloat16, torch.float32) and d % 16 == 0)
+    return (FUSED and HAS_TRITON and 0 < T <= MAX_TOKENS and T * -(-d // BC) <= MAX_CTAS
+            and n & (n - 1) == 0 and n <= 8 and x.dtype in (torch.bfloat16, torch.float32)
+            and d % 16 == 0)
 
 
 def _counter(dev: torch.device) -> torch.Tensor | None:
@@ -99,7 +108,7 @@ def hc_fused(x, fn, scale, base, norm_eps: float, hc_eps: float, iters: int,
         xo = torch.empty_like(x)
     else:
         f, round_f, pp, cc, xo = x, False, x, x, x
-    bc, warps = cfg or (64, 1)
+    bc, warps = cfg or (BC, WARPS)
     nc = triton.cdiv(d, bc)
     npad = max(16, triton.next_power_of_2(nout))
     part = torch.empty(T, nc, npad, dtype=torch.float32, device=dev)
@@ -198,14 +207,15 @@ if HAS_TRITON:
                    T, D, S, NCH, N: tl.constexpr, NOUT: tl.constexpr, NPAD: tl.constexpr,
                    BC: tl.constexpr, HAS_POST: tl.constexpr, SMAX: tl.constexpr,
                    ROUND_F: tl.constexpr, J: tl.constexpr):
-        """Phase 1: channels cb of token t's X' (stored with HAS_POST) and their shares of the
-        mix and of sum(X'^2)."""
+        """Phase 1: channels cb of token t's X' [N, BC] (stored with HAS_POST) and their
+        shares of the mix and of sum(X'^2). Every load is issued before the first result is
+        needed (fn's [NOUT, N, BC] block first): one memory round trip."""
         c = cb * BC + tl.arange(0, BC)
         ok = c < D
         r = tl.arange(0, NPAD)
-        wmask = (r < NOUT)[:, None] & ok[None, :]
-        acc = tl.zeros([NPAD], tl.float32)
-        sq = tl.zeros([BC], tl.float32)
+        k = tl.arange(0, N)
+        w = tl.load(fn_ptr + r[:, None, None] * (N * D) + k[None, :, None] * D + c[None, None, :],
+                    mask=(r < NOUT)[:, None, None] & ok[None, None, :], other=0.0)
         if HAS_POST:  # as `_hc_post_row_kernel`: the same operations in the same order
             f = tl.zeros([BC], tl.float32)
             for j in tl.static_range(J):
@@ -218,22 +228,20 @@ if HAS_TRITON:
                 f += fj
             if J > 1:
                 f = f.to(xo_ptr.dtype.element_ty).to(tl.float32)
-        for k in tl.static_range(N):
-            if HAS_POST:
-                mix = tl.zeros([BC], tl.float32)
-                for j in tl.static_range(N):
-                    xj = tl.load(x_ptr + (t * N + j) * D + c, mask=ok, other=0.0).to(tl.float32)
-                    mix += tl.load(comb_ptr + t * (N * N) + j * N + k) * xj
-                xk = (tl.load(post_ptr + t * N + k) * f + mix).to(xo_ptr.dtype.element_ty)
-                tl.store(xo_ptr + (t * N + k) * D + c, xk, mask=ok)
-                xk = xk.to(tl.float32)
-            else:
-                xk = tl.load(x_ptr + (t * N + k) * D + c, mask=ok, other=0.0).to(tl.float32)
-            sq += xk * xk
-            w = tl.load(fn_ptr + r[:, None] * (N * D) + k * D + c[None, :], mask=wmask, other=0.0)
-            acc += tl.sum(w * xk[None, :], 1)
+            mix = tl.zeros([N, BC], tl.float32)
+            for j in tl.static_range(N):
+                xj = tl.load(x_ptr + (t * N + j) * D + c, mask=ok, other=0.0).to(tl.float32)
+                mix += tl.load(comb_ptr + t * (N * N) + j * N + k)[:, None] * xj[None, :]
+            xk = (tl.load(post_ptr + t * N + k)[:, None] * f[None, :] + mix).to(
+                xo_ptr.dtype.element_ty)
+            tl.store(xo_ptr + (t * N + k[:, None]) * D + c[None, :], xk, mask=ok[None, :])
+            xk = xk.to(tl.float32)
+        else:
+            xk = tl.load(x_ptr + (t * N + k[:, None]) * D + c[None, :], mask=ok[None, :],
+                         other=0.0).to(tl.float32)
+        acc = tl.sum(tl.sum(w * xk[None, :, :], 2), 1)
         tl.store(part_ptr + (t * NCH + cb) * NPAD + r, acc)
-        tl.store(sq_ptr + t * NCH + cb, tl.sum(sq, 0))
+        tl.store(sq_ptr + t * NCH + cb, tl.sum(tl.sum(xk * xk, 1), 0))
 
     @triton.jit
     def _shares(ptr, t, nch, col0, W: tl.constexpr, NPAD: tl.constexpr, CP2: tl.constexpr):
