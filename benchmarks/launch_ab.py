@@ -6,6 +6,8 @@
   the MoE), no side stream,
 - `side`: the default launches plus each attention layer's kv row and compressor on a side
   stream (DSV4_SIDE_STREAM=1),
+- `mhc-apart`: the default launches, but the hyper-connection between sub-layers in its
+  four launches (`mhc_fused.FUSED = False`, as DSV4_MHC_FUSED=0),
 - `default`: what the engine does now.
 
 Each policy gets its own engine (the CUDA graphs keep the launches of their capture); the
@@ -28,6 +30,7 @@ from pathlib import Path
 import torch
 
 from dsv4.bench import measure
+from dsv4.kernels import mhc_fused
 from dsv4.kernels import pdl as pdl_mod
 from dsv4.loader import load_model, tiny_config
 from engine_gpu import engine_for
@@ -38,6 +41,7 @@ POLICIES = {  # PDL_MAX_TOKENS, then the values of ENV
     "pdl": (1 << 20, "0", "0"),
     "pdl+prefetch": (1 << 20, "4", "0"),
     "side": (pdl_mod.PDL_MAX_TOKENS, "0", "1"),
+    "mhc-apart": (pdl_mod.PDL_MAX_TOKENS, *(os.environ.get(v, "0") for v in ENV)),
     "default": (pdl_mod.PDL_MAX_TOKENS, *(os.environ.get(v, "0") for v in ENV)),
 }
 
@@ -58,6 +62,7 @@ def main() -> None:
     for name in a.policies:
         max_tokens, *env = POLICIES[name]
         pdl_mod.PDL_MAX_TOKENS = max_tokens
+        mhc_fused.FUSED = name != "mhc-apart" and os.environ.get("DSV4_MHC_FUSED", "1") != "0"
         os.environ.update(zip(ENV, env))
         e = engine_for(loaded, max_num_seqs=max(a.batches), max_model_len=4096,
                        gpu_memory_utilization=0.85)
