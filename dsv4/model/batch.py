@@ -376,6 +376,7 @@ class StaticBatch:
         # upload: 4 MB a step at 1M tokens and 64 sequences).
         field("block_tables_t", ints, pad_block, self.max_blocks, num_seqs)
         self._bt_dirty = self.max_blocks  # leading blocks not known to hold `fill` (host, device)
+        self._dirty: dict = {}  # per field: leading rows not known to hold `fill` (all at first)
         ints.build()
         bools.build()
         view = lambda name: self._fields[name][0].d[self._fields[name][1]]  # noqa: E731
@@ -461,17 +462,24 @@ class StaticBatch:
         return buf[0][:T], buf[1][:T]
 
     def _put(self, name, src: np.ndarray) -> None:
+        """Write src into the leading rows (and columns) of field `name`'s host twin and
+        `fill` over the rest, rewriting only the rows an earlier step wrote past src's (a
+        decode step's plans are mostly empty: their padding stays as it is)."""
         arena, i, fill = self._fields[name]
         dst = arena.h[i]
         n = src.shape[0]
         if n > dst.shape[0] or (src.ndim > 1 and src.shape[1] > dst.shape[1]):
             raise ValueError(f"batch does not fit the captured shape {tuple(dst.shape)}")
-        if src.ndim > 1:
-            dst[:n, :src.shape[1]] = src
-            dst[:n, src.shape[1]:] = fill
-        else:
-            dst[:n] = src
-        dst[n:] = fill
+        if n:
+            if src.ndim > 1 and src.shape[1] < dst.shape[1]:
+                dst[:n, :src.shape[1]] = src
+                dst[:n, src.shape[1]:] = fill
+            else:
+                dst[:n] = src
+        dirty = self._dirty.get(name, dst.shape[0])
+        if dirty > n:
+            dst[n:dirty] = fill
+        self._dirty[name] = n
 
     def load(self, b: ForwardBatch) -> None:
         """Copy the indices of `b` (best built on the host) in, padding the rest; no host
