@@ -288,7 +288,9 @@ def check_mhc_fused() -> None:
     from dsv4.kernels import mhc
     from dsv4.kernels.mhc_fused import hc_fused
     n = 4
-    for T, d, dt, bc in ((1, 256, torch.bfloat16, 64), (3, 320, torch.float32, 32)):
+    # (the last: a channel block past d)
+    for T, d, dt, bc in ((1, 256, torch.bfloat16, 64), (3, 320, torch.float32, 32),
+                         (2, 208, torch.bfloat16, 64)):
         x = torch.randn(T, n, d, generator=G).to(dt)
         fn = torch.randn((2 + n) * n, n * d, generator=G) * (n * d) ** -0.5
         scale, base = torch.rand(3, generator=G) + 0.5, torch.randn((2 + n) * n, generator=G)

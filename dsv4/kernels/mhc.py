@@ -55,6 +55,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .mhc_fused import post_f_row
     from .pdl import pdl_start
 
 
@@ -249,17 +250,7 @@ if HAS_TRITON:
         t = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         ok = c < D
-        f = tl.zeros([BLOCK_D], tl.float32)
-        for j in tl.static_range(J):
-            fj = tl.zeros([BLOCK_D], tl.float32)
-            for s in tl.static_range(SMAX):  # unrolled: every row's load in flight at once
-                fj += tl.load(f_ptr + ((s * T + t) * J + j) * D + c, mask=ok & (s < S),
-                              other=0.0).to(tl.float32)
-            if ROUND_F:
-                fj = fj.to(out_ptr.dtype.element_ty).to(tl.float32)
-            f += fj
-        if J > 1:
-            f = f.to(out_ptr.dtype.element_ty).to(tl.float32)
+        f = post_f_row(f_ptr, out_ptr, t, c, ok, T, D, S, SMAX, ROUND_F, J)
         for k in tl.static_range(N):
             mix = tl.zeros([BLOCK_D], tl.float32)
             for j in tl.static_range(N):  # X's rows: read from memory once, then from L1

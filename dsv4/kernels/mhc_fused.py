@@ -217,17 +217,7 @@ if HAS_TRITON:
         w = tl.load(fn_ptr + r[:, None, None] * (N * D) + k[None, :, None] * D + c[None, None, :],
                     mask=(r < NOUT)[:, None, None] & ok[None, None, :], other=0.0)
         if HAS_POST:  # as `_hc_post_row_kernel`: the same operations in the same order
-            f = tl.zeros([BC], tl.float32)
-            for j in tl.static_range(J):
-                fj = tl.zeros([BC], tl.float32)
-                for s in tl.static_range(SMAX):
-                    fj += tl.load(f_ptr + ((s * T + t) * J + j) * D + c, mask=ok & (s < S),
-                                  other=0.0).to(tl.float32)
-                if ROUND_F:
-                    fj = fj.to(xo_ptr.dtype.element_ty).to(tl.float32)
-                f += fj
-            if J > 1:
-                f = f.to(xo_ptr.dtype.element_ty).to(tl.float32)
+            f = post_f_row(f_ptr, xo_ptr, t, c, ok, T, D, S, SMAX, ROUND_F, J)
             mix = tl.zeros([N, BC], tl.float32)
             for j in tl.static_range(N):
                 xj = tl.load(x_ptr + (t * N + j) * D + c, mask=ok, other=0.0).to(tl.float32)
@@ -242,6 +232,26 @@ if HAS_TRITON:
         acc = tl.sum(tl.sum(w * xk[None, :, :], 2), 1)
         tl.store(part_ptr + (t * NCH + cb) * NPAD + r, acc)
         tl.store(sq_ptr + t * NCH + cb, tl.sum(tl.sum(xk * xk, 1), 0))
+
+    @triton.jit
+    def post_f_row(f_ptr, out_ptr, t, c, ok, T, D, S, SMAX: tl.constexpr,
+                   ROUND_F: tl.constexpr, J: tl.constexpr):
+        """f of the post update at channels c of token t, from rows [S, T, J, D]: each of the
+        J rows' S partials summed in fp32 (rounded to out's dtype with ROUND_F), the J rows
+        summed in fp32 and rounded (J > 1: the MoE's slots). The loads are unrolled: every
+        row's in flight at once."""
+        f = tl.zeros(c.shape, tl.float32)
+        for j in tl.static_range(J):
+            fj = tl.zeros(c.shape, tl.float32)
+            for s in tl.static_range(SMAX):
+                fj += tl.load(f_ptr + ((s * T + t) * J + j) * D + c, mask=ok & (s < S),
+                              other=0.0).to(tl.float32)
+            if ROUND_F:
+                fj = fj.to(out_ptr.dtype.element_ty).to(tl.float32)
+            f += fj
+        if J > 1:
+            f = f.to(out_ptr.dtype.element_ty).to(tl.float32)
+        return f
 
     @triton.jit
     def _shares(ptr, t, nch, col0, W: tl.constexpr, NPAD: tl.constexpr, CP2: tl.constexpr):
