@@ -15,7 +15,7 @@ between them:
 3. each channel CTA scales its y by the RMSNorm's factor and weight.
 The barrier is a counter and a generation word a token (`_barrier`): the CTAs that arrive
 first spin until the last one bumps the generation. The grid is small (~65-120 CTAs a token
-of one warp) and every CTA of it has started before the next launch may place its own
+of two warps) and every CTA of it has started before the next launch may place its own
 (programmatic dependent launch lets the next kernel go once every CTA has started), so the
 CTAs that spin never keep the ones they wait for from running. Under Triton's CPU interpreter,
 which runs CTAs one after another, the phases are three launches instead (STAGE 1, 2, 3).
