@@ -4,8 +4,10 @@
 - `pdl`: PDL at every batch size, no side stream,
 - `pdl+prefetch`: PDL and the L2 weight prefetch (DSV4_L2_PREFETCH=4: 4 K-blocks ahead in
   the MoE), no side stream,
-- `side`: the default launches plus each attention layer's kv row and compressor on a side
-  stream (DSV4_SIDE_STREAM=1),
+- `side`: the default launches with each compressing attention layer's kv row and compressors
+  on a side stream in every step (DSV4_SIDE_STREAM=1; the default forks steps of up to 64
+  tokens, so the two differ past 64),
+- `no-side`: the default launches on one stream (DSV4_SIDE_STREAM=0),
 - `mhc-apart`: the default launches, but the hyper-connection between sub-layers in its
   four launches (`mhc_fused.FUSED = False`, as DSV4_MHC_FUSED=0),
 - `default`: what the engine does now.
@@ -35,14 +37,16 @@ from dsv4.kernels import pdl as pdl_mod
 from dsv4.loader import load_model, tiny_config
 from engine_gpu import engine_for
 
-ENV = ("DSV4_L2_PREFETCH", "DSV4_SIDE_STREAM")
+ENV = {"DSV4_L2_PREFETCH": "0", "DSV4_SIDE_STREAM": "auto"}  # and their defaults
+DEFAULT = tuple(os.environ.get(v, d) for v, d in ENV.items())
 POLICIES = {  # PDL_MAX_TOKENS, then the values of ENV
     "plain": (0, "0", "0"),
     "pdl": (1 << 20, "0", "0"),
     "pdl+prefetch": (1 << 20, "4", "0"),
-    "side": (pdl_mod.PDL_MAX_TOKENS, "0", "1"),
-    "mhc-apart": (pdl_mod.PDL_MAX_TOKENS, *(os.environ.get(v, "0") for v in ENV)),
-    "default": (pdl_mod.PDL_MAX_TOKENS, *(os.environ.get(v, "0") for v in ENV)),
+    "side": (pdl_mod.PDL_MAX_TOKENS, DEFAULT[0], "1"),
+    "no-side": (pdl_mod.PDL_MAX_TOKENS, DEFAULT[0], "0"),
+    "mhc-apart": (pdl_mod.PDL_MAX_TOKENS, *DEFAULT),
+    "default": (pdl_mod.PDL_MAX_TOKENS, *DEFAULT),
 }
 
 

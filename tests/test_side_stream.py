@@ -1,8 +1,9 @@
-"""`kernels/side_stream.py` off the GPU: the branch is a no-op (program order), and the
+"""`kernels/side_stream.py` off the GPU: the modes, the branch is a no-op (program order), and the
 compressor's `prepare` (what the attention calls before forking) builds exactly the batch
 tensors its forward reads, leaving the outputs unchanged."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dsv4.kernels.side_stream import SideBranch
@@ -22,13 +23,24 @@ def test_cpu_branch_is_program_order(monkeypatch):
     assert out == [1, 2]
 
 
-def test_opt_in_on_cuda_only(monkeypatch):
-    from dsv4.kernels.side_stream import side_stream_on
-    monkeypatch.delenv("DSV4_SIDE_STREAM", raising=False)
-    assert not side_stream_on(torch.device("cuda", 0))  # slower prefill on the H200: opt-in
+def test_modes(monkeypatch):
+    from dsv4.kernels.side_stream import SIDE_MAX_TOKENS, side_stream_on, side_stream_policy
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.delenv("DSV4_SIDE_STREAM", raising=False)  # auto: decode-sized steps only
+    assert side_stream_on(cuda, 1) and side_stream_on(cuda, SIDE_MAX_TOKENS)
+    assert not side_stream_on(cuda, SIDE_MAX_TOKENS + 1)  # prefill chunks stay on one stream
+    assert "64 tokens" in side_stream_policy()
+    assert not SideBranch(cuda, 1, enabled=False).on  # layers without a compressor
     monkeypatch.setenv("DSV4_SIDE_STREAM", "1")
-    assert side_stream_on(torch.device("cuda", 0))
-    assert not side_stream_on(torch.device("cpu"))
+    assert side_stream_on(cuda, 8192)
+    monkeypatch.setenv("DSV4_SIDE_STREAM", "0")
+    assert not side_stream_on(cuda, 1) and side_stream_policy() == ""
+    for mode in ("auto", "1", "0"):
+        monkeypatch.setenv("DSV4_SIDE_STREAM", mode)
+        assert not side_stream_on(cpu, 1)
+    monkeypatch.setenv("DSV4_SIDE_STREAM", "yes")
+    with pytest.raises(ValueError, match="DSV4_SIDE_STREAM must be auto, 0 or 1"):
+        side_stream_on(cuda, 1)
 
 
 def test_compressor_prepare_builds_what_forward_reads():

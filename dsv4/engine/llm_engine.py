@@ -281,10 +281,10 @@ class LLMEngine:
         if self.device.type == "cuda":
             from ..kernels.moe_grouped_mm import policy
             from ..kernels.pdl import launch_policy
-            from ..kernels.side_stream import side_stream_on
+            from ..kernels.side_stream import side_stream_policy
             moe = policy(cfg.n_routed_experts, cfg.num_experts_per_tok)
-            logger.info("GPU kernels: %s%s%s", launch_policy(),
-                        "; attention side stream" if side_stream_on(self.device) else "",
+            side = side_stream_policy()
+            logger.info("GPU kernels: %s%s%s", launch_policy(), f"; {side}" if side else "",
                         f"; {moe}" if moe else "")
             if ec.warmup:
                 self.warm_up()

@@ -1,17 +1,21 @@
-"""Independent work of a layer on a second CUDA stream (opt-in: `DSV4_SIDE_STREAM=1`).
+"""Independent work of a layer on a second CUDA stream.
 
 At batch 1 a layer is a chain of small kernels, each busy on a few SMs for a few
 microseconds, and parts of the chain do not depend on each other: an attention layer's kv row
 and its compressor do not need the query path. `SideBranch` issues such a part on a side
 stream, beside the main stream's work, and `join()` makes the main stream wait for it. Under
 CUDA-graph capture the fork and the join become edges of the graph. On the CPU (or with the
-switch off) both are no-ops and the work runs in program order.
+branch off) both are no-ops and the work runs in program order.
 
-Off by default: it has not paid on the H200 (Flash-shaped 4-layer FP4 model). In
-`benchmarks/launch_ab.py` decode was a little faster with it (time per output token at batch 1
-/ 8 / 64: 1.073 / 2.044 / 4.016 -> 1.017 / 1.978 / 3.914 ms), but in `engine_gpu.py` the same
-switch made batch-1 decode slower (1.06 -> 1.24 ms) and the eager prefill of 1K prompts 2-4x
-slower (48K -> 29K tokens/s at batch 1, 98K -> 23K at batch 64).
+When: `DSV4_SIDE_STREAM` = `auto` (the default) forks decode-sized steps, of up to
+SIDE_MAX_TOKENS tokens, in the layers that have a compressor (the attention layers without one
+keep their kv row and query in one paired launch: a fork there only adds the fork); `1` forks
+every step of those layers, `0` none. H200, Flash-shaped 4-layer FP4 model, CUDA graphs
+(`benchmarks/launch_ab.py --policies default side`, thirty-sixth session; two of the four
+layers compress): time per output token at batch 1 / 8 / 64 0.865 / 1.574 / 3.851 ->
+0.831 / 1.541 / 3.782 ms; the CSA layer's step 200 -> 167 us (its two compressors, 33 us of
+small launches, ran before its query path). Prefill chunks stay on one stream: in the ninth
+session (`DSV4_SIDE_STREAM=1` on every step) eager prefill of 1K prompts was 2-4x slower.
 
 What keeps it race-free is the caller's part:
 - everything the branch reads exists before the fork and stays referenced until the join
@@ -28,18 +32,39 @@ import os
 import torch
 
 _STREAMS: dict = {}
+SIDE_MAX_TOKENS = 64  # `auto` forks steps of up to this many tokens (decode batches)
 
 
-def side_stream_on(device: torch.device) -> bool:
-    return device.type == "cuda" and os.environ.get("DSV4_SIDE_STREAM", "0") == "1"
+def side_stream_mode() -> str:
+    mode = os.environ.get("DSV4_SIDE_STREAM", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"DSV4_SIDE_STREAM must be auto, 0 or 1, got {mode!r}")
+    return mode
+
+
+def side_stream_on(device: torch.device, tokens: int | None = None) -> bool:
+    """Whether a step of `tokens` tokens forks (None: whether any step may)."""
+    if device.type != "cuda":
+        return False
+    mode = side_stream_mode()
+    if mode == "auto":
+        return tokens is None or tokens <= SIDE_MAX_TOKENS
+    return mode == "1"
+
+
+def side_stream_policy() -> str:
+    """For the engine's start-up line."""
+    mode = side_stream_mode()
+    return {"auto": f"attention side stream in steps of up to {SIDE_MAX_TOKENS} tokens",
+            "1": "attention side stream in every step", "0": ""}[mode]
 
 
 class SideBranch:
     """One fork of the current stream: `with branch.run(): ...` issues work on the side
     stream (forking at the first use), `branch.join()` makes the current stream wait for it."""
 
-    def __init__(self, device: torch.device):
-        self.on = side_stream_on(device)
+    def __init__(self, device: torch.device, tokens: int | None = None, enabled: bool = True):
+        self.on = enabled and side_stream_on(device, tokens)
         self._main = None
 
     @contextlib.contextmanager

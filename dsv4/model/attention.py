@@ -74,12 +74,12 @@ class DeepseekV4Attention(nn.Module):
         T, H, D = u.shape[0], self.n_heads, self.head_dim
         nope = D - self.rope_dim
         pos, rd = batch.positions, self.rope_dim
-        # The kv row and the compressors do not depend on the query path: with
-        # DSV4_SIDE_STREAM they run beside it on a second stream (`kernels/side_stream.py`),
+        # The kv row and the compressors do not depend on the query path: in decode-sized
+        # steps they run beside it on a second stream (`kernels/side_stream.py`),
         # joined before the indexer's scores and the attention read them. Compressed rows
         # completed by this chunk are written before they are read, so that later tokens of
         # the same chunk see them; each token's index list only reaches entries already complete.
-        side = SideBranch(u.device)
+        side = SideBranch(u.device, T, enabled=self.ratio > 0)
         if side.on and self.ratio:  # batch tensors built on first use: on this stream
             self.compressor.prepare(batch, cache.state)
             if self.ratio == 4:
