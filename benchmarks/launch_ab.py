@@ -8,6 +8,7 @@
   on a side stream in every step (DSV4_SIDE_STREAM=1; the default forks steps of up to 64
   tokens, so the two differ past 64),
 - `no-side`: the default launches on one stream (DSV4_SIDE_STREAM=0),
+- `wide`: the default's steps with three side streams in CSA layers (DSV4_SIDE_STREAM=wide),
 - `mhc-apart`: the default launches, but the hyper-connection between sub-layers in its
   four launches (`mhc_fused.FUSED = False`, as DSV4_MHC_FUSED=0),
 - `default`: what the engine does now.
@@ -45,6 +46,7 @@ POLICIES = {  # PDL_MAX_TOKENS, then the values of ENV
     "pdl+prefetch": (1 << 20, "4", "0"),
     "side": (pdl_mod.PDL_MAX_TOKENS, DEFAULT[0], "1"),
     "no-side": (pdl_mod.PDL_MAX_TOKENS, DEFAULT[0], "0"),
+    "wide": (pdl_mod.PDL_MAX_TOKENS, DEFAULT[0], "wide"),
     "mhc-apart": (pdl_mod.PDL_MAX_TOKENS, *DEFAULT),
     "default": (pdl_mod.PDL_MAX_TOKENS, *DEFAULT),
 }

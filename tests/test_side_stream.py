@@ -24,22 +24,27 @@ def test_cpu_branch_is_program_order(monkeypatch):
 
 
 def test_modes(monkeypatch):
-    from dsv4.kernels.side_stream import SIDE_MAX_TOKENS, side_stream_on, side_stream_policy
+    from dsv4.kernels.side_stream import (SIDE_MAX_TOKENS, side_stream_on,
+                                          side_stream_policy, side_streams_wide)
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     monkeypatch.delenv("DSV4_SIDE_STREAM", raising=False)  # auto: decode-sized steps only
     assert side_stream_on(cuda, 1) and side_stream_on(cuda, SIDE_MAX_TOKENS)
     assert not side_stream_on(cuda, SIDE_MAX_TOKENS + 1)  # prefill chunks stay on one stream
     assert "64 tokens" in side_stream_policy()
     assert not SideBranch(cuda, 1, enabled=False).on  # layers without a compressor
+    assert not side_streams_wide()
+    monkeypatch.setenv("DSV4_SIDE_STREAM", "wide")  # auto's steps, three streams in CSA layers
+    assert side_streams_wide() and side_stream_on(cuda, 1)
+    assert not side_stream_on(cuda, SIDE_MAX_TOKENS + 1) and "three" in side_stream_policy()
     monkeypatch.setenv("DSV4_SIDE_STREAM", "1")
-    assert side_stream_on(cuda, 8192)
+    assert side_stream_on(cuda, 8192) and not side_streams_wide()
     monkeypatch.setenv("DSV4_SIDE_STREAM", "0")
     assert not side_stream_on(cuda, 1) and side_stream_policy() == ""
-    for mode in ("auto", "1", "0"):
+    for mode in ("auto", "wide", "1", "0"):
         monkeypatch.setenv("DSV4_SIDE_STREAM", mode)
         assert not side_stream_on(cpu, 1)
     monkeypatch.setenv("DSV4_SIDE_STREAM", "yes")
-    with pytest.raises(ValueError, match="DSV4_SIDE_STREAM must be auto, 0 or 1"):
+    with pytest.raises(ValueError, match="DSV4_SIDE_STREAM must be auto, wide, 0 or 1"):
         side_stream_on(cuda, 1)
 
 

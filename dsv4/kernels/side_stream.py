@@ -10,7 +10,8 @@ branch off) both are no-ops and the work runs in program order.
 When: `DSV4_SIDE_STREAM` = `auto` (the default) forks decode-sized steps, of up to
 SIDE_MAX_TOKENS tokens, in the layers that have a compressor (the attention layers without one
 keep their kv row and query in one paired launch: a fork there only adds the fork); `1` forks
-every step of those layers, `0` none. H200, Flash-shaped 4-layer FP4 model, CUDA graphs
+every step of those layers, `0` none; `wide` (opt-in, `side_streams_wide`) forks as `auto` with
+three side streams in CSA layers. H200, Flash-shaped 4-layer FP4 model, CUDA graphs
 (`benchmarks/launch_ab.py --policies default side`, thirty-sixth session; two of the four
 layers compress): time per output token at batch 1 / 8 / 64 0.865 / 1.574 / 3.851 ->
 0.831 / 1.541 / 3.782 ms; the CSA layer's step 200 -> 167 us (its two compressors, 33 us of
@@ -37,8 +38,8 @@ SIDE_MAX_TOKENS = 64  # `auto` forks steps of up to this many tokens (decode bat
 
 def side_stream_mode() -> str:
     mode = os.environ.get("DSV4_SIDE_STREAM", "auto").strip().lower() or "auto"
-    if mode not in ("auto", "0", "1"):
-        raise ValueError(f"DSV4_SIDE_STREAM must be auto, 0 or 1, got {mode!r}")
+    if mode not in ("auto", "0", "1", "wide"):
+        raise ValueError(f"DSV4_SIDE_STREAM must be auto, wide, 0 or 1, got {mode!r}")
     return mode
 
 
@@ -47,15 +48,26 @@ def side_stream_on(device: torch.device, tokens: int | None = None) -> bool:
     if device.type != "cuda":
         return False
     mode = side_stream_mode()
-    if mode == "auto":
+    if mode in ("auto", "wide"):
         return tokens is None or tokens <= SIDE_MAX_TOKENS
     return mode == "1"
+
+
+def side_streams_wide() -> bool:
+    """`wide` (opt-in, not yet measured): the steps `auto` forks, and in CSA layers three side
+    streams instead of one: the kv row with the attention's compressor, the indexer's
+    compressor, and the attention's query (wq_b and its RoPE, forked once the q latent is
+    made) while the main stream makes the indexer's query (the thirty-sixth session's
+    batch-1 timeline: ~50 us of small launches on each of the two streams of a CSA layer)."""
+    return side_stream_mode() == "wide"
 
 
 def side_stream_policy() -> str:
     """For the engine's start-up line."""
     mode = side_stream_mode()
     return {"auto": f"attention side stream in steps of up to {SIDE_MAX_TOKENS} tokens",
+            "wide": f"attention side streams (three in CSA layers) in steps of up to "
+                    f"{SIDE_MAX_TOKENS} tokens",
             "1": "attention side stream in every step", "0": ""}[mode]
 
 
@@ -63,8 +75,10 @@ class SideBranch:
     """One fork of the current stream: `with branch.run(): ...` issues work on the side
     stream (forking at the first use), `branch.join()` makes the current stream wait for it."""
 
-    def __init__(self, device: torch.device, tokens: int | None = None, enabled: bool = True):
+    def __init__(self, device: torch.device, tokens: int | None = None, enabled: bool = True,
+                 lane: int = 0):
         self.on = enabled and side_stream_on(device, tokens)
+        self.lane = lane  # branches of different lanes run on different streams
         self._main = None
 
     @contextlib.contextmanager
@@ -74,9 +88,10 @@ class SideBranch:
             return
         if self._main is None:
             self._main = torch.cuda.current_stream()
-            self._side = _STREAMS.get(self._main.device)
+            key = (self._main.device, self.lane)
+            self._side = _STREAMS.get(key)
             if self._side is None:
-                self._side = _STREAMS[self._main.device] = torch.cuda.Stream(self._main.device)
+                self._side = _STREAMS[key] = torch.cuda.Stream(self._main.device)
             self._side.wait_stream(self._main)
         with torch.cuda.stream(self._side):
             yield

@@ -7,7 +7,7 @@ from torch import nn
 from ..distributed import SINGLE, ParallelGroup
 from ..kernels.grouped_linear import grouped_linear
 from ..kernels.rmsnorm import rmsnorm_split, rmsnorm_split_pair
-from ..kernels.side_stream import SideBranch
+from ..kernels.side_stream import SideBranch, side_streams_wide
 from ..kernels.sparse_attention import sparse_attention
 from ..quant.linear import BF16Linear, make_linear, split_k_pair
 from .batch import ForwardBatch
@@ -80,6 +80,11 @@ class DeepseekV4Attention(nn.Module):
         # completed by this chunk are written before they are read, so that later tokens of
         # the same chunk see them; each token's index list only reaches entries already complete.
         side = SideBranch(u.device, T, enabled=self.ratio > 0)
+        # DSV4_SIDE_STREAM=wide (opt-in): a CSA layer's indexer compressor and its attention
+        # query (wq_b, RoPE) on side streams of their own, the indexer's query on this one
+        wide = side.on and self.ratio == 4 and side_streams_wide()
+        side_idx = SideBranch(u.device, T, enabled=wide, lane=1)
+        side_q = SideBranch(u.device, T, enabled=wide, lane=2)
         if side.on and self.ratio:  # batch tensors built on first use: on this stream
             self.compressor.prepare(batch, cache.state)
             if self.ratio == 4:
@@ -91,7 +96,13 @@ class DeepseekV4Attention(nn.Module):
             with side.run():
                 kv = rmsnorm_split(self.wkv.split_k(u), self.kv_norm.weight, self.kv_norm.eps,
                                    u.dtype, rope=kv_norm[2], fp8_width=kv_norm[3])  # [T, D]
-                self._compress(u, batch, cache)
+                if wide:
+                    self.compressor(u, batch, cache.state, cache.store_cmp)
+                else:
+                    self._compress(u, batch, cache)
+            if wide:
+                with side_idx.run():
+                    self.indexer.compress(u, batch, cache)
             qr = rmsnorm_split(self.wq_a.split_k(u), self.q_norm.weight, self.q_norm.eps,
                                u.dtype)
         else:  # one-stream order: wkv and wq_a in one launch, their norms in another
@@ -101,16 +112,20 @@ class DeepseekV4Attention(nn.Module):
                                         u.dtype)
             self._compress(u, batch, cache)
         # per-head q normalisation and RoPE, in place on fresh tensors
-        q = rope_(self.wq_b(qr).view(T, H, D), pos, self.freqs, rd, norm_eps=self.eps)
+        with side_q.run():
+            q = rope_(self.wq_b(qr).view(T, H, D), pos, self.freqs, rd, norm_eps=self.eps)
         cmp_idx = cmp_rows = cmp_len = None
         if self.ratio:
             cmp_rows = cache.flat(cache.cmp)
             # the visible entries are each token's first `cmp_len`: the candidates, or the
             # indexer's picks (which come first in its rows)
             cand, cmp_len = batch.candidates(self.ratio)
-            cmp_idx = (self.indexer(qr, u, batch, cache, compressed=True, ready=side.join)
+            cmp_idx = (self.indexer(qr, u, batch, cache, compressed=True,
+                                    ready=side_idx.join if wide else side.join)
                        if self.ratio == 4 else cand)
+        side_idx.join()
         side.join()
+        side_q.join()
         # the output's rope dims turned back (inverse RoPE) by the attention op itself
         o = sparse_attention(q, self.attn_sink, D ** -0.5, cache.flat(cache.win), kv,
                              batch.window_index, cmp_rows, cmp_idx, self.rope_dim, cmp_len,

@@ -25,6 +25,17 @@ def test_graph_decoding_equals_eager():
     assert graph == eager
 
 
+@pytest.mark.parametrize("mode", ["0", "wide"])
+def test_side_stream_modes_give_the_default_tokens(monkeypatch, mode):
+    """Graph decoding on one stream and with three side streams in CSA layers
+    (`kernels/side_stream.py`) gives the default's tokens (one side stream)."""
+    want, _ = _greedy()
+    monkeypatch.setenv("DSV4_SIDE_STREAM", mode)
+    got, llm = _greedy()
+    assert llm.llm_engine.runner.graphs is not None
+    assert got == want
+
+
 @pytest.mark.parametrize("k", [0, 1])
 def test_context_bands_give_the_eager_tokens(monkeypatch, k):
     """Decode graphs of a short context band (here 136 tokens: the 127- and 130-token prompts

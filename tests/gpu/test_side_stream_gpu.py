@@ -1,6 +1,7 @@
 """The side stream of an attention layer (`kernels/side_stream.py`): the kv row and the
 compressor run beside the query path; the model's outputs are bit-identical to the one-stream
-run, in prefill chunks (DSV4_SIDE_STREAM=1) and decode steps (1 and the default, auto),
+run, in prefill chunks (DSV4_SIDE_STREAM=1) and decode steps (1, the default auto, and
+wide: three side streams in CSA layers),
 eagerly (and through the engine's CUDA graphs in tests/gpu/test_engine_gpu.py, which run the
 default)."""
 import pytest
@@ -22,7 +23,7 @@ def test_side_stream_changes_no_output(fmt, monkeypatch):
     prompt = list(range(5, 5 + 300))  # past the window and several compressed entries
     monkeypatch.setenv("DSV4_SIDE_STREAM", "0")
     ids, logits = greedy(model, prompt, 12, "cuda")
-    for mode in ("1", "auto"):
+    for mode in ("1", "auto", "wide"):
         monkeypatch.setenv("DSV4_SIDE_STREAM", mode)
         ids2, logits2 = greedy(model, prompt, 12, "cuda")
         assert ids2 == ids
