@@ -12,10 +12,12 @@ SIDE_MAX_TOKENS tokens, in the layers that have a compressor (the attention laye
 keep their kv row and query in one paired launch: a fork there only adds the fork); `1` forks
 every step of those layers, `0` none; `wide` (opt-in, `side_streams_wide`) forks as `auto` with
 three side streams in CSA layers. H200, Flash-shaped 4-layer FP4 model, CUDA graphs
-(`benchmarks/launch_ab.py --policies default side`, thirty-sixth session; two of the four
-layers compress): time per output token at batch 1 / 8 / 64 0.865 / 1.574 / 3.851 ->
-0.831 / 1.541 / 3.782 ms; the CSA layer's step 200 -> 167 us (its two compressors, 33 us of
-small launches, ran before its query path). Prefill chunks stay on one stream: in the ninth
+(`benchmarks/launch_ab.py --policies no-side default side`, thirty-sixth session; two of the
+four layers compress): time per output token at batch 1 / 8 0.868 / 1.585 (one stream) ->
+0.845 / 1.556 (`auto`) and 0.848 / 1.555 (`1`); an earlier run, one stream against every
+layer forking, 0.865 / 1.574 / 3.851 -> 0.831 / 1.541 / 3.782 ms at 1 / 8 / 64; the CSA
+layer's step 200 -> 167 us (its two compressors, 33 us of small launches, ran before its
+query path). Prefill chunks stay on one stream: in the ninth
 session (`DSV4_SIDE_STREAM=1` on every step) eager prefill of 1K prompts was 2-4x slower.
 
 What keeps it race-free is the caller's part:
