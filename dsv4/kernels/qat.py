@@ -80,6 +80,19 @@ def rope_hadamard_fp4_ref(parts: torch.Tensor, heads: int, pos: torch.Tensor,
     return hadamard_fp4_ref(q, qat)
 
 
+DECODE_ROWS = 512  # (token, head) rows of a decode batch: `rope_hadamard_fp4`'s small launch
+_SIGNS: dict = {}
+
+
+def _signs(c: int, device) -> torch.Tensor:
+    """Sylvester's H_c without its scale, bf16 [c, c] of +-1 (what `_hadamard_signs` makes)."""
+    key = (c, str(device))
+    if key not in _SIGNS:
+        h = hadamard_matrix(c, torch.float64, "cpu") * c ** 0.5
+        _SIGNS[key] = h.round().to(device=device, dtype=torch.bfloat16)
+    return _SIGNS[key]
+
+
 def _summed(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`sum_parts`, never a view of the partials (the RoPE after it works in place)."""
     q = sum_parts(parts, dtype)
@@ -103,12 +116,19 @@ def rope_hadamard_fp4(parts: torch.Tensor, heads: int, pos: torch.Tensor, freqs:
             and c & (c - 1) == 0):
         rows = T * heads
         out = torch.empty(T, heads, c, dtype=dtype, device=parts.device)
-        br = 64 if rows > 4096 and S == 1 else 16  # as hadamard_fp4's bf16 tiles
+        # decode batches (up to DECODE_ROWS rows): 8-row programs of one warp that load H's
+        # signs (H200, 64 heads, 4 partials: 9.5 -> 5.9 us at one token; the 16-row programs
+        # of 4 warps spent ~10 us on the partials' sum and the FP4 rounding alone, their
+        # layouts converted through shared memory; `scratch`-style A/B, thirty-sixth session).
+        # Larger: as hadamard_fp4's bf16 tiles
+        small = rows <= DECODE_ROWS
+        br = 8 if small else 64 if rows > 4096 and S == 1 else 16
+        h = hadamard_matrix(c, torch.float32, parts.device)
         _rope_hadamard_fp4_kernel[(triton.cdiv(rows, br),)](
             parts.contiguous(), pos, freqs.to(device=parts.device, dtype=torch.float32),
-            hadamard_matrix(c, torch.float32, parts.device), out, S, rows, heads, C=c,
+            h, _signs(c, parts.device) if small else h, out, S, rows, heads, C=c,
             ROPE=rope_dim, QAT=qat, BR=br, SP=triton.next_power_of_2(S),
-            ONE_TOKEN=heads % br == 0, num_warps=4, **pdl())
+            ONE_TOKEN=heads % br == 0, SIGNS=small, num_warps=1 if small else 4, **pdl())
         return out
     q = _summed(parts, dtype)
     return hadamard_fp4(rope_(q.view(T, heads, c), pos, freqs, rope_dim), qat)
@@ -182,13 +202,14 @@ if HAS_TRITON:
         return tl.where((v & 1) == 0, 1.0, -1.0).to(tl.bfloat16)
 
     @triton.jit(do_not_specialize=["S", "R", "HEADS"])
-    def _rope_hadamard_fp4_kernel(p_ptr, pos_ptr, f_ptr, h_ptr, out_ptr, S, R, HEADS,
+    def _rope_hadamard_fp4_kernel(p_ptr, pos_ptr, f_ptr, h_ptr, sg_ptr, out_ptr, S, R, HEADS,
                                   C: tl.constexpr, ROPE: tl.constexpr, QAT: tl.constexpr,
                                   BR: tl.constexpr, SP: tl.constexpr, ONE_TOKEN: tl.constexpr,
-                                  PDL: tl.constexpr = False):
+                                  SIGNS: tl.constexpr = False, PDL: tl.constexpr = False):
         """BR rows (token, head) of `rope_hadamard_fp4`: the S partials' fp32 sum rounded to
         out's dtype, RoPE on the last ROPE channels (fp32, rounded), the bf16 MMA with H's
-        signs (`_hadamard_rows`), rounded, and the FP4 round trip with QAT."""
+        signs (`_hadamard_rows`; SIGNS: loaded from sg_ptr [C, C] instead of made), rounded,
+        and the FP4 round trip with QAT."""
         pdl_start(PDL)
         dt = out_ptr.dtype.element_ty
         rows = tl.program_id(0) * BR + tl.arange(0, BR)
@@ -212,7 +233,11 @@ if HAS_TRITON:
             pos = tl.load(pos_ptr + rows // HEADS, mask=ok, other=0).to(tl.float32)
             cs, sn = cos_sin(pos[:, None] * f[None, :], rot[None, :])
         x = tl.reshape(tl.join(*turn(e, o, cs, sn)), (BR, C)).to(tl.bfloat16)
-        y = (tl.dot(x, _hadamard_signs(C)) * tl.load(h_ptr)).to(dt).to(tl.float32)
+        if SIGNS:
+            sg = tl.load(sg_ptr + c[:, None] * C + c[None, :])
+        else:
+            sg = _hadamard_signs(C)
+        y = (tl.dot(x, sg) * tl.load(h_ptr)).to(dt).to(tl.float32)
         if QAT:
             y = _fp4_sim(y, BR, C)
         tl.store(out_ptr + rows[:, None].to(tl.int64) * C + c[None, :], y.to(dt),

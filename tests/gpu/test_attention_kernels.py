@@ -1047,13 +1047,16 @@ def test_hadamard_fp4_matches_reference(shape, qat, dtype):
 
 
 @pytest.mark.parametrize("qat", [True, False])
-@pytest.mark.parametrize("S,T,heads", [(1, 1, 64), (4, 1, 64), (2, 37, 64), (1, 300, 64),
-                                       (1, 1, 8), (2, 37, 24)])
+@pytest.mark.parametrize("S,T,heads", [(1, 1, 64), (4, 1, 64), (4, 8, 64), (4, 9, 64),
+                                       (2, 37, 64), (1, 300, 64), (1, 1, 8), (2, 37, 24),
+                                       (3, 5, 24)])
 def test_rope_hadamard_fp4_matches_reference(S, T, heads, qat):
     """The indexer's queries in one launch (Flash: 64 heads x 128, RoPE on the last 64) from
     wq_b's split-K partials (S = 1: the bf16 product; 300 tokens: the 64-row tiles) against
     the sum, RoPE and Hadamard references, and against the three GPU kernels it replaces;
-    8 and 24 heads (tensor parallel ranks): programs whose rows are not one token's.
+    8 and 24 heads (tensor parallel ranks): programs whose rows are not one token's; up to
+    512 rows (8 tokens of 64 heads, 5 of 24) the decode launch (8-row programs, H's signs
+    loaded), past it the larger tiles.
     Only summation orders differ: rare values one rounding step apart."""
     from dsv4.kernels.qat import hadamard_fp4, rope_hadamard_fp4, rope_hadamard_fp4_ref
     from dsv4.kernels.quant_linear import sum_parts
