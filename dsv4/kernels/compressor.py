@@ -254,11 +254,15 @@ def compress_finish(pooled, weight, eps, index, m, freqs, rope_dim, index_keys, 
         if w == 0:
             return out
         h = hadamard_matrix(C, torch.float32, pooled.device) if index_keys else pooled
-        br = 16 if index_keys else 1  # tl.dot needs 16 rows
+        # (rows, warps) a program: indexer keys at decode sizes in 8-row programs of 2 warps
+        # (H200, `scratch/small_sweep.py`, CUDA-graph loop: 1 / 8 / 64 windows 6.5 / 6.4 /
+        # 9.6 -> 6.3 / 6.0 / 7.8 us against 16 rows on 4 warps; bit-equal), more in 16-row
+        # programs of 4; attention rows one a program
+        br, warps = ((8, 2) if w <= 64 else (16, 4)) if index_keys else (1, 4)
         _compress_finish_kernel[(triton.cdiv(w, br),)](
             pooled.contiguous(), weight.float().contiguous(), index,
             freqs.to(device=pooled.device, dtype=torch.float32), h, out, w, m, eps, C=C,
-            NOPE=nope, INDEX=index_keys, QAT=qat, BR=br, num_warps=4, **pdl())
+            NOPE=nope, INDEX=index_keys, QAT=qat, BR=br, num_warps=warps, **pdl())
         return out
     return compress_finish_ref(pooled, weight, eps, index, m, freqs, rope_dim, index_keys, qat,
                                dtype)

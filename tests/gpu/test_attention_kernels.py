@@ -598,7 +598,9 @@ def test_compress_windows_gathers_as_reference(m, k, C, windows):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("qat", [True, False])
 @pytest.mark.parametrize("kind,C,m,W", [("attn", 512, 4, 1), ("attn", 512, 128, 37),
-                                        ("index", 128, 4, 1), ("index", 128, 4, 300)])
+                                        ("index", 128, 4, 1), ("index", 128, 4, 9),
+                                        ("index", 128, 4, 64), ("index", 128, 4, 65),
+                                        ("index", 128, 4, 300)])
 def test_compress_finish_matches_reference_chain(kind, C, m, W, qat, dtype):
     """Pooled rows -> cache rows in one kernel (cast, RMSNorm, RoPE, FP8 or Hadamard + FP4)
     against the reference ops one after another. The row norm's fp32 sum may end one ulp
