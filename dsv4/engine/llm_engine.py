@@ -107,12 +107,15 @@ def _eos_token_ids(cfg: ModelConfig, generation_config: Any) -> frozenset[int]:
 def watch_compiles(engine: "LLMEngine") -> CompileWatch | None:
     """After the warm-up, every Triton compile is a step shape it did not meet, paid inside
     a request: count it (`dsv4:triton_compiles` in /metrics) and log what made it new. The
-    watch holds the engine weakly (engines that are dropped unclosed stay collectable)."""
+    engine starts the watch before it captures its graphs and warms up (`_warming` set):
+    those compiles are only recorded, so a later one names the argument that differs from
+    the nearest variant they made. The watch holds the engine weakly (engines that are
+    dropped unclosed stay collectable)."""
     ref = weakref.ref(engine)
 
     def seen(c) -> None:
         eng = ref()
-        if eng is None:
+        if eng is None or eng._warming:
             return
         eng.triton_compiles += 1
         eng.triton_compile_seconds += c.seconds
@@ -223,6 +226,10 @@ class LLMEngine:
             raise ConfigError("speculative_tokens needs the model's MTP layer "
                               "(num_nextn_predict_layers = 0 in this config)")
         graphs = None
+        # Triton compiles from here on: recorded while `_warming` (graph capture, warm-up),
+        # counted and logged after (`watch_compiles`)
+        self._warming = self.device.type == "cuda" and ec.warmup
+        self._compile_watch = watch_compiles(self) if self._warming else None
         if self.device.type == "cuda" and not ec.enforce_eager:
             from . import cuda_graph
             from .cuda_graph import PREFILL_TOKENS, CUDAGraphRunner
@@ -264,7 +271,6 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.triton_compiles, self.triton_compile_seconds = 0, 0.0
-        self._compile_watch = None
         self._grammars: GrammarCompiler | None = None  # structured outputs, on first use
         self._token_text: dict[int, str] = {}
 
@@ -288,7 +294,7 @@ class LLMEngine:
                         f"; {moe}" if moe else "")
             if ec.warmup:
                 self.warm_up()
-                self._compile_watch = watch_compiles(self)
+                self._warming = False
 
     def warm_up(self) -> None:
         """Compile the Triton kernels of the step shapes serving will meet, before the first
