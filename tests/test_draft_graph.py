@@ -14,18 +14,17 @@ from dsv4.engine.draft_graph import DraftGraph, DraftGraphs
 
 
 class _EagerGraph:
-    """A captured graph's stand-in: replay runs the forward again into the first run's
-    output buffers."""
+    """A captured graph's stand-in: replay runs its body again into the first run's output
+    buffers (a tuple of tensors, or None)."""
 
     def __init__(self, body):
         self.body = body
-        self.x, self.logits = body()
+        self.out = body()
 
     def replay(self):
-        x, logits = self.body()
-        self.x.copy_(x)
-        if logits is not None:
-            self.logits.copy_(logits)
+        for buf, new in zip(self.out, self.body()):
+            if buf is not None:
+                buf.copy_(new)
 
 
 class EagerGraphs(CUDAGraphRunner):
@@ -41,14 +40,9 @@ class EagerGraphs(CUDAGraphRunner):
                          max_prefill_tokens=max_prefill_tokens, short_len=short_len)
 
     @torch.inference_mode()
-    def _record(self, sb, logits=True):
-        def body():
-            sb.prepare()
-            x = self.model(sb, self.cache)
-            return x, (self.model.logits(x) if logits else None)
-
+    def _graph(self, body):
         g = _EagerGraph(body)
-        return g, sb, g.x, g.logits
+        return g, g.out
 
 
 class EagerDraftGraphs(DraftGraphs):
@@ -213,3 +207,41 @@ def test_prefill_graphs_larger_than_the_context_are_captured_as_several_chunks()
                                                                    use_tqdm=False)])
     assert outs[0] == outs[1]
     assert any(b.num_tokens > 2 for b in replayed)  # prefill graphs replayed
+
+
+def test_plain_greedy_steps_sample_from_the_greedy_graph():
+    """One-token decode graphs come with a graph of the plain-greedy sampling of their logits
+    (`CUDAGraphRunner.greedy`): a step in which every row samples that way takes its ids,
+    logprobs and ranks from it, with the tokens and logprobs of the eager engine; steps that
+    sample otherwise (a temperature, top logprobs) and ragged steps take the sampler's
+    path. Sync and async scheduling."""
+    prompts = [[16 + (i * 31 + j * 17) % 490 for j in range(n)] for i, n in enumerate([5, 9, 3])]
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=None)
+    mixed = [greedy, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2),
+             greedy]
+    for async_scheduling in (True, False):
+        outs, used = [], []
+        for graphs in (False, True):
+            llm = LLM(model="tiny", dtype="float32", device="cpu", max_num_seqs=4,
+                      async_scheduling=async_scheduling)
+            eng = llm.llm_engine
+            if graphs:
+                eng.runner.graphs = EagerGraphs(eng, 1)
+                assert set(eng.runner.graphs.greedy_graphs) == set(eng.runner.graphs.graphs)
+                real = eng.runner.graphs.greedy
+                eng.runner.graphs.greedy = lambda n: used.append(n) or real(n)
+            got = []
+            for params in ([greedy] * 3, mixed):
+                got.append([(o.outputs[0].token_ids, o.outputs[0].cumulative_logprob)
+                            for o in llm.generate(prompts, params, use_tqdm=False)])
+                if graphs:
+                    used.append("|")
+            outs.append(got)
+        (plain_e, mixed_e), (plain_g, mixed_g) = outs
+        assert [t for t, _ in plain_e] == [t for t, _ in plain_g]
+        assert [t for t, _ in mixed_e] == [t for t, _ in mixed_g]
+        for (_, a), (_, b) in zip(plain_e + mixed_e, plain_g + mixed_g):
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-5)
+        plain_calls, mixed_calls = "".join(map(str, used)).split("|")[:2]
+        assert plain_calls and set(plain_calls) <= {"3", "2", "1"}  # batch 3 (graph 4), ...
+        assert mixed_calls == ""  # top logprobs in the batch: the sampler's path

@@ -87,6 +87,9 @@ class EagerGraphs:
         x = self.model(batch, self.cache)
         return x, (self.model.logits(x) if self.with_logits else None)
 
+    def greedy(self, n):
+        return None  # no greedy graph: the sampler samples
+
 
 def _lockstep_worker(rank, port, prompt, q, backend="gloo"):
     """Rank 0 drives the workers as the engine does (`LockstepModel`): the prefill eagerly,

@@ -18,7 +18,8 @@ from ..cache.kv_cache import ModelCache
 from ..kernels.greedy import greedy_logprob
 from ..model.batch import ForwardBatch, SeqChunk
 from ..model.model import DeepseekV4Model
-from .sampler import Sampler, TokenLogprob, compute_logprobs_topn
+from .sampler import (Sampler, TokenLogprob, compute_logprobs_topn, greedy_output,
+                      plain_greedy)
 from .scheduler import ScheduledChunk
 from .spec_decode import MTPProposer, accept_drafts, greedy_plain
 from .upload import upload
@@ -131,8 +132,8 @@ class ModelRunner:
                 row_of[i] = at
                 at += 1 + c.num_drafts
         if plain:
-            out = self._sample([chunks[i].seq for i in plain],
-                               head([row_of[i] for i in plain]))
+            out = self._sample([chunks[i].seq for i in plain], head([row_of[i] for i in plain]),
+                               graph and len(plain) == len(chunks))
             # one device-to-host copy for the three
             packed = _packed(out).tolist()
             ids, lps, ranks = ([int(v) for v in packed[0]], packed[1],
@@ -191,7 +192,7 @@ class ModelRunner:
             if fill is not None:
                 fill(batch.input_ids)
             logits = self.model.logits(self.model(batch, self.cache))
-        out = self._sample([c.seq for c in chunks], logits)
+        out = self._sample([c.seq for c in chunks], logits, graph)
         packed = _packed(out)
         cuda = packed.is_cuda
         host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=cuda)
@@ -202,7 +203,13 @@ class ModelRunner:
             event.record()
         return StepHandle(chunks, out.token_ids, host, event)
 
-    def _sample(self, seqs, logits: torch.Tensor):
+    def _sample(self, seqs, logits: torch.Tensor, graph: bool = False):
+        """`graph`: logits are the rows, in order, of the graph step `graphs.run` just
+        replayed (a plain-greedy step then samples from its captured greedy graph)."""
+        if graph and plain_greedy([s.params for s in seqs], [s.output_ids_view for s in seqs]):
+            got = self.graphs.greedy(len(seqs))
+            if got is not None:
+                return greedy_output([s.params for s in seqs], *got)
         grammars = [s.grammar for s in seqs]
         return self.sampler(logits, [s.params for s in seqs], [s.output_ids_view for s in seqs],
                             [s.request.prompt_token_ids for s in seqs],

@@ -502,15 +502,10 @@ class Sampler:
                 f"batch size mismatch: logits {B}, params {len(params)}, outputs {len(output_token_ids)}, "
                 f"prompts {len(prompt_token_ids)}, generators {len(generators)}"
             )
+        if plain_greedy(params, output_token_ids):
+            # the raw argmax is the token, rank 1, one fused pass on the GPU
+            return greedy_output(params, *greedy_logprob(logits, packed=True))
         rand = [i for i, p in enumerate(params) if not p.is_greedy]
-        if not rand and not any(p.logprobs or p.needs_logits_processing
-                                or len(out) < p.min_tokens
-                                for p, out in zip(params, output_token_ids)):
-            # plain greedy: the raw argmax is the token, rank 1, one fused pass on the GPU
-            token_ids, tok_lp, packed = greedy_logprob(logits, packed=True)
-            return SamplerOutput(token_ids=token_ids, logprobs=tok_lp, ranks=packed[2],
-                                 top_logprobs=[None if p.logprobs is None else [] for p in params],
-                                 packed=packed)
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1)
         if not rand:  # all greedy: the argmax, without building the one-hot distributions
@@ -529,6 +524,23 @@ class Sampler:
         ranks = (raw_logprobs > tok_lp).sum(dim=-1) + 1
         top = _top_lists(raw_logprobs, [p.logprobs for p in params])
         return SamplerOutput(token_ids=token_ids, logprobs=tok_lp[:, 0], ranks=ranks, top_logprobs=top)
+
+
+def plain_greedy(params: Sequence[SamplingParams],
+                 output_token_ids: Sequence[Sequence[int]]) -> bool:
+    """Whether every row's token is the raw logits' argmax and needs nothing but its
+    logprob and rank 1 (`greedy_logprob`): greedy, no logits processing, no top logprobs,
+    past min_tokens."""
+    return not any(not p.is_greedy or p.logprobs or p.needs_logits_processing
+                   or len(out) < p.min_tokens for p, out in zip(params, output_token_ids))
+
+
+def greedy_output(params: Sequence[SamplingParams], token_ids: Tensor, tok_lp: Tensor,
+                  packed: Tensor) -> SamplerOutput:
+    """A plain-greedy step's SamplerOutput from `greedy_logprob(..., packed=True)`."""
+    return SamplerOutput(token_ids=token_ids, logprobs=tok_lp, ranks=packed[2],
+                         top_logprobs=[None if p.logprobs is None else [] for p in params],
+                         packed=packed)
 
 
 # generation_config.json keys that become request defaults (vLLM's `--generation-config auto`)
