@@ -496,27 +496,6 @@ def test_warm_up_leaves_no_trace():
     assert tokens(run(eng, [(p, GREEDY)])) == fresh
 
 
-def test_warm_up_ends_with_sixteen_prompts_at_once():
-    """Where 16 sequences fit a step, the warm-up's last stage serves 16 three-token prompts
-    together: steps that sample 16 rows (a count Triton specialises on), eagerly, then
-    nothing is left behind."""
-    eng = make_engine(max_num_batched_tokens=16, max_num_seqs=16)
-    lengths, steps = [], []
-    real_step, real_add = eng.step, eng.add_request
-    eng.step = lambda: steps.append(len(eng.requests)) or real_step()
-    eng.add_request = lambda rid, ids, params: lengths.append(len(ids)) or real_add(rid, ids,
-                                                                                 params)
-    eng.warm_up()
-    assert lengths[-17:] == [81] + [3] * 16, lengths
-    assert 16 in steps
-    assert not eng.requests and eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
-    eng = make_engine(max_num_batched_tokens=16, max_num_seqs=15)  # no 16-row step to meet
-    lengths = []
-    eng.add_request = lambda rid, ids, params: lengths.append(len(ids))
-    eng.warm_up()
-    assert lengths[-1] == 81 and 3 not in lengths, lengths
-
-
 def test_warm_up_fills_the_step_budget_with_several_prompts_under_a_short_context():
     """With max_model_len under the step budget no one prompt makes a large step: the warm-up
     makes the full-budget step out of several prompts of the longest allowed length and the

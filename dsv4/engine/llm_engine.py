@@ -309,11 +309,10 @@ class LLMEngine:
         will make them: the full-budget step too); then each of those
         lengths again as the second chunk of a prompt (budget + length tokens): the same bands
         of tokens at a context of a full chunk (top-k over more candidates than it keeps,
-        the few-token steps of a conversation's next turn); then one long prompt
+        the few-token steps of a conversation's next turn); last, one long prompt
         (5 x the budget where the context and the blocks allow: 40961 tokens at a budget of
         8192), whose later chunks meet the widths of long contexts (top-k over more than 8192
-        candidates); last, 16 three-token prompts at once (steps that sample 16 rows, as the
-        head after a ragged step's prefill graph does). Every stage runs eagerly, CUDA graphs set aside: the graphs compiled
+        candidates). Every stage runs eagerly, CUDA graphs set aside: the graphs compiled
         their kernels when they were captured, and the eager kernels of the same token bands
         serve the steps that do not replay a graph (prompt log-probs, a short turn past the
         prefill graphs' context, contexts past the decode graphs')."""
@@ -354,10 +353,7 @@ class LLMEngine:
         full = ((n - 3, n) if n == budget else prompts_of(budget, n), 2)
         stages = ([full] + [(prompts_of(length, filler), 1) for length in warm_up_lengths(budget)]
                   + [((n + length,), 1) for length in warm_up_lengths(n) if n + length <= cap]
-                  + ([((longest,), 1)] if longest > n else [])
-                  # 16 short prompts at once: steps that sample 16 rows (Triton specialises
-                  # a row count divisible by 16: the head after a prefill graph's ragged step)
-                  + ([((3,) * 16, 2)] if seqs >= 16 else []))
+                  + ([((longest,), 1)] if longest > n else []))
         runner = self.runner
         graphs, drafts = runner.graphs, runner.draft_graphs
         runner.graphs = runner.draft_graphs = None
