@@ -496,6 +496,29 @@ def test_warm_up_leaves_no_trace():
     assert tokens(run(eng, [(p, GREEDY)])) == fresh
 
 
+def test_warm_up_ends_with_steps_that_sample_many_rows():
+    """Where max_num_seqs allows, the warm-up's last stages serve 12, 16 and 24 prompts at
+    once, of 2 and of 6 tokens (steps sampling that many rows, short and long: the head's
+    launch shapes with and without PDL), then leave nothing behind."""
+    eng = make_engine(max_num_batched_tokens=256, max_num_seqs=24)
+    lengths, rows = [], []
+    real_add, real_run = eng.add_request, eng.runner.run
+    eng.add_request = lambda rid, ids, params: lengths.append(len(ids)) or real_add(rid, ids,
+                                                                                 params)
+    eng.runner.run = lambda c: rows.append(sum(x.samples for x in c)) or real_run(c)
+    eng.warm_up()
+    tail = [2] * 12 + [6] * 12 + [2] * 16 + [6] * 16 + [2] * 24 + [6] * 24
+    assert lengths[-len(tail):] == tail, lengths
+    assert {12, 16, 24} <= set(rows), rows
+    assert not eng.requests and eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+    # with max_num_seqs 12 only the 12-prompt stages (planned, not served)
+    eng = make_engine(max_num_batched_tokens=256, max_num_seqs=12)
+    lengths = []
+    eng.add_request = lambda rid, ids, params: lengths.append(len(ids))
+    eng.warm_up()
+    assert lengths[-24:] == [2] * 12 + [6] * 12 and lengths.count(2) == 12, lengths
+
+
 def test_warm_up_fills_the_step_budget_with_several_prompts_under_a_short_context():
     """With max_model_len under the step budget no one prompt makes a large step: the warm-up
     makes the full-budget step out of several prompts of the longest allowed length and the

@@ -309,10 +309,11 @@ class LLMEngine:
         will make them: the full-budget step too); then each of those
         lengths again as the second chunk of a prompt (budget + length tokens): the same bands
         of tokens at a context of a full chunk (top-k over more candidates than it keeps,
-        the few-token steps of a conversation's next turn); last, one long prompt
+        the few-token steps of a conversation's next turn); then one long prompt
         (5 x the budget where the context and the blocks allow: 40961 tokens at a budget of
         8192), whose later chunks meet the widths of long contexts (top-k over more than 8192
-        candidates). Every stage runs eagerly, CUDA graphs set aside: the graphs compiled
+        candidates); last, 12, 16 and 24 short prompts at once (steps that sample that many
+        rows, as ragged steps beside decodes do). Every stage runs eagerly, CUDA graphs set aside: the graphs compiled
         their kernels when they were captured, and the eager kernels of the same token bands
         serve the steps that do not replay a graph (prompt log-probs, a short turn past the
         prefill graphs' context, contexts past the decode graphs')."""
@@ -353,7 +354,12 @@ class LLMEngine:
         full = ((n - 3, n) if n == budget else prompts_of(budget, n), 2)
         stages = ([full] + [(prompts_of(length, filler), 1) for length in warm_up_lengths(budget)]
                   + [((n + length,), 1) for length in warm_up_lengths(n) if n + length <= cap]
-                  + ([((longest,), 1)] if longest > n else []))
+                  + ([((longest,), 1)] if longest > n else [])
+                  # steps that sample several rows: the head's mix (`hc_head`) launches one
+                  # program shape up to 8 rows, another for 9-15, and one with the final norm
+                  # fused from 16 (Triton specialising multiples of 16), each with and without
+                  # PDL (steps of up to 64 tokens): 12, 16 and 24 prompts of 2 tokens and of 6
+                  + [((k,) * r, 2) for r in (12, 16, 24) if r <= seqs for k in (2, 6)])
         runner = self.runner
         graphs, drafts = runner.graphs, runner.draft_graphs
         runner.graphs = runner.draft_graphs = None
