@@ -110,6 +110,25 @@ def test_preemption_under_async_scheduling_keeps_every_output():
     assert small.get_stats().num_free_blocks == small.num_blocks
 
 
+def test_sequences_crossing_a_block_boundary_together_with_one_block_free():
+    """Two sequences reach a new block in the same step ahead while one block is free: each
+    alone would fit, both do not. The step ahead is not launched (the blocks they need are
+    counted together); the synchronous schedule preempts one; every output is the
+    synchronous engine's. (Before, the second allocation raised OutOfBlocks out of `step`.)"""
+    from dsv4.cache.kv_cache import block_bytes, slot_bytes
+    import torch
+    budget = 2 * slot_bytes(CFG, 8, torch.float32) + 3 * block_bytes(CFG, torch.float32, index_fp4=True)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    reqs = [(p, params) for p in prompts([120, 120], seed=2)]
+    small = make_engine(max_num_seqs=2, cpu_cache_bytes=budget, async_scheduling=True)
+    assert small.num_blocks == 3
+    got = tokens(run(small, reqs))
+    big = make_engine(async_scheduling=False)
+    assert got == [tokens(run(big, [r]))[0] for r in reqs]
+    assert small.get_stats().num_preemptions > 0
+    assert small.get_stats().num_free_blocks == small.num_blocks
+
+
 def test_switching_async_scheduling_off_drains_the_step_in_flight(sync):
     eng = make_engine(async_scheduling=True)
     p = prompts([10], seed=4)[0]

@@ -183,3 +183,29 @@ def test_randomised_invariants(seed):
     for sid in list(live):
         bm.free(sid)
     assert bm.num_free_blocks == 40 and bm.num_free_slots == 6
+
+
+def test_can_allocate_all_counts_what_the_requests_need_together():
+    bm = BlockManager(num_blocks=3, num_slots=3, block_size=4)
+    bm.allocate("a", 4)
+    bm.allocate("b", 4)
+    # each of a and b fits the last free block alone; together they need two
+    assert bm.can_allocate("a", 5) and bm.can_allocate("b", 5)
+    assert not bm.can_allocate_all([("a", 5), ("b", 5)])
+    assert bm.can_allocate_all([("a", 5), ("b", 4)])
+    # a new sequence needs a slot too: one is free, two new ones need two
+    assert bm.can_allocate_all([("c", 0)]) and not bm.can_allocate_all([("c", 0), ("d", 0)])
+    # `reclaim` is asked until what they need is free
+    freed = []
+
+    def reclaim():
+        if freed:
+            return False
+        bm.free("b")
+        freed.append("b")
+        return True
+    bm.reclaim = reclaim
+    assert bm.can_allocate_all([("a", 8), ("c", 4)]) and freed == ["b"]
+    bm.allocate("a", 8)
+    bm.allocate("c", 4)
+    assert bm.num_free_blocks == 0

@@ -123,6 +123,16 @@ class BlockManager:
         return self._make_room(self._extra_blocks(seq_id, new_total_tokens),
                                seq_id not in self._tables)
 
+    def can_allocate_all(self, wants: list[tuple[Hashable, int]]) -> bool:
+        """Whether ``allocate`` of every (seq_id, new_total_tokens) in turn would succeed: the
+        blocks (and slots, for new sequences) they need together, not each alone."""
+        blocks = sum(self._extra_blocks(seq_id, n) for seq_id, n in wants)
+        slots = sum(seq_id not in self._tables for seq_id, _ in wants)
+        while len(self._free_blocks) < blocks or len(self._free_slots) < slots:
+            if self.reclaim is None or not self.reclaim():
+                return False
+        return True
+
     def allocate(self, seq_id: Hashable, new_total_tokens: int) -> list[int]:
         """Grow ``seq_id``'s block table to cover ``new_total_tokens`` tokens.
 

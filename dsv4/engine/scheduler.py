@@ -166,8 +166,10 @@ class Scheduler:
         """One-token chunks for running `seqs` (async scheduling: each next token is still being
         sampled), or None when one of them would need blocks that are not free (the caller
         then waits for the tokens and schedules normally, which may preempt)."""
-        bm = self.block_manager
-        if not all(bm.can_allocate(s.seq_id, s.num_computed + 1 + self.lookahead) for s in seqs):
+        # the blocks they need together: sequences crossing a block boundary in the same
+        # step may each fit alone in the last free block
+        if not self.block_manager.can_allocate_all(
+                [(s.seq_id, s.num_computed + 1 + self.lookahead) for s in seqs]):
             return None
         return [self._chunk(s, 1) for s in seqs]
 
