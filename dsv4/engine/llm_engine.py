@@ -313,9 +313,9 @@ class LLMEngine:
         (5 x the budget where the context and the blocks allow: 40961 tokens at a budget of
         8192), whose later chunks meet the widths of long contexts (top-k over more than 8192
         candidates); last, 12, 16 and 24 short prompts at once (steps that sample that many
-        rows, as ragged steps beside decodes do). Every stage runs eagerly, CUDA graphs set aside: the graphs compiled
-        their kernels when they were captured, and the eager kernels of the same token bands
-        serve the steps that do not replay a graph (prompt log-probs, a short turn past the
+        rows, as ragged steps beside decodes do). Every stage runs eagerly, CUDA graphs set
+        aside: the graphs compiled their kernels when they were captured, and the eager
+        kernels of the same token bands serve the steps that do not replay a graph (prompt log-probs, a short turn past the
         prefill graphs' context, contexts past the decode graphs')."""
         budget = self.scheduler.max_num_batched_tokens
         n = min(budget, self.max_model_len - 2)

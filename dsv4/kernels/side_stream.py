@@ -56,7 +56,9 @@ def side_stream_on(device: torch.device, tokens: int | None = None) -> bool:
 
 
 def side_streams_wide() -> bool:
-    """`wide` (opt-in, not yet measured): the steps `auto` forks, and in CSA layers three side
+    """`wide` (opt-in; thirty-seventh session, `launch_ab.py --policies default wide`: no
+    faster, 0.840 / 1.521 / 3.815 against 0.828 / 1.530 / 3.774 ms at batch 1 / 8 / 64, GPU
+    tests bit-equal): the steps `auto` forks, and in CSA layers three side
     streams instead of one: the kv row with the attention's compressor, the indexer's
     compressor, and the attention's query (wq_b and its RoPE, forked once the q latent is
     made) while the main stream makes the indexer's query (the thirty-sixth session's
