@@ -315,8 +315,9 @@ class LLMEngine:
         candidates); last, 12, 16 and 24 short prompts at once (steps that sample that many
         rows, as ragged steps beside decodes do). Every stage runs eagerly, CUDA graphs set
         aside: the graphs compiled their kernels when they were captured, and the eager
-        kernels of the same token bands serve the steps that do not replay a graph (prompt log-probs, a short turn past the
-        prefill graphs' context, contexts past the decode graphs')."""
+        kernels of the same token bands serve the steps that do not replay a graph (prompt
+        log-probs, a short turn past the prefill graphs' context, contexts past the decode
+        graphs')."""
         budget = self.scheduler.max_num_batched_tokens
         n = min(budget, self.max_model_len - 2)
         if n < 8 or self.requests:
