@@ -1,6 +1,7 @@
 """Benchmark of the attention-path kernels against their torch references on one GPU.
 
     PYTHONPATH=. python3 benchmarks/bench_attention.py [--quick] [--configs] [--triton] [--rank-heads]
+        [--ws]
 
 Prints, per case, the median time of the Triton kernel and of the torch reference (same inputs,
 same run, `triton.testing.do_bench`), the bytes the kernel must move (each input row read once,
@@ -317,6 +318,9 @@ def main() -> None:
     ap.add_argument("--mhc-sweep", action="store_true",
                     help="mhc: also time hc_pre's mix kernel over MIX_CONFIGS and K splits; "
                          "mhc_step: the one launch over STEP_CONFIGS")
+    ap.add_argument("--ws", action="store_true",
+                    help="FP8 rows: also time the plain Gluon kernel (decode and products in "
+                         "turns) and three bf16 tiles beside the default warp-specialised one")
     ap.add_argument("--rank-heads", action="store_true",
                     help="attention of a tensor-parallel rank's 16 / 32 heads: the Gluon "
                          "kernel's masked 64-head block (the default) against the Triton kernel")
@@ -332,6 +336,11 @@ def main() -> None:
             for fp8 in (False, True):
                 for B in (1, 32, 128):
                     bench_attention(H, topk, B, fp8, None, not args.quick)
+                    if args.ws and fp8:  # the plain Gluon kernel with its default tiles, and
+                        # the warp-specialised one with three bf16 tiles instead of two
+                        plain = AttnConfig(64, 32 if B * H <= 1024 else 64, 8, 2, kernel="gluon")
+                        bench_attention(H, topk, B, fp8, [plain] + [
+                            AttnConfig(64, 32, 8, 3, kernel="ws")], False)
                     if args.triton:  # the Triton kernel with its own tile shapes, same inputs
                         shape = (32, 2) if fp8 else ((64, 2) if H >= 128 else (32, 3))
                         tri = AttnConfig(64, shape[0], 8, shape[1], kernel="triton")

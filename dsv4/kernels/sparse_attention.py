@@ -18,6 +18,7 @@ do not repeat Q K^T in both warpgroups, as this kernel's do (1.6-1.9x faster at 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,12 @@ from .rope import rope_
 _log = logging.getLogger(__name__)
 _WG_FAILED: list[str] = []  # set once the Gluon kernel failed to build here: Triton from then on
 _WG_PDL_OK = [True]  # emptied if the Gluon kernel cannot be launched with PDL (`pdl.py`)
+# FP8 rows in the Gluon kernel: the decode in load warps of its own (`sparse_attention_ws.py`)
+# unless DSV4_ATTN_WS=0; set once it failed to build here (the plain Gluon kernel from then on)
+ATTN_WS = os.environ.get("DSV4_ATTN_WS", "1") != "0"
+_WS_FAILED: list[str] = []
+# its decoded bf16 tiles of 32 rows (2: 173 KiB of shared memory with Q and the byte stages)
+WS_TILES = int(os.environ.get("DSV4_ATTN_WS_TILES", "2"))
 
 
 def gather_rows(idx: torch.Tensor, cache: torch.Tensor, new: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,7 +101,10 @@ class AttnConfig:
     """Tile shape of the Triton kernel: heads per CTA, rows per step, warps, pipeline depth;
     `splits` = 0 lets the launcher choose how many CTAs share one token's row list. `kernel`:
     "auto" runs the Gluon warpgroup kernel (`sparse_attention_wg.py`) where it applies (bf16
-    rows, D = 512, 64 heads a CTA, 8 warps), "triton" always the Triton kernel."""
+    rows, D = 512, 64 heads a CTA, 8 warps), for FP8 rows its warp-specialised form
+    (`sparse_attention_ws.py`, 32-row tiles, unless DSV4_ATTN_WS=0); "gluon" the plain Gluon
+    kernel, "ws" the warp-specialised one (`num_stages`: its bf16 tiles), "triton" always the
+    Triton kernel."""
     block_h: int = 64
     block_k: int = 32
     num_warps: int = 8
@@ -402,7 +412,7 @@ if HAS_TRITON:
             except torch.OutOfMemoryError:  # the partial sums' buffers: not the kernel's fault
                 raise
             except Exception as exc:  # noqa: BLE001  (Gluon is an experimental API)
-                if cfg.kernel == "gluon":
+                if cfg.kernel in ("gluon", "ws"):
                     raise
                 _WG_FAILED.append(repr(exc))
                 _log.warning("Gluon sparse attention kernel unavailable (%s); using the "
@@ -420,6 +430,9 @@ if HAS_TRITON:
         BK, BH = cfg.block_k, min(cfg.block_h, max(16, triton.next_power_of_2(H)))
         if wg:  # 64-head blocks (fewer heads: one block, masked)
             BH = 64
+        ws = wg and fp8 and _ws_applies(cfg)
+        if ws:  # 32-row tiles: two byte stages and two bf16 tiles fit beside Q
+            BK = 32
         BD = max(64, triton.next_power_of_2(D))
         n_win_tiles = triton.cdiv(Kw, BK)
         n_tiles = n_win_tiles + triton.cdiv(Kc, BK)
@@ -446,7 +459,11 @@ if HAS_TRITON:
                 T, H, win_cache.shape[0], Kw, Kc, n_win_tiles, n_tiles, tps,
                 q.stride(0), q.stride(1), o.stride(0), o.stride(1), win_idx.stride(0),
                 cmp_idx.stride(0), win_cache.stride(0), qk_scale)
-        if wg:
+        if ws and not _ws_launch(cfg, T * n_hb, splits, args, D, BK, rope_dim, cmp_len):
+            # it failed to build: the plain Gluon kernel with its own tiles
+            return _launch(cfg, wg, q, sink, o, win_cache, win_new, win_idx, cmp_cache, cmp_idx,
+                           cmp_len, Kw, Kc, qk_scale, rope_dim, out_rope)
+        if wg and not ws:
             from .sparse_attention_wg import _sparse_attn_wg_kernel
 
             def wg_launch(**kw):
@@ -467,7 +484,7 @@ if HAS_TRITON:
                 _log.warning("Gluon sparse attention launched without PDL (%s)",
                              (str(exc).splitlines() or [type(exc).__name__])[0][:200])
                 wg_launch()
-        else:
+        elif not wg:
             _sparse_attn_kernel[(T * n_hb, splits)](
                 *args, D=D, BLOCK_D=BD, BLOCK_H=BH, BLOCK_K=BK, FP8=fp8, NOPE=D - rope_dim,
                 ROPE=rope_dim, SPLIT=splits > 1, IEEE=q.dtype == torch.float32,
@@ -483,6 +500,38 @@ if HAS_TRITON:
         elif out_rope is not None:
             rope_(o, out_rope[0], out_rope[1], rope_dim, inverse=True)
         return o
+
+
+def _ws_applies(cfg: AttnConfig) -> bool:
+    """Whether FP8 rows bound for the Gluon kernel take its warp-specialised form."""
+    if cfg.kernel == "ws":
+        return True
+    return cfg.kernel == "auto" and ATTN_WS and not _WS_FAILED
+
+
+def _ws_launch(cfg: AttnConfig, ctas: int, splits: int, args: tuple, D: int, BK: int,
+               rope_dim: int, cmp_len) -> bool:
+    """`_sparse_attn_ws_kernel` over (ctas, splits); False, after a warning, when it does not
+    build here (the caller runs the plain Gluon kernel; with kernel="ws" it raises)."""
+    try:
+        from .sparse_attention_ws import _sparse_attn_ws_kernel
+        # 8 MMA warps + 4 load warps at 160 registers a thread: the load warps keep 64, the
+        # MMA warps get the rest (208)
+        _sparse_attn_ws_kernel[(ctas, splits)](
+            *args, D=D, BLOCK_H=64, BLOCK_K=BK,
+            NUM_BUF=cfg.num_stages if cfg.kernel == "ws" else WS_TILES, SPLIT=splits > 1,
+            NOPE=D - rope_dim, ROPE=rope_dim, HAS_LEN=cmp_len is not None, LOAD_WARPS=4,
+            LOAD_REGS=64, num_warps=8, maxnreg=160, **(pdl() if _WG_PDL_OK else {}))
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (Gluon's warp specialisation is experimental)
+        if cfg.kernel == "ws":
+            raise
+        _WS_FAILED.append(repr(exc))
+        _log.warning("warp-specialised FP8 attention unavailable (%s); using the Gluon kernel",
+                     (str(exc).splitlines() or [type(exc).__name__])[0][:200])
+        return False
+    return True
 
 
 def sparse_attention(q, sink, scale, win_cache, win_new, win_idx, cmp_cache=None, cmp_idx=None,

@@ -207,6 +207,36 @@ def test_sparse_attention_gluon_kernel_matches_reference(H, topk, block_k, stage
     assert rel_err(out, tri) < 1e-2, f"rel err against Triton {rel_err(out, tri):.2e}"
 
 
+@pytest.mark.parametrize("H,topk", [(64, 512), (128, 1024), (32, 512), (16, 1024)])
+@pytest.mark.parametrize("splits", [0, 1, 3, 16])
+@pytest.mark.parametrize("with_len", [False, True])
+@pytest.mark.parametrize("tiles", [2, 3])
+def test_warp_specialised_fp8_kernel_is_bit_identical(H, topk, splits, with_len, tiles):
+    """FP8 rows with the decode in load warps of their own (`sparse_attention_ws.py`, the
+    default): bit-identical to the plain Gluon kernel with the same 32-row tiles (same products
+    in the same order), over decode edges, prefill chunks, a rank's fewer heads, splits (16:
+    more than a short list has tiles) and cmp_len; and the reference within rounding."""
+    from dsv4.kernels.kv_fp8 import pack_kv_fp8
+    from dsv4.kernels.sparse_attention import AttnConfig, sparse_attention_ref, sparse_attention_triton
+    batch = make_batch(DECODE_EDGES + [(300, 9), (127, 3), (0, 40)])
+    q, sink, wc, wn, wi, cc, ci = attention_inputs(batch, H, 4, topk, torch.bfloat16, seed=H + splits)
+    ref = sparse_attention_ref(q, sink, D ** -0.5, wc, wn, wi, cc, ci)
+    wc, cc = pack_kv_fp8(wc), pack_kv_fp8(cc)
+    cmp_len = None
+    if with_len:  # as the model passes it: each row's valid entries first, -1 after
+        order = torch.argsort((ci < 0).to(torch.int8), dim=1, stable=True)
+        ci = ci.gather(1, order)
+        cmp_len = (ci >= 0).sum(1).to(torch.int32)
+    outs = [sparse_attention_triton(q, sink, D ** -0.5, wc, wn, wi, cc, ci, cmp_len=cmp_len,
+                                    config=AttnConfig(block_k=32, num_stages=st, splits=splits,
+                                                      kernel=k))
+            for k, st in (("ws", tiles), ("gluon", 2))]
+    assert not outs[0].isnan().any(), "NaN in the output"
+    assert torch.equal(outs[0], outs[1]), \
+        f"differs from the plain Gluon kernel: max {(outs[0].float() - outs[1].float()).abs().max():.3e}"
+    assert rel_err(outs[0], ref) < 1e-2, f"rel err {rel_err(outs[0], ref):.2e}"
+
+
 @pytest.mark.parametrize("kernel", ["gluon", "triton"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16_rows", "fp8_rows"])
 @pytest.mark.parametrize("H,splits", [(64, 0), (64, 5), (128, 1), (128, 3)])
