@@ -413,6 +413,54 @@ def test_attention_kernel_choice_and_its_triton_fallback_shapes(monkeypatch):
     assert not sa.wg_applies(big)
 
 
+def test_warp_specialised_fp8_attention_choice(monkeypatch):
+    """FP8 rows bound for the Gluon kernel take its warp-specialised form by default
+    (`sparse_attention_ws.py`), not with DSV4_ATTN_WS=0, not once it failed to build, and
+    always when asked for by name; the plain Gluon kernel when that is asked for."""
+    from dsv4.kernels import sparse_attention as sa
+    monkeypatch.setattr(sa, "_WS_FAILED", [])
+    monkeypatch.setattr(sa, "ATTN_WS", True)
+    assert sa._ws_applies(sa.AttnConfig()) and sa._ws_applies(sa.AttnConfig(kernel="ws"))
+    assert not sa._ws_applies(sa.AttnConfig(kernel="gluon"))
+    assert not sa._ws_applies(sa.AttnConfig(kernel="triton"))
+    monkeypatch.setattr(sa, "_WS_FAILED", ["built nothing"])
+    assert not sa._ws_applies(sa.AttnConfig()) and sa._ws_applies(sa.AttnConfig(kernel="ws"))
+    monkeypatch.setattr(sa, "_WS_FAILED", [])
+    monkeypatch.setattr(sa, "ATTN_WS", False)
+    assert not sa._ws_applies(sa.AttnConfig())
+
+
+def test_warp_specialised_fp8_attention_builds_for_sm90(monkeypatch):
+    """The warp-specialised kernel compiles for an H200 (sm_90) without a GPU, with the
+    launcher's constants, within an sm_90 CTA's 227 KiB of shared memory."""
+    from dsv4.kernels import sparse_attention_ws as ws
+    if not ws.HAS_GLUON:
+        pytest.skip("no Gluon in this Triton")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    kern = ws._sparse_attn_ws_kernel
+    ptr = dict(q_ptr="*bf16", sink_ptr="*fp32", o_ptr="*bf16", part_o_ptr="*fp32",
+               part_ml_ptr="*fp32", win_cache_ptr="*u8", win_new_ptr="*bf16",
+               win_idx_ptr="*i32", cmp_cache_ptr="*u8", cmp_idx_ptr="*i32", cmp_len_ptr="*i32")
+    const = dict(D=512, BLOCK_H=64, BLOCK_K=32, NUM_BUF=2, SPLIT=True, NOPE=448, ROPE=64,
+                 HAS_LEN=True, LOAD_WARPS=4, LOAD_REGS=64, PDL=True)
+    sig = {n: ("constexpr" if n in const else ptr.get(n, "fp32" if n == "qk_scale" else "i32"))
+           for n in kern.arg_names}
+    # torch's allocations are 16-byte aligned, q's and o's strides multiples of 512 (the
+    # packed rows' 584-byte stride is not a multiple of 16)
+    attrs = {(kern.arg_names.index(n),): [["tt.divisibility", 16]]
+             for n in list(ptr) + ["stride_qt", "stride_qh", "stride_ot", "stride_oh"]}
+    try:
+        k = triton.compile(GluonASTSource(kern, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=8, maxnreg=160))
+    except (FileNotFoundError, RuntimeError) as exc:  # no ptxas with this Triton
+        if "ptxas" in str(exc).lower():
+            pytest.skip(f"no ptxas: {exc}")
+        raise
+    assert 0 < k.metadata.shared <= 227 * 1024, k.metadata.shared
+
+
 def test_fp8_rows_are_the_default_only_where_lossless():
     """kv_cache_dtype auto: packed FP8 rows on CUDA for bf16 weights with the QAT and a row
     layout that fits; the working dtype on the CPU, in float32 and without the QAT."""
