@@ -320,7 +320,8 @@ def main() -> None:
                          "mhc_step: the one launch over STEP_CONFIGS")
     ap.add_argument("--ws", action="store_true",
                     help="FP8 rows: also time the plain Gluon kernel (decode and products in "
-                         "turns) and three bf16 tiles beside the default warp-specialised one")
+                         "turns) and three bf16 tiles beside the default warp-specialised one, "
+                         "and both at prefill sizes (512 / 2048 / 8192 tokens)")
     ap.add_argument("--rank-heads", action="store_true",
                     help="attention of a tensor-parallel rank's 16 / 32 heads: the Gluon "
                          "kernel's masked 64-head block (the default) against the Triton kernel")
@@ -345,6 +346,10 @@ def main() -> None:
                         shape = (32, 2) if fp8 else ((64, 2) if H >= 128 else (32, 3))
                         tri = AttnConfig(64, shape[0], 8, shape[1], kernel="triton")
                         bench_attention(H, topk, B, fp8, [tri], False)
+            if args.ws:  # prefill sizes, FP8 rows: the default against the plain Gluon kernel
+                for B in (512, 2048, 8192):
+                    bench_attention(H, topk, B, True,
+                                    [None, AttnConfig(64, 64, 8, 2, kernel="gluon")], False)
         if args.rank_heads:  # Flash over 2 / 4 GPUs, Pro over 4 / 8: 32 / 16 heads a rank
             for H, topk in ((32, 512), (16, 512), (32, 1024), (16, 1024)):
                 for fp8 in (False, True):
