@@ -14,6 +14,8 @@ list is split across CTAs and a second kernel merges the partial softmaxes with 
 Where it applies (bf16 queries, D = 512, whole 64-head blocks) the Gluon kernel of
 `sparse_attention_wg.py` runs instead, with the same arguments and splits: its explicit layouts
 do not repeat Q K^T in both warpgroups, as this kernel's do (1.6-1.9x faster at batch 128).
+Packed FP8 rows take its warp-specialised form (`sparse_attention_ws.py`: the decode in load
+warps of their own, bit-identical, 5-15% faster) unless DSV4_ATTN_WS=0.
 """
 from __future__ import annotations
 
