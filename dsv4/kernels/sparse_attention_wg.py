@@ -137,6 +137,52 @@ if HAS_GLUON:
         p_op = gl.convert_layout(p.to(gl.bfloat16), P_OP)
         return p_op, gl.convert_layout(alpha, HEADS_PV), m_new, l_i
 
+    @gluon.jit
+    def _load_q(q_smem, q_ptr, t, hb, H, stride_qt, stride_qh, D: gl.constexpr,
+                BLOCK_H: gl.constexpr, LOAD: gl.constexpr):
+        """cp.async of the token's block of heads into q_smem [BLOCK_H, D] (committed)."""
+        hq = hb * BLOCK_H + gl.arange(0, BLOCK_H, gl.SliceLayout(1, LOAD))
+        dq = gl.arange(0, D, gl.SliceLayout(0, LOAD))
+        cp.async_copy_global_to_shared(
+            q_smem, q_ptr + t * stride_qt + hq[:, None] * stride_qh + dq[None, :],
+            mask=(hq < H)[:, None])
+        cp.commit_group()
+
+    @gluon.jit
+    def _softmax_start(sink_ptr, h, H, BLOCK_H: gl.constexpr, HEADS: gl.constexpr,
+                       SPLIT: gl.constexpr):
+        """The online softmax's running max and sum (base 2) before the first tile: from the
+        sink (exp(sink - m) = 1), or empty in a split, whose partials the combine kernel merges
+        with the sink."""
+        if SPLIT:
+            m_i = gl.full([BLOCK_H], -1.0e30, gl.float32, HEADS)
+            l_i = gl.zeros([BLOCK_H], gl.float32, HEADS)
+        else:
+            m_i = gl.load(sink_ptr + h, mask=h < H, other=0.0).to(gl.float32) * 1.4426950408889634
+            l_i = gl.full([BLOCK_H], 1.0, gl.float32, HEADS)
+        return m_i, l_i
+
+    @gluon.jit
+    def _write_out(acc, m_i, l_i, o_ptr, part_o_ptr, part_ml_ptr, t, hb, sid, T, H, lo, hi,
+                   stride_ot, stride_oh, D: gl.constexpr, BLOCK_H: gl.constexpr,
+                   PV: gl.constexpr, SPLIT: gl.constexpr):
+        """The token's heads' output (acc / l), or in a split its partial output, max and sum."""
+        HEADS_PV: gl.constexpr = gl.SliceLayout(1, PV)
+        ho = hb * BLOCK_H + gl.arange(0, BLOCK_H, HEADS_PV)
+        do = gl.arange(0, D, gl.SliceLayout(0, PV))
+        hmask = (ho < H)[:, None]
+        l_o = gl.convert_layout(l_i, HEADS_PV)
+        if SPLIT:
+            base = (sid * T + t) * H + ho
+            # an empty split leaves its output unwritten (`_combine_kernel`)
+            gl.store(part_o_ptr + base[:, None] * D + do[None, :], acc, mask=hmask & (hi > lo))
+            gl.store(part_ml_ptr + base * 2, gl.convert_layout(m_i, HEADS_PV), mask=ho < H)
+            gl.store(part_ml_ptr + base * 2 + 1, l_o, mask=ho < H)
+        else:
+            o = acc / l_o[:, None]
+            gl.store(o_ptr + t * stride_ot + ho[:, None] * stride_oh + do[None, :],
+                     o.to(o_ptr.dtype.element_ty), mask=hmask)
+
     @gluon.jit(do_not_specialize=[
         "T", "Kc", "n_win_tiles", "n_tiles", "tiles_per_split"])
     def _sparse_attn_wg_kernel(q_ptr, sink_ptr, o_ptr, part_o_ptr, part_ml_ptr,
@@ -182,13 +228,8 @@ if HAS_GLUON:
         t = (pid // n_hb).to(gl.int64)
         hb = pid % n_hb
 
-        h = hb * BLOCK_H + gl.arange(0, BLOCK_H, HEADS_QK)
-        if SPLIT:  # the sink is merged by the combine kernel
-            m_i = gl.full([BLOCK_H], -1.0e30, gl.float32, HEADS_QK)
-            l_i = gl.zeros([BLOCK_H], gl.float32, HEADS_QK)
-        else:  # start the online softmax at the sink: exp(sink - m) = 1
-            m_i = gl.load(sink_ptr + h, mask=h < H, other=0.0).to(gl.float32) * 1.4426950408889634
-            l_i = gl.full([BLOCK_H], 1.0, gl.float32, HEADS_QK)
+        m_i, l_i = _softmax_start(sink_ptr, hb * BLOCK_H + gl.arange(0, BLOCK_H, HEADS_QK), H,
+                                  BLOCK_H, HEADS_QK, SPLIT)
         q_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D], SMEM_Q)
         if FP8:
             k_smem = gl.allocate_shared_memory(gl.bfloat16, [1, BLOCK_K, D], SMEM_K)
@@ -197,12 +238,7 @@ if HAS_GLUON:
             s_smem = gl.allocate_shared_memory(gl.uint8, [NUM_BUF, BLOCK_K, 8], RAW)
         else:
             k_smem = gl.allocate_shared_memory(gl.bfloat16, [NUM_BUF, BLOCK_K, D], SMEM_K)
-        hq = hb * BLOCK_H + gl.arange(0, BLOCK_H, ROWS_LOAD)
-        dq = gl.arange(0, D, gl.SliceLayout(0, LOAD))
-        cp.async_copy_global_to_shared(
-            q_smem, q_ptr + t * stride_qt + hq[:, None] * stride_qh + dq[None, :],
-            mask=(hq < H)[:, None])
-        cp.commit_group()
+        _load_q(q_smem, q_ptr, t, hb, H, stride_qt, stride_qh, D, BLOCK_H, LOAD)
 
         lo = sid * tiles_per_split
         if HAS_LEN:  # the token's compressed rows are the first cmp_len[t] of its list
@@ -261,18 +297,5 @@ if HAS_GLUON:
             acc = warpgroup_mma(p_op, kb, acc * alpha[:, None], is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         cp.wait_group(0)
-
-        ho = hb * BLOCK_H + gl.arange(0, BLOCK_H, HEADS_PV)
-        do = gl.arange(0, D, gl.SliceLayout(0, PV))
-        hmask = (ho < H)[:, None]
-        l_o = gl.convert_layout(l_i, HEADS_PV)
-        if SPLIT:
-            base = (sid * T + t) * H + ho
-            # an empty split leaves its output unwritten (`_combine_kernel`)
-            gl.store(part_o_ptr + base[:, None] * D + do[None, :], acc, mask=hmask & (hi > lo))
-            gl.store(part_ml_ptr + base * 2, gl.convert_layout(m_i, HEADS_PV), mask=ho < H)
-            gl.store(part_ml_ptr + base * 2 + 1, l_o, mask=ho < H)
-        else:
-            o = acc / l_o[:, None]
-            gl.store(o_ptr + t * stride_ot + ho[:, None] * stride_oh + do[None, :],
-                     o.to(o_ptr.dtype.element_ty), mask=hmask)
+        _write_out(acc, m_i, l_i, o_ptr, part_o_ptr, part_ml_ptr, t, hb, sid, T, H, lo, hi,
+                   stride_ot, stride_oh, D, BLOCK_H, PV, SPLIT)

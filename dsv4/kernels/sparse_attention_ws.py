@@ -32,7 +32,8 @@ if HAS_GLUON:
                                                                   warpgroup_mma,
                                                                   warpgroup_mma_wait)
 
-    from .sparse_attention_wg import _decode_fp8, _gather_fp8, _slots, _softmax_step
+    from .sparse_attention_wg import (_decode_fp8, _gather_fp8, _load_q, _slots,
+                                      _softmax_start, _softmax_step, _write_out)
 
     @gluon.jit
     def _ws_load(c_smem, r_smem, s_smem, k_smem, ready, empty, win_idx_row, cmp_idx_row,
@@ -87,24 +88,13 @@ if HAS_GLUON:
         PV: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                      instr_shape=[16, D // 2, 16])
         P_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=PV, k_width=2)
-        ROWS_LOAD: gl.constexpr = gl.SliceLayout(1, LOAD)
         COLS_QK: gl.constexpr = gl.SliceLayout(0, QK)
         HEADS_QK: gl.constexpr = gl.SliceLayout(1, QK)
         HEADS_PV: gl.constexpr = gl.SliceLayout(1, PV)
 
-        h = hb * BLOCK_H + gl.arange(0, BLOCK_H, HEADS_QK)
-        if SPLIT:  # the sink is merged by the combine kernel
-            m_i = gl.full([BLOCK_H], -1.0e30, gl.float32, HEADS_QK)
-            l_i = gl.zeros([BLOCK_H], gl.float32, HEADS_QK)
-        else:  # start the online softmax at the sink: exp(sink - m) = 1
-            m_i = gl.load(sink_ptr + h, mask=h < H, other=0.0).to(gl.float32) * 1.4426950408889634
-            l_i = gl.full([BLOCK_H], 1.0, gl.float32, HEADS_QK)
-        hq = hb * BLOCK_H + gl.arange(0, BLOCK_H, ROWS_LOAD)
-        dq = gl.arange(0, D, gl.SliceLayout(0, LOAD))
-        cp.async_copy_global_to_shared(
-            q_smem, q_ptr + t * stride_qt + hq[:, None] * stride_qh + dq[None, :],
-            mask=(hq < H)[:, None])
-        cp.commit_group()
+        m_i, l_i = _softmax_start(sink_ptr, hb * BLOCK_H + gl.arange(0, BLOCK_H, HEADS_QK), H,
+                                  BLOCK_H, HEADS_QK, SPLIT)
+        _load_q(q_smem, q_ptr, t, hb, H, stride_qt, stride_qh, D, BLOCK_H, LOAD)
         cp.wait_group(0)
         fence_async_shared()
 
@@ -126,21 +116,8 @@ if HAS_GLUON:
             acc = warpgroup_mma(p_op, kb, acc * alpha[:, None], is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(empty.index(b))
-
-        ho = hb * BLOCK_H + gl.arange(0, BLOCK_H, HEADS_PV)
-        do = gl.arange(0, D, gl.SliceLayout(0, PV))
-        hmask = (ho < H)[:, None]
-        l_o = gl.convert_layout(l_i, HEADS_PV)
-        if SPLIT:
-            base = (sid * T + t) * H + ho
-            # an empty split leaves its output unwritten (`_combine_kernel`)
-            gl.store(part_o_ptr + base[:, None] * D + do[None, :], acc, mask=hmask & (hi > lo))
-            gl.store(part_ml_ptr + base * 2, gl.convert_layout(m_i, HEADS_PV), mask=ho < H)
-            gl.store(part_ml_ptr + base * 2 + 1, l_o, mask=ho < H)
-        else:
-            o = acc / l_o[:, None]
-            gl.store(o_ptr + t * stride_ot + ho[:, None] * stride_oh + do[None, :],
-                     o.to(o_ptr.dtype.element_ty), mask=hmask)
+        _write_out(acc, m_i, l_i, o_ptr, part_o_ptr, part_ml_ptr, t, hb, sid, T, H, lo, hi,
+                   stride_ot, stride_oh, D, BLOCK_H, PV, SPLIT)
 
     @gluon.jit(do_not_specialize=[
         "T", "Kc", "n_win_tiles", "n_tiles", "tiles_per_split"])
