@@ -138,6 +138,32 @@ if HAS_GLUON:
         return p_op, gl.convert_layout(alpha, HEADS_PV), m_new, l_i
 
     @gluon.jit
+    def _cta_token(H, BLOCK_H: gl.constexpr, PDL: gl.constexpr):
+        """(token t, head block hb, split sid) of this CTA, after PDL's wait and launch."""
+        if PDL:  # programmatic dependent launch (`kernels/pdl.py`): wait, then let the next go
+            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)
+            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
+                                      dtype=gl.int32, is_pure=False, pack=1)
+        pid = gl.program_id(0)
+        n_hb = gl.cdiv(H, BLOCK_H)
+        # head blocks of one token are adjacent: they share rows through L2; int64 offsets, as
+        # T * H * D passes 2^31 at 32K tokens a step with 128 heads
+        return (pid // n_hb).to(gl.int64), pid % n_hb, gl.program_id(1)
+
+    @gluon.jit
+    def _cta_rows(t, sid, Kc, n_win_tiles, n_tiles, tiles_per_split, cmp_len_ptr, win_idx_ptr,
+                  cmp_idx_ptr, stride_wi, stride_ci, BLOCK_K: gl.constexpr,
+                  HAS_LEN: gl.constexpr):
+        """This split's tiles [lo, hi) of the token's list and the token's two slot rows."""
+        lo = sid * tiles_per_split
+        if HAS_LEN:  # the token's compressed rows are the first cmp_len[t] of its list
+            n_tiles = n_win_tiles + gl.cdiv(gl.minimum(Kc, gl.load(cmp_len_ptr + t).to(gl.int32)),
+                                            BLOCK_K)
+        hi = gl.minimum(lo + tiles_per_split, n_tiles)
+        return lo, hi, win_idx_ptr + t * stride_wi, cmp_idx_ptr + t * stride_ci
+
+    @gluon.jit
     def _load_q(q_smem, q_ptr, t, hb, H, stride_qt, stride_qh, D: gl.constexpr,
                 BLOCK_H: gl.constexpr, LOAD: gl.constexpr):
         """cp.async of the token's block of heads into q_smem [BLOCK_H, D] (committed)."""
@@ -215,18 +241,7 @@ if HAS_GLUON:
         HEADS_QK: gl.constexpr = gl.SliceLayout(1, QK)
         HEADS_PV: gl.constexpr = gl.SliceLayout(1, PV)
 
-        if PDL:  # programmatic dependent launch (`kernels/pdl.py`): wait, then let the next go
-            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
-                                      is_pure=False, pack=1)
-            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
-                                      dtype=gl.int32, is_pure=False, pack=1)
-        pid = gl.program_id(0)
-        sid = gl.program_id(1)
-        n_hb = gl.cdiv(H, BLOCK_H)
-        # head blocks of one token are adjacent: they share rows through L2; int64 offsets, as
-        # T * H * D passes 2^31 at 32K tokens a step with 128 heads
-        t = (pid // n_hb).to(gl.int64)
-        hb = pid % n_hb
+        t, hb, sid = _cta_token(H, BLOCK_H, PDL)
 
         m_i, l_i = _softmax_start(sink_ptr, hb * BLOCK_H + gl.arange(0, BLOCK_H, HEADS_QK), H,
                                   BLOCK_H, HEADS_QK, SPLIT)
@@ -240,13 +255,10 @@ if HAS_GLUON:
             k_smem = gl.allocate_shared_memory(gl.bfloat16, [NUM_BUF, BLOCK_K, D], SMEM_K)
         _load_q(q_smem, q_ptr, t, hb, H, stride_qt, stride_qh, D, BLOCK_H, LOAD)
 
-        lo = sid * tiles_per_split
-        if HAS_LEN:  # the token's compressed rows are the first cmp_len[t] of its list
-            n_tiles = n_win_tiles + gl.cdiv(gl.minimum(Kc, gl.load(cmp_len_ptr + t).to(gl.int32)),
-                                            BLOCK_K)
-        hi = gl.minimum(lo + tiles_per_split, n_tiles)
-        win_idx_row = win_idx_ptr + t * stride_wi
-        cmp_idx_row = cmp_idx_ptr + t * stride_ci
+        lo, hi, win_idx_row, cmp_idx_row = _cta_rows(t, sid, Kc, n_win_tiles, n_tiles,
+                                                     tiles_per_split, cmp_len_ptr, win_idx_ptr,
+                                                     cmp_idx_ptr, stride_wi, stride_ci, BLOCK_K,
+                                                     HAS_LEN)
         acc = gl.zeros([BLOCK_H, D], gl.float32, PV)
         s0 = gl.zeros([BLOCK_H, BLOCK_K], gl.float32, QK)
         for j in gl.static_range(NUM_BUF - 1):  # prologue: the first NUM_BUF-1 tiles in flight

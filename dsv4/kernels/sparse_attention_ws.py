@@ -32,8 +32,9 @@ if HAS_GLUON:
                                                                   warpgroup_mma,
                                                                   warpgroup_mma_wait)
 
-    from .sparse_attention_wg import (_decode_fp8, _gather_fp8, _load_q, _slots,
-                                      _softmax_start, _softmax_step, _write_out)
+    from .sparse_attention_wg import (_cta_rows, _cta_token, _decode_fp8, _gather_fp8,
+                                      _load_q, _slots, _softmax_start, _softmax_step,
+                                      _write_out)
 
     @gluon.jit
     def _ws_load(c_smem, r_smem, s_smem, k_smem, ready, empty, win_idx_row, cmp_idx_row,
@@ -135,23 +136,11 @@ if HAS_GLUON:
         SMEM_Q: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D], gl.bfloat16)
         SMEM_K: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, D], gl.bfloat16)
         RAW: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
-        if PDL:  # programmatic dependent launch (`kernels/pdl.py`): wait, then let the next go
-            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
-                                      is_pure=False, pack=1)
-            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
-                                      dtype=gl.int32, is_pure=False, pack=1)
-        pid = gl.program_id(0)
-        sid = gl.program_id(1)
-        n_hb = gl.cdiv(H, BLOCK_H)
-        t = (pid // n_hb).to(gl.int64)
-        hb = pid % n_hb
-        lo = sid * tiles_per_split
-        if HAS_LEN:  # the token's compressed rows are the first cmp_len[t] of its list
-            n_tiles = n_win_tiles + gl.cdiv(gl.minimum(Kc, gl.load(cmp_len_ptr + t).to(gl.int32)),
-                                            BLOCK_K)
-        hi = gl.minimum(lo + tiles_per_split, n_tiles)
-        win_idx_row = win_idx_ptr + t * stride_wi
-        cmp_idx_row = cmp_idx_ptr + t * stride_ci
+        t, hb, sid = _cta_token(H, BLOCK_H, PDL)
+        lo, hi, win_idx_row, cmp_idx_row = _cta_rows(t, sid, Kc, n_win_tiles, n_tiles,
+                                                     tiles_per_split, cmp_len_ptr, win_idx_ptr,
+                                                     cmp_idx_ptr, stride_wi, stride_ci, BLOCK_K,
+                                                     HAS_LEN)
 
         q_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D], SMEM_Q)
         k_smem = gl.allocate_shared_memory(gl.bfloat16, [NUM_BUF, BLOCK_K, D], SMEM_K)
