@@ -37,8 +37,9 @@ _WG_PDL_OK = [True]  # emptied if the Gluon kernel cannot be launched with PDL (
 # unless DSV4_ATTN_WS=0; set once it failed to build here (the plain Gluon kernel from then on)
 ATTN_WS = os.environ.get("DSV4_ATTN_WS", "1") != "0"
 _WS_FAILED: list[str] = []
-# its decoded bf16 tiles of 32 rows (2: 173 KiB of shared memory with Q and the byte stages)
-WS_TILES = int(os.environ.get("DSV4_ATTN_WS_TILES", "2"))
+# its decoded bf16 tiles of 32 rows (2: 173 KiB of shared memory with Q and the byte stages;
+# 3 measured slower)
+WS_TILES = 2
 
 
 def gather_rows(idx: torch.Tensor, cache: torch.Tensor, new: torch.Tensor | None = None) -> torch.Tensor:
