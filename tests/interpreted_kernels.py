@@ -489,6 +489,10 @@ def check_small_ops() -> None:
     dst = torch.randperm(40, generator=G)[:11]
     kvm.store_kv_fp8_(buf, dst, rows_in)
     assert torch.equal(buf[dst], kvm.pack_kv_fp8(rows_in)), "store_kv_fp8_"
+    inorder = torch.zeros(12, kvm.kv_fp8_row_bytes(512, 64), dtype=torch.uint8)
+    kvm.store_kv_fp8_(inorder, None, rows_in)  # no destinations: the buffer's rows in order
+    assert torch.equal(inorder[:11], kvm.pack_kv_fp8(rows_in)) and not inorder[11].any(), \
+        "store_kv_fp8_ in order"
     ifp = mods["index_fp4"]
     keys = torch.randn(11, 128, generator=G).bfloat16()
     kbuf = torch.zeros(40, ifp.index_fp4_row_bytes(128), dtype=torch.uint8)

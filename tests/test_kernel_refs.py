@@ -430,9 +430,11 @@ def test_warp_specialised_fp8_attention_choice(monkeypatch):
     assert not sa._ws_applies(sa.AttnConfig())
 
 
-def test_warp_specialised_fp8_attention_builds_for_sm90(monkeypatch):
+@pytest.mark.parametrize("new_fp8", [False, True], ids=["new_bf16", "new_packed"])
+def test_warp_specialised_fp8_attention_builds_for_sm90(monkeypatch, new_fp8):
     """The warp-specialised kernel compiles for an H200 (sm_90) without a GPU, with the
-    launcher's constants, within an sm_90 CTA's 227 KiB of shared memory."""
+    launcher's constants, within an sm_90 CTA's 227 KiB of shared memory (the step's new rows
+    read as bf16, or packed like the cached ones: `pack_new`)."""
     from dsv4.kernels import sparse_attention_ws as ws
     if not ws.HAS_GLUON:
         pytest.skip("no Gluon in this Triton")
@@ -441,10 +443,11 @@ def test_warp_specialised_fp8_attention_builds_for_sm90(monkeypatch):
     from triton.experimental.gluon._runtime import GluonASTSource
     kern = ws._sparse_attn_ws_kernel
     ptr = dict(q_ptr="*bf16", sink_ptr="*fp32", o_ptr="*bf16", part_o_ptr="*fp32",
-               part_ml_ptr="*fp32", win_cache_ptr="*u8", win_new_ptr="*bf16",
+               part_ml_ptr="*fp32", win_cache_ptr="*u8",
+               win_new_ptr="*u8" if new_fp8 else "*bf16",
                win_idx_ptr="*i32", cmp_cache_ptr="*u8", cmp_idx_ptr="*i32", cmp_len_ptr="*i32")
     const = dict(D=512, BLOCK_H=64, BLOCK_K=32, NUM_BUF=2, SPLIT=True, NOPE=448, ROPE=64,
-                 HAS_LEN=True, LOAD_WARPS=4, LOAD_REGS=64, PDL=True)
+                 HAS_LEN=True, LOAD_WARPS=4, LOAD_REGS=64, NEW_FP8=new_fp8, PDL=True)
     sig = {n: ("constexpr" if n in const else ptr.get(n, "fp32" if n == "qk_scale" else "i32"))
            for n in kern.arg_names}
     # torch's allocations are 16-byte aligned, q's and o's strides multiples of 512 (the

@@ -85,17 +85,18 @@ def unpack_kv_fp8(packed: torch.Tensor, head_dim: int, rope_dim: int = 64,
     return torch.cat([x, rope], 1).to(dtype)
 
 
-def store_kv_fp8_(buf: torch.Tensor, dst: torch.Tensor, rows: torch.Tensor,
+def store_kv_fp8_(buf: torch.Tensor, dst: torch.Tensor | None, rows: torch.Tensor,
                   rope_dim: int = 64, src: torch.Tensor | None = None) -> None:
-    """buf[dst] = pack_kv_fp8(rows[src]) (src: row indices, None for all rows in order): the
-    gather, packing and scatter in one launch on CUDA (the torch packing is ~15 small kernels,
-    which cost 15% of a batch-1 decode step)."""
+    """buf[dst] = pack_kv_fp8(rows[src]) (src: row indices, None for all rows in order; dst
+    None: buf's first rows in order): the gather, packing and scatter in one launch on CUDA
+    (the torch packing is ~15 small kernels, which cost 15% of a batch-1 decode step)."""
     n = rows.shape[0] if src is None else src.numel()
     if (use_triton(rows) and n and (rows.shape[1] - rope_dim) % FP8_GROUP == 0
             and rope_dim & (rope_dim - 1) == 0):  # the kernel spans the rope dims in one arange
         _store_kv_fp8_cuda(buf, dst, rows, rope_dim, src)
     else:
-        buf[dst] = pack_kv_fp8(rows if src is None else rows[src], rope_dim)
+        buf[slice(0, n) if dst is None else dst] = pack_kv_fp8(
+            rows if src is None else rows[src], rope_dim)
 
 
 if HAS_TRITON:
@@ -109,14 +110,18 @@ if HAS_TRITON:
     def _store_kv_fp8_kernel(buf_ptr, dst_ptr, rows_ptr, src_ptr, n, stride_row,
                              ROW_BYTES: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr,
                              G: tl.constexpr, BG: tl.constexpr, PAD: tl.constexpr,
-                             BR: tl.constexpr, GATHER: tl.constexpr, PDL: tl.constexpr = False):
+                             BR: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr = True,
+                             PDL: tl.constexpr = False):
         """BR rows (rows src[r] when GATHER): e4m3 codes and e8m0 scale byte per 64 no-rope
         dims (SPEC.md 5.2, as `pack_kv_fp8`), the rope dims as bf16, zero padding; written to
-        rows dst of buf."""
+        rows dst of buf (SCATTER), else to its rows in order."""
         pdl_start(PDL)
         r = tl.program_id(0) * BR + tl.arange(0, BR)
         rmask = r < n
-        out = buf_ptr + tl.load(dst_ptr + r, mask=rmask, other=0).to(tl.int64) * ROW_BYTES
+        if SCATTER:
+            out = buf_ptr + tl.load(dst_ptr + r, mask=rmask, other=0).to(tl.int64) * ROW_BYTES
+        else:
+            out = buf_ptr + r.to(tl.int64) * ROW_BYTES
         if GATHER:
             src = rows_ptr + tl.load(src_ptr + r, mask=rmask, other=0).to(tl.int64) * stride_row
         else:
@@ -151,13 +156,18 @@ if HAS_TRITON:
             raise ValueError(f"packed FP8 rows need a contiguous uint8 [N, {row_bytes}] buffer, "
                              f"got {buf.dtype} {tuple(buf.shape)}")
         rows = rows if rows.stride(-1) == 1 else rows.contiguous()
-        dst = dst.reshape(-1).contiguous()
-        if dst.numel() != n:
-            raise ValueError(f"{dst.numel()} destinations for {n} rows")
+        scatter = dst is not None
+        if scatter:
+            dst = dst.reshape(-1).contiguous()
+            if dst.numel() != n:
+                raise ValueError(f"{dst.numel()} destinations for {n} rows")
+        elif buf.shape[0] < n:
+            raise ValueError(f"{buf.shape[0]} rows of buffer for {n} rows")
         BR = 4
         gather = src is not None
-        src = src.reshape(-1).contiguous() if gather else dst
+        src = src.reshape(-1).contiguous() if gather else (dst if scatter else buf)
+        dst = dst if scatter else buf
         _store_kv_fp8_kernel[(triton.cdiv(n, BR),)](
             buf, dst, rows, src, n, rows.stride(0), ROW_BYTES=row_bytes, NOPE=nope,
             ROPE=rope_dim, G=g, BG=triton.next_power_of_2(g), PAD=row_bytes - nope - 2 * rope_dim - g,
-            BR=BR, GATHER=gather, num_warps=4, **pdl())
+            BR=BR, GATHER=gather, SCATTER=scatter, num_warps=4, **pdl())

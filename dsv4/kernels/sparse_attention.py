@@ -27,7 +27,7 @@ import torch
 
 from . import HAS_TRITON, num_sms, use_triton
 from .pdl import pdl
-from .kv_fp8 import unpack_kv_fp8
+from .kv_fp8 import kv_fp8_row_bytes, store_kv_fp8_, unpack_kv_fp8
 from .rope import rope_
 
 _log = logging.getLogger(__name__)
@@ -354,10 +354,15 @@ if HAS_TRITON:
                                 cmp_idx=None, rope_dim: int = 64,
                                 config: AttnConfig | None = None,
                                 cmp_len: torch.Tensor | None = None,
-                                out_rope: tuple | None = None) -> torch.Tensor:
+                                out_rope: tuple | None = None,
+                                pack_new: bool = False) -> torch.Tensor:
         """Launcher: checks shapes and dtypes once, chooses the split, runs 1 or 2 kernels.
         `cmp_len` [T] (optional): token t's valid compressed rows are the first cmp_len[t]
-        entries of its cmp_idx row (-1 after them): the kernels stop there."""
+        entries of its cmp_idx row (-1 after them): the kernels stop there. `pack_new`: with
+        FP8 rows, win_new's rows lie on the packed rows' grid (the model's FP8 rounding of
+        their no-rope dims), so the Gluon kernels may take them packed alike, gathered by
+        cp.async with the cached rows (one packing launch first) instead of loading their bf16
+        from the decode: for prefill chunks, where most window rows are new."""
         T, H, D = q.shape
         fp8 = win_cache.dtype == torch.uint8
         cfg = config or default_config(q, fp8)
@@ -410,8 +415,12 @@ if HAS_TRITON:
         inputs = (q, sink, o, win_cache, win_new, win_idx, cmp_cache, cmp_idx, cmp_len, Kw, Kc,
                   scale * _LOG2E, rope_dim, out_rope)
         if wg_applies(q, fp8, rope_dim, cfg):
+            new_fp8 = None
+            if pack_new and fp8 and win_cache.stride(0) == kv_fp8_row_bytes(D, rope_dim):
+                new_fp8 = torch.empty(T, win_cache.stride(0), dtype=torch.uint8, device=q.device)
+                store_kv_fp8_(new_fp8, None, win_new, rope_dim)
             try:
-                return _launch(cfg, True, *inputs)
+                return _launch(cfg, True, *inputs, new_fp8=new_fp8)
             except torch.OutOfMemoryError:  # the partial sums' buffers: not the kernel's fault
                 raise
             except Exception as exc:  # noqa: BLE001  (Gluon is an experimental API)
@@ -425,9 +434,11 @@ if HAS_TRITON:
 
     def _launch(cfg: AttnConfig, wg: bool, q, sink, o, win_cache, win_new, win_idx, cmp_cache,
                 cmp_idx, cmp_len, Kw: int, Kc: int, qk_scale: float,
-                rope_dim: int, out_rope: tuple | None = None) -> torch.Tensor:
+                rope_dim: int, out_rope: tuple | None = None,
+                new_fp8: torch.Tensor | None = None) -> torch.Tensor:
         """Split the row lists, run the Gluon (wg) or Triton kernel, merge the splits (and turn
-        the output back by its RoPE: in the merge, or by `rope_` when there is none)."""
+        the output back by its RoPE: in the merge, or by `rope_` when there is none).
+        `new_fp8`: win_new's rows packed (Gluon kernels: gathered as cached rows)."""
         T, H, D = q.shape
         fp8 = win_cache.dtype == torch.uint8
         BK, BH = cfg.block_k, min(cfg.block_h, max(16, triton.next_power_of_2(H)))
@@ -457,15 +468,18 @@ if HAS_TRITON:
             part_ml = torch.empty(splits, T, H, 2, dtype=torch.float32, device=q.device)
         else:
             part_o = part_ml = o
-        args = (q, sink, o, part_o, part_ml, win_cache, win_new, win_idx, cmp_cache, cmp_idx,
+        new_fp8 = new_fp8 if wg else None
+        args = (q, sink, o, part_o, part_ml, win_cache, win_new if new_fp8 is None else new_fp8,
+                win_idx, cmp_cache, cmp_idx,
                 cmp_idx if cmp_len is None else cmp_len,
                 T, H, win_cache.shape[0], Kw, Kc, n_win_tiles, n_tiles, tps,
                 q.stride(0), q.stride(1), o.stride(0), o.stride(1), win_idx.stride(0),
                 cmp_idx.stride(0), win_cache.stride(0), qk_scale)
-        if ws and not _ws_launch(cfg, T * n_hb, splits, args, D, BK, rope_dim, cmp_len):
+        if ws and not _ws_launch(cfg, T * n_hb, splits, args, D, BK, rope_dim, cmp_len,
+                                 new_fp8 is not None):
             # it failed to build: the plain Gluon kernel with its own tiles
             return _launch(cfg, wg, q, sink, o, win_cache, win_new, win_idx, cmp_cache, cmp_idx,
-                           cmp_len, Kw, Kc, qk_scale, rope_dim, out_rope)
+                           cmp_len, Kw, Kc, qk_scale, rope_dim, out_rope, new_fp8)
         if wg and not ws:
             from .sparse_attention_wg import _sparse_attn_wg_kernel
 
@@ -473,7 +487,7 @@ if HAS_TRITON:
                 _sparse_attn_wg_kernel[(T * n_hb, splits)](
                     *args, D=D, BLOCK_H=BH, BLOCK_K=BK, NUM_BUF=max(2, cfg.num_stages),
                     SPLIT=splits > 1, FP8=fp8, NOPE=D - rope_dim, ROPE=rope_dim,
-                    HAS_LEN=cmp_len is not None, num_warps=8,
+                    HAS_LEN=cmp_len is not None, NEW_FP8=new_fp8 is not None, num_warps=8,
                     **kw)
             kw = pdl() if _WG_PDL_OK else {}
             try:
@@ -513,7 +527,7 @@ def _ws_applies(cfg: AttnConfig) -> bool:
 
 
 def _ws_launch(cfg: AttnConfig, ctas: int, splits: int, args: tuple, D: int, BK: int,
-               rope_dim: int, cmp_len) -> bool:
+               rope_dim: int, cmp_len, new_fp8: bool) -> bool:
     """`_sparse_attn_ws_kernel` over (ctas, splits); False, after a warning, when it does not
     build here (the caller runs the plain Gluon kernel; with kernel="ws" it raises)."""
     try:
@@ -524,7 +538,8 @@ def _ws_launch(cfg: AttnConfig, ctas: int, splits: int, args: tuple, D: int, BK:
             *args, D=D, BLOCK_H=64, BLOCK_K=BK,
             NUM_BUF=cfg.num_stages if cfg.kernel == "ws" else WS_TILES, SPLIT=splits > 1,
             NOPE=D - rope_dim, ROPE=rope_dim, HAS_LEN=cmp_len is not None, LOAD_WARPS=4,
-            LOAD_REGS=64, num_warps=8, maxnreg=160, **(pdl() if _WG_PDL_OK else {}))
+            LOAD_REGS=64, NEW_FP8=new_fp8, num_warps=8, maxnreg=160,
+            **(pdl() if _WG_PDL_OK else {}))
     except torch.OutOfMemoryError:
         raise
     except Exception as exc:  # noqa: BLE001  (Gluon's warp specialisation is experimental)
@@ -538,15 +553,18 @@ def _ws_launch(cfg: AttnConfig, ctas: int, splits: int, args: tuple, D: int, BK:
 
 
 def sparse_attention(q, sink, scale, win_cache, win_new, win_idx, cmp_cache=None, cmp_idx=None,
-                     rope_dim: int = 64, cmp_len=None, out_rope: tuple | None = None):
+                     rope_dim: int = 64, cmp_len=None, out_rope: tuple | None = None,
+                     pack_new: bool = False):
     """`cmp_len` [T] (optional, GPU kernels only): the valid entries of each cmp_idx row are
     its first cmp_len[t] (-1 after): under CUDA graphs the rows are as wide as the graphs'
     context length allows, and the kernels' work then follows the context. `out_rope` (pos
     [T], freqs [r/2]): the output's last rope_dim dims turned back by `rope_(..., inverse=True)`
-    (SPEC.md 5, step 5), inside the split merge when there is one."""
+    (SPEC.md 5, step 5), inside the split merge when there is one. `pack_new`: win_new's rows
+    lie on the FP8 rows' grid (`sparse_attention_triton`; the same output, a GPU schedule)."""
     if use_triton(q) and q.dtype in (torch.bfloat16, torch.float32):
         return sparse_attention_triton(q, sink, scale, win_cache, win_new, win_idx, cmp_cache,
-                                       cmp_idx, rope_dim, cmp_len=cmp_len, out_rope=out_rope)
+                                       cmp_idx, rope_dim, cmp_len=cmp_len, out_rope=out_rope,
+                                       pack_new=pack_new)
     o = sparse_attention_ref(q, sink, scale, win_cache, win_new, win_idx, cmp_cache, cmp_idx,
                              rope_dim)
     if out_rope is not None:

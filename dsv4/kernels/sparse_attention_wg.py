@@ -60,17 +60,27 @@ if HAS_GLUON:
         cp.async_copy_global_to_shared(buf, ptr, mask=valid[:, None])
 
     @gluon.jit
-    def _gather_fp8(cbuf, rbuf, sbuf, idx, tile, n_win_tiles, win_cache_ptr, cmp_cache_ptr, Nw,
-                    row_stride, NOPE: gl.constexpr, ROPE: gl.constexpr, LC: gl.constexpr,
-                    LR: gl.constexpr, LS: gl.constexpr):
+    def _gather_fp8(cbuf, rbuf, sbuf, idx, tile, n_win_tiles, win_cache_ptr, win_new_ptr,
+                    cmp_cache_ptr, Nw, row_stride, NOPE: gl.constexpr, ROPE: gl.constexpr,
+                    LC: gl.constexpr, LR: gl.constexpr, LS: gl.constexpr,
+                    NEW_FP8: gl.constexpr):
         """cp.async of the packed FP8 rows' parts (`kv_fp8.py`): e4m3 codes -> cbuf [BK, 512]
         (the first NOPE bytes), bf16 rope dims -> rbuf [BK, ROPE], scale bytes -> sbuf [BK, 8].
-        Rows from this step's new rows are not copied: the decode reads them."""
+        This step's new rows are copied from win_new packed alike when NEW_FP8, else not
+        copied (the decode reads them)."""
         is_win = tile < n_win_tiles
         idx = gl.convert_layout(idx, gl.SliceLayout(1, LC)).to(gl.int64)
-        cached = (idx >= 0) & ~(is_win & (idx >= Nw))
-        off = gl.multiple_of(gl.where(cached, idx, 0) * row_stride, 8)  # rows are 8-byte words
-        row = gl.where(is_win, win_cache_ptr, cmp_cache_ptr) + off
+        is_new = is_win & (idx >= Nw)
+        if NEW_FP8:
+            cached = idx >= 0
+            off = gl.multiple_of(gl.where(cached, gl.where(is_new, idx - Nw, idx), 0)
+                                 * row_stride, 8)
+            row = gl.where(is_new, win_new_ptr, gl.where(is_win, win_cache_ptr,
+                                                         cmp_cache_ptr)) + off
+        else:
+            cached = (idx >= 0) & ~is_new
+            off = gl.multiple_of(gl.where(cached, idx, 0) * row_stride, 8)  # 8-byte words
+            row = gl.where(is_win, win_cache_ptr, cmp_cache_ptr) + off
         d = gl.arange(0, 512, gl.SliceLayout(0, LC))
         cp.async_copy_global_to_shared(cbuf, row[:, None] + d[None, :],
                                        mask=cached[:, None] & (d < NOPE)[None, :])
@@ -86,9 +96,11 @@ if HAS_GLUON:
 
     @gluon.jit
     def _decode_fp8(kbuf, cbuf, rbuf, sbuf, idx, tile, n_win_tiles, win_new_ptr, Nw,
-                    D: gl.constexpr, NOPE: gl.constexpr, ROPE: gl.constexpr, DEC: gl.constexpr):
+                    D: gl.constexpr, NOPE: gl.constexpr, ROPE: gl.constexpr, DEC: gl.constexpr,
+                    NEW_FP8: gl.constexpr):
         """Staged FP8 rows -> bf16 rows in kbuf [BK, D], exactly (an e4m3 value times a power of
-        two); this step's new rows come from win_new instead."""
+        two); this step's new rows come from win_new instead, unless they were staged packed
+        (NEW_FP8)."""
         is_new = (tile < n_win_tiles) & (idx >= Nw)
         new_row = win_new_ptr + gl.where(is_new, idx - Nw, 0).to(gl.int64) * D
         d = gl.arange(0, 64, gl.SliceLayout(0, DEC))
@@ -96,18 +108,22 @@ if HAS_GLUON:
         for g in gl.static_range(NOPE // 64):
             code = cbuf.slice(64 * g, 64, dim=1).load(DEC)
             v = _e4m3_bf16(code, sbuf.slice(g, 1, dim=1).load(DEC).to(gl.int32))
-            if win_tile:
-                kn = gl.load(new_row[:, None] + (64 * g) + d[None, :], mask=is_new[:, None],
-                             other=0.0)
-                v = gl.where(is_new[:, None], kn, v)
+            v = _new_rows(v, new_row, 64 * g, is_new, d, win_tile, NEW_FP8)
             kbuf.slice(64 * g, 64, dim=1).store(v)
         for g in gl.static_range(ROPE // 64):
             r = rbuf.slice(64 * g, 64, dim=1).load(DEC)
-            if win_tile:
-                kn = gl.load(new_row[:, None] + (NOPE + 64 * g) + d[None, :],
-                             mask=is_new[:, None], other=0.0)
-                r = gl.where(is_new[:, None], kn, r)
+            r = _new_rows(r, new_row, NOPE + 64 * g, is_new, d, win_tile, NEW_FP8)
             kbuf.slice(NOPE + 64 * g, 64, dim=1).store(r)
+
+    @gluon.jit
+    def _new_rows(v, new_row, col: gl.constexpr, is_new, d, win_tile, NEW_FP8: gl.constexpr):
+        """v [BK, 64] (columns col.. of a tile) with this step's new rows read from win_new
+        (bf16), unless they were staged packed like the cached ones (NEW_FP8)."""
+        if not NEW_FP8:
+            if win_tile:
+                kn = gl.load(new_row[:, None] + col + d[None, :], mask=is_new[:, None], other=0.0)
+                v = gl.where(is_new[:, None], kn, v)
+        return v
 
     @gluon.jit
     def _e4m3_bf16(code, sbyte):
@@ -220,7 +236,8 @@ if HAS_GLUON:
                                D: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_K: gl.constexpr,
                                NUM_BUF: gl.constexpr, SPLIT: gl.constexpr, FP8: gl.constexpr,
                                NOPE: gl.constexpr, ROPE: gl.constexpr,
-                               HAS_LEN: gl.constexpr, PDL: gl.constexpr = False):
+                               HAS_LEN: gl.constexpr, NEW_FP8: gl.constexpr = False,
+                               PDL: gl.constexpr = False):
         # 8 warps: warpgroup w computes logits of rows [w*BK/2, (w+1)*BK/2) of each tile and
         # output dims [w*D/2, (w+1)*D/2)
         LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [8, 1], [1, 0])
@@ -266,8 +283,8 @@ if HAS_GLUON:
                          ROWS_LOAD)
             if FP8:
                 _gather_fp8(c_smem.index(j), r_smem.index(j), s_smem.index(j), idx, lo + j,
-                            n_win_tiles, win_cache_ptr, cmp_cache_ptr, Nw, row_stride, NOPE, ROPE,
-                            LC, LR, LS)
+                            n_win_tiles, win_cache_ptr, win_new_ptr, cmp_cache_ptr, Nw,
+                            row_stride, NOPE, ROPE, LC, LR, LS, NEW_FP8)
             else:
                 _gather(k_smem.index(j), idx, lo + j, n_win_tiles, win_cache_ptr, win_new_ptr,
                         cmp_cache_ptr, Nw, row_stride, D, LOAD)
@@ -283,8 +300,8 @@ if HAS_GLUON:
             nb = (i + NUM_BUF - 1) % NUM_BUF
             if FP8:
                 _gather_fp8(c_smem.index(nb), r_smem.index(nb), s_smem.index(nb), idx_next,
-                            tile + NUM_BUF - 1, n_win_tiles, win_cache_ptr, cmp_cache_ptr, Nw,
-                            row_stride, NOPE, ROPE, LC, LR, LS)
+                            tile + NUM_BUF - 1, n_win_tiles, win_cache_ptr, win_new_ptr,
+                            cmp_cache_ptr, Nw, row_stride, NOPE, ROPE, LC, LR, LS, NEW_FP8)
             else:
                 _gather(k_smem.index(nb), idx_next, tile + NUM_BUF - 1, n_win_tiles,
                         win_cache_ptr, win_new_ptr, cmp_cache_ptr, Nw, row_stride, D, LOAD)
@@ -300,7 +317,7 @@ if HAS_GLUON:
                 _decode_fp8(kb, c_smem.index(b), r_smem.index(b), s_smem.index(b),
                             _slots(tile, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles,
                                    BLOCK_K, gl.SliceLayout(1, LC)),
-                            tile, n_win_tiles, win_new_ptr, Nw, D, NOPE, ROPE, LC)
+                            tile, n_win_tiles, win_new_ptr, Nw, D, NOPE, ROPE, LC, NEW_FP8)
             else:
                 kb = k_smem.index(i % NUM_BUF)
             s = warpgroup_mma(q_smem, kb.permute((1, 0)), s0, use_acc=False, is_async=True)

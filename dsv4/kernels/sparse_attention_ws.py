@@ -40,7 +40,8 @@ if HAS_GLUON:
     def _ws_load(c_smem, r_smem, s_smem, k_smem, ready, empty, win_idx_row, cmp_idx_row,
                  win_cache_ptr, win_new_ptr, cmp_cache_ptr, Nw, Kw, Kc, n_win_tiles, lo, hi,
                  row_stride, D: gl.constexpr, BLOCK_K: gl.constexpr, NOPE: gl.constexpr,
-                 ROPE: gl.constexpr, NUM_BUF: gl.constexpr, LOAD_WARPS: gl.constexpr):
+                 ROPE: gl.constexpr, NUM_BUF: gl.constexpr, LOAD_WARPS: gl.constexpr,
+                 NEW_FP8: gl.constexpr):
         """The load warps: tile i + 1's packed bytes in flight (byte stage (i + 1) % 2) while
         tile i is decoded into bf16 tile i % NUM_BUF, once the MMA warps have released it.
         Each tile's row slots are loaded two iterations before its decode, one before its
@@ -52,7 +53,8 @@ if HAS_GLUON:
         idx_dec = _slots(lo, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles, BLOCK_K, ROWS)
         idx_gat = _slots(lo + 1, hi, win_idx_row, cmp_idx_row, Kw, Kc, n_win_tiles, BLOCK_K, ROWS)
         _gather_fp8(c_smem.index(0), r_smem.index(0), s_smem.index(0), idx_dec, lo, n_win_tiles,
-                    win_cache_ptr, cmp_cache_ptr, Nw, row_stride, NOPE, ROPE, LC, LR, LS)
+                    win_cache_ptr, win_new_ptr, cmp_cache_ptr, Nw, row_stride, NOPE, ROPE, LC, LR,
+                    LS, NEW_FP8)
         cp.commit_group()
         for i in range(0, hi - lo):
             tile = lo + i
@@ -60,15 +62,15 @@ if HAS_GLUON:
                              BLOCK_K, ROWS)
             st = (i + 1) % 2
             _gather_fp8(c_smem.index(st), r_smem.index(st), s_smem.index(st), idx_gat, tile + 1,
-                        n_win_tiles, win_cache_ptr, cmp_cache_ptr, Nw, row_stride, NOPE, ROPE,
-                        LC, LR, LS)
+                        n_win_tiles, win_cache_ptr, win_new_ptr, cmp_cache_ptr, Nw, row_stride,
+                        NOPE, ROPE, LC, LR, LS, NEW_FP8)
             cp.commit_group()
             cp.wait_group(1)
             b = i % NUM_BUF
             mbarrier.wait(empty.index(b), ((i // NUM_BUF) & 1) ^ 1)
             _decode_fp8(k_smem.index(b), c_smem.index(i % 2), r_smem.index(i % 2),
                         s_smem.index(i % 2), idx_dec, tile, n_win_tiles, win_new_ptr, Nw, D, NOPE,
-                        ROPE, LC)
+                        ROPE, LC, NEW_FP8)
             fence_async_shared()
             mbarrier.arrive(ready.index(b))
             idx_dec = idx_gat
@@ -132,7 +134,7 @@ if HAS_GLUON:
                                NUM_BUF: gl.constexpr, SPLIT: gl.constexpr,
                                NOPE: gl.constexpr, ROPE: gl.constexpr, HAS_LEN: gl.constexpr,
                                LOAD_WARPS: gl.constexpr, LOAD_REGS: gl.constexpr,
-                               PDL: gl.constexpr = False):
+                               NEW_FP8: gl.constexpr = False, PDL: gl.constexpr = False):
         SMEM_Q: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D], gl.bfloat16)
         SMEM_K: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, D], gl.bfloat16)
         RAW: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
@@ -160,5 +162,5 @@ if HAS_GLUON:
                        D, BLOCK_H, BLOCK_K, NUM_BUF, SPLIT)),
             (_ws_load, (c_smem, r_smem, s_smem, k_smem, ready, empty, win_idx_row, cmp_idx_row,
                         win_cache_ptr, win_new_ptr, cmp_cache_ptr, Nw, Kw, Kc, n_win_tiles, lo,
-                        hi, row_stride, D, BLOCK_K, NOPE, ROPE, NUM_BUF, LOAD_WARPS)),
+                        hi, row_stride, D, BLOCK_K, NOPE, ROPE, NUM_BUF, LOAD_WARPS, NEW_FP8)),
         ], [LOAD_WARPS], [LOAD_REGS])

@@ -69,6 +69,7 @@ class ForwardBatch:
             raise ValueError("every sequence in a batch needs at least one new token")
         self.starts = [c.start_pos for c in chunks]
         self.num_seqs, self.num_tokens = len(chunks), sum(self.lens)
+        self.longest_chunk = max(self.lens)  # new tokens of the step's longest chunk
         lens = np.array(self.lens, dtype=np.int64)
         cu = np.zeros(self.num_seqs + 1, dtype=np.int64)
         np.cumsum(lens, out=cu[1:])
@@ -337,6 +338,8 @@ class StaticBatch:
         self.pad_slot, self.pad_block = pad_slot, pad_block
         T = num_seqs * tokens_per_seq if num_tokens is None else num_tokens
         self.num_tokens = T
+        # the longest chunk a replayed batch may hold (a prefill graph's: all its tokens)
+        self.longest_chunk = tokens_per_seq if num_tokens is None else T
         self.ring_entries = T + ring_extra
         self.max_blocks = max(1, -(-(max_model_len + tokens_per_seq) // BLOCK_TOKENS))
         ints, bools = _Arena(torch.long, d), _Arena(torch.bool, d)

@@ -237,6 +237,29 @@ def test_warp_specialised_fp8_kernel_is_bit_identical(H, topk, splits, with_len,
     assert rel_err(outs[0], ref) < 1e-2, f"rel err {rel_err(outs[0], ref):.2e}"
 
 
+@pytest.mark.parametrize("kernel,block_k", [("ws", 32), ("gluon", 32), ("gluon", 64)])
+@pytest.mark.parametrize("H,ratio,topk", [(64, 0, 0), (64, 128, 0), (64, 4, 512), (128, 4, 1024)])
+def test_packed_new_rows_are_bit_identical(kernel, block_k, H, ratio, topk):
+    """FP8 rows: a step's own (new) rows packed like the cached ones and gathered with them
+    (`pack_new`, as the model asks in prefill chunks) give the bits of reading them as bf16:
+    model-made rows are exact in the packed layout. Prefill chunks (one at 5000 tokens of
+    history, its window part cached, part new) beside decode edges."""
+    from dsv4.kernels.kv_fp8 import pack_kv_fp8
+    from dsv4.kernels.sparse_attention import AttnConfig, sparse_attention_ref, sparse_attention_triton
+    batch = make_batch(PREFILL + DECODE_EDGES + [(5000, 300)])
+    q, sink, wc, wn, wi, cc, ci = attention_inputs(batch, H, ratio, topk, torch.bfloat16,
+                                                   seed=H + ratio)
+    ref = sparse_attention_ref(q, sink, D ** -0.5, wc, wn, wi, cc, ci)
+    wc, cc = pack_kv_fp8(wc), (pack_kv_fp8(cc) if cc is not None else None)
+    cfg = AttnConfig(block_k=block_k, num_stages=2, kernel=kernel)
+    outs = [sparse_attention_triton(q, sink, D ** -0.5, wc, wn, wi, cc, ci, config=cfg,
+                                    pack_new=p) for p in (False, True)]
+    assert not outs[1].isnan().any(), "NaN in the output"
+    assert torch.equal(outs[0], outs[1]), \
+        f"packed new rows differ: max {(outs[0].float() - outs[1].float()).abs().max():.3e}"
+    assert rel_err(outs[1], ref) < 1e-2, f"rel err {rel_err(outs[1], ref):.2e}"
+
+
 @pytest.mark.parametrize("kernel", ["gluon", "triton"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16_rows", "fp8_rows"])
 @pytest.mark.parametrize("H,splits", [(64, 0), (64, 5), (128, 1), (128, 3)])
