@@ -135,21 +135,27 @@ def check_candidates() -> None:
 
 
 def check_indexer_avail() -> None:
+    """`avail`, with bf16 keys and with packed FP4 keys of 1 and 2 scale blocks (decoded to
+    bf16 in the kernel, their dims in the packed words' order)."""
+    from dsv4.kernels.index_fp4 import pack_index_fp4
     from dsv4.kernels.indexer import indexer_scores_ref, indexer_scores_triton
-    T, N, nI, c = 4, 300, 16, 32
+    from dsv4.quant.sim import fp4_sim
+    T, N, nI = 4, 300, 16
     avail = torch.tensor([0, 5, 130, 300])
-    keys = torch.randn(400, c, generator=G).bfloat16()
     cand = torch.randperm(400, generator=G)[:N].repeat(T, 1)
     cand = torch.where(torch.arange(N)[None] < avail[:, None], cand, -1)
-    q = torch.randn(T, nI, c, generator=G).bfloat16()
     w = torch.randn(T, nI, generator=G).bfloat16()
-    ref = indexer_scores_ref(q, w, keys, cand)
-    for bn in (64, 128):
-        got = indexer_scores_triton(q, w, keys, cand, avail, block_n=bn)
-        for t in range(T):
-            a, end = int(avail[t]), min(N, -(-int(avail[t]) // bn) * bn)
-            assert torch.allclose(got[t, :a], ref[t, :a], rtol=1e-5, atol=1e-5)
-            assert (got[t, a:end] == float("-inf")).all()
+    for c, packed in ((32, False), (32, True), (64, True)):
+        keys = fp4_sim(torch.randn(400, c, generator=G), 32).bfloat16()
+        keys = pack_index_fp4(keys) if packed else keys
+        q = torch.randn(T, nI, c, generator=G).bfloat16()
+        ref = indexer_scores_ref(q, w, keys, cand)
+        for bn in (64, 128):
+            got = indexer_scores_triton(q, w, keys, cand, avail, block_n=bn)
+            for t in range(T):
+                a, end = int(avail[t]), min(N, -(-int(avail[t]) // bn) * bn)
+                assert torch.allclose(got[t, :a], ref[t, :a], rtol=1e-5, atol=1e-5), (c, packed)
+                assert (got[t, a:end] == float("-inf")).all()
 
 
 def check_indexer_fp8() -> None:

@@ -321,8 +321,16 @@ def test_packed_indexer_keys_are_lossless(dtype):
     packed = pack_index_fp4(keys)
     assert index_fp4_row_bytes(128) == 80 and packed.shape == (300, 80)
     assert torch.equal(unpack_index_fp4(packed, 128, dtype), keys)
-    codes, scales = quantize_mxfp4(keys.float())  # codes, then one e8m0 byte per 32, then zeros
-    assert torch.equal(packed[:, :64], codes.view(torch.uint8))
+    # codes in 4-byte words, then one e8m0 byte per 32, then zeros: word (c, b) at bytes
+    # 4 (4 c + b) holds dims 32 b + 4 c + (0, 1, 2, 3, 16, 17, 18, 19), two a byte, low first
+    codes, scales = quantize_mxfp4(keys.float())
+    nat = codes.view(torch.uint8)  # byte j: dims 2j (low nibble), 2j + 1
+    nib = torch.stack([nat & 15, nat >> 4], -1).flatten(1)  # [N, 128] codes in dim order
+    for c in range(4):
+        for b in range(4):
+            dims = 32 * b + 4 * c + torch.tensor([0, 1, 2, 3, 16, 17, 18, 19])
+            word = packed[:, 4 * (4 * c + b):4 * (4 * c + b) + 4]
+            assert torch.equal(torch.stack([word & 15, word >> 4], -1).flatten(1), nib[:, dims])
     assert torch.equal(packed[:, 64:68], scales.view(torch.uint8))
     assert not packed[:, 68:].any()
     cache = torch.zeros(400, 80, dtype=torch.uint8)

@@ -50,6 +50,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .index_fp4 import _code_byte_offsets, _key_dims
     from .pdl import pdl_start
     from .quant_linear import _e2m1_e4m3_nibbles, _e2m1_f32
 
@@ -85,7 +86,8 @@ if HAS_TRITON:
         h = tl.arange(0, BLOCK_H)
         c = tl.arange(0, C)
         hmask = h < NI
-        q = tl.load(q_ptr + t * stride_qt + h[:, None] * stride_qh + c[None, :],
+        qc = _key_dims(c) if PACKED else c  # packed keys decode with their dims in word order
+        q = tl.load(q_ptr + t * stride_qt + h[:, None] * stride_qh + qc[None, :],
                     mask=hmask[:, None], other=0.0)  # [nI, c], loaded once for many keys
         w = tl.load(w_ptr + t * stride_wt + h, mask=hmask, other=0.0).to(tl.float32)
         if PACKED:
@@ -133,7 +135,7 @@ if HAS_TRITON:
         row = tl.load(cand_row + n, mask=nmask, other=-1).to(tl.int64)
         vis = nmask & (row >= 0)
         row_ptr = keys_ptr + tl.where(vis, row, 0) * stride_kn  # masked lanes stay in the cache
-        j = tl.arange(0, C // 2)
+        j = _code_byte_offsets(tl.arange(0, C // 2), C // 32)  # blocks of 16 bytes
         p = tl.load(row_ptr[:, None] + j[None, :], mask=vis[:, None], other=0)
         g = tl.arange(0, C // 32)
         e = tl.load(row_ptr[:, None] + C // 2 + g[None, :], mask=vis[:, None], other=127)
@@ -227,9 +229,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _q_dims(q_row, hmask, b: tl.constexpr):
-        """Dims 32b..32b+31 of the heads' queries, fp32 [BH, 32]."""
-        return tl.load(q_row + b * 32 + tl.arange(0, 32)[None, :], mask=hmask[:, None],
-                       other=0.0).to(tl.float32)
+        """Dims 32b..32b+31 of the heads' queries in the packed keys' word order, fp32 [BH, 32]."""
+        return tl.load(q_row + _key_dims(b * 32 + tl.arange(0, 32))[None, :],
+                       mask=hmask[:, None], other=0.0).to(tl.float32)
 
     @triton.jit
     def _tiny(x):
@@ -373,8 +375,7 @@ if HAS_TRITON:
         codes [BH, 32] and per-head powers of two sq [BH] with q = codes * sq exactly, for
         queries on the FP4 grid (e2m1 x 2^k): sq = 2^(floor(log2 amax) - 2) puts the block's
         largest at 4 or 6 and every other value on e2m1's grid, which e4m3 holds."""
-        x = tl.load(q_row + b * 32 + tl.arange(0, 32)[None, :], mask=hmask[:, None],
-                    other=0.0).to(tl.float32)
+        x = _q_dims(q_row, hmask, b)
         eb = (tl.max(tl.abs(x), 1).to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent
         live = eb >= 3  # else all zero (or below 2^-124: zero codes)
         sq = tl.where(live, ((eb - 2) << 23).to(tl.float32, bitcast=True), 0.0)
@@ -390,12 +391,12 @@ if HAS_TRITON:
         row = tl.load(cand_row + n, mask=nmask, other=-1).to(tl.int64)
         vis = nmask & (row >= 0)
         row_ptr = keys_ptr + tl.where(vis, row, 0) * stride_kn  # masked lanes stay in the cache
-        j = tl.arange(0, 16)[None, :]
+        j = _code_byte_offsets(tl.arange(0, 16), 4)[None, :]  # block 0's bytes in word order
         m = vis[:, None]
         p0 = tl.load(row_ptr[:, None] + j, mask=m, other=0)
-        p1 = tl.load(row_ptr[:, None] + 16 + j, mask=m, other=0)
-        p2 = tl.load(row_ptr[:, None] + 32 + j, mask=m, other=0)
-        p3 = tl.load(row_ptr[:, None] + 48 + j, mask=m, other=0)
+        p1 = tl.load(row_ptr[:, None] + 4 + j, mask=m, other=0)
+        p2 = tl.load(row_ptr[:, None] + 8 + j, mask=m, other=0)
+        p3 = tl.load(row_ptr[:, None] + 12 + j, mask=m, other=0)
         e = tl.load((row_ptr + 64).to(tl.pointer_type(tl.int32)), mask=vis, other=0)
         return n, vis, p0, p1, p2, p3, e
 
