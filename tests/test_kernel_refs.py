@@ -472,6 +472,60 @@ def test_warp_specialised_fp8_attention_builds_for_sm90(monkeypatch, new_fp8):
     assert 0 < k.metadata.shared <= 227 * 1024, k.metadata.shared
 
 
+@pytest.mark.parametrize("bh,avail", [(64, True), (32, False), (16, True)])
+def test_gluon_indexer_kernel_builds_for_sm90(bh, avail):
+    """The Gluon indexer kernel (`indexer_wg.py`) compiles for an H200 (sm_90) without a GPU,
+    with the launcher's constants and register cap (64 / 32 / 16 heads a token), its folded
+    key loop free of barriers and spills (these may only touch the rare per-block pass)."""
+    from dsv4.kernels import indexer_wg as iw
+    if not iw.HAS_GLUON:
+        pytest.skip("no Gluon in this Triton")
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from dsv4.kernels.indexer import GLUON_MAXNREG
+    kern = iw._indexer_fp8_wg_kernel
+    ptr = dict(q_ptr="*bf16", w_ptr="*bf16", keys_ptr="*u8", cand_ptr="*i32",
+               avail_ptr="*i32", out_ptr="*fp32")
+    const = dict(BH=bh, HAS_AVAIL=avail, PDL=True)
+    sig = {n: ("constexpr" if n in const else ptr.get(n, "i32")) for n in kern.arg_names}
+    # as the engine launches it: torch's allocations 16-byte aligned, and so the strides (64
+    # heads of 128, the packed keys' 80 bytes, candidate rows padded to whole blocks) and NI
+    attrs = {(kern.arg_names.index(n),): [["tt.divisibility", 16]]
+             for n in list(ptr) + ["NI", "stride_qt", "stride_qh", "stride_wt", "stride_kn",
+                                   "stride_ct", "stride_ot"]}
+    try:
+        k = triton.compile(GluonASTSource(kern, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=4, maxnreg=GLUON_MAXNREG))
+    except (FileNotFoundError, RuntimeError) as exc:  # no ptxas with this Triton
+        if "ptxas" in str(exc).lower():
+            pytest.skip(f"no ptxas: {exc}")
+        raise
+    assert k.metadata.shared <= 227 * 1024
+    # the folded key loop (the loop with 4 wgmmas, sm_90 SASS) neither spills nor reloads
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(k.asm["cubin"])
+        nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/nvdisasm")
+        sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True,
+                              check=True).stdout.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(sass)
+              if (m := re.match(r"\s*\.(L_x_\d+):", line))}
+    loops = [sass[labels[m.group(1)]:i] for i, line in enumerate(sass)
+             if (m := re.search(r"BRA `?\(?\.(L_x_\d+)", line)) and labels.get(m.group(1), i) < i]
+    # (the per-block pass's loop has 4 too, with a barrier around each query block's store)
+    folded = [body for body in loops
+              if sum("QGMMA" in x for x in body) == 4 and not any("BAR.SYNC" in x for x in body)]
+    assert len(folded) == 1, f"{len(loops)} loops, {len(folded)} with 4 wgmmas and no barrier"
+    assert not any(op in x for x in folded[0] for op in ("LDL", "STL")), "the key loop spills"
+
+
 def test_fp8_rows_are_the_default_only_where_lossless():
     """kv_cache_dtype auto: packed FP8 rows on CUDA for bf16 weights with the QAT and a row
     layout that fits; the working dtype on the CPU, in float32 and without the QAT."""

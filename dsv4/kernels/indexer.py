@@ -17,6 +17,7 @@ both blocks' scales in fp32.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -25,6 +26,35 @@ from . import HAS_TRITON, num_sms, use_triton
 from .pdl import pdl
 from .index_fp4 import index_fp4_row_bytes, unpack_index_fp4
 from .topk import select_topk, select_topk_ref
+
+_log = logging.getLogger(__name__)
+
+# FP8 scores on the Gluon kernel (`indexer_wg.py`) unless DSV4_INDEXER_GLUON=0, with its
+# registers capped at 128 (4 CTAs an SM; the rare per-block pass may spill, the key loop does
+# not); set once it failed to build here (the Triton kernel from then on)
+INDEXER_GLUON = (os.environ.get("DSV4_INDEXER_GLUON", "1") != "0"
+                 and os.environ.get("TRITON_INTERPRET") != "1")
+GLUON_MAXNREG = 128
+_GLUON_FAILED: list[str] = []
+
+
+# A register p of 8 e2m1 codes (nibble order) -> two registers of e4m3 bytes: codes 0..3 ($0)
+# and 4..7 ($1), each the byte of its magnitude in the key's tables t0 (magnitudes 0..3) / t1
+# (4..7), one `prmt` for 4 codes; the signs by one `prmt` in sign-replicate mode over p and
+# p << 4 (whose bytes' top bits are the odd and the even codes' signs) and a `lop3`
+# (`_keys_folded`, `indexer_wg._decode`)
+FOLDED_E2M1_E4M3_PTX = """{{
+    .reg .b32 m, s;
+    and.b32 m, {p}, 0x77777777;
+    prmt.b32 $0, {t0}, {t1}, m;
+    shr.b32 m, m, 16;
+    prmt.b32 $1, {t0}, {t1}, m;
+    shl.b32 s, {p}, 4;
+    prmt.b32 m, s, {p}, 0xD9C8;
+    lop3.b32 $0, $0, m, 0x80808080, 0xF8;
+    prmt.b32 m, s, {p}, 0xFBEA;
+    lop3.b32 $1, $1, m, 0x80808080, 0xF8;
+    }}"""
 
 
 def indexer_scores_ref(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
@@ -55,6 +85,8 @@ if HAS_TRITON:
     from .quant_linear import _e2m1_e4m3_nibbles, _e2m1_f32
 
     _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # runs no inline PTX
+    # the packed bytes in $2, the key's tables in $3 and $7 (4 copies each: $3..$6, $7..$10)
+    _FOLDED_PTX = tl.constexpr(FOLDED_E2M1_E4M3_PTX.format(p="$2", t0="$3", t1="$7"))
     # candidate columns (tokens x width) from which the FP8 scores kernel folds the query and
     # key scales by default (H200, `scratch`-style A/B): under 256 key blocks of 64 a CTA has
     # one block and the fold's query preparation shows (1 token at 32K context 3.7 against
@@ -306,23 +338,9 @@ if HAS_TRITON:
         t0 = 0x0C080000 + d * 0x08080800
         t1 = 0x1C181410 + d * 0x08080808
         BN: tl.constexpr = p.shape[0]
-        if ASM:  # pack=4: the 4 bytes of a register lie in one key row (its tables: $3, $7)
+        if ASM:  # pack=4: the 4 bytes of a register lie in one key row
             a, c = tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 m, s, q;
-                and.b32 m, $2, 0x77777777;
-                prmt.b32 $0, $3, $7, m;
-                shr.b32 m, m, 16;
-                prmt.b32 $1, $3, $7, m;
-                shr.b32 s, $2, 3;
-                and.b32 s, s, 0x1111;
-                prmt.b32 q, 0x8000, 0, s;
-                or.b32 $0, $0, q;
-                shr.b32 s, $2, 19;
-                and.b32 s, s, 0x1111;
-                prmt.b32 q, 0x8000, 0, s;
-                or.b32 $1, $1, q;
-                }""",
+                asm=_FOLDED_PTX,
                 constraints="=r,=r,r,r,r,r,r,r,r,r,r",
                 args=[p, tl.broadcast_to(t0[:, None], p.shape),
                       tl.broadcast_to(t1[:, None], p.shape)],
@@ -411,12 +429,38 @@ if HAS_TRITON:
         s = tl.dot(k8, tl.trans(q8))  # [BN, BH]
         return acc + s * sk[:, None] * sq[None, :]
 
+
+    def _gluon_scores(q, w, keys, cand, avail, out, bpc, bh, maxnreg) -> bool:
+        """Launch `_indexer_fp8_wg_kernel`; False (and the Triton kernel from then on) if it
+        does not build here."""
+        from .indexer_wg import HAS_GLUON
+        if not HAS_GLUON or _GLUON_FAILED:
+            return False
+        from .indexer_wg import _indexer_fp8_wg_kernel
+        T, NI, _ = q.shape
+        n_blocks = triton.cdiv(cand.shape[1], 64)
+        try:
+            _indexer_fp8_wg_kernel[(T, triton.cdiv(n_blocks, bpc))](
+                q, w, keys, cand, cand if avail is None else avail.contiguous(), out,
+                cand.shape[1], NI, bpc, q.stride(0), q.stride(1), w.stride(0), keys.stride(0),
+                cand.stride(0), out.stride(0), BH=bh, HAS_AVAIL=avail is not None,
+                num_warps=4, **(dict(maxnreg=maxnreg) if maxnreg else {}), **pdl())
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001  (Gluon is an experimental API)
+            _GLUON_FAILED.append(repr(exc))
+            _log.warning("Gluon indexer kernel unavailable (%s); using the Triton kernel",
+                         (str(exc).splitlines() or [type(exc).__name__])[0][:200])
+            return False
+        return True
+
     def indexer_scores_triton(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
                               cand: torch.Tensor, avail: torch.Tensor | None = None,
                               block_n: int | None = None, num_warps: int | None = None,
                               num_stages: int = 3, q_fp4: bool = False,
                               fold: bool | None = None,
-                              blocks_per_cta: int | None = None) -> torch.Tensor:
+                              blocks_per_cta: int | None = None, gluon: bool | None = None,
+                              maxnreg: int | None = GLUON_MAXNREG) -> torch.Tensor:
         """Launcher: fp32 scores [T, N], -inf where cand < 0. With `avail` [T] (token t's
         visible candidates are its first avail[t] columns, as the batches build them) the
         columns from the end of the block holding column avail[t] on are left unwritten:
@@ -430,7 +474,10 @@ if HAS_TRITON:
         13.4 / 33.3 / 100.3 -> 10.9 / 24.4 / 66.6 us; one token at 32K 3.7 -> 4.4 us (one key
         block a CTA: the longer query preparation shows). Under CUDA graphs N is the graph's
         width, so the choice follows the captured context band, not the batch's context.
-        `blocks_per_cta` overrides the key blocks a CTA scores (benchmarks' launch sweeps)."""
+        `blocks_per_cta` overrides the key blocks a CTA scores (benchmarks' launch sweeps).
+        The FP8 case runs the Gluon kernel (`indexer_wg.py`: the same scores up to the head
+        sum's order, fewer instructions) where it builds, unless `fold` is given, `gluon` is
+        False or DSV4_INDEXER_GLUON=0; `maxnreg` caps its registers (4 CTAs an SM at 128)."""
         T, NI, C = q.shape
         N = cand.shape[1]
         packed = keys.dtype == torch.uint8
@@ -464,6 +511,10 @@ if HAS_TRITON:
         # twenty-ninth session): 8K / 32K / 128K context 10.4 / 23.8 / 65.3 -> 7.7 / 19.2 / 64.4 us
         bpc = blocks_per_cta or max(1, min(n_blocks, -(-T * n_blocks // (4 * sms))))
         bh = max(16, triton.next_power_of_2(NI))
+        if (fp8 and fold is None and block_n == 64 and bh <= 128
+                and (INDEXER_GLUON if gluon is None else gluon)
+                and _gluon_scores(q, w, keys, cand, avail, out, bpc, bh, maxnreg)):
+            return out
         if fp8:
             _indexer_scores_fp8_kernel[(T, triton.cdiv(n_blocks, bpc))](
                 q, w, keys, cand, cand if avail is None else avail.contiguous(), out, N, NI,
