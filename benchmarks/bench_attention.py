@@ -187,12 +187,14 @@ def bench_indexer(ctx: int, B: int, topk: int, with_ref: bool) -> None:
     report(f"indexer scores ctx={ctx // 1024}K B={B} packed keys, FP8 MMA, folded", ms, None,
            pbytes, flops)
     # the Gluon kernel (`indexer_wg.py`: keys decoded in place as the wgmma's A operand; the
-    # default where it builds), at 128 registers (4 CTAs an SM, the default) and uncapped
-    for reg in (128, None):
+    # default where it builds), at 128 registers (4 CTAs an SM, the default) and uncapped, and
+    # with two warpgroups a CTA (128 keys a step)
+    for reg, bn in ((128, 64), (None, 64), (128, 128)):
         ms = bench([lambda a=a: indexer_scores_triton(a[0], a[1], packed, a[2], q_fp4=True,
-                                                       gluon=True, maxnreg=reg) for a in inputs])
+                                                       gluon=True, maxnreg=reg, gluon_block_n=bn)
+                    for a in inputs])
         report(f"indexer scores ctx={ctx // 1024}K B={B} packed keys, Gluon kernel, "
-               f"maxnreg {reg}", ms, None, pbytes, flops)
+               f"{bn} keys a step, maxnreg {reg}", ms, None, pbytes, flops)
     if INDEXER_WAVES[0]:
         for bpc in sorted({-(-B * n_blocks // (4 * sms)), -(-B * n_blocks // (3 * sms)),
                            -(-B * n_blocks // (8 * sms))}):

@@ -472,10 +472,12 @@ def test_warp_specialised_fp8_attention_builds_for_sm90(monkeypatch, new_fp8):
     assert 0 < k.metadata.shared <= 227 * 1024, k.metadata.shared
 
 
-@pytest.mark.parametrize("bh,avail", [(64, True), (32, False), (16, True)])
-def test_gluon_indexer_kernel_builds_for_sm90(bh, avail):
+@pytest.mark.parametrize("bh,avail,bn", [(64, True, 64), (32, False, 64), (16, True, 64),
+                                         (64, False, 128)])
+def test_gluon_indexer_kernel_builds_for_sm90(bh, avail, bn):
     """The Gluon indexer kernel (`indexer_wg.py`) compiles for an H200 (sm_90) without a GPU,
-    with the launcher's constants and register cap (64 / 32 / 16 heads a token), its folded
+    with the launcher's constants and register cap (64 / 32 / 16 heads a token; 64 or 128
+    keys a step), its folded
     key loop free of barriers and spills (these may only touch the rare per-block pass)."""
     from dsv4.kernels import indexer_wg as iw
     if not iw.HAS_GLUON:
@@ -492,7 +494,7 @@ def test_gluon_indexer_kernel_builds_for_sm90(bh, avail):
     kern = iw._indexer_fp8_wg_kernel
     ptr = dict(q_ptr="*bf16", w_ptr="*bf16", keys_ptr="*u8", cand_ptr="*i32",
                avail_ptr="*i32", out_ptr="*fp32")
-    const = dict(BH=bh, HAS_AVAIL=avail, PDL=True)
+    const = dict(BH=bh, HAS_AVAIL=avail, BN=bn, PDL=True)
     sig = {n: ("constexpr" if n in const else ptr.get(n, "i32")) for n in kern.arg_names}
     # as the engine launches it: torch's allocations 16-byte aligned, and so the strides (64
     # heads of 128, the packed keys' 80 bytes, candidate rows padded to whole blocks) and NI
@@ -501,7 +503,7 @@ def test_gluon_indexer_kernel_builds_for_sm90(bh, avail):
                                    "stride_ct", "stride_ot"]}
     try:
         k = triton.compile(GluonASTSource(kern, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=4, maxnreg=GLUON_MAXNREG))
+                           options=dict(num_warps=bn // 16, maxnreg=GLUON_MAXNREG))
     except (FileNotFoundError, RuntimeError) as exc:  # no ptxas with this Triton
         if "ptxas" in str(exc).lower():
             pytest.skip(f"no ptxas: {exc}")

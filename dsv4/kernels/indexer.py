@@ -35,6 +35,10 @@ _log = logging.getLogger(__name__)
 INDEXER_GLUON = (os.environ.get("DSV4_INDEXER_GLUON", "1") != "0"
                  and os.environ.get("TRITON_INTERPRET") != "1")
 GLUON_MAXNREG = 128
+# keys a step of the Gluon kernel's CTAs: 64 (4 warps) or 128 (8, two warpgroups sharing the
+# queries: half the CTAs, so half the query preparation). H200, 32 tokens, 8K / 32K / 128K
+# context (`bench_attention.py --only indexer --quick`): 7.0 / 15.5 / 50.5 -> 6.0 / 14.1 / 46.9 us
+GLUON_BLOCK_N = 128
 _GLUON_FAILED: list[str] = []
 
 
@@ -430,21 +434,23 @@ if HAS_TRITON:
         return acc + s * sk[:, None] * sq[None, :]
 
 
-    def _gluon_scores(q, w, keys, cand, avail, out, bpc, bh, maxnreg) -> bool:
-        """Launch `_indexer_fp8_wg_kernel`; False (and the Triton kernel from then on) if it
-        does not build here."""
+    def _gluon_scores(q, w, keys, cand, avail, out, bpc, bh, maxnreg, bn) -> bool:
+        """Launch `_indexer_fp8_wg_kernel` with BN keys a step (`bpc` of them a CTA, or
+        enough CTAs for one wave of 4 warpgroups an SM); False (and the Triton kernel from
+        then on) if it does not build here."""
         from .indexer_wg import HAS_GLUON
         if not HAS_GLUON or _GLUON_FAILED:
             return False
         from .indexer_wg import _indexer_fp8_wg_kernel
         T, NI, _ = q.shape
-        n_blocks = triton.cdiv(cand.shape[1], 64)
+        n_blocks = triton.cdiv(cand.shape[1], bn)
+        bpc = bpc or max(1, min(n_blocks, -(-T * n_blocks // (4 * 64 // bn * num_sms(q.device)))))
         try:
             _indexer_fp8_wg_kernel[(T, triton.cdiv(n_blocks, bpc))](
                 q, w, keys, cand, cand if avail is None else avail.contiguous(), out,
                 cand.shape[1], NI, bpc, q.stride(0), q.stride(1), w.stride(0), keys.stride(0),
-                cand.stride(0), out.stride(0), BH=bh, HAS_AVAIL=avail is not None,
-                num_warps=4, **(dict(maxnreg=maxnreg) if maxnreg else {}), **pdl())
+                cand.stride(0), out.stride(0), BH=bh, HAS_AVAIL=avail is not None, BN=bn,
+                num_warps=bn // 16, **(dict(maxnreg=maxnreg) if maxnreg else {}), **pdl())
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:  # noqa: BLE001  (Gluon is an experimental API)
@@ -460,7 +466,8 @@ if HAS_TRITON:
                               num_stages: int = 3, q_fp4: bool = False,
                               fold: bool | None = None,
                               blocks_per_cta: int | None = None, gluon: bool | None = None,
-                              maxnreg: int | None = GLUON_MAXNREG) -> torch.Tensor:
+                              maxnreg: int | None = GLUON_MAXNREG,
+                              gluon_block_n: int | None = None) -> torch.Tensor:
         """Launcher: fp32 scores [T, N], -inf where cand < 0. With `avail` [T] (token t's
         visible candidates are its first avail[t] columns, as the batches build them) the
         columns from the end of the block holding column avail[t] on are left unwritten:
@@ -477,7 +484,8 @@ if HAS_TRITON:
         `blocks_per_cta` overrides the key blocks a CTA scores (benchmarks' launch sweeps).
         The FP8 case runs the Gluon kernel (`indexer_wg.py`: the same scores up to the head
         sum's order, fewer instructions) where it builds, unless `fold` is given, `gluon` is
-        False or DSV4_INDEXER_GLUON=0; `maxnreg` caps its registers (4 CTAs an SM at 128)."""
+        False or DSV4_INDEXER_GLUON=0; `maxnreg` caps its registers (4 CTAs an SM at 128),
+        `gluon_block_n` sets its keys a step (64 or 128; `GLUON_BLOCK_N`)."""
         T, NI, C = q.shape
         N = cand.shape[1]
         packed = keys.dtype == torch.uint8
@@ -513,7 +521,8 @@ if HAS_TRITON:
         bh = max(16, triton.next_power_of_2(NI))
         if (fp8 and fold is None and block_n == 64 and bh <= 128
                 and (INDEXER_GLUON if gluon is None else gluon)
-                and _gluon_scores(q, w, keys, cand, avail, out, bpc, bh, maxnreg)):
+                and _gluon_scores(q, w, keys, cand, avail, out, blocks_per_cta, bh, maxnreg,
+                                  gluon_block_n or GLUON_BLOCK_N)):
             return out
         if fp8:
             _indexer_scores_fp8_kernel[(T, triton.cdiv(n_blocks, bpc))](

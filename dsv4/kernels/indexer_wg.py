@@ -40,7 +40,6 @@ except Exception:  # noqa: BLE001
 if HAS_GLUON:
     # the word in $2 (4 copies: $2..$5), the key's tables in $6 and $10
     _PTX: gl.constexpr = gl.constexpr(FOLDED_E2M1_E4M3_PTX.format(p="$2", t0="$6", t1="$10"))
-    BLOCK_N = 64  # keys a step: the wgmma's M, 16 rows a warp
 
     @gluon.jit
     def _pdl_start(PDL: gl.constexpr):
@@ -51,18 +50,18 @@ if HAS_GLUON:
                                       dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
-    def _keys(cand_row, N, start, live, ROWS: gl.constexpr, BN: gl.constexpr):
-        """The key block from candidate column `start`: positions n, visibility and cache rows
-        (-1 unless live)."""
+    def _rows(cand_row, N, start, live, ROWS: gl.constexpr, BN: gl.constexpr):
+        """The cache rows of the key block from candidate column `start` (-1 where not
+        visible, and everywhere unless live)."""
         n = start + gl.arange(0, BN, ROWS)
-        row = gl.load(cand_row + n, mask=(n < N) & live, other=-1)
-        return n, row >= 0, row
+        return gl.load(cand_row + n, mask=(n < N) & live, other=-1)
 
     @gluon.jit
-    def _key_words(keys_ptr, stride_kn, row, vis, ROWS: gl.constexpr, P3: gl.constexpr):
+    def _key_words(keys_ptr, stride_kn, row, ROWS: gl.constexpr, P3: gl.constexpr):
         """The packed words [BN, 4, 4] (row, lane c, block b: bytes 16c + 4b; a thread's 16
         bytes of a row contiguous) and the 4 scale bytes as one int32 of key rows `row` (zeros
-        where not visible)."""
+        where not visible: row < 0)."""
+        vis = row >= 0
         base = keys_ptr + gl.where(vis, row, 0).to(gl.int64) * stride_kn
         c = gl.arange(0, 4, gl.SliceLayout(0, gl.SliceLayout(2, P3)))
         b = gl.arange(0, 4, gl.SliceLayout(0, gl.SliceLayout(1, P3)))
@@ -198,51 +197,58 @@ if HAS_GLUON:
         return b0, b1, b2, b3, emax, (emax - lo <= 11) & (emax >= 7)
 
     @gluon.jit
-    def _fast_loop(q_smem, wq, cand_row, keys_ptr, stride_kn, N, out_row, first, last,
-                   P3: gl.constexpr, DOT_A: gl.constexpr, MMA: gl.constexpr, BN: gl.constexpr,
-                   BH: gl.constexpr):
-        """Key blocks [first, last) with folded scales: the 4 blocks' products chained in one
-        accumulator (queries q_smem, their power of two in wq), each key's decoded at
+    def _fast_block(q_smem, wq, words, e, row, blk, N, out_row, P3: gl.constexpr,
+                    DOT_A: gl.constexpr, MMA: gl.constexpr, BN: gl.constexpr,
+                    BH: gl.constexpr):
+        """Scores of key block blk (its words, scale words e and rows, -1 where not visible)
+        with folded scales: the 4 blocks' products chained in
+        one accumulator (queries q_smem, their power of two in wq), each key's decoded at
         2^(6 - emax + e_b) and scaled by 2^(emax - 133) after the head sum. Keys that do not
-        fold are not written; returns whether a visible one did not."""
+        fold are not written; returns which visible ones did not."""
         ROWS: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, P3))
         ROWS_M: gl.constexpr = gl.SliceLayout(1, MMA)
         zero = gl.zeros([BN, BH], gl.float32, MMA)
+        b0, b1, b2, b3, emax, kok = _key_fold(e)
+        w0, w1, w2, w3 = _block_words(words, P3, BN)
+        t0, t1 = _tables(b0 - emax + 12)
+        a0 = _decode(w0, t0, t1, P3, DOT_A, BN)
+        acc = warpgroup_mma(a0, q_smem.slice(0, BH).permute((1, 0)), zero, use_acc=False,
+                            is_async=True)
+        t0, t1 = _tables(b1 - emax + 12)
+        a1 = _decode(w1, t0, t1, P3, DOT_A, BN)
+        acc = warpgroup_mma(a1, q_smem.slice(BH, BH).permute((1, 0)), acc, is_async=True)
+        t0, t1 = _tables(b2 - emax + 12)
+        a2 = _decode(w2, t0, t1, P3, DOT_A, BN)
+        acc = warpgroup_mma(a2, q_smem.slice(2 * BH, BH).permute((1, 0)), acc, is_async=True)
+        t0, t1 = _tables(b3 - emax + 12)
+        a3 = _decode(w3, t0, t1, P3, DOT_A, BN)
+        acc = warpgroup_mma(a3, q_smem.slice(3 * BH, BH).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        sk = gl.convert_layout(((emax - 6) << 23).to(gl.float32, bitcast=True), ROWS_M)
+        score = gl.sum(gl.maximum(acc, 0.0) * gl.expand_dims(wq, 0), axis=1) * sk
+        n_m = blk * BN + gl.arange(0, BN, ROWS_M)
+        vis_m = gl.convert_layout(row, ROWS_M) >= 0
+        gl.store(out_row + n_m, gl.where(vis_m, score, float("-inf")),
+                 mask=(n_m < N) & (gl.convert_layout(kok, ROWS_M) | ~vis_m))
+        return ((row >= 0) & ~kok).to(gl.int32)
+
+    @gluon.jit
+    def _fast_loop(q_smem, wq, cand_row, keys_ptr, stride_kn, N, out_row, first, last,
+                   words, e, row, row1, P3: gl.constexpr, DOT_A: gl.constexpr,
+                   MMA: gl.constexpr, BN: gl.constexpr, BH: gl.constexpr):
+        """`_fast_block` over key blocks [first, last), keys one block ahead in registers,
+        their rows two; returns whether a visible key did not fold (its score is not
+        written). The first block's keys (words, e, rows) and the second's rows come loaded.
+        (Two blocks a trip, so that no loop-carried copy waits on a load: no faster.)"""
+        ROWS: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, P3))
         stray = gl.zeros([BN], gl.int32, ROWS)
-        # keys one block ahead in registers, their candidate rows two
-        n, vis, row = _keys(cand_row, N, first * BN, first < last, ROWS, BN)
-        words, e = _key_words(keys_ptr, stride_kn, row, vis, ROWS, P3)
-        n1, vis1, row1 = _keys(cand_row, N, (first + 1) * BN, first + 1 < last, ROWS, BN)
         for blk in range(first, last):
-            n_cur, vis_cur, words_cur, e_cur = n, vis, words, e
-            n, vis = n1, vis1
-            words, e = _key_words(keys_ptr, stride_kn, row1, vis1, ROWS, P3)
-            n1, vis1, row1 = _keys(cand_row, N, (blk + 2) * BN, blk + 2 < last, ROWS, BN)
-            b0, b1, b2, b3, emax, kok = _key_fold(e_cur)
-            stray = stray | (vis_cur & ~kok).to(gl.int32)
-            w0, w1, w2, w3 = _block_words(words_cur, P3, BN)
-            t0, t1 = _tables(b0 - emax + 12)
-            a0 = _decode(w0, t0, t1, P3, DOT_A, BN)
-            acc = warpgroup_mma(a0, q_smem.slice(0, BH).permute((1, 0)), zero, use_acc=False,
-                                is_async=True)
-            t0, t1 = _tables(b1 - emax + 12)
-            a1 = _decode(w1, t0, t1, P3, DOT_A, BN)
-            acc = warpgroup_mma(a1, q_smem.slice(BH, BH).permute((1, 0)), acc, is_async=True)
-            t0, t1 = _tables(b2 - emax + 12)
-            a2 = _decode(w2, t0, t1, P3, DOT_A, BN)
-            acc = warpgroup_mma(a2, q_smem.slice(2 * BH, BH).permute((1, 0)), acc,
-                                is_async=True)
-            t0, t1 = _tables(b3 - emax + 12)
-            a3 = _decode(w3, t0, t1, P3, DOT_A, BN)
-            acc = warpgroup_mma(a3, q_smem.slice(3 * BH, BH).permute((1, 0)), acc,
-                                is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            sk = gl.convert_layout(((emax - 6) << 23).to(gl.float32, bitcast=True), ROWS_M)
-            score = gl.sum(gl.maximum(acc, 0.0) * gl.expand_dims(wq, 0), axis=1) * sk
-            n_m = gl.convert_layout(n_cur, ROWS_M)
-            vis_m = gl.convert_layout(vis_cur, ROWS_M)
-            gl.store(out_row + n_m, gl.where(vis_m, score, float("-inf")),
-                     mask=(n_m < N) & gl.convert_layout(kok | ~vis_cur, ROWS_M))
+            words_cur, e_cur, row_cur = words, e, row
+            row = row1
+            words, e = _key_words(keys_ptr, stride_kn, row1, ROWS, P3)
+            row1 = _rows(cand_row, N, (blk + 2) * BN, blk + 2 < last, ROWS, BN)
+            stray = stray | _fast_block(q_smem, wq, words_cur, e_cur, row_cur, blk, N, out_row,
+                                        P3, DOT_A, MMA, BN, BH)
         return gl.max(stray, 0) > 0
 
     @gluon.jit
@@ -255,8 +261,10 @@ if HAS_GLUON:
         ROWS: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, P3))
         ROWS_M: gl.constexpr = gl.SliceLayout(1, MMA)
         for blk in range(first, last):
-            n, vis, row = _keys(cand_row, N, blk * BN, True, ROWS, BN)
-            words, e = _key_words(keys_ptr, stride_kn, row, vis, ROWS, P3)
+            n = blk * BN + gl.arange(0, BN, ROWS)
+            row = _rows(cand_row, N, blk * BN, True, ROWS, BN)
+            vis = row >= 0
+            words, e = _key_words(keys_ptr, stride_kn, row, ROWS, P3)
             kok = _key_fold(e)[5]
             todo = (n < N) & (~only_left | (vis & ~kok))
             if gl.max(todo.to(gl.int32), 0) > 0:
@@ -271,20 +279,24 @@ if HAS_GLUON:
     def _indexer_fp8_wg_kernel(q_ptr, w_ptr, keys_ptr, cand_ptr, avail_ptr, out_ptr, N, NI,
                                blocks_per_cta, stride_qt, stride_qh, stride_wt, stride_kn,
                                stride_ct, stride_ot, BH: gl.constexpr, HAS_AVAIL: gl.constexpr,
-                               PDL: gl.constexpr = False):
-        """Grid (T, CTAs a token), 4 warps: the CTA's key blocks of 64 of token t."""
-        BN: gl.constexpr = 64
-        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                               BN: gl.constexpr = 64, PDL: gl.constexpr = False):
+        """Grid (T, CTAs a token), BN / 16 warps (BN 64: one warpgroup, or 128: two, each its
+        64 keys of a step, sharing the queries): the CTA's key blocks of BN of token t."""
+        W: gl.constexpr = BN // 16
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[W, 1],
                                                       instr_shape=[16, BH, 32])
         DOT_A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=4)
         # [BN rows, 4 lanes c, 4]: a thread holds rows r and r + 8 of its warp's 16, lane c's
         # 4 elements (the 4 blocks' words as loaded; each word's 4 copies in the decode)
+        WB: gl.constexpr = [[16, 0, 0], [32, 0, 0]] if BN == 64 else [[16, 0, 0], [32, 0, 0],
+                                                                      [64, 0, 0]]
         P3: gl.constexpr = gl.DistributedLinearLayout(
             reg_bases=[[0, 0, 1], [0, 0, 2], [8, 0, 0]],
             lane_bases=[[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
-            warp_bases=[[16, 0, 0], [32, 0, 0]], block_bases=[], shape=[BN, 4, 4])
+            warp_bases=WB, block_bases=[], shape=[BN, 4, 4])
+        ROWS: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, P3))
         COLS_M: gl.constexpr = gl.SliceLayout(0, MMA)
-        LQ: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
+        LQ: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [W, 1], [1, 0])
         SQ: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BH, 32], gl.float8e4nv)
 
         _pdl_start(PDL)
@@ -296,6 +308,12 @@ if HAS_GLUON:
         last = gl.minimum(first + blocks_per_cta, gl.cdiv(n_end, BN))
         if first >= last:
             return
+        cand_row = cand_ptr + t * stride_ct
+        out_row = out_ptr + t * stride_ot
+        # the first key block and the second's rows, in flight while the queries are prepared
+        row = _rows(cand_row, N, first * BN, True, ROWS, BN)
+        words, e = _key_words(keys_ptr, stride_kn, row, ROWS, P3)
+        row1 = _rows(cand_row, N, (first + 1) * BN, first + 1 < last, ROWS, BN)
 
         hq = gl.arange(0, BH, gl.SliceLayout(1, LQ))
         hmask = hq < NI
@@ -309,12 +327,10 @@ if HAS_GLUON:
         w = gl.load(w_ptr + t * stride_wt + hw, mask=hw < NI, other=0.0).to(gl.float32)
         wq = w * gl.convert_layout(sq, COLS_M)  # the queries' power of two, out of the relu
 
-        cand_row = cand_ptr + t * stride_ct
-        out_row = out_ptr + t * stride_ot
         left = True  # keys left to the per-block pass: all of them unless the queries fold
         if q_ok:
             left = _fast_loop(q_smem, wq, cand_row, keys_ptr, stride_kn, N, out_row, first,
-                              last, P3, DOT_A, MMA, BN, BH)
+                              last, words, e, row, row1, P3, DOT_A, MMA, BN, BH)
         if left:
             _slow_loop(q_row, hmask, w, q2_smem, cand_row, keys_ptr, stride_kn, N, out_row,
                        first, last, q_ok, P3, DOT_A, MMA, LQ, BN, BH)

@@ -472,14 +472,16 @@ def test_indexer_fp8_path_matches_reference(block_n, num_warps, nI, fold):
         assert torch.equal(bounded[t, :end], got[t, :end]), f"token {t}"
 
 
-@pytest.mark.parametrize("maxnreg", [128, None], ids=["regs128", "uncapped"])
+@pytest.mark.parametrize("bn,maxnreg", [(64, 128), (64, None), (128, 128)],
+                         ids=["bn64", "bn64_uncapped", "bn128"])
 @pytest.mark.parametrize("extreme", [False, True], ids=["model_like", "extreme"])
 @pytest.mark.parametrize("nI", [64, 32, 16])
-def test_indexer_gluon_kernel_matches_reference(nI, extreme, maxnreg):
+def test_indexer_gluon_kernel_matches_reference(nI, extreme, bn, maxnreg):
     """The Gluon kernel (`indexer_wg.py`, keys decoded in place as the wgmma's A operand) on
     packed keys and FP4-grid queries: the reference's scores up to fp32 summation order,
     decode edges and a 9000-token prefill chunk (up to 36 key blocks a CTA), one CTA a key
-    block and 3 blocks a CTA; heads of TP ranks (32, 16). `extreme` (as the Triton test): keys
+    block and 3 blocks a CTA; heads of TP ranks (32, 16); steps of 64 keys (one warpgroup)
+    and 128 (two), registers capped at 128 or not. `extreme` (as the Triton test): keys
     at powers of two from 2^-30 to 2^29, keys that do not fold (0: zero, 2 and 3: blocks 60 and
     12 binades apart: the per-block pass) and a token whose queries do not (1: a block at
     2^-90: its CTAs take per-block scales throughout). `avail` leaves the scores up to it
@@ -501,16 +503,16 @@ def test_indexer_gluon_kernel_matches_reference(nI, extreme, maxnreg):
     fin = torch.isfinite(ref)
     for bpc in (None, 1, 3):
         got = ix.indexer_scores_triton(q, w, packed, cand, q_fp4=True, gluon=True,
-                                       maxnreg=maxnreg, blocks_per_cta=bpc)
+                                       maxnreg=maxnreg, blocks_per_cta=bpc, gluon_block_n=bn)
         assert not ix._GLUON_FAILED, ix._GLUON_FAILED
         assert torch.equal(fin, torch.isfinite(got)), f"visibility pattern differs ({bpc})"
         err = rel_err(got[fin], ref[fin])
         assert err < 1e-6, f"{bpc} blocks a CTA: rel err {err:.2e}"
     avail = (cand >= 0).sum(1)
     bounded = ix.indexer_scores_triton(q, w, packed, cand, avail, q_fp4=True, gluon=True,
-                                       maxnreg=maxnreg)
+                                       maxnreg=maxnreg, gluon_block_n=bn)
     for t in range(cand.shape[0]):
-        end = min(cand.shape[1], -(-int(avail[t]) // 64) * 64)
+        end = min(cand.shape[1], -(-int(avail[t]) // bn) * bn)
         assert torch.equal(bounded[t, :end], got[t, :end]), f"token {t}"
 
 
