@@ -205,7 +205,6 @@ if HAS_GLUON:
         one accumulator (queries q_smem, their power of two in wq), each key's decoded at
         2^(6 - emax + e_b) and scaled by 2^(emax - 133) after the head sum. Keys that do not
         fold are not written; returns which visible ones did not."""
-        ROWS: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, P3))
         ROWS_M: gl.constexpr = gl.SliceLayout(1, MMA)
         zero = gl.zeros([BN, BH], gl.float32, MMA)
         b0, b1, b2, b3, emax, kok = _key_fold(e)
