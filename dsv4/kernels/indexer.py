@@ -3,7 +3,10 @@
 score(p, i) = sum_h w[p, h] * relu(q[p, h] . K[i]) over the entries i visible to p;
 the `min(topk, visible)` best entries are returned (exact ties toward older entries).
 
-The Triton kernel computes the scores: each CTA holds one token's `[nI, c]` query block and
+On sm_90 the FP8 case (packed keys, FP4-grid queries) runs on a Gluon kernel that decodes the
+keys in place as the wgmma's A operand (`kernels/indexer_wg.py`, `indexer_scores_triton`'s
+`gluon`); otherwise the Triton kernels below. The Triton kernel computes the scores: each CTA
+holds one token's `[nI, c]` query block and
 streams gathered keys through one tensor-core product per tile, so each key row is read once per
 token; the head reduction happens in registers. `kernels/topk.py` then selects (a radix select
 on the GPU; the same set as the reference's stable sort).
