@@ -25,6 +25,7 @@ the queries re-coded per block). Both paths are exact products summed in fp32.
 from __future__ import annotations
 
 from .indexer import FOLDED_E2M1_E4M3_PTX
+from .pdl import gluon_pdl_start
 
 try:  # Gluon is experimental; without it (or on an API change) the Triton kernel runs
     from triton.experimental import gluon
@@ -40,14 +41,6 @@ except Exception:  # noqa: BLE001
 if HAS_GLUON:
     # the word in $2 (4 copies: $2..$5), the key's tables in $6 and $10
     _PTX: gl.constexpr = gl.constexpr(FOLDED_E2M1_E4M3_PTX.format(p="$2", t0="$6", t1="$10"))
-
-    @gluon.jit
-    def _pdl_start(PDL: gl.constexpr):
-        if PDL:  # programmatic dependent launch (`kernels/pdl.py`): wait, then let the next go
-            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
-                                      is_pure=False, pack=1)
-            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
-                                      dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
     def _rows(cand_row, N, start, live, ROWS: gl.constexpr, BN: gl.constexpr):
@@ -298,7 +291,7 @@ if HAS_GLUON:
         LQ: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [W, 1], [1, 0])
         SQ: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BH, 32], gl.float8e4nv)
 
-        _pdl_start(PDL)
+        gluon_pdl_start(PDL)
         t = gl.program_id(0).to(gl.int64)
         first = gl.program_id(1) * blocks_per_cta
         n_end = N

@@ -43,17 +43,10 @@ if HAS_GLUON:
     # the Triton kernel's finish (no layouts of its own: Gluon inlines it)
     from .moe import _finish_rows, _last_partial
 
+    from .pdl import gluon_pdl_start
     from .quant_linear import E2M1_E4M3_PTX
 
     _DECODE_PTX: gl.constexpr = gl.constexpr(E2M1_E4M3_PTX)
-
-    @gluon.jit
-    def _pdl_start(PDL: gl.constexpr):
-        if PDL:  # programmatic dependent launch (`kernels/pdl.py`): wait, then let the next go
-            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
-                                      is_pure=False, pack=1)
-            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
-                                      dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
     def _acts(buf, a_rows, ok, kb, live, BT: gl.constexpr, LA: gl.constexpr):
@@ -272,7 +265,7 @@ if HAS_GLUON:
         (block, 128 channels) writes h and its scales (h_ptr, hs_ptr) from the partials,
         counted in count_ptr, as the Triton kernel's FINISH (routing weights wgt_ptr, clamp
         `limit`)."""
-        _pdl_start(PDL)
+        gluon_pdl_start(PDL)
         b = blk_lo + gl.program_id(1)
         e = gl.load(blk_exp_ptr + b)
         if (e < e_lo) | (e >= e_hi):

@@ -1,4 +1,4 @@
-"""Programmatic dependent launch (PDL, sm_90+) for the Triton kernels.
+"""Programmatic dependent launch (PDL, sm_90+) for the Triton and Gluon kernels.
 
 A decode step is ~190 small kernels (batch 1), each a few microseconds, so the launch and the
 ramp-up of each one cost as much as its work. With PDL a kernel is launched while its
@@ -144,3 +144,19 @@ if HAS_TRITON:
                 }""",
                 constraints="=r,l,r", args=[ptr.to(tl.int64, bitcast=True), nbytes],
                 dtype=tl.int32, is_pure=False, pack=1)
+
+
+try:  # the Gluon kernels' form (`moe_mx_gluon.py`, `indexer_wg.py`); Gluon is experimental
+    from triton.experimental import gluon as _gluon
+    from triton.experimental.gluon import language as _gl
+
+    @_gluon.jit
+    def gluon_pdl_start(PDL: _gl.constexpr):
+        """`pdl_start` for a Gluon kernel: wait, then let the next kernel be placed."""
+        if PDL:
+            _gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=_gl.int32,
+                                       is_pure=False, pack=1)
+            _gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
+                                       dtype=_gl.int32, is_pure=False, pack=1)
+except Exception:  # noqa: BLE001
+    gluon_pdl_start = None
