@@ -9,10 +9,14 @@ async scheduling, the "sync" rows), prefill tokens/s for 8K and 32K prompts (and
 first token of 300- and 1024-token prompts, which replay prefill graphs), and MTP
 speculative decoding (K = 1..3) with the real (random) MTP drafts and with drafts forced to be
 accepted; `--only prefix` adds 32 prompts of 512 tokens after a shared 4096-token prefix, and
-one prompt of 128 tokens after 8064 an earlier prompt had, with and without prefix caching. Prints one table; every number comes from `dsv4.bench.measure`.
+one prompt of 128 tokens after 8064 an earlier prompt had, with and without prefix caching;
+`--only longctx` adds decode at long context (8 sequences of 32K tokens, 32 of 16K: the CSA
+layers' indexer reads every compressed key of each, and the attention its top-k), on an
+engine whose decode graphs cover that context. Prints one table; every number comes from
+`dsv4.bench.measure`.
 The attention rows are packed FP8 (the CUDA default); `--kv-cache-dtype bfloat16` runs the
 same rows with plain bf16 rows; `--no-mtp` skips the speculative rows and `--only
-decode,prefill,mtp,prefix` picks row groups (default: all but prefix).
+decode,prefill,mtp,prefix,longctx` picks row groups (default: all but prefix and longctx).
 """
 from __future__ import annotations
 
@@ -52,8 +56,8 @@ def main() -> None:
                     help="comma list of the row groups to run: decode, prefill, mtp, prefix")
     a = ap.parse_args()
     only = set(a.only.split(","))
-    if only - {"decode", "prefill", "mtp", "prefix"}:
-        ap.error(f"--only takes decode, prefill, mtp, prefix; got {a.only}")
+    if only - {"decode", "prefill", "mtp", "prefix", "longctx"}:
+        ap.error(f"--only takes decode, prefill, mtp, prefix, longctx; got {a.only}")
     if a.no_mtp:
         only.discard("mtp")
     cfg = tiny_config(a.format, a.preset, a.layers)
@@ -112,6 +116,17 @@ def main() -> None:
         # a conversation's next turn: an 8K prompt whose first 8064 tokens an earlier one had
         run(f"8064 shared + 128, one prompt, prefix cache {state}", e, "latency", 1, 128, 2,
             iters=3, prefix_len=8064)
+        del e
+        gc.collect()
+        torch.cuda.empty_cache()
+    if "longctx" in only:
+        e = engine_for(loaded, a.kv_cache_dtype, max_num_seqs=32,
+                       max_num_batched_tokens=a.max_num_batched_tokens,
+                       max_model_len=min(32768 + 64, cfg.max_position_embeddings),
+                       gpu_memory_utilization=0.85)
+        for b, ctx in ((8, 32768), (32, 16384)):
+            run(f"decode b={b} at {ctx // 1024}K context", e, "throughput", b,
+                min(ctx, e.max_model_len - 64), 32)
         del e
         gc.collect()
         torch.cuda.empty_cache()
