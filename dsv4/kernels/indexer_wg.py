@@ -3,7 +3,7 @@
 Same contract as `indexer._indexer_scores_fp8_kernel` with folded scales (C = 128, queries on
 the FP4 grid): scores [T, N] = sum_h w_h relu(q_h . k) over each token's candidate keys, -inf
 where a candidate is not visible; with `avail` the columns past the block holding avail[t] are
-left unwritten. The scores are the Triton kernel's (fold=False) up to the head sum's order.
+left unwritten. The scores are the Triton kernel's up to the order of fp32 sums.
 
 Why a second kernel: the Triton one is issue-bound (Nsight Compute at 32K context: DRAM 23%, the
 SM busy on the ALU), at ~444 instructions a warp per 64 keys, most of them byte shuffles that
@@ -16,11 +16,14 @@ operand needs them: two `prmt` lookups in per-key tables a word (`FOLDED_E2M1_E4
 shuffles. The queries, folded to e4m3 with one power of two a head (`_q_folded`), wait in
 shared memory as the B operand for all of the CTA's key blocks.
 
-Scales: where a block's keys all fold (their 4 scale bytes within 11 binades, `_key_fold`) and
-the token's queries do (one power of two a head), the 4 blocks' products chain in one
-accumulator, and both scales leave the loop; any other block takes per-block scales
-(`_slow_block`: the 4 products apart, each scaled by its key block's and query block's scales,
-the queries re-coded per block). Both paths are exact products summed in fp32.
+Scales: where a token's queries fold (one power of two a head) and a key's 4 scale bytes lie
+within 11 binades (`_key_fold`), the 4 blocks' products chain in one accumulator and both scales
+leave the loop (`_fast_loop`); keys that do not fold are not written there but rescored in a
+second pass with per-block scales (`_slow_loop`: the 4 products apart, each scaled by its key
+block's and query block's scales, the queries re-coded per block), which runs only for a CTA
+that met one (or for all keys of a token whose queries do not fold). Both paths are exact
+products summed in fp32. Two warpgroups a CTA (BN = 128 keys a step, `indexer.GLUON_BLOCK_N`)
+share one query preparation.
 """
 from __future__ import annotations
 
@@ -129,11 +132,15 @@ if HAS_GLUON:
         lo = gl.minimum(gl.minimum(gl.where(e0 > 0, e0, 255), gl.where(e1 > 0, e1, 255)),
                         gl.minimum(gl.where(e2 > 0, e2, 255), gl.where(e3 > 0, e3, 255)))
         live = eb >= 9
-        tiny = ((gl.max(gl.abs(x0), 1) > 0.0) & (e0 < 3)) | ((gl.max(gl.abs(x1), 1) > 0.0) & (e1 < 3)) \
-            | ((gl.max(gl.abs(x2), 1) > 0.0) & (e2 < 3)) | ((gl.max(gl.abs(x3), 1) > 0.0) & (e3 < 3))
+        # a nonzero block of amax below 2^-124 (zero codes per block): such a head does not fold
+        tiny = (((e0 < 3) & (gl.max(gl.abs(x0), 1) > 0.0))
+                | ((e1 < 3) & (gl.max(gl.abs(x1), 1) > 0.0))
+                | ((e2 < 3) & (gl.max(gl.abs(x2), 1) > 0.0))
+                | ((e3 < 3) & (gl.max(gl.abs(x3), 1) > 0.0)))
         ok = gl.max(gl.where(live & ~tiny, eb - lo, gl.where((eb >= 3) | tiny, 15, 0)), 0) <= 14
         sq = gl.where(live, ((eb - 8) << 23).to(gl.float32, bitcast=True), 0.0)
-        inv = gl.expand_dims(gl.where(live, ((262 - eb) << 23).to(gl.float32, bitcast=True), 0.0), 1)
+        inv = gl.where(live, ((262 - eb) << 23).to(gl.float32, bitcast=True), 0.0)  # 1 / sq
+        inv = gl.expand_dims(inv, 1)
         q_smem.slice(0, BH).store((x0 * inv).to(gl.float8e4nv))
         q_smem.slice(BH, BH).store((x1 * inv).to(gl.float8e4nv))
         q_smem.slice(2 * BH, BH).store((x2 * inv).to(gl.float8e4nv))
@@ -194,10 +201,10 @@ if HAS_GLUON:
                     DOT_A: gl.constexpr, MMA: gl.constexpr, BN: gl.constexpr,
                     BH: gl.constexpr):
         """Scores of key block blk (its words, scale words e and rows, -1 where not visible)
-        with folded scales: the 4 blocks' products chained in
-        one accumulator (queries q_smem, their power of two in wq), each key's decoded at
-        2^(6 - emax + e_b) and scaled by 2^(emax - 133) after the head sum. Keys that do not
-        fold are not written; returns which visible ones did not."""
+        with folded scales: the 4 blocks' products chained in one accumulator (queries
+        q_smem, their power of two in wq), each key's decoded at 2^(6 - emax + e_b) and
+        scaled by 2^(emax - 133) after the head sum. Keys that do not fold are not written;
+        returns which visible ones did not."""
         ROWS_M: gl.constexpr = gl.SliceLayout(1, MMA)
         zero = gl.zeros([BN, BH], gl.float32, MMA)
         b0, b1, b2, b3, emax, kok = _key_fold(e)
@@ -231,7 +238,8 @@ if HAS_GLUON:
         """`_fast_block` over key blocks [first, last), keys one block ahead in registers,
         their rows two; returns whether a visible key did not fold (its score is not
         written). The first block's keys (words, e, rows) and the second's rows come loaded.
-        (Two blocks a trip, so that no loop-carried copy waits on a load: no faster.)"""
+        (Two blocks a trip, so that no loop-carried copy waits on a load, measured no
+        faster.)"""
         ROWS: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, P3))
         stray = gl.zeros([BN], gl.int32, ROWS)
         for blk in range(first, last):
