@@ -528,6 +528,22 @@ def test_gluon_indexer_kernel_builds_for_sm90(bh, avail, bn):
     assert not any(op in x for x in folded[0] for op in ("LDL", "STL")), "the key loop spills"
 
 
+def test_a_gluon_kernel_that_fails_is_remembered_with_a_warning_naming_it(caplog):
+    """`gluon_failed`, the one fallback record of the Gluon kernels (indexer, MoE, attention):
+    the error is kept (its caller then keeps the other kernel) and the warning names the kernel,
+    the error's first line and what runs instead."""
+    import logging
+
+    from dsv4.kernels import gluon_failed
+    failed: list[str] = []
+    with caplog.at_level(logging.WARNING, logger="dsv4.kernels"):
+        gluon_failed(failed, RuntimeError("PassManager::run failed\nnoise"),
+                     "Gluon indexer kernel", "Triton kernel")
+    assert failed == [repr(RuntimeError("PassManager::run failed\nnoise"))]
+    assert ("Gluon indexer kernel unavailable (PassManager::run failed); using the Triton kernel"
+            in caplog.text)
+
+
 def test_fp8_rows_are_the_default_only_where_lossless():
     """kv_cache_dtype auto: packed FP8 rows on CUDA for bf16 weights with the QAT and a row
     layout that fits; the working dtype on the CPU, in float32 and without the QAT."""

@@ -7,6 +7,7 @@ dispatch rule: a CUDA tensor with Triton available and DSV4_DISABLE_TRITON unset
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 
 import torch
@@ -31,3 +32,13 @@ def num_sms(device) -> int:
     if device.index not in _NUM_SMS:
         _NUM_SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
     return _NUM_SMS[device.index]
+
+
+def gluon_failed(failed: list[str], exc: Exception, what: str, fallback: str) -> None:
+    """Remember that a Gluon kernel did not build or launch here (`failed`: its caller keeps
+    the `fallback` kernel from then on; Gluon is an experimental API) and warn with the error's
+    first line."""
+    failed.append(repr(exc))
+    logging.getLogger(__name__).warning(
+        "%s unavailable (%s); using the %s", what,
+        (str(exc).splitlines() or [type(exc).__name__])[0][:200], fallback)

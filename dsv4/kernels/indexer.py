@@ -20,17 +20,14 @@ both blocks' scales in fp32.
 """
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 
-from . import HAS_TRITON, num_sms, use_triton
+from . import HAS_TRITON, gluon_failed, num_sms, use_triton
 from .pdl import pdl
 from .index_fp4 import index_fp4_row_bytes, unpack_index_fp4
 from .topk import select_topk, select_topk_ref
-
-_log = logging.getLogger(__name__)
 
 # FP8 scores on the Gluon kernel (`indexer_wg.py`) unless DSV4_INDEXER_GLUON=0, with its
 # registers capped at 128 (4 CTAs an SM; the rare per-block pass may spill, the key loop does
@@ -456,10 +453,8 @@ if HAS_TRITON:
                 num_warps=bn // 16, **(dict(maxnreg=maxnreg) if maxnreg else {}), **pdl())
         except torch.OutOfMemoryError:
             raise
-        except Exception as exc:  # noqa: BLE001  (Gluon is an experimental API)
-            _GLUON_FAILED.append(repr(exc))
-            _log.warning("Gluon indexer kernel unavailable (%s); using the Triton kernel",
-                         (str(exc).splitlines() or [type(exc).__name__])[0][:200])
+        except Exception as exc:  # noqa: BLE001
+            gluon_failed(_GLUON_FAILED, exc, "Gluon indexer kernel", "Triton kernel")
             return False
         return True
 

@@ -65,14 +65,13 @@ and combine kernels.
 """
 from __future__ import annotations
 
-import logging
 import os
 import weakref
 from typing import Protocol, Sequence
 
 import torch
 
-from . import HAS_TRITON, num_sms, use_triton
+from . import HAS_TRITON, gluon_failed, num_sms, use_triton
 from .pdl import l2_prefetch_depth, pdl
 from .f32_linear import linear_f32
 from .moe_plan import route_plan
@@ -80,7 +79,6 @@ from .quant_linear import (FMT_BF16, FMT_FP8, FMT_MXFP4, FMT_NVFP4, act_quant_fp
                            act_quant_values, sum_parts)
 from .routing import route
 
-_log = logging.getLogger(__name__)
 _FMT_CODES = {"fp8": FMT_FP8, "fp4": FMT_MXFP4, "nvfp4": FMT_NVFP4, "bf16": FMT_BF16}
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -391,10 +389,8 @@ def _gluon_gemm(blocks: int, splits: int, a, sa, plan, w_tab, s_tab, w3_tab, s3_
                                 ROUND=rnd, HAS_LIMIT=limit > 0, num_warps=4, **opt, **pdl())
     except torch.OutOfMemoryError:
         raise
-    except Exception as exc:  # noqa: BLE001  (Gluon is an experimental API)
-        _GLUON_FAILED.append(repr(exc))
-        _log.warning("Gluon MoE kernel unavailable (%s); using the Triton kernel",
-                     (str(exc).splitlines() or [type(exc).__name__])[0][:200])
+    except Exception as exc:  # noqa: BLE001
+        gluon_failed(_GLUON_FAILED, exc, "Gluon MoE kernel", "Triton kernel")
         return False
     return True
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import HAS_TRITON, num_sms, use_triton
+from . import HAS_TRITON, gluon_failed, num_sms, use_triton
 from .pdl import pdl
 from .kv_fp8 import kv_fp8_row_bytes, store_kv_fp8_, unpack_kv_fp8
 from .rope import rope_
@@ -423,12 +423,10 @@ if HAS_TRITON:
                 return _launch(cfg, True, *inputs, new_fp8=new_fp8)
             except torch.OutOfMemoryError:  # the partial sums' buffers: not the kernel's fault
                 raise
-            except Exception as exc:  # noqa: BLE001  (Gluon is an experimental API)
+            except Exception as exc:  # noqa: BLE001
                 if cfg.kernel in ("gluon", "ws"):
                     raise
-                _WG_FAILED.append(repr(exc))
-                _log.warning("Gluon sparse attention kernel unavailable (%s); using the "
-                             "Triton kernel", (str(exc).splitlines() or [type(exc).__name__])[0][:200])
+                gluon_failed(_WG_FAILED, exc, "Gluon sparse attention kernel", "Triton kernel")
                 cfg = config or default_config(q, fp8)
         return _launch(cfg, False, *inputs)
 
@@ -542,12 +540,10 @@ def _ws_launch(cfg: AttnConfig, ctas: int, splits: int, args: tuple, D: int, BK:
             **(pdl() if _WG_PDL_OK else {}))
     except torch.OutOfMemoryError:
         raise
-    except Exception as exc:  # noqa: BLE001  (Gluon's warp specialisation is experimental)
+    except Exception as exc:  # noqa: BLE001
         if cfg.kernel == "ws":
             raise
-        _WS_FAILED.append(repr(exc))
-        _log.warning("warp-specialised FP8 attention unavailable (%s); using the Gluon kernel",
-                     (str(exc).splitlines() or [type(exc).__name__])[0][:200])
+        gluon_failed(_WS_FAILED, exc, "warp-specialised FP8 attention", "Gluon kernel")
         return False
     return True
 
