@@ -13,9 +13,9 @@ the keys as the A operand in registers: of a 32-dim scale block b (nb = C/32 blo
 of a quad with lane index c (0..3) holds dims 4c..4c+3 and 16+4c..16+4c+3. Word (c, b), at bytes
 4 (c nb + b) .. + 3, holds those 8 codes in nibble order (nibble 2s the low one of byte s): so a
 thread's codes of a row are one contiguous 4 nb bytes (one 16-byte load for C=128), and they
-decode in place. `KEY_DIMS` / `code_byte_offsets` give the order; the Triton kernels read the
+decode in place. `key_dims` / `code_byte_offsets` give the order; the Triton kernels read the
 words back into blocks of 16 bytes (`code_byte_offsets`) and take the dims of each block in the
-words' order (`KEY_DIMS`: the queries are loaded permuted alike, so their dot products are
+words' order (`key_dims`: the queries are loaded permuted alike, so their dot products are
 unchanged).
 
 Packing re-derives each block's scale from its amax, as `quantize_mxfp4` does; for values that
@@ -26,6 +26,8 @@ which every value is still an e2m1 code, so unpacking gives back exactly the sto
 one Triton kernel on CUDA (it replaces the scatter an unpacked cache needs), torch elsewhere.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -47,12 +49,14 @@ def key_dim(n: int) -> int:
     return 4 * (n // 8) + n % 4 + 16 * (n % 8 // 4)
 
 
+@functools.lru_cache(maxsize=None)
 def key_dims(c: int) -> torch.Tensor:
-    """[C]: the dim of each position of a key read block by block in word order."""
+    """[C]: the dim of each position of a key read block by block in word order (CPU, cached)."""
     n = torch.arange(c)
     return n // 32 * 32 + torch.tensor([key_dim(i) for i in range(32)])[n % 32]
 
 
+@functools.lru_cache(maxsize=None)
 def code_byte_offsets(c: int) -> torch.Tensor:
     """[C/2]: where byte j of the codes read block by block (16 bytes a block, word order) is
     stored: block j // 16, word (j % 16) // 4 of it (its lane c), byte j % 4 of the word."""

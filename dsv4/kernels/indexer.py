@@ -30,14 +30,15 @@ from .index_fp4 import index_fp4_row_bytes, unpack_index_fp4
 from .topk import select_topk, select_topk_ref
 
 # FP8 scores on the Gluon kernel (`indexer_wg.py`) unless DSV4_INDEXER_GLUON=0, with its
-# registers capped at 128 (4 CTAs an SM; the rare per-block pass may spill, the key loop does
-# not); set once it failed to build here (the Triton kernel from then on)
+# registers capped at 128 (16 warps an SM; uncapped, 156: 12 warps and 1.3-1.5x slower; the
+# rare per-block pass may spill, the key loop does not); set once it failed to build here
+# (the Triton kernel from then on)
 INDEXER_GLUON = (os.environ.get("DSV4_INDEXER_GLUON", "1") != "0"
                  and os.environ.get("TRITON_INTERPRET") != "1")
 GLUON_MAXNREG = 128
 # keys a step of the Gluon kernel's CTAs: 64 (4 warps) or 128 (8, two warpgroups sharing the
 # queries: half the CTAs, so half the query preparation). H200, 32 tokens, 8K / 32K / 128K
-# context (`bench_attention.py --only indexer --quick`): 7.0 / 15.5 / 50.5 -> 6.0 / 14.1 / 46.9 us
+# context (`bench_attention.py --only indexer --quick`): 6.7 / 14.5 / 45.8 -> 5.9 / 12.9 / 42.0 us
 GLUON_BLOCK_N = 128
 _GLUON_FAILED: list[str] = []
 
@@ -482,7 +483,7 @@ if HAS_TRITON:
         `blocks_per_cta` overrides the key blocks a CTA scores (benchmarks' launch sweeps).
         The FP8 case runs the Gluon kernel (`indexer_wg.py`: the same scores up to the head
         sum's order, fewer instructions) where it builds, unless `fold` is given, `gluon` is
-        False or DSV4_INDEXER_GLUON=0; `maxnreg` caps its registers (4 CTAs an SM at 128),
+        False or DSV4_INDEXER_GLUON=0; `maxnreg` caps its registers (16 warps an SM at 128),
         `gluon_block_n` sets its keys a step (64 or 128; `GLUON_BLOCK_N`)."""
         T, NI, C = q.shape
         N = cand.shape[1]
