@@ -30,7 +30,7 @@ from .index_fp4 import index_fp4_row_bytes, unpack_index_fp4
 from .topk import select_topk, select_topk_ref
 
 # FP8 scores on the Gluon kernel (`indexer_wg.py`) unless DSV4_INDEXER_GLUON=0, with its
-# registers capped at 128 (16 warps an SM; uncapped, 156: 12 warps and 1.3-1.5x slower; the
+# registers capped at 128 (16 warps an SM; uncapped, 156: 12 warps and 1.2-1.4x slower; the
 # rare per-block pass may spill, the key loop does not); set once it failed to build here
 # (the Triton kernel from then on)
 INDEXER_GLUON = (os.environ.get("DSV4_INDEXER_GLUON", "1") != "0"
