@@ -12,9 +12,9 @@ of the m64nHk32 wgmma's fragment a thread holds, for two key rows, dims 4c..4c+3
 16+4c..16+4c+3 of each 32-dim block (c = lane % 4), and the packed layout
 (`kernels/index_fp4.py`) stores exactly those 8 codes of a block as one 4-byte word, a thread's
 4 words of a row contiguous. So each thread loads 16 bytes a row and decodes them where the
-operand needs them: two `prmt` lookups in per-key tables a word (`FOLDED_E2M1_E4M3_PTX`), no
-shuffles. The queries, folded to e4m3 with one power of two a head (`_q_folded`), wait in
-shared memory as the B operand for all of the CTA's key blocks.
+operand needs them: two `prmt` lookups in per-key tables and two for the signs a word
+(`FOLDED_E2M1_E4M3_PTX`), no shuffles. The queries, folded to e4m3 with one power of two a
+head (`_q_folded`), wait in shared memory as the B operand for all of the CTA's key blocks.
 
 Scales: where a token's queries fold (one power of two a head) and a key's 4 scale bytes lie
 within 11 binades (`_key_fold`), the 4 blocks' products chain in one accumulator and both scales
