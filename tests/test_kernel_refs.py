@@ -530,7 +530,7 @@ def test_gluon_indexer_kernel_builds_for_sm90(bh, avail, bn):
 
 def test_a_gluon_kernel_that_fails_is_remembered_with_a_warning_naming_it(caplog):
     """`gluon_failed`, the one fallback record of the Gluon kernels (indexer, MoE, attention):
-    the error is kept (its caller then keeps the other kernel) and the warning names the kernel,
+    the error is kept (out of memory raised again) (its caller then keeps the other kernel) and the warning names the kernel,
     the error's first line and what runs instead."""
     import logging
 
@@ -542,6 +542,10 @@ def test_a_gluon_kernel_that_fails_is_remembered_with_a_warning_naming_it(caplog
     assert failed == [repr(RuntimeError("PassManager::run failed\nnoise"))]
     assert ("Gluon indexer kernel unavailable (PassManager::run failed); using the Triton kernel"
             in caplog.text)
+    with pytest.raises(torch.OutOfMemoryError):  # memory, not the kernel: raised, not recorded
+        gluon_failed(failed, torch.OutOfMemoryError("CUDA out of memory"), "Gluon MoE kernel",
+                     "Triton kernel")
+    assert len(failed) == 1
 
 
 def test_fp8_rows_are_the_default_only_where_lossless():

@@ -37,7 +37,9 @@ def num_sms(device) -> int:
 def gluon_failed(failed: list[str], exc: Exception, what: str, fallback: str) -> None:
     """Remember that a Gluon kernel did not build or launch here (`failed`: its caller keeps
     the `fallback` kernel from then on; Gluon is an experimental API) and warn with the error's
-    first line."""
+    first line. Running out of memory is not the kernel's fault: it is raised again."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        raise exc
     failed.append(repr(exc))
     logging.getLogger(__name__).warning(
         "%s unavailable (%s); using the %s", what,

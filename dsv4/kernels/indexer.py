@@ -452,8 +452,6 @@ if HAS_TRITON:
                 cand.shape[1], NI, bpc, q.stride(0), q.stride(1), w.stride(0), keys.stride(0),
                 cand.stride(0), out.stride(0), BH=bh, HAS_AVAIL=avail is not None, BN=bn,
                 num_warps=bn // 16, **(dict(maxnreg=maxnreg) if maxnreg else {}), **pdl())
-        except torch.OutOfMemoryError:
-            raise
         except Exception as exc:  # noqa: BLE001
             gluon_failed(_GLUON_FAILED, exc, "Gluon indexer kernel", "Triton kernel")
             return False
